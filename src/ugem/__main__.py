@@ -1,0 +1,7 @@
+"""`python -m ugem` is the `ugem` command."""
+
+import sys
+
+from .cli import main
+
+sys.exit(main())

@@ -1,0 +1,59 @@
+"""The BackingStore protocol: everything the core needs from real memory, and nothing more.
+
+The core treats `backing` values as opaque handles. An implementation owns the fds behind
+them and must keep the rules of SPEC §3: the manager's own I/O goes through descriptions
+it never shares; descriptions handed to clients are new ones (`open_description`).
+`ugem.testing` may provide fakes with the same shape.
+"""
+
+from __future__ import annotations
+
+import enum
+from dataclasses import dataclass
+from typing import Any, Protocol
+
+from ..fd import OwnedFd
+
+__all__ = ["BackingStore", "FdKind", "Inspection"]
+
+
+class FdKind(enum.Enum):
+    OURS = "ours"  # an object memfd made by this manager (adoptable if untracked)
+    FOREIGN = "foreign"  # some other sealed memfd
+
+
+@dataclass(frozen=True, slots=True)
+class Inspection:
+    kind: FdKind
+    key: tuple[int, int]
+    size: int
+    readonly: bool
+
+
+class BackingStore(Protocol):
+    def create(self, size: int) -> Any:
+        """New, empty backing of `size` bytes (no pages allocated)."""
+
+    def release(self, backing: Any) -> None:
+        """Drop the manager's hold on the memory (close its own description)."""
+
+    def key(self, backing: Any) -> tuple[int, int]:
+        """Identity of the memory, equal for every fd to it."""
+
+    def read(self, backing: Any, offset: int, into: Any) -> None:
+        """Copy len(into) bytes at `offset` into the writable buffer `into`."""
+
+    def write(self, backing: Any, offset: int, data: Any) -> None:
+        """Copy the bytes-like `data` to `offset`."""
+
+    def open_description(self, backing: Any, writable: bool) -> OwnedFd:
+        """A new file description to the memory, for a client to own."""
+
+    def resident_bytes(self, backing: Any) -> int:
+        """Bytes of memory the backing really holds now."""
+
+    def inspect(self, fd: OwnedFd) -> Inspection:
+        """Classify an fd offered for import; EINVAL if it is not acceptable (SPEC §6)."""
+
+    def adopt(self, fd: OwnedFd, inspection: Inspection) -> Any:
+        """Take memory behind an inspected fd as backing; consumes `fd`."""

@@ -1,0 +1,140 @@
+"""MemfdStore: object pages in sealed memfds (SPEC §3 "system").
+
+Each object's memory is its own memfd: MFD_CLOEXEC|MFD_ALLOW_SEALING, sized once and
+sealed F_SEAL_SHRINK|F_SEAL_GROW|F_SEAL_SEAL, mode 0400, named ``ugem:<token>`` where the
+token is random per manager (how `inspect` recognises its own memfds coming back).
+
+Rules:
+- The description memfd_create returns is the manager's own: it is never sent to anyone.
+  Clients get *new* descriptions, opened through /proc/self/fd (`open_description`), so a
+  client changing its description's flags (O_APPEND, O_NONBLOCK) cannot touch ours.
+- Mode 0400 means no non-root process can open one of our memfds for writing through
+  /proc; to make a writable description for a client, a non-root manager briefly makes
+  its own memfd 0600 (it is the owner) and restores 0400 at once.
+- Imported memory is accepted only from memfds sealed against shrinking, with a nonzero
+  page-aligned size (SPEC §6); anything else is EINVAL.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import os
+import secrets
+import stat
+
+from ..constants import PAGE_SIZE
+from ..errors import InvalidArgument
+from ..fd import OwnedFd
+from .base import FdKind, Inspection
+
+__all__ = ["MemfdStore"]
+
+_SEALS = fcntl.F_SEAL_SHRINK | fcntl.F_SEAL_GROW | fcntl.F_SEAL_SEAL
+_MAX_IO = 1 << 30  # one preadv/pwritev moves at most this much (the kernel caps near 2 GiB)
+
+
+class MemfdStore:
+    def __init__(self) -> None:
+        self.token = secrets.token_hex(8)
+        self._name = f"ugem:{self.token}"
+        self._link = f"/memfd:{self._name} (deleted)"
+
+    # -- lifetime --------------------------------------------------------------------
+
+    def create(self, size: int) -> OwnedFd:
+        fd = OwnedFd(os.memfd_create(self._name, os.MFD_CLOEXEC | os.MFD_ALLOW_SEALING))
+        try:
+            os.ftruncate(fd.fd, size)
+            fcntl.fcntl(fd.fd, fcntl.F_ADD_SEALS, _SEALS)
+            os.fchmod(fd.fd, 0o400)
+        except BaseException:
+            fd.close()
+            raise
+        return fd
+
+    def release(self, backing: OwnedFd) -> None:
+        backing.close()
+
+    def key(self, backing: OwnedFd) -> tuple[int, int]:
+        st = os.fstat(backing.fd)
+        return (st.st_dev, st.st_ino)
+
+    # -- the manager's own I/O -------------------------------------------------------
+
+    def read(self, backing: OwnedFd, offset: int, into: memoryview) -> None:
+        view = memoryview(into).cast("B")
+        done = 0
+        while done < len(view):
+            n = os.preadv(backing.fd, [view[done:done + _MAX_IO]], offset + done)
+            if n <= 0:  # past the sealed size cannot happen; zero-fill defensively
+                view[done:] = bytes(len(view) - done)
+                return
+            done += n
+
+    def write(self, backing: OwnedFd, offset: int, data: memoryview) -> None:
+        view = memoryview(data).cast("B")
+        done = 0
+        while done < len(view):
+            done += os.pwritev(backing.fd, [view[done:done + _MAX_IO]], offset + done)
+
+    def resident_bytes(self, backing: OwnedFd) -> int:
+        return os.fstat(backing.fd).st_blocks * 512
+
+    # -- descriptions for clients ----------------------------------------------------
+
+    def open_description(self, backing: OwnedFd, writable: bool) -> OwnedFd:
+        path = f"/proc/self/fd/{backing.fd}"
+        if not writable:
+            return OwnedFd(os.open(path, os.O_RDONLY | os.O_CLOEXEC))
+        try:
+            return OwnedFd(os.open(path, os.O_RDWR | os.O_CLOEXEC))
+        except PermissionError:
+            # not root: we own the memfd, so lift 0400 for the one open (see module rules)
+            os.fchmod(backing.fd, 0o600)
+            try:
+                return OwnedFd(os.open(path, os.O_RDWR | os.O_CLOEXEC))
+            finally:
+                os.fchmod(backing.fd, 0o400)
+
+    # -- import ----------------------------------------------------------------------
+
+    def inspect(self, fd: OwnedFd) -> Inspection:
+        raw = fd.fileno()
+        st = os.fstat(raw)
+        if not stat.S_ISREG(st.st_mode):
+            raise InvalidArgument(f"fd {raw} is not memory (not a regular file); import needs a sealed memfd")
+        try:
+            seals = fcntl.fcntl(raw, fcntl.F_GET_SEALS)
+        except OSError:
+            raise InvalidArgument(f"fd {raw} is a file, not a memfd; import needs a sealed memfd") from None
+        link = os.readlink(f"/proc/self/fd/{raw}")
+        if not link.startswith("/memfd:"):
+            raise InvalidArgument(f"fd {raw} ({link}) is not a memfd; import needs a sealed memfd")
+        if not seals & fcntl.F_SEAL_SHRINK:
+            raise InvalidArgument(f"memfd fd {raw} is not sealed with F_SEAL_SHRINK (seals {seals:#x})")
+        if st.st_size <= 0 or st.st_size % PAGE_SIZE:
+            raise InvalidArgument(f"memfd fd {raw} has size {st.st_size}, not a nonzero multiple of {PAGE_SIZE}")
+        access = fcntl.fcntl(raw, fcntl.F_GETFL) & os.O_ACCMODE
+        if access == os.O_WRONLY:
+            raise InvalidArgument(f"fd {raw} is write-only; memory must be readable")
+        ours = link == self._link and (seals & _SEALS) == _SEALS
+        return Inspection(FdKind.OURS if ours else FdKind.FOREIGN, (st.st_dev, st.st_ino),
+                          st.st_size, access == os.O_RDONLY)
+
+    def adopt(self, fd: OwnedFd, inspection: Inspection) -> OwnedFd:
+        """Our own description for the memory behind `fd` (which this call closes).
+
+        A foreign memfd we cannot reopen (its mode forbids us) is kept through the
+        client's description: the one case where the manager's I/O shares a description.
+        """
+        flags = (os.O_RDONLY if inspection.readonly else os.O_RDWR) | os.O_CLOEXEC
+        path = f"/proc/self/fd/{fd.fileno()}"
+        try:
+            if inspection.kind is FdKind.OURS and not inspection.readonly:
+                own = self.open_description(fd, writable=True)
+            else:
+                own = OwnedFd(os.open(path, flags))
+        except PermissionError:
+            return fd
+        fd.close()
+        return own

@@ -1,0 +1,136 @@
+"""The `ugem` command: `serve` runs the daemon; the others talk to a running one (SPEC §4).
+
+Subcommands: serve, ls [--json], stat [--json], ops (lists the request table).
+Exit codes: 0 success, 1 operation failure, 2 usage error, 3 no daemon / socket in use.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+from typing import Any
+
+from .config import Config, parse_size
+from .errors import UgemError
+
+__all__ = ["main"]
+
+
+def _serve(args: argparse.Namespace) -> int:
+    from .daemon.server import Server, ServerOptions, SocketInUse, raise_fd_limit
+    from .paths import resolve_socket_path
+
+    logging.basicConfig(level=args.log_level.upper(), stream=sys.stderr,
+                        format="%(asctime)s ugem[%(process)d] %(levelname)s %(message)s")
+    config = Config.from_kwargs(vram=args.vram, system_budget=args.system_budget, spill_dir=args.spill_dir,
+                                client_quota=args.client_quota, client_max_objects=args.client_max_objects,
+                                pin_limit=args.pin_limit, hang_timeout=args.hang_timeout)
+    path, is_default = resolve_socket_path(args.socket)
+    raise_fd_limit()
+    server = Server(config, ServerOptions(path, is_default, socket_mode=int(args.socket_mode, 8)))
+    try:
+        server.bind()
+    except SocketInUse as exc:
+        print(f"ugem: {exc}", file=sys.stderr)
+        return 3
+    except PermissionError as exc:
+        print(f"ugem: {exc}", file=sys.stderr)
+        return 3
+    print(f"ugem: listening on {path}", flush=True)
+    server.serve_forever()
+    return 0
+
+
+def _connect(args: argparse.Namespace) -> Any:
+    from .client.connect import connect
+
+    return connect(args.socket)
+
+
+def _ls(args: argparse.Namespace) -> int:
+    with _connect(args) as dev:
+        rows = dev.list_objects()
+    if args.json:
+        print(json.dumps(rows, indent=1))
+        return 0
+    print(f"{'ID':>8} {'SIZE':>12} {'PLACEMENT':<9} {'MADVISE':<8} {'NAME':>6} {'HANDLES':>7} {'OWNER':>8}")
+    for r in rows:
+        print(f"{r['id']:>8} {r['size']:>12} {r['placement']:<9} {r['madvise']:<8} {r['name']:>6} "
+              f"{r['handles']:>7} {r['owner_pid']:>8}")
+    return 0
+
+
+def _stat(args: argparse.Namespace) -> int:
+    with _connect(args) as dev:
+        figures = dev.stats()
+    if args.json:
+        print(json.dumps(figures, indent=1))
+        return 0
+    for key, value in figures.items():
+        if key != "per_client":
+            print(f"{key:<20} {value}")
+    print(f"{'clients':<20} id pid uid objects bytes pinned_bytes")
+    for c in figures["per_client"]:
+        print(f"{'':<20} {c['id']} {c['pid']} {c['uid']} {c['objects']} {c['bytes']} {c['pinned_bytes']}")
+    return 0
+
+
+def _ops(args: argparse.Namespace) -> int:
+    from .core.requests import REQUESTS
+
+    for desc in REQUESTS:
+        perm = "" if not desc.perm.value else f" [{desc.perm.name.lower()}]"
+        print(f"{desc.op.value:>3} {desc.op.name:<20} {desc.doc}{perm}")
+    return 0
+
+
+def _size(text: str) -> int:
+    try:
+        return parse_size(text)
+    except UgemError as exc:
+        raise argparse.ArgumentTypeError(str(exc.strerror)) from None
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="ugem", description="GEM/TTM buffer-object manager in user space")
+    sub = parser.add_subparsers(dest="command", required=True)
+    serve = sub.add_parser("serve", help="run the daemon")
+    serve.add_argument("--socket", help="socket path (default: $UGEM_SOCKET, $XDG_RUNTIME_DIR/ugem/ugem.sock, "
+                                        "/tmp/ugem-<uid>/ugem.sock)")
+    serve.add_argument("--vram", type=_size, default=1 << 30, help="device memory (default 1G)")
+    serve.add_argument("--system-budget", type=_size, default=None, help="resident memory budget "
+                       "(default: half of physical memory)")
+    serve.add_argument("--spill-dir", default=None, help="spill directory (default $XDG_CACHE_HOME/ugem/spill)")
+    serve.add_argument("--client-quota", type=_size, default=0, help="bytes one client may create (0: unlimited)")
+    serve.add_argument("--client-max-objects", type=int, default=65536, help="handles one client may hold")
+    serve.add_argument("--pin-limit", type=_size, default=64 << 20, help="bytes one client may pin (default 64M)")
+    serve.add_argument("--hang-timeout", type=float, default=10.0, help="seconds before device work counts as hung")
+    serve.add_argument("--socket-mode", default="0600", help="socket file mode, octal (default 0600)")
+    serve.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
+    serve.set_defaults(func=_serve)
+    for name, func, text in (("ls", _ls, "list objects"), ("stat", _stat, "manager-wide figures")):
+        cmd = sub.add_parser(name, help=text)
+        cmd.add_argument("--socket", help="daemon socket")
+        cmd.add_argument("--json", action="store_true", help="machine-readable output")
+        cmd.set_defaults(func=func)
+    ops = sub.add_parser("ops", help="list the request table")
+    ops.set_defaults(func=_ops)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return int(args.func(args))
+    except (FileNotFoundError, ConnectionRefusedError) as exc:
+        print(f"ugem: {exc.strerror}", file=sys.stderr)
+        return 3
+    except UgemError as exc:
+        print(f"ugem: {exc.strerror}", file=sys.stderr)
+        return 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

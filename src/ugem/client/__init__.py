@@ -1,0 +1,1 @@
+"""The client side: the public Device API over an embedded or a socket transport."""

@@ -1,0 +1,278 @@
+"""Device: the public handle-layer API of SPEC §2, identical over both transports.
+
+A Device is one client. Its methods build request structs and send them through its
+transport; the only mode-specific code is how bulk data moves:
+
+- embedded: the handler copies straight between the caller's buffer and the object;
+- daemon: up to `INLINE_LIMIT` bytes travel inside the frame; beyond that the daemon hands
+  over a private file description of the object (XFER) and this process does the one copy
+  with preadv/pwritev, then reports XFER_DONE.
+
+Mappings hold no fd (client/mapping.py). When the last view of a mapping dies, a
+finalizer queues its id; queued releases are sent (GEM_MUNMAP) before the next request,
+never from the finalizer itself, which may run at any moment (even mid-request).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import struct
+import weakref
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any, Protocol
+
+from ..errors import BadFd
+from ..fd import OwnedFd
+from ..wire import structs as s
+from ..wire.frames import Op
+from .mapping import map_shared
+
+if TYPE_CHECKING:
+    from ..manager import Manager
+    from .buffer import Buffer
+
+__all__ = ["Device", "ObjectInfo", "INLINE_LIMIT"]
+
+INLINE_LIMIT = 128 << 10  # daemon mode: larger pread/pwrite go through shared memory
+_PLACEMENTS = ("none", "system", "vram", "spilled", "purged")
+_ADVICE = ("willneed", "dontneed", "purged")
+
+
+@dataclass(frozen=True)
+class ObjectInfo:
+    size: int
+    placement: str
+    madvise: str
+    name: int
+    tiling: int
+    stride: int
+    caching: int
+    busy: bool
+    pinned: bool
+    userptr: bool
+    readonly: bool
+
+
+class Transport(Protocol):
+    embedded: bool
+    client_id: int
+
+    def call(self, op: Op, req: s.Struct) -> Any: ...
+
+    def close(self) -> None: ...
+
+
+def _byte_view(buffer: Any, writable: bool) -> memoryview:
+    view = memoryview(buffer)
+    if writable and view.readonly:
+        raise TypeError("pread_into needs a writable buffer")
+    if not view.contiguous:
+        raise TypeError("buffer must be contiguous")
+    return view.cast("B") if view.format != "B" or view.ndim != 1 else view
+
+
+class Device:
+    """One client of a ugem manager. Use as a context manager; `close()` releases all."""
+
+    def __init__(self, transport: Transport) -> None:
+        self._transport: Transport | None = transport
+        self._pending_unmaps: list[int] = []
+        self._owned_manager: Manager | None = None
+
+    # -- plumbing --------------------------------------------------------------------
+
+    @property
+    def closed(self) -> bool:
+        return self._transport is None
+
+    @property
+    def client_id(self) -> int:
+        return self._live().client_id
+
+    def _live(self) -> Transport:
+        if self._transport is None:
+            raise BadFd("this Device is closed")
+        return self._transport
+
+    def _call(self, op: Op, req: s.Struct) -> Any:
+        transport = self._live()
+        if self._pending_unmaps:
+            self._flush_unmaps(transport)
+        return transport.call(op, req)
+
+    def _flush_unmaps(self, transport: Transport) -> None:
+        ids, self._pending_unmaps = self._pending_unmaps, []
+        transport.call(Op.GEM_MUNMAP, s.MunmapReq(ids=struct.pack(f"<{len(ids)}I", *ids)))
+
+    def close(self) -> None:
+        """Release every handle, mapping record and pin of this client; idempotent."""
+        transport, self._transport = self._transport, None
+        if transport is not None:
+            transport.close()
+        if self._owned_manager is not None:
+            self._owned_manager.close()
+
+    def __enter__(self) -> Device:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    # -- objects ---------------------------------------------------------------------
+
+    def create(self, size: int) -> int:
+        return int(self._call(Op.GEM_CREATE, s.CreateReq(size=size)).handle)
+
+    def close_handle(self, handle: int) -> None:
+        self._call(Op.GEM_CLOSE, s.CloseReq(handle=handle))
+
+    def info(self, handle: int) -> ObjectInfo:
+        r: s.InfoReply = self._call(Op.GEM_INFO, s.InfoReq(handle=handle))
+        return ObjectInfo(
+            size=r.size, placement=_PLACEMENTS[r.placement], madvise=_ADVICE[r.madvise], name=r.name,
+            tiling=r.tiling, stride=r.stride, caching=r.caching, busy=bool(r.flags & s.INFO_BUSY),
+            pinned=bool(r.flags & s.INFO_PINNED), userptr=bool(r.flags & s.INFO_USERPTR),
+            readonly=bool(r.flags & s.INFO_READONLY))
+
+    # -- bulk data -------------------------------------------------------------------
+
+    def pread(self, handle: int, offset: int, length: int) -> bytes:
+        if self._live().embedded or 0 <= length <= INLINE_LIMIT:
+            buf = bytearray(max(length, 0))
+            self._pread(handle, offset, length, buf)
+            return bytes(buf)
+        return self._pread_xfer(handle, offset, length, None)
+
+    def pread_into(self, handle: int, offset: int, buffer: Any) -> int:
+        view = _byte_view(buffer, writable=True)
+        self._pread(handle, offset, len(view), view)
+        return len(view)
+
+    def _pread(self, handle: int, offset: int, length: int, into: memoryview | bytearray) -> None:
+        req = s.PreadReq(handle=handle, offset=offset, length=length)
+        if self._live().embedded:
+            req.into = into
+            self._call(Op.GEM_PREAD, req)
+        elif length <= INLINE_LIMIT:
+            reply: s.PreadReply = self._call(Op.GEM_PREAD, req)
+            if length > 0:
+                into[:] = reply.data
+        else:
+            self._pread_xfer(handle, offset, length, into)
+
+    def _pread_xfer(self, handle: int, offset: int, length: int, into: Any) -> bytes:
+        reply: s.PreadReply = self._call(Op.GEM_PREAD, s.PreadReq(handle=handle, flags=s.XFER, offset=offset,
+                                                                   length=length))
+        data = b""
+        if reply.fd is None:  # no pages yet: zeros, and nothing to release
+            if into is None:
+                return bytes(length)
+            into[:] = bytes(length)
+            return b""
+        with reply.fd as fd:
+            try:
+                if into is None:
+                    data = _pread_all(fd, length, offset)
+                else:
+                    _preadv_all(fd, into, offset)
+            finally:
+                self._call(Op.XFER_DONE, s.XferDoneReq(xfer_id=reply.xfer_id))
+        return data
+
+    def pwrite(self, handle: int, offset: int, data: Any) -> None:
+        view = _byte_view(data, writable=False)
+        req = s.PwriteReq(handle=handle, offset=offset, length=len(view), data=view)
+        if self._live().embedded or len(view) <= INLINE_LIMIT:
+            self._call(Op.GEM_PWRITE, req)
+            return
+        req.flags, req.data = s.XFER, b""
+        reply: s.PwriteReply = self._call(Op.GEM_PWRITE, req)
+        if reply.fd is None:
+            return
+        with reply.fd as fd:
+            try:
+                _pwritev_all(fd, view, offset)
+            finally:
+                self._call(Op.XFER_DONE, s.XferDoneReq(xfer_id=reply.xfer_id))
+
+    # -- mappings --------------------------------------------------------------------
+
+    def mmap(self, handle: int, *, offset: int = 0, length: int | None = None, writable: bool = True) -> memoryview:
+        flags = (s.WRITABLE if writable else 0) | (s.TO_END if length is None else 0)
+        reply: s.MmapReply = self._call(Op.GEM_MMAP, s.MmapReq(handle=handle, flags=flags, offset=offset,
+                                                               length=length or 0))
+        assert reply.fd is not None
+        try:
+            with reply.fd as fd:
+                region = map_shared(fd.fd, reply.offset, reply.length, writable)
+        except BaseException:
+            self._pending_unmaps.append(reply.map_id)
+            raise
+        weakref.finalize(region, self._pending_unmaps.append, reply.map_id)
+        return memoryview(region)
+
+    # -- sharing ---------------------------------------------------------------------
+
+    def flink(self, handle: int) -> int:
+        return int(self._call(Op.GEM_FLINK, s.FlinkReq(handle=handle)).name)
+
+    def open_name(self, name: int) -> tuple[int, int]:
+        r: s.OpenReply = self._call(Op.GEM_OPEN, s.OpenReq(name=name))
+        return r.handle, r.size
+
+    def export(self, handle: int, *, writable: bool = True) -> int:
+        r: s.ExportReply = self._call(Op.PRIME_HANDLE_TO_FD,
+                                      s.ExportReq(handle=handle, flags=s.WRITABLE if writable else 0))
+        assert r.fd is not None
+        return r.fd.detach()
+
+    def import_fd(self, fd: int) -> int:
+        self._live()
+        try:
+            owned = OwnedFd(os.dup(fd))
+        except OSError as exc:
+            raise BadFd(f"fd {fd} is not an open file descriptor") from exc
+        r: s.ImportReply = self._call(Op.PRIME_FD_TO_HANDLE, s.ImportReq(fd=owned))
+        return int(r.handle)
+
+    # -- manager-wide ----------------------------------------------------------------
+
+    def stats(self) -> dict[str, Any]:
+        return dict(json.loads(self._call(Op.STATS, s.Empty()).data))
+
+    def list_objects(self) -> list[dict[str, Any]]:
+        return list(json.loads(self._call(Op.LIST_OBJECTS, s.Empty()).data))
+
+    # -- object layer ----------------------------------------------------------------
+
+    def new(self, size: int) -> Buffer:
+        """Create an object and wrap it in a Buffer (closes its handle when done)."""
+        from .buffer import Buffer
+
+        return Buffer(self, self.create(size))
+
+
+def _preadv_all(fd: OwnedFd, into: Any, offset: int) -> None:
+    view = memoryview(into).cast("B")
+    done = 0
+    while done < len(view):
+        n = os.preadv(fd.fd, [view[done:done + (1 << 30)]], offset + done)
+        if n <= 0:
+            raise OSError(5, "short read from object memory")
+        done += n
+
+
+def _pread_all(fd: OwnedFd, length: int, offset: int) -> bytes:
+    data = os.pread(fd.fd, length, offset) if length < (1 << 30) else b""
+    if len(data) == length:
+        return data
+    buf = bytearray(length)
+    _preadv_all(fd, buf, offset)
+    return bytes(buf)
+
+
+def _pwritev_all(fd: OwnedFd, view: memoryview, offset: int) -> None:
+    done = 0
+    while done < len(view):
+        done += os.pwritev(fd.fd, [view[done:done + (1 << 30)]], offset + done)

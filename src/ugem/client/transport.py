@@ -1,0 +1,151 @@
+"""Transports: how a Device's requests reach the dispatcher.
+
+- `EmbeddedTransport`: calls `dispatch()` in this process, under the Manager's lock.
+- `SocketTransport`: one Unix stream socket to `ugem serve`; frames as in wire/frames.py,
+  fds with SCM_RIGHTS, one request in flight at a time (a lock serialises threads).
+
+Both take ownership of the fds inside a request struct: they are closed once sent (socket)
+or consumed by the handler (embedded). Exceptions are translated at one seam on the socket
+side: `error_from_errno` for a failed reply, `DaemonGone` when the daemon goes away.
+"""
+
+from __future__ import annotations
+
+import array
+import socket
+import threading
+from typing import TYPE_CHECKING, Any
+
+from ..errors import DaemonGone, RemoteProtocolError, error_from_errno
+from ..fd import OwnedFd
+from ..wire import structs as s
+from ..wire.frames import HEADER, MAGIC, MAX_FDS, MAX_PAYLOAD, PROTOCOL_VERSION, Kind, Op, encode_header
+
+if TYPE_CHECKING:
+    from ..core.client import Client
+    from ..manager import Manager
+
+__all__ = ["EmbeddedTransport", "SocketTransport"]
+
+
+class EmbeddedTransport:
+    embedded = True
+
+    def __init__(self, manager: Manager, client: Client) -> None:
+        self.manager = manager
+        self.client = client
+        self.client_id = client.id
+
+    def call(self, op: Op, req: s.Struct) -> Any:
+        return self.manager._call(self.client, op, req)
+
+    def close(self) -> None:
+        self.manager._release(self.client)
+
+
+_ANC_SPACE = socket.CMSG_SPACE(MAX_FDS * array.array("i").itemsize)
+
+
+class SocketTransport:
+    embedded = False
+
+    def __init__(self, sock: socket.socket) -> None:
+        self._sock = sock
+        self._lock = threading.Lock()
+        self._seq = 0
+        hello: s.HelloReply = self.call(Op.HELLO, s.HelloReq(magic=MAGIC, version=PROTOCOL_VERSION))
+        if hello.magic != MAGIC or hello.version != PROTOCOL_VERSION:
+            raise RemoteProtocolError(f"daemon speaks {hello.magic!r} version {hello.version}")
+        self.client_id = hello.client_id
+        self.server_pid = hello.server_pid
+        self.max_inline = hello.max_inline
+
+    def call(self, op: Op, req: s.Struct) -> Any:
+        from ..core.requests import BY_OP
+
+        reply_type = s.HelloReply if op == Op.HELLO else BY_OP[op].reply
+        pieces, fds = s.encode(req)
+        with self._lock:
+            try:
+                self._seq = (self._seq + 1) & 0xFFFFFFFF
+                self._send(op, pieces, fds)
+                status, payload, got = self._receive(op)
+            except (ConnectionError, OSError) as exc:
+                if isinstance(exc, ConnectionError) or exc.errno in (32, 104):
+                    raise DaemonGone("the ugem daemon closed the connection") from exc
+                raise
+            finally:
+                for fd in fds:
+                    fd.close()
+        if status:
+            for fd in got:
+                fd.close()
+            raise error_from_errno(status, payload.decode("utf-8", "replace"))
+        try:
+            return s.decode(reply_type, payload, got)
+        except BaseException:
+            for fd in got:
+                fd.close()
+            raise
+
+    def _send(self, op: int, pieces: list[Any], fds: list[OwnedFd]) -> None:
+        length = sum(len(p) if not isinstance(p, memoryview) else p.nbytes for p in pieces)
+        header = encode_header(length, op, len(fds), Kind.REQUEST, self._seq)
+        buffers = [header, *pieces]
+        anc = [(socket.SOL_SOCKET, socket.SCM_RIGHTS, array.array("i", [f.fd for f in fds]))] if fds else []
+        total = len(header) + length
+        sent = self._sock.sendmsg(buffers, anc)
+        if sent < total:  # the rest without the fds (they went with the first byte)
+            data = b"".join(bytes(b) for b in buffers)
+            self._sock.sendall(data[sent:])
+
+    def _receive(self, op: int) -> tuple[int, bytes, list[OwnedFd]]:
+        header = bytearray()
+        fds: list[OwnedFd] = []
+        while len(header) < HEADER.size:
+            data, anc, flags, _ = self._sock.recvmsg(HEADER.size - len(header), _ANC_SPACE)
+            for level, kind, raw in anc:
+                if level == socket.SOL_SOCKET and kind == socket.SCM_RIGHTS:
+                    ints = array.array("i")
+                    ints.frombytes(raw[: len(raw) - len(raw) % ints.itemsize])
+                    fds.extend(OwnedFd(i) for i in ints)
+            if flags & socket.MSG_CTRUNC:
+                self._abort(fds, "truncated control message from the daemon")
+            if not data:
+                self._abort(fds, "")
+            header += data
+        length, rop, nfds, kind, seq, status = HEADER.unpack(header)
+        if kind != Kind.REPLY or rop != op or seq != self._seq or length > MAX_PAYLOAD or nfds != len(fds):
+            self._abort(fds, f"malformed reply header from the daemon: {tuple(HEADER.unpack(header))}")
+        payload = bytearray(length)
+        view = memoryview(payload)
+        got = 0
+        while got < length:
+            n = self._sock.recv_into(view[got:])
+            if n == 0:
+                self._abort(fds, "")
+            got += n
+        return status, bytes(payload), fds
+
+    def _abort(self, fds: list[OwnedFd], why: str) -> None:
+        for fd in fds:
+            fd.close()
+        self._sock.close()
+        if why:
+            raise DaemonGone(why) from RemoteProtocolError(why)
+        raise DaemonGone("the ugem daemon closed the connection")
+
+    def close(self) -> None:
+        """Disconnect and wait until the daemon has released this client (it closes its end)."""
+        with self._lock:
+            if self._sock.fileno() < 0:
+                return
+            try:
+                self._sock.shutdown(socket.SHUT_WR)
+                self._sock.settimeout(30)
+                while self._sock.recv(4096):
+                    pass
+            except OSError:
+                pass  # the daemon is already gone: nothing left to release
+            finally:
+                self._sock.close()

@@ -1,0 +1,265 @@
+"""Core: the manager's state (drm_device): objects, names, clients, and their lifetimes.
+
+This module holds the library functions handlers call (drm_gem_handle_create,
+drm_gem_handle_delete, flink/open bookkeeping, reference counting); `object.py` states
+the lifetime rules they implement. The core is single-threaded and sans-IO: memory I/O
+goes through `self.backing` (a BackingStore), nothing here touches sockets or fds.
+
+Publication order (drm_gem_handle_create_tail): an object is fully set up before a handle
+to it is published; if any step fails, earlier steps are undone in reverse.
+"""
+
+from __future__ import annotations
+
+import itertools
+from typing import Any
+
+from ..backing.base import BackingStore
+from ..config import Config
+from ..constants import DONTNEED
+from ..errors import BadAddress, InvalidArgument, NoSuchObject, QuotaExceeded
+from .client import Client, Credentials, HandleEntry
+from .ids import IdAllocator
+from .object import BufferObject, Kind
+from .states import Event, Placement
+
+__all__ = ["Core"]
+
+
+class Core:
+    def __init__(self, config: Config, backing: BackingStore) -> None:
+        self.config = config
+        self.backing = backing
+        self.objects: dict[int, BufferObject] = {}
+        self.by_key: dict[tuple[int, int], BufferObject] = {}
+        self.names: dict[int, BufferObject] = {}
+        self.name_ids = IdAllocator()
+        self.clients: dict[int, Client] = {}
+        self._client_ids = itertools.count(1)
+        self._object_ids = itertools.count(1)
+        self.counters = {"purged_total": 0, "evicted_total": 0, "spilled_total": 0, "bytes_moved_total": 0}
+
+    # -- clients ---------------------------------------------------------------------
+
+    def client_open(self, creds: Credentials, privileged: bool) -> Client:
+        client = Client(next(self._client_ids), creds, privileged)
+        self.clients[client.id] = client
+        return client
+
+    def client_release(self, client: Client) -> None:
+        """Release everything a client holds (drm_gem_release); idempotent."""
+        if client.closed:
+            return
+        client.closed = True
+        for handle in sorted(client.handles):
+            self.handle_delete(client, handle)
+        for obj in list(client.mappings.values()) + list(client.transfers.values()):
+            self.put(obj)
+        client.mappings.clear()
+        client.transfers.clear()
+        del self.clients[client.id]
+
+    # -- lookup ----------------------------------------------------------------------
+
+    def lookup(self, client: Client, handle: int) -> HandleEntry:
+        entry = client.handles.get(handle)
+        if entry is None:
+            raise NoSuchObject(f"no object with handle {handle} in client {client.id}")
+        return entry
+
+    # -- object lifetime -------------------------------------------------------------
+
+    def object_new(self, client: Client, size: int, kind: Kind = Kind.NORMAL) -> BufferObject:
+        """A new object charged to `client` (quota checked); it holds no reference yet."""
+        quota = self.config.client_quota
+        if kind == Kind.NORMAL and quota and client.created_bytes + size > quota:
+            raise QuotaExceeded(f"client {client.id}: {size} more bytes would exceed the quota of "
+                                f"{quota} (already {client.created_bytes})")
+        self.check_object_limit(client)
+        obj = BufferObject(next(self._object_ids), size, kind, client.id, client.creds.uid)
+        if kind == Kind.NORMAL:
+            client.created_bytes += size
+        self.objects[obj.id] = obj
+        return obj
+
+    def get(self, obj: BufferObject) -> None:
+        obj.refcount += 1
+
+    def put(self, obj: BufferObject) -> None:
+        obj.refcount -= 1
+        if obj.refcount == 0:
+            self._free(obj)
+
+    def _free(self, obj: BufferObject) -> None:
+        assert obj.handle_count == 0 and obj.name == 0, obj
+        if obj.backing is not None:
+            self.backing.release(obj.backing)
+            obj.backing = None
+        if obj.key is not None:
+            self.by_key.pop(obj.key, None)
+        obj.transition(Event.FREE)
+        creator = self.clients.get(obj.creator)
+        if creator is not None and obj.kind == Kind.NORMAL:
+            creator.created_bytes -= obj.size
+        del self.objects[obj.id]
+
+    def discard_unpublished(self, obj: BufferObject) -> None:
+        """Undo `object_new` for an object that never got a handle (error unwinding)."""
+        self.get(obj)
+        self.put(obj)
+
+    # -- handles ---------------------------------------------------------------------
+
+    def check_object_limit(self, client: Client) -> None:
+        limit = self.config.client_max_objects
+        if len(client.handles) >= limit:
+            raise QuotaExceeded(f"client {client.id} holds {len(client.handles)} handles, the limit is {limit}")
+
+    def handle_create(self, client: Client, obj: BufferObject, readonly: bool = False) -> int:
+        """Publish a new handle to `obj` in `client`. Call last: this makes it visible."""
+        self.check_object_limit(client)
+        handle = client.handle_ids.alloc()
+        client.handles[handle] = HandleEntry(obj, readonly)
+        client.by_object.setdefault(obj.id, set()).add(handle)
+        if obj.handle_count == 0:
+            self.get(obj)  # all handles share one reference
+        obj.handle_count += 1
+        return handle
+
+    def handle_delete(self, client: Client, handle: int) -> None:
+        """GEM_CLOSE: EINVAL for an unknown, zero or already closed handle."""
+        entry = client.handles.pop(handle, None)
+        if entry is None:
+            raise InvalidArgument(f"handle {handle} is not open in client {client.id}")
+        obj = entry.obj
+        client.handle_ids.free(handle)
+        others = client.by_object[obj.id]
+        others.discard(handle)
+        if not others:
+            del client.by_object[obj.id]
+            self._unpin(client, obj)
+        obj.handle_count -= 1
+        if obj.handle_count == 0:
+            self._name_remove(obj)  # the name holds no reference: it dies with the last handle
+            self.put(obj)
+
+    # -- names -----------------------------------------------------------------------
+
+    def flink(self, obj: BufferObject) -> int:
+        if obj.handle_count == 0:  # prevent races with a concurrent close (drm_gem_flink_ioctl)
+            raise NoSuchObject(f"object {obj.id} is being closed")
+        if not obj.name:
+            obj.name = self.name_ids.alloc()
+            self.names[obj.name] = obj
+        return obj.name
+
+    def _name_remove(self, obj: BufferObject) -> None:
+        if obj.name:
+            del self.names[obj.name]
+            self.name_ids.free(obj.name)
+            obj.name = 0
+
+    # -- mappings and transfers (references held by a client) ------------------------
+
+    def map_add(self, client: Client, obj: BufferObject) -> int:
+        self.get(obj)
+        map_id = client.map_ids.alloc()
+        client.mappings[map_id] = obj
+        return map_id
+
+    def map_release(self, client: Client, map_id: int) -> None:
+        obj = client.mappings.pop(map_id, None)
+        if obj is None:
+            raise InvalidArgument(f"mapping {map_id} is not tracked for client {client.id}")
+        client.map_ids.free(map_id)
+        self.put(obj)
+
+    def xfer_add(self, client: Client, obj: BufferObject) -> int:
+        self.get(obj)
+        xfer_id = client.xfer_ids.alloc()
+        client.transfers[xfer_id] = obj
+        return xfer_id
+
+    def xfer_done(self, client: Client, xfer_id: int) -> None:
+        obj = client.transfers.pop(xfer_id, None)
+        if obj is None:
+            raise InvalidArgument(f"transfer {xfer_id} is not open in client {client.id}")
+        client.xfer_ids.free(xfer_id)
+        self.put(obj)
+
+    # -- pages -----------------------------------------------------------------------
+
+    def check_pages(self, obj: BufferObject) -> None:
+        """EFAULT for an object whose pages are gone (purged: final)."""
+        if obj.placement == Placement.PURGED:
+            raise BadAddress(f"object {obj.id} was purged")
+
+    def populate(self, obj: BufferObject) -> Any:
+        """Make sure the object has system backing; returns it."""
+        self.check_pages(obj)
+        if obj.placement == Placement.NONE:
+            if obj.madvise == DONTNEED:
+                raise BadAddress(f"object {obj.id} is DONTNEED and has no pages")
+            obj.backing = self.backing.create(obj.size)
+            obj.transition(Event.POPULATE)
+        return obj.backing
+
+    def index_key(self, obj: BufferObject) -> None:
+        """Remember the memory's identity once a description of it leaves the manager."""
+        if obj.key is None:
+            obj.key = self.backing.key(obj.backing)
+            self.by_key[obj.key] = obj
+
+    def adopt(self, client: Client, backing: Any, key: tuple[int, int], size: int, kind: Kind,
+              readonly: bool) -> BufferObject:
+        """A new object around memory that came in through import_fd (not yet published)."""
+        obj = self.object_new(client, size, kind)
+        obj.readonly = readonly
+        obj.backing = backing
+        obj.key = key
+        self.by_key[key] = obj
+        obj.transition(Event.POPULATE)
+        return obj
+
+    def _unpin(self, client: Client, obj: BufferObject) -> None:
+        if client.id in obj.pinned_by:
+            obj.pinned_by.discard(client.id)
+            client.pinned_bytes -= obj.size
+
+    # -- statistics ------------------------------------------------------------------
+
+    def statistics(self) -> dict[str, Any]:
+        resident = purgeable = pinned = 0
+        for obj in self.objects.values():
+            if obj.kind != Kind.NORMAL or obj.backing is None:
+                continue
+            held = self.backing.resident_bytes(obj.backing)
+            resident += held
+            if obj.madvise == DONTNEED:
+                purgeable += held
+            if obj.pinned_by:
+                pinned += obj.size
+        return {
+            "objects": len(self.objects),
+            "clients": len(self.clients),
+            "resident_bytes": resident,
+            "vram_bytes": 0,
+            "spilled_bytes": 0,
+            "pinned_bytes": pinned,
+            "purgeable_bytes": purgeable,
+            **self.counters,
+            "per_client": [
+                {"id": c.id, "pid": c.creds.pid, "uid": c.creds.uid, "objects": len(c.handles),
+                 "bytes": c.created_bytes, "pinned_bytes": c.pinned_bytes}
+                for c in self.clients.values()
+            ],
+        }
+
+    def list_objects(self) -> list[dict[str, Any]]:
+        owners = {c.id: c.creds.pid for c in self.clients.values()}
+        return [
+            {"id": o.id, "size": o.size, "placement": o.placement.label,
+             "madvise": ("willneed", "dontneed", "purged")[2 if o.placement == Placement.PURGED else o.madvise],
+             "name": o.name, "handles": o.handle_count, "owner_pid": owners.get(o.creator, 0)}
+            for o in self.objects.values()
+        ]

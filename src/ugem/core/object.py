@@ -1,0 +1,79 @@
+"""BufferObject, and the theory of operation of object lifetimes (drm_gem.c).
+
+Theory of operation
+-------------------
+An object is kept alive by its **references**; `refcount` counts them:
+
+- all handles of the object, in every client, together hold ONE reference
+  (taken when `handle_count` goes 0 -> 1, dropped when it goes 1 -> 0);
+- each tracked mapping (a `mmap` the client library has not yet reported released);
+- each in-flight bulk transfer (a pread/pwrite file description handed to a client until
+  its XFER_DONE).
+
+`handle_count` counts handles across all clients. A **name** (flink) holds no reference:
+it is removed when `handle_count` reaches 0, even if a mapping still keeps the object
+alive (so GEM_OPEN of that name is then ENOENT). When `refcount` reaches 0 the object is
+freed: its memfd (the manager's own description) is closed and it leaves every table.
+
+Exported fds and mappings made by other processes keep the *memory* alive through the
+kernel's refcount on the memfd, which the manager cannot see (SPEC §8): such memory leaves
+the manager's accounting when the object is freed, and `import_fd` adopts it again.
+
+Closing a client releases all its handles, mappings and transfers in one sweep, exactly as
+closing a DRM fd does (drm_gem_release).
+"""
+
+from __future__ import annotations
+
+import enum
+from typing import Any
+
+from ..constants import CACHING_NONE, TILING_NONE, WILLNEED
+from .states import Event, Placement, apply
+
+__all__ = ["BufferObject", "Kind"]
+
+
+class Kind(enum.IntEnum):
+    NORMAL = 0  # created by GEM_CREATE (or adopted back from one of our exported memfds)
+    FOREIGN = 1  # a client's sealed memfd imported with import_fd
+    USERPTR = 2  # wraps existing user memory
+
+
+class BufferObject:
+    __slots__ = (
+        "id", "size", "kind", "backing", "key", "placement", "madvise", "refcount",
+        "handle_count", "name", "creator", "creator_uid", "tiling", "stride", "caching",
+        "pinned_by", "readonly", "__weakref__",
+    )
+
+    def __init__(self, ident: int, size: int, kind: Kind, creator: int, creator_uid: int) -> None:
+        self.id = ident
+        self.size = size
+        self.kind = kind
+        self.backing: Any = None  # opaque to the core: the BackingStore's handle (an OwnedFd)
+        self.key: tuple[int, int] | None = None  # identity of the backing memory (dev, inode)
+        self.placement = Placement.NONE
+        self.madvise = WILLNEED
+        self.refcount = 0
+        self.handle_count = 0
+        self.name = 0
+        self.creator = creator
+        self.creator_uid = creator_uid
+        self.tiling = TILING_NONE
+        self.stride = 0
+        self.caching = CACHING_NONE
+        self.pinned_by: set[int] = set()
+        self.readonly = False  # the manager itself can only read this memory (read-only import)
+
+    def transition(self, event: Event) -> None:
+        self.placement = apply(self.placement, event)
+
+    @property
+    def proxy(self) -> bool:
+        """userptr or foreign memory: not ours to export, purge or spill."""
+        return self.kind != Kind.NORMAL
+
+    def __repr__(self) -> str:
+        return (f"<BufferObject {self.id} size={self.size} {self.placement.label} "
+                f"refs={self.refcount} handles={self.handle_count} name={self.name}>")

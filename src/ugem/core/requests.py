@@ -1,0 +1,75 @@
+"""The request table (drm_ioctls[]) and the one dispatcher both transports use.
+
+Every operation is one `RequestDesc` row: op number, handler, request and reply structs,
+permission flags. The daemon decodes frames into the request struct of the row, the
+embedded transport builds the struct directly; both then call `dispatch()`, so both
+modes check exactly the same things. `ugem ops`, the docs and the "every op is tested"
+check read this table; nobody keeps a second list.
+
+Permission checks live only in `check_permission()`.
+"""
+
+from __future__ import annotations
+
+import enum
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+from ..errors import PermissionDenied
+from ..wire import structs as s
+from ..wire.frames import Op
+from . import gem
+from .client import Client
+from .manager import Core
+
+__all__ = ["REQUESTS", "BY_OP", "Perm", "RequestDesc", "check_permission", "dispatch"]
+
+
+class Perm(enum.Flag):
+    NONE = 0
+    PRIVILEGED = enum.auto()  # root or the manager's own uid (suspend, resume, listing all objects)
+
+
+@dataclass(frozen=True, slots=True)
+class RequestDesc:
+    op: Op
+    handler: Callable[[Core, Client, Any], s.Struct]
+    req: type[s.Struct]
+    reply: type[s.Struct]
+    perm: Perm = Perm.NONE
+    doc: str = ""
+
+
+REQUESTS: tuple[RequestDesc, ...] = (
+    RequestDesc(Op.GEM_CREATE, gem.gem_create, s.CreateReq, s.CreateReply, doc="new object, page-rounded"),
+    RequestDesc(Op.GEM_CLOSE, gem.gem_close, s.CloseReq, s.Empty, doc="drop a handle"),
+    RequestDesc(Op.GEM_INFO, gem.gem_info, s.InfoReq, s.InfoReply, doc="size, placement, advice, name"),
+    RequestDesc(Op.GEM_PREAD, gem.gem_pread, s.PreadReq, s.PreadReply, doc="read bytes (inline or XFER)"),
+    RequestDesc(Op.GEM_PWRITE, gem.gem_pwrite, s.PwriteReq, s.PwriteReply, doc="write bytes (inline or XFER)"),
+    RequestDesc(Op.XFER_DONE, gem.xfer_done, s.XferDoneReq, s.Empty, doc="end a bulk transfer"),
+    RequestDesc(Op.GEM_MMAP, gem.gem_mmap, s.MmapReq, s.MmapReply, doc="a tracked shared mapping"),
+    RequestDesc(Op.GEM_MUNMAP, gem.gem_munmap, s.MunmapReq, s.Empty, doc="release tracked mappings"),
+    RequestDesc(Op.GEM_FLINK, gem.gem_flink, s.FlinkReq, s.FlinkReply, doc="global name for an object"),
+    RequestDesc(Op.GEM_OPEN, gem.gem_open, s.OpenReq, s.OpenReply, doc="new handle from a name"),
+    RequestDesc(Op.PRIME_HANDLE_TO_FD, gem.prime_handle_to_fd, s.ExportReq, s.ExportReply, doc="export an fd"),
+    RequestDesc(Op.PRIME_FD_TO_HANDLE, gem.prime_fd_to_handle, s.ImportReq, s.ImportReply, doc="import an fd"),
+    RequestDesc(Op.STATS, gem.stats, s.Empty, s.JsonReply, doc="manager-wide figures"),
+    RequestDesc(Op.LIST_OBJECTS, gem.list_objects, s.Empty, s.JsonReply, Perm.PRIVILEGED, doc="every object"),
+)
+
+BY_OP: dict[int, RequestDesc] = {desc.op: desc for desc in REQUESTS}
+
+
+def check_permission(perm: Perm, client: Client) -> None:
+    # PRIVILEGED is only for root or the manager's own uid, decided at connect time
+    if Perm.PRIVILEGED in perm and not client.privileged:
+        raise PermissionDenied(f"this request needs a privileged client (root or the manager's uid); "
+                               f"client {client.id} has uid {client.creds.uid}")
+
+
+def dispatch(core: Core, client: Client, desc: RequestDesc, req: Any) -> s.Struct:
+    """Run one request. Raises UgemError for operation failures."""
+    check_permission(desc.perm, client)
+    req.check()
+    return desc.handler(core, client, req)

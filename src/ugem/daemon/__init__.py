@@ -1,0 +1,1 @@
+"""The daemon: the only layer with sockets, selectors, signals and peer credentials."""

@@ -1,0 +1,210 @@
+"""Connection: one client socket <-> FrameParser <-> dispatch(), non-blocking.
+
+Rules:
+- reads never cross a frame boundary (parser.bytes_desired), so fds are matched to the
+  frame they came with; MSG_CTRUNC, fds a request did not expect, or any framing error
+  drops this connection only;
+- the first frame must be HELLO with our magic and version;
+- operation failures become error replies (errno + message) and the connection stays;
+  a handler bug is logged with its traceback and answered EIO, never crashes the daemon;
+- replies are queued and written when the socket is writable; while replies are queued
+  the connection is not read (a client that does not read cannot make us buffer more);
+- fds in replies are closed by the daemon once sent; fds of a dropped connection are
+  closed with it.
+"""
+
+from __future__ import annotations
+
+import array
+import errno
+import logging
+import os
+import socket
+import time
+from collections import deque
+from typing import TYPE_CHECKING
+
+from ..core.requests import BY_OP, dispatch
+from ..errors import InvalidArgument, RemoteProtocolError, UgemError
+from ..fd import OwnedFd
+from ..wire import structs as s
+from ..wire.frames import (
+    MAGIC,
+    MAX_FDS,
+    MAX_INLINE,
+    MAX_PAYLOAD,
+    PROTOCOL_VERSION,
+    Frame,
+    FrameParser,
+    Kind,
+    Op,
+    encode_header,
+)
+
+if TYPE_CHECKING:
+    from ..core.client import Client
+    from ..core.manager import Core
+
+__all__ = ["Connection"]
+
+log = logging.getLogger("ugem.daemon")
+_ANC_SPACE = socket.CMSG_SPACE(MAX_FDS * array.array("i").itemsize)
+_MAX_FRAMES_PER_READ = 32  # fairness: yield to other clients after this many requests
+
+
+class Connection:
+    def __init__(self, sock: socket.socket, core: Core, client: Client) -> None:
+        self.sock = sock
+        self.core = core
+        self.client = client
+        self.parser = FrameParser(Kind.REQUEST)
+        self.outbox: deque[tuple[memoryview, list[OwnedFd]]] = deque()
+        self.greeted = False
+        self.closed = False
+        self.last_progress = time.monotonic()
+
+    @property
+    def stalled_since(self) -> float | None:
+        """When a partial frame last made progress, or None if between frames."""
+        return self.last_progress if self.parser.mid_frame else None
+
+    # -- reading ---------------------------------------------------------------------
+
+    def on_readable(self) -> None:
+        """Read and serve up to _MAX_FRAMES_PER_READ frames. Raises RemoteProtocolError
+        or ConnectionError when the connection must be dropped."""
+        for _ in range(_MAX_FRAMES_PER_READ * 2):
+            if self.outbox:
+                return
+            try:
+                data, anc, flags, _ = self.sock.recvmsg(self.parser.bytes_desired(), _ANC_SPACE)
+            except (BlockingIOError, InterruptedError):
+                return
+            fds = _take_fds(anc)
+            if flags & socket.MSG_CTRUNC:
+                for fd in fds:
+                    fd.close()
+                raise RemoteProtocolError("truncated control message (too many fds)")
+            if not data:
+                for fd in fds:
+                    fd.close()
+                raise ConnectionResetError("client closed the connection")
+            self.last_progress = time.monotonic()
+            self.parser.feed(data, fds)
+            frame = self.parser.next_frame()
+            if frame is not None:
+                self._serve(frame)
+
+    def _serve(self, frame: Frame) -> None:
+        if not self.greeted:
+            self._hello(frame)
+            return
+        desc = BY_OP.get(frame.op)
+        expected = len(desc.req.FDS) if desc is not None else 0
+        if len(frame.fds) != expected:
+            frame.close_fds()
+            raise RemoteProtocolError(f"op {frame.op} carries {len(frame.fds)} fds, expected {expected}")
+        if desc is None:
+            self._reply_error(frame, errno.EINVAL, f"unknown op {frame.op}")
+            return
+        try:
+            req = s.decode(desc.req, frame.payload, frame.fds)
+        except InvalidArgument as exc:
+            frame.close_fds()
+            self._reply_error(frame, exc.errno, str(exc.strerror))
+            return
+        try:
+            reply = dispatch(self.core, self.client, desc, req)
+        except UgemError as exc:
+            self._reply_error(frame, exc.errno, str(exc.strerror))
+            return
+        except Exception:  # a bug in a handler: keep serving everyone, say so loudly
+            log.exception("handler for %s failed (client %d)", desc.op.name, self.client.id)
+            self._reply_error(frame, errno.EIO, f"internal error in {desc.op.name}; see the daemon log")
+            return
+        finally:
+            _close_unclaimed(req)
+        self._reply(frame, reply)
+
+    def _hello(self, frame: Frame) -> None:
+        if frame.op != Op.HELLO or frame.fds:
+            frame.close_fds()
+            raise RemoteProtocolError("the first frame must be HELLO without fds")
+        try:
+            hello = s.decode(s.HelloReq, frame.payload, [])
+            hello.check()
+        except InvalidArgument as exc:
+            raise RemoteProtocolError(f"bad HELLO: {exc.strerror}") from None
+        if hello.magic != MAGIC or hello.version != PROTOCOL_VERSION:
+            self._reply_error(frame, errno.EPROTONOSUPPORT,
+                              f"daemon speaks {MAGIC!r} version {PROTOCOL_VERSION}, client sent "
+                              f"{hello.magic!r} version {hello.version}")
+            return
+        self.greeted = True
+        self._reply(frame, s.HelloReply(client_id=self.client.id, server_pid=os.getpid(), max_payload=MAX_PAYLOAD,
+                                        max_inline=MAX_INLINE))
+
+    # -- writing ---------------------------------------------------------------------
+
+    def _reply(self, frame: Frame, reply: s.Struct) -> None:
+        pieces, fds = s.encode(reply)
+        length = sum(memoryview(p).nbytes for p in pieces)
+        header = encode_header(length, frame.op, len(fds), Kind.REPLY, frame.seq)
+        data = memoryview(b"".join([header, *pieces]))
+        self.outbox.append((data, fds))
+        self.flush()
+
+    def _reply_error(self, frame: Frame, code: int, message: str) -> None:
+        body = message.encode("utf-8", "replace")[:4096]
+        header = encode_header(len(body), frame.op, 0, Kind.REPLY, frame.seq, code)
+        self.outbox.append((memoryview(header + body), []))
+        self.flush()
+
+    def flush(self) -> None:
+        """Write queued replies until the socket would block."""
+        while self.outbox:
+            data, fds = self.outbox[0]
+            anc = [(socket.SOL_SOCKET, socket.SCM_RIGHTS, array.array("i", [f.fd for f in fds]))] if fds else []
+            try:
+                sent = self.sock.sendmsg([data], anc)
+            except (BlockingIOError, InterruptedError):
+                return
+            for fd in fds:  # they went with the first byte
+                fd.close()
+            if sent < len(data):
+                self.outbox[0] = (data[sent:], [])
+                continue
+            self.outbox.popleft()
+
+    # -- teardown --------------------------------------------------------------------
+
+    def close(self) -> None:
+        """Release the client's everything and close the socket; idempotent."""
+        if self.closed:
+            return
+        self.closed = True
+        self.core.client_release(self.client)
+        self.parser.close()
+        for _, fds in self.outbox:
+            for fd in fds:
+                fd.close()
+        self.outbox.clear()
+        self.sock.close()
+
+
+def _take_fds(anc: list[tuple[int, int, bytes]]) -> list[OwnedFd]:
+    fds: list[OwnedFd] = []
+    for level, kind, raw in anc:
+        if level == socket.SOL_SOCKET and kind == socket.SCM_RIGHTS:
+            ints = array.array("i")
+            ints.frombytes(raw[: len(raw) - len(raw) % ints.itemsize])
+            fds.extend(OwnedFd(i) for i in ints)
+    return fds
+
+
+def _close_unclaimed(req: s.Struct) -> None:
+    """Close request fds a handler did not take over (handlers set the field to None)."""
+    for name in req.FDS:
+        fd = getattr(req, name)
+        if isinstance(fd, OwnedFd):
+            fd.close()

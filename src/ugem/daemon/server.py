@@ -1,0 +1,239 @@
+"""Server: the listening socket, the selectors loop, signals and shutdown (SPEC §4).
+
+Rules:
+- one thread, one `selectors` loop owns the core: no locks in the core;
+- signal handlers only record the signal (`signal.set_wakeup_fd` wakes the loop); the loop
+  calls `handle_<signame>()` for each (gunicorn's Arbiter);
+- a live socket at our path means another daemon: refuse to start and leave it alone;
+  a stale socket file is replaced;
+- accept failing for lack of fds pauses accepting briefly instead of spinning;
+- a client stalled in the middle of a frame for `stall_timeout` seconds is dropped;
+- on SIGTERM/SIGINT: finish the request in hand, release every client, remove the socket.
+"""
+
+from __future__ import annotations
+
+import errno
+import logging
+import os
+import resource
+import selectors
+import signal
+import socket
+import struct
+import time
+from dataclasses import dataclass
+
+from ..backing.memfd import MemfdStore
+from ..config import Config
+from ..core.client import Credentials
+from ..core.manager import Core
+from ..errors import RemoteProtocolError
+from ..paths import check_socket_dir
+from .connection import Connection
+
+__all__ = ["Server", "ServerOptions", "SocketInUse", "raise_fd_limit"]
+
+log = logging.getLogger("ugem.daemon")
+SIGNALS = (signal.SIGTERM, signal.SIGINT)
+
+
+class SocketInUse(RuntimeError):
+    """Another daemon is listening on the socket path."""
+
+
+@dataclass(frozen=True)
+class ServerOptions:
+    socket_path: str
+    socket_is_default: bool
+    socket_mode: int = 0o600
+    stall_timeout: float = 30.0
+
+
+def raise_fd_limit() -> int:
+    """Raise the fd soft limit to the hard limit (SPEC §4); returns the new soft limit."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft < hard:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+    return hard
+
+
+class Server:
+    def __init__(self, config: Config, options: ServerOptions) -> None:
+        self.config = config
+        self.options = options
+        self.core = Core(config, MemfdStore())
+        self.sel = selectors.DefaultSelector()
+        self.listener: socket.socket | None = None
+        self.connections: dict[int, Connection] = {}
+        self._stop = False
+        self._accept_paused_until = 0.0
+        self._wakeup_r, self._wakeup_w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
+
+    # -- setup -----------------------------------------------------------------------
+
+    def bind(self) -> None:
+        path = self.options.socket_path
+        directory = os.path.dirname(path) or "."
+        if self.options.socket_is_default:
+            os.makedirs(directory, mode=0o700, exist_ok=True)
+            check_socket_dir(directory)
+        if os.path.lexists(path):
+            probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
+            try:
+                probe.connect(path)
+            except (ConnectionRefusedError, FileNotFoundError):
+                log.info("replacing stale socket %s", path)
+                os.unlink(path)
+            else:
+                raise SocketInUse(f"another ugem daemon is listening on {path}")
+            finally:
+                probe.close()
+        listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
+        old_umask = os.umask(0o777 & ~self.options.socket_mode)
+        try:
+            listener.bind(path)
+        finally:
+            os.umask(old_umask)
+        os.chmod(path, self.options.socket_mode)
+        listener.listen(128)
+        listener.setblocking(False)
+        self.listener = listener
+        self._socket_ino = os.stat(path).st_ino
+        self.sel.register(listener, selectors.EVENT_READ, "listener")
+
+    def _install_signals(self) -> None:
+        signal.set_wakeup_fd(self._wakeup_w, warn_on_full_buffer=False)
+        for sig in SIGNALS:
+            signal.signal(sig, self._on_signal)
+        self.sel.register(self._wakeup_r, selectors.EVENT_READ, "wakeup")
+
+    def _on_signal(self, signum: int, frame: object) -> None:
+        pass  # only wakes the loop; the byte in the wakeup pipe says which signal
+
+    # -- the loop --------------------------------------------------------------------
+
+    def serve_forever(self) -> None:
+        self._install_signals()
+        try:
+            while not self._stop:
+                self._step()
+        finally:
+            self.shutdown()
+
+    def _step(self) -> None:
+        now = time.monotonic()
+        if self._accept_paused_until and now >= self._accept_paused_until and self.listener is not None:
+            self._accept_paused_until = 0.0
+            self.sel.register(self.listener, selectors.EVENT_READ, "listener")
+        for key, events in self.sel.select(timeout=1.0):
+            tag = key.data
+            if tag == "listener":
+                self._accept()
+            elif tag == "wakeup":
+                self._read_signals()
+            else:
+                self._on_event(tag, events)
+        self._drop_stalled(time.monotonic())
+
+    def _read_signals(self) -> None:
+        try:
+            data = os.read(self._wakeup_r, 64)
+        except BlockingIOError:
+            return
+        for signum in data:
+            name = signal.Signals(signum).name.lower()
+            handler = getattr(self, f"handle_{name}", None)
+            if handler is not None:
+                handler()
+
+    def handle_sigterm(self) -> None:
+        log.info("SIGTERM: shutting down")
+        self._stop = True
+
+    def handle_sigint(self) -> None:
+        log.info("SIGINT: shutting down")
+        self._stop = True
+
+    def _accept(self) -> None:
+        assert self.listener is not None
+        while True:
+            try:
+                sock, _ = self.listener.accept()
+            except (BlockingIOError, InterruptedError):
+                return
+            except OSError as exc:
+                if exc.errno in (errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM):
+                    log.warning("accept: %s; pausing new connections for 100 ms", exc)
+                    self.sel.unregister(self.listener)
+                    self._accept_paused_until = time.monotonic() + 0.1
+                    return
+                raise
+            sock.setblocking(False)
+            pid, uid, gid = struct.unpack("3i", sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED,
+                                                                 struct.calcsize("3i")))
+            privileged = uid == 0 or uid == os.getuid()
+            client = self.core.client_open(Credentials(pid, uid, gid), privileged)
+            conn = Connection(sock, self.core, client)
+            self.connections[sock.fileno()] = conn
+            self.sel.register(sock, selectors.EVENT_READ, conn)
+            log.debug("client %d connected: pid %d uid %d", client.id, pid, uid)
+
+    def _on_event(self, conn: Connection, events: int) -> None:
+        try:
+            if events & selectors.EVENT_WRITE:
+                conn.flush()
+            if events & selectors.EVENT_READ:
+                conn.on_readable()
+        except RemoteProtocolError as exc:
+            log.warning("client %d (pid %d): protocol violation, dropping: %s", conn.client.id,
+                        conn.client.creds.pid, exc)
+            self._drop(conn)
+            return
+        except OSError as exc:
+            if not isinstance(exc, ConnectionError):
+                log.warning("client %d: socket error, dropping: %s", conn.client.id, exc)
+            self._drop(conn)
+            return
+        wanted = selectors.EVENT_WRITE if conn.outbox else selectors.EVENT_READ
+        if self.sel.get_key(conn.sock).events != wanted:
+            self.sel.modify(conn.sock, wanted, conn)
+
+    def _drop(self, conn: Connection) -> None:
+        self.connections.pop(conn.sock.fileno(), None)
+        try:
+            self.sel.unregister(conn.sock)
+        except (KeyError, ValueError):
+            pass  # never registered or already gone
+        log.debug("client %d disconnected", conn.client.id)
+        conn.close()
+
+    def _drop_stalled(self, now: float) -> None:
+        limit = self.options.stall_timeout
+        for conn in list(self.connections.values()):
+            since = conn.stalled_since
+            if since is not None and now - since > limit:
+                log.warning("client %d stalled mid-frame for %.0f s, dropping", conn.client.id, now - since)
+                self._drop(conn)
+
+    # -- teardown --------------------------------------------------------------------
+
+    def shutdown(self) -> None:
+        for conn in list(self.connections.values()):
+            self._drop(conn)
+        if self.listener is not None:
+            if not self._accept_paused_until:
+                self.sel.unregister(self.listener)
+            self.listener.close()
+            self.listener = None
+            path = self.options.socket_path
+            try:  # remove the socket only if it is still ours
+                if os.stat(path).st_ino == self._socket_ino:
+                    os.unlink(path)
+            except FileNotFoundError:
+                pass
+        for sig in SIGNALS:
+            signal.signal(sig, signal.SIG_DFL)
+        self.sel.close()
+        os.close(self._wakeup_r)
+        os.close(self._wakeup_w)

@@ -1,0 +1,87 @@
+"""Manager: an embedded manager in this process (SPEC §1), the daemon's twin.
+
+`Manager(**config)` owns a Core and a MemfdStore; `open()` returns a new, independent
+client Device each call. Requests go through the same `dispatch()` and request table as
+the daemon's, under one lock (the core itself is single-threaded). `close()` releases
+every client and object; any later call is EBADF.
+"""
+
+from __future__ import annotations
+
+import os
+import threading
+from typing import Any
+
+from .backing.memfd import MemfdStore
+from .client.device import Device
+from .client.transport import EmbeddedTransport
+from .config import Config
+from .core.client import Client, Credentials
+from .core.manager import Core
+from .core.requests import BY_OP, dispatch
+from .errors import BadFd
+from .wire import structs as s
+from .wire.frames import Op
+
+__all__ = ["Manager", "embedded"]
+
+
+class Manager:
+    def __init__(self, **config: Any) -> None:
+        self.config = Config.from_kwargs(**config)
+        self._lock = threading.RLock()
+        self._core: Core | None = Core(self.config, MemfdStore())
+
+    @property
+    def closed(self) -> bool:
+        return self._core is None
+
+    def _live_core(self) -> Core:
+        if self._core is None:
+            raise BadFd("the Manager is closed")
+        return self._core
+
+    def open(self) -> Device:
+        """A new client of this manager (like opening the DRM device again)."""
+        with self._lock:
+            creds = Credentials(os.getpid(), os.getuid(), os.getgid())
+            client = self._live_core().client_open(creds, privileged=True)
+        return Device(EmbeddedTransport(self, client))
+
+    def _call(self, client: Client, op: Op, req: s.Struct) -> Any:
+        with self._lock:
+            core = self._live_core()
+            if client.closed:
+                raise BadFd(f"client {client.id} is closed")
+            return dispatch(core, client, BY_OP[op], req)
+
+    def _release(self, client: Client) -> None:
+        with self._lock:
+            if self._core is not None:
+                self._core.client_release(client)
+
+    def statistics(self) -> dict[str, Any]:
+        with self._lock:
+            return self._live_core().statistics()
+
+    def close(self) -> None:
+        """Release every client and object of this manager."""
+        with self._lock:
+            core, self._core = self._core, None
+            if core is not None:
+                for client in list(core.clients.values()):
+                    core.client_release(client)
+
+    def __enter__(self) -> Manager:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+def embedded(**config: Any) -> Device:
+    """A Device on a fresh embedded manager; closing the Device closes the manager."""
+    manager = Manager(**config)
+    device = manager.open()
+    device._owned_manager = manager
+    return device

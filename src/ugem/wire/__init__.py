@@ -1,0 +1,1 @@
+"""The wire protocol, sans-IO: bytes and fds in, frames out (no sockets here)."""

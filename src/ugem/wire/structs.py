@@ -1,0 +1,357 @@
+"""One dataclass per request and reply, with its fixed little-endian layout.
+
+Each struct lists `LAYOUT`, pairs of (field, struct code), in wire order. Fields named
+`pad*` must be zero and fields named `flags` must fit the struct's `FLAGS` mask; a
+violation is EINVAL (an operation error, the connection stays up). A struct may end with
+a variable `TAIL` field (bytes-like: inline pread/pwrite data, JSON for stats) and may
+carry fds in the fields listed in `FDS` (each an OwnedFd, sent with SCM_RIGHTS).
+
+The embedded transport builds the same dataclasses and calls the same `check()`, so the
+embedded manager rejects exactly what the daemon rejects. In-process-only fields (such
+as `into`, the caller's buffer for an embedded pread) are not in LAYOUT and never cross
+the wire.
+
+Rules: structs grow only by appending fields; a short payload is zero-extended, a
+longer one is EINVAL; nothing here does I/O.
+"""
+
+from __future__ import annotations
+
+import struct
+from dataclasses import dataclass, field, fields
+from typing import Any, ClassVar
+
+from ..errors import InvalidArgument
+from ..fd import OwnedFd
+
+__all__ = [
+    "CloseReq",
+    "CreateReply",
+    "CreateReq",
+    "Empty",
+    "ExportReply",
+    "ExportReq",
+    "FlinkReply",
+    "FlinkReq",
+    "HelloReply",
+    "HelloReq",
+    "ImportReply",
+    "ImportReq",
+    "InfoReply",
+    "InfoReq",
+    "JsonReply",
+    "MmapReply",
+    "MmapReq",
+    "MunmapReq",
+    "OpenReply",
+    "OpenReq",
+    "PreadReply",
+    "PreadReq",
+    "PwriteReply",
+    "PwriteReq",
+    "Struct",
+    "XferDoneReq",
+    "XFER",
+    "READONLY",
+    "TO_END",
+    "WRITABLE",
+    "decode",
+    "encode",
+]
+
+# flag bits
+XFER = 0x1  # pread/pwrite: hand me a file description instead of copying through the socket
+WRITABLE = 0x1  # mmap/export: writable access
+READONLY = 0x1  # import/info replies: the handle is read-only
+TO_END = 0x2  # mmap: map from offset to the end of the object (length ignored)
+
+
+class Struct:
+    __slots__ = ()
+    LAYOUT: ClassVar[tuple[tuple[str, str], ...]] = ()
+    FLAGS: ClassVar[int] = 0
+    TAIL: ClassVar[str | None] = None
+    FDS: ClassVar[tuple[str, ...]] = ()
+    _codec: ClassVar[struct.Struct]
+
+    def __init_subclass__(cls, **kw: Any) -> None:
+        super().__init_subclass__(**kw)
+        cls._codec = struct.Struct("<" + "".join(code for _, code in cls.LAYOUT))
+
+    def check(self) -> None:
+        """Reject nonzero padding and unknown flags with EINVAL (botching-up-ioctls)."""
+        for name, _ in self.LAYOUT:
+            value = getattr(self, name)
+            if name.startswith("pad") and value != 0:
+                raise InvalidArgument(f"{type(self).__name__}.{name} must be zero, got {value}")
+            if name == "flags" and value & ~self.FLAGS:
+                raise InvalidArgument(f"{type(self).__name__}: unknown flags {value & ~self.FLAGS:#x}")
+
+
+def encode(msg: Struct) -> tuple[list[Any], list[OwnedFd]]:
+    """Return (payload pieces, fds) for a struct; pieces are bytes-like, sent in order."""
+    fixed = msg._codec.pack(*(getattr(msg, name) for name, _ in msg.LAYOUT))
+    pieces: list[Any] = [fixed]
+    if msg.TAIL is not None:
+        tail = getattr(msg, msg.TAIL)
+        if tail is not None and len(tail):
+            pieces.append(tail)
+    fds = [getattr(msg, name) for name in msg.FDS if getattr(msg, name) is not None]
+    return pieces, fds
+
+
+def decode(cls: type[Struct], payload: bytes, fds: list[OwnedFd]) -> Any:
+    """Build a struct from a payload; EINVAL on a malformed payload. Takes over `fds`."""
+    size = cls._codec.size
+    if cls.TAIL is None and len(payload) > size:
+        raise InvalidArgument(f"{cls.__name__}: {len(payload)} payload bytes, layout has {size}")
+    fixed = payload[:size]
+    if len(fixed) < size:
+        fixed = fixed + bytes(size - len(fixed))
+    values = dict(zip((name for name, _ in cls.LAYOUT), cls._codec.unpack(fixed), strict=True))
+    if cls.TAIL is not None:
+        values[cls.TAIL] = payload[size:]
+    if len(fds) > len(cls.FDS):
+        raise InvalidArgument(f"{cls.__name__}: expected at most {len(cls.FDS)} fds, got {len(fds)}")
+    values.update(zip(cls.FDS, fds, strict=False))
+    return cls(**values)
+
+
+# -- handshake ---------------------------------------------------------------------------
+
+@dataclass(slots=True)
+class HelloReq(Struct):
+    LAYOUT = (("magic", "4s"), ("version", "H"), ("pad", "H"), ("flags", "I"))
+    magic: bytes = b"UGEM"
+    version: int = 1
+    pad: int = 0
+    flags: int = 0
+
+
+@dataclass(slots=True)
+class HelloReply(Struct):
+    LAYOUT = (("magic", "4s"), ("version", "H"), ("pad", "H"), ("client_id", "I"), ("server_pid", "i"),
+              ("max_payload", "I"), ("max_inline", "I"))
+    magic: bytes = b"UGEM"
+    version: int = 1
+    pad: int = 0
+    client_id: int = 0
+    server_pid: int = 0
+    max_payload: int = 0
+    max_inline: int = 0
+
+
+# -- generic -----------------------------------------------------------------------------
+
+@dataclass(slots=True)
+class Empty(Struct):
+    LAYOUT = ()
+
+
+@dataclass(slots=True)
+class JsonReply(Struct):
+    LAYOUT = ()
+    TAIL = "data"
+    data: bytes = b""
+
+
+# -- objects -----------------------------------------------------------------------------
+
+@dataclass(slots=True)
+class CreateReq(Struct):
+    LAYOUT = (("size", "q"), ("flags", "I"), ("pad", "I"))
+    size: int = 0
+    flags: int = 0
+    pad: int = 0
+
+
+@dataclass(slots=True)
+class CreateReply(Struct):
+    LAYOUT = (("handle", "I"), ("pad", "I"), ("size", "Q"))
+    handle: int = 0
+    pad: int = 0
+    size: int = 0
+
+
+@dataclass(slots=True)
+class CloseReq(Struct):
+    LAYOUT = (("handle", "I"), ("pad", "I"))
+    handle: int = 0
+    pad: int = 0
+
+
+@dataclass(slots=True)
+class InfoReq(Struct):
+    LAYOUT = (("handle", "I"), ("pad", "I"))
+    handle: int = 0
+    pad: int = 0
+
+
+@dataclass(slots=True)
+class InfoReply(Struct):
+    LAYOUT = (("size", "Q"), ("placement", "B"), ("madvise", "B"), ("flags", "H"), ("name", "I"),
+              ("tiling", "I"), ("stride", "I"), ("caching", "I"), ("pad", "I"))
+    FLAGS = 0x1F
+    size: int = 0
+    placement: int = 0
+    madvise: int = 0
+    flags: int = 0  # INFO_* bits below
+    name: int = 0
+    tiling: int = 0
+    stride: int = 0
+    caching: int = 0
+    pad: int = 0
+
+
+INFO_BUSY, INFO_PINNED, INFO_USERPTR, INFO_READONLY, INFO_FOREIGN = 0x1, 0x2, 0x4, 0x8, 0x10
+
+
+@dataclass(slots=True)
+class PreadReq(Struct):
+    LAYOUT = (("handle", "I"), ("flags", "I"), ("offset", "q"), ("length", "q"))
+    FLAGS = XFER
+    handle: int = 0
+    flags: int = 0
+    offset: int = 0
+    length: int = 0
+    into: Any = field(default=None, compare=False)  # in-process destination (not on the wire)
+
+
+@dataclass(slots=True)
+class PreadReply(Struct):
+    """Inline: the bytes are `data`. XFER: read `length` bytes at `offset` from `fd`
+    (a private read-only description), then send XFER_DONE(xfer_id). `fd` is absent when
+    the object has no pages: the range reads as zeros."""
+
+    LAYOUT = (("xfer_id", "I"), ("pad", "I"))
+    TAIL = "data"
+    FDS = ("fd",)
+    xfer_id: int = 0
+    pad: int = 0
+    data: Any = b""
+    fd: OwnedFd | None = None
+
+
+@dataclass(slots=True)
+class PwriteReq(Struct):
+    LAYOUT = (("handle", "I"), ("flags", "I"), ("offset", "q"), ("length", "q"))
+    FLAGS = XFER
+    TAIL = "data"
+    handle: int = 0
+    flags: int = 0
+    offset: int = 0
+    length: int = 0
+    data: Any = b""
+
+
+@dataclass(slots=True)
+class PwriteReply(Struct):
+    LAYOUT = (("xfer_id", "I"), ("pad", "I"))
+    FDS = ("fd",)
+    xfer_id: int = 0
+    pad: int = 0
+    fd: OwnedFd | None = None
+
+
+@dataclass(slots=True)
+class XferDoneReq(Struct):
+    LAYOUT = (("xfer_id", "I"), ("pad", "I"))
+    xfer_id: int = 0
+    pad: int = 0
+
+
+@dataclass(slots=True)
+class MmapReq(Struct):
+    LAYOUT = (("handle", "I"), ("flags", "I"), ("offset", "q"), ("length", "q"))
+    FLAGS = WRITABLE | TO_END
+    handle: int = 0
+    flags: int = 0
+    offset: int = 0
+    length: int = 0  # 0: to the end of the object
+
+
+@dataclass(slots=True)
+class MmapReply(Struct):
+    LAYOUT = (("map_id", "I"), ("pad", "I"), ("offset", "Q"), ("length", "Q"))
+    FDS = ("fd",)
+    map_id: int = 0
+    pad: int = 0
+    offset: int = 0
+    length: int = 0
+    fd: OwnedFd | None = None
+
+
+@dataclass(slots=True)
+class MunmapReq(Struct):
+    """Release tracked mappings; the ids are u32s in `ids`."""
+
+    LAYOUT = ()
+    TAIL = "ids"
+    ids: bytes = b""
+
+
+@dataclass(slots=True)
+class FlinkReq(Struct):
+    LAYOUT = (("handle", "I"), ("pad", "I"))
+    handle: int = 0
+    pad: int = 0
+
+
+@dataclass(slots=True)
+class FlinkReply(Struct):
+    LAYOUT = (("name", "I"), ("pad", "I"))
+    name: int = 0
+    pad: int = 0
+
+
+@dataclass(slots=True)
+class OpenReq(Struct):
+    LAYOUT = (("name", "I"), ("pad", "I"))
+    name: int = 0
+    pad: int = 0
+
+
+@dataclass(slots=True)
+class OpenReply(Struct):
+    LAYOUT = (("handle", "I"), ("pad", "I"), ("size", "Q"))
+    handle: int = 0
+    pad: int = 0
+    size: int = 0
+
+
+@dataclass(slots=True)
+class ExportReq(Struct):
+    LAYOUT = (("handle", "I"), ("flags", "I"))
+    FLAGS = WRITABLE
+    handle: int = 0
+    flags: int = 0
+
+
+@dataclass(slots=True)
+class ExportReply(Struct):
+    LAYOUT = ()
+    FDS = ("fd",)
+    fd: OwnedFd | None = None
+
+
+@dataclass(slots=True)
+class ImportReq(Struct):
+    LAYOUT = (("flags", "I"), ("pad", "I"))
+    FDS = ("fd",)
+    flags: int = 0
+    pad: int = 0
+    fd: OwnedFd | None = None
+
+
+@dataclass(slots=True)
+class ImportReply(Struct):
+    LAYOUT = (("handle", "I"), ("flags", "I"), ("size", "Q"))
+    FLAGS = READONLY
+    handle: int = 0
+    flags: int = 0
+    size: int = 0
+
+
+def layout_fields(cls: type[Struct]) -> list[str]:
+    """Field names of a struct, for docs and the request table listing."""
+    return [f.name for f in fields(cls)]  # type: ignore[arg-type]
