@@ -71,7 +71,7 @@ def _stat(args: argparse.Namespace) -> int:
     for key, value in figures.items():
         if key != "per_client":
             print(f"{key:<20} {value}")
-    print(f"{'clients':<20} id pid uid objects bytes pinned_bytes")
+    print(f"{'per_client':<20} id pid uid objects bytes pinned_bytes")
     for c in figures["per_client"]:
         print(f"{'':<20} {c['id']} {c['pid']} {c['uid']} {c['objects']} {c['bytes']} {c['pinned_bytes']}")
     return 0
@@ -81,7 +81,7 @@ def _ops(args: argparse.Namespace) -> int:
     from .core.requests import REQUESTS
 
     for desc in REQUESTS:
-        perm = "" if not desc.perm.value else f" [{desc.perm.name.lower()}]"
+        perm = "" if not desc.perm.value else f" [{str(desc.perm.name).lower()}]"
         print(f"{desc.op.value:>3} {desc.op.name:<20} {desc.doc}{perm}")
     return 0
 

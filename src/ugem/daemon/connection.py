@@ -111,12 +111,12 @@ class Connection:
             req = s.decode(desc.req, frame.payload, frame.fds)
         except InvalidArgument as exc:
             frame.close_fds()
-            self._reply_error(frame, exc.errno, str(exc.strerror))
+            self._reply_error(frame, exc.errno or errno.EIO, str(exc.strerror))
             return
         try:
             reply = dispatch(self.core, self.client, desc, req)
         except UgemError as exc:
-            self._reply_error(frame, exc.errno, str(exc.strerror))
+            self._reply_error(frame, exc.errno or errno.EIO, str(exc.strerror))
             return
         except Exception:  # a bug in a handler: keep serving everyone, say so loudly
             log.exception("handler for %s failed (client %d)", desc.op.name, self.client.id)

@@ -1,0 +1,41 @@
+import errno
+
+import pytest
+
+from ugem.errors import InvalidArgument
+from ugem.wire import structs as s
+
+
+def test_round_trip():
+    msg = s.CreateReq(size=12345)
+    pieces, fds = s.encode(msg)
+    assert fds == []
+    assert s.decode(s.CreateReq, b"".join(pieces), []) == msg
+
+
+def test_short_payload_is_zero_extended():
+    assert s.decode(s.CloseReq, b"\x05", []) == s.CloseReq(handle=5)
+
+
+def test_long_payload_is_einval():
+    with pytest.raises(InvalidArgument):
+        s.decode(s.CloseReq, bytes(9), [])
+
+
+def test_nonzero_pad_is_einval():
+    with pytest.raises(InvalidArgument) as exc:
+        s.CloseReq(handle=1, pad=1).check()
+    assert exc.value.errno == errno.EINVAL
+
+
+def test_unknown_flags_are_einval():
+    s.ExportReq(handle=1, flags=s.WRITABLE).check()
+    with pytest.raises(InvalidArgument):
+        s.ExportReq(handle=1, flags=0x80).check()
+
+
+def test_tail_carries_data():
+    msg = s.PwriteReq(handle=1, offset=2, length=3, data=b"abc")
+    pieces, _ = s.encode(msg)
+    back = s.decode(s.PwriteReq, b"".join(bytes(p) for p in pieces), [])
+    assert (back.handle, back.offset, back.length, bytes(back.data)) == (1, 2, 3, b"abc")
