@@ -38,6 +38,7 @@ def _serve(args: argparse.Namespace) -> int:
     except PermissionError as exc:
         print(f"ugem: {exc}", file=sys.stderr)
         return 3
+    server.install_signals()  # before the banner: whoever reads it may send SIGTERM at once
     print(f"ugem: listening on {path}", flush=True)
     server.serve_forever()
     return 0
@@ -124,12 +125,13 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         return int(args.func(args))
-    except (FileNotFoundError, ConnectionRefusedError) as exc:
-        print(f"ugem: {exc.strerror}", file=sys.stderr)
-        return 3
     except UgemError as exc:
         print(f"ugem: {exc.strerror}", file=sys.stderr)
         return 1
+    except (FileNotFoundError, ConnectionRefusedError, PermissionError) as exc:
+        # no daemon, or an unsafe default socket directory (SPEC §1): a message, not a traceback
+        print(f"ugem: {exc.strerror or exc}", file=sys.stderr)
+        return 3
 
 
 if __name__ == "__main__":

@@ -3,7 +3,9 @@
 A Device is one client. Its methods build request structs and send them through its
 transport; the only mode-specific code is how bulk data moves:
 
-- embedded: the handler copies straight between the caller's buffer and the object;
+- embedded: the handler copies straight between the caller's buffer and the object
+  (a `pread` beyond `INLINE_LIMIT` takes the XFER path below in both modes, so its result
+  is allocated only after the manager accepted the range);
 - daemon: up to `INLINE_LIMIT` bytes travel inside the frame; beyond that the daemon hands
   over a private file description of the object (XFER) and this process does the one copy
   with preadv/pwritev, then reports XFER_DONE.
@@ -61,6 +63,18 @@ class Transport(Protocol):
     def call(self, op: Op, req: s.Struct) -> Any: ...
 
     def close(self) -> None: ...
+
+
+def _ident(value: int) -> int:
+    """A handle or name as sent (u32). Nothing outside 1..2**32-1 can be valid, so such a
+    value goes as 0, which the manager rejects exactly as any other unknown handle or name."""
+    return value if 0 < value < 2**32 else 0
+
+
+def _i64(value: int) -> int:
+    """A size or offset as sent (s64), saturated: values past either end fail the same
+    checks as the end itself (E2BIG, EINVAL) instead of breaking the encoder."""
+    return min(max(value, -(2**63)), 2**63 - 1)
 
 
 def _byte_view(buffer: Any, writable: bool) -> memoryview:
@@ -122,13 +136,13 @@ class Device:
     # -- objects ---------------------------------------------------------------------
 
     def create(self, size: int) -> int:
-        return int(self._call(Op.GEM_CREATE, s.CreateReq(size=size)).handle)
+        return int(self._call(Op.GEM_CREATE, s.CreateReq(size=_i64(size))).handle)
 
     def close_handle(self, handle: int) -> None:
-        self._call(Op.GEM_CLOSE, s.CloseReq(handle=handle))
+        self._call(Op.GEM_CLOSE, s.CloseReq(handle=_ident(handle)))
 
     def info(self, handle: int) -> ObjectInfo:
-        r: s.InfoReply = self._call(Op.GEM_INFO, s.InfoReq(handle=handle))
+        r: s.InfoReply = self._call(Op.GEM_INFO, s.InfoReq(handle=_ident(handle)))
         return ObjectInfo(
             size=r.size, placement=_PLACEMENTS[r.placement], madvise=_ADVICE[r.madvise], name=r.name,
             tiling=r.tiling, stride=r.stride, caching=r.caching, busy=bool(r.flags & s.INFO_BUSY),
@@ -138,7 +152,11 @@ class Device:
     # -- bulk data -------------------------------------------------------------------
 
     def pread(self, handle: int, offset: int, length: int) -> bytes:
-        if self._live().embedded or 0 <= length <= INLINE_LIMIT:
+        # Beyond INLINE_LIMIT (or a negative length) both modes take the XFER path, which
+        # allocates the result only once the manager has accepted the range: an absurd
+        # length is EINVAL there, never a MemoryError here.
+        self._live()
+        if 0 <= length <= INLINE_LIMIT:
             buf = bytearray(max(length, 0))
             self._pread(handle, offset, length, buf)
             return bytes(buf)
@@ -150,7 +168,7 @@ class Device:
         return len(view)
 
     def _pread(self, handle: int, offset: int, length: int, into: memoryview | bytearray) -> None:
-        req = s.PreadReq(handle=handle, offset=offset, length=length)
+        req = s.PreadReq(handle=_ident(handle), offset=_i64(offset), length=_i64(length))
         if self._live().embedded:
             req.into = into
             self._call(Op.GEM_PREAD, req)
@@ -162,8 +180,8 @@ class Device:
             self._pread_xfer(handle, offset, length, into)
 
     def _pread_xfer(self, handle: int, offset: int, length: int, into: Any) -> bytes:
-        reply: s.PreadReply = self._call(Op.GEM_PREAD, s.PreadReq(handle=handle, flags=s.XFER, offset=offset,
-                                                                   length=length))
+        reply: s.PreadReply = self._call(Op.GEM_PREAD, s.PreadReq(handle=_ident(handle), flags=s.XFER,
+                                                                   offset=_i64(offset), length=_i64(length)))
         data = b""
         if reply.fd is None:  # no pages yet: zeros, and nothing to release
             if into is None:
@@ -182,7 +200,7 @@ class Device:
 
     def pwrite(self, handle: int, offset: int, data: Any) -> None:
         view = _byte_view(data, writable=False)
-        req = s.PwriteReq(handle=handle, offset=offset, length=len(view), data=view)
+        req = s.PwriteReq(handle=_ident(handle), offset=_i64(offset), length=len(view), data=view)
         if self._live().embedded or len(view) <= INLINE_LIMIT:
             self._call(Op.GEM_PWRITE, req)
             return
@@ -200,8 +218,8 @@ class Device:
 
     def mmap(self, handle: int, *, offset: int = 0, length: int | None = None, writable: bool = True) -> memoryview:
         flags = (s.WRITABLE if writable else 0) | (s.TO_END if length is None else 0)
-        reply: s.MmapReply = self._call(Op.GEM_MMAP, s.MmapReq(handle=handle, flags=flags, offset=offset,
-                                                               length=length or 0))
+        reply: s.MmapReply = self._call(Op.GEM_MMAP, s.MmapReq(handle=_ident(handle), flags=flags, offset=_i64(offset),
+                                                               length=_i64(length or 0)))
         assert reply.fd is not None
         try:
             with reply.fd as fd:
@@ -215,15 +233,15 @@ class Device:
     # -- sharing ---------------------------------------------------------------------
 
     def flink(self, handle: int) -> int:
-        return int(self._call(Op.GEM_FLINK, s.FlinkReq(handle=handle)).name)
+        return int(self._call(Op.GEM_FLINK, s.FlinkReq(handle=_ident(handle))).name)
 
     def open_name(self, name: int) -> tuple[int, int]:
-        r: s.OpenReply = self._call(Op.GEM_OPEN, s.OpenReq(name=name))
+        r: s.OpenReply = self._call(Op.GEM_OPEN, s.OpenReq(name=_ident(name)))
         return r.handle, r.size
 
     def export(self, handle: int, *, writable: bool = True) -> int:
         r: s.ExportReply = self._call(Op.PRIME_HANDLE_TO_FD,
-                                      s.ExportReq(handle=handle, flags=s.WRITABLE if writable else 0))
+                                      s.ExportReq(handle=_ident(handle), flags=s.WRITABLE if writable else 0))
         assert r.fd is not None
         return r.fd.detach()
 

@@ -103,7 +103,9 @@ class SocketTransport:
         header = bytearray()
         fds: list[OwnedFd] = []
         while len(header) < HEADER.size:
-            data, anc, flags, _ = self._sock.recvmsg(HEADER.size - len(header), _ANC_SPACE)
+            # MSG_CMSG_CLOEXEC: fds handed to the caller (export) are O_CLOEXEC, as in embedded mode
+            data, anc, flags, _ = self._sock.recvmsg(HEADER.size - len(header), _ANC_SPACE,
+                                                     socket.MSG_CMSG_CLOEXEC)
             for level, kind, raw in anc:
                 if level == socket.SOL_SOCKET and kind == socket.SCM_RIGHTS:
                     ints = array.array("i")

@@ -91,7 +91,7 @@ def gem_pread(core: Core, client: Client, req: s.PreadReq) -> s.PreadReply:
         fd = core.backing.open_description(obj.backing, writable=False)
         core.index_key(obj)
         return s.PreadReply(xfer_id=core.xfer_add(client, obj), fd=fd)
-    if req.length > MAX_INLINE:
+    if req.into is None and req.length > MAX_INLINE:  # the frame limit binds only replies sent inline
         raise InvalidArgument(f"inline pread of {req.length} bytes exceeds {MAX_INLINE}; use XFER")
     into = req.into if req.into is not None else bytearray(req.length)
     if obj.backing is None:

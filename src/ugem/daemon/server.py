@@ -5,7 +5,8 @@ Rules:
 - signal handlers only record the signal (`signal.set_wakeup_fd` wakes the loop); the loop
   calls `handle_<signame>()` for each (gunicorn's Arbiter);
 - a live socket at our path means another daemon: refuse to start and leave it alone;
-  a stale socket file is replaced;
+  a stale socket file is replaced; `PATH.lock` (flock, held for the daemon's life) makes
+  probing and replacing atomic, so of daemons started at once exactly one gets the path;
 - accept failing for lack of fds pauses accepting briefly instead of spinning;
 - a client stalled in the middle of a frame for `stall_timeout` seconds is dropped;
 - on SIGTERM/SIGINT: finish the request in hand, release every client, remove the socket.
@@ -14,6 +15,7 @@ Rules:
 from __future__ import annotations
 
 import errno
+import fcntl
 import logging
 import os
 import resource
@@ -67,7 +69,10 @@ class Server:
         self.listener: socket.socket | None = None
         self.connections: dict[int, Connection] = {}
         self._stop = False
+        self._signals_installed = False
         self._accept_paused_until = 0.0
+        self._last_stall_check = 0.0
+        self._lock_fd, self._lock_path = -1, ""
         self._wakeup_r, self._wakeup_w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
 
     # -- setup -----------------------------------------------------------------------
@@ -78,6 +83,7 @@ class Server:
         if self.options.socket_is_default:
             os.makedirs(directory, mode=0o700, exist_ok=True)
             check_socket_dir(directory)
+        self._lock(path + ".lock")
         if os.path.lexists(path):
             probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
             try:
@@ -102,7 +108,47 @@ class Server:
         self._socket_ino = os.stat(path).st_ino
         self.sel.register(listener, selectors.EVENT_READ, "listener")
 
-    def _install_signals(self) -> None:
+    def _lock(self, lock_path: str) -> None:
+        """Take PATH.lock. Without it two daemons finding one stale socket could both
+        replace it, the second unlinking the first one's fresh socket."""
+        for _attempt in range(3):
+            fd = os.open(lock_path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                os.close(fd)
+                raise SocketInUse(f"another ugem daemon holds {lock_path}: it is listening on "
+                                  f"{lock_path.removesuffix('.lock')} or starting") from None
+            try:  # race: the previous holder may have unlinked the file we locked
+                current = os.stat(lock_path)
+            except FileNotFoundError:
+                current = None
+            mine = os.fstat(fd)
+            if current is not None and (current.st_dev, current.st_ino) == (mine.st_dev, mine.st_ino):
+                self._lock_fd, self._lock_path = fd, lock_path
+                return
+            os.close(fd)
+        raise SocketInUse(f"could not take {lock_path}: it keeps being replaced")
+
+    def _unlock(self) -> None:
+        if self._lock_fd < 0:
+            return
+        try:  # remove the lock file only if it is still ours, then let go of it
+            current = os.stat(self._lock_path)
+            mine = os.fstat(self._lock_fd)
+            if (current.st_dev, current.st_ino) == (mine.st_dev, mine.st_ino):
+                os.unlink(self._lock_path)
+        except FileNotFoundError:
+            pass
+        os.close(self._lock_fd)
+        self._lock_fd = -1
+
+    def install_signals(self) -> None:
+        """Route SIGTERM/SIGINT into the loop; idempotent. Call before announcing the
+        socket: a signal sent right after `ugem: listening on` must still shut down cleanly."""
+        if self._signals_installed:
+            return
+        self._signals_installed = True
         signal.set_wakeup_fd(self._wakeup_w, warn_on_full_buffer=False)
         for sig in SIGNALS:
             signal.signal(sig, self._on_signal)
@@ -114,7 +160,7 @@ class Server:
     # -- the loop --------------------------------------------------------------------
 
     def serve_forever(self) -> None:
-        self._install_signals()
+        self.install_signals()
         try:
             while not self._stop:
                 self._step()
@@ -134,7 +180,9 @@ class Server:
                 self._read_signals()
             else:
                 self._on_event(tag, events)
-        self._drop_stalled(time.monotonic())
+        if now - self._last_stall_check >= 1.0:  # a scan over all clients, at most once a second
+            self._last_stall_check = now
+            self._drop_stalled(now)
 
     def _read_signals(self) -> None:
         try:
@@ -232,6 +280,7 @@ class Server:
                     os.unlink(path)
             except FileNotFoundError:
                 pass
+        self._unlock()
         for sig in SIGNALS:
             signal.signal(sig, signal.SIG_DFL)
         self.sel.close()

@@ -9,8 +9,9 @@ import signal
 import subprocess
 import sys
 import tempfile
+import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -26,6 +27,8 @@ class DaemonProcess:
     proc: subprocess.Popen[bytes]
     path: str
     directory: str
+    banner: bytes = b""  # what the daemon printed on stdout up to and including its first line
+    _stderr: _StderrDrain | None = None
 
     @property
     def pid(self) -> int:
@@ -38,7 +41,32 @@ class DaemonProcess:
         return len(os.listdir(f"/proc/{self.pid}/fd"))
 
     def stderr_text(self) -> str:
-        return ""
+        """Everything the daemon has logged so far (stderr is drained continuously)."""
+        return self._stderr.text() if self._stderr is not None else ""
+
+
+class _StderrDrain:
+    """Read the daemon's stderr in a thread: an unread pipe fills after ~64 KiB of log
+    lines and then blocks the daemon's next log call, stalling every client."""
+
+    def __init__(self, stream: Any) -> None:
+        self._stream = stream
+        self._chunks: list[bytes] = []
+        self._lock = threading.Lock()
+        self._thread = threading.Thread(target=self._run, name="ugem-daemon-stderr", daemon=True)
+        self._thread.start()
+
+    def _run(self) -> None:
+        while chunk := os.read(self._stream.fileno(), 65536):
+            with self._lock:
+                self._chunks.append(chunk)
+
+    def text(self) -> str:
+        with self._lock:
+            return b"".join(self._chunks).decode(errors="replace")
+
+    def join(self, timeout: float) -> None:
+        self._thread.join(timeout)
 
 
 def _flag_args(config: dict[str, Any]) -> list[str]:
@@ -49,23 +77,51 @@ def _flag_args(config: dict[str, Any]) -> list[str]:
 
 
 @contextlib.contextmanager
-def run_daemon(*, startup_timeout: float = 20.0, extra_args: tuple[str, ...] = (), **config: Any
-               ) -> Iterator[DaemonProcess]:
-    """Start `ugem serve` on a fresh socket; on exit SIGTERM it and require exit status 0."""
+def run_daemon(*, startup_timeout: float = 20.0, extra_args: tuple[str, ...] = (),
+               socket: str | None = None, default_socket: bool = False, env: Mapping[str, str] | None = None,
+               **config: Any) -> Iterator[DaemonProcess]:
+    """Start `ugem serve` on a fresh socket; on exit SIGTERM it and require exit status 0.
+
+    `socket` picks the socket path; `default_socket=True` passes no --socket, so the daemon
+    finds its socket as in SPEC §1 under `env` (the environment of the daemon, default ours).
+    If the daemon already exited when the block ends (the test stopped or killed it), its
+    exit status is the test's business and is not checked here.
+    """
     with tempfile.TemporaryDirectory(prefix="ugem-test-") as directory:
-        path = os.path.join(directory, "ugem.sock")
+        environ = dict(os.environ if env is None else env)
+        path = socket if socket is not None else os.path.join(directory, "ugem.sock")
+        socket_args = ["--socket", path]
+        if default_socket:
+            path, socket_args = _default_socket_path(environ), []
         config.setdefault("spill_dir", os.path.join(directory, "spill"))
-        cmd = [sys.executable, "-m", "ugem", "serve", "--socket", path, *_flag_args(config), *extra_args]
-        proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, start_new_session=True)
+        cmd = [sys.executable, "-m", "ugem", "serve", *socket_args, *_flag_args(config), *extra_args]
+        proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, start_new_session=True,
+                                env=environ)
+        assert proc.stderr is not None
+        drain = _StderrDrain(proc.stderr)
+        failed = False
         try:
-            _wait_ready(proc, path, startup_timeout)
-            daemon = DaemonProcess(proc, path, directory)
-            yield daemon
+            banner = _wait_ready(proc, path, startup_timeout, drain)
+            yield DaemonProcess(proc, path, directory, banner, drain)
+        except BaseException:
+            failed = True
+            raise
         finally:
-            _stop(proc)
+            status = _stop(proc, drain)
+        if not failed and status is not None and status != 0:
+            raise AssertionError(f"ugem serve exited with status {status} after SIGTERM; "
+                                 f"stderr:\n{drain.text()}")
 
 
-def _wait_ready(proc: subprocess.Popen[bytes], path: str, timeout: float) -> None:
+def _default_socket_path(environ: Mapping[str, str]) -> str:
+    if environ.get("UGEM_SOCKET"):
+        return environ["UGEM_SOCKET"]
+    if environ.get("XDG_RUNTIME_DIR"):
+        return os.path.join(environ["XDG_RUNTIME_DIR"], "ugem", "ugem.sock")
+    return os.path.join("/tmp", f"ugem-{os.getuid()}", "ugem.sock")
+
+
+def _wait_ready(proc: subprocess.Popen[bytes], path: str, timeout: float, drain: _StderrDrain) -> bytes:
     assert proc.stdout is not None
     deadline = time.monotonic() + timeout
     line = b""
@@ -80,22 +136,27 @@ def _wait_ready(proc: subprocess.Popen[bytes], path: str, timeout: float) -> Non
                 break
     expected = f"ugem: listening on {path}\n".encode()
     if not line.startswith(expected):
-        _stop(proc)
-        err = proc.stderr.read().decode(errors="replace") if proc.stderr else ""
-        raise RuntimeError(f"daemon did not start: stdout={line!r} stderr={err!r}")
+        _stop(proc, drain)
+        raise RuntimeError(f"daemon did not start: stdout={line!r} stderr={drain.text()!r}")
+    return line
 
 
-def _stop(proc: subprocess.Popen[bytes]) -> None:
+def _stop(proc: subprocess.Popen[bytes], drain: _StderrDrain) -> int | None:
+    """SIGTERM the daemon if it still runs; its exit status then, None if it was already gone."""
+    status: int | None = None
     if proc.poll() is None:
         proc.send_signal(signal.SIGTERM)
         try:
-            proc.wait(timeout=20)
+            status = proc.wait(timeout=20)
         except subprocess.TimeoutExpired:
             proc.kill()
             proc.wait()
+            status = -signal.SIGKILL
+    drain.join(timeout=5)
     for stream in (proc.stdout, proc.stderr):
         if stream is not None:
             stream.close()
+    return status
 
 
 @dataclass

@@ -1,0 +1,73 @@
+"""Run every bench/ script (SPEC §7) and print one summary table: target, measured, pass/fail.
+
+    python bench/run_all.py [--quick] [--json [PATH]] [--only NAME ...]
+    python -m bench [same options]          (from the repository root)
+
+Each bench runs with its own defaults (`--quick` for a fast, rougher pass); their tables are
+printed as they finish, then the summary. Exit status 1 if any target is missed.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import time
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+
+import _harness as H  # noqa: E402
+import bench_bulk  # noqa: E402
+import bench_mmap_copy  # noqa: E402
+import bench_roundtrip  # noqa: E402
+
+BENCHES = {
+    "roundtrip": (bench_roundtrip.run, bench_roundtrip.DEFAULTS),
+    "bulk": (bench_bulk.run, bench_bulk.DEFAULTS),
+    "mmap_copy": (bench_mmap_copy.run, bench_mmap_copy.DEFAULTS),
+}
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--quick", action="store_true", help="a fast, rougher run of every bench")
+    parser.add_argument("--json", nargs="?", const="-", metavar="PATH",
+                        help="write all results as JSON to PATH (or to stdout instead of the tables)")
+    parser.add_argument("--only", nargs="+", choices=list(BENCHES), help="run only these benches")
+    parser.add_argument("--wait-idle", type=float, default=0.0, metavar="SECONDS",
+                        help="before each bench, wait up to SECONDS for other processes to leave the CPUs idle")
+    ns = parser.parse_args(argv)
+    reports: list[H.Report] = []
+    quiet = ns.json == "-"
+    for name in ns.only or list(BENCHES):
+        fn, defaults = BENCHES[name]
+        opts = H.options(argparse.Namespace(quick=ns.quick, runs=None, n=None, warmup=None, json=ns.json,
+                                            wait_idle=ns.wait_idle), **defaults)
+        t0 = time.monotonic()
+        try:
+            report = H.monitored(fn, opts)
+        except Exception as exc:  # one broken bench must not hide the others' figures
+            report = H.Report(name, name, {})
+            report.notes.append(f"bench failed to run: {type(exc).__name__}: {exc}")
+            report.rows.append(H.Row(name, "(whole bench)", "-", "", float("nan"), float("nan"), 0,
+                                     target="runs", passed=False, error=f"{type(exc).__name__}: {exc}"))
+        report.params.setdefault("seconds", round(time.monotonic() - t0, 1))
+        reports.append(report)
+        if not quiet:
+            report.print_table()
+            sys.stdout.flush()
+    opts = H.Options(quick=ns.quick, runs=0, n=0, warmup=0, json=ns.json, extra=ns)
+    if quiet:
+        return H.emit(reports, opts)
+    H.print_summary(reports)
+    if ns.json:
+        import json
+
+        with open(ns.json, "w") as f:
+            json.dump([r.to_json() for r in reports], f, indent=1)
+        print(f"\nJSON written to {ns.json}")
+    return 1 if any(r.failed for r in reports) else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

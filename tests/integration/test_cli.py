@@ -1,0 +1,372 @@
+"""The `ugem` command (SPEC §1 socket location, §4 the daemon and its subcommands).
+
+`ugem serve` announces exactly `ugem: listening on PATH`, exits 0 on SIGTERM/SIGINT and
+removes its socket; a second daemon on a live socket refuses to start; a stale socket
+is replaced; the default socket lives in $XDG_RUNTIME_DIR/ugem (created 0700, refused
+when unsafe); `ugem ls --json` / `ugem stat --json` print machine-readable rows; the
+daemon raises its fd soft limit to the hard limit.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import resource
+import signal
+import socket
+import stat
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Iterator
+from typing import Any
+
+import pytest
+
+import ugem
+from ugem.testing import DaemonProcess, run_daemon
+from ugem.wire.frames import Kind, Op, encode_header
+
+UGEM = [sys.executable, "-m", "ugem"]
+LS_KEYS = {"id", "size", "placement", "madvise", "name", "handles", "owner_pid"}
+STAT_KEYS = {"objects", "clients", "resident_bytes", "vram_bytes", "spilled_bytes", "pinned_bytes",
+             "purgeable_bytes", "purged_total", "evicted_total", "spilled_total", "bytes_moved_total", "per_client"}
+PER_CLIENT_KEYS = {"id", "pid", "uid", "objects", "bytes", "pinned_bytes"}
+
+
+def ugem_cli(*args: str, env: dict[str, str] | None = None, timeout: float = 30) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([*UGEM, *args], capture_output=True, text=True, timeout=timeout, env=env)
+
+
+@pytest.fixture
+def runtime_dir() -> Iterator[str]:
+    """A short private directory to serve as $XDG_RUNTIME_DIR (AF_UNIX paths are short)."""
+    with tempfile.TemporaryDirectory(prefix="ugem-xdg-") as directory:
+        os.chmod(directory, 0o700)
+        yield directory
+
+
+@pytest.fixture
+def xdg_env(runtime_dir: str, monkeypatch: pytest.MonkeyPatch) -> dict[str, str]:
+    """$XDG_RUNTIME_DIR set (here and for children), $UGEM_SOCKET unset."""
+    monkeypatch.setenv("XDG_RUNTIME_DIR", runtime_dir)
+    monkeypatch.delenv("UGEM_SOCKET", raising=False)
+    return dict(os.environ)
+
+
+def _stop(daemon: DaemonProcess, sig: signal.Signals) -> int:
+    daemon.proc.send_signal(sig)
+    return daemon.proc.wait(timeout=20)
+
+
+# -- serve: banner, signals -------------------------------------------------------------------
+
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT], ids=lambda v: v.name)
+def test_banner_and_clean_exit_on_signal(sig: signal.Signals) -> None:
+    with run_daemon() as daemon:
+        assert daemon.banner == f"ugem: listening on {daemon.path}\n".encode()
+        assert stat.S_ISSOCK(os.stat(daemon.path).st_mode)
+        assert stat.S_IMODE(os.stat(daemon.path).st_mode) == 0o600
+        dev = daemon.connect()
+        h = dev.create(1 << 20)
+        dev.pwrite(h, 0, b"x" * (1 << 20))
+        m = dev.mmap(h)
+        assert _stop(daemon, sig) == 0, daemon.stderr_text()
+        assert not os.path.lexists(daemon.path), "the socket was not removed"
+        assert daemon.proc.stdout is not None and daemon.proc.stdout.read() == b"", "more than the banner on stdout"
+        spill = os.path.join(daemon.directory, "spill")
+        assert not os.path.exists(spill) or os.listdir(spill) == [], os.listdir(spill)
+        with pytest.raises(ugem.DaemonGone):
+            dev.info(h)
+        assert bytes(m[:3]) == b"xxx"  # mappings outlive the daemon
+        del m
+        dev.close()
+
+
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT], ids=lambda v: v.name)
+def test_signal_right_after_banner_still_exits_cleanly(sig: signal.Signals) -> None:
+    """Whoever reads the banner may signal at once: the handlers must already be in place."""
+    for _ in range(12):
+        with run_daemon() as daemon:
+            status = _stop(daemon, sig)
+            assert status == 0, f"status {status}; stderr: {daemon.stderr_text()}"
+            assert not os.path.lexists(daemon.path)
+
+
+def test_sigterm_with_stalled_and_deaf_clients(kit: Any) -> None:
+    """Clients that stall mid-frame or never read do not keep the daemon from stopping."""
+    with run_daemon() as daemon:
+        stalled = kit.raw(daemon.path)
+        stalled.hello()
+        stalled.send(encode_header(16, Op.GEM_CREATE, 0, Kind.REQUEST, 2)[:9])
+        deaf = kit.raw(daemon.path)
+        deaf.hello()
+        deaf.sock.setblocking(False)
+        try:
+            while True:
+                deaf.sock.send(encode_header(0, Op.STATS, 0, Kind.REQUEST, 3) * 512)
+        except BlockingIOError:
+            pass  # both directions are full now
+        with daemon.connect() as dev:
+            dev.mmap(dev.create(4096))
+            assert _stop(daemon, signal.SIGTERM) == 0, daemon.stderr_text()
+        assert not os.path.lexists(daemon.path)
+        stalled.assert_dropped()
+
+
+def test_socket_mode_flag() -> None:
+    with run_daemon(socket_mode="0660") as daemon:
+        assert stat.S_IMODE(os.stat(daemon.path).st_mode) == 0o660
+
+
+# -- one daemon per socket ---------------------------------------------------------------------
+
+def test_second_daemon_on_live_socket_is_refused() -> None:
+    with run_daemon() as first, first.connect() as dev:
+        h = dev.create(4096)
+        dev.pwrite(h, 0, b"first")
+        inode = os.stat(first.path).st_ino
+        second = ugem_cli("serve", "--socket", first.path, "--spill-dir", os.path.join(first.directory, "s2"))
+        assert second.returncode != 0
+        assert "listening" not in second.stdout
+        assert first.path in second.stderr, second.stderr
+        assert os.stat(first.path).st_ino == inode, "the second daemon replaced the live socket"
+        assert first.proc.poll() is None
+        assert dev.pread(h, 0, 5) == b"first"
+        with first.connect() as other:
+            assert other.stats()["objects"] == 1
+
+
+def test_stale_socket_is_replaced() -> None:
+    with run_daemon() as dead:
+        dead.proc.kill()
+        dead.proc.wait(timeout=10)
+        assert stat.S_ISSOCK(os.lstat(dead.path).st_mode), "SIGKILL leaves the socket file behind"
+        with pytest.raises(ConnectionRefusedError) as exc:
+            ugem.connect(dead.path)
+        assert dead.path in str(exc.value) and "ugem serve" in str(exc.value)
+        with run_daemon(socket=dead.path) as fresh, fresh.connect() as dev:
+            assert dev.create(4096) == 1
+            assert dev.stats()["clients"] == 1
+
+
+def test_daemon_removes_only_its_own_socket() -> None:
+    with run_daemon() as first:
+        assert os.path.lexists(first.path + ".lock")
+        with pytest.raises(RuntimeError, match="another ugem daemon"):  # the lock keeps the path
+            with run_daemon(socket=first.path):
+                pass
+        for leftover in (first.path, first.path + ".lock"):  # someone cleans up by hand
+            os.unlink(leftover)
+        with run_daemon(socket=first.path) as second:
+            assert _stop(first, signal.SIGTERM) == 0
+            assert os.path.lexists(second.path), "the first daemon removed the second one's socket"
+            assert os.path.lexists(second.path + ".lock"), "the first daemon removed the second one's lock"
+            with second.connect() as dev:
+                assert dev.stats()["clients"] == 1
+        assert not os.path.lexists(second.path) and not os.path.lexists(second.path + ".lock")
+
+
+def test_daemons_started_at_once_on_a_stale_socket() -> None:
+    """Of daemons racing for one stale socket exactly one wins; the others exit nonzero.
+    (Without PATH.lock two could both replace the stale socket; the window is narrow, so
+    this is a smoke test: a standalone loop hit it in about 1 of 30 rounds of 3 daemons.)"""
+    with tempfile.TemporaryDirectory(prefix="ugem-race-") as directory:
+        path = os.path.join(directory, "ugem.sock")
+        for _round in range(3):
+            with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as stale:
+                stale.bind(path)
+            procs = [subprocess.Popen([*UGEM, "serve", "--socket", path, "--spill-dir", f"{directory}/spill{k}"],
+                                      stdout=subprocess.PIPE, stderr=subprocess.PIPE) for k in range(6)]
+            try:
+                losers = [p for p in procs if _exited_within(p, 10.0, others=procs)]
+                winners = [p for p in procs if p not in losers]
+                assert len(winners) == 1, [p.returncode for p in procs]
+                assert all(p.returncode != 0 for p in losers)
+                with ugem.connect(path) as dev:
+                    assert dev.stats()["clients"] == 1
+            finally:
+                for p in procs:
+                    if p.poll() is None:
+                        p.send_signal(signal.SIGTERM)
+                    p.communicate(timeout=20)
+            assert winners[0].returncode == 0
+            assert not os.path.lexists(path)
+
+
+def _exited_within(proc: subprocess.Popen[bytes], timeout: float, others: list[subprocess.Popen[bytes]]) -> bool:
+    """True if `proc` exits before `timeout`, or as soon as all but one of `others` have exited."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            return True
+        if sum(p.poll() is None for p in others) <= 1:
+            return False
+        time.sleep(0.01)
+    return False
+
+
+# -- default socket location -------------------------------------------------------------------
+
+def test_default_socket_in_xdg_runtime_dir(runtime_dir: str, xdg_env: dict[str, str]) -> None:
+    expected = os.path.join(runtime_dir, "ugem", "ugem.sock")
+    with run_daemon(default_socket=True, env=xdg_env) as daemon:
+        assert daemon.path == expected
+        assert daemon.banner == f"ugem: listening on {expected}\n".encode()
+        st = os.lstat(os.path.dirname(expected))
+        assert stat.S_ISDIR(st.st_mode) and stat.S_IMODE(st.st_mode) == 0o700
+        with ugem.connect() as dev:  # found without a path
+            assert dev.create(4096) == 1
+            assert dev.stats()["per_client"][0]["pid"] == os.getpid()
+        listing = ugem_cli("stat", "--json", env=xdg_env)
+        assert listing.returncode == 0, listing.stderr
+        assert json.loads(listing.stdout)["clients"] == 1
+
+
+@pytest.mark.parametrize("unsafe", ["mode-0777", "mode-0770", "symlink", "other-owner"])
+def test_unsafe_default_socket_dir_is_refused(runtime_dir: str, xdg_env: dict[str, str], unsafe: str) -> None:
+    directory = os.path.join(runtime_dir, "ugem")
+    if unsafe == "symlink":
+        os.mkdir(os.path.join(runtime_dir, "elsewhere"), 0o700)
+        os.symlink(os.path.join(runtime_dir, "elsewhere"), directory)
+    else:
+        os.mkdir(directory)
+        os.chmod(directory, {"mode-0777": 0o777, "mode-0770": 0o770}.get(unsafe, 0o700))
+    if unsafe == "other-owner":
+        if os.getuid() != 0:
+            pytest.skip("needs root to give the directory away")
+        os.chown(directory, 65534, 65534)
+    with pytest.raises(PermissionError) as exc:
+        ugem.connect()
+    assert directory in str(exc.value)
+    daemon = ugem_cli("serve", "--spill-dir", os.path.join(runtime_dir, "spill"), env=xdg_env)
+    assert daemon.returncode != 0
+    assert "listening" not in daemon.stdout
+    assert directory in daemon.stderr, daemon.stderr
+    assert not os.path.lexists(os.path.join(directory, "ugem.sock"))
+    listing = ugem_cli("ls", env=xdg_env)  # the client commands refuse it too, with a message
+    assert listing.returncode != 0 and directory in listing.stderr
+    assert "Traceback" not in listing.stderr, listing.stderr
+
+
+def test_explicit_socket_is_used_as_given(runtime_dir: str, xdg_env: dict[str, str],
+                                          monkeypatch: pytest.MonkeyPatch) -> None:
+    insecure = os.path.join(runtime_dir, "ugem")
+    os.mkdir(insecure)
+    os.chmod(insecure, 0o777)
+    path = os.path.join(insecure, "explicit.sock")
+    with run_daemon(socket=path) as daemon:
+        with ugem.connect(daemon.path) as dev:
+            assert dev.stats()["clients"] == 1
+        monkeypatch.setenv("UGEM_SOCKET", daemon.path)
+        with ugem.connect() as dev:
+            assert dev.stats()["clients"] == 1
+
+
+# -- no daemon -----------------------------------------------------------------------------------
+
+def test_connect_without_daemon_names_path_and_remedy(runtime_dir: str, xdg_env: dict[str, str],
+                                                      monkeypatch: pytest.MonkeyPatch) -> None:
+    default = os.path.join(runtime_dir, "ugem", "ugem.sock")
+    cases: list[tuple[str | None, str, type[OSError]]] = [(None, default, FileNotFoundError)]
+    explicit = os.path.join(runtime_dir, "nowhere.sock")
+    cases.append((explicit, explicit, FileNotFoundError))
+    for path, shown, kind in cases:
+        with pytest.raises(kind) as exc:
+            ugem.connect(path)
+        assert shown in str(exc.value) and "ugem serve" in str(exc.value), str(exc.value)
+    os.mkdir(os.path.dirname(default), 0o700)  # the directory exists, the socket does not
+    with pytest.raises(FileNotFoundError) as exc:
+        ugem.connect()
+    assert default in str(exc.value) and "ugem serve" in str(exc.value)
+    stale = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    with stale:
+        stale.bind(default)  # a socket file nobody listens on
+    with pytest.raises(ConnectionRefusedError) as refused:
+        ugem.connect()
+    assert default in str(refused.value) and "ugem serve" in str(refused.value)
+    monkeypatch.setenv("UGEM_SOCKET", explicit)
+    with pytest.raises(FileNotFoundError) as exc:
+        ugem.connect()
+    assert explicit in str(exc.value)
+    for command in ("ls", "stat"):
+        result = ugem_cli(command, "--json", env=dict(os.environ))
+        assert result.returncode != 0 and result.stdout == ""
+        assert "ugem serve" in result.stderr, result.stderr
+
+
+# -- ls, stat ------------------------------------------------------------------------------------
+
+def test_ls_json() -> None:
+    with run_daemon() as daemon, daemon.connect() as dev, daemon.connect() as other:
+        untouched = dev.create(100)
+        written = dev.create(3 * 4096 + 1)
+        dev.pwrite(written, 5000, b"w")
+        named = dev.create(1 << 20)
+        name = dev.flink(named)
+        other.open_name(name)
+        result = ugem_cli("ls", "--json", "--socket", daemon.path)
+        assert result.returncode == 0, result.stderr
+        rows = json.loads(result.stdout)
+        assert isinstance(rows, list) and len(rows) == 3
+        for row in rows:
+            assert set(row) == LS_KEYS, row
+            assert all(isinstance(row[k], int) for k in ("id", "size", "name", "handles", "owner_pid"))
+        by_size = {row["size"]: row for row in rows}
+        assert set(by_size) == {4096, 4 * 4096, 1 << 20}
+        assert by_size[4096] | {"id": 0} == dict(id=0, size=4096, placement="none", madvise="willneed", name=0,
+                                                 handles=1, owner_pid=os.getpid())
+        assert by_size[4 * 4096]["placement"] == "system"
+        assert by_size[1 << 20]["name"] == name and by_size[1 << 20]["handles"] == 2
+        assert len({row["id"] for row in rows}) == 3
+        dev.close_handle(untouched)
+        env = dict(os.environ, UGEM_SOCKET=daemon.path)
+        plain = ugem_cli("ls", env=env)
+        assert plain.returncode == 0, plain.stderr
+        assert len(plain.stdout.strip().splitlines()) == 1 + 2  # header and two objects
+
+
+def test_stat_json() -> None:
+    with run_daemon() as daemon, daemon.connect() as dev:
+        handles = [dev.create(8192) for _ in range(3)]
+        dev.pwrite(handles[0], 0, b"s" * 8192)
+        result = ugem_cli("stat", "--json", "--socket", daemon.path)
+        assert result.returncode == 0, result.stderr
+        figures = json.loads(result.stdout)
+        assert set(figures) >= STAT_KEYS, STAT_KEYS - set(figures)
+        assert set(figures) == set(dev.stats()), "`ugem stat --json` must show the stats() figures"
+        assert figures["objects"] == 3
+        assert figures["clients"] == 2  # this test's client and `ugem stat` itself
+        assert figures["resident_bytes"] == 8192
+        for client in figures["per_client"]:
+            assert set(client) >= PER_CLIENT_KEYS, client
+        mine = [c for c in figures["per_client"] if c["pid"] == os.getpid()]
+        assert len(mine) == 1 and mine[0]["objects"] == 3 and mine[0]["bytes"] == 3 * 8192
+        plain = ugem_cli("stat", "--socket", daemon.path)
+        assert plain.returncode == 0 and "resident_bytes" in plain.stdout, plain.stderr
+
+
+# -- resources -----------------------------------------------------------------------------------
+
+def _fd_limits(pid: int) -> tuple[int, int]:
+    with open(f"/proc/{pid}/limits") as f:
+        for line in f:
+            if line.startswith("Max open files"):
+                soft, hard = line.split()[3:5]
+                return int(soft), int(hard)
+    raise AssertionError("no 'Max open files' in /proc/PID/limits")
+
+
+def test_daemon_raises_fd_soft_limit_to_hard_limit() -> None:
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if hard == resource.RLIM_INFINITY or hard <= 256:
+        pytest.skip(f"hard fd limit {hard} leaves nothing to raise")
+    with contextlib.ExitStack() as stack:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (256, hard))  # the daemon inherits a low soft limit
+        try:
+            daemon = stack.enter_context(run_daemon())
+        finally:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
+        assert _fd_limits(daemon.pid) == (hard, hard)
