@@ -280,7 +280,7 @@ class Report:
 
 def _num(x: float) -> str:
     if x != x:
-        return "nan"
+        return "-"
     if x >= 100:
         return f"{x:.1f}"
     if x >= 10:

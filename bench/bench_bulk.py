@@ -174,7 +174,7 @@ def run(opts: H.Options, size_mib: int = 64) -> H.Report:
                         f"p99 column = GB/s of the slowest-1% sample (with {opts.runs} samples: about the slowest)")
     report.notes.append("cold pwrite includes create (memfd_create+ftruncate for the baseline); "
                         "cold pread_into reads a never-written object (info only, no target); "
-                        "'1 MiB calls' = the same 64 MiB read as 64 pread_into calls (info only)")
+                        f"'1 MiB calls' = the same {size_mib} MiB read as {size_mib} pread_into calls (info only)")
     return report
 
 

@@ -1,7 +1,7 @@
 """Control-path latency (SPEC §7): daemon round trips vs a bare Python Unix-socket round trip,
 and embedded create+close_handle.
 
-    python bench/bench_roundtrip.py [--quick] [--runs N] [--n N] [--json [PATH]]
+    python bench/bench_roundtrip.py [--quick] [--runs N] [--n N] [--json [PATH]] [--placement any|same|split]
 
 Baseline, measured in the same run: `_echo_server.py` in a subprocess (selectors loop) and a
 blocking client that sends a 16-byte header + 8-byte payload and reads the 16 + 8 byte reply.
@@ -11,12 +11,21 @@ Figures (each operation timed on its own, `--n` per run, `--runs` runs, rounds i
 - daemon `busy(h)` (only if the Device has it): target median <= 1.5 x bare;
 - daemon `create(4096)` + `close_handle` (two round trips): target median <= 1.5 x (2 x bare);
   `create` and `close_handle` alone are listed too;
-- embedded `create(4096)` + `close_handle`: target median <= 15 us.
+- embedded `create(4096)` + `close_handle`: target median <= 15 us;
+- CPU time per round trip (client thread + server process, from schedstat), no target: what
+  the round trip costs in code and syscalls, apart from waiting for the other side to wake.
+
+Nothing is pinned. On a small VM the wall-clock figures depend on where the scheduler puts
+client and server: on one CPU a wake-up is a context switch; on two, it is a cross-CPU wake-up
+(an IPI, expensive under virtualisation). The CPU rows say where they ran after each run;
+`--placement same|split` pins them (diagnostics only) to see each case on its own.
 """
 
 from __future__ import annotations
 
+import argparse
 import contextlib
+import dataclasses
 import os
 import socket
 import struct
@@ -40,8 +49,14 @@ DEFAULTS = dict(runs=5, n=2000, warmup=300, quick_runs=3, quick_n=300, quick_war
 # -- the bare baseline ---------------------------------------------------------------------
 
 
+@dataclasses.dataclass
+class EchoServer:
+    path: str
+    pid: int
+
+
 @contextlib.contextmanager
-def echo_server(directory: str) -> Iterator[str]:
+def echo_server(directory: str) -> Iterator[EchoServer]:
     path = os.path.join(directory, "echo.sock")
     script = os.path.join(os.path.dirname(os.path.abspath(__file__)), "_echo_server.py")
     proc = subprocess.Popen([sys.executable, script, path], stdout=subprocess.PIPE, start_new_session=True)
@@ -50,7 +65,7 @@ def echo_server(directory: str) -> Iterator[str]:
         line = proc.stdout.readline()
         if line.strip() != b"ready":
             raise RuntimeError(f"echo server did not start: {line!r}")
-        yield path
+        yield EchoServer(path, proc.pid)
     finally:
         proc.terminate()
         try:
@@ -114,18 +129,115 @@ def create_close(prefix: str, dev: ugem.Device) -> H.Runner:
     return run
 
 
+# -- CPU time per round trip (independent of how fast idle CPUs wake up) ----------------------
+
+
+def _schedstat_ns(path: str) -> int:
+    try:
+        with open(path) as f:
+            return int(f.read().split()[0])
+    except (OSError, ValueError, IndexError):
+        return 0
+
+
+def process_cpu_ns(pid: int) -> int:
+    """CPU time (ns) of every thread of `pid`, from /proc/<pid>/task/*/schedstat."""
+    total = 0
+    try:
+        tasks = os.listdir(f"/proc/{pid}/task")
+    except OSError:
+        return 0
+    for tid in tasks:
+        total += _schedstat_ns(f"/proc/{pid}/task/{tid}/schedstat")
+    return total
+
+
+def last_cpu(path: str) -> int:
+    """The CPU a task last ran on (field 39 of /proc/.../stat), -1 if unknown."""
+    try:
+        with open(path) as f:
+            return int(f.read().rsplit(")", 1)[1].split()[36])
+    except (OSError, ValueError, IndexError):
+        return -1
+
+
+class CpuMeter:
+    """Wraps runners: adds up this thread's and a server process's CPU time over their runs,
+    and notes after each run whether client and server last ran on the same CPU."""
+
+    def __init__(self) -> None:
+        self.totals: dict[str, list[int]] = {}  # label -> [client ns, server ns, ops]
+        self.placement: dict[str, list[str]] = {}  # label -> "same"/"split" per run
+
+    def wrap(self, label: str, runner: H.Runner, server_pid: int | None) -> H.Runner:
+        def run(n: int) -> dict[str, list[int]]:
+            c0 = _schedstat_ns("/proc/thread-self/schedstat")
+            s0 = process_cpu_ns(server_pid) if server_pid else 0
+            out = runner(n)
+            c1 = _schedstat_ns("/proc/thread-self/schedstat")
+            s1 = process_cpu_ns(server_pid) if server_pid else 0
+            t = self.totals.setdefault(label, [0, 0, 0])
+            t[0] += c1 - c0
+            t[1] += s1 - s0
+            t[2] += n
+            if server_pid:
+                mine, theirs = last_cpu("/proc/thread-self/stat"), last_cpu(f"/proc/{server_pid}/stat")
+                self.placement.setdefault(label, []).append("same" if mine == theirs else "split")
+            return out
+        return run
+
+    def row(self, label: str, figure: str, mode: str, base: str | None = None, ops_per_sample: int = 1
+            ) -> H.Row:
+        client, server, ops = self.totals.get(label, [0, 0, 0])
+        per = (client + server) / max(1, ops) / ops_per_sample / 1e3
+        row = H.Row(BENCH, figure, mode, "us CPU", per, float("nan"), ops)
+        placed = self.placement.get(label, [])
+        each = max(1, ops) * ops_per_sample * 1e3
+        row.ratio_note = (f"client {client / each:.2f} + server {server / each:.2f} us; "
+                          f"client and server on the same CPU after {placed.count('same')} of {len(placed)} runs")
+        if base is not None:
+            bc, bs, bops = self.totals.get(base, [0, 0, 0])
+            base_per = (bc + bs) / max(1, bops) / 1e3
+            if base_per > 0:
+                row.baseline = "bare CPU"
+                row.ratio = per / base_per
+        return row
+
+
+PLACEMENTS = ("any", "same", "split")
+
+
+def place(placement: str, me: int, servers: list[int]) -> None:
+    """Diagnostics only (--placement): by default nothing is pinned."""
+    if placement == "any":
+        return
+    cpus = sorted(os.sched_getaffinity(0))
+    if len(cpus) < 2 and placement == "split":
+        raise SystemExit("--placement split needs 2 CPUs")
+    os.sched_setaffinity(me, {cpus[0]})
+    for pid in servers:
+        os.sched_setaffinity(pid, {cpus[0]} if placement == "same" else {cpus[1]})
+
+
 def run(opts: H.Options) -> H.Report:
-    report = H.Report(BENCH, "control round trips", {"runs": opts.runs, "n": opts.n, "warmup": opts.warmup})
+    placement = getattr(opts.extra, "placement", "any") or "any"
+    params: dict[str, object] = {"runs": opts.runs, "n": opts.n, "warmup": opts.warmup}
+    if placement != "any":
+        params["placement"] = placement
+    report = H.Report(BENCH, "control round trips", params)
+    original_affinity = os.sched_getaffinity(0)
     with contextlib.ExitStack() as stack:
         directory = stack.enter_context(tempfile.TemporaryDirectory(prefix="ugem-bench-"))
-        echo_path = stack.enter_context(echo_server(directory))
+        echo = stack.enter_context(echo_server(directory))
         daemon = stack.enter_context(run_daemon())
-        bare = BareClient(echo_path)
+        bare = BareClient(echo.path)
         stack.callback(bare.close)
         dev = daemon.connect()
         stack.callback(dev.close)
         emb = ugem.embedded()
         stack.callback(emb.close)
+        stack.callback(os.sched_setaffinity, 0, original_affinity)
+        place(placement, 0, [echo.pid, daemon.pid])
 
         h_d = dev.create(4096)
         h_e = emb.create(4096)
@@ -139,6 +251,11 @@ def run(opts: H.Options) -> H.Report:
         has_busy = hasattr(dev, "busy")
         if has_busy:
             runners["daemon busy"] = each("daemon busy", lambda: dev.busy(h_d))
+        cpu = CpuMeter()
+        echo_pid = echo.pid
+        runners["bare"] = cpu.wrap("bare", runners["bare"], echo_pid)
+        runners["daemon info"] = cpu.wrap("info", runners["daemon info"], daemon.pid)
+        runners["daemon create/close"] = cpu.wrap("create/close", runners["daemon create/close"], daemon.pid)
         series = H.interleaved(runners, runs=opts.runs, n=opts.n, warmup=opts.warmup)
 
     bare_s = series["bare round trip"]
@@ -159,15 +276,29 @@ def run(opts: H.Options) -> H.Report:
     rows.append(H.Row.latency(BENCH, "  create", "embedded", series["embedded create"]))
     rows.append(H.Row.latency(BENCH, "  close_handle", "embedded", series["embedded close_handle"]))
     rows.append(H.Row.latency(BENCH, "info(h)", "embedded", series["embedded info"]))
+    rows.append(cpu.row("bare", "CPU per bare round trip", "baseline"))
+    rows.append(cpu.row("info", "CPU per info(h)", "daemon", base="bare"))
+    rows.append(cpu.row("create/close", "CPU per create or close", "daemon", base="bare", ops_per_sample=2))
     if not has_busy:
         report.notes.append("Device has no busy(); the control round trip is measured with info(h)")
     report.notes.append("ratio = median / median of the bare round trip measured in the same run "
                         "(create+close_handle: / 2 bare round trips)")
+    for r in rows:
+        if r.unit == "us CPU":
+            report.notes.append(f"{r.figure} ({r.mode}): {r.ratio_note}")
+    report.notes.append("us CPU = client thread + server process CPU time per round trip (schedstat), "
+                        "wall-clock aside: the part of the round trip Python code and syscalls cost; the rest of "
+                        "the wall-clock figure is waiting for the other side to be woken and scheduled")
     return report
 
 
 def main(argv: list[str] | None = None) -> int:
-    opts = H.parse_args(__doc__.splitlines()[0], argv, **DEFAULTS)
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    H.add_common(parser)
+    parser.add_argument("--placement", choices=PLACEMENTS, default="any",
+                        help="diagnostics: pin client and servers to the same CPU or to different CPUs "
+                             "(default any: nothing pinned)")
+    opts = H.options(parser.parse_args(argv), **DEFAULTS)
     return H.emit([H.monitored(run, opts)], opts)
 
 

@@ -30,6 +30,7 @@ import os
 import pstats
 import selectors
 import socket
+import struct
 import subprocess
 import sys
 import tempfile
@@ -120,7 +121,8 @@ def us(x: float) -> str:
 
 
 @contextlib.contextmanager
-def instrumented_daemon(directory: str, stats_path: str, prof_path: str | None = None) -> Iterator[str]:
+def instrumented_daemon(directory: str, stats_path: str, prof_path: str | None = None
+                        ) -> Iterator[tuple[str, int]]:
     path = os.path.join(directory, "ugem.sock")
     cmd = [sys.executable, os.path.join(HERE, "_instrumented_daemon.py"), stats_path]
     if prof_path:
@@ -132,7 +134,7 @@ def instrumented_daemon(directory: str, stats_path: str, prof_path: str | None =
         line = proc.stdout.readline()
         if not line.startswith(b"ugem: listening on"):
             raise RuntimeError(f"instrumented daemon did not start: {line!r}")
-        yield path
+        yield path, proc.pid
     finally:
         proc.terminate()
         try:
@@ -145,7 +147,7 @@ def instrumented_daemon(directory: str, stats_path: str, prof_path: str | None =
 
 
 @contextlib.contextmanager
-def instrumented_echo(directory: str, stats_path: str) -> Iterator[str]:
+def instrumented_echo(directory: str, stats_path: str) -> Iterator[tuple[str, int]]:
     path = os.path.join(directory, "echo.sock")
     proc = subprocess.Popen([sys.executable, os.path.join(HERE, "_echo_server.py"), path, stats_path],
                             stdout=subprocess.PIPE, start_new_session=True)
@@ -153,7 +155,7 @@ def instrumented_echo(directory: str, stats_path: str) -> Iterator[str]:
         assert proc.stdout is not None
         if proc.stdout.readline().strip() != b"ready":
             raise RuntimeError("echo server did not start")
-        yield path
+        yield path, proc.pid
     finally:
         proc.terminate()
         try:
@@ -165,22 +167,28 @@ def instrumented_echo(directory: str, stats_path: str) -> Iterator[str]:
             proc.stdout.close()
 
 
-def end_to_end(runs: int, n: int) -> dict[str, float]:
+def end_to_end(runs: int, n: int, placement: str) -> dict[str, float]:
+    affinity = os.sched_getaffinity(0)
     with tempfile.TemporaryDirectory(prefix="ugem-prof-") as d:
         dstats, estats = os.path.join(d, "daemon.json"), os.path.join(d, "echo.json")
-        with instrumented_echo(d, estats) as epath, instrumented_daemon(d, dstats) as dpath:
+        with instrumented_echo(d, estats) as (epath, epid), instrumented_daemon(d, dstats) as (dpath, dpid):
+            RT.place(placement, 0, [epid, dpid])
             bare = RT.BareClient(epath)
             dev = Device(_connect_transport(dpath))
             try:
                 h = dev.create(4096)
+                lean = LeanInfo(dev, h)
                 series = H.interleaved({
                     "bare": RT.each("bare", bare.roundtrip),
                     "info": RT.each("info", lambda: dev.info(h)),
+                    "lean": RT.each("lean", lean.roundtrip),
                     "cc": RT.create_close("daemon", dev),
                 }, runs=runs, n=n, warmup=200)
             finally:
+                lean.close()
                 dev.close()
                 bare.close()
+                os.sched_setaffinity(0, affinity)
         with open(dstats) as f:
             daemon_stats = json.load(f)
         with open(estats) as f:
@@ -191,6 +199,7 @@ def end_to_end(runs: int, n: int) -> dict[str, float]:
         "rtt info": series["info"].median_us,
         "rtt create": series["daemon create"].median_us,
         "rtt close": series["daemon close_handle"].median_us,
+        "rtt lean": series["lean"].median_us,
         "busy bare": med(echo_stats["busy_ns"]),
     }
     for op, key in (("GEM_INFO", "info"), ("GEM_CREATE", "create"), ("GEM_CLOSE", "close")):
@@ -205,13 +214,42 @@ def end_to_end(runs: int, n: int) -> dict[str, float]:
         rows.append((f"daemon {key}", us(out[f"rtt {key}"]), us(out[f"busy {key}"]), f"{out[f'rpw {key}']:.2f}",
                      us(out[f"busy_per_request {key}"]), us(out[f"on_readable {key}"]),
                      us(out[f"serve {key}"]), us(out[f"dispatch {key}"]), us(out[f"flush {key}"])))
-    table("1. end to end (instrumented servers; medians, us)", rows,
+    rows.append(("lean client GEM_INFO (see LeanInfo)", us(out["rtt lean"]), "", "", "", "", "", "", ""))
+    table(f"1. end to end, placement {placement} (instrumented servers; medians, us)", rows,
           ("", "round trip", "busy/wake-up", "req/wake-up", "busy/request", "on_readable", "_serve", "dispatch",
            "flush"))
     print("  busy = select() returned -> next select() call (all of the server's work in one wake-up);")
+    print("  the daemon's GEM_INFO columns cover both Device.info and the lean client's requests;")
     print("  req/wake-up = mean requests served per wake-up (>1: the client's next request arrived while")
     print("  the daemon was still in its read loop)")
     return out
+
+
+class LeanInfo:
+    """GEM_INFO through the real daemon with a minimal client: one send of header+payload, one
+    recv_into of the 16+32-byte reply, no structs. Shows what the client side could cost."""
+
+    def __init__(self, dev: Device, handle: int) -> None:
+        self.t = dev._transport
+        self.sock = self.t._sock  # type: ignore[union-attr]
+        self.handle = handle
+        self.reply = bytearray(HEADER.size + s.InfoReply._codec.size)
+        self.view = memoryview(self.reply)
+        self.pack = struct.Struct("<IHBBIiII").pack
+
+    def roundtrip(self) -> tuple[int, ...]:
+        t = self.t
+        t._seq = seq = (t._seq + 1) & 0xFFFFFFFF  # type: ignore[union-attr]
+        self.sock.send(self.pack(8, Op.GEM_INFO, 0, 0, seq, 0, self.handle, 0))
+        got, view = 0, self.view
+        while got < len(view):
+            got += self.sock.recv_into(view[got:])
+        if HEADER.unpack_from(self.reply)[4] != seq:
+            raise RuntimeError("lean client out of sequence")
+        return s.InfoReply._codec.unpack_from(self.reply, HEADER.size)
+
+    def close(self) -> None:
+        self.view.release()
 
 
 def _connect_transport(path: str) -> SocketTransport:
@@ -598,7 +636,7 @@ def hot_spots(count: int) -> None:
 def profiles(n: int, top: int) -> None:
     with tempfile.TemporaryDirectory(prefix="ugem-prof-") as d:
         dprof = os.path.join(d, "daemon.prof")
-        with instrumented_daemon(d, os.path.join(d, "stats.json"), dprof) as path:
+        with instrumented_daemon(d, os.path.join(d, "stats.json"), dprof) as (path, _pid):
             dev = Device(_connect_transport(path))
             try:
                 h = dev.create(4096)
@@ -639,31 +677,42 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true")
     parser.add_argument("--no-cprofile", action="store_true")
+    parser.add_argument("--placement", choices=RT.PLACEMENTS, nargs="+", default=["same", "split"],
+                        help="end-to-end sections with client and servers pinned to the same CPU, to different "
+                             "CPUs, or not pinned (any); default: same and split (diagnostics)")
     ns = parser.parse_args(argv)
     runs, n, count = (3, 500, 3000) if ns.quick else (5, 2000, 20000)
-    e2e = end_to_end(runs, n)
+    e2e_by = {pl: end_to_end(runs, n, pl) for pl in ns.placement}
     cc = client_cpu(count)
-    daemon_cpu(count)
+    dc = daemon_cpu(count)
     sc = syscalls(min(count, 5000))
     hot_spots(count)
     # the decomposition
     client_sys_ugem = sc["client sendmsg([hdr, payload]) 24 B"] + sc["client recvmsg(16, ancbuf)"] + \
         sc["client recv_into(view) 32 B"]
     client_sys_bare = sc["bare client sendall(24 B)"] + sc["bare client recv_into(view) 24 B"]
-    rows = []
-    for label, rtt, ccpu, csys, busy in (
-        ("bare", e2e["rtt bare"], cc["bare roundtrip"], client_sys_bare, e2e["busy bare"]),
-        ("daemon info", e2e["rtt info"], cc["Device.info"], client_sys_ugem, e2e["busy_per_request info"]),
-        ("daemon create", e2e["rtt create"], cc["Device.create"], client_sys_ugem, e2e["busy_per_request create"]),
-        ("daemon close_handle", e2e["rtt close"], cc["Device.close_handle"], client_sys_ugem,
-         e2e["busy_per_request close"]),
-    ):
-        rest = rtt - ccpu - csys - busy
-        rows.append((label, us(rtt), us(ccpu), us(csys), us(busy), us(rest)))
-    table("decomposition of the round trip (medians, us)", rows,
-          ("", "round trip", "client CPU", "client syscalls", "server busy", "rest: wake-ups, kernel"))
-    print("  client CPU = fake-socket figure (section 2); client syscalls = section 4; server busy = section 1;")
-    print("  rest = round trip minus those (scheduler wake-up of each side, socket queueing, epoll)")
+    server_sys_ugem = sc["daemon recvmsg(16)+recvmsg(8)"] + sc["daemon sendmsg([48 B])"]
+    server_sys_bare = sc["echo recv(65536) 24 B"] + sc["echo sendall(24 B)"]
+    server_cpu_ugem = dc["Server._on_event (1 INFO request)"]
+    server_cpu_bare = dc["echo server on_readable (1 request)"]
+    for placement, e2e in e2e_by.items():
+        rows = []
+        for label, rtt, ccpu, csys, scpu, ssys, busy in (
+            ("bare", e2e["rtt bare"], cc["bare roundtrip"], client_sys_bare, server_cpu_bare, server_sys_bare,
+             e2e["busy bare"]),
+            ("daemon info", e2e["rtt info"], cc["Device.info"], client_sys_ugem, server_cpu_ugem, server_sys_ugem,
+             e2e["busy_per_request info"]),
+        ):
+            rest = rtt - ccpu - csys - scpu - ssys
+            rows.append((label, us(rtt), us(ccpu), us(csys), us(scpu), us(ssys), us(rest), us(busy)))
+        table(f"decomposition of the round trip, placement {placement} (medians, us)", rows,
+              ("", "round trip", "client CPU", "client syscalls", "server CPU", "server syscalls", "rest",
+               "server busy (measured)"))
+    print("  client/server CPU = fake-socket figures, hot caches (sections 2, 3; the daemon's includes its extra")
+    print("  recvmsg->EAGAIN); syscalls = section 4 (data ready, nobody to wake); rest = round trip minus those:")
+    print("  waking or switching to the other side, epoll, and the cost of cold caches in the real exchange.")
+    print("  server busy (measured) = section 1. With both on one CPU the daemon's sendmsg wakes the client,")
+    print("  which preempts the daemon: busy and flush then include the client's turn (req/wake-up > 1).")
     if not ns.no_cprofile:
         profiles(3000 if ns.quick else 20000, 25)
     return 0

@@ -30,7 +30,7 @@ class Manager:
     def __init__(self, **config: Any) -> None:
         self.config = Config.from_kwargs(**config)
         self._lock = threading.RLock()
-        self._core: Core | None = Core(self.config, MemfdStore())
+        self._core: Core | None = Core(self.config, MemfdStore(self.config.spill_dir))
 
     @property
     def closed(self) -> bool:
@@ -71,6 +71,7 @@ class Manager:
             if core is not None:
                 for client in list(core.clients.values()):
                     core.client_release(client)
+                core.backing.close()
 
     def __enter__(self) -> Manager:
         return self

@@ -26,6 +26,7 @@ from ..constants import PAGE_SIZE
 from ..errors import InvalidArgument
 from ..fd import OwnedFd
 from .base import FdKind, Inspection
+from .spill import Extent, SpillStore, copy_segments, punch_hole
 
 __all__ = ["MemfdStore"]
 
@@ -34,10 +35,15 @@ _MAX_IO = 1 << 30  # one preadv/pwritev moves at most this much (the kernel caps
 
 
 class MemfdStore:
-    def __init__(self) -> None:
+    def __init__(self, spill_dir: str) -> None:
         self.token = secrets.token_hex(8)
         self._name = f"ugem:{self.token}"
         self._link = f"/memfd:{self._name} (deleted)"
+        self.spill = SpillStore(spill_dir)
+
+    def close(self) -> None:
+        """Remove spill storage (objects must have been released first)."""
+        self.spill.close()
 
     # -- lifetime --------------------------------------------------------------------
 
@@ -79,6 +85,30 @@ class MemfdStore:
 
     def resident_bytes(self, backing: OwnedFd) -> int:
         return os.fstat(backing.fd).st_blocks * 512
+
+    def purge(self, backing: OwnedFd) -> None:
+        """Free every page; mappings and other fds of the memfd now read zeros."""
+        punch_hole(backing.fd, 0, os.fstat(backing.fd).st_size)
+
+    def populate_all(self, backing: OwnedFd) -> None:
+        """Allocate every page now (pin), so later use cannot fail for memory."""
+        os.posix_fallocate(backing.fd, 0, os.fstat(backing.fd).st_size)
+
+    # -- spill storage ---------------------------------------------------------------
+
+    def spill_reserve(self, size: int) -> Extent:
+        return self.spill.reserve(size)
+
+    def spill_release(self, extent: Extent) -> None:
+        self.spill.release(extent)
+
+    def spill_out(self, backing: OwnedFd, extent: Extent, size: int) -> int:
+        """Copy the object's data to its extent (worker thread); returns bytes copied."""
+        return copy_segments(backing.fd, self.spill.fd, 0, self.spill.offset(extent), size)
+
+    def spill_in(self, extent: Extent, backing: OwnedFd, size: int) -> int:
+        """Copy an extent back into a fresh memfd (worker thread); returns bytes copied."""
+        return copy_segments(self.spill.fd, backing.fd, self.spill.offset(extent), 0, size)
 
     # -- descriptions for clients ----------------------------------------------------
 

@@ -42,7 +42,7 @@ class Client:
     handle_ids: IdAllocator = field(default_factory=IdAllocator)
     mappings: dict[int, BufferObject] = field(default_factory=dict)
     map_ids: IdAllocator = field(default_factory=IdAllocator)
-    transfers: dict[int, BufferObject] = field(default_factory=dict)
+    transfers: dict[int, tuple[BufferObject, int]] = field(default_factory=dict)  # -> (object, bytes reserved)
     xfer_ids: IdAllocator = field(default_factory=IdAllocator)
     created_bytes: int = 0  # sizes of live objects this client created (quota)
     pinned_bytes: int = 0

@@ -113,6 +113,7 @@ def gem_pwrite(core: Core, client: Client, req: s.PwriteReq) -> s.PwriteReply:
     if len(req.data) != req.length:
         raise InvalidArgument(f"pwrite length {req.length} but {len(req.data)} data bytes")
     core.backing.write(backing, req.offset, req.data)
+    core.memory.measure(obj)
     return s.PwriteReply()
 
 

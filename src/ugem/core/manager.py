@@ -20,6 +20,7 @@ from ..constants import DONTNEED
 from ..errors import BadAddress, InvalidArgument, NoSuchObject, QuotaExceeded
 from .client import Client, Credentials, HandleEntry
 from .ids import IdAllocator
+from .memory import Memory
 from .object import BufferObject, Kind
 from .states import Event, Placement
 
@@ -38,6 +39,7 @@ class Core:
         self._client_ids = itertools.count(1)
         self._object_ids = itertools.count(1)
         self.counters = {"purged_total": 0, "evicted_total": 0, "spilled_total": 0, "bytes_moved_total": 0}
+        self.memory = Memory(self)
 
     # -- clients ---------------------------------------------------------------------
 
@@ -53,10 +55,10 @@ class Core:
         client.closed = True
         for handle in sorted(client.handles):
             self.handle_delete(client, handle)
-        for obj in list(client.mappings.values()) + list(client.transfers.values()):
-            self.put(obj)
-        client.mappings.clear()
-        client.transfers.clear()
+        for map_id in list(client.mappings):
+            self.map_release(client, map_id)
+        for xfer_id in list(client.transfers):
+            self.xfer_done(client, xfer_id)
         del self.clients[client.id]
 
     # -- lookup ----------------------------------------------------------------------
@@ -91,7 +93,8 @@ class Core:
             self._free(obj)
 
     def _free(self, obj: BufferObject) -> None:
-        assert obj.handle_count == 0 and obj.name == 0, obj
+        assert obj.handle_count == 0 and obj.name == 0 and obj.job is None, obj
+        self.memory.release(obj)
         if obj.backing is not None:
             self.backing.release(obj.backing)
             obj.backing = None
@@ -163,6 +166,7 @@ class Core:
 
     def map_add(self, client: Client, obj: BufferObject) -> int:
         self.get(obj)
+        obj.maps += 1
         map_id = client.map_ids.alloc()
         client.mappings[map_id] = obj
         return map_id
@@ -172,19 +176,28 @@ class Core:
         if obj is None:
             raise InvalidArgument(f"mapping {map_id} is not tracked for client {client.id}")
         client.map_ids.free(map_id)
+        obj.maps -= 1
+        self.memory.measure(obj)  # pages written through the mapping are counted now
         self.put(obj)
 
-    def xfer_add(self, client: Client, obj: BufferObject) -> int:
+    def xfer_add(self, client: Client, obj: BufferObject, reserve: int = 0) -> int:
+        """A bulk transfer holds a reference and `reserve` bytes of budget until it is done."""
         self.get(obj)
+        obj.xfers += 1
         xfer_id = client.xfer_ids.alloc()
-        client.transfers[xfer_id] = obj
+        client.transfers[xfer_id] = (obj, reserve)
+        self.memory.reserved += reserve
         return xfer_id
 
     def xfer_done(self, client: Client, xfer_id: int) -> None:
-        obj = client.transfers.pop(xfer_id, None)
-        if obj is None:
+        entry = client.transfers.pop(xfer_id, None)
+        if entry is None:
             raise InvalidArgument(f"transfer {xfer_id} is not open in client {client.id}")
+        obj, reserve = entry
         client.xfer_ids.free(xfer_id)
+        obj.xfers -= 1
+        self.memory.reserved -= reserve
+        self.memory.measure(obj)
         self.put(obj)
 
     # -- pages -----------------------------------------------------------------------
@@ -202,6 +215,7 @@ class Core:
                 raise BadAddress(f"object {obj.id} is DONTNEED and has no pages")
             obj.backing = self.backing.create(obj.size)
             obj.transition(Event.POPULATE)
+            self.memory.track(obj)
         return obj.backing
 
     def index_key(self, obj: BufferObject) -> None:
@@ -219,6 +233,7 @@ class Core:
         obj.key = key
         self.by_key[key] = obj
         obj.transition(Event.POPULATE)
+        self.memory.track(obj)
         return obj
 
     def _unpin(self, client: Client, obj: BufferObject) -> None:
@@ -229,24 +244,13 @@ class Core:
     # -- statistics ------------------------------------------------------------------
 
     def statistics(self) -> dict[str, Any]:
-        resident = purgeable = pinned = 0
-        for obj in self.objects.values():
-            if obj.kind != Kind.NORMAL or obj.backing is None:
-                continue
-            held = self.backing.resident_bytes(obj.backing)
-            resident += held
-            if obj.madvise == DONTNEED:
-                purgeable += held
-            if obj.pinned_by:
-                pinned += obj.size
+        pinned = sum(o.size for o in self.objects.values() if o.pinned_by)
         return {
             "objects": len(self.objects),
             "clients": len(self.clients),
-            "resident_bytes": resident,
             "vram_bytes": 0,
-            "spilled_bytes": 0,
             "pinned_bytes": pinned,
-            "purgeable_bytes": purgeable,
+            **self.memory.statistics(),
             **self.counters,
             "per_client": [
                 {"id": c.id, "pid": c.creds.pid, "uid": c.creds.uid, "objects": len(c.handles),

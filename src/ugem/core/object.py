@@ -44,7 +44,8 @@ class BufferObject:
     __slots__ = (
         "id", "size", "kind", "backing", "key", "placement", "madvise", "refcount",
         "handle_count", "name", "creator", "creator_uid", "tiling", "stride", "caching",
-        "pinned_by", "readonly", "__weakref__",
+        "pinned_by", "readonly", "resident", "maps", "xfers", "exported", "job", "extent", "spilled",
+        "__weakref__",
     )
 
     def __init__(self, ident: int, size: int, kind: Kind, creator: int, creator_uid: int) -> None:
@@ -65,6 +66,13 @@ class BufferObject:
         self.caching = CACHING_NONE
         self.pinned_by: set[int] = set()
         self.readonly = False  # the manager itself can only read this memory (read-only import)
+        self.resident = 0  # bytes of system pages at the last measurement (core/memory.py)
+        self.maps = 0  # tracked mappings
+        self.xfers = 0  # open bulk transfers
+        self.exported = False  # an fd to its memory was exported: never spilled or purged
+        self.job: Any = None  # spill/restore job in flight (core/jobs.py)
+        self.extent: Any = None  # where its data lives in spill storage
+        self.spilled = 0  # data bytes in spill storage
 
     def transition(self, event: Event) -> None:
         self.placement = apply(self.placement, event)

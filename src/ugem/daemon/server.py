@@ -64,7 +64,7 @@ class Server:
     def __init__(self, config: Config, options: ServerOptions) -> None:
         self.config = config
         self.options = options
-        self.core = Core(config, MemfdStore())
+        self.core = Core(config, MemfdStore(config.spill_dir))
         self.sel = selectors.DefaultSelector()
         self.listener: socket.socket | None = None
         self.connections: dict[int, Connection] = {}
@@ -281,6 +281,7 @@ class Server:
             except FileNotFoundError:
                 pass
         self._unlock()
+        self.core.backing.close()
         for sig in SIGNALS:
             signal.signal(sig, signal.SIG_DFL)
         self.sel.close()

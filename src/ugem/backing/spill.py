@@ -1,0 +1,145 @@
+"""SpillStore: spill storage on disk for objects pushed out of memory (SPEC §3).
+
+Layout: one private subdirectory of `spill_dir` per manager (``ugem-<pid>-<random>``),
+holding a lock file (flock, held for the manager's life) and one large sparse file. Each
+spilled object gets a contiguous extent of that file from a RangeAllocator (page units);
+only the object's data segments are copied (SEEK_DATA/SEEK_HOLE), so holes stay holes.
+
+Rules:
+- spilled objects hold no fd: an extent is just (start, size) in the shared file;
+- the space of a dead or restored object is given back with fallocate(PUNCH_HOLE);
+- `close()` removes the subdirectory and everything in it;
+- at start, subdirectories whose lock nobody holds (their manager died) are removed;
+- extent allocation and freeing happen on the core's thread; `copy_out`/`copy_in` are the
+  long copies and may run on a worker thread (they touch only the fds they are given).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import ctypes
+import fcntl
+import mmap
+import os
+import shutil
+import tempfile
+
+from ..constants import PAGE_SIZE
+from ..errors import NoSpace
+from ..mm.range import Node, RangeAllocator
+
+__all__ = ["Extent", "SpillStore", "copy_segments", "data_segments", "punch_hole"]
+
+_CAPACITY = 1 << 43  # bytes addressable in the sparse spill file (8 TiB)
+_CHUNK = 8 << 20
+Extent = Node
+
+
+_libc = ctypes.CDLL(None, use_errno=True)
+FALLOC_FL_KEEP_SIZE, FALLOC_FL_PUNCH_HOLE = 0x01, 0x02
+
+
+def punch_hole(fd: int, offset: int, length: int) -> None:
+    """fallocate(PUNCH_HOLE|KEEP_SIZE): free the blocks of a range; it then reads as zeros."""
+    mode = FALLOC_FL_KEEP_SIZE | FALLOC_FL_PUNCH_HOLE
+    if _libc.fallocate(fd, mode, ctypes.c_long(offset), ctypes.c_long(length)) != 0:
+        err = ctypes.get_errno()
+        raise OSError(err, f"fallocate(PUNCH_HOLE) failed: {os.strerror(err)}")
+
+
+def data_segments(fd: int, start: int, end: int) -> list[tuple[int, int]]:
+    """(offset, length) of the ranges of `fd` within [start, end) that hold data."""
+    segments = []
+    pos = start
+    while pos < end:
+        try:
+            first = os.lseek(fd, pos, os.SEEK_DATA)
+        except OSError:  # ENXIO: no data at or after pos
+            break
+        if first >= end:
+            break
+        last = min(os.lseek(fd, first, os.SEEK_HOLE), end)
+        segments.append((first, last - first))
+        pos = last
+    return segments
+
+
+def copy_segments(src: int, dst: int, src_base: int, dst_base: int, size: int) -> int:
+    """Copy the data of src[src_base:src_base+size] to dst at dst_base; returns bytes copied.
+
+    The source is read through a private read-only mapping (one copy, no buffer); sparse
+    ranges are skipped, so they stay holes at the destination too.
+    """
+    moved = 0
+    for offset, length in data_segments(src, src_base, src_base + size):
+        map_start = offset & ~(mmap.ALLOCATIONGRANULARITY - 1)
+        skew = offset - map_start
+        target = dst_base + offset - src_base
+        with mmap.mmap(src, skew + length, prot=mmap.PROT_READ, offset=map_start) as region:
+            view = memoryview(region)
+            try:
+                done = 0
+                while done < length:
+                    chunk = view[skew + done: skew + min(length, done + _CHUNK)]
+                    done += os.pwrite(dst, chunk, target + done)
+            finally:
+                view.release()
+        moved += length
+    return moved
+
+
+class SpillStore:
+    def __init__(self, spill_dir: str) -> None:
+        os.makedirs(spill_dir, mode=0o700, exist_ok=True)
+        _sweep_stale(spill_dir)
+        self.directory = tempfile.mkdtemp(prefix=f"ugem-{os.getpid()}-", dir=spill_dir)
+        self._lock = os.open(os.path.join(self.directory, "lock"), os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+        fcntl.flock(self._lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        self.fd = os.open(os.path.join(self.directory, "spill-0"), os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+        self._space: RangeAllocator[object] = RangeAllocator(0, _CAPACITY // PAGE_SIZE)
+
+    @property
+    def used_bytes(self) -> int:
+        return self._space.used * PAGE_SIZE
+
+    def reserve(self, size: int) -> Extent:
+        """An extent for `size` bytes (page multiple); NoSpace when the file is full."""
+        try:
+            return self._space.insert(size // PAGE_SIZE)
+        except NoSpace:
+            raise NoSpace(f"spill storage full ({self.used_bytes} bytes in use)") from None
+
+    def offset(self, extent: Extent) -> int:
+        return extent.start * PAGE_SIZE
+
+    def release(self, extent: Extent) -> None:
+        """Give the extent's disk space back (hole punch) and its range to the allocator."""
+        punch_hole(self.fd, extent.start * PAGE_SIZE, extent.size * PAGE_SIZE)
+        self._space.remove(extent)
+
+    def close(self) -> None:
+        if self.fd >= 0:
+            os.close(self.fd)
+            os.close(self._lock)
+            self.fd = -1
+            shutil.rmtree(self.directory, ignore_errors=True)
+
+
+def _sweep_stale(spill_dir: str) -> None:
+    """Remove subdirectories of managers that died without cleaning up (their lock is free)."""
+    for entry in os.scandir(spill_dir):
+        if not (entry.name.startswith("ugem-") and entry.is_dir(follow_symlinks=False)):
+            continue
+        lock_path = os.path.join(entry.path, "lock")
+        try:
+            fd = os.open(lock_path, os.O_RDWR | os.O_CLOEXEC)
+        except FileNotFoundError:
+            continue  # being created right now, or not ours
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            continue  # a live manager holds it
+        finally:
+            os.close(fd)
+        with contextlib.suppress(OSError):
+            shutil.rmtree(entry.path)

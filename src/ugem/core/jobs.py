@@ -1,0 +1,62 @@
+"""Jobs: long copies (spill, restore) that run off the request path, and `Pending`.
+
+A handler that needs a long copy before it can finish (room under the budget, a spilled
+object brought back) does not copy: it raises `Pending(jobs)`. The transport then runs
+each job's `work` (embedded: right here; daemon: on a worker thread, so other clients
+keep being served), calls `Core.finish(job)` on the core's thread when it is done, and
+re-runs the request from the start. Re-running is safe because a handler changes nothing
+before it raises Pending (except purges, which are final anyway).
+
+Rules:
+- `work` touches only the fds and extents captured when the job was planned, never core
+  state; everything else happens in `Core.finish`, on the core's thread;
+- an object with a job in flight (`obj.job`) holds an extra reference, so it cannot be
+  freed under the worker; requests touching it wait for that job (Pending([obj.job]));
+- a job failing (disk full, I/O error) leaves the object where it was.
+"""
+
+from __future__ import annotations
+
+import enum
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+from .object import BufferObject
+
+__all__ = ["Job", "JobKind", "Pending"]
+
+
+class JobKind(enum.Enum):
+    SPILL = "spill"
+    RESTORE = "restore"
+
+
+@dataclass(eq=False)
+class Job:
+    kind: JobKind
+    obj: BufferObject
+    work: Callable[[], int]  # the copy; returns bytes moved
+    nbytes: int  # resident bytes this job frees (spill) or adds (restore)
+    extent: Any = None
+    backing: Any = None  # restore: the new memfd being filled
+    started: bool = False
+    done: bool = False
+    moved: int = 0
+    error: OSError | None = None
+    waiters: list[Any] = field(default_factory=list)
+
+    def run(self) -> None:
+        """Do the copy; records the outcome instead of raising (any thread)."""
+        try:
+            self.moved = self.work()
+        except OSError as exc:
+            self.error = exc
+
+
+class Pending(Exception):
+    """The request must wait for these jobs, then be run again."""
+
+    def __init__(self, jobs: list[Job]) -> None:
+        super().__init__(f"waiting for {len(jobs)} memory job(s)")
+        self.jobs = jobs

@@ -1,0 +1,254 @@
+"""Pageable memory under a budget: residency accounting, purge, spill, restore (SPEC §3).
+
+Theory of operation
+-------------------
+`resident` is what the objects' memfds really hold (allocated blocks, as the BackingStore
+measures them). Each NORMAL object with system pages caches its last measurement in
+`obj.resident`; the total is kept incrementally. Objects whose pages can change without a
+request (mapped, exported, or with a bulk transfer open) are *volatile* and re-measured
+before any decision that depends on the total.
+
+Before a request adds `need` bytes, `make_room(need)` frees enough that
+resident + reserved + need <= budget, in two named passes over the LRU (oldest first):
+
+1. purge: DONTNEED objects (mapped ones too: their mappings then read zeros), never
+   exported, pinned or foreign ones. Hole punching is fast, so it happens at once.
+2. spill: idle (no job), unmapped, unpinned, unexported WILLNEED objects are copied to
+   spill storage by jobs that run off the request path; the caller waits (Pending).
+
+If both passes together cannot free enough, nothing is changed and the request fails with
+ENOMEM. `reserved` counts bytes promised but not yet measurable: restores in flight and
+open pwrite transfers.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any
+
+from ..constants import DONTNEED
+from ..errors import OutOfMemory
+from ..mm.lru import Lru
+from .jobs import Job, JobKind, Pending
+from .object import BufferObject, Kind
+from .states import Event, Placement
+
+if TYPE_CHECKING:
+    from .manager import Core
+
+__all__ = ["Memory"]
+
+
+class Memory:
+    def __init__(self, core: Core) -> None:
+        self.core = core
+        self.lru: Lru[BufferObject] = Lru()
+        self.resident = 0
+        self.reserved = 0
+        self.spilled = 0  # bytes of data held in spill storage
+        self.jobs: list[Job] = []  # in flight
+
+    @property
+    def budget(self) -> int:
+        return self.core.config.system_budget
+
+    # -- accounting ------------------------------------------------------------------
+
+    def track(self, obj: BufferObject) -> None:
+        """`obj` just got system pages: account for it and put it on the LRU."""
+        if obj.kind == Kind.NORMAL:
+            self.lru.move_tail(obj)
+            self.measure(obj)
+
+    def untrack(self, obj: BufferObject) -> None:
+        """`obj` lost its system pages (freed, purged, spilled)."""
+        self.lru.discard(obj)
+        self.resident -= obj.resident
+        obj.resident = 0
+
+    def measure(self, obj: BufferObject) -> None:
+        if obj.kind != Kind.NORMAL or obj.backing is None:
+            return
+        now = self.core.backing.resident_bytes(obj.backing)
+        self.resident += now - obj.resident
+        obj.resident = now
+
+    def touch(self, obj: BufferObject) -> None:
+        if obj in self.lru:
+            self.lru.move_tail(obj)
+
+    @staticmethod
+    def volatile(obj: BufferObject) -> bool:
+        return bool(obj.maps or obj.xfers or obj.exported)
+
+    def refresh(self) -> None:
+        """Re-measure objects whose pages may have changed behind our back."""
+        for obj in list(self.lru):
+            if self.volatile(obj):
+                self.measure(obj)
+
+    # -- reclaim ---------------------------------------------------------------------
+
+    @staticmethod
+    def purgeable(obj: BufferObject) -> bool:
+        return (obj.madvise == DONTNEED and obj.kind == Kind.NORMAL and not obj.pinned_by
+                and not obj.exported and obj.job is None)
+
+    @staticmethod
+    def spillable(obj: BufferObject) -> bool:
+        return (obj.kind == Kind.NORMAL and obj.placement == Placement.SYSTEM and obj.job is None
+                and not obj.maps and not obj.xfers and not obj.pinned_by and not obj.exported
+                and obj.madvise != DONTNEED)
+
+    def make_room(self, need: int, exclude: BufferObject | None = None) -> None:
+        """Return once `need` more bytes fit; raise Pending (spills started) or ENOMEM."""
+        if self.resident + self.reserved + need <= self.budget:
+            return
+        self.refresh()
+        deficit = self.resident + self.reserved + need - self.budget
+        if deficit <= 0:
+            return
+        freeing = sum(j.nbytes for j in self.jobs if j.kind is JobKind.SPILL)
+        if freeing >= deficit:
+            raise Pending([j for j in self.jobs if j.kind is JobKind.SPILL])
+        purge = [o for o in self.lru if o is not exclude and o.resident and self.purgeable(o)]
+        spill = [o for o in self.lru if o is not exclude and o.resident and self.spillable(o)]
+        available = freeing + sum(o.resident for o in purge) + sum(o.resident for o in spill)
+        if available < deficit:
+            raise OutOfMemory(
+                f"cannot free {deficit} bytes under the system budget of {self.budget} "
+                f"(resident {self.resident}, reclaimable {available})")
+        deficit -= freeing
+        for obj in purge:  # pass 1: purge DONTNEED, least recently used first
+            if deficit <= 0:
+                return
+            deficit -= obj.resident
+            self.purge(obj)
+        if deficit <= 0:
+            return
+        started = []
+        for obj in spill:  # pass 2: spill idle objects, least recently used first
+            if deficit <= 0:
+                break
+            deficit -= obj.resident
+            started.append(self.plan_spill(obj))
+        raise Pending(started + [j for j in self.jobs if j.kind is JobKind.SPILL and j not in started])
+
+    def shrink(self, target: int) -> list[Job]:
+        """Background reclaim (memory pressure): bring resident down toward `target`."""
+        self.refresh()
+        jobs: list[Job] = []
+        excess = self.resident - target
+        for obj in [o for o in self.lru if o.resident and self.purgeable(o)]:
+            if excess <= 0:
+                return jobs
+            excess -= obj.resident
+            self.purge(obj)
+        for obj in [o for o in self.lru if o.resident and self.spillable(o)]:
+            if excess <= 0:
+                break
+            excess -= obj.resident
+            jobs.append(self.plan_spill(obj))
+        return jobs
+
+    # -- the moves -------------------------------------------------------------------
+
+    def purge(self, obj: BufferObject) -> None:
+        """Discard the contents for good (DONTNEED under pressure, or with no pages)."""
+        if obj.backing is not None:
+            self.core.backing.purge(obj.backing)
+            self.untrack(obj)
+            self.core.backing.release(obj.backing)
+            obj.backing = None
+        if obj.placement == Placement.SPILLED:
+            self.core.backing.spill_release(obj.extent)
+            self.spilled -= obj.spilled
+            obj.extent, obj.spilled = None, 0
+        obj.transition(Event.PURGE)
+        self.core.counters["purged_total"] += 1
+
+    def plan_spill(self, obj: BufferObject) -> Job:
+        extent = self.core.backing.spill_reserve(obj.size)
+        backing = obj.backing
+        job = Job(JobKind.SPILL, obj, lambda: self.core.backing.spill_out(backing, extent, obj.size),
+                  nbytes=obj.resident, extent=extent)
+        self._start(job)
+        return job
+
+    def plan_restore(self, obj: BufferObject) -> Job:
+        """Bring a spilled object back; the caller has made room for its data."""
+        backing = self.core.backing.create(obj.size)
+        extent = obj.extent
+        job = Job(JobKind.RESTORE, obj, lambda: self.core.backing.spill_in(extent, backing, obj.size),
+                  nbytes=obj.spilled, extent=extent, backing=backing)
+        self.reserved += job.nbytes
+        self._start(job)
+        return job
+
+    def _start(self, job: Job) -> None:
+        job.obj.job = job
+        self.core.get(job.obj)  # the object outlives the worker's copy
+        self.jobs.append(job)
+
+    def finish(self, job: Job) -> None:
+        """Apply a job's outcome on the core's thread (exactly once)."""
+        obj = job.obj
+        self.jobs.remove(job)
+        obj.job = None
+        job.done = True
+        if job.kind is JobKind.SPILL:
+            self._finish_spill(job)
+        else:
+            self._finish_restore(job)
+        self.core.put(obj)
+
+    def _finish_spill(self, job: Job) -> None:
+        obj = job.obj
+        if job.error is not None or obj.placement != Placement.SYSTEM:
+            self.core.backing.spill_release(job.extent)
+            return
+        self.untrack(obj)
+        self.core.backing.release(obj.backing)
+        obj.backing, obj.extent, obj.spilled = None, job.extent, job.moved
+        self.spilled += job.moved
+        obj.transition(Event.SPILL)
+        self.core.counters["spilled_total"] += 1
+        self.core.counters["bytes_moved_total"] += job.moved
+
+    def _finish_restore(self, job: Job) -> None:
+        obj = job.obj
+        self.reserved -= job.nbytes
+        if job.error is not None or obj.placement != Placement.SPILLED:
+            self.core.backing.release(job.backing)
+            return
+        self.core.backing.spill_release(obj.extent)
+        self.spilled -= obj.spilled
+        obj.backing, obj.extent, obj.spilled = job.backing, None, 0
+        obj.transition(Event.RESTORE)
+        self.track(obj)
+        self.core.counters["bytes_moved_total"] += job.moved
+
+    # -- entry points for handlers ---------------------------------------------------
+
+    def ensure_system(self, obj: BufferObject) -> None:
+        """Wait out a job in flight and bring a spilled object back (raises Pending)."""
+        if obj.job is not None:
+            raise Pending([obj.job])
+        if obj.placement == Placement.SPILLED:
+            self.make_room(obj.spilled, exclude=obj)
+            raise Pending([self.plan_restore(obj)])
+        self.touch(obj)
+
+    def release(self, obj: BufferObject) -> None:
+        """The object is being freed: give back its memory and spill space."""
+        if obj.backing is not None:
+            self.untrack(obj)
+        if obj.extent is not None:
+            self.core.backing.spill_release(obj.extent)
+            self.spilled -= obj.spilled
+            obj.extent, obj.spilled = None, 0
+
+    def statistics(self) -> dict[str, Any]:
+        for obj in list(self.lru):  # exact figures: measure everything, not just the volatile
+            self.measure(obj)
+        purgeable = sum(o.resident for o in self.lru if o.madvise == DONTNEED)
+        return {"resident_bytes": self.resident, "spilled_bytes": self.spilled, "purgeable_bytes": purgeable}
