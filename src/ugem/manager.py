@@ -2,7 +2,8 @@
 
 `Manager(**config)` owns a Core and a MemfdStore; `open()` returns a new, independent
 client Device each call. Requests go through the same `dispatch()` and request table as
-the daemon's, under one lock (the core itself is single-threaded). `close()` releases
+the daemon's, under one lock (the core itself is single-threaded). Memory jobs a request
+must wait for (spill, restore) run inline in the caller's thread, then it is retried. `close()` releases
 every client and object; any later call is EBADF.
 """
 
@@ -17,6 +18,7 @@ from .client.device import Device
 from .client.transport import EmbeddedTransport
 from .config import Config
 from .core.client import Client, Credentials
+from .core.jobs import Pending
 from .core.manager import Core
 from .core.requests import BY_OP, dispatch
 from .errors import BadFd
@@ -53,7 +55,15 @@ class Manager:
             core = self._live_core()
             if client.closed:
                 raise BadFd(f"client {client.id} is closed")
-            return dispatch(core, client, BY_OP[op], req)
+            desc = BY_OP[op]
+            while True:
+                try:
+                    return dispatch(core, client, desc, req)
+                except Pending as pending:  # embedded: do the copies right here, then retry
+                    for job in pending.jobs:
+                        if not job.done:
+                            job.run()
+                            core.memory.finish(job)
 
     def _release(self, client: Client) -> None:
         with self._lock:

@@ -27,7 +27,7 @@ from ugem.testing import DaemonProcess, run_daemon
 from ugem.wire import structs as s
 from ugem.wire.frames import HEADER, MAX_FDS, MAX_PAYLOAD, Kind, Op, encode_header
 
-UNKNOWN_OPS = [Op.HELLO, 15, 99, 0x7FFF, 0xFFFF]  # HELLO again after the handshake is not an op
+UNKNOWN_OPS = [Op.HELLO, max(Op) + 1, 99, 0x7FFF, 0xFFFF]  # HELLO again after the handshake is not an op
 
 
 def _hello_bytes() -> bytes:

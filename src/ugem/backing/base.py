@@ -52,6 +52,31 @@ class BackingStore(Protocol):
     def resident_bytes(self, backing: Any) -> int:
         """Bytes of memory the backing really holds now."""
 
+    def close(self) -> None:
+        """Remove spill storage; every object has been released."""
+
+    @staticmethod
+    def zero(into: Any) -> None:
+        """Fill a caller's buffer with zeros."""
+
+    def purge(self, backing: Any) -> None:
+        """Free every page of the backing; whoever still maps it reads zeros."""
+
+    def populate_all(self, backing: Any) -> None:
+        """Allocate every page now."""
+
+    def spill_reserve(self, size: int) -> Any:
+        """An extent of spill storage for `size` bytes (NoSpace when full)."""
+
+    def spill_release(self, extent: Any) -> None:
+        """Give an extent's space back."""
+
+    def spill_out(self, backing: Any, extent: Any, size: int) -> int:
+        """Copy backing -> extent; any thread; returns bytes copied."""
+
+    def spill_in(self, extent: Any, backing: Any, size: int) -> int:
+        """Copy extent -> backing; any thread; returns bytes copied."""
+
     def inspect(self, fd: OwnedFd) -> Inspection:
         """Classify an fd offered for import; EINVAL if it is not acceptable (SPEC §6)."""
 

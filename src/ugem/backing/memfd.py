@@ -21,6 +21,9 @@ import fcntl
 import os
 import secrets
 import stat
+from typing import Any
+
+import numpy as np
 
 from ..constants import PAGE_SIZE
 from ..errors import InvalidArgument
@@ -85,6 +88,11 @@ class MemfdStore:
 
     def resident_bytes(self, backing: OwnedFd) -> int:
         return os.fstat(backing.fd).st_blocks * 512
+
+    @staticmethod
+    def zero(into: Any) -> None:
+        """Fill a caller's buffer with zeros (a read of pages that do not exist yet)."""
+        np.frombuffer(into, dtype=np.uint8).fill(0)
 
     def purge(self, backing: OwnedFd) -> None:
         """Free every page; mappings and other fds of the memfd now read zeros."""

@@ -32,7 +32,7 @@ __all__ = ["Extent", "SpillStore", "copy_segments", "data_segments", "punch_hole
 
 _CAPACITY = 1 << 43  # bytes addressable in the sparse spill file (8 TiB)
 _CHUNK = 8 << 20
-Extent = Node
+Extent = Node[object]
 
 
 _libc = ctypes.CDLL(None, use_errno=True)

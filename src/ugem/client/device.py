@@ -24,6 +24,8 @@ import weakref
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Protocol
 
+import numpy as np
+
 from ..errors import BadFd
 from ..fd import OwnedFd
 from ..wire import structs as s
@@ -75,6 +77,12 @@ def _i64(value: int) -> int:
     """A size or offset as sent (s64), saturated: values past either end fail the same
     checks as the end itself (E2BIG, EINVAL) instead of breaking the encoder."""
     return min(max(value, -(2**63)), 2**63 - 1)
+
+
+def _u32(value: int) -> int:
+    """A small enum value as sent (u32); out-of-range values go as 2**32-1, which no
+    check accepts, so they fail with the same EINVAL as any other bad value."""
+    return value if 0 <= value < 2**32 else 2**32 - 1
 
 
 def _byte_view(buffer: Any, writable: bool) -> memoryview:
@@ -186,7 +194,7 @@ class Device:
         if reply.fd is None:  # no pages yet: zeros, and nothing to release
             if into is None:
                 return bytes(length)
-            into[:] = bytes(length)
+            np.frombuffer(into, dtype=np.uint8).fill(0)
             return b""
         with reply.fd as fd:
             try:
@@ -229,6 +237,19 @@ class Device:
             raise
         weakref.finalize(region, self._pending_unmaps.append, reply.map_id)
         return memoryview(region)
+
+    # -- memory management -----------------------------------------------------------
+
+    def madvise(self, handle: int, advice: int) -> bool:
+        """WILLNEED or DONTNEED; returns whether the contents are retained (not purged)."""
+        r: s.MadviseReply = self._call(Op.GEM_MADVISE, s.MadviseReq(handle=_ident(handle), advice=_u32(advice)))
+        return bool(r.retained)
+
+    def pin(self, handle: int) -> None:
+        self._call(Op.GEM_PIN, s.HandleReq(handle=_ident(handle)))
+
+    def unpin(self, handle: int) -> None:
+        self._call(Op.GEM_UNPIN, s.HandleReq(handle=_ident(handle)))
 
     # -- sharing ---------------------------------------------------------------------
 

@@ -14,12 +14,13 @@ import json
 import struct
 
 from ..backing.base import FdKind
-from ..constants import MAX_OBJECT_SIZE, PAGE_SIZE, page_align
+from ..constants import DONTNEED, MAX_OBJECT_SIZE, PAGE_SIZE, WILLNEED, page_align
 from ..errors import (
     InvalidArgument,
     NoDevice,
     NoSuchObject,
     PermissionDenied,
+    QuotaExceeded,
     TooBig,
 )
 from ..wire import structs as s
@@ -30,9 +31,9 @@ from .object import BufferObject, Kind
 from .states import Placement
 
 __all__ = [
-    "gem_close", "gem_create", "gem_flink", "gem_info", "gem_mmap", "gem_munmap", "gem_open",
-    "gem_pread", "gem_pwrite", "list_objects", "prime_fd_to_handle", "prime_handle_to_fd",
-    "stats", "xfer_done",
+    "gem_close", "gem_create", "gem_flink", "gem_info", "gem_madvise", "gem_mmap", "gem_munmap", "gem_open",
+    "gem_pin", "gem_pread", "gem_pwrite", "gem_unpin", "list_objects", "prime_fd_to_handle",
+    "prime_handle_to_fd", "stats", "xfer_done",
 ]
 
 def gem_create(core: Core, client: Client, req: s.CreateReq) -> s.CreateReply:
@@ -85,6 +86,7 @@ def gem_pread(core: Core, client: Client, req: s.PreadReq) -> s.PreadReply:
     if req.length == 0:
         return s.PreadReply()
     obj = _rw_lookup(core, client, req.handle, req.offset, req.length, write=False)
+    core.memory.ensure_system(obj)
     if req.flags & s.XFER:
         if obj.backing is None:
             return s.PreadReply()  # no pages: the client reads zeros without populating
@@ -95,7 +97,7 @@ def gem_pread(core: Core, client: Client, req: s.PreadReq) -> s.PreadReply:
         raise InvalidArgument(f"inline pread of {req.length} bytes exceeds {MAX_INLINE}; use XFER")
     into = req.into if req.into is not None else bytearray(req.length)
     if obj.backing is None:
-        memoryview(into).cast("B")[:] = bytes(req.length)
+        core.backing.zero(into)
     else:
         core.backing.read(obj.backing, req.offset, into)
     return s.PreadReply(data=into)
@@ -105,11 +107,13 @@ def gem_pwrite(core: Core, client: Client, req: s.PwriteReq) -> s.PwriteReply:
     if req.length == 0:
         return s.PwriteReply()
     obj = _rw_lookup(core, client, req.handle, req.offset, req.length, write=True)
+    core.memory.ensure_system(obj)
+    core.memory.make_room(req.length, exclude=obj)  # throttles this caller (Pending) or ENOMEM
     backing = core.populate(obj)
     if req.flags & s.XFER:
         fd = core.backing.open_description(backing, writable=True)
         core.index_key(obj)
-        return s.PwriteReply(xfer_id=core.xfer_add(client, obj), fd=fd)
+        return s.PwriteReply(xfer_id=core.xfer_add(client, obj, reserve=req.length), fd=fd)
     if len(req.data) != req.length:
         raise InvalidArgument(f"pwrite length {req.length} but {len(req.data)} data bytes")
     core.backing.write(backing, req.offset, req.data)
@@ -135,6 +139,7 @@ def gem_mmap(core: Core, client: Client, req: s.MmapReq) -> s.MmapReply:
     writable = bool(req.flags & s.WRITABLE)
     if writable and entry.readonly:
         raise PermissionDenied(f"handle {req.handle} is read-only; map it with writable=False")
+    core.memory.ensure_system(obj)
     backing = core.populate(obj)
     fd = core.backing.open_description(backing, writable)
     core.index_key(obj)
@@ -180,7 +185,9 @@ def prime_handle_to_fd(core: Core, client: Client, req: s.ExportReq) -> s.Export
     writable = bool(req.flags & s.WRITABLE)
     if writable and entry.readonly:
         raise PermissionDenied(f"handle {req.handle} is read-only; export it with writable=False")
+    core.memory.ensure_system(obj)
     backing = core.populate(obj)
+    obj.exported = True  # from now on never spilled or purged: others may hold its pages
     fd = core.backing.open_description(backing, writable)
     core.index_key(obj)
     return s.ExportReply(fd=fd)
@@ -213,6 +220,41 @@ def prime_fd_to_handle(core: Core, client: Client, req: s.ImportReq) -> s.Import
         core.discard_unpublished(obj)
         raise
     return s.ImportReply(handle=handle, flags=s.READONLY if info.readonly else 0, size=obj.size)
+
+
+def gem_madvise(core: Core, client: Client, req: s.MadviseReq) -> s.MadviseReply:
+    if req.advice not in (WILLNEED, DONTNEED):
+        raise InvalidArgument(f"advice must be WILLNEED (0) or DONTNEED (1), got {req.advice}")
+    obj = core.lookup(client, req.handle).obj
+    core.memory.madvise(obj, req.advice)
+    return s.MadviseReply(retained=int(obj.placement != Placement.PURGED))
+
+
+def gem_pin(core: Core, client: Client, req: s.HandleReq) -> s.Empty:
+    obj = core.lookup(client, req.handle).obj
+    core.check_pages(obj)
+    if client.id in obj.pinned_by:
+        return s.Empty()
+    limit = core.config.pin_limit
+    if client.pinned_bytes + obj.size > limit:
+        raise QuotaExceeded(f"pinning {obj.size} more bytes would exceed the pin limit of {limit} "
+                            f"(client {client.id} has {client.pinned_bytes} pinned)")
+    core.memory.ensure_system(obj)
+    if obj.kind == Kind.NORMAL:
+        core.memory.make_room(obj.size - obj.resident, exclude=obj)
+        core.backing.populate_all(core.populate(obj))
+        core.memory.measure(obj)
+    obj.pinned_by.add(client.id)
+    client.pinned_bytes += obj.size
+    return s.Empty()
+
+
+def gem_unpin(core: Core, client: Client, req: s.HandleReq) -> s.Empty:
+    obj = core.lookup(client, req.handle).obj
+    if client.id not in obj.pinned_by:
+        raise InvalidArgument(f"handle {req.handle} is not pinned by client {client.id}")
+    core.unpin(client, obj)
+    return s.Empty()
 
 
 def stats(core: Core, client: Client, req: s.Empty) -> s.JsonReply:

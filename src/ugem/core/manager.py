@@ -140,7 +140,7 @@ class Core:
         others.discard(handle)
         if not others:
             del client.by_object[obj.id]
-            self._unpin(client, obj)
+            self.unpin(client, obj)
         obj.handle_count -= 1
         if obj.handle_count == 0:
             self._name_remove(obj)  # the name holds no reference: it dies with the last handle
@@ -236,7 +236,7 @@ class Core:
         self.memory.track(obj)
         return obj
 
-    def _unpin(self, client: Client, obj: BufferObject) -> None:
+    def unpin(self, client: Client, obj: BufferObject) -> None:
         if client.id in obj.pinned_by:
             obj.pinned_by.discard(client.id)
             client.pinned_bytes -= obj.size

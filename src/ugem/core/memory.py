@@ -206,6 +206,10 @@ class Memory:
         if job.error is not None or obj.placement != Placement.SYSTEM:
             self.core.backing.spill_release(job.extent)
             return
+        if obj.madvise == DONTNEED:  # advised away while it was being copied: drop it instead
+            self.core.backing.spill_release(job.extent)
+            self.purge(obj)
+            return
         self.untrack(obj)
         self.core.backing.release(obj.backing)
         obj.backing, obj.extent, obj.spilled = None, job.extent, job.moved
@@ -237,6 +241,16 @@ class Memory:
             self.make_room(obj.spilled, exclude=obj)
             raise Pending([self.plan_restore(obj)])
         self.touch(obj)
+
+    def madvise(self, obj: BufferObject, advice: int) -> None:
+        """Set the advice; DONTNEED with no resident pages purges at once. Purged is final."""
+        if obj.placement == Placement.PURGED:
+            return
+        obj.madvise = advice
+        no_pages = obj.placement in (Placement.NONE, Placement.SPILLED)
+        if advice == DONTNEED and no_pages and obj.job is None and obj.kind == Kind.NORMAL \
+                and not obj.pinned_by and not obj.exported:
+            self.purge(obj)
 
     def release(self, obj: BufferObject) -> None:
         """The object is being freed: give back its memory and spill space."""

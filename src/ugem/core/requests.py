@@ -54,6 +54,9 @@ REQUESTS: tuple[RequestDesc, ...] = (
     RequestDesc(Op.GEM_OPEN, gem.gem_open, s.OpenReq, s.OpenReply, doc="new handle from a name"),
     RequestDesc(Op.PRIME_HANDLE_TO_FD, gem.prime_handle_to_fd, s.ExportReq, s.ExportReply, doc="export an fd"),
     RequestDesc(Op.PRIME_FD_TO_HANDLE, gem.prime_fd_to_handle, s.ImportReq, s.ImportReply, doc="import an fd"),
+    RequestDesc(Op.GEM_MADVISE, gem.gem_madvise, s.MadviseReq, s.MadviseReply, doc="WILLNEED/DONTNEED; retained"),
+    RequestDesc(Op.GEM_PIN, gem.gem_pin, s.HandleReq, s.Empty, doc="populate and keep in place"),
+    RequestDesc(Op.GEM_UNPIN, gem.gem_unpin, s.HandleReq, s.Empty, doc="end this client's pin"),
     RequestDesc(Op.STATS, gem.stats, s.Empty, s.JsonReply, doc="manager-wide figures"),
     RequestDesc(Op.LIST_OBJECTS, gem.list_objects, s.Empty, s.JsonReply, Perm.PRIVILEGED, doc="every object"),
 )

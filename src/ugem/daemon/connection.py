@@ -9,6 +9,9 @@ Rules:
   a handler bug is logged with its traceback and answered EIO, never crashes the daemon;
 - replies are queued and written when the socket is writable; while replies are queued
   the connection is not read (a client that does not read cannot make us buffer more);
+- a request that must wait for memory jobs (Pending: spill, restore) is parked, and the
+  connection is not read until the server resumes it: that client is throttled, others
+  are served meanwhile;
 - fds in replies are closed by the daemon once sent; fds of a dropped connection are
   closed with it.
 """
@@ -19,12 +22,14 @@ import array
 import errno
 import logging
 import os
+import selectors
 import socket
 import time
 from collections import deque
 from typing import TYPE_CHECKING
 
-from ..core.requests import BY_OP, dispatch
+from ..core.jobs import Job, Pending
+from ..core.requests import BY_OP, RequestDesc, dispatch
 from ..errors import InvalidArgument, RemoteProtocolError, UgemError
 from ..fd import OwnedFd
 from ..wire import structs as s
@@ -49,7 +54,7 @@ __all__ = ["Connection"]
 
 log = logging.getLogger("ugem.daemon")
 _ANC_SPACE = socket.CMSG_SPACE(MAX_FDS * array.array("i").itemsize)
-_MAX_FRAMES_PER_READ = 32  # fairness: yield to other clients after this many requests
+_CTRUNC = int(socket.MSG_CTRUNC)  # a plain int: enum flag arithmetic is slow per request
 
 
 class Connection:
@@ -62,6 +67,9 @@ class Connection:
         self.greeted = False
         self.closed = False
         self.last_progress = time.monotonic()
+        self.parked: tuple[Frame, RequestDesc, s.Struct] | None = None  # throttled request
+        self.waiting: list[Job] = []  # the jobs it waits for
+        self.events = selectors.EVENT_READ  # what the server's selector watches (0: nothing)
 
     @property
     def stalled_since(self) -> float | None:
@@ -71,17 +79,16 @@ class Connection:
     # -- reading ---------------------------------------------------------------------
 
     def on_readable(self) -> None:
-        """Read and serve up to _MAX_FRAMES_PER_READ frames. Raises RemoteProtocolError
-        or ConnectionError when the connection must be dropped."""
-        for _ in range(_MAX_FRAMES_PER_READ * 2):
-            if self.outbox:
-                return
+        """Read until one frame is complete and serve it, then return to the loop (epoll
+        reports the socket again if more is waiting). Raises RemoteProtocolError or
+        ConnectionError when the connection must be dropped."""
+        while not self.outbox and self.parked is None:
             try:
                 data, anc, flags, _ = self.sock.recvmsg(self.parser.bytes_desired(), _ANC_SPACE)
             except (BlockingIOError, InterruptedError):
                 return
             fds = _take_fds(anc)
-            if flags & socket.MSG_CTRUNC:
+            if flags & _CTRUNC:
                 for fd in fds:
                     fd.close()
                 raise RemoteProtocolError("truncated control message (too many fds)")
@@ -94,6 +101,7 @@ class Connection:
             frame = self.parser.next_frame()
             if frame is not None:
                 self._serve(frame)
+                return
 
     def _serve(self, frame: Frame) -> None:
         if not self.greeted:
@@ -113,18 +121,34 @@ class Connection:
             frame.close_fds()
             self._reply_error(frame, exc.errno or errno.EIO, str(exc.strerror))
             return
+        self._run(frame, desc, req)
+
+    def _run(self, frame: Frame, desc: RequestDesc, req: s.Struct) -> None:
+        """Dispatch; on Pending, park the request until its jobs are done (then `resume`)."""
         try:
             reply = dispatch(self.core, self.client, desc, req)
+        except Pending as pending:
+            self.parked = (frame, desc, req)
+            self.waiting = pending.jobs
+            return
         except UgemError as exc:
+            _close_unclaimed(req)
             self._reply_error(frame, exc.errno or errno.EIO, str(exc.strerror))
             return
         except Exception:  # a bug in a handler: keep serving everyone, say so loudly
+            _close_unclaimed(req)
             log.exception("handler for %s failed (client %d)", desc.op.name, self.client.id)
             self._reply_error(frame, errno.EIO, f"internal error in {desc.op.name}; see the daemon log")
             return
-        finally:
-            _close_unclaimed(req)
+        _close_unclaimed(req)
         self._reply(frame, reply)
+
+    def resume(self) -> None:
+        """Every job the parked request waited for is done: run it again."""
+        assert self.parked is not None
+        frame, desc, req = self.parked
+        self.parked, self.waiting = None, []
+        self._run(frame, desc, req)
 
     def _hello(self, frame: Frame) -> None:
         if frame.op != Op.HELLO or frame.fds:
@@ -185,6 +209,9 @@ class Connection:
         self.closed = True
         self.core.client_release(self.client)
         self.parser.close()
+        if self.parked is not None:
+            _close_unclaimed(self.parked[2])
+            self.parked, self.waiting = None, []
         for _, fds in self.outbox:
             for fd in fds:
                 fd.close()

@@ -24,15 +24,19 @@ import signal
 import socket
 import struct
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 
 from ..backing.memfd import MemfdStore
 from ..config import Config
 from ..core.client import Credentials
+from ..core.jobs import Job
 from ..core.manager import Core
 from ..errors import RemoteProtocolError
 from ..paths import check_socket_dir
 from .connection import Connection
+from .pressure import PressureWatch
+from .workers import JobRunner
 
 __all__ = ["Server", "ServerOptions", "SocketInUse", "raise_fd_limit"]
 
@@ -74,6 +78,9 @@ class Server:
         self._last_stall_check = 0.0
         self._lock_fd, self._lock_path = -1, ""
         self._wakeup_r, self._wakeup_w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
+        self.runner = JobRunner()
+        self.sel.register(self.runner.fileno(), selectors.EVENT_READ, "jobs")
+        self.pressure = PressureWatch()
 
     # -- setup -----------------------------------------------------------------------
 
@@ -178,11 +185,14 @@ class Server:
                 self._accept()
             elif tag == "wakeup":
                 self._read_signals()
+            elif tag == "jobs":
+                self._jobs_done()
             else:
-                self._on_event(tag, events)
-        if now - self._last_stall_check >= 1.0:  # a scan over all clients, at most once a second
+                self._guard(tag, tag.on_readable if events & selectors.EVENT_READ else tag.flush)
+        if now - self._last_stall_check >= 1.0:  # scans over all clients, at most once a second
             self._last_stall_check = now
             self._drop_stalled(now)
+            self._check_pressure()
 
     def _read_signals(self) -> None:
         try:
@@ -227,12 +237,10 @@ class Server:
             self.sel.register(sock, selectors.EVENT_READ, conn)
             log.debug("client %d connected: pid %d uid %d", client.id, pid, uid)
 
-    def _on_event(self, conn: Connection, events: int) -> None:
+    def _guard(self, conn: Connection, step: Callable[[], None]) -> None:
+        """Run one step of a connection; drop it (only it) on a protocol or socket error."""
         try:
-            if events & selectors.EVENT_WRITE:
-                conn.flush()
-            if events & selectors.EVENT_READ:
-                conn.on_readable()
+            step()
         except RemoteProtocolError as exc:
             log.warning("client %d (pid %d): protocol violation, dropping: %s", conn.client.id,
                         conn.client.creds.pid, exc)
@@ -243,16 +251,47 @@ class Server:
                 log.warning("client %d: socket error, dropping: %s", conn.client.id, exc)
             self._drop(conn)
             return
-        wanted = selectors.EVENT_WRITE if conn.outbox else selectors.EVENT_READ
-        if self.sel.get_key(conn.sock).events != wanted:
+        if conn.parked is not None:  # throttled: start its jobs, stop reading it until they finish
+            for job in conn.waiting:
+                job.waiters.append(conn)
+                self.runner.submit(job)
+        self._sync_events(conn)
+
+    def _sync_events(self, conn: Connection) -> None:
+        wanted = selectors.EVENT_WRITE if conn.outbox else (0 if conn.parked else selectors.EVENT_READ)
+        if wanted == conn.events:
+            return
+        if conn.events == 0:
+            self.sel.register(conn.sock, wanted, conn)
+        elif wanted == 0:
+            self.sel.unregister(conn.sock)
+        else:
             self.sel.modify(conn.sock, wanted, conn)
+        conn.events = wanted
+
+    def _jobs_done(self) -> None:
+        for job in self.runner.completed():
+            self._apply(job)
+
+    def _apply(self, job: Job) -> None:
+        self.core.memory.finish(job)
+        for conn in job.waiters:
+            if not conn.closed and conn.parked is not None and all(j.done for j in conn.waiting):
+                self._guard(conn, conn.resume)
+
+    def _check_pressure(self) -> None:
+        target = self.pressure.check(self.core.memory.resident)
+        if target is not None:
+            jobs = self.core.memory.shrink(target)
+            log.info("memory pressure: shrinking to %d bytes (%d spills)", target, len(jobs))
+            for job in jobs:
+                self.runner.submit(job)
 
     def _drop(self, conn: Connection) -> None:
         self.connections.pop(conn.sock.fileno(), None)
-        try:
+        if conn.events:
             self.sel.unregister(conn.sock)
-        except (KeyError, ValueError):
-            pass  # never registered or already gone
+            conn.events = 0
         log.debug("client %d disconnected", conn.client.id)
         conn.close()
 
@@ -267,6 +306,8 @@ class Server:
     # -- teardown --------------------------------------------------------------------
 
     def shutdown(self) -> None:
+        for job in self.runner.shutdown():  # no copy may outlive the fds it uses
+            self.core.memory.finish(job)
         for conn in list(self.connections.values()):
             self._drop(conn)
         if self.listener is not None:

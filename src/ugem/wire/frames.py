@@ -71,6 +71,9 @@ class Op(enum.IntEnum):
     STATS = 12
     XFER_DONE = 13
     LIST_OBJECTS = 14
+    GEM_MADVISE = 15
+    GEM_PIN = 16
+    GEM_UNPIN = 17
 
 
 def encode_header(length: int, op: int, nfds: int, kind: int, seq: int, status: int = 0) -> bytes:

@@ -33,6 +33,9 @@ __all__ = [
     "ExportReq",
     "FlinkReply",
     "FlinkReq",
+    "HandleReq",
+    "MadviseReply",
+    "MadviseReq",
     "HelloReply",
     "HelloReq",
     "ImportReply",
@@ -73,24 +76,31 @@ class Struct:
     TAIL: ClassVar[str | None] = None
     FDS: ClassVar[tuple[str, ...]] = ()
     _codec: ClassVar[struct.Struct]
+    _names: ClassVar[tuple[str, ...]]
+    _pads: ClassVar[tuple[str, ...]]
+    _plain: ClassVar[bool]  # no tail, no fds: decode positionally
 
     def __init_subclass__(cls, **kw: Any) -> None:
         super().__init_subclass__(**kw)
         cls._codec = struct.Struct("<" + "".join(code for _, code in cls.LAYOUT))
+        cls._names = tuple(name for name, _ in cls.LAYOUT)
+        cls._pads = tuple(name for name in cls._names if name.startswith("pad"))
+        cls._plain = cls.TAIL is None and not cls.FDS
 
     def check(self) -> None:
         """Reject nonzero padding and unknown flags with EINVAL (botching-up-ioctls)."""
-        for name, _ in self.LAYOUT:
+        for name in self._pads:
             value = getattr(self, name)
-            if name.startswith("pad") and value != 0:
+            if value != 0:
                 raise InvalidArgument(f"{type(self).__name__}.{name} must be zero, got {value}")
-            if name == "flags" and value & ~self.FLAGS:
-                raise InvalidArgument(f"{type(self).__name__}: unknown flags {value & ~self.FLAGS:#x}")
+        flags = getattr(self, "flags", 0)
+        if flags & ~self.FLAGS:
+            raise InvalidArgument(f"{type(self).__name__}: unknown flags {flags & ~self.FLAGS:#x}")
 
 
 def encode(msg: Struct) -> tuple[list[Any], list[OwnedFd]]:
     """Return (payload pieces, fds) for a struct; pieces are bytes-like, sent in order."""
-    fixed = msg._codec.pack(*(getattr(msg, name) for name, _ in msg.LAYOUT))
+    fixed = msg._codec.pack(*[getattr(msg, name) for name in msg._names])
     pieces: list[Any] = [fixed]
     if msg.TAIL is not None:
         tail = getattr(msg, msg.TAIL)
@@ -103,12 +113,14 @@ def encode(msg: Struct) -> tuple[list[Any], list[OwnedFd]]:
 def decode(cls: type[Struct], payload: bytes, fds: list[OwnedFd]) -> Any:
     """Build a struct from a payload; EINVAL on a malformed payload. Takes over `fds`."""
     size = cls._codec.size
+    if cls._plain and len(payload) == size and not fds:
+        return cls(*cls._codec.unpack(payload))
     if cls.TAIL is None and len(payload) > size:
         raise InvalidArgument(f"{cls.__name__}: {len(payload)} payload bytes, layout has {size}")
     fixed = payload[:size]
     if len(fixed) < size:
         fixed = fixed + bytes(size - len(fixed))
-    values = dict(zip((name for name, _ in cls.LAYOUT), cls._codec.unpack(fixed), strict=True))
+    values = dict(zip(cls._names, cls._codec.unpack(fixed), strict=True))
     if cls.TAIL is not None:
         values[cls.TAIL] = payload[size:]
     if len(fds) > len(cls.FDS):
@@ -350,6 +362,27 @@ class ImportReply(Struct):
     handle: int = 0
     flags: int = 0
     size: int = 0
+
+
+@dataclass(slots=True)
+class HandleReq(Struct):
+    LAYOUT = (("handle", "I"), ("pad", "I"))
+    handle: int = 0
+    pad: int = 0
+
+
+@dataclass(slots=True)
+class MadviseReq(Struct):
+    LAYOUT = (("handle", "I"), ("advice", "I"))
+    handle: int = 0
+    advice: int = 0
+
+
+@dataclass(slots=True)
+class MadviseReply(Struct):
+    LAYOUT = (("retained", "I"), ("pad", "I"))
+    retained: int = 0
+    pad: int = 0
 
 
 def layout_fields(cls: type[Struct]) -> list[str]:

@@ -39,3 +39,12 @@ def test_tail_carries_data():
     pieces, _ = s.encode(msg)
     back = s.decode(s.PwriteReq, b"".join(bytes(p) for p in pieces), [])
     assert (back.handle, back.offset, back.length, bytes(back.data)) == (1, 2, 3, b"abc")
+
+
+def test_layout_fields_come_first_in_every_struct():
+    """decode() builds plain structs positionally: dataclass order must match LAYOUT."""
+    import dataclasses
+
+    for cls in s.Struct.__subclasses__():
+        names = [f.name for f in dataclasses.fields(cls)]
+        assert names[: len(cls.LAYOUT)] == [n for n, _ in cls.LAYOUT], cls.__name__

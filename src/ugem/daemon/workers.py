@@ -1,0 +1,69 @@
+"""JobRunner: runs memory jobs (spill, restore copies) on worker threads.
+
+Rules:
+- workers run only `Job.run()`, which touches the fds captured in the job, never the
+  core; the loop learns of completions through a pipe it selects on and applies them
+  with `Core.memory.finish` on its own thread;
+- a job is submitted once (`job.started`); many parked requests may wait for it;
+- `shutdown()` waits for the jobs in flight, so no copy outlives the daemon's fds.
+"""
+
+from __future__ import annotations
+
+import os
+import queue
+from concurrent.futures import ThreadPoolExecutor
+
+from ..core.jobs import Job
+
+__all__ = ["JobRunner"]
+
+
+class JobRunner:
+    def __init__(self, workers: int = 2) -> None:
+        self._pool = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="ugem-mover")
+        self._done: queue.SimpleQueue[Job] = queue.SimpleQueue()
+        self._r, self._w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
+        self.in_flight = 0
+
+    def fileno(self) -> int:
+        return self._r
+
+    def submit(self, job: Job) -> None:
+        if job.started:
+            return
+        job.started = True
+        self.in_flight += 1
+        self._pool.submit(self._work, job)
+
+    def _work(self, job: Job) -> None:
+        job.run()
+        self._done.put(job)
+        try:
+            os.write(self._w, b"j")
+        except BlockingIOError:
+            pass  # the pipe is full of wakeups already; the loop will drain the queue
+
+    def completed(self) -> list[Job]:
+        """Jobs finished since the last call (drains the wakeup pipe)."""
+        try:
+            while os.read(self._r, 4096):
+                pass
+        except BlockingIOError:
+            pass
+        jobs = []
+        while True:
+            try:
+                jobs.append(self._done.get_nowait())
+            except queue.Empty:
+                break
+        self.in_flight -= len(jobs)
+        return jobs
+
+    def shutdown(self) -> list[Job]:
+        """Wait for every job in flight; returns those not yet collected."""
+        self._pool.shutdown(wait=True)
+        jobs = self.completed()
+        os.close(self._r)
+        os.close(self._w)
+        return jobs
