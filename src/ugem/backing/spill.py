@@ -75,15 +75,12 @@ def copy_segments(src: int, dst: int, src_base: int, dst_base: int, size: int) -
         map_start = offset & ~(mmap.ALLOCATIONGRANULARITY - 1)
         skew = offset - map_start
         target = dst_base + offset - src_base
-        with mmap.mmap(src, skew + length, prot=mmap.PROT_READ, offset=map_start) as region:
-            view = memoryview(region)
-            try:
-                done = 0
-                while done < length:
-                    chunk = view[skew + done: skew + min(length, done + _CHUNK)]
+        with mmap.mmap(src, skew + length, prot=mmap.PROT_READ, offset=map_start) as region, \
+                memoryview(region) as view:
+            done = 0
+            while done < length:
+                with view[skew + done: skew + min(length, done + _CHUNK)] as chunk:
                     done += os.pwrite(dst, chunk, target + done)
-            finally:
-                view.release()
         moved += length
     return moved
 
