@@ -3,6 +3,7 @@
 This module only re-exports; `__all__` is checked by tests/unit/test_exports.py.
 """
 
+from . import cmd
 from .client.buffer import Buffer
 from .client.connect import connect
 from .client.device import Device, ObjectInfo
@@ -71,6 +72,7 @@ __all__ = [
     "TimedOut",
     "TooBig",
     "UgemError",
+    "cmd",
     "connect",
     "embedded",
 ]

@@ -52,6 +52,9 @@ class BackingStore(Protocol):
     def resident_bytes(self, backing: Any) -> int:
         """Bytes of memory the backing really holds now."""
 
+    def missing_bytes(self, backing: Any, offset: int, length: int) -> int:
+        """Bytes of the pages touched by [offset, offset+length) not allocated yet."""
+
     def close(self) -> None:
         """Remove spill storage; every object has been released."""
 

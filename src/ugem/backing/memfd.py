@@ -25,11 +25,11 @@ from typing import Any
 
 import numpy as np
 
-from ..constants import PAGE_SIZE
+from ..constants import PAGE_SIZE, page_align
 from ..errors import InvalidArgument
 from ..fd import OwnedFd
 from .base import FdKind, Inspection
-from .spill import Extent, SpillStore, copy_segments, punch_hole
+from .spill import Extent, SpillStore, copy_segments, data_segments, punch_hole
 
 __all__ = ["MemfdStore"]
 
@@ -88,6 +88,13 @@ class MemfdStore:
 
     def resident_bytes(self, backing: OwnedFd) -> int:
         return os.fstat(backing.fd).st_blocks * 512
+
+    def missing_bytes(self, backing: OwnedFd, offset: int, length: int) -> int:
+        """Bytes of the pages touched by [offset, offset+length) that hold no memory yet
+        (what writing that range adds to resident memory)."""
+        start = offset - offset % PAGE_SIZE
+        end = page_align(offset + length)
+        return end - start - sum(n for _, n in data_segments(backing.fd, start, end))
 
     @staticmethod
     def zero(into: Any) -> None:

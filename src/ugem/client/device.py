@@ -10,7 +10,7 @@ transport; the only mode-specific code is how bulk data moves:
   over a private file description of the object (XFER) and this process does the one copy
   with preadv/pwritev, then reports XFER_DONE.
 
-Mappings hold no fd (client/mapping.py). When the last view of a mapping dies, a
+Mappings hold no fd (backing/mapping.py). When the last view of a mapping dies, a
 finalizer queues its id; queued releases are sent (GEM_MUNMAP) before the next request,
 never from the finalizer itself, which may run at any moment (even mid-request).
 """
@@ -26,11 +26,11 @@ from typing import TYPE_CHECKING, Any, Protocol
 
 import numpy as np
 
+from ..backing.mapping import map_shared
 from ..errors import BadFd
 from ..fd import OwnedFd
 from ..wire import structs as s
 from ..wire.frames import Op
-from .mapping import map_shared
 
 if TYPE_CHECKING:
     from ..manager import Manager

@@ -103,17 +103,29 @@ def gem_pread(core: Core, client: Client, req: s.PreadReq) -> s.PreadReply:
     return s.PreadReply(data=into)
 
 
+def _pages_added(core: Core, obj: BufferObject, offset: int, length: int) -> int:
+    """Bytes of system pages writing [offset, offset+length) adds: room is made for those
+    only (SPEC §3), so overwriting resident pages never waits or fails for the budget, and
+    foreign memory, which the budget does not count, needs none."""
+    if obj.kind != Kind.NORMAL:
+        return 0
+    if obj.backing is None:
+        return page_align(offset + length) - (offset - offset % PAGE_SIZE)
+    return int(core.backing.missing_bytes(obj.backing, offset, length))
+
+
 def gem_pwrite(core: Core, client: Client, req: s.PwriteReq) -> s.PwriteReply:
     if req.length == 0:
         return s.PwriteReply()
     obj = _rw_lookup(core, client, req.handle, req.offset, req.length, write=True)
     core.memory.ensure_system(obj)
-    core.memory.make_room(req.length, exclude=obj)  # throttles this caller (Pending) or ENOMEM
+    need = _pages_added(core, obj, req.offset, req.length)
+    core.memory.make_room(need, exclude=obj)  # throttles this caller (Pending) or ENOMEM
     backing = core.populate(obj)
     if req.flags & s.XFER:
         fd = core.backing.open_description(backing, writable=True)
         core.index_key(obj)
-        return s.PwriteReply(xfer_id=core.xfer_add(client, obj, reserve=req.length), fd=fd)
+        return s.PwriteReply(xfer_id=core.xfer_add(client, obj, reserve=need), fd=fd)
     if len(req.data) != req.length:
         raise InvalidArgument(f"pwrite length {req.length} but {len(req.data)} data bytes")
     core.backing.write(backing, req.offset, req.data)

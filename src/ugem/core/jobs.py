@@ -55,8 +55,19 @@ class Job:
 
 
 class Pending(Exception):
-    """The request must wait for these jobs, then be run again."""
+    """The request must wait, then be run again from the start. It waits for all of:
 
-    def __init__(self, jobs: list[Job]) -> None:
-        super().__init__(f"waiting for {len(jobs)} memory job(s)")
-        self.jobs = jobs
+    - `jobs`: memory jobs (spill, restore) to finish;
+    - `fence`: the device timeline to complete this seqno (0: none);
+    - `resume`: the device to be resumed (a suspended daemon holds device work);
+    but no longer than `deadline` (monotonic seconds; None: no limit), after which the
+    request is re-run anyway and decides itself (e.g. ETIME).
+    """
+
+    def __init__(self, jobs: list[Job] | None = None, *, fence: int = 0, deadline: float | None = None,
+                 resume: bool = False) -> None:
+        self.jobs = list(jobs or [])
+        self.fence = fence
+        self.deadline = deadline
+        self.resume = resume
+        super().__init__(f"waiting for {len(self.jobs)} job(s), fence {fence}, resume={resume}")

@@ -12,13 +12,17 @@ to it is published; if any step fails, earlier steps are undone in reverse.
 from __future__ import annotations
 
 import itertools
+import time
+from collections.abc import Callable
 from typing import Any
 
 from ..backing.base import BackingStore
 from ..config import Config
 from ..constants import DONTNEED
+from ..device.base import DeviceBackend
 from ..errors import BadAddress, InvalidArgument, NoSuchObject, QuotaExceeded
 from .client import Client, Credentials, HandleEntry
+from .gpu import Gpu
 from .ids import IdAllocator
 from .memory import Memory
 from .object import BufferObject, Kind
@@ -28,9 +32,12 @@ __all__ = ["Core"]
 
 
 class Core:
-    def __init__(self, config: Config, backing: BackingStore) -> None:
+    def __init__(self, config: Config, backing: BackingStore, device: DeviceBackend | None = None,
+                 clock: Callable[[], float] = time.monotonic) -> None:
         self.config = config
         self.backing = backing
+        self.clock = clock
+        self.hold_while_suspended = False  # the daemon holds device work while suspended
         self.objects: dict[int, BufferObject] = {}
         self.by_key: dict[tuple[int, int], BufferObject] = {}
         self.names: dict[int, BufferObject] = {}
@@ -40,6 +47,7 @@ class Core:
         self._object_ids = itertools.count(1)
         self.counters = {"purged_total": 0, "evicted_total": 0, "spilled_total": 0, "bytes_moved_total": 0}
         self.memory = Memory(self)
+        self.gpu: Gpu | None = Gpu(self, device) if device is not None else None
 
     # -- clients ---------------------------------------------------------------------
 
@@ -95,9 +103,9 @@ class Core:
     def _free(self, obj: BufferObject) -> None:
         assert obj.handle_count == 0 and obj.name == 0 and obj.job is None, obj
         self.memory.release(obj)
-        if obj.backing is not None:
-            self.backing.release(obj.backing)
-            obj.backing = None
+        if self.gpu is not None:
+            self.gpu.release(obj)
+        self.release_backing(obj)
         if obj.key is not None:
             self.by_key.pop(obj.key, None)
         obj.transition(Event.FREE)
@@ -217,6 +225,21 @@ class Core:
             obj.transition(Event.POPULATE)
             self.memory.track(obj)
         return obj.backing
+
+    def populate_system(self, obj: BufferObject) -> Any:
+        """System backing for an object leaving VRAM: never fails for the budget (the
+        shrinker makes room afterwards), whatever the placement says now."""
+        if obj.backing is None:
+            obj.backing = self.backing.create(obj.size)
+            self.memory.track(obj)
+        return obj.backing
+
+    def release_backing(self, obj: BufferObject) -> None:
+        """Close the manager's hold on the object's system pages (and its device view)."""
+        if obj.backing is not None:
+            obj.host_view = None  # the mapping goes once queued device work drops it too
+            self.backing.release(obj.backing)
+            obj.backing = None
 
     def index_key(self, obj: BufferObject) -> None:
         """Remember the memory's identity once a description of it leaves the manager."""

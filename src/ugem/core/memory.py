@@ -72,6 +72,12 @@ class Memory:
         self.resident += now - obj.resident
         obj.resident = now
 
+    def expect(self, obj: BufferObject, nbytes: int) -> None:
+        """Count pages about to be written behind our back (a device copy-out) now."""
+        if obj.kind == Kind.NORMAL and nbytes > obj.resident:
+            self.resident += nbytes - obj.resident
+            obj.resident = nbytes
+
     def touch(self, obj: BufferObject) -> None:
         if obj in self.lru:
             self.lru.move_tail(obj)
@@ -157,8 +163,7 @@ class Memory:
         if obj.backing is not None:
             self.core.backing.purge(obj.backing)
             self.untrack(obj)
-            self.core.backing.release(obj.backing)
-            obj.backing = None
+            self.core.release_backing(obj)
         if obj.placement == Placement.SPILLED:
             self.core.backing.spill_release(obj.extent)
             self.spilled -= obj.spilled
@@ -211,8 +216,8 @@ class Memory:
             self.purge(obj)
             return
         self.untrack(obj)
-        self.core.backing.release(obj.backing)
-        obj.backing, obj.extent, obj.spilled = None, job.extent, job.moved
+        self.core.release_backing(obj)
+        obj.extent, obj.spilled = job.extent, job.moved
         self.spilled += job.moved
         obj.transition(Event.SPILL)
         self.core.counters["spilled_total"] += 1

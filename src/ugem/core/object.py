@@ -45,7 +45,7 @@ class BufferObject:
         "id", "size", "kind", "backing", "key", "placement", "madvise", "refcount",
         "handle_count", "name", "creator", "creator_uid", "tiling", "stride", "caching",
         "pinned_by", "readonly", "resident", "maps", "xfers", "exported", "job", "extent", "spilled",
-        "__weakref__",
+        "vram", "last_fence", "write_fence", "last_exec", "dev_dirty", "host_view", "__weakref__",
     )
 
     def __init__(self, ident: int, size: int, kind: Kind, creator: int, creator_uid: int) -> None:
@@ -73,6 +73,12 @@ class BufferObject:
         self.job: Any = None  # spill/restore job in flight (core/jobs.py)
         self.extent: Any = None  # where its data lives in spill storage
         self.spilled = 0  # data bytes in spill storage
+        self.vram: Any = None  # its node in device memory while placement is VRAM (core/gpu.py)
+        self.last_fence = 0  # last device op touching it (busy, wait)
+        self.write_fence = 0  # last device op changing its bytes (CPU reads wait for it)
+        self.last_exec = 0  # last execbuffer using it (EIO if that was cancelled as hung)
+        self.dev_dirty = False  # the device's copy is newer than the system pages
+        self.host_view: Any = None  # the manager's mapping of its pages, for the device
 
     def transition(self, event: Event) -> None:
         self.placement = apply(self.placement, event)

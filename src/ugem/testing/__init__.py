@@ -2,9 +2,11 @@
 
 `run_daemon()` starts a real `ugem serve` subprocess on a temporary socket and stops it
 with SIGTERM; `Env` opens clients of either an embedded Manager or a daemon, so one
-conformance check can run against both.
+conformance check can run against both. `FakeDevice` is a deterministic DeviceBackend for
+core tests: ops run on submit unless it is paused.
 """
 
 from .daemon import DaemonProcess, Env, run_daemon
+from .fake_device import FakeDevice
 
-__all__ = ["DaemonProcess", "Env", "run_daemon"]
+__all__ = ["DaemonProcess", "Env", "FakeDevice", "run_daemon"]

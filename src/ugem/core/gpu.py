@@ -1,0 +1,229 @@
+"""Gpu: placement of objects in device memory, eviction, CPU/device hand-over (TTM).
+
+Theory of operation
+-------------------
+Device memory is one range (`vram_size` bytes) handed out in pages by a RangeAllocator
+(drm_mm). An object the device uses is either *in VRAM* (placement VRAM, `obj.vram` is
+its node) or *used in place* in host memory: CACHED objects, userptr and foreign memory,
+and objects pinned in system memory (coherent, like snooped memory).
+
+All device work happens on the backend's timeline, in order. The core never waits for it
+on the request path: copies are queued behind the work that uses an object (pipelined
+eviction), and each object remembers two seqnos:
+
+- `last_fence`: the last op that touches it in any way (busy/wait look at this);
+- `write_fence`: the last op that changes its bytes (CPU reads wait for this).
+
+`dev_dirty` says the VRAM copy is newer than the system pages (the device wrote it);
+evicting a clean object whose system pages are still there copies nothing back. While an
+object is in VRAM its system pages are a spare copy the shrinker may drop.
+
+Making a working set resident is planned first and committed only if the whole set fits:
+allocate each missing object (best fit); when that fails, run an eviction scan over the
+VRAM LRU, oldest first, skipping pinned objects and the working set; evict only the
+nodes overlapping the hole found. If no hole can be found, roll back and fail ENOSPC
+without having changed anything. Evicting a DONTNEED object drops it (purged).
+
+CPU access (`to_cpu`) brings an object out of VRAM: a copy back if needed, the node freed
+at once (later ops on the timeline run after the queued copy), and the caller waits
+(Pending) for the copy.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from typing import TYPE_CHECKING, Any
+
+from ..constants import CACHING_CACHED, DONTNEED, PAGE_SIZE
+from ..device.base import CopyIn, CopyOut, DeviceBackend, Op, Surface
+from ..errors import Busy, NoSpace
+from ..mm.lru import Lru
+from ..mm.range import InsertMode, Node, RangeAllocator
+from ..mm.scan import EvictionScan
+from .jobs import Pending
+from .object import BufferObject, Kind
+from .states import Event, Placement
+
+if TYPE_CHECKING:
+    from .manager import Core
+
+__all__ = ["Gpu"]
+
+
+class Gpu:
+    def __init__(self, core: Core, backend: DeviceBackend) -> None:
+        self.core = core
+        self.backend = backend
+        self.space: RangeAllocator[BufferObject] = RangeAllocator(0, backend.vram_size // PAGE_SIZE)
+        self.lru: Lru[BufferObject] = Lru()  # unpinned objects in VRAM, least recently used first
+        self.suspended = False
+        self.last_seq = 0
+
+    # -- the timeline ----------------------------------------------------------------
+
+    def submit(self, op: Op) -> int:
+        self.last_seq = self.backend.submit(op)
+        return self.last_seq
+
+    def completed(self) -> int:
+        return self.backend.completed()
+
+    def busy(self, obj: BufferObject) -> bool:
+        return obj.last_fence > self.backend.completed()
+
+    def wait_for(self, fence: int) -> None:
+        """Raise Pending until `fence` has completed."""
+        if fence > self.backend.completed():
+            raise Pending(fence=fence)
+
+    @property
+    def vram_bytes(self) -> int:
+        return self.space.used * PAGE_SIZE
+
+    # -- where the device sees an object ---------------------------------------------
+
+    @staticmethod
+    def in_place(obj: BufferObject) -> bool:
+        """Used where it is, in host memory (coherent): CACHED, proxies, pinned in system."""
+        return (obj.caching == CACHING_CACHED or obj.kind != Kind.NORMAL
+                or (bool(obj.pinned_by) and obj.placement != Placement.VRAM))
+
+    def host_view(self, obj: BufferObject) -> Any:
+        """A writable view of the object's host memory (cached while its backing lives)."""
+        if obj.host_view is None:
+            obj.host_view = self.core.backing.map(obj.backing)
+        return obj.host_view
+
+    def surface(self, obj: BufferObject) -> Surface:
+        if obj.placement == Placement.VRAM:
+            return Surface(obj.size, vram=obj.vram.start * PAGE_SIZE, tiling=obj.tiling, stride=obj.stride)
+        if obj.kind == Kind.NORMAL:
+            self.core.populate(obj)
+        return Surface(obj.size, host=self.host_view(obj), tiling=obj.tiling, stride=obj.stride)
+
+    # -- making a working set resident -----------------------------------------------
+
+    def make_resident(self, objs: Iterable[BufferObject]) -> None:
+        """Place every object that needs VRAM, evicting others; ENOSPC changes nothing."""
+        wanted = [o for o in dict.fromkeys(objs) if not self.in_place(o)]
+        missing = [o for o in wanted if o.placement != Placement.VRAM]
+        if not missing:
+            for obj in wanted:
+                if not obj.pinned_by:
+                    self.lru.move_tail(obj)
+            return
+        protected = {id(o) for o in wanted}
+        placed: list[tuple[BufferObject, Node[BufferObject]]] = []
+        victims: list[tuple[BufferObject, int, int]] = []  # (object, start, pages) removed so far
+        try:
+            for obj in missing:
+                placed.append((obj, self._allocate(obj, protected, victims)))
+        except NoSpace:
+            for _, node in reversed(placed):
+                self.space.remove(node)
+            for victim, start, pages in reversed(victims):
+                victim.vram = self.space.reserve(start, pages, owner=victim)
+            raise NoSpace(f"the working set of {len(wanted)} objects ({sum(o.size for o in wanted)} bytes) "
+                          f"cannot be placed in {self.backend.vram_size} bytes of device memory") from None
+        for victim, start, _ in victims:  # copies out are queued before the copies in
+            self._leave(victim, start * PAGE_SIZE, evicted=True)
+        for obj, node in placed:
+            self._move_in(obj, node)
+        for obj in wanted:
+            if not obj.pinned_by:
+                self.lru.move_tail(obj)
+
+    def _allocate(self, obj: BufferObject, protected: set[int],
+                  victims: list[tuple[BufferObject, int, int]]) -> Node[BufferObject]:
+        pages = obj.size // PAGE_SIZE
+        try:
+            return self.space.insert(pages, owner=obj)
+        except NoSpace:
+            pass
+        with EvictionScan(self.space, pages) as scan:
+            candidates: list[BufferObject] = []
+            for cand in self.lru:
+                if id(cand) in protected or cand.vram is None:
+                    continue
+                candidates.append(cand)
+                if scan.add(cand.vram):
+                    break
+            hits = [c for c in reversed(candidates) if scan.remove(c.vram)]
+        if not scan.found:
+            raise NoSpace(f"no room for {obj.size} bytes")
+        for victim in hits:
+            node = victim.vram
+            victims.append((victim, node.start, node.size))
+            self.space.remove(node)
+            victim.vram = None
+        return self.space.insert(pages, mode=InsertMode.EVICT, owner=obj)
+
+    def _move_in(self, obj: BufferObject, node: Node[BufferObject]) -> None:
+        """Queue the copy that makes `node` hold the object's contents."""
+        offset = node.start * PAGE_SIZE
+        if obj.backing is None:  # never populated: the device's copy starts as zeros
+            seq = self.submit(CopyIn(offset, None, obj.size))
+        else:
+            seq = self.submit(CopyIn(offset, self.host_view(obj), obj.size))
+            self.core.counters["bytes_moved_total"] += obj.size
+        obj.vram = node
+        obj.dev_dirty = False
+        obj.last_fence = obj.write_fence = seq
+        obj.transition(Event.MIGRATE)
+
+    # -- leaving VRAM ----------------------------------------------------------------
+
+    def evict(self, obj: BufferObject) -> None:
+        """Take an object out of VRAM (eviction or suspend)."""
+        node = obj.vram
+        assert node is not None
+        self.space.remove(node)
+        obj.vram = None
+        self._leave(obj, node.start * PAGE_SIZE, evicted=True)
+
+    def _leave(self, obj: BufferObject, offset: int, evicted: bool) -> None:
+        """Copy back (if needed) from `offset`, or drop a DONTNEED object; placement SYSTEM."""
+        self.lru.discard(obj)
+        if evicted:
+            self.core.counters["evicted_total"] += 1
+        if obj.madvise == DONTNEED and evicted:
+            obj.dev_dirty = False
+            self.core.memory.purge(obj)
+            return
+        if obj.dev_dirty or obj.backing is None:
+            self.core.populate_system(obj)
+            seq = self.submit(CopyOut(offset, self.host_view(obj), obj.size))
+            self.core.memory.expect(obj, obj.size)
+            self.core.counters["bytes_moved_total"] += obj.size
+            obj.last_fence = obj.write_fence = seq
+        obj.dev_dirty = False
+        obj.transition(Event.EVICT)
+
+    def to_cpu(self, obj: BufferObject, write: bool) -> None:
+        """Bring the latest contents to system pages; Pending until they are there."""
+        if obj.placement == Placement.VRAM:
+            if obj.pinned_by:
+                raise Busy(f"object {obj.id} is pinned in device memory")
+            self.evict_for_cpu(obj)
+        self.wait_for(obj.last_fence if write else obj.write_fence)
+
+    def evict_for_cpu(self, obj: BufferObject) -> None:
+        node = obj.vram
+        assert node is not None
+        self.space.remove(node)
+        obj.vram = None
+        self._leave(obj, node.start * PAGE_SIZE, evicted=False)
+
+    def evict_all(self) -> None:
+        """Suspend: every object out of VRAM (pinned ones too)."""
+        for node in list(self.space):
+            obj = node.owner
+            assert obj is not None
+            self.evict(obj)
+
+    def release(self, obj: BufferObject) -> None:
+        """The object is freed: give its VRAM back (queued work keeps the timeline order)."""
+        if obj.vram is not None:
+            self.lru.discard(obj)
+            self.space.remove(obj.vram)
+            obj.vram = None

@@ -1,0 +1,1 @@
+"""The device: a small protocol (base.py) and the simulated device that implements it."""

@@ -1,0 +1,95 @@
+"""The device protocol: what the core needs from a device, and nothing more (TTM's
+ttm_device_funcs in spirit). A CUDA backend implements this without touching the core.
+
+Everything a device does happens on its **timeline**, in submission order: each
+`submit()` returns a sequence number (seqno), and seqnos complete in order. The core never
+waits on the timeline from its request path: it queues copies behind the work that uses
+an object (pipelined eviction) and learns of completions through `completed()` and the
+notify callback.
+
+Memory the device touches is described by `Surface`s, resolved by the core at submission:
+- `Surface(vram=offset, ...)`: a range of device memory the core allocated (drm_mm);
+- `Surface(host=buffer, ...)`: host memory used in place (CACHED objects, userptr,
+  foreign memory, objects pinned in system memory): a writable buffer-protocol object
+  (the simulated device gets a memoryview; a GPU backend would register/pin it).
+
+Ops:
+- `CopyIn(vram, host, length)`: host -> device memory (making an object resident);
+- `CopyOut(vram, host, length)`: device memory -> host (eviction, set_domain(CPU), suspend);
+- `Execute(commands, surfaces)`: run a command list (ugem.cmd) where each handle in the
+  commands maps to its Surface.
+
+A failed op (a hung Execute cancelled after `hang_timeout`) completes with an errno
+(EIO) that `error(seqno)` reports; later ops still run ("the device goes on").
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any, Protocol
+
+from ..cmd import Command
+
+__all__ = ["CopyIn", "CopyOut", "DeviceBackend", "Execute", "Op", "Surface"]
+
+
+@dataclass(frozen=True, slots=True)
+class Surface:
+    """Where an object's bytes are for the device: exactly one of vram / host is set."""
+
+    size: int
+    vram: int | None = None  # byte offset in device memory
+    host: Any = None  # writable buffer (memoryview) used in place
+    tiling: int = 0
+    stride: int = 0
+
+
+@dataclass(frozen=True, slots=True)
+class CopyIn:
+    vram: int
+    host: Any  # readable buffer of `length` bytes
+    length: int
+
+
+@dataclass(frozen=True, slots=True)
+class CopyOut:
+    vram: int
+    host: Any  # writable buffer of `length` bytes
+    length: int
+
+
+@dataclass(frozen=True, slots=True)
+class Execute:
+    commands: Sequence[Command]
+    surfaces: Mapping[int, Surface]  # handle -> surface
+
+
+Op = CopyIn | CopyOut | Execute
+
+
+class DeviceBackend(Protocol):
+    @property
+    def vram_size(self) -> int:
+        """Bytes of device memory."""
+
+    def submit(self, op: Op) -> int:
+        """Queue `op` on the timeline; returns its seqno (increasing from 1). Never blocks."""
+
+    def completed(self) -> int:
+        """The highest seqno that has completed (all lower ones have too)."""
+
+    def error(self, seqno: int) -> int | None:
+        """The errno a completed op failed with (EIO: cancelled as hung), else None."""
+
+    def wait(self, seqno: int, timeout: float | None) -> bool:
+        """Block until `seqno` completes or `timeout` seconds pass; True if it completed."""
+
+    def set_notify(self, callback: Callable[[int], None]) -> None:
+        """Call `callback(seqno)` (from the device's thread) after each op completes."""
+
+    def read_vram(self, offset: int, length: int) -> bytes:
+        """Debug/test access to device memory (the simulated device only needs to support it)."""
+
+    def close(self) -> None:
+        """Finish queued work and release device memory."""

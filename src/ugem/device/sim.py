@@ -1,0 +1,311 @@
+"""SimDevice: the simulated device (SPEC §3 "vram", "device commands"), a `DeviceBackend`.
+
+Device memory is one anonymous shared mapping of `vram_size` bytes. The kernel backs it
+lazily (a 1 GiB device costs nothing until its pages are touched) and MAP_NORESERVE keeps
+the heuristic overcommit check from charging all of it up front.
+
+The timeline is one worker thread that runs ops strictly in submission order:
+- `submit()` validates the op (a range outside device memory, a short or read-only host
+  buffer is a core bug and raises ValueError at the call site), then takes the next seqno and
+  queues the op under one lock, so queue order is seqno order. It never waits for the device.
+- CopyIn / CopyOut copy between a host buffer and a slice of device memory. Execute gives
+  each handle a `Target`: VRAM surfaces become memoryview slices of device memory, host
+  surfaces (CACHED, userptr, pinned in system memory) are used in place. Its commands run
+  one by one through `commands.execute`.
+- Hang detection: an Execute still running `hang_timeout` seconds after it started is
+  cancelled: the `cancelled` callback handed to `commands.execute` turns True (a running
+  SemaphoreWait or Blit raises `Hung`) and no further command of it starts. Its seqno completes with
+  EIO and the timeline goes on. Writes its earlier commands made stay, as on hardware.
+- Any other exception inside an op is logged with its traceback and completes that seqno
+  with EIO too: the worker never dies.
+- Completion: the completed seqno is raised under a Condition (waiters wake), then the
+  notify callback runs on the worker thread, outside the lock; its exceptions are logged.
+  Failed seqnos stay in a set forever, so `error()` answers for any completed seqno with
+  memory O(failures).
+
+close() stops accepting work and lets the worker finish what is queued: copies and commands
+still run, so data queued for eviction lands, but every SemaphoreWait that is not already
+satisfied, running or queued, is cancelled at once as hung (EIO). A wait for a CPU write that
+will never come must not hold shutdown for `hang_timeout` per op. Then the thread is joined
+and device memory unmapped. close() is idempotent and must not be called from the notify
+callback (the worker cannot join itself).
+
+Rules: every memoryview taken on device memory or on a host buffer is released before the op
+completes (and the frames of a failed command are cleared, so a traceback cannot pin one),
+so the core may unmap a host buffer once its seqno completed and close() can unmap device
+memory; the worker drops its reference to the op when done.
+Must not: touch the core, block in submit(), let an exception escape the worker.
+"""
+
+from __future__ import annotations
+
+import errno
+import logging
+import mmap
+import platform
+import queue
+import threading
+import time
+import traceback
+from collections.abc import Callable, Iterator
+from contextlib import ExitStack, contextmanager
+from typing import TYPE_CHECKING, Any
+
+from ..cmd import SemaphoreWait
+from .base import CopyIn, CopyOut, DeviceBackend, Execute, Op, Surface
+from .commands import Hung, Target, execute
+
+__all__ = ["SimDevice", "check_op", "run_op"]
+
+log = logging.getLogger("ugem.device")
+
+# Python's mmap module does not export MAP_NORESERVE everywhere; 0x4000 is its value on the
+# common Linux ABIs (x86, arm, riscv). Elsewhere we go without (only the accounting differs).
+_NORESERVE: int = getattr(mmap, "MAP_NORESERVE", 0x4000 if platform.machine() in
+                          {"x86_64", "i386", "i686", "aarch64", "armv7l", "riscv64"} else 0)
+
+
+# --- validation (caller's thread) and the body of one timeline step (worker's thread) ---
+
+def _host_bytes(buffer: Any, *, writable: bool) -> int:
+    """Size in bytes of a host buffer; ValueError if it cannot be written and must be."""
+    with memoryview(buffer) as view:
+        if writable and view.readonly:
+            raise ValueError("host buffer is read-only")
+        if not view.c_contiguous:
+            raise ValueError("host buffer is not contiguous")
+        return view.nbytes
+
+
+def _check_range(offset: int, length: int, vram_size: int) -> None:
+    if offset < 0 or length < 0 or offset + length > vram_size:
+        raise ValueError(f"range [{offset}, +{length}) outside device memory of {vram_size} bytes")
+
+
+def _check_surface(handle: int, surface: Surface, vram_size: int) -> None:
+    if (surface.vram is None) == (surface.host is None):
+        raise ValueError(f"surface of handle {handle}: exactly one of vram / host must be set")
+    if surface.vram is not None:
+        _check_range(surface.vram, surface.size, vram_size)
+    # Not required writable: a read-only userptr may be a source (a write to it fails the op).
+    elif _host_bytes(surface.host, writable=False) < surface.size:
+        raise ValueError(f"surface of handle {handle}: host buffer shorter than {surface.size} bytes")
+
+
+def check_op(op: Op, vram_size: int) -> None:
+    """Raise ValueError (TypeError for a non-op) if `op` could not run on this device."""
+    if isinstance(op, CopyIn | CopyOut):
+        _check_range(op.vram, op.length, vram_size)
+        if _host_bytes(op.host, writable=isinstance(op, CopyOut)) < op.length:
+            raise ValueError(f"host buffer shorter than {op.length} bytes")
+    elif isinstance(op, Execute):
+        for handle, surface in op.surfaces.items():
+            _check_surface(handle, surface, vram_size)
+    else:
+        raise TypeError(f"not a device op: {op!r}")
+
+
+@contextmanager
+def _host_view(buffer: Any, length: int) -> Iterator[memoryview]:
+    """The first `length` bytes of a host buffer as a flat byte view, released on exit."""
+    with memoryview(buffer) as view, view.cast("B") as flat, flat[:length] as part:
+        yield part
+
+
+def _target(views: ExitStack, memory: memoryview, surface: Surface) -> Target:
+    if surface.vram is not None:
+        buf = views.enter_context(memory[surface.vram:surface.vram + surface.size])
+    else:
+        buf = views.enter_context(_host_view(surface.host, surface.size))
+    return Target(buf=buf, tiling=surface.tiling, stride=surface.stride)
+
+
+def _never() -> bool:
+    return False
+
+
+def _execute(memory: memoryview, op: Execute, deadline: float | None, abandon_waits: Callable[[], bool]) -> None:
+    def expired() -> bool:
+        return deadline is not None and time.monotonic() >= deadline
+
+    def wait_cancelled() -> bool:
+        return abandon_waits() or expired()
+
+    with ExitStack() as views:
+        targets = {handle: _target(views, memory, s) for handle, s in op.surfaces.items()}
+        try:
+            for command in op.commands:
+                if expired():
+                    raise Hung(f"command list still running at its deadline, before {command!r}")
+                cancelled = wait_cancelled if isinstance(command, SemaphoreWait) else expired
+                execute(command, targets, cancelled=cancelled)
+        except BaseException as exc:
+            # The frames of commands.execute hold numpy arrays over our views, and those keep
+            # the underlying buffer exported even after the views are released: a traceback
+            # kept by a log handler would stop the core unmapping a host buffer, and close()
+            # unmapping device memory. Clear them (frames in flight are left alone).
+            traceback.clear_frames(exc.__traceback__)
+            raise
+        finally:
+            targets.clear()
+
+
+def run_op(
+    memory: memoryview, op: Op, *, deadline: float | None = None, abandon_waits: Callable[[], bool] = _never
+) -> None:
+    """Carry out one checked op against `memory` (device memory as a flat byte view).
+
+    An Execute is cancelled (`Hung`) once `deadline` (time.monotonic()) has passed: no further
+    command starts and a running SemaphoreWait or Blit stops. A SemaphoreWait not satisfied
+    when `abandon_waits()` is True is cancelled too (close(); the fake device's instant hang).
+    """
+    if isinstance(op, CopyIn):
+        with _host_view(op.host, op.length) as src, memory[op.vram:op.vram + op.length] as dst:
+            dst[:] = src
+    elif isinstance(op, CopyOut):
+        with _host_view(op.host, op.length) as dst, memory[op.vram:op.vram + op.length] as src:
+            dst[:] = src
+    else:
+        _execute(memory, op, deadline, abandon_waits)
+
+
+_STOP = None  # queued by close(): the worker exits after everything queued before it
+
+
+class SimDevice:
+    """The simulated device: lazily backed device memory and a one-thread timeline."""
+
+    def __init__(self, vram_size: int = 1 << 30, hang_timeout: float = 10.0) -> None:
+        if vram_size <= 0 or hang_timeout <= 0:
+            raise ValueError("vram_size and hang_timeout must be positive")
+        self._vram_size = vram_size
+        self._hang_timeout = hang_timeout
+        self._mem = mmap.mmap(-1, vram_size, flags=mmap.MAP_SHARED | mmap.MAP_ANONYMOUS | _NORESERVE)
+        self._memory = memoryview(self._mem)  # the worker's view; released by close()
+        self._queue: queue.SimpleQueue[tuple[int, Op] | None] = queue.SimpleQueue()
+        self._submit_lock = threading.Lock()  # seqno order == queue order
+        self._issued = 0
+        self._closing = False  # read by the worker (abandon_waits) without a lock: a plain bool flip
+        self._close_lock = threading.Lock()
+        self._closed = False
+        self._cond = threading.Condition()  # guards _completed and _failed; wakes waiters
+        self._completed = 0
+        self._failed: set[int] = set()
+        self._notify: Callable[[int], None] | None = None
+        self._thread = threading.Thread(target=self._run, name="ugem-device", daemon=True)
+        self._thread.start()
+
+    # --- DeviceBackend ---
+
+    @property
+    def vram_size(self) -> int:
+        return self._vram_size
+
+    @property
+    def hang_timeout(self) -> float:
+        return self._hang_timeout
+
+    def submit(self, op: Op) -> int:
+        check_op(op, self._vram_size)
+        with self._submit_lock:
+            if self._closing:
+                raise RuntimeError("submit() on a closed SimDevice")
+            self._issued += 1
+            self._queue.put((self._issued, op))  # SimpleQueue.put never blocks
+            return self._issued
+
+    def completed(self) -> int:
+        return self._completed
+
+    def error(self, seqno: int) -> int | None:
+        with self._cond:
+            return errno.EIO if seqno in self._failed else None
+
+    def wait(self, seqno: int, timeout: float | None) -> bool:
+        # After close() every issued seqno has completed; a never-issued one never will.
+        with self._cond:
+            self._cond.wait_for(lambda: self._completed >= seqno or self._closed, timeout)
+            return self._completed >= seqno
+
+    def set_notify(self, callback: Callable[[int], None] | None) -> None:
+        self._notify = callback
+
+    def read_vram(self, offset: int, length: int) -> bytes:
+        _check_range(offset, length, self._vram_size)
+        if self._closed:
+            raise ValueError("read_vram() on a closed SimDevice")
+        return self._mem[offset:offset + length]
+
+    def close(self) -> None:
+        if threading.current_thread() is self._thread:
+            raise RuntimeError("SimDevice.close() called from its own worker (notify callback)")
+        with self._close_lock:
+            if self._closed:
+                return
+            with self._submit_lock:
+                self._closing = True  # from now on pending SemaphoreWaits are cancelled
+                self._queue.put(_STOP)
+            self._thread.join()
+            with self._cond:
+                self._closed = True
+                self._cond.notify_all()
+            self._unmap()
+
+    def __enter__(self) -> SimDevice:
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.close()
+
+    # --- the timeline (worker thread) ---
+
+    def _run(self) -> None:
+        while (item := self._queue.get()) is not _STOP:
+            seqno, op = item
+            failed = self._run_one(seqno, op)
+            del item, op  # the core may release host buffers once the seqno completes
+            self._complete(seqno, failed)
+
+    def _run_one(self, seqno: int, op: Op) -> bool:
+        """Run one op; True if it failed (hung or raised)."""
+        deadline = time.monotonic() + self._hang_timeout
+        try:
+            run_op(self._memory, op, deadline=deadline, abandon_waits=self._is_closing)
+        except Hung as exc:
+            reason = "device closing" if self._closing else f"still running after {self._hang_timeout:g} s"
+            log.warning("seqno %d cancelled as hung (%s): %s", seqno, reason, exc)
+            return True
+        except Exception as exc:
+            log.error("seqno %d failed, completing it with EIO", seqno, exc_info=exc)
+            return True
+        return False
+
+    def _is_closing(self) -> bool:
+        return self._closing
+
+    def _complete(self, seqno: int, failed: bool) -> None:
+        with self._cond:
+            if failed:
+                self._failed.add(seqno)
+            self._completed = seqno
+            self._cond.notify_all()
+        callback = self._notify
+        if callback is not None:
+            try:
+                callback(seqno)
+            except Exception:
+                log.exception("device notify callback failed for seqno %d", seqno)
+
+    def _unmap(self) -> None:
+        try:
+            self._memory.release()
+            self._mem.close()
+        except BufferError:
+            # Someone still holds a view of device memory (a bug elsewhere): the mapping goes
+            # away when the last view does; do not turn a clean shutdown into a crash.
+            log.warning("device memory still has views at close; leaving it to the garbage collector")
+
+
+if TYPE_CHECKING:
+    def _conforms(device: SimDevice) -> DeviceBackend:  # mypy: SimDevice satisfies the protocol
+        return device

@@ -1,0 +1,78 @@
+"""Device command lists on the wire: fixed 88-byte little-endian records.
+
+    offset  size  field
+    0       4     type     1 Fill, 2 Copy, 3 Blit, 4 SemaphoreWait
+    4       4     pad      must be zero
+    8       4     h1       Fill.dst, Copy.src, Blit.src, SemaphoreWait.obj
+    12      4     h2       Copy.dst, Blit.dst (else zero)
+    16      72    p[0..8]  nine signed 64-bit parameters, in the order of the dataclass
+                           fields after the handles; unused ones must be zero
+
+Both transports carry execbuffer commands in this form (the embedded Device encodes them
+too), so both modes decode and reject exactly the same lists. Out-of-range values on the
+client side saturate (handles -> 0, ints -> the s64 limits) so that they fail the
+manager's checks rather than the encoder.
+"""
+
+from __future__ import annotations
+
+import struct
+from collections.abc import Sequence
+
+from ..cmd import Blit, Command, Copy, Fill, SemaphoreWait
+from ..errors import InvalidArgument
+
+__all__ = ["RECORD", "decode_commands", "encode_commands"]
+
+RECORD = struct.Struct("<IIII9q")
+_TYPES: dict[type, int] = {Fill: 1, Copy: 2, Blit: 3, SemaphoreWait: 4}
+_CLASSES = {code: cls for cls, code in _TYPES.items()}
+# per type: (handle fields, int fields)
+_FIELDS: dict[type, tuple[tuple[str, ...], tuple[str, ...]]] = {
+    Fill: (("dst",), ("offset", "length", "byte")),
+    Copy: (("src", "dst"), ("src_offset", "dst_offset", "length")),
+    Blit: (("src", "dst"), ("src_x", "src_y", "dst_x", "dst_y", "width", "height", "cpp", "src_pitch",
+                            "dst_pitch")),
+    SemaphoreWait: (("obj",), ("offset", "value")),
+}
+
+
+def _handle(value: int) -> int:
+    return value if isinstance(value, int) and 0 < value < 2**32 else 0
+
+
+def _s64(value: int) -> int:
+    return min(max(int(value), -(2**63)), 2**63 - 1)
+
+
+def encode_commands(commands: Sequence[Command]) -> bytes:
+    out = bytearray()
+    for cmd in commands:
+        code = _TYPES.get(type(cmd))
+        if code is None:
+            raise InvalidArgument(f"not a device command: {cmd!r}")
+        handles, ints = _FIELDS[type(cmd)]
+        hs = [_handle(getattr(cmd, name)) for name in handles] + [0] * (2 - len(handles))
+        ps = [_s64(getattr(cmd, name)) for name in ints] + [0] * (9 - len(ints))
+        out += RECORD.pack(code, 0, *hs, *ps)
+    return bytes(out)
+
+
+def decode_commands(data: bytes) -> list[Command]:
+    """Records back to commands; EINVAL for a torn record, unknown type or nonzero padding."""
+    if len(data) % RECORD.size:
+        raise InvalidArgument(f"command list of {len(data)} bytes is not a whole number of "
+                              f"{RECORD.size}-byte records")
+    commands: list[Command] = []
+    for index, (code, pad, h1, h2, *ps) in enumerate(RECORD.iter_unpack(data)):
+        cls = _CLASSES.get(code)
+        if cls is None:
+            raise InvalidArgument(f"command {index}: unknown command type {code}")
+        handles, ints = _FIELDS[cls]
+        unused = ([h2] if len(handles) == 1 else []) + ps[len(ints):]
+        if pad or any(unused):
+            raise InvalidArgument(f"command {index}: nonzero padding or unused fields")
+        values = dict(zip(handles, (h1, h2), strict=False))
+        values.update(zip(ints, ps, strict=False))
+        commands.append(cls(**values))
+    return commands
