@@ -176,15 +176,15 @@ def time_each(op: Callable[[], Any], n: int) -> list[int]:
 
 @dataclass
 class Target:
-    """`value op limit` on either the ratio or the median (`on`); op is "<=" or ">="."""
+    """`value op limit` on the ratio, the median or the p99 (`on`); op is "<=" or ">="."""
 
     op: str
     limit: float
-    on: str = "ratio"  # "ratio" or "median"
+    on: str = "ratio"  # "ratio", "median" or "p99"
     text: str = ""
 
     def check(self, row: Row) -> bool | None:
-        value = row.ratio if self.on == "ratio" else row.median
+        value = {"ratio": row.ratio, "median": row.median, "p99": row.p99}[self.on]
         if value is None or value != value:
             return None
         return value <= self.limit if self.op == "<=" else value >= self.limit
@@ -194,7 +194,7 @@ class Target:
             return self.text
         if self.on == "ratio":
             return f"ratio {self.op} {self.limit:g}"
-        return f"median {self.op} {self.limit:g} {unit}"
+        return f"{self.on} {self.op} {self.limit:g} {unit}"
 
 
 @dataclass
@@ -321,6 +321,8 @@ def print_summary(reports: list[Report], out: Any = None) -> None:
                 measured = f"not measured: {r.error[:70]}"
             elif r.ratio is not None and r.target.startswith("ratio"):
                 measured = f"ratio {r.ratio:.3f} (median {_num(r.median)} {r.unit})"
+            elif r.target.startswith("p99"):
+                measured = f"p99 {_num(r.p99)} {r.unit} (median {_num(r.median)} {r.unit})"
             else:
                 measured = f"median {_num(r.median)} {r.unit}"
             table.append((rep.bench, r.figure, r.mode, r.target, measured, _verdict(r.passed)))

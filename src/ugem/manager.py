@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import os
 import threading
+import time
 from typing import Any
 
 from .backing.memfd import MemfdStore
@@ -21,6 +22,7 @@ from .core.client import Client, Credentials
 from .core.jobs import Pending
 from .core.manager import Core
 from .core.requests import BY_OP, dispatch
+from .device.sim import SimDevice
 from .errors import BadFd
 from .wire import structs as s
 from .wire.frames import Op
@@ -32,7 +34,8 @@ class Manager:
     def __init__(self, **config: Any) -> None:
         self.config = Config.from_kwargs(**config)
         self._lock = threading.RLock()
-        self._core: Core | None = Core(self.config, MemfdStore(self.config.spill_dir))
+        self._device = SimDevice(self.config.vram, self.config.hang_timeout)
+        self._core: Core | None = Core(self.config, MemfdStore(self.config.spill_dir), self._device)
 
     @property
     def closed(self) -> bool:
@@ -51,12 +54,12 @@ class Manager:
         return Device(EmbeddedTransport(self, client))
 
     def _call(self, client: Client, op: Op, req: s.Struct) -> Any:
-        with self._lock:
-            core = self._live_core()
-            if client.closed:
-                raise BadFd(f"client {client.id} is closed")
-            desc = BY_OP[op]
-            while True:
+        desc = BY_OP[op]
+        while True:
+            with self._lock:
+                core = self._live_core()
+                if client.closed:
+                    raise BadFd(f"client {client.id} is closed")
                 try:
                     return dispatch(core, client, desc, req)
                 except Pending as pending:  # embedded: do the copies right here, then retry
@@ -64,6 +67,10 @@ class Manager:
                         if not job.done:
                             job.run()
                             core.memory.finish(job)
+                    fence, deadline = pending.fence, pending.deadline
+            if fence:  # wait for the device without holding the lock
+                timeout = None if deadline is None else max(0.0, deadline - time.monotonic())
+                self._device.wait(fence, timeout)
 
     def _release(self, client: Client) -> None:
         with self._lock:
@@ -81,6 +88,7 @@ class Manager:
             if core is not None:
                 for client in list(core.clients.values()):
                     core.client_release(client)
+                self._device.close()  # queued copies finish first
                 core.backing.close()
 
     def __enter__(self) -> Manager:

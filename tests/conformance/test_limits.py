@@ -107,6 +107,29 @@ def test_foreign_memory_is_not_charged(make_env, sealed_memfd):
     dev.create(PAGE)
 
 
+def test_a_purged_object_stays_charged_until_closed(make_env, errno_of):
+    # the quota counts live objects, not their pages: purging gives nothing back
+    dev = make_env(client_quota=2 * PAGE).open()
+    h = dev.create(2 * PAGE)
+    assert dev.madvise(h, ugem.DONTNEED) is False
+    assert errno_of(dev.create, PAGE) == errno.EDQUOT
+    dev.close_handle(h)
+    dev.create(2 * PAGE)
+
+
+def test_a_spilled_object_stays_charged(make_env, errno_of):
+    mib = 1 << 20
+    env = make_env(client_quota=8 * mib, system_budget=4 * mib)
+    dev, other = env.open(), env.open()
+    first = dev.create(4 * mib)
+    dev.pwrite(first, 0, b"\1" * (4 * mib))
+    second = dev.create(4 * mib)
+    dev.pwrite(second, 0, b"\2" * (4 * mib))
+    assert dev.info(first).placement == "spilled"
+    assert errno_of(dev.create, PAGE) == errno.EDQUOT
+    other.create(8 * mib)  # the other client's quota is its own
+
+
 # -- client_max_objects ----------------------------------------------------------------
 
 

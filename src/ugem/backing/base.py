@@ -68,6 +68,12 @@ class BackingStore(Protocol):
     def populate_all(self, backing: Any) -> None:
         """Allocate every page now."""
 
+    def map(self, backing: Any) -> Any:
+        """A writable buffer over the whole backing, for the device to use in place."""
+
+    def spill_free(self) -> int:
+        """Bytes spill storage can still take."""
+
     def spill_reserve(self, size: int) -> Any:
         """An extent of spill storage for `size` bytes (NoSpace when full)."""
 

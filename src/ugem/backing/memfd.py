@@ -29,6 +29,7 @@ from ..constants import PAGE_SIZE, page_align
 from ..errors import InvalidArgument
 from ..fd import OwnedFd
 from .base import FdKind, Inspection
+from .mapping import map_shared
 from .spill import Extent, SpillStore, copy_segments, data_segments, punch_hole
 
 __all__ = ["MemfdStore"]
@@ -109,7 +110,18 @@ class MemfdStore:
         """Allocate every page now (pin), so later use cannot fail for memory."""
         os.posix_fallocate(backing.fd, 0, os.fstat(backing.fd).st_size)
 
+    def map(self, backing: OwnedFd) -> memoryview:
+        """A shared writable mapping of the whole memfd for the device (holds no fd)."""
+        size = os.fstat(backing.fd).st_size
+        writable = fcntl.fcntl(backing.fd, fcntl.F_GETFL) & os.O_ACCMODE != os.O_RDONLY
+        return memoryview(map_shared(backing.fd, 0, size, writable))
+
     # -- spill storage ---------------------------------------------------------------
+
+    def spill_free(self) -> int:
+        """Bytes the spill directory's filesystem can still take."""
+        st = os.statvfs(self.spill.directory)
+        return st.f_bavail * st.f_frsize
 
     def spill_reserve(self, size: int) -> Extent:
         return self.spill.reserve(size)

@@ -31,6 +31,7 @@ from ..errors import BadFd
 from ..fd import OwnedFd
 from ..wire import structs as s
 from ..wire.frames import Op
+from .device_ops import DeviceOps
 
 if TYPE_CHECKING:
     from ..manager import Manager
@@ -94,7 +95,7 @@ def _byte_view(buffer: Any, writable: bool) -> memoryview:
     return view.cast("B") if view.format != "B" or view.ndim != 1 else view
 
 
-class Device:
+class Device(DeviceOps):
     """One client of a ugem manager. Use as a context manager; `close()` releases all."""
 
     def __init__(self, transport: Transport) -> None:

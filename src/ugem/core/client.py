@@ -12,6 +12,7 @@ Rules:
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import Any
 
 from .ids import IdAllocator
 from .object import BufferObject
@@ -42,7 +43,7 @@ class Client:
     handle_ids: IdAllocator = field(default_factory=IdAllocator)
     mappings: dict[int, BufferObject] = field(default_factory=dict)
     map_ids: IdAllocator = field(default_factory=IdAllocator)
-    transfers: dict[int, tuple[BufferObject, int]] = field(default_factory=dict)  # -> (object, bytes reserved)
+    transfers: dict[int, tuple[BufferObject, int, Any]] = field(default_factory=dict)  # -> (object, reserved, bounce)
     xfer_ids: IdAllocator = field(default_factory=IdAllocator)
     created_bytes: int = 0  # sizes of live objects this client created (quota)
     pinned_bytes: int = 0

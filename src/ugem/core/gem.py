@@ -16,6 +16,7 @@ import struct
 from ..backing.base import FdKind
 from ..constants import DONTNEED, MAX_OBJECT_SIZE, PAGE_SIZE, WILLNEED, page_align
 from ..errors import (
+    Busy,
     InvalidArgument,
     NoDevice,
     NoSuchObject,
@@ -26,6 +27,7 @@ from ..errors import (
 from ..wire import structs as s
 from ..wire.frames import MAX_INLINE
 from .client import Client
+from .cpu_access import pinned_in_vram, pread_vram, prepare_cpu, pwrite_vram
 from .manager import Core
 from .object import BufferObject, Kind
 from .states import Placement
@@ -59,7 +61,8 @@ def gem_close(core: Core, client: Client, req: s.CloseReq) -> s.Empty:
 def gem_info(core: Core, client: Client, req: s.InfoReq) -> s.InfoReply:
     entry = core.lookup(client, req.handle)
     obj = entry.obj
-    flags = ((s.INFO_PINNED if obj.pinned_by else 0) | (s.INFO_USERPTR if obj.kind == Kind.USERPTR else 0)
+    flags = ((s.INFO_PINNED if obj.pinned_by else 0) | (s.INFO_BUSY if core.gpu.busy(obj) else 0)
+              | (s.INFO_USERPTR if obj.kind == Kind.USERPTR else 0)
              | (s.INFO_READONLY if entry.readonly else 0) | (s.INFO_FOREIGN if obj.kind == Kind.FOREIGN else 0))
     madvise = 2 if obj.placement == Placement.PURGED else obj.madvise
     return s.InfoReply(size=obj.size, placement=obj.placement, madvise=madvise, flags=flags, name=obj.name,
@@ -87,6 +90,9 @@ def gem_pread(core: Core, client: Client, req: s.PreadReq) -> s.PreadReply:
         return s.PreadReply()
     obj = _rw_lookup(core, client, req.handle, req.offset, req.length, write=False)
     core.memory.ensure_system(obj)
+    if pinned_in_vram(obj):
+        return pread_vram(core, client, obj, req)
+    core.gpu.to_cpu(obj, write=False)
     if req.flags & s.XFER:
         if obj.backing is None:
             return s.PreadReply()  # no pages: the client reads zeros without populating
@@ -119,6 +125,9 @@ def gem_pwrite(core: Core, client: Client, req: s.PwriteReq) -> s.PwriteReply:
         return s.PwriteReply()
     obj = _rw_lookup(core, client, req.handle, req.offset, req.length, write=True)
     core.memory.ensure_system(obj)
+    if pinned_in_vram(obj):
+        return pwrite_vram(core, client, obj, req)
+    core.gpu.to_cpu(obj, write=True)
     need = _pages_added(core, obj, req.offset, req.length)
     core.memory.make_room(need, exclude=obj)  # throttles this caller (Pending) or ENOMEM
     backing = core.populate(obj)
@@ -151,7 +160,10 @@ def gem_mmap(core: Core, client: Client, req: s.MmapReq) -> s.MmapReply:
     writable = bool(req.flags & s.WRITABLE)
     if writable and entry.readonly:
         raise PermissionDenied(f"handle {req.handle} is read-only; map it with writable=False")
-    core.memory.ensure_system(obj)
+    if pinned_in_vram(obj):
+        raise Busy(f"object {req.handle} is pinned in device memory")
+    prepare_cpu(core, obj, write=writable)
+    core.memory.settle(exclude=obj)  # reclaim what earlier writes through mappings added
     backing = core.populate(obj)
     fd = core.backing.open_description(backing, writable)
     core.index_key(obj)
@@ -197,7 +209,9 @@ def prime_handle_to_fd(core: Core, client: Client, req: s.ExportReq) -> s.Export
     writable = bool(req.flags & s.WRITABLE)
     if writable and entry.readonly:
         raise PermissionDenied(f"handle {req.handle} is read-only; export it with writable=False")
-    core.memory.ensure_system(obj)
+    if pinned_in_vram(obj):
+        raise Busy(f"object {req.handle} is pinned in device memory")
+    prepare_cpu(core, obj, write=writable)
     backing = core.populate(obj)
     obj.exported = True  # from now on never spilled or purged: others may hold its pages
     fd = core.backing.open_description(backing, writable)
@@ -252,10 +266,11 @@ def gem_pin(core: Core, client: Client, req: s.HandleReq) -> s.Empty:
         raise QuotaExceeded(f"pinning {obj.size} more bytes would exceed the pin limit of {limit} "
                             f"(client {client.id} has {client.pinned_bytes} pinned)")
     core.memory.ensure_system(obj)
-    if obj.kind == Kind.NORMAL:
+    if obj.kind == Kind.NORMAL and obj.placement != Placement.VRAM:  # in VRAM it stays there
         core.memory.make_room(obj.size - obj.resident, exclude=obj)
         core.backing.populate_all(core.populate(obj))
         core.memory.measure(obj)
+    core.gpu.lru.discard(obj)  # pinned objects are never evicted
     obj.pinned_by.add(client.id)
     client.pinned_bytes += obj.size
     return s.Empty()

@@ -200,12 +200,16 @@ class Gpu:
         obj.transition(Event.EVICT)
 
     def to_cpu(self, obj: BufferObject, write: bool) -> None:
-        """Bring the latest contents to system pages; Pending until they are there."""
+        """Bring the latest contents to system pages; Pending until they are there.
+
+        Readers wait for the device's writes; writers also for its reads of the system
+        pages (a queued copy in), except for objects used in place, which are coherent:
+        writing a semaphore a device command is polling must not wait for that command."""
         if obj.placement == Placement.VRAM:
             if obj.pinned_by:
                 raise Busy(f"object {obj.id} is pinned in device memory")
             self.evict_for_cpu(obj)
-        self.wait_for(obj.last_fence if write else obj.write_fence)
+        self.wait_for(obj.last_fence if write and not self.in_place(obj) else obj.write_fence)
 
     def evict_for_cpu(self, obj: BufferObject) -> None:
         node = obj.vram
@@ -220,6 +224,22 @@ class Gpu:
             obj = node.owner
             assert obj is not None
             self.evict(obj)
+
+    def suspend(self) -> None:
+        """Wait for all work, save every VRAM object to system memory (DONTNEED ones are
+        dropped), spill past the budget. Transactional: if the host cannot hold the data,
+        fail (ENOMEM/ENOSPC) before anything moved. Pending until it is all done."""
+        if not self.suspended:
+            self.wait_for(self.last_seq)
+            need = sum(n.owner.size for n in self.space if n.owner is not None
+                       and n.owner.madvise != DONTNEED and (n.owner.dev_dirty or n.owner.backing is None))
+            self.core.memory.check_capacity(need)
+            self.evict_all()
+            self.suspended = True
+        self.wait_for(self.last_seq)  # the copies out
+        jobs = self.core.memory.shrink(self.core.memory.budget)
+        if jobs or self.core.memory.spilling():
+            raise Pending(jobs + self.core.memory.spilling())
 
     def release(self, obj: BufferObject) -> None:
         """The object is freed: give its VRAM back (queued work keeps the timeline order)."""

@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import enum
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 from .object import BufferObject
@@ -44,7 +44,6 @@ class Job:
     done: bool = False
     moved: int = 0
     error: OSError | None = None
-    waiters: list[Any] = field(default_factory=list)
 
     def run(self) -> None:
         """Do the copy; records the outcome instead of raising (any thread)."""

@@ -22,6 +22,7 @@ from ..constants import DONTNEED
 from ..device.base import DeviceBackend
 from ..errors import BadAddress, InvalidArgument, NoSuchObject, QuotaExceeded
 from .client import Client, Credentials, HandleEntry
+from .cpu_access import finish_vram_write
 from .gpu import Gpu
 from .ids import IdAllocator
 from .memory import Memory
@@ -32,7 +33,7 @@ __all__ = ["Core"]
 
 
 class Core:
-    def __init__(self, config: Config, backing: BackingStore, device: DeviceBackend | None = None,
+    def __init__(self, config: Config, backing: BackingStore, device: DeviceBackend,
                  clock: Callable[[], float] = time.monotonic) -> None:
         self.config = config
         self.backing = backing
@@ -47,7 +48,7 @@ class Core:
         self._object_ids = itertools.count(1)
         self.counters = {"purged_total": 0, "evicted_total": 0, "spilled_total": 0, "bytes_moved_total": 0}
         self.memory = Memory(self)
-        self.gpu: Gpu | None = Gpu(self, device) if device is not None else None
+        self.gpu = Gpu(self, device)
 
     # -- clients ---------------------------------------------------------------------
 
@@ -103,8 +104,7 @@ class Core:
     def _free(self, obj: BufferObject) -> None:
         assert obj.handle_count == 0 and obj.name == 0 and obj.job is None, obj
         self.memory.release(obj)
-        if self.gpu is not None:
-            self.gpu.release(obj)
+        self.gpu.release(obj)
         self.release_backing(obj)
         if obj.key is not None:
             self.by_key.pop(obj.key, None)
@@ -188,12 +188,13 @@ class Core:
         self.memory.measure(obj)  # pages written through the mapping are counted now
         self.put(obj)
 
-    def xfer_add(self, client: Client, obj: BufferObject, reserve: int = 0) -> int:
-        """A bulk transfer holds a reference and `reserve` bytes of budget until it is done."""
+    def xfer_add(self, client: Client, obj: BufferObject, reserve: int = 0, bounce: Any = None) -> int:
+        """A bulk transfer holds a reference and `reserve` bytes of budget until it is done.
+        `bounce`: (memfd, offset, length) the client writes for an object pinned in VRAM."""
         self.get(obj)
         obj.xfers += 1
         xfer_id = client.xfer_ids.alloc()
-        client.transfers[xfer_id] = (obj, reserve)
+        client.transfers[xfer_id] = (obj, reserve, bounce)
         self.memory.reserved += reserve
         return xfer_id
 
@@ -201,9 +202,11 @@ class Core:
         entry = client.transfers.pop(xfer_id, None)
         if entry is None:
             raise InvalidArgument(f"transfer {xfer_id} is not open in client {client.id}")
-        obj, reserve = entry
+        obj, reserve, bounce = entry
         client.xfer_ids.free(xfer_id)
         obj.xfers -= 1
+        if bounce is not None:
+            finish_vram_write(self, obj, *bounce)
         self.memory.reserved -= reserve
         self.memory.measure(obj)
         self.put(obj)
@@ -254,6 +257,9 @@ class Core:
         obj.readonly = readonly
         obj.backing = backing
         obj.key = key
+        # the fd it came through (and any copies) shares its pages, as after an export:
+        # never spilled or purged (SPEC §3)
+        obj.exported = True
         self.by_key[key] = obj
         obj.transition(Event.POPULATE)
         self.memory.track(obj)
@@ -263,6 +269,8 @@ class Core:
         if client.id in obj.pinned_by:
             obj.pinned_by.discard(client.id)
             client.pinned_bytes -= obj.size
+            if not obj.pinned_by and obj.placement == Placement.VRAM:
+                self.gpu.lru.move_tail(obj)  # evictable again
 
     # -- statistics ------------------------------------------------------------------
 
@@ -271,7 +279,7 @@ class Core:
         return {
             "objects": len(self.objects),
             "clients": len(self.clients),
-            "vram_bytes": 0,
+            "vram_bytes": self.gpu.vram_bytes,
             "pinned_bytes": pinned,
             **self.memory.statistics(),
             **self.counters,

@@ -19,6 +19,12 @@ resident + reserved + need <= budget, in two named passes over the LRU (oldest f
 If both passes together cannot free enough, nothing is changed and the request fails with
 ENOMEM. `reserved` counts bytes promised but not yet measurable: restores in flight and
 open pwrite transfers.
+
+Pages written through mappings are counted only when measured, so they can put resident
+over the budget between requests. A request that adds pages reclaims that excess with its
+own `make_room`; `mmap`, which populates without adding pages itself, calls `settle()`:
+the same passes, best effort, never ENOMEM (a process that only writes through mappings
+is still held to the budget, as IGT gem_shrink's mmap mode expects).
 """
 
 from __future__ import annotations
@@ -26,7 +32,7 @@ from __future__ import annotations
 from typing import TYPE_CHECKING, Any
 
 from ..constants import DONTNEED
-from ..errors import OutOfMemory
+from ..errors import NoSpace, OutOfMemory
 from ..mm.lru import Lru
 from .jobs import Job, JobKind, Pending
 from .object import BufferObject, Kind
@@ -139,17 +145,43 @@ class Memory:
             started.append(self.plan_spill(obj))
         raise Pending(started + [j for j in self.jobs if j.kind is JobKind.SPILL and j not in started])
 
-    def shrink(self, target: int) -> list[Job]:
+    def spilling(self) -> list[Job]:
+        return [j for j in self.jobs if j.kind is JobKind.SPILL]
+
+    def check_capacity(self, need: int) -> None:
+        """ENOMEM/ENOSPC unless the host can take `need` more bytes: room under the budget,
+        plus what purge and spill could free, plus free space for spill storage."""
+        self.refresh()
+        room = self.budget - self.resident - self.reserved
+        reclaimable = sum(o.resident for o in self.lru if self.purgeable(o) or self.spillable(o))
+        disk = self.core.backing.spill_free()
+        if need > room + reclaimable + disk:
+            raise NoSpace(f"cannot save {need} bytes: {max(room, 0)} free under the budget, {reclaimable} "
+                          f"reclaimable, {disk} free for spill storage")
+        if need > max(room, 0) + reclaimable and need > disk:
+            raise OutOfMemory(f"cannot save {need} bytes in memory or on disk")
+
+    def settle(self, exclude: BufferObject | None = None) -> None:
+        """Best effort: free what pages written behind our back put over the budget, as far
+        as anything can be freed; raise Pending for the spills started, never ENOMEM."""
+        try:
+            self.make_room(0, exclude)
+        except OutOfMemory:
+            jobs = self.shrink(self.budget - self.reserved, exclude)
+            if jobs:
+                raise Pending(jobs) from None
+
+    def shrink(self, target: int, exclude: BufferObject | None = None) -> list[Job]:
         """Background reclaim (memory pressure): bring resident down toward `target`."""
         self.refresh()
         jobs: list[Job] = []
         excess = self.resident - target
-        for obj in [o for o in self.lru if o.resident and self.purgeable(o)]:
+        for obj in [o for o in self.lru if o is not exclude and o.resident and self.purgeable(o)]:
             if excess <= 0:
                 return jobs
             excess -= obj.resident
             self.purge(obj)
-        for obj in [o for o in self.lru if o.resident and self.spillable(o)]:
+        for obj in [o for o in self.lru if o is not exclude and o.resident and self.spillable(o)]:
             if excess <= 0:
                 break
             excess -= obj.resident

@@ -28,7 +28,7 @@ import time
 from collections import deque
 from typing import TYPE_CHECKING
 
-from ..core.jobs import Job, Pending
+from ..core.jobs import Pending
 from ..core.requests import BY_OP, RequestDesc, dispatch
 from ..errors import InvalidArgument, RemoteProtocolError, UgemError
 from ..fd import OwnedFd
@@ -67,8 +67,8 @@ class Connection:
         self.greeted = False
         self.closed = False
         self.last_progress = time.monotonic()
-        self.parked: tuple[Frame, RequestDesc, s.Struct] | None = None  # throttled request
-        self.waiting: list[Job] = []  # the jobs it waits for
+        self.parked: tuple[Frame, RequestDesc, s.Struct] | None = None  # a request that must wait
+        self.pending: Pending | None = None  # what it waits for
         self.events = selectors.EVENT_READ  # what the server's selector watches (0: nothing)
 
     @property
@@ -128,8 +128,7 @@ class Connection:
         try:
             reply = dispatch(self.core, self.client, desc, req)
         except Pending as pending:
-            self.parked = (frame, desc, req)
-            self.waiting = pending.jobs
+            self.parked, self.pending = (frame, desc, req), pending
             return
         except UgemError as exc:
             _close_unclaimed(req)
@@ -144,11 +143,19 @@ class Connection:
         self._reply(frame, reply)
 
     def resume(self) -> None:
-        """Every job the parked request waited for is done: run it again."""
+        """What the parked request waited for is over: run it again."""
         assert self.parked is not None
         frame, desc, req = self.parked
-        self.parked, self.waiting = None, []
+        self.parked, self.pending = None, None
         self._run(frame, desc, req)
+
+    def fail_parked(self, code: int, message: str) -> None:
+        """Answer the parked request with an error instead (daemon shutdown: ESHUTDOWN)."""
+        if self.parked is not None:
+            frame, _, req = self.parked
+            self.parked, self.pending = None, None
+            _close_unclaimed(req)
+            self._reply_error(frame, code, message)
 
     def _hello(self, frame: Frame) -> None:
         if frame.op != Op.HELLO or frame.fds:
@@ -211,7 +218,7 @@ class Connection:
         self.parser.close()
         if self.parked is not None:
             _close_unclaimed(self.parked[2])
-            self.parked, self.waiting = None, []
+            self.parked, self.pending = None, None
         for _, fds in self.outbox:
             for fd in fds:
                 fd.close()

@@ -30,8 +30,9 @@ from dataclasses import dataclass
 from ..backing.memfd import MemfdStore
 from ..config import Config
 from ..core.client import Credentials
-from ..core.jobs import Job
+from ..core.jobs import Pending
 from ..core.manager import Core
+from ..device.sim import SimDevice
 from ..errors import RemoteProtocolError
 from ..paths import check_socket_dir
 from .connection import Connection
@@ -42,6 +43,14 @@ __all__ = ["Server", "ServerOptions", "SocketInUse", "raise_fd_limit"]
 
 log = logging.getLogger("ugem.daemon")
 SIGNALS = (signal.SIGTERM, signal.SIGINT)
+
+
+def _drain(fd: int) -> None:
+    try:
+        while os.read(fd, 4096):
+            pass
+    except BlockingIOError:
+        pass
 
 
 class SocketInUse(RuntimeError):
@@ -68,7 +77,9 @@ class Server:
     def __init__(self, config: Config, options: ServerOptions) -> None:
         self.config = config
         self.options = options
-        self.core = Core(config, MemfdStore(config.spill_dir))
+        self.device = SimDevice(config.vram, config.hang_timeout)
+        self.core = Core(config, MemfdStore(config.spill_dir), self.device)
+        self.core.hold_while_suspended = True
         self.sel = selectors.DefaultSelector()
         self.listener: socket.socket | None = None
         self.connections: dict[int, Connection] = {}
@@ -80,6 +91,10 @@ class Server:
         self._wakeup_r, self._wakeup_w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
         self.runner = JobRunner()
         self.sel.register(self.runner.fileno(), selectors.EVENT_READ, "jobs")
+        self.parked: set[Connection] = set()  # requests waiting for jobs, fences, deadlines or resume
+        self._device_r, self._device_w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
+        self.sel.register(self._device_r, selectors.EVENT_READ, "device")
+        self.device.set_notify(self._device_notify)
         self.pressure = PressureWatch()
 
     # -- setup -----------------------------------------------------------------------
@@ -179,7 +194,7 @@ class Server:
         if self._accept_paused_until and now >= self._accept_paused_until and self.listener is not None:
             self._accept_paused_until = 0.0
             self.sel.register(self.listener, selectors.EVENT_READ, "listener")
-        for key, events in self.sel.select(timeout=1.0):
+        for key, events in self.sel.select(timeout=self._timeout(now)):
             tag = key.data
             if tag == "listener":
                 self._accept()
@@ -187,8 +202,12 @@ class Server:
                 self._read_signals()
             elif tag == "jobs":
                 self._jobs_done()
+            elif tag == "device":
+                _drain(self._device_r)
             else:
                 self._guard(tag, tag.on_readable if events & selectors.EVENT_READ else tag.flush)
+        if self.parked:
+            self._wake(time.monotonic())
         if now - self._last_stall_check >= 1.0:  # scans over all clients, at most once a second
             self._last_stall_check = now
             self._drop_stalled(now)
@@ -251,10 +270,10 @@ class Server:
                 log.warning("client %d: socket error, dropping: %s", conn.client.id, exc)
             self._drop(conn)
             return
-        if conn.parked is not None:  # throttled: start its jobs, stop reading it until they finish
-            for job in conn.waiting:
-                job.waiters.append(conn)
+        if conn.pending is not None:  # must wait: start its jobs, stop reading it until it resumes
+            for job in conn.pending.jobs:
                 self.runner.submit(job)
+            self.parked.add(conn)
         self._sync_events(conn)
 
     def _sync_events(self, conn: Connection) -> None:
@@ -271,13 +290,33 @@ class Server:
 
     def _jobs_done(self) -> None:
         for job in self.runner.completed():
-            self._apply(job)
+            self.core.memory.finish(job)
 
-    def _apply(self, job: Job) -> None:
-        self.core.memory.finish(job)
-        for conn in job.waiters:
-            if not conn.closed and conn.parked is not None and all(j.done for j in conn.waiting):
+    def _device_notify(self, seqno: int) -> None:
+        """Called on the device's thread after each op: wake the loop (cheap, never raises)."""
+        try:
+            os.write(self._device_w, b"d")
+        except BlockingIOError:
+            pass  # a wakeup is already waiting
+
+    def _ready(self, pending: Pending, now: float) -> bool:
+        if pending.deadline is not None and now >= pending.deadline:
+            return True
+        return (all(job.done for job in pending.jobs) and pending.fence <= self.device.completed()
+                and not (pending.resume and self.core.gpu.suspended))
+
+    def _wake(self, now: float) -> None:
+        """Re-run parked requests whose wait is over (any of them may park again)."""
+        for conn in list(self.parked):
+            if conn.closed or conn.pending is None:
+                self.parked.discard(conn)
+            elif self._ready(conn.pending, now):
+                self.parked.discard(conn)
                 self._guard(conn, conn.resume)
+
+    def _timeout(self, now: float) -> float:
+        deadlines = [c.pending.deadline for c in self.parked if c.pending and c.pending.deadline is not None]
+        return max(0.0, min([1.0, *(d - now for d in deadlines)]))
 
     def _check_pressure(self) -> None:
         target = self.pressure.check(self.core.memory.resident)
@@ -306,8 +345,14 @@ class Server:
     # -- teardown --------------------------------------------------------------------
 
     def shutdown(self) -> None:
+        for conn in list(self.parked):  # held work fails: the daemon is going away
+            conn.fail_parked(errno.ESHUTDOWN, "the ugem daemon is shutting down")
+            self._guard(conn, conn.flush)
+        self.parked.clear()
         for job in self.runner.shutdown():  # no copy may outlive the fds it uses
             self.core.memory.finish(job)
+        self.device.set_notify(None)
+        self.device.close()
         for conn in list(self.connections.values()):
             self._drop(conn)
         if self.listener is not None:
@@ -326,5 +371,5 @@ class Server:
         for sig in SIGNALS:
             signal.signal(sig, signal.SIG_DFL)
         self.sel.close()
-        os.close(self._wakeup_r)
-        os.close(self._wakeup_w)
+        for fd in (self._wakeup_r, self._wakeup_w, self._device_r, self._device_w):
+            os.close(fd)

@@ -15,6 +15,7 @@ Memory the device touches is described by `Surface`s, resolved by the core at su
 
 Ops:
 - `CopyIn(vram, host, length)`: host -> device memory (making an object resident);
+  `host=None` clears the range instead (an object that never had pages);
 - `CopyOut(vram, host, length)`: device memory -> host (eviction, set_domain(CPU), suspend);
 - `Execute(commands, surfaces)`: run a command list (ugem.cmd) where each handle in the
   commands maps to its Surface.
@@ -48,7 +49,7 @@ class Surface:
 @dataclass(frozen=True, slots=True)
 class CopyIn:
     vram: int
-    host: Any  # readable buffer of `length` bytes
+    host: Any  # readable buffer of `length` bytes, or None: fill with zeros
     length: int
 
 

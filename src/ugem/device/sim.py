@@ -51,6 +51,8 @@ from collections.abc import Callable, Iterator
 from contextlib import ExitStack, contextmanager
 from typing import TYPE_CHECKING, Any
 
+import numpy as np
+
 from ..cmd import SemaphoreWait
 from .base import CopyIn, CopyOut, DeviceBackend, Execute, Op, Surface
 from .commands import Hung, Target, execute
@@ -96,6 +98,8 @@ def check_op(op: Op, vram_size: int) -> None:
     """Raise ValueError (TypeError for a non-op) if `op` could not run on this device."""
     if isinstance(op, CopyIn | CopyOut):
         _check_range(op.vram, op.length, vram_size)
+        if isinstance(op, CopyIn) and op.host is None:
+            return  # clears the range
         if _host_bytes(op.host, writable=isinstance(op, CopyOut)) < op.length:
             raise ValueError(f"host buffer shorter than {op.length} bytes")
     elif isinstance(op, Execute):
@@ -159,7 +163,9 @@ def run_op(
     command starts and a running SemaphoreWait or Blit stops. A SemaphoreWait not satisfied
     when `abandon_waits()` is True is cancelled too (close(); the fake device's instant hang).
     """
-    if isinstance(op, CopyIn):
+    if isinstance(op, CopyIn) and op.host is None:
+        np.frombuffer(memory, dtype=np.uint8, count=op.length, offset=op.vram).fill(0)
+    elif isinstance(op, CopyIn):
         with _host_view(op.host, op.length) as src, memory[op.vram:op.vram + op.length] as dst:
             dst[:] = src
     elif isinstance(op, CopyOut):

@@ -74,6 +74,17 @@ class Op(enum.IntEnum):
     GEM_MADVISE = 15
     GEM_PIN = 16
     GEM_UNPIN = 17
+    GEM_EXECBUFFER = 18
+    GEM_BUSY = 19
+    GEM_WAIT = 20
+    WAIT_FENCE = 21
+    GEM_SET_DOMAIN = 22
+    GEM_SET_TILING = 23
+    GEM_GET_TILING = 24
+    GEM_SET_CACHING = 25
+    GEM_GET_CACHING = 26
+    SUSPEND = 27
+    RESUME = 28
 
 
 def encode_header(length: int, op: int, nfds: int, kind: int, seq: int, status: int = 0) -> bytes:

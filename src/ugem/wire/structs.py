@@ -227,6 +227,7 @@ class PreadReq(Struct):
     offset: int = 0
     length: int = 0
     into: Any = field(default=None, compare=False)  # in-process destination (not on the wire)
+    bounce: Any = field(default=None, compare=False)  # in-process: a copy out of VRAM in flight
 
 
 @dataclass(slots=True)

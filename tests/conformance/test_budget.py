@@ -1,0 +1,500 @@
+"""The system budget and spill storage (SPEC §2 pread/pwrite ENOMEM and stats, §3 "system",
+"budget", "spill storage"; gem-reference §4.3 shrinker: purge_list before shrink_list).
+
+Every test runs a manager of its own with a small `system_budget` and writes random bytes
+(fixed seeds), so that every figure and every byte read back can be checked exactly.
+"""
+
+from __future__ import annotations
+
+import errno
+import gc
+import glob
+import os
+import signal
+
+import numpy as np
+import pytest
+
+import ugem
+from ugem.testing import run_daemon
+
+PAGE = ugem.PAGE_SIZE
+MiB = 1 << 20
+BUDGET = 16 * MiB
+
+
+def _data(seed: int, size: int) -> bytes:
+    return np.random.default_rng(seed).bytes(size)
+
+
+def _written(dev, size: int, seed: int) -> tuple[int, bytes]:
+    h = dev.create(size)
+    data = _data(seed, size)
+    dev.pwrite(h, 0, data)
+    return h, data
+
+
+def _pressure(dev, total: int = BUDGET, size: int = 2 * MiB, seed: int = 1000) -> list[int]:
+    """Write `total` bytes into new objects (enough to push every older object out)."""
+    return [_written(dev, size, seed + i)[0] for i in range(total // size)]
+
+
+@pytest.fixture
+def small(make_env):
+    return make_env(system_budget=BUDGET).open()
+
+
+def _placements(dev, handles) -> dict[str, int]:
+    counts: dict[str, int] = {}
+    for h in handles:
+        p = dev.info(h).placement
+        counts[p] = counts.get(p, 0) + 1
+    return counts
+
+
+# -- staying within the budget ---------------------------------------------------------
+
+
+def test_writing_far_more_than_the_budget_stays_within_it(small):
+    size, count = 1 * MiB, 48  # three times the budget
+    objects = {}
+    for i in range(count):
+        h, data = _written(small, size, seed=i)
+        objects[h] = data
+        stats = small.stats()
+        assert stats["resident_bytes"] <= BUDGET, (i, stats)
+    stats = small.stats()
+    placements = _placements(small, objects)
+    assert placements.get("spilled", 0) >= count - BUDGET // size, placements
+    assert stats["spilled_total"] >= count - BUDGET // size
+    assert stats["spilled_bytes"] == placements["spilled"] * size  # random data: every page is data
+    assert stats["purged_total"] == 0
+    for h, data in objects.items():  # every byte comes back, restored ones included
+        assert small.pread(h, 0, size) == data, f"object {h} changed"
+        assert small.stats()["resident_bytes"] <= BUDGET
+
+
+def test_spilled_figures_grow_and_shrink(small):
+    h, data = _written(small, 4 * MiB, seed=1)
+    before = small.stats()
+    assert (before["spilled_bytes"], before["spilled_total"]) == (0, 0)
+    _pressure(small)
+    spilled = small.stats()
+    assert small.info(h).placement == "spilled"
+    assert spilled["spilled_total"] == 1
+    assert spilled["spilled_bytes"] == 4 * MiB
+    assert spilled["bytes_moved_total"] == before["bytes_moved_total"] + 4 * MiB
+    assert small.pread(h, 0, 4 * MiB) == data
+    restored = small.stats()
+    assert small.info(h).placement == "system"
+    # two 2 MiB objects went out to make room for it, and its 4 MiB came back in
+    assert restored["spilled_total"] == 3
+    assert restored["spilled_bytes"] == 4 * MiB
+    assert restored["bytes_moved_total"] == spilled["bytes_moved_total"] + 4 * MiB + 4 * MiB
+    assert restored["resident_bytes"] <= BUDGET
+
+
+def test_a_sparse_object_spills_only_its_data(small):
+    h = small.create(8 * MiB)
+    small.pwrite(h, 3 * MiB, b"island")
+    _pressure(small)
+    stats = small.stats()
+    assert small.info(h).placement == "spilled"
+    assert stats["spilled_bytes"] == PAGE
+    assert small.pread(h, 3 * MiB - 2, 10) == b"\0\0island\0\0"
+    assert small.pread(h, 0, 8 * MiB).count(0) == 8 * MiB - 6
+
+
+def test_least_recently_used_is_spilled_first(small):
+    a, data_a = _written(small, 4 * MiB, seed=1)
+    b, _ = _written(small, 4 * MiB, seed=2)
+    c, _ = _written(small, 4 * MiB, seed=3)
+    d, _ = _written(small, 4 * MiB, seed=4)
+    assert small.pread(a, 0, 16) == data_a[:16]  # a is now the most recently used
+    _written(small, 4 * MiB, seed=5)
+    assert [small.info(x).placement for x in (a, b, c, d)] == ["system", "spilled", "system", "system"]
+
+
+def test_pwrite_into_resident_pages_at_a_full_budget_needs_no_room(small):
+    # SPEC §3: room is made for pages a request adds; overwriting adds none
+    handles = _pressure(small)
+    assert small.stats()["resident_bytes"] == BUDGET
+    small.pwrite(handles[-1], 0, _data(9, 2 * MiB))
+    small.pwrite(handles[0], 100, b"over")
+    assert small.stats()["spilled_total"] == 0
+    assert small.pread(handles[0], 100, 4) == b"over"
+
+
+def test_a_spilled_object_can_be_overwritten_partly(small):
+    h, data = _written(small, 4 * MiB, seed=1)
+    _pressure(small)
+    small.pwrite(h, MiB, b"patched")
+    expected = data[:MiB] + b"patched" + data[MiB + 7:]
+    assert small.pread(h, 0, 4 * MiB) == expected
+
+
+def test_mmap_of_a_spilled_object_brings_it_back(small):
+    h, data = _written(small, 4 * MiB, seed=1)
+    _pressure(small)
+    view = small.mmap(h, writable=False)
+    assert small.info(h).placement == "system"
+    assert bytes(view) == data
+    del view
+
+
+# -- purge before spill ----------------------------------------------------------------
+
+
+def test_dontneed_objects_are_purged_before_anything_is_spilled(small):
+    old = [_written(small, 4 * MiB, seed=i) for i in range(2)]  # WILLNEED, least recently used
+    caches = [_written(small, 4 * MiB, seed=10 + i)[0] for i in range(2)]  # DONTNEED, newer
+    for h in caches:
+        small.madvise(h, ugem.DONTNEED)
+    before = small.stats()
+    assert before["purgeable_bytes"] == 8 * MiB
+    _written(small, 8 * MiB, seed=20)
+    after = small.stats()
+    assert [small.info(h).placement for h in caches] == ["purged", "purged"]
+    assert [small.info(h).placement for h, _ in old] == ["system", "system"]
+    assert after["spilled_total"] == 0
+    assert after["purged_total"] == before["purged_total"] + 2
+    assert after["purgeable_bytes"] == 0
+    for h, data in old:
+        assert small.pread(h, 0, 4 * MiB) == data
+
+
+def test_only_as_many_caches_as_needed_are_purged(small):
+    caches = [_written(small, 4 * MiB, seed=i)[0] for i in range(4)]
+    for h in caches:
+        small.madvise(h, ugem.DONTNEED)
+    _written(small, 4 * MiB, seed=20)
+    assert [small.info(h).placement for h in caches] == ["purged", "system", "system", "system"]
+    stats = small.stats()
+    assert (stats["purged_total"], stats["spilled_total"]) == (1, 0)
+
+
+def test_spilling_starts_once_the_caches_are_gone(small):
+    kept, data = _written(small, 4 * MiB, seed=1)
+    cache, _ = _written(small, 4 * MiB, seed=2)
+    small.madvise(cache, ugem.DONTNEED)
+    _pressure(small)
+    stats = small.stats()
+    assert small.info(cache).placement == "purged"
+    assert small.info(kept).placement == "spilled"
+    assert (stats["purged_total"], stats["spilled_total"]) == (1, 1)
+    assert small.pread(kept, 0, 4 * MiB) == data
+
+
+# -- mapped objects --------------------------------------------------------------------
+
+
+def test_a_mapped_object_is_never_spilled(small):
+    h = small.create(4 * MiB)
+    view = small.mmap(h)
+    data = _data(1, 4 * MiB)
+    view[:] = data
+    array = np.frombuffer(view, dtype=np.uint8)
+    _pressure(small, total=2 * BUDGET)
+    stats = small.stats()
+    assert small.info(h).placement == "system"
+    assert stats["spilled_total"] >= BUDGET // (2 * MiB)  # the pressure did spill others
+    assert bytes(view) == data
+    assert array[123456] == data[123456]
+    assert small.pread(h, 0, 4 * MiB) == data
+    del view, array
+
+
+def test_a_mapping_kept_after_close_handle_still_protects_the_object(small):
+    h = small.create(4 * MiB)
+    view = small.mmap(h)
+    data = _data(1, 4 * MiB)
+    view[:] = data
+    small.close_handle(h)
+    _pressure(small, total=2 * BUDGET)
+    assert bytes(view) == data
+    assert small.stats()["resident_bytes"] <= BUDGET
+    del view
+
+
+def test_a_released_mapping_makes_the_object_spillable_again(small):
+    h = small.create(4 * MiB)
+    view = small.mmap(h)
+    array = np.frombuffer(view, dtype=np.uint8)
+    data = _data(1, 4 * MiB)
+    view[:] = data
+    _pressure(small)
+    assert small.info(h).placement == "system"
+    del view, array
+    gc.collect()
+    _pressure(small, seed=2000)  # its first request reports the release
+    assert small.info(h).placement == "spilled"
+    assert small.pread(h, 0, 4 * MiB) == data
+
+
+def test_writes_through_a_mapping_are_counted(small):
+    h = small.create(4 * MiB)
+    view = small.mmap(h)
+    before = small.stats()["resident_bytes"]
+    view[: 3 * MiB] = _data(1, 3 * MiB)
+    assert small.stats()["resident_bytes"] == before + 3 * MiB
+    del view
+
+
+def test_pages_written_through_a_mapping_are_reclaimed_at_the_next_populating_request(small):
+    spillable = _pressure(small, total=12 * MiB)
+    h = small.create(8 * MiB)
+    view = small.mmap(h)
+    view[:] = _data(1, 8 * MiB)
+    over = small.stats()
+    assert over["resident_bytes"] == 20 * MiB  # over the budget until the next request that adds pages
+    _written(small, 1 * MiB, seed=5)
+    stats = small.stats()
+    assert stats["resident_bytes"] <= BUDGET
+    assert small.info(h).placement == "system"
+    assert _placements(small, spillable).get("spilled", 0) >= 3
+    del view
+
+
+# -- exported and foreign objects ------------------------------------------------------
+
+
+def test_an_exported_object_is_never_spilled(small, fds):
+    h, data = _written(small, 4 * MiB, seed=1)
+    fd = fds.add(small.export(h))
+    _pressure(small, total=2 * BUDGET)
+    assert small.info(h).placement == "system"
+    os.pwrite(fd, b"after", 0)  # the fd and the object still share their pages
+    assert small.pread(h, 0, 5) == b"after"
+    assert small.pread(h, 5, 4 * MiB - 5) == data[5:]
+
+
+def test_adopted_memory_is_never_spilled(small, fds):
+    h, data = _written(small, 4 * MiB, seed=1)
+    fd = fds.add(small.export(h))
+    small.close_handle(h)
+    adopted = small.import_fd(fd)
+    _pressure(small, total=2 * BUDGET)
+    assert small.info(adopted).placement == "system"
+    os.pwrite(fd, b"after", 0)
+    assert small.pread(adopted, 0, 5) == b"after"
+    assert small.pread(adopted, 5, 4 * MiB - 5) == data[5:]
+
+
+def test_foreign_memory_is_not_counted_and_never_spilled(small, sealed_memfd):
+    data = _data(5, 8 * MiB)
+    memfd = sealed_memfd(8 * MiB, data=data)
+    h = small.import_fd(memfd)
+    assert small.stats()["resident_bytes"] == 0
+    small.pwrite(h, 0, b"own")  # writing foreign memory needs no room under the budget
+    _pressure(small, total=2 * BUDGET)
+    assert small.info(h).placement == "system"
+    assert os.pread(memfd, 3, 0) == b"own"
+    assert small.pread(h, 3, 8 * MiB - 3) == data[3:]
+
+
+# -- ENOMEM ----------------------------------------------------------------------------
+
+
+@pytest.fixture
+def full(make_env, fds):
+    """A budget filled with memory nothing can free: pinned, mapped, exported."""
+    dev = make_env(system_budget=BUDGET, pin_limit=BUDGET).open()
+    pinned, pinned_data = _written(dev, 8 * MiB, seed=1)
+    dev.pin(pinned)
+    mapped = dev.create(4 * MiB)
+    view = dev.mmap(mapped)
+    mapped_data = _data(2, 4 * MiB)
+    view[:] = mapped_data
+    exported, exported_data = _written(dev, 4 * MiB, seed=3)
+    fd = fds.add(dev.export(exported, writable=False))
+    assert dev.stats()["resident_bytes"] == BUDGET
+    contents = {pinned: pinned_data, mapped: mapped_data, exported: exported_data}
+    yield dev, contents, view, fd
+    del view
+
+
+def _intact(dev, contents):
+    for h, data in contents.items():
+        assert dev.pread(h, 0, len(data)) == data
+
+
+def test_pwrite_that_cannot_be_made_room_for_is_enomem(full, errno_of):
+    dev, contents, view, fd = full
+    h = dev.create(PAGE)
+    before = dev.stats()
+    assert errno_of(dev.pwrite, h, 0, b"x") == errno.ENOMEM
+    assert dev.stats() == before
+    assert dev.info(h).placement == "none"
+    _intact(dev, contents)
+    assert bytes(view[:16]) == contents[2][:16]
+    assert os.pread(fd, 16, 0) == contents[3][:16]
+
+
+def test_large_pwrite_that_cannot_be_made_room_for_is_enomem(full, errno_of):
+    dev, contents, _, _ = full
+    h = dev.create(4 * MiB)
+    before = dev.stats()
+    assert errno_of(dev.pwrite, h, 0, _data(9, 4 * MiB)) == errno.ENOMEM
+    assert dev.stats() == before
+    assert dev.info(h).placement == "none"
+    _intact(dev, contents)
+
+
+def test_pwrite_larger_than_the_budget_is_enomem_and_frees_nothing(small, errno_of):
+    # 8 MiB could be freed, but that cannot make 20 MiB fit: nothing is purged or spilled
+    spillable = [_written(small, 4 * MiB, seed=i) for i in range(2)]
+    cache, _ = _written(small, 4 * MiB, seed=5)
+    small.madvise(cache, ugem.DONTNEED)
+    h = small.create(20 * MiB)
+    before = small.stats()
+    assert errno_of(small.pwrite, h, 0, _data(9, 20 * MiB)) == errno.ENOMEM
+    assert small.stats() == before
+    assert small.info(cache).placement == "system"
+    assert small.info(h).placement == "none"
+    for x, data in spillable:
+        assert small.info(x).placement == "system"
+        assert small.pread(x, 0, 4 * MiB) == data
+
+
+def test_a_failed_pwrite_leaves_the_manager_usable(full, errno_of):
+    dev, contents, _, _ = full
+    h = dev.create(PAGE)
+    assert errno_of(dev.pwrite, h, 0, b"x") == errno.ENOMEM
+    dev.unpin(1)  # the pinned object can now be spilled
+    dev.pwrite(h, 0, b"x")
+    assert dev.pread(h, 0, 1) == b"x"
+    assert dev.info(1).placement == "spilled"
+    _intact(dev, {k: v for k, v in contents.items() if k != 1})
+    assert dev.stats()["resident_bytes"] <= BUDGET
+
+
+def test_pread_of_a_spilled_object_without_room_is_enomem(make_env, errno_of):
+    dev = make_env(system_budget=BUDGET, pin_limit=BUDGET).open()
+    h, data = _written(dev, 4 * MiB, seed=1)
+    blockers = _pressure(dev, total=BUDGET, size=4 * MiB)
+    assert dev.info(h).placement == "spilled"
+    for b in blockers:
+        dev.pin(b)
+    before = dev.stats()
+    assert errno_of(dev.pread, h, 0, 16) == errno.ENOMEM
+    assert dev.stats() == before
+    assert dev.info(h).placement == "spilled"
+    dev.unpin(blockers[0])
+    assert dev.pread(h, 0, 4 * MiB) == data
+
+
+# -- spill storage ---------------------------------------------------------------------
+
+
+def _spill_root(env) -> str:
+    if env.manager is not None:
+        return env.manager.config.spill_dir
+    return os.path.join(env.daemon.directory, "spill")
+
+
+def _private_dir(env) -> str:
+    [directory] = glob.glob(os.path.join(_spill_root(env), "ugem-*"))
+    return directory
+
+
+def _spill_blocks(env) -> int:
+    return sum(os.stat(p).st_blocks for p in glob.glob(os.path.join(_private_dir(env), "spill-*")))
+
+
+def test_a_private_spill_directory_exists_while_the_manager_runs(make_env):
+    env = make_env(system_budget=BUDGET)
+    env.open().stats()
+    directory = _private_dir(env)
+    assert os.path.isdir(directory)
+    assert os.stat(directory).st_mode & 0o077 == 0  # private
+    if env.daemon is not None:
+        assert os.path.basename(directory).startswith(f"ugem-{env.daemon.pid}-")
+
+
+def test_spill_space_of_closed_objects_is_given_back(make_env):
+    env = make_env(system_budget=BUDGET)
+    dev = env.open()
+    victims = [_written(dev, 2 * MiB, seed=i)[0] for i in range(4)]
+    _pressure(dev)
+    assert _placements(dev, victims) == {"spilled": 4}
+    held = _spill_blocks(env) * 512
+    assert held >= 8 * MiB
+    for h in victims:
+        dev.close_handle(h)
+    dev.stats()
+    assert dev.stats()["spilled_bytes"] == 0
+    assert _spill_blocks(env) * 512 <= held - 8 * MiB
+
+
+def test_spill_space_of_restored_objects_is_given_back(make_env):
+    env = make_env(system_budget=BUDGET)
+    dev = env.open()
+    h, data = _written(dev, 4 * MiB, seed=1)
+    others = _pressure(dev)
+    assert dev.info(h).placement == "spilled"
+    held = _spill_blocks(env) * 512
+    assert held >= 4 * MiB
+    for x in others[:2]:  # room for the restore: nothing else has to go out for it
+        dev.close_handle(x)
+    assert dev.pread(h, 0, 4 * MiB) == data
+    stats = dev.stats()
+    assert dev.info(h).placement == "system"
+    assert (stats["spilled_total"], stats["spilled_bytes"]) == (1, 0)
+    assert _spill_blocks(env) * 512 <= held - 4 * MiB
+
+
+def test_purging_a_spilled_object_gives_its_spill_space_back(make_env):
+    env = make_env(system_budget=BUDGET)
+    dev = env.open()
+    victims = [_written(dev, 2 * MiB, seed=i)[0] for i in range(4)]
+    _pressure(dev)
+    held = _spill_blocks(env) * 512
+    for h in victims:
+        assert dev.madvise(h, ugem.DONTNEED) is False
+    assert _spill_blocks(env) * 512 <= held - 8 * MiB
+
+
+def test_the_spill_directory_is_removed_when_the_manager_stops(make_env):
+    env = make_env(system_budget=BUDGET)
+    dev = env.open()
+    h, _ = _written(dev, 4 * MiB, seed=1)
+    _pressure(dev)
+    assert dev.info(h).placement == "spilled"
+    directory = _private_dir(env)
+    if env.manager is not None:
+        env.manager.close()
+    else:
+        env.daemon.proc.send_signal(signal.SIGTERM)
+        assert env.daemon.proc.wait(timeout=20) == 0
+        assert not os.path.exists(env.daemon.path)
+    assert not os.path.exists(directory)
+    assert glob.glob(os.path.join(_spill_root(env), "ugem-*")) == []
+
+
+def _start(mode, spill_dir):
+    if mode == "embedded":
+        return ugem.Manager(spill_dir=spill_dir, system_budget=BUDGET)
+    return run_daemon(spill_dir=spill_dir, system_budget=BUDGET)
+
+
+def test_stale_spill_directories_are_removed_at_start(mode, tmp_path):
+    stale = tmp_path / "ugem-99999-xyz"
+    stale.mkdir()
+    (stale / "lock").write_bytes(b"")
+    (stale / "spill-0").write_bytes(b"left behind")
+    unrelated = tmp_path / "not-ours"
+    unrelated.mkdir()
+    with _start(mode, str(tmp_path)):
+        assert not stale.exists()
+        assert unrelated.exists()
+        assert len(glob.glob(str(tmp_path / "ugem-*"))) == 1
+
+
+def test_a_live_managers_spill_directory_is_left_alone(mode, tmp_path):
+    with _start(mode, str(tmp_path)):
+        [first] = glob.glob(str(tmp_path / "ugem-*"))
+        with _start(mode, str(tmp_path)):
+            assert os.path.isdir(first)
+            assert len(glob.glob(str(tmp_path / "ugem-*"))) == 2
+        assert glob.glob(str(tmp_path / "ugem-*")) == [first]
