@@ -1,6 +1,6 @@
 """The `ugem` command: `serve` runs the daemon; the others talk to a running one (SPEC §4).
 
-Subcommands: serve, ls [--json], stat [--json], ops (lists the request table).
+Subcommands: serve, ls [--json], stat [--json], suspend, resume, ops (lists the request table).
 Exit codes: 0 success, 1 operation failure, 2 usage error, 3 no daemon / socket in use.
 """
 
@@ -78,6 +78,20 @@ def _stat(args: argparse.Namespace) -> int:
     return 0
 
 
+def _suspend(args: argparse.Namespace) -> int:
+    with _connect(args) as dev:
+        dev.suspend()
+    print("ugem: device suspended")
+    return 0
+
+
+def _resume(args: argparse.Namespace) -> int:
+    with _connect(args) as dev:
+        dev.resume()
+    print("ugem: device resumed")
+    return 0
+
+
 def _ops(args: argparse.Namespace) -> int:
     from .core.requests import REQUESTS
 
@@ -115,6 +129,11 @@ def build_parser() -> argparse.ArgumentParser:
         cmd = sub.add_parser(name, help=text)
         cmd.add_argument("--socket", help="daemon socket")
         cmd.add_argument("--json", action="store_true", help="machine-readable output")
+        cmd.set_defaults(func=func)
+    for name, func, text in (("suspend", _suspend, "save device memory and hold device work (privileged)"),
+                             ("resume", _resume, "run device work again (privileged)")):
+        cmd = sub.add_parser(name, help=text)
+        cmd.add_argument("--socket", help="daemon socket")
         cmd.set_defaults(func=func)
     ops = sub.add_parser("ops", help="list the request table")
     ops.set_defaults(func=_ops)

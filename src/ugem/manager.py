@@ -61,7 +61,9 @@ class Manager:
                 if client.closed:
                     raise BadFd(f"client {client.id} is closed")
                 try:
-                    return dispatch(core, client, desc, req)
+                    reply = dispatch(core, client, desc, req)
+                    self._settle(core)
+                    return reply
                 except Pending as pending:  # embedded: do the copies right here, then retry
                     for job in pending.jobs:
                         if not job.done:
@@ -71,6 +73,15 @@ class Manager:
             if fence:  # wait for the device without holding the lock
                 timeout = None if deadline is None else max(0.0, deadline - time.monotonic())
                 self._device.wait(fence, timeout)
+
+    @staticmethod
+    def _settle(core: Core) -> None:
+        """Evictions may have gone past the budget: spill back under it (inline here)."""
+        memory = core.memory
+        if memory.resident > memory.budget:
+            for job in memory.shrink(memory.budget):
+                job.run()
+                memory.finish(job)
 
     def _release(self, client: Client) -> None:
         with self._lock:

@@ -7,10 +7,12 @@ Every test runs a manager of its own with a small `system_budget` and writes ran
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import gc
 import glob
 import os
+import resource
 import signal
 
 import numpy as np
@@ -367,6 +369,50 @@ def test_a_failed_pwrite_leaves_the_manager_usable(full, errno_of):
     assert dev.info(1).placement == "spilled"
     _intact(dev, {k: v for k, v in contents.items() if k != 1})
     assert dev.stats()["resident_bytes"] <= BUDGET
+
+
+@contextlib.contextmanager
+def _file_size_limit(limit: int):
+    """RLIMIT_FSIZE for this process (and the processes it starts meanwhile): writes to
+    regular files past `limit` fail with EFBIG (SIGXFSZ ignored), as on a full disk."""
+    old_handler = signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+    old = resource.getrlimit(resource.RLIMIT_FSIZE)
+    resource.setrlimit(resource.RLIMIT_FSIZE, (limit, old[1]))
+    try:
+        yield
+    finally:
+        resource.setrlimit(resource.RLIMIT_FSIZE, old)
+        signal.signal(signal.SIGXFSZ, old_handler)
+
+
+def test_spill_storage_that_cannot_grow_is_enomem_not_a_hang(mode, tmp_path, errno_of):
+    # spill storage takes 4 MiB, then every copy to it fails: the request must fail
+    with contextlib.ExitStack() as stack:
+        limited = stack.enter_context(contextlib.ExitStack())
+        limited.enter_context(_file_size_limit(4 * MiB))
+        if mode == "embedded":
+            dev = stack.enter_context(ugem.embedded(spill_dir=str(tmp_path), system_budget=BUDGET))
+        else:  # the daemon inherits the limit; this process needs it no longer
+            daemon = stack.enter_context(run_daemon(spill_dir=str(tmp_path), system_budget=BUDGET))
+            limited.close()
+            dev = stack.enter_context(daemon.connect())
+        objects = dict(_written(dev, 2 * MiB, seed=i) for i in range(10))  # two of them spilled
+        assert dev.stats()["spilled_total"] == 2
+        h = dev.create(2 * MiB)
+        before = dev.stats()
+        assert errno_of(dev.pwrite, h, 0, _data(99, 2 * MiB)) == errno.ENOMEM
+        assert errno_of(dev.pwrite, h, 0, _data(99, 2 * MiB)) == errno.ENOMEM  # the next try too
+        after = dev.stats()
+        assert after["spilled_total"] == before["spilled_total"]
+        assert after["resident_bytes"] == before["resident_bytes"] == BUDGET
+        assert dev.info(h).placement == "none"
+        resident = [x for x in objects if dev.info(x).placement == "system"]
+        for x in resident:
+            assert dev.pread(x, 0, 2 * MiB) == objects[x]
+        dev.close_handle(resident[0])  # room without spilling
+        dev.pwrite(h, 0, b"fits now")
+        assert dev.pread(h, 0, 8) == b"fits now"
+        limited.close()
 
 
 def test_pread_of_a_spilled_object_without_room_is_enomem(make_env, errno_of):

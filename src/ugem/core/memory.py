@@ -105,11 +105,21 @@ class Memory:
         return (obj.madvise == DONTNEED and obj.kind == Kind.NORMAL and not obj.pinned_by
                 and not obj.exported and obj.job is None)
 
-    @staticmethod
-    def spillable(obj: BufferObject) -> bool:
+    def spillable(self, obj: BufferObject) -> bool:
         return (obj.kind == Kind.NORMAL and obj.placement == Placement.SYSTEM and obj.job is None
                 and not obj.maps and not obj.xfers and not obj.pinned_by and not obj.exported
-                and obj.madvise != DONTNEED)
+                and obj.madvise != DONTNEED and not self.core.gpu.busy(obj))
+
+    def spare(self, obj: BufferObject) -> bool:
+        """System pages of an object in VRAM that nobody else can see: a spare copy."""
+        return (obj.placement == Placement.VRAM and obj.kind == Kind.NORMAL and obj.job is None
+                and not obj.maps and not obj.xfers and not obj.pinned_by and not obj.exported
+                and not self.core.gpu.busy(obj))
+
+    def drop_spare(self, obj: BufferObject) -> None:
+        """Free the spare system copy; evicting the object later copies VRAM back."""
+        self.untrack(obj)
+        self.core.release_backing(obj)
 
     def make_room(self, need: int, exclude: BufferObject | None = None) -> None:
         """Return once `need` more bytes fit; raise Pending (spills started) or ENOMEM."""
@@ -123,8 +133,9 @@ class Memory:
         if freeing >= deficit:
             raise Pending([j for j in self.jobs if j.kind is JobKind.SPILL])
         purge = [o for o in self.lru if o is not exclude and o.resident and self.purgeable(o)]
+        spare = [o for o in self.lru if o is not exclude and o.resident and self.spare(o)]
         spill = [o for o in self.lru if o is not exclude and o.resident and self.spillable(o)]
-        available = freeing + sum(o.resident for o in purge) + sum(o.resident for o in spill)
+        available = freeing + sum(o.resident for o in purge + spare + spill)
         if available < deficit:
             raise OutOfMemory(
                 f"cannot free {deficit} bytes under the system budget of {self.budget} "
@@ -135,10 +146,15 @@ class Memory:
                 return
             deficit -= obj.resident
             self.purge(obj)
+        for obj in spare:  # pass 2: system pages of objects whose contents live in VRAM
+            if deficit <= 0:
+                return
+            deficit -= obj.resident
+            self.drop_spare(obj)
         if deficit <= 0:
             return
         started = []
-        for obj in spill:  # pass 2: spill idle objects, least recently used first
+        for obj in spill:  # pass 3: spill idle objects, least recently used first
             if deficit <= 0:
                 break
             deficit -= obj.resident
@@ -181,6 +197,11 @@ class Memory:
                 return jobs
             excess -= obj.resident
             self.purge(obj)
+        for obj in [o for o in self.lru if o is not exclude and o.resident and self.spare(o)]:
+            if excess <= 0:
+                return jobs
+            excess -= obj.resident
+            self.drop_spare(obj)
         for obj in [o for o in self.lru if o is not exclude and o.resident and self.spillable(o)]:
             if excess <= 0:
                 break

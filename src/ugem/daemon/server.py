@@ -208,6 +208,10 @@ class Server:
                 self._guard(tag, tag.on_readable if events & selectors.EVENT_READ else tag.flush)
         if self.parked:
             self._wake(time.monotonic())
+        memory = self.core.memory
+        if memory.resident > memory.budget and not memory.spilling():  # evictions went past the budget
+            for job in memory.shrink(memory.budget):
+                self.runner.submit(job)
         if now - self._last_stall_check >= 1.0:  # scans over all clients, at most once a second
             self._last_stall_check = now
             self._drop_stalled(now)
