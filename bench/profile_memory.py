@@ -345,30 +345,54 @@ def raw_copies(directory: str, runs: int) -> None:
         fn()
         results[name].append(time.perf_counter() - t0)
 
-    for _ in range(runs):
+    def prewarm() -> None:
+        """Write and delete a 128 MiB file: the page cache allocated next is just-freed memory."""
+        scratch = path + ".scratch"
+        fd = os.open(scratch, os.O_RDWR | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o600)
+        for o in range(0, 2 * S, CH):
+            os.pwrite(fd, memoryview(src)[:CH], o)
+        os.close(fd)
+        os.unlink(scratch)
+
+    def map_populate_copy(inp: int, out: int) -> None:
+        flags = mmap.MAP_SHARED | mmap.MAP_POPULATE
+        with mmap.mmap(inp, S, flags=flags, prot=mmap.PROT_READ) as m, memoryview(m) as v:
+            done = 0
+            while done < S:
+                done += os.pwrite(out, v[done:], done)
+
+    def anon_write(out: int) -> None:
+        for o in range(0, S, CH):
+            os.pwrite(out, memoryview(src)[o:o + CH], o)
+
+    def once() -> None:
         m = memfd(fill=True)
-        for name, how in (("spill: copy_segments (ugem: mmap src + pwrite 8 MiB)",
-                           lambda f: copy_segments(m, f, 0, 0, S)),
-                          ("spill: sendfile(file, memfd)", lambda f: sendfile_all(f, m, 0)),
-                          ("spill: bounce 8 MiB preadv+pwrite", lambda f: bounce_copy(m, f)),
-                          ("BASE file pwrite 8 MiB from anon buffer",
-                           lambda f: [os.pwrite(f, memoryview(src)[o:o + CH], o) for o in range(0, S, CH)])):
+        spills: dict[str, Callable[[int], None]] = {
+            "spill: copy_segments (ugem: mmap src + pwrite 8 MiB)": lambda f: copy_segments(m, f, 0, 0, S),
+            "spill: mmap MAP_POPULATE + pwrite": lambda f: map_populate_copy(m, f),
+            "spill: sendfile(file, memfd)": lambda f: sendfile_all(f, m, 0),
+            "spill: bounce 8 MiB preadv+pwrite": lambda f: bounce_copy(m, f),
+            "BASE file pwrite 8 MiB from anon buffer": anon_write,
+        }
+        for name, how in spills.items():
+            prewarm()
             f = newfile()
-            timed(name, functools.partial(how, f))
+            timed(name + " [prewarmed page cache]", functools.partial(how, f))
             dropfile(f)
         os.close(m)
         f = newfile()
         os.pwrite(f, src, 0)
+        restores: dict[str, Callable[[int], None]] = {
+            "restore: copy_segments (ugem: mmap src + pwrite)": lambda d: copy_segments(f, d, 0, 0, S),
+            "restore: mmap MAP_POPULATE + pwrite": lambda d: map_populate_copy(f, d),
+            "restore: sendfile(memfd, file)": lambda d: sendfile_all(d, f, 0),
+            "restore: bounce 8 MiB": lambda d: bounce_copy(f, d),
+            "restore: fadvise WILLNEED + copy_segments": lambda d: willneed_copy(f, d),
+            "restore: mmap MADV_SEQUENTIAL + pwrite": lambda d: madv_seq_copy(f, d),
+            "restore: copy_segments in 2 threads": lambda d: two_threads(f, d),
+        }
         for state in ("warm", "cold"):
-            ways: dict[str, Callable[[int], None]] = {
-                "restore: copy_segments (ugem: mmap src + pwrite)": lambda d: copy_segments(f, d, 0, 0, S),
-                "restore: sendfile(memfd, file)": lambda d: sendfile_all(d, f, 0),
-                "restore: bounce 8 MiB": lambda d: bounce_copy(f, d),
-                "restore: fadvise WILLNEED + copy_segments": lambda d: willneed_copy(f, d),
-                "restore: mmap MADV_SEQUENTIAL + pwrite": lambda d: madv_seq_copy(f, d),
-                "restore: copy_segments in 2 threads": lambda d: two_threads(f, d),
-            }
-            for name, how in ways.items():
+            for name, how in restores.items():
                 if state == "cold":
                     cold(f)
                 dst = memfd()
@@ -378,20 +402,62 @@ def raw_copies(directory: str, runs: int) -> None:
                 cold(f)
             timed(f"BASE file read 8 MiB preadv [{state}]", lambda: file_read(f))
             # the client's copy after a restore: memfd -> user buffer
-            dst = memfd(fill=True)
+            full = memfd(fill=True)
             timed(f"client copy: preadv memfd -> user [{state}]",
-                  lambda: os.preadv(dst, [memoryview(user)], 0))
-            os.close(dst)
+                  functools.partial(os.preadv, full, [memoryview(user)], 0))
+            os.close(full)
         dropfile(f)
-        dst = memfd()
-        timed("fresh pages: memfd fallocate 64 MiB", lambda: os.posix_fallocate(dst, 0, S))
-        os.close(dst)
-        dst = memfd()
-        timed("fresh pages: memfd pwrite 64 MiB", lambda: os.pwrite(dst, src, 0))
-        os.close(dst)
+        fresh = memfd()
+        timed("fresh pages: memfd fallocate 64 MiB", lambda: os.posix_fallocate(fresh, 0, S))
+        os.close(fresh)
+        fresh = memfd()
+        timed("fresh pages: memfd pwrite 64 MiB", lambda: os.pwrite(fresh, src, 0))
+        os.close(fresh)
+
+    for _ in range(runs):
+        once()
     print(f"\n-- raw copies of 64 MiB in this process ({runs} runs; median GB/s, best GB/s)")
     for name, v in results.items():
         print(f"   {name:60s} {S / statistics.median(v) / 1e9:6.2f}  {S / min(v) / 1e9:6.2f}")
+
+
+def perf_spill(spill_root: str | None, rounds: int) -> None:
+    """`perf record -g` of a plain daemon during prewarmed spill steps; prints the hot paths."""
+    import shutil as _shutil
+
+    import _harness as H
+    import bench_memory as B
+    from ugem.testing.daemon import run_daemon
+
+    if _shutil.which("perf") is None:
+        print("\n-- perf: not installed, skipped")
+        return
+    with tempfile.TemporaryDirectory(prefix="ugem-profile-perf-", dir=spill_root) as d:
+        spill_dir = os.path.join(d, "spill")
+        data = os.path.join(d, "perf.data")
+        with run_daemon(system_budget=str(B.BUDGET), spill_dir=spill_dir) as daemon:
+            dev = daemon.connect()
+            marks = B.ReplyMarks()
+            marks.install()
+            try:
+                cycles = B.Cycles(dev, spill_dir, marks)
+                cycles.spill_prewarmed(1)  # warm-up
+                perf = subprocess.Popen(["perf", "record", "-q", "-g", "-p", str(daemon.pid), "-o", data])
+                time.sleep(0.5)
+                got = cycles.spill_prewarmed(rounds)
+                perf.terminate()
+                perf.wait()
+            finally:
+                marks.uninstall()
+                dev.close()
+        for key, v in got.items():
+            print(f"\n-- perf: {key}: median {B.OBJ / H.percentile(v, 50):.2f} GB/s over {len(v)} steps")
+        report = subprocess.run(["perf", "report", "-i", data, "--children", "--stdio", "-g", "none",
+                                 "--percent-limit", "2"], capture_output=True, text=True).stdout
+        print("-- perf: daemon, inclusive time (children), >= 2 %:")
+        for line in report.splitlines():
+            if line.strip() and not line.startswith("#"):
+                print("   " + line.rstrip()[:150])
 
 
 def main() -> int:
@@ -401,6 +467,8 @@ def main() -> int:
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--spill-root", default=None)
     parser.add_argument("--raw-runs", type=int, default=5)
+    parser.add_argument("--perf", action="store_true",
+                        help="also perf-record a plain daemon during prewarmed spill steps")
     ns = parser.parse_args()
     import _harness as H
     import ugem
@@ -418,6 +486,8 @@ def main() -> int:
             events = json.load(f)
         breakdown(requests, events)
         raw_copies(d, ns.raw_runs)
+    if ns.perf:
+        perf_spill(ns.spill_root, 2)
     print(f"\nother load after: {H.foreign_load(0.5):.2f} CPUs")
     return 0
 

@@ -295,6 +295,35 @@ def test_foreign_memory_is_not_counted_and_never_spilled(small, sealed_memfd):
     assert small.pread(h, 3, 8 * MiB - 3) == data[3:]
 
 
+def test_mapped_pages_are_reclaimed_even_if_nobody_looked_at_them(small):
+    # no stats() in between: the populating request itself must notice the mapped pages
+    spillable = _pressure(small, total=12 * MiB)
+    h = small.create(8 * MiB)
+    view = small.mmap(h)
+    view[:] = _data(1, 8 * MiB)
+    _written(small, 1 * MiB, seed=5)
+    assert small.stats()["resident_bytes"] <= BUDGET
+    assert _placements(small, spillable).get("spilled", 0) >= 3
+    del view
+
+
+def test_a_process_writing_only_through_mappings_is_held_to_the_budget(small):
+    # IGT gem_shrink mmap mode: every object is populated through a mapping, never pwrite;
+    # the next mmap (a populating request) reclaims what the previous mappings added
+    objects = {}
+    for i in range(12):
+        h = small.create(4 * MiB)
+        view = small.mmap(h)
+        objects[h] = _data(i, 4 * MiB)
+        view[:] = objects[h]
+        del view
+    stats = small.stats()
+    assert stats["resident_bytes"] <= BUDGET + 4 * MiB  # the last one is not reclaimed yet
+    assert stats["spilled_total"] >= 12 - (BUDGET + 4 * MiB) // (4 * MiB)
+    for h, data in objects.items():
+        assert small.pread(h, 0, 4 * MiB) == data
+
+
 # -- ENOMEM ----------------------------------------------------------------------------
 
 
@@ -412,6 +441,35 @@ def test_spill_storage_that_cannot_grow_is_enomem_not_a_hang(mode, tmp_path, err
         dev.close_handle(resident[0])  # room without spilling
         dev.pwrite(h, 0, b"fits now")
         assert dev.pread(h, 0, 8) == b"fits now"
+        limited.close()
+
+
+def test_mapping_with_spill_storage_that_cannot_grow_does_not_hang(mode, tmp_path):
+    # mmap reclaims what mappings added, as far as it can; a failed spill is not retried
+    # for ever, and mmap itself never fails for it
+    with contextlib.ExitStack() as stack:
+        limited = stack.enter_context(contextlib.ExitStack())
+        limited.enter_context(_file_size_limit(4 * MiB))
+        if mode == "embedded":
+            dev = stack.enter_context(ugem.embedded(spill_dir=str(tmp_path), system_budget=BUDGET))
+        else:
+            daemon = stack.enter_context(run_daemon(spill_dir=str(tmp_path), system_budget=BUDGET))
+            limited.close()
+            dev = stack.enter_context(daemon.connect())
+        objects = {}
+        for i in range(8):  # 32 MiB through mappings: 16 MiB fit, 4 MiB can be spilled
+            h = dev.create(4 * MiB)
+            view = dev.mmap(h)
+            objects[h] = _data(i, 4 * MiB)
+            view[:] = objects[h]
+            del view
+        stats = dev.stats()
+        assert stats["spilled_bytes"] == 4 * MiB
+        assert stats["resident_bytes"] == 28 * MiB  # over the budget: nothing else could go
+        resident = [h for h in objects if dev.info(h).placement == "system"]
+        assert len(resident) == 7
+        for h in resident:
+            assert dev.pread(h, 0, 4 * MiB) == objects[h]
         limited.close()
 
 

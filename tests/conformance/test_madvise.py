@@ -323,6 +323,22 @@ def test_mapped_dontneed_object_is_purged_and_its_mapping_reads_zeros(small):
     del view
 
 
+def test_mapped_caches_are_purged_while_still_mapped(small):
+    # IGT gem_shrink mmap mode with the mappings kept: only the next mmap notices their pages
+    views = []
+    for i in range(12):
+        h = small.create(4 * MiB)
+        view = small.mmap(h)
+        view[:] = _data(i, 4 * MiB)
+        assert small.madvise(h, ugem.DONTNEED) is True
+        views.append(view)
+    stats = small.stats()
+    assert stats["resident_bytes"] <= BUDGET + 4 * MiB  # the last one is not reclaimed yet
+    assert stats["purged_total"] >= 12 - (BUDGET + 4 * MiB) // (4 * MiB)
+    assert not np.frombuffer(views[0], dtype=np.uint8).any()  # purged: reads zeros (§8)
+    del view, views
+
+
 def test_dontneed_on_a_spilled_object_purges_it_at_once(small):
     h, _ = _written(small, 4 * MiB, seed=1)
     _pressure(small)  # everything older is pushed out of memory: h is spilled

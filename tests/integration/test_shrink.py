@@ -70,11 +70,11 @@ with ugem.connect(path) as dev:
 
 class Child:
     def __init__(self, stack: ExitStack, path: str, populate: str, mix: str, seed: int, log: str) -> None:
-        self.err = stack.enter_context(open(log, "wb"))
         self.log = log
-        self.proc = stack.enter_context(subprocess.Popen(
-            [sys.executable, "-c", CHILD, path, populate, mix, str(seed), str(PER_CHILD), str(SIZE)],
-            stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=self.err))
+        with open(log, "wb") as err:  # the child has its own copy of the fd
+            self.proc = stack.enter_context(subprocess.Popen(
+                [sys.executable, "-c", CHILD, path, populate, mix, str(seed), str(PER_CHILD), str(SIZE)],
+                stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=err))
         self.buffer = b""
 
     def line(self) -> dict[str, Any] | None:

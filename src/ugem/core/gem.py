@@ -214,6 +214,7 @@ def prime_handle_to_fd(core: Core, client: Client, req: s.ExportReq) -> s.Export
     prepare_cpu(core, obj, write=writable)
     backing = core.populate(obj)
     obj.exported = True  # from now on never spilled or purged: others may hold its pages
+    core.memory.watch(obj)  # and its pages may grow through their fds
     fd = core.backing.open_description(backing, writable)
     core.index_key(obj)
     return s.ExportReply(fd=fd)

@@ -21,8 +21,12 @@ object is in VRAM its system pages are a spare copy the shrinker may drop.
 Making a working set resident is planned first and committed only if the whole set fits:
 allocate each missing object (best fit); when that fails, run an eviction scan over the
 VRAM LRU, oldest first, skipping pinned objects and the working set; evict only the
-nodes overlapping the hole found. If no hole can be found, roll back and fail ENOSPC
-without having changed anything. Evicting a DONTNEED object drops it (purged).
+nodes overlapping the hole found. If some object finds no hole, roll back and try once
+more as i915's eb_reserve does: every unpinned object outside the working set out, the
+missing objects placed largest first, victims whose ranges stayed free kept in place. If
+that fails too, roll back and fail ENOSPC without having changed anything (SPEC: ENOSPC
+only when there is no placement even after evicting every unpinned object outside the
+set). Evicting a DONTNEED object drops it (purged).
 
 CPU access (`to_cpu`) brings an object out of VRAM: a copy back if needed, the node freed
 at once (later ops on the timeline run after the queued copy), and the caller waits
@@ -119,12 +123,13 @@ class Gpu:
             for obj in missing:
                 placed.append((obj, self._allocate(obj, protected, victims)))
         except NoSpace:
-            for _, node in reversed(placed):
-                self.space.remove(node)
-            for victim, start, pages in reversed(victims):
-                victim.vram = self.space.reserve(start, pages, owner=victim)
-            raise NoSpace(f"the working set of {len(wanted)} objects ({sum(o.size for o in wanted)} bytes) "
-                          f"cannot be placed in {self.backend.vram_size} bytes of device memory") from None
+            self._roll_back(placed, victims)
+            try:  # second pass (i915 eb_reserve): everything unpinned outside the set out, largest first
+                self._place_after_evicting_all(missing, protected, placed, victims)
+            except NoSpace:
+                self._roll_back(placed, victims)
+                raise NoSpace(f"the working set of {len(wanted)} objects ({sum(o.size for o in wanted)} bytes) "
+                              f"cannot be placed in {self.backend.vram_size} bytes of device memory") from None
         for victim, start, _ in victims:  # copies out are queued before the copies in
             self._leave(victim, start * PAGE_SIZE, evicted=True)
         for obj, node in placed:
@@ -157,6 +162,40 @@ class Gpu:
             self.space.remove(node)
             victim.vram = None
         return self.space.insert(pages, mode=InsertMode.EVICT, owner=obj)
+
+    def _roll_back(self, placed: list[tuple[BufferObject, Node[BufferObject]]],
+                   victims: list[tuple[BufferObject, int, int]]) -> None:
+        """Undo a failed plan: free the new nodes, put the victims back where they were."""
+        for _, node in reversed(placed):
+            self.space.remove(node)
+        for victim, start, pages in reversed(victims):
+            victim.vram = self.space.reserve(start, pages, owner=victim)
+        placed.clear()
+        victims.clear()
+
+    def _place_after_evicting_all(self, missing: list[BufferObject], protected: set[int],
+                                  placed: list[tuple[BufferObject, Node[BufferObject]]],
+                                  victims: list[tuple[BufferObject, int, int]]) -> None:
+        """The order of the greedy pass can fragment VRAM where a placement exists (a small
+        object takes the one slot next to the hole a large one needs): take every unpinned
+        object outside the working set out, place the largest first, then give back each
+        victim whose range is still free. NoSpace leaves `placed`/`victims` to roll back."""
+        for cand in list(self.lru):
+            if id(cand) in protected or cand.vram is None:
+                continue
+            node = cand.vram
+            victims.append((cand, node.start, node.size))
+            self.space.remove(node)
+            cand.vram = None
+        for obj in sorted(missing, key=lambda o: o.size, reverse=True):
+            placed.append((obj, self.space.insert(obj.size // PAGE_SIZE, owner=obj)))
+        evicted = []
+        for victim, start, pages in victims:
+            try:
+                victim.vram = self.space.reserve(start, pages, owner=victim)
+            except NoSpace:
+                evicted.append((victim, start, pages))
+        victims[:] = evicted
 
     def _move_in(self, obj: BufferObject, node: Node[BufferObject]) -> None:
         """Queue the copy that makes `node` hold the object's contents."""

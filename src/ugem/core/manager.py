@@ -175,6 +175,7 @@ class Core:
     def map_add(self, client: Client, obj: BufferObject) -> int:
         self.get(obj)
         obj.maps += 1
+        self.memory.watch(obj)
         map_id = client.map_ids.alloc()
         client.mappings[map_id] = obj
         return map_id
@@ -193,6 +194,7 @@ class Core:
         `bounce`: (memfd, offset, length) the client writes for an object pinned in VRAM."""
         self.get(obj)
         obj.xfers += 1
+        self.memory.watch(obj)
         xfer_id = client.xfer_ids.alloc()
         client.transfers[xfer_id] = (obj, reserve, bounce)
         self.memory.reserved += reserve
@@ -260,6 +262,7 @@ class Core:
         # the fd it came through (and any copies) shares its pages, as after an export:
         # never spilled or purged (SPEC §3)
         obj.exported = True
+        self.memory.watch(obj)
         self.by_key[key] = obj
         obj.transition(Event.POPULATE)
         self.memory.track(obj)

@@ -5,8 +5,10 @@ Theory of operation
 `resident` is what the objects' memfds really hold (allocated blocks, as the BackingStore
 measures them). Each NORMAL object with system pages caches its last measurement in
 `obj.resident`; the total is kept incrementally. Objects whose pages can change without a
-request (mapped, exported, or with a bulk transfer open) are *volatile* and re-measured
-before any decision that depends on the total.
+request (mapped, exported, or with a bulk transfer open) are *volatile*: the core calls
+`watch()` when one becomes so, and `refresh()` re-measures the watched ones (only those,
+so it is cheap) before any decision that depends on the total, `make_room`'s first check
+included.
 
 Before a request adds `need` bytes, `make_room(need)` frees enough that
 resident + reserved + need <= budget, in two named passes over the LRU (oldest first):
@@ -25,14 +27,22 @@ over the budget between requests. A request that adds pages reclaims that excess
 own `make_room`; `mmap`, which populates without adding pages itself, calls `settle()`:
 the same passes, best effort, never ENOMEM (a process that only writes through mappings
 is still held to the budget, as IGT gem_shrink's mmap mode expects).
+
+A job that fails (spill storage full, I/O error) leaves its object where it was, and the
+request that waited for it runs again. So that it cannot plan the same failing copy for
+ever, `failed` remembers the object: a failed spill keeps it out of the spill passes
+until some request has failed with ENOMEM (the next one tries it again); a failed restore
+is the error of the next request that needs the object (ENOMEM when memory or disk ran
+short, else EIO).
 """
 
 from __future__ import annotations
 
+import errno
 from typing import TYPE_CHECKING, Any
 
 from ..constants import DONTNEED
-from ..errors import NoSpace, OutOfMemory
+from ..errors import IOFailure, NoSpace, OutOfMemory
 from ..mm.lru import Lru
 from .jobs import Job, JobKind, Pending
 from .object import BufferObject, Kind
@@ -52,6 +62,8 @@ class Memory:
         self.reserved = 0
         self.spilled = 0  # bytes of data held in spill storage
         self.jobs: list[Job] = []  # in flight
+        self.watched: set[BufferObject] = set()  # volatile objects, re-measured by refresh()
+        self.failed: dict[BufferObject, OSError] = {}  # its last spill/restore failed
 
     @property
     def budget(self) -> int:
@@ -92,11 +104,17 @@ class Memory:
     def volatile(obj: BufferObject) -> bool:
         return bool(obj.maps or obj.xfers or obj.exported)
 
+    def watch(self, obj: BufferObject) -> None:
+        """`obj` just became volatile (mapped, exported, transfer opened)."""
+        if obj.kind == Kind.NORMAL:
+            self.watched.add(obj)
+
     def refresh(self) -> None:
         """Re-measure objects whose pages may have changed behind our back."""
-        for obj in list(self.lru):
-            if self.volatile(obj):
-                self.measure(obj)
+        for obj in list(self.watched):
+            self.measure(obj)
+            if not self.volatile(obj):
+                self.watched.discard(obj)
 
     # -- reclaim ---------------------------------------------------------------------
 
@@ -123,9 +141,9 @@ class Memory:
 
     def make_room(self, need: int, exclude: BufferObject | None = None) -> None:
         """Return once `need` more bytes fit; raise Pending (spills started) or ENOMEM."""
+        self.refresh()  # pages written through mappings count from the next request on
         if self.resident + self.reserved + need <= self.budget:
             return
-        self.refresh()
         deficit = self.resident + self.reserved + need - self.budget
         if deficit <= 0:
             return
@@ -134,12 +152,16 @@ class Memory:
             raise Pending([j for j in self.jobs if j.kind is JobKind.SPILL])
         purge = [o for o in self.lru if o is not exclude and o.resident and self.purgeable(o)]
         spare = [o for o in self.lru if o is not exclude and o.resident and self.spare(o)]
-        spill = [o for o in self.lru if o is not exclude and o.resident and self.spillable(o)]
+        spill = [o for o in self.lru if o is not exclude and o.resident and self.spillable(o)
+                 and o not in self.failed]
         available = freeing + sum(o.resident for o in purge + spare + spill)
         if available < deficit:
+            failures = {str(e) for o, e in self.failed.items() if o.placement != Placement.SPILLED}
+            self.failed = {o: e for o, e in self.failed.items() if o.placement == Placement.SPILLED}
             raise OutOfMemory(
                 f"cannot free {deficit} bytes under the system budget of {self.budget} "
-                f"(resident {self.resident}, reclaimable {available})")
+                f"(resident {self.resident}, reclaimable {available})"
+                + (f"; spilling failed: {'; '.join(sorted(failures))}" if failures else ""))
         deficit -= freeing
         for obj in purge:  # pass 1: purge DONTNEED, least recently used first
             if deficit <= 0:
@@ -180,12 +202,13 @@ class Memory:
     def settle(self, exclude: BufferObject | None = None) -> None:
         """Best effort: free what pages written behind our back put over the budget, as far
         as anything can be freed; raise Pending for the spills started, never ENOMEM."""
-        try:
-            self.make_room(0, exclude)
-        except OutOfMemory:
-            jobs = self.shrink(self.budget - self.reserved, exclude)
-            if jobs:
-                raise Pending(jobs) from None
+        self.refresh()
+        spilling = [j for j in self.jobs if j.kind is JobKind.SPILL]
+        started = self.shrink(self.budget - self.reserved + sum(j.nbytes for j in spilling), exclude)
+        if self.resident + self.reserved > self.budget and started + spilling:
+            # wait for the spills in flight too: counting on them without waiting would let
+            # every mapper that comes meanwhile count on the same bytes
+            raise Pending(started + spilling)
 
     def shrink(self, target: int, exclude: BufferObject | None = None) -> list[Job]:
         """Background reclaim (memory pressure): bring resident down toward `target`."""
@@ -202,7 +225,8 @@ class Memory:
                 return jobs
             excess -= obj.resident
             self.drop_spare(obj)
-        for obj in [o for o in self.lru if o is not exclude and o.resident and self.spillable(o)]:
+        for obj in [o for o in self.lru if o is not exclude and o.resident and self.spillable(o)
+                    and o not in self.failed]:
             if excess <= 0:
                 break
             excess -= obj.resident
@@ -263,6 +287,8 @@ class Memory:
         obj = job.obj
         if job.error is not None or obj.placement != Placement.SYSTEM:
             self.core.backing.spill_release(job.extent)
+            if job.error is not None:
+                self.failed[obj] = job.error
             return
         if obj.madvise == DONTNEED:  # advised away while it was being copied: drop it instead
             self.core.backing.spill_release(job.extent)
@@ -281,6 +307,8 @@ class Memory:
         self.reserved -= job.nbytes
         if job.error is not None or obj.placement != Placement.SPILLED:
             self.core.backing.release(job.backing)
+            if job.error is not None:
+                self.failed[obj] = job.error
             return
         self.core.backing.spill_release(obj.extent)
         self.spilled -= obj.spilled
@@ -296,6 +324,10 @@ class Memory:
         if obj.job is not None:
             raise Pending([obj.job])
         if obj.placement == Placement.SPILLED:
+            error = self.failed.pop(obj, None)
+            if error is not None:
+                short = error.errno in (errno.ENOMEM, errno.ENOSPC, errno.EFBIG, errno.EDQUOT)
+                raise (OutOfMemory if short else IOFailure)(f"bringing object {obj.id} back failed: {error}")
             self.make_room(obj.spilled, exclude=obj)
             raise Pending([self.plan_restore(obj)])
         self.touch(obj)
@@ -312,6 +344,8 @@ class Memory:
 
     def release(self, obj: BufferObject) -> None:
         """The object is being freed: give back its memory and spill space."""
+        self.watched.discard(obj)
+        self.failed.pop(obj, None)
         if obj.backing is not None:
             self.untrack(obj)
         if obj.extent is not None:

@@ -1,0 +1,309 @@
+"""suspend / resume (SPEC §2 suspend, resume, stats; §3 "suspend"; §5 privileges;
+gem-reference §4.7 suspend, §5.10 IGT gem_exec_suspend basic-S3 / cached-S3 / uncached-S3).
+
+Every test gets a manager of its own (make_env): a suspended device must never leak into
+another test. Objects are made dirty in VRAM with device fills (the VRAM copy is then the
+only up-to-date one), so reading them back after suspend proves they were saved.
+"""
+
+from __future__ import annotations
+
+import errno
+import os
+import signal
+import threading
+import time
+
+import numpy as np
+import pytest
+
+import ugem
+from ugem.cmd import Copy, Fill, SemaphoreWait
+
+PAGE = ugem.PAGE_SIZE
+MiB = 1 << 20
+NOBODY = 65534
+
+
+def _data(seed: int, size: int) -> bytes:
+    return np.random.default_rng(seed).bytes(size)
+
+
+def _dirty_in_vram(dev, size: int, seed: int) -> tuple[int, bytes]:
+    """An object with data whose newest bytes live only in VRAM."""
+    h = dev.create(size)
+    data = bytearray(_data(seed, size))
+    dev.pwrite(h, 0, bytes(data))
+    off = (seed * 4099) % (size - 64)
+    dev.execbuffer([Fill(dst=h, offset=off, length=64, byte=seed & 0xFF)])
+    data[off:off + 64] = bytes([seed & 0xFF]) * 64
+    return h, bytes(data)
+
+
+def _only_in_vram(dev, size: int, byte: int) -> tuple[int, bytes]:
+    """An object that never had system pages: its contents exist only in VRAM."""
+    h = dev.create(size)
+    dev.execbuffer([Fill(dst=h, offset=0, length=size, byte=byte), Fill(dst=h, offset=byte, length=3, byte=0xFF)])
+    return h, bytes([byte]) * byte + b"\xff" * 3 + bytes([byte]) * (size - byte - 3)
+
+
+def _in_thread(fn, *args):
+    """Run fn(*args) in a thread; returns (thread, result list receiving (value or exc, elapsed))."""
+    out: list = []
+
+    def run():
+        start = time.monotonic()
+        try:
+            out.append((fn(*args), time.monotonic() - start))
+        except ugem.UgemError as exc:
+            out.append((exc, time.monotonic() - start))
+
+    thread = threading.Thread(target=run)
+    thread.start()
+    return thread, out
+
+
+# -- privileges ------------------------------------------------------------------------
+
+
+def test_unprivileged_client_gets_eacces(make_env, mode, as_user):
+    if mode == "embedded":
+        pytest.skip("every client of an embedded manager is this process, the manager's own uid")
+    env = make_env(socket_mode="0666")
+    os.chmod(env.daemon.directory, 0o755)
+    dev = env.open()
+    h, data = _dirty_in_vram(dev, PAGE, seed=1)
+    path = env.daemon.path
+
+    def attempt() -> list:
+        codes = []
+        with ugem.connect(path) as d:
+            for call in (d.suspend, d.resume):
+                try:
+                    call()
+                    codes.append(0)
+                except ugem.UgemError as exc:
+                    codes.append(exc.errno)
+        return codes
+
+    with as_user(NOBODY, attempt) as codes:
+        assert codes == [errno.EACCES, errno.EACCES]
+    assert dev.stats()["vram_bytes"] > 0  # nothing was saved
+    assert dev.info(h).placement == "vram"
+    dev.execbuffer([Fill(dst=h, offset=0, length=1, byte=data[0])])  # not suspended: runs at once
+    assert dev.pread(h, 0, PAGE) == data
+
+
+# -- no-ops ----------------------------------------------------------------------------
+
+
+def test_resume_while_running_and_suspend_twice_are_no_ops(make_env):
+    dev = make_env(vram="8M").open()
+    h, data = _dirty_in_vram(dev, PAGE, seed=2)
+    dev.resume()
+    assert dev.info(h).placement == "vram"
+    dev.suspend()
+    dev.suspend()
+    assert dev.stats()["vram_bytes"] == 0
+    dev.resume()
+    dev.resume()
+    dev.execbuffer([Fill(dst=h, offset=0, length=4, byte=9)])
+    assert dev.pread(h, 0, PAGE) == b"\x09" * 4 + data[4:]
+
+
+# -- saving VRAM -----------------------------------------------------------------------
+
+
+def test_suspend_saves_every_object_and_empties_vram(make_env):
+    dev = make_env(vram="8M").open()
+    objs = [_dirty_in_vram(dev, 512 * 1024, seed=10 + i) for i in range(4)]
+    objs += [_only_in_vram(dev, 256 * 1024, byte=20 + i) for i in range(3)]
+    clean = dev.create(PAGE)  # in VRAM, only read by the device: its system copy is current
+    dev.pwrite(clean, 0, b"clean")
+    dev.execbuffer([Copy(src=clean, src_offset=0, dst=objs[0][0], dst_offset=0, length=5)])
+    objs[0] = (objs[0][0], b"clean" + objs[0][1][5:])
+    cached = dev.create(PAGE)
+    dev.set_caching(cached, ugem.CACHING_CACHED)
+    dev.execbuffer([Fill(dst=cached, offset=0, length=PAGE, byte=0xCA)])
+    assert dev.stats()["vram_bytes"] > 0
+    dev.suspend()
+    stats = dev.stats()
+    assert stats["vram_bytes"] == 0
+    assert all(dev.info(h).placement in ("system", "spilled") for h, _ in objs)
+    assert dev.busy(objs[-1][0]) is False
+    for h, want in objs:  # while suspended: nothing needs the device to read them
+        assert dev.pread(h, 0, len(want)) == want
+    assert dev.pread(clean, 0, 5) == b"clean"
+    assert dev.pread(cached, 0, PAGE) == b"\xca" * PAGE
+    dev.resume()
+    for h, want in objs:
+        assert dev.pread(h, 0, len(want)) == want
+    fence = dev.execbuffer([Fill(dst=objs[1][0], offset=0, length=8, byte=1)])
+    assert dev.wait_fence(fence, -1) == -1
+    assert dev.pread(objs[1][0], 0, 8) == b"\x01" * 8
+
+
+def test_suspend_saves_objects_pinned_in_vram(make_env):
+    dev = make_env(vram="8M").open()
+    h, data = _dirty_in_vram(dev, MiB, seed=3)
+    dev.pin(h)
+    assert dev.info(h).placement == "vram"
+    dev.suspend()
+    assert dev.stats()["vram_bytes"] == 0
+    assert dev.pread(h, 0, MiB) == data
+    dev.resume()
+    assert dev.pread(h, 0, MiB) == data
+    assert dev.info(h).pinned
+
+
+def test_suspend_waits_for_device_work(make_env):
+    dev = make_env(vram="8M", hang_timeout=5).open()
+    sem = dev.create(PAGE)
+    dev.set_caching(sem, ugem.CACHING_CACHED)
+    m = dev.mmap(sem)
+    h = dev.create(PAGE)
+    dev.execbuffer([SemaphoreWait(obj=sem, offset=0, value=1), Fill(dst=h, offset=0, length=PAGE, byte=0x5E)])
+    releaser = threading.Timer(0.3, lambda: m.__setitem__(slice(0, 4), (1).to_bytes(4, "little")))
+    releaser.start()
+    try:
+        start = time.monotonic()
+        dev.suspend()
+        elapsed = time.monotonic() - start
+    finally:
+        releaser.join()
+        m[0:4] = (1).to_bytes(4, "little")
+        m.release()
+    assert elapsed >= 0.25
+    assert dev.busy(h) is False
+    assert dev.stats()["vram_bytes"] == 0
+    assert dev.pread(h, 0, PAGE) == b"\x5e" * PAGE
+    dev.resume()
+
+
+@pytest.mark.parametrize("history", ["only-in-vram", "written-first"])
+def test_suspend_past_the_system_budget_spills_instead_of_failing(make_env, history):
+    dev = make_env(vram="16M", system_budget="8M").open()
+    if history == "only-in-vram":
+        objs = [_only_in_vram(dev, 2 * MiB, byte=0x30 + i) for i in range(7)]
+    else:  # written by the CPU (the oldest spilled), then dirtied in VRAM; spare copies may go
+        objs = [_dirty_in_vram(dev, 2 * MiB, seed=0x30 + i) for i in range(7)]
+    dev.wait(objs[-1][0], -1)
+    assert dev.stats()["vram_bytes"] == 14 * MiB  # 14 MiB in VRAM, 8 MiB of system budget
+    dev.suspend()
+    stats = dev.stats()
+    assert stats["vram_bytes"] == 0
+    assert stats["resident_bytes"] <= 8 * MiB
+    assert stats["spilled_total"] > 0 and stats["spilled_bytes"] > 0
+    dev.resume()
+    for h, want in objs:
+        assert dev.pread(h, 0, 2 * MiB) == want
+
+
+def test_dontneed_objects_in_vram_are_purged_by_suspend(make_env, errno_of):
+    dev = make_env(vram="8M").open()
+    gone, _ = _dirty_in_vram(dev, MiB, seed=4)
+    kept, kept_data = _dirty_in_vram(dev, MiB, seed=5)
+    assert dev.madvise(gone, ugem.DONTNEED) is True  # in VRAM: resident, not purged yet
+    purged = dev.stats()["purged_total"]
+    dev.suspend()
+    info = dev.info(gone)
+    assert (info.placement, info.madvise) == ("purged", "purged")
+    assert dev.stats()["purged_total"] == purged + 1
+    assert errno_of(dev.pread, gone, 0, 16) == errno.EFAULT
+    dev.resume()
+    assert dev.madvise(gone, ugem.WILLNEED) is False
+    assert dev.pread(kept, 0, MiB) == kept_data
+
+
+# -- device work while suspended -------------------------------------------------------
+
+
+def test_embedded_execbuffer_while_suspended_is_ebusy(make_env, mode, errno_of):
+    if mode == "daemon":
+        pytest.skip("the daemon holds device work until resume instead")
+    dev = make_env(vram="8M").open()
+    h, data = _dirty_in_vram(dev, PAGE, seed=6)
+    dev.suspend()
+    assert errno_of(dev.execbuffer, [Fill(dst=h, offset=0, length=4, byte=1)]) == errno.EBUSY
+    assert errno_of(dev.set_domain, h, ugem.DOMAIN_DEVICE) == errno.EBUSY
+    assert dev.info(h).placement == "system"
+    dev.resume()
+    dev.execbuffer([Fill(dst=h, offset=0, length=4, byte=1)])
+    assert dev.pread(h, 0, PAGE) == b"\x01" * 4 + data[4:]
+
+
+@pytest.mark.parametrize("fault", ["enoent", "einval", "efault"])
+def test_earlier_errors_win_while_suspended(make_env, errno_of, fault):
+    dev = make_env(vram="8M").open()
+    h = dev.create(PAGE)
+    purged = dev.create(PAGE)
+    dev.madvise(purged, ugem.DONTNEED)
+    dev.suspend()
+    cmd, code = {
+        "enoent": (Fill(dst=99, offset=0, length=1, byte=1), errno.ENOENT),
+        "einval": (Fill(dst=h, offset=PAGE, length=1, byte=1), errno.EINVAL),
+        "efault": (Fill(dst=purged, offset=0, length=1, byte=1), errno.EFAULT),
+    }[fault]
+    assert errno_of(dev.execbuffer, [cmd]) == code
+    dev.resume()
+
+
+def test_daemon_holds_execbuffer_until_another_client_resumes(make_env, mode):
+    if mode == "embedded":
+        pytest.skip("the embedded manager fails device work with EBUSY instead")
+    env = make_env(vram="8M")
+    dev, admin = env.open(), env.open()
+    h, data = _dirty_in_vram(dev, PAGE, seed=7)
+    admin.suspend()
+    thread, out = _in_thread(dev.execbuffer, [Fill(dst=h, offset=0, length=4, byte=0x44)])
+    try:
+        time.sleep(0.3)
+        assert not out, f"execbuffer returned while suspended: {out}"
+        start = time.monotonic()  # others are served meanwhile
+        other = admin.create(PAGE)
+        admin.pwrite(other, 0, b"meanwhile")
+        assert admin.pread(other, 0, 9) == b"meanwhile"
+        assert time.monotonic() - start < 1.0
+    finally:
+        admin.resume()
+        thread.join(10)
+    assert out and isinstance(out[0][0], int), out
+    fence = out[0][0]
+    assert dev.wait_fence(fence, -1) == -1
+    assert dev.pread(h, 0, PAGE) == b"\x44" * 4 + data[4:]
+
+
+def test_daemon_holds_set_domain_device_until_resume(make_env, mode):
+    if mode == "embedded":
+        pytest.skip("the embedded manager fails it with EBUSY instead")
+    env = make_env(vram="8M")
+    dev, admin = env.open(), env.open()
+    h = dev.create(PAGE)
+    dev.pwrite(h, 0, b"to the device")
+    admin.suspend()
+    thread, out = _in_thread(dev.set_domain, h, ugem.DOMAIN_DEVICE)
+    try:
+        time.sleep(0.3)
+        assert not out, out
+    finally:
+        admin.resume()
+        thread.join(10)
+    assert out == [(None, out[0][1])]
+    assert dev.info(h).placement == "vram"
+
+
+def test_daemon_fails_held_work_with_eshutdown_on_sigterm(make_env, mode):
+    if mode == "embedded":
+        pytest.skip("only the daemon holds device work")
+    env = make_env(vram="8M")
+    dev = env.open()
+    h = dev.create(PAGE)
+    dev.suspend()
+    thread, out = _in_thread(dev.execbuffer, [Fill(dst=h, offset=0, length=4, byte=1)])
+    time.sleep(0.3)
+    assert not out
+    os.kill(env.daemon.pid, signal.SIGTERM)
+    thread.join(10)
+    assert out and isinstance(out[0][0], ugem.UgemError), out
+    assert out[0][0].errno == errno.ESHUTDOWN
+    assert env.daemon.proc.wait(20) == 0
