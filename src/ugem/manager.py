@@ -76,12 +76,14 @@ class Manager:
 
     @staticmethod
     def _settle(core: Core) -> None:
-        """Evictions may have gone past the budget: spill back under it (inline here)."""
+        """Run background jobs inline: spill back under the budget after evictions, give
+        restored objects' spill space back."""
         memory = core.memory
         if memory.resident > memory.budget:
-            for job in memory.shrink(memory.budget):
-                job.run()
-                memory.finish(job)
+            memory.background += memory.shrink(memory.budget)
+        for job in memory.take_background():
+            job.run()
+            memory.finish(job)
 
     def _release(self, client: Client) -> None:
         with self._lock:

@@ -145,11 +145,11 @@ def test_blit_bounds_follow_the_tiled_layout(dev, errno_of):
     assert errno_of(dev.execbuffer, [outside]) == errno.EINVAL  # its last byte is in the missing tile
 
 
-@pytest.mark.parametrize("mode, stride", [(ugem.TILING_X, 1024), (ugem.TILING_Y, 256)])
+@pytest.mark.parametrize("tiling, stride", [(ugem.TILING_X, 1024), (ugem.TILING_Y, 256)])
 @pytest.mark.parametrize("side", ["src", "dst"])
-def test_blit_pitch_of_a_tiled_object_must_equal_its_stride(dev, errno_of, mode, stride, side):
+def test_blit_pitch_of_a_tiled_object_must_equal_its_stride(dev, errno_of, tiling, stride, side):
     tiled, linear = dev.create(8 * PAGE), dev.create(8 * PAGE)
-    dev.set_tiling(tiled, mode, stride)
+    dev.set_tiling(tiled, tiling, stride)
     pitch = stride // 2
     if side == "src":
         good = _blit(tiled, linear, src_pitch=stride, dst_pitch=pitch)
@@ -379,16 +379,16 @@ def test_overlapping_blit_within_one_object_is_memmove(dev):
 LAYOUTS = {ugem.TILING_X: (_x_addr, 1024), ugem.TILING_Y: (_y_addr, 256)}
 
 
-@pytest.mark.parametrize("mode", [ugem.TILING_X, ugem.TILING_Y], ids=["X", "Y"])
-def test_blit_into_a_tiled_object_follows_the_spec_layout(dev, mode):
-    addr, stride = LAYOUTS[mode]
+@pytest.mark.parametrize("tiling", [ugem.TILING_X, ugem.TILING_Y], ids=["X", "Y"])
+def test_blit_into_a_tiled_object_follows_the_spec_layout(dev, tiling):
+    addr, stride = LAYOUTS[tiling]
     size = 4 * PAGE  # two rows of two tiles
-    tile_rows = size // PAGE // (stride // (512 if mode == ugem.TILING_X else 128))
-    rows = tile_rows * (8 if mode == ugem.TILING_X else 32)
+    tile_rows = size // PAGE // (stride // (512 if tiling == ugem.TILING_X else 128))
+    rows = tile_rows * (8 if tiling == ugem.TILING_X else 32)
     src, src_data = _written(dev, 8 * PAGE, seed=5)
     dst, dst_data = _written(dev, size, seed=6)
-    assert dev.set_tiling(dst, mode, stride) == (mode, stride)
-    tile_w, tile_h = (512, 8) if mode == ugem.TILING_X else (128, 32)
+    assert dev.set_tiling(dst, tiling, stride) == (tiling, stride)
+    tile_w, tile_h = (512, 8) if tiling == ugem.TILING_X else (128, 32)
     # a rectangle straddling a tile column boundary and a tile row boundary (and, for Y, 16 B columns)
     dx, dy, width, height, cpp = (tile_w - 20) // 4, tile_h - 3, 11, 6, 4
     assert dy + height <= rows

@@ -8,9 +8,11 @@ only up-to-date one), so reading them back after suspend proves they were saved.
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import os
 import signal
+import subprocess
 import threading
 import time
 
@@ -19,6 +21,7 @@ import pytest
 
 import ugem
 from ugem.cmd import Copy, Fill, SemaphoreWait
+from ugem.testing import run_daemon
 
 PAGE = ugem.PAGE_SIZE
 MiB = 1 << 20
@@ -197,6 +200,72 @@ def test_suspend_past_the_system_budget_spills_instead_of_failing(make_env, hist
     dev.resume()
     for h, want in objs:
         assert dev.pread(h, 0, 2 * MiB) == want
+
+
+@contextlib.contextmanager
+def _small_filesystem(directory, size: str):
+    """A tmpfs of `size` at `directory` (for a spill directory that really runs out of room)."""
+    os.makedirs(directory)
+    done = subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(directory)],
+                          capture_output=True)
+    if done.returncode != 0:
+        pytest.skip(f"cannot mount a tmpfs here: {done.stderr.decode().strip()}")
+    try:
+        yield str(directory)
+    finally:
+        subprocess.run(["umount", "-l", str(directory)], check=True)
+
+
+@contextlib.contextmanager
+def _device(mode: str, spill_dir: str, **config):
+    if mode == "embedded":
+        with ugem.Manager(spill_dir=spill_dir, **config) as manager, manager.open() as dev:
+            yield dev
+    else:
+        with run_daemon(spill_dir=spill_dir, **config) as daemon, daemon.connect() as dev:
+            yield dev
+
+
+@pytest.mark.parametrize("spill_space, fits", [("4M", False), ("8M", True)])
+def test_suspend_fails_with_enospc_and_changes_nothing_when_the_host_cannot_hold_vram(
+        mode, tmp_path, errno_of, spill_space, fits):
+    # 14 MiB only in VRAM, 8 MiB of budget: 6 MiB must be spilled
+    with _small_filesystem(tmp_path / "spill", spill_space) as spill, \
+            _device(mode, spill, vram="16M", system_budget="8M") as dev:
+        objs = [_only_in_vram(dev, 2 * MiB, byte=0x30 + i) for i in range(7)]
+        dev.wait(objs[-1][0], -1)
+        if fits:
+            dev.suspend()
+            assert dev.stats()["vram_bytes"] == 0 and dev.stats()["spilled_bytes"] >= 6 * MiB
+            dev.resume()
+        else:
+            assert errno_of(dev.suspend) == errno.ENOSPC
+            stats = dev.stats()
+            assert (stats["vram_bytes"], stats["evicted_total"], stats["spilled_total"]) == (14 * MiB, 0, 0)
+            assert all(dev.info(h).placement == "vram" for h, _ in objs)
+        fence = dev.execbuffer([Fill(dst=objs[0][0], offset=0, length=2, byte=0x30)])  # running
+        assert dev.wait_fence(fence, -1) == -1
+        for h, want in objs:
+            assert dev.pread(h, 0, 2 * MiB) == want
+
+
+def test_spillable_objects_are_not_extra_room_for_suspend(mode, tmp_path, errno_of):
+    # The budget is full of spillable objects and spill storage has no room: spilling
+    # them to make room would need the same space, so saving 2 MiB of VRAM is ENOSPC.
+    with _small_filesystem(tmp_path / "spill", "64K") as spill, \
+            _device(mode, spill, vram="16M", system_budget="8M") as dev:
+        written = [dev.create(2 * MiB) for _ in range(4)]
+        for i, h in enumerate(written):
+            dev.pwrite(h, 0, bytes([i]) * 2 * MiB)
+        vram, want = _only_in_vram(dev, 2 * MiB, byte=0x77)
+        dev.wait(vram, -1)
+        assert errno_of(dev.suspend) == errno.ENOSPC
+        assert dev.info(vram).placement == "vram"
+        assert dev.stats()["resident_bytes"] <= 8 * MiB
+        dev.execbuffer([Fill(dst=vram, offset=0, length=2, byte=0x77)])  # not suspended
+        assert dev.pread(vram, 0, 2 * MiB) == want
+        for i, h in enumerate(written):
+            assert dev.pread(h, 0, 2 * MiB) == bytes([i]) * 2 * MiB
 
 
 def test_dontneed_objects_in_vram_are_purged_by_suspend(make_env, errno_of):

@@ -49,10 +49,10 @@ def test_set_tiling_of_a_foreign_import_is_enxio(dev, errno_of, sealed_memfd):
     assert dev.get_tiling(h) == (NONE, 0)
 
 
-@pytest.mark.parametrize("mode", [3, 4, 0x100, 2**31, 2**32 - 1, -1])
-def test_bad_tiling_mode_is_einval(dev, errno_of, mode):
+@pytest.mark.parametrize("tiling", [3, 4, 0x100, 2**31, 2**32 - 1, -1])
+def test_bad_tiling_mode_is_einval(dev, errno_of, tiling):
     h = dev.create(PAGE)
-    assert errno_of(dev.set_tiling, h, mode, 512) == errno.EINVAL
+    assert errno_of(dev.set_tiling, h, tiling, 512) == errno.EINVAL
     assert dev.get_tiling(h) == (NONE, 0)
 
 
@@ -62,10 +62,10 @@ BAD_STRIDES = {
 }
 
 
-@pytest.mark.parametrize("mode, stride", [(m, s) for m, ss in BAD_STRIDES.items() for s in ss])
-def test_bad_stride_is_einval(dev, errno_of, mode, stride):
+@pytest.mark.parametrize("tiling, stride", [(m, s) for m, ss in BAD_STRIDES.items() for s in ss])
+def test_bad_stride_is_einval(dev, errno_of, tiling, stride):
     h = dev.create(PAGE)
-    assert errno_of(dev.set_tiling, h, mode, stride) == errno.EINVAL
+    assert errno_of(dev.set_tiling, h, tiling, stride) == errno.EINVAL
     assert dev.get_tiling(h) == (NONE, 0)
 
 
@@ -87,15 +87,15 @@ def test_new_objects_are_untiled(dev):
     assert (info.tiling, info.stride) == (NONE, 0)
 
 
-@pytest.mark.parametrize("mode, stride", [
+@pytest.mark.parametrize("tiling, stride", [
     (X, 512), (X, 1024), (X, 4096), (X, MAX_STRIDE), (Y, 128), (Y, 384), (Y, 2048), (Y, MAX_STRIDE),
 ])
-def test_set_tiling_returns_what_was_set_and_get_tiling_agrees(dev, mode, stride):
+def test_set_tiling_returns_what_was_set_and_get_tiling_agrees(dev, tiling, stride):
     h = dev.create(PAGE)
-    assert dev.set_tiling(h, mode, stride) == (mode, stride)
-    assert dev.get_tiling(h) == (mode, stride)
+    assert dev.set_tiling(h, tiling, stride) == (tiling, stride)
+    assert dev.get_tiling(h) == (tiling, stride)
     info = dev.info(h)
-    assert (info.tiling, info.stride) == (mode, stride)
+    assert (info.tiling, info.stride) == (tiling, stride)
 
 
 @pytest.mark.parametrize("stride", [0, 4096, 13, 2**32 - 1])
@@ -116,17 +116,17 @@ def test_tiling_is_per_object_and_seen_through_every_handle(env):
     assert a.get_tiling(other) == (NONE, 0)
 
 
-@pytest.mark.parametrize("mode, stride", [(X, 4096), (Y, 512)])
-def test_pread_and_pwrite_are_raw_bytes_regardless_of_tiling(dev, mode, stride):
+@pytest.mark.parametrize("tiling, stride", [(X, 4096), (Y, 512)])
+def test_pread_and_pwrite_are_raw_bytes_regardless_of_tiling(dev, tiling, stride):
     h = dev.create(4 * PAGE)
     data = _data(1, 4 * PAGE)
     dev.pwrite(h, 0, data)
-    dev.set_tiling(h, mode, stride)
+    dev.set_tiling(h, tiling, stride)
     assert dev.pread(h, 0, 4 * PAGE) == data  # no detiling
     dev.pwrite(h, 100, b"tiled write")
     dev.set_tiling(h, NONE, 0)
     assert dev.pread(h, 0, 4 * PAGE) == data[:100] + b"tiled write" + data[111:]
-    dev.set_tiling(h, mode, stride)
+    dev.set_tiling(h, tiling, stride)
     assert dev.pread(h, 100, 11) == b"tiled write"
 
 

@@ -11,12 +11,13 @@ from __future__ import annotations
 
 import errno
 import os
+import time
 
 import numpy as np
 import pytest
 
 import ugem
-from ugem.cmd import Copy, Fill
+from ugem.cmd import Copy, Fill, SemaphoreWait
 
 PAGE = ugem.PAGE_SIZE
 MiB = 1 << 20
@@ -175,6 +176,31 @@ def test_dontneed_objects_are_dropped_when_evicted(make_env, errno_of):
         assert dev.madvise(h, ugem.WILLNEED) is False
     for h, data in kept:
         assert dev.pread(h, 0, 2 * MiB) == _filled(data, 0, 16, 1)
+
+
+def test_eviction_of_busy_objects_is_pipelined(make_env):
+    # a and b are in VRAM and busy behind a blocked SemaphoreWait; c needs a's room. The
+    # execbuffer returns at once: the eviction is queued behind the work, which lands first.
+    dev = make_env(vram="4M", hang_timeout=5).open()
+    sem = dev.create(PAGE)
+    dev.set_caching(sem, ugem.CACHING_CACHED)
+    gate = dev.mmap(sem)
+    try:
+        (a, a_data), (b, b_data) = _written(dev, 2 * MiB, seed=1), _written(dev, 2 * MiB, seed=2)
+        dev.execbuffer([SemaphoreWait(obj=sem, offset=0, value=1), _fill(a, byte=0xA1), _fill(b, byte=0xB1)])
+        c = dev.create(2 * MiB)
+        start = time.monotonic()
+        fence = dev.execbuffer([_fill(c, byte=0xC1)])
+        assert time.monotonic() - start < 1.0
+        assert dev.busy(c) and dev.busy(a) and dev.busy(b)
+        assert dev.stats()["evicted_total"] == 1
+    finally:
+        gate[0:4] = (1).to_bytes(4, "little")
+        gate.release()
+    assert dev.wait_fence(fence, -1) == -1
+    assert dev.pread(a, 0, 2 * MiB) == _filled(a_data, 0, 16, 0xA1)
+    assert dev.pread(b, 0, 2 * MiB) == _filled(b_data, 0, 16, 0xB1)
+    assert dev.pread(c, 0, 32) == b"\xc1" * 16 + bytes(16)
 
 
 def test_evicting_a_clean_object_copies_nothing_back(make_env):

@@ -77,6 +77,9 @@ class BackingStore(Protocol):
     def spill_reserve(self, size: int) -> Any:
         """An extent of spill storage for `size` bytes (NoSpace when full)."""
 
+    def spill_punch(self, extent: Any) -> int:
+        """Free an extent's disk space now (any thread); the range stays reserved."""
+
     def spill_release(self, extent: Any) -> None:
         """Give an extent's space back."""
 

@@ -31,7 +31,7 @@ from ..mm.range import Node, RangeAllocator
 __all__ = ["Extent", "SpillStore", "copy_segments", "data_segments", "punch_hole"]
 
 _CAPACITY = 1 << 43  # bytes addressable in the sparse spill file (8 TiB)
-_CHUNK = 8 << 20
+_CHUNK = 1 << 30  # one pwrite per segment (the kernel caps a single write near 2 GiB)
 Extent = Node[object]
 
 
@@ -64,23 +64,30 @@ def data_segments(fd: int, start: int, end: int) -> list[tuple[int, int]]:
     return segments
 
 
-def copy_segments(src: int, dst: int, src_base: int, dst_base: int, size: int) -> int:
+def copy_segments(src: int, dst: int, src_base: int, dst_base: int, size: int, *, map_dst: bool = False) -> int:
     """Copy the data of src[src_base:src_base+size] to dst at dst_base; returns bytes copied.
 
-    The source is read through a private read-only mapping (one copy, no buffer); sparse
-    ranges are skipped, so they stay holes at the destination too.
+    One side is mapped (MAP_POPULATE: its pages faulted in with one call) and the other is
+    moved with one syscall per data segment: spill maps the memfd and pwrites the file,
+    restore (`map_dst`) maps the fresh memfd and preadvs the file, so the kernel's
+    readahead works as for a plain read. Sparse ranges are skipped and stay holes.
     """
     moved = 0
     for offset, length in data_segments(src, src_base, src_base + size):
-        map_start = offset & ~(mmap.ALLOCATIONGRANULARITY - 1)
-        skew = offset - map_start
         target = dst_base + offset - src_base
-        with mmap.mmap(src, skew + length, prot=mmap.PROT_READ, offset=map_start) as region, \
-                memoryview(region) as view:
+        mapped, at = (dst, target) if map_dst else (src, offset)
+        map_start = at & ~(mmap.ALLOCATIONGRANULARITY - 1)
+        skew = at - map_start
+        prot = mmap.PROT_READ | (mmap.PROT_WRITE if map_dst else 0)
+        with mmap.mmap(mapped, skew + length, flags=mmap.MAP_SHARED | mmap.MAP_POPULATE, prot=prot,
+                       offset=map_start) as region, memoryview(region) as view:
             done = 0
             while done < length:
                 with view[skew + done: skew + min(length, done + _CHUNK)] as chunk:
-                    done += os.pwrite(dst, chunk, target + done)
+                    n = os.preadv(src, [chunk], offset + done) if map_dst else os.pwrite(dst, chunk, target + done)
+                if n <= 0:
+                    raise OSError(5, f"short copy at byte {done} of a {length}-byte segment")
+                done += n
         moved += length
     return moved
 
@@ -94,6 +101,7 @@ class SpillStore:
         fcntl.flock(self._lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
         self.fd = os.open(os.path.join(self.directory, "spill-0"), os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
         self._space: RangeAllocator[object] = RangeAllocator(0, _CAPACITY // PAGE_SIZE)
+        self._punched: set[int] = set()  # extents a worker already punched (id of the node)
 
     @property
     def used_bytes(self) -> int:
@@ -109,9 +117,17 @@ class SpillStore:
     def offset(self, extent: Extent) -> int:
         return extent.start * PAGE_SIZE
 
-    def release(self, extent: Extent) -> None:
-        """Give the extent's disk space back (hole punch) and its range to the allocator."""
+    def punch(self, extent: Extent) -> None:
+        """Give the extent's disk space back now (any thread; the range stays reserved)."""
         punch_hole(self.fd, extent.start * PAGE_SIZE, extent.size * PAGE_SIZE)
+        self._punched.add(id(extent))
+
+    def release(self, extent: Extent) -> None:
+        """Give the extent's space back (unless a worker already punched it) and its range."""
+        if id(extent) in self._punched:
+            self._punched.discard(id(extent))
+        else:
+            punch_hole(self.fd, extent.start * PAGE_SIZE, extent.size * PAGE_SIZE)
         self._space.remove(extent)
 
     def close(self) -> None:

@@ -30,6 +30,7 @@ __all__ = ["Job", "JobKind", "Pending"]
 class JobKind(enum.Enum):
     SPILL = "spill"
     RESTORE = "restore"
+    PUNCH = "punch"  # background: give a restored object's spill space back, after the reply
 
 
 @dataclass(eq=False)

@@ -11,14 +11,16 @@ so it is cheap) before any decision that depends on the total, `make_room`'s fir
 included.
 
 Before a request adds `need` bytes, `make_room(need)` frees enough that
-resident + reserved + need <= budget, in two named passes over the LRU (oldest first):
+resident + reserved + need <= budget, in three named passes over the LRU (oldest first):
 
 1. purge: DONTNEED objects (mapped ones too: their mappings then read zeros), never
    exported, pinned or foreign ones. Hole punching is fast, so it happens at once.
-2. spill: idle (no job), unmapped, unpinned, unexported WILLNEED objects are copied to
-   spill storage by jobs that run off the request path; the caller waits (Pending).
+2. spare: system pages of objects whose contents live in VRAM (nobody else sees them);
+   dropping them is free now, and an eviction later copies the VRAM contents back.
+3. spill: idle (no job, no device work), unmapped, unpinned, unexported WILLNEED objects
+   are copied to spill storage by jobs off the request path; the caller waits (Pending).
 
-If both passes together cannot free enough, nothing is changed and the request fails with
+If the passes together cannot free enough, nothing is changed and the request fails with
 ENOMEM. `reserved` counts bytes promised but not yet measurable: restores in flight and
 open pwrite transfers.
 
@@ -62,6 +64,7 @@ class Memory:
         self.reserved = 0
         self.spilled = 0  # bytes of data held in spill storage
         self.jobs: list[Job] = []  # in flight
+        self.background: list[Job] = []  # to start, nobody waits for them
         self.watched: set[BufferObject] = set()  # volatile objects, re-measured by refresh()
         self.failed: dict[BufferObject, OSError] = {}  # its last spill/restore failed
 
@@ -187,17 +190,25 @@ class Memory:
         return [j for j in self.jobs if j.kind is JobKind.SPILL]
 
     def check_capacity(self, need: int) -> None:
-        """ENOMEM/ENOSPC unless the host can take `need` more bytes: room under the budget,
-        plus what purge and spill could free, plus free space for spill storage."""
+        """ENOMEM/ENOSPC unless the host can take `need` more bytes within the budget: what
+        does not fit under it once DONTNEED objects are purged must go to spill storage, so
+        it needs that much free space there (spilling an older object to make room costs the
+        same space as spilling new data: spillable bytes are not extra capacity), and enough
+        spillable data, the new bytes included, to spill."""
         self.refresh()
         room = self.budget - self.resident - self.reserved
-        reclaimable = sum(o.resident for o in self.lru if self.purgeable(o) or self.spillable(o))
+        purgeable = sum(o.resident for o in self.lru if self.purgeable(o))
+        overflow = need - room - purgeable  # bytes that must end up in spill storage
+        if overflow <= 0:
+            return
         disk = self.core.backing.spill_free()
-        if need > room + reclaimable + disk:
-            raise NoSpace(f"cannot save {need} bytes: {max(room, 0)} free under the budget, {reclaimable} "
-                          f"reclaimable, {disk} free for spill storage")
-        if need > max(room, 0) + reclaimable and need > disk:
-            raise OutOfMemory(f"cannot save {need} bytes in memory or on disk")
+        if overflow > disk:
+            raise NoSpace(f"cannot save {need} bytes: {max(room, 0)} free under the budget, {purgeable} "
+                          f"purgeable, {overflow} to spill but {disk} free for spill storage")
+        spillable = sum(o.resident for o in self.lru if self.spillable(o))
+        if overflow > spillable + need:
+            raise OutOfMemory(f"cannot save {need} bytes: {overflow} would have to be spilled but only "
+                              f"{spillable + need} can be")
 
     def settle(self, exclude: BufferObject | None = None) -> None:
         """Best effort: free what pages written behind our back put over the budget, as far
@@ -271,8 +282,17 @@ class Memory:
         self.core.get(job.obj)  # the object outlives the worker's copy
         self.jobs.append(job)
 
+    def take_background(self) -> list[Job]:
+        """Jobs nobody waits for (spill-space punches); the transport runs them."""
+        jobs, self.background = self.background, []
+        return jobs
+
     def finish(self, job: Job) -> None:
         """Apply a job's outcome on the core's thread (exactly once)."""
+        if job.kind is JobKind.PUNCH:  # now the range may be handed out again
+            job.done = True
+            self.core.backing.spill_release(job.extent)
+            return
         obj = job.obj
         self.jobs.remove(job)
         obj.job = None
@@ -310,7 +330,9 @@ class Memory:
             if job.error is not None:
                 self.failed[obj] = job.error
             return
-        self.core.backing.spill_release(obj.extent)
+        extent = obj.extent  # punched off the request path, then released (finish of PUNCH)
+        self.background.append(Job(JobKind.PUNCH, obj, lambda: self.core.backing.spill_punch(extent), 0,
+                                   extent=extent))
         self.spilled -= obj.spilled
         obj.backing, obj.extent, obj.spilled = job.backing, None, 0
         obj.transition(Event.RESTORE)

@@ -210,8 +210,9 @@ class Server:
             self._wake(time.monotonic())
         memory = self.core.memory
         if memory.resident > memory.budget and not memory.spilling():  # evictions went past the budget
-            for job in memory.shrink(memory.budget):
-                self.runner.submit(job)
+            memory.background += memory.shrink(memory.budget)
+        for job in memory.take_background():
+            self.runner.submit(job)
         if now - self._last_stall_check >= 1.0:  # scans over all clients, at most once a second
             self._last_stall_check = now
             self._drop_stalled(now)
