@@ -282,7 +282,17 @@ class Device(DeviceOps):
         return dict(json.loads(self._call(Op.STATS, s.Empty()).data))
 
     def list_objects(self) -> list[dict[str, Any]]:
+        """Every object of the manager (privileged): the rows of `ugem ls --json`."""
         return list(json.loads(self._call(Op.LIST_OBJECTS, s.Empty()).data))
+
+    def list_clients(self) -> list[dict[str, Any]]:
+        """Every client with its handles -> object ids (privileged)."""
+        return list(json.loads(self._call(Op.LIST_CLIENTS, s.Empty()).data))
+
+    def debug_open(self, object_id: int) -> int:
+        """A new read-only handle to object `object_id` (privileged; for debugging tools)."""
+        r: s.OpenReply = self._call(Op.DEBUG_OPEN, s.HandleReq(handle=_ident(object_id)))
+        return int(r.handle)
 
     # -- object layer ----------------------------------------------------------------
 

@@ -33,9 +33,9 @@ from .object import BufferObject, Kind
 from .states import Placement
 
 __all__ = [
-    "gem_close", "gem_create", "gem_flink", "gem_info", "gem_madvise", "gem_mmap", "gem_munmap", "gem_open",
-    "gem_pin", "gem_pread", "gem_pwrite", "gem_unpin", "list_objects", "prime_fd_to_handle",
-    "prime_handle_to_fd", "stats", "xfer_done",
+    "debug_open", "gem_close", "gem_create", "gem_flink", "gem_info", "gem_madvise", "gem_mmap", "gem_munmap",
+    "gem_open", "gem_pin", "gem_pread", "gem_pwrite", "gem_unpin", "list_clients", "list_objects",
+    "prime_fd_to_handle", "prime_handle_to_fd", "stats", "xfer_done",
 ]
 
 def gem_create(core: Core, client: Client, req: s.CreateReq) -> s.CreateReply:
@@ -287,6 +287,22 @@ def gem_unpin(core: Core, client: Client, req: s.HandleReq) -> s.Empty:
 
 def stats(core: Core, client: Client, req: s.Empty) -> s.JsonReply:
     return s.JsonReply(data=json.dumps(core.statistics()).encode())
+
+
+def debug_open(core: Core, client: Client, req: s.HandleReq) -> s.OpenReply:
+    """A read-only handle to any live object by its manager-wide id (privileged, for
+    debugging tools such as `ugem fs`); a new handle every call, like GEM_OPEN."""
+    obj = core.objects.get(req.handle) if req.handle else None
+    if obj is None or obj.handle_count == 0:
+        raise NoSuchObject(f"no live object with id {req.handle}")
+    handle = core.handle_create(client, obj, readonly=True)
+    return s.OpenReply(handle=handle, size=obj.size)
+
+
+def list_clients(core: Core, client: Client, req: s.Empty) -> s.JsonReply:
+    rows = [{"id": c.id, "pid": c.creds.pid, "uid": c.creds.uid,
+             "handles": {str(h): e.obj.id for h, e in sorted(c.handles.items())}} for c in core.clients.values()]
+    return s.JsonReply(data=json.dumps(rows).encode())
 
 
 def list_objects(core: Core, client: Client, req: s.Empty) -> s.JsonReply:

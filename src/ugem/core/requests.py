@@ -72,6 +72,9 @@ REQUESTS: tuple[RequestDesc, ...] = (
     RequestDesc(Op.RESUME, gd.resume, s.Empty, s.Empty, Perm.PRIVILEGED, doc="run device work again"),
     RequestDesc(Op.STATS, gem.stats, s.Empty, s.JsonReply, doc="manager-wide figures"),
     RequestDesc(Op.LIST_OBJECTS, gem.list_objects, s.Empty, s.JsonReply, Perm.PRIVILEGED, doc="every object"),
+    RequestDesc(Op.LIST_CLIENTS, gem.list_clients, s.Empty, s.JsonReply, Perm.PRIVILEGED, doc="clients and handles"),
+    RequestDesc(Op.DEBUG_OPEN, gem.debug_open, s.HandleReq, s.OpenReply, Perm.PRIVILEGED,
+                doc="read-only handle by object id"),
 )
 
 BY_OP: dict[int, RequestDesc] = {desc.op: desc for desc in REQUESTS}

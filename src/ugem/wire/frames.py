@@ -85,6 +85,8 @@ class Op(enum.IntEnum):
     GEM_GET_CACHING = 26
     SUSPEND = 27
     RESUME = 28
+    DEBUG_OPEN = 29
+    LIST_CLIENTS = 30
 
 
 def encode_header(length: int, op: int, nfds: int, kind: int, seq: int, status: int = 0) -> bytes:
