@@ -1,6 +1,7 @@
 """The `ugem` command: `serve` runs the daemon; the others talk to a running one (SPEC §4).
 
-Subcommands: serve, ls [--json], stat [--json], suspend, resume, ops (lists the request table).
+Subcommands: serve, ls [--json], stat [--json], top (live view), suspend, resume, ops (lists the request table),
+fs MOUNTPOINT (a read-only FUSE view; runs in the foreground until unmounted, SIGINT or SIGTERM).
 Exit codes: 0 success, 1 operation failure, 2 usage error, 3 no daemon / socket in use.
 """
 
@@ -78,6 +79,32 @@ def _stat(args: argparse.Namespace) -> int:
     return 0
 
 
+def _top(args: argparse.Namespace) -> int:
+    from rich.console import Console
+
+    from .errors import DaemonGone
+    from .top import run
+
+    try:
+        with _connect(args) as dev:
+            return run(dev, args.interval, args.once, Console())
+    except KeyboardInterrupt:  # Ctrl-C is how one leaves top, wherever it lands
+        return 0
+    except DaemonGone as exc:
+        print(f"ugem: {exc}", file=sys.stderr)
+        return 3
+
+
+def _interval(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a number: {text!r}") from None
+    if not 0 < value < float("inf"):
+        raise argparse.ArgumentTypeError("the interval must be a positive number of seconds")
+    return value
+
+
 def _suspend(args: argparse.Namespace) -> int:
     with _connect(args) as dev:
         dev.suspend()
@@ -89,6 +116,29 @@ def _resume(args: argparse.Namespace) -> int:
     with _connect(args) as dev:
         dev.resume()
     print("ugem: device resumed")
+    return 0
+
+
+def _fs(args: argparse.Namespace) -> int:
+    from .errors import DaemonGone
+    from .fsview import mount
+
+    logging.basicConfig(level="WARNING", stream=sys.stderr, format="%(message)s")
+    with _connect(args) as dev:
+        try:
+            mount(dev, args.mountpoint, debug=args.debug)
+        except DaemonGone as exc:  # the view unmounted itself
+            print(f"ugem: {exc}", file=sys.stderr)
+            return 3
+        except ImportError:
+            print("ugem: `ugem fs` needs mfusepy: pip install 'ugem[fs]'", file=sys.stderr)
+            return 1
+        except OSError as exc:  # libfuse not found (mfusepy raises this at import)
+            print(f"ugem: cannot load libfuse ({exc}); install it (Debian: apt-get install fuse3)", file=sys.stderr)
+            return 1
+        except RuntimeError:  # libfuse said why on stderr (no such mountpoint, no /dev/fuse, ...)
+            print(f"ugem: could not mount {args.mountpoint}", file=sys.stderr)
+            return 1
     return 0
 
 
@@ -130,11 +180,26 @@ def build_parser() -> argparse.ArgumentParser:
         cmd.add_argument("--socket", help="daemon socket")
         cmd.add_argument("--json", action="store_true", help="machine-readable output")
         cmd.set_defaults(func=func)
+    top = sub.add_parser("top", help="live view of regions and clients")
+    top.add_argument("--socket", help="daemon socket")
+    top.add_argument("--interval", type=_interval, default=1.0, help="seconds between refreshes (default 1)")
+    top.add_argument("--once", action="store_true", help="print one frame and exit")
+    top.set_defaults(func=_top)
     for name, func, text in (("suspend", _suspend, "save device memory and hold device work (privileged)"),
                              ("resume", _resume, "run device work again (privileged)")):
         cmd = sub.add_parser(name, help=text)
         cmd.add_argument("--socket", help="daemon socket")
         cmd.set_defaults(func=func)
+    fs = sub.add_parser("fs", help="mount a read-only FUSE view of the daemon's objects (privileged)",
+                        description="Mount objects/<id>/{info,data}, names/<name> and clients/<id>/<handle> "
+                                    "read-only on MOUNTPOINT. Runs in the foreground until the view is "
+                                    "unmounted (fusermount3 -u MOUNTPOINT), or SIGINT/SIGTERM.")
+    fs.add_argument("mountpoint", metavar="MOUNTPOINT", help="an existing empty directory")
+    fs.add_argument("--socket", help="daemon socket")
+    fs.add_argument("--foreground", action="store_true", help="stay in the foreground (always the case; "
+                                                              "accepted for habit)")
+    fs.add_argument("--debug", action="store_true", help="log every FUSE request (libfuse -d)")
+    fs.set_defaults(func=_fs)
     ops = sub.add_parser("ops", help="list the request table")
     ops.set_defaults(func=_ops)
     return parser

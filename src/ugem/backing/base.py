@@ -89,7 +89,13 @@ class BackingStore(Protocol):
     def spill_in(self, extent: Any, backing: Any, size: int) -> int:
         """Copy extent -> backing; any thread; returns bytes copied."""
 
-    def inspect(self, fd: OwnedFd) -> Inspection:
+    def map_range(self, fd: OwnedFd, offset: int, length: int, writable: bool) -> Any:
+        """Map part of a client's memfd for userptr (the mapping holds no fd)."""
+
+    def buffer_view(self, buffer: Any) -> Any:
+        """A checked byte view of an in-process buffer for userptr (EINVAL if unusable)."""
+
+    def inspect(self, fd: OwnedFd, whole: bool = True) -> Inspection:
         """Classify an fd offered for import; EINVAL if it is not acceptable (SPEC §6)."""
 
     def adopt(self, fd: OwnedFd, inspection: Inspection) -> Any:

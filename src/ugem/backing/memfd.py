@@ -116,6 +116,29 @@ class MemfdStore:
         writable = fcntl.fcntl(backing.fd, fcntl.F_GETFL) & os.O_ACCMODE != os.O_RDONLY
         return memoryview(map_shared(backing.fd, 0, size, writable))
 
+    @staticmethod
+    def map_range(fd: OwnedFd, offset: int, length: int, writable: bool) -> memoryview:
+        """Map [offset, offset+length) of a client's memfd (userptr); holds no fd."""
+        return memoryview(map_shared(fd.fileno(), offset, length, writable))
+
+    @staticmethod
+    def buffer_view(buffer: Any) -> memoryview:
+        """A flat byte view of an in-process buffer; EINVAL unless contiguous, nonempty and
+        page-aligned in address and length."""
+        try:
+            view = memoryview(buffer)
+        except TypeError:
+            raise InvalidArgument(f"userptr needs a buffer-protocol object, got {type(buffer).__name__}") from None
+        if not view.contiguous:
+            raise InvalidArgument("userptr memory must be contiguous")
+        flat = view.cast("B") if view.format != "B" or view.ndim != 1 else view
+        if len(flat) == 0 or len(flat) % PAGE_SIZE:
+            raise InvalidArgument(f"userptr length {len(flat)} must be a nonzero multiple of {PAGE_SIZE}")
+        address = np.frombuffer(flat, dtype=np.uint8).__array_interface__["data"][0]
+        if address % PAGE_SIZE:
+            raise InvalidArgument(f"userptr address {address:#x} is not page-aligned")
+        return flat
+
     # -- spill storage ---------------------------------------------------------------
 
     def spill_free(self) -> int:
@@ -164,7 +187,9 @@ class MemfdStore:
 
     # -- import ----------------------------------------------------------------------
 
-    def inspect(self, fd: OwnedFd) -> Inspection:
+    def inspect(self, fd: OwnedFd, whole: bool = True) -> Inspection:
+        """`whole`: the memfd as one object (import), so its size must be page-aligned;
+        else only a range of it is used (userptr) and the caller checks the range."""
         raw = fd.fileno()
         st = os.fstat(raw)
         if not stat.S_ISREG(st.st_mode):
@@ -178,7 +203,7 @@ class MemfdStore:
             raise InvalidArgument(f"fd {raw} ({link}) is not a memfd; import needs a sealed memfd")
         if not seals & fcntl.F_SEAL_SHRINK:
             raise InvalidArgument(f"memfd fd {raw} is not sealed with F_SEAL_SHRINK (seals {seals:#x})")
-        if st.st_size <= 0 or st.st_size % PAGE_SIZE:
+        if whole and (st.st_size <= 0 or st.st_size % PAGE_SIZE):
             raise InvalidArgument(f"memfd fd {raw} has size {st.st_size}, not a nonzero multiple of {PAGE_SIZE}")
         access = fcntl.fcntl(raw, fcntl.F_GETFL) & os.O_ACCMODE
         if access == os.O_WRONLY:

@@ -27,7 +27,7 @@ from typing import TYPE_CHECKING, Any, Protocol
 import numpy as np
 
 from ..backing.mapping import map_shared
-from ..errors import BadFd
+from ..errors import BadFd, InvalidArgument
 from ..fd import OwnedFd
 from ..wire import structs as s
 from ..wire.frames import Op
@@ -275,6 +275,25 @@ class Device(DeviceOps):
             raise BadFd(f"fd {fd} is not an open file descriptor") from exc
         r: s.ImportReply = self._call(Op.PRIME_FD_TO_HANDLE, s.ImportReq(fd=owned))
         return int(r.handle)
+
+    def userptr(self, buffer: Any, *, readonly: bool = False) -> int:
+        """Wrap existing memory without copying. Embedded: any buffer-protocol object with
+        page-aligned address and length (or (fd, offset, length)); over the daemon:
+        (fd, offset, length) of a memfd sealed against shrinking."""
+        req = s.UserptrReq(flags=s.READONLY if readonly else 0)
+        if isinstance(buffer, tuple):
+            fd, offset, length = buffer
+            self._live()
+            try:
+                req.fd = OwnedFd(os.dup(fd))
+            except OSError as exc:
+                raise BadFd(f"fd {fd} is not an open file descriptor") from exc
+            req.offset, req.length = _i64(offset), _i64(length)
+        elif self._live().embedded:
+            req.buffer = buffer
+        else:
+            raise InvalidArgument("over the daemon, userptr takes (fd, offset, length) of a sealed memfd")
+        return int(self._call(Op.GEM_USERPTR, req).handle)
 
     # -- manager-wide ----------------------------------------------------------------
 

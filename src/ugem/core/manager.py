@@ -18,7 +18,7 @@ from typing import Any
 
 from ..backing.base import BackingStore
 from ..config import Config
-from ..constants import DONTNEED
+from ..constants import CACHING_CACHED, DONTNEED
 from ..device.base import DeviceBackend
 from ..errors import BadAddress, InvalidArgument, NoSuchObject, QuotaExceeded
 from .client import Client, Credentials, HandleEntry
@@ -257,6 +257,8 @@ class Core:
         """A new object around memory that came in through import_fd (not yet published)."""
         obj = self.object_new(client, size, kind)
         obj.readonly = readonly
+        if kind == Kind.FOREIGN:
+            obj.caching = CACHING_CACHED  # foreign memory is used in place, coherently
         obj.backing = backing
         obj.key = key
         # the fd it came through (and any copies) shares its pages, as after an export:
@@ -283,6 +285,8 @@ class Core:
             "objects": len(self.objects),
             "clients": len(self.clients),
             "vram_bytes": self.gpu.vram_bytes,
+            "system_budget": self.config.system_budget,
+            "vram_size": self.gpu.backend.vram_size,
             "pinned_bytes": pinned,
             **self.memory.statistics(),
             **self.counters,

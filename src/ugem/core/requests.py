@@ -23,6 +23,7 @@ from ..wire.frames import Op
 from . import gem
 from . import gem_device as gd
 from .client import Client
+from .gem_userptr import gem_userptr
 from .manager import Core
 
 __all__ = ["REQUESTS", "BY_OP", "Perm", "RequestDesc", "check_permission", "dispatch"]
@@ -70,6 +71,7 @@ REQUESTS: tuple[RequestDesc, ...] = (
     RequestDesc(Op.GEM_GET_CACHING, gd.gem_get_caching, s.HandleReq, sd.CachingReply, doc="caching level"),
     RequestDesc(Op.SUSPEND, gd.suspend, s.Empty, s.Empty, Perm.PRIVILEGED, doc="save device memory, hold work"),
     RequestDesc(Op.RESUME, gd.resume, s.Empty, s.Empty, Perm.PRIVILEGED, doc="run device work again"),
+    RequestDesc(Op.GEM_USERPTR, gem_userptr, s.UserptrReq, s.OpenReply, doc="wrap existing memory"),
     RequestDesc(Op.STATS, gem.stats, s.Empty, s.JsonReply, doc="manager-wide figures"),
     RequestDesc(Op.LIST_OBJECTS, gem.list_objects, s.Empty, s.JsonReply, Perm.PRIVILEGED, doc="every object"),
     RequestDesc(Op.LIST_CLIENTS, gem.list_clients, s.Empty, s.JsonReply, Perm.PRIVILEGED, doc="clients and handles"),

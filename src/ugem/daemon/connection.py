@@ -149,6 +149,15 @@ class Connection:
         self.parked, self.pending = None, None
         self._run(frame, desc, req)
 
+    def peer_closed(self) -> bool:
+        """True if the client hung up (checked without consuming any request bytes)."""
+        try:
+            return self.sock.recv(1, socket.MSG_PEEK | socket.MSG_DONTWAIT) == b""
+        except (BlockingIOError, InterruptedError):
+            return False
+        except OSError:
+            return True
+
     def fail_parked(self, code: int, message: str) -> None:
         """Answer the parked request with an error instead (daemon shutdown: ESHUTDOWN)."""
         if self.parked is not None:

@@ -346,6 +346,10 @@ class Server:
             if since is not None and now - since > limit:
                 log.warning("client %d stalled mid-frame for %.0f s, dropping", conn.client.id, now - since)
                 self._drop(conn)
+        for conn in list(self.parked):  # not read while parked: notice a client that went away
+            if conn.peer_closed():
+                self.parked.discard(conn)
+                self._drop(conn)
 
     # -- teardown --------------------------------------------------------------------
 

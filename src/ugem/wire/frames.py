@@ -87,6 +87,7 @@ class Op(enum.IntEnum):
     RESUME = 28
     DEBUG_OPEN = 29
     LIST_CLIENTS = 30
+    GEM_USERPTR = 31
 
 
 def encode_header(length: int, op: int, nfds: int, kind: int, seq: int, status: int = 0) -> bytes:

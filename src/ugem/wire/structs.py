@@ -53,6 +53,7 @@ __all__ = [
     "PwriteReply",
     "PwriteReq",
     "Struct",
+    "UserptrReq",
     "XferDoneReq",
     "XFER",
     "READONLY",
@@ -384,6 +385,22 @@ class MadviseReply(Struct):
     LAYOUT = (("retained", "I"), ("pad", "I"))
     retained: int = 0
     pad: int = 0
+
+
+@dataclass(slots=True)
+class UserptrReq(Struct):
+    """Wrap memory without copying: over the wire, [offset, offset+length) of the sealed
+    memfd in `fd`; in-process (embedded) `buffer` may be any buffer-protocol object."""
+
+    LAYOUT = (("flags", "I"), ("pad", "I"), ("offset", "q"), ("length", "q"))
+    FLAGS = READONLY
+    FDS = ("fd",)
+    flags: int = 0
+    pad: int = 0
+    offset: int = 0
+    length: int = 0
+    fd: OwnedFd | None = None
+    buffer: Any = field(default=None, compare=False)  # in-process only
 
 
 def layout_fields(cls: type[Struct]) -> list[str]:

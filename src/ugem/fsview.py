@@ -1,0 +1,311 @@
+"""`ugem fs MOUNTPOINT`: a read-only FUSE view of a running daemon, for debugging.
+
+Layout (SPEC §4)::
+
+    objects/<id>/info        `key: value` lines: the `ugem ls` row, then the GEM_INFO fields
+    objects/<id>/data        the object's bytes (size = object size), read lazily with pread
+    names/<name>             -> ../objects/<id>     (flinked objects)
+    clients/<id>/<handle>    -> ../../objects/<id>  (every client's handle table)
+
+Rules:
+
+- Read-only, twice over: the mount carries `ro` (the kernel answers EROFS before asking us)
+  and every mutating callback still raises EROFS; `open()` for writing is EROFS too.
+- The listing (LIST_OBJECTS + LIST_CLIENTS) is one snapshot, reused for `ttl` seconds (0.5),
+  so `ls -lR` costs two requests per refresh, not two per file. The kernel keeps entries and
+  attributes for as long (`entry_timeout`, `attr_timeout`), so a change shows in about 1 s.
+- `data` reads go through a read-only handle from DEBUG_OPEN, taken at open() and closed
+  at release(): the view holds handles only while a file is open. Its own client is left out
+  of `clients/` for that reason (its handles are artefacts of looking).
+- `info` is rendered at open() and kept with the open file, served with direct_io: its
+  length may differ from the size getattr() reported (placement changes), so the kernel must
+  not cut it at that size. getattr() renders it once per snapshot for a plausible size. The
+  `readonly` flag of GEM_INFO describes our handle, not the object, so it is not shown.
+- One FUSE thread (`nothreads`): a Device carries one request at a time anyway.
+- If the daemon goes away, the operation fails with EIO and the view unmounts itself.
+- mfusepy has no type hints: it is imported only in `mount()`, where `Any` stays; the
+  operations class below does not inherit from it (mfusepy only looks methods up by name).
+
+Must not: write to objects, keep handles past release(), or talk to the daemon per entry
+of a readdir.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import ctypes.util
+import errno
+import logging
+import os
+import stat
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from typing import Any, Protocol
+
+from .client.device import Device
+from .errors import DaemonGone, NoSuchObject
+
+__all__ = ["FsView", "Snapshot", "mount", "render_info"]
+
+log = logging.getLogger("ugem.fs")
+
+TTL = 0.5  # seconds a listing is reused (and the kernel's entry/attribute timeout)
+_DIR = stat.S_IFDIR | 0o555
+_FILE = stat.S_IFREG | 0o444
+_LINK = stat.S_IFLNK | 0o777
+_ROOT = ("objects", "names", "clients")
+_INFO_KEYS = ("tiling", "stride", "caching", "busy", "pinned", "userptr")
+
+
+class FileInfo(Protocol):
+    """The fields of libfuse's `struct fuse_file_info` this view uses (raw_fi mode)."""
+
+    flags: int
+    fh: int
+    direct_io: int
+
+
+@dataclass(frozen=True)
+class Snapshot:
+    """One listing of the daemon: objects by id, names, and clients' handle tables."""
+
+    taken: float
+    objects: dict[str, dict[str, Any]]  # str(id) -> ls row
+    names: dict[str, str]  # str(name) -> str(object id)
+    clients: dict[str, dict[str, str]]  # str(client id) -> {str(handle): str(object id)}
+    info: dict[str, bytes] = field(default_factory=dict)  # rendered info, filled on demand
+
+    @classmethod
+    def take(cls, device: Device, now: float) -> Snapshot:
+        rows = device.list_objects()
+        objects = {str(r["id"]): r for r in rows}
+        names = {str(r["name"]): str(r["id"]) for r in rows if r["name"]}
+        own = device.client_id
+        clients = {str(c["id"]): {h: str(o) for h, o in c["handles"].items()}
+                   for c in device.list_clients() if c["id"] != own}
+        return cls(now, objects, names, clients)
+
+
+def render_info(device: Device, row: dict[str, Any]) -> bytes:
+    """The text of `objects/<id>/info`: the ls row, then GEM_INFO through a fresh handle
+    (closed again at once). An object no handle holds (kept by a mapping or an export)
+    cannot be opened: it gets the ls row alone."""
+    lines = [f"{key}: {value}" for key, value in row.items()]
+    try:
+        handle = device.debug_open(int(row["id"]))
+    except NoSuchObject:
+        handle = 0
+    if handle:
+        try:
+            info = device.info(handle)
+        finally:
+            device.close_handle(handle)
+        for key in _INFO_KEYS:
+            value = getattr(info, key)
+            lines.append(f"{key}: {str(value).lower() if isinstance(value, bool) else value}")
+    return ("\n".join(lines) + "\n").encode()
+
+
+@dataclass
+class _Open:
+    object_id: str
+    handle: int = 0  # data: the DEBUG_OPEN handle, closed on release
+    size: int = 0
+    text: bytes = b""  # info: rendered at open
+
+
+def _erofs(*_args: object) -> int:
+    raise OSError(errno.EROFS, os.strerror(errno.EROFS))
+
+
+class FsView:
+    """The mfusepy operations object (raw_fi mode: open/read/release get the fuse_file_info)."""
+
+    use_ns = True  # times in nanoseconds (mfusepy warns otherwise)
+
+    def __init__(self, device: Device, *, ttl: float = TTL, on_daemon_gone: Callable[[], None] = lambda: None,
+                 clock: Callable[[], float] = time.monotonic) -> None:
+        self._device = device
+        self._ttl = ttl
+        self._on_daemon_gone = on_daemon_gone
+        self._clock = clock
+        self._snap: Snapshot | None = None
+        self.mounted = False  # set once libfuse has mounted and started serving
+        self.daemon_gone = False
+        self._open: dict[int, _Open] = {}
+        self._next_fh = 1
+        self._stat_base = {"st_uid": os.getuid(), "st_gid": os.getgid(), "st_nlink": 1,
+                           **dict.fromkeys(("st_atime", "st_mtime", "st_ctime"), time.time_ns())}
+
+    # -- talking to the daemon ------------------------------------------------------------
+
+    @contextlib.contextmanager
+    def _daemon(self) -> Iterator[Device]:
+        try:
+            yield self._device
+        except DaemonGone as exc:
+            log.error("ugem fs: the daemon went away (%s); unmounting", exc)
+            self.daemon_gone = True
+            self._on_daemon_gone()
+            raise OSError(errno.EIO, "the ugem daemon went away") from exc
+
+    def snapshot(self) -> Snapshot:
+        now = self._clock()
+        if self._snap is None or now - self._snap.taken >= self._ttl:
+            with self._daemon() as dev:
+                self._snap = Snapshot.take(dev, now)
+        return self._snap
+
+    def _info_text(self, snap: Snapshot, oid: str) -> bytes:
+        if oid not in snap.info:
+            with self._daemon() as dev:
+                snap.info[oid] = render_info(dev, snap.objects[oid])
+        return snap.info[oid]
+
+    # -- the tree ---------------------------------------------------------------------------
+
+    def _entries(self, parts: list[str], snap: Snapshot) -> list[str] | None:
+        """The names in directory `parts`, or None if `parts` is not a directory."""
+        if not parts:
+            return list(_ROOT)
+        top, rest = parts[0], parts[1:]
+        tables: dict[str, dict[str, Any]] = {"objects": snap.objects, "names": snap.names, "clients": snap.clients}
+        if top not in tables:
+            return None
+        if not rest:
+            return sorted(tables[top], key=int)
+        if len(rest) == 1 and top == "objects" and rest[0] in snap.objects:
+            return ["info", "data"]
+        if len(rest) == 1 and top == "clients" and rest[0] in snap.clients:
+            return sorted(snap.clients[rest[0]], key=int)
+        return None
+
+    def _link(self, parts: list[str], snap: Snapshot) -> str | None:
+        if len(parts) == 2 and parts[0] == "names" and parts[1] in snap.names:
+            return f"../objects/{snap.names[parts[1]]}"
+        if len(parts) == 3 and parts[0] == "clients" and parts[2] in snap.clients.get(parts[1], {}):
+            return f"../../objects/{snap.clients[parts[1]][parts[2]]}"
+        return None
+
+    @staticmethod
+    def _file(parts: list[str], snap: Snapshot) -> str | None:
+        """The object id of `objects/<id>/{info,data}`, else None."""
+        if len(parts) == 3 and parts[0] == "objects" and parts[1] in snap.objects and parts[2] in ("info", "data"):
+            return parts[1]
+        return None
+
+    @staticmethod
+    def _split(path: str) -> list[str]:
+        return [p for p in path.split("/") if p]
+
+    # -- FUSE operations ------------------------------------------------------------------
+
+    def getattr(self, path: str, fh: object = None) -> dict[str, Any]:
+        parts, snap = self._split(path), self.snapshot()
+        if self._entries(parts, snap) is not None:
+            return {**self._stat_base, "st_mode": _DIR, "st_nlink": 2}
+        target = self._link(parts, snap)
+        if target is not None:
+            return {**self._stat_base, "st_mode": _LINK, "st_size": len(target)}
+        oid = self._file(parts, snap)
+        if oid is None:
+            raise OSError(errno.ENOENT, path)
+        size = int(snap.objects[oid]["size"]) if parts[2] == "data" else len(self._info_text(snap, oid))
+        return {**self._stat_base, "st_mode": _FILE, "st_size": size}
+
+    def readdir(self, path: str, fh: int) -> list[str]:
+        entries = self._entries(self._split(path), self.snapshot())
+        if entries is None:
+            raise OSError(errno.ENOTDIR, path)
+        return [".", "..", *entries]
+
+    def readlink(self, path: str) -> str:
+        target = self._link(self._split(path), self.snapshot())
+        if target is None:
+            raise OSError(errno.EINVAL, path)
+        return target
+
+    def open(self, path: str, fi: FileInfo) -> int:
+        if fi.flags & (os.O_WRONLY | os.O_RDWR | os.O_TRUNC | os.O_APPEND):
+            raise OSError(errno.EROFS, path)
+        parts, snap = self._split(path), self.snapshot()
+        oid = self._file(parts, snap)
+        if oid is None:
+            raise OSError(errno.EISDIR if self._entries(parts, snap) is not None else errno.ENOENT, path)
+        with self._daemon() as dev:
+            if parts[2] == "info":
+                opened = _Open(oid, text=render_info(dev, snap.objects[oid]))
+                fi.direct_io = 1
+            else:
+                opened = _Open(oid, handle=dev.debug_open(int(oid)), size=int(snap.objects[oid]["size"]))
+        fi.fh, self._next_fh = self._next_fh, self._next_fh + 1
+        self._open[fi.fh] = opened
+        return 0
+
+    def read(self, path: str, size: int, offset: int, fi: FileInfo) -> bytes:
+        opened = self._open.get(fi.fh)
+        if opened is None:
+            raise OSError(errno.EBADF, path)
+        if not opened.handle:
+            return opened.text[offset:offset + size]
+        length = max(0, min(size, opened.size - offset))
+        if length == 0:
+            return b""
+        with self._daemon() as dev:
+            return dev.pread(opened.handle, offset, length)
+
+    def release(self, path: str, fi: FileInfo) -> int:
+        opened = self._open.pop(fi.fh, None)
+        if opened is not None and opened.handle:
+            with self._daemon() as dev:
+                dev.close_handle(opened.handle)
+        return 0
+
+    def init(self, path: str) -> None:
+        self.mounted = True
+
+    def destroy(self, path: str) -> None:
+        """Unmounting: close whatever the kernel did not release (the Device closes anyway)."""
+        for fh in list(self._open):
+            opened = self._open.pop(fh)
+            if opened.handle:
+                with contextlib.suppress(OSError):
+                    self._device.close_handle(opened.handle)
+
+    # Everything that would change the tree or a file: EROFS (the `ro` mount stops most
+    # of these in the kernel first; these make the rule hold without it too).
+    write = truncate = create = mknod = mkdir = unlink = rmdir = symlink = rename = link = _erofs
+    chmod = chown = utimens = setxattr = removexattr = fallocate = _erofs
+
+
+def _use_libfuse3() -> None:
+    """mfusepy picks libfuse 2 when both are installed; prefer libfuse 3 (fusermount3)."""
+    if not os.environ.get("FUSE_LIBRARY_PATH"):
+        found = ctypes.util.find_library("fuse3")
+        if found:
+            os.environ["FUSE_LIBRARY_PATH"] = found
+
+
+def mount(device: Device, mountpoint: str, *, ttl: float = TTL, debug: bool = False) -> None:
+    """Mount the view on `mountpoint` and serve it until unmounted (fusermount3 -u, SIGINT,
+    SIGTERM, or the daemon going away: then DaemonGone once unmounted). Raises OSError
+    when libfuse is missing, RuntimeError when mounting fails (libfuse said why on stderr)."""
+    _use_libfuse3()
+    import mfusepy  # untyped; Any stays inside this function
+
+    def exit_loop() -> None:
+        mfusepy.fuse_exit()
+
+    view = FsView(device, ttl=ttl, on_daemon_gone=exit_loop)
+    try:
+        mfusepy.FUSE(view, mountpoint, raw_fi=True, foreground=True, nothreads=True, debug=debug, ro=True,
+                     default_permissions=True, fsname="ugem", subtype="ugem",
+                     attr_timeout=ttl, entry_timeout=ttl, negative_timeout=0)
+    except RuntimeError:
+        # libfuse's loop reports the signal that ended it (SIGINT, SIGTERM) as a failure:
+        # once mounted, that is the normal way out, and libfuse has unmounted already.
+        if not view.mounted:
+            raise
+    if view.daemon_gone:
+        raise DaemonGone("the ugem daemon went away; the view was unmounted")

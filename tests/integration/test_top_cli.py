@@ -1,0 +1,131 @@
+"""`ugem top` against a real daemon (SPEC §4: live view of regions and clients).
+
+`--once` prints one frame whose figures match the daemon's `stats()` (system against the
+budget, VRAM against its size, spilled, pinned, purgeable, this client's row); the live mode,
+run under a pseudo-terminal with a short interval, redraws with rates from a second sample and
+exits 0 on SIGINT, restoring the cursor; usage and no-daemon errors have their exit codes.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import os
+import pty
+import re
+import select
+import signal
+import struct
+import subprocess
+import sys
+import termios
+import time
+
+import ugem
+from ugem.cmd import Fill
+from ugem.testing import run_daemon
+
+UGEM = [sys.executable, "-m", "ugem"]
+KiB = 1 << 10
+
+
+def _env(**extra: str) -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items() if k not in ("COLUMNS", "LINES")}
+    env.update(extra)
+    return env
+
+
+def _line(text: str, label: str) -> str:
+    lines = [line for line in text.splitlines() if re.match(rf"^│ {label}\b", line)]
+    assert len(lines) == 1, f"{label!r} in:\n{text}"
+    return lines[0]
+
+
+def test_once_prints_one_frame_with_the_daemons_figures() -> None:
+    with run_daemon(system_budget="64K", vram="1M") as daemon, daemon.connect() as dev:
+        handles = [dev.create(16 * KiB) for _ in range(6)]
+        for h in handles:  # 96 KiB written under a 64 KiB budget: the oldest spill
+            dev.pwrite(h, 0, b"x" * 16 * KiB)
+        vram = dev.create(8 * KiB)
+        dev.execbuffer([Fill(dst=vram, offset=0, length=4096, byte=1)])
+        dev.wait(vram, -1)
+        pinned = dev.create(8 * KiB)
+        dev.pwrite(pinned, 0, b"p")
+        dev.pin(pinned)
+        stats = dev.stats()
+        assert stats["spilled_bytes"] > 0 and stats["vram_bytes"] > 0 and stats["pinned_bytes"] == 8 * KiB
+        out = subprocess.run([*UGEM, "top", "--socket", daemon.path, "--once"], capture_output=True, text=True,
+                             timeout=30, env=_env(COLUMNS="100"))
+        after = dev.stats()
+    assert out.returncode == 0, out.stderr
+    assert out.stderr == ""
+    text = out.stdout
+    assert all(len(line) <= 100 for line in text.splitlines())
+    assert text.count("ugem top") == 1
+    assert text.startswith(f"ugem top  {stats['objects']} objects, 2 clients  rates: first sample")
+    assert after["resident_bytes"] == stats["resident_bytes"]  # nothing moved while top looked
+    system = _line(text, "system")
+    assert f"{ugem.top.human(stats['resident_bytes'])} / 64.0 KiB" in system
+    assert f"{100 * stats['resident_bytes'] / (64 * KiB):.1f}%" in system
+    assert f"{ugem.top.human(stats['vram_bytes'])} / 1.0 MiB" in _line(text, "VRAM")
+    assert ugem.top.human(stats["spilled_bytes"]) in _line(text, "spilled")
+    assert "8.0 KiB" in _line(text, "pinned")
+    assert "0 B" in _line(text, "purgeable")
+    assert f"spills             -   {stats['spilled_total']:>8}" in text
+    mine = [line.split() for line in text.splitlines() if re.match(rf"^\s*\d+\s+{os.getpid()}\s", line)]
+    assert mine == [[str(stats["per_client"][0]["id"]), str(os.getpid()), str(os.getuid()), "8",
+                     "120.0", "KiB", "8.0", "KiB"]]
+
+
+def test_live_mode_redraws_and_exits_0_on_sigint() -> None:
+    with run_daemon() as daemon, daemon.connect() as dev:
+        dev.create(4096)
+        master, slave = pty.openpty()
+        fcntl.ioctl(slave, termios.TIOCSWINSZ, struct.pack("HHHH", 30, 100, 0, 0))
+        try:
+            proc = subprocess.Popen([*UGEM, "top", "--socket", daemon.path, "--interval", "0.2"], stdin=slave,
+                                    stdout=slave, stderr=slave, env=_env(TERM="xterm"), start_new_session=True)
+        finally:
+            os.close(slave)
+        output = b""
+
+        def drain(seconds: float) -> None:
+            nonlocal output
+            deadline = time.monotonic() + seconds
+            while (left := deadline - time.monotonic()) > 0:
+                if select.select([master], [], [], min(left, 0.1))[0]:
+                    try:
+                        chunk = os.read(master, 65536)
+                    except OSError:  # EIO: the child closed the terminal
+                        return
+                    if not chunk:
+                        return
+                    output += chunk
+
+        try:
+            drain(20.0 if False else 0.0)
+            deadline = time.monotonic() + 20
+            while b"rates over" not in output and time.monotonic() < deadline and proc.poll() is None:
+                drain(0.1)
+            drain(0.5)  # a couple more frames
+            proc.send_signal(signal.SIGINT)
+            status = proc.wait(timeout=20)
+            drain(0.5)
+        finally:
+            if proc.poll() is None:
+                proc.kill()
+                proc.wait()
+            os.close(master)
+    text = output.decode(errors="replace")
+    assert status == 0, text
+    assert "rates: first sample" in text and "rates over 0.2 s" in text, text
+    assert text.count("ugem top") >= 2
+    assert "Traceback" not in text and "KeyboardInterrupt" not in text
+    assert text.rstrip().endswith("\x1b[?25h"), repr(text[-200:])  # the cursor is shown again
+
+
+def test_usage_and_missing_daemon() -> None:
+    bad = subprocess.run([*UGEM, "top", "--interval", "0"], capture_output=True, text=True, timeout=30)
+    assert bad.returncode == 2 and "positive" in bad.stderr
+    gone = subprocess.run([*UGEM, "top", "--socket", "/nonexistent/ugem.sock", "--once"], capture_output=True,
+                          text=True, timeout=30)
+    assert gone.returncode == 3 and "Traceback" not in gone.stderr
