@@ -213,6 +213,7 @@ class Row:
     passed: bool | None = None
     run_medians: list[float] = field(default_factory=list)
     error: str = ""
+    headline: bool = False  # no target, but listed in the summary (informational)
 
     @classmethod
     def latency(cls, bench: str, figure: str, mode: str, s: Series, *, baseline: Series | None = None,
@@ -334,6 +335,17 @@ def print_summary(reports: list[Report], out: Any = None) -> None:
     total = sum(1 for t in table)
     failed = sum(1 for t in table if t[-1] != "PASS")
     print(f"  {total - failed}/{total} targets met", file=out)
+    info = [(rep.bench, r) for rep in reports for r in rep.rows if r.headline and r.target is None]
+    if info:
+        print("\n  figures without a SPEC §7 target (informational):", file=out)
+        rows = []
+        for bench, r in info:
+            measured = (f"not measured: {r.error[:70]}" if r.error else f"median {_num(r.median)} {r.unit}"
+                        + ("" if r.ratio is None else f", ratio {r.ratio:.3f} vs {r.baseline}"))
+            rows.append((bench, r.figure.strip(), r.mode, measured))
+        widths = [max(len(t[i]) for t in rows) for i in range(4)]
+        for t in rows:
+            print("  " + "  ".join(c.ljust(w) for c, w in zip(t, widths, strict=True)).rstrip(), file=out)
 
 
 def environment() -> dict[str, Any]:

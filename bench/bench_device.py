@@ -62,6 +62,7 @@ import os
 import shutil
 import sys
 import tempfile
+import threading
 import time
 from collections.abc import Callable, Iterator
 from typing import Any
@@ -87,6 +88,8 @@ SMALL = 4096
 SINGLES = 10_000  # execbuffers of one Fill
 BATCHES, PER_BATCH = 100, 100  # execbuffers of 100 Fills
 CROWD = 10_000  # idle objects held by another client
+LATENCY_IDLE = 0.5  # seconds of client B on an idle manager before each eviction episode
+LATENCY_MS = 10.0  # SPEC §7: one client moving 1 GiB (eviction) leaves others' small requests p99 <= 10 ms
 CONFIG = dict(vram="1G", system_budget="8G", hang_timeout=60)
 MODES = ("embedded", "daemon")
 
@@ -108,7 +111,9 @@ class DeviceOpTimer:
     def active(self, label: str) -> Iterator[None]:
         original = _sim.run_op
         seconds, count, nbytes = self.seconds, self.count, self.bytes
-        seconds.clear(), count.clear(), nbytes.clear()
+        seconds.clear()
+        count.clear()
+        nbytes.clear()
 
         def run_op(memory: Any, op: Any, **kwargs: Any) -> None:
             t0 = time.perf_counter()
@@ -156,8 +161,14 @@ def fill_byte(round_no: int, i: int) -> int:
     return (round_no * 17 + i * 7) % 251 + 1  # never 0: a lost copy out reads as zeros
 
 
-def fill_vram(dev: ugem.Device, round_no: int) -> list[int]:
-    """16 x 64 MiB objects written whole by the device; returns their handles (untimed)."""
+def fill_vram(dev: ugem.Device, round_no: int, vacate: tuple[int, ...] = ()) -> list[int]:
+    """16 x 64 MiB objects written whole by the device; returns their handles (untimed).
+    `vacate`: small objects of this client that the command figures left in VRAM are moved
+    out first (set_domain CPU), else one of them would split VRAM and cost a 64 MiB eviction."""
+    for h in vacate:
+        dev.set_domain(h, ugem.DOMAIN_CPU)
+    if dev.stats()["vram_bytes"]:
+        raise AssertionError(f"VRAM not empty before filling: {dev.stats()['vram_bytes']} bytes")
     handles = [dev.create(OBJ) for _ in range(COUNT)]
     fence = 0
     for i, h in enumerate(handles):
@@ -210,6 +221,8 @@ class ModeRunners:
         self.round = {"evict": 0, "suspend": 0, "cmds": 0}
         self.facts: dict[str, list[Any]] = collections.defaultdict(list)
         self.small = dev.create(SMALL)
+        self.other: ugem.Device | None = None  # client B of the latency figure
+        self.other_small = 0
 
     def _timed_device(self, label: str) -> contextlib.AbstractContextManager[None]:
         return self.timer.active(label) if self.timer is not None else contextlib.nullcontext()
@@ -227,7 +240,7 @@ class ModeRunners:
     def _evict_once(self, variant: str) -> tuple[int, int]:
         dev, r = self.dev, self.round["evict"]
         self.round["evict"] += 1
-        a = fill_vram(dev, r)
+        a = fill_vram(dev, r, (self.small,))
         b = [dev.create(OBJ) for _ in range(COUNT)]
         try:
             if variant == "with data":
@@ -264,7 +277,7 @@ class ModeRunners:
         for _ in range(n):
             dev, r = self.dev, self.round["suspend"]
             self.round["suspend"] += 1
-            objs = fill_vram(dev, r)
+            objs = fill_vram(dev, r, (self.small,))
             try:
                 before = dev.stats()
                 with self._timed_device("suspend"):
@@ -344,9 +357,62 @@ class ModeRunners:
                 other.close()
         return {f"{self.mode} single, crowded": out}
 
+    # 4. another client's latency while this one evicts 1 GiB
+    def latency(self, n: int) -> dict[str, list[int]]:
+        out: dict[str, list[int]] = collections.defaultdict(list)
+        if self.other is None:
+            self.other = self.open_client()
+            self.other_small = self.other.create(SMALL)
+            self.other.pwrite(self.other_small, 0, b"\x01" * SMALL)
+        other, hb, dev = self.other, self.other_small, self.dev
+        for _ in range(n):
+            r = self.round["evict"]
+            self.round["evict"] += 1
+            a = fill_vram(dev, r, (self.small,))
+            b = [dev.create(OBJ) for _ in range(COUNT)]
+            stop = threading.Event()
+            record: list[tuple[int, int, int]] = []
+
+            def loop(stop: threading.Event = stop, record: list[tuple[int, int, int]] = record) -> None:
+                c = H.clock
+                while not stop.is_set():
+                    t0 = c()
+                    other.busy(hb)
+                    t1 = c()
+                    other.pread(hb, 0, SMALL)
+                    record.append((t0, t1 - t0, c() - t1))
+
+            thread = threading.Thread(target=loop, name="client-B")
+            try:
+                thread.start()
+                time.sleep(LATENCY_IDLE)
+                t0 = H.clock()
+                fence = 0
+                for i, h in enumerate(b):
+                    fence = dev.execbuffer([Fill(dst=h, offset=0, length=SMALL, byte=200 + i % 50)])
+                dev.wait_fence(fence, -1)
+                for i, h in enumerate(a):
+                    if dev.pread(h, OBJ - 1, 1)[0] != fill_byte(r, i):
+                        raise AssertionError(f"evicted object {i} lost its data")
+                t1 = H.clock()
+            finally:
+                stop.set()
+                thread.join()
+                close_all(dev, a)
+                close_all(dev, b)
+            for start, busy_ns, pread_ns in record:
+                when = "idle" if start < t0 else ("during eviction" if start < t1 else None)
+                if when:
+                    out[f"{self.mode} B busy, {when}"].append(busy_ns)
+                    out[f"{self.mode} B pread, {when}"].append(pread_ns)
+            self.facts["latency episode: eviction seconds / B pairs during it"].append(
+                f"{(t1 - t0) / 1e9:.2f}/{sum(1 for x in record if t0 <= x[0] < t1)}")
+        return out
+
     def runners(self) -> dict[str, H.Runner]:
         return {f"{self.mode} evict": self.evict, f"{self.mode} suspend": self.suspend,
-                f"{self.mode} commands": self.commands, f"{self.mode} crowded": self.crowded}
+                f"{self.mode} commands": self.commands, f"{self.mode} crowded": self.crowded,
+                f"{self.mode} latency": self.latency}
 
 
 # -- baselines ------------------------------------------------------------------------------
@@ -419,7 +485,7 @@ def headline(row: H.Row, flag: bool = True) -> H.Row:
 
 
 def rate_row(figure: str, mode: str, s: H.Series, ops: int, unit: str, *, baseline: H.Series | None = None,
-             baseline_ops: int | None = None, ratio_note: str = "", headline: bool = False) -> H.Row:
+             baseline_ops: int | None = None, ratio_note: str = "", in_summary: bool = False) -> H.Row:
     """A rate (operations/s, higher is better); p99 column = rate of the slowest-1% sample."""
     def rate(ns: float) -> float:
         return ops / ns * 1e9 if ns > 0 else float("nan")
@@ -429,7 +495,7 @@ def rate_row(figure: str, mode: str, s: H.Series, ops: int, unit: str, *, baseli
         row.baseline = baseline.label
         row.ratio = rate(s.median_ns) / ((baseline_ops or ops) / baseline.median_ns * 1e9)
         row.ratio_note = ratio_note
-    row.headline = headline
+    row.headline = in_summary
     return row
 
 
@@ -492,15 +558,36 @@ def run(opts: H.Options) -> H.Report:
         rows.append(rate_row("busy(h) round trips (reference)", mode, busy, SINGLES, "req/s"))
         single = series[f"{mode} single"]
         rows.append(rate_row("execbuffer 1 x Fill 4 KiB, 10,000 + wait", mode, single, SINGLES, "subm/s",
-                             baseline=busy, headline=True))
+                             baseline=busy, in_summary=True))
         rows.append(H.Row.latency(BENCH, "  execbuffer call, 1 Fill", mode, series[f"{mode} single, per call"]))
         rows.append(rate_row("  same, 10,000 idle objects in another client", mode, series[f"{mode} single, crowded"],
                              SINGLES, "subm/s", baseline=single))
         batched = series[f"{mode} batched"]
         rows.append(rate_row("execbuffer 100 x Fill 4 KiB, 100 + wait", mode, batched, BATCHES, "subm/s"))
         rows.append(rate_row("  same, in commands/s", mode, batched, BATCHES * PER_BATCH, "cmd/s",
-                             baseline=single, headline=True))
+                             baseline=single, in_summary=True))
 
+    # 4. latency
+    for mode in MODES:
+        for req in ("busy", "pread"):
+            what = "busy(h)" if req == "busy" else "pread 4 KiB"
+            idle = series[f"{mode} B {req}, idle"]
+            rows.append(H.Row.latency(BENCH, f"client B {what}, idle", mode, idle))
+            rows.append(H.Row.latency(BENCH, f"client B {what}, while A evicts 1 GiB", mode,
+                                      series[f"{mode} B {req}, during eviction"], baseline=idle,
+                                      target=H.Target("<=", LATENCY_MS * 1e3, on="p99",
+                                                      text=f"p99 <= {LATENCY_MS:g} ms")))
+    for mode in MODES:
+        calls = series[f"{mode} single, per call"].samples
+        if calls:
+            report.notes.append(f"{mode} execbuffer call (1 Fill): mean {sum(calls) / len(calls) / 1e3:.1f} us, "
+                                f"p99.9 {H.percentile(calls, 99.9) / 1e3:.1f} us, max {max(calls) / 1e3:.1f} us, "
+                                f"{sum(1 for x in calls if x > 1e6)} of {len(calls)} over 1 ms")
+        for req in ("busy", "pread"):
+            v = series[f"{mode} B {req}, during eviction"].samples
+            if v:
+                report.notes.append(f"{mode} client B {req} during eviction: n={len(v)}, max {max(v) / 1e6:.1f} ms, "
+                                    f"{sum(1 for x in v if x > LATENCY_MS * 1e6)} over {LATENCY_MS:g} ms")
     report.notes.append(
         "evict timed interval = 16 execbuffers (each queues: copy out of one 64 MiB A object into new system "
         "pages, the move-in of one B object, a 4 KiB Fill) + wait_fence(last) + 1-byte pread of each A object; "

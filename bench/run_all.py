@@ -18,6 +18,7 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 import _harness as H  # noqa: E402
 import bench_bulk  # noqa: E402
+import bench_device  # noqa: E402
 import bench_memory  # noqa: E402
 import bench_mmap_copy  # noqa: E402
 import bench_roundtrip  # noqa: E402
@@ -27,6 +28,7 @@ BENCHES = {
     "bulk": (bench_bulk.run, bench_bulk.DEFAULTS),
     "mmap_copy": (bench_mmap_copy.run, bench_mmap_copy.DEFAULTS),
     "memory": (bench_memory.run, bench_memory.DEFAULTS),
+    "device": (bench_device.run, bench_device.DEFAULTS),
 }
 
 

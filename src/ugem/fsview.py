@@ -23,6 +23,7 @@ Rules:
   `readonly` flag of GEM_INFO describes our handle, not the object, so it is not shown.
 - One FUSE thread (`nothreads`): a Device carries one request at a time anyway.
 - If the daemon goes away, the operation fails with EIO and the view unmounts itself.
+  Reading a purged object's data fails with EIO too (its info says `placement: purged`).
 - mfusepy has no type hints: it is imported only in `mount()`, where `Any` stays; the
   operations class below does not inherit from it (mfusepy only looks methods up by name).
 
@@ -44,7 +45,7 @@ from dataclasses import dataclass, field
 from typing import Any, Protocol
 
 from .client.device import Device
-from .errors import DaemonGone, NoSuchObject
+from .errors import BadAddress, DaemonGone, NoSuchObject
 
 __all__ = ["FsView", "Snapshot", "mount", "render_info"]
 
@@ -253,7 +254,10 @@ class FsView:
         if length == 0:
             return b""
         with self._daemon() as dev:
-            return dev.pread(opened.handle, offset, length)
+            try:
+                return dev.pread(opened.handle, offset, length)
+            except BadAddress as exc:  # purged: EFAULT would read as "bad buffer" to the reader
+                raise OSError(errno.EIO, f"object {opened.object_id} was purged") from exc
 
     def release(self, path: str, fi: FileInfo) -> int:
         opened = self._open.pop(fi.fh, None)

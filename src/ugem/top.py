@@ -8,7 +8,8 @@ Rules:
   header and the region/rate panels leave, so a resize needs no new sample.
 - Regions: system is `resident_bytes` against `system_budget`, VRAM is `vram_bytes` against
   `vram_size`, each with a bar and a percentage (the bar is clamped at full, the percentage is
-  not: resident memory may exceed the budget while the shrinker catches up). A daemon whose
+  not: resident memory may exceed the budget while the shrinker catches up; any use at all
+  shows at least one cell). A daemon whose
   stats lack a limit shows the figure without a bar. Spilled, pinned and purgeable are plain
   byte figures. Bytes are shown in binary units (B, KiB, MiB, GiB, TiB).
 - Rates (`Rates.between`) are the `*_total` counters' increase between two samples divided by
@@ -88,6 +89,7 @@ def _count(stats: Stats, key: str, noun: str) -> str:
 
 def _bar(used: int, limit: int, ascii_only: bool) -> Text:
     filled = min(BAR_WIDTH, round(BAR_WIDTH * used / limit)) if limit > 0 else 0
+    filled = max(filled, 1 if used > 0 else 0)  # a sliver in use still shows
     full, empty = ("#", "-") if ascii_only else ("█", "░")
     style = "green" if used < 0.75 * limit else "yellow" if used <= limit else "bold red"
     bar = Text(full * filled, style=style)

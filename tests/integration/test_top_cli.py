@@ -20,18 +20,27 @@ import sys
 import termios
 import time
 
-import ugem
 from ugem.cmd import Fill
 from ugem.testing import run_daemon
 
 UGEM = [sys.executable, "-m", "ugem"]
 KiB = 1 << 10
+REGIONS = ("objects", "resident_bytes", "vram_bytes", "spilled_bytes", "pinned_bytes", "purgeable_bytes",
+           "spilled_total")
 
 
 def _env(**extra: str) -> dict[str, str]:
     env = {k: v for k, v in os.environ.items() if k not in ("COLUMNS", "LINES")}
     env.update(extra)
     return env
+
+
+def human(n: int) -> str:
+    """Binary units as top shows them, written out again here."""
+    if n < 1024:
+        return f"{n} B"
+    value, unit = next((n / 1024**k, u) for k, u in ((3, "GiB"), (2, "MiB"), (1, "KiB")) if n >= 1024**k)
+    return f"{value:.1f} {unit}"
 
 
 def _line(text: str, label: str) -> str:
@@ -51,29 +60,35 @@ def test_once_prints_one_frame_with_the_daemons_figures() -> None:
         pinned = dev.create(8 * KiB)
         dev.pwrite(pinned, 0, b"p")
         dev.pin(pinned)
-        stats = dev.stats()
+        for _ in range(50):  # background work (spills, hole punching) may still change the figures
+            stats = dev.stats()
+            out = subprocess.run([*UGEM, "top", "--socket", daemon.path, "--once"], capture_output=True,
+                                 text=True, timeout=30, env=_env(COLUMNS="100"))
+            after = dev.stats()
+            if all(after[key] == stats[key] for key in REGIONS):
+                break
+            time.sleep(0.1)
+        else:
+            raise AssertionError(f"the figures never settled: {stats} / {after}")
         assert stats["spilled_bytes"] > 0 and stats["vram_bytes"] > 0 and stats["pinned_bytes"] == 8 * KiB
-        out = subprocess.run([*UGEM, "top", "--socket", daemon.path, "--once"], capture_output=True, text=True,
-                             timeout=30, env=_env(COLUMNS="100"))
-        after = dev.stats()
     assert out.returncode == 0, out.stderr
     assert out.stderr == ""
     text = out.stdout
     assert all(len(line) <= 100 for line in text.splitlines())
     assert text.count("ugem top") == 1
     assert text.startswith(f"ugem top  {stats['objects']} objects, 2 clients  rates: first sample")
-    assert after["resident_bytes"] == stats["resident_bytes"]  # nothing moved while top looked
     system = _line(text, "system")
-    assert f"{ugem.top.human(stats['resident_bytes'])} / 64.0 KiB" in system
+    assert f"{human(stats['resident_bytes'])} / 64.0 KiB" in system
     assert f"{100 * stats['resident_bytes'] / (64 * KiB):.1f}%" in system
-    assert f"{ugem.top.human(stats['vram_bytes'])} / 1.0 MiB" in _line(text, "VRAM")
-    assert ugem.top.human(stats["spilled_bytes"]) in _line(text, "spilled")
+    assert f"{human(stats['vram_bytes'])} / 1.0 MiB" in _line(text, "VRAM")
+    assert human(stats["spilled_bytes"]) in _line(text, "spilled")
     assert "8.0 KiB" in _line(text, "pinned")
     assert "0 B" in _line(text, "purgeable")
     assert f"spills             -   {stats['spilled_total']:>8}" in text
+    me = next(c for c in stats["per_client"] if c["pid"] == os.getpid())
+    assert (me["objects"], me["bytes"], me["pinned_bytes"]) == (8, 112 * KiB, 8 * KiB)
     mine = [line.split() for line in text.splitlines() if re.match(rf"^\s*\d+\s+{os.getpid()}\s", line)]
-    assert mine == [[str(stats["per_client"][0]["id"]), str(os.getpid()), str(os.getuid()), "8",
-                     "120.0", "KiB", "8.0", "KiB"]]
+    assert mine == [[str(me["id"]), str(os.getpid()), str(os.getuid()), "8", "112.0", "KiB", "8.0", "KiB"]]
 
 
 def test_live_mode_redraws_and_exits_0_on_sigint() -> None:
@@ -102,7 +117,6 @@ def test_live_mode_redraws_and_exits_0_on_sigint() -> None:
                     output += chunk
 
         try:
-            drain(20.0 if False else 0.0)
             deadline = time.monotonic() + 20
             while b"rates over" not in output and time.monotonic() < deadline and proc.poll() is None:
                 drain(0.1)
@@ -117,7 +131,7 @@ def test_live_mode_redraws_and_exits_0_on_sigint() -> None:
             os.close(master)
     text = output.decode(errors="replace")
     assert status == 0, text
-    assert "rates: first sample" in text and "rates over 0.2 s" in text, text
+    assert "rates: first sample" in text and re.search(r"rates over \d+\.\d s", text), text
     assert text.count("ugem top") >= 2
     assert "Traceback" not in text and "KeyboardInterrupt" not in text
     assert text.rstrip().endswith("\x1b[?25h"), repr(text[-200:])  # the cursor is shown again

@@ -120,6 +120,12 @@ def test_over_budget_shows_a_full_bar_and_the_true_percentage() -> None:
     assert "96.0 KiB / 64.0 KiB" in system and "150.0%" in system and "█" * 16 in system
 
 
+def test_a_sliver_in_use_shows_one_cell_and_nothing_shows_none() -> None:
+    text = screen(render(sample(resident_bytes=0, vram_bytes=4 * KiB), None, 0.0))
+    assert "░" * 16 in row(text, "system") and "0.0%" in row(text, "system")
+    assert "█" + "░" * 15 in row(text, "VRAM") and "0.0%" in row(text, "VRAM")
+
+
 def test_a_daemon_without_limits_in_its_stats_shows_figures_without_bars() -> None:
     stats = sample()
     del stats["system_budget"], stats["vram_size"]

@@ -1,70 +1,242 @@
-"""Buffer: a convenience wrapper around one handle (adds no semantics of its own).
+"""Buffer: the object layer over one handle (SPEC §2, last paragraph): convenience only.
 
-`Device.new(size)` returns one. `Buffer.array(dtype, shape)` is a zero-copy numpy view of a
-shared mapping; `close()` (or leaving a `with` block) closes the handle, while arrays
-already made stay valid, exactly as mappings outlive GEM_CLOSE.
+`Device.new(size)` returns a Buffer; `Buffer.open_name(dev, name)` and
+`Buffer.import_fd(dev, fd)` wrap the other two ways of getting a handle. Every method is
+one handle-layer call (or none) with the same errors, in the same order, as that call.
+
+Rules:
+
+- A Buffer owns one handle of one Device. `close()` sends GEM_CLOSE once; it is
+  idempotent, and a no-op once the Device is closed (that released the handle already).
+  After `close()` every other method raises `BadFd` (EBADF) without asking the manager:
+  the client reuses handle numbers, so a closed Buffer must never send its number again.
+- A Buffer is not closed by the garbage collector (a finalizer may run in the middle of
+  a request and must not send one). Use `with dev.new(n) as buf:` or close the Device.
+- `map()`, `array()` and `__dlpack__` are views of ONE shared mapping of the whole
+  object, made on first use and shared for as long as any view of it lives. The Buffer
+  holds it only weakly: once the last view is gone the mapping is released, so an object
+  nobody looks at can be spilled again (a mapped object never is, SPEC §3). Views are
+  zero-copy in both directions and outlive `close()` and `Device.close()`, as mappings
+  outlive GEM_CLOSE. A read-only request reuses a writable mapping through a read-only
+  view; a writable request after a read-only mapping maps again (EACCES on a read-only
+  handle, as `mmap` does).
+- Views see the object's system pages. After device work that wrote the object, call
+  `set_domain(DOMAIN_CPU)` before reading through a view; before device work reads what
+  was written through a view, `set_domain(DOMAIN_DEVICE)`. pread/pwrite need neither.
+- A mapped DONTNEED object can still be purged; its views then read zeros and
+  `madvise(WILLNEED)` returns False (SPEC §8). Purged is final: `array()` then fails
+  with EFAULT, like `mmap`.
+- `import_fd` (and `open_name` never) may return a handle this client already holds
+  (SPEC §2); two Buffers then share one handle and closing either one closes it.
+- DLPack: `__dlpack__` exports a 1-D uint8 view of the whole object on the CPU
+  (`__dlpack_device__() == (1, 0)`, kDLCPU) through numpy, so `numpy.from_dlpack(buf)`
+  and `torch.from_dlpack(buf)` share the object's memory; the capsule keeps the mapping
+  alive. For a typed export pass `buf.array(dtype, shape)` to `from_dlpack` instead.
 """
 
 from __future__ import annotations
 
+import operator
+import weakref
+from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
+import numpy.typing as npt
+
+from ..constants import DOMAIN_CPU
+from ..errors import BadFd, InvalidArgument
 
 if TYPE_CHECKING:
     from .device import Device, ObjectInfo
 
 __all__ = ["Buffer"]
 
+Shape = int | Sequence[int] | None
+KDLCPU = 1
+
 
 class Buffer:
-    def __init__(self, device: Device, handle: int) -> None:
+    """One handle of one Device, with numpy views of its object. See the module rules."""
+
+    def __init__(self, device: Device, handle: int, size: int | None = None, *,
+                 readonly: bool | None = None) -> None:
         self.device = device
         self.handle = handle
+        self._size = size
+        self._readonly = readonly
         self._closed = False
+        self._region: weakref.ref[Any] | None = None  # the shared mmap, while any view lives
+        self._region_writable = False
+
+    # -- getting one -----------------------------------------------------------------
+
+    @classmethod
+    def open_name(cls, device: Device, name: int) -> Buffer:
+        """A new handle to the object with flink name `name` (GEM_OPEN)."""
+        handle, size = device.open_name(name)
+        return cls(device, handle, size)
+
+    @classmethod
+    def import_fd(cls, device: Device, fd: int) -> Buffer:
+        """The handle for the object behind `fd` (PRIME import); `fd` stays the caller's."""
+        return cls(device, device.import_fd(fd))
+
+    # -- state -----------------------------------------------------------------------
+
+    @property
+    def closed(self) -> bool:
+        return self._closed
+
+    def _live(self) -> int:
+        if self._closed:
+            raise BadFd(f"Buffer (handle {self.handle}) is closed")
+        return self.handle
+
+    def info(self) -> ObjectInfo:
+        info = self.device.info(self._live())
+        self._size, self._readonly = info.size, info.readonly
+        return info
 
     @property
     def size(self) -> int:
-        return self.info().size
+        """The object's size in bytes (a whole number of pages); asked once, then cached."""
+        if self._size is None:
+            self._size = self.info().size
+        return self._size
 
-    def info(self) -> ObjectInfo:
-        return self.device.info(self.handle)
+    @property
+    def readonly(self) -> bool:
+        """Whether this handle is read-only (e.g. imported from a read-only fd)."""
+        if self._readonly is None:
+            self._readonly = self.info().readonly
+        return self._readonly
+
+    # -- bulk data -------------------------------------------------------------------
 
     def read(self, offset: int = 0, length: int | None = None) -> bytes:
+        """pread; `length` defaults to the rest of the object from `offset`."""
+        self._live()
         if length is None:
             length = self.size - offset
         return self.device.pread(self.handle, offset, length)
 
+    def read_into(self, buffer: Any, offset: int = 0) -> int:
+        """pread_into: fill the writable, contiguous `buffer` from `offset`; returns its length."""
+        return self.device.pread_into(self._live(), offset, buffer)
+
     def write(self, data: Any, offset: int = 0) -> None:
-        self.device.pwrite(self.handle, offset, data)
+        """pwrite any contiguous buffer-protocol object at `offset`."""
+        self.device.pwrite(self._live(), offset, data)
+
+    # -- views -----------------------------------------------------------------------
+
+    def _view(self, writable: bool) -> memoryview:
+        handle = self._live()
+        region = self._region() if self._region is not None else None
+        if region is None or region.closed or (writable and not self._region_writable):
+            view = self.device.mmap(handle, writable=writable)
+            self._region, self._region_writable = weakref.ref(view.obj), writable
+            return view
+        view = memoryview(region)
+        return view if writable or not self._region_writable else view.toreadonly()
 
     def map(self, *, writable: bool = True) -> memoryview:
-        return self.device.mmap(self.handle, writable=writable)
+        """A memoryview of the whole object (the shared mapping; zero-copy)."""
+        return self._view(writable)
 
-    def array(self, dtype: Any = np.uint8, shape: Any = None, *, writable: bool = True) -> np.ndarray:
-        """A numpy array over a shared mapping of the whole object (no copy)."""
-        dtype = np.dtype(dtype)
-        view = self.map(writable=writable)
-        count = -1 if shape is None else int(np.prod(shape))
-        arr = np.frombuffer(view, dtype=dtype, count=count)
-        return arr if shape is None else arr.reshape(shape)
+    def array(self, dtype: npt.DTypeLike = np.uint8, shape: Shape = None, *, offset: int = 0,
+              writable: bool = True) -> npt.NDArray[Any]:
+        """A numpy array over the shared mapping, `offset` bytes into the object (no copy).
+
+        `shape` is an int or a tuple (C order); None gives as many items as fit after
+        `offset`. A shape that needs more bytes than the object has, a negative dimension
+        or offset, or an itemless dtype raises `InvalidArgument` (EINVAL) before mapping.
+        """
+        dt = np.dtype(dtype)
+        if dt.itemsize == 0 or dt.hasobject:
+            raise InvalidArgument(f"dtype {dt} cannot view object memory")
+        offset = operator.index(offset)
+        size = self.size
+        if not 0 <= offset <= size:
+            raise InvalidArgument(f"offset {offset} is outside the object ({size} bytes)")
+        if shape is None:
+            dims: tuple[int, ...] = ((size - offset) // dt.itemsize,)
+        elif isinstance(shape, Sequence):
+            dims = tuple(operator.index(d) for d in shape)
+        else:
+            dims = (operator.index(shape),)
+        if any(d < 0 for d in dims):
+            raise InvalidArgument(f"negative dimension in shape {dims}")
+        count = 1
+        for d in dims:
+            count *= d
+        if offset + count * dt.itemsize > size:
+            raise InvalidArgument(f"{count} x {dt} ({count * dt.itemsize} bytes) at offset {offset} "
+                                  f"does not fit in the object ({size} bytes)")
+        arr = np.frombuffer(self._view(writable), dtype=dt, count=count, offset=offset)
+        return arr.reshape(dims)
+
+    def __dlpack__(self, *, stream: Any = None, max_version: tuple[int, int] | None = None,
+                   dl_device: tuple[int, int] | None = None, copy: bool | None = None) -> Any:
+        """A DLPack capsule of the whole object as 1-D uint8 on the CPU, made by numpy
+        (same arguments and errors as `ndarray.__dlpack__`); it keeps the mapping alive."""
+        arr = self.array(np.uint8, writable=not self.readonly)
+        return arr.__dlpack__(stream=stream, max_version=max_version, dl_device=dl_device, copy=copy)
+
+    def __dlpack_device__(self) -> tuple[int, int]:
+        return (KDLCPU, 0)
+
+    # -- sharing ---------------------------------------------------------------------
 
     def flink(self) -> int:
-        return self.device.flink(self.handle)
+        """The object's global name (the same every time); it holds no reference."""
+        return self.device.flink(self._live())
 
     def export(self, *, writable: bool = True) -> int:
-        return self.device.export(self.handle, writable=writable)
+        """An fd (O_CLOEXEC) to the object's memory, owned by the caller: close it."""
+        return self.device.export(self._live(), writable=writable)
+
+    # -- memory management -----------------------------------------------------------
+
+    def madvise(self, advice: int) -> bool:
+        """`ugem.WILLNEED` or `ugem.DONTNEED`; returns whether the contents are retained."""
+        return self.device.madvise(self._live(), advice)
+
+    def pin(self) -> None:
+        self.device.pin(self._live())
+
+    def unpin(self) -> None:
+        self.device.unpin(self._live())
+
+    def set_domain(self, read_domains: int = DOMAIN_CPU, write_domain: int = 0) -> None:
+        self.device.set_domain(self._live(), read_domains, write_domain)
+
+    def busy(self) -> bool:
+        return self.device.busy(self._live())
+
+    def wait(self, timeout_ns: int = -1) -> int:
+        """Wait for device work using the object (forever by default); returns time left."""
+        return self.device.wait(self._live(), timeout_ns)
+
+    # -- closing ---------------------------------------------------------------------
 
     def close(self) -> None:
-        if not self._closed and not self.device.closed:
-            self._closed = True
+        """GEM_CLOSE this handle once; views already made stay valid."""
+        if self._closed:
+            return
+        self._closed, self._region = True, None
+        if not self.device.closed:
             self.device.close_handle(self.handle)
 
     def __enter__(self) -> Buffer:
+        self._live()
         return self
 
     def __exit__(self, *exc: object) -> None:
         self.close()
 
     def __repr__(self) -> str:
-        return f"<Buffer handle={self.handle}>"
+        size = "" if self._size is None else f" size={self._size}"
+        state = " closed" if self._closed else ""
+        return f"<Buffer handle={self.handle}{size}{state}>"

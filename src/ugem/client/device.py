@@ -27,6 +27,7 @@ from typing import TYPE_CHECKING, Any, Protocol
 import numpy as np
 
 from ..backing.mapping import map_shared
+from ..constants import page_align
 from ..errors import BadFd, InvalidArgument
 from ..fd import OwnedFd
 from ..wire import structs as s
@@ -319,7 +320,7 @@ class Device(DeviceOps):
         """Create an object and wrap it in a Buffer (closes its handle when done)."""
         from .buffer import Buffer
 
-        return Buffer(self, self.create(size))
+        return Buffer(self, self.create(size), page_align(size), readonly=False)
 
 
 def _preadv_all(fd: OwnedFd, into: Any, offset: int) -> None:
