@@ -57,7 +57,11 @@ KDLCPU = 1
 
 
 class Buffer:
-    """One handle of one Device, with numpy views of its object. See the module rules."""
+    """One handle of one Device, with numpy views of its object. See the module rules.
+
+    `Buffer(dev, handle)` adopts a handle obtained from the handle layer (the Buffer then
+    closes it); `size` and `readonly`, when the caller knows them, save an `info()` call.
+    """
 
     def __init__(self, device: Device, handle: int, size: int | None = None, *,
                  readonly: bool | None = None) -> None:
@@ -153,6 +157,7 @@ class Buffer:
         `offset`. A shape that needs more bytes than the object has, a negative dimension
         or offset, or an itemless dtype raises `InvalidArgument` (EINVAL) before mapping.
         """
+        self._live()
         dt = np.dtype(dtype)
         if dt.itemsize == 0 or dt.hasobject:
             raise InvalidArgument(f"dtype {dt} cannot view object memory")
@@ -162,10 +167,10 @@ class Buffer:
             raise InvalidArgument(f"offset {offset} is outside the object ({size} bytes)")
         if shape is None:
             dims: tuple[int, ...] = ((size - offset) // dt.itemsize,)
-        elif isinstance(shape, Sequence):
-            dims = tuple(operator.index(d) for d in shape)
-        else:
+        elif isinstance(shape, int | np.integer):
             dims = (operator.index(shape),)
+        else:
+            dims = tuple(operator.index(d) for d in shape)
         if any(d < 0 for d in dims):
             raise InvalidArgument(f"negative dimension in shape {dims}")
         count = 1

@@ -72,6 +72,16 @@ def test_close_is_idempotent_and_a_closed_buffer_never_sends_its_handle(dev):
     assert other.info().madvise == "willneed" and other.info().size == 2 * PAGE
 
 
+def test_buffer_adopts_a_handle_of_the_handle_layer(dev):
+    h = dev.create(PAGE)
+    dev.pwrite(h, 0, b"adopted")
+    with Buffer(dev, h) as buf:
+        assert repr(buf) == f"<Buffer handle={h}>"
+        assert buf.size == PAGE and buf.array(np.uint8, 7).tobytes() == b"adopted"
+    with pytest.raises(ugem.NoSuchObject):
+        dev.info(h)
+
+
 def test_close_after_the_device_closed_is_a_no_op(env):
     dev = env.open()
     buf = dev.new(PAGE)
@@ -115,6 +125,8 @@ def test_array_dtype_and_shape(dev):
     grid = buf.array("f4", (32, 64))
     assert grid.shape == (32, 64) and grid.dtype == np.float32 and grid.flags.c_contiguous
     assert buf.array(np.uint8, (0,)).shape == (0,)
+    assert buf.array(np.uint16, np.array([4, 8])).shape == (4, 8)
+    assert buf.array(np.uint16, np.int64(6)).shape == (6,)
     tail = buf.array(np.uint32, 4, offset=PAGE)
     tail[:] = [1, 2, 3, 4]
     assert buf.read(PAGE, 16) == np.array([1, 2, 3, 4], dtype=np.uint32).tobytes()
