@@ -25,6 +25,7 @@ from typing import Any
 
 import numpy as np
 
+from ..bufview import flat_bytes
 from ..constants import PAGE_SIZE, page_align
 from ..errors import InvalidArgument
 from ..fd import OwnedFd
@@ -125,13 +126,7 @@ class MemfdStore:
     def buffer_view(buffer: Any) -> memoryview:
         """A flat byte view of an in-process buffer; EINVAL unless contiguous, nonempty and
         page-aligned in address and length."""
-        try:
-            view = memoryview(buffer)
-        except TypeError:
-            raise InvalidArgument(f"userptr needs a buffer-protocol object, got {type(buffer).__name__}") from None
-        if not view.contiguous:
-            raise InvalidArgument("userptr memory must be contiguous")
-        flat = view.cast("B") if view.format != "B" or view.ndim != 1 else view
+        flat = flat_bytes(buffer, what="userptr memory")
         if len(flat) == 0 or len(flat) % PAGE_SIZE:
             raise InvalidArgument(f"userptr length {len(flat)} must be a nonzero multiple of {PAGE_SIZE}")
         address = np.frombuffer(flat, dtype=np.uint8).__array_interface__["data"][0]

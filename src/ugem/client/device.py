@@ -27,6 +27,7 @@ from typing import TYPE_CHECKING, Any, Protocol
 import numpy as np
 
 from ..backing.mapping import map_shared
+from ..bufview import flat_bytes
 from ..constants import page_align
 from ..errors import BadFd, InvalidArgument
 from ..fd import OwnedFd
@@ -88,12 +89,7 @@ def _u32(value: int) -> int:
 
 
 def _byte_view(buffer: Any, writable: bool) -> memoryview:
-    view = memoryview(buffer)
-    if writable and view.readonly:
-        raise TypeError("pread_into needs a writable buffer")
-    if not view.contiguous:
-        raise TypeError("buffer must be contiguous")
-    return view.cast("B") if view.format != "B" or view.ndim != 1 else view
+    return flat_bytes(buffer, writable=writable, what="the pread_into buffer" if writable else "pwrite data")
 
 
 class Device(DeviceOps):
