@@ -14,6 +14,7 @@ from ..constants import (
     CACHING_NONE,
     DOMAIN_CPU,
     DOMAIN_DEVICE,
+    PAGE_SIZE,
     TILING_NONE,
     TILING_X,
     TILING_Y,
@@ -88,8 +89,9 @@ def gem_execbuffer(core: Core, client: Client, req: sd.ExecbufferReq) -> sd.Fenc
 def _check_fits(core: Core, objs: list[BufferObject]) -> None:
     gpu = core.gpu
     need = sum(o.size for o in objs if not gpu.in_place(o))
-    pinned = sum(o.size for o in core.objects.values()
-                 if o.pinned_by and o.placement == Placement.VRAM and o not in objs)
+    members = {id(o) for o in objs}
+    pinned = sum(n.size * PAGE_SIZE for n in gpu.space  # objects in VRAM only, not every object
+                 if n.owner is not None and n.owner.pinned_by and id(n.owner) not in members)
     if need + pinned > gpu.backend.vram_size:
         raise NoSpace(f"working set of {need} bytes (+{pinned} pinned) exceeds {gpu.backend.vram_size} "
                       f"bytes of device memory")

@@ -298,7 +298,10 @@ class Server:
             self.core.memory.finish(job)
 
     def _device_notify(self, seqno: int) -> None:
-        """Called on the device's thread after each op: wake the loop (cheap, never raises)."""
+        """Called on the device's thread after each op: wake the loop if a parked request
+        may be waiting for it (cheap, never raises)."""
+        if not self.parked:
+            return
         try:
             os.write(self._device_w, b"d")
         except BlockingIOError:

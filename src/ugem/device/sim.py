@@ -165,12 +165,12 @@ def run_op(
     """
     if isinstance(op, CopyIn) and op.host is None:
         np.frombuffer(memory, dtype=np.uint8, count=op.length, offset=op.vram).fill(0)
-    elif isinstance(op, CopyIn):
+    elif isinstance(op, CopyIn):  # np.copyto releases the GIL: the daemon loop keeps running
         with _host_view(op.host, op.length) as src, memory[op.vram:op.vram + op.length] as dst:
-            dst[:] = src
+            np.copyto(np.frombuffer(dst, dtype=np.uint8), np.frombuffer(src, dtype=np.uint8))
     elif isinstance(op, CopyOut):
         with _host_view(op.host, op.length) as dst, memory[op.vram:op.vram + op.length] as src:
-            dst[:] = src
+            np.copyto(np.frombuffer(dst, dtype=np.uint8), np.frombuffer(src, dtype=np.uint8))
     else:
         _execute(memory, op, deadline, abandon_waits)
 
