@@ -178,7 +178,42 @@ def run_op(
 _STOP = None  # queued by close(): the worker exits after everything queued before it
 
 
-class SimDevice:
+class TimelineQueries:
+    """What every device answers the same way from its completion state (shared by
+    SimDevice and ugem.testing.FakeDevice): completed, error, wait, notify, read_vram."""
+
+    _completed: int
+    _failed: set[int]
+    _cond: threading.Condition
+    _closed: bool
+    _notify: Callable[[int], None] | None
+    _mem: Any
+    _vram_size: int
+
+    def completed(self) -> int:
+        return self._completed
+
+    def error(self, seqno: int) -> int | None:
+        with self._cond:
+            return errno.EIO if seqno in self._failed else None
+
+    def wait(self, seqno: int, timeout: float | None) -> bool:
+        # After close() every issued seqno has completed; a never-issued one never will.
+        with self._cond:
+            self._cond.wait_for(lambda: self._completed >= seqno or self._closed, timeout)
+            return self._completed >= seqno
+
+    def set_notify(self, callback: Callable[[int], None] | None) -> None:
+        self._notify = callback
+
+    def read_vram(self, offset: int, length: int) -> bytes:
+        _check_range(offset, length, self._vram_size)
+        if self._closed:
+            raise ValueError(f"read_vram() on a closed {type(self).__name__}")
+        return bytes(self._mem[offset:offset + length])
+
+
+class SimDevice(TimelineQueries):
     """The simulated device: lazily backed device memory and a one-thread timeline."""
 
     def __init__(self, vram_size: int = 1 << 30, hang_timeout: float = 10.0) -> None:
@@ -219,28 +254,6 @@ class SimDevice:
             self._issued += 1
             self._queue.put((self._issued, op))  # SimpleQueue.put never blocks
             return self._issued
-
-    def completed(self) -> int:
-        return self._completed
-
-    def error(self, seqno: int) -> int | None:
-        with self._cond:
-            return errno.EIO if seqno in self._failed else None
-
-    def wait(self, seqno: int, timeout: float | None) -> bool:
-        # After close() every issued seqno has completed; a never-issued one never will.
-        with self._cond:
-            self._cond.wait_for(lambda: self._completed >= seqno or self._closed, timeout)
-            return self._completed >= seqno
-
-    def set_notify(self, callback: Callable[[int], None] | None) -> None:
-        self._notify = callback
-
-    def read_vram(self, offset: int, length: int) -> bytes:
-        _check_range(offset, length, self._vram_size)
-        if self._closed:
-            raise ValueError("read_vram() on a closed SimDevice")
-        return self._mem[offset:offset + length]
 
     def close(self) -> None:
         if threading.current_thread() is self._thread:

@@ -22,7 +22,6 @@ Must not: sleep, start threads, or keep references to host buffers after an op r
 
 from __future__ import annotations
 
-import errno
 import mmap
 import threading
 from collections import deque
@@ -30,7 +29,7 @@ from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
 from ..device.base import CopyIn, CopyOut, DeviceBackend, Op
-from ..device.sim import check_op, run_op
+from ..device.sim import TimelineQueries, check_op, run_op
 
 __all__ = ["FakeDevice"]
 
@@ -41,7 +40,7 @@ def _always() -> bool:
     return True
 
 
-class FakeDevice:
+class FakeDevice(TimelineQueries):
     """A DeviceBackend that runs ops on submit, or holds them while `paused`."""
 
     def __init__(self, vram_size: int = 1 << 24, *, paused: bool = False) -> None:
@@ -103,28 +102,6 @@ class FakeDevice:
             while self._held and not self.paused:
                 self._run_next()
             return seqno
-
-    def completed(self) -> int:
-        return self._completed
-
-    def error(self, seqno: int) -> int | None:
-        with self._cond:
-            return errno.EIO if seqno in self._failed else None
-
-    def wait(self, seqno: int, timeout: float | None) -> bool:
-        with self._cond:
-            self._cond.wait_for(lambda: self._completed >= seqno or self._closed, timeout)
-            return self._completed >= seqno
-
-    def set_notify(self, callback: Callable[[int], None] | None) -> None:
-        self._notify = callback
-
-    def read_vram(self, offset: int, length: int) -> bytes:
-        if offset < 0 or length < 0 or offset + length > self._vram_size:
-            raise ValueError(f"range [{offset}, +{length}) outside device memory of {self._vram_size} bytes")
-        if self._closed:
-            raise ValueError("read_vram() on a closed FakeDevice")
-        return self._mem[offset:offset + length]
 
     def close(self) -> None:
         """Run whatever is held (even if paused), then release device memory. Idempotent."""
