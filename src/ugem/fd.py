@@ -10,10 +10,12 @@ Rules:
 
 from __future__ import annotations
 
+import array
 import os
+import socket
 import warnings
 
-__all__ = ["OwnedFd"]
+__all__ = ["OwnedFd", "fds_from_ancillary"]
 
 
 class OwnedFd:
@@ -64,3 +66,14 @@ class OwnedFd:
 
     def __repr__(self) -> str:
         return f"OwnedFd({self._fd})"
+
+
+def fds_from_ancillary(anc: list[tuple[int, int, bytes]]) -> list[OwnedFd]:
+    """Wrap every fd of recvmsg() ancillary data (SCM_RIGHTS) at once, in wire order."""
+    fds: list[OwnedFd] = []
+    for level, kind, raw in anc:
+        if level == socket.SOL_SOCKET and kind == socket.SCM_RIGHTS:
+            ints = array.array("i")
+            ints.frombytes(raw[: len(raw) - len(raw) % ints.itemsize])
+            fds.extend(OwnedFd(i) for i in ints)
+    return fds

@@ -20,21 +20,12 @@ import pytest
 
 import ugem
 from ugem.testing import run_daemon
+from ugem.testing.data import random_bytes as _data
+from ugem.testing.data import write_new as _written
 
 PAGE = ugem.PAGE_SIZE
 MiB = 1 << 20
 BUDGET = 16 * MiB
-
-
-def _data(seed: int, size: int) -> bytes:
-    return np.random.default_rng(seed).bytes(size)
-
-
-def _written(dev, size: int, seed: int) -> tuple[int, bytes]:
-    h = dev.create(size)
-    data = _data(seed, size)
-    dev.pwrite(h, 0, data)
-    return h, data
 
 
 def _pressure(dev, total: int = BUDGET, size: int = 2 * MiB, seed: int = 1000) -> list[int]:

@@ -12,33 +12,16 @@ from __future__ import annotations
 
 import errno
 
-import numpy as np
 import pytest
 
 import ugem
 from ugem.cmd import Blit, Copy, Fill, SemaphoreWait
+from ugem.testing.data import fill as _fill
+from ugem.testing.data import filled as _filled
+from ugem.testing.data import write_new as _written
 
 PAGE = ugem.PAGE_SIZE
 MiB = 1 << 20
-
-
-def _data(seed: int, size: int) -> bytes:
-    return np.random.default_rng(seed).bytes(size)
-
-
-def _written(dev, size: int, seed: int) -> tuple[int, bytes]:
-    h = dev.create(size)
-    data = _data(seed, size)
-    dev.pwrite(h, 0, data)
-    return h, data
-
-
-def _fill(h: int, offset: int = 0, length: int = 16, byte: int = 0x5A) -> Fill:
-    return Fill(dst=h, offset=offset, length=length, byte=byte)
-
-
-def _filled(data: bytes, offset: int, length: int, byte: int) -> bytes:
-    return data[:offset] + bytes([byte]) * length + data[offset + length:]
 
 
 def _x_addr(stride: int, x: int, y: int) -> int:  # SPEC §3 "tiled layouts"

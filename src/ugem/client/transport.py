@@ -18,7 +18,7 @@ from typing import TYPE_CHECKING, Any
 
 from ..core.requests import REQUESTS
 from ..errors import DaemonGone, RemoteProtocolError, error_from_errno
-from ..fd import OwnedFd
+from ..fd import OwnedFd, fds_from_ancillary
 from ..wire import structs as s
 from ..wire.frames import HEADER, MAGIC, MAX_FDS, MAX_PAYLOAD, PROTOCOL_VERSION, Kind, Op, encode_header
 
@@ -50,16 +50,6 @@ _CTRUNC = int(socket.MSG_CTRUNC)  # plain ints: enum flag arithmetic costs ~0.5 
 _CLOEXEC = int(socket.MSG_CMSG_CLOEXEC)
 _REPLY = int(Kind.REPLY)
 _REPLY_TYPES: dict[int, type[s.Struct]] = {Op.HELLO: s.HelloReply, **{d.op: d.reply for d in REQUESTS}}
-
-
-def _take_fds(anc: list[tuple[int, int, bytes]]) -> list[OwnedFd]:
-    fds: list[OwnedFd] = []
-    for level, kind, raw in anc:
-        if level == socket.SOL_SOCKET and kind == socket.SCM_RIGHTS:
-            ints = array.array("i")
-            ints.frombytes(raw[: len(raw) - len(raw) % ints.itemsize])
-            fds.extend(OwnedFd(i) for i in ints)
-    return fds
 
 
 class SocketTransport:
@@ -121,7 +111,7 @@ class SocketTransport:
         while len(buf) < HEADER.size:
             data, anc, flags, _ = self._sock.recvmsg(_FIRST_READ, _ANC_SPACE if not buf else 0, _CLOEXEC)
             if anc:
-                fds.extend(_take_fds(anc))
+                fds.extend(fds_from_ancillary(anc))
             if flags & _CTRUNC:
                 self._abort(fds, "truncated control message from the daemon")
             if not data:

@@ -212,13 +212,14 @@ class Gpu:
 
     # -- leaving VRAM ----------------------------------------------------------------
 
-    def evict(self, obj: BufferObject) -> None:
-        """Take an object out of VRAM (eviction or suspend)."""
+    def evict(self, obj: BufferObject, *, for_cpu: bool = False) -> None:
+        """Take an object out of VRAM: an eviction (suspend, pressure), or a hand-over to
+        the CPU (not counted as an eviction, and a DONTNEED object keeps its contents)."""
         node = obj.vram
         assert node is not None
         self.space.remove(node)
         obj.vram = None
-        self._leave(obj, node.start * PAGE_SIZE, evicted=True)
+        self._leave(obj, node.start * PAGE_SIZE, evicted=not for_cpu)
 
     def _leave(self, obj: BufferObject, offset: int, evicted: bool) -> None:
         """Copy back (if needed) from `offset`, or drop a DONTNEED object; placement SYSTEM."""
@@ -247,15 +248,8 @@ class Gpu:
         if obj.placement == Placement.VRAM:
             if obj.pinned_by:
                 raise Busy(f"object {obj.id} is pinned in device memory")
-            self.evict_for_cpu(obj)
+            self.evict(obj, for_cpu=True)
         self.wait_for(obj.last_fence if write and not self.in_place(obj) else obj.write_fence)
-
-    def evict_for_cpu(self, obj: BufferObject) -> None:
-        node = obj.vram
-        assert node is not None
-        self.space.remove(node)
-        obj.vram = None
-        self._leave(obj, node.start * PAGE_SIZE, evicted=False)
 
     def evict_all(self) -> None:
         """Suspend: every object out of VRAM (pinned ones too)."""

@@ -31,7 +31,7 @@ from typing import TYPE_CHECKING
 from ..core.jobs import Pending
 from ..core.requests import BY_OP, RequestDesc, dispatch
 from ..errors import InvalidArgument, RemoteProtocolError, UgemError
-from ..fd import OwnedFd
+from ..fd import OwnedFd, fds_from_ancillary
 from ..wire import structs as s
 from ..wire.frames import (
     MAGIC,
@@ -87,7 +87,7 @@ class Connection:
                 data, anc, flags, _ = self.sock.recvmsg(self.parser.bytes_desired(), _ANC_SPACE)
             except (BlockingIOError, InterruptedError):
                 return
-            fds = _take_fds(anc)
+            fds = fds_from_ancillary(anc)
             if flags & _CTRUNC:
                 for fd in fds:
                     fd.close()
@@ -233,16 +233,6 @@ class Connection:
                 fd.close()
         self.outbox.clear()
         self.sock.close()
-
-
-def _take_fds(anc: list[tuple[int, int, bytes]]) -> list[OwnedFd]:
-    fds: list[OwnedFd] = []
-    for level, kind, raw in anc:
-        if level == socket.SOL_SOCKET and kind == socket.SCM_RIGHTS:
-            ints = array.array("i")
-            ints.frombytes(raw[: len(raw) - len(raw) % ints.itemsize])
-            fds.extend(OwnedFd(i) for i in ints)
-    return fds
 
 
 def _close_unclaimed(req: s.Struct) -> None:
