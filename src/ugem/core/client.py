@@ -2,8 +2,11 @@
 
 Rules:
 - handles are allocated lowest-free from 1 (`IdAllocator`); 0 is never valid;
-- `handles` maps handle -> HandleEntry; `by_object` maps object id -> the set of this
-  client's handles for it (PRIME import returns the lowest of them);
+- `handles` maps handle -> object; `readonly` holds the handles that only allow reads;
+  `by_object` maps object id -> this client's handle for it, or the set of them when it
+  holds several (PRIME import returns the lowest). A million handles must stay small
+  (SPEC §7: <= 1 KiB per object in all), so the common case costs no entry object and no
+  set: these three tables change only through `handle_add`/`handle_remove`;
 - mappings and transfers are references the client holds until it reports them done or
   goes away; the core drops them all in `Core.client_release`;
 - a Client never frees anything itself: lifetimes are the Core's job.
@@ -17,7 +20,7 @@ from typing import Any
 from .ids import IdAllocator
 from .object import BufferObject
 
-__all__ = ["Client", "Credentials", "HandleEntry"]
+__all__ = ["Client", "Credentials"]
 
 
 @dataclass(frozen=True, slots=True)
@@ -27,19 +30,14 @@ class Credentials:
     gid: int
 
 
-@dataclass(slots=True)
-class HandleEntry:
-    obj: BufferObject
-    readonly: bool
-
-
 @dataclass(eq=False)
 class Client:
     id: int
     creds: Credentials
     privileged: bool
-    handles: dict[int, HandleEntry] = field(default_factory=dict)
-    by_object: dict[int, set[int]] = field(default_factory=dict)
+    handles: dict[int, BufferObject] = field(default_factory=dict)
+    readonly: set[int] = field(default_factory=set)
+    by_object: dict[int, int | set[int]] = field(default_factory=dict)
     handle_ids: IdAllocator = field(default_factory=IdAllocator)
     mappings: dict[int, BufferObject] = field(default_factory=dict)
     map_ids: IdAllocator = field(default_factory=IdAllocator)
@@ -48,3 +46,37 @@ class Client:
     created_bytes: int = 0  # sizes of live objects this client created (quota)
     pinned_bytes: int = 0
     closed: bool = False
+
+    def handle_add(self, handle: int, obj: BufferObject, readonly: bool) -> None:
+        self.handles[handle] = obj
+        if readonly:
+            self.readonly.add(handle)
+        held = self.by_object.get(obj.id)
+        if held is None:
+            self.by_object[obj.id] = handle
+        elif isinstance(held, int):
+            self.by_object[obj.id] = {held, handle}
+        else:
+            held.add(handle)
+
+    def handle_remove(self, handle: int) -> tuple[BufferObject, bool] | None:
+        """Drop `handle`; (its object, whether that was this client's last handle for it),
+        or None if it is not open."""
+        obj = self.handles.pop(handle, None)
+        if obj is None:
+            return None
+        self.readonly.discard(handle)
+        held = self.by_object[obj.id]
+        if isinstance(held, set):
+            held.discard(handle)
+            if len(held) == 1:
+                self.by_object[obj.id] = held.pop()
+            return obj, False
+        del self.by_object[obj.id]
+        return obj, True
+
+    def lowest_handle(self, obj: BufferObject) -> int | None:
+        held = self.by_object.get(obj.id)
+        if held is None or isinstance(held, int):
+            return held
+        return min(held)

@@ -59,11 +59,10 @@ def gem_close(core: Core, client: Client, req: s.CloseReq) -> s.Empty:
 
 
 def gem_info(core: Core, client: Client, req: s.InfoReq) -> s.InfoReply:
-    entry = core.lookup(client, req.handle)
-    obj = entry.obj
+    obj = core.lookup(client, req.handle)
     flags = ((s.INFO_PINNED if obj.pinned_by else 0) | (s.INFO_BUSY if core.gpu.busy(obj) else 0)
               | (s.INFO_USERPTR if obj.kind == Kind.USERPTR else 0)
-             | (s.INFO_READONLY if entry.readonly else 0) | (s.INFO_FOREIGN if obj.kind == Kind.FOREIGN else 0))
+             | (s.INFO_READONLY if req.handle in client.readonly else 0) | (s.INFO_FOREIGN if obj.kind == Kind.FOREIGN else 0))
     madvise = 2 if obj.placement == Placement.PURGED else obj.madvise
     return s.InfoReply(size=obj.size, placement=obj.placement, madvise=madvise, flags=flags, name=obj.name,
                        tiling=obj.tiling, stride=obj.stride, caching=obj.caching)
@@ -73,11 +72,10 @@ def _rw_lookup(core: Core, client: Client, handle: int, offset: int, length: int
     """pread/pwrite checks after the length-0 shortcut: EINVAL, ENOENT, range, RO, userptr, EFAULT."""
     if offset < 0 or length < 0:
         raise InvalidArgument(f"offset {offset} and length {length} must not be negative")
-    entry = core.lookup(client, handle)
-    obj = entry.obj
+    obj = core.lookup(client, handle)
     if offset + length > obj.size:
         raise InvalidArgument(f"range [{offset}, {offset + length}) is outside object {handle} of size {obj.size}")
-    if write and entry.readonly:
+    if write and handle in client.readonly:
         raise InvalidArgument(f"handle {handle} is read-only")
     if obj.kind == Kind.USERPTR:
         raise InvalidArgument(f"pread/pwrite of userptr handle {handle} is not allowed")
@@ -148,8 +146,7 @@ def xfer_done(core: Core, client: Client, req: s.XferDoneReq) -> s.Empty:
 
 
 def gem_mmap(core: Core, client: Client, req: s.MmapReq) -> s.MmapReply:
-    entry = core.lookup(client, req.handle)
-    obj = entry.obj
+    obj = core.lookup(client, req.handle)
     length = obj.size - req.offset if req.flags & s.TO_END else req.length
     if req.offset < 0 or req.offset % PAGE_SIZE or length <= 0 or req.offset + length > obj.size:
         raise InvalidArgument(f"cannot map offset {req.offset} length {length} of object {req.handle} "
@@ -158,7 +155,7 @@ def gem_mmap(core: Core, client: Client, req: s.MmapReq) -> s.MmapReply:
         raise NoDevice(f"userptr handle {req.handle} cannot be mapped")
     core.check_pages(obj)
     writable = bool(req.flags & s.WRITABLE)
-    if writable and entry.readonly:
+    if writable and req.handle in client.readonly:
         raise PermissionDenied(f"handle {req.handle} is read-only; map it with writable=False")
     if pinned_in_vram(obj):
         raise Busy(f"object {req.handle} is pinned in device memory")
@@ -185,8 +182,7 @@ def gem_munmap(core: Core, client: Client, req: s.MunmapReq) -> s.Empty:
 
 
 def gem_flink(core: Core, client: Client, req: s.FlinkReq) -> s.FlinkReply:
-    entry = core.lookup(client, req.handle)
-    return s.FlinkReply(name=core.flink(entry.obj))
+    return s.FlinkReply(name=core.flink(core.lookup(client, req.handle)))
 
 
 def gem_open(core: Core, client: Client, req: s.OpenReq) -> s.OpenReply:
@@ -201,13 +197,12 @@ def gem_open(core: Core, client: Client, req: s.OpenReq) -> s.OpenReply:
 
 
 def prime_handle_to_fd(core: Core, client: Client, req: s.ExportReq) -> s.ExportReply:
-    entry = core.lookup(client, req.handle)
-    obj = entry.obj
+    obj = core.lookup(client, req.handle)
     if obj.proxy:
         raise InvalidArgument(f"handle {req.handle} is {obj.kind.name.lower()} memory and cannot be exported")
     core.check_pages(obj)
     writable = bool(req.flags & s.WRITABLE)
-    if writable and entry.readonly:
+    if writable and req.handle in client.readonly:
         raise PermissionDenied(f"handle {req.handle} is read-only; export it with writable=False")
     if pinned_in_vram(obj):
         raise Busy(f"object {req.handle} is pinned in device memory")
@@ -229,10 +224,10 @@ def prime_fd_to_handle(core: Core, client: Client, req: s.ImportReq) -> s.Import
         info = core.backing.inspect(fd)
         obj = core.by_key.get(info.key)
         if obj is not None:
-            mine = client.by_object.get(obj.id)
-            if mine:  # re-import and self-import return the existing (lowest) handle
-                handle = min(mine)
-                readonly = client.handles[handle].readonly
+            mine = client.lowest_handle(obj)
+            if mine is not None:  # re-import and self-import return the existing (lowest) handle
+                handle = mine
+                readonly = handle in client.readonly
                 return s.ImportReply(handle=handle, flags=s.READONLY if readonly else 0, size=obj.size)
             readonly = info.readonly or obj.readonly
             handle = core.handle_create(client, obj, readonly=readonly)
@@ -252,13 +247,13 @@ def prime_fd_to_handle(core: Core, client: Client, req: s.ImportReq) -> s.Import
 def gem_madvise(core: Core, client: Client, req: s.MadviseReq) -> s.MadviseReply:
     if req.advice not in (WILLNEED, DONTNEED):
         raise InvalidArgument(f"advice must be WILLNEED (0) or DONTNEED (1), got {req.advice}")
-    obj = core.lookup(client, req.handle).obj
+    obj = core.lookup(client, req.handle)
     core.memory.madvise(obj, req.advice)
     return s.MadviseReply(retained=int(obj.placement != Placement.PURGED))
 
 
 def gem_pin(core: Core, client: Client, req: s.HandleReq) -> s.Empty:
-    obj = core.lookup(client, req.handle).obj
+    obj = core.lookup(client, req.handle)
     core.check_pages(obj)
     if client.id in obj.pinned_by:
         return s.Empty()
@@ -272,13 +267,12 @@ def gem_pin(core: Core, client: Client, req: s.HandleReq) -> s.Empty:
         core.backing.populate_all(core.populate(obj))
         core.memory.measure(obj)
     core.gpu.lru.discard(obj)  # pinned objects are never evicted
-    obj.pinned_by.add(client.id)
-    client.pinned_bytes += obj.size
+    core.pin(client, obj)
     return s.Empty()
 
 
 def gem_unpin(core: Core, client: Client, req: s.HandleReq) -> s.Empty:
-    obj = core.lookup(client, req.handle).obj
+    obj = core.lookup(client, req.handle)
     if client.id not in obj.pinned_by:
         raise InvalidArgument(f"handle {req.handle} is not pinned by client {client.id}")
     core.unpin(client, obj)
@@ -301,7 +295,7 @@ def debug_open(core: Core, client: Client, req: s.HandleReq) -> s.OpenReply:
 
 def list_clients(core: Core, client: Client, req: s.Empty) -> s.JsonReply:
     rows = [{"id": c.id, "pid": c.creds.pid, "uid": c.creds.uid,
-             "handles": {str(h): e.obj.id for h, e in sorted(c.handles.items())}} for c in core.clients.values()]
+             "handles": {str(h): o.id for h, o in sorted(c.handles.items())}} for c in core.clients.values()]
     return s.JsonReply(data=json.dumps(rows).encode())
 
 

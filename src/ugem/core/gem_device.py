@@ -34,7 +34,7 @@ from ..errors import (
 from ..wire import structs as s
 from ..wire import structs_device as sd
 from ..wire.commands import decode_commands
-from .client import Client, HandleEntry
+from .client import Client
 from .jobs import Pending
 from .manager import Core
 from .object import BufferObject, Kind
@@ -53,18 +53,18 @@ def gem_execbuffer(core: Core, client: Client, req: sd.ExecbufferReq) -> sd.Fenc
     cmds = decode_commands(bytes(req.data))
     if not cmds:
         raise InvalidArgument("execbuffer needs at least one command")
-    entries: dict[int, HandleEntry] = {}
+    entries: dict[int, BufferObject] = {}
     for cmd in cmds:  # ENOENT, over the whole list
         for handle in commands.handles(cmd):
             entries[handle] = core.lookup(client, handle)
     for cmd in cmds:  # EINVAL
-        commands.validate(cmd, lambda h: commands.ObjView.of(entries[h].obj))
-    objs = list({id(e.obj): e.obj for e in entries.values()}.values())
+        commands.validate(cmd, lambda h: commands.ObjView.of(entries[h]))
+    objs = list({id(o): o for o in entries.values()}.values())
     for obj in objs:  # EFAULT
         core.check_pages(obj)
     written = {h for cmd in cmds for h in commands.writes(cmd)}
     for handle in written:  # EACCES
-        if entries[handle].readonly or entries[handle].obj.readonly:
+        if handle in client.readonly or entries[handle].readonly:
             raise PermissionDenied(f"command writes to read-only handle {handle}")
     gpu = core.gpu
     _check_fits(core, objs)  # ENOSPC: the working set can never fit
@@ -75,9 +75,9 @@ def gem_execbuffer(core: Core, client: Client, req: sd.ExecbufferReq) -> sd.Fenc
     for obj in objs:
         core.memory.ensure_system(obj)  # spilled objects come back first (Pending)
     gpu.make_resident(objs)
-    surfaces = {h: gpu.surface(e.obj) for h, e in entries.items()}
+    surfaces = {h: gpu.surface(o) for h, o in entries.items()}
     seq = gpu.submit(Execute(cmds, surfaces))
-    written_objs = {id(entries[h].obj) for h in written}
+    written_objs = {id(entries[h]) for h in written}
     for obj in objs:
         obj.last_fence = obj.last_exec = seq
         if id(obj) in written_objs:
@@ -98,7 +98,7 @@ def _check_fits(core: Core, objs: list[BufferObject]) -> None:
 
 
 def gem_busy(core: Core, client: Client, req: s.HandleReq) -> sd.BusyReply:
-    obj = core.lookup(client, req.handle).obj
+    obj = core.lookup(client, req.handle)
     return sd.BusyReply(busy=int(core.gpu.busy(obj)))
 
 
@@ -116,7 +116,7 @@ def _wait(core: Core, fence: int, exec_fence: int, timeout_ns: int, started: flo
 
 
 def gem_wait(core: Core, client: Client, req: sd.WaitReq) -> sd.WaitReply:
-    obj = core.lookup(client, req.handle).obj
+    obj = core.lookup(client, req.handle)
     if req.started is None:
         req.started = core.clock()
     return _wait(core, obj.last_fence, obj.last_exec, req.timeout_ns, req.started)
@@ -138,7 +138,7 @@ def gem_set_domain(core: Core, client: Client, req: sd.SetDomainReq) -> s.Empty:
         raise InvalidArgument(f"write domain {write:#x} must equal the read domain {read:#x}")
     if read == 0:
         return s.Empty()
-    obj = core.lookup(client, req.handle).obj
+    obj = core.lookup(client, req.handle)
     if obj.kind == Kind.FOREIGN:
         raise NoSuchDeviceOrAddress(f"handle {req.handle} is foreign memory")
     core.check_pages(obj)
@@ -157,7 +157,7 @@ def gem_set_domain(core: Core, client: Client, req: sd.SetDomainReq) -> s.Empty:
 
 
 def gem_set_tiling(core: Core, client: Client, req: sd.TilingReq) -> sd.TilingReply:
-    obj = core.lookup(client, req.handle).obj
+    obj = core.lookup(client, req.handle)
     if obj.proxy:
         raise NoSuchDeviceOrAddress(f"handle {req.handle} is {obj.kind.name.lower()} memory: no tiling")
     if req.mode not in (TILING_NONE, TILING_X, TILING_Y):
@@ -173,14 +173,14 @@ def gem_set_tiling(core: Core, client: Client, req: sd.TilingReq) -> sd.TilingRe
 
 
 def gem_get_tiling(core: Core, client: Client, req: s.HandleReq) -> sd.TilingReply:
-    obj = core.lookup(client, req.handle).obj
+    obj = core.lookup(client, req.handle)
     return sd.TilingReply(mode=obj.tiling, stride=obj.stride)
 
 
 def gem_set_caching(core: Core, client: Client, req: sd.CachingReq) -> s.Empty:
     if req.level not in (CACHING_NONE, CACHING_CACHED, CACHING_DISPLAY):
         raise InvalidArgument(f"caching level must be NONE, CACHED or DISPLAY (0, 1, 2), got {req.level}")
-    obj = core.lookup(client, req.handle).obj
+    obj = core.lookup(client, req.handle)
     if obj.proxy:
         if req.level != CACHING_CACHED:
             raise NoSuchDeviceOrAddress(f"handle {req.handle} is {obj.kind.name.lower()} memory: only CACHED")
@@ -192,7 +192,7 @@ def gem_set_caching(core: Core, client: Client, req: sd.CachingReq) -> s.Empty:
 
 
 def gem_get_caching(core: Core, client: Client, req: s.HandleReq) -> sd.CachingReply:
-    obj = core.lookup(client, req.handle).obj
+    obj = core.lookup(client, req.handle)
     return sd.CachingReply(level=CACHING_CACHED if obj.proxy else obj.caching)
 
 

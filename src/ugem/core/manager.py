@@ -21,7 +21,7 @@ from ..config import Config
 from ..constants import CACHING_CACHED, DONTNEED
 from ..device.base import DeviceBackend
 from ..errors import BadAddress, InvalidArgument, NoSuchObject, QuotaExceeded
-from .client import Client, Credentials, HandleEntry
+from .client import Client, Credentials
 from .cpu_access import finish_vram_write
 from .gpu import Gpu
 from .ids import IdAllocator
@@ -42,6 +42,7 @@ class Core:
         self.objects: dict[int, BufferObject] = {}
         self.by_key: dict[tuple[int, int], BufferObject] = {}
         self.names: dict[int, BufferObject] = {}
+        self.pinned_bytes = 0  # sizes of objects pinned by anyone, each once
         self.name_ids = IdAllocator()
         self.clients: dict[int, Client] = {}
         self._client_ids = itertools.count(1)
@@ -72,11 +73,11 @@ class Core:
 
     # -- lookup ----------------------------------------------------------------------
 
-    def lookup(self, client: Client, handle: int) -> HandleEntry:
-        entry = client.handles.get(handle)
-        if entry is None:
+    def lookup(self, client: Client, handle: int) -> BufferObject:
+        obj = client.handles.get(handle)
+        if obj is None:
             raise NoSuchObject(f"no object with handle {handle} in client {client.id}")
-        return entry
+        return obj
 
     # -- object lifetime -------------------------------------------------------------
 
@@ -130,8 +131,7 @@ class Core:
         """Publish a new handle to `obj` in `client`. Call last: this makes it visible."""
         self.check_object_limit(client)
         handle = client.handle_ids.alloc()
-        client.handles[handle] = HandleEntry(obj, readonly)
-        client.by_object.setdefault(obj.id, set()).add(handle)
+        client.handle_add(handle, obj, readonly)
         if obj.handle_count == 0:
             self.get(obj)  # all handles share one reference
         obj.handle_count += 1
@@ -139,15 +139,12 @@ class Core:
 
     def handle_delete(self, client: Client, handle: int) -> None:
         """GEM_CLOSE: EINVAL for an unknown, zero or already closed handle."""
-        entry = client.handles.pop(handle, None)
-        if entry is None:
+        removed = client.handle_remove(handle)
+        if removed is None:
             raise InvalidArgument(f"handle {handle} is not open in client {client.id}")
-        obj = entry.obj
+        obj, last = removed
         client.handle_ids.free(handle)
-        others = client.by_object[obj.id]
-        others.discard(handle)
-        if not others:
-            del client.by_object[obj.id]
+        if last:
             self.unpin(client, obj)
         obj.handle_count -= 1
         if obj.handle_count == 0:
@@ -272,22 +269,30 @@ class Core:
 
     def unpin(self, client: Client, obj: BufferObject) -> None:
         if client.id in obj.pinned_by:
-            obj.pinned_by.discard(client.id)
+            obj.pinned_by = tuple(c for c in obj.pinned_by if c != client.id)
             client.pinned_bytes -= obj.size
-            if not obj.pinned_by and obj.placement == Placement.VRAM:
-                self.gpu.lru.move_tail(obj)  # evictable again
+            if not obj.pinned_by:
+                self.pinned_bytes -= obj.size
+                if obj.placement == Placement.VRAM:
+                    self.gpu.lru.move_tail(obj)  # evictable again
+
+    def pin(self, client: Client, obj: BufferObject) -> None:
+        """Record `client`'s pin (the caller has checked the limit and placed the object)."""
+        if not obj.pinned_by:
+            self.pinned_bytes += obj.size
+        obj.pinned_by += (client.id,)
+        client.pinned_bytes += obj.size
 
     # -- statistics ------------------------------------------------------------------
 
     def statistics(self) -> dict[str, Any]:
-        pinned = sum(o.size for o in self.objects.values() if o.pinned_by)
         return {
             "objects": len(self.objects),
             "clients": len(self.clients),
             "vram_bytes": self.gpu.vram_bytes,
             "system_budget": self.config.system_budget,
             "vram_size": self.gpu.backend.vram_size,
-            "pinned_bytes": pinned,
+            "pinned_bytes": self.pinned_bytes,
             **self.memory.statistics(),
             **self.counters,
             "per_client": [

@@ -64,7 +64,7 @@ class BufferObject:
         self.tiling = TILING_NONE
         self.stride = 0
         self.caching = CACHING_NONE
-        self.pinned_by: set[int] = set()
+        self.pinned_by: tuple[int, ...] = ()  # ids of the clients pinning it (rarely more than one)
         self.readonly = False  # the manager itself can only read this memory (read-only import)
         self.resident = 0  # bytes of system pages at the last measurement (core/memory.py)
         self.maps = 0  # tracked mappings
