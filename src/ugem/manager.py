@@ -62,14 +62,19 @@ class Manager:
                     raise BadFd(f"client {client.id} is closed")
                 try:
                     reply = dispatch(core, client, desc, req)
-                    self._settle(core)
-                    return reply
                 except Pending as pending:  # embedded: do the copies right here, then retry
                     for job in pending.jobs:
                         if not job.done:
                             job.run()
                             core.memory.finish(job)
                     fence, deadline = pending.fence, pending.deadline
+                except BaseException:
+                    req.close_unclaimed()
+                    raise
+                else:
+                    req.close_unclaimed()
+                    self._settle(core)
+                    return reply
             if fence:  # wait for the device without holding the lock
                 timeout = None if deadline is None else max(0.0, deadline - time.monotonic())
                 self._device.wait(fence, timeout)

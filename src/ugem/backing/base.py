@@ -31,8 +31,15 @@ class Inspection:
 
 
 class BackingStore(Protocol):
+    open_count: int  # backings created or adopted and not yet released
+    max_open: int  # how many may be open at once (memfds: the fd limit less a reserve)
+    limit_text: str  # what bounds max_open, for error messages
+
     def create(self, size: int) -> Any:
-        """New, empty backing of `size` bytes (no pages allocated)."""
+        """New, empty backing of `size` bytes (no pages allocated); counted in open_count."""
+
+    def scratch(self, size: int) -> OwnedFd:
+        """A transient, uncounted buffer of `size` bytes that the caller closes itself."""
 
     def release(self, backing: Any) -> None:
         """Drop the manager's hold on the memory (close its own description)."""

@@ -13,12 +13,20 @@ Rules:
   its own memfd 0600 (it is the owner) and restores 0400 at once.
 - Imported memory is accepted only from memfds sealed against shrinking, with a nonzero
   page-aligned size (SPEC §6); anything else is EINVAL.
+- Every object with pages holds one fd here, so their number is bounded by RLIMIT_NOFILE
+  (SPEC §7). `open_count` counts the memfds `create`/`adopt` handed out and `release` has
+  not closed; `max_open` is the soft limit less a reserve for connections, transfers and
+  the manager's own files. The core keeps `open_count` under `max_open` by spilling (it
+  closes the spilled object's memfd); should memfd_create still run out of fds, the error
+  is ENOMEM naming the limit.
 """
 
 from __future__ import annotations
 
+import errno
 import fcntl
 import os
+import resource
 import secrets
 import stat
 from typing import Any
@@ -27,7 +35,7 @@ import numpy as np
 
 from ..bufview import flat_bytes
 from ..constants import PAGE_SIZE, page_align
-from ..errors import InvalidArgument
+from ..errors import InvalidArgument, OutOfMemory
 from ..fd import OwnedFd
 from .base import FdKind, Inspection
 from .mapping import map_shared
@@ -39,12 +47,28 @@ _SEALS = fcntl.F_SEAL_SHRINK | fcntl.F_SEAL_GROW | fcntl.F_SEAL_SEAL
 _MAX_IO = 1 << 30  # one preadv/pwritev moves at most this much (the kernel caps near 2 GiB)
 
 
+def fd_reserve(limit: int) -> int:
+    """Fds kept back from object memfds: an eighth of the limit, between 32 and 4096."""
+    return min(max(limit // 8, 32), 4096)
+
+
 class MemfdStore:
-    def __init__(self, spill_dir: str) -> None:
+    def __init__(self, spill_dir: str, max_open: int | None = None) -> None:
         self.token = secrets.token_hex(8)
         self._name = f"ugem:{self.token}"
         self._link = f"/memfd:{self._name} (deleted)"
         self.spill = SpillStore(spill_dir)
+        soft = resource.getrlimit(resource.RLIMIT_NOFILE)[0]
+        if soft == resource.RLIM_INFINITY:
+            soft = 1 << 20
+        self.open_count = 0
+        if max_open is None:
+            self.max_open = max(soft - fd_reserve(soft), 16)
+            self.limit_text = (f"the fd limit (RLIMIT_NOFILE {soft}, less {soft - self.max_open} "
+                               f"kept for connections): {self.max_open} object memfds")
+        else:
+            self.max_open = max_open
+            self.limit_text = f"the limit of {max_open} object memfds"
 
     def close(self) -> None:
         """Remove spill storage (objects must have been released first)."""
@@ -53,7 +77,18 @@ class MemfdStore:
     # -- lifetime --------------------------------------------------------------------
 
     def create(self, size: int) -> OwnedFd:
-        fd = OwnedFd(os.memfd_create(self._name, os.MFD_CLOEXEC | os.MFD_ALLOW_SEALING))
+        fd = self.scratch(size)
+        self.open_count += 1
+        return fd
+
+    def scratch(self, size: int) -> OwnedFd:
+        try:
+            fd = OwnedFd(os.memfd_create(self._name, os.MFD_CLOEXEC | os.MFD_ALLOW_SEALING))
+        except OSError as exc:
+            if exc.errno in (errno.EMFILE, errno.ENFILE):
+                raise OutOfMemory(f"no fd for a memfd of {size} bytes ({os.strerror(exc.errno)}): "
+                                  f"{self.open_count} object memfds open, {self.limit_text}") from None
+            raise
         try:
             os.ftruncate(fd.fd, size)
             fcntl.fcntl(fd.fd, fcntl.F_ADD_SEALS, _SEALS)
@@ -64,6 +99,7 @@ class MemfdStore:
         return fd
 
     def release(self, backing: OwnedFd) -> None:
+        self.open_count -= 1
         backing.close()
 
     def key(self, backing: OwnedFd) -> tuple[int, int]:
@@ -215,6 +251,7 @@ class MemfdStore:
         """
         flags = (os.O_RDONLY if inspection.readonly else os.O_RDWR) | os.O_CLOEXEC
         path = f"/proc/self/fd/{fd.fileno()}"
+        self.open_count += 1
         try:
             if inspection.kind is FdKind.OURS and not inspection.readonly:
                 own = self.open_description(fd, writable=True)
@@ -222,5 +259,8 @@ class MemfdStore:
                 own = OwnedFd(os.open(path, flags))
         except PermissionError:
             return fd
+        except BaseException:
+            self.open_count -= 1
+            raise
         fd.close()
         return own

@@ -43,7 +43,7 @@ def pread_vram(core: Core, client: Client, obj: BufferObject, req: s.PreadReq) -
     """Read an object pinned in VRAM: a copy out on the timeline, then the reply."""
     if req.bounce is None:
         if req.flags & s.XFER:
-            bounce = core.backing.create(page_align(req.offset + req.length))
+            bounce = core.backing.scratch(page_align(req.offset + req.length))
             view = core.backing.map(bounce)[req.offset:req.offset + req.length]
         else:
             bounce = None
@@ -63,7 +63,7 @@ def pread_vram(core: Core, client: Client, obj: BufferObject, req: s.PreadReq) -
 def pwrite_vram(core: Core, client: Client, obj: BufferObject, req: s.PwriteReq) -> s.PwriteReply:
     """Write an object pinned in VRAM: a copy in, queued on the timeline (no wait)."""
     if req.flags & s.XFER:
-        bounce = core.backing.create(page_align(req.offset + req.length))
+        bounce = core.backing.scratch(page_align(req.offset + req.length))
         fd = core.backing.open_description(bounce, writable=True)
         xfer_id = core.xfer_add(client, obj, bounce=(bounce, req.offset, req.length))
         return s.PwriteReply(xfer_id=xfer_id, fd=fd)

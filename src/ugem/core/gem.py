@@ -220,22 +220,25 @@ def prime_fd_to_handle(core: Core, client: Client, req: s.ImportReq) -> s.Import
     fd = req.fd
     if fd is None:
         raise InvalidArgument("import needs an fd")
+    info = core.backing.inspect(fd)
+    obj = core.by_key.get(info.key)
+    if obj is not None:
+        mine = client.lowest_handle(obj)
+        if mine is not None:  # re-import and self-import return the existing (lowest) handle
+            readonly = mine in client.readonly
+            return s.ImportReply(handle=mine, flags=s.READONLY if readonly else 0, size=obj.size)
+        readonly = info.readonly or obj.readonly
+        handle = core.handle_create(client, obj, readonly=readonly)
+        return s.ImportReply(handle=handle, flags=s.READONLY if readonly else 0, size=obj.size)
+    core.check_object_limit(client)
+    core.memory.make_fd_room()  # the new object keeps an fd (Pending: the request keeps its fd)
+    kind = Kind.NORMAL if info.kind is FdKind.OURS else Kind.FOREIGN
     req.fd = None
-    with fd:
-        info = core.backing.inspect(fd)
-        obj = core.by_key.get(info.key)
-        if obj is not None:
-            mine = client.lowest_handle(obj)
-            if mine is not None:  # re-import and self-import return the existing (lowest) handle
-                handle = mine
-                readonly = handle in client.readonly
-                return s.ImportReply(handle=handle, flags=s.READONLY if readonly else 0, size=obj.size)
-            readonly = info.readonly or obj.readonly
-            handle = core.handle_create(client, obj, readonly=readonly)
-            return s.ImportReply(handle=handle, flags=s.READONLY if readonly else 0, size=obj.size)
-        core.check_object_limit(client)
-        kind = Kind.NORMAL if info.kind is FdKind.OURS else Kind.FOREIGN
-        backing = core.backing.adopt(fd.dup(), info)
+    try:
+        backing = core.backing.adopt(fd, info)
+    except BaseException:
+        fd.close()
+        raise
     obj = core.adopt(client, backing, info.key, info.size, kind, readonly=info.readonly)
     try:
         handle = core.handle_create(client, obj, readonly=info.readonly)

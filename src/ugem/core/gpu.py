@@ -102,7 +102,7 @@ class Gpu:
         if obj.placement == Placement.VRAM:
             return Surface(obj.size, vram=obj.vram.start * PAGE_SIZE, tiling=obj.tiling, stride=obj.stride)
         if obj.kind == Kind.NORMAL:
-            self.core.populate(obj)
+            self.core.populate(obj, wait=False)  # mid-submission: no Pending here
         return Surface(obj.size, host=self.host_view(obj), tiling=obj.tiling, stride=obj.stride)
 
     # -- making a working set resident -----------------------------------------------

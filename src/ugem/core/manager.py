@@ -217,12 +217,14 @@ class Core:
         if obj.placement == Placement.PURGED:
             raise BadAddress(f"object {obj.id} was purged")
 
-    def populate(self, obj: BufferObject) -> Any:
-        """Make sure the object has system backing; returns it."""
+    def populate(self, obj: BufferObject, wait: bool = True) -> Any:
+        """Make sure the object has system backing; returns it. Needing an fd for it may
+        spill others first (Pending, unless `wait` is False) or fail with ENOMEM."""
         self.check_pages(obj)
         if obj.placement == Placement.NONE:
             if obj.madvise == DONTNEED:
                 raise BadAddress(f"object {obj.id} is DONTNEED and has no pages")
+            self.memory.make_fd_room(exclude=obj, wait=wait)
             obj.backing = self.backing.create(obj.size)
             obj.transition(Event.POPULATE)
             self.memory.track(obj)
@@ -232,6 +234,7 @@ class Core:
         """System backing for an object leaving VRAM: never fails for the budget (the
         shrinker makes room afterwards), whatever the placement says now."""
         if obj.backing is None:
+            self.memory.make_fd_room(exclude=obj, wait=False)
             obj.backing = self.backing.create(obj.size)
             self.memory.track(obj)
         return obj.backing
@@ -293,6 +296,8 @@ class Core:
             "system_budget": self.config.system_budget,
             "vram_size": self.gpu.backend.vram_size,
             "pinned_bytes": self.pinned_bytes,
+            "memfds": self.backing.open_count,  # object pages held open (bounded by the fd limit)
+            "memfd_limit": self.backing.max_open,
             **self.memory.statistics(),
             **self.counters,
             "per_client": [

@@ -30,6 +30,11 @@ own `make_room`; `mmap`, which populates without adding pages itself, calls `set
 the same passes, best effort, never ENOMEM (a process that only writes through mappings
 is still held to the budget, as IGT gem_shrink's mmap mode expects).
 
+Each object with system pages holds one fd (a memfd), so their number is bounded too:
+`make_fd_room` keeps the backing store's `open_count` under its `max_open` with the same
+passes counted in objects instead of bytes (a spill closes the object's memfd when it
+lands). If nothing can be freed, ENOMEM names the fd limit (SPEC §7).
+
 A job that fails (spill storage full, I/O error) leaves its object where it was, and the
 request that waited for it runs again. So that it cannot plan the same failing copy for
 ever, `failed` remembers the object: a failed spill keeps it out of the spill passes
@@ -188,6 +193,38 @@ class Memory:
 
     def spilling(self) -> list[Job]:
         return [j for j in self.jobs if j.kind is JobKind.SPILL]
+
+    def make_fd_room(self, exclude: BufferObject | None = None, wait: bool = True) -> None:
+        """Return once one more backing fits under the store's fd limit; else purge and
+        drop spares at once, and spill (raise Pending) or fail with ENOMEM. With `wait`
+        False (an eviction mid-plan) only the immediate passes run, never Pending or ENOMEM:
+        the store's reserve absorbs the excess until the next request."""
+        store = self.core.backing
+        excess = store.open_count + 1 - store.max_open
+        spilling = self.spilling()
+        if excess <= len(spilling):
+            if excess > 0 and wait:
+                raise Pending(spilling)
+            return
+        excess -= len(spilling)
+        for obj in [o for o in self.lru if o is not exclude and o.backing is not None and self.purgeable(o)]:
+            if excess <= 0:
+                return
+            excess -= 1
+            self.purge(obj)
+        for obj in [o for o in self.lru if o is not exclude and o.backing is not None and self.spare(o)]:
+            if excess <= 0:
+                return
+            excess -= 1
+            self.drop_spare(obj)
+        if excess <= 0 or not wait:
+            return
+        spill = [o for o in self.lru if o is not exclude and self.spillable(o) and o not in self.failed][:excess]
+        if len(spill) < excess and not spilling:
+            raise OutOfMemory(f"no fd left for object pages: {store.open_count} object memfds open, at "
+                              f"{store.limit_text}, and none of them can be spilled (mapped, pinned, "
+                              f"exported or busy)")
+        raise Pending([self.plan_spill(o) for o in spill] + spilling)
 
     def check_capacity(self, need: int) -> None:
         """ENOMEM/ENOSPC unless the host can take `need` more bytes within the budget: what
@@ -351,6 +388,7 @@ class Memory:
                 short = error.errno in (errno.ENOMEM, errno.ENOSPC, errno.EFBIG, errno.EDQUOT)
                 raise (OutOfMemory if short else IOFailure)(f"bringing object {obj.id} back failed: {error}")
             self.make_room(obj.spilled, exclude=obj)
+            self.make_fd_room(exclude=obj)
             raise Pending([self.plan_restore(obj)])
         self.touch(obj)
 

@@ -84,7 +84,7 @@ BY_OP: dict[int, RequestDesc] = {desc.op: desc for desc in REQUESTS}
 
 def check_permission(perm: Perm, client: Client) -> None:
     # PRIVILEGED is only for root or the manager's own uid, decided at connect time
-    if Perm.PRIVILEGED in perm and not client.privileged:
+    if perm is not Perm.NONE and Perm.PRIVILEGED in perm and not client.privileged:
         raise PermissionDenied(f"this request needs a privileged client (root or the manager's uid); "
                                f"client {client.id} has uid {client.creds.uid}")
 

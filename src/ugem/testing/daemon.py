@@ -79,13 +79,14 @@ def _flag_args(config: dict[str, Any]) -> list[str]:
 @contextlib.contextmanager
 def run_daemon(*, startup_timeout: float = 20.0, extra_args: tuple[str, ...] = (),
                socket: str | None = None, default_socket: bool = False, env: Mapping[str, str] | None = None,
-               **config: Any) -> Iterator[DaemonProcess]:
+               fd_limit: int | None = None, **config: Any) -> Iterator[DaemonProcess]:
     """Start `ugem serve` on a fresh socket; on exit SIGTERM it and require exit status 0.
 
     `socket` picks the socket path; `default_socket=True` passes no --socket, so the daemon
     finds its socket as in SPEC §1 under `env` (the environment of the daemon, default ours).
     If the daemon already exited when the block ends (the test stopped or killed it), its
-    exit status is the test's business and is not checked here.
+    exit status is the test's business and is not checked here. `fd_limit` starts it with
+    RLIMIT_NOFILE soft = hard = that many fds.
     """
     with tempfile.TemporaryDirectory(prefix="ugem-test-") as directory:
         environ = dict(os.environ if env is None else env)
@@ -95,6 +96,10 @@ def run_daemon(*, startup_timeout: float = 20.0, extra_args: tuple[str, ...] = (
             path, socket_args = _default_socket_path(environ), []
         config.setdefault("spill_dir", os.path.join(directory, "spill"))
         cmd = [sys.executable, "-m", "ugem", "serve", *socket_args, *_flag_args(config), *extra_args]
+        if fd_limit is not None:  # set in the child, then exec the daemon under it
+            cmd = [sys.executable, "-c", "import os, resource, sys; "
+                   f"resource.setrlimit(resource.RLIMIT_NOFILE, ({fd_limit}, {fd_limit})); "
+                   "os.execv(sys.executable, [sys.executable, *sys.argv[1:]])", *cmd[1:]]
         proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, start_new_session=True,
                                 env=environ)
         assert proc.stderr is not None
