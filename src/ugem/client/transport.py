@@ -73,7 +73,7 @@ class SocketTransport:
             try:
                 self._seq = (self._seq + 1) & 0xFFFFFFFF
                 self._send(op, pieces, fds)
-                status, payload, got = self._receive(op)
+                status, payload, got = self._receive(op, bool(reply_type.FDS))
             except (ConnectionError, OSError) as exc:
                 if isinstance(exc, ConnectionError) or exc.errno in (32, 104):
                     raise DaemonGone("the ugem daemon closed the connection") from exc
@@ -85,6 +85,8 @@ class SocketTransport:
             for fd in got:
                 fd.close()
             raise error_from_errno(status, payload.decode("utf-8", "replace"))
+        if reply_type._plain and len(payload) == reply_type._codec.size:
+            return reply_type(*reply_type._codec.unpack(payload))
         try:
             return s.decode(reply_type, payload, got)
         except BaseException:
@@ -93,6 +95,12 @@ class SocketTransport:
             raise
 
     def _send(self, op: int, pieces: list[Any], fds: list[OwnedFd]) -> None:
+        if len(pieces) == 1 and not fds:  # a small fixed struct: one plain send
+            data = encode_header(len(pieces[0]), op, 0, Kind.REQUEST, self._seq) + pieces[0]
+            sent = self._sock.send(data)
+            if sent < len(data):
+                self._sock.sendall(data[sent:])
+            return
         length = sum(len(p) if not isinstance(p, memoryview) else p.nbytes for p in pieces)
         header = encode_header(length, op, len(fds), Kind.REQUEST, self._seq)
         buffers = [header, *pieces]
@@ -103,13 +111,20 @@ class SocketTransport:
             data = b"".join(bytes(b) for b in buffers)
             self._sock.sendall(data[sent:])
 
-    def _receive(self, op: int) -> tuple[int, bytes, list[OwnedFd]]:
+    def _receive(self, op: int, with_fds: bool) -> tuple[int, bytes, list[OwnedFd]]:
         # One request is in flight, so nothing but its reply can arrive: read greedily.
+        # A reply that carries no fds is read without ancillary space: fds the daemon sent
+        # anyway would be discarded (and closed) by the kernel, with MSG_CTRUNC set.
         # MSG_CMSG_CLOEXEC: fds handed to the caller (export) are O_CLOEXEC, as in embedded mode.
         buf = b""
         fds: list[OwnedFd] = []
+        if not with_fds:
+            buf = self._sock.recv(_FIRST_READ)
+            if not buf:
+                self._abort(fds, "")
         while len(buf) < HEADER.size:
-            data, anc, flags, _ = self._sock.recvmsg(_FIRST_READ, _ANC_SPACE if not buf else 0, _CLOEXEC)
+            data, anc, flags, _ = self._sock.recvmsg(_FIRST_READ, _ANC_SPACE if with_fds and not buf else 0,
+                                                     _CLOEXEC)
             if anc:
                 fds.extend(fds_from_ancillary(anc))
             if flags & _CTRUNC:

@@ -1,9 +1,12 @@
 """Connection: one client socket <-> FrameParser <-> dispatch(), non-blocking.
 
 Rules:
-- reads never cross a frame boundary (parser.bytes_desired), so fds are matched to the
-  frame they came with; MSG_CTRUNC, fds a request did not expect, or any framing error
-  drops this connection only;
+- a read between frames takes up to `_BURST` bytes (several pipelined requests in one
+  syscall); a read inside a frame stops at its end, so fds are matched to the frame they
+  came with (wire/frames.py); MSG_CTRUNC, fds a request did not expect, or any framing
+  error drops this connection only;
+- frames are served one at a time, in order: the next one only once the previous reply
+  is written and nothing is parked (`pump`);
 - the first frame must be HELLO with our magic and version;
 - operation failures become error replies (errno + message) and the connection stays;
   a handler bug is logged with its traceback and answered EIO, never crashes the daemon;
@@ -22,7 +25,6 @@ import array
 import errno
 import logging
 import os
-import selectors
 import socket
 import time
 from collections import deque
@@ -34,6 +36,7 @@ from ..errors import InvalidArgument, RemoteProtocolError, UgemError
 from ..fd import OwnedFd, fds_from_ancillary
 from ..wire import structs as s
 from ..wire.frames import (
+    HEADER,
     MAGIC,
     MAX_FDS,
     MAX_INLINE,
@@ -45,6 +48,7 @@ from ..wire.frames import (
     Op,
     encode_header,
 )
+from .poller import READ
 
 if TYPE_CHECKING:
     from ..core.client import Client
@@ -55,6 +59,8 @@ __all__ = ["Connection"]
 log = logging.getLogger("ugem.daemon")
 _ANC_SPACE = socket.CMSG_SPACE(MAX_FDS * array.array("i").itemsize)
 _CTRUNC = int(socket.MSG_CTRUNC)  # a plain int: enum flag arithmetic is slow per request
+_REPLY = int(Kind.REPLY)
+_BURST = 16384  # bytes read at once between frames: bounds the frames served per wake-up
 
 
 class Connection:
@@ -69,7 +75,7 @@ class Connection:
         self.last_progress = time.monotonic()
         self.parked: tuple[Frame, RequestDesc, s.Struct] | None = None  # a request that must wait
         self.pending: Pending | None = None  # what it waits for
-        self.events = selectors.EVENT_READ  # what the server's selector watches (0: nothing)
+        self.events = READ  # what the server's poller watches (0: nothing)
 
     @property
     def stalled_since(self) -> float | None:
@@ -79,15 +85,23 @@ class Connection:
     # -- reading ---------------------------------------------------------------------
 
     def on_readable(self) -> None:
-        """Read until one frame is complete and serve it, then return to the loop (epoll
-        reports the socket again if more is waiting). Raises RemoteProtocolError or
+        """Serve buffered frames, then read: until a frame is complete and served, the
+        reply waits in the outbox, a request is parked, or the socket has nothing more
+        (epoll reports it again if more comes). Raises RemoteProtocolError or
         ConnectionError when the connection must be dropped."""
+        parser = self.parser
         while not self.outbox and self.parked is None:
+            frame = parser.next_frame()
+            if frame is not None:
+                self._serve(frame)
+                if not parser.has_frames:
+                    return  # epoll reports the socket again if more is waiting
+                continue
             try:
-                data, anc, flags, _ = self.sock.recvmsg(self.parser.bytes_desired(), _ANC_SPACE)
+                data, anc, flags, _ = self.sock.recvmsg(parser.bytes_desired(_BURST), _ANC_SPACE)
             except (BlockingIOError, InterruptedError):
                 return
-            fds = fds_from_ancillary(anc)
+            fds = fds_from_ancillary(anc) if anc else []
             if flags & _CTRUNC:
                 for fd in fds:
                     fd.close()
@@ -96,12 +110,15 @@ class Connection:
                 for fd in fds:
                     fd.close()
                 raise ConnectionResetError("client closed the connection")
-            self.last_progress = time.monotonic()
-            self.parser.feed(data, fds)
-            frame = self.parser.next_frame()
-            if frame is not None:
-                self._serve(frame)
-                return
+            parser.feed(data, fds)
+            if parser.mid_frame:
+                self.last_progress = time.monotonic()  # a partial frame is making progress
+
+    def on_writable(self) -> None:
+        """Write queued replies; once they are out, serve frames that were waiting."""
+        self.flush()
+        if not self.outbox and self.parser.has_frames:
+            self.on_readable()
 
     def _serve(self, frame: Frame) -> None:
         if not self.greeted:
@@ -131,23 +148,26 @@ class Connection:
             self.parked, self.pending = (frame, desc, req), pending
             return
         except UgemError as exc:
-            _close_unclaimed(req)
+            req.close_unclaimed()
             self._reply_error(frame, exc.errno or errno.EIO, str(exc.strerror))
             return
         except Exception:  # a bug in a handler: keep serving everyone, say so loudly
-            _close_unclaimed(req)
+            req.close_unclaimed()
             log.exception("handler for %s failed (client %d)", desc.op.name, self.client.id)
             self._reply_error(frame, errno.EIO, f"internal error in {desc.op.name}; see the daemon log")
             return
-        _close_unclaimed(req)
+        req.close_unclaimed()
         self._reply(frame, reply)
 
     def resume(self) -> None:
-        """What the parked request waited for is over: run it again."""
+        """What the parked request waited for is over: run it again (then the frames that
+        arrived behind it)."""
         assert self.parked is not None
         frame, desc, req = self.parked
         self.parked, self.pending = None, None
         self._run(frame, desc, req)
+        if not self.outbox and self.parked is None and self.parser.has_frames:
+            self.on_readable()
 
     def peer_closed(self) -> bool:
         """True if the client hung up (checked without consuming any request bytes)."""
@@ -163,7 +183,7 @@ class Connection:
         if self.parked is not None:
             frame, _, req = self.parked
             self.parked, self.pending = None, None
-            _close_unclaimed(req)
+            req.close_unclaimed()
             self._reply_error(frame, code, message)
 
     def _hello(self, frame: Frame) -> None:
@@ -188,10 +208,20 @@ class Connection:
 
     def _reply(self, frame: Frame, reply: s.Struct) -> None:
         pieces, fds = s.encode(reply)
-        length = sum(memoryview(p).nbytes for p in pieces)
-        header = encode_header(length, frame.op, len(fds), Kind.REPLY, frame.seq)
-        data = memoryview(b"".join([header, *pieces]))
-        self.outbox.append((data, fds))
+        if len(pieces) == 1:
+            data = HEADER.pack(len(pieces[0]), frame.op, len(fds), _REPLY, frame.seq, 0) + pieces[0]
+        else:
+            length = sum(memoryview(p).nbytes for p in pieces)
+            data = b"".join([HEADER.pack(length, frame.op, len(fds), _REPLY, frame.seq, 0), *pieces])
+        sent = 0
+        if not self.outbox and not fds:  # the common case: one send, nothing queued
+            try:
+                sent = self.sock.send(data)
+            except (BlockingIOError, InterruptedError):
+                pass
+            if sent == len(data):
+                return
+        self.outbox.append((memoryview(data)[sent:], fds))
         self.flush()
 
     def _reply_error(self, frame: Frame, code: int, message: str) -> None:
@@ -226,7 +256,7 @@ class Connection:
         self.core.client_release(self.client)
         self.parser.close()
         if self.parked is not None:
-            _close_unclaimed(self.parked[2])
+            self.parked[2].close_unclaimed()
             self.parked, self.pending = None, None
         for _, fds in self.outbox:
             for fd in fds:
@@ -234,10 +264,3 @@ class Connection:
         self.outbox.clear()
         self.sock.close()
 
-
-def _close_unclaimed(req: s.Struct) -> None:
-    """Close request fds a handler did not take over (handlers set the field to None)."""
-    for name in req.FDS:
-        fd = getattr(req, name)
-        if isinstance(fd, OwnedFd):
-            fd.close()

@@ -11,9 +11,11 @@ Every frame, in both directions, is a 16-byte little-endian header and a payload
     12      4     status   replies: 0 or a positive errno (payload = utf-8 message); requests: 0
 
 Rules:
-- fds travel with the first bytes of the header (one sendmsg per frame); `bytes_desired()`
-  never asks for bytes past the current frame, so fds can always be matched to their frame.
-  Fds arriving anywhere else, or a count different from `nfds`, is a RemoteProtocolError.
+- fds travel with the first bytes of the header (one sendmsg per frame that carries fds).
+  A read that starts between frames may fetch several frames; the kernel ends it at the
+  message that carried fds, so they belong to the last frame starting in that read. A read
+  that starts inside a frame never asks past its end (`bytes_desired()`). Fds arriving in
+  the middle of a frame, or a count different from `nfds`, is a RemoteProtocolError.
 - `length` is checked against MAX_PAYLOAD before any payload is read.
 - The parser owns received fds until the frame is handed out; on error it closes them.
 - Op numbers are never reused; a retired op keeps its number.
@@ -23,6 +25,7 @@ from __future__ import annotations
 
 import enum
 import struct
+from collections import deque
 from dataclasses import dataclass, field
 
 from ..errors import RemoteProtocolError
@@ -110,25 +113,37 @@ class Frame:
 
 
 class FrameParser:
-    """Assemble frames from (bytes, fds) chunks. Sans-IO: the caller does the reading."""
+    """Assemble frames from (bytes, fds) chunks. Sans-IO: the caller does the reading.
+
+    A chunk that starts between frames may hold several frames and the start of another
+    (one read can fetch a burst of small requests). A chunk that starts inside a frame must
+    not go past its end (`bytes_desired`). Fds received with a chunk belong to the last
+    frame that starts in it: the kernel ends a read at the message that carried fds, and a
+    sender attaches fds to the sendmsg holding the first bytes of their frame.
+    """
 
     def __init__(self, expect_kind: Kind, max_payload: int = MAX_PAYLOAD) -> None:
         self._expect_kind = expect_kind
         self._max_payload = max_payload
         self._buf = bytearray()
         self._header: tuple[int, int, int, int, int, int] | None = None
-        self._fds: list[OwnedFd] = []
-        self._ready: list[Frame] = []
+        self._fds: list[OwnedFd] = []  # fds of the frame being assembled
+        self._ready: deque[Frame] = deque()
 
-    def bytes_desired(self) -> int:
-        """How many bytes to read next without crossing into the following frame."""
+    def bytes_desired(self, between: int = HEADER.size) -> int:
+        """How many bytes to read next: the rest of the current frame, or `between` (at
+        least a header) when no frame is in progress."""
         if self._header is None:
-            return HEADER.size - len(self._buf)
+            return max(between, HEADER.size) if not self._buf else HEADER.size - len(self._buf)
         return self._header[0] - len(self._buf)
 
     @property
     def mid_frame(self) -> bool:
         return bool(self._buf) or self._header is not None
+
+    @property
+    def has_frames(self) -> bool:
+        return bool(self._ready)
 
     def feed(self, data: bytes, fds: list[OwnedFd]) -> None:
         """Add bytes read from the peer; raises RemoteProtocolError on any violation."""
@@ -141,37 +156,61 @@ class FrameParser:
             raise
 
     def _feed(self, data: bytes, fds: list[OwnedFd]) -> None:
-        if len(data) > self.bytes_desired():
-            raise RemoteProtocolError("chunk crosses a frame boundary")
-        if fds:
-            if self._buf or self._header is not None or self._fds:
+        fresh = not self.mid_frame  # the chunk starts at a frame boundary
+        if fresh and not fds and len(data) >= HEADER.size:  # fast path: exactly one frame, no fds
+            header = HEADER.unpack_from(data)
+            if header[0] + HEADER.size == len(data) and header[2] == 0:
+                length, op, _nfds, kind, seq, status = self._check(header)
+                self._ready.append(Frame(op, kind, seq, status, data[HEADER.size:], []))
+                return
+        if not fresh:
+            if len(data) > self.bytes_desired():
+                raise RemoteProtocolError("chunk crosses a frame boundary")
+            if fds:
                 raise RemoteProtocolError("fds arrived in the middle of a frame")
-            if len(fds) > MAX_FDS:
-                raise RemoteProtocolError(f"{len(fds)} fds in one frame (max {MAX_FDS})")
-            self._fds = list(fds)
-        self._buf += data
-        if self._header is None and len(self._buf) == HEADER.size:
-            header = HEADER.unpack(self._buf)
-            length, op, nfds, kind, _seq, status = header
-            if length > self._max_payload:
-                raise RemoteProtocolError(f"frame length {length} exceeds {self._max_payload}")
-            if kind != self._expect_kind:
-                raise RemoteProtocolError(f"unexpected frame kind {kind}")
-            if kind == Kind.REQUEST and status != 0:
-                raise RemoteProtocolError(f"nonzero status {status} in a request")
-            if nfds != len(self._fds):
-                raise RemoteProtocolError(f"header announces {nfds} fds, {len(self._fds)} arrived")
-            del op
-            self._header = header
-            self._buf.clear()
-        if self._header is not None and len(self._buf) == self._header[0]:
-            length, op, _nfds, kind, seq, status = self._header
-            self._ready.append(Frame(op, kind, seq, status, bytes(self._buf), self._fds))
+        if len(fds) > MAX_FDS:
+            raise RemoteProtocolError(f"{len(fds)} fds in one frame (max {MAX_FDS})")
+        buf = self._buf
+        buf += data
+        done: list[tuple[Frame, int]] = []  # frames completed by this chunk, with their nfds
+        while True:
+            if self._header is None:
+                if len(buf) < HEADER.size:
+                    break
+                self._header = self._check(HEADER.unpack_from(buf))
+                del buf[:HEADER.size]
+            length, op, nfds, kind, seq, status = self._header
+            if len(buf) < length:
+                break
+            done.append((Frame(op, kind, seq, status, bytes(buf[:length]), self._fds), nfds))
+            del buf[:length]
             self._header, self._fds = None, []
-            self._buf.clear()
+        if fds:  # fresh chunk: they belong to the last frame starting in it
+            if self.mid_frame:
+                self._fds = list(fds)
+            elif done:
+                done[-1][0].fds = list(fds)
+            else:
+                raise RemoteProtocolError("fds arrived without a frame")
+        for frame, nfds in done:
+            if nfds != len(frame.fds):
+                raise RemoteProtocolError(f"header announces {nfds} fds, {len(frame.fds)} arrived")
+        if self._header is not None and self._header[2] != len(self._fds):
+            raise RemoteProtocolError(f"header announces {self._header[2]} fds, {len(self._fds)} arrived")
+        self._ready.extend(frame for frame, _ in done)
+
+    def _check(self, header: tuple[int, int, int, int, int, int]) -> tuple[int, int, int, int, int, int]:
+        length, _op, _nfds, kind, _seq, status = header
+        if length > self._max_payload:
+            raise RemoteProtocolError(f"frame length {length} exceeds {self._max_payload}")
+        if kind != self._expect_kind:
+            raise RemoteProtocolError(f"unexpected frame kind {kind}")
+        if kind == Kind.REQUEST and status != 0:
+            raise RemoteProtocolError(f"nonzero status {status} in a request")
+        return header
 
     def next_frame(self) -> Frame | None:
-        return self._ready.pop(0) if self._ready else None
+        return self._ready.popleft() if self._ready else None
 
     def close(self) -> None:
         """Release everything held (fds of a partial frame and of undelivered frames)."""

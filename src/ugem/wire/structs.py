@@ -9,15 +9,15 @@ carry fds in the fields listed in `FDS` (each an OwnedFd, sent with SCM_RIGHTS).
 The embedded transport builds the same dataclasses and calls the same `check()`, so the
 embedded manager rejects exactly what the daemon rejects. In-process-only fields (such
 as `into`, the caller's buffer for an embedded pread) are not in LAYOUT and never cross
-the wire.
-
-Rules: structs grow only by appending fields; a short payload is zero-extended, a
-longer one is EINVAL; nothing here does I/O.
+the wire. Rules: structs grow only by appending fields; a short payload is zero-extended,
+a longer one is EINVAL; nothing here does I/O.
 """
 
 from __future__ import annotations
 
+import operator
 import struct
+from collections.abc import Callable
 from dataclasses import dataclass, field, fields
 from typing import Any, ClassVar
 
@@ -80,6 +80,7 @@ class Struct:
     _names: ClassVar[tuple[str, ...]]
     _pads: ClassVar[tuple[str, ...]]
     _plain: ClassVar[bool]  # no tail, no fds: decode positionally
+    _values: ClassVar[Callable[[Any], tuple[Any, ...]]]  # the fields of LAYOUT, in order
 
     def __init_subclass__(cls, **kw: Any) -> None:
         super().__init_subclass__(**kw)
@@ -87,12 +88,21 @@ class Struct:
         cls._names = tuple(name for name, _ in cls.LAYOUT)
         cls._pads = tuple(name for name in cls._names if name.startswith("pad"))
         cls._plain = cls.TAIL is None and not cls.FDS
+        names = cls._names  # attrgetter of one name returns no tuple
+        cls._values = operator.attrgetter(*names) if len(names) > 1 else lambda m: tuple(getattr(m, n) for n in names)
+
+    def close_unclaimed(self) -> None:
+        """Close request fds a handler did not take over (handlers set the field to None)."""
+        for name in self.FDS:
+            fd = getattr(self, name)
+            if isinstance(fd, OwnedFd):
+                fd.close()
+                setattr(self, name, None)
 
     def check(self) -> None:
         """Reject nonzero padding and unknown flags with EINVAL (botching-up-ioctls)."""
         for name in self._pads:
-            value = getattr(self, name)
-            if value != 0:
+            if (value := getattr(self, name)) != 0:
                 raise InvalidArgument(f"{type(self).__name__}.{name} must be zero, got {value}")
         flags = getattr(self, "flags", 0)
         if flags & ~self.FLAGS:
@@ -101,7 +111,9 @@ class Struct:
 
 def encode(msg: Struct) -> tuple[list[Any], list[OwnedFd]]:
     """Return (payload pieces, fds) for a struct; pieces are bytes-like, sent in order."""
-    fixed = msg._codec.pack(*[getattr(msg, name) for name in msg._names])
+    fixed = msg._codec.pack(*type(msg)._values(msg))
+    if msg._plain:
+        return [fixed], []
     pieces: list[Any] = [fixed]
     if msg.TAIL is not None:
         tail = getattr(msg, msg.TAIL)

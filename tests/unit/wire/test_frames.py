@@ -66,10 +66,72 @@ def test_request_with_status_and_wrong_kind():
         FrameParser(Kind.REQUEST).feed(encode_header(0, 1, 0, Kind.REPLY, 1), [])
 
 
-def test_chunk_crossing_a_frame_boundary_is_refused():
+def test_chunk_starting_inside_a_frame_must_not_cross_its_end():
     p = FrameParser(Kind.REQUEST)
-    with pytest.raises(RemoteProtocolError):
-        p.feed(encode_header(0, 1, 0, Kind.REQUEST, 1) + b"x", [])
+    p.feed(encode_header(4, 1, 0, Kind.REQUEST, 1)[:10], [])
+    with pytest.raises(RemoteProtocolError, match="crosses"):
+        p.feed(encode_header(4, 1, 0, Kind.REQUEST, 1)[10:] + b"abcd" + b"x", [])
+
+
+def _frame(seq, payload=b"", nfds=0, op=Op.GEM_CLOSE):
+    return encode_header(len(payload), op, nfds, Kind.REQUEST, seq) + payload
+
+
+def _pipe_fds(n):
+    fds = []
+    for _ in range(n):
+        r, w = os.pipe()
+        os.close(w)
+        fds.append(OwnedFd(r))
+    return fds
+
+
+def test_a_burst_between_frames_gives_every_frame_in_order():
+    p = FrameParser(Kind.REQUEST)
+    burst = b"".join(_frame(i, bytes([i]) * i) for i in range(1, 6)) + _frame(6, b"123456")[:9]
+    assert p.bytes_desired(16384) == 16384
+    p.feed(burst, [])
+    assert [p.next_frame().seq for _ in range(5)] == [1, 2, 3, 4, 5]
+    assert p.next_frame() is None and p.mid_frame
+    assert p.bytes_desired(16384) == 16 - 9  # inside a frame: never past its end
+    p.feed(_frame(6, b"123456")[9:16], [])
+    assert p.bytes_desired(16384) == 6
+    p.feed(b"123456", [])
+    assert p.next_frame().payload == b"123456"
+
+
+def test_fds_of_a_burst_belong_to_its_last_frame():
+    p = FrameParser(Kind.REQUEST)
+    fds = _pipe_fds(2)
+    p.feed(_frame(1) + _frame(2) + _frame(3, nfds=2, op=Op.PRIME_FD_TO_HANDLE), fds)
+    frames = [p.next_frame() for _ in range(3)]
+    assert [len(f.fds) for f in frames] == [0, 0, 2]
+    frames[2].close_fds()
+
+
+def test_fds_of_a_burst_ending_inside_a_frame_belong_to_that_frame():
+    p = FrameParser(Kind.REQUEST)
+    fds = _pipe_fds(1)
+    last = _frame(2, b"x" * 8, nfds=1, op=Op.PRIME_FD_TO_HANDLE)
+    p.feed(_frame(1) + last[:20], fds)
+    assert len(p.next_frame().fds) == 0
+    p.feed(last[20:], [])
+    frame = p.next_frame()
+    assert frame.fds == fds
+    frame.close_fds()
+
+
+@pytest.mark.parametrize("where", ["first", "partial-header"])
+def test_fds_that_do_not_match_the_last_frame_are_refused(where):
+    p = FrameParser(Kind.REQUEST)
+    fds = _pipe_fds(1)
+    # "first": the frame announcing fds is not the last one of the read; "partial-header":
+    # the read ends inside a header, so that frame gets the fds but announces none
+    data = _frame(1, nfds=1) + (_frame(2) if where == "first" else _frame(2)[:4])
+    with pytest.raises(RemoteProtocolError, match="announces"):
+        p.feed(data, fds)
+        p.feed(_frame(2)[4:], [])
+    assert all(fd.closed for fd in fds)
 
 
 @settings(max_examples=300, deadline=None)
