@@ -21,7 +21,9 @@ import bench_bulk  # noqa: E402
 import bench_device  # noqa: E402
 import bench_memory  # noqa: E402
 import bench_mmap_copy  # noqa: E402
+import bench_peers  # noqa: E402
 import bench_roundtrip  # noqa: E402
+import bench_scale  # noqa: E402
 
 BENCHES = {
     "roundtrip": (bench_roundtrip.run, bench_roundtrip.DEFAULTS),
@@ -29,6 +31,8 @@ BENCHES = {
     "mmap_copy": (bench_mmap_copy.run, bench_mmap_copy.DEFAULTS),
     "memory": (bench_memory.run, bench_memory.DEFAULTS),
     "device": (bench_device.run, bench_device.DEFAULTS),
+    "scale": (bench_scale.run, bench_scale.DEFAULTS),
+    "peers": (bench_peers.run, bench_peers.DEFAULTS),
 }
 
 
@@ -40,7 +44,14 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--only", nargs="+", choices=list(BENCHES), help="run only these benches")
     parser.add_argument("--wait-idle", type=float, default=0.0, metavar="SECONDS",
                         help="before each bench, wait up to SECONDS for other processes to leave the CPUs idle")
+    parser.add_argument("--render", metavar="DIR",
+                        help="after the run, write DIR/results.json, one PNG per bench into DIR (bench/render.py) "
+                             "and the markdown page")
+    parser.add_argument("--markdown", metavar="PATH",
+                        help="with --render: where the markdown goes (default docs/PERFORMANCE.md)")
     ns = parser.parse_args(argv)
+    if ns.markdown and not ns.render:
+        parser.error("--markdown needs --render DIR")
     reports: list[H.Report] = []
     quiet = ns.json == "-"
     for name in ns.only or list(BENCHES):
@@ -62,15 +73,34 @@ def main(argv: list[str] | None = None) -> int:
             sys.stdout.flush()
     opts = H.Options(quick=ns.quick, runs=0, n=0, warmup=0, json=ns.json, extra=ns)
     if quiet:
-        return H.emit(reports, opts)
-    H.print_summary(reports)
-    if ns.json:
-        import json
+        status = H.emit(reports, opts)
+    else:
+        H.print_summary(reports)
+        if ns.json:
+            import json
 
-        with open(ns.json, "w") as f:
-            json.dump([r.to_json() for r in reports], f, indent=1)
-        print(f"\nJSON written to {ns.json}")
-    return 1 if any(r.failed for r in reports) else 0
+            with open(ns.json, "w") as f:
+                json.dump([r.to_json() for r in reports], f, indent=1)
+            print(f"\nJSON written to {ns.json}")
+        status = 1 if any(r.failed for r in reports) else 0
+    if ns.render:  # results.json (with the command and the machine's memory), PNGs, markdown
+        import json
+        import shlex
+
+        import render
+
+        out = sys.stderr if quiet else sys.stdout
+        command = " ".join(["python bench/run_all.py", shlex.join(sys.argv[1:] if argv is None else argv)])
+        data = render.annotate([r.to_json() for r in reports], command.strip())
+        os.makedirs(ns.render, exist_ok=True)
+        results = os.path.join(ns.render, "results.json")
+        with open(results, "w") as f:
+            json.dump(data, f, indent=1)
+        print(f"\nJSON written to {results}", file=out)
+        if not render.render(data, out_dir=ns.render, markdown=ns.markdown or render.DEFAULT_MARKDOWN,
+                             results_path=results, log=lambda msg: print(msg, file=out)):
+            status = status or 2  # plots skipped (matplotlib missing); the markdown was written
+    return status
 
 
 if __name__ == "__main__":
