@@ -328,10 +328,14 @@ def raw_copies(directory: str, runs: int) -> None:
 
     def two_threads(inp: int, out: int) -> None:
         half = S // 2
-        t = threading.Thread(target=copy_segments, args=(inp, out, half, half, half))
-        t.start()
-        copy_segments(inp, out, 0, 0, half)
-        t.join()
+        other = os.open(f"/proc/self/fd/{out}", os.O_RDWR | os.O_CLOEXEC)  # sendfile uses the file position
+        try:
+            t = threading.Thread(target=copy_segments, args=(inp, other, half, half, half))
+            t.start()
+            copy_segments(inp, out, 0, 0, half)
+            t.join()
+        finally:
+            os.close(other)
 
     def file_read(fd: int) -> None:
         v = memoryview(user)
@@ -368,7 +372,7 @@ def raw_copies(directory: str, runs: int) -> None:
     def once() -> None:
         m = memfd(fill=True)
         spills: dict[str, Callable[[int], None]] = {
-            "spill: copy_segments (ugem: mmap src + pwrite 8 MiB)": lambda f: copy_segments(m, f, 0, 0, S),
+            "spill: copy_segments (ugem: sendfile per segment)": lambda f: copy_segments(m, f, 0, 0, S),
             "spill: mmap MAP_POPULATE + pwrite": lambda f: map_populate_copy(m, f),
             "spill: sendfile(file, memfd)": lambda f: sendfile_all(f, m, 0),
             "spill: bounce 8 MiB preadv+pwrite": lambda f: bounce_copy(m, f),
@@ -383,7 +387,7 @@ def raw_copies(directory: str, runs: int) -> None:
         f = newfile()
         os.pwrite(f, src, 0)
         restores: dict[str, Callable[[int], None]] = {
-            "restore: copy_segments (ugem: mmap src + pwrite)": lambda d: copy_segments(f, d, 0, 0, S),
+            "restore: copy_segments (ugem: sendfile per segment)": lambda d: copy_segments(f, d, 0, 0, S),
             "restore: mmap MAP_POPULATE + pwrite": lambda d: map_populate_copy(f, d),
             "restore: sendfile(memfd, file)": lambda d: sendfile_all(d, f, 0),
             "restore: bounce 8 MiB": lambda d: bounce_copy(f, d),

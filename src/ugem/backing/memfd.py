@@ -187,13 +187,14 @@ class MemfdStore:
         """Copy the object's data to its extent, then free its pages (worker thread: the
         punch costs as much as the copy and must not stall the request loop). Nobody else
         sees a spilled object's memfd, so freeing it before the core takes note is safe."""
-        moved = copy_segments(backing.fd, self.spill.fd, 0, self.spill.offset(extent), size)
+        with self.spill.writer() as out:
+            moved = copy_segments(backing.fd, out, 0, self.spill.offset(extent), size)
         punch_hole(backing.fd, 0, size)
         return moved
 
     def spill_in(self, extent: Extent, backing: OwnedFd, size: int) -> int:
         """Copy an extent back into a fresh memfd (worker thread)."""
-        return copy_segments(self.spill.fd, backing.fd, self.spill.offset(extent), 0, size, map_dst=True)
+        return copy_segments(self.spill.fd, backing.fd, self.spill.offset(extent), 0, size)
 
     def spill_punch(self, extent: Extent) -> int:
         """Give an extent's disk space back (any thread); `spill_release` then skips it."""

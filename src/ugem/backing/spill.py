@@ -10,8 +10,9 @@ Rules:
 - the space of a dead or restored object is given back with fallocate(PUNCH_HOLE);
 - `close()` removes the subdirectory and everything in it;
 - at start, subdirectories whose lock nobody holds (their manager died) are removed;
-- extent allocation and freeing happen on the core's thread; `copy_out`/`copy_in` are the
-  long copies and may run on a worker thread (they touch only the fds they are given).
+- extent allocation and freeing happen on the core's thread; the copies (`copy_segments`)
+  are the long part and run on worker threads, each through its own description of the
+  spill file (`writer`) or of the object's fresh memfd.
 """
 
 from __future__ import annotations
@@ -19,10 +20,10 @@ from __future__ import annotations
 import contextlib
 import ctypes
 import fcntl
-import mmap
 import os
 import shutil
 import tempfile
+from collections.abc import Iterator
 
 from ..constants import PAGE_SIZE
 from ..errors import NoSpace
@@ -31,7 +32,7 @@ from ..mm.range import Node, RangeAllocator
 __all__ = ["Extent", "SpillStore", "copy_segments", "data_segments", "punch_hole"]
 
 _CAPACITY = 1 << 43  # bytes addressable in the sparse spill file (8 TiB)
-_CHUNK = 1 << 30  # one pwrite per segment (the kernel caps a single write near 2 GiB)
+_CHUNK = 1 << 30  # at most this much per sendfile (the kernel caps one call near 2 GiB)
 Extent = Node[object]
 
 
@@ -64,30 +65,24 @@ def data_segments(fd: int, start: int, end: int) -> list[tuple[int, int]]:
     return segments
 
 
-def copy_segments(src: int, dst: int, src_base: int, dst_base: int, size: int, *, map_dst: bool = False) -> int:
+def copy_segments(src: int, dst: int, src_base: int, dst_base: int, size: int) -> int:
     """Copy the data of src[src_base:src_base+size] to dst at dst_base; returns bytes copied.
 
-    One side is mapped (MAP_POPULATE: its pages faulted in with one call) and the other is
-    moved with one syscall per data segment: spill maps the memfd and pwrites the file,
-    restore (`map_dst`) maps the fresh memfd and preadvs the file, so the kernel's
-    readahead works as for a plain read. Sparse ranges are skipped and stay holes.
+    One sendfile per data segment: the kernel moves page-cache pages to page-cache pages,
+    with no mapping to fault in (measured 1.1x a mapped copy for spill, 2.2x for restore
+    into a fresh memfd). sendfile writes at dst's file position, so `dst` must be a file
+    description nobody else uses meanwhile (`SpillStore.writer`, a job's fresh memfd).
+    Sparse ranges are skipped and stay holes.
     """
     moved = 0
     for offset, length in data_segments(src, src_base, src_base + size):
-        target = dst_base + offset - src_base
-        mapped, at = (dst, target) if map_dst else (src, offset)
-        map_start = at & ~(mmap.ALLOCATIONGRANULARITY - 1)
-        skew = at - map_start
-        prot = mmap.PROT_READ | (mmap.PROT_WRITE if map_dst else 0)
-        with mmap.mmap(mapped, skew + length, flags=mmap.MAP_SHARED | mmap.MAP_POPULATE, prot=prot,
-                       offset=map_start) as region, memoryview(region) as view:
-            done = 0
-            while done < length:
-                with view[skew + done: skew + min(length, done + _CHUNK)] as chunk:
-                    n = os.preadv(src, [chunk], offset + done) if map_dst else os.pwrite(dst, chunk, target + done)
-                if n <= 0:
-                    raise OSError(5, f"short copy at byte {done} of a {length}-byte segment")
-                done += n
+        os.lseek(dst, dst_base + offset - src_base, os.SEEK_SET)
+        done = 0
+        while done < length:
+            n = os.sendfile(dst, src, offset + done, min(length - done, _CHUNK))
+            if n <= 0:
+                raise OSError(5, f"short copy at byte {done} of a {length}-byte segment")
+            done += n
         moved += length
     return moved
 
@@ -116,6 +111,15 @@ class SpillStore:
 
     def offset(self, extent: Extent) -> int:
         return extent.start * PAGE_SIZE
+
+    @contextlib.contextmanager
+    def writer(self) -> Iterator[int]:
+        """A private description of the spill file (its own file position), for one copy."""
+        fd = os.open(os.path.join(self.directory, "spill-0"), os.O_WRONLY | os.O_CLOEXEC)
+        try:
+            yield fd
+        finally:
+            os.close(fd)
 
     def punch(self, extent: Extent) -> None:
         """Give the extent's disk space back now (any thread; the range stays reserved)."""
