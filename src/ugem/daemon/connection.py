@@ -156,7 +156,8 @@ class Connection:
             log.exception("handler for %s failed (client %d)", desc.op.name, self.client.id)
             self._reply_error(frame, errno.EIO, f"internal error in {desc.op.name}; see the daemon log")
             return
-        req.close_unclaimed()
+        if req.FDS:
+            req.close_unclaimed()
         self._reply(frame, reply)
 
     def resume(self) -> None:

@@ -288,7 +288,8 @@ class Server:
             for job in conn.pending.jobs:
                 self.runner.submit(job)
             self.parked.add(conn)
-        self._sync_events(conn)
+        if conn.events != READ or conn.outbox or conn.parked:  # else nothing changes
+            self._sync_events(conn)
 
     def _sync_events(self, conn: Connection) -> None:
         wanted = WRITE if conn.outbox else (0 if conn.parked else READ)
