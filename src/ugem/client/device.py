@@ -17,6 +17,7 @@ never from the finalizer itself, which may run at any moment (even mid-request).
 
 from __future__ import annotations
 
+import collections
 import json
 import os
 import struct
@@ -97,7 +98,9 @@ class Device(DeviceOps):
 
     def __init__(self, transport: Transport) -> None:
         self._transport: Transport | None = transport
-        self._pending_unmaps: list[int] = []
+        # released mappings not yet reported; finalizers append to this very deque (drained
+        # in place, never replaced, so a release can never land in a list nobody reads)
+        self._pending_unmaps: collections.deque[int] = collections.deque()
         self._owned_manager: Manager | None = None
 
     # -- plumbing --------------------------------------------------------------------
@@ -122,7 +125,14 @@ class Device(DeviceOps):
         return transport.call(op, req)
 
     def _flush_unmaps(self, transport: Transport) -> None:
-        ids, self._pending_unmaps = self._pending_unmaps, []
+        ids = []
+        try:
+            while True:
+                ids.append(self._pending_unmaps.popleft())
+        except IndexError:  # drained (perhaps by another thread at the same time)
+            pass
+        if not ids:
+            return
         transport.call(Op.GEM_MUNMAP, s.MunmapReq(ids=struct.pack(f"<{len(ids)}I", *ids)))
 
     def close(self) -> None:
