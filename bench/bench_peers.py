@@ -27,14 +27,19 @@ these are informational figures.
    mmap; export fd sent over the socket (SCM_RIGHTS) + import_fd + mmap; export fd mapped by
    the consumer with plain `mmap.mmap` (no manager call on that side).
 3. Ray object store (if a Python that can `import ray` is given): one Ray session
-   (`ray.init(num_cpus=2, object_store_memory=256 MiB)`) runs in its own process for the
-   whole bench and takes commands from this one, so its rounds interleave with ugem's. Share
+   (`ray.init(num_cpus=2, object_store_memory=256 MiB)`) runs in its own process, started after
+   sections 1-2 (so that its background processes do not disturb them) and kept to the end; it
+   takes commands from this process, so its rounds interleave with ugem's. Share
    as in 2: fill a 1 MiB numpy array, `ray.put`, a long-lived actor gets the array (Ray
    resolves the ObjectRef argument: zero-copy from the object store), checks and sums it,
    returns the sum; `del` of the ref. Next to it, in the same rounds, ugem's flink share.
-   put/get of a 1 MiB numpy array: `ray.put` vs ugem daemon `create` + `pwrite`; `ray.get`
-   (a zero-copy read-only view) vs `mmap` of the ugem object viewed with numpy; `ray.get` +
-   `np.copyto` into a buffer vs `pread_into`. Objects are freed outside the timing.
+   put/get of a 1 MiB numpy array, one object per sample: `ray.put` vs ugem daemon `create` +
+   `pwrite`; then `ray.get` + `np.copyto` into a buffer vs `pread_into`; then `ray.get` (a
+   zero-copy read-only view) vs `mmap` of the object viewed with numpy; then the object is
+   freed (untimed; for ugem that close also reports the view's release). A host
+   diagnostic in the same rounds: memfd_create + ftruncate + pwrite of 1 MiB (new pages).
+   Before these rounds the bench waits (up to 30 s, 10 with --quick) for Ray's start-up work
+   to settle.
    Ray is never needed by the test suite or installed by the project: pass `--ray-python PY`
    (or set $UGEM_BENCH_RAY_PYTHON) for a separate venv with `ray` and `numpy`; without them,
    this interpreter is used if it can import ray, else the Ray rows are listed as skipped.
@@ -74,7 +79,7 @@ except ImportError:
     sa = None
 
 BENCH = "peers"
-DEFAULTS = dict(runs=10, n=40, warmup=10, quick_runs=3, quick_n=15, quick_warmup=3)
+DEFAULTS = dict(runs=20, n=40, warmup=10, quick_runs=3, quick_n=15, quick_warmup=3)
 SIZE = H.MiB
 MASK = (1 << 64) - 1
 SA_PREFIX = f"ugem-bench-peers-{os.getpid()}-"
@@ -404,27 +409,23 @@ def share(n):
 
 def putget(n):
     fill(12345)
-    put, get, copy, refs = [], [], [], []
+    put, get, copy = [], [], []
     for _ in range(n):
         t0 = clock()
         ref = ray.put(src)
         put.append(clock() - t0)
-        refs.append(ref)
-    for ref in refs:
-        t0 = clock()
-        view = ray.get(ref)
-        get.append(clock() - t0)
-        if int(view.view(np.uint64)[-1]) != 12345:
-            raise RuntimeError("ray.get returned other data")
-        del view
-    for ref in refs:
         out.fill(0)
         t0 = clock()
         np.copyto(out, ray.get(ref))
         copy.append(clock() - t0)
         if int(out.view(np.uint64)[0]) != 12345:
             raise RuntimeError("ray.get + copy returned other data")
-    refs.clear()
+        t0 = clock()
+        view = ray.get(ref)
+        get.append(clock() - t0)
+        if int(view.view(np.uint64)[-1]) != 12345:
+            raise RuntimeError("ray.get returned other data")
+        del view, ref
     return {"ray put": put, "ray get": get, "ray get+copy": copy}
 
 share(3)
@@ -504,6 +505,23 @@ class RayPeer:
         self.proc.stdin.flush()
         return {k: [int(x) for x in v] for k, v in self._reply(timeout=120).items()}
 
+    def cpu_seconds(self) -> float:
+        """CPU seconds used so far by the processes of Ray's session (the driver, gcs_server,
+        raylet, workers, agents: all started in the driver's own session)."""
+        tick = os.sysconf("SC_CLK_TCK")
+        total = 0
+        for pid in os.listdir("/proc"):
+            if not pid.isdigit():
+                continue
+            try:
+                with open(f"/proc/{pid}/stat") as f:
+                    fields = f.read().rsplit(")", 1)[1].split()
+            except OSError:
+                continue
+            if int(fields[3]) == self.proc.pid:  # session id
+                total += sum(int(x) for x in fields[11:15])  # utime, stime, cutime, cstime
+        return total / tick
+
     def close(self) -> None:
         if self.proc.poll() is None:
             with contextlib.suppress(OSError, ValueError):
@@ -523,39 +541,56 @@ class RayPeer:
 
 
 def putget_runner(dev: ugem.Device, pat: np.ndarray) -> dict[str, H.Runner]:
-    src = pat.copy()
-    src.view(np.uint64)[:] = 12345  # what the Ray side puts too
+    src = np.empty(SIZE, dtype=np.uint8)
+    fill(src, pat, 12345)  # what the Ray side puts too
     out = np.empty(SIZE, dtype=np.uint8)
 
     def run(n: int) -> dict[str, list[int]]:
         c = H.clock
-        put, view_s, copy, handles = [], [], [], []
-        try:
-            for _ in range(n):
-                t0 = c()
-                h = dev.create(SIZE)
+        put, view_s, copy = [], [], []
+        for _ in range(n):
+            t0 = c()
+            h = dev.create(SIZE)
+            try:
                 dev.pwrite(h, 0, src)
                 put.append(c() - t0)
-                handles.append(h)
-            for h in handles:
-                t0 = c()
-                view = np.frombuffer(dev.mmap(h, writable=False), dtype=np.uint8)
-                view_s.append(c() - t0)
-                if int(view.view(np.uint64)[-1]) != 12345:
-                    raise RuntimeError("the mapping shows other data")
-                del view
-            for h in handles:
                 out.fill(0)
                 t0 = c()
                 dev.pread_into(h, 0, out)
                 copy.append(c() - t0)
                 if int(out.view(np.uint64)[0]) != 12345:
                     raise RuntimeError("pread_into returned other data")
-        finally:
-            for h in handles:
-                dev.close_handle(h)
+                t0 = c()
+                view = np.frombuffer(dev.mmap(h, writable=False), dtype=np.uint8)
+                view_s.append(c() - t0)
+                if int(view.view(np.uint64)[-1]) != 12345:
+                    raise RuntimeError("the mapping shows other data")
+                del view
+            finally:
+                dev.close_handle(h)  # sends the view's release first
         return {"ugem put": put, "ugem get view": view_s, "ugem get copy": copy}
     return {"ugem putget": run}
+
+
+def fresh_pages_runner() -> dict[str, H.Runner]:
+    """Host diagnostic: what 1 MiB of new shared pages costs (memfd_create + ftruncate + pwrite)."""
+    src = np.ones(SIZE, dtype=np.uint8)
+
+    def run(n: int) -> dict[str, list[int]]:
+        c = H.clock
+        samples = []
+        for _ in range(n):
+            t0 = c()
+            fd = os.memfd_create("bench", os.MFD_CLOEXEC)
+            try:
+                os.ftruncate(fd, SIZE)
+                if os.pwrite(fd, src, 0) != SIZE:
+                    raise OSError("short pwrite")
+                samples.append(c() - t0)
+            finally:
+                os.close(fd)
+        return {"fresh pages": samples}
+    return {"fresh pages": run}
 
 
 def ray_runners(peer: RayPeer) -> dict[str, H.Runner]:
@@ -563,6 +598,17 @@ def ray_runners(peer: RayPeer) -> dict[str, H.Runner]:
 
 
 # -- the report -------------------------------------------------------------------------------
+
+
+def _sa_version() -> str:
+    if sa is None:
+        return "absent"
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version("SharedArray")
+    except PackageNotFoundError:
+        return "installed"
 
 
 def skipped_row(figure: str, why: str) -> H.Row:
@@ -582,12 +628,7 @@ def run(opts: H.Options) -> H.Report:
     python = getattr(ns, "ray_python", None) or os.environ.get("UGEM_BENCH_RAY_PYTHON") or sys.executable
     no_ray = bool(getattr(ns, "no_ray", False))
     rayv = None if no_ray else ray_version(python)
-    report.params["SharedArray"] = getattr(sa, "__version__", "installed") if sa is not None else "absent"
-    if sa is not None:
-        with contextlib.suppress(Exception):
-            from importlib.metadata import version
-
-            report.params["SharedArray"] = version("SharedArray")
+    report.params["SharedArray"] = _sa_version()
     report.params["ray"] = rayv or "absent"
     pat = pattern()
     segs = Segments()
@@ -616,11 +657,23 @@ def run(opts: H.Options) -> H.Report:
                     stack.callback(peer.close)
                 except Exception as exc:  # optional peer: never fails the bench
                     ray_error = f"{type(exc).__name__}: {str(exc)[:300]}"
+            if peer is not None:  # let its start-up work (workers, agents) finish first
+                settled = H.wait_idle(10 if opts.quick else 30)
+                report.notes.append(f"after Ray's start, other processes (Ray's included) used {settled:.2f} CPUs "
+                                    "when section 3 began")
             runners = share_runners(segs, dev, consumer, pat, kinds=("flink",), suffix=" with ray")
             runners |= putget_runner(dev, pat)
+            runners |= fresh_pages_runner()
             if peer is not None:
                 runners |= ray_runners(peer)
+            t0, cpu0 = H.clock(), peer.cpu_seconds() if peer is not None else 0.0
             third = H.interleaved(runners, runs=opts.runs, n=opts.n, warmup=opts.warmup)
+            if peer is not None:
+                cpu = peer.cpu_seconds()
+                report.notes.append(f"Ray's processes (its session) used {cpu:.1f} CPU-s in all, {cpu - cpu0:.1f} "
+                                    f"during section 3 ({(cpu - cpu0) / ((H.clock() - t0) / 1e9):.2f} CPUs on "
+                                    "average, its measured work included); what of it is not reaped through the "
+                                    "driver (workers, agents) counts in other_load")
             ray_started = peer is not None
             if peer is not None:
                 report.params["ray"] = peer.version
@@ -639,7 +692,7 @@ def run(opts: H.Options) -> H.Report:
     # 1. lifecycle
     sa_why = "SharedArray not installed: pip install -e '.[peers]'"
     base = life["life shm"]
-    fig = "create+attach+destroy 1 MiB"
+    fig = "lifecycle 1 MiB"
     report.rows.append(H.Row.latency(BENCH, f"{fig}: SharedMemory create, attach, close x2, unlink",
                                      "shared_memory (baseline)", base))
     if sa is not None:
@@ -656,7 +709,7 @@ def run(opts: H.Options) -> H.Report:
                                      life[f"life {mode} both"], base, "like for like: two mappings, as shm"))
 
     # 2. sharing with another process
-    fig = "share 1 MiB with another process"
+    fig = "share 1 MiB"
     base = share["share shm"]
     report.rows.append(H.Row.latency(BENCH, f"{fig}: SharedMemory name", "shared_memory (baseline)", base))
     if sa is not None:
@@ -674,7 +727,8 @@ def run(opts: H.Options) -> H.Report:
                f"Ray not measured: {python} cannot import ray; {RAY_ENABLE}")
     measured = not third.get("ray share", H.Series("", error="-")).error
     pairs = [(f"{fig}: ray.put, actor gets it, del ref", "ray share",
-              f"{fig}: flink, open_name + mmap (rounds with Ray)", "share flink with ray"),
+              f"{fig}: flink, open_name + mmap ({'rounds with Ray' if ray_started else 'again'})",
+              "share flink with ray"),
              ("put 1 MiB ndarray: ray.put", "ray put", "put 1 MiB ndarray: create + pwrite", "ugem put"),
              ("get 1 MiB ndarray: ray.get (zero-copy view)", "ray get",
               "get 1 MiB ndarray: mmap + np.frombuffer (zero-copy view)", "ugem get view"),
@@ -688,6 +742,9 @@ def run(opts: H.Options) -> H.Report:
         else:
             report.rows.append(skipped_row(ray_fig, ray_why))
             report.rows.append(_ugem_row(ugem_fig, "daemon", third[ugem_label], None, ""))
+
+    report.rows.append(H.Row.latency(BENCH, "new pages: memfd_create + ftruncate + pwrite 1 MiB (diagnostic)", "host",
+                                     third["fresh pages"]))
 
     # notes
     if sa is not None:
@@ -711,16 +768,19 @@ def run(opts: H.Options) -> H.Report:
     if not measured:
         report.notes.append(f"Ray rows skipped: {ray_why}")
     else:
-        report.notes.append(f"Ray {report.params['ray']} ran in its own process ({python}), one session for the "
-                            "whole bench, started after sections 1-2 (its background processes stay up meanwhile); "
-                            "the ugem rows next to it come from the same rounds")
+        report.notes.append(f"Ray {report.params['ray']} ran in its own process ({python}): one session, started after "
+                            "sections 1-2 and kept to the end (its background processes stay up meanwhile); the ugem "
+                            "rows next to it come from the same rounds")
     report.notes.append("ratio = ugem median / baseline median in the same run (lower is better for ugem); "
                         "ugem's lifecycle rows without a mapping do less than the shared_memory baseline, which "
                         "maps the segment twice (the 'like for like' row maps it twice too)")
-    report.notes.append("share: one sample = create + fill 1 MiB through a mapping + send id + consumer attach, check, "
-                        "uint64 sum, detach + reply + producer destroy; the consumer is one long-lived process")
+    report.notes.append("lifecycle = create + attach + destroy in one process; share = with another process, one "
+                        "sample = create + fill 1 MiB through a mapping + send id + consumer attach, check, uint64 "
+                        "sum, detach + reply + producer destroy; the consumer is one long-lived process")
     report.notes.append("ugem daemon put (create + pwrite) writes into a new object each time, so its pages are "
-                        "allocated per put; Ray's object store reuses its preallocated shared memory")
+                        "allocated per put (the 'new pages' row: what that costs on this machine, in the same "
+                        "rounds); Ray's object store reuses its preallocated shared memory. Each put/get sample is one "
+                        "object: put, get + copy, get view, then freed (untimed)")
     return report
 
 
