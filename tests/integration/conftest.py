@@ -19,32 +19,20 @@ import array
 import os
 import select
 import socket
-import time
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
-from typing import Any, TypeVar
+from typing import Any
 
 import pytest
 
 from ugem.testing import DaemonProcess, run_daemon
+from ugem.testing.data import wait_until
 from ugem.wire import structs as s
 from ugem.wire.frames import HEADER, Kind, Op, encode_header
 
-T = TypeVar("T")
 _ANC = socket.CMSG_SPACE(64 * array.array("i").itemsize)
 
 
-def wait_until(predicate: Callable[[], T], timeout: float = 10.0, interval: float = 0.01,
-               what: str = "condition") -> T:
-    """Poll `predicate` until it returns something truthy; fail after `timeout` seconds."""
-    deadline = time.monotonic() + timeout
-    while True:
-        value = predicate()
-        if value:
-            return value
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out after {timeout} s waiting for {what} (last value {value!r})")
-        time.sleep(interval)
 
 
 def fd_targets(pid: int) -> list[str]:

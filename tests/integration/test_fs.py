@@ -34,6 +34,7 @@ from ugem import Manager
 from ugem.client.device import Device
 from ugem.fsview import FsView
 from ugem.testing import DaemonProcess, run_daemon
+from ugem.testing.data import wait_until
 
 MiB = 1 << 20
 REFUSED = (errno.EROFS, errno.EACCES)
@@ -56,15 +57,6 @@ def _fuse_unavailable() -> str | None:
 needs_fuse = pytest.mark.skipif(_fuse_unavailable() is not None, reason=str(_fuse_unavailable()))
 
 
-def wait_until(predicate: Callable[[], Any], timeout: float, what: str) -> Any:
-    deadline = time.monotonic() + timeout
-    while True:
-        value = predicate()
-        if value:
-            return value
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out after {timeout} s waiting for {what}")
-        time.sleep(0.02)
 
 
 @dataclass
@@ -84,7 +76,7 @@ class Mount:
 
     def wait_for(self, *parts: str | int) -> None:
         """Wait until `parts` shows in the view (the listing is cached for 0.5 s)."""
-        wait_until(lambda: os.path.lexists(self.p(*parts)), 2, f"{'/'.join(map(str, parts))} to appear")
+        wait_until(lambda: os.path.lexists(self.p(*parts)), 2, what=f"{'/'.join(map(str, parts))} to appear")
 
     def stderr(self) -> str:
         assert self.proc.stderr is not None
@@ -105,7 +97,7 @@ def _start_view(daemon: DaemonProcess, mountpoint: str) -> subprocess.Popen[byte
     proc = subprocess.Popen([sys.executable, "-m", "ugem", "fs", mountpoint, "--socket", daemon.path],
                             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, start_new_session=True)
     try:
-        wait_until(lambda: os.path.ismount(mountpoint) or proc.poll() is not None, 20, "the view to mount")
+        wait_until(lambda: os.path.ismount(mountpoint) or proc.poll() is not None, 20, what="the view to mount")
     except BaseException:
         proc.kill()
         proc.wait()
@@ -187,7 +179,7 @@ def test_data_info_and_links(mount: Mount) -> None:
     assert os.readlink(mount.p("clients", cid, big)) == f"../../objects/{bid}"
     assert mount.read("clients", cid, small, "data", length=5) == b"hello"
     # every file read above was released (the kernel sends RELEASE after close() returns)
-    wait_until(lambda: mount.fs_client_handles() == {}, 5, "the view to close its handles")
+    wait_until(lambda: mount.fs_client_handles() == {}, 5, what="the view to close its handles")
 
 
 def _touch(path: str, mode: str) -> None:
@@ -232,23 +224,23 @@ def test_everything_is_read_only(mount: Mount) -> None:
 def test_listing_follows_the_daemon(mount: Mount) -> None:
     dev = mount.dev
     first = dev.create(4096)
-    wait_until(lambda: len(os.listdir(mount.p("objects"))) == 1, 2, "the first object")
+    wait_until(lambda: len(os.listdir(mount.p("objects"))) == 1, 2, what="the first object")
     second = dev.create(8192)
     name = dev.flink(second)
     sid = max(int(row["id"]) for row in dev.list_objects())
     start = time.monotonic()
-    wait_until(lambda: os.path.exists(mount.p("objects", sid, "data")), 2, "the new object to appear")
-    wait_until(lambda: os.path.islink(mount.p("names", name)), 2, "its name to appear")
+    wait_until(lambda: os.path.exists(mount.p("objects", sid, "data")), 2, what="the new object to appear")
+    wait_until(lambda: os.path.islink(mount.p("names", name)), 2, what="its name to appear")
     appeared = time.monotonic() - start
     dev.close_handle(second)
     start = time.monotonic()
-    wait_until(lambda: not os.path.exists(mount.p("objects", sid)), 2, "the closed object to disappear")
-    wait_until(lambda: str(name) not in os.listdir(mount.p("names")), 2, "its name to disappear")
+    wait_until(lambda: not os.path.exists(mount.p("objects", sid)), 2, what="the closed object to disappear")
+    wait_until(lambda: str(name) not in os.listdir(mount.p("names")), 2, what="its name to disappear")
     gone = time.monotonic() - start
     assert appeared < 1.5 and gone < 1.5, (appeared, gone)
     assert str(second) not in os.listdir(mount.p("clients", dev.client_id))
     dev.close_handle(first)
-    wait_until(lambda: os.listdir(mount.p("objects")) == [], 2, "an empty objects/")
+    wait_until(lambda: os.listdir(mount.p("objects")) == [], 2, what="an empty objects/")
 
 
 @needs_fuse
@@ -267,10 +259,10 @@ def test_unmount_exits_and_leaves_no_handles(mount: Mount) -> None:
     finally:
         for f in held:
             f.close()
-    wait_until(lambda: mount.fs_client_handles() == {}, 5, "the view to close its handles on release")
+    wait_until(lambda: mount.fs_client_handles() == {}, 5, what="the view to close its handles on release")
     assert mount.unmount() == 0, mount.stderr()
     assert not os.path.ismount(mount.path)
-    wait_until(lambda: dev.stats()["clients"] == 1, 5, "the view's client to go")
+    wait_until(lambda: dev.stats()["clients"] == 1, 5, what="the view's client to go")
     stats = dev.stats()
     assert stats["objects"] == len(handles), stats
     [only] = dev.list_clients()

@@ -38,6 +38,7 @@ import pytest
 import ugem
 from ugem import cmd
 from ugem.testing import Env, run_daemon
+from ugem.testing.data import wait_until
 
 DURATION = float(os.environ.get("UGEM_RACE_SECONDS", "1.0"))
 PAGE = 4096
@@ -505,21 +506,12 @@ def close_everything(dev: ugem.Device) -> None:
         limit *= 4
 
 
-def poll(predicate: Callable[[], Any], what: str, timeout: float = 10.0) -> Any:
-    deadline = time.monotonic() + timeout
-    while True:
-        value = predicate()
-        if value:
-            return value
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out after {timeout} s waiting for {what} (last value {value!r})")
-        time.sleep(0.01)
 
 
 def assert_settled(env: Env, observer: ugem.Device, baseline: int, names: set[int] | range = range(1, 33)) -> None:
     """Zero objects, no names, only the observer connected, and the fd count back at
     `baseline` (clients are released asynchronously, so both are polled for)."""
-    poll(lambda: observer.stats()["objects"] == 0, "zero objects")
+    wait_until(lambda: observer.stats()["objects"] == 0, what="zero objects")
     stats = observer.stats()
     assert stats["clients"] == 1 and stats["resident_bytes"] == 0, stats
     for name in sorted(names):
@@ -527,7 +519,7 @@ def assert_settled(env: Env, observer: ugem.Device, baseline: int, names: set[in
             observer.open_name(name)
     last: list[int] = []
     try:
-        poll(lambda: last.append(fd_count(env)) or last[-1] == baseline, f"fd count == {baseline}")
+        wait_until(lambda: last.append(fd_count(env)) or last[-1] == baseline, what=f"fd count == {baseline}")
     except AssertionError:
         pid = env.daemon.pid if env.daemon is not None else os.getpid()
         targets: collections.Counter[str] = collections.Counter()

@@ -1,15 +1,32 @@
-"""Small data helpers shared by the test suites: reproducible random contents, an object
-written with them, and the expected bytes after a device Fill."""
+"""Small helpers shared by the test suites: reproducible random contents, an object written
+with them, the expected bytes after a device Fill, and polling with a deadline."""
 
 from __future__ import annotations
 
-from typing import Any
+import time
+from collections.abc import Callable
+from typing import Any, TypeVar
 
 import numpy as np
 
 from ..cmd import Fill
 
-__all__ = ["fill", "filled", "random_bytes", "write_new"]
+__all__ = ["fill", "filled", "random_bytes", "wait_until", "write_new"]
+
+T = TypeVar("T")
+
+
+def wait_until(predicate: Callable[[], T], timeout: float = 10.0, interval: float = 0.01,
+               what: str = "condition") -> T:
+    """Poll `predicate` until it returns something truthy; fail after `timeout` seconds."""
+    deadline = time.monotonic() + timeout
+    while True:
+        value = predicate()
+        if value:
+            return value
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out after {timeout} s waiting for {what} (last value {value!r})")
+        time.sleep(interval)
 
 
 def random_bytes(seed: int, size: int) -> bytes:
