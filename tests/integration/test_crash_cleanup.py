@@ -60,7 +60,8 @@ path = sys.argv[1]
 if os.fork() == 0:                                    # a member with a connection of its own
     dev = ugem.connect(path)
     names, keep = work(dev, "member")
-    print(json.dumps({"pid": os.getpid(), "names": names}), flush=True)
+    os.write(1, (json.dumps({"pid": os.getpid(), "names": names}) + "\n").encode())  # one write: two
+    # processes share this pipe, and under PYTHONUNBUFFERED print() writes the newline apart
     time.sleep(600)
     os._exit(0)
 dev = ugem.connect(path)
@@ -68,7 +69,7 @@ names, keep = work(dev, "leader")
 if os.fork() == 0:                                    # shares the leader's connection
     time.sleep(600)
     os._exit(0)
-print(json.dumps({"pid": os.getpid(), "names": names}), flush=True)
+os.write(1, (json.dumps({"pid": os.getpid(), "names": names}) + "\n").encode())
 time.sleep(600)
 """
 
