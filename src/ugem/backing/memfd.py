@@ -44,6 +44,7 @@ from .spill import Extent, SpillStore, copy_segments, data_segments, punch_hole
 __all__ = ["MemfdStore"]
 
 _SEALS = fcntl.F_SEAL_SHRINK | fcntl.F_SEAL_GROW | fcntl.F_SEAL_SEAL
+_WRITE_SEALS = fcntl.F_SEAL_WRITE | getattr(fcntl, "F_SEAL_FUTURE_WRITE", 0x10)
 _MAX_IO = 1 << 30  # one preadv/pwritev moves at most this much (the kernel caps near 2 GiB)
 
 
@@ -240,9 +241,10 @@ class MemfdStore:
         access = fcntl.fcntl(raw, fcntl.F_GETFL) & os.O_ACCMODE
         if access == os.O_WRONLY:
             raise InvalidArgument(f"fd {raw} is write-only; memory must be readable")
-        ours = link == self._link and (seals & _SEALS) == _SEALS
-        return Inspection(FdKind.OURS if ours else FdKind.FOREIGN, (st.st_dev, st.st_ino),
-                          st.st_size, access == os.O_RDONLY)
+        ours = link == self._link and seals == _SEALS  # ours never carry write seals
+        # write-sealed memory cannot be written through any fd: it is read-only memory
+        readonly = access == os.O_RDONLY or bool(seals & _WRITE_SEALS)
+        return Inspection(FdKind.OURS if ours else FdKind.FOREIGN, (st.st_dev, st.st_ino), st.st_size, readonly)
 
     def adopt(self, fd: OwnedFd, inspection: Inspection) -> OwnedFd:
         """Our own description for the memory behind `fd` (which this call closes).

@@ -123,6 +123,8 @@ def gem_pwrite(core: Core, client: Client, req: s.PwriteReq) -> s.PwriteReply:
     if req.length == 0:
         return s.PwriteReply()
     obj = _rw_lookup(core, client, req.handle, req.offset, req.length, write=True)
+    if not req.flags & s.XFER and len(req.data) != req.length:  # before anything changes
+        raise InvalidArgument(f"pwrite length {req.length} but {len(req.data)} data bytes")
     core.memory.ensure_system(obj)
     if pinned_in_vram(obj):
         return pwrite_vram(core, client, obj, req)
@@ -134,8 +136,6 @@ def gem_pwrite(core: Core, client: Client, req: s.PwriteReq) -> s.PwriteReply:
         fd = core.backing.open_description(backing, writable=True)
         core.index_key(obj)
         return s.PwriteReply(xfer_id=core.xfer_add(client, obj, reserve=need), fd=fd)
-    if len(req.data) != req.length:
-        raise InvalidArgument(f"pwrite length {req.length} but {len(req.data)} data bytes")
     core.backing.write(backing, req.offset, req.data)
     core.memory.measure(obj)
     return s.PwriteReply()

@@ -8,6 +8,7 @@ start once the wait is over; nothing it checked is assumed to still hold.
 
 from __future__ import annotations
 
+from ..cmd import Command, Copy, Fill, SemaphoreWait
 from ..constants import (
     CACHING_CACHED,
     CACHING_DISPLAY,
@@ -18,6 +19,7 @@ from ..constants import (
     TILING_NONE,
     TILING_X,
     TILING_Y,
+    page_align,
 )
 from ..device import commands
 from ..device.base import Execute
@@ -74,16 +76,52 @@ def gem_execbuffer(core: Core, client: Client, req: sd.ExecbufferReq) -> sd.Fenc
         raise Busy("the device is suspended")
     for obj in objs:
         core.memory.ensure_system(obj)  # spilled objects come back first (Pending)
+    added = _pages_written_in_place(core, cmds, entries)
+    if added:  # the device writes host pages of in-place objects: room under the budget first
+        core.memory.make_room(sum(added.values()), exclude=max(added, key=lambda o: added[o]))
     gpu.make_resident(objs)
     surfaces = {h: gpu.surface(o) for h, o in entries.items()}
     seq = gpu.submit(Execute(cmds, surfaces))
     written_objs = {id(entries[h]) for h in written}
+    for obj, nbytes in added.items():
+        core.memory.expect(obj, obj.resident + nbytes)
+    for cmd in cmds:
+        if isinstance(cmd, SemaphoreWait):
+            entries[cmd.obj].sem_fence = seq
     for obj in objs:
         obj.last_fence = obj.last_exec = seq
         if id(obj) in written_objs:
             obj.write_fence = seq
             obj.dev_dirty = obj.placement == Placement.VRAM
     return sd.FenceReply(fence=seq)
+
+
+def _pages_written_in_place(core: Core, cmds: list[Command],
+                            entries: dict[int, BufferObject]) -> dict[BufferObject, int]:
+    """Bytes of new host pages the commands write into NORMAL objects used in place (CACHED
+    or pinned in system memory): each written range's missing pages (a Blit: the object)."""
+    ranges: dict[BufferObject, list[tuple[int, int]]] = {}
+    for cmd in cmds:
+        for handle in commands.writes(cmd):
+            obj = entries[handle]
+            if obj.kind != Kind.NORMAL or not core.gpu.in_place(obj):
+                continue
+            if isinstance(cmd, Fill):
+                span = (cmd.offset, cmd.length)
+            elif isinstance(cmd, Copy):
+                span = (cmd.dst_offset, cmd.length)
+            else:
+                span = (0, obj.size)
+            ranges.setdefault(obj, []).append(span)
+    added = {}
+    for obj, spans in ranges.items():
+        if obj.backing is None:  # no pages yet: every page the ranges touch
+            need = min(sum(page_align(o + n) - (o - o % PAGE_SIZE) for o, n in spans), obj.size)
+        else:
+            need = min(sum(core.backing.missing_bytes(obj.backing, o, n) for o, n in spans), obj.size)
+        if need > 0:
+            added[obj] = need
+    return added
 
 
 def _check_fits(core: Core, objs: list[BufferObject]) -> None:

@@ -116,6 +116,9 @@ class Gpu:
                 if not obj.pinned_by:
                     self.lru.move_tail(obj)
             return
+        for obj in missing:  # map host memory first: a failure here must change nothing
+            if obj.backing is not None:
+                self.host_view(obj)
         protected = {id(o) for o in wanted}
         placed: list[tuple[BufferObject, Node[BufferObject]]] = []
         victims: list[tuple[BufferObject, int, int]] = []  # (object, start, pages) removed so far
@@ -242,14 +245,16 @@ class Gpu:
     def to_cpu(self, obj: BufferObject, write: bool) -> None:
         """Bring the latest contents to system pages; Pending until they are there.
 
-        Readers wait for the device's writes; writers also for its reads of the system
-        pages (a queued copy in), except for objects used in place, which are coherent:
-        writing a semaphore a device command is polling must not wait for that command."""
+        Readers wait for the device's writes; writers for all its work on the object (as
+        the kernel's pwrite and set_domain do: a queued read must not see a later write),
+        except while a SemaphoreWait polls an object used in place: then only for writes,
+        so the write that releases the semaphore does not wait for the command it releases."""
         if obj.placement == Placement.VRAM:
             if obj.pinned_by:
                 raise Busy(f"object {obj.id} is pinned in device memory")
             self.evict(obj, for_cpu=True)
-        self.wait_for(obj.last_fence if write and not self.in_place(obj) else obj.write_fence)
+        polled = self.in_place(obj) and obj.sem_fence > self.backend.completed()
+        self.wait_for(obj.last_fence if write and not polled else obj.write_fence)
 
     def evict_all(self) -> None:
         """Suspend: every object out of VRAM (pinned ones too)."""

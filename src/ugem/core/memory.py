@@ -289,6 +289,7 @@ class Memory:
             self.core.backing.purge(obj.backing)
             self.untrack(obj)
             self.core.release_backing(obj)
+        self.core.gpu.release(obj)  # its VRAM copy goes too (queued work keeps the timeline order)
         if obj.placement == Placement.SPILLED:
             self.core.backing.spill_release(obj.extent)
             self.spilled -= obj.spilled
