@@ -30,10 +30,9 @@ own `make_room`; `mmap`, which populates without adding pages itself, calls `set
 the same passes, best effort, never ENOMEM (a process that only writes through mappings
 is still held to the budget, as IGT gem_shrink's mmap mode expects).
 
-Each object with system pages holds one fd (a memfd), so their number is bounded too:
-`make_fd_room` keeps the backing store's `open_count` under its `max_open` with the same
-passes counted in objects instead of bytes (a spill closes the object's memfd when it
-lands). If nothing can be freed, ENOMEM names the fd limit (SPEC §7).
+Each object with system pages holds one fd (a memfd): `make_fd_room` keeps the store's
+`open_count` under `max_open` with the same passes counted in objects (a spill closes the
+memfd when it lands); if nothing can be freed, ENOMEM names the fd limit (SPEC §7).
 
 A job that fails (spill storage full, I/O error) leaves its object where it was, and the
 request that waited for it runs again. So that it cannot plan the same failing copy for
@@ -284,12 +283,12 @@ class Memory:
     # -- the moves -------------------------------------------------------------------
 
     def purge(self, obj: BufferObject) -> None:
-        """Discard the contents for good (DONTNEED under pressure, or with no pages)."""
+        """Discard the contents for good, the VRAM copy too (queued work keeps its order)."""
         if obj.backing is not None:
             self.core.backing.purge(obj.backing)
             self.untrack(obj)
             self.core.release_backing(obj)
-        self.core.gpu.release(obj)  # its VRAM copy goes too (queued work keeps the timeline order)
+        self.core.gpu.release(obj)
         if obj.placement == Placement.SPILLED:
             self.core.backing.spill_release(obj.extent)
             self.spilled -= obj.spilled
