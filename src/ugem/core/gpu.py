@@ -229,7 +229,7 @@ class Gpu:
         self.lru.discard(obj)
         if evicted:
             self.core.counters["evicted_total"] += 1
-        if obj.madvise == DONTNEED and evicted:
+        if evicted and obj.madvise == DONTNEED and self.core.memory.purgeable(obj):  # never exported or pinned
             obj.dev_dirty = False
             self.core.memory.purge(obj)
             return

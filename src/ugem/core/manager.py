@@ -245,6 +245,9 @@ class Core:
             obj.host_view = None  # the mapping goes once queued device work drops it too
             self.backing.release(obj.backing)
             obj.backing = None
+            if obj.key is not None:  # new pages come with a new identity (index_key again)
+                self.by_key.pop(obj.key, None)
+                obj.key = None
 
     def index_key(self, obj: BufferObject) -> None:
         """Remember the memory's identity once a description of it leaves the manager."""
