@@ -63,15 +63,8 @@ def test_a_call_waiting_in_the_daemon_fails_when_it_dies(tmp_path: os.PathLike[s
         dev.set_caching(sem, ugem.CACHING_CACHED)
         dev.pwrite(sem, 0, (0).to_bytes(4, "little"))
         fence = dev.execbuffer([SemaphoreWait(obj=sem, offset=0, value=1)])  # never released
-        outcome: list[BaseException | int] = []
-
-        def waiter() -> None:
-            try:
-                outcome.append(dev.wait_fence(fence, -1))  # parked in the daemon, forever
-            except BaseException as exc:  # noqa: BLE001 - the test inspects it
-                outcome.append(exc)
-
-        thread = threading.Thread(target=waiter)
+        outcome: list[BaseException | int] = []  # the wait is parked in the daemon, forever
+        thread = threading.Thread(target=lambda: _capture(outcome, dev.wait_fence, fence, -1))
         thread.start()
         time.sleep(0.3)
         assert not outcome, "the wait should still be parked"

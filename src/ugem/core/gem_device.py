@@ -78,7 +78,7 @@ def gem_execbuffer(core: Core, client: Client, req: sd.ExecbufferReq) -> sd.Fenc
         core.memory.ensure_system(obj)  # spilled objects come back first (Pending)
     added = _pages_written_in_place(core, cmds, entries)
     if added:  # the device writes host pages of in-place objects: room under the budget first
-        core.memory.make_room(sum(added.values()), exclude=max(added, key=lambda o: added[o]))
+        core.memory.make_room(sum(added.values()), keep=set(objs))
     gpu.make_resident(objs)
     surfaces = {h: gpu.surface(o) for h, o in entries.items()}
     seq = gpu.submit(Execute(cmds, surfaces))

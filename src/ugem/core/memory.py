@@ -45,6 +45,7 @@ short, else EIO).
 from __future__ import annotations
 
 import errno
+from collections.abc import Collection
 from typing import TYPE_CHECKING, Any
 
 from ..constants import DONTNEED
@@ -146,21 +147,19 @@ class Memory:
         self.untrack(obj)
         self.core.release_backing(obj)
 
-    def make_room(self, need: int, exclude: BufferObject | None = None) -> None:
-        """Return once `need` more bytes fit; raise Pending (spills started) or ENOMEM."""
+    def make_room(self, need: int, exclude: BufferObject | None = None, keep: Collection[BufferObject] = ()) -> None:
+        """Once `need` more bytes fit (none from `exclude`/`keep`) return; else Pending or ENOMEM."""
         self.refresh()  # pages written through mappings count from the next request on
-        if self.resident + self.reserved + need <= self.budget:
-            return
         deficit = self.resident + self.reserved + need - self.budget
         if deficit <= 0:
             return
         freeing = sum(j.nbytes for j in self.jobs if j.kind is JobKind.SPILL)
         if freeing >= deficit:
             raise Pending([j for j in self.jobs if j.kind is JobKind.SPILL])
-        purge = [o for o in self.lru if o is not exclude and o.resident and self.purgeable(o)]
-        spare = [o for o in self.lru if o is not exclude and o.resident and self.spare(o)]
-        spill = [o for o in self.lru if o is not exclude and o.resident and self.spillable(o)
-                 and o not in self.failed]
+        lru = [o for o in self.lru if o is not exclude and o.resident and o not in keep]
+        purge = [o for o in lru if self.purgeable(o)]
+        spare = [o for o in lru if self.spare(o)]
+        spill = [o for o in lru if self.spillable(o) and o not in self.failed]
         available = freeing + sum(o.resident for o in purge + spare + spill)
         if available < deficit:
             failures = {str(e) for o, e in self.failed.items() if o.placement != Placement.SPILLED}
