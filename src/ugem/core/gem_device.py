@@ -74,8 +74,8 @@ def gem_execbuffer(core: Core, client: Client, req: sd.ExecbufferReq) -> sd.Fenc
         if core.hold_while_suspended:
             raise Pending(resume=True)
         raise Busy("the device is suspended")
-    for obj in objs:
-        core.memory.ensure_system(obj)  # spilled objects come back first (Pending)
+    for obj in objs:  # spilled objects come back first (Pending), never at each other's expense
+        core.memory.ensure_system(obj, keep=objs)
     added = _pages_written_in_place(core, cmds, entries)
     if added:  # the device writes host pages of in-place objects: room under the budget first
         core.memory.make_room(sum(added.values()), keep=set(objs))

@@ -377,8 +377,9 @@ class Memory:
 
     # -- entry points for handlers ---------------------------------------------------
 
-    def ensure_system(self, obj: BufferObject) -> None:
-        """Wait out a job in flight and bring a spilled object back (raises Pending)."""
+    def ensure_system(self, obj: BufferObject, keep: Collection[BufferObject] = ()) -> None:
+        """Wait out a job in flight and bring a spilled object back (raises Pending); room
+        for it never comes from `keep` (the rest of a working set)."""
         if obj.job is not None:
             raise Pending([obj.job])
         if obj.placement == Placement.SPILLED:
@@ -386,7 +387,7 @@ class Memory:
             if error is not None:
                 short = error.errno in (errno.ENOMEM, errno.ENOSPC, errno.EFBIG, errno.EDQUOT)
                 raise (OutOfMemory if short else IOFailure)(f"bringing object {obj.id} back failed: {error}")
-            self.make_room(obj.spilled, exclude=obj)
+            self.make_room(obj.spilled, exclude=obj, keep=keep)
             self.make_fd_room(exclude=obj)
             raise Pending([self.plan_restore(obj)])
         self.touch(obj)
