@@ -54,10 +54,10 @@ Both modes run: embedded (a fresh ``ugem.Manager`` per example) and daemon (one
 ``run_daemon()`` per test function, shared by its examples; each example waits for the
 previous example's clients to be gone, so it starts from an empty manager).
 
-Bugs the machine found are reduced to explicit tests at the end of this file (regression
-tests once fixed). While one stands (its xfail test fails as expected), the machine steps
-around that bug only (the ``known_bugs`` fixture sets the class flags), so that it keeps
-looking for others; once it is fixed, the machine checks that behaviour again.
+Bugs the machine found are reduced to explicit tests at the end of this file (all fixed
+since; kept as regression tests). For a bug that stands, add its reduction there marked
+``xfail(strict=True)`` and, if the machine keeps tripping over it, a class flag that steps
+around that bug only, so that the machine keeps looking for others.
 
 Seeds: Hypothesis draws a fresh seed per run; a failure prints the shrunk step sequence
 and a ``@reproduce_failure`` blob (``print_blob=True``). Replay a whole run with
@@ -69,7 +69,6 @@ every example: expect a few hundred MB per thousand examples).
 from __future__ import annotations
 
 import errno
-import functools
 import os
 import subprocess
 import sys
@@ -219,10 +218,6 @@ class HandleModel(RuleBasedStateMachine):
     start: Callable[[], Callable[[], ugem.Device]]
     stop: Callable[[], None]
     daemon_mode: bool = False
-    # Set while a known bug (an xfail test below) stands, so that the machine can look for
-    # others. test_submission_of_objects_that_cannot_all_be_restored_returns: submissions
-    # use one object only (several objects, some spilled, can hang the request for ever).
-    single_object_submissions: bool = False
 
     def __init__(self) -> None:
         super().__init__()
@@ -640,8 +635,6 @@ class HandleModel(RuleBasedStateMachine):
             expect_errno(EINVAL, dev.execbuffer, commands)
             return
         oids = sorted({hs[h] for h in named})
-        if self.single_object_submissions and len(oids) > 1:
-            return
         objs = [self.objs[o] for o in oids]
         maybe = [o for o in objs if o.maybe_purged()]
         allowed = {EFAULT} if maybe or any(o.purged for o in objs) else set()
@@ -979,33 +972,20 @@ with tempfile.TemporaryDirectory() as d, ugem.Manager(system_budget=4 * P, spill
 """
 
 
-@functools.cache
-def submission_livelocks() -> bool:
-    """Found by the state machine (a run that never finished; both modes): `gem_execbuffer`
-    brings its spilled objects back one by one (`ensure_system` -> `make_room(exclude=that
-    one)`), and making room for one may spill another member of the same submission, which
-    is idle and spillable. When the members cannot all be resident under the budget at
-    once, each retry restores one and spills the other: the request never returns
-    (embedded: the caller spins holding the manager lock; daemon: the request parks and
-    wakes forever, the daemon burning CPU). SPEC §3: the request waits for room, and if
-    nothing can be freed it fails with ENOMEM. Run in a child process, which is killed
-    when it hangs."""
-    try:
-        proc = subprocess.run([sys.executable, "-c", LIVELOCK], capture_output=True, text=True, timeout=5)
-    except subprocess.TimeoutExpired:
-        return True
-    assert proc.returncode == 0 and proc.stdout.strip() in ("ok", "ENOMEM"), (proc.stdout, proc.stderr)
-    return False
-
-
 def test_submission_of_objects_that_cannot_all_be_restored_returns() -> None:
-    assert not submission_livelocks()
-
-
-@pytest.fixture(scope="module")
-def known_bugs(spill_dir: str) -> dict[str, bool]:
-    """Which of the bugs above still stand: the machine steps around those (and only those)."""
-    return {"single_object_submissions": submission_livelocks()}
+    """Found by the state machine (a run that never finished; both modes); fixed meanwhile,
+    kept as a regression test: execbuffer brought its spilled objects back one by one, and
+    making room for one spilled another member of the same submission. When the members
+    could not all be resident under the budget at once, each retry restored one and
+    spilled the other: the request never returned (embedded: the caller spun holding the
+    manager lock; daemon: the request parked and woke forever). SPEC §3: the request waits
+    for room, and if nothing can be freed it fails with ENOMEM. Run in a child process,
+    killed if it hangs."""
+    try:
+        proc = subprocess.run([sys.executable, "-c", LIVELOCK], capture_output=True, text=True, timeout=20)
+    except subprocess.TimeoutExpired:
+        pytest.fail("execbuffer did not return: restoring its members spills them in turn")
+    assert proc.returncode == 0 and proc.stdout.strip() in ("ok", "ENOMEM"), (proc.stdout, proc.stderr)
 
 
 # -- the two modes ----------------------------------------------------------------------
@@ -1025,7 +1005,7 @@ def spill_dir() -> Iterator[str]:
         yield directory
 
 
-def embedded_machine(spill: str, **flags: bool) -> type[HandleModel]:
+def embedded_machine(spill: str) -> type[HandleModel]:
     managers: list[ugem.Manager] = []
 
     def start() -> Callable[[], ugem.Device]:
@@ -1036,16 +1016,15 @@ def embedded_machine(spill: str, **flags: bool) -> type[HandleModel]:
         while managers:
             managers.pop().close()
 
-    return type("EmbeddedHandleModel", (HandleModel,), {"start": staticmethod(start), "stop": staticmethod(stop),
-                                                        **flags})
+    return type("EmbeddedHandleModel", (HandleModel,), {"start": staticmethod(start), "stop": staticmethod(stop)})
 
 
-def daemon_machine(path: str, **flags: bool) -> type[HandleModel]:
+def daemon_machine(path: str) -> type[HandleModel]:
     def start() -> Callable[[], ugem.Device]:
         return lambda: ugem.connect(path)
 
     return type("DaemonHandleModel", (HandleModel,),
-                {"start": staticmethod(start), "stop": staticmethod(lambda: None), "daemon_mode": True, **flags})
+                {"start": staticmethod(start), "stop": staticmethod(lambda: None), "daemon_mode": True})
 
 
 @pytest.fixture(scope="module")
@@ -1054,9 +1033,9 @@ def daemon():
         yield d
 
 
-def test_model_embedded(spill_dir: str, known_bugs: dict[str, bool]) -> None:
-    run_state_machine_as_test(embedded_machine(spill_dir, **known_bugs), settings=model_settings(150, 80))
+def test_model_embedded(spill_dir: str) -> None:
+    run_state_machine_as_test(embedded_machine(spill_dir), settings=model_settings(300, 80))
 
 
-def test_model_daemon(daemon, known_bugs: dict[str, bool]) -> None:
-    run_state_machine_as_test(daemon_machine(daemon.path, **known_bugs), settings=model_settings(60, 80))
+def test_model_daemon(daemon) -> None:
+    run_state_machine_as_test(daemon_machine(daemon.path), settings=model_settings(120, 80))
