@@ -11,6 +11,7 @@ the pipe's read end reaching EOF proves the daemon closed every copy it received
 from __future__ import annotations
 
 import errno
+import fcntl
 import json
 import os
 import random
@@ -312,6 +313,36 @@ def test_client_that_never_reads_does_not_block_others(daemon: DaemonProcess, ki
         times = _timed_requests(good, 200)
     assert max(times) < 0.1, f"a well-behaved client waited {max(times) * 1000:.1f} ms behind a deaf one"
     deaf.close()
+    kit.assert_healthy(daemon, baseline)
+
+
+def test_a_burst_of_requests_in_one_write_is_served_in_order(daemon: DaemonProcess, kit: Any) -> None:
+    """One read between frames may fetch several requests (wire/frames.py): each is served in
+    order, one reply each, and fds sent with the last frame of the burst belong to it."""
+    baseline = daemon.fd_count()
+    client = kit.raw(daemon.path)
+    client.hello()
+    frames = []
+    for i, (op, msg) in enumerate([(Op.GEM_CREATE, s.CreateReq(size=4096)), (Op.GEM_INFO, s.InfoReq(handle=1)),
+                                   (999, None), (Op.GEM_CLOSE, s.CloseReq(handle=7)),
+                                   (Op.GEM_CREATE, s.CreateReq(size=8192))], start=1):
+        payload = b"" if msg is None else b"".join(bytes(p) for p in s.encode(msg)[0])
+        frames.append(encode_header(len(payload), op, 0, Kind.REQUEST, i, 0) + payload)
+    memfd = os.memfd_create("burst", os.MFD_CLOEXEC | os.MFD_ALLOW_SEALING)
+    try:
+        os.ftruncate(memfd, 4096)
+        fcntl.fcntl(memfd, fcntl.F_ADD_SEALS, fcntl.F_SEAL_SHRINK)
+        imp = b"".join(bytes(p) for p in s.encode(s.ImportReq())[0])
+        frames.append(encode_header(len(imp), Op.PRIME_FD_TO_HANDLE, 1, Kind.REQUEST, 6, 0) + imp)
+        client.send(b"".join(frames), [memfd])  # six requests, one sendmsg, the fd with the last
+    finally:
+        os.close(memfd)
+    replies = [client.reply() for _ in range(6)]
+    assert [r.seq for r in replies] == [1, 2, 3, 4, 5, 6]
+    assert [r.status for r in replies] == [0, 0, errno.EINVAL, errno.EINVAL, 0, 0]
+    assert s.decode(s.CreateReply, replies[4].payload, []).handle == 2
+    assert s.decode(s.ImportReply, replies[5].payload, []).handle == 3
+    client.close()
     kit.assert_healthy(daemon, baseline)
 
 

@@ -22,15 +22,14 @@ import pytest
 
 import ugem
 from ugem.cmd import SemaphoreWait
-from ugem.testing import run_daemon
+from ugem.testing import DaemonProcess, run_daemon
 
 PAGE = 4096
 
 
-def _kill(daemon: object, sig: int = signal.SIGKILL) -> None:
-    proc = daemon.proc  # type: ignore[attr-defined]
-    os.kill(proc.pid, sig)
-    proc.wait(timeout=10)
+def _kill(daemon: DaemonProcess, sig: int = signal.SIGKILL) -> None:
+    os.kill(daemon.pid, sig)
+    daemon.proc.wait(timeout=10)
 
 
 def test_next_call_after_sigkill_is_daemon_gone_and_memory_survives(tmp_path: os.PathLike[str]) -> None:

@@ -130,7 +130,7 @@ def gem_pwrite(core: Core, client: Client, req: s.PwriteReq) -> s.PwriteReply:
         return pwrite_vram(core, client, obj, req)
     core.gpu.to_cpu(obj, write=True)
     need = _pages_added(core, obj, req.offset, req.length)
-    core.memory.make_room(need, exclude=obj)  # throttles this caller (Pending) or ENOMEM
+    core.memory.make_room(need, keep=(obj,))  # throttles this caller (Pending) or ENOMEM
     backing = core.populate(obj)
     if req.flags & s.XFER:
         fd = core.backing.open_description(backing, writable=True)
@@ -267,7 +267,7 @@ def gem_pin(core: Core, client: Client, req: s.HandleReq) -> s.Empty:
                             f"(client {client.id} has {client.pinned_bytes} pinned)")
     core.memory.ensure_system(obj)
     if obj.kind == Kind.NORMAL and obj.placement != Placement.VRAM:  # in VRAM it stays there
-        core.memory.make_room(obj.size - obj.resident, exclude=obj)
+        core.memory.make_room(obj.size - obj.resident, keep=(obj,))
         core.backing.populate_all(core.populate(obj))
         core.memory.measure(obj)
     core.gpu.lru.discard(obj)  # pinned objects are never evicted

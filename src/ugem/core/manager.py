@@ -224,7 +224,7 @@ class Core:
         if obj.placement == Placement.NONE:
             if obj.madvise == DONTNEED:
                 raise BadAddress(f"object {obj.id} is DONTNEED and has no pages")
-            self.memory.make_fd_room(exclude=obj, wait=wait)
+            self.memory.make_fd_room(keep=(obj,), wait=wait)
             obj.backing = self.backing.create(obj.size)
             obj.transition(Event.POPULATE)
             self.memory.track(obj)
@@ -234,7 +234,7 @@ class Core:
         """System backing for an object leaving VRAM: never fails for the budget (the
         shrinker makes room afterwards), whatever the placement says now."""
         if obj.backing is None:
-            self.memory.make_fd_room(exclude=obj, wait=False)
+            self.memory.make_fd_room(keep=(obj,), wait=False)
             obj.backing = self.backing.create(obj.size)
             self.memory.track(obj)
         return obj.backing

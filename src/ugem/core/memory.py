@@ -147,8 +147,8 @@ class Memory:
         self.untrack(obj)
         self.core.release_backing(obj)
 
-    def make_room(self, need: int, exclude: BufferObject | None = None, keep: Collection[BufferObject] = ()) -> None:
-        """Once `need` more bytes fit (none from `exclude`/`keep`) return; else Pending or ENOMEM."""
+    def make_room(self, need: int, keep: Collection[BufferObject] = ()) -> None:
+        """Once `need` more bytes fit (none taken from `keep`) return; else Pending or ENOMEM."""
         self.refresh()  # pages written through mappings count from the next request on
         deficit = self.resident + self.reserved + need - self.budget
         if deficit <= 0:
@@ -156,7 +156,7 @@ class Memory:
         freeing = sum(j.nbytes for j in self.jobs if j.kind is JobKind.SPILL)
         if freeing >= deficit:
             raise Pending([j for j in self.jobs if j.kind is JobKind.SPILL])
-        lru = [o for o in self.lru if o is not exclude and o.resident and o not in keep]
+        lru = [o for o in self.lru if o.resident and o not in keep]
         purge = [o for o in lru if self.purgeable(o)]
         spare = [o for o in lru if self.spare(o)]
         spill = [o for o in lru if self.spillable(o) and o not in self.failed]
@@ -192,7 +192,7 @@ class Memory:
     def spilling(self) -> list[Job]:
         return [j for j in self.jobs if j.kind is JobKind.SPILL]
 
-    def make_fd_room(self, exclude: BufferObject | None = None, wait: bool = True) -> None:
+    def make_fd_room(self, keep: Collection[BufferObject] = (), wait: bool = True) -> None:
         """Return once one more backing fits under the store's fd limit; else purge and
         drop spares at once, and spill (raise Pending) or fail with ENOMEM. With `wait`
         False (an eviction mid-plan) only the immediate passes run, never Pending or ENOMEM:
@@ -205,19 +205,19 @@ class Memory:
                 raise Pending(spilling)
             return
         excess -= len(spilling)
-        for obj in [o for o in self.lru if o is not exclude and o.backing is not None and self.purgeable(o)]:
+        for obj in [o for o in self.lru if o not in keep and o.backing is not None and self.purgeable(o)]:
             if excess <= 0:
                 return
             excess -= 1
             self.purge(obj)
-        for obj in [o for o in self.lru if o is not exclude and o.backing is not None and self.spare(o)]:
+        for obj in [o for o in self.lru if o not in keep and o.backing is not None and self.spare(o)]:
             if excess <= 0:
                 return
             excess -= 1
             self.drop_spare(obj)
         if excess <= 0 or not wait:
             return
-        spill = [o for o in self.lru if o is not exclude and self.spillable(o) and o not in self.failed][:excess]
+        spill = [o for o in self.lru if o not in keep and self.spillable(o) and o not in self.failed][:excess]
         if len(spill) < excess and not spilling:
             raise OutOfMemory(f"no fd left for object pages: {store.open_count} object memfds open, at "
                               f"{store.limit_text}, and none of them can be spilled (mapped, pinned, "
@@ -387,8 +387,8 @@ class Memory:
             if error is not None:
                 short = error.errno in (errno.ENOMEM, errno.ENOSPC, errno.EFBIG, errno.EDQUOT)
                 raise (OutOfMemory if short else IOFailure)(f"bringing object {obj.id} back failed: {error}")
-            self.make_room(obj.spilled, exclude=obj, keep=keep)
-            self.make_fd_room(exclude=obj)
+            self.make_room(obj.spilled, keep=(obj, *keep))
+            self.make_fd_room(keep=(obj, *keep))
             raise Pending([self.plan_restore(obj)])
         self.touch(obj)
 
