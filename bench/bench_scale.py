@@ -778,7 +778,7 @@ def embedded_section(report: H.Report, opts: H.Options, n_objects: int, clients:
     report.notes.append(f"embedded: in a spawned child process (RSS of that process, which keeps no handles beyond "
                         f"the probe's); ref = a second Manager in it holding {SMALL:,} objects, measured in the same "
                         f"rounds; {out['objects']:,} objects after the fill; no target on the embedded figures "
-                        f"(SPEC §7 states them for the daemon)")
+                        f"(the targets are stated for the daemon)")
 
 
 # -- main ------------------------------------------------------------------------------------
@@ -808,7 +808,7 @@ def run(opts: H.Options) -> H.Report:
                                          error=f"{type(exc).__name__}: {exc}"))
         report.notes.append(f"{name} section took {time.monotonic() - t0:.1f} s")
     report.notes.append("memory per object = (figure at N objects - figure with 0 objects) / N; ratio = median / "
-                        "median of the reference measured in the same rounds (SPEC §7: daemon create at 1M <= 2 x "
+                        "median of the reference measured in the same rounds (target: daemon create at 1M <= 2 x "
                         "at 1k)")
     return report
 

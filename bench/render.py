@@ -6,7 +6,7 @@
 Defaults: PNGs into docs/perf/, markdown to docs/PERFORMANCE.md (both under the repository root).
 
 Per bench, one PNG (`<bench>.png`): horizontal bars of every ratio against the baseline measured
-in the same run, with the SPEC §7 target drawn as a vertical line on the rows that have one,
+in the same run, with the target (docs/REFERENCE.md, "Performance targets") drawn as a vertical line on the rows that have one,
 then one panel per unit of the medians, with whiskers out to the p99 (for GB/s and other
 rates, the p99 is the rate of the slowest 1% sample, so its whisker points left).
 
@@ -145,7 +145,7 @@ def _header(data: list[dict[str, Any]], results_link: str | None) -> list[str]:
     times = sorted(str(e["time"]) for e in envs if e.get("time"))
     sources = list(dict.fromkeys(str(e["source"]) for e in envs if e.get("source")))
     commands = list(dict.fromkeys(str(e["command"]) for e in envs if e.get("command")))
-    out = ["# Performance (SPEC §7)", ""]
+    out = ["# Performance (targets: REFERENCE.md, \"Performance targets\")", ""]
     how = "Measured with " + (f"`{commands[0]}`" if commands else "`python bench/run_all.py` (options not recorded)")
     how += f" on {times[0]}" if times else " (date not recorded)"
     how += "; tables and plots by `bench/render.py`"
@@ -194,7 +194,7 @@ def _informational(info: list[tuple[str, dict[str, Any]]]) -> list[str]:
     """The figures without a target that run_all.py's summary lists too."""
     if not info:
         return []
-    out = ["", "Figures without a SPEC §7 target (informational):", "", "| bench | figure | mode | measured |",
+    out = ["", "Figures without a target (informational):", "", "| bench | figure | mode | measured |",
            "|---|---|---|---|"]
     for bench, r in info:
         if r.get("error"):
@@ -442,7 +442,7 @@ def plot_report(plt: Any, rep: dict[str, Any], path: str) -> bool:
         labels = [m for m, _ in keys]
         if any(r.get("target") for r in rows):
             handles.append(plt.Line2D([], [], color=TARGET_COLOR, linewidth=2.5))
-            labels.append("SPEC §7 target")
+            labels.append("target")
         fig.legend(handles, labels, loc="outside upper right", ncols=len(labels), fontsize=8, frameon=False)
         fig.suptitle(f"{rep.get('bench', '?')}: {rep.get('title', '')}", fontsize=12, x=0.01, ha="left")
         buf = io.BytesIO()

@@ -7,7 +7,7 @@ the returned `retained` flag says whether the contents survived. A purged entry 
 and recomputed. Purged is final: the object never comes back, so a new one is made.
 
 Entries are copied out with `read_into` while WILLNEED, never kept as views: a view of a
-DONTNEED object reads zeros once the object is purged (SPEC §8).
+DONTNEED object reads zeros once the object is purged (docs/REFERENCE.md, "Differences from the kernel").
 
     python dontneed_cache.py                 # embedded manager with a 16 MiB system budget
     python dontneed_cache.py --socket PATH   # a daemon, e.g. `ugem serve --system-budget 16M`
