@@ -57,10 +57,11 @@ def _ls(args: argparse.Namespace) -> int:
     if args.json:
         print(json.dumps(rows, indent=1))
         return 0
-    print(f"{'ID':>8} {'SIZE':>12} {'PLACEMENT':<9} {'MADVISE':<8} {'NAME':>6} {'HANDLES':>7} {'OWNER':>8}")
+    print(f"{'ID':>8} {'SIZE':>12} {'PLACEMENT':<9} {'MADVISE':<8} {'NAME':>6} {'HANDLES':>7} {'PINNED':<6} "
+          f"{'MAPPED':>6} {'OWNER':>8}")
     for r in rows:
-        print(f"{r['id']:>8} {r['size']:>12} {r['placement']:<9} {r['madvise']:<8} {r['name']:>6} "
-              f"{r['handles']:>7} {r['owner_pid']:>8}")
+        print(f"{r['id']:>8} {r['size']:>12} {r['placement']:<9} {r['madvise']:<8} {r['name'] or '-':>6} "
+              f"{r['handles']:>7} {'yes' if r['pinned'] else 'no':<6} {r['mapped']:>6} {r['owner_pid'] or '-':>8}")
     return 0
 
 

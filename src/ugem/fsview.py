@@ -2,7 +2,8 @@
 
 Layout (SPEC §4)::
 
-    objects/<id>/info        `key: value` lines: the `ugem ls` row, then the GEM_INFO fields
+    objects/<id>/info        `key: value` lines: the `ugem ls --json` row, then the GEM_INFO
+                             fields it lacks (tiling, stride, caching, busy, userptr)
     objects/<id>/data        the object's bytes (size = object size), read lazily with pread
     names/<name>             -> ../objects/<id>     (flinked objects)
     clients/<id>/<handle>    -> ../../objects/<id>  (every client's handle table)
@@ -56,7 +57,7 @@ _DIR = stat.S_IFDIR | 0o555
 _FILE = stat.S_IFREG | 0o444
 _LINK = stat.S_IFLNK | 0o777
 _ROOT = ("objects", "names", "clients")
-_INFO_KEYS = ("tiling", "stride", "caching", "busy", "pinned", "userptr")
+_INFO_KEYS = ("tiling", "stride", "caching", "busy", "userptr")  # GEM_INFO fields the ls row lacks
 
 
 class FileInfo(Protocol):
@@ -88,11 +89,16 @@ class Snapshot:
         return cls(now, objects, names, clients)
 
 
+def _text(value: object) -> str:
+    return str(value).lower() if isinstance(value, bool) else str(value)
+
+
 def render_info(device: Device, row: dict[str, Any]) -> bytes:
     """The text of `objects/<id>/info`: the ls row, then GEM_INFO through a fresh handle
     (closed again at once). An object no handle holds (kept by a mapping or an export)
-    cannot be opened: it gets the ls row alone."""
-    lines = [f"{key}: {value}" for key, value in row.items()]
+    cannot be opened: it gets the ls row alone. Booleans read `true`/`false`; a row value
+    that is None (`label` of an object not preloaded) is left out."""
+    lines = [f"{key}: {_text(value)}" for key, value in row.items() if value is not None]
     try:
         handle = device.debug_open(int(row["id"]))
     except NoSuchObject:
@@ -103,8 +109,7 @@ def render_info(device: Device, row: dict[str, Any]) -> bytes:
         finally:
             device.close_handle(handle)
         for key in _INFO_KEYS:
-            value = getattr(info, key)
-            lines.append(f"{key}: {str(value).lower() if isinstance(value, bool) else value}")
+            lines.append(f"{key}: {_text(getattr(info, key))}")
     return ("\n".join(lines) + "\n").encode()
 
 

@@ -30,7 +30,7 @@ from ugem.testing import DaemonProcess, run_daemon
 from ugem.wire.frames import Kind, Op, encode_header
 
 UGEM = [sys.executable, "-m", "ugem"]
-LS_KEYS = {"id", "size", "placement", "madvise", "name", "handles", "owner_pid"}
+LS_KEYS = {"id", "size", "placement", "madvise", "name", "handles", "owner_pid", "pinned", "mapped", "label"}
 STAT_KEYS = {"objects", "clients", "resident_bytes", "vram_bytes", "spilled_bytes", "pinned_bytes",
              "purgeable_bytes", "purged_total", "evicted_total", "spilled_total", "bytes_moved_total", "per_client"}
 PER_CLIENT_KEYS = {"id", "pid", "uid", "objects", "bytes", "pinned_bytes"}
@@ -317,7 +317,8 @@ def test_ls_json() -> None:
         by_size = {row["size"]: row for row in rows}
         assert set(by_size) == {4096, 4 * 4096, 1 << 20}
         assert by_size[4096] | {"id": 0} == dict(id=0, size=4096, placement="none", madvise="willneed", name=0,
-                                                 handles=1, owner_pid=os.getpid())
+                                                 handles=1, owner_pid=os.getpid(), pinned=False, mapped=0,
+                                                 label=None)
         assert by_size[4 * 4096]["placement"] == "system"
         assert by_size[1 << 20]["name"] == name and by_size[1 << 20]["handles"] == 2
         assert len({row["id"] for row in rows}) == 3
@@ -326,6 +327,34 @@ def test_ls_json() -> None:
         plain = ugem_cli("ls", env=env)
         assert plain.returncode == 0, plain.stderr
         assert len(plain.stdout.strip().splitlines()) == 1 + 2  # header and two objects
+
+
+def test_ls_table_marks_no_name_and_shows_pinned_and_mapped() -> None:
+    with run_daemon() as daemon, daemon.connect() as dev:
+        plain = dev.create(4096)
+        pinned = dev.create(2 * 4096)
+        dev.pin(pinned)
+        mapped = dev.create(3 * 4096)
+        views = [dev.mmap(mapped), dev.mmap(mapped)]
+        name = dev.flink(mapped)
+        ids = {row["size"]: row["id"] for row in dev.list_objects()}
+        rows = {r["id"]: r for r in json.loads(ugem_cli("ls", "--json", "--socket", daemon.path).stdout)}
+        assert (rows[ids[4096]]["pinned"], rows[ids[4096]]["mapped"]) == (False, 0)
+        assert (rows[ids[2 * 4096]]["pinned"], rows[ids[2 * 4096]]["mapped"]) == (True, 0)
+        assert (rows[ids[3 * 4096]]["pinned"], rows[ids[3 * 4096]]["mapped"]) == (False, 2)
+        table = ugem_cli("ls", "--socket", daemon.path)
+        assert table.returncode == 0, table.stderr
+        header, *lines = table.stdout.splitlines()
+        assert header.split() == ["ID", "SIZE", "PLACEMENT", "MADVISE", "NAME", "HANDLES", "PINNED", "MAPPED",
+                                  "OWNER"]
+        by_id = {line.split()[0]: line.split() for line in lines}
+        pid = str(os.getpid())
+        assert by_id[str(ids[4096])][1:] == ["4096", "none", "willneed", "-", "1", "no", "0", pid]
+        assert by_id[str(ids[2 * 4096])][1:] == ["8192", "system", "willneed", "-", "1", "yes", "0", pid]
+        assert by_id[str(ids[3 * 4096])][1:] == ["12288", "system", "willneed", str(name), "1", "no", "2", pid]
+        assert all(len(line) == len(header) for line in lines), table.stdout  # columns line up
+        del views
+        dev.close_handle(plain)
 
 
 def test_stat_json() -> None:

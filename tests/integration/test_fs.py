@@ -166,6 +166,8 @@ def test_data_info_and_links(mount: Mount) -> None:
     lines = dict(line.split(": ", 1) for line in info.splitlines())
     assert lines["size"] == "4096" and lines["placement"] == "system" and lines["name"] == str(name)
     assert lines["id"] == str(sid) and lines["owner_pid"] == str(os.getpid()) and lines["pinned"] == "false"
+    assert lines["mapped"] == "0" and "label" not in lines  # no label: the line is left out
+    assert len(lines) == len(info.splitlines()), info  # no key twice (ls row and GEM_INFO)
     assert os.stat(mount.p("objects", sid, "info")).st_size == len(info)
 
     assert os.listdir(mount.p("names")) == [str(name)]

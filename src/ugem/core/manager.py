@@ -311,10 +311,14 @@ class Core:
         }
 
     def list_objects(self) -> list[dict[str, Any]]:
+        """One row per object (`ugem ls --json`): `name` 0 when it has none, `owner_pid` 0
+        once its creator is gone, `pinned` by any client, `mapped` the live mappings
+        counted by the manager, `label` its preload label (none yet: always None)."""
         owners = {c.id: c.creds.pid for c in self.clients.values()}
         return [
             {"id": o.id, "size": o.size, "placement": o.placement.label,
              "madvise": ("willneed", "dontneed", "purged")[2 if o.placement == Placement.PURGED else o.madvise],
-             "name": o.name, "handles": o.handle_count, "owner_pid": owners.get(o.creator, 0)}
+             "name": o.name, "handles": o.handle_count, "owner_pid": owners.get(o.creator, 0),
+             "pinned": bool(o.pinned_by), "mapped": o.maps, "label": None}
             for o in self.objects.values()
         ]
