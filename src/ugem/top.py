@@ -15,8 +15,10 @@ Rules:
 - Rates (`Rates.between`) are the `*_total` counters' increase between two samples divided by
   the seconds between them; without a previous sample, or when no time passed, they show as
   "-". A counter that went down (another daemon on the socket) counts as no events.
-- Clients are sorted by `bytes` (then `id`) and the table shows as many as fit; when some do
-  not, its last row says how many more there are and what they hold together.
+- Clients are sorted by `resident_bytes` (system memory their objects really hold), then
+  `id`; the table shows OBJECTS (handles held), RESIDENT, SIZE (`bytes`: sizes of the objects
+  the client created) and PINNED, as many rows as fit; when some do not, its last row says
+  how many more there are and what they hold together.
 - `run(dev, interval, once, console)` samples `dev.stats()`: `once` prints one frame and
   returns; otherwise a rich `Live` display redraws every `interval` seconds until Ctrl-C, which
   returns 0 (the last frame stays on screen). On a non-terminal, rich shows only the last frame.
@@ -44,6 +46,7 @@ SIDE_BY_SIDE_WIDTH = 96  # below this the rates panel goes under the regions pan
 _UNITS = ("KiB", "MiB", "GiB", "TiB", "PiB")
 _COUNTERS = (("evictions", "evicted_total"), ("spills", "spilled_total"), ("purges", "purged_total"),
              ("bytes_moved", "bytes_moved_total"))
+_CLIENT_BYTES = (("RESIDENT", "resident_bytes"), ("SIZE", "bytes"), ("PINNED", "pinned_bytes"))  # columns
 
 
 def human(n: float) -> str:
@@ -133,22 +136,24 @@ def _rates(stats: Stats, rates: Rates | None) -> Table:
 
 def _sorted_clients(stats: Stats) -> list[Mapping[str, Any]]:
     clients: Iterable[Mapping[str, Any]] = stats.get("per_client", ())
-    return sorted(clients, key=lambda c: (-int(c.get("bytes", 0)), int(c.get("id", 0))))
+    return sorted(clients, key=lambda c: (-int(c.get("resident_bytes", 0)), int(c.get("id", 0))))
 
 
 def _client_table(rows: list[Mapping[str, Any]], hidden: list[Mapping[str, Any]], total: int) -> Table:
     shown = f"top {len(rows)} of {total}" if hidden else f"{total}"
-    table = Table(title=f"clients ({shown}, by bytes)", title_justify="left", title_style="bold",
+    table = Table(title=f"clients ({shown}, by resident memory)", title_justify="left", title_style="bold",
                   box=box.SIMPLE_HEAD, pad_edge=False, show_edge=False, expand=False)
-    for name in ("ID", "PID", "UID", "OBJECTS", "BYTES", "PINNED"):
-        table.add_column(name, justify="right", no_wrap=True, min_width=8 if name in ("BYTES", "PINNED") else 5)
+    for name in ("ID", "PID", "UID", "OBJECTS"):
+        table.add_column(name, justify="right", no_wrap=True, min_width=5)
+    for name, _ in _CLIENT_BYTES:
+        table.add_column(name, justify="right", no_wrap=True, min_width=8)
     for c in rows:
         table.add_row(str(c.get("id", "")), str(c.get("pid", "")), str(c.get("uid", "")), str(c.get("objects", 0)),
-                      human(int(c.get("bytes", 0))), human(int(c.get("pinned_bytes", 0))))
+                      *(human(int(c.get(key, 0))) for _, key in _CLIENT_BYTES))
     if hidden:
         table.add_row(f"+{len(hidden)} more", "", "", str(sum(int(c.get("objects", 0)) for c in hidden)),
-                      human(sum(int(c.get("bytes", 0)) for c in hidden)),
-                      human(sum(int(c.get("pinned_bytes", 0)) for c in hidden)), style="italic")
+                      *(human(sum(int(c.get(key, 0)) for c in hidden)) for _, key in _CLIENT_BYTES),
+                      style="italic")
     return table
 
 

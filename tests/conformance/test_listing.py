@@ -1,6 +1,9 @@
-"""The manager's own view of its objects: `list_objects()` rows (what `ugem ls` shows)."""
+"""The manager's own views of its objects and clients: `list_objects()` rows (what `ugem ls`
+shows) and the per-client figures of `stats()` that `ugem top` ranks clients by."""
 
 from __future__ import annotations
+
+import numpy as np
 
 import ugem
 
@@ -40,3 +43,57 @@ def test_rows_show_pins_and_mappings(make_env):
     assert _rows(dev)[2 * PAGE]["mapped"] == 1
     views.clear()
     assert 2 * PAGE not in _rows(dev)
+
+
+def _resident(dev, client):
+    [row] = [c for c in dev.stats()["per_client"] if c["id"] == client.client_id]
+    return row["resident_bytes"]
+
+
+def test_per_client_resident_bytes_count_the_objects_it_created(make_env):
+    env = make_env()
+    a, b = env.open(), env.open()
+    assert _resident(a, a) == 0
+    h = a.create(64 * PAGE)
+    assert _resident(a, a) == 0  # no pages until first use
+    a.pwrite(h, 0, b"\1" * (8 * PAGE))
+    assert _resident(a, a) >= 8 * PAGE
+    # another client's handle to it does not move the charge; its own object counts for it
+    hb, _ = b.open_name(a.flink(h))
+    b.pwrite(hb, 32 * PAGE, b"\2" * (8 * PAGE))
+    own = b.create(4 * PAGE)
+    b.pwrite(own, 0, b"\3" * (4 * PAGE))
+    stats = a.stats()
+    by_id = {c["id"]: c["resident_bytes"] for c in stats["per_client"]}
+    assert by_id[a.client_id] >= 16 * PAGE and 4 * PAGE <= by_id[b.client_id] < 8 * PAGE
+    assert sum(by_id.values()) == stats["resident_bytes"]
+    # pages written through a mapping count once measured (stats measures)
+    view = b.mmap(own)
+    np.frombuffer(view, dtype=np.uint8)[:] = 4
+    assert _resident(a, b) >= 4 * PAGE
+    del view
+    # closing gives it back; an object outliving its creator is nobody's
+    b.close_handle(own)
+    assert _resident(a, b) == 0
+    a.close()
+    stats = b.stats()
+    assert [c["resident_bytes"] for c in stats["per_client"]] == [0]
+    assert stats["resident_bytes"] >= 16 * PAGE
+    b.close_handle(hb)
+    assert b.stats()["resident_bytes"] == 0
+
+
+def test_per_client_resident_bytes_follow_spills(make_env):
+    env = make_env(system_budget=16 * PAGE)
+    dev = env.open()
+    handles = [dev.create(8 * PAGE) for _ in range(4)]
+    for h in handles:
+        dev.pwrite(h, 0, b"\5" * (8 * PAGE))
+    stats = dev.stats()
+    assert stats["spilled_bytes"] > 0
+    [row] = stats["per_client"]
+    assert row["resident_bytes"] == stats["resident_bytes"] <= 16 * PAGE
+    for h in handles:
+        assert dev.pread(h, 0, 8 * PAGE) == b"\5" * (8 * PAGE)
+    stats = dev.stats()
+    assert stats["per_client"][0]["resident_bytes"] == stats["resident_bytes"]

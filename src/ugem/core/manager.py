@@ -305,7 +305,7 @@ class Core:
             **self.counters,
             "per_client": [
                 {"id": c.id, "pid": c.creds.pid, "uid": c.creds.uid, "objects": len(c.handles),
-                 "bytes": c.created_bytes, "pinned_bytes": c.pinned_bytes}
+                 "bytes": c.created_bytes, "resident_bytes": c.resident_bytes, "pinned_bytes": c.pinned_bytes}
                 for c in self.clients.values()
             ],
         }

@@ -4,7 +4,9 @@ Theory of operation
 -------------------
 `resident` is what the objects' memfds really hold (allocated blocks, as the BackingStore
 measures them). Each NORMAL object with system pages caches its last measurement in
-`obj.resident`; the total is kept incrementally. Objects whose pages can change without a
+`obj.resident`; the total is kept incrementally, and so is each creating client's share
+(`Client.resident_bytes`, while that client lives), all through `_set_resident`, so
+`stats()` reads them without a walk. Objects whose pages can change without a
 request (mapped, exported, or with a bulk transfer open) are *volatile*: the core calls
 `watch()` when one becomes so, and `refresh()` re-measures the watched ones (only those,
 so it is cheap) before any decision that depends on the total, `make_room`'s first check
@@ -88,21 +90,25 @@ class Memory:
     def untrack(self, obj: BufferObject) -> None:
         """`obj` lost its system pages (freed, purged, spilled)."""
         self.lru.discard(obj)
-        self.resident -= obj.resident
-        obj.resident = 0
+        self._set_resident(obj, 0)
+
+    def _set_resident(self, obj: BufferObject, nbytes: int) -> None:
+        delta = nbytes - obj.resident
+        self.resident += delta
+        obj.resident = nbytes
+        creator = self.core.clients.get(obj.creator)
+        if creator is not None:
+            creator.resident_bytes += delta
 
     def measure(self, obj: BufferObject) -> None:
         if obj.kind != Kind.NORMAL or obj.backing is None:
             return
-        now = self.core.backing.resident_bytes(obj.backing)
-        self.resident += now - obj.resident
-        obj.resident = now
+        self._set_resident(obj, self.core.backing.resident_bytes(obj.backing))
 
     def expect(self, obj: BufferObject, nbytes: int) -> None:
         """Count pages about to be written behind our back (a device copy-out) now."""
         if obj.kind == Kind.NORMAL and nbytes > obj.resident:
-            self.resident += nbytes - obj.resident
-            obj.resident = nbytes
+            self._set_resident(obj, nbytes)
 
     def touch(self, obj: BufferObject) -> None:
         if obj in self.lru:
