@@ -16,7 +16,7 @@ from typing import Any
 from .config import Config, parse_size
 from .errors import UgemError
 
-__all__ = ["main"]
+__all__ = ["format_stats", "main"]
 
 
 def _serve(args: argparse.Namespace) -> int:
@@ -65,18 +65,48 @@ def _ls(args: argparse.Namespace) -> int:
     return 0
 
 
+def _is_bytes(key: str) -> bool:
+    """Whether a stats() figure is a byte count (the rest are counts, booleans or limits in units)."""
+    return key == "bytes" or key.endswith(("_bytes", "_size", "_budget")) or key.startswith("bytes_")
+
+
+def _figure(key: str, value: Any) -> str:
+    from .top import human
+
+    if isinstance(value, bool):
+        return "yes" if value else "no"
+    if isinstance(value, int) and _is_bytes(key):
+        return human(value) if value < 1024 else f"{human(value)} ({value})"
+    return str(value)
+
+
+_CLIENT_COLUMNS = (("ID", "id"), ("PID", "pid"), ("UID", "uid"), ("OBJECTS", "objects"),
+                   ("RESIDENT", "resident_bytes"), ("SIZE", "bytes"), ("PINNED", "pinned_bytes"))
+
+
+def format_stats(figures: dict[str, Any]) -> str:
+    """`ugem stat` as text: one `key  value` line per figure (sizes in binary units with the
+    exact byte count in parentheses, booleans as yes/no, counts plain), then the clients as
+    a table sorted by id, its size columns in binary units."""
+    from .top import human
+
+    scalars = {k: v for k, v in figures.items() if k != "per_client"}
+    width = max(map(len, scalars), default=0) + 2
+    lines = [f"{key:<{width}}{_figure(key, value)}" for key, value in scalars.items()]
+    clients = sorted(figures.get("per_client", ()), key=lambda c: int(c["id"]))
+    lines.append(f"per_client ({len(clients)})")
+    table = [[name for name, _ in _CLIENT_COLUMNS]]
+    table += [[human(int(c.get(key, 0))) if _is_bytes(key) else str(c.get(key, ""))
+               for _, key in _CLIENT_COLUMNS] for c in clients]
+    widths = [max(len(row[i]) for row in table) for i in range(len(_CLIENT_COLUMNS))]
+    lines += ["  " + "  ".join(cell.rjust(w) for cell, w in zip(row, widths, strict=True)) for row in table]
+    return "\n".join(lines)
+
+
 def _stat(args: argparse.Namespace) -> int:
     with _connect(args) as dev:
         figures = dev.stats()
-    if args.json:
-        print(json.dumps(figures, indent=1))
-        return 0
-    for key, value in figures.items():
-        if key != "per_client":
-            print(f"{key:<20} {value}")
-    print(f"{'per_client':<20} id pid uid objects bytes pinned_bytes")
-    for c in figures["per_client"]:
-        print(f"{'':<20} {c['id']} {c['pid']} {c['uid']} {c['objects']} {c['bytes']} {c['pinned_bytes']}")
+    print(json.dumps(figures, indent=1) if args.json else format_stats(figures))
     return 0
 
 

@@ -12,6 +12,8 @@ Rules:
   shows at least one cell). A daemon whose
   stats lack a limit shows the figure without a bar. Spilled, pinned and purgeable are plain
   byte figures. Bytes are shown in binary units (B, KiB, MiB, GiB, TiB).
+- The header counts objects and clients and, when the stats carry `suspended`, says
+  `device: running` or `device: SUSPENDED` (device work is held until `ugem resume`).
 - Rates (`Rates.between`) are the `*_total` counters' increase between two samples divided by
   the seconds between them; without a previous sample, or when no time passed, they show as
   "-". A counter that went down (another daemon on the socket) counts as no events.
@@ -168,6 +170,12 @@ class Frame:
     def header(self) -> Text:
         text = Text("ugem top", style="bold")
         text.append(f"  {_count(self.stats, 'objects', 'object')}, {_count(self.stats, 'clients', 'client')}  ")
+        if "suspended" in self.stats:
+            if self.stats["suspended"]:
+                text.append("device: SUSPENDED", style="bold reverse red")
+            else:
+                text.append("device: running", style="green")
+            text.append("  ")
         text.append("rates: first sample" if self.rates is None else f"rates over {self.elapsed:.1f} s",
                     style="dim")
         return text

@@ -26,6 +26,7 @@ from typing import Any
 import pytest
 
 import ugem
+from ugem.cli import format_stats
 from ugem.testing import DaemonProcess, run_daemon
 from ugem.wire.frames import Kind, Op, encode_header
 
@@ -33,7 +34,7 @@ UGEM = [sys.executable, "-m", "ugem"]
 LS_KEYS = {"id", "size", "placement", "madvise", "name", "handles", "owner_pid", "pinned", "mapped", "label"}
 STAT_KEYS = {"objects", "clients", "resident_bytes", "vram_bytes", "spilled_bytes", "pinned_bytes",
              "purgeable_bytes", "purged_total", "evicted_total", "spilled_total", "bytes_moved_total", "per_client"}
-PER_CLIENT_KEYS = {"id", "pid", "uid", "objects", "bytes", "pinned_bytes"}
+PER_CLIENT_KEYS = {"id", "pid", "uid", "objects", "bytes", "resident_bytes", "pinned_bytes"}
 
 
 def ugem_cli(*args: str, env: dict[str, str] | None = None, timeout: float = 30) -> subprocess.CompletedProcess[str]:
@@ -375,6 +376,40 @@ def test_stat_json() -> None:
         assert len(mine) == 1 and mine[0]["objects"] == 3 and mine[0]["bytes"] == 3 * 8192
         plain = ugem_cli("stat", "--socket", daemon.path)
         assert plain.returncode == 0 and "resident_bytes" in plain.stdout, plain.stderr
+
+
+def test_stat_text_is_readable() -> None:
+    with run_daemon(system_budget="3M", vram="1G") as daemon, daemon.connect() as dev:
+        h = dev.create(3 << 20)
+        dev.pwrite(h, 0, b"r" * (3 << 19))  # 1.5 MiB
+        dev.create(100)
+        result = ugem_cli("stat", "--socket", daemon.path)
+        exact = json.loads(ugem_cli("stat", "--json", "--socket", daemon.path).stdout)
+    assert result.returncode == 0 and result.stderr == "", result.stderr
+    lines = result.stdout.splitlines()
+    figures = {line.split()[0]: line.split(None, 1)[1] for line in lines[:lines.index("per_client (2)")]}
+    assert figures["resident_bytes"] == "1.5 MiB (1572864)"
+    assert figures["system_budget"] == "3.0 MiB (3145728)" and figures["vram_size"] == "1.0 GiB (1073741824)"
+    assert figures["spilled_bytes"] == "0 B" and figures["bytes_moved_total"] == "0 B"
+    assert figures["objects"] == "2" and figures["clients"] == "2" and figures["purged_total"] == "0"
+    width = max(map(len, figures)) + 2  # the values start in one column
+    assert all(line[:width].rstrip() == key and line[width:] == value
+               for (key, value), line in zip(figures.items(), lines, strict=False))
+    # --json stays exact: plain integers
+    assert exact["resident_bytes"] == 3 << 19 and exact["system_budget"] == 3 << 20
+    table = lines[lines.index("per_client (2)") + 1:]
+    assert table[0].split() == ["ID", "PID", "UID", "OBJECTS", "RESIDENT", "SIZE", "PINNED"]
+    mine = next(row.split() for row in table[1:] if row.split()[1] == str(os.getpid()))
+    assert mine[3:] == ["2", "1.5", "MiB", "3.0", "MiB", "0", "B"]
+    assert len({len(row) for row in table}) == 1, table  # right-aligned columns, one width
+
+
+def test_stat_text_shows_suspended_and_unknown_figures() -> None:
+    figures = {"objects": 1, "suspended": True, "memfd_limit": 17500, "vram_bytes": 512, "per_client": []}
+    assert format_stats(figures).splitlines() == [
+        "objects      1", "suspended    yes", "memfd_limit  17500", "vram_bytes   512 B", "per_client (0)",
+        "  ID  PID  UID  OBJECTS  RESIDENT  SIZE  PINNED"]
+    assert "suspended    no" in format_stats({**figures, "suspended": False})
 
 
 # -- resources -----------------------------------------------------------------------------------

@@ -135,6 +135,14 @@ def test_a_daemon_without_limits_in_its_stats_shows_figures_without_bars() -> No
     assert "256.0 MiB" in row(text, "VRAM") and "█" not in text and "░" not in text
 
 
+def test_the_header_says_whether_the_device_is_suspended() -> None:
+    assert "device" not in screen(render(sample(), None, 0.0)).splitlines()[0]  # a daemon that does not say
+    running = screen(render(sample(suspended=False), None, 0.0)).splitlines()[0]
+    assert running.startswith("ugem top  5 objects, 2 clients  device: running  rates: first sample"), running
+    suspended = screen(render(sample(suspended=True), None, 0.0)).splitlines()[0]
+    assert suspended.startswith("ugem top  5 objects, 2 clients  device: SUSPENDED  rates:"), suspended
+
+
 def test_narrow_consoles_stack_the_panels() -> None:
     wide, narrow = screen(render(sample(), None, 0.0)), screen(render(sample(), None, 0.0), width=80)
     tops = [line for line in wide.splitlines() if line.startswith("╭─")]
