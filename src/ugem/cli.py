@@ -2,19 +2,31 @@
 
 Subcommands: serve, ls [--json], stat [--json], top (live view), suspend, resume, ops (lists the request table),
 fs MOUNTPOINT (a read-only FUSE view; runs in the foreground until unmounted, SIGINT or SIGTERM).
-Exit codes: 0 success, 1 operation failure, 2 usage error, 3 no daemon / socket in use.
+Exit codes: 0 success, 1 operation failure, 2 usage error, 3 no daemon / socket in use / the daemon
+went away.
+
+Errors: never a traceback. Every failure is one line on stderr, `ugem: COMMAND: what failed`,
+naming the path, value or flag involved: the socket path for anything about reaching the
+daemon (missing, refused, no permission, gone mid-request), the mount point for `fs`, the
+daemon's own message with its errno name for a refused operation (`... (EACCES)`).
+Ctrl-C ends a command with status 130 (`top` and `fs`: 0, it is how one leaves them).
+Output cut short by a closed pipe (`ugem stat | head -1`): stdout is pointed at /dev/null and
+the command exits 1 without a message, as a failed write is a failure but not news to the
+reader who closed the pipe.
 """
 
 from __future__ import annotations
 
 import argparse
+import errno
 import json
 import logging
+import os
 import sys
 from typing import Any
 
 from .config import Config, parse_size
-from .errors import UgemError
+from .errors import DaemonGone, ProtocolError, UgemError
 
 __all__ = ["format_stats", "main"]
 
@@ -45,10 +57,32 @@ def _serve(args: argparse.Namespace) -> int:
     return 0
 
 
+class _Failed(Exception):
+    """A CLI failure: `message` for stderr (after `ugem: COMMAND: `) and the exit status."""
+
+    def __init__(self, message: str, status: int) -> None:
+        super().__init__(message)
+        self.status = status
+
+
+def _socket_path(args: argparse.Namespace) -> str:
+    from .paths import resolve_socket_path
+
+    return resolve_socket_path(getattr(args, "socket", None))[0]
+
+
 def _connect(args: argparse.Namespace) -> Any:
     from .client.connect import connect
 
-    return connect(args.socket)
+    try:
+        return connect(args.socket)
+    except (FileNotFoundError, ConnectionRefusedError, UgemError, DaemonGone):
+        raise  # their messages name the path (and say to start a daemon); main() reports them
+    except OSError as exc:
+        if isinstance(exc, PermissionError) and exc.errno is None:
+            raise  # an unsafe default socket directory: the message names it
+        why = exc.strerror or str(exc)
+        raise _Failed(f"cannot connect to the ugem daemon socket at {_socket_path(args)}: {why}", 3) from exc
 
 
 def _ls(args: argparse.Namespace) -> int:
@@ -113,7 +147,6 @@ def _stat(args: argparse.Namespace) -> int:
 def _top(args: argparse.Namespace) -> int:
     from rich.console import Console
 
-    from .errors import DaemonGone
     from .top import run
 
     try:
@@ -121,9 +154,6 @@ def _top(args: argparse.Namespace) -> int:
             return run(dev, args.interval, args.once, Console())
     except KeyboardInterrupt:  # Ctrl-C is how one leaves top, wherever it lands
         return 0
-    except DaemonGone as exc:
-        print(f"ugem: {exc}", file=sys.stderr)
-        return 3
 
 
 def _interval(text: str) -> float:
@@ -132,7 +162,7 @@ def _interval(text: str) -> float:
     except ValueError:
         raise argparse.ArgumentTypeError(f"not a number: {text!r}") from None
     if not 0 < value < float("inf"):
-        raise argparse.ArgumentTypeError("the interval must be a positive number of seconds")
+        raise argparse.ArgumentTypeError(f"{text!r}: the interval must be a positive number of seconds")
     return value
 
 
@@ -239,14 +269,31 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
-        return int(args.func(args))
-    except UgemError as exc:
-        print(f"ugem: {exc.strerror}", file=sys.stderr)
+        status = int(args.func(args))
+        sys.stdout.flush()  # a closed pipe shows here, not in the interpreter's exit
+        return status
+    except BrokenPipeError:
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # the exit's flush stays quiet
         return 1
+    except KeyboardInterrupt:
+        return 130
+    except _Failed as exc:
+        return _fail(args, str(exc), exc.status)
+    except UgemError as exc:  # the manager refused: its message names what, the errno says why
+        code = errno.errorcode.get(exc.errno, str(exc.errno)) if exc.errno else "?"
+        return _fail(args, f"{exc.strerror} ({code})", 1)
+    except DaemonGone as exc:
+        return _fail(args, f"the ugem daemon at {_socket_path(args)} went away ({exc})", 3)
+    except ProtocolError as exc:
+        return _fail(args, f"the ugem daemon at {_socket_path(args)} broke the protocol: {exc}", 3)
     except (FileNotFoundError, ConnectionRefusedError, PermissionError) as exc:
-        # no daemon, or an unsafe default socket directory (SPEC §1): a message, not a traceback
-        print(f"ugem: {exc.strerror or exc}", file=sys.stderr)
-        return 3
+        # no daemon, or an unsafe default socket directory (SPEC §1): the message names the path
+        return _fail(args, str(exc.strerror or exc), 3)
+
+
+def _fail(args: argparse.Namespace, message: str, status: int) -> int:
+    print(f"ugem: {args.command}: {message}", file=sys.stderr)
+    return status
 
 
 if __name__ == "__main__":

@@ -19,6 +19,7 @@ import stat
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from collections.abc import Iterator
 from typing import Any
@@ -26,6 +27,7 @@ from typing import Any
 import pytest
 
 import ugem
+from ugem import cli
 from ugem.cli import format_stats
 from ugem.testing import DaemonProcess, run_daemon
 from ugem.wire.frames import Kind, Op, encode_header
@@ -294,8 +296,129 @@ def test_connect_without_daemon_names_path_and_remedy(runtime_dir: str, xdg_env:
     assert explicit in str(exc.value)
     for command in ("ls", "stat"):
         result = ugem_cli(command, "--json", env=dict(os.environ))
-        assert result.returncode != 0 and result.stdout == ""
-        assert "ugem serve" in result.stderr, result.stderr
+        assert result.returncode == 3 and result.stdout == ""
+        assert result.stderr.startswith(f"ugem: {command}: ") and "ugem serve" in result.stderr, result.stderr
+        assert explicit in result.stderr and len(result.stderr.splitlines()) == 1, result.stderr
+
+
+# -- errors: one line naming what was involved, never a traceback ---------------------------------
+
+CLIENT_COMMANDS = (("ls",), ("stat",), ("top", "--once"), ("suspend",), ("resume",))
+
+
+def _one_line(result: subprocess.CompletedProcess[str], *names: str) -> str:
+    assert "Traceback" not in result.stderr, result.stderr
+    assert len(result.stderr.splitlines()) == 1, result.stderr
+    for name in names:
+        assert name in result.stderr, (name, result.stderr)
+    return result.stderr
+
+
+def test_socket_path_errors_name_the_path() -> None:
+    with tempfile.TemporaryDirectory(prefix="ugem-cli-") as directory:
+        not_a_dir = os.path.join(directory, "file")
+        open(not_a_dir, "w").close()
+        cases = {os.path.join(not_a_dir, "ugem.sock"): "Not a directory",
+                 os.path.join(directory, "x" * 120 + ".sock"): "too long"}
+        for path, why in cases.items():
+            for command in CLIENT_COMMANDS:
+                result = ugem_cli(*command, "--socket", path)
+                assert result.returncode == 3 and result.stdout == ""
+                assert _one_line(result, path, why).startswith(f"ugem: {command[0]}: cannot connect to")
+
+
+@contextlib.contextmanager
+def _hanging_up_daemon(directory: str, connections: int) -> Iterator[str]:
+    """A socket whose 'daemon' reads the HELLO of each of `connections` clients and hangs up."""
+    path = os.path.join(directory, "gone.sock")
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as server:
+        server.bind(path)
+        server.listen(connections)
+
+        def serve() -> None:
+            for _ in range(connections):
+                conn, _addr = server.accept()
+                with conn:
+                    conn.recv(4096)
+
+        worker = threading.Thread(target=serve, daemon=True)
+        worker.start()
+        yield path
+        worker.join(timeout=60)
+
+
+def test_a_daemon_going_away_is_one_line_naming_the_socket() -> None:
+    with tempfile.TemporaryDirectory(prefix="ugem-cli-") as directory, \
+            _hanging_up_daemon(directory, len(CLIENT_COMMANDS)) as path:
+        for command in CLIENT_COMMANDS:
+            result = ugem_cli(*command, "--socket", path)
+            assert result.returncode == 3 and result.stdout == ""
+            assert _one_line(result, path, "went away").startswith(f"ugem: {command[0]}: ")
+
+
+def _cli_as(uid: int, *args: str) -> tuple[int, str, str]:
+    """`ugem ARGS` in a forked child that dropped to `uid` (the interpreter lives under a
+    directory other users cannot read, so the child runs main() instead of exec'ing)."""
+    out_r, out_w = os.pipe()
+    err_r, err_w = os.pipe()
+    pid = os.fork()
+    if pid == 0:  # child: never returns into pytest
+        status = 99
+        try:
+            os.close(out_r)
+            os.close(err_r)
+            sys.stdout, sys.stderr = open(out_w, "w"), open(err_w, "w")  # noqa: SIM115
+            os.setgroups([])
+            os.setgid(uid)
+            os.setuid(uid)
+            status = cli.main(list(args))
+            sys.stdout.flush()
+            sys.stderr.flush()
+        finally:
+            os._exit(status)
+    os.close(out_w)
+    os.close(err_w)
+    with open(out_r) as out, open(err_r) as err:
+        stdout, stderr = out.read(), err.read()
+    _, status = os.waitpid(pid, 0)
+    return os.waitstatus_to_exitcode(status), stdout, stderr
+
+
+@pytest.mark.skipif(os.getuid() != 0, reason="needs root to run the CLI as another user")
+def test_other_users_errors_name_the_socket_or_the_refusal() -> None:
+    with tempfile.TemporaryDirectory(prefix="ugem-cli-") as directory:
+        os.chmod(directory, 0o755)
+        for mode, expected, status in (("0600", "Permission denied", 3), ("0666", "privileged", 1)):
+            path = os.path.join(directory, f"ugem-{mode}.sock")
+            with run_daemon(socket=path, socket_mode=mode):
+                for command in ("ls", "stat", "suspend"):
+                    if command == "stat" and mode == "0666":
+                        continue  # anyone who can connect may read the figures
+                    code, stdout, stderr = _cli_as(65534, command, "--socket", path)
+                    assert (code, stdout) == (status, ""), (command, mode, code, stdout, stderr)
+                    assert "Traceback" not in stderr and len(stderr.splitlines()) == 1, stderr
+                    assert stderr.startswith(f"ugem: {command}: ") and expected in stderr, stderr
+                    # no access to the socket: its path; refused by the daemon: why, and the errno
+                    assert path in stderr if mode == "0600" else stderr.endswith("(EACCES)\n"), stderr
+
+
+@pytest.mark.parametrize("command", [("ls",), ("ls", "--json"), ("stat",), ("stat", "--json"), ("top", "--once"),
+                                     ("ops",)], ids=" ".join)
+def test_a_closed_stdout_ends_quietly(command: tuple[str, ...]) -> None:
+    with run_daemon() as daemon, daemon.connect() as dev:
+        for _ in range(3):
+            dev.create(4096)
+        read_end, write_end = os.pipe()
+        os.close(read_end)  # nobody reads: the first write fails with EPIPE
+        try:
+            args = [*command] if command == ("ops",) else [*command, "--socket", daemon.path]
+            result = subprocess.run([*UGEM, *args], stdout=write_end, stderr=subprocess.PIPE, text=True, timeout=30)
+        finally:
+            os.close(write_end)
+        assert (result.returncode, result.stderr) == (1, ""), result.stderr
+        piped = subprocess.run(f"{' '.join(UGEM)} stat --socket {daemon.path} | head -1", shell=True,
+                               capture_output=True, text=True, timeout=30)
+        assert piped.returncode == 0 and piped.stderr == "" and piped.stdout.startswith("objects"), piped
 
 
 # -- ls, stat ------------------------------------------------------------------------------------
