@@ -180,26 +180,34 @@ def _resume(args: argparse.Namespace) -> int:
     return 0
 
 
+def _check_mountpoint(path: str) -> None:
+    """`ugem fs` mounts only on an existing empty directory (libfuse 3 would mount over files)."""
+    try:
+        entries = os.listdir(path)
+    except OSError as exc:
+        raise _Failed(f"could not mount {path}: {exc.strerror}", 1) from exc
+    if entries:
+        raise _Failed(f"could not mount {path}: the directory is not empty (the mount point must be an "
+                      f"existing empty directory)", 1)
+
+
 def _fs(args: argparse.Namespace) -> int:
-    from .errors import DaemonGone
     from .fsview import mount
 
+    _check_mountpoint(args.mountpoint)
     logging.basicConfig(level="WARNING", stream=sys.stderr, format="%(message)s")
     with _connect(args) as dev:
         try:
             mount(dev, args.mountpoint, debug=args.debug)
         except DaemonGone as exc:  # the view unmounted itself
-            print(f"ugem: {exc}", file=sys.stderr)
-            return 3
-        except ImportError:
-            print("ugem: `ugem fs` needs mfusepy: pip install 'ugem[fs]'", file=sys.stderr)
-            return 1
+            raise _Failed(f"the ugem daemon at {_socket_path(args)} went away; {args.mountpoint} was unmounted",
+                          3) from exc
+        except ImportError as exc:
+            raise _Failed("needs mfusepy: pip install 'ugem[fs]'", 1) from exc
         except OSError as exc:  # libfuse not found (mfusepy raises this at import)
-            print(f"ugem: cannot load libfuse ({exc}); install it (Debian: apt-get install fuse3)", file=sys.stderr)
-            return 1
-        except RuntimeError:  # libfuse said why on stderr (no such mountpoint, no /dev/fuse, ...)
-            print(f"ugem: could not mount {args.mountpoint}", file=sys.stderr)
-            return 1
+            raise _Failed(f"cannot load libfuse ({exc}); install it (Debian: apt-get install fuse3)", 1) from exc
+        except RuntimeError as exc:  # libfuse said why on stderr (no /dev/fuse, no permission, ...)
+            raise _Failed(f"could not mount {args.mountpoint} (libfuse's reason is above)", 1) from exc
     return 0
 
 
