@@ -115,6 +115,13 @@ class Core:
             creator.created_bytes -= obj.size
         del self.objects[obj.id]
 
+    def charge_resident(self, obj: BufferObject, delta: int) -> None:
+        """`obj`'s resident bytes changed by `delta` (Memory measured them): its creator's share
+        (`stats()` per-client `resident_bytes`) follows while that client lives."""
+        creator = self.clients.get(obj.creator)
+        if creator is not None:
+            creator.resident_bytes += delta
+
     def discard_unpublished(self, obj: BufferObject) -> None:
         """Undo `object_new` for an object that never got a handle (error unwinding)."""
         self.get(obj)
