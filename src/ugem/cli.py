@@ -2,21 +2,33 @@
 
 Subcommands: serve, ls [--json], stat [--json], top (live view), suspend, resume, ops (lists the request table),
 fs MOUNTPOINT (a read-only FUSE view; runs in the foreground until unmounted, SIGINT or SIGTERM).
-Exit codes: 0 success, 1 operation failure, 2 usage error, 3 no daemon / socket in use.
+Exit codes: 0 success, 1 operation failure, 2 usage error, 3 no daemon / socket in use / the daemon
+went away.
+
+Errors: never a traceback. Every failure is one line on stderr, `ugem: COMMAND: what failed`,
+naming the path, value or flag involved: the socket path for anything about reaching the
+daemon (missing, refused, no permission, gone mid-request), the mount point for `fs`, the
+daemon's own message with its errno name for a refused operation (`... (EACCES)`).
+Ctrl-C ends a command with status 130 (`top` and `fs`: 0, it is how one leaves them).
+Output cut short by a closed pipe (`ugem stat | head -1`): stdout is pointed at /dev/null and
+the command exits 1 without a message, as a failed write is a failure but not news to the
+reader who closed the pipe.
 """
 
 from __future__ import annotations
 
 import argparse
+import errno
 import json
 import logging
+import os
 import sys
 from typing import Any
 
 from .config import Config, parse_size
-from .errors import UgemError
+from .errors import DaemonGone, ProtocolError, UgemError
 
-__all__ = ["main"]
+__all__ = ["format_stats", "main"]
 
 
 def _serve(args: argparse.Namespace) -> int:
@@ -45,10 +57,32 @@ def _serve(args: argparse.Namespace) -> int:
     return 0
 
 
+class _Failed(Exception):
+    """A CLI failure: `message` for stderr (after `ugem: COMMAND: `) and the exit status."""
+
+    def __init__(self, message: str, status: int) -> None:
+        super().__init__(message)
+        self.status = status
+
+
+def _socket_path(args: argparse.Namespace) -> str:
+    from .paths import resolve_socket_path
+
+    return resolve_socket_path(getattr(args, "socket", None))[0]
+
+
 def _connect(args: argparse.Namespace) -> Any:
     from .client.connect import connect
 
-    return connect(args.socket)
+    try:
+        return connect(args.socket)
+    except (FileNotFoundError, ConnectionRefusedError, UgemError, DaemonGone):
+        raise  # their messages name the path (and say to start a daemon); main() reports them
+    except OSError as exc:
+        if isinstance(exc, PermissionError) and exc.errno is None:
+            raise  # an unsafe default socket directory: the message names it
+        why = exc.strerror or str(exc)
+        raise _Failed(f"cannot connect to the ugem daemon socket at {_socket_path(args)}: {why}", 3) from exc
 
 
 def _ls(args: argparse.Namespace) -> int:
@@ -57,32 +91,62 @@ def _ls(args: argparse.Namespace) -> int:
     if args.json:
         print(json.dumps(rows, indent=1))
         return 0
-    print(f"{'ID':>8} {'SIZE':>12} {'PLACEMENT':<9} {'MADVISE':<8} {'NAME':>6} {'HANDLES':>7} {'OWNER':>8}")
+    print(f"{'ID':>8} {'SIZE':>12} {'PLACEMENT':<9} {'MADVISE':<8} {'NAME':>6} {'HANDLES':>7} {'PINNED':<6} "
+          f"{'MAPPED':>6} {'OWNER':>8}")
     for r in rows:
-        print(f"{r['id']:>8} {r['size']:>12} {r['placement']:<9} {r['madvise']:<8} {r['name']:>6} "
-              f"{r['handles']:>7} {r['owner_pid']:>8}")
+        print(f"{r['id']:>8} {r['size']:>12} {r['placement']:<9} {r['madvise']:<8} {r['name'] or '-':>6} "
+              f"{r['handles']:>7} {'yes' if r['pinned'] else 'no':<6} {r['mapped']:>6} {r['owner_pid'] or '-':>8}")
     return 0
+
+
+def _is_bytes(key: str) -> bool:
+    """Whether a stats() figure is a byte count (the rest are counts, booleans or limits in units)."""
+    return key == "bytes" or key.endswith(("_bytes", "_size", "_budget")) or key.startswith("bytes_")
+
+
+def _figure(key: str, value: Any) -> str:
+    from .top import human
+
+    if isinstance(value, bool):
+        return "yes" if value else "no"
+    if isinstance(value, int) and _is_bytes(key):
+        return human(value) if value < 1024 else f"{human(value)} ({value})"
+    return str(value)
+
+
+_CLIENT_COLUMNS = (("ID", "id"), ("PID", "pid"), ("UID", "uid"), ("OBJECTS", "objects"),
+                   ("RESIDENT", "resident_bytes"), ("SIZE", "bytes"), ("PINNED", "pinned_bytes"))
+
+
+def format_stats(figures: dict[str, Any]) -> str:
+    """`ugem stat` as text: one `key  value` line per figure (sizes in binary units with the
+    exact byte count in parentheses, booleans as yes/no, counts plain), then the clients as
+    a table sorted by id, its size columns in binary units."""
+    from .top import human
+
+    scalars = {k: v for k, v in figures.items() if k != "per_client"}
+    width = max(map(len, scalars), default=0) + 2
+    lines = [f"{key:<{width}}{_figure(key, value)}" for key, value in scalars.items()]
+    clients = sorted(figures.get("per_client", ()), key=lambda c: int(c["id"]))
+    lines.append(f"per_client ({len(clients)})")
+    table = [[name for name, _ in _CLIENT_COLUMNS]]
+    table += [[human(int(c.get(key, 0))) if _is_bytes(key) else str(c.get(key, ""))
+               for _, key in _CLIENT_COLUMNS] for c in clients]
+    widths = [max(len(row[i]) for row in table) for i in range(len(_CLIENT_COLUMNS))]
+    lines += ["  " + "  ".join(cell.rjust(w) for cell, w in zip(row, widths, strict=True)) for row in table]
+    return "\n".join(lines)
 
 
 def _stat(args: argparse.Namespace) -> int:
     with _connect(args) as dev:
         figures = dev.stats()
-    if args.json:
-        print(json.dumps(figures, indent=1))
-        return 0
-    for key, value in figures.items():
-        if key != "per_client":
-            print(f"{key:<20} {value}")
-    print(f"{'per_client':<20} id pid uid objects bytes pinned_bytes")
-    for c in figures["per_client"]:
-        print(f"{'':<20} {c['id']} {c['pid']} {c['uid']} {c['objects']} {c['bytes']} {c['pinned_bytes']}")
+    print(json.dumps(figures, indent=1) if args.json else format_stats(figures))
     return 0
 
 
 def _top(args: argparse.Namespace) -> int:
     from rich.console import Console
 
-    from .errors import DaemonGone
     from .top import run
 
     try:
@@ -90,9 +154,6 @@ def _top(args: argparse.Namespace) -> int:
             return run(dev, args.interval, args.once, Console())
     except KeyboardInterrupt:  # Ctrl-C is how one leaves top, wherever it lands
         return 0
-    except DaemonGone as exc:
-        print(f"ugem: {exc}", file=sys.stderr)
-        return 3
 
 
 def _interval(text: str) -> float:
@@ -101,7 +162,7 @@ def _interval(text: str) -> float:
     except ValueError:
         raise argparse.ArgumentTypeError(f"not a number: {text!r}") from None
     if not 0 < value < float("inf"):
-        raise argparse.ArgumentTypeError("the interval must be a positive number of seconds")
+        raise argparse.ArgumentTypeError(f"{text!r}: the interval must be a positive number of seconds")
     return value
 
 
@@ -119,26 +180,34 @@ def _resume(args: argparse.Namespace) -> int:
     return 0
 
 
+def _check_mountpoint(path: str) -> None:
+    """`ugem fs` mounts only on an existing empty directory (libfuse 3 would mount over files)."""
+    try:
+        entries = os.listdir(path)
+    except OSError as exc:
+        raise _Failed(f"could not mount {path}: {exc.strerror}", 1) from exc
+    if entries:
+        raise _Failed(f"could not mount {path}: the directory is not empty (the mount point must be an "
+                      f"existing empty directory)", 1)
+
+
 def _fs(args: argparse.Namespace) -> int:
-    from .errors import DaemonGone
     from .fsview import mount
 
+    _check_mountpoint(args.mountpoint)
     logging.basicConfig(level="WARNING", stream=sys.stderr, format="%(message)s")
     with _connect(args) as dev:
         try:
             mount(dev, args.mountpoint, debug=args.debug)
         except DaemonGone as exc:  # the view unmounted itself
-            print(f"ugem: {exc}", file=sys.stderr)
-            return 3
-        except ImportError:
-            print("ugem: `ugem fs` needs mfusepy: pip install 'ugem[fs]'", file=sys.stderr)
-            return 1
+            raise _Failed(f"the ugem daemon at {_socket_path(args)} went away; {args.mountpoint} was unmounted",
+                          3) from exc
+        except ImportError as exc:
+            raise _Failed("needs mfusepy: pip install 'ugem[fs]'", 1) from exc
         except OSError as exc:  # libfuse not found (mfusepy raises this at import)
-            print(f"ugem: cannot load libfuse ({exc}); install it (Debian: apt-get install fuse3)", file=sys.stderr)
-            return 1
-        except RuntimeError:  # libfuse said why on stderr (no such mountpoint, no /dev/fuse, ...)
-            print(f"ugem: could not mount {args.mountpoint}", file=sys.stderr)
-            return 1
+            raise _Failed(f"cannot load libfuse ({exc}); install it (Debian: apt-get install fuse3)", 1) from exc
+        except RuntimeError as exc:  # libfuse said why on stderr (no /dev/fuse, no permission, ...)
+            raise _Failed(f"could not mount {args.mountpoint} (libfuse's reason is above)", 1) from exc
     return 0
 
 
@@ -208,14 +277,31 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
-        return int(args.func(args))
-    except UgemError as exc:
-        print(f"ugem: {exc.strerror}", file=sys.stderr)
+        status = int(args.func(args))
+        sys.stdout.flush()  # a closed pipe shows here, not in the interpreter's exit
+        return status
+    except BrokenPipeError:
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # the exit's flush stays quiet
         return 1
+    except KeyboardInterrupt:
+        return 130
+    except _Failed as exc:
+        return _fail(args, str(exc), exc.status)
+    except UgemError as exc:  # the manager refused: its message names what, the errno says why
+        code = errno.errorcode.get(exc.errno, str(exc.errno)) if exc.errno else "?"
+        return _fail(args, f"{exc.strerror} ({code})", 1)
+    except DaemonGone as exc:
+        return _fail(args, f"the ugem daemon at {_socket_path(args)} went away ({exc})", 3)
+    except ProtocolError as exc:
+        return _fail(args, f"the ugem daemon at {_socket_path(args)} broke the protocol: {exc}", 3)
     except (FileNotFoundError, ConnectionRefusedError, PermissionError) as exc:
-        # no daemon, or an unsafe default socket directory (SPEC §1): a message, not a traceback
-        print(f"ugem: {exc.strerror or exc}", file=sys.stderr)
-        return 3
+        # no daemon, or an unsafe default socket directory (SPEC §1): the message names the path
+        return _fail(args, str(exc.strerror or exc), 3)
+
+
+def _fail(args: argparse.Namespace, message: str, status: int) -> int:
+    print(f"ugem: {args.command}: {message}", file=sys.stderr)
+    return status
 
 
 if __name__ == "__main__":

@@ -2,7 +2,8 @@
 
 Layout (SPEC §4)::
 
-    objects/<id>/info        `key: value` lines: the `ugem ls` row, then the GEM_INFO fields
+    objects/<id>/info        `key: value` lines: the `ugem ls --json` row, then the GEM_INFO
+                             fields it lacks (tiling, stride, caching, busy, userptr)
     objects/<id>/data        the object's bytes (size = object size), read lazily with pread
     names/<name>             -> ../objects/<id>     (flinked objects)
     clients/<id>/<handle>    -> ../../objects/<id>  (every client's handle table)
@@ -22,7 +23,13 @@ Rules:
   not cut it at that size. getattr() renders it once per snapshot for a plausible size. The
   `readonly` flag of GEM_INFO describes our handle, not the object, so it is not shown.
 - One FUSE thread (`nothreads`): a Device carries one request at a time anyway.
-- If the daemon goes away, the operation fails with EIO and the view unmounts itself.
+- If the daemon goes away, the view unmounts itself without waiting for someone to look: a
+  watcher thread polls a duplicate of the connection's socket for hang-up (POLLRDHUP; it
+  never reads, so it cannot race a request), marks the view hung up and makes one request
+  to the mount (statvfs); that request, like any operation that meets a gone daemon, fails
+  with EIO and asks libfuse to leave its loop (`fuse_exit` from inside a callback, where
+  libfuse allows it). The watcher starts once libfuse is serving (`init`) and is stopped
+  before `mount()` returns, so it never outlives the loop or the Device.
   Reading a purged object's data fails with EIO too (its info says `placement: purged`).
 - mfusepy has no type hints: it is imported only in `mount()`, where `Any` stays; the
   operations class below does not inherit from it (mfusepy only looks methods up by name).
@@ -38,7 +45,9 @@ import ctypes.util
 import errno
 import logging
 import os
+import select
 import stat
+import threading
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
@@ -56,7 +65,7 @@ _DIR = stat.S_IFDIR | 0o555
 _FILE = stat.S_IFREG | 0o444
 _LINK = stat.S_IFLNK | 0o777
 _ROOT = ("objects", "names", "clients")
-_INFO_KEYS = ("tiling", "stride", "caching", "busy", "pinned", "userptr")
+_INFO_KEYS = ("tiling", "stride", "caching", "busy", "userptr")  # GEM_INFO fields the ls row lacks
 
 
 class FileInfo(Protocol):
@@ -88,11 +97,16 @@ class Snapshot:
         return cls(now, objects, names, clients)
 
 
+def _text(value: object) -> str:
+    return str(value).lower() if isinstance(value, bool) else str(value)
+
+
 def render_info(device: Device, row: dict[str, Any]) -> bytes:
     """The text of `objects/<id>/info`: the ls row, then GEM_INFO through a fresh handle
     (closed again at once). An object no handle holds (kept by a mapping or an export)
-    cannot be opened: it gets the ls row alone."""
-    lines = [f"{key}: {value}" for key, value in row.items()]
+    cannot be opened: it gets the ls row alone. Booleans read `true`/`false`; a row value
+    that is None (`label` of an object not preloaded) is left out."""
+    lines = [f"{key}: {_text(value)}" for key, value in row.items() if value is not None]
     try:
         handle = device.debug_open(int(row["id"]))
     except NoSuchObject:
@@ -103,8 +117,7 @@ def render_info(device: Device, row: dict[str, Any]) -> bytes:
         finally:
             device.close_handle(handle)
         for key in _INFO_KEYS:
-            value = getattr(info, key)
-            lines.append(f"{key}: {str(value).lower() if isinstance(value, bool) else value}")
+            lines.append(f"{key}: {_text(getattr(info, key))}")
     return ("\n".join(lines) + "\n").encode()
 
 
@@ -126,13 +139,15 @@ class FsView:
     use_ns = True  # times in nanoseconds (mfusepy warns otherwise)
 
     def __init__(self, device: Device, *, ttl: float = TTL, on_daemon_gone: Callable[[], None] = lambda: None,
-                 clock: Callable[[], float] = time.monotonic) -> None:
+                 on_mounted: Callable[[], None] = lambda: None, clock: Callable[[], float] = time.monotonic) -> None:
         self._device = device
         self._ttl = ttl
         self._on_daemon_gone = on_daemon_gone
+        self._on_mounted = on_mounted
         self._clock = clock
         self._snap: Snapshot | None = None
         self.mounted = False  # set once libfuse has mounted and started serving
+        self.hung_up = False  # the watcher saw the daemon close the connection
         self.daemon_gone = False
         self._open: dict[int, _Open] = {}
         self._next_fh = 1
@@ -144,9 +159,11 @@ class FsView:
     @contextlib.contextmanager
     def _daemon(self) -> Iterator[Device]:
         try:
+            if self.hung_up:
+                raise DaemonGone("the daemon closed the connection")
             yield self._device
         except DaemonGone as exc:
-            log.error("ugem fs: the daemon went away (%s); unmounting", exc)
+            log.info("ugem fs: the daemon went away (%s); unmounting", exc)  # the caller says so
             self.daemon_gone = True
             self._on_daemon_gone()
             raise OSError(errno.EIO, "the ugem daemon went away") from exc
@@ -266,8 +283,14 @@ class FsView:
                 dev.close_handle(opened.handle)
         return 0
 
+    def statfs(self, path: str) -> dict[str, int]:
+        """Figures for statvfs(); the watcher's wake-up call once the daemon hung up (EIO)."""
+        with self._daemon():
+            return {"f_bsize": 4096, "f_frsize": 4096, "f_namemax": 255}
+
     def init(self, path: str) -> None:
         self.mounted = True
+        self._on_mounted()
 
     def destroy(self, path: str) -> None:
         """Unmounting: close whatever the kernel did not release (the Device closes anyway)."""
@@ -291,6 +314,42 @@ def _use_libfuse3() -> None:
             os.environ["FUSE_LIBRARY_PATH"] = found
 
 
+class _HangupWatch:
+    """Waits for the daemon to hang up the connection behind `fd` (a duplicate, owned here),
+    then marks `view` hung up and wakes the FUSE loop with a statvfs of `mountpoint`."""
+
+    def __init__(self, fd: int, view: FsView, mountpoint: str) -> None:
+        self._fd = fd
+        self._view = view
+        self._mountpoint = mountpoint
+        self._stop_r, self._stop_w = os.pipe()
+        self._thread = threading.Thread(target=self._run, name="ugem-fs-hangup", daemon=True)
+
+    def start(self) -> None:
+        self._thread.start()
+
+    def _run(self) -> None:
+        poller = select.poll()
+        poller.register(self._fd, select.POLLRDHUP)  # POLLHUP and POLLERR are always reported
+        poller.register(self._stop_r, select.POLLIN)
+        ready = {fd for fd, _ in poller.poll()}
+        if self._stop_r in ready:
+            return
+        self._view.hung_up = True
+        # the statfs request fails on the hung-up view, which asks libfuse to exit; if the
+        # loop ended meanwhile, this lands on the bare directory or fails with ENOTCONN
+        with contextlib.suppress(OSError):
+            os.statvfs(self._mountpoint)
+
+    def close(self) -> None:
+        """Stop the watcher (if it started) and close its fds."""
+        os.write(self._stop_w, b"x")
+        if self._thread.is_alive():
+            self._thread.join()
+        for fd in (self._fd, self._stop_r, self._stop_w):
+            os.close(fd)
+
+
 def mount(device: Device, mountpoint: str, *, ttl: float = TTL, debug: bool = False) -> None:
     """Mount the view on `mountpoint` and serve it until unmounted (fusermount3 -u, SIGINT,
     SIGTERM, or the daemon going away: then DaemonGone once unmounted). Raises OSError
@@ -301,7 +360,16 @@ def mount(device: Device, mountpoint: str, *, ttl: float = TTL, debug: bool = Fa
     def exit_loop() -> None:
         mfusepy.fuse_exit()
 
-    view = FsView(device, ttl=ttl, on_daemon_gone=exit_loop)
+    fd = device.hangup_fd()
+    watch: _HangupWatch | None = None
+
+    def start_watching() -> None:
+        if watch is not None:
+            watch.start()
+
+    view = FsView(device, ttl=ttl, on_daemon_gone=exit_loop, on_mounted=start_watching)
+    if fd is not None:
+        watch = _HangupWatch(fd, view, mountpoint)
     try:
         mfusepy.FUSE(view, mountpoint, raw_fi=True, foreground=True, nothreads=True, debug=debug, ro=True,
                      default_permissions=True, fsname="ugem", subtype="ugem",
@@ -311,5 +379,8 @@ def mount(device: Device, mountpoint: str, *, ttl: float = TTL, debug: bool = Fa
         # once mounted, that is the normal way out, and libfuse has unmounted already.
         if not view.mounted:
             raise
+    finally:
+        if watch is not None:
+            watch.close()
     if view.daemon_gone:
         raise DaemonGone("the ugem daemon went away; the view was unmounted")

@@ -12,11 +12,15 @@ Rules:
   shows at least one cell). A daemon whose
   stats lack a limit shows the figure without a bar. Spilled, pinned and purgeable are plain
   byte figures. Bytes are shown in binary units (B, KiB, MiB, GiB, TiB).
+- The header counts objects and clients and, when the stats carry `suspended`, says
+  `device: running` or `device: SUSPENDED` (device work is held until `ugem resume`).
 - Rates (`Rates.between`) are the `*_total` counters' increase between two samples divided by
   the seconds between them; without a previous sample, or when no time passed, they show as
   "-". A counter that went down (another daemon on the socket) counts as no events.
-- Clients are sorted by `bytes` (then `id`) and the table shows as many as fit; when some do
-  not, its last row says how many more there are and what they hold together.
+- Clients are sorted by `resident_bytes` (system memory their objects really hold), then
+  `id`; the table shows OBJECTS (handles held), RESIDENT, SIZE (`bytes`: sizes of the objects
+  the client created) and PINNED, as many rows as fit; when some do not, its last row says
+  how many more there are and what they hold together.
 - `run(dev, interval, once, console)` samples `dev.stats()`: `once` prints one frame and
   returns; otherwise a rich `Live` display redraws every `interval` seconds until Ctrl-C, which
   returns 0 (the last frame stays on screen). On a non-terminal, rich shows only the last frame.
@@ -44,6 +48,7 @@ SIDE_BY_SIDE_WIDTH = 96  # below this the rates panel goes under the regions pan
 _UNITS = ("KiB", "MiB", "GiB", "TiB", "PiB")
 _COUNTERS = (("evictions", "evicted_total"), ("spills", "spilled_total"), ("purges", "purged_total"),
              ("bytes_moved", "bytes_moved_total"))
+_CLIENT_BYTES = (("RESIDENT", "resident_bytes"), ("SIZE", "bytes"), ("PINNED", "pinned_bytes"))  # columns
 
 
 def human(n: float) -> str:
@@ -133,22 +138,24 @@ def _rates(stats: Stats, rates: Rates | None) -> Table:
 
 def _sorted_clients(stats: Stats) -> list[Mapping[str, Any]]:
     clients: Iterable[Mapping[str, Any]] = stats.get("per_client", ())
-    return sorted(clients, key=lambda c: (-int(c.get("bytes", 0)), int(c.get("id", 0))))
+    return sorted(clients, key=lambda c: (-int(c.get("resident_bytes", 0)), int(c.get("id", 0))))
 
 
 def _client_table(rows: list[Mapping[str, Any]], hidden: list[Mapping[str, Any]], total: int) -> Table:
     shown = f"top {len(rows)} of {total}" if hidden else f"{total}"
-    table = Table(title=f"clients ({shown}, by bytes)", title_justify="left", title_style="bold",
+    table = Table(title=f"clients ({shown}, by resident memory)", title_justify="left", title_style="bold",
                   box=box.SIMPLE_HEAD, pad_edge=False, show_edge=False, expand=False)
-    for name in ("ID", "PID", "UID", "OBJECTS", "BYTES", "PINNED"):
-        table.add_column(name, justify="right", no_wrap=True, min_width=8 if name in ("BYTES", "PINNED") else 5)
+    for name in ("ID", "PID", "UID", "OBJECTS"):
+        table.add_column(name, justify="right", no_wrap=True, min_width=5)
+    for name, _ in _CLIENT_BYTES:
+        table.add_column(name, justify="right", no_wrap=True, min_width=8)
     for c in rows:
         table.add_row(str(c.get("id", "")), str(c.get("pid", "")), str(c.get("uid", "")), str(c.get("objects", 0)),
-                      human(int(c.get("bytes", 0))), human(int(c.get("pinned_bytes", 0))))
+                      *(human(int(c.get(key, 0))) for _, key in _CLIENT_BYTES))
     if hidden:
         table.add_row(f"+{len(hidden)} more", "", "", str(sum(int(c.get("objects", 0)) for c in hidden)),
-                      human(sum(int(c.get("bytes", 0)) for c in hidden)),
-                      human(sum(int(c.get("pinned_bytes", 0)) for c in hidden)), style="italic")
+                      *(human(sum(int(c.get(key, 0)) for c in hidden)) for _, key in _CLIENT_BYTES),
+                      style="italic")
     return table
 
 
@@ -163,6 +170,12 @@ class Frame:
     def header(self) -> Text:
         text = Text("ugem top", style="bold")
         text.append(f"  {_count(self.stats, 'objects', 'object')}, {_count(self.stats, 'clients', 'client')}  ")
+        if "suspended" in self.stats:
+            if self.stats["suspended"]:
+                text.append("device: SUSPENDED", style="bold reverse red")
+            else:
+                text.append("device: running", style="green")
+            text.append("  ")
         text.append("rates: first sample" if self.rates is None else f"rates over {self.elapsed:.1f} s",
                     style="dim")
         return text

@@ -19,6 +19,7 @@ import stat
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from collections.abc import Iterator
 from typing import Any
@@ -26,14 +27,16 @@ from typing import Any
 import pytest
 
 import ugem
+from ugem import cli
+from ugem.cli import format_stats
 from ugem.testing import DaemonProcess, run_daemon
 from ugem.wire.frames import Kind, Op, encode_header
 
 UGEM = [sys.executable, "-m", "ugem"]
-LS_KEYS = {"id", "size", "placement", "madvise", "name", "handles", "owner_pid"}
+LS_KEYS = {"id", "size", "placement", "madvise", "name", "handles", "owner_pid", "pinned", "mapped", "label"}
 STAT_KEYS = {"objects", "clients", "resident_bytes", "vram_bytes", "spilled_bytes", "pinned_bytes",
              "purgeable_bytes", "purged_total", "evicted_total", "spilled_total", "bytes_moved_total", "per_client"}
-PER_CLIENT_KEYS = {"id", "pid", "uid", "objects", "bytes", "pinned_bytes"}
+PER_CLIENT_KEYS = {"id", "pid", "uid", "objects", "bytes", "resident_bytes", "pinned_bytes"}
 
 
 def ugem_cli(*args: str, env: dict[str, str] | None = None, timeout: float = 30) -> subprocess.CompletedProcess[str]:
@@ -293,8 +296,129 @@ def test_connect_without_daemon_names_path_and_remedy(runtime_dir: str, xdg_env:
     assert explicit in str(exc.value)
     for command in ("ls", "stat"):
         result = ugem_cli(command, "--json", env=dict(os.environ))
-        assert result.returncode != 0 and result.stdout == ""
-        assert "ugem serve" in result.stderr, result.stderr
+        assert result.returncode == 3 and result.stdout == ""
+        assert result.stderr.startswith(f"ugem: {command}: ") and "ugem serve" in result.stderr, result.stderr
+        assert explicit in result.stderr and len(result.stderr.splitlines()) == 1, result.stderr
+
+
+# -- errors: one line naming what was involved, never a traceback ---------------------------------
+
+CLIENT_COMMANDS = (("ls",), ("stat",), ("top", "--once"), ("suspend",), ("resume",))
+
+
+def _one_line(result: subprocess.CompletedProcess[str], *names: str) -> str:
+    assert "Traceback" not in result.stderr, result.stderr
+    assert len(result.stderr.splitlines()) == 1, result.stderr
+    for name in names:
+        assert name in result.stderr, (name, result.stderr)
+    return result.stderr
+
+
+def test_socket_path_errors_name_the_path() -> None:
+    with tempfile.TemporaryDirectory(prefix="ugem-cli-") as directory:
+        not_a_dir = os.path.join(directory, "file")
+        open(not_a_dir, "w").close()
+        cases = {os.path.join(not_a_dir, "ugem.sock"): "Not a directory",
+                 os.path.join(directory, "x" * 120 + ".sock"): "too long"}
+        for path, why in cases.items():
+            for command in CLIENT_COMMANDS:
+                result = ugem_cli(*command, "--socket", path)
+                assert result.returncode == 3 and result.stdout == ""
+                assert _one_line(result, path, why).startswith(f"ugem: {command[0]}: cannot connect to")
+
+
+@contextlib.contextmanager
+def _hanging_up_daemon(directory: str, connections: int) -> Iterator[str]:
+    """A socket whose 'daemon' reads the HELLO of each of `connections` clients and hangs up."""
+    path = os.path.join(directory, "gone.sock")
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as server:
+        server.bind(path)
+        server.listen(connections)
+
+        def serve() -> None:
+            for _ in range(connections):
+                conn, _addr = server.accept()
+                with conn:
+                    conn.recv(4096)
+
+        worker = threading.Thread(target=serve, daemon=True)
+        worker.start()
+        yield path
+        worker.join(timeout=60)
+
+
+def test_a_daemon_going_away_is_one_line_naming_the_socket() -> None:
+    with tempfile.TemporaryDirectory(prefix="ugem-cli-") as directory, \
+            _hanging_up_daemon(directory, len(CLIENT_COMMANDS)) as path:
+        for command in CLIENT_COMMANDS:
+            result = ugem_cli(*command, "--socket", path)
+            assert result.returncode == 3 and result.stdout == ""
+            assert _one_line(result, path, "went away").startswith(f"ugem: {command[0]}: ")
+
+
+def _cli_as(uid: int, *args: str) -> tuple[int, str, str]:
+    """`ugem ARGS` in a forked child that dropped to `uid` (the interpreter lives under a
+    directory other users cannot read, so the child runs main() instead of exec'ing)."""
+    out_r, out_w = os.pipe()
+    err_r, err_w = os.pipe()
+    pid = os.fork()
+    if pid == 0:  # child: never returns into pytest
+        status = 99
+        try:
+            os.close(out_r)
+            os.close(err_r)
+            sys.stdout, sys.stderr = open(out_w, "w"), open(err_w, "w")  # noqa: SIM115
+            os.setgroups([])
+            os.setgid(uid)
+            os.setuid(uid)
+            status = cli.main(list(args))
+            sys.stdout.flush()
+            sys.stderr.flush()
+        finally:
+            os._exit(status)
+    os.close(out_w)
+    os.close(err_w)
+    with open(out_r) as out, open(err_r) as err:
+        stdout, stderr = out.read(), err.read()
+    _, status = os.waitpid(pid, 0)
+    return os.waitstatus_to_exitcode(status), stdout, stderr
+
+
+@pytest.mark.skipif(os.getuid() != 0, reason="needs root to run the CLI as another user")
+def test_other_users_errors_name_the_socket_or_the_refusal() -> None:
+    with tempfile.TemporaryDirectory(prefix="ugem-cli-") as directory:
+        os.chmod(directory, 0o755)
+        for mode, expected, status in (("0600", "Permission denied", 3), ("0666", "privileged", 1)):
+            path = os.path.join(directory, f"ugem-{mode}.sock")
+            with run_daemon(socket=path, socket_mode=mode):
+                for command in ("ls", "stat", "suspend"):
+                    if command == "stat" and mode == "0666":
+                        continue  # anyone who can connect may read the figures
+                    code, stdout, stderr = _cli_as(65534, command, "--socket", path)
+                    assert (code, stdout) == (status, ""), (command, mode, code, stdout, stderr)
+                    assert "Traceback" not in stderr and len(stderr.splitlines()) == 1, stderr
+                    assert stderr.startswith(f"ugem: {command}: ") and expected in stderr, stderr
+                    # no access to the socket: its path; refused by the daemon: why, and the errno
+                    assert path in stderr if mode == "0600" else stderr.endswith("(EACCES)\n"), stderr
+
+
+@pytest.mark.parametrize("command", [("ls",), ("ls", "--json"), ("stat",), ("stat", "--json"), ("top", "--once"),
+                                     ("ops",)], ids=" ".join)
+def test_a_closed_stdout_ends_quietly(command: tuple[str, ...]) -> None:
+    with run_daemon() as daemon, daemon.connect() as dev:
+        for _ in range(3):
+            dev.create(4096)
+        read_end, write_end = os.pipe()
+        os.close(read_end)  # nobody reads: the first write fails with EPIPE
+        try:
+            args = [*command] if command == ("ops",) else [*command, "--socket", daemon.path]
+            result = subprocess.run([*UGEM, *args], stdout=write_end, stderr=subprocess.PIPE, text=True, timeout=30)
+        finally:
+            os.close(write_end)
+        assert (result.returncode, result.stderr) == (1, ""), result.stderr
+        piped = subprocess.run(f"{' '.join(UGEM)} stat --socket {daemon.path} | head -1", shell=True,
+                               capture_output=True, text=True, timeout=30)
+        assert piped.returncode == 0 and piped.stderr == "" and piped.stdout.startswith("objects"), piped
 
 
 # -- ls, stat ------------------------------------------------------------------------------------
@@ -317,7 +441,8 @@ def test_ls_json() -> None:
         by_size = {row["size"]: row for row in rows}
         assert set(by_size) == {4096, 4 * 4096, 1 << 20}
         assert by_size[4096] | {"id": 0} == dict(id=0, size=4096, placement="none", madvise="willneed", name=0,
-                                                 handles=1, owner_pid=os.getpid())
+                                                 handles=1, owner_pid=os.getpid(), pinned=False, mapped=0,
+                                                 label=None)
         assert by_size[4 * 4096]["placement"] == "system"
         assert by_size[1 << 20]["name"] == name and by_size[1 << 20]["handles"] == 2
         assert len({row["id"] for row in rows}) == 3
@@ -326,6 +451,34 @@ def test_ls_json() -> None:
         plain = ugem_cli("ls", env=env)
         assert plain.returncode == 0, plain.stderr
         assert len(plain.stdout.strip().splitlines()) == 1 + 2  # header and two objects
+
+
+def test_ls_table_marks_no_name_and_shows_pinned_and_mapped() -> None:
+    with run_daemon() as daemon, daemon.connect() as dev:
+        plain = dev.create(4096)
+        pinned = dev.create(2 * 4096)
+        dev.pin(pinned)
+        mapped = dev.create(3 * 4096)
+        views = [dev.mmap(mapped), dev.mmap(mapped)]
+        name = dev.flink(mapped)
+        ids = {row["size"]: row["id"] for row in dev.list_objects()}
+        rows = {r["id"]: r for r in json.loads(ugem_cli("ls", "--json", "--socket", daemon.path).stdout)}
+        assert (rows[ids[4096]]["pinned"], rows[ids[4096]]["mapped"]) == (False, 0)
+        assert (rows[ids[2 * 4096]]["pinned"], rows[ids[2 * 4096]]["mapped"]) == (True, 0)
+        assert (rows[ids[3 * 4096]]["pinned"], rows[ids[3 * 4096]]["mapped"]) == (False, 2)
+        table = ugem_cli("ls", "--socket", daemon.path)
+        assert table.returncode == 0, table.stderr
+        header, *lines = table.stdout.splitlines()
+        assert header.split() == ["ID", "SIZE", "PLACEMENT", "MADVISE", "NAME", "HANDLES", "PINNED", "MAPPED",
+                                  "OWNER"]
+        by_id = {line.split()[0]: line.split() for line in lines}
+        pid = str(os.getpid())
+        assert by_id[str(ids[4096])][1:] == ["4096", "none", "willneed", "-", "1", "no", "0", pid]
+        assert by_id[str(ids[2 * 4096])][1:] == ["8192", "system", "willneed", "-", "1", "yes", "0", pid]
+        assert by_id[str(ids[3 * 4096])][1:] == ["12288", "system", "willneed", str(name), "1", "no", "2", pid]
+        assert all(len(line) == len(header) for line in lines), table.stdout  # columns line up
+        del views
+        dev.close_handle(plain)
 
 
 def test_stat_json() -> None:
@@ -346,6 +499,40 @@ def test_stat_json() -> None:
         assert len(mine) == 1 and mine[0]["objects"] == 3 and mine[0]["bytes"] == 3 * 8192
         plain = ugem_cli("stat", "--socket", daemon.path)
         assert plain.returncode == 0 and "resident_bytes" in plain.stdout, plain.stderr
+
+
+def test_stat_text_is_readable() -> None:
+    with run_daemon(system_budget="3M", vram="1G") as daemon, daemon.connect() as dev:
+        h = dev.create(3 << 20)
+        dev.pwrite(h, 0, b"r" * (3 << 19))  # 1.5 MiB
+        dev.create(100)
+        result = ugem_cli("stat", "--socket", daemon.path)
+        exact = json.loads(ugem_cli("stat", "--json", "--socket", daemon.path).stdout)
+    assert result.returncode == 0 and result.stderr == "", result.stderr
+    lines = result.stdout.splitlines()
+    figures = {line.split()[0]: line.split(None, 1)[1] for line in lines[:lines.index("per_client (2)")]}
+    assert figures["resident_bytes"] == "1.5 MiB (1572864)"
+    assert figures["system_budget"] == "3.0 MiB (3145728)" and figures["vram_size"] == "1.0 GiB (1073741824)"
+    assert figures["spilled_bytes"] == "0 B" and figures["bytes_moved_total"] == "0 B"
+    assert figures["objects"] == "2" and figures["clients"] == "2" and figures["purged_total"] == "0"
+    width = max(map(len, figures)) + 2  # the values start in one column
+    assert all(line[:width].rstrip() == key and line[width:] == value
+               for (key, value), line in zip(figures.items(), lines, strict=False))
+    # --json stays exact: plain integers
+    assert exact["resident_bytes"] == 3 << 19 and exact["system_budget"] == 3 << 20
+    table = lines[lines.index("per_client (2)") + 1:]
+    assert table[0].split() == ["ID", "PID", "UID", "OBJECTS", "RESIDENT", "SIZE", "PINNED"]
+    mine = next(row.split() for row in table[1:] if row.split()[1] == str(os.getpid()))
+    assert mine[3:] == ["2", "1.5", "MiB", "3.0", "MiB", "0", "B"]
+    assert len({len(row) for row in table}) == 1, table  # right-aligned columns, one width
+
+
+def test_stat_text_shows_suspended_and_unknown_figures() -> None:
+    figures = {"objects": 1, "suspended": True, "memfd_limit": 17500, "vram_bytes": 512, "per_client": []}
+    assert format_stats(figures).splitlines() == [
+        "objects      1", "suspended    yes", "memfd_limit  17500", "vram_bytes   512 B", "per_client (0)",
+        "  ID  PID  UID  OBJECTS  RESIDENT  SIZE  PINNED"]
+    assert "suspended    no" in format_stats({**figures, "suspended": False})
 
 
 # -- resources -----------------------------------------------------------------------------------

@@ -5,7 +5,9 @@ subprocess and look through the mount as any program would: `objects/<id>/data` 
 the object's bytes (read at any offset, also past the inline limit), `objects/<id>/info`
 its size and placement, `names/<name>` and `clients/<cid>/<handle>` link to the object,
 every change is refused (EROFS or EACCES), the listing follows the daemon within about a
-second, and after `fusermount3 -u` (or SIGTERM) the view exits 0 and holds no handle.
+second, and after `fusermount3 -u` (or SIGTERM) the view exits 0 and holds no handle; when
+the daemon goes away the view unmounts and exits 3 without anyone touching it; a mount
+point that is not an empty directory is refused before anything is mounted.
 They skip, saying why, where FUSE is not available (no /dev/fuse, no fusermount3, no
 libfuse3, no mfusepy). The FsView tests at the end need no FUSE: they drive the
 operations object directly against an embedded Manager.
@@ -166,6 +168,8 @@ def test_data_info_and_links(mount: Mount) -> None:
     lines = dict(line.split(": ", 1) for line in info.splitlines())
     assert lines["size"] == "4096" and lines["placement"] == "system" and lines["name"] == str(name)
     assert lines["id"] == str(sid) and lines["owner_pid"] == str(os.getpid()) and lines["pinned"] == "false"
+    assert lines["mapped"] == "0" and "label" not in lines  # no label: the line is left out
+    assert len(lines) == len(info.splitlines()), info  # no key twice (ls row and GEM_INFO)
     assert os.stat(mount.p("objects", sid, "info")).st_size == len(info)
 
     assert os.listdir(mount.p("names")) == [str(name)]
@@ -278,16 +282,29 @@ def test_sigterm_unmounts(mount: Mount) -> None:
 
 
 @needs_fuse
-def test_daemon_going_away_unmounts_the_view(mount: Mount) -> None:
-    mount.dev.close()
-    mount.daemon.proc.send_signal(signal.SIGTERM)
-    assert mount.daemon.proc.wait(timeout=20) == 0
-    time.sleep(0.6)  # past the cached listing
-    with pytest.raises(OSError) as info:  # the next look finds no daemon: EIO, and the view goes
-        os.listdir(mount.p("objects"))
-    assert info.value.errno in (errno.EIO, errno.ENOTCONN, errno.ENOENT), info.value
-    assert mount.proc.wait(timeout=20) == 3
-    assert "daemon went away" in mount.stderr()
+@pytest.mark.parametrize("how", ["SIGTERM", "SIGKILL"])
+def test_daemon_going_away_unmounts_the_view_by_itself(mount: Mount, how: str) -> None:
+    """Nobody touches the mount: the view notices the hang-up, unmounts and exits 3, even with a
+    file held open in it."""
+    h = mount.dev.create(4096)
+    oid = mount.dev.list_objects()[0]["id"]
+    mount.wait_for("objects", oid, "data")
+    held = os.open(mount.p("objects", oid, "data"), os.O_RDONLY)
+    try:
+        assert os.pread(held, 4, 0) == bytes(4)
+        mount.dev.close_handle(h)
+        mount.dev.close()
+        mount.daemon.proc.send_signal(getattr(signal, how))
+        mount.daemon.proc.wait(timeout=60)
+        assert mount.proc.wait(timeout=60) == 3
+    finally:
+        try:
+            os.close(held)
+        except OSError as exc:  # the flush at close meets the aborted connection (the fd is closed)
+            assert exc.errno == errno.ENOTCONN, exc
+    stderr = mount.stderr()
+    assert stderr.splitlines() == [f"ugem: fs: the ugem daemon at {mount.daemon.path} went away; "
+                                   f"{mount.path} was unmounted"], stderr
     assert not os.path.ismount(mount.path)
 
 
@@ -298,6 +315,26 @@ def test_bad_mountpoint_fails_cleanly() -> None:
                               "--socket", daemon.path], capture_output=True, text=True, timeout=30)
         assert out.returncode == 1, out
         assert "could not mount" in out.stderr and "Traceback" not in out.stderr
+
+
+@needs_fuse
+def test_a_non_empty_or_non_directory_mount_point_is_refused() -> None:
+    with run_daemon() as daemon, tempfile.TemporaryDirectory(prefix="ugem-fs-") as directory:
+        full = os.path.join(directory, "full")
+        os.mkdir(full)
+        with open(os.path.join(full, "keep"), "w") as f:
+            f.write("mine")
+        a_file = os.path.join(directory, "file")
+        with open(a_file, "w"):
+            pass
+        for path, why in ((full, "not empty"), (a_file, "Not a directory")):
+            out = subprocess.run([sys.executable, "-m", "ugem", "fs", path, "--socket", daemon.path],
+                                 capture_output=True, text=True, timeout=30)
+            assert out.returncode == 1 and out.stdout == "", out
+            assert out.stderr.splitlines() == [out.stderr.strip()], out.stderr  # one line
+            assert f"ugem: fs: could not mount {path}: " in out.stderr and why in out.stderr, out.stderr
+            assert not os.path.ismount(path)
+        assert os.listdir(full) == ["keep"]
 
 
 # -- the operations object, without FUSE ----------------------------------------------------
@@ -363,3 +400,17 @@ def test_view_refuses_writes_and_unknown_paths(view: tuple[Device, FsView, list[
         with pytest.raises(OSError) as info:
             fs.getattr(path)
         assert info.value.errno == errno.ENOENT, path
+
+
+def test_view_after_a_hang_up_fails_with_eio_and_asks_to_exit(view: tuple[Device, FsView, list[float]]) -> None:
+    owner, _, now = view
+    assert owner.hangup_fd() is None  # embedded: no connection to watch
+    asked: list[bool] = []
+    fs = FsView(owner, on_daemon_gone=lambda: asked.append(True), clock=lambda: now[0])
+    assert fs.statfs("/")["f_namemax"] == 255 and not asked
+    fs.hung_up = True  # what the watcher sets when the daemon hangs up
+    for call in (lambda: fs.statfs("/"), lambda: fs.readdir("/objects", 0)):
+        with pytest.raises(OSError) as info:
+            call()
+        assert info.value.errno == errno.EIO
+    assert asked == [True, True] and fs.daemon_gone

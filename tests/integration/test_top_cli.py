@@ -1,7 +1,8 @@
 """`ugem top` against a real daemon (SPEC §4: live view of regions and clients).
 
 `--once` prints one frame whose figures match the daemon's `stats()` (system against the
-budget, VRAM against its size, spilled, pinned, purgeable, this client's row); the live mode,
+budget, VRAM against its size, spilled, pinned, purgeable, this client's row with its resident
+memory, size and pins); the live mode,
 run under a pseudo-terminal with a short interval, redraws with rates from a second sample and
 exits 0 on SIGINT, restoring the cursor; usage and no-daemon errors have their exit codes.
 """
@@ -26,7 +27,7 @@ from ugem.testing import run_daemon
 UGEM = [sys.executable, "-m", "ugem"]
 KiB = 1 << 10
 REGIONS = ("objects", "resident_bytes", "vram_bytes", "spilled_bytes", "pinned_bytes", "purgeable_bytes",
-           "spilled_total")
+           "spilled_total", "per_client")
 
 
 def _env(**extra: str) -> dict[str, str]:
@@ -87,8 +88,11 @@ def test_once_prints_one_frame_with_the_daemons_figures() -> None:
     assert f"spills             -   {stats['spilled_total']:>8}" in text
     me = next(c for c in stats["per_client"] if c["pid"] == os.getpid())
     assert (me["objects"], me["bytes"], me["pinned_bytes"]) == (8, 112 * KiB, 8 * KiB)
+    # resident: what this client's objects hold in system memory (the spilled ones nothing)
+    assert me["resident_bytes"] == stats["resident_bytes"] < me["bytes"]
     mine = [line.split() for line in text.splitlines() if re.match(rf"^\s*\d+\s+{os.getpid()}\s", line)]
-    assert mine == [[str(me["id"]), str(os.getpid()), str(os.getuid()), "8", "112.0", "KiB", "8.0", "KiB"]]
+    assert mine == [[str(me["id"]), str(os.getpid()), str(os.getuid()), "8", *human(me["resident_bytes"]).split(),
+                     "112.0", "KiB", "8.0", "KiB"]]
 
 
 def test_live_mode_redraws_and_exits_0_on_sigint() -> None:

@@ -1,7 +1,7 @@
 """ugem.top: frames rendered headless at a fixed size from hand-made `stats()` samples.
 
 Checks the screen text: region figures (with bars and percentages against the budget and
-the VRAM size), rates computed from two samples, client rows sorted by bytes, the client
+the VRAM size), rates computed from two samples, client rows sorted by resident bytes, the client
 table cut to the lines that fit (its last row summing up the rest), and `run` in both modes
 with a fake device.
 """
@@ -25,10 +25,11 @@ KiB, MiB, GiB = 1 << 10, 1 << 20, 1 << 30
 WIDTH, HEIGHT = 100, 30
 
 
-def client(cid: int, nbytes: int, *, pid: int | None = None, uid: int = 1000, objects: int = 1,
-           pinned: int = 0) -> dict[str, Any]:
+def client(cid: int, resident: int, *, pid: int | None = None, uid: int = 1000, objects: int = 1,
+           pinned: int = 0, size: int | None = None) -> dict[str, Any]:
+    """A per-client row; `size` (its `bytes`, sizes of what it created) defaults to 2 * resident."""
     return {"id": cid, "pid": 4000 + cid if pid is None else pid, "uid": uid, "objects": objects,
-            "bytes": nbytes, "pinned_bytes": pinned}
+            "bytes": 2 * resident if size is None else size, "resident_bytes": resident, "pinned_bytes": pinned}
 
 
 def sample(**figures: Any) -> dict[str, Any]:
@@ -134,6 +135,14 @@ def test_a_daemon_without_limits_in_its_stats_shows_figures_without_bars() -> No
     assert "256.0 MiB" in row(text, "VRAM") and "█" not in text and "░" not in text
 
 
+def test_the_header_says_whether_the_device_is_suspended() -> None:
+    assert "device" not in screen(render(sample(), None, 0.0)).splitlines()[0]  # a daemon that does not say
+    running = screen(render(sample(suspended=False), None, 0.0)).splitlines()[0]
+    assert running.startswith("ugem top  5 objects, 2 clients  device: running  rates: first sample"), running
+    suspended = screen(render(sample(suspended=True), None, 0.0)).splitlines()[0]
+    assert suspended.startswith("ugem top  5 objects, 2 clients  device: SUSPENDED  rates:"), suspended
+
+
 def test_narrow_consoles_stack_the_panels() -> None:
     wide, narrow = screen(render(sample(), None, 0.0)), screen(render(sample(), None, 0.0), width=80)
     tops = [line for line in wide.splitlines() if line.startswith("╭─")]
@@ -166,15 +175,18 @@ def test_rates_between_two_samples_on_screen() -> None:
 # -- clients -------------------------------------------------------------------------
 
 
-def test_clients_are_listed_by_bytes() -> None:
+def test_clients_are_listed_by_resident_bytes() -> None:
     stats = sample(per_client=[client(1, 12 * KiB, objects=3), client(2, 80 * KiB, objects=2, pinned=8 * KiB),
-                               client(3, 0, pid=777, uid=0, objects=0), client(4, 12 * KiB)])
+                               client(3, 0, pid=777, uid=0, objects=0, size=1 * GiB), client(4, 12 * KiB)])
     text = screen(render(stats, None, 0.0))
-    assert "clients (4, by bytes)" in text
-    assert client_rows(text) == [["2", "4002", "1000", "2", "80.0", "KiB", "8.0", "KiB"],
-                                 ["1", "4001", "1000", "3", "12.0", "KiB", "0", "B"],
-                                 ["4", "4004", "1000", "1", "12.0", "KiB", "0", "B"],
-                                 ["3", "777", "0", "0", "0", "B", "0", "B"]]
+    assert "clients (4, by resident memory)" in text
+    header = next(line for line in text.splitlines() if line.lstrip().startswith("ID"))
+    assert header.split() == ["ID", "PID", "UID", "OBJECTS", "RESIDENT", "SIZE", "PINNED"]
+    # the biggest creator (1 GiB, nothing written) comes last: what counts is memory held
+    assert client_rows(text) == [["2", "4002", "1000", "2", "80.0", "KiB", "160.0", "KiB", "8.0", "KiB"],
+                                 ["1", "4001", "1000", "3", "12.0", "KiB", "24.0", "KiB", "0", "B"],
+                                 ["4", "4004", "1000", "1", "12.0", "KiB", "24.0", "KiB", "0", "B"],
+                                 ["3", "777", "0", "0", "0", "B", "1.0", "GiB", "0", "B"]]
 
 
 def test_many_clients_are_cut_to_the_rows_that_fit() -> None:
@@ -185,13 +197,14 @@ def test_many_clients_are_cut_to_the_rows_that_fit() -> None:
     shown = client_rows(text)
     assert 5 < len(shown) < 60
     assert [int(r[0]) for r in shown] == list(range(60, 60 - len(shown), -1))  # the biggest ones
-    assert f"clients (top {len(shown)} of 60, by bytes)" in text
+    assert f"clients (top {len(shown)} of 60, by resident memory)" in text
     hidden = range(1, 61 - len(shown))
     summary = lines[-1].split()
     assert summary[:2] == [f"+{len(hidden)}", "more"]
     assert summary[2] == str(sum(hidden))  # objects
-    assert " ".join(summary[3:5]) == human(sum(hidden) * KiB)
-    assert " ".join(summary[5:7]) == human(sum(KiB for i in hidden if i % 2))
+    assert " ".join(summary[3:5]) == human(sum(hidden) * KiB)  # resident
+    assert " ".join(summary[5:7]) == human(2 * sum(hidden) * KiB)  # size
+    assert " ".join(summary[7:9]) == human(sum(KiB for i in hidden if i % 2))
     # a taller console shows them all
     tall = screen(render(sample(clients=60, per_client=many), None, 0.0), height=100)
     assert len(client_rows(tall)) == 60 and "more" not in tall

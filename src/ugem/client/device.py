@@ -324,6 +324,13 @@ class Device(DeviceOps):
         r: s.OpenReply = self._call(Op.DEBUG_OPEN, s.HandleReq(handle=_ident(object_id)))
         return int(r.handle)
 
+    def hangup_fd(self) -> int | None:
+        """A new fd (the caller closes it, before this Device) on the connection to the
+        daemon, to poll for POLLRDHUP/POLLHUP: the daemon closed it or died. Never read
+        from it. None for an embedded Device (no daemon to lose)."""
+        fileno = getattr(self._live(), "fileno", None)
+        return None if fileno is None else os.dup(fileno())
+
     # -- object layer ----------------------------------------------------------------
 
     def new(self, size: int) -> Buffer:

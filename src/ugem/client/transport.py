@@ -157,6 +157,10 @@ class SocketTransport:
             raise DaemonGone(why) from RemoteProtocolError(why)
         raise DaemonGone("the ugem daemon closed the connection")
 
+    def fileno(self) -> int:
+        """The connection's socket (for polling only: reading it would steal replies)."""
+        return self._sock.fileno()
+
     def close(self) -> None:
         """Disconnect and wait until the daemon has released this client (it closes its end)."""
         with self._lock:

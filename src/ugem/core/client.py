@@ -44,6 +44,7 @@ class Client:
     transfers: dict[int, tuple[BufferObject, int, Any]] = field(default_factory=dict)  # -> (object, reserved, bounce)
     xfer_ids: IdAllocator = field(default_factory=IdAllocator)
     created_bytes: int = 0  # sizes of live objects this client created (quota)
+    resident_bytes: int = 0  # resident system memory of those objects (kept by Memory)
     pinned_bytes: int = 0
     closed: bool = False
 

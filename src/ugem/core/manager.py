@@ -115,6 +115,13 @@ class Core:
             creator.created_bytes -= obj.size
         del self.objects[obj.id]
 
+    def charge_resident(self, obj: BufferObject, delta: int) -> None:
+        """`obj`'s resident bytes changed by `delta` (Memory measured them): its creator's share
+        (`stats()` per-client `resident_bytes`) follows while that client lives."""
+        creator = self.clients.get(obj.creator)
+        if creator is not None:
+            creator.resident_bytes += delta
+
     def discard_unpublished(self, obj: BufferObject) -> None:
         """Undo `object_new` for an object that never got a handle (error unwinding)."""
         self.get(obj)
@@ -305,16 +312,20 @@ class Core:
             **self.counters,
             "per_client": [
                 {"id": c.id, "pid": c.creds.pid, "uid": c.creds.uid, "objects": len(c.handles),
-                 "bytes": c.created_bytes, "pinned_bytes": c.pinned_bytes}
+                 "bytes": c.created_bytes, "resident_bytes": c.resident_bytes, "pinned_bytes": c.pinned_bytes}
                 for c in self.clients.values()
             ],
         }
 
     def list_objects(self) -> list[dict[str, Any]]:
+        """One row per object (`ugem ls --json`): `name` 0 when it has none, `owner_pid` 0
+        once its creator is gone, `pinned` by any client, `mapped` the live mappings
+        counted by the manager, `label` its preload label (none yet: always None)."""
         owners = {c.id: c.creds.pid for c in self.clients.values()}
         return [
             {"id": o.id, "size": o.size, "placement": o.placement.label,
              "madvise": ("willneed", "dontneed", "purged")[2 if o.placement == Placement.PURGED else o.madvise],
-             "name": o.name, "handles": o.handle_count, "owner_pid": owners.get(o.creator, 0)}
+             "name": o.name, "handles": o.handle_count, "owner_pid": owners.get(o.creator, 0),
+             "pinned": bool(o.pinned_by), "mapped": o.maps, "label": None}
             for o in self.objects.values()
         ]

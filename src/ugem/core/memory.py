@@ -4,7 +4,8 @@ Theory of operation
 -------------------
 `resident` is what the objects' memfds really hold (allocated blocks, as the BackingStore
 measures them). Each NORMAL object with system pages caches its last measurement in
-`obj.resident`; the total is kept incrementally. Objects whose pages can change without a
+`obj.resident`; the total is kept incrementally, and so is the creating client's share (all
+in `measure`, through `Core.charge_resident`). Objects whose pages can change without a
 request (mapped, exported, or with a bulk transfer open) are *volatile*: the core calls
 `watch()` when one becomes so, and `refresh()` re-measures the watched ones (only those,
 so it is cheap) before any decision that depends on the total, `make_room`'s first check
@@ -88,21 +89,20 @@ class Memory:
     def untrack(self, obj: BufferObject) -> None:
         """`obj` lost its system pages (freed, purged, spilled)."""
         self.lru.discard(obj)
-        self.resident -= obj.resident
-        obj.resident = 0
+        self.measure(obj, 0)
 
-    def measure(self, obj: BufferObject) -> None:
-        if obj.kind != Kind.NORMAL or obj.backing is None:
+    def measure(self, obj: BufferObject, now: int | None = None) -> None:  # `now`: known, not measured
+        if obj.kind != Kind.NORMAL or (obj.backing is None and now is None):
             return
-        now = self.core.backing.resident_bytes(obj.backing)
+        now = self.core.backing.resident_bytes(obj.backing) if now is None else now
+        self.core.charge_resident(obj, now - obj.resident)
         self.resident += now - obj.resident
         obj.resident = now
 
     def expect(self, obj: BufferObject, nbytes: int) -> None:
         """Count pages about to be written behind our back (a device copy-out) now."""
         if obj.kind == Kind.NORMAL and nbytes > obj.resident:
-            self.resident += nbytes - obj.resident
-            obj.resident = nbytes
+            self.measure(obj, nbytes)
 
     def touch(self, obj: BufferObject) -> None:
         if obj in self.lru:
