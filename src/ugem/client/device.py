@@ -131,9 +131,9 @@ class Device(DeviceOps):
                 ids.append(self._pending_unmaps.popleft())
         except IndexError:  # drained (perhaps by another thread at the same time)
             pass
-        if not ids:
-            return
-        transport.call(Op.GEM_MUNMAP, s.MunmapReq(ids=struct.pack(f"<{len(ids)}I", *ids)))
+        for start in range(0, len(ids), s.MAX_IDS):  # one frame each: a batch never fails for its size
+            batch = ids[start:start + s.MAX_IDS]
+            transport.call(Op.GEM_MUNMAP, s.MunmapReq(ids=struct.pack(f"<{len(batch)}I", *batch)))
 
     def close(self) -> None:
         """Release every handle, mapping record and pin of this client; idempotent."""

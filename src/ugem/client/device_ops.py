@@ -7,6 +7,7 @@ from collections.abc import Sequence
 from typing import Any
 
 from ..cmd import Command
+from ..errors import TooBig
 from ..wire import structs as s
 from ..wire import structs_device as sd
 from ..wire.commands import encode_commands
@@ -32,8 +33,14 @@ class DeviceOps:
         raise NotImplementedError
 
     def execbuffer(self, commands: Sequence[Command]) -> int:
-        """Submit device commands (ugem.cmd); returns their fence."""
-        r: sd.FenceReply = self._call(Op.GEM_EXECBUFFER, sd.ExecbufferReq(data=encode_commands(list(commands))))
+        """Submit device commands (ugem.cmd); returns their fence. More than MAX_COMMANDS
+        (11,962) commands do not fit in one request: E2BIG before anything is sent, in
+        both modes (split the work into several submissions)."""
+        listed = list(commands)
+        if len(listed) > sd.MAX_COMMANDS:
+            raise TooBig(f"execbuffer of {len(listed)} commands does not fit in one request (at most "
+                         f"{sd.MAX_COMMANDS}); submit them in several execbuffers")
+        r: sd.FenceReply = self._call(Op.GEM_EXECBUFFER, sd.ExecbufferReq(data=encode_commands(listed)))
         return int(r.fence)
 
     def busy(self, handle: int) -> bool:

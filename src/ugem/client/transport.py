@@ -17,7 +17,7 @@ import threading
 from typing import TYPE_CHECKING, Any
 
 from ..core.requests import REQUESTS
-from ..errors import DaemonGone, RemoteProtocolError, error_from_errno
+from ..errors import DaemonGone, RemoteProtocolError, TooBig, error_from_errno
 from ..fd import OwnedFd, fds_from_ancillary
 from ..wire import structs as s
 from ..wire.frames import HEADER, MAGIC, MAX_FDS, MAX_PAYLOAD, PROTOCOL_VERSION, Kind, Op, encode_header
@@ -69,6 +69,11 @@ class SocketTransport:
     def call(self, op: Op, req: s.Struct) -> Any:
         reply_type = _REPLY_TYPES[op]
         pieces, fds = s.encode(req)
+        if len(pieces) > 1 and sum(memoryview(p).nbytes for p in pieces) > MAX_PAYLOAD:
+            for fd in fds:
+                fd.close()
+            raise TooBig(f"{op.name} request of {sum(memoryview(p).nbytes for p in pieces)} bytes does not fit "
+                         f"in one frame (at most {MAX_PAYLOAD}); nothing was sent")
         with self._lock:
             try:
                 self._seq = (self._seq + 1) & 0xFFFFFFFF

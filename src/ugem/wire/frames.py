@@ -17,6 +17,11 @@ Rules:
   that starts inside a frame never asks past its end (`bytes_desired()`). Fds arriving in
   the middle of a frame, or a count different from `nfds`, is a RemoteProtocolError.
 - `length` is checked against MAX_PAYLOAD before any payload is read.
+- A request is always one frame. A client never sends a request whose payload exceeds
+  MAX_PAYLOAD: it refuses it with E2BIG before sending anything (an execbuffer of more
+  than MAX_COMMANDS commands, wire/structs_device.py), so the connection and every object
+  stay; batches it makes itself (released mappings, dropped handles) are split into
+  several requests instead. A daemon that receives a bigger request drops the connection.
 - The parser owns received fds until the frame is handed out; on error it closes them.
 - Op numbers are never reused; a retired op keeps its number.
 """

@@ -23,8 +23,10 @@ from typing import Any, ClassVar
 
 from ..errors import InvalidArgument
 from ..fd import OwnedFd
+from .frames import MAX_PAYLOAD
 
 __all__ = [
+    "MAX_IDS",
     "CloseReq",
     "CreateReply",
     "CreateReq",
@@ -309,11 +311,15 @@ class MmapReply(Struct):
 
 @dataclass(slots=True)
 class MunmapReq(Struct):
-    """Release tracked mappings; the ids are u32s in `ids`."""
+    """Release tracked mappings; the ids are u32s in `ids` (at most MAX_IDS per request:
+    a client splits a longer list into several requests)."""
 
     LAYOUT = ()
     TAIL = "ids"
     ids: bytes = b""
+
+
+MAX_IDS = MAX_PAYLOAD // 4  # u32 ids that fit in one request frame
 
 
 @dataclass(slots=True)
