@@ -7,6 +7,7 @@ several frames; replies of any size arrive whole.
 from __future__ import annotations
 
 import errno
+import json
 import weakref
 
 import pytest
@@ -78,3 +79,19 @@ def test_released_mappings_beyond_one_frame_go_in_several_requests(dev, monkeypa
     dev.close_handle(h)  # the mapping releases go first, then the close: the object dies
     assert calls.count(int(Op.GEM_MUNMAP)) == 5
     assert dev.stats()["objects"] == 0
+
+
+def test_a_listing_bigger_than_a_frame_arrives_whole_and_loses_nothing(dev):
+    count = 20_000  # ~2.3 MB of JSON rows: three frames over the daemon
+    handles = [dev.create(PAGE) for _ in range(count)]
+    rows = dev.list_objects()
+    assert len(rows) == count
+    assert len(json.dumps(rows)) > MAX_PAYLOAD  # the test really crosses the frame limit
+    assert sorted(r["handles"] for r in rows) == [1] * count
+    clients = dev.list_clients()
+    mine = next(c for c in clients if c["id"] == dev.client_id)
+    assert sorted(int(h) for h in mine["handles"]) == handles
+    # the connection and every object are still there
+    assert dev.stats()["objects"] == count
+    assert dev.info(handles[0]).size == dev.info(handles[-1]).size == PAGE
+    assert dev.create(PAGE) == count + 1

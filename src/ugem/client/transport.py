@@ -49,6 +49,8 @@ _FIRST_READ = 65536
 _CTRUNC = int(socket.MSG_CTRUNC)  # plain ints: enum flag arithmetic costs ~0.5 us per request
 _CLOEXEC = int(socket.MSG_CMSG_CLOEXEC)
 _REPLY = int(Kind.REPLY)
+_REPLY_MORE = int(Kind.REPLY_MORE)
+_PIECE_READ = 1 << 20
 _REPLY_TYPES: dict[int, type[s.Struct]] = {Op.HELLO: s.HelloReply, **{d.op: d.reply for d in REQUESTS}}
 
 
@@ -138,6 +140,8 @@ class SocketTransport:
                 self._abort(fds, "")
             buf += data
         length, rop, nfds, kind, seq, status = HEADER.unpack_from(buf)
+        if kind == _REPLY_MORE and not fds:
+            return self._receive_pieces(op, bytearray(buf))
         if kind != _REPLY or rop != op or seq != self._seq or length > MAX_PAYLOAD or nfds != len(fds) \
                 or len(buf) > HEADER.size + length:
             self._abort(fds, f"malformed reply header from the daemon: {HEADER.unpack_from(buf)}")
@@ -153,6 +157,33 @@ class SocketTransport:
                 self._abort(fds, "")
             got += n
         return status, bytes(payload), fds
+
+    def _receive_pieces(self, op: int, buf: bytearray) -> tuple[int, bytes, list[OwnedFd]]:
+        """A reply too big for one frame: REPLY_MORE pieces, then a REPLY frame
+        (wire/frames.py); returns the reassembled payload. `buf` holds what was read."""
+        parts: list[bytes] = []
+        while True:
+            while len(buf) < HEADER.size:
+                self._read_more(buf)
+            length, rop, nfds, kind, seq, status = HEADER.unpack_from(buf)
+            if kind not in (_REPLY, _REPLY_MORE) or rop != op or seq != self._seq or length > MAX_PAYLOAD or nfds \
+                    or (kind == _REPLY_MORE and status):
+                self._abort([], f"malformed reply piece header from the daemon: {HEADER.unpack_from(buf)}")
+            while len(buf) < HEADER.size + length:
+                self._read_more(buf)
+            parts.append(bytes(buf[HEADER.size:HEADER.size + length]))
+            del buf[:HEADER.size + length]
+            if kind == _REPLY:
+                if buf:
+                    self._abort([], f"{len(buf)} bytes from the daemon after the last piece of a reply")
+                return status, b"".join(parts), []
+
+    def _read_more(self, buf: bytearray) -> None:
+        """Append what the socket has (the rest of a reply in pieces; it carries no fds)."""
+        data = self._sock.recv(_PIECE_READ)
+        if not data:
+            self._abort([], "")
+        buf += data
 
     def _abort(self, fds: list[OwnedFd], why: str) -> None:
         for fd in fds:
