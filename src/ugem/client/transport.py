@@ -7,6 +7,8 @@
 Both take ownership of the fds inside a request struct: they are closed once sent (socket)
 or consumed by the handler (embedded). Exceptions are translated at one seam on the socket
 side: `error_from_errno` for a failed reply, `DaemonGone` when the daemon goes away.
+Once an exchange fails (the daemon closed the connection, a malformed reply, a socket
+error) the socket is closed, and that call and every later one raise `DaemonGone`.
 """
 
 from __future__ import annotations
@@ -14,7 +16,7 @@ from __future__ import annotations
 import array
 import socket
 import threading
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, NoReturn
 
 from ..core.requests import REQUESTS
 from ..errors import DaemonGone, RemoteProtocolError, TooBig, error_from_errno
@@ -61,6 +63,7 @@ class SocketTransport:
         self._sock = sock
         self._lock = threading.Lock()
         self._seq = 0
+        self._gone = "the ugem daemon closed the connection"  # why, once the connection is lost
         hello: s.HelloReply = self.call(Op.HELLO, s.HelloReq(magic=MAGIC, version=PROTOCOL_VERSION))
         if hello.magic != MAGIC or hello.version != PROTOCOL_VERSION:
             raise RemoteProtocolError(f"daemon speaks {hello.magic!r} version {hello.version}")
@@ -81,10 +84,10 @@ class SocketTransport:
                 self._seq = (self._seq + 1) & 0xFFFFFFFF
                 self._send(op, pieces, fds)
                 status, payload, got = self._receive(op, bool(reply_type.FDS))
-            except (ConnectionError, OSError) as exc:
-                if isinstance(exc, ConnectionError) or exc.errno in (32, 104):
-                    raise DaemonGone("the ugem daemon closed the connection") from exc
+            except DaemonGone:  # from _abort: the socket is closed already
                 raise
+            except OSError as exc:
+                raise self._lost(exc) from exc
             finally:
                 for fd in fds:
                     fd.close()
@@ -185,13 +188,25 @@ class SocketTransport:
             self._abort([], "")
         buf += data
 
-    def _abort(self, fds: list[OwnedFd], why: str) -> None:
+    def _abort(self, fds: list[OwnedFd], why: str) -> NoReturn:
         for fd in fds:
             fd.close()
         self._sock.close()
         if why:
+            self._gone = why
             raise DaemonGone(why) from RemoteProtocolError(why)
-        raise DaemonGone("the ugem daemon closed the connection")
+        raise DaemonGone(self._gone)
+
+    def _lost(self, exc: OSError) -> DaemonGone:
+        """The exchange failed: the connection is out of step for good, so it is closed
+        and this and every later call raise DaemonGone (a later call finds the socket
+        closed: EBADF, which is turned into DaemonGone here too, never raised bare)."""
+        if self._sock.fileno() < 0:  # an earlier call lost the connection
+            return DaemonGone(f"{self._gone} (an earlier call lost the connection; connect again)")
+        self._sock.close()
+        if not isinstance(exc, ConnectionError):
+            self._gone = f"the connection to the ugem daemon failed: {exc}"
+        return DaemonGone(self._gone)
 
     def close(self) -> None:
         """Disconnect and wait until the daemon has released this client (it closes its end)."""
