@@ -30,7 +30,7 @@ import numpy as np
 from ..backing.mapping import map_shared
 from ..bufview import flat_bytes
 from ..constants import page_align
-from ..errors import BadFd, InvalidArgument
+from ..errors import BadFd, InvalidArgument, TimedOut
 from ..fd import OwnedFd
 from ..wire import structs as s
 from ..wire.frames import Op
@@ -102,6 +102,7 @@ class Device(DeviceOps):
         # in place, never replaced, so a release can never land in a list nobody reads)
         self._pending_unmaps: collections.deque[int] = collections.deque()
         self._owned_manager: Manager | None = None
+        self._closed_why = "this Device is closed"
 
     # -- plumbing --------------------------------------------------------------------
 
@@ -115,14 +116,19 @@ class Device(DeviceOps):
 
     def _live(self) -> Transport:
         if self._transport is None:
-            raise BadFd("this Device is closed")
+            raise BadFd(self._closed_why)
         return self._transport
 
     def _call(self, op: Op, req: s.Struct) -> Any:
         transport = self._live()
-        if self._pending_unmaps:
-            self._flush_unmaps(transport)
-        return transport.call(op, req)
+        try:
+            if self._pending_unmaps:
+                self._flush_unmaps(transport)
+            return transport.call(op, req)
+        except TimedOut:  # the transport closed the connection: so is this Device
+            self._transport = None
+            self._closed_why = "this Device was closed when a call got no reply within its timeout; connect again"
+            raise
 
     def _flush_unmaps(self, transport: Transport) -> None:
         ids = []

@@ -16,10 +16,11 @@ from __future__ import annotations
 import array
 import socket
 import threading
+import time
 from typing import TYPE_CHECKING, Any, NoReturn
 
 from ..core.requests import REQUESTS
-from ..errors import DaemonGone, RemoteProtocolError, TooBig, error_from_errno
+from ..errors import BadFd, DaemonGone, RemoteProtocolError, TimedOut, TooBig, UgemError, error_from_errno
 from ..fd import OwnedFd, fds_from_ancillary
 from ..wire import structs as s
 from ..wire.frames import HEADER, MAGIC, MAX_FDS, MAX_PAYLOAD, PROTOCOL_VERSION, Kind, Op, encode_header
@@ -53,17 +54,32 @@ _CLOEXEC = int(socket.MSG_CMSG_CLOEXEC)
 _REPLY = int(Kind.REPLY)
 _REPLY_MORE = int(Kind.REPLY_MORE)
 _PIECE_READ = 1 << 20
+_WAITS = frozenset({Op.GEM_WAIT, Op.WAIT_FENCE})  # calls whose own timeout adds to the budget
+_FOREVER = 1e9  # seconds: a longer budget (a wait of decades) is no deadline at all
+_CLOSE_WAIT = 30.0  # seconds close() waits for the daemon to release the client
 _REPLY_TYPES: dict[int, type[s.Struct]] = {Op.HELLO: s.HelloReply, **{d.op: d.reply for d in REQUESTS}}
 
 
 class SocketTransport:
+    """One connection to the daemon. `timeout` (seconds, or None to wait like an ioctl):
+    a call whose reply has not arrived that long after it started (plus the call's own
+    timeout for GEM_WAIT/WAIT_FENCE; a negative one waits for ever) raises TimedOut and
+    closes the connection, since a late reply would answer the wrong request. With None
+    the socket stays blocking and a call costs no syscall beyond its send and receive."""
+
     embedded = False
 
-    def __init__(self, sock: socket.socket) -> None:
+    def __init__(self, sock: socket.socket, *, timeout: float | None = None, path: str = "") -> None:
         self._sock = sock
         self._lock = threading.Lock()
         self._seq = 0
         self._gone = "the ugem daemon closed the connection"  # why, once the connection is lost
+        self._path = path or "its socket"
+        self._timeout = timeout
+        self._budget: float | None = sock.gettimeout()  # the socket's timeout for the call in flight
+        self._armed: float | None = None  # the budget the call in flight started with
+        self._deadline = 0.0
+        self._timed_out = False
         hello: s.HelloReply = self.call(Op.HELLO, s.HelloReq(magic=MAGIC, version=PROTOCOL_VERSION))
         if hello.magic != MAGIC or hello.version != PROTOCOL_VERSION:
             raise RemoteProtocolError(f"daemon speaks {hello.magic!r} version {hello.version}")
@@ -81,11 +97,15 @@ class SocketTransport:
                          f"in one frame (at most {MAX_PAYLOAD}); nothing was sent")
         with self._lock:
             try:
+                if self._timeout is not None:
+                    self._arm(op, req)
                 self._seq = (self._seq + 1) & 0xFFFFFFFF
                 self._send(op, pieces, fds)
                 status, payload, got = self._receive(op, bool(reply_type.FDS))
             except DaemonGone:  # from _abort: the socket is closed already
                 raise
+            except TimeoutError as exc:  # socket.timeout: only with a timeout
+                raise self._expired(op) from exc
             except OSError as exc:
                 raise self._lost(exc) from exc
             finally:
@@ -103,6 +123,37 @@ class SocketTransport:
             for fd in got:
                 fd.close()
             raise
+
+    def _arm(self, op: Op, req: Any) -> None:
+        """Start the clock of one call: the socket's timeout is its whole budget."""
+        budget: float | None = self._timeout
+        if op in _WAITS:
+            budget = None if req.timeout_ns < 0 or budget is None else budget + req.timeout_ns / 1e9
+        if budget is not None and budget > _FOREVER:
+            budget = None
+        if budget != self._budget:  # a syscall only when the budget changes (wait, or a re-arm)
+            self._sock.settimeout(budget)
+            self._budget = budget
+        self._armed = budget
+        if budget is not None:
+            self._deadline = time.monotonic() + budget
+
+    def _rearm(self) -> None:
+        """Before reading again within one call: what is left of its budget."""
+        if self._budget is not None:
+            left = self._deadline - time.monotonic()
+            if left <= 0:
+                raise TimeoutError
+            self._sock.settimeout(left)
+            self._budget = left
+
+    def _expired(self, op: Op) -> UgemError:
+        """No reply within the budget: the connection is out of step for good, close it."""
+        self._sock.close()
+        self._timed_out = True
+        self._gone = f"a call got no reply from the ugem daemon at {self._path} within its timeout"
+        return TimedOut(f"no reply from the ugem daemon at {self._path} within {self._armed or 0:g} s "
+                        f"({op.name}); the connection is closed: connect again")
 
     def _send(self, op: int, pieces: list[Any], fds: list[OwnedFd]) -> None:
         if len(pieces) == 1 and not fds:  # a small fixed struct: one plain send
@@ -133,6 +184,8 @@ class SocketTransport:
             if not buf:
                 self._abort(fds, "")
         while len(buf) < HEADER.size:
+            if buf:  # not the call's first read
+                self._rearm()
             data, anc, flags, _ = self._sock.recvmsg(_FIRST_READ, _ANC_SPACE if with_fds and not buf else 0,
                                                      _CLOEXEC)
             if anc:
@@ -155,6 +208,7 @@ class SocketTransport:
         got = len(buf) - HEADER.size
         view[:got] = buf[HEADER.size:]
         while got < length:
+            self._rearm()
             n = self._sock.recv_into(view[got:])
             if n == 0:
                 self._abort(fds, "")
@@ -183,6 +237,7 @@ class SocketTransport:
 
     def _read_more(self, buf: bytearray) -> None:
         """Append what the socket has (the rest of a reply in pieces; it carries no fds)."""
+        self._rearm()
         data = self._sock.recv(_PIECE_READ)
         if not data:
             self._abort([], "")
@@ -197,11 +252,14 @@ class SocketTransport:
             raise DaemonGone(why) from RemoteProtocolError(why)
         raise DaemonGone(self._gone)
 
-    def _lost(self, exc: OSError) -> DaemonGone:
+    def _lost(self, exc: OSError) -> OSError:
         """The exchange failed: the connection is out of step for good, so it is closed
         and this and every later call raise DaemonGone (a later call finds the socket
-        closed: EBADF, which is turned into DaemonGone here too, never raised bare)."""
+        closed: EBADF, which is turned into DaemonGone here too, never raised bare), or
+        EBADF after a timeout closed it (the Device is closed then)."""
         if self._sock.fileno() < 0:  # an earlier call lost the connection
+            if self._timed_out:
+                return BadFd(f"the connection was closed: {self._gone}")
             return DaemonGone(f"{self._gone} (an earlier call lost the connection; connect again)")
         self._sock.close()
         if not isinstance(exc, ConnectionError):
@@ -215,7 +273,7 @@ class SocketTransport:
                 return
             try:
                 self._sock.shutdown(socket.SHUT_WR)
-                self._sock.settimeout(30)
+                self._sock.settimeout(_CLOSE_WAIT if self._timeout is None else min(_CLOSE_WAIT, self._timeout))
                 while self._sock.recv(4096):
                     pass
             except OSError:
