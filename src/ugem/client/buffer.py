@@ -6,12 +6,17 @@ one handle-layer call (or none) with the same errors, in the same order, as that
 
 Rules:
 
-- A Buffer owns one handle of one Device. `close()` sends GEM_CLOSE once; it is
-  idempotent, and a no-op once the Device is closed (that released the handle already).
-  After `close()` every other method raises `BadFd` (EBADF) without asking the manager:
-  the client reuses handle numbers, so a closed Buffer must never send its number again.
-- A Buffer is not closed by the garbage collector (a finalizer may run in the middle of
-  a request and must not send one). Use `with dev.new(n) as buf:` or close the Device.
+- A Buffer holds one handle of one Device. The handle is closed (GEM_CLOSE) when the
+  last Buffer wrapping it is closed or dropped: `close()` is idempotent, and a no-op once
+  the Device is closed (that released the handle already). After `close()`, or once the
+  handle was closed by `Device.close_handle`, every other method raises `BadFd` (EBADF)
+  without asking the manager: the client reuses handle numbers, so a Buffer must never
+  send a closed number again.
+- A Buffer dropped without `close()` has its handle closed soon after: its finalizer only
+  queues it with the Device, which sends the close with its next request (several in one
+  GEM_CLOSE_BATCH) or drops it at `Device.close()` (which releases everything); never from
+  the finalizer, which may run in the middle of another request. Views made from it stay
+  valid (the mapping keeps the object alive). `with dev.new(n) as buf:` closes at once.
 - `map()`, `array()` and `__dlpack__` are views of ONE shared mapping of the whole
   object, made on first use and shared for as long as any view of it lives. The Buffer
   holds it only weakly: once the last view is gone the mapping is released, so an object
@@ -27,7 +32,8 @@ Rules:
   `madvise(WILLNEED)` returns False (SPEC §8). Purged is final: `array()` then fails
   with EFAULT, like `mmap`.
 - `import_fd` (and `open_name` never) may return a handle this client already holds
-  (SPEC §2); two Buffers then share one handle and closing either one closes it.
+  (SPEC §2); two Buffers then share one handle, which stays open until both are closed
+  or dropped (the Device counts the Buffers of each handle).
 - DLPack: `__dlpack__` exports a 1-D uint8 view of the whole object on the CPU
   (`__dlpack_device__() == (1, 0)`, kDLCPU) through numpy, so `numpy.from_dlpack(buf)`
   and `torch.from_dlpack(buf)` share the object's memory; the capsule keeps the mapping
@@ -65,13 +71,15 @@ class Buffer:
 
     def __init__(self, device: Device, handle: int, size: int | None = None, *,
                  readonly: bool | None = None) -> None:
+        self._closed = True  # until adopted: a half-made Buffer queues nothing when dropped
         self.device = device
         self.handle = handle
         self._size = size
         self._readonly = readonly
-        self._closed = False
         self._region: weakref.ref[Any] | None = None  # the shared mmap, while any view lives
         self._region_writable = False
+        self._wrap = device._adopt(handle)
+        self._closed = False
 
     # -- getting one -----------------------------------------------------------------
 
@@ -90,10 +98,10 @@ class Buffer:
 
     @property
     def closed(self) -> bool:
-        return self._closed
+        return self._closed or self._wrap.closed
 
     def _live(self) -> int:
-        if self._closed:
+        if self._closed or self._wrap.closed:
             raise BadFd(f"Buffer (handle {self.handle}) is closed")
         return self.handle
 
@@ -227,12 +235,17 @@ class Buffer:
     # -- closing ---------------------------------------------------------------------
 
     def close(self) -> None:
-        """GEM_CLOSE this handle once; views already made stay valid."""
+        """Let go of the handle: GEM_CLOSE once no other live Buffer wraps it; views
+        already made stay valid."""
         if self._closed:
             return
         self._closed, self._region = True, None
         if not self.device.closed:
-            self.device.close_handle(self.handle)
+            self.device._unwrap(self._wrap)
+
+    def __del__(self) -> None:
+        if not self._closed:  # only queue it: the Device sends the close (module rules)
+            self.device._released.append(self._wrap)
 
     def __enter__(self) -> Buffer:
         self._live()
@@ -243,5 +256,5 @@ class Buffer:
 
     def __repr__(self) -> str:
         size = "" if self._size is None else f" size={self._size}"
-        state = " closed" if self._closed else ""
+        state = " closed" if self.closed else ""
         return f"<Buffer handle={self.handle}{size}{state}>"

@@ -11,8 +11,16 @@ transport; the only mode-specific code is how bulk data moves:
   with preadv/pwritev, then reports XFER_DONE.
 
 Mappings hold no fd (backing/mapping.py). When the last view of a mapping dies, a
-finalizer queues its id; queued releases are sent (GEM_MUNMAP) before the next request,
-never from the finalizer itself, which may run at any moment (even mid-request).
+finalizer queues its id; when a Buffer is dropped without `close()`, its finalizer queues
+its handle's record (`_Wrapped`). Queued releases are sent before the next request
+(GEM_MUNMAP, then GEM_CLOSE_BATCH for the handles no live Buffer wraps any more), in as
+many frames as they need, never from a finalizer itself, which may run at any moment
+(even mid-request); `close()` drops the queue, as the manager releases everything then.
+
+Handles wrapped by Buffers are counted per handle (`_Wrapped`: two Buffers can share one
+handle, since import_fd returns a handle the client already holds). A record dies when
+its handle is closed, by the last Buffer or by `close_handle`; a Buffer of a dead record
+never sends its number again (the manager reuses handle numbers).
 """
 
 from __future__ import annotations
@@ -21,6 +29,7 @@ import collections
 import json
 import os
 import struct
+import threading
 import weakref
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Protocol
@@ -45,6 +54,17 @@ __all__ = ["Device", "ObjectInfo", "INLINE_LIMIT"]
 INLINE_LIMIT = 128 << 10  # daemon mode: larger pread/pwrite go through shared memory
 _PLACEMENTS = ("none", "system", "vram", "spilled", "purged")
 _ADVICE = ("willneed", "dontneed", "purged")
+
+
+class _Wrapped:
+    """The live Buffers of one handle: how many, and whether the handle is closed."""
+
+    __slots__ = ("handle", "count", "closed")
+
+    def __init__(self, handle: int) -> None:
+        self.handle = handle
+        self.count = 0
+        self.closed = False
 
 
 @dataclass(frozen=True)
@@ -98,9 +118,12 @@ class Device(DeviceOps):
 
     def __init__(self, transport: Transport) -> None:
         self._transport: Transport | None = transport
-        # released mappings not yet reported; finalizers append to this very deque (drained
-        # in place, never replaced, so a release can never land in a list nobody reads)
-        self._pending_unmaps: collections.deque[int] = collections.deque()
+        # released mappings (ids) and dropped Buffers not yet reported; finalizers append to
+        # this very deque (drained in place, never replaced, so a release can never land in
+        # a list nobody reads)
+        self._released: collections.deque[int | _Wrapped] = collections.deque()
+        self._wrapped: dict[int, _Wrapped] = {}  # handle -> its live Buffers
+        self._wrapped_lock = threading.Lock()  # never taken by a finalizer
         self._owned_manager: Manager | None = None
         self._closed_why = "this Device is closed"
 
@@ -122,24 +145,63 @@ class Device(DeviceOps):
     def _call(self, op: Op, req: s.Struct) -> Any:
         transport = self._live()
         try:
-            if self._pending_unmaps:
-                self._flush_unmaps(transport)
+            if self._released:
+                self._flush_released(transport)
             return transport.call(op, req)
         except TimedOut:  # the transport closed the connection: so is this Device
             self._transport = None
             self._closed_why = "this Device was closed when a call got no reply within its timeout; connect again"
             raise
 
-    def _flush_unmaps(self, transport: Transport) -> None:
-        ids = []
+    def _flush_released(self, transport: Transport) -> None:
+        released: list[int | _Wrapped] = []
         try:
             while True:
-                ids.append(self._pending_unmaps.popleft())
+                released.append(self._released.popleft())
         except IndexError:  # drained (perhaps by another thread at the same time)
             pass
-        for start in range(0, len(ids), s.MAX_IDS):  # one frame each: a batch never fails for its size
+        ids = [item for item in released if isinstance(item, int)]
+        handles = []
+        with self._wrapped_lock:
+            for item in released:
+                if isinstance(item, _Wrapped):
+                    item.count -= 1
+                    if item.count == 0 and not item.closed:
+                        handles.append(self._retire(item))
+        # one frame each: a batch never fails for its size; mappings first (they need no handle)
+        for start in range(0, len(ids), s.MAX_IDS):
             batch = ids[start:start + s.MAX_IDS]
             transport.call(Op.GEM_MUNMAP, s.MunmapReq(ids=struct.pack(f"<{len(batch)}I", *batch)))
+        for start in range(0, len(handles), s.MAX_IDS):
+            batch = handles[start:start + s.MAX_IDS]
+            transport.call(Op.GEM_CLOSE_BATCH, s.CloseBatchReq(handles=struct.pack(f"<{len(batch)}I", *batch)))
+
+    # -- handles wrapped by Buffers (their rules: buffer.py) ----------------------------
+
+    def _adopt(self, handle: int) -> _Wrapped:
+        """A new Buffer wraps `handle`: count it (records are shared by Buffers of one handle)."""
+        with self._wrapped_lock:
+            record = self._wrapped.get(handle)
+            if record is None:
+                record = self._wrapped[handle] = _Wrapped(handle)
+            record.count += 1
+            return record
+
+    def _unwrap(self, record: _Wrapped) -> None:
+        """A Buffer was closed: close its handle if it was the last live Buffer of it."""
+        with self._wrapped_lock:
+            record.count -= 1
+            if record.count or record.closed:
+                return
+            handle = self._retire(record)
+        self._call(Op.GEM_CLOSE, s.CloseReq(handle=handle))
+
+    def _retire(self, record: _Wrapped) -> int:
+        """Mark a record's handle closed (the caller holds the lock and closes it)."""
+        record.closed = True
+        if self._wrapped.get(record.handle) is record:
+            del self._wrapped[record.handle]
+        return record.handle
 
     def close(self) -> None:
         """Release every handle, mapping record and pin of this client; idempotent."""
@@ -162,6 +224,11 @@ class Device(DeviceOps):
 
     def close_handle(self, handle: int) -> None:
         self._call(Op.GEM_CLOSE, s.CloseReq(handle=_ident(handle)))
+        if self._wrapped:  # Buffers of this handle are dead now (never send its number again)
+            with self._wrapped_lock:
+                record = self._wrapped.get(handle)
+                if record is not None:
+                    self._retire(record)
 
     def info(self, handle: int) -> ObjectInfo:
         r: s.InfoReply = self._call(Op.GEM_INFO, s.InfoReq(handle=_ident(handle)))
@@ -251,9 +318,9 @@ class Device(DeviceOps):
             with reply.fd as fd:
                 region = map_shared(fd.fd, reply.offset, reply.length, writable)
         except BaseException:
-            self._pending_unmaps.append(reply.map_id)
+            self._released.append(reply.map_id)
             raise
-        weakref.finalize(region, self._pending_unmaps.append, reply.map_id)
+        weakref.finalize(region, self._released.append, reply.map_id)
         return memoryview(region)
 
     # -- memory management -----------------------------------------------------------

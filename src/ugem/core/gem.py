@@ -58,6 +58,20 @@ def gem_close(core: Core, client: Client, req: s.CloseReq) -> s.Empty:
     return s.Empty()
 
 
+def gem_close_batch(core: Core, client: Client, req: s.CloseBatchReq) -> s.Empty:
+    """GEM_CLOSE of each listed handle, all or none: a handle that is not open (or listed
+    twice) is EINVAL naming it, and then no handle is closed."""
+    if len(req.handles) % 4:
+        raise InvalidArgument(f"handle list of {len(req.handles)} bytes is not a list of u32")
+    handles = [handle for (handle,) in struct.iter_unpack("<I", req.handles)]
+    unknown = [handle for handle in handles if handle not in client.handles]
+    if unknown or len(set(handles)) != len(handles):
+        raise InvalidArgument(f"handles {unknown or handles} are not open in client {client.id}, or listed twice")
+    for handle in handles:
+        core.handle_delete(client, handle)
+    return s.Empty()
+
+
 def gem_info(core: Core, client: Client, req: s.InfoReq) -> s.InfoReply:
     obj = core.lookup(client, req.handle)
     flags = ((s.INFO_PINNED if obj.pinned_by else 0) | (s.INFO_BUSY if core.gpu.busy(obj) else 0)

@@ -104,6 +104,7 @@ class Op(enum.IntEnum):
     DEBUG_OPEN = 29
     LIST_CLIENTS = 30
     GEM_USERPTR = 31
+    GEM_CLOSE_BATCH = 32
 
 
 def encode_header(length: int, op: int, nfds: int, kind: int, seq: int, status: int = 0) -> bytes:

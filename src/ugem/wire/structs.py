@@ -27,6 +27,7 @@ from .frames import MAX_PAYLOAD
 
 __all__ = [
     "MAX_IDS",
+    "CloseBatchReq",
     "CloseReq",
     "CreateReply",
     "CreateReq",
@@ -320,6 +321,16 @@ class MunmapReq(Struct):
 
 
 MAX_IDS = MAX_PAYLOAD // 4  # u32 ids that fit in one request frame
+
+
+@dataclass(slots=True)
+class CloseBatchReq(Struct):
+    """GEM_CLOSE of every handle in `handles` (u32s, at most MAX_IDS per request): how a
+    client closes the handles of Buffers it dropped, in one round trip."""
+
+    LAYOUT = ()
+    TAIL = "handles"
+    handles: bytes = b""
 
 
 @dataclass(slots=True)
