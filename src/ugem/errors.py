@@ -70,6 +70,11 @@ class UgemError(OSError):
         num = self.code if code is None else code
         super().__init__(num, message or _errno.errorcode.get(num, str(num)))
 
+    def __reduce__(self) -> tuple[object, ...]:
+        # OSError pickles as cls(errno, strerror), which is not this signature: an error
+        # raised in a multiprocessing worker must come back as itself
+        return (type(self), (self.strerror, self.errno), self.__dict__ or None)
+
 
 class InvalidArgument(UgemError):
     code = _errno.EINVAL

@@ -78,7 +78,7 @@ class Buffer:
         self._readonly = readonly
         self._region: weakref.ref[Any] | None = None  # the shared mmap, while any view lives
         self._region_writable = False
-        self._wrap = device._adopt(handle)
+        self._wrap = device._releases.adopt(handle)
         self._closed = False
 
     # -- getting one -----------------------------------------------------------------

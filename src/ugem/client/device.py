@@ -12,24 +12,18 @@ transport; the only mode-specific code is how bulk data moves:
 
 Mappings hold no fd (backing/mapping.py). When the last view of a mapping dies, a
 finalizer queues its id; when a Buffer is dropped without `close()`, its finalizer queues
-its handle's record (`_Wrapped`). Queued releases are sent before the next request
-(GEM_MUNMAP, then GEM_CLOSE_BATCH for the handles no live Buffer wraps any more), in as
-many frames as they need, never from a finalizer itself, which may run at any moment
-(even mid-request); `close()` drops the queue, as the manager releases everything then.
-
-Handles wrapped by Buffers are counted per handle (`_Wrapped`: two Buffers can share one
-handle, since import_fd returns a handle the client already holds). A record dies when
-its handle is closed, by the last Buffer or by `close_handle`; a Buffer of a dead record
-never sends its number again (the manager reuses handle numbers).
+its handle's record (client/releases.py has the rules). Queued releases are sent before
+the next request (GEM_MUNMAP, then GEM_CLOSE_BATCH for the handles no live Buffer wraps
+any more), in as many frames as they need, never from a finalizer itself, which may run
+at any moment (even mid-request); `close()` drops the queue, as the manager releases
+everything then.
 """
 
 from __future__ import annotations
 
-import collections
 import json
 import os
 import struct
-import threading
 import weakref
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Protocol
@@ -44,6 +38,8 @@ from ..fd import OwnedFd
 from ..wire import structs as s
 from ..wire.frames import Op
 from .device_ops import DeviceOps
+from .releases import Releases, Wrapped
+from .transport import ForkedTransport, track_for_fork
 
 if TYPE_CHECKING:
     from ..manager import Manager
@@ -54,17 +50,6 @@ __all__ = ["Device", "ObjectInfo", "INLINE_LIMIT"]
 INLINE_LIMIT = 128 << 10  # daemon mode: larger pread/pwrite go through shared memory
 _PLACEMENTS = ("none", "system", "vram", "spilled", "purged")
 _ADVICE = ("willneed", "dontneed", "purged")
-
-
-class _Wrapped:
-    """The live Buffers of one handle: how many, and whether the handle is closed."""
-
-    __slots__ = ("handle", "count", "closed")
-
-    def __init__(self, handle: int) -> None:
-        self.handle = handle
-        self.count = 0
-        self.closed = False
 
 
 @dataclass(frozen=True)
@@ -89,6 +74,8 @@ class Transport(Protocol):
     def call(self, op: Op, req: s.Struct) -> Any: ...
 
     def close(self) -> None: ...
+
+    def forsake(self) -> None: ...
 
 
 def _ident(value: int) -> int:
@@ -118,14 +105,12 @@ class Device(DeviceOps):
 
     def __init__(self, transport: Transport) -> None:
         self._transport: Transport | None = transport
-        # released mappings (ids) and dropped Buffers not yet reported; finalizers append to
-        # this very deque (drained in place, never replaced, so a release can never land in
-        # a list nobody reads)
-        self._released: collections.deque[int | _Wrapped] = collections.deque()
-        self._wrapped: dict[int, _Wrapped] = {}  # handle -> its live Buffers
-        self._wrapped_lock = threading.Lock()  # never taken by a finalizer
+        self._releases = Releases()
+        self._released = self._releases.queue  # what finalizers append to (releases.py)
         self._owned_manager: Manager | None = None
         self._closed_why = "this Device is closed"
+        self._pid = os.getpid()
+        track_for_fork(self)
 
     # -- plumbing --------------------------------------------------------------------
 
@@ -154,20 +139,7 @@ class Device(DeviceOps):
             raise
 
     def _flush_released(self, transport: Transport) -> None:
-        released: list[int | _Wrapped] = []
-        try:
-            while True:
-                released.append(self._released.popleft())
-        except IndexError:  # drained (perhaps by another thread at the same time)
-            pass
-        ids = [item for item in released if isinstance(item, int)]
-        handles = []
-        with self._wrapped_lock:
-            for item in released:
-                if isinstance(item, _Wrapped):
-                    item.count -= 1
-                    if item.count == 0 and not item.closed:
-                        handles.append(self._retire(item))
+        ids, handles = self._releases.drain()
         # one frame each: a batch never fails for its size; mappings first (they need no handle)
         for start in range(0, len(ids), s.MAX_IDS):
             batch = ids[start:start + s.MAX_IDS]
@@ -176,32 +148,19 @@ class Device(DeviceOps):
             batch = handles[start:start + s.MAX_IDS]
             transport.call(Op.GEM_CLOSE_BATCH, s.CloseBatchReq(handles=struct.pack(f"<{len(batch)}I", *batch)))
 
-    # -- handles wrapped by Buffers (their rules: buffer.py) ----------------------------
+    def _unwrap(self, record: Wrapped) -> None:
+        """A Buffer was closed: close its handle if no other live Buffer wraps it."""
+        handle = self._releases.unwrap(record)
+        if handle is not None:
+            self._call(Op.GEM_CLOSE, s.CloseReq(handle=handle))
 
-    def _adopt(self, handle: int) -> _Wrapped:
-        """A new Buffer wraps `handle`: count it (records are shared by Buffers of one handle)."""
-        with self._wrapped_lock:
-            record = self._wrapped.get(handle)
-            if record is None:
-                record = self._wrapped[handle] = _Wrapped(handle)
-            record.count += 1
-            return record
-
-    def _unwrap(self, record: _Wrapped) -> None:
-        """A Buffer was closed: close its handle if it was the last live Buffer of it."""
-        with self._wrapped_lock:
-            record.count -= 1
-            if record.count or record.closed:
-                return
-            handle = self._retire(record)
-        self._call(Op.GEM_CLOSE, s.CloseReq(handle=handle))
-
-    def _retire(self, record: _Wrapped) -> int:
-        """Mark a record's handle closed (the caller holds the lock and closes it)."""
-        record.closed = True
-        if self._wrapped.get(record.handle) is record:
-            del self._wrapped[record.handle]
-        return record.handle
+    def _after_fork_in_child(self) -> None:
+        """This process is a forked child of the one that made this Device (transport.py)."""
+        transport = self._transport
+        if transport is not None:
+            transport.forsake()
+            self._transport = ForkedTransport(transport.embedded, transport.client_id, self._pid)
+        self._releases.after_fork_in_child()
 
     def close(self) -> None:
         """Release every handle, mapping record and pin of this client; idempotent."""
@@ -224,11 +183,7 @@ class Device(DeviceOps):
 
     def close_handle(self, handle: int) -> None:
         self._call(Op.GEM_CLOSE, s.CloseReq(handle=_ident(handle)))
-        if self._wrapped:  # Buffers of this handle are dead now (never send its number again)
-            with self._wrapped_lock:
-                record = self._wrapped.get(handle)
-                if record is not None:
-                    self._retire(record)
+        self._releases.closed(handle)  # its Buffers are dead now (never send its number again)
 
     def info(self, handle: int) -> ObjectInfo:
         r: s.InfoReply = self._call(Op.GEM_INFO, s.InfoReq(handle=_ident(handle)))

@@ -9,15 +9,24 @@ or consumed by the handler (embedded). Exceptions are translated at one seam on 
 side: `error_from_errno` for a failed reply, `DaemonGone` when the daemon goes away.
 Once an exchange fails (the daemon closed the connection, a malformed reply, a socket
 error) the socket is closed, and that call and every later one raise `DaemonGone`.
+
+Fork: a connection (or an embedded client) belongs to the process that made it. Devices
+register with `track_for_fork`; in a forked child, `os.register_at_fork` swaps each one's
+transport for a `ForkedTransport` whose every call is EBADF telling to connect again. The
+child closes its copy of the socket fd (a plain close, never shutdown: the parent's
+connection is untouched) and never sends, reads or waits on it; finalizers there (mapping
+and Buffer release) only queue, and nothing is ever flushed. No cost per call.
 """
 
 from __future__ import annotations
 
 import array
+import os
 import socket
 import threading
 import time
-from typing import TYPE_CHECKING, Any, NoReturn
+import weakref
+from typing import TYPE_CHECKING, Any, NoReturn, Protocol
 
 from ..core.requests import REQUESTS
 from ..errors import BadFd, DaemonGone, RemoteProtocolError, TimedOut, TooBig, UgemError, error_from_errno
@@ -29,7 +38,7 @@ if TYPE_CHECKING:
     from ..core.client import Client
     from ..manager import Manager
 
-__all__ = ["EmbeddedTransport", "SocketTransport"]
+__all__ = ["EmbeddedTransport", "ForkedTransport", "SocketTransport", "track_for_fork"]
 
 
 class EmbeddedTransport:
@@ -45,6 +54,55 @@ class EmbeddedTransport:
 
     def close(self) -> None:
         self.manager._release(self.client)
+
+    def forsake(self) -> None:
+        """In a forked child: let go without touching the manager (its Manager is dead
+        there too, manager.py)."""
+
+
+class ForkedTransport:
+    """A Device's transport in a forked child of the process that made it: every call is
+    EBADF, at once; closing does nothing (the parent's connection is not the child's)."""
+
+    def __init__(self, embedded: bool, client_id: int, parent_pid: int) -> None:
+        self.embedded = embedded
+        self.client_id = client_id
+        self._message = (f"this Device was made by process {parent_pid} and cannot be used in its forked child "
+                         f"(process {os.getpid()}): connect again in the child (ugem.connect(), or ugem.embedded() "
+                         f"for a manager of its own)")
+
+    def call(self, op: Op, req: s.Struct) -> Any:
+        for name in req.FDS:  # a request's fds are the transport's to close, as in the others
+            fd = getattr(req, name)
+            if isinstance(fd, OwnedFd):
+                fd.close()
+        raise BadFd(self._message)
+
+    def close(self) -> None:
+        pass
+
+    def forsake(self) -> None:
+        pass
+
+
+class _ForkAware(Protocol):
+    def _after_fork_in_child(self) -> None: ...
+
+
+_TRACKED: weakref.WeakSet[_ForkAware] = weakref.WeakSet()
+
+
+def track_for_fork(obj: _ForkAware) -> None:
+    """Call `obj._after_fork_in_child()` in every forked child while `obj` lives."""
+    _TRACKED.add(obj)
+
+
+def _after_fork_in_child() -> None:
+    for obj in list(_TRACKED):
+        obj._after_fork_in_child()
+
+
+os.register_at_fork(after_in_child=_after_fork_in_child)
 
 
 _ANC_SPACE = socket.CMSG_SPACE(MAX_FDS * array.array("i").itemsize)
@@ -265,6 +323,11 @@ class SocketTransport:
         if not isinstance(exc, ConnectionError):
             self._gone = f"the connection to the ugem daemon failed: {exc}"
         return DaemonGone(self._gone)
+
+    def forsake(self) -> None:
+        """In a forked child: close this process's copy of the socket, nothing else (no
+        shutdown, which would end the parent's connection; its lock may be held forever)."""
+        self._sock.close()
 
     def close(self) -> None:
         """Disconnect and wait until the daemon has released this client (it closes its end)."""
