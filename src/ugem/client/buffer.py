@@ -42,7 +42,6 @@ Rules:
 
 from __future__ import annotations
 
-import operator
 import weakref
 from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any
@@ -52,6 +51,7 @@ import numpy.typing as npt
 
 from ..constants import DOMAIN_CPU
 from ..errors import BadFd, InvalidArgument
+from .args import flag, index
 
 if TYPE_CHECKING:
     from .device import Device, ObjectInfo
@@ -73,9 +73,11 @@ class Buffer:
                  readonly: bool | None = None) -> None:
         self._closed = True  # until adopted: a half-made Buffer queues nothing when dropped
         self.device = device
-        self.handle = handle
-        self._size = size
-        self._readonly = readonly
+        self.handle = index(handle, "handle")
+        if not 0 < self.handle < 2**32:
+            raise InvalidArgument(f"handle {self.handle} cannot be valid (handles are 1 to 2**32-1)")
+        self._size = None if size is None else index(size, "size")
+        self._readonly = None if readonly is None else flag(readonly, "readonly")
         self._region: weakref.ref[Any] | None = None  # the shared mmap, while any view lives
         self._region_writable = False
         self._wrap = device._releases.adopt(handle)
@@ -129,6 +131,7 @@ class Buffer:
     def read(self, offset: int = 0, length: int | None = None) -> bytes:
         """pread; `length` defaults to the rest of the object from `offset`."""
         self._live()
+        offset = index(offset, "offset")
         if length is None:
             length = self.size - offset
         return self.device.pread(self.handle, offset, length)
@@ -155,7 +158,7 @@ class Buffer:
 
     def map(self, *, writable: bool = True) -> memoryview:
         """A memoryview of the whole object (the shared mapping; zero-copy)."""
-        return self._view(writable)
+        return self._view(flag(writable, "writable"))
 
     def array(self, dtype: npt.DTypeLike = np.uint8, shape: Shape = None, *, offset: int = 0,
               writable: bool = True) -> npt.NDArray[Any]:
@@ -166,19 +169,26 @@ class Buffer:
         or offset, or an itemless dtype raises `InvalidArgument` (EINVAL) before mapping.
         """
         self._live()
-        dt = np.dtype(dtype)
+        try:
+            dt = np.dtype(dtype)
+        except (TypeError, ValueError) as exc:
+            raise InvalidArgument(f"dtype {dtype!r} is not a numpy dtype: {exc}") from None
         if dt.itemsize == 0 or dt.hasobject:
             raise InvalidArgument(f"dtype {dt} cannot view object memory")
-        offset = operator.index(offset)
+        offset = index(offset, "offset")
+        writable = flag(writable, "writable")
         size = self.size
         if not 0 <= offset <= size:
             raise InvalidArgument(f"offset {offset} is outside the object ({size} bytes)")
         if shape is None:
             dims: tuple[int, ...] = ((size - offset) // dt.itemsize,)
         elif isinstance(shape, int | np.integer):
-            dims = (operator.index(shape),)
+            dims = (index(shape, "shape"),)
         else:
-            dims = tuple(operator.index(d) for d in shape)
+            try:
+                dims = tuple(index(d, "each dimension of shape") for d in shape)
+            except TypeError:
+                raise InvalidArgument(f"shape must be an int or a sequence of ints, got {shape!r}") from None
         if any(d < 0 for d in dims):
             raise InvalidArgument(f"negative dimension in shape {dims}")
         count = 1

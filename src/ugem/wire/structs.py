@@ -292,8 +292,9 @@ MAX_IDS = MAX_PAYLOAD // 4  # u32 ids that fit in one request frame
 
 @dataclass(slots=True)
 class CloseBatchReq(Struct):
-    """GEM_CLOSE of every handle in `handles` (u32s, at most MAX_IDS per request): how a
-    client closes the handles of Buffers it dropped, in one round trip."""
+    """GEM_CLOSE of every handle in `handles` (u32s, at most MAX_IDS per request) that the
+    client holds, skipping the others: how a client closes the handles of Buffers it
+    dropped, in one round trip."""
 
     LAYOUT = ()
     TAIL = "handles"
