@@ -35,6 +35,7 @@ from .errors import (
     PermissionDenied,
     QuotaExceeded,
     TimedOut,
+    TimerExpired,
     TooBig,
     UgemError,
 )
@@ -70,6 +71,7 @@ __all__ = [
     "PermissionDenied",
     "QuotaExceeded",
     "TimedOut",
+    "TimerExpired",
     "TooBig",
     "UgemError",
     "cmd",

@@ -16,7 +16,8 @@ The family, as a tree::
           +-- Busy              EBUSY   pinned in VRAM, suspended (embedded)
           +-- NoDevice          ENODEV  operation not possible on this kind of object
           +-- NoSuchDeviceOrAddress ENXIO  proxy object (userptr, foreign import)
-          +-- TimedOut          ETIME   wait deadline passed
+          +-- TimerExpired      ETIME   wait deadline passed with the work still running
+          +-- TimedOut          ETIMEDOUT  no reply from the daemon within connect(timeout=)
           +-- IOFailure         EIO     work was cancelled as hung
           +-- Shutdown          ESHUTDOWN  the daemon is stopping
           +-- NotSupported      EOPNOTSUPP
@@ -53,6 +54,7 @@ __all__ = [
     "RemoteProtocolError",
     "Shutdown",
     "TimedOut",
+    "TimerExpired",
     "TooBig",
     "UgemError",
     "error_from_errno",
@@ -67,6 +69,11 @@ class UgemError(OSError):
     def __init__(self, message: str = "", code: int | None = None) -> None:
         num = self.code if code is None else code
         super().__init__(num, message or _errno.errorcode.get(num, str(num)))
+
+    def __reduce__(self) -> tuple[object, ...]:
+        # OSError pickles as cls(errno, strerror), which is not this signature: an error
+        # raised in a multiprocessing worker must come back as itself
+        return (type(self), (self.strerror, self.errno), self.__dict__ or None)
 
 
 class InvalidArgument(UgemError):
@@ -117,8 +124,17 @@ class NoSuchDeviceOrAddress(UgemError):
     code = _errno.ENXIO
 
 
-class TimedOut(UgemError):
+class TimerExpired(UgemError):
+    """wait/wait_fence: the deadline passed and the work is still running (kernel ETIME)."""
+
     code = _errno.ETIME
+
+
+class TimedOut(UgemError):
+    """A call got no reply from the daemon within the `timeout` given to `connect()`;
+    the Device is closed (raised by the client, never sent by a daemon)."""
+
+    code = _errno.ETIMEDOUT
 
 
 class IOFailure(UgemError):

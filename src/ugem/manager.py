@@ -5,6 +5,11 @@ client Device each call. Requests go through the same `dispatch()` and request t
 the daemon's, under one lock (the core itself is single-threaded). Memory jobs a request
 must wait for (spill, restore) run inline in the caller's thread, then it is retried. `close()` releases
 every client and object; any later call is EBADF.
+
+A Manager belongs to the process that made it: in a forked child it is dead (EBADF saying
+to make a new one), and closing it there does nothing, so a child never frees, spills or
+deletes what the parent's manager owns. The child keeps its copy of the core referenced,
+so none of the copied fds is left to the garbage collector.
 """
 
 from __future__ import annotations
@@ -16,7 +21,7 @@ from typing import Any
 
 from .backing.memfd import MemfdStore
 from .client.device import Device
-from .client.transport import EmbeddedTransport
+from .client.transport import EmbeddedTransport, track_for_fork
 from .config import Config
 from .core.client import Client, Credentials
 from .core.jobs import Pending
@@ -36,6 +41,9 @@ class Manager:
         self._lock = threading.RLock()
         self._device = SimDevice(self.config.vram, self.config.hang_timeout)
         self._core: Core | None = Core(self.config, MemfdStore(self.config.spill_dir), self._device)
+        self._pid = os.getpid()
+        self._forked_core: Core | None = None  # in a forked child: the parent's, never used
+        track_for_fork(self)
 
     @property
     def closed(self) -> bool:
@@ -43,8 +51,15 @@ class Manager:
 
     def _live_core(self) -> Core:
         if self._core is None:
+            if self._forked_core is not None:
+                raise BadFd(f"this Manager was made by process {self._pid} and cannot be used in its forked child "
+                            f"(process {os.getpid()}): make a new one in the child")
             raise BadFd("the Manager is closed")
         return self._core
+
+    def _after_fork_in_child(self) -> None:
+        self._forked_core, self._core = self._core, None
+        self._lock = threading.RLock()  # the parent's may have been held at the fork
 
     def open(self) -> Device:
         """A new client of this manager (like opening the DRM device again)."""

@@ -68,6 +68,7 @@ E = errno
 ALLOWED: dict[int, set[int]] = {
     Op.GEM_CREATE: {E.EINVAL, E.E2BIG, E.EDQUOT},
     Op.GEM_CLOSE: {E.EINVAL},
+    Op.GEM_CLOSE_BATCH: {E.EINVAL},
     Op.GEM_INFO: {E.EINVAL, E.ENOENT},
     Op.GEM_PREAD: {E.EINVAL, E.ENOENT, E.EFAULT, E.ENOMEM},
     Op.GEM_PWRITE: {E.EINVAL, E.ENOENT, E.EFAULT, E.ENOMEM},
@@ -99,7 +100,8 @@ ALLOWED: dict[int, set[int]] = {
     Op.DEBUG_OPEN: {E.EINVAL, E.ENOENT, E.EACCES, E.EDQUOT},
 }
 REQ: dict[int, type[s.Struct]] = {
-    Op.GEM_CREATE: s.CreateReq, Op.GEM_CLOSE: s.CloseReq, Op.GEM_INFO: s.InfoReq, Op.GEM_PREAD: s.PreadReq,
+    Op.GEM_CREATE: s.CreateReq, Op.GEM_CLOSE: s.CloseReq, Op.GEM_CLOSE_BATCH: s.CloseBatchReq,
+    Op.GEM_INFO: s.InfoReq, Op.GEM_PREAD: s.PreadReq,
     Op.GEM_PWRITE: s.PwriteReq, Op.XFER_DONE: s.XferDoneReq, Op.GEM_MMAP: s.MmapReq, Op.GEM_MUNMAP: s.MunmapReq,
     Op.GEM_FLINK: s.FlinkReq, Op.GEM_OPEN: s.OpenReq, Op.PRIME_HANDLE_TO_FD: s.ExportReq,
     Op.PRIME_FD_TO_HANDLE: s.ImportReq, Op.GEM_MADVISE: s.MadviseReq, Op.GEM_PIN: s.HandleReq,
@@ -119,6 +121,7 @@ REPLY: dict[int, type[s.Struct]] = {
     Op.LIST_OBJECTS: s.JsonReply, Op.LIST_CLIENTS: s.JsonReply, Op.DEBUG_OPEN: s.OpenReply,
 }
 NEW_HANDLE_OPS = {Op.GEM_CREATE, Op.GEM_OPEN, Op.GEM_USERPTR, Op.DEBUG_OPEN, Op.PRIME_FD_TO_HANDLE}
+UNKNOWN_OP = max(Op) + 1  # the lowest op number no request uses
 HANDLE_OPS = [op for op, cls in REQ.items() if "handle" in cls._names and op != Op.DEBUG_OPEN]
 
 U32 = 2**32 - 1
@@ -660,10 +663,11 @@ def _effective(cls: type[s.Struct], payload: bytes) -> tuple[dict[str, Any], str
 def hostile_frames(draw: st.DrawFn, conn: Conn, world: World, stack: ExitStack) -> Hostile:
     shape = draw(st.sampled_from(["fields"] * 6 + ["unknown-op", "fd-mismatch", "fd-kind", "fd-kind"]))
     if shape == "unknown-op":
-        op = draw(st.one_of(st.sampled_from([Op.HELLO, 32, 33, 0x7FFF, 0xFFFF]), st.integers(32, 0xFFFF)))
+        op = draw(st.one_of(st.sampled_from([Op.HELLO, UNKNOWN_OP, UNKNOWN_OP + 1, 0x7FFF, 0xFFFF]),
+                            st.integers(UNKNOWN_OP, 0xFFFF)))
         return Hostile(op, draw(st.binary(max_size=64)), [], 0, exact=errno.EINVAL, why="unknown op")
     if shape == "fd-mismatch":  # fds that the header or the op does not account for
-        op = draw(st.one_of(st.sampled_from(sorted(REQ)), st.integers(32, 0xFFFF)))
+        op = draw(st.one_of(st.sampled_from(sorted(REQ)), st.integers(UNKNOWN_OP, 0xFFFF)))
         expected = len(REQ[op].FDS) if op in REQ else 0
         attached = draw(st.integers(0, 3))
         nfds = draw(st.sampled_from([attached, 0, 1, 2, MAX_FDS, 255]))
@@ -696,6 +700,10 @@ def hostile_frames(draw: st.DrawFn, conn: Conn, world: World, stack: ExitStack) 
         length = values["length"]
         tail = draw(st.one_of(st.just(b""), st.binary(max_size=64),
                               st.just(bytes(range(256)) * 16).map(lambda b: b[:length] if 0 <= length <= 4096 else b)))
+    elif cls is s.CloseBatchReq:  # never the sentinel (the probes need it), nor a list "long" could extend
+        handle_lists = st.lists(_handle(conn, world), max_size=4).map(lambda hs: struct.pack(f"<{len(hs)}I", *hs))
+        tail = draw(st.one_of(handle_lists, st.binary(max_size=10).filter(lambda b: len(b) % 4 != 0)))
+        mutation = "none" if mutation == "long" else mutation
     elif cls is s.MunmapReq:
         tail = draw(st.one_of(st.lists(st.sampled_from([0, 1, 2, 3, U32]), max_size=4).map(
             lambda ids: struct.pack(f"<{len(ids)}I", *ids)), st.binary(max_size=10)))
@@ -761,6 +769,8 @@ def _check_success(conn: Conn, h: Hostile, reply: Any) -> None:
     elif h.op == Op.GEM_CLOSE:
         assert h.values["handle"] in conn.handles, f"closing handle {h.values['handle']} we do not hold succeeded"
         conn.handles.discard(h.values["handle"])
+    elif h.op == Op.GEM_CLOSE_BATCH:
+        conn.handles -= {handle for (handle,) in struct.iter_unpack("<I", h.payload)}  # the others are skipped
 
 
 def run_hostile(conn: Conn, h: Hostile, world: World) -> bool:

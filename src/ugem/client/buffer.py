@@ -6,12 +6,17 @@ one handle-layer call (or none) with the same errors, in the same order, as that
 
 Rules:
 
-- A Buffer owns one handle of one Device. `close()` sends GEM_CLOSE once; it is
-  idempotent, and a no-op once the Device is closed (that released the handle already).
-  After `close()` every other method raises `BadFd` (EBADF) without asking the manager:
-  the client reuses handle numbers, so a closed Buffer must never send its number again.
-- A Buffer is not closed by the garbage collector (a finalizer may run in the middle of
-  a request and must not send one). Use `with dev.new(n) as buf:` or close the Device.
+- A Buffer holds one handle of one Device. The handle is closed (GEM_CLOSE) when the
+  last Buffer wrapping it is closed or dropped: `close()` is idempotent, and a no-op once
+  the Device is closed (that released the handle already). After `close()`, or once the
+  handle was closed by `Device.close_handle`, every other method raises `BadFd` (EBADF)
+  without asking the manager: the client reuses handle numbers, so a Buffer must never
+  send a closed number again.
+- A Buffer dropped without `close()` has its handle closed soon after: its finalizer only
+  queues it with the Device, which sends the close with its next request (several in one
+  GEM_CLOSE_BATCH) or drops it at `Device.close()` (which releases everything); never from
+  the finalizer, which may run in the middle of another request. Views made from it stay
+  valid (the mapping keeps the object alive). `with dev.new(n) as buf:` closes at once.
 - `map()`, `array()` and `__dlpack__` are views of ONE shared mapping of the whole
   object, made on first use and shared for as long as any view of it lives. The Buffer
   holds it only weakly: once the last view is gone the mapping is released, so an object
@@ -27,7 +32,8 @@ Rules:
   `madvise(WILLNEED)` returns False (SPEC §8). Purged is final: `array()` then fails
   with EFAULT, like `mmap`.
 - `import_fd` (and `open_name` never) may return a handle this client already holds
-  (SPEC §2); two Buffers then share one handle and closing either one closes it.
+  (SPEC §2); two Buffers then share one handle, which stays open until both are closed
+  or dropped (the Device counts the Buffers of each handle).
 - DLPack: `__dlpack__` exports a 1-D uint8 view of the whole object on the CPU
   (`__dlpack_device__() == (1, 0)`, kDLCPU) through numpy, so `numpy.from_dlpack(buf)`
   and `torch.from_dlpack(buf)` share the object's memory; the capsule keeps the mapping
@@ -36,7 +42,6 @@ Rules:
 
 from __future__ import annotations
 
-import operator
 import weakref
 from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any
@@ -46,6 +51,7 @@ import numpy.typing as npt
 
 from ..constants import DOMAIN_CPU
 from ..errors import BadFd, InvalidArgument
+from .args import flag, index
 
 if TYPE_CHECKING:
     from .device import Device, ObjectInfo
@@ -65,13 +71,17 @@ class Buffer:
 
     def __init__(self, device: Device, handle: int, size: int | None = None, *,
                  readonly: bool | None = None) -> None:
+        self._closed = True  # until adopted: a half-made Buffer queues nothing when dropped
         self.device = device
-        self.handle = handle
-        self._size = size
-        self._readonly = readonly
-        self._closed = False
+        self.handle = index(handle, "handle")
+        if not 0 < self.handle < 2**32:
+            raise InvalidArgument(f"handle {self.handle} cannot be valid (handles are 1 to 2**32-1)")
+        self._size = None if size is None else index(size, "size")
+        self._readonly = None if readonly is None else flag(readonly, "readonly")
         self._region: weakref.ref[Any] | None = None  # the shared mmap, while any view lives
         self._region_writable = False
+        self._wrap = device._releases.adopt(handle)
+        self._closed = False
 
     # -- getting one -----------------------------------------------------------------
 
@@ -90,10 +100,10 @@ class Buffer:
 
     @property
     def closed(self) -> bool:
-        return self._closed
+        return self._closed or self._wrap.closed
 
     def _live(self) -> int:
-        if self._closed:
+        if self._closed or self._wrap.closed:
             raise BadFd(f"Buffer (handle {self.handle}) is closed")
         return self.handle
 
@@ -121,6 +131,7 @@ class Buffer:
     def read(self, offset: int = 0, length: int | None = None) -> bytes:
         """pread; `length` defaults to the rest of the object from `offset`."""
         self._live()
+        offset = index(offset, "offset")
         if length is None:
             length = self.size - offset
         return self.device.pread(self.handle, offset, length)
@@ -147,7 +158,7 @@ class Buffer:
 
     def map(self, *, writable: bool = True) -> memoryview:
         """A memoryview of the whole object (the shared mapping; zero-copy)."""
-        return self._view(writable)
+        return self._view(flag(writable, "writable"))
 
     def array(self, dtype: npt.DTypeLike = np.uint8, shape: Shape = None, *, offset: int = 0,
               writable: bool = True) -> npt.NDArray[Any]:
@@ -158,19 +169,26 @@ class Buffer:
         or offset, or an itemless dtype raises `InvalidArgument` (EINVAL) before mapping.
         """
         self._live()
-        dt = np.dtype(dtype)
+        try:
+            dt = np.dtype(dtype)
+        except (TypeError, ValueError) as exc:
+            raise InvalidArgument(f"dtype {dtype!r} is not a numpy dtype: {exc}") from None
         if dt.itemsize == 0 or dt.hasobject:
             raise InvalidArgument(f"dtype {dt} cannot view object memory")
-        offset = operator.index(offset)
+        offset = index(offset, "offset")
+        writable = flag(writable, "writable")
         size = self.size
         if not 0 <= offset <= size:
             raise InvalidArgument(f"offset {offset} is outside the object ({size} bytes)")
         if shape is None:
             dims: tuple[int, ...] = ((size - offset) // dt.itemsize,)
         elif isinstance(shape, int | np.integer):
-            dims = (operator.index(shape),)
+            dims = (index(shape, "shape"),)
         else:
-            dims = tuple(operator.index(d) for d in shape)
+            try:
+                dims = tuple(index(d, "each dimension of shape") for d in shape)
+            except TypeError:
+                raise InvalidArgument(f"shape must be an int or a sequence of ints, got {shape!r}") from None
         if any(d < 0 for d in dims):
             raise InvalidArgument(f"negative dimension in shape {dims}")
         count = 1
@@ -227,12 +245,17 @@ class Buffer:
     # -- closing ---------------------------------------------------------------------
 
     def close(self) -> None:
-        """GEM_CLOSE this handle once; views already made stay valid."""
+        """Let go of the handle: GEM_CLOSE once no other live Buffer wraps it; views
+        already made stay valid."""
         if self._closed:
             return
         self._closed, self._region = True, None
         if not self.device.closed:
-            self.device.close_handle(self.handle)
+            self.device._unwrap(self._wrap)
+
+    def __del__(self) -> None:
+        if not self._closed:  # only queue it: the Device sends the close (module rules)
+            self.device._released.append(self._wrap)
 
     def __enter__(self) -> Buffer:
         self._live()
@@ -243,5 +266,5 @@ class Buffer:
 
     def __repr__(self) -> str:
         size = "" if self._size is None else f" size={self._size}"
-        state = " closed" if self._closed else ""
+        state = " closed" if self.closed else ""
         return f"<Buffer handle={self.handle}{size}{state}>"

@@ -1,7 +1,8 @@
 """Device: the public handle-layer API of SPEC §2, identical over both transports.
 
-A Device is one client. Its methods build request structs and send them through its
-transport; the only mode-specific code is how bulk data moves:
+A Device is one client. Its methods check their arguments (client/args.py: anything but
+an integer where one is expected is EINVAL naming it, in both modes) and build request
+structs sent through its transport; the only mode-specific code is how bulk data moves:
 
 - embedded: the handler copies straight between the caller's buffer and the object
   (a `pread` beyond `INLINE_LIMIT` takes the XFER path below in both modes, so its result
@@ -11,13 +12,17 @@ transport; the only mode-specific code is how bulk data moves:
   with preadv/pwritev, then reports XFER_DONE.
 
 Mappings hold no fd (backing/mapping.py). When the last view of a mapping dies, a
-finalizer queues its id; queued releases are sent (GEM_MUNMAP) before the next request,
-never from the finalizer itself, which may run at any moment (even mid-request).
+finalizer queues its id; when a Buffer is dropped without `close()`, its finalizer queues
+its handle's record (client/releases.py has the rules). Queued releases are sent before
+the next request (GEM_MUNMAP, then GEM_CLOSE_BATCH for the handles no live Buffer wraps
+any more), in as many frames as they need, never from a finalizer itself, which may run
+at any moment (even mid-request); `close()` drops the queue, as the manager releases
+everything then.
 """
 
 from __future__ import annotations
 
-import collections
+import errno
 import json
 import os
 import struct
@@ -30,11 +35,15 @@ import numpy as np
 from ..backing.mapping import map_shared
 from ..bufview import flat_bytes
 from ..constants import page_align
-from ..errors import BadFd, InvalidArgument
+from ..errors import BadFd, InvalidArgument, OutOfMemory, TimedOut, error_from_errno
 from ..fd import OwnedFd
 from ..wire import structs as s
 from ..wire.frames import Op
+from .args import flag, i64, ident, index, u32
+from .bulk import pread_all, preadv_all, pwritev_all
 from .device_ops import DeviceOps
+from .releases import Releases, Wrapped
+from .transport import ForkedTransport, track_for_fork
 
 if TYPE_CHECKING:
     from ..manager import Manager
@@ -70,23 +79,7 @@ class Transport(Protocol):
 
     def close(self) -> None: ...
 
-
-def _ident(value: int) -> int:
-    """A handle or name as sent (u32). Nothing outside 1..2**32-1 can be valid, so such a
-    value goes as 0, which the manager rejects exactly as any other unknown handle or name."""
-    return value if 0 < value < 2**32 else 0
-
-
-def _i64(value: int) -> int:
-    """A size or offset as sent (s64), saturated: values past either end fail the same
-    checks as the end itself (E2BIG, EINVAL) instead of breaking the encoder."""
-    return min(max(value, -(2**63)), 2**63 - 1)
-
-
-def _u32(value: int) -> int:
-    """A small enum value as sent (u32); out-of-range values go as 2**32-1, which no
-    check accepts, so they fail with the same EINVAL as any other bad value."""
-    return value if 0 <= value < 2**32 else 2**32 - 1
+    def forsake(self) -> None: ...
 
 
 def _byte_view(buffer: Any, writable: bool) -> memoryview:
@@ -98,10 +91,12 @@ class Device(DeviceOps):
 
     def __init__(self, transport: Transport) -> None:
         self._transport: Transport | None = transport
-        # released mappings not yet reported; finalizers append to this very deque (drained
-        # in place, never replaced, so a release can never land in a list nobody reads)
-        self._pending_unmaps: collections.deque[int] = collections.deque()
+        self._releases = Releases()
+        self._released = self._releases.queue  # what finalizers append to (releases.py)
         self._owned_manager: Manager | None = None
+        self._closed_why = "this Device is closed"
+        self._pid = os.getpid()
+        track_for_fork(self)
 
     # -- plumbing --------------------------------------------------------------------
 
@@ -115,25 +110,43 @@ class Device(DeviceOps):
 
     def _live(self) -> Transport:
         if self._transport is None:
-            raise BadFd("this Device is closed")
+            raise BadFd(self._closed_why)
         return self._transport
 
     def _call(self, op: Op, req: s.Struct) -> Any:
         transport = self._live()
-        if self._pending_unmaps:
-            self._flush_unmaps(transport)
-        return transport.call(op, req)
-
-    def _flush_unmaps(self, transport: Transport) -> None:
-        ids = []
         try:
-            while True:
-                ids.append(self._pending_unmaps.popleft())
-        except IndexError:  # drained (perhaps by another thread at the same time)
-            pass
-        if not ids:
-            return
-        transport.call(Op.GEM_MUNMAP, s.MunmapReq(ids=struct.pack(f"<{len(ids)}I", *ids)))
+            if self._released:
+                self._flush_released(transport)
+            return transport.call(op, req)
+        except TimedOut:  # the transport closed the connection: so is this Device
+            self._transport = None
+            self._closed_why = "this Device was closed when a call got no reply within its timeout; connect again"
+            raise
+
+    def _flush_released(self, transport: Transport) -> None:
+        ids, handles = self._releases.drain()
+        # one frame each: a batch never fails for its size; mappings first (they need no handle)
+        for start in range(0, len(ids), s.MAX_IDS):
+            batch = ids[start:start + s.MAX_IDS]
+            transport.call(Op.GEM_MUNMAP, s.MunmapReq(ids=struct.pack(f"<{len(batch)}I", *batch)))
+        for start in range(0, len(handles), s.MAX_IDS):
+            batch = handles[start:start + s.MAX_IDS]
+            transport.call(Op.GEM_CLOSE_BATCH, s.CloseBatchReq(handles=struct.pack(f"<{len(batch)}I", *batch)))
+
+    def _unwrap(self, record: Wrapped) -> None:
+        """A Buffer was closed: close its handle if no other live Buffer wraps it."""
+        handle = self._releases.unwrap(record)
+        if handle is not None:
+            self._call(Op.GEM_CLOSE, s.CloseReq(handle=handle))
+
+    def _after_fork_in_child(self) -> None:
+        """This process is a forked child of the one that made this Device (transport.py)."""
+        transport = self._transport
+        if transport is not None:
+            transport.forsake()
+            self._transport = ForkedTransport(transport.embedded, transport.client_id, self._pid)
+        self._releases.after_fork_in_child()
 
     def close(self) -> None:
         """Release every handle, mapping record and pin of this client; idempotent."""
@@ -152,13 +165,15 @@ class Device(DeviceOps):
     # -- objects ---------------------------------------------------------------------
 
     def create(self, size: int) -> int:
-        return int(self._call(Op.GEM_CREATE, s.CreateReq(size=_i64(size))).handle)
+        return int(self._call(Op.GEM_CREATE, s.CreateReq(size=i64(size, "size"))).handle)
 
     def close_handle(self, handle: int) -> None:
-        self._call(Op.GEM_CLOSE, s.CloseReq(handle=_ident(handle)))
+        handle = ident(handle)
+        self._call(Op.GEM_CLOSE, s.CloseReq(handle=handle))
+        self._releases.closed(handle)  # its Buffers are dead now (never send its number again)
 
     def info(self, handle: int) -> ObjectInfo:
-        r: s.InfoReply = self._call(Op.GEM_INFO, s.InfoReq(handle=_ident(handle)))
+        r: s.InfoReply = self._call(Op.GEM_INFO, s.InfoReq(handle=ident(handle)))
         # built without the frozen __init__ (one object.__setattr__ per field: 2 us, a
         # tenth of a daemon round trip); the result is the same frozen dataclass
         info = object.__new__(ObjectInfo)
@@ -174,7 +189,9 @@ class Device(DeviceOps):
     def pread(self, handle: int, offset: int, length: int) -> bytes:
         # Beyond INLINE_LIMIT (or a negative length) both modes take the XFER path, which
         # allocates the result only once the manager has accepted the range: an absurd
-        # length is EINVAL there, never a MemoryError here.
+        # length is EINVAL there, and one this process cannot hold is ENOMEM, never a
+        # MemoryError.
+        handle, offset, length = ident(handle), i64(offset, "offset"), i64(length, "length")
         self._live()
         if 0 <= length <= INLINE_LIMIT:
             buf = bytearray(max(length, 0))
@@ -183,12 +200,13 @@ class Device(DeviceOps):
         return self._pread_xfer(handle, offset, length, None)
 
     def pread_into(self, handle: int, offset: int, buffer: Any) -> int:
+        handle, offset = ident(handle), i64(offset, "offset")
         view = _byte_view(buffer, writable=True)
         self._pread(handle, offset, len(view), view)
         return len(view)
 
     def _pread(self, handle: int, offset: int, length: int, into: memoryview | bytearray) -> None:
-        req = s.PreadReq(handle=_ident(handle), offset=_i64(offset), length=_i64(length))
+        req = s.PreadReq(handle=handle, offset=offset, length=length)
         if self._live().embedded:
             req.into = into
             self._call(Op.GEM_PREAD, req)
@@ -200,27 +218,33 @@ class Device(DeviceOps):
             self._pread_xfer(handle, offset, length, into)
 
     def _pread_xfer(self, handle: int, offset: int, length: int, into: Any) -> bytes:
-        reply: s.PreadReply = self._call(Op.GEM_PREAD, s.PreadReq(handle=_ident(handle), flags=s.XFER,
-                                                                   offset=_i64(offset), length=_i64(length)))
+        reply: s.PreadReply = self._call(Op.GEM_PREAD, s.PreadReq(handle=handle, flags=s.XFER, offset=offset,
+                                                                   length=length))
         data = b""
-        if reply.fd is None:  # no pages yet: zeros, and nothing to release
-            if into is None:
-                return bytes(length)
-            np.frombuffer(into, dtype=np.uint8).fill(0)
-            return b""
-        with reply.fd as fd:
-            try:
+        try:
+            if reply.fd is None:  # no pages yet: zeros, and nothing to release
                 if into is None:
-                    data = _pread_all(fd, length, offset)
-                else:
-                    _preadv_all(fd, into, offset)
-            finally:
-                self._call(Op.XFER_DONE, s.XferDoneReq(xfer_id=reply.xfer_id))
+                    return bytes(length)
+                np.frombuffer(into, dtype=np.uint8).fill(0)
+                return b""
+            with reply.fd as fd:
+                try:
+                    if into is None:
+                        data = pread_all(fd, length, offset)
+                    else:
+                        preadv_all(fd, into, offset)
+                finally:
+                    self._call(Op.XFER_DONE, s.XferDoneReq(xfer_id=reply.xfer_id))
+        except MemoryError:
+            raise OutOfMemory(f"pread of {length} bytes of handle {handle}: this process cannot hold that "
+                              f"much at once; read it into a buffer of your own with pread_into, in parts, "
+                              f"or map the object") from None
         return data
 
     def pwrite(self, handle: int, offset: int, data: Any) -> None:
+        handle, offset = ident(handle), i64(offset, "offset")
         view = _byte_view(data, writable=False)
-        req = s.PwriteReq(handle=_ident(handle), offset=_i64(offset), length=len(view), data=view)
+        req = s.PwriteReq(handle=handle, offset=offset, length=len(view), data=view)
         if self._live().embedded or len(view) <= INLINE_LIMIT:
             self._call(Op.GEM_PWRITE, req)
             return
@@ -230,76 +254,77 @@ class Device(DeviceOps):
             return
         with reply.fd as fd:
             try:
-                _pwritev_all(fd, view, offset)
+                pwritev_all(fd, view, offset)
             finally:
                 self._call(Op.XFER_DONE, s.XferDoneReq(xfer_id=reply.xfer_id))
 
     # -- mappings --------------------------------------------------------------------
 
     def mmap(self, handle: int, *, offset: int = 0, length: int | None = None, writable: bool = True) -> memoryview:
+        writable = flag(writable, "writable")
         flags = (s.WRITABLE if writable else 0) | (s.TO_END if length is None else 0)
-        reply: s.MmapReply = self._call(Op.GEM_MMAP, s.MmapReq(handle=_ident(handle), flags=flags, offset=_i64(offset),
-                                                               length=_i64(length or 0)))
+        req = s.MmapReq(handle=ident(handle), flags=flags, offset=i64(offset, "offset"),
+                        length=0 if length is None else i64(length, "length"))
+        reply: s.MmapReply = self._call(Op.GEM_MMAP, req)
         assert reply.fd is not None
         try:
             with reply.fd as fd:
                 region = map_shared(fd.fd, reply.offset, reply.length, writable)
+        except OSError as exc:  # e.g. ENOMEM: no room for that much address space
+            self._released.append(reply.map_id)
+            raise error_from_errno(exc.errno or errno.ENOMEM, f"cannot map {reply.length} bytes of handle "
+                                   f"{req.handle} into this process: {exc.strerror}") from None
         except BaseException:
-            self._pending_unmaps.append(reply.map_id)
+            self._released.append(reply.map_id)
             raise
-        weakref.finalize(region, self._pending_unmaps.append, reply.map_id)
+        weakref.finalize(region, self._released.append, reply.map_id)
         return memoryview(region)
 
     # -- memory management -----------------------------------------------------------
 
     def madvise(self, handle: int, advice: int) -> bool:
         """WILLNEED or DONTNEED; returns whether the contents are retained (not purged)."""
-        r: s.MadviseReply = self._call(Op.GEM_MADVISE, s.MadviseReq(handle=_ident(handle), advice=_u32(advice)))
+        r: s.MadviseReply = self._call(Op.GEM_MADVISE, s.MadviseReq(handle=ident(handle), advice=u32(advice, "advice")))
         return bool(r.retained)
 
     def pin(self, handle: int) -> None:
-        self._call(Op.GEM_PIN, s.HandleReq(handle=_ident(handle)))
+        self._call(Op.GEM_PIN, s.HandleReq(handle=ident(handle)))
 
     def unpin(self, handle: int) -> None:
-        self._call(Op.GEM_UNPIN, s.HandleReq(handle=_ident(handle)))
+        self._call(Op.GEM_UNPIN, s.HandleReq(handle=ident(handle)))
 
     # -- sharing ---------------------------------------------------------------------
 
     def flink(self, handle: int) -> int:
-        return int(self._call(Op.GEM_FLINK, s.FlinkReq(handle=_ident(handle))).name)
+        return int(self._call(Op.GEM_FLINK, s.FlinkReq(handle=ident(handle))).name)
 
     def open_name(self, name: int) -> tuple[int, int]:
-        r: s.OpenReply = self._call(Op.GEM_OPEN, s.OpenReq(name=_ident(name)))
+        r: s.OpenReply = self._call(Op.GEM_OPEN, s.OpenReq(name=ident(name, "name")))
         return r.handle, r.size
 
     def export(self, handle: int, *, writable: bool = True) -> int:
-        r: s.ExportReply = self._call(Op.PRIME_HANDLE_TO_FD,
-                                      s.ExportReq(handle=_ident(handle), flags=s.WRITABLE if writable else 0))
+        r: s.ExportReply = self._call(Op.PRIME_HANDLE_TO_FD, s.ExportReq(
+            handle=ident(handle), flags=s.WRITABLE if flag(writable, "writable") else 0))
         assert r.fd is not None
         return r.fd.detach()
 
     def import_fd(self, fd: int) -> int:
         self._live()
-        try:
-            owned = OwnedFd(os.dup(fd))
-        except OSError as exc:
-            raise BadFd(f"fd {fd} is not an open file descriptor") from exc
-        r: s.ImportReply = self._call(Op.PRIME_FD_TO_HANDLE, s.ImportReq(fd=owned))
+        r: s.ImportReply = self._call(Op.PRIME_FD_TO_HANDLE, s.ImportReq(fd=_dup(fd)))
         return int(r.handle)
 
     def userptr(self, buffer: Any, *, readonly: bool = False) -> int:
         """Wrap existing memory without copying. Embedded: any buffer-protocol object with
         page-aligned address and length (or (fd, offset, length)); over the daemon:
         (fd, offset, length) of a memfd sealed against shrinking."""
-        req = s.UserptrReq(flags=s.READONLY if readonly else 0)
+        req = s.UserptrReq(flags=s.READONLY if flag(readonly, "readonly") else 0)
         if isinstance(buffer, tuple):
+            if len(buffer) != 3:
+                raise InvalidArgument(f"userptr takes (fd, offset, length), got a tuple of {len(buffer)}")
             fd, offset, length = buffer
+            offset, length = i64(offset, "userptr offset"), i64(length, "userptr length")
             self._live()
-            try:
-                req.fd = OwnedFd(os.dup(fd))
-            except OSError as exc:
-                raise BadFd(f"fd {fd} is not an open file descriptor") from exc
-            req.offset, req.length = _i64(offset), _i64(length)
+            req.fd, req.offset, req.length = _dup(fd), offset, length
         elif self._live().embedded:
             req.buffer = buffer
         else:
@@ -321,7 +346,7 @@ class Device(DeviceOps):
 
     def debug_open(self, object_id: int) -> int:
         """A new read-only handle to object `object_id` (privileged; for debugging tools)."""
-        r: s.OpenReply = self._call(Op.DEBUG_OPEN, s.HandleReq(handle=_ident(object_id)))
+        r: s.OpenReply = self._call(Op.DEBUG_OPEN, s.HandleReq(handle=ident(object_id, "object_id")))
         return int(r.handle)
 
     def hangup_fd(self) -> int | None:
@@ -337,29 +362,14 @@ class Device(DeviceOps):
         """Create an object and wrap it in a Buffer (closes its handle when done)."""
         from .buffer import Buffer
 
-        return Buffer(self, self.create(size), page_align(size), readonly=False)
+        handle = self.create(size)
+        return Buffer(self, handle, page_align(index(size, "size")), readonly=False)
 
 
-def _preadv_all(fd: OwnedFd, into: Any, offset: int) -> None:
-    view = memoryview(into).cast("B")
-    done = 0
-    while done < len(view):
-        n = os.preadv(fd.fd, [view[done:done + (1 << 30)]], offset + done)
-        if n <= 0:
-            raise OSError(5, "short read from object memory")
-        done += n
-
-
-def _pread_all(fd: OwnedFd, length: int, offset: int) -> bytes:
-    data = os.pread(fd.fd, length, offset) if length < (1 << 30) else b""
-    if len(data) == length:
-        return data
-    buf = bytearray(length)
-    _preadv_all(fd, buf, offset)
-    return bytes(buf)
-
-
-def _pwritev_all(fd: OwnedFd, view: memoryview, offset: int) -> None:
-    done = 0
-    while done < len(view):
-        done += os.pwritev(fd.fd, [view[done:done + (1 << 30)]], offset + done)
+def _dup(fd: Any) -> OwnedFd:
+    """Our own copy of a caller's fd for a request (the transport closes it once sent)."""
+    number = index(fd, "fd")
+    try:
+        return OwnedFd(os.dup(number))
+    except (OSError, OverflowError) as exc:
+        raise BadFd(f"fd {number} is not an open file descriptor") from exc

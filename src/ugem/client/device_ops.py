@@ -7,24 +7,14 @@ from collections.abc import Sequence
 from typing import Any
 
 from ..cmd import Command
+from ..errors import InvalidArgument, TooBig
 from ..wire import structs as s
 from ..wire import structs_device as sd
 from ..wire.commands import encode_commands
 from ..wire.frames import Op
+from .args import i64, ident, u32, u64
 
 __all__ = ["DeviceOps"]
-
-
-def _h(value: int) -> int:
-    return value if 0 < value < 2**32 else 0
-
-
-def _u32(value: int) -> int:
-    return value if 0 <= value < 2**32 else 2**32 - 1
-
-
-def _i64(value: int) -> int:
-    return min(max(value, -(2**63)), 2**63 - 1)
 
 
 class DeviceOps:
@@ -32,42 +22,53 @@ class DeviceOps:
         raise NotImplementedError
 
     def execbuffer(self, commands: Sequence[Command]) -> int:
-        """Submit device commands (ugem.cmd); returns their fence."""
-        r: sd.FenceReply = self._call(Op.GEM_EXECBUFFER, sd.ExecbufferReq(data=encode_commands(list(commands))))
+        """Submit device commands (ugem.cmd); returns their fence. More than MAX_COMMANDS
+        (11,962) commands do not fit in one request: E2BIG before anything is sent, in
+        both modes (split the work into several submissions)."""
+        try:
+            listed = list(commands)
+        except TypeError:
+            raise InvalidArgument(f"execbuffer takes a list of device commands, got {commands!r}") from None
+        if len(listed) > sd.MAX_COMMANDS:
+            raise TooBig(f"execbuffer of {len(listed)} commands does not fit in one request (at most "
+                         f"{sd.MAX_COMMANDS}); submit them in several execbuffers")
+        r: sd.FenceReply = self._call(Op.GEM_EXECBUFFER, sd.ExecbufferReq(data=encode_commands(listed)))
         return int(r.fence)
 
     def busy(self, handle: int) -> bool:
-        r: sd.BusyReply = self._call(Op.GEM_BUSY, s.HandleReq(handle=_h(handle)))
+        r: sd.BusyReply = self._call(Op.GEM_BUSY, s.HandleReq(handle=ident(handle)))
         return bool(r.busy)
 
     def wait(self, handle: int, timeout_ns: int) -> int:
         """Wait for the device work using the object; returns the time left (kernel rules)."""
-        r: sd.WaitReply = self._call(Op.GEM_WAIT, sd.WaitReq(handle=_h(handle), timeout_ns=_i64(timeout_ns)))
+        r: sd.WaitReply = self._call(Op.GEM_WAIT, sd.WaitReq(handle=ident(handle),
+                                                             timeout_ns=i64(timeout_ns, "timeout_ns")))
         return int(r.remaining_ns)
 
     def wait_fence(self, fence: int, timeout_ns: int) -> int:
-        fence = fence if 0 <= fence < 2**64 else 0
-        r: sd.WaitReply = self._call(Op.WAIT_FENCE, sd.WaitFenceReq(fence=fence, timeout_ns=_i64(timeout_ns)))
+        r: sd.WaitReply = self._call(Op.WAIT_FENCE, sd.WaitFenceReq(fence=u64(fence, "fence"),
+                                                                    timeout_ns=i64(timeout_ns, "timeout_ns")))
         return int(r.remaining_ns)
 
     def set_domain(self, handle: int, read_domains: int, write_domain: int = 0) -> None:
-        self._call(Op.GEM_SET_DOMAIN, sd.SetDomainReq(handle=_h(handle), read_domains=_u32(read_domains),
-                                                      write_domain=_u32(write_domain)))
+        req = sd.SetDomainReq(handle=ident(handle), read_domains=u32(read_domains, "read_domains"),
+                              write_domain=u32(write_domain, "write_domain"))
+        self._call(Op.GEM_SET_DOMAIN, req)
 
     def set_tiling(self, handle: int, mode: int, stride: int) -> tuple[int, int]:
-        r: sd.TilingReply = self._call(Op.GEM_SET_TILING, sd.TilingReq(handle=_h(handle), mode=_u32(mode),
-                                                                      stride=_u32(stride)))
+        r: sd.TilingReply = self._call(Op.GEM_SET_TILING, sd.TilingReq(handle=ident(handle), mode=u32(mode, "mode"),
+                                                                      stride=u32(stride, "stride")))
         return int(r.mode), int(r.stride)
 
     def get_tiling(self, handle: int) -> tuple[int, int]:
-        r: sd.TilingReply = self._call(Op.GEM_GET_TILING, s.HandleReq(handle=_h(handle)))
+        r: sd.TilingReply = self._call(Op.GEM_GET_TILING, s.HandleReq(handle=ident(handle)))
         return int(r.mode), int(r.stride)
 
     def set_caching(self, handle: int, level: int) -> None:
-        self._call(Op.GEM_SET_CACHING, sd.CachingReq(handle=_h(handle), level=_u32(level)))
+        self._call(Op.GEM_SET_CACHING, sd.CachingReq(handle=ident(handle), level=u32(level, "level")))
 
     def get_caching(self, handle: int) -> int:
-        r: sd.CachingReply = self._call(Op.GEM_GET_CACHING, s.HandleReq(handle=_h(handle)))
+        r: sd.CachingReply = self._call(Op.GEM_GET_CACHING, s.HandleReq(handle=ident(handle)))
         return int(r.level)
 
     def suspend(self) -> None:

@@ -58,6 +58,19 @@ def gem_close(core: Core, client: Client, req: s.CloseReq) -> s.Empty:
     return s.Empty()
 
 
+def gem_close_batch(core: Core, client: Client, req: s.CloseBatchReq) -> s.Empty:
+    """GEM_CLOSE of each listed handle this client holds; the others are skipped, not an
+    error: the batch is how a client closes the handles of Buffers it dropped, and one
+    Buffer made over a bogus handle must not keep the others open (or fail an unrelated
+    request the batch goes out with)."""
+    if len(req.handles) % 4:
+        raise InvalidArgument(f"handle list of {len(req.handles)} bytes is not a list of u32")
+    for (handle,) in struct.iter_unpack("<I", req.handles):
+        if handle in client.handles:
+            core.handle_delete(client, handle)
+    return s.Empty()
+
+
 def gem_info(core: Core, client: Client, req: s.InfoReq) -> s.InfoReply:
     obj = core.lookup(client, req.handle)
     flags = ((s.INFO_PINNED if obj.pinned_by else 0) | (s.INFO_BUSY if core.gpu.busy(obj) else 0)

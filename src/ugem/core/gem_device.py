@@ -31,7 +31,7 @@ from ..errors import (
     NoSuchDeviceOrAddress,
     NoSuchObject,
     PermissionDenied,
-    TimedOut,
+    TimerExpired,
 )
 from ..wire import structs as s
 from ..wire import structs_device as sd
@@ -148,7 +148,7 @@ def _wait(core: Core, fence: int, exec_fence: int, timeout_ns: int, started: flo
             raise IOFailure(f"the work (fence {exec_fence}) was cancelled as hung")
         return sd.WaitReply(remaining_ns=timeout_ns if timeout_ns <= 0 else max(0, timeout_ns - elapsed_ns))
     if timeout_ns == 0 or (timeout_ns > 0 and elapsed_ns >= timeout_ns):
-        raise TimedOut(f"fence {fence} still pending after {max(timeout_ns, 0)} ns")
+        raise TimerExpired(f"fence {fence} still pending after {max(timeout_ns, 0)} ns")
     deadline = None if timeout_ns < 0 else started + timeout_ns / 1e9
     raise Pending(fence=fence, deadline=deadline)
 

@@ -47,6 +47,7 @@ class RequestDesc:
 REQUESTS: tuple[RequestDesc, ...] = (
     RequestDesc(Op.GEM_CREATE, gem.gem_create, s.CreateReq, s.CreateReply, doc="new object, page-rounded"),
     RequestDesc(Op.GEM_CLOSE, gem.gem_close, s.CloseReq, s.Empty, doc="drop a handle"),
+    RequestDesc(Op.GEM_CLOSE_BATCH, gem.gem_close_batch, s.CloseBatchReq, s.Empty, doc="drop several handles"),
     RequestDesc(Op.GEM_INFO, gem.gem_info, s.InfoReq, s.InfoReply, doc="size, placement, advice, name"),
     RequestDesc(Op.GEM_PREAD, gem.gem_pread, s.PreadReq, s.PreadReply, doc="read bytes (inline or XFER)"),
     RequestDesc(Op.GEM_PWRITE, gem.gem_pwrite, s.PwriteReq, s.PwriteReply, doc="write bytes (inline or XFER)"),

@@ -12,6 +12,7 @@ Rules:
   a handler bug is logged with its traceback and answered EIO, never crashes the daemon;
 - replies are queued and written when the socket is writable; while replies are queued
   the connection is not read (a client that does not read cannot make us buffer more);
+  a reply bigger than a frame goes in several frames (wire/frames.py), never refused;
 - a request that must wait for memory jobs (Pending: spill, restore) is parked, and the
   connection is not read until the server resumes it: that client is throttled, others
   are served meanwhile;
@@ -60,6 +61,7 @@ log = logging.getLogger("ugem.daemon")
 _ANC_SPACE = socket.CMSG_SPACE(MAX_FDS * array.array("i").itemsize)
 _CTRUNC = int(socket.MSG_CTRUNC)  # a plain int: enum flag arithmetic is slow per request
 _REPLY = int(Kind.REPLY)
+_REPLY_MORE = int(Kind.REPLY_MORE)
 _BURST = 16384  # bytes read at once between frames: bounds the frames served per wake-up
 
 
@@ -213,6 +215,9 @@ class Connection:
             data = HEADER.pack(len(pieces[0]), frame.op, len(fds), _REPLY, frame.seq, 0) + pieces[0]
         else:
             length = sum(memoryview(p).nbytes for p in pieces)
+            if length > MAX_PAYLOAD:
+                self._reply_in_pieces(frame, b"".join(pieces), fds)
+                return
             data = b"".join([HEADER.pack(length, frame.op, len(fds), _REPLY, frame.seq, 0), *pieces])
         sent = 0
         if not self.outbox and not fds:  # the common case: one send, nothing queued
@@ -223,6 +228,19 @@ class Connection:
             if sent == len(data):
                 return
         self.outbox.append((memoryview(data)[sent:], fds))
+        self.flush()
+
+    def _reply_in_pieces(self, frame: Frame, payload: bytes, fds: list[OwnedFd]) -> None:
+        """A reply bigger than one frame (a listing of many objects or clients) goes as
+        REPLY_MORE frames of MAX_PAYLOAD bytes and a last REPLY frame (wire/frames.py);
+        headers and slices of the one payload are queued without copying it again."""
+        assert not fds, "a reply that carries fds is never bigger than a frame"
+        view = memoryview(payload)
+        for start in range(0, len(view), MAX_PAYLOAD):
+            piece = view[start:start + MAX_PAYLOAD]
+            kind = _REPLY if start + MAX_PAYLOAD >= len(view) else _REPLY_MORE
+            self.outbox.append((memoryview(HEADER.pack(len(piece), frame.op, 0, kind, frame.seq, 0)), []))
+            self.outbox.append((piece, []))
         self.flush()
 
     def _reply_error(self, frame: Frame, code: int, message: str) -> None:

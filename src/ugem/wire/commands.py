@@ -9,15 +9,18 @@
                            fields after the handles; unused ones must be zero
 
 Both transports carry execbuffer commands in this form (the embedded Device encodes them
-too), so both modes decode and reject exactly the same lists. Out-of-range values on the
-client side saturate (handles -> 0, ints -> the s64 limits) so that they fail the
-manager's checks rather than the encoder.
+too), so both modes decode and reject exactly the same lists. Fields must be integers (int
+or numpy integers; a bool, float or anything else is EINVAL naming the command and the
+field); out-of-range values on the client side saturate (handles -> 0, ints -> the s64
+limits) so that they fail the manager's checks rather than the encoder.
 """
 
 from __future__ import annotations
 
+import operator
 import struct
 from collections.abc import Sequence
+from typing import Any
 
 from ..cmd import Blit, Command, Copy, Fill, SemaphoreWait
 from ..errors import InvalidArgument
@@ -37,23 +40,27 @@ _FIELDS: dict[type, tuple[tuple[str, ...], tuple[str, ...]]] = {
 }
 
 
-def _handle(value: int) -> int:
-    return value if isinstance(value, int) and 0 < value < 2**32 else 0
-
-
-def _s64(value: int) -> int:
-    return min(max(int(value), -(2**63)), 2**63 - 1)
+def _int(cmd: Command, name: str, index: int) -> int:
+    value: Any = getattr(cmd, name)
+    if type(value) is int:
+        return value
+    if not isinstance(value, bool):
+        try:
+            return operator.index(value)
+        except TypeError:
+            pass
+    raise InvalidArgument(f"command {index} ({type(cmd).__name__}): {name} must be an integer, got {value!r}")
 
 
 def encode_commands(commands: Sequence[Command]) -> bytes:
     out = bytearray()
-    for cmd in commands:
+    for index, cmd in enumerate(commands):
         code = _TYPES.get(type(cmd))
         if code is None:
-            raise InvalidArgument(f"not a device command: {cmd!r}")
+            raise InvalidArgument(f"command {index}: not a device command: {cmd!r}")
         handles, ints = _FIELDS[type(cmd)]
-        hs = [_handle(getattr(cmd, name)) for name in handles] + [0] * (2 - len(handles))
-        ps = [_s64(getattr(cmd, name)) for name in ints] + [0] * (9 - len(ints))
+        hs = [h if 0 < (h := _int(cmd, name, index)) < 2**32 else 0 for name in handles] + [0] * (2 - len(handles))
+        ps = [min(max(_int(cmd, name, index), -(2**63)), 2**63 - 1) for name in ints] + [0] * (9 - len(ints))
         out += RECORD.pack(code, 0, *hs, *ps)
     return bytes(out)
 

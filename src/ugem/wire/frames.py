@@ -6,7 +6,7 @@ Every frame, in both directions, is a 16-byte little-endian header and a payload
     0       4     length   payload bytes after the header (<= MAX_PAYLOAD, checked first)
     4       2     op       Op number (requests and their replies carry the same op)
     6       1     nfds     fds attached to this frame with SCM_RIGHTS
-    7       1     kind     0 = request, 1 = reply
+    7       1     kind     0 = request, 1 = reply, 2 = piece of a reply that continues
     8       4     seq      request serial, echoed by the reply
     12      4     status   replies: 0 or a positive errno (payload = utf-8 message); requests: 0
 
@@ -17,7 +17,19 @@ Rules:
   that starts inside a frame never asks past its end (`bytes_desired()`). Fds arriving in
   the middle of a frame, or a count different from `nfds`, is a RemoteProtocolError.
 - `length` is checked against MAX_PAYLOAD before any payload is read.
+- A request is always one frame. A client never sends a request whose payload exceeds
+  MAX_PAYLOAD: it refuses it with E2BIG before sending anything (an execbuffer of more
+  than MAX_COMMANDS commands, wire/structs_device.py), so the connection and every object
+  stay; batches it makes itself (released mappings, dropped handles) are split into
+  several requests instead. A daemon that receives a bigger request drops the connection.
 - The parser owns received fds until the frame is handed out; on error it closes them.
+- Replies of any size arrive whole. A reply payload bigger than MAX_PAYLOAD (a listing
+  of a million objects, the stats of thousands of clients) is sent as a run of frames with
+  the reply's op and seq: pieces of kind REPLY_MORE (each at most MAX_PAYLOAD bytes,
+  status 0, no fds), then one frame of kind REPLY with the rest; the payload is their
+  concatenation in order. Replies that carry fds are always small and never split. A
+  client reassembles the pieces (nothing else can arrive in between: one request is in
+  flight per connection); the daemon's request parser rejects kind REPLY_MORE.
 - Op numbers are never reused; a retired op keeps its number.
 """
 
@@ -56,6 +68,7 @@ MAX_FDS = 4
 class Kind(enum.IntEnum):
     REQUEST = 0
     REPLY = 1
+    REPLY_MORE = 2  # a piece of a reply too big for one frame; the rest follows
 
 
 class Op(enum.IntEnum):
@@ -91,6 +104,7 @@ class Op(enum.IntEnum):
     DEBUG_OPEN = 29
     LIST_CLIENTS = 30
     GEM_USERPTR = 31
+    GEM_CLOSE_BATCH = 32
 
 
 def encode_header(length: int, op: int, nfds: int, kind: int, seq: int, status: int = 0) -> bytes:

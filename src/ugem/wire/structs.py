@@ -23,44 +23,14 @@ from typing import Any, ClassVar
 
 from ..errors import InvalidArgument
 from ..fd import OwnedFd
+from .frames import MAX_PAYLOAD
 
 __all__ = [
-    "CloseReq",
-    "CreateReply",
-    "CreateReq",
-    "Empty",
-    "ExportReply",
-    "ExportReq",
-    "FlinkReply",
-    "FlinkReq",
-    "HandleReq",
-    "MadviseReply",
-    "MadviseReq",
-    "HelloReply",
-    "HelloReq",
-    "ImportReply",
-    "ImportReq",
-    "InfoReply",
-    "InfoReq",
-    "JsonReply",
-    "MmapReply",
-    "MmapReq",
-    "MunmapReq",
-    "OpenReply",
-    "OpenReq",
-    "PreadReply",
-    "PreadReq",
-    "PwriteReply",
-    "PwriteReq",
-    "Struct",
-    "UserptrReq",
-    "XferDoneReq",
-    "XFER",
-    "READONLY",
-    "TO_END",
-    "WRITABLE",
-    "decode",
-    "encode",
+    "MAX_IDS", "CloseBatchReq", "CloseReq", "CreateReply", "CreateReq", "Empty", "ExportReply", "ExportReq",
+    "FlinkReply", "FlinkReq", "HandleReq", "MadviseReply", "MadviseReq", "HelloReply", "HelloReq", "ImportReply",
+    "ImportReq", "InfoReply", "InfoReq", "JsonReply", "MmapReply", "MmapReq", "MunmapReq", "OpenReply", "OpenReq",
+    "PreadReply", "PreadReq", "PwriteReply", "PwriteReq", "Struct", "UserptrReq", "XferDoneReq", "XFER", "READONLY",
+    "TO_END", "WRITABLE", "decode", "encode",
 ]
 
 # flag bits
@@ -309,11 +279,26 @@ class MmapReply(Struct):
 
 @dataclass(slots=True)
 class MunmapReq(Struct):
-    """Release tracked mappings; the ids are u32s in `ids`."""
+    """Release tracked mappings; the ids are u32s in `ids` (at most MAX_IDS per request:
+    a client splits a longer list into several requests)."""
 
     LAYOUT = ()
     TAIL = "ids"
     ids: bytes = b""
+
+
+MAX_IDS = MAX_PAYLOAD // 4  # u32 ids that fit in one request frame
+
+
+@dataclass(slots=True)
+class CloseBatchReq(Struct):
+    """GEM_CLOSE of every handle in `handles` (u32s, at most MAX_IDS per request) that the
+    client holds, skipping the others: how a client closes the handles of Buffers it
+    dropped, in one round trip."""
+
+    LAYOUT = ()
+    TAIL = "handles"
+    handles: bytes = b""
 
 
 @dataclass(slots=True)

@@ -6,11 +6,13 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
+from .commands import RECORD
+from .frames import MAX_PAYLOAD
 from .structs import Struct
 
 __all__ = [
-    "BusyReply", "CachingReply", "CachingReq", "ExecbufferReq", "FenceReply", "SetDomainReq", "TilingReply",
-    "TilingReq", "WaitFenceReq", "WaitReply", "WaitReq",
+    "MAX_COMMANDS", "BusyReply", "CachingReply", "CachingReq", "ExecbufferReq", "FenceReply", "SetDomainReq",
+    "TilingReply", "TilingReq", "WaitFenceReq", "WaitReply", "WaitReq",
 ]
 
 
@@ -23,6 +25,10 @@ class ExecbufferReq(Struct):
     flags: int = 0
     pad: int = 0
     data: Any = b""
+
+
+# the most commands one GEM_EXECBUFFER request can carry (one frame); more is E2BIG, in both modes
+MAX_COMMANDS = (MAX_PAYLOAD - ExecbufferReq._codec.size) // RECORD.size
 
 
 @dataclass(slots=True)

@@ -1,0 +1,156 @@
+"""SocketTransport against a scripted peer on a socketpair: what the client does with
+replies a real daemon would only send when something is wrong (malformed, cut off), and
+with replies in pieces arriving in awkward chunks. Real-daemon behaviour is tested in
+tests/integration and tests/conformance.
+"""
+
+from __future__ import annotations
+
+import errno
+import socket
+import threading
+from collections.abc import Callable, Iterator
+
+import pytest
+
+import ugem
+from ugem.client.device import Device
+from ugem.client.transport import SocketTransport
+from ugem.wire import structs as s
+from ugem.wire.frames import MAX_PAYLOAD, Frame, FrameParser, Kind, encode_header
+
+Script = Callable[[socket.socket, Callable[[], Frame]], None]
+
+
+def _fixed(msg: s.Struct) -> bytes:
+    return bytes(s.encode(msg)[0][0])
+
+
+def _reply(frame: Frame, payload: bytes, kind: Kind = Kind.REPLY, seq: int | None = None) -> bytes:
+    return encode_header(len(payload), frame.op, 0, kind, frame.seq if seq is None else seq) + payload
+
+
+@pytest.fixture
+def peer() -> Iterator[Callable[[Script], Device]]:
+    """`peer(script)`: a Device whose daemon is `script(sock, next_request)`, run in a thread
+    after it answered HELLO."""
+    threads: list[threading.Thread] = []
+    socks: list[socket.socket] = []
+    devices: list[Device] = []
+
+    def start(script: Script) -> Device:
+        ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+        socks.append(theirs)
+        parser = FrameParser(Kind.REQUEST)
+
+        def next_request() -> Frame:
+            while (frame := parser.next_frame()) is None:
+                data = theirs.recv(parser.bytes_desired())
+                if not data:
+                    raise EOFError
+                parser.feed(data, [])
+            return frame
+
+        def run() -> None:
+            hello = next_request()
+            theirs.sendall(_reply(hello, _fixed(s.HelloReply(client_id=7, server_pid=1, max_payload=MAX_PAYLOAD,
+                                                             max_inline=MAX_PAYLOAD))))
+            try:
+                script(theirs, next_request)
+                while theirs.recv(4096):  # like the daemon: serve until the client hangs up
+                    pass
+            except (EOFError, OSError):
+                pass
+            finally:
+                theirs.close()
+
+        thread = threading.Thread(target=run, daemon=True)
+        thread.start()
+        threads.append(thread)
+        dev = Device(SocketTransport(ours))
+        devices.append(dev)
+        return dev
+
+    yield start
+    for dev in devices:
+        dev.close()
+    for sock in socks:
+        sock.close()
+    for thread in threads:
+        thread.join(60)
+
+
+def _calls_after_loss_raise_daemon_gone(dev: Device) -> None:
+    for call in (lambda: dev.info(1), dev.stats, lambda: dev.create(4096), lambda: dev.import_fd(0)):
+        with pytest.raises(ugem.DaemonGone) as exc:
+            call()
+        assert isinstance(exc.value, ConnectionError) and exc.value.errno != errno.EBADF
+
+
+def test_a_malformed_reply_loses_the_connection_and_every_later_call_is_daemon_gone(peer):
+    def script(sock: socket.socket, next_request: Callable[[], Frame]) -> None:
+        frame = next_request()
+        sock.sendall(_reply(frame, b"", seq=frame.seq + 1))  # not the reply to this request
+        next_request()
+
+    dev = peer(script)
+    with pytest.raises(ugem.DaemonGone, match="malformed reply header"):
+        dev.busy(1)
+    _calls_after_loss_raise_daemon_gone(dev)
+    dev.close()  # still fine
+    with pytest.raises(ugem.BadFd):
+        dev.busy(1)
+
+
+def test_a_daemon_that_hangs_up_makes_every_later_call_daemon_gone(peer):
+    def script(sock: socket.socket, next_request: Callable[[], Frame]) -> None:
+        next_request()
+        sock.shutdown(socket.SHUT_RDWR)
+
+    dev = peer(script)
+    with pytest.raises(ugem.DaemonGone):
+        dev.busy(1)
+    _calls_after_loss_raise_daemon_gone(dev)
+
+
+@pytest.mark.parametrize("chunk", [1, 7, 16, 17, 65536])
+def test_a_reply_in_pieces_arrives_whole_however_it_is_cut(peer, chunk):
+    payload = b'["' + b"x" * (2 * MAX_PAYLOAD + 12345) + b'"]'
+
+    def script(sock: socket.socket, next_request: Callable[[], Frame]) -> None:
+        frame = next_request()
+        parts = [payload[i:i + MAX_PAYLOAD] for i in range(0, len(payload), MAX_PAYLOAD)]
+        wire = b"".join(_reply(frame, p, Kind.REPLY if i == len(parts) - 1 else Kind.REPLY_MORE)
+                        for i, p in enumerate(parts))
+        start = wire[:20_000]  # in `chunk`-byte writes at the start, then in bulk
+        for i in range(0, len(start), chunk):
+            sock.sendall(start[i:i + chunk])
+        boundary = len(_reply(frame, parts[0], Kind.REPLY_MORE))  # the second header, cut in two
+        sock.sendall(wire[20_000:boundary + 5])
+        sock.sendall(wire[boundary + 5:boundary + 11])
+        sock.sendall(wire[boundary + 11:])
+        frame = next_request()
+        sock.sendall(_reply(frame, _fixed(s.FlinkReply(name=5))))
+
+    dev = peer(script)
+    assert dev.list_objects() == [payload[2:-2].decode()]
+    assert dev.flink(1) == 5  # the connection is in step afterwards
+
+
+@pytest.mark.parametrize("bad", ["seq", "op", "status", "too-long"])
+def test_a_malformed_piece_loses_the_connection(peer, bad):
+    def script(sock: socket.socket, next_request: Callable[[], Frame]) -> None:
+        frame = next_request()
+        sock.sendall(_reply(frame, b"x" * 10, Kind.REPLY_MORE))
+        header = {"seq": (10, frame.op, Kind.REPLY, frame.seq + 1, 0),
+                  "op": (10, frame.op + 1, Kind.REPLY, frame.seq, 0),
+                  "status": (10, frame.op, Kind.REPLY_MORE, frame.seq, 5),
+                  "too-long": (MAX_PAYLOAD + 1, frame.op, Kind.REPLY, frame.seq, 0)}[bad]
+        length, op, kind, seq, status = header
+        sock.sendall(encode_header(length, op, 0, kind, seq, status) + b"y" * 10)
+        next_request()
+
+    dev = peer(script)
+    with pytest.raises(ugem.DaemonGone, match="malformed reply piece"):
+        dev.list_objects()
+    _calls_after_loss_raise_daemon_gone(dev)
