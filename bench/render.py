@@ -6,8 +6,8 @@
 Defaults: PNGs into docs/perf/, markdown to docs/PERFORMANCE.md (both under the repository root).
 
 Per bench, one PNG (`<bench>.png`): horizontal bars of every ratio against the baseline measured
-in the same run, with the target (docs/REFERENCE.md, "Performance targets") drawn as a vertical line on the rows that have one,
-then one panel per unit of the medians, with whiskers out to the p99 (for GB/s and other
+in the same run, with the target (docs/REFERENCE.md, "Performance targets") drawn as a vertical
+line on the rows that have one, then one panel per unit of the medians, with whiskers out to the p99 (for GB/s and other
 rates, the p99 is the rate of the slowest 1% sample, so its whisker points left).
 
 The markdown is a function of the JSON only: its one date is the run's (from the JSON), so that
