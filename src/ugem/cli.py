@@ -76,11 +76,9 @@ def _connect(args: argparse.Namespace) -> Any:
 
     try:
         return connect(args.socket)
-    except (FileNotFoundError, ConnectionRefusedError, UgemError, DaemonGone):
-        raise  # their messages name the path (and say to start a daemon); main() reports them
+    except (FileNotFoundError, ConnectionRefusedError, PermissionError, UgemError, DaemonGone):
+        raise  # their messages name the path (and say what to do); main() reports them
     except OSError as exc:
-        if isinstance(exc, PermissionError) and exc.errno is None:
-            raise  # an unsafe default socket directory: the message names it
         why = exc.strerror or str(exc)
         raise _Failed(f"cannot connect to the ugem daemon socket at {_socket_path(args)}: {why}", 3) from exc
 
