@@ -84,7 +84,7 @@ class Core:
     def object_new(self, client: Client, size: int, kind: Kind = Kind.NORMAL) -> BufferObject:
         """A new object charged to `client` (quota checked); it holds no reference yet."""
         quota = self.config.client_quota
-        if kind == Kind.NORMAL and quota and client.created_bytes + size > quota:
+        if kind == Kind.NORMAL and quota is not None and client.created_bytes + size > quota:
             raise QuotaExceeded(f"client {client.id}: {size} more bytes would exceed the quota of "
                                 f"{quota} (already {client.created_bytes})")
         self.check_object_limit(client)

@@ -4,9 +4,10 @@ Rules:
 - one thread, one epoll loop (`poller.py`) owns the core: no locks in the core;
 - signal handlers only record the signal (`signal.set_wakeup_fd` wakes the loop); the loop
   calls `handle_<signame>()` for each (gunicorn's Arbiter);
-- a live socket at our path means another daemon: refuse to start and leave it alone;
-  a stale socket file is replaced; `PATH.lock` (flock, held for the daemon's life) makes
-  probing and replacing atomic, so of daemons started at once exactly one gets the path;
+- the listening socket is a `Listener` (listener.py: PATH.lock, stale sockets, another
+  daemon on PATH); the CLI binds it before the Server exists, so a socket that cannot be
+  used leaves no spill directory behind; device memory or a spill directory the Server
+  cannot set up is BadSetting naming the key, with whatever it made undone;
 - accept failing for lack of fds pauses accepting briefly instead of spinning;
 - a client stalled in the middle of a frame for `stall_timeout` seconds is dropped;
 - once a second the cyclic garbage collector runs over what is new, then everything that
@@ -19,7 +20,6 @@ Rules:
 from __future__ import annotations
 
 import errno
-import fcntl
 import gc
 import logging
 import os
@@ -32,19 +32,19 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 from ..backing.memfd import MemfdStore
-from ..config import Config
+from ..config import BadSetting, Config
 from ..core.client import Credentials
 from ..core.jobs import Pending
 from ..core.manager import Core
 from ..device.sim import SimDevice
 from ..errors import RemoteProtocolError
-from ..paths import check_socket_dir
 from .connection import Connection
+from .listener import Listener
 from .poller import READ, WRITE, Poller
 from .pressure import PressureWatch
 from .workers import JobRunner
 
-__all__ = ["Server", "ServerOptions", "SocketInUse", "raise_fd_limit"]
+__all__ = ["Server", "ServerOptions", "raise_fd_limit"]
 
 log = logging.getLogger("ugem.daemon")
 SIGNALS = (signal.SIGTERM, signal.SIGINT)
@@ -58,16 +58,29 @@ def _drain(fd: int) -> None:
         pass
 
 
-class SocketInUse(RuntimeError):
-    """Another daemon is listening on the socket path."""
-
-
 @dataclass(frozen=True)
 class ServerOptions:
     socket_path: str
     socket_is_default: bool
     socket_mode: int = 0o600
     stall_timeout: float = 30.0
+
+
+def _open_device_and_store(config: Config) -> tuple[SimDevice, MemfdStore]:
+    """Device memory, then the spill directory: BadSetting naming the one that failed,
+    with the other undone."""
+    try:
+        device = SimDevice(config.vram, config.hang_timeout)
+    except (OSError, OverflowError) as exc:
+        raise BadSetting("vram", config.vram, f"bytes of device memory cannot be mapped: {exc}") from None
+    try:
+        return device, MemfdStore(config.spill_dir)
+    except OSError as exc:
+        device.close()
+        detail = exc.strerror or str(exc)
+        if exc.filename and exc.filename != config.spill_dir:
+            detail += f": {exc.filename}"
+        raise BadSetting("spill_dir", config.spill_dir, f"cannot be used: {detail}") from None
 
 
 def raise_fd_limit() -> int:
@@ -79,20 +92,19 @@ def raise_fd_limit() -> int:
 
 
 class Server:
-    def __init__(self, config: Config, options: ServerOptions) -> None:
+    def __init__(self, config: Config, options: ServerOptions, listener: Listener | None = None) -> None:
         self.config = config
         self.options = options
-        self.device = SimDevice(config.vram, config.hang_timeout)
-        self.core = Core(config, MemfdStore(config.spill_dir), self.device)
+        self.device, backing = _open_device_and_store(config)
+        self.core = Core(config, backing, self.device)
         self.core.hold_while_suspended = True
         self.sel = Poller()
-        self.listener: socket.socket | None = None
+        self.listener: Listener | None = None
         self.connections: dict[int, Connection] = {}
         self._stop = False
         self._signals_installed = False
         self._accept_paused_until = 0.0
         self._last_stall_check = 0.0
-        self._lock_fd, self._lock_path = -1, ""
         self._wakeup_r, self._wakeup_w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
         self.runner = JobRunner()
         self.sel.register(self.runner.fileno(), READ, "jobs")
@@ -101,74 +113,19 @@ class Server:
         self.sel.register(self._device_r, READ, "device")
         self.device.set_notify(self._device_notify)
         self.pressure = PressureWatch()
+        if listener is not None:
+            self._listen(listener)
 
     # -- setup -----------------------------------------------------------------------
 
     def bind(self) -> None:
-        path = self.options.socket_path
-        directory = os.path.dirname(path) or "."
-        if self.options.socket_is_default:
-            os.makedirs(directory, mode=0o700, exist_ok=True)
-            check_socket_dir(directory)
-        self._lock(path + ".lock")
-        if os.path.lexists(path):
-            probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
-            try:
-                probe.connect(path)
-            except (ConnectionRefusedError, FileNotFoundError):
-                log.info("replacing stale socket %s", path)
-                os.unlink(path)
-            else:
-                raise SocketInUse(f"another ugem daemon is listening on {path}")
-            finally:
-                probe.close()
-        listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
-        old_umask = os.umask(0o777 & ~self.options.socket_mode)
-        try:
-            listener.bind(path)
-        finally:
-            os.umask(old_umask)
-        os.chmod(path, self.options.socket_mode)
-        listener.listen(128)
-        listener.setblocking(False)
+        """Bind the socket of `options` (SocketInUse, BadSetting) and listen on it."""
+        options = self.options
+        self._listen(Listener(options.socket_path, options.socket_is_default, options.socket_mode))
+
+    def _listen(self, listener: Listener) -> None:
         self.listener = listener
-        self._socket_ino = os.stat(path).st_ino
         self.sel.register(listener.fileno(), READ, "listener")
-
-    def _lock(self, lock_path: str) -> None:
-        """Take PATH.lock. Without it two daemons finding one stale socket could both
-        replace it, the second unlinking the first one's fresh socket."""
-        for _attempt in range(3):
-            fd = os.open(lock_path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
-            try:
-                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-            except BlockingIOError:
-                os.close(fd)
-                raise SocketInUse(f"another ugem daemon holds {lock_path}: it is listening on "
-                                  f"{lock_path.removesuffix('.lock')} or starting") from None
-            try:  # race: the previous holder may have unlinked the file we locked
-                current = os.stat(lock_path)
-            except FileNotFoundError:
-                current = None
-            mine = os.fstat(fd)
-            if current is not None and (current.st_dev, current.st_ino) == (mine.st_dev, mine.st_ino):
-                self._lock_fd, self._lock_path = fd, lock_path
-                return
-            os.close(fd)
-        raise SocketInUse(f"could not take {lock_path}: it keeps being replaced")
-
-    def _unlock(self) -> None:
-        if self._lock_fd < 0:
-            return
-        try:  # remove the lock file only if it is still ours, then let go of it
-            current = os.stat(self._lock_path)
-            mine = os.fstat(self._lock_fd)
-            if (current.st_dev, current.st_ino) == (mine.st_dev, mine.st_ino):
-                os.unlink(self._lock_path)
-        except FileNotFoundError:
-            pass
-        os.close(self._lock_fd)
-        self._lock_fd = -1
 
     def install_signals(self) -> None:
         """Route SIGTERM/SIGINT into the loop; idempotent. Call before announcing the
@@ -382,13 +339,6 @@ class Server:
                 self.sel.unregister(self.listener.fileno())
             self.listener.close()
             self.listener = None
-            path = self.options.socket_path
-            try:  # remove the socket only if it is still ours
-                if os.stat(path).st_ino == self._socket_ino:
-                    os.unlink(path)
-            except FileNotFoundError:
-                pass
-        self._unlock()
         self.core.backing.close()
         for sig in SIGNALS:
             signal.signal(sig, signal.SIG_DFL)
