@@ -24,7 +24,7 @@ __all__ = ["main"]
 
 
 _SERVE_KEYS = ("vram", "system_budget", "spill_dir", "client_quota", "client_max_objects", "pin_limit",
-               "hang_timeout")
+               "hang_timeout", "uid_quota", "uid_max_clients")
 _LOG_LEVELS = ("debug", "info", "warning", "error")
 
 
@@ -210,6 +210,10 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--pin-limit", metavar="SIZE", help="bytes one client may pin (default 64M)")
     serve.add_argument("--hang-timeout", metavar="SECONDS", help="seconds before device work counts as hung "
                                                                  "(default 10)")
+    serve.add_argument("--uid-quota", metavar="SIZE", help="bytes all clients of one uid may create plus pin, or "
+                       "'unlimited' (default: half the system budget; root and the daemon's uid: unlimited)")
+    serve.add_argument("--uid-max-clients", metavar="N", help="connections of one uid, or 'unlimited' (default "
+                       "256; root and the daemon's uid: unlimited)")
     serve.add_argument("--socket-mode", metavar="OCTAL", default="0600", help="socket file mode, octal from 0 to "
                                                                                "0777 (default 0600)")
     serve.add_argument("--log-level", default="info", help=f"one of {', '.join(_LOG_LEVELS)} (default info)")

@@ -5,12 +5,14 @@ so the embedded manager and the daemon accept exactly the same keys and values. 
 - sizes are ints of bytes or strings such as "512M", "1.5G" (K, M, G, T are binary); every
   size must be positive and finite (0 is not "the default" and not "unlimited");
 - timeouts are positive finite numbers of seconds; counts are positive whole numbers;
-- the limit `client_quota` also takes the word "unlimited" (held as None); a key given
-  as None gets its default;
+- the limits `client_quota`, `uid_quota` and `uid_max_clients` also take the word
+  "unlimited" (held as None); a key given as None gets its default;
 - a bad value raises EINVAL (InvalidArgument) naming the key (or the flag, through
   `name`), the value and what is allowed; an unknown key is EINVAL too;
-- defaults that depend on the machine are resolved here: `system_budget` is half of
-  physical memory, `spill_dir` $XDG_CACHE_HOME/ugem/spill.
+- defaults that depend on others are resolved here: `system_budget` is half of physical
+  memory, `uid_quota` half of `system_budget`, `spill_dir` $XDG_CACHE_HOME/ugem/spill.
+The per-uid limits apply to uids other than root and the daemon's own (those are never
+limited by them; the core decides who is privileged).
 """
 
 from __future__ import annotations
@@ -129,6 +131,8 @@ _PARSERS: dict[str, Callable[[object, str], Any]] = {
     "client_max_objects": parse_count,
     "pin_limit": parse_size,
     "hang_timeout": parse_seconds,
+    "uid_quota": _limit(parse_size),
+    "uid_max_clients": _limit(parse_count),
 }
 
 
@@ -148,11 +152,13 @@ class Config:
 
     system_budget: int
     spill_dir: str
+    uid_quota: int | None  # bytes created plus bytes pinned by one (unprivileged) uid's clients
     vram: int = 1 << 30
     client_quota: int | None = None
     client_max_objects: int = 65536
     pin_limit: int = 64 << 20
     hang_timeout: float = 10.0
+    uid_max_clients: int | None = 256  # connections of one (unprivileged) uid
 
     @classmethod
     def from_kwargs(cls, **config: Any) -> Config:
@@ -170,4 +176,5 @@ class Config:
                 values[key] = _PARSERS[key](value, name(key))
         values.setdefault("system_budget", _physical_memory() // 2)
         values.setdefault("spill_dir", default_spill_dir())
+        values.setdefault("uid_quota", values["system_budget"] // 2)
         return cls(**values)

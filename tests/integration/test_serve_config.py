@@ -29,14 +29,16 @@ BAD_VALUES = [
     ("--vram", "0"), ("--vram", "-1G"), ("--vram", "abc"), ("--vram", "65T"), ("--vram", "nan"),
     ("--system-budget", "0"), ("--system-budget", "inf"), ("--system-budget", "1e400"),
     ("--pin-limit", "1e400"), ("--pin-limit", "0"), ("--client-quota", "0"), ("--client-quota", "-4K"),
+    ("--uid-quota", "0"), ("--uid-quota", "lots"),
     ("--client-max-objects", "0"), ("--client-max-objects", "1.5"), ("--client-max-objects", "many"),
+    ("--uid-max-clients", "-3"), ("--uid-max-clients", "0"),
     ("--hang-timeout", "nan"), ("--hang-timeout", "0"), ("--hang-timeout", "inf"), ("--hang-timeout", "-1"),
     ("--socket-mode", "abc"), ("--socket-mode", "7777"), ("--socket-mode", "1000"), ("--socket-mode", "-1"),
     ("--socket-mode", "8"), ("--log-level", "loud"),
 ]
 KEYS = {"--vram": "vram", "--system-budget": "system_budget", "--pin-limit": "pin_limit",
-        "--client-quota": "client_quota", "--client-max-objects": "client_max_objects",
-        "--hang-timeout": "hang_timeout"}
+        "--client-quota": "client_quota", "--uid-quota": "uid_quota", "--client-max-objects": "client_max_objects",
+        "--uid-max-clients": "uid_max_clients", "--hang-timeout": "hang_timeout"}
 
 
 @pytest.fixture
@@ -118,8 +120,8 @@ def test_good_values_still_start(workdir: str) -> None:
     from ugem.testing import run_daemon
 
     with run_daemon(socket=os.path.join(workdir, "ugem.sock"), vram="1.5M", system_budget="64MiB",
-                    client_quota="unlimited", client_max_objects=10, hang_timeout="0.5",
-                    socket_mode="0o640") as daemon:
+                    client_quota="unlimited", uid_quota="unlimited", uid_max_clients="unlimited",
+                    client_max_objects=10, hang_timeout="0.5", socket_mode="0o640") as daemon:
         with daemon.connect() as dev:
             assert dev.stats()["system_budget"] == 64 << 20
             assert dev.stats()["vram_size"] == 3 << 19

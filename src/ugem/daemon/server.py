@@ -221,7 +221,7 @@ class Server:
             pid, uid, gid = struct.unpack("3i", sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED,
                                                                  struct.calcsize("3i")))
             privileged = uid == 0 or uid == os.getuid()
-            client = self.core.client_open(Credentials(pid, uid, gid), privileged)
+            client = self.core.client_open(Credentials(pid, uid, gid), privileged, admit=False)  # at HELLO
             conn = Connection(sock, self.core, client)
             self.connections[sock.fileno()] = conn
             self.sel.register(sock.fileno(), READ, conn)
