@@ -17,7 +17,7 @@ import logging
 import sys
 from typing import Any
 
-from .config import BadSetting, Config
+from .config import BadSetting, Config, parse_seconds
 from .errors import InvalidArgument, UgemError
 
 __all__ = ["main"]
@@ -38,9 +38,10 @@ def _bad_config(message: str) -> int:
     return 2
 
 
-def _serve_options(args: argparse.Namespace) -> tuple[Config, int, str]:
-    """The validated flags of `ugem serve`: (config, socket mode, log level)."""
+def _serve_options(args: argparse.Namespace) -> tuple[Config, float, int, str]:
+    """The validated flags of `ugem serve`: (config, stall timeout, socket mode, log level)."""
     config = Config.parse({key: getattr(args, key) for key in _SERVE_KEYS}, name=_flag)
+    stall_timeout = 30.0 if args.stall_timeout is None else parse_seconds(args.stall_timeout, "--stall-timeout")
     try:
         socket_mode = int(args.socket_mode, 8)
     except ValueError:
@@ -49,7 +50,7 @@ def _serve_options(args: argparse.Namespace) -> tuple[Config, int, str]:
         raise InvalidArgument(f"--socket-mode: {args.socket_mode!r} is not an octal file mode from 0 to 0777")
     if args.log_level.lower() not in _LOG_LEVELS:
         raise InvalidArgument(f"--log-level: {args.log_level!r} is not one of {', '.join(_LOG_LEVELS)}")
-    return config, socket_mode, args.log_level.lower()
+    return config, stall_timeout, socket_mode, args.log_level.lower()
 
 
 def _serve(args: argparse.Namespace) -> int:
@@ -58,7 +59,7 @@ def _serve(args: argparse.Namespace) -> int:
     from .paths import resolve_socket_path
 
     try:
-        config, socket_mode, log_level = _serve_options(args)
+        config, stall_timeout, socket_mode, log_level = _serve_options(args)
     except InvalidArgument as exc:
         return _bad_config(str(exc.strerror))
     logging.basicConfig(level=log_level.upper(), stream=sys.stderr,
@@ -74,7 +75,7 @@ def _serve(args: argparse.Namespace) -> int:
     except BadSetting as exc:
         return _bad_config(exc.describe(lambda _key: socket_flag))
     try:
-        server = Server(config, ServerOptions(path, is_default, socket_mode), listener)
+        server = Server(config, ServerOptions(path, is_default, socket_mode, stall_timeout), listener)
     except BadSetting as exc:
         listener.close()
         return _bad_config(exc.describe(_flag))
@@ -210,6 +211,8 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--pin-limit", metavar="SIZE", help="bytes one client may pin (default 64M)")
     serve.add_argument("--hang-timeout", metavar="SECONDS", help="seconds before device work counts as hung "
                                                                  "(default 10)")
+    serve.add_argument("--stall-timeout", metavar="SECONDS", help="drop a connection that has not completed its "
+                       "handshake, or has sent part of a frame, for this long (default 30)")
     serve.add_argument("--uid-quota", metavar="SIZE", help="bytes all clients of one uid may create plus pin, or "
                        "'unlimited' (default: half the system budget; root and the daemon's uid: unlimited)")
     serve.add_argument("--uid-max-clients", metavar="N", help="connections of one uid, or 'unlimited' (default "

@@ -33,6 +33,7 @@ BAD_VALUES = [
     ("--client-max-objects", "0"), ("--client-max-objects", "1.5"), ("--client-max-objects", "many"),
     ("--uid-max-clients", "-3"), ("--uid-max-clients", "0"),
     ("--hang-timeout", "nan"), ("--hang-timeout", "0"), ("--hang-timeout", "inf"), ("--hang-timeout", "-1"),
+    ("--stall-timeout", "0"), ("--stall-timeout", "soon"), ("--stall-timeout", "nan"),
     ("--socket-mode", "abc"), ("--socket-mode", "7777"), ("--socket-mode", "1000"), ("--socket-mode", "-1"),
     ("--socket-mode", "8"), ("--log-level", "loud"),
 ]
@@ -121,7 +122,7 @@ def test_good_values_still_start(workdir: str) -> None:
 
     with run_daemon(socket=os.path.join(workdir, "ugem.sock"), vram="1.5M", system_budget="64MiB",
                     client_quota="unlimited", uid_quota="unlimited", uid_max_clients="unlimited",
-                    client_max_objects=10, hang_timeout="0.5", socket_mode="0o640") as daemon:
+                    client_max_objects=10, hang_timeout="0.5", stall_timeout="2.5", socket_mode="0o640") as daemon:
         with daemon.connect() as dev:
             assert dev.stats()["system_budget"] == 64 << 20
             assert dev.stats()["vram_size"] == 3 << 19

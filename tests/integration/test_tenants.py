@@ -1,5 +1,5 @@
-"""Hostile tenants (SPEC §5 per-uid limits): one uid cannot take what another needs,
-through many connections.
+"""Hostile tenants (SPEC §5 per-uid limits, §4 --stall-timeout): one uid cannot take what
+another needs, through many connections or through connections that never say HELLO.
 
 The other uid is 65534 (nobody), in a child forked from the test as root (`kit.tenant`);
 the daemon's socket is 0666 in a directory everyone can search. Root and the daemon's own
@@ -11,10 +11,14 @@ from __future__ import annotations
 
 import errno
 import os
+import resource
+import select
+import socket
 from multiprocessing.connection import Connection
 from typing import Any
 
 import ugem
+from ugem.daemon.lobby import HELLO_SLACK
 from ugem.testing import run_daemon
 from ugem.testing.data import wait_until
 
@@ -150,3 +154,101 @@ def test_uid_max_clients_refuses_one_more_at_hello(kit: Any) -> None:
         assert root[0].stats()["clients"] == 5
         for dev in root:
             dev.close()
+
+
+def _silent_connections(channel: Connection, path: str, count: int) -> None:
+    """Open `count` connections that never send HELLO; report which ones the daemon closed
+    once it has closed `expected` of them (sent by the test)."""
+    socks = []
+    for _ in range(count):
+        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
+        sock.connect(path)
+        socks.append(sock)
+    expected, timeout = channel.recv()
+    closed: set[int] = set()
+    while len(closed) < expected:
+        ready, _, _ = select.select([s for i, s in enumerate(socks) if i not in closed], [], [], timeout)
+        if not ready:
+            break
+        for sock in ready:
+            assert sock.recv(1) == b""
+            closed.add(socks.index(sock))
+    channel.send(sorted(closed))
+    channel.recv()
+    for sock in socks:
+        sock.close()
+
+
+def test_connections_are_counted_per_uid_from_accept(kit: Any) -> None:
+    """uid_max_clients bounds a uid's connections greeted or not, plus a small slack of
+    connections kept only to be refused at HELLO; the rest are closed at once."""
+    limit, extra = 2, 10
+    with _open_daemon(kit, uid_max_clients=limit, stall_timeout=3600) as daemon:
+        nobody = kit.tenant(_silent_connections, daemon.path, limit + HELLO_SLACK + extra)
+        nobody.send((extra, SAFETY))
+        assert nobody.recv(SAFETY) == list(range(limit + HELLO_SLACK, limit + HELLO_SLACK + extra))
+        with daemon.connect() as root:
+            assert root.stats()["clients"] == limit + HELLO_SLACK + 1
+        nobody.send("done")
+        assert nobody.join(SAFETY) == 0
+
+
+# -- connections that never say HELLO --------------------------------------------------------
+
+def test_a_connection_without_hello_is_dropped_after_the_stall_timeout(kit: Any) -> None:
+    with run_daemon(stall_timeout=1) as daemon:
+        greeted = kit.raw(daemon.path, timeout=SAFETY)
+        greeted.hello()
+        silent = kit.raw(daemon.path, timeout=SAFETY)
+        partial = kit.raw(daemon.path, timeout=SAFETY)
+        partial.send(b"\x00" * 5)  # part of a HELLO frame
+        silent.assert_dropped(timeout=SAFETY)
+        partial.assert_dropped(timeout=SAFETY)
+        greeted.assert_usable()  # idle longer than the others, but greeted: kept
+        assert "sent no HELLO within 1 s" in daemon.stderr_text()
+
+
+def _flood(channel: Connection, path: str) -> None:
+    """Open connections that never send HELLO until this process is out of fds (1024),
+    then hold them. connect() blocks while the daemon's listen backlog is full: if the
+    daemon stops accepting, this never gets there (the test's safety net fails it)."""
+    resource.setrlimit(resource.RLIMIT_NOFILE, (1024, 1024))
+    socks: list[socket.socket] = []
+    try:
+        while True:
+            sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
+            socks.append(sock)
+            sock.connect(path)
+    except OSError as exc:
+        stopped = errno.errorcode.get(exc.errno or 0, str(exc))
+    channel.send((len(socks), stopped))
+    channel.recv()
+    for sock in socks:
+        sock.close()
+
+
+def _served(channel: Connection, path: str) -> None:
+    with ugem.connect(path) as dev:
+        h = dev.create(1 << 16)
+        dev.pwrite(h, 100, b"served")
+        channel.send(dev.pread(h, 100, 6))
+
+
+def test_a_flood_of_silent_connections_does_not_lock_others_out(kit: Any) -> None:
+    """uid 65534 opens connections that never send HELLO until it cannot; the daemon, at a
+    low fd limit, drops that uid's oldest silent connections to make room, and root still
+    connects and is served (before: the fd limit held and root's connect() blocked)."""
+    fd_limit = 256
+    with run_daemon(socket=os.path.join(kit.open_dir(), "ugem.sock"), socket_mode="0666", fd_limit=fd_limit,
+                    stall_timeout=3600) as daemon:
+        nobody = kit.tenant(_flood, daemon.path)
+        opened, stopped = nobody.recv(SAFETY)
+        assert opened > fd_limit and stopped == "EMFILE", (opened, stopped)
+        root = kit.tenant(_served, daemon.path, uid=0)
+        assert root.recv(SAFETY) == b"served"
+        assert root.join(SAFETY) == 0
+        assert daemon.proc.poll() is None
+        assert daemon.fd_count() <= fd_limit
+        assert "short of fds" in daemon.stderr_text()
+        nobody.send("done")
+        assert nobody.join(SAFETY) == 0

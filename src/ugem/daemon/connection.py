@@ -9,7 +9,8 @@ Rules:
   is written and nothing is parked (`pump`);
 - the first frame must be HELLO with our magic and version; HELLO admits the client to
   its uid's clients (`Core.admit`): past `uid_max_clients` it is answered EDQUOT and the
-  connection is closed;
+  connection is closed; `accepted` (when the connection came) lets the server drop one
+  that has not completed HELLO within the stall timeout;
 - operation failures become error replies (errno + message) and the connection stays;
   a handler bug is logged with its traceback and answered EIO, never crashes the daemon;
 - replies are queued and written when the socket is writable; while replies are queued
@@ -74,7 +75,7 @@ class Connection:
         self.outbox: deque[tuple[memoryview, list[OwnedFd]]] = deque()
         self.greeted = False
         self.closed = False
-        self.last_progress = time.monotonic()
+        self.accepted = self.last_progress = time.monotonic()
         self.parked: tuple[Frame, RequestDesc, s.Struct] | None = None  # a request that must wait
         self.pending: Pending | None = None  # what it waits for
         self.events = READ  # what the server's poller watches (0: nothing)

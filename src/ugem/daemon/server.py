@@ -8,8 +8,17 @@ Rules:
   daemon on PATH); the CLI binds it before the Server exists, so a socket that cannot be
   used leaves no spill directory behind; device memory or a spill directory the Server
   cannot set up is BadSetting naming the key, with whatever it made undone;
-- accept failing for lack of fds pauses accepting briefly instead of spinning;
-- a client stalled in the middle of a frame for `stall_timeout` seconds is dropped;
+- connections are counted per uid from accept; those that have not completed HELLO wait
+  in the `Lobby` (lobby.py), which says which to close at accept (a uid past
+  `uid_max_clients` plus a small slack), which to drop for fds, and which are overdue;
+- fd room: the kernel hands out the lowest free fd, so an accepted connection numbered
+  within `FD_ROOM` of the fd limit, or accept failing with EMFILE/ENFILE, means fds are
+  nearly gone. Then up to `FD_ROOM` connections still in the lobby are dropped (oldest
+  first, from the uid holding the most connections): a flood of silent connections cannot
+  keep another uid from connecting and being served. Only when none can go does accepting
+  pause briefly (100 ms) instead of spinning;
+- `stall_timeout` seconds after accept, a connection that has not completed HELLO is
+  dropped; so is one stalled (no progress) in the middle of a frame for that long;
 - once a second the cyclic garbage collector runs over what is new, then everything that
   survived is frozen (`gc.freeze`): a full collection over a million objects stalls
   every client for 0.3 s, a collection over one second's worth does not. Frozen objects
@@ -19,6 +28,7 @@ Rules:
 
 from __future__ import annotations
 
+import collections
 import errno
 import gc
 import logging
@@ -40,14 +50,16 @@ from ..device.sim import SimDevice
 from ..errors import RemoteProtocolError
 from .connection import Connection
 from .listener import Listener
+from .lobby import Lobby
 from .poller import READ, WRITE, Poller
 from .pressure import PressureWatch
 from .workers import JobRunner
 
-__all__ = ["Server", "ServerOptions", "raise_fd_limit"]
+__all__ = ["FD_ROOM", "Server", "ServerOptions", "raise_fd_limit"]
 
 log = logging.getLogger("ugem.daemon")
 SIGNALS = (signal.SIGTERM, signal.SIGINT)
+FD_ROOM = 16  # fds kept free by dropping connections that have not completed HELLO
 
 
 def _drain(fd: int) -> None:
@@ -101,6 +113,8 @@ class Server:
         self.sel = Poller()
         self.listener: Listener | None = None
         self.connections: dict[int, Connection] = {}
+        self.lobby = Lobby(self.core)  # connections that have not completed HELLO
+        self.fd_limit = resource.getrlimit(resource.RLIMIT_NOFILE)[0]
         self._stop = False
         self._signals_installed = False
         self._accept_paused_until = 0.0
@@ -211,24 +225,49 @@ class Server:
             except (BlockingIOError, InterruptedError):
                 return
             except OSError as exc:
+                if exc.errno in (errno.EMFILE, errno.ENFILE) and self._make_fd_room(f"accept: {exc.strerror}"):
+                    continue
                 if exc.errno in (errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM):
                     log.warning("accept: %s; pausing new connections for 100 ms", exc)
                     self.sel.unregister(self.listener.fileno())
                     self._accept_paused_until = time.monotonic() + 0.1
                     return
                 raise
-            sock.setblocking(False)
-            pid, uid, gid = struct.unpack("3i", sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED,
-                                                                 struct.calcsize("3i")))
-            privileged = uid == 0 or uid == os.getuid()
-            client = self.core.client_open(Credentials(pid, uid, gid), privileged, admit=False)  # at HELLO
-            conn = Connection(sock, self.core, client)
-            self.connections[sock.fileno()] = conn
-            self.sel.register(sock.fileno(), READ, conn)
-            log.debug("client %d connected: pid %d uid %d", client.id, pid, uid)
+            self._admit(sock)
+            if sock.fileno() >= self.fd_limit - FD_ROOM:
+                self._make_fd_room(f"fd {sock.fileno()} of {self.fd_limit}")
+
+    def _admit(self, sock: socket.socket) -> None:
+        """Register a new connection, or close it at once if its uid holds too many."""
+        pid, uid, gid = struct.unpack("3i", sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED,
+                                                             struct.calcsize("3i")))
+        privileged = uid == 0 or uid == os.getuid()
+        if self.lobby.turns_away(uid, privileged):
+            log.debug("uid %d holds too many connections: closing one more from pid %d", uid, pid)
+            sock.close()
+            return
+        sock.setblocking(False)
+        client = self.core.client_open(Credentials(pid, uid, gid), privileged, admit=False)
+        conn = Connection(sock, self.core, client)
+        self.connections[sock.fileno()] = conn
+        self.lobby.enter(conn)
+        self.sel.register(sock.fileno(), READ, conn)
+        log.debug("client %d connected: pid %d uid %d", client.id, pid, uid)
+
+    def _make_fd_room(self, why: str) -> int:
+        """Drop up to FD_ROOM connections from the lobby; how many went."""
+        dropped = self.lobby.evictees(FD_ROOM)
+        for conn in dropped:
+            self._drop(conn)
+        if dropped:
+            uids = collections.Counter(conn.client.creds.uid for conn in dropped)
+            log.warning("short of fds (%s): dropped %d connections that had not sent HELLO (%s)", why, len(dropped),
+                        ", ".join(f"uid {uid}: {n}" for uid, n in uids.items()))
+        return len(dropped)
 
     def _guard(self, conn: Connection, step: Callable[[], None]) -> None:
         """Run one step of a connection; drop it (only it) on a protocol or socket error."""
+        greeted = conn.greeted
         try:
             step()
         except RemoteProtocolError as exc:
@@ -241,6 +280,8 @@ class Server:
                 log.warning("client %d: socket error, dropping: %s", conn.client.id, exc)
             self._drop(conn)
             return
+        if not greeted and conn.greeted:
+            self.lobby.leave(conn)
         if conn.pending is not None:  # must wait: start its jobs, stop reading it until it resumes
             for job in conn.pending.jobs:
                 self.runner.submit(job)
@@ -303,6 +344,8 @@ class Server:
 
     def _drop(self, conn: Connection) -> None:
         self.connections.pop(conn.sock.fileno(), None)
+        if not conn.greeted:
+            self.lobby.leave(conn)
         if conn.events:
             self.sel.unregister(conn.sock.fileno())
             conn.events = 0
@@ -311,6 +354,13 @@ class Server:
 
     def _drop_stalled(self, now: float) -> None:
         limit = self.options.stall_timeout
+        late = self.lobby.overdue(now, limit)
+        for conn in late:
+            self._drop(conn)
+        if late:
+            uids = collections.Counter(conn.client.creds.uid for conn in late)
+            log.warning("dropped %d connections that sent no HELLO within %g s (%s)", len(late), limit,
+                        ", ".join(f"uid {uid}: {n}" for uid, n in uids.items()))
         for conn in list(self.connections.values()):
             since = conn.stalled_since
             if since is not None and now - since > limit:
