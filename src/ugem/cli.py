@@ -1,7 +1,8 @@
 """The `ugem` command: `serve` runs the daemon; the others talk to a running one (SPEC §4).
 
 Subcommands: serve, ls [--json], stat [--json], top (live view), suspend, resume, ops (lists the request table),
-fs MOUNTPOINT (a read-only FUSE view; runs in the foreground until unmounted, SIGINT or SIGTERM).
+fs MOUNTPOINT (a read-only FUSE view; runs in the foreground until unmounted, SIGINT or SIGTERM);
+`ugem --version` prints `ugem X.Y.Z`.
 Exit codes: 0 success, 1 operation failure, 2 usage error or bad configuration, 3 no daemon / socket in use.
 `ugem serve` takes its flags as strings and validates them through `Config.parse` (the
 same checks as `ugem.Manager(**config)`), so bad configuration is one line on stderr naming
@@ -17,6 +18,7 @@ import logging
 import sys
 from typing import Any
 
+from . import __version__
 from .config import BadSetting, Config, parse_seconds
 from .errors import InvalidArgument, UgemError
 
@@ -193,6 +195,7 @@ def _ops(args: argparse.Namespace) -> int:
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="ugem", description="GEM/TTM buffer-object manager in user space")
+    parser.add_argument("--version", action="version", version=f"ugem {__version__}")
     sub = parser.add_subparsers(dest="command", required=True)
     serve = sub.add_parser("serve", help="run the daemon",
                            description="Run the daemon. SIZE is bytes or a number with K, M, G or T (512M, "

@@ -1,4 +1,4 @@
-"""Bad configuration (SPEC §4 "Service conventions").
+"""Bad configuration (SPEC §4 "Service conventions") and `ugem --version`.
 
 `ugem serve` with an unparsable, negative, zero, NaN or infinite value, a socket mode
 outside 0-0777, a spill dir that is not a directory, or a socket path it cannot use exits
@@ -157,3 +157,15 @@ def test_manager_spill_dir_that_is_a_file(workdir: str) -> None:
         pass
     with pytest.raises(ugem.InvalidArgument, match="spill_dir: .* is not a directory"):
         ugem.Manager(spill_dir=spill)
+
+
+# -- ugem --version ----------------------------------------------------------------------------
+
+def test_version() -> None:
+    from importlib.metadata import version
+
+    result = subprocess.run([*UGEM, "--version"], capture_output=True, text=True, timeout=SAFETY)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout == f"ugem {ugem.__version__}\n"
+    assert re.fullmatch(r"\d+\.\d+\.\d+", ugem.__version__)
+    assert ugem.__version__ == version("ugem")
