@@ -9,18 +9,24 @@ embedded `ugem.Manager(**config)` rejects the same values with EINVAL naming the
 
 from __future__ import annotations
 
+import contextlib
 import errno
+import io
 import os
 import re
 import subprocess
 import sys
 import tempfile
 from collections.abc import Iterator
+from multiprocessing.connection import Connection
 from typing import Any
 
 import pytest
 
 import ugem
+import ugem.cli
+import ugem.daemon.listener
+import ugem.daemon.server  # noqa: F401  (forked children cannot import it as uid 65534)
 
 UGEM = [sys.executable, "-m", "ugem"]
 SAFETY = 120.0
@@ -169,3 +175,58 @@ def test_version() -> None:
     assert result.stdout == f"ugem {ugem.__version__}\n"
     assert re.fullmatch(r"\d+\.\d+\.\d+", ugem.__version__)
     assert ugem.__version__ == version("ugem")
+
+
+# -- not permitted (uid 65534) ---------------------------------------------------------------
+
+def _serve_in_process(channel: Connection, argv: list[str], env: dict[str, str]) -> None:
+    """`ugem serve` as this uid, in this (forked) process: send (exit status, output)."""
+    os.environ.clear()
+    os.environ.update(env)
+    out = io.StringIO()
+    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(out):
+        try:
+            status = ugem.cli.main(["serve", *argv])
+        except BaseException:
+            import traceback
+
+            traceback.print_exc()
+            status = -1
+    channel.send((status, out.getvalue()))
+
+
+@pytest.mark.parametrize("case", ["socket-dir", "socket-path", "default-socket-dir", "default-spill-dir"])
+def test_not_permitted_names_the_path(kit: Any, case: str) -> None:
+    locked = kit.open_dir()  # root's, 0755: uid 65534 may search it, not write it
+    writable = kit.open_dir()
+    os.chmod(writable, 0o777)
+    env = {"PATH": os.environ.get("PATH", "/usr/bin:/bin"), "HOME": locked}
+    argv = ["--spill-dir", os.path.join(writable, "spill")]
+    if case == "socket-dir":  # a directory it cannot even look at
+        os.mkdir(os.path.join(locked, "private"), 0o700)
+        os.mkdir(os.path.join(locked, "private", "inner"))
+        path = os.path.join(locked, "private", "inner", "ugem.sock")
+        argv += ["--socket", path]
+        named = ["--socket", path, os.path.join(locked, "private", "inner")]
+    elif case == "socket-path":
+        path = os.path.join(locked, "ugem.sock")
+        argv += ["--socket", path]
+        named = ["--socket", path]
+    elif case == "default-socket-dir":
+        env["XDG_RUNTIME_DIR"] = locked
+        path = os.path.join(locked, "ugem", "ugem.sock")
+        named = ["--socket (default)", path, os.path.join(locked, "ugem")]
+    else:
+        path = os.path.join(writable, "ugem.sock")
+        argv = ["--socket", path]  # spill dir by default: $HOME/.cache/ugem/spill
+        named = ["--spill-dir", os.path.join(locked, ".cache", "ugem", "spill")]
+    child = kit.tenant(_serve_in_process, argv, env)
+    status, output = child.recv(SAFETY)
+    assert (status, "Traceback" in output) == (2, False), output
+    assert len(output.splitlines()) == 1, output
+    for text in named:
+        assert text in output, (text, output)
+    assert "ermission denied" in output, output
+    assert os.listdir(locked) == (["private"] if case == "socket-dir" else []), "something was left behind"
+    assert os.listdir(writable) == [], "something was left behind"
+    assert child.join(SAFETY) == 0

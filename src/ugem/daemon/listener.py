@@ -16,10 +16,12 @@ Rules:
 from __future__ import annotations
 
 import contextlib
+import errno
 import fcntl
 import logging
 import os
 import socket
+import stat
 
 from ..config import BadSetting
 from ..paths import check_socket_dir
@@ -65,8 +67,8 @@ class Listener:
         if is_default:
             os.makedirs(directory, mode=0o700, exist_ok=True)
             check_socket_dir(directory)
-        elif not os.path.isdir(directory):
-            raise FileNotFoundError(2, "no such directory", directory)
+        elif not stat.S_ISDIR(os.stat(directory).st_mode):  # stat says why: ENOENT, EACCES
+            raise NotADirectoryError(errno.ENOTDIR, os.strerror(errno.ENOTDIR), directory)
 
     def _bind(self, mode: int) -> None:
         path = self.path
