@@ -201,8 +201,8 @@ def build_parser() -> argparse.ArgumentParser:
                            description="Run the daemon. SIZE is bytes or a number with K, M, G or T (512M, "
                                        "1.5G); sizes, counts and SECONDS must be positive. Bad configuration "
                                        "exits 2 with one line naming the flag.")
-    serve.add_argument("--socket", help="socket path (default: $UGEM_SOCKET, $XDG_RUNTIME_DIR/ugem/ugem.sock, "
-                                        "/tmp/ugem-<uid>/ugem.sock)")
+    serve.add_argument("--socket", metavar="PATH", help="socket path (default: $UGEM_SOCKET, "
+                                                        "$XDG_RUNTIME_DIR/ugem/ugem.sock, /tmp/ugem-<uid>/ugem.sock)")
     serve.add_argument("--vram", metavar="SIZE", help="device memory (default 1G, at most 64T)")
     serve.add_argument("--system-budget", metavar="SIZE", help="resident memory budget "
                        "(default: half of physical memory)")
@@ -222,7 +222,8 @@ def build_parser() -> argparse.ArgumentParser:
                        "256; root and the daemon's uid: unlimited)")
     serve.add_argument("--socket-mode", metavar="OCTAL", default="0600", help="socket file mode, octal from 0 to "
                                                                                "0777 (default 0600)")
-    serve.add_argument("--log-level", default="info", help=f"one of {', '.join(_LOG_LEVELS)} (default info)")
+    serve.add_argument("--log-level", metavar="LEVEL", default="info",
+                       help=f"one of {', '.join(_LOG_LEVELS)} (default info)")
     serve.set_defaults(func=_serve)
     for name, func, text in (("ls", _ls, "list objects"), ("stat", _stat, "manager-wide figures")):
         cmd = sub.add_parser(name, help=text)
