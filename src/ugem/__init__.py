@@ -1,7 +1,10 @@
 """ugem: the Linux GEM/TTM buffer-object manager in user space.
 
 This module only re-exports; `__all__` is checked by tests/unit/test_exports.py.
+`__version__` is the one place the version is written (pyproject.toml reads it).
 """
+
+__version__ = "0.1.0"
 
 from . import cmd
 from .client.buffer import Buffer

@@ -1,9 +1,15 @@
-"""The `ugem` command: `serve` runs the daemon; the others talk to a running one (SPEC §4).
+"""The `ugem` command: `serve` runs the daemon; the others talk to a running one.
 
 Subcommands: serve, ls [--json], stat [--json], top (live view), suspend, resume, ops (lists the request table),
-fs MOUNTPOINT (a read-only FUSE view; runs in the foreground until unmounted, SIGINT or SIGTERM).
-Exit codes: 0 success, 1 operation failure, 2 usage error, 3 no daemon / socket in use / the daemon
-went away.
+fs MOUNTPOINT (a read-only FUSE view; runs in the foreground until unmounted, SIGINT or SIGTERM);
+`ugem --version` prints `ugem X.Y.Z`.
+Exit codes: 0 success, 1 operation failure, 2 usage error or bad configuration, 3 no daemon / socket
+in use / the daemon went away.
+
+`ugem serve` takes its flags as strings and validates them through `Config.parse` (the
+same checks as `ugem.Manager(**config)`), so bad configuration is one line on stderr naming
+the flag, the value and what is allowed, exit 2, before anything is created: the socket is
+bound before the spill directory is made, and each is undone if the other fails.
 
 Errors: never a traceback. Every failure is one line on stderr, `ugem: COMMAND: what failed`,
 naming the path, value or flag involved: the socket path for anything about reaching the
@@ -25,32 +31,69 @@ import os
 import sys
 from typing import Any
 
-from .config import Config, parse_size
-from .errors import DaemonGone, ProtocolError, UgemError
+from . import __version__
+from .config import BadSetting, Config, parse_seconds
+from .errors import DaemonGone, InvalidArgument, ProtocolError, UgemError
 
 __all__ = ["format_stats", "main"]
 
 
+_SERVE_KEYS = ("vram", "system_budget", "spill_dir", "client_quota", "client_max_objects", "pin_limit",
+               "hang_timeout", "uid_quota", "uid_max_clients")
+_LOG_LEVELS = ("debug", "info", "warning", "error")
+
+
+def _flag(key: str) -> str:
+    return "--" + key.replace("_", "-")
+
+
+def _bad_config(message: str) -> int:
+    """Bad configuration: one line naming the flag, the value and what is allowed; exit 2."""
+    print(f"ugem: {message}".replace("\n", "\\n"), file=sys.stderr)
+    return 2
+
+
+def _serve_options(args: argparse.Namespace) -> tuple[Config, float, int, str]:
+    """The validated flags of `ugem serve`: (config, stall timeout, socket mode, log level)."""
+    config = Config.parse({key: getattr(args, key) for key in _SERVE_KEYS}, name=_flag)
+    stall_timeout = 30.0 if args.stall_timeout is None else parse_seconds(args.stall_timeout, "--stall-timeout")
+    try:
+        socket_mode = int(args.socket_mode, 8)
+    except ValueError:
+        socket_mode = -1
+    if not 0 <= socket_mode <= 0o777:
+        raise InvalidArgument(f"--socket-mode: {args.socket_mode!r} is not an octal file mode from 0 to 0777")
+    if args.log_level.lower() not in _LOG_LEVELS:
+        raise InvalidArgument(f"--log-level: {args.log_level!r} is not one of {', '.join(_LOG_LEVELS)}")
+    return config, stall_timeout, socket_mode, args.log_level.lower()
+
+
 def _serve(args: argparse.Namespace) -> int:
-    from .daemon.server import Server, ServerOptions, SocketInUse, raise_fd_limit
+    from .daemon.listener import Listener, SocketInUse
+    from .daemon.server import Server, ServerOptions, raise_fd_limit
     from .paths import resolve_socket_path
 
-    logging.basicConfig(level=args.log_level.upper(), stream=sys.stderr,
-                        format="%(asctime)s ugem[%(process)d] %(levelname)s %(message)s")
-    config = Config.from_kwargs(vram=args.vram, system_budget=args.system_budget, spill_dir=args.spill_dir,
-                                client_quota=args.client_quota, client_max_objects=args.client_max_objects,
-                                pin_limit=args.pin_limit, hang_timeout=args.hang_timeout)
-    path, is_default = resolve_socket_path(args.socket)
-    raise_fd_limit()
-    server = Server(config, ServerOptions(path, is_default, socket_mode=int(args.socket_mode, 8)))
     try:
-        server.bind()
+        config, stall_timeout, socket_mode, log_level = _serve_options(args)
+    except InvalidArgument as exc:
+        return _bad_config(str(exc.strerror))
+    logging.basicConfig(level=log_level.upper(), stream=sys.stderr,
+                        format="%(asctime)s ugem[%(process)d] %(levelname)s %(message)s")
+    path, is_default = resolve_socket_path(args.socket)
+    socket_flag = "--socket" if args.socket else "$UGEM_SOCKET" if not is_default else "--socket (default)"
+    raise_fd_limit()
+    try:  # bound first: a socket that cannot be used leaves no spill directory behind
+        listener = Listener(path, is_default, socket_mode)
     except SocketInUse as exc:
         print(f"ugem: {exc}", file=sys.stderr)
         return 3
-    except PermissionError as exc:
-        print(f"ugem: {exc}", file=sys.stderr)
-        return 3
+    except BadSetting as exc:
+        return _bad_config(exc.describe(lambda _key: socket_flag))
+    try:
+        server = Server(config, ServerOptions(path, is_default, socket_mode, stall_timeout), listener)
+    except BadSetting as exc:
+        listener.close()
+        return _bad_config(exc.describe(_flag))
     server.install_signals()  # before the banner: whoever reads it may send SIGTERM at once
     print(f"ugem: listening on {path}", flush=True)
     server.serve_forever()
@@ -218,29 +261,37 @@ def _ops(args: argparse.Namespace) -> int:
     return 0
 
 
-def _size(text: str) -> int:
-    try:
-        return parse_size(text)
-    except UgemError as exc:
-        raise argparse.ArgumentTypeError(str(exc.strerror)) from None
-
-
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="ugem", description="GEM/TTM buffer-object manager in user space")
+    parser.add_argument("--version", action="version", version=f"ugem {__version__}")
     sub = parser.add_subparsers(dest="command", required=True)
-    serve = sub.add_parser("serve", help="run the daemon")
-    serve.add_argument("--socket", help="socket path (default: $UGEM_SOCKET, $XDG_RUNTIME_DIR/ugem/ugem.sock, "
-                                        "/tmp/ugem-<uid>/ugem.sock)")
-    serve.add_argument("--vram", type=_size, default=1 << 30, help="device memory (default 1G)")
-    serve.add_argument("--system-budget", type=_size, default=None, help="resident memory budget "
+    serve = sub.add_parser("serve", help="run the daemon",
+                           description="Run the daemon. SIZE is bytes or a number with K, M, G or T (512M, "
+                                       "1.5G); sizes, counts and SECONDS must be positive. Bad configuration "
+                                       "exits 2 with one line naming the flag.")
+    serve.add_argument("--socket", metavar="PATH", help="socket path (default: $UGEM_SOCKET, "
+                                                        "$XDG_RUNTIME_DIR/ugem/ugem.sock, /tmp/ugem-<uid>/ugem.sock)")
+    serve.add_argument("--vram", metavar="SIZE", help="device memory (default 1G, at most 64T)")
+    serve.add_argument("--system-budget", metavar="SIZE", help="resident memory budget "
                        "(default: half of physical memory)")
-    serve.add_argument("--spill-dir", default=None, help="spill directory (default $XDG_CACHE_HOME/ugem/spill)")
-    serve.add_argument("--client-quota", type=_size, default=0, help="bytes one client may create (0: unlimited)")
-    serve.add_argument("--client-max-objects", type=int, default=65536, help="handles one client may hold")
-    serve.add_argument("--pin-limit", type=_size, default=64 << 20, help="bytes one client may pin (default 64M)")
-    serve.add_argument("--hang-timeout", type=float, default=10.0, help="seconds before device work counts as hung")
-    serve.add_argument("--socket-mode", default="0600", help="socket file mode, octal (default 0600)")
-    serve.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
+    serve.add_argument("--spill-dir", metavar="DIR", help="spill directory (default $XDG_CACHE_HOME/ugem/spill, "
+                                                          "else ~/.cache/ugem/spill)")
+    serve.add_argument("--client-quota", metavar="SIZE", help="bytes one client may create, or 'unlimited' "
+                                                              "(the default)")
+    serve.add_argument("--client-max-objects", metavar="N", help="handles one client may hold (default 65536)")
+    serve.add_argument("--pin-limit", metavar="SIZE", help="bytes one client may pin (default 64M)")
+    serve.add_argument("--hang-timeout", metavar="SECONDS", help="seconds before device work counts as hung "
+                                                                 "(default 10)")
+    serve.add_argument("--stall-timeout", metavar="SECONDS", help="drop a connection that has not completed its "
+                       "handshake, or has sent part of a frame, for this long (default 30)")
+    serve.add_argument("--uid-quota", metavar="SIZE", help="bytes all clients of one uid may create plus pin, or "
+                       "'unlimited' (default: half the system budget; root and the daemon's uid: unlimited)")
+    serve.add_argument("--uid-max-clients", metavar="N", help="connections of one uid, or 'unlimited' (default "
+                       "256; root and the daemon's uid: unlimited)")
+    serve.add_argument("--socket-mode", metavar="OCTAL", default="0600", help="socket file mode, octal from 0 to "
+                                                                               "0777 (default 0600)")
+    serve.add_argument("--log-level", metavar="LEVEL", default="info",
+                       help=f"one of {', '.join(_LOG_LEVELS)} (default info)")
     serve.set_defaults(func=_serve)
     for name, func, text in (("ls", _ls, "list objects"), ("stat", _stat, "manager-wide figures")):
         cmd = sub.add_parser(name, help=text)

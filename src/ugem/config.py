@@ -1,42 +1,139 @@
 """Manager configuration: the daemon flags of SPEC §4 as one frozen dataclass.
 
 `Config.from_kwargs(**config)` is what `ugem.Manager(**config)` and `ugem serve` both use,
-so the embedded manager and the daemon accept exactly the same keys and size strings
-("512M", "1G", plain ints of bytes). An unknown key or an unparsable value is EINVAL.
+so the embedded manager and the daemon accept exactly the same keys and values. Rules:
+- sizes are ints of bytes or strings such as "512M", "1.5G" (K, M, G, T are binary); every
+  size must be positive and finite (0 is not "the default" and not "unlimited");
+- timeouts are positive finite numbers of seconds; counts are positive whole numbers;
+- the limits `client_quota`, `uid_quota` and `uid_max_clients` also take the word
+  "unlimited" (held as None); a key given as None gets its default;
+- a bad value raises EINVAL (InvalidArgument) naming the key (or the flag, through
+  `name`), the value and what is allowed; an unknown key is EINVAL too;
+- defaults that depend on others are resolved here: `system_budget` is half of physical
+  memory, `uid_quota` half of `system_budget`, `spill_dir` $XDG_CACHE_HOME/ugem/spill.
+The per-uid limits apply to uids other than root and the daemon's own (those are never
+limited by them; the core decides who is privileged).
 """
 
 from __future__ import annotations
 
+import math
 import os
-from dataclasses import dataclass, fields
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
 from typing import Any
 
+from .constants import MAX_OBJECT_SIZE
 from .errors import InvalidArgument
 
-__all__ = ["Config", "default_spill_dir", "parse_size"]
+__all__ = ["UNLIMITED", "BadSetting", "Config", "default_spill_dir", "parse_count", "parse_seconds", "parse_size"]
 
-_UNITS = {"": 1, "K": 1 << 10, "M": 1 << 20, "G": 1 << 30, "T": 1 << 40}
+UNLIMITED = "unlimited"  # how a limit is switched off (flag value or keyword value)
+MAX_SIZE = (1 << 63) - 1  # sizes travel as signed 64-bit fields
+_UNITS = {"K": 1 << 10, "M": 1 << 20, "G": 1 << 30, "T": 1 << 40}
+_SIZE_TEXT = "a positive size in bytes, optionally with a K, M, G or T suffix (e.g. 512M)"
 
 
-def parse_size(value: int | str, what: str = "size") -> int:
-    """Parse a byte count: an int, or a string such as ``"512M"`` (K, M, G, T are binary)."""
-    if isinstance(value, bool):
-        raise InvalidArgument(f"{what}: expected a size, got {value!r}")
-    if isinstance(value, int):
-        result = value
-    elif isinstance(value, str):
-        text = value.strip().upper().removesuffix("IB").removesuffix("B")
-        unit = text[-1:] if text[-1:] in _UNITS and text[-1:] != "" else ""
-        number = text[: len(text) - len(unit)] if unit else text
-        try:
-            result = int(float(number) * _UNITS[unit])
-        except ValueError:
-            raise InvalidArgument(f"{what}: cannot parse size {value!r}") from None
-    else:
-        raise InvalidArgument(f"{what}: expected a size, got {value!r}")
-    if result < 0:
-        raise InvalidArgument(f"{what}: size must not be negative, got {value!r}")
+class BadSetting(InvalidArgument):
+    """EINVAL: a setting that parses but cannot be used (a spill directory that cannot be
+    created, a socket path that cannot be bound); `describe(name)` names it as `name` does."""
+
+    def __init__(self, key: str, value: object, problem: str) -> None:
+        super().__init__(f"{key}: {value!r} {problem}")
+        self.key, self.value, self.problem = key, value, problem
+
+    def describe(self, name: Callable[[str], str] = str) -> str:
+        return f"{name(self.key)}: {self.value!r} {self.problem}"
+
+
+def _bad(name: str, value: object, allowed: str) -> InvalidArgument:
+    return InvalidArgument(f"{name}: {value!r} is not {allowed}")
+
+
+def parse_size(value: object, name: str = "size", maximum: int = MAX_SIZE) -> int:
+    """A positive byte count from an int or a string such as ``"512M"`` (binary units)."""
+    allowed = _SIZE_TEXT if maximum == MAX_SIZE else f"{_SIZE_TEXT}, at most {maximum >> 40}T"
+    if isinstance(value, bool) or not isinstance(value, int | str):
+        raise _bad(name, value, allowed)
+    result = value if isinstance(value, int) else _size_from_text(value)
+    if result is None or not 0 < result <= maximum:
+        raise _bad(name, value, allowed)
     return result
+
+
+def _size_from_text(value: str) -> int | None:
+    text = value.strip().upper().removesuffix("IB").removesuffix("B")
+    scale = _UNITS.get(text[-1:], 1)
+    number = text[:-1] if scale > 1 else text
+    if number.isdigit():
+        return int(number) * scale  # exact for whole numbers of any length
+    try:
+        scaled = float(number) * scale
+    except ValueError:
+        return None
+    return int(scaled) if math.isfinite(scaled) else None
+
+
+def parse_count(value: object, name: str = "count") -> int:
+    """A positive whole number from an int or a string of digits."""
+    allowed = "a positive whole number"
+    if isinstance(value, bool) or not isinstance(value, int | str):
+        raise _bad(name, value, allowed)
+    try:
+        result = int(value)
+    except ValueError:
+        raise _bad(name, value, allowed) from None
+    if result <= 0:
+        raise _bad(name, value, allowed)
+    return result
+
+
+def parse_seconds(value: object, name: str = "timeout") -> float:
+    """A positive finite number of seconds from a number or a string."""
+    allowed = "a positive finite number of seconds"
+    if isinstance(value, bool) or not isinstance(value, int | float | str):
+        raise _bad(name, value, allowed)
+    try:
+        result = float(value)
+    except (ValueError, OverflowError):
+        raise _bad(name, value, allowed) from None
+    if not (math.isfinite(result) and result > 0):
+        raise _bad(name, value, allowed)
+    return result
+
+
+def _limit(parse: Callable[[object, str], int]) -> Callable[[object, str], int | None]:
+    """`parse`, or None for the word "unlimited"."""
+    def parse_limit(value: object, name: str) -> int | None:
+        if isinstance(value, str) and value.strip().lower() == UNLIMITED:
+            return None
+        try:
+            return parse(value, name)
+        except InvalidArgument as exc:
+            raise InvalidArgument(f"{exc.strerror} or {UNLIMITED!r}") from None
+    return parse_limit
+
+
+def _spill_dir(value: object, name: str) -> str:
+    path = os.fspath(value) if isinstance(value, str | os.PathLike) else None
+    if not isinstance(path, str) or not path:
+        raise _bad(name, value, "a directory path")
+    if os.path.exists(path) and not os.path.isdir(path):
+        raise _bad(name, value, "a directory (it exists and is not one)")
+    return path
+
+
+_PARSERS: dict[str, Callable[[object, str], Any]] = {
+    "vram": lambda v, n: parse_size(v, n, MAX_OBJECT_SIZE),  # 64T: one mapping of device memory
+    "system_budget": parse_size,
+    "spill_dir": _spill_dir,
+    "client_quota": _limit(parse_size),
+    "client_max_objects": parse_count,
+    "pin_limit": parse_size,
+    "hang_timeout": parse_seconds,
+    "uid_quota": _limit(parse_size),
+    "uid_max_clients": _limit(parse_count),
+}
 
 
 def _physical_memory() -> int:
@@ -50,41 +147,34 @@ def default_spill_dir() -> str:
 
 @dataclass(frozen=True)
 class Config:
-    """Every tunable of a manager. Sizes are bytes; 0 for `client_quota` means unlimited."""
+    """Every tunable of a manager, resolved. Sizes are bytes; None for a limit: unlimited.
+    Build one with `from_kwargs` or `parse`, which validate every value."""
 
+    system_budget: int
+    spill_dir: str
+    uid_quota: int | None  # bytes created plus bytes pinned by one (unprivileged) uid's clients
     vram: int = 1 << 30
-    system_budget: int = 0  # 0: half of physical memory, resolved in __post_init__
-    spill_dir: str = ""
-    client_quota: int = 0
+    client_quota: int | None = None
     client_max_objects: int = 65536
     pin_limit: int = 64 << 20
     hang_timeout: float = 10.0
-
-    def __post_init__(self) -> None:
-        if self.system_budget == 0:
-            object.__setattr__(self, "system_budget", _physical_memory() // 2)
-        if not self.spill_dir:
-            object.__setattr__(self, "spill_dir", default_spill_dir())
-        if self.client_max_objects <= 0:
-            raise InvalidArgument(f"client_max_objects must be positive, got {self.client_max_objects}")
-        if self.hang_timeout <= 0:
-            raise InvalidArgument(f"hang_timeout must be positive, got {self.hang_timeout}")
+    uid_max_clients: int | None = 256  # connections of one (unprivileged) uid
 
     @classmethod
     def from_kwargs(cls, **config: Any) -> Config:
-        known = {f.name for f in fields(cls)}
+        return cls.parse(config)
+
+    @classmethod
+    def parse(cls, config: Mapping[str, Any], name: Callable[[str], str] = str) -> Config:
+        """Validate `config` (key -> value; None: the default); `name(key)` is how errors
+        call the key (`ugem serve` passes its flags' names)."""
         values: dict[str, Any] = {}
         for key, value in config.items():
-            if key not in known:
-                raise InvalidArgument(f"unknown configuration key {key!r}; known: {sorted(known)}")
-            if value is None:
-                continue
-            if key in ("vram", "system_budget", "client_quota", "pin_limit"):
-                values[key] = parse_size(value, key)
-            elif key == "client_max_objects":
-                values[key] = int(value)
-            elif key == "hang_timeout":
-                values[key] = float(value)
-            else:
-                values[key] = str(value)
+            if key not in _PARSERS:
+                raise InvalidArgument(f"unknown configuration key {key!r}; known: {sorted(_PARSERS)}")
+            if value is not None:
+                values[key] = _PARSERS[key](value, name(key))
+        values.setdefault("system_budget", _physical_memory() // 2)
+        values.setdefault("spill_dir", default_spill_dir())
+        values.setdefault("uid_quota", values["system_budget"] // 2)
         return cls(**values)

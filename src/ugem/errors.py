@@ -7,7 +7,7 @@ The family, as a tree::
           +-- InvalidArgument   EINVAL  bad value, unknown handle for GEM_CLOSE, bad range
           +-- NoSuchObject      ENOENT  unknown handle, name or fence
           +-- TooBig            E2BIG   object larger than 2**46 bytes
-          +-- QuotaExceeded     EDQUOT  client quota, object limit or pin limit reached
+          +-- QuotaExceeded     EDQUOT  client or uid quota, object, pin or uid client limit reached
           +-- BadFd             EBADF   not an open fd; call on a closed Device/Manager
           +-- PermissionDenied  EACCES  uid rule, read-only handle, unprivileged request
           +-- BadAddress        EFAULT  object was purged

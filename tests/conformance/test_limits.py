@@ -215,3 +215,26 @@ def test_exported_fd_survives_an_import_refused_at_the_limit(limited, errno_of, 
     assert os.pread(fd, 6, 0) == b"peer's"
     dev.close_handle(1)
     assert dev.pread(dev.import_fd(fd), 0, 6) == b"peer's"
+
+
+# -- per-uid limits ---------------------------------------------------------------------
+# (uid 65534 against a daemon: tests/integration/test_tenants.py)
+
+def test_uid_limits_are_accepted_and_never_limit_the_managers_own_uid(make_env):
+    """The per-uid keys are accepted in both modes, and root / the manager's own uid is
+    exempt from them (the embedded manager's clients are always its own uid)."""
+    env = make_env(uid_quota="4K", uid_max_clients=1)
+    first, second = env.open(), env.open()
+    for dev in (first, second):
+        h = dev.create(1 << 20)
+        dev.pwrite(h, 0, b"y" * (1 << 20))
+        dev.pin(h)
+    third = env.open()
+    assert third.create(PAGE) == 1
+
+
+def test_unlimited_is_the_word_for_no_limit(make_env):
+    dev = make_env(client_quota="unlimited", uid_quota="unlimited", uid_max_clients="UNLIMITED").open()
+    h = dev.create(1 << 30)
+    dev.pwrite(h, (1 << 30) - 4, b"last")
+    assert dev.pread(h, (1 << 30) - 4, 4) == b"last"

@@ -9,18 +9,27 @@ module, so the helpers reach them through fixtures:
   baseline)` (alive, serves a fresh client, fd count back at `baseline`, no leak warning
   in its log), and factories for `RawClient` (speaks the wire protocol by hand, from
   ugem.wire.frames / ugem.wire.structs, so a test can send frames no well-behaved client
-  would) and `FdTracer` (proves the daemon closed an fd it was sent). Everything a factory
-  opens is closed at teardown (ResourceWarning is an error in this suite).
+  would) and `FdTracer` (proves the daemon closed an fd it was sent), `Tenant` (a function
+  run in a child forked as another uid, for the per-uid rules: the interpreter may not be
+  executable by that uid, so it is forked, never exec'd) and `open_dir` (a directory any
+  uid can reach, for a socket other users connect to). Everything a factory opens is
+  closed at teardown (ResourceWarning is an error in this suite).
 """
 
 from __future__ import annotations
 
 import array
+import contextlib
 import os
 import select
+import shutil
+import signal
 import socket
-from collections.abc import Iterator, Sequence
+import tempfile
+import traceback
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
+from multiprocessing.connection import Connection
 from typing import Any
 
 import pytest
@@ -232,6 +241,75 @@ class RawClient:
         self.close()
 
 
+NOBODY = 65534
+
+
+class Tenant:
+    """`fn(channel, *args)` run in a child forked from this process, as `uid` (gid the same,
+    no supplementary groups). `channel` is a multiprocessing Connection to the test: the
+    child `send`s what it saw and may `recv` instructions; an exception in the child comes
+    back as a failure of the test's next `recv`. Forked, not exec'd: the child can use
+    only modules this process has already imported."""
+
+    def __init__(self, fn: Callable[..., None], args: tuple[Any, ...], uid: int) -> None:
+        ours, theirs = socket.socketpair()
+        pid = os.fork()
+        if pid == 0:  # the child: never returns
+            ours.close()
+            channel = Connection(theirs.detach())
+            code = 1
+            try:
+                if uid != os.getuid():
+                    os.setgroups([])
+                    os.setgid(uid)
+                    os.setuid(uid)
+                fn(channel, *args)
+                code = 0
+            except BaseException:
+                with contextlib.suppress(BaseException):
+                    channel.send({"child_error": traceback.format_exc()})
+            finally:
+                os._exit(code)
+        theirs.close()
+        self.pid = pid
+        self.channel = Connection(ours.detach())
+        self._pidfd = os.pidfd_open(pid)
+        self.status: int | None = None
+
+    def recv(self, timeout: float = 120.0) -> Any:
+        """The child's next message; fails if it sends none within `timeout` (a safety net)."""
+        if not self.channel.poll(timeout):
+            raise AssertionError(f"child {self.pid} sent nothing within {timeout} s")
+        try:
+            message = self.channel.recv()
+        except EOFError:
+            raise AssertionError(f"child {self.pid} exited (status {self.join()}) without a message") from None
+        if isinstance(message, dict) and "child_error" in message:
+            raise AssertionError(f"child {self.pid} failed:\n{message['child_error']}")
+        return message
+
+    def send(self, message: Any) -> None:
+        self.channel.send(message)
+
+    def join(self, timeout: float = 120.0) -> int:
+        """The child's exit status once it exits (waited for as an event; `timeout` is a
+        safety net, after which it is killed)."""
+        if self.status is None:
+            if not select.select([self._pidfd], [], [], timeout)[0]:
+                os.kill(self.pid, signal.SIGKILL)
+            self.status = os.waitstatus_to_exitcode(os.waitpid(self.pid, 0)[1])
+        return self.status
+
+    def close(self) -> None:
+        if self.status is None:
+            os.kill(self.pid, signal.SIGKILL)
+            self.join()
+        if self._pidfd >= 0:
+            os.close(self._pidfd)
+            self._pidfd = -1
+        self.channel.close()
+
+
 class Kit:
     """What the `kit` fixture hands a test: the helpers above, and factories that clean up."""
 
@@ -243,9 +321,11 @@ class Kit:
     fd_targets = staticmethod(fd_targets)
     RawClient = RawClient
     FdTracer = FdTracer
+    NOBODY = NOBODY
 
     def __init__(self) -> None:
-        self._owned: list[RawClient | FdTracer] = []
+        self._owned: list[RawClient | FdTracer | Tenant] = []
+        self._dirs: list[str] = []
 
     def raw(self, path: str, timeout: float = 5.0) -> RawClient:
         client = RawClient(path, timeout)
@@ -257,10 +337,28 @@ class Kit:
         self._owned.append(tracer)
         return tracer
 
+    def tenant(self, fn: Callable[..., None], *args: Any, uid: int = NOBODY) -> Tenant:
+        """Run `fn(channel, *args)` in a child forked as `uid` (root only: skips otherwise)."""
+        if os.getuid() != 0 and uid != os.getuid():
+            pytest.skip(f"needs root to act as uid {uid}")
+        tenant = Tenant(fn, args, uid)
+        self._owned.append(tenant)
+        return tenant
+
+    def open_dir(self) -> str:
+        """A fresh directory every uid may search (for a socket other users connect to)."""
+        directory = tempfile.mkdtemp(prefix="ugem-open-")
+        os.chmod(directory, 0o755)
+        self._dirs.append(directory)
+        return directory
+
     def close(self) -> None:
         for thing in self._owned:
             thing.close()
         self._owned.clear()
+        for directory in self._dirs:
+            shutil.rmtree(directory, ignore_errors=True)
+        self._dirs.clear()
 
 
 @pytest.fixture

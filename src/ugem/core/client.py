@@ -9,7 +9,10 @@ Rules:
   set: these three tables change only through `handle_add`/`handle_remove`;
 - mappings and transfers are references the client holds until it reports them done or
   goes away; the core drops them all in `Core.client_release`;
-- a Client never frees anything itself: lifetimes are the Core's job.
+- a Client never frees anything itself: lifetimes are the Core's job;
+- `UidUsage` is what all clients of one uid hold together (per-uid limits, SPEC §5):
+  connections open (greeted or not), clients admitted (past HELLO), and bytes charged
+  (sizes of live objects its clients created, plus the bytes each of its clients pins).
 """
 
 from __future__ import annotations
@@ -20,7 +23,7 @@ from typing import Any
 from .ids import IdAllocator
 from .object import BufferObject
 
-__all__ = ["Client", "Credentials"]
+__all__ = ["Client", "Credentials", "UidUsage"]
 
 
 @dataclass(frozen=True, slots=True)
@@ -28,6 +31,17 @@ class Credentials:
     pid: int
     uid: int
     gid: int
+
+
+@dataclass(slots=True)
+class UidUsage:
+    connections: int = 0
+    clients: int = 0
+    bytes: int = 0
+
+    @property
+    def idle(self) -> bool:
+        return not (self.connections or self.bytes)
 
 
 @dataclass(eq=False)
@@ -46,6 +60,7 @@ class Client:
     created_bytes: int = 0  # sizes of live objects this client created (quota)
     resident_bytes: int = 0  # resident system memory of those objects (kept by Memory)
     pinned_bytes: int = 0
+    admitted: bool = False  # counted in its uid's clients (past HELLO)
     closed: bool = False
 
     def handle_add(self, handle: int, obj: BufferObject, readonly: bool) -> None:

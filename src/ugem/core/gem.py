@@ -278,6 +278,7 @@ def gem_pin(core: Core, client: Client, req: s.HandleReq) -> s.Empty:
     if client.pinned_bytes + obj.size > limit:
         raise QuotaExceeded(f"pinning {obj.size} more bytes would exceed the pin limit of {limit} "
                             f"(client {client.id} has {client.pinned_bytes} pinned)")
+    core.check_uid_quota(client, obj.size, "pinning")
     core.memory.ensure_system(obj)
     if obj.kind == Kind.NORMAL and obj.placement != Placement.VRAM:  # in VRAM it stays there
         core.memory.make_room(obj.size - obj.resident, keep=(obj,))

@@ -7,6 +7,13 @@ goes through `self.backing` (a BackingStore), nothing here touches sockets or fd
 
 Publication order (drm_gem_handle_create_tail): an object is fully set up before a handle
 to it is published; if any step fails, earlier steps are undone in reverse.
+
+Per-uid limits (SPEC §5) are kept in `uids` (uid -> UidUsage): a client counts as a
+connection from `client_open` and as a client once admitted (`admit`: embedded clients at
+once, daemon connections at HELLO, EDQUOT past `uid_max_clients`); an object's size is
+charged to its creator's uid until the object dies (so closing the creating client and
+keeping the object through another does not uncharge it), a pin to the pinning client's
+uid until unpinned. Privileged clients (root, the manager's own uid) are never limited.
 """
 
 from __future__ import annotations
@@ -21,7 +28,7 @@ from ..config import Config
 from ..constants import CACHING_CACHED, DONTNEED
 from ..device.base import DeviceBackend
 from ..errors import BadAddress, InvalidArgument, NoSuchObject, QuotaExceeded
-from .client import Client, Credentials
+from .client import Client, Credentials, UidUsage
 from .cpu_access import finish_vram_write
 from .gpu import Gpu
 from .ids import IdAllocator
@@ -45,6 +52,7 @@ class Core:
         self.pinned_bytes = 0  # sizes of objects pinned by anyone, each once
         self.name_ids = IdAllocator()
         self.clients: dict[int, Client] = {}
+        self.uids: dict[int, UidUsage] = {}
         self._client_ids = itertools.count(1)
         self._object_ids = itertools.count(1)
         self.counters = {"purged_total": 0, "evicted_total": 0, "spilled_total": 0, "bytes_moved_total": 0}
@@ -53,9 +61,21 @@ class Core:
 
     # -- clients ---------------------------------------------------------------------
 
-    def client_open(self, creds: Credentials, privileged: bool) -> Client:
+    def client_open(self, creds: Credentials, privileged: bool, admit: bool = True) -> Client:
+        """A new client, counted as a connection of its uid; admitted now unless `admit` is
+        False (the daemon admits at HELLO)."""
         client = Client(next(self._client_ids), creds, privileged)
+        usage = self.uids.get(creds.uid)
+        if usage is None:
+            usage = self.uids[creds.uid] = UidUsage()
+        usage.connections += 1
         self.clients[client.id] = client
+        if admit:
+            try:
+                self.admit(client)
+            except BaseException:
+                self.client_release(client)
+                raise
         return client
 
     def client_release(self, client: Client) -> None:
@@ -70,6 +90,47 @@ class Core:
         for xfer_id in list(client.transfers):
             self.xfer_done(client, xfer_id)
         del self.clients[client.id]
+        usage = self.uids[client.creds.uid]
+        usage.connections -= 1
+        if client.admitted:
+            usage.clients -= 1
+        self._forget_idle_uid(client.creds.uid)
+
+    # -- per-uid limits --------------------------------------------------------------
+
+    def uid_max_clients(self, privileged: bool) -> int | None:
+        return None if privileged else self.config.uid_max_clients
+
+    def admit(self, client: Client) -> None:
+        """Count `client` among its uid's clients: EDQUOT past `uid_max_clients`."""
+        uid, limit = client.creds.uid, self.uid_max_clients(client.privileged)
+        usage = self.uids[uid]
+        if limit is not None and usage.clients >= limit:
+            raise QuotaExceeded(f"uid {uid} already has {usage.clients} clients connected; "
+                                f"the limit is {limit} (uid_max_clients)")
+        usage.clients += 1
+        client.admitted = True
+
+    def check_uid_quota(self, client: Client, nbytes: int, what: str) -> None:
+        """EDQUOT if `nbytes` more would take the client's uid past `uid_quota`."""
+        quota = None if client.privileged else self.config.uid_quota
+        if quota is None:
+            return
+        charged = self.uids[client.creds.uid].bytes
+        if charged + nbytes > quota:
+            raise QuotaExceeded(f"uid {client.creds.uid}: {what} {nbytes} more bytes would exceed the uid quota "
+                                f"of {quota} (its clients have created and pinned {charged})")
+
+    def _uid_charge(self, uid: int, nbytes: int) -> None:
+        """Add (or with a negative `nbytes`, give back) bytes charged to `uid`."""
+        usage = self.uids[uid]
+        usage.bytes += nbytes
+        if nbytes < 0:
+            self._forget_idle_uid(uid)
+
+    def _forget_idle_uid(self, uid: int) -> None:
+        if self.uids[uid].idle:
+            del self.uids[uid]
 
     # -- lookup ----------------------------------------------------------------------
 
@@ -84,13 +145,16 @@ class Core:
     def object_new(self, client: Client, size: int, kind: Kind = Kind.NORMAL) -> BufferObject:
         """A new object charged to `client` (quota checked); it holds no reference yet."""
         quota = self.config.client_quota
-        if kind == Kind.NORMAL and quota and client.created_bytes + size > quota:
+        if kind == Kind.NORMAL and quota is not None and client.created_bytes + size > quota:
             raise QuotaExceeded(f"client {client.id}: {size} more bytes would exceed the quota of "
                                 f"{quota} (already {client.created_bytes})")
         self.check_object_limit(client)
+        if kind == Kind.NORMAL:
+            self.check_uid_quota(client, size, "creating")
         obj = BufferObject(next(self._object_ids), size, kind, client.id, client.creds.uid)
         if kind == Kind.NORMAL:
             client.created_bytes += size
+            self._uid_charge(client.creds.uid, size)
         self.objects[obj.id] = obj
         return obj
 
@@ -110,9 +174,11 @@ class Core:
         if obj.key is not None:
             self.by_key.pop(obj.key, None)
         obj.transition(Event.FREE)
-        creator = self.clients.get(obj.creator)
-        if creator is not None and obj.kind == Kind.NORMAL:
-            creator.created_bytes -= obj.size
+        if obj.kind == Kind.NORMAL:
+            creator = self.clients.get(obj.creator)
+            if creator is not None:
+                creator.created_bytes -= obj.size
+            self._uid_charge(obj.creator_uid, -obj.size)
         del self.objects[obj.id]
 
     def charge_resident(self, obj: BufferObject, delta: int) -> None:
@@ -284,17 +350,19 @@ class Core:
         if client.id in obj.pinned_by:
             obj.pinned_by = tuple(c for c in obj.pinned_by if c != client.id)
             client.pinned_bytes -= obj.size
+            self._uid_charge(client.creds.uid, -obj.size)
             if not obj.pinned_by:
                 self.pinned_bytes -= obj.size
                 if obj.placement == Placement.VRAM:
                     self.gpu.lru.move_tail(obj)  # evictable again
 
     def pin(self, client: Client, obj: BufferObject) -> None:
-        """Record `client`'s pin (the caller has checked the limit and placed the object)."""
+        """Record `client`'s pin (the caller has checked the limits and placed the object)."""
         if not obj.pinned_by:
             self.pinned_bytes += obj.size
         obj.pinned_by += (client.id,)
         client.pinned_bytes += obj.size
+        self._uid_charge(client.creds.uid, obj.size)
 
     # -- statistics ------------------------------------------------------------------
 

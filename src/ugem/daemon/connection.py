@@ -7,7 +7,10 @@ Rules:
   error drops this connection only;
 - frames are served one at a time, in order: the next one only once the previous reply
   is written and nothing is parked (`pump`);
-- the first frame must be HELLO with our magic and version;
+- the first frame must be HELLO with our magic and version; HELLO admits the client to
+  its uid's clients (`Core.admit`): past `uid_max_clients` it is answered EDQUOT and the
+  connection is closed; `accepted` (when the connection came) lets the server drop one
+  that has not completed HELLO within the stall timeout;
 - operation failures become error replies (errno + message) and the connection stays;
   a handler bug is logged with its traceback and answered EIO, never crashes the daemon;
 - replies are queued and written when the socket is writable; while replies are queued
@@ -33,7 +36,7 @@ from typing import TYPE_CHECKING
 
 from ..core.jobs import Pending
 from ..core.requests import BY_OP, RequestDesc, dispatch
-from ..errors import InvalidArgument, RemoteProtocolError, UgemError
+from ..errors import InvalidArgument, QuotaExceeded, RemoteProtocolError, UgemError
 from ..fd import OwnedFd, fds_from_ancillary
 from ..wire import structs as s
 from ..wire.frames import (
@@ -74,7 +77,7 @@ class Connection:
         self.outbox: deque[tuple[memoryview, list[OwnedFd]]] = deque()
         self.greeted = False
         self.closed = False
-        self.last_progress = time.monotonic()
+        self.accepted = self.last_progress = time.monotonic()
         self.parked: tuple[Frame, RequestDesc, s.Struct] | None = None  # a request that must wait
         self.pending: Pending | None = None  # what it waits for
         self.events = READ  # what the server's poller watches (0: nothing)
@@ -203,6 +206,12 @@ class Connection:
                               f"daemon speaks {MAGIC!r} version {PROTOCOL_VERSION}, client sent "
                               f"{hello.magic!r} version {hello.version}")
             return
+        try:
+            self.core.admit(self.client)
+        except QuotaExceeded as exc:
+            log.debug("client %d (pid %d) refused: %s", self.client.id, self.client.creds.pid, exc.strerror)
+            self._reply_error(frame, errno.EDQUOT, str(exc.strerror))
+            raise ConnectionRefusedError(errno.EDQUOT, "refused at HELLO") from None
         self.greeted = True
         self._reply(frame, s.HelloReply(client_id=self.client.id, server_pid=os.getpid(), max_payload=MAX_PAYLOAD,
                                         max_inline=MAX_INLINE))

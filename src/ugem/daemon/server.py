@@ -4,11 +4,21 @@ Rules:
 - one thread, one epoll loop (`poller.py`) owns the core: no locks in the core;
 - signal handlers only record the signal (`signal.set_wakeup_fd` wakes the loop); the loop
   calls `handle_<signame>()` for each (gunicorn's Arbiter);
-- a live socket at our path means another daemon: refuse to start and leave it alone;
-  a stale socket file is replaced; `PATH.lock` (flock, held for the daemon's life) makes
-  probing and replacing atomic, so of daemons started at once exactly one gets the path;
-- accept failing for lack of fds pauses accepting briefly instead of spinning;
-- a client stalled in the middle of a frame for `stall_timeout` seconds is dropped;
+- the listening socket is a `Listener` (listener.py: PATH.lock, stale sockets, another
+  daemon on PATH); the CLI binds it before the Server exists, so a socket that cannot be
+  used leaves no spill directory behind; device memory or a spill directory the Server
+  cannot set up is BadSetting naming the key, with whatever it made undone;
+- connections are counted per uid from accept; those that have not completed HELLO wait
+  in the `Lobby` (lobby.py), which says which to close at accept (a uid past
+  `uid_max_clients` plus a small slack), which to drop for fds, and which are overdue;
+- fd room: the kernel hands out the lowest free fd, so an accepted connection numbered
+  within `FD_ROOM` of the fd limit, or accept failing with EMFILE/ENFILE, means fds are
+  nearly gone. Then up to `FD_ROOM` connections still in the lobby are dropped (oldest
+  first, from the uid holding the most connections): a flood of silent connections cannot
+  keep another uid from connecting and being served. Only when none can go does accepting
+  pause briefly (100 ms) instead of spinning;
+- `stall_timeout` seconds after accept, a connection that has not completed HELLO is
+  dropped; so is one stalled (no progress) in the middle of a frame for that long;
 - once a second the cyclic garbage collector runs over what is new, then everything that
   survived is frozen (`gc.freeze`): a full collection over a million objects stalls
   every client for 0.3 s, a collection over one second's worth does not. Frozen objects
@@ -18,8 +28,8 @@ Rules:
 
 from __future__ import annotations
 
+import collections
 import errno
-import fcntl
 import gc
 import logging
 import os
@@ -32,22 +42,24 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 from ..backing.memfd import MemfdStore
-from ..config import Config
+from ..config import BadSetting, Config
 from ..core.client import Credentials
 from ..core.jobs import Pending
 from ..core.manager import Core
 from ..device.sim import SimDevice
 from ..errors import RemoteProtocolError
-from ..paths import check_socket_dir
 from .connection import Connection
+from .listener import Listener
+from .lobby import Lobby
 from .poller import READ, WRITE, Poller
 from .pressure import PressureWatch
 from .workers import JobRunner
 
-__all__ = ["Server", "ServerOptions", "SocketInUse", "raise_fd_limit"]
+__all__ = ["FD_ROOM", "Server", "ServerOptions", "raise_fd_limit"]
 
 log = logging.getLogger("ugem.daemon")
 SIGNALS = (signal.SIGTERM, signal.SIGINT)
+FD_ROOM = 16  # fds kept free by dropping connections that have not completed HELLO
 
 
 def _drain(fd: int) -> None:
@@ -58,16 +70,29 @@ def _drain(fd: int) -> None:
         pass
 
 
-class SocketInUse(RuntimeError):
-    """Another daemon is listening on the socket path."""
-
-
 @dataclass(frozen=True)
 class ServerOptions:
     socket_path: str
     socket_is_default: bool
     socket_mode: int = 0o600
     stall_timeout: float = 30.0
+
+
+def _open_device_and_store(config: Config) -> tuple[SimDevice, MemfdStore]:
+    """Device memory, then the spill directory: BadSetting naming the one that failed,
+    with the other undone."""
+    try:
+        device = SimDevice(config.vram, config.hang_timeout)
+    except (OSError, OverflowError) as exc:
+        raise BadSetting("vram", config.vram, f"bytes of device memory cannot be mapped: {exc}") from None
+    try:
+        return device, MemfdStore(config.spill_dir)
+    except OSError as exc:
+        device.close()
+        detail = exc.strerror or str(exc)
+        if exc.filename and exc.filename != config.spill_dir:
+            detail += f": {exc.filename}"
+        raise BadSetting("spill_dir", config.spill_dir, f"cannot be used: {detail}") from None
 
 
 def raise_fd_limit() -> int:
@@ -79,20 +104,21 @@ def raise_fd_limit() -> int:
 
 
 class Server:
-    def __init__(self, config: Config, options: ServerOptions) -> None:
+    def __init__(self, config: Config, options: ServerOptions, listener: Listener | None = None) -> None:
         self.config = config
         self.options = options
-        self.device = SimDevice(config.vram, config.hang_timeout)
-        self.core = Core(config, MemfdStore(config.spill_dir), self.device)
+        self.device, backing = _open_device_and_store(config)
+        self.core = Core(config, backing, self.device)
         self.core.hold_while_suspended = True
         self.sel = Poller()
-        self.listener: socket.socket | None = None
+        self.listener: Listener | None = None
         self.connections: dict[int, Connection] = {}
+        self.lobby = Lobby(self.core)  # connections that have not completed HELLO
+        self.fd_limit = resource.getrlimit(resource.RLIMIT_NOFILE)[0]
         self._stop = False
         self._signals_installed = False
         self._accept_paused_until = 0.0
         self._last_stall_check = 0.0
-        self._lock_fd, self._lock_path = -1, ""
         self._wakeup_r, self._wakeup_w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
         self.runner = JobRunner()
         self.sel.register(self.runner.fileno(), READ, "jobs")
@@ -101,74 +127,19 @@ class Server:
         self.sel.register(self._device_r, READ, "device")
         self.device.set_notify(self._device_notify)
         self.pressure = PressureWatch()
+        if listener is not None:
+            self._listen(listener)
 
     # -- setup -----------------------------------------------------------------------
 
     def bind(self) -> None:
-        path = self.options.socket_path
-        directory = os.path.dirname(path) or "."
-        if self.options.socket_is_default:
-            os.makedirs(directory, mode=0o700, exist_ok=True)
-            check_socket_dir(directory)
-        self._lock(path + ".lock")
-        if os.path.lexists(path):
-            probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
-            try:
-                probe.connect(path)
-            except (ConnectionRefusedError, FileNotFoundError):
-                log.info("replacing stale socket %s", path)
-                os.unlink(path)
-            else:
-                raise SocketInUse(f"another ugem daemon is listening on {path}")
-            finally:
-                probe.close()
-        listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
-        old_umask = os.umask(0o777 & ~self.options.socket_mode)
-        try:
-            listener.bind(path)
-        finally:
-            os.umask(old_umask)
-        os.chmod(path, self.options.socket_mode)
-        listener.listen(128)
-        listener.setblocking(False)
+        """Bind the socket of `options` (SocketInUse, BadSetting) and listen on it."""
+        options = self.options
+        self._listen(Listener(options.socket_path, options.socket_is_default, options.socket_mode))
+
+    def _listen(self, listener: Listener) -> None:
         self.listener = listener
-        self._socket_ino = os.stat(path).st_ino
         self.sel.register(listener.fileno(), READ, "listener")
-
-    def _lock(self, lock_path: str) -> None:
-        """Take PATH.lock. Without it two daemons finding one stale socket could both
-        replace it, the second unlinking the first one's fresh socket."""
-        for _attempt in range(3):
-            fd = os.open(lock_path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
-            try:
-                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-            except BlockingIOError:
-                os.close(fd)
-                raise SocketInUse(f"another ugem daemon holds {lock_path}: it is listening on "
-                                  f"{lock_path.removesuffix('.lock')} or starting") from None
-            try:  # race: the previous holder may have unlinked the file we locked
-                current = os.stat(lock_path)
-            except FileNotFoundError:
-                current = None
-            mine = os.fstat(fd)
-            if current is not None and (current.st_dev, current.st_ino) == (mine.st_dev, mine.st_ino):
-                self._lock_fd, self._lock_path = fd, lock_path
-                return
-            os.close(fd)
-        raise SocketInUse(f"could not take {lock_path}: it keeps being replaced")
-
-    def _unlock(self) -> None:
-        if self._lock_fd < 0:
-            return
-        try:  # remove the lock file only if it is still ours, then let go of it
-            current = os.stat(self._lock_path)
-            mine = os.fstat(self._lock_fd)
-            if (current.st_dev, current.st_ino) == (mine.st_dev, mine.st_ino):
-                os.unlink(self._lock_path)
-        except FileNotFoundError:
-            pass
-        os.close(self._lock_fd)
-        self._lock_fd = -1
 
     def install_signals(self) -> None:
         """Route SIGTERM/SIGINT into the loop; idempotent. Call before announcing the
@@ -254,24 +225,49 @@ class Server:
             except (BlockingIOError, InterruptedError):
                 return
             except OSError as exc:
+                if exc.errno in (errno.EMFILE, errno.ENFILE) and self._make_fd_room(f"accept: {exc.strerror}"):
+                    continue
                 if exc.errno in (errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM):
                     log.warning("accept: %s; pausing new connections for 100 ms", exc)
                     self.sel.unregister(self.listener.fileno())
                     self._accept_paused_until = time.monotonic() + 0.1
                     return
                 raise
-            sock.setblocking(False)
-            pid, uid, gid = struct.unpack("3i", sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED,
-                                                                 struct.calcsize("3i")))
-            privileged = uid == 0 or uid == os.getuid()
-            client = self.core.client_open(Credentials(pid, uid, gid), privileged)
-            conn = Connection(sock, self.core, client)
-            self.connections[sock.fileno()] = conn
-            self.sel.register(sock.fileno(), READ, conn)
-            log.debug("client %d connected: pid %d uid %d", client.id, pid, uid)
+            self._admit(sock)
+            if sock.fileno() >= self.fd_limit - FD_ROOM:
+                self._make_fd_room(f"fd {sock.fileno()} of {self.fd_limit}")
+
+    def _admit(self, sock: socket.socket) -> None:
+        """Register a new connection, or close it at once if its uid holds too many."""
+        pid, uid, gid = struct.unpack("3i", sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED,
+                                                             struct.calcsize("3i")))
+        privileged = uid == 0 or uid == os.getuid()
+        if self.lobby.turns_away(uid, privileged):
+            log.debug("uid %d holds too many connections: closing one more from pid %d", uid, pid)
+            sock.close()
+            return
+        sock.setblocking(False)
+        client = self.core.client_open(Credentials(pid, uid, gid), privileged, admit=False)
+        conn = Connection(sock, self.core, client)
+        self.connections[sock.fileno()] = conn
+        self.lobby.enter(conn)
+        self.sel.register(sock.fileno(), READ, conn)
+        log.debug("client %d connected: pid %d uid %d", client.id, pid, uid)
+
+    def _make_fd_room(self, why: str) -> int:
+        """Drop up to FD_ROOM connections from the lobby; how many went."""
+        dropped = self.lobby.evictees(FD_ROOM)
+        for conn in dropped:
+            self._drop(conn)
+        if dropped:
+            uids = collections.Counter(conn.client.creds.uid for conn in dropped)
+            log.warning("short of fds (%s): dropped %d connections that had not sent HELLO (%s)", why, len(dropped),
+                        ", ".join(f"uid {uid}: {n}" for uid, n in uids.items()))
+        return len(dropped)
 
     def _guard(self, conn: Connection, step: Callable[[], None]) -> None:
         """Run one step of a connection; drop it (only it) on a protocol or socket error."""
+        greeted = conn.greeted
         try:
             step()
         except RemoteProtocolError as exc:
@@ -284,6 +280,8 @@ class Server:
                 log.warning("client %d: socket error, dropping: %s", conn.client.id, exc)
             self._drop(conn)
             return
+        if not greeted and conn.greeted:
+            self.lobby.leave(conn)
         if conn.pending is not None:  # must wait: start its jobs, stop reading it until it resumes
             for job in conn.pending.jobs:
                 self.runner.submit(job)
@@ -346,6 +344,8 @@ class Server:
 
     def _drop(self, conn: Connection) -> None:
         self.connections.pop(conn.sock.fileno(), None)
+        if not conn.greeted:
+            self.lobby.leave(conn)
         if conn.events:
             self.sel.unregister(conn.sock.fileno())
             conn.events = 0
@@ -354,6 +354,13 @@ class Server:
 
     def _drop_stalled(self, now: float) -> None:
         limit = self.options.stall_timeout
+        late = self.lobby.overdue(now, limit)
+        for conn in late:
+            self._drop(conn)
+        if late:
+            uids = collections.Counter(conn.client.creds.uid for conn in late)
+            log.warning("dropped %d connections that sent no HELLO within %g s (%s)", len(late), limit,
+                        ", ".join(f"uid {uid}: {n}" for uid, n in uids.items()))
         for conn in list(self.connections.values()):
             since = conn.stalled_since
             if since is not None and now - since > limit:
@@ -382,13 +389,6 @@ class Server:
                 self.sel.unregister(self.listener.fileno())
             self.listener.close()
             self.listener = None
-            path = self.options.socket_path
-            try:  # remove the socket only if it is still ours
-                if os.stat(path).st_ino == self._socket_ino:
-                    os.unlink(path)
-            except FileNotFoundError:
-                pass
-        self._unlock()
         self.core.backing.close()
         for sig in SIGNALS:
             signal.signal(sig, signal.SIG_DFL)
