@@ -16,6 +16,7 @@ import struct
 from ..backing.base import FdKind
 from ..constants import DONTNEED, MAX_OBJECT_SIZE, PAGE_SIZE, WILLNEED, page_align
 from ..errors import (
+    BadAddress,
     Busy,
     InvalidArgument,
     NoDevice,
@@ -142,7 +143,14 @@ def gem_pwrite(core: Core, client: Client, req: s.PwriteReq) -> s.PwriteReply:
 
 
 def xfer_done(core: Core, client: Client, req: s.XferDoneReq) -> s.Empty:
-    core.xfer_done(client, req.xfer_id)
+    """End a bulk transfer. A DONTNEED object may be purged while its transfer is open
+    (its pages then read as zeros through the client's description): XFER_DONE then fails
+    with EFAULT, so the client never takes those zeros for data (a pread raises instead of
+    returning them; a pwrite's bytes were discarded with the rest). Purging is not put
+    off for an open transfer: a client that never reported XFER_DONE could otherwise keep
+    purgeable memory from the shrinker for ever. Purged is final, so the check is exact."""
+    if core.xfer_done(client, req.xfer_id):
+        raise BadAddress(f"object was purged during transfer {req.xfer_id}: the bytes moved are not its contents")
     return s.Empty()
 
 

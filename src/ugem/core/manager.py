@@ -197,7 +197,10 @@ class Core:
         self.memory.reserved += reserve
         return xfer_id
 
-    def xfer_done(self, client: Client, xfer_id: int) -> None:
+    def xfer_done(self, client: Client, xfer_id: int) -> bool:
+        """End a bulk transfer; True if the object was purged while it was open (purged
+        is final, and an object already purged when the transfer would have opened got
+        EFAULT instead: so the bytes the client moved may not be its contents)."""
         entry = client.transfers.pop(xfer_id, None)
         if entry is None:
             raise InvalidArgument(f"transfer {xfer_id} is not open in client {client.id}")
@@ -208,7 +211,9 @@ class Core:
             finish_vram_write(self, obj, *bounce)
         self.memory.reserved -= reserve
         self.memory.measure(obj)
+        purged = obj.placement == Placement.PURGED
         self.put(obj)
+        return purged
 
     # -- pages -----------------------------------------------------------------------
 
