@@ -235,9 +235,11 @@ def prime_fd_to_handle(core: Core, client: Client, req: s.ImportReq) -> s.Import
         if mine is not None:  # re-import and self-import return the existing (lowest) handle
             readonly = mine in client.readonly
             return s.ImportReply(handle=mine, flags=s.READONLY if readonly else 0, size=obj.size)
-        readonly = info.readonly or obj.readonly
-        handle = core.handle_create(client, obj, readonly=readonly)
-        return s.ImportReply(handle=handle, flags=s.READONLY if readonly else 0, size=obj.size)
+        if obj.readonly and not info.readonly:  # adopted through a read-only fd: now writable too
+            req.fd = None
+            core.make_writable(obj, fd, info)
+        handle = core.handle_create(client, obj, readonly=info.readonly)  # read-only only if the fd is
+        return s.ImportReply(handle=handle, flags=s.READONLY if info.readonly else 0, size=obj.size)
     core.check_object_limit(client)
     core.memory.make_fd_room()  # the new object keeps an fd (Pending: the request keeps its fd)
     kind = Kind.NORMAL if info.kind is FdKind.OURS else Kind.FOREIGN

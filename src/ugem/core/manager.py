@@ -16,11 +16,12 @@ import time
 from collections.abc import Callable
 from typing import Any
 
-from ..backing.base import BackingStore
+from ..backing.base import BackingStore, Inspection
 from ..config import Config
 from ..constants import CACHING_CACHED, DONTNEED
 from ..device.base import DeviceBackend
 from ..errors import BadAddress, InvalidArgument, NoSuchObject, QuotaExceeded
+from ..fd import OwnedFd
 from .client import Client, Credentials
 from .cpu_access import finish_vram_write
 from .gpu import Gpu
@@ -277,6 +278,16 @@ class Core:
         obj.transition(Event.POPULATE)
         self.memory.track(obj)
         return obj
+
+    def make_writable(self, obj: BufferObject, fd: OwnedFd, info: Inspection) -> None:
+        """A writable fd arrived for memory the manager holds only read-only (a read-only
+        import adopted it): take our own writable description from it (consumes `fd`), so
+        handles imported through writable fds can write. Handles that exist keep their mode."""
+        backing = self.backing.adopt(fd, info)
+        self.backing.release(obj.backing)
+        obj.backing = backing
+        obj.host_view = None  # the device maps the new, writable description
+        obj.readonly = False
 
     def unpin(self, client: Client, obj: BufferObject) -> None:
         if client.id in obj.pinned_by:
