@@ -99,6 +99,48 @@ def test_a_sparse_object_spills_only_its_data(small):
     assert small.pread(h, 0, 8 * MiB).count(0) == 8 * MiB - 6
 
 
+TiB = 1 << 40
+
+
+def _spill_sparse_then_write(env, sparse: dict[int, dict[int, bytes]], owner) -> None:
+    """Another client writes 24 MiB (1.5 budgets): the idle sparse objects of `owner` are
+    spilled first, then some of its own; everything reads back exactly."""
+    other = env.open()
+    objects = dict(_written(other, 2 * MiB, seed=100 + i) for i in range(12))
+    assert all(owner.info(h).placement == "spilled" for h in sparse)
+    assert _placements(other, objects).get("spilled", 0) >= 2
+    for h, data in objects.items():
+        assert other.pread(h, 0, 2 * MiB) == data
+    for h, pages in sparse.items():
+        for offset, data in pages.items():
+            assert owner.pread(h, offset, len(data)) == data
+        assert owner.pread(h, PAGE * 3, 16) == bytes(16)
+
+
+def test_an_idle_32_tib_object_holding_one_page_does_not_use_up_spill_storage(make_env):
+    # spill storage is reserved for what an object holds, not its size (8 TiB of range)
+    env = make_env(system_budget=BUDGET)
+    owner = env.open()
+    big = owner.create(32 * TiB)
+    owner.pwrite(big, 5 * TiB, b"one page")
+    _spill_sparse_then_write(env, {big: {5 * TiB: b"one page"}}, owner)
+    assert owner.info(big).size == 32 * TiB
+
+
+def test_eight_sparse_1_tib_objects_do_not_use_up_spill_storage(make_env):
+    env = make_env(system_budget=BUDGET)
+    owner = env.open()
+    sparse = {}
+    for i in range(8):  # 32 KiB each, in pages spread over the whole TiB
+        h = owner.create(TiB)
+        sparse[h] = {j * (TiB // 8) + PAGE: bytes([i + 1, j + 1]) * (PAGE // 2) for j in range(8)}
+        for offset, data in sparse[h].items():
+            owner.pwrite(h, offset, data)
+    _spill_sparse_then_write(env, sparse, owner)
+    stats = owner.stats()
+    assert stats["spilled_bytes"] >= 8 * 8 * PAGE
+
+
 def test_least_recently_used_is_spilled_first(small):
     a, data_a = _written(small, 4 * MiB, seed=1)
     b, _ = _written(small, 4 * MiB, seed=2)
@@ -420,7 +462,10 @@ def test_spill_storage_that_cannot_grow_is_enomem_not_a_hang(mode, tmp_path, err
         assert dev.stats()["spilled_total"] == 2
         h = dev.create(2 * MiB)
         before = dev.stats()
-        assert errno_of(dev.pwrite, h, 0, _data(99, 2 * MiB)) == errno.ENOMEM
+        with pytest.raises(ugem.UgemError) as failed:
+            dev.pwrite(h, 0, _data(99, 2 * MiB))
+        assert failed.value.errno == errno.ENOMEM
+        assert str(tmp_path) in str(failed.value)  # names the spill directory
         assert errno_of(dev.pwrite, h, 0, _data(99, 2 * MiB)) == errno.ENOMEM  # the next try too
         after = dev.stats()
         assert after["spilled_total"] == before["spilled_total"]

@@ -81,8 +81,9 @@ class BackingStore(Protocol):
     def spill_free(self) -> int:
         """Bytes spill storage can still take."""
 
-    def spill_reserve(self, size: int) -> Any:
-        """An extent of spill storage for `size` bytes (NoSpace when full)."""
+    def spill_reserve(self, nbytes: int) -> Any:
+        """An extent of spill storage for `nbytes` of data, what an object holds (not its
+        size); ENOMEM naming the spill directory when full."""
 
     def spill_punch(self, extent: Any) -> int:
         """Free an extent's disk space now (any thread); the range stays reserved."""

@@ -19,6 +19,8 @@ resident + reserved + need <= budget, in three named passes over the LRU (oldest
    dropping them is free now, and an eviction later copies the VRAM contents back.
 3. spill: idle (no job, no device work), unmapped, unpinned, unexported WILLNEED objects
    are copied to spill storage by jobs off the request path; the caller waits (Pending).
+   Spill storage is reserved for the data an object holds, not its size (sparse objects
+   cannot exhaust it); when it has no room, that object counts as a failed spill.
 
 If the passes together cannot free enough, nothing is changed and the request fails with
 ENOMEM. `reserved` counts bytes promised but not yet measurable: restores in flight and
@@ -162,12 +164,7 @@ class Memory:
         spill = [o for o in lru if self.spillable(o) and o not in self.failed]
         available = freeing + sum(o.resident for o in purge + spare + spill)
         if available < deficit:
-            failures = {str(e) for o, e in self.failed.items() if o.placement != Placement.SPILLED}
-            self.failed = {o: e for o, e in self.failed.items() if o.placement == Placement.SPILLED}
-            raise OutOfMemory(
-                f"cannot free {deficit} bytes under the system budget of {self.budget} "
-                f"(resident {self.resident}, reclaimable {available})"
-                + (f"; spilling failed: {'; '.join(sorted(failures))}" if failures else ""))
+            raise self._no_room(deficit, available)
         deficit -= freeing
         for obj in purge:  # pass 1: purge DONTNEED, least recently used first
             if deficit <= 0:
@@ -185,9 +182,23 @@ class Memory:
         for obj in spill:  # pass 3: spill idle objects, least recently used first
             if deficit <= 0:
                 break
-            deficit -= obj.resident
-            started.append(self.plan_spill(obj))
-        raise Pending(started + [j for j in self.jobs if j.kind is JobKind.SPILL and j not in started])
+            job = self.plan_spill(obj)
+            if job is not None:
+                deficit -= job.nbytes
+                started.append(job)
+        jobs = started + [j for j in self.jobs if j.kind is JobKind.SPILL and j not in started]
+        if not jobs:  # spill storage had no room for any of them
+            raise self._no_room(deficit, 0)
+        raise Pending(jobs)
+
+    def _no_room(self, deficit: int, available: int) -> OutOfMemory:
+        """ENOMEM for a request, naming why spilling failed; the objects whose spill failed
+        may be tried again from now on."""
+        failures = {str(e) for o, e in self.failed.items() if o.placement != Placement.SPILLED}
+        self.failed = {o: e for o, e in self.failed.items() if o.placement == Placement.SPILLED}
+        return OutOfMemory(f"cannot free {deficit} bytes under the system budget of {self.budget} "
+                           f"(resident {self.resident}, reclaimable {available})"
+                           + (f"; spilling failed: {'; '.join(sorted(failures))}" if failures else ""))
 
     def spilling(self) -> list[Job]:
         return [j for j in self.jobs if j.kind is JobKind.SPILL]
@@ -218,11 +229,15 @@ class Memory:
         if excess <= 0 or not wait:
             return
         spill = [o for o in self.lru if o not in keep and self.spillable(o) and o not in self.failed][:excess]
-        if len(spill) < excess and not spilling:
+        planned = [] if len(spill) < excess and not spilling else [self.plan_spill(o) for o in spill]
+        started = [j for j in planned if j is not None]
+        if len(started) < excess and not spilling:
+            failures = {str(self.failed[o]) for o in spill if o in self.failed}
             raise OutOfMemory(f"no fd left for object pages: {store.open_count} object memfds open, at "
                               f"{store.limit_text}, and none of them can be spilled (mapped, pinned, "
-                              f"exported or busy)")
-        raise Pending([self.plan_spill(o) for o in spill] + spilling)
+                              f"exported or busy)" + (f"; spilling failed: {'; '.join(sorted(failures))}"
+                                                      if failures else ""))
+        raise Pending(started + spilling)
 
     def check_capacity(self, need: int) -> None:
         """ENOMEM/ENOSPC unless the host can take `need` more bytes within the budget: what
@@ -275,8 +290,10 @@ class Memory:
                     and o not in self.failed]:
             if excess <= 0:
                 break
-            excess -= obj.resident
-            jobs.append(self.plan_spill(obj))
+            job = self.plan_spill(obj)
+            if job is not None:
+                excess -= job.nbytes
+                jobs.append(job)
         return jobs
 
     # -- the moves -------------------------------------------------------------------
@@ -295,8 +312,17 @@ class Memory:
         obj.transition(Event.PURGE)
         self.core.counters["purged_total"] += 1
 
-    def plan_spill(self, obj: BufferObject) -> Job:
-        extent = self.core.backing.spill_reserve(obj.size)
+    def plan_spill(self, obj: BufferObject) -> Job | None:
+        """Start copying an idle object to spill storage, which is reserved for the data
+        it holds (measured now: nothing can change an idle object's pages), not its size.
+        None if spill storage has no room for it: the object is then left out of the
+        spill passes as after a failed spill, and the error names the spill directory."""
+        self.measure(obj)
+        try:
+            extent = self.core.backing.spill_reserve(obj.resident)
+        except OutOfMemory as exc:
+            self.failed[obj] = exc
+            return None
         backing = obj.backing
         job = Job(JobKind.SPILL, obj, lambda: self.core.backing.spill_out(backing, extent, obj.size),
                   nbytes=obj.resident, extent=extent)
