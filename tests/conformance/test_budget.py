@@ -14,13 +14,16 @@ import glob
 import os
 import resource
 import signal
+import threading
 
 import numpy as np
 import pytest
 
 import ugem
+from ugem.cmd import Fill, SemaphoreWait
 from ugem.testing import run_daemon
 from ugem.testing.data import random_bytes as _data
+from ugem.testing.data import wait_until
 from ugem.testing.data import write_new as _written
 
 PAGE = ugem.PAGE_SIZE
@@ -522,6 +525,59 @@ def test_pread_of_a_spilled_object_without_room_is_enomem(make_env, errno_of):
     assert dev.info(h).placement == "spilled"
     dev.unpin(blockers[0])
     assert dev.pread(h, 0, 4 * MiB) == data
+
+
+def test_pwrite_waits_for_device_work_that_holds_the_rest_of_the_budget(make_env):
+    # The device is held by a SemaphoreWait until the test releases it; behind it, work
+    # uses every object of the budget (in VRAM, their system pages a spare copy; CACHED,
+    # used in place). A pwrite needing room must wait for that work, not fail with ENOMEM
+    # at once. It first purges what it can now (a DONTNEED marker): that is how the test
+    # knows the pwrite is waiting before it releases the device.
+    env = make_env(system_budget=BUDGET, vram="64M", hang_timeout=120)
+    dev, writer = env.open(), env.open()
+    sem = dev.create(PAGE)
+    dev.set_caching(sem, ugem.CACHING_CACHED)
+    view = dev.mmap(sem)
+    marker, _ = _written(dev, 2 * PAGE, seed=1)
+    dev.madvise(marker, ugem.DONTNEED)
+    objects = {}
+    for i in range(7):  # 14 MiB
+        h, data = _written(dev, 2 * MiB, seed=10 + i)
+        if i % 2:
+            dev.set_caching(h, ugem.CACHING_CACHED)
+        objects[h] = data
+    dev.execbuffer([SemaphoreWait(obj=sem, offset=0, value=1)])
+    for h in objects:
+        dev.execbuffer([Fill(dst=h, offset=0, length=4, byte=0xEE)])
+        objects[h] = b"\xee" * 4 + objects[h][4:]
+    assert all(dev.busy(h) for h in objects)
+    target = writer.create(4 * MiB)
+    data = _data(99, 4 * MiB)
+    outcome: list[BaseException | None] = []
+
+    def write() -> None:
+        try:
+            writer.pwrite(target, 0, data)
+            outcome.append(None)
+        except ugem.UgemError as exc:
+            outcome.append(exc)
+
+    thread = threading.Thread(target=write)
+    thread.start()
+    try:
+        wait_until(lambda: outcome or dev.info(marker).placement == "purged", timeout=120,
+                   what="the pwrite to purge what it could")
+        assert not outcome, f"the pwrite did not wait for the device: {outcome}"
+        assert all(dev.busy(h) for h in objects)  # others are served meanwhile
+    finally:
+        view[0:4] = (1).to_bytes(4, "little")  # release the device
+        thread.join(120)
+    assert outcome == [None]
+    assert writer.pread(target, 0, 4 * MiB) == data
+    assert dev.stats()["resident_bytes"] <= BUDGET
+    for h, want in objects.items():
+        assert dev.pread(h, 0, 2 * MiB) == want
+    view.release()
 
 
 # -- spill storage ---------------------------------------------------------------------

@@ -183,13 +183,51 @@ def test_suspend_waits_for_device_work(make_env):
     dev.resume()
 
 
+@contextlib.contextmanager
+def _device_held_until_purged(dev, watcher, marker: int):
+    """Hold the device (a SemaphoreWait on a CACHED page) until `marker`, a DONTNEED page,
+    has been purged (`watcher`, another client, looks): a request that needs room purges
+    it first and then, if only device work holds the rest, waits for that work; the
+    device is released only then, so that request has proven it waits."""
+    sem = dev.create(PAGE)
+    dev.set_caching(sem, ugem.CACHING_CACHED)
+    view = dev.mmap(sem)
+    view[0:4] = (0).to_bytes(4, "little")  # its page counts under the budget from now on
+    dev.execbuffer([SemaphoreWait(obj=sem, offset=0, value=1)])
+    done = threading.Event()
+    watched, _ = watcher.open_name(dev.flink(marker))
+
+    def release_once_purged() -> None:
+        while not done.is_set() and watcher.info(watched).placement != "purged":
+            time.sleep(0.01)
+        view[0:4] = (1).to_bytes(4, "little")
+
+    releaser = threading.Thread(target=release_once_purged)
+    releaser.start()
+    try:
+        yield
+    finally:
+        done.set()
+        releaser.join(120)
+        view[0:4] = (1).to_bytes(4, "little")
+        view.release()
+
+
 @pytest.mark.parametrize("history", ["only-in-vram", "written-first"])
 def test_suspend_past_the_system_budget_spills_instead_of_failing(make_env, history):
-    dev = make_env(vram="16M", system_budget="8M").open()
+    env = make_env(vram="16M", system_budget="8M", hang_timeout=120)
+    dev = env.open()
     if history == "only-in-vram":
         objs = [_only_in_vram(dev, 2 * MiB, byte=0x30 + i) for i in range(7)]
-    else:  # written by the CPU (the oldest spilled), then dirtied in VRAM; spare copies may go
-        objs = [_dirty_in_vram(dev, 2 * MiB, seed=0x30 + i) for i in range(7)]
+    else:  # written by the CPU, then dirtied in VRAM while the device is held: the fourth
+        # pwrite finds the rest of the budget held by busy objects (their spare copies) and
+        # must wait for the device (the oldest then spilled or dropped), never fail ENOMEM
+        marker = dev.create(PAGE)
+        dev.pwrite(marker, 0, b"purged first")
+        dev.madvise(marker, ugem.DONTNEED)
+        with _device_held_until_purged(dev, env.open(), marker):
+            objs = [_dirty_in_vram(dev, 2 * MiB, seed=0x30 + i) for i in range(7)]
+        assert dev.info(marker).placement == "purged"
     dev.wait(objs[-1][0], -1)
     assert dev.stats()["vram_bytes"] == 14 * MiB  # 14 MiB in VRAM, 8 MiB of system budget
     dev.suspend()

@@ -22,9 +22,15 @@ resident + reserved + need <= budget, in three named passes over the LRU (oldest
    Spill storage is reserved for the data an object holds, not its size (sparse objects
    cannot exhaust it); when it has no room, that object counts as a failed spill.
 
-If the passes together cannot free enough, nothing is changed and the request fails with
-ENOMEM. `reserved` counts bytes promised but not yet measurable: restores in flight and
-open pwrite transfers.
+Objects that device work still uses (busy) are left out of passes 2 and 3 until it
+completes. If the passes cannot free enough now but could once that work is done, they
+run as far as they can and the request also waits for the earliest fence after which
+enough is reclaimable (Pending: the daemon parks it, other clients keep being served; the
+embedded manager waits without its lock), then runs again. If the passes together cannot
+free enough even then, nothing is changed and the request fails with ENOMEM.
+
+`reserved` counts bytes promised but not yet measurable: restores in flight and open
+pwrite transfers.
 
 Pages written through mappings are counted only when measured, so they can put resident
 over the budget between requests. A request that adds pages reclaims that excess with its
@@ -133,16 +139,35 @@ class Memory:
         return (obj.madvise == DONTNEED and obj.kind == Kind.NORMAL and not obj.pinned_by
                 and not obj.exported and obj.job is None)
 
+    @staticmethod
+    def _private(obj: BufferObject) -> bool:
+        """Nobody but the manager (and the device) sees its system pages."""
+        return (obj.kind == Kind.NORMAL and obj.job is None and not obj.maps and not obj.xfers
+                and not obj.pinned_by and not obj.exported)
+
     def spillable(self, obj: BufferObject) -> bool:
-        return (obj.kind == Kind.NORMAL and obj.placement == Placement.SYSTEM and obj.job is None
-                and not obj.maps and not obj.xfers and not obj.pinned_by and not obj.exported
-                and obj.madvise != DONTNEED and not self.core.gpu.busy(obj))
+        return (obj.placement == Placement.SYSTEM and obj.madvise != DONTNEED and self._private(obj)
+                and not self.core.gpu.busy(obj))
 
     def spare(self, obj: BufferObject) -> bool:
         """System pages of an object in VRAM that nobody else can see: a spare copy."""
-        return (obj.placement == Placement.VRAM and obj.kind == Kind.NORMAL and obj.job is None
-                and not obj.maps and not obj.xfers and not obj.pinned_by and not obj.exported
-                and not self.core.gpu.busy(obj))
+        return obj.placement == Placement.VRAM and self._private(obj) and not self.core.gpu.busy(obj)
+
+    def reclaimable_when_idle(self, obj: BufferObject) -> bool:
+        """Spillable or a spare copy, but for device work still using it."""
+        return (self.core.gpu.busy(obj) and self._private(obj) and obj not in self.failed
+                and (obj.placement == Placement.VRAM
+                     or (obj.placement == Placement.SYSTEM and obj.madvise != DONTNEED)))
+
+    def _fence_to_wait_for(self, short: int, candidates: list[BufferObject]) -> int:
+        """The earliest fence after which objects device work still uses free `short` more
+        bytes (fences complete in order); 0 if even all of them cannot."""
+        got = 0
+        for obj in sorted((o for o in candidates if self.reclaimable_when_idle(o)), key=lambda o: o.last_fence):
+            got += obj.resident
+            if got >= short:
+                return obj.last_fence
+        return 0
 
     def drop_spare(self, obj: BufferObject) -> None:
         """Free the spare system copy; evicting the object later copies VRAM back."""
@@ -163,8 +188,11 @@ class Memory:
         spare = [o for o in lru if self.spare(o)]
         spill = [o for o in lru if self.spillable(o) and o not in self.failed]
         available = freeing + sum(o.resident for o in purge + spare + spill)
-        if available < deficit:
-            raise self._no_room(deficit, available)
+        fence = 0
+        if available < deficit:  # everything reclaimable now goes, then wait for the device
+            fence = self._fence_to_wait_for(deficit - available, lru)
+            if not fence:
+                raise self._no_room(deficit, available)
         deficit -= freeing
         for obj in purge:  # pass 1: purge DONTNEED, least recently used first
             if deficit <= 0:
@@ -187,9 +215,9 @@ class Memory:
                 deficit -= job.nbytes
                 started.append(job)
         jobs = started + [j for j in self.jobs if j.kind is JobKind.SPILL and j not in started]
-        if not jobs:  # spill storage had no room for any of them
+        if not jobs and not fence:  # spill storage had no room for any of them
             raise self._no_room(deficit, 0)
-        raise Pending(jobs)
+        raise Pending(jobs, fence=fence)
 
     def _no_room(self, deficit: int, available: int) -> OutOfMemory:
         """ENOMEM for a request, naming why spilling failed; the objects whose spill failed
