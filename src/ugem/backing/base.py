@@ -62,6 +62,10 @@ class BackingStore(Protocol):
     def missing_bytes(self, backing: Any, offset: int, length: int) -> int:
         """Bytes of the pages touched by [offset, offset+length) not allocated yet."""
 
+    def holes(self, backing: Any) -> tuple[tuple[int, int], ...]:
+        """(offset, length) of the ranges that hold no pages, in order (a device copy
+        keeps them holes)."""
+
     def close(self) -> None:
         """Remove spill storage; every object has been released."""
 

@@ -135,6 +135,18 @@ class MemfdStore:
         end = page_align(offset + length)
         return end - start - sum(n for _, n in data_segments(backing.fd, start, end))
 
+    def holes(self, backing: OwnedFd) -> tuple[tuple[int, int], ...]:
+        """(offset, length) of the ranges of the memfd that hold no pages (SEEK_HOLE)."""
+        size = os.fstat(backing.fd).st_size
+        holes, pos = [], 0
+        for offset, length in data_segments(backing.fd, 0, size):
+            if offset > pos:
+                holes.append((pos, offset - pos))
+            pos = offset + length
+        if pos < size:
+            holes.append((pos, size - pos))
+        return tuple(holes)
+
     @staticmethod
     def zero(into: Any) -> None:
         """Fill a caller's buffer with zeros (a read of pages that do not exist yet)."""

@@ -83,8 +83,9 @@ def gem_execbuffer(core: Core, client: Client, req: sd.ExecbufferReq) -> sd.Fenc
     surfaces = {h: gpu.surface(o) for h, o in entries.items()}
     seq = gpu.submit(Execute(cmds, surfaces))
     written_objs = {id(entries[h]) for h in written}
-    for obj, nbytes in added.items():
-        core.memory.expect(obj, obj.resident + nbytes)
+    for obj in objs:  # pages the work writes (or reads into being) in place: measured once it ran
+        if obj.placement != Placement.VRAM:
+            core.memory.expect(obj, obj.resident + added.get(obj, 0), seq)
     for cmd in cmds:
         if isinstance(cmd, SemaphoreWait):
             entries[cmd.obj].sem_fence = seq
@@ -93,6 +94,8 @@ def gem_execbuffer(core: Core, client: Client, req: sd.ExecbufferReq) -> sd.Fenc
         if id(obj) in written_objs:
             obj.write_fence = seq
             obj.dev_dirty = obj.placement == Placement.VRAM
+            if not obj.dev_dirty:  # used in place: the work writes its system pages
+                obj.host_fence = seq
     return sd.FenceReply(fence=seq)
 
 

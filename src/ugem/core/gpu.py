@@ -18,6 +18,13 @@ eviction), and each object remembers two seqnos:
 evicting a clean object whose system pages are still there copies nothing back. While an
 object is in VRAM its system pages are a spare copy the shrinker may drop.
 
+Holes stay holes on every move: a copy in reads only the data segments of the system
+pages (clearing the rest of the VRAM range), a copy back writes into holes only pages
+that are not all zeros. Where the holes are is read from the memfd when the copy is
+queued, so only while no queued op still writes those pages (`host_fence`); otherwise
+the copy moves every page. Pages a copy may allocate are charged at once (at most the
+object's size) and measured again once it has landed (`Memory.expect`).
+
 Making a working set resident is planned first and committed only if the whole set fits:
 allocate each missing object (best fit); when that fails, run an eviction scan over the
 VRAM LRU, oldest first, skipping pinned objects and the working set; evict only the
@@ -39,7 +46,7 @@ from collections.abc import Iterable
 from typing import TYPE_CHECKING, Any
 
 from ..constants import CACHING_CACHED, DONTNEED, PAGE_SIZE
-from ..device.base import CopyIn, CopyOut, DeviceBackend, Op, Surface
+from ..device.base import CopyIn, CopyOut, DeviceBackend, Holes, Op, Surface
 from ..errors import Busy, NoSpace
 from ..mm.lru import Lru
 from ..mm.range import InsertMode, Node, RangeAllocator
@@ -200,14 +207,26 @@ class Gpu:
                 evicted.append((victim, start, pages))
         victims[:] = evicted
 
+    def _holes(self, obj: BufferObject) -> Holes | None:
+        """The ranges of the object's system pages that hold no memory, for a copy that
+        keeps them holes; None while queued device work will still write those pages
+        (where its writes land is known only once it has run)."""
+        if obj.host_fence > self.backend.completed():
+            return None
+        return self.core.backing.holes(obj.backing)
+
     def _move_in(self, obj: BufferObject, node: Node[BufferObject]) -> None:
-        """Queue the copy that makes `node` hold the object's contents."""
+        """Queue the copy that makes `node` hold the object's contents: its data only, the
+        holes of its system pages are cleared in VRAM, never read (which would fill them)."""
         offset = node.start * PAGE_SIZE
         if obj.backing is None:  # never populated: the device's copy starts as zeros
             seq = self.submit(CopyIn(offset, None, obj.size))
         else:
-            seq = self.submit(CopyIn(offset, self.host_view(obj), obj.size))
-            self.core.counters["bytes_moved_total"] += obj.size
+            holes = self._holes(obj)
+            seq = self.submit(CopyIn(offset, self.host_view(obj), obj.size, holes or ()))
+            if holes is None:  # reading every page may fill holes: count them until measured
+                self.core.memory.expect(obj, obj.size, seq)
+            self.core.counters["bytes_moved_total"] += obj.size - sum(n for _, n in holes or ())
         obj.vram = node
         obj.dev_dirty = False
         obj.last_fence = obj.write_fence = seq
@@ -235,10 +254,11 @@ class Gpu:
             return
         if obj.dev_dirty or obj.backing is None:
             self.core.populate_system(obj)
-            seq = self.submit(CopyOut(offset, self.host_view(obj), obj.size))
-            self.core.memory.expect(obj, obj.size)
+            holes = self._holes(obj)  # pages of zeros copied into holes would fill them
+            seq = self.submit(CopyOut(offset, self.host_view(obj), obj.size, holes or ()))
+            self.core.memory.expect(obj, obj.size, seq)  # at most; measured once it has landed
             self.core.counters["bytes_moved_total"] += obj.size
-            obj.last_fence = obj.write_fence = seq
+            obj.last_fence = obj.write_fence = obj.host_fence = seq
         obj.dev_dirty = False
         obj.transition(Event.EVICT)
 

@@ -32,6 +32,10 @@ free enough even then, nothing is changed and the request fails with ENOMEM.
 `reserved` counts bytes promised but not yet measurable: restores in flight and open
 pwrite transfers.
 
+Pages a device op writes (a copy back from VRAM, work on an object used in place) are
+charged when it is queued, as much as it may write (`expect`), and measured once it has
+completed (`landing`), so a sparse object costs what it really holds.
+
 Pages written through mappings are counted only when measured, so they can put resident
 over the budget between requests. A request that adds pages reclaims that excess with its
 own `make_room`; `mmap`, which populates without adding pages itself, calls `settle()`:
@@ -79,6 +83,7 @@ class Memory:
         self.jobs: list[Job] = []  # in flight
         self.background: list[Job] = []  # to start, nobody waits for them
         self.watched: set[BufferObject] = set()  # volatile objects, re-measured by refresh()
+        self.landing: dict[BufferObject, int] = {}  # charged ahead of a device op (fence) writing them
         self.failed: dict[BufferObject, OSError] = {}  # its last spill/restore failed
 
     @property
@@ -106,11 +111,14 @@ class Memory:
         self.resident += now - obj.resident
         obj.resident = now
 
-    def expect(self, obj: BufferObject, nbytes: int) -> None:
-        """Count pages about to be written behind our back (a device copy-out) now."""
-        if obj.kind == Kind.NORMAL and nbytes > obj.resident:
-            self.resident += nbytes - obj.resident
-            obj.resident = nbytes
+    def expect(self, obj: BufferObject, nbytes: int, fence: int) -> None:
+        """Count pages device op `fence` may write behind our back now, as at most
+        `nbytes`; `refresh()` measures the object again once that op has completed."""
+        if obj.kind == Kind.NORMAL:
+            if nbytes > obj.resident:
+                self.resident += nbytes - obj.resident
+                obj.resident = nbytes
+            self.landing[obj] = max(fence, self.landing.get(obj, 0))
 
     def touch(self, obj: BufferObject) -> None:
         if obj in self.lru:
@@ -127,6 +135,11 @@ class Memory:
 
     def refresh(self) -> None:
         """Re-measure objects whose pages may have changed behind our back."""
+        done = self.core.gpu.completed()
+        for obj, fence in list(self.landing.items()):
+            if fence <= done:
+                del self.landing[obj]
+                self.measure(obj)
         for obj in list(self.watched):
             self.measure(obj)
             if not self.volatile(obj):
@@ -459,6 +472,7 @@ class Memory:
     def release(self, obj: BufferObject) -> None:
         """The object is being freed: give back its memory and spill space."""
         self.watched.discard(obj)
+        self.landing.pop(obj, None)
         self.failed.pop(obj, None)
         if obj.backing is not None:
             self.untrack(obj)
