@@ -45,6 +45,7 @@ class Client:
     xfer_ids: IdAllocator = field(default_factory=IdAllocator)
     created_bytes: int = 0  # sizes of live objects this client created (quota)
     pinned_bytes: int = 0
+    suspending: tuple[Any, int] | None = None  # a suspend in progress: (its request, resumes when it began)
     closed: bool = False
 
     def handle_add(self, handle: int, obj: BufferObject, readonly: bool) -> None:

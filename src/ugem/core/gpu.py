@@ -47,7 +47,7 @@ from typing import TYPE_CHECKING, Any
 
 from ..constants import CACHING_CACHED, DONTNEED, PAGE_SIZE
 from ..device.base import CopyIn, CopyOut, DeviceBackend, Holes, Op, Surface
-from ..errors import Busy, NoSpace
+from ..errors import Busy, NoSpace, UgemError
 from ..mm.lru import Lru
 from ..mm.range import InsertMode, Node, RangeAllocator
 from ..mm.scan import EvictionScan
@@ -67,7 +67,8 @@ class Gpu:
         self.backend = backend
         self.space: RangeAllocator[BufferObject] = RangeAllocator(0, backend.vram_size // PAGE_SIZE)
         self.lru: Lru[BufferObject] = Lru()  # unpinned objects in VRAM, least recently used first
-        self.suspended = False
+        self.suspended = False  # device work is held (daemon) or refused (embedded)
+        self.resumes = 0  # resumes so far: a suspend that sees this change was resumed
         self.last_seq = 0
 
     # -- the timeline ----------------------------------------------------------------
@@ -284,20 +285,32 @@ class Gpu:
             self.evict(obj)
 
     def suspend(self) -> None:
-        """Wait for all work, save every VRAM object to system memory (DONTNEED ones are
-        dropped), spill past the budget. Transactional: if the host cannot hold the data,
-        fail (ENOMEM/ENOSPC) before anything moved. Pending until it is all done."""
-        if not self.suspended:
-            self.wait_for(self.last_seq)
+        """Hold new device work from now on (as the kernel stops submissions first), wait
+        for all work, save every VRAM object to system memory (DONTNEED ones are dropped),
+        spill past the budget. Transactional: if the host cannot hold the data, fail
+        (ENOMEM/ENOSPC) before anything moved, device running. Pending until it is all
+        done; each run after a wait takes up where the last one stopped."""
+        self.suspended = True
+        self.wait_for(self.last_seq)
+        if self.space.used:
             need = sum(n.owner.size for n in self.space if n.owner is not None
                        and n.owner.madvise != DONTNEED and (n.owner.dev_dirty or n.owner.backing is None))
-            self.core.memory.check_capacity(need)
+            try:
+                self.core.memory.check_capacity(need)
+            except UgemError:
+                self.resume()
+                raise
             self.evict_all()
-            self.suspended = True
         self.wait_for(self.last_seq)  # the copies out
         jobs = self.core.memory.shrink(self.core.memory.budget)
         if jobs or self.core.memory.spilling():
             raise Pending(jobs + self.core.memory.spilling())
+
+    def resume(self) -> None:
+        """Run device work again; a suspend still in progress then ends without effect
+        (`resumes` tells it a resume came after it)."""
+        self.suspended = False
+        self.resumes += 1
 
     def release(self, obj: BufferObject) -> None:
         """The object is freed: give its VRAM back (queued work keeps the timeline order)."""

@@ -71,6 +71,9 @@ class Core:
         for xfer_id in list(client.transfers):
             self.xfer_done(client, xfer_id)
         del self.clients[client.id]
+        if client.suspending is not None and client.suspending[1] == self.gpu.resumes and not any(
+                c.suspending is not None and c.suspending[1] == self.gpu.resumes for c in self.clients.values()):
+            self.gpu.resume()  # its suspend was abandoned midway, as if it had failed: device running
 
     # -- lookup ----------------------------------------------------------------------
 
@@ -312,6 +315,7 @@ class Core:
             "objects": len(self.objects),
             "clients": len(self.clients),
             "vram_bytes": self.gpu.vram_bytes,
+            "suspended": self.gpu.suspended,
             "system_budget": self.config.system_budget,
             "vram_size": self.gpu.backend.vram_size,
             "pinned_bytes": self.pinned_bytes,
