@@ -281,6 +281,7 @@ def test_suspend_fails_with_enospc_and_changes_nothing_when_the_host_cannot_hold
             assert errno_of(dev.suspend) == errno.ENOSPC
             stats = dev.stats()
             assert (stats["vram_bytes"], stats["evicted_total"], stats["spilled_total"]) == (14 * MiB, 0, 0)
+            assert stats["suspended"] is False
             assert all(dev.info(h).placement == "vram" for h, _ in objs)
         fence = dev.execbuffer([Fill(dst=objs[0][0], offset=0, length=2, byte=0x30)])  # running
         assert dev.wait_fence(fence, -1) == -1
