@@ -46,12 +46,8 @@ Each object with system pages holds one fd (a memfd): `make_fd_room` keeps the s
 `open_count` under `max_open` with the same passes counted in objects (a spill closes the
 memfd when it lands); if nothing can be freed, ENOMEM names the fd limit (SPEC §7).
 
-A job that fails (spill storage full, I/O error) leaves its object where it was, and the
-request that waited for it runs again. So that it cannot plan the same failing copy for
-ever, `failed` remembers the object: a failed spill keeps it out of the spill passes
-until some request has failed with ENOMEM (the next one tries it again); a failed restore
-is the error of the next request that needs the object (ENOMEM when memory or disk ran
-short, else EIO).
+The spill and restore jobs themselves (planning them, applying their outcome) are in
+`spill_jobs.py`, a mixin of this class.
 """
 
 from __future__ import annotations
@@ -65,6 +61,7 @@ from ..errors import IOFailure, NoSpace, OutOfMemory
 from ..mm.lru import Lru
 from .jobs import Job, JobKind, Pending
 from .object import BufferObject, Kind
+from .spill_jobs import SpillJobs
 from .states import Event, Placement
 
 if TYPE_CHECKING:
@@ -73,7 +70,7 @@ if TYPE_CHECKING:
 __all__ = ["Memory"]
 
 
-class Memory:
+class Memory(SpillJobs):
     def __init__(self, core: Core) -> None:
         self.core = core
         self.lru: Lru[BufferObject] = Lru()
@@ -352,95 +349,6 @@ class Memory:
             obj.extent, obj.spilled = None, 0
         obj.transition(Event.PURGE)
         self.core.counters["purged_total"] += 1
-
-    def plan_spill(self, obj: BufferObject) -> Job | None:
-        """Start copying an idle object to spill storage, which is reserved for the data
-        it holds (measured now: nothing can change an idle object's pages), not its size.
-        None if spill storage has no room for it: the object is then left out of the
-        spill passes as after a failed spill, and the error names the spill directory."""
-        self.measure(obj)
-        try:
-            extent = self.core.backing.spill_reserve(obj.resident)
-        except OutOfMemory as exc:
-            self.failed[obj] = exc
-            return None
-        backing = obj.backing
-        job = Job(JobKind.SPILL, obj, lambda: self.core.backing.spill_out(backing, extent, obj.size),
-                  nbytes=obj.resident, extent=extent)
-        self._start(job)
-        return job
-
-    def plan_restore(self, obj: BufferObject) -> Job:
-        """Bring a spilled object back; the caller has made room for its data."""
-        backing = self.core.backing.create(obj.size)
-        extent = obj.extent
-        job = Job(JobKind.RESTORE, obj, lambda: self.core.backing.spill_in(extent, backing, obj.size),
-                  nbytes=obj.spilled, extent=extent, backing=backing)
-        self.reserved += job.nbytes
-        self._start(job)
-        return job
-
-    def _start(self, job: Job) -> None:
-        job.obj.job = job
-        self.core.get(job.obj)  # the object outlives the worker's copy
-        self.jobs.append(job)
-
-    def take_background(self) -> list[Job]:
-        """Jobs nobody waits for (spill-space punches); the transport runs them."""
-        jobs, self.background = self.background, []
-        return jobs
-
-    def finish(self, job: Job) -> None:
-        """Apply a job's outcome on the core's thread (exactly once)."""
-        if job.kind is JobKind.PUNCH:  # now the range may be handed out again
-            job.done = True
-            self.core.backing.spill_release(job.extent)
-            return
-        obj = job.obj
-        self.jobs.remove(job)
-        obj.job = None
-        job.done = True
-        if job.kind is JobKind.SPILL:
-            self._finish_spill(job)
-        else:
-            self._finish_restore(job)
-        self.core.put(obj)
-
-    def _finish_spill(self, job: Job) -> None:
-        obj = job.obj
-        if job.error is not None or obj.placement != Placement.SYSTEM:
-            self.core.backing.spill_release(job.extent)
-            if job.error is not None:
-                self.failed[obj] = job.error
-            return
-        if obj.madvise == DONTNEED:  # advised away while it was being copied: drop it instead
-            self.core.backing.spill_release(job.extent)
-            self.purge(obj)
-            return
-        self.untrack(obj)
-        self.core.release_backing(obj)
-        obj.extent, obj.spilled = job.extent, job.moved
-        self.spilled += job.moved
-        obj.transition(Event.SPILL)
-        self.core.counters["spilled_total"] += 1
-        self.core.counters["bytes_moved_total"] += job.moved
-
-    def _finish_restore(self, job: Job) -> None:
-        obj = job.obj
-        self.reserved -= job.nbytes
-        if job.error is not None or obj.placement != Placement.SPILLED:
-            self.core.backing.release(job.backing)
-            if job.error is not None:
-                self.failed[obj] = job.error
-            return
-        extent = obj.extent  # punched off the request path, then released (finish of PUNCH)
-        self.background.append(Job(JobKind.PUNCH, obj, lambda: self.core.backing.spill_punch(extent), 0,
-                                   extent=extent))
-        self.spilled -= obj.spilled
-        obj.backing, obj.extent, obj.spilled = job.backing, None, 0
-        obj.transition(Event.RESTORE)
-        self.track(obj)
-        self.core.counters["bytes_moved_total"] += job.moved
 
     # -- entry points for handlers ---------------------------------------------------
 
