@@ -14,13 +14,16 @@ import glob
 import os
 import resource
 import signal
+import threading
 
 import numpy as np
 import pytest
 
 import ugem
+from ugem.cmd import Fill, SemaphoreWait
 from ugem.testing import run_daemon
 from ugem.testing.data import random_bytes as _data
+from ugem.testing.data import wait_until
 from ugem.testing.data import write_new as _written
 
 PAGE = ugem.PAGE_SIZE
@@ -97,6 +100,48 @@ def test_a_sparse_object_spills_only_its_data(small):
     assert stats["spilled_bytes"] == PAGE
     assert small.pread(h, 3 * MiB - 2, 10) == b"\0\0island\0\0"
     assert small.pread(h, 0, 8 * MiB).count(0) == 8 * MiB - 6
+
+
+TiB = 1 << 40
+
+
+def _spill_sparse_then_write(env, sparse: dict[int, dict[int, bytes]], owner) -> None:
+    """Another client writes 24 MiB (1.5 budgets): the idle sparse objects of `owner` are
+    spilled first, then some of its own; everything reads back exactly."""
+    other = env.open()
+    objects = dict(_written(other, 2 * MiB, seed=100 + i) for i in range(12))
+    assert all(owner.info(h).placement == "spilled" for h in sparse)
+    assert _placements(other, objects).get("spilled", 0) >= 2
+    for h, data in objects.items():
+        assert other.pread(h, 0, 2 * MiB) == data
+    for h, pages in sparse.items():
+        for offset, data in pages.items():
+            assert owner.pread(h, offset, len(data)) == data
+        assert owner.pread(h, PAGE * 3, 16) == bytes(16)
+
+
+def test_an_idle_32_tib_object_holding_one_page_does_not_use_up_spill_storage(make_env):
+    # spill storage is reserved for what an object holds, not its size (8 TiB of range)
+    env = make_env(system_budget=BUDGET)
+    owner = env.open()
+    big = owner.create(32 * TiB)
+    owner.pwrite(big, 5 * TiB, b"one page")
+    _spill_sparse_then_write(env, {big: {5 * TiB: b"one page"}}, owner)
+    assert owner.info(big).size == 32 * TiB
+
+
+def test_eight_sparse_1_tib_objects_do_not_use_up_spill_storage(make_env):
+    env = make_env(system_budget=BUDGET)
+    owner = env.open()
+    sparse = {}
+    for i in range(8):  # 32 KiB each, in pages spread over the whole TiB
+        h = owner.create(TiB)
+        sparse[h] = {j * (TiB // 8) + PAGE: bytes([i + 1, j + 1]) * (PAGE // 2) for j in range(8)}
+        for offset, data in sparse[h].items():
+            owner.pwrite(h, offset, data)
+    _spill_sparse_then_write(env, sparse, owner)
+    stats = owner.stats()
+    assert stats["spilled_bytes"] >= 8 * 8 * PAGE
 
 
 def test_least_recently_used_is_spilled_first(small):
@@ -420,7 +465,10 @@ def test_spill_storage_that_cannot_grow_is_enomem_not_a_hang(mode, tmp_path, err
         assert dev.stats()["spilled_total"] == 2
         h = dev.create(2 * MiB)
         before = dev.stats()
-        assert errno_of(dev.pwrite, h, 0, _data(99, 2 * MiB)) == errno.ENOMEM
+        with pytest.raises(ugem.UgemError) as failed:
+            dev.pwrite(h, 0, _data(99, 2 * MiB))
+        assert failed.value.errno == errno.ENOMEM
+        assert str(tmp_path) in str(failed.value)  # names the spill directory
         assert errno_of(dev.pwrite, h, 0, _data(99, 2 * MiB)) == errno.ENOMEM  # the next try too
         after = dev.stats()
         assert after["spilled_total"] == before["spilled_total"]
@@ -477,6 +525,59 @@ def test_pread_of_a_spilled_object_without_room_is_enomem(make_env, errno_of):
     assert dev.info(h).placement == "spilled"
     dev.unpin(blockers[0])
     assert dev.pread(h, 0, 4 * MiB) == data
+
+
+def test_pwrite_waits_for_device_work_that_holds_the_rest_of_the_budget(make_env):
+    # The device is held by a SemaphoreWait until the test releases it; behind it, work
+    # uses every object of the budget (in VRAM, their system pages a spare copy; CACHED,
+    # used in place). A pwrite needing room must wait for that work, not fail with ENOMEM
+    # at once. It first purges what it can now (a DONTNEED marker): that is how the test
+    # knows the pwrite is waiting before it releases the device.
+    env = make_env(system_budget=BUDGET, vram="64M", hang_timeout=120)
+    dev, writer = env.open(), env.open()
+    sem = dev.create(PAGE)
+    dev.set_caching(sem, ugem.CACHING_CACHED)
+    view = dev.mmap(sem)
+    marker, _ = _written(dev, 2 * PAGE, seed=1)
+    dev.madvise(marker, ugem.DONTNEED)
+    objects = {}
+    for i in range(7):  # 14 MiB
+        h, data = _written(dev, 2 * MiB, seed=10 + i)
+        if i % 2:
+            dev.set_caching(h, ugem.CACHING_CACHED)
+        objects[h] = data
+    dev.execbuffer([SemaphoreWait(obj=sem, offset=0, value=1)])
+    for h in objects:
+        dev.execbuffer([Fill(dst=h, offset=0, length=4, byte=0xEE)])
+        objects[h] = b"\xee" * 4 + objects[h][4:]
+    assert all(dev.busy(h) for h in objects)
+    target = writer.create(4 * MiB)
+    data = _data(99, 4 * MiB)
+    outcome: list[BaseException | None] = []
+
+    def write() -> None:
+        try:
+            writer.pwrite(target, 0, data)
+            outcome.append(None)
+        except ugem.UgemError as exc:
+            outcome.append(exc)
+
+    thread = threading.Thread(target=write)
+    thread.start()
+    try:
+        wait_until(lambda: outcome or dev.info(marker).placement == "purged", timeout=120,
+                   what="the pwrite to purge what it could")
+        assert not outcome, f"the pwrite did not wait for the device: {outcome}"
+        assert all(dev.busy(h) for h in objects)  # others are served meanwhile
+    finally:
+        view[0:4] = (1).to_bytes(4, "little")  # release the device
+        thread.join(120)
+    assert outcome == [None]
+    assert writer.pread(target, 0, 4 * MiB) == data
+    assert dev.stats()["resident_bytes"] <= BUDGET
+    for h, want in objects.items():
+        assert dev.pread(h, 0, 2 * MiB) == want
+    view.release()
 
 
 # -- spill storage ---------------------------------------------------------------------

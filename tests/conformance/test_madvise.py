@@ -179,6 +179,57 @@ def test_large_pwrite_of_a_purged_object_is_efault(dev, errno_of):
     assert errno_of(dev.pwrite, h, 0, bytes(64 * PAGE)) == errno.EFAULT
 
 
+def _purge_during_transfer(monkeypatch, env, victim_size: int, name: str) -> None:
+    """Make the client library's copy of a bulk transfer (`name` in ugem.client.device) first
+    have another client write enough under the budget that a DONTNEED victim of
+    `victim_size` bytes is purged: the purge lands while the transfer is open."""
+    from ugem.client import device as client_device
+
+    other = env.open()
+    copy = getattr(client_device, name)
+
+    def purge_then_copy(*args):
+        monkeypatch.setattr(client_device, name, copy)  # once
+        h = other.create(BUDGET)
+        other.pwrite(h, 0, b"\x01" * (BUDGET - victim_size + PAGE))
+        return copy(*args)
+
+    monkeypatch.setattr(client_device, name, purge_then_copy)
+
+
+@pytest.mark.parametrize("call", ["pread", "pread_into"])
+def test_pread_of_an_object_purged_during_its_transfer_is_efault(make_env, mode, monkeypatch, errno_of, call):
+    # over 128 KiB a pread moves through the object's memory directly (XFER): a purge then
+    # makes that memory read zeros, which must never come back as data
+    if call == "pread_into" and mode == "embedded":
+        pytest.skip("an embedded pread_into copies under the manager's lock, with no transfer")
+    env = make_env(system_budget=BUDGET)
+    dev = env.open()
+    size = 64 * PAGE
+    h, _ = _written(dev, size, seed=7)
+    assert dev.madvise(h, ugem.DONTNEED) is True
+    _purge_during_transfer(monkeypatch, env, size, "_pread_all" if call == "pread" else "_preadv_all")
+    if call == "pread":
+        assert errno_of(dev.pread, h, 0, size) == errno.EFAULT
+    else:
+        assert errno_of(dev.pread_into, h, 0, bytearray(size)) == errno.EFAULT
+    assert dev.info(h).placement == "purged"
+    assert errno_of(dev.pread, h, 0, size) == errno.EFAULT  # and from now on at once
+
+
+def test_pwrite_to_an_object_purged_during_its_transfer_is_efault(make_env, mode, monkeypatch, errno_of):
+    if mode == "embedded":
+        pytest.skip("an embedded pwrite copies under the manager's lock, with no transfer")
+    env = make_env(system_budget=BUDGET)
+    dev = env.open()
+    size = 64 * PAGE
+    h, _ = _written(dev, size, seed=8)
+    assert dev.madvise(h, ugem.DONTNEED) is True
+    _purge_during_transfer(monkeypatch, env, size, "_pwritev_all")
+    assert errno_of(dev.pwrite, h, 0, b"\x02" * size) == errno.EFAULT  # the bytes were discarded
+    assert dev.info(h).placement == "purged"
+
+
 def test_pread_and_pwrite_of_length_zero_on_a_purged_object_are_empty(dev):
     # length 0 returns before the lookup, so before the EFAULT check too
     h = _purged(dev)

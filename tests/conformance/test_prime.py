@@ -11,6 +11,7 @@ import os
 import pytest
 
 import ugem
+from ugem.cmd import Fill
 
 PAGE = ugem.PAGE_SIZE
 NOBODY = 65534  # the uid the cross-uid test drops to
@@ -201,6 +202,48 @@ def test_readonly_fd_adopted_back_gives_a_read_only_handle(env, errno_of, fds):
     assert other.pread(h2, 0, 6) == b"frozen"
     assert errno_of(other.pwrite, h2, 0, b"x") == errno.EINVAL
     assert errno_of(other.export, h2) == errno.EACCES
+
+
+def test_writable_import_after_a_read_only_adoption_is_writable(env, errno_of, fds):
+    # b adopts memory the manager let go through a read-only fd; c, holding no handle,
+    # imports a writable fd to it: read-only only if the imported fd is
+    a, b, c = env.open(), env.open(), env.open()
+    h = a.create(2 * PAGE)
+    a.pwrite(h, 0, b"let go")
+    ro = fds.add(a.export(h, writable=False))
+    rw = fds.add(a.export(h))
+    a.close_handle(h)
+    hb = b.import_fd(ro)
+    assert b.info(hb).readonly
+    hc = c.import_fd(rw)
+    assert not c.info(hc).readonly
+    c.pwrite(hc, 0, b"LET GO")
+    assert b.pread(hb, 0, 6) == b"LET GO"
+    assert os.pread(ro, 6, 0) == b"LET GO"
+    view = c.mmap(hc)
+    view[PAGE:PAGE + 6] = b"mapped"
+    assert b.pread(hb, PAGE, 6) == b"mapped"
+    view.release()
+    c.execbuffer([Fill(dst=hc, offset=8, length=4, byte=0x21)])
+    assert c.pread(hc, 0, 12) == b"LET GO\0\0!!!!"
+    assert c.import_fd(fds.add(c.export(hc))) == hc
+    # b's handle keeps its mode, and so does a later read-only import
+    assert errno_of(b.pwrite, hb, 0, b"x") == errno.EINVAL
+    assert a.info(a.import_fd(ro)).readonly
+
+
+def test_writable_import_of_foreign_memory_after_a_read_only_one_is_writable(env, errno_of, fds, sealed_memfd):
+    b, c = env.open(), env.open()
+    fd = sealed_memfd(PAGE, data=b"foreign")
+    ro = fds.add(os.open(f"/proc/self/fd/{fd}", os.O_RDONLY | os.O_CLOEXEC))
+    hb = b.import_fd(ro)
+    assert b.info(hb).readonly
+    hc = c.import_fd(fd)
+    assert not c.info(hc).readonly
+    c.pwrite(hc, 0, b"FOREIGN")
+    assert os.pread(fd, 7, 0) == b"FOREIGN"
+    assert b.pread(hb, 0, 7) == b"FOREIGN"
+    assert errno_of(b.pwrite, hb, 0, b"x") == errno.EINVAL
 
 
 # -- read-only handles from a read-only export -----------------------------------------

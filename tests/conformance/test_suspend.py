@@ -22,6 +22,7 @@ import pytest
 import ugem
 from ugem.cmd import Copy, Fill, SemaphoreWait
 from ugem.testing import run_daemon
+from ugem.testing.data import wait_until
 
 PAGE = ugem.PAGE_SIZE
 MiB = 1 << 20
@@ -183,13 +184,51 @@ def test_suspend_waits_for_device_work(make_env):
     dev.resume()
 
 
+@contextlib.contextmanager
+def _device_held_until_purged(dev, watcher, marker: int):
+    """Hold the device (a SemaphoreWait on a CACHED page) until `marker`, a DONTNEED page,
+    has been purged (`watcher`, another client, looks): a request that needs room purges
+    it first and then, if only device work holds the rest, waits for that work; the
+    device is released only then, so that request has proven it waits."""
+    sem = dev.create(PAGE)
+    dev.set_caching(sem, ugem.CACHING_CACHED)
+    view = dev.mmap(sem)
+    view[0:4] = (0).to_bytes(4, "little")  # its page counts under the budget from now on
+    dev.execbuffer([SemaphoreWait(obj=sem, offset=0, value=1)])
+    done = threading.Event()
+    watched, _ = watcher.open_name(dev.flink(marker))
+
+    def release_once_purged() -> None:
+        while not done.is_set() and watcher.info(watched).placement != "purged":
+            time.sleep(0.01)
+        view[0:4] = (1).to_bytes(4, "little")
+
+    releaser = threading.Thread(target=release_once_purged)
+    releaser.start()
+    try:
+        yield
+    finally:
+        done.set()
+        releaser.join(120)
+        view[0:4] = (1).to_bytes(4, "little")
+        view.release()
+
+
 @pytest.mark.parametrize("history", ["only-in-vram", "written-first"])
 def test_suspend_past_the_system_budget_spills_instead_of_failing(make_env, history):
-    dev = make_env(vram="16M", system_budget="8M").open()
+    env = make_env(vram="16M", system_budget="8M", hang_timeout=120)
+    dev = env.open()
     if history == "only-in-vram":
         objs = [_only_in_vram(dev, 2 * MiB, byte=0x30 + i) for i in range(7)]
-    else:  # written by the CPU (the oldest spilled), then dirtied in VRAM; spare copies may go
-        objs = [_dirty_in_vram(dev, 2 * MiB, seed=0x30 + i) for i in range(7)]
+    else:  # written by the CPU, then dirtied in VRAM while the device is held: the fourth
+        # pwrite finds the rest of the budget held by busy objects (their spare copies) and
+        # must wait for the device (the oldest then spilled or dropped), never fail ENOMEM
+        marker = dev.create(PAGE)
+        dev.pwrite(marker, 0, b"purged first")
+        dev.madvise(marker, ugem.DONTNEED)
+        with _device_held_until_purged(dev, env.open(), marker):
+            objs = [_dirty_in_vram(dev, 2 * MiB, seed=0x30 + i) for i in range(7)]
+        assert dev.info(marker).placement == "purged"
     dev.wait(objs[-1][0], -1)
     assert dev.stats()["vram_bytes"] == 14 * MiB  # 14 MiB in VRAM, 8 MiB of system budget
     dev.suspend()
@@ -242,6 +281,7 @@ def test_suspend_fails_with_enospc_and_changes_nothing_when_the_host_cannot_hold
             assert errno_of(dev.suspend) == errno.ENOSPC
             stats = dev.stats()
             assert (stats["vram_bytes"], stats["evicted_total"], stats["spilled_total"]) == (14 * MiB, 0, 0)
+            assert stats["suspended"] is False
             assert all(dev.info(h).placement == "vram" for h, _ in objs)
         fence = dev.execbuffer([Fill(dst=objs[0][0], offset=0, length=2, byte=0x30)])  # running
         assert dev.wait_fence(fence, -1) == -1
@@ -282,6 +322,99 @@ def test_dontneed_objects_in_vram_are_purged_by_suspend(make_env, errno_of):
     dev.resume()
     assert dev.madvise(gone, ugem.WILLNEED) is False
     assert dev.pread(kept, 0, MiB) == kept_data
+
+
+# -- the order of suspend and resume, stats()["suspended"] -------------------------------
+
+
+def test_stats_say_whether_the_device_is_suspended(make_env):
+    dev = make_env(vram="8M").open()
+    assert dev.stats()["suspended"] is False
+    dev.suspend()
+    assert dev.stats()["suspended"] is True
+    dev.resume()
+    assert dev.stats()["suspended"] is False
+
+
+@contextlib.contextmanager
+def _held_device(dev):
+    """Hold the device with a SemaphoreWait on a CACHED object until the block ends."""
+    sem = dev.create(PAGE)
+    dev.set_caching(sem, ugem.CACHING_CACHED)
+    view = dev.mmap(sem)
+    dev.execbuffer([SemaphoreWait(obj=sem, offset=0, value=1)])
+    try:
+        yield
+    finally:
+        view[0:4] = (1).to_bytes(4, "little")
+        view.release()
+
+
+def test_a_resume_sent_while_a_suspend_waits_for_the_device_leaves_it_running(make_env):
+    # suspend's "wait for all device work" parks behind a SemaphoreWait; a resume from a
+    # second client arrives meanwhile; once both have returned the device runs
+    env = make_env(vram="8M", hang_timeout=120)
+    dev, admin, other = env.open(), env.open(), env.open()
+    h, data = _dirty_in_vram(dev, PAGE, seed=8)
+    with _held_device(dev):
+        thread, out = _in_thread(admin.suspend)
+        # the suspend has begun once it holds new work: stats say so
+        wait_until(lambda: other.stats()["suspended"] or out, timeout=120, what="the suspend to begin")
+        assert not out, f"suspend returned while the device was held: {out}"
+        other.resume()
+        assert other.stats()["suspended"] is False
+    thread.join(120)
+    assert out and out[0][0] is None, out
+    assert dev.stats()["suspended"] is False
+    thread, out = _in_thread(dev.execbuffer, [Fill(dst=h, offset=0, length=4, byte=0x66)])
+    thread.join(120)  # not held
+    assert out and isinstance(out[0][0], int), out
+    assert dev.wait_fence(out[0][0], -1) == -1
+    assert dev.pread(h, 0, PAGE) == b"\x66" * 4 + data[4:]
+
+
+def test_a_suspend_sent_after_a_resume_takes_effect_after_it(make_env):
+    # suspend, resume, suspend while the device is held: the second suspend is the last
+    env = make_env(vram="8M", hang_timeout=120)
+    dev, admin, other = env.open(), env.open(), env.open()
+    h, data = _dirty_in_vram(dev, PAGE, seed=9)
+    with _held_device(dev):
+        first, out = _in_thread(admin.suspend)
+        wait_until(lambda: other.stats()["suspended"] or out, timeout=120, what="the suspend to begin")
+        other.resume()
+        second, out2 = _in_thread(other.suspend)
+        wait_until(lambda: dev.stats()["suspended"] or out2, timeout=120, what="the second suspend to begin")
+    first.join(120)
+    second.join(120)
+    assert out and out[0][0] is None and out2 and out2[0][0] is None, (out, out2)
+    assert dev.stats()["suspended"] is True
+    assert dev.stats()["vram_bytes"] == 0
+    dev.resume()
+    assert dev.pread(h, 0, PAGE) == data
+
+
+def test_a_suspend_whose_client_dies_while_it_waits_leaves_the_device_running(make_env, mode):
+    if mode == "embedded":
+        pytest.skip("needs a client process to kill")
+    env = make_env(vram="8M", hang_timeout=120)
+    dev = env.open()
+    h, data = _dirty_in_vram(dev, PAGE, seed=10)
+    with _held_device(dev):
+        pid = os.fork()
+        if pid == 0:  # the suspending client, killed while its suspend waits
+            try:
+                ugem.connect(env.daemon.path).suspend()
+            finally:
+                os._exit(0)
+        try:
+            wait_until(lambda: dev.stats()["suspended"], timeout=120, what="the suspend to begin")
+        finally:
+            os.kill(pid, signal.SIGKILL)
+            os.waitpid(pid, 0)
+        wait_until(lambda: not dev.stats()["suspended"], timeout=120, what="the abandoned suspend to end")
+    fence = dev.execbuffer([Fill(dst=h, offset=0, length=4, byte=0x67)])
+    assert dev.wait_fence(fence, -1) == -1
+    assert dev.pread(h, 0, PAGE) == b"\x67" * 4 + data[4:]
 
 
 # -- device work while suspended -------------------------------------------------------

@@ -62,6 +62,10 @@ class BackingStore(Protocol):
     def missing_bytes(self, backing: Any, offset: int, length: int) -> int:
         """Bytes of the pages touched by [offset, offset+length) not allocated yet."""
 
+    def holes(self, backing: Any) -> tuple[tuple[int, int], ...]:
+        """(offset, length) of the ranges that hold no pages, in order (a device copy
+        keeps them holes)."""
+
     def close(self) -> None:
         """Remove spill storage; every object has been released."""
 
@@ -81,8 +85,9 @@ class BackingStore(Protocol):
     def spill_free(self) -> int:
         """Bytes spill storage can still take."""
 
-    def spill_reserve(self, size: int) -> Any:
-        """An extent of spill storage for `size` bytes (NoSpace when full)."""
+    def spill_reserve(self, nbytes: int) -> Any:
+        """An extent of spill storage for `nbytes` of data, what an object holds (not its
+        size); ENOMEM naming the spill directory when full."""
 
     def spill_punch(self, extent: Any) -> int:
         """Free an extent's disk space now (any thread); the range stays reserved."""

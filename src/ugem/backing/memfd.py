@@ -39,7 +39,7 @@ from ..errors import InvalidArgument, OutOfMemory
 from ..fd import OwnedFd
 from .base import FdKind, Inspection
 from .mapping import map_shared
-from .spill import Extent, SpillStore, copy_segments, data_segments, punch_hole
+from .spill import Extent, SpillStore, data_segments, punch_hole
 
 __all__ = ["MemfdStore"]
 
@@ -135,6 +135,18 @@ class MemfdStore:
         end = page_align(offset + length)
         return end - start - sum(n for _, n in data_segments(backing.fd, start, end))
 
+    def holes(self, backing: OwnedFd) -> tuple[tuple[int, int], ...]:
+        """(offset, length) of the ranges of the memfd that hold no pages (SEEK_HOLE)."""
+        size = os.fstat(backing.fd).st_size
+        holes, pos = [], 0
+        for offset, length in data_segments(backing.fd, 0, size):
+            if offset > pos:
+                holes.append((pos, offset - pos))
+            pos = offset + length
+        if pos < size:
+            holes.append((pos, size - pos))
+        return tuple(holes)
+
     @staticmethod
     def zero(into: Any) -> None:
         """Fill a caller's buffer with zeros (a read of pages that do not exist yet)."""
@@ -178,8 +190,8 @@ class MemfdStore:
         st = os.statvfs(self.spill.directory)
         return st.f_bavail * st.f_frsize
 
-    def spill_reserve(self, size: int) -> Extent:
-        return self.spill.reserve(size)
+    def spill_reserve(self, nbytes: int) -> Extent:
+        return self.spill.reserve(nbytes)
 
     def spill_release(self, extent: Extent) -> None:
         self.spill.release(extent)
@@ -188,14 +200,13 @@ class MemfdStore:
         """Copy the object's data to its extent, then free its pages (worker thread: the
         punch costs as much as the copy and must not stall the request loop). Nobody else
         sees a spilled object's memfd, so freeing it before the core takes note is safe."""
-        with self.spill.writer() as out:
-            moved = copy_segments(backing.fd, out, 0, self.spill.offset(extent), size)
+        moved = self.spill.store(backing.fd, extent, size)
         punch_hole(backing.fd, 0, size)
         return moved
 
     def spill_in(self, extent: Extent, backing: OwnedFd, size: int) -> int:
         """Copy an extent back into a fresh memfd (worker thread)."""
-        return copy_segments(self.spill.fd, backing.fd, self.spill.offset(extent), 0, size)
+        return self.spill.load(extent, backing.fd)
 
     def spill_punch(self, extent: Extent) -> int:
         """Give an extent's disk space back (any thread); `spill_release` then skips it."""

@@ -2,15 +2,21 @@
 
 Layout: one private subdirectory of `spill_dir` per manager (``ugem-<pid>-<random>``),
 holding a lock file (flock, held for the manager's life) and one large sparse file. Each
-spilled object gets a contiguous extent of that file from a RangeAllocator (page units);
-only the object's data segments are copied (SEEK_DATA/SEEK_HOLE), so holes stay holes.
+spilled object gets a contiguous extent of that file from a RangeAllocator (page units),
+sized for the data the object holds, never for its size: only its data segments
+(SEEK_DATA/SEEK_HOLE) are copied, packed one after another, and the extent remembers
+where each came from, so holes stay holes and a sparse 32 TiB object holding one page
+takes one page of the 8 TiB range.
 
 Rules:
-- spilled objects hold no fd: an extent is just (start, size) in the shared file;
+- spilled objects hold no fd: an extent is (start, size) in the shared file plus its
+  segment map;
+- running out of room (the range, or the disk under it) is ENOMEM naming the spill
+  directory; a copy that fails leaves the object where it was;
 - the space of a dead or restored object is given back with fallocate(PUNCH_HOLE);
 - `close()` removes the subdirectory and everything in it;
 - at start, subdirectories whose lock nobody holds (their manager died) are removed;
-- extent allocation and freeing happen on the core's thread; the copies (`copy_segments`)
+- extent allocation and freeing happen on the core's thread; the copies (`store`, `load`)
   are the long part and run on worker threads, each through its own description of the
   spill file (`writer`) or of the object's fresh memfd.
 """
@@ -19,21 +25,36 @@ from __future__ import annotations
 
 import contextlib
 import ctypes
+import errno
 import fcntl
 import os
 import shutil
 import tempfile
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass, field
 
-from ..constants import PAGE_SIZE
-from ..errors import NoSpace
+from ..constants import PAGE_SIZE, page_align
+from ..errors import NoSpace, OutOfMemory
 from ..mm.range import Node, RangeAllocator
 
-__all__ = ["Extent", "SpillStore", "copy_segments", "data_segments", "punch_hole"]
+__all__ = ["Extent", "SpillStore", "copy_ranges", "copy_segments", "data_segments", "punch_hole"]
 
 _CAPACITY = 1 << 43  # bytes addressable in the sparse spill file (8 TiB)
 _CHUNK = 1 << 30  # at most this much per sendfile (the kernel caps one call near 2 GiB)
-Extent = Node[object]
+
+
+@dataclass(eq=False)
+class Extent:
+    """Where one spilled object's data lives: `node` (pages of the spill file), holding
+    the object's data segments `(object offset, length)` packed in order from its start
+    (filled in by the copy out)."""
+
+    node: Node[object]
+    segments: list[tuple[int, int]] = field(default_factory=list)
+
+    @property
+    def capacity(self) -> int:
+        return self.node.size * PAGE_SIZE
 
 
 _libc = ctypes.CDLL(None, use_errno=True)
@@ -65,6 +86,24 @@ def data_segments(fd: int, start: int, end: int) -> list[tuple[int, int]]:
     return segments
 
 
+def copy_ranges(src: int, dst: int, ranges: Iterable[tuple[int, int, int]]) -> int:
+    """Copy each `(src offset, dst offset, length)` from `src` to `dst`; returns bytes copied.
+    One sendfile per range (page cache to page cache, nothing to fault in); sendfile writes
+    at dst's file position, so `dst` must be a file description nobody else uses meanwhile
+    (`SpillStore.writer`, a job's fresh memfd)."""
+    moved = 0
+    for src_offset, dst_offset, length in ranges:
+        os.lseek(dst, dst_offset, os.SEEK_SET)
+        done = 0
+        while done < length:
+            n = os.sendfile(dst, src, src_offset + done, min(length - done, _CHUNK))
+            if n <= 0:
+                raise OSError(5, f"short copy at byte {done} of a {length}-byte segment")
+            done += n
+        moved += length
+    return moved
+
+
 def copy_segments(src: int, dst: int, src_base: int, dst_base: int, size: int) -> int:
     """Copy the data of src[src_base:src_base+size] to dst at dst_base; returns bytes copied.
 
@@ -74,17 +113,8 @@ def copy_segments(src: int, dst: int, src_base: int, dst_base: int, size: int) -
     description nobody else uses meanwhile (`SpillStore.writer`, a job's fresh memfd).
     Sparse ranges are skipped and stay holes.
     """
-    moved = 0
-    for offset, length in data_segments(src, src_base, src_base + size):
-        os.lseek(dst, dst_base + offset - src_base, os.SEEK_SET)
-        done = 0
-        while done < length:
-            n = os.sendfile(dst, src, offset + done, min(length - done, _CHUNK))
-            if n <= 0:
-                raise OSError(5, f"short copy at byte {done} of a {length}-byte segment")
-            done += n
-        moved += length
-    return moved
+    return copy_ranges(src, dst, ((offset, dst_base + offset - src_base, length)
+                                  for offset, length in data_segments(src, src_base, src_base + size)))
 
 
 class SpillStore:
@@ -102,15 +132,48 @@ class SpillStore:
     def used_bytes(self) -> int:
         return self._space.used * PAGE_SIZE
 
-    def reserve(self, size: int) -> Extent:
-        """An extent for `size` bytes (page multiple); NoSpace when the file is full."""
+    def reserve(self, nbytes: int) -> Extent:
+        """An extent for `nbytes` of data (at least a page); ENOMEM naming the spill
+        directory when the file's range has no room for it."""
+        pages = max(page_align(nbytes) // PAGE_SIZE, 1)
         try:
-            return self._space.insert(size // PAGE_SIZE)
+            return Extent(self._space.insert(pages))
         except NoSpace:
-            raise NoSpace(f"spill storage full ({self.used_bytes} bytes in use)") from None
+            raise OutOfMemory(f"spill storage in {self.directory} is full: no room for {pages * PAGE_SIZE} "
+                              f"bytes ({self.used_bytes} of {_CAPACITY} in use)") from None
 
     def offset(self, extent: Extent) -> int:
-        return extent.start * PAGE_SIZE
+        return extent.node.start * PAGE_SIZE
+
+    def store(self, src: int, extent: Extent, size: int) -> int:
+        """Copy the data segments of src[0:size] into the extent, packed (worker thread);
+        returns bytes copied. Disk errors, and data beyond what was reserved (a bug: the
+        object changed after it was measured), fail naming the spill directory."""
+        segments = data_segments(src, 0, size)
+        total = sum(n for _, n in segments)
+        if total > extent.capacity:
+            raise OSError(errno.ENOSPC, f"spilling {total} bytes into {extent.capacity} reserved in spill "
+                                        f"storage in {self.directory}")
+        ranges, pos = [], self.offset(extent)
+        for offset, length in segments:
+            ranges.append((offset, pos, length))
+            pos += length
+        try:
+            with self.writer() as out:
+                moved = copy_ranges(src, out, ranges)
+        except OSError as exc:
+            raise OSError(exc.errno, f"writing {total} bytes to spill storage in {self.directory} failed: "
+                                     f"{exc.strerror}") from exc
+        extent.segments = segments
+        return moved
+
+    def load(self, extent: Extent, dst: int) -> int:
+        """Copy the extent's segments back to where they came from in `dst` (worker thread)."""
+        ranges, pos = [], self.offset(extent)
+        for offset, length in extent.segments:
+            ranges.append((pos, offset, length))
+            pos += length
+        return copy_ranges(self.fd, dst, ranges)
 
     @contextlib.contextmanager
     def writer(self) -> Iterator[int]:
@@ -123,7 +186,7 @@ class SpillStore:
 
     def punch(self, extent: Extent) -> None:
         """Give the extent's disk space back now (any thread; the range stays reserved)."""
-        punch_hole(self.fd, extent.start * PAGE_SIZE, extent.size * PAGE_SIZE)
+        punch_hole(self.fd, self.offset(extent), extent.capacity)
         self._punched.add(id(extent))
 
     def release(self, extent: Extent) -> None:
@@ -131,8 +194,8 @@ class SpillStore:
         if id(extent) in self._punched:
             self._punched.discard(id(extent))
         else:
-            punch_hole(self.fd, extent.start * PAGE_SIZE, extent.size * PAGE_SIZE)
-        self._space.remove(extent)
+            punch_hole(self.fd, self.offset(extent), extent.capacity)
+        self._space.remove(extent.node)
 
     def close(self) -> None:
         if self.fd >= 0:

@@ -61,6 +61,7 @@ class Client:
     resident_bytes: int = 0  # resident system memory of those objects (kept by Memory)
     pinned_bytes: int = 0
     admitted: bool = False  # counted in its uid's clients (past HELLO)
+    suspending: tuple[Any, int] | None = None  # a suspend in progress: (its request, resumes when it began)
     closed: bool = False
 
     def handle_add(self, handle: int, obj: BufferObject, readonly: bool) -> None:

@@ -16,6 +16,7 @@ import struct
 from ..backing.base import FdKind
 from ..constants import DONTNEED, MAX_OBJECT_SIZE, PAGE_SIZE, WILLNEED, page_align
 from ..errors import (
+    BadAddress,
     Busy,
     InvalidArgument,
     NoDevice,
@@ -155,7 +156,14 @@ def gem_pwrite(core: Core, client: Client, req: s.PwriteReq) -> s.PwriteReply:
 
 
 def xfer_done(core: Core, client: Client, req: s.XferDoneReq) -> s.Empty:
-    core.xfer_done(client, req.xfer_id)
+    """End a bulk transfer. A DONTNEED object may be purged while its transfer is open
+    (its pages then read as zeros through the client's description): XFER_DONE then fails
+    with EFAULT, so the client never takes those zeros for data (a pread raises instead of
+    returning them; a pwrite's bytes were discarded with the rest). Purging is not put
+    off for an open transfer: a client that never reported XFER_DONE could otherwise keep
+    purgeable memory from the shrinker for ever. Purged is final, so the check is exact."""
+    if core.xfer_done(client, req.xfer_id):
+        raise BadAddress(f"object was purged during transfer {req.xfer_id}: the bytes moved are not its contents")
     return s.Empty()
 
 
@@ -240,9 +248,11 @@ def prime_fd_to_handle(core: Core, client: Client, req: s.ImportReq) -> s.Import
         if mine is not None:  # re-import and self-import return the existing (lowest) handle
             readonly = mine in client.readonly
             return s.ImportReply(handle=mine, flags=s.READONLY if readonly else 0, size=obj.size)
-        readonly = info.readonly or obj.readonly
-        handle = core.handle_create(client, obj, readonly=readonly)
-        return s.ImportReply(handle=handle, flags=s.READONLY if readonly else 0, size=obj.size)
+        if obj.readonly and not info.readonly:  # adopted through a read-only fd: now writable too
+            req.fd = None
+            core.make_writable(obj, fd, info)
+        handle = core.handle_create(client, obj, readonly=info.readonly)  # read-only only if the fd is
+        return s.ImportReply(handle=handle, flags=s.READONLY if info.readonly else 0, size=obj.size)
     core.check_object_limit(client)
     core.memory.make_fd_room()  # the new object keeps an fd (Pending: the request keeps its fd)
     kind = Kind.NORMAL if info.kind is FdKind.OURS else Kind.FOREIGN

@@ -83,8 +83,9 @@ def gem_execbuffer(core: Core, client: Client, req: sd.ExecbufferReq) -> sd.Fenc
     surfaces = {h: gpu.surface(o) for h, o in entries.items()}
     seq = gpu.submit(Execute(cmds, surfaces))
     written_objs = {id(entries[h]) for h in written}
-    for obj, nbytes in added.items():
-        core.memory.expect(obj, obj.resident + nbytes)
+    for obj in objs:  # pages the work writes (or reads into being) in place: measured once it ran
+        if obj.placement != Placement.VRAM:
+            core.memory.expect(obj, obj.resident + added.get(obj, 0), seq)
     for cmd in cmds:
         if isinstance(cmd, SemaphoreWait):
             entries[cmd.obj].sem_fence = seq
@@ -93,6 +94,8 @@ def gem_execbuffer(core: Core, client: Client, req: sd.ExecbufferReq) -> sd.Fenc
         if id(obj) in written_objs:
             obj.write_fence = seq
             obj.dev_dirty = obj.placement == Placement.VRAM
+            if not obj.dev_dirty:  # used in place: the work writes its system pages
+                obj.host_fence = seq
     return sd.FenceReply(fence=seq)
 
 
@@ -235,10 +238,27 @@ def gem_get_caching(core: Core, client: Client, req: s.HandleReq) -> sd.CachingR
 
 
 def suspend(core: Core, client: Client, req: s.Empty) -> s.Empty:
-    core.gpu.suspend()
+    """Suspend and resume take effect in the order they arrive. A suspend waits (for
+    device work, copies, spills) and runs again each time; `client.suspending` holds the
+    request with the resume count it began under, so a resume that arrived while it
+    waited wins: the suspend then returns without suspending again (device running)."""
+    gpu = core.gpu
+    began = client.suspending
+    if began is not None and began[0] is req and began[1] != gpu.resumes:
+        client.suspending = None
+        return s.Empty()
+    client.suspending = (req, gpu.resumes if began is None or began[0] is not req else began[1])
+    try:
+        gpu.suspend()
+    except Pending:
+        raise  # the same suspend runs again once the wait is over
+    except BaseException:
+        client.suspending = None
+        raise
+    client.suspending = None
     return s.Empty()
 
 
 def resume(core: Core, client: Client, req: s.Empty) -> s.Empty:
-    core.gpu.suspended = False
+    core.gpu.resume()
     return s.Empty()

@@ -18,6 +18,13 @@ eviction), and each object remembers two seqnos:
 evicting a clean object whose system pages are still there copies nothing back. While an
 object is in VRAM its system pages are a spare copy the shrinker may drop.
 
+Holes stay holes on every move: a copy in reads only the data segments of the system
+pages (clearing the rest of the VRAM range), a copy back writes into holes only pages
+that are not all zeros. Where the holes are is read from the memfd when the copy is
+queued, so only while no queued op still writes those pages (`host_fence`); otherwise
+the copy moves every page. Pages a copy may allocate are charged at once (at most the
+object's size) and measured again once it has landed (`Memory.expect`).
+
 Making a working set resident is planned first and committed only if the whole set fits:
 allocate each missing object (best fit); when that fails, run an eviction scan over the
 VRAM LRU, oldest first, skipping pinned objects and the working set; evict only the
@@ -39,8 +46,8 @@ from collections.abc import Iterable
 from typing import TYPE_CHECKING, Any
 
 from ..constants import CACHING_CACHED, DONTNEED, PAGE_SIZE
-from ..device.base import CopyIn, CopyOut, DeviceBackend, Op, Surface
-from ..errors import Busy, NoSpace
+from ..device.base import CopyIn, CopyOut, DeviceBackend, Holes, Op, Surface
+from ..errors import Busy, NoSpace, UgemError
 from ..mm.lru import Lru
 from ..mm.range import InsertMode, Node, RangeAllocator
 from ..mm.scan import EvictionScan
@@ -60,7 +67,8 @@ class Gpu:
         self.backend = backend
         self.space: RangeAllocator[BufferObject] = RangeAllocator(0, backend.vram_size // PAGE_SIZE)
         self.lru: Lru[BufferObject] = Lru()  # unpinned objects in VRAM, least recently used first
-        self.suspended = False
+        self.suspended = False  # device work is held (daemon) or refused (embedded)
+        self.resumes = 0  # resumes so far: a suspend that sees this change was resumed
         self.last_seq = 0
 
     # -- the timeline ----------------------------------------------------------------
@@ -200,14 +208,26 @@ class Gpu:
                 evicted.append((victim, start, pages))
         victims[:] = evicted
 
+    def _holes(self, obj: BufferObject) -> Holes | None:
+        """The ranges of the object's system pages that hold no memory, for a copy that
+        keeps them holes; None while queued device work will still write those pages
+        (where its writes land is known only once it has run)."""
+        if obj.host_fence > self.backend.completed():
+            return None
+        return self.core.backing.holes(obj.backing)
+
     def _move_in(self, obj: BufferObject, node: Node[BufferObject]) -> None:
-        """Queue the copy that makes `node` hold the object's contents."""
+        """Queue the copy that makes `node` hold the object's contents: its data only, the
+        holes of its system pages are cleared in VRAM, never read (which would fill them)."""
         offset = node.start * PAGE_SIZE
         if obj.backing is None:  # never populated: the device's copy starts as zeros
             seq = self.submit(CopyIn(offset, None, obj.size))
         else:
-            seq = self.submit(CopyIn(offset, self.host_view(obj), obj.size))
-            self.core.counters["bytes_moved_total"] += obj.size
+            holes = self._holes(obj)
+            seq = self.submit(CopyIn(offset, self.host_view(obj), obj.size, holes or ()))
+            if holes is None:  # reading every page may fill holes: count them until measured
+                self.core.memory.expect(obj, obj.size, seq)
+            self.core.counters["bytes_moved_total"] += obj.size - sum(n for _, n in holes or ())
         obj.vram = node
         obj.dev_dirty = False
         obj.last_fence = obj.write_fence = seq
@@ -235,10 +255,11 @@ class Gpu:
             return
         if obj.dev_dirty or obj.backing is None:
             self.core.populate_system(obj)
-            seq = self.submit(CopyOut(offset, self.host_view(obj), obj.size))
-            self.core.memory.expect(obj, obj.size)
+            holes = self._holes(obj)  # pages of zeros copied into holes would fill them
+            seq = self.submit(CopyOut(offset, self.host_view(obj), obj.size, holes or ()))
+            self.core.memory.expect(obj, obj.size, seq)  # at most; measured once it has landed
             self.core.counters["bytes_moved_total"] += obj.size
-            obj.last_fence = obj.write_fence = seq
+            obj.last_fence = obj.write_fence = obj.host_fence = seq
         obj.dev_dirty = False
         obj.transition(Event.EVICT)
 
@@ -264,20 +285,32 @@ class Gpu:
             self.evict(obj)
 
     def suspend(self) -> None:
-        """Wait for all work, save every VRAM object to system memory (DONTNEED ones are
-        dropped), spill past the budget. Transactional: if the host cannot hold the data,
-        fail (ENOMEM/ENOSPC) before anything moved. Pending until it is all done."""
-        if not self.suspended:
-            self.wait_for(self.last_seq)
+        """Hold new device work from now on (as the kernel stops submissions first), wait
+        for all work, save every VRAM object to system memory (DONTNEED ones are dropped),
+        spill past the budget. Transactional: if the host cannot hold the data, fail
+        (ENOMEM/ENOSPC) before anything moved, device running. Pending until it is all
+        done; each run after a wait takes up where the last one stopped."""
+        self.suspended = True
+        self.wait_for(self.last_seq)
+        if self.space.used:
             need = sum(n.owner.size for n in self.space if n.owner is not None
                        and n.owner.madvise != DONTNEED and (n.owner.dev_dirty or n.owner.backing is None))
-            self.core.memory.check_capacity(need)
+            try:
+                self.core.memory.check_capacity(need)
+            except UgemError:
+                self.resume()
+                raise
             self.evict_all()
-            self.suspended = True
         self.wait_for(self.last_seq)  # the copies out
         jobs = self.core.memory.shrink(self.core.memory.budget)
         if jobs or self.core.memory.spilling():
             raise Pending(jobs + self.core.memory.spilling())
+
+    def resume(self) -> None:
+        """Run device work again; a suspend still in progress then ends without effect
+        (`resumes` tells it a resume came after it)."""
+        self.suspended = False
+        self.resumes += 1
 
     def release(self, obj: BufferObject) -> None:
         """The object is freed: give its VRAM back (queued work keeps the timeline order)."""

@@ -23,11 +23,12 @@ import time
 from collections.abc import Callable
 from typing import Any
 
-from ..backing.base import BackingStore
+from ..backing.base import BackingStore, Inspection
 from ..config import Config
 from ..constants import CACHING_CACHED, DONTNEED
 from ..device.base import DeviceBackend
 from ..errors import BadAddress, InvalidArgument, NoSuchObject, QuotaExceeded
+from ..fd import OwnedFd
 from .client import Client, Credentials, UidUsage
 from .cpu_access import finish_vram_write
 from .gpu import Gpu
@@ -90,6 +91,9 @@ class Core:
         for xfer_id in list(client.transfers):
             self.xfer_done(client, xfer_id)
         del self.clients[client.id]
+        if client.suspending is not None and client.suspending[1] == self.gpu.resumes and not any(
+                c.suspending is not None and c.suspending[1] == self.gpu.resumes for c in self.clients.values()):
+            self.gpu.resume()  # its suspend was abandoned midway, as if it had failed: device running
         usage = self.uids[client.creds.uid]
         usage.connections -= 1
         if client.admitted:
@@ -270,7 +274,10 @@ class Core:
         self.memory.reserved += reserve
         return xfer_id
 
-    def xfer_done(self, client: Client, xfer_id: int) -> None:
+    def xfer_done(self, client: Client, xfer_id: int) -> bool:
+        """End a bulk transfer; True if the object was purged while it was open (purged
+        is final, and an object already purged when the transfer would have opened got
+        EFAULT instead: so the bytes the client moved may not be its contents)."""
         entry = client.transfers.pop(xfer_id, None)
         if entry is None:
             raise InvalidArgument(f"transfer {xfer_id} is not open in client {client.id}")
@@ -281,7 +288,9 @@ class Core:
             finish_vram_write(self, obj, *bounce)
         self.memory.reserved -= reserve
         self.memory.measure(obj)
+        purged = obj.placement == Placement.PURGED
         self.put(obj)
+        return purged
 
     # -- pages -----------------------------------------------------------------------
 
@@ -346,6 +355,16 @@ class Core:
         self.memory.track(obj)
         return obj
 
+    def make_writable(self, obj: BufferObject, fd: OwnedFd, info: Inspection) -> None:
+        """A writable fd arrived for memory the manager holds only read-only (a read-only
+        import adopted it): take our own writable description from it (consumes `fd`), so
+        handles imported through writable fds can write. Handles that exist keep their mode."""
+        backing = self.backing.adopt(fd, info)
+        self.backing.release(obj.backing)
+        obj.backing = backing
+        obj.host_view = None  # the device maps the new, writable description
+        obj.readonly = False
+
     def unpin(self, client: Client, obj: BufferObject) -> None:
         if client.id in obj.pinned_by:
             obj.pinned_by = tuple(c for c in obj.pinned_by if c != client.id)
@@ -371,6 +390,7 @@ class Core:
             "objects": len(self.objects),
             "clients": len(self.clients),
             "vram_bytes": self.gpu.vram_bytes,
+            "suspended": self.gpu.suspended,
             "system_budget": self.config.system_budget,
             "vram_size": self.gpu.backend.vram_size,
             "pinned_bytes": self.pinned_bytes,

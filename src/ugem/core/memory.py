@@ -20,10 +20,22 @@ resident + reserved + need <= budget, in three named passes over the LRU (oldest
    dropping them is free now, and an eviction later copies the VRAM contents back.
 3. spill: idle (no job, no device work), unmapped, unpinned, unexported WILLNEED objects
    are copied to spill storage by jobs off the request path; the caller waits (Pending).
+   Spill storage is reserved for the data an object holds, not its size (sparse objects
+   cannot exhaust it); when it has no room, that object counts as a failed spill.
 
-If the passes together cannot free enough, nothing is changed and the request fails with
-ENOMEM. `reserved` counts bytes promised but not yet measurable: restores in flight and
-open pwrite transfers.
+Objects that device work still uses (busy) are left out of passes 2 and 3 until it
+completes. If the passes cannot free enough now but could once that work is done, they
+run as far as they can and the request also waits for the earliest fence after which
+enough is reclaimable (Pending: the daemon parks it, other clients keep being served; the
+embedded manager waits without its lock), then runs again. If the passes together cannot
+free enough even then, nothing is changed and the request fails with ENOMEM.
+
+`reserved` counts bytes promised but not yet measurable: restores in flight and open
+pwrite transfers.
+
+Pages a device op writes (a copy back from VRAM, work on an object used in place) are
+charged when it is queued, as much as it may write (`expect`), and measured once it has
+completed (`landing`), so a sparse object costs what it really holds.
 
 Pages written through mappings are counted only when measured, so they can put resident
 over the budget between requests. A request that adds pages reclaims that excess with its
@@ -35,12 +47,8 @@ Each object with system pages holds one fd (a memfd): `make_fd_room` keeps the s
 `open_count` under `max_open` with the same passes counted in objects (a spill closes the
 memfd when it lands); if nothing can be freed, ENOMEM names the fd limit (SPEC §7).
 
-A job that fails (spill storage full, I/O error) leaves its object where it was, and the
-request that waited for it runs again. So that it cannot plan the same failing copy for
-ever, `failed` remembers the object: a failed spill keeps it out of the spill passes
-until some request has failed with ENOMEM (the next one tries it again); a failed restore
-is the error of the next request that needs the object (ENOMEM when memory or disk ran
-short, else EIO).
+The spill and restore jobs themselves (planning them, applying their outcome) are in
+`spill_jobs.py`, a mixin of this class.
 """
 
 from __future__ import annotations
@@ -54,6 +62,7 @@ from ..errors import IOFailure, NoSpace, OutOfMemory
 from ..mm.lru import Lru
 from .jobs import Job, JobKind, Pending
 from .object import BufferObject, Kind
+from .spill_jobs import SpillJobs
 from .states import Event, Placement
 
 if TYPE_CHECKING:
@@ -62,7 +71,7 @@ if TYPE_CHECKING:
 __all__ = ["Memory"]
 
 
-class Memory:
+class Memory(SpillJobs):
     def __init__(self, core: Core) -> None:
         self.core = core
         self.lru: Lru[BufferObject] = Lru()
@@ -72,6 +81,7 @@ class Memory:
         self.jobs: list[Job] = []  # in flight
         self.background: list[Job] = []  # to start, nobody waits for them
         self.watched: set[BufferObject] = set()  # volatile objects, re-measured by refresh()
+        self.landing: dict[BufferObject, int] = {}  # charged ahead of a device op (fence) writing them
         self.failed: dict[BufferObject, OSError] = {}  # its last spill/restore failed
 
     @property
@@ -99,10 +109,13 @@ class Memory:
         self.resident += now - obj.resident
         obj.resident = now
 
-    def expect(self, obj: BufferObject, nbytes: int) -> None:
-        """Count pages about to be written behind our back (a device copy-out) now."""
-        if obj.kind == Kind.NORMAL and nbytes > obj.resident:
-            self.measure(obj, nbytes)
+    def expect(self, obj: BufferObject, nbytes: int, fence: int) -> None:
+        """Count pages device op `fence` may write behind our back now, as at most
+        `nbytes`; `refresh()` measures the object again once that op has completed."""
+        if obj.kind == Kind.NORMAL:
+            if nbytes > obj.resident:
+                self.measure(obj, nbytes)
+            self.landing[obj] = max(fence, self.landing.get(obj, 0))
 
     def touch(self, obj: BufferObject) -> None:
         if obj in self.lru:
@@ -119,6 +132,11 @@ class Memory:
 
     def refresh(self) -> None:
         """Re-measure objects whose pages may have changed behind our back."""
+        done = self.core.gpu.completed()
+        for obj, fence in list(self.landing.items()):
+            if fence <= done:
+                del self.landing[obj]
+                self.measure(obj)
         for obj in list(self.watched):
             self.measure(obj)
             if not self.volatile(obj):
@@ -131,16 +149,35 @@ class Memory:
         return (obj.madvise == DONTNEED and obj.kind == Kind.NORMAL and not obj.pinned_by
                 and not obj.exported and obj.job is None)
 
+    @staticmethod
+    def _private(obj: BufferObject) -> bool:
+        """Nobody but the manager (and the device) sees its system pages."""
+        return (obj.kind == Kind.NORMAL and obj.job is None and not obj.maps and not obj.xfers
+                and not obj.pinned_by and not obj.exported)
+
     def spillable(self, obj: BufferObject) -> bool:
-        return (obj.kind == Kind.NORMAL and obj.placement == Placement.SYSTEM and obj.job is None
-                and not obj.maps and not obj.xfers and not obj.pinned_by and not obj.exported
-                and obj.madvise != DONTNEED and not self.core.gpu.busy(obj))
+        return (obj.placement == Placement.SYSTEM and obj.madvise != DONTNEED and self._private(obj)
+                and not self.core.gpu.busy(obj))
 
     def spare(self, obj: BufferObject) -> bool:
         """System pages of an object in VRAM that nobody else can see: a spare copy."""
-        return (obj.placement == Placement.VRAM and obj.kind == Kind.NORMAL and obj.job is None
-                and not obj.maps and not obj.xfers and not obj.pinned_by and not obj.exported
-                and not self.core.gpu.busy(obj))
+        return obj.placement == Placement.VRAM and self._private(obj) and not self.core.gpu.busy(obj)
+
+    def reclaimable_when_idle(self, obj: BufferObject) -> bool:
+        """Spillable or a spare copy, but for device work still using it."""
+        return (self.core.gpu.busy(obj) and self._private(obj) and obj not in self.failed
+                and (obj.placement == Placement.VRAM
+                     or (obj.placement == Placement.SYSTEM and obj.madvise != DONTNEED)))
+
+    def _fence_to_wait_for(self, short: int, candidates: list[BufferObject]) -> int:
+        """The earliest fence after which objects device work still uses free `short` more
+        bytes (fences complete in order); 0 if even all of them cannot."""
+        got = 0
+        for obj in sorted((o for o in candidates if self.reclaimable_when_idle(o)), key=lambda o: o.last_fence):
+            got += obj.resident
+            if got >= short:
+                return obj.last_fence
+        return 0
 
     def drop_spare(self, obj: BufferObject) -> None:
         """Free the spare system copy; evicting the object later copies VRAM back."""
@@ -161,13 +198,11 @@ class Memory:
         spare = [o for o in lru if self.spare(o)]
         spill = [o for o in lru if self.spillable(o) and o not in self.failed]
         available = freeing + sum(o.resident for o in purge + spare + spill)
-        if available < deficit:
-            failures = {str(e) for o, e in self.failed.items() if o.placement != Placement.SPILLED}
-            self.failed = {o: e for o, e in self.failed.items() if o.placement == Placement.SPILLED}
-            raise OutOfMemory(
-                f"cannot free {deficit} bytes under the system budget of {self.budget} "
-                f"(resident {self.resident}, reclaimable {available})"
-                + (f"; spilling failed: {'; '.join(sorted(failures))}" if failures else ""))
+        fence = 0
+        if available < deficit:  # everything reclaimable now goes, then wait for the device
+            fence = self._fence_to_wait_for(deficit - available, lru)
+            if not fence:
+                raise self._no_room(deficit, available)
         deficit -= freeing
         for obj in purge:  # pass 1: purge DONTNEED, least recently used first
             if deficit <= 0:
@@ -185,9 +220,23 @@ class Memory:
         for obj in spill:  # pass 3: spill idle objects, least recently used first
             if deficit <= 0:
                 break
-            deficit -= obj.resident
-            started.append(self.plan_spill(obj))
-        raise Pending(started + [j for j in self.jobs if j.kind is JobKind.SPILL and j not in started])
+            job = self.plan_spill(obj)
+            if job is not None:
+                deficit -= job.nbytes
+                started.append(job)
+        jobs = started + [j for j in self.jobs if j.kind is JobKind.SPILL and j not in started]
+        if not jobs and not fence:  # spill storage had no room for any of them
+            raise self._no_room(deficit, 0)
+        raise Pending(jobs, fence=fence)
+
+    def _no_room(self, deficit: int, available: int) -> OutOfMemory:
+        """ENOMEM for a request, naming why spilling failed; the objects whose spill failed
+        may be tried again from now on."""
+        failures = {str(e) for o, e in self.failed.items() if o.placement != Placement.SPILLED}
+        self.failed = {o: e for o, e in self.failed.items() if o.placement == Placement.SPILLED}
+        return OutOfMemory(f"cannot free {deficit} bytes under the system budget of {self.budget} "
+                           f"(resident {self.resident}, reclaimable {available})"
+                           + (f"; spilling failed: {'; '.join(sorted(failures))}" if failures else ""))
 
     def spilling(self) -> list[Job]:
         return [j for j in self.jobs if j.kind is JobKind.SPILL]
@@ -218,11 +267,15 @@ class Memory:
         if excess <= 0 or not wait:
             return
         spill = [o for o in self.lru if o not in keep and self.spillable(o) and o not in self.failed][:excess]
-        if len(spill) < excess and not spilling:
+        planned = [] if len(spill) < excess and not spilling else [self.plan_spill(o) for o in spill]
+        started = [j for j in planned if j is not None]
+        if len(started) < excess and not spilling:
+            failures = {str(self.failed[o]) for o in spill if o in self.failed}
             raise OutOfMemory(f"no fd left for object pages: {store.open_count} object memfds open, at "
                               f"{store.limit_text}, and none of them can be spilled (mapped, pinned, "
-                              f"exported or busy)")
-        raise Pending([self.plan_spill(o) for o in spill] + spilling)
+                              f"exported or busy)" + (f"; spilling failed: {'; '.join(sorted(failures))}"
+                                                      if failures else ""))
+        raise Pending(started + spilling)
 
     def check_capacity(self, need: int) -> None:
         """ENOMEM/ENOSPC unless the host can take `need` more bytes within the budget: what
@@ -275,8 +328,10 @@ class Memory:
                     and o not in self.failed]:
             if excess <= 0:
                 break
-            excess -= obj.resident
-            jobs.append(self.plan_spill(obj))
+            job = self.plan_spill(obj)
+            if job is not None:
+                excess -= job.nbytes
+                jobs.append(job)
         return jobs
 
     # -- the moves -------------------------------------------------------------------
@@ -294,86 +349,6 @@ class Memory:
             obj.extent, obj.spilled = None, 0
         obj.transition(Event.PURGE)
         self.core.counters["purged_total"] += 1
-
-    def plan_spill(self, obj: BufferObject) -> Job:
-        extent = self.core.backing.spill_reserve(obj.size)
-        backing = obj.backing
-        job = Job(JobKind.SPILL, obj, lambda: self.core.backing.spill_out(backing, extent, obj.size),
-                  nbytes=obj.resident, extent=extent)
-        self._start(job)
-        return job
-
-    def plan_restore(self, obj: BufferObject) -> Job:
-        """Bring a spilled object back; the caller has made room for its data."""
-        backing = self.core.backing.create(obj.size)
-        extent = obj.extent
-        job = Job(JobKind.RESTORE, obj, lambda: self.core.backing.spill_in(extent, backing, obj.size),
-                  nbytes=obj.spilled, extent=extent, backing=backing)
-        self.reserved += job.nbytes
-        self._start(job)
-        return job
-
-    def _start(self, job: Job) -> None:
-        job.obj.job = job
-        self.core.get(job.obj)  # the object outlives the worker's copy
-        self.jobs.append(job)
-
-    def take_background(self) -> list[Job]:
-        """Jobs nobody waits for (spill-space punches); the transport runs them."""
-        jobs, self.background = self.background, []
-        return jobs
-
-    def finish(self, job: Job) -> None:
-        """Apply a job's outcome on the core's thread (exactly once)."""
-        if job.kind is JobKind.PUNCH:  # now the range may be handed out again
-            job.done = True
-            self.core.backing.spill_release(job.extent)
-            return
-        obj = job.obj
-        self.jobs.remove(job)
-        obj.job = None
-        job.done = True
-        if job.kind is JobKind.SPILL:
-            self._finish_spill(job)
-        else:
-            self._finish_restore(job)
-        self.core.put(obj)
-
-    def _finish_spill(self, job: Job) -> None:
-        obj = job.obj
-        if job.error is not None or obj.placement != Placement.SYSTEM:
-            self.core.backing.spill_release(job.extent)
-            if job.error is not None:
-                self.failed[obj] = job.error
-            return
-        if obj.madvise == DONTNEED:  # advised away while it was being copied: drop it instead
-            self.core.backing.spill_release(job.extent)
-            self.purge(obj)
-            return
-        self.untrack(obj)
-        self.core.release_backing(obj)
-        obj.extent, obj.spilled = job.extent, job.moved
-        self.spilled += job.moved
-        obj.transition(Event.SPILL)
-        self.core.counters["spilled_total"] += 1
-        self.core.counters["bytes_moved_total"] += job.moved
-
-    def _finish_restore(self, job: Job) -> None:
-        obj = job.obj
-        self.reserved -= job.nbytes
-        if job.error is not None or obj.placement != Placement.SPILLED:
-            self.core.backing.release(job.backing)
-            if job.error is not None:
-                self.failed[obj] = job.error
-            return
-        extent = obj.extent  # punched off the request path, then released (finish of PUNCH)
-        self.background.append(Job(JobKind.PUNCH, obj, lambda: self.core.backing.spill_punch(extent), 0,
-                                   extent=extent))
-        self.spilled -= obj.spilled
-        obj.backing, obj.extent, obj.spilled = job.backing, None, 0
-        obj.transition(Event.RESTORE)
-        self.track(obj)
-        self.core.counters["bytes_moved_total"] += job.moved
 
     # -- entry points for handlers ---------------------------------------------------
 
@@ -405,6 +380,7 @@ class Memory:
     def release(self, obj: BufferObject) -> None:
         """The object is being freed: give back its memory and spill space."""
         self.watched.discard(obj)
+        self.landing.pop(obj, None)
         self.failed.pop(obj, None)
         if obj.backing is not None:
             self.untrack(obj)

@@ -45,7 +45,8 @@ class BufferObject:
         "id", "size", "kind", "backing", "key", "placement", "madvise", "refcount",
         "handle_count", "name", "creator", "creator_uid", "tiling", "stride", "caching",
         "pinned_by", "readonly", "resident", "maps", "xfers", "exported", "job", "extent", "spilled",
-        "vram", "last_fence", "write_fence", "last_exec", "sem_fence", "dev_dirty", "host_view", "__weakref__",
+        "vram", "last_fence", "write_fence", "host_fence", "last_exec", "sem_fence", "dev_dirty", "host_view",
+        "__weakref__",
     )
 
     def __init__(self, ident: int, size: int, kind: Kind, creator: int, creator_uid: int) -> None:
@@ -76,6 +77,7 @@ class BufferObject:
         self.vram: Any = None  # its node in device memory while placement is VRAM (core/gpu.py)
         self.last_fence = 0  # last device op touching it (busy, wait)
         self.write_fence = 0  # last device op changing its bytes (CPU reads wait for it)
+        self.host_fence = 0  # last device op writing its system pages (a copy out, work in place)
         self.last_exec = 0  # last execbuffer using it (EIO if that was cancelled as hung)
         self.sem_fence = 0  # last execbuffer with a SemaphoreWait polling it
         self.dev_dirty = False  # the device's copy is newer than the system pages

@@ -14,9 +14,14 @@ Memory the device touches is described by `Surface`s, resolved by the core at su
   (the simulated device gets a memoryview; a GPU backend would register/pin it).
 
 Ops:
-- `CopyIn(vram, host, length)`: host -> device memory (making an object resident);
+- `CopyIn(vram, host, length, holes)`: host -> device memory (making an object resident);
   `host=None` clears the range instead (an object that never had pages);
-- `CopyOut(vram, host, length)`: device memory -> host (eviction, set_domain(CPU), suspend);
+- `CopyOut(vram, host, length, holes)`: device memory -> host (eviction, set_domain(CPU),
+  suspend);
+- `holes`: `(offset, length)` ranges of the host buffer, sorted and disjoint, where the
+  object's memory holds no pages. Holes must stay holes (reading one through a mapping
+  would allocate it, uncounted): CopyIn clears those ranges of device memory instead of
+  reading them; CopyOut writes into them only the pages that are not all zeros;
 - `Execute(commands, surfaces)`: run a command list (ugem.cmd) where each handle in the
   commands maps to its Surface.
 
@@ -32,7 +37,7 @@ from typing import Any, Protocol
 
 from ..cmd import Command
 
-__all__ = ["CopyIn", "CopyOut", "DeviceBackend", "Execute", "Op", "Surface"]
+__all__ = ["CopyIn", "CopyOut", "DeviceBackend", "Execute", "Holes", "Op", "Surface"]
 
 
 @dataclass(frozen=True, slots=True)
@@ -46,11 +51,15 @@ class Surface:
     stride: int = 0
 
 
+Holes = tuple[tuple[int, int], ...]  # (offset, length) ranges of a host buffer without pages
+
+
 @dataclass(frozen=True, slots=True)
 class CopyIn:
     vram: int
     host: Any  # readable buffer of `length` bytes, or None: fill with zeros
     length: int
+    holes: Holes = ()  # not read: cleared in device memory
 
 
 @dataclass(frozen=True, slots=True)
@@ -58,6 +67,7 @@ class CopyOut:
     vram: int
     host: Any  # writable buffer of `length` bytes
     length: int
+    holes: Holes = ()  # only pages that are not all zeros are written there
 
 
 @dataclass(frozen=True, slots=True)

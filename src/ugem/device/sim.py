@@ -8,7 +8,9 @@ The timeline is one worker thread that runs ops strictly in submission order:
 - `submit()` validates the op (a range outside device memory, a short or read-only host
   buffer is a core bug and raises ValueError at the call site), then takes the next seqno and
   queues the op under one lock, so queue order is seqno order. It never waits for the device.
-- CopyIn / CopyOut copy between a host buffer and a slice of device memory. Execute gives
+- CopyIn / CopyOut copy between a host buffer and a slice of device memory, leaving the
+  host's holes unread (CopyIn clears them in device memory) and unwritten where device
+  memory holds a page of zeros (CopyOut checks each such page first). Execute gives
   each handle a `Target`: VRAM surfaces become memoryview slices of device memory, host
   surfaces (CACHED, userptr, pinned in system memory) are used in place. Its commands run
   one by one through `commands.execute`.
@@ -54,12 +56,14 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from ..cmd import SemaphoreWait
-from .base import CopyIn, CopyOut, DeviceBackend, Execute, Op, Surface
+from ..constants import PAGE_SIZE as _PAGE
+from .base import CopyIn, CopyOut, DeviceBackend, Execute, Holes, Op, Surface
 from .commands import Hung, Target, execute
 
 __all__ = ["SimDevice", "check_op", "run_op"]
 
 log = logging.getLogger("ugem.device")
+_CHECK_CHUNK = 1 << 20  # bytes of a hole checked for zeros, then copied, at a time (cache-sized)
 
 # Python's mmap module does not export MAP_NORESERVE everywhere; 0x4000 is its value on the
 # common Linux ABIs (x86, arm, riscv). Elsewhere we go without (only the accounting differs).
@@ -94,10 +98,19 @@ def _check_surface(handle: int, surface: Surface, vram_size: int) -> None:
         raise ValueError(f"surface of handle {handle}: host buffer shorter than {surface.size} bytes")
 
 
+def _check_holes(holes: Holes, length: int) -> None:
+    end = 0
+    for offset, size in holes:
+        if offset < end or size <= 0 or offset + size > length:
+            raise ValueError(f"holes {holes!r} are not sorted, disjoint, nonempty ranges inside {length} bytes")
+        end = offset + size
+
+
 def check_op(op: Op, vram_size: int) -> None:
     """Raise ValueError (TypeError for a non-op) if `op` could not run on this device."""
     if isinstance(op, CopyIn | CopyOut):
         _check_range(op.vram, op.length, vram_size)
+        _check_holes(op.holes, op.length)
         if isinstance(op, CopyIn) and op.host is None:
             return  # clears the range
         if _host_bytes(op.host, writable=isinstance(op, CopyOut)) < op.length:
@@ -167,12 +180,57 @@ def run_op(
         np.frombuffer(memory, dtype=np.uint8, count=op.length, offset=op.vram).fill(0)
     elif isinstance(op, CopyIn):  # np.copyto releases the GIL: the daemon loop keeps running
         with _host_view(op.host, op.length) as src, memory[op.vram:op.vram + op.length] as dst:
-            np.copyto(np.frombuffer(dst, dtype=np.uint8), np.frombuffer(src, dtype=np.uint8))
+            _copy_in(np.frombuffer(src, dtype=np.uint8), np.frombuffer(dst, dtype=np.uint8), op.holes)
     elif isinstance(op, CopyOut):
         with _host_view(op.host, op.length) as dst, memory[op.vram:op.vram + op.length] as src:
-            np.copyto(np.frombuffer(dst, dtype=np.uint8), np.frombuffer(src, dtype=np.uint8))
+            _copy_out(np.frombuffer(src, dtype=np.uint8), np.frombuffer(dst, dtype=np.uint8), op.holes)
     else:
         _execute(memory, op, deadline, abandon_waits)
+
+
+def _data_ranges(length: int, holes: Holes) -> Iterator[tuple[int, int]]:
+    """The (start, end) ranges of [0, length) between the holes."""
+    pos = 0
+    for offset, size in holes:
+        if offset > pos:
+            yield pos, offset
+        pos = offset + size
+    if pos < length:
+        yield pos, length
+
+
+def _copy_in(host: np.ndarray, vram: np.ndarray, holes: Holes) -> None:
+    """Host -> device memory, never reading the host's holes (device memory cleared there)."""
+    for start, end in _data_ranges(len(host), holes):
+        np.copyto(vram[start:end], host[start:end])
+    for offset, size in holes:
+        vram[offset:offset + size].fill(0)
+
+
+def _copy_out(vram: np.ndarray, host: np.ndarray, holes: Holes) -> None:
+    """Device memory -> host; in the host's holes only pages that are not all zeros, in
+    runs of consecutive pages (a hole stays a hole where the device left zeros). A hole
+    is checked and copied a chunk at a time, so the copy reads what the check just read
+    from the cache."""
+    for start, end in _data_ranges(len(host), holes):
+        np.copyto(host[start:end], vram[start:end])
+    for offset, size in holes:
+        for chunk in range(offset, offset + size, _CHECK_CHUNK):
+            _copy_nonzero_pages(vram, host, chunk, min(chunk + _CHECK_CHUNK, offset + size))
+
+
+def _copy_nonzero_pages(vram: np.ndarray, host: np.ndarray, start: int, end: int) -> None:
+    src = vram[start:end]
+    whole = (end - start) // _PAGE * _PAGE
+    nonzero = np.zeros(-(-(end - start) // _PAGE), dtype=bool)
+    if whole:
+        nonzero[:whole // _PAGE] = src[:whole].view(np.uint64).reshape(-1, _PAGE // 8).any(axis=1)
+    if whole < end - start:
+        nonzero[-1] = bool(src[whole:].any())
+    edges = np.flatnonzero(np.diff(np.concatenate(([0], nonzero.view(np.int8), [0]))))
+    for first, last in zip(edges[::2].tolist(), edges[1::2].tolist(), strict=True):
+        a, b = start + first * _PAGE, min(start + last * _PAGE, end)
+        np.copyto(host[a:b], vram[a:b])
 
 
 _STOP = None  # queued by close(): the worker exits after everything queued before it

@@ -5,6 +5,7 @@ from __future__ import annotations
 import errno
 import logging
 import mmap
+import os
 import struct
 import threading
 import time
@@ -317,6 +318,9 @@ def test_close_from_the_notify_callback_is_refused(caplog: pytest.LogCaptureFixt
         Execute([], {1: Surface(4096)}),  # neither vram nor host
         Execute([], {1: Surface(4096, vram=0, host=bytearray(4096))}),  # both
         Execute([], {1: Surface(4096, host=bytearray(100))}),
+        CopyIn(0, bytes(8192), 8192, holes=((4096, 4096), (0, 4096))),  # holes out of order
+        CopyOut(0, bytearray(8192), 8192, holes=((4096, 8192),)),  # a hole past the length
+        CopyOut(0, bytearray(8192), 8192, holes=((0, 0),)),  # an empty hole
     ],
 )
 def test_submit_refuses_ops_that_cannot_run_without_using_a_seqno(dev: SimDevice, op: object) -> None:
@@ -335,3 +339,49 @@ def test_constructor_checks_its_arguments() -> None:
         SimDevice(vram_size=0, hang_timeout=1.0)
     with pytest.raises(ValueError):
         SimDevice(vram_size=MiB, hang_timeout=0)
+
+
+# --- holes stay holes ---
+
+PAGE = 4096
+
+
+def _memfd_map(pages: int) -> tuple[int, mmap.mmap]:
+    fd = os.memfd_create("sim-test", os.MFD_CLOEXEC)
+    os.ftruncate(fd, pages * PAGE)
+    return fd, mmap.mmap(fd, pages * PAGE)
+
+
+def _allocated(fd: int) -> int:
+    return os.fstat(fd).st_blocks * 512
+
+
+def test_copy_in_reads_no_hole_and_clears_it_in_device_memory(dev: SimDevice) -> None:
+    fd, host = _memfd_map(4)
+    try:
+        host[PAGE:2 * PAGE] = b"\x5a" * PAGE  # one page of data, three holes
+        dev.submit(CopyIn(0, b"\xff" * (4 * PAGE), 4 * PAGE))  # device memory dirty first
+        seq = dev.submit(CopyIn(0, host, 4 * PAGE, holes=((0, PAGE), (2 * PAGE, 2 * PAGE))))
+        assert dev.wait(seq, 5.0)
+        assert dev.read_vram(0, 4 * PAGE) == bytes(PAGE) + b"\x5a" * PAGE + bytes(2 * PAGE)
+        assert _allocated(fd) == PAGE  # the holes were never read
+    finally:
+        host.close()
+        os.close(fd)
+
+
+def test_copy_out_writes_into_holes_only_pages_that_are_not_zeros(dev: SimDevice) -> None:
+    fd, host = _memfd_map(6)
+    try:
+        host[0:PAGE] = b"\x01" * PAGE  # data: overwritten even with zeros
+        vram = bytearray(6 * PAGE)
+        vram[3 * PAGE + 7] = 0x77  # one nonzero page in the hole [PAGE, 6 * PAGE)
+        vram[4 * PAGE:5 * PAGE] = b"\x78" * PAGE  # and the next one
+        dev.submit(CopyIn(0, bytes(vram), len(vram)))
+        seq = dev.submit(CopyOut(0, host, len(vram), holes=((PAGE, 5 * PAGE),)))
+        assert dev.wait(seq, 5.0)
+        assert _allocated(fd) == 3 * PAGE  # page 0 (data), pages 3 and 4 (not zeros)
+        assert os.pread(fd, len(vram), 0) == bytes(vram)  # (reading through the mapping would fill holes)
+    finally:
+        host.close()
+        os.close(fd)

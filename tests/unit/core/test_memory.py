@@ -1,0 +1,117 @@
+"""core/memory.py against an embedded manager whose limits a test can shrink: spill
+storage that runs out (its range), and reclaim that must wait for device work."""
+
+from __future__ import annotations
+
+import errno
+import os
+from collections.abc import Iterator
+from typing import Any
+
+import pytest
+
+import ugem
+from ugem.backing import spill
+from ugem.backing.memfd import MemfdStore
+from ugem.cmd import Fill
+from ugem.config import Config
+from ugem.core.client import Client, Credentials
+from ugem.core.jobs import Pending
+from ugem.core.manager import Core
+from ugem.core.requests import BY_OP, dispatch
+from ugem.testing import FakeDevice
+from ugem.testing.data import random_bytes, write_new
+from ugem.wire import structs as s
+from ugem.wire import structs_device as sd
+from ugem.wire.commands import encode_commands
+from ugem.wire.frames import Op
+
+MiB = 1 << 20
+
+
+def test_spill_range_running_out_is_enomem_naming_the_directory_and_loses_nothing(tmp_path, monkeypatch):
+    monkeypatch.setattr(spill, "_CAPACITY", 4 * MiB)
+    with ugem.Manager(system_budget="8M", spill_dir=str(tmp_path)) as manager, manager.open() as dev:
+        objects = dict(write_new(dev, MiB, seed=i) for i in range(12))  # 4 MiB spilled: the range is full
+        assert dev.stats()["spilled_bytes"] == 4 * MiB
+        h = dev.create(MiB)
+        before = dev.stats()
+        with pytest.raises(ugem.UgemError) as failed:
+            dev.pwrite(h, 0, random_bytes(99, MiB))
+        assert failed.value.errno == errno.ENOMEM
+        assert str(tmp_path) in str(failed.value) and "full" in str(failed.value)
+        assert dev.stats()["spilled_bytes"] == before["spilled_bytes"]
+        resident = [x for x in objects if dev.info(x).placement == "system"]
+        for x in resident[:4]:  # room for the spilled ones to come back
+            dev.close_handle(x)
+            del objects[x]
+        for x, data in objects.items():
+            assert dev.pread(x, 0, MiB) == data
+
+
+# -- reclaim that waits for the device (a FakeDevice holds its work until released) -----
+
+
+@pytest.fixture
+def held(tmp_path: Any) -> Iterator[tuple[Core, Client, FakeDevice]]:
+    """A core with a 1 MiB budget on a paused FakeDevice, and one client."""
+    device = FakeDevice(paused=True)
+    spill_dir = str(tmp_path / "spill")
+    core = Core(Config.from_kwargs(system_budget="1M", spill_dir=spill_dir), MemfdStore(spill_dir), device)
+    client = core.client_open(Credentials(os.getpid(), os.getuid(), os.getgid()), privileged=True)
+    try:
+        yield core, client, device
+    finally:
+        device.release()
+        core.client_release(client)
+        device.close()
+        core.backing.close()
+
+
+def _call(core: Core, client: Client, op: Op, req: s.Struct) -> Any:
+    return dispatch(core, client, BY_OP[op], req)
+
+
+def _busy_object(core: Core, client: Client, size: int, caching: int) -> int:
+    """An object written with `size` bytes that queued device work (held) still uses."""
+    handle = _call(core, client, Op.GEM_CREATE, s.CreateReq(size=size)).handle
+    _call(core, client, Op.GEM_PWRITE, s.PwriteReq(handle=handle, length=size, data=b"\x07" * size))
+    _call(core, client, Op.GEM_SET_CACHING, sd.CachingReq(handle=handle, level=caching))
+    commands = encode_commands([Fill(dst=handle, offset=0, length=8, byte=1)])
+    _call(core, client, Op.GEM_EXECBUFFER, sd.ExecbufferReq(data=commands))
+    return int(handle)
+
+
+@pytest.mark.parametrize("caching", [ugem.CACHING_NONE, ugem.CACHING_CACHED])
+def test_room_held_by_busy_objects_is_waited_for_then_reclaimed(held, caching):
+    # NONE: in VRAM, its system pages a spare copy; CACHED: used in place, spilled later
+    core, client, device = held
+    busy = core.lookup(client, _busy_object(core, client, MiB, caching))
+    handle = _call(core, client, Op.GEM_CREATE, s.CreateReq(size=MiB // 2)).handle
+    write = s.PwriteReq(handle=handle, length=MiB // 2, data=b"\x09" * (MiB // 2))
+    with pytest.raises(Pending) as waiting:
+        _call(core, client, Op.GEM_PWRITE, write)
+    assert waiting.value.fence == busy.last_fence and not waiting.value.jobs
+    assert core.memory.resident == MiB  # nothing was changed for the wait
+    device.release()
+    while True:  # the work is done: the room comes from the busy object (spilled or dropped)
+        try:
+            _call(core, client, Op.GEM_PWRITE, write)
+            break
+        except Pending as pending:
+            for job in pending.jobs:
+                job.run()
+                core.memory.finish(job)
+    assert core.memory.resident <= MiB
+
+
+def test_enomem_at_once_when_even_finished_work_would_not_free_enough(held):
+    core, client, device = held
+    _busy_object(core, client, MiB // 2, ugem.CACHING_NONE)  # half the budget, busy
+    pinned = _call(core, client, Op.GEM_CREATE, s.CreateReq(size=MiB // 2)).handle
+    _call(core, client, Op.GEM_PIN, s.HandleReq(handle=pinned))
+    handle = _call(core, client, Op.GEM_CREATE, s.CreateReq(size=MiB)).handle
+    with pytest.raises(ugem.UgemError) as failed:
+        _call(core, client, Op.GEM_PWRITE, s.PwriteReq(handle=handle, length=MiB, data=bytes(MiB)))
+    assert failed.value.errno == errno.ENOMEM
+    assert device.held  # the work is still held: the request did not wait for it
