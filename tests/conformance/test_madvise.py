@@ -208,7 +208,7 @@ def test_pread_of_an_object_purged_during_its_transfer_is_efault(make_env, mode,
     size = 64 * PAGE
     h, _ = _written(dev, size, seed=7)
     assert dev.madvise(h, ugem.DONTNEED) is True
-    _purge_during_transfer(monkeypatch, env, size, "_pread_all" if call == "pread" else "_preadv_all")
+    _purge_during_transfer(monkeypatch, env, size, "pread_all" if call == "pread" else "preadv_all")
     if call == "pread":
         assert errno_of(dev.pread, h, 0, size) == errno.EFAULT
     else:
@@ -225,7 +225,7 @@ def test_pwrite_to_an_object_purged_during_its_transfer_is_efault(make_env, mode
     size = 64 * PAGE
     h, _ = _written(dev, size, seed=8)
     assert dev.madvise(h, ugem.DONTNEED) is True
-    _purge_during_transfer(monkeypatch, env, size, "_pwritev_all")
+    _purge_during_transfer(monkeypatch, env, size, "pwritev_all")
     assert errno_of(dev.pwrite, h, 0, b"\x02" * size) == errno.EFAULT  # the bytes were discarded
     assert dev.info(h).placement == "purged"
 

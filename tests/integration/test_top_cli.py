@@ -77,7 +77,7 @@ def test_once_prints_one_frame_with_the_daemons_figures() -> None:
     text = out.stdout
     assert all(len(line) <= 100 for line in text.splitlines())
     assert text.count("ugem top") == 1
-    assert text.startswith(f"ugem top  {stats['objects']} objects, 2 clients  rates: first sample")
+    assert text.startswith(f"ugem top  {stats['objects']} objects, 2 clients  device: running  rates: first sample")
     system = _line(text, "system")
     assert f"{human(stats['resident_bytes'])} / 64.0 KiB" in system
     assert f"{100 * stats['resident_bytes'] / (64 * KiB):.1f}%" in system
