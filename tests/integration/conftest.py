@@ -35,7 +35,7 @@ from typing import Any
 import pytest
 
 from ugem.testing import DaemonProcess, run_daemon
-from ugem.testing.data import wait_until
+from ugem.testing.data import SAFETY_S, wait_until
 from ugem.wire import structs as s
 from ugem.wire.frames import HEADER, Kind, Op, encode_header
 
@@ -55,7 +55,7 @@ def fd_targets(pid: int) -> list[str]:
     return out
 
 
-def wait_fd_count(daemon: DaemonProcess, expected: int, timeout: float = 10.0) -> None:
+def wait_fd_count(daemon: DaemonProcess, expected: int, timeout: float = SAFETY_S) -> None:
     """The daemon's fd count settles at `expected` (clients are released asynchronously)."""
     try:
         wait_until(lambda: daemon.fd_count() == expected, timeout, what=f"daemon fd count == {expected}")
@@ -137,7 +137,7 @@ class Reply:
 class RawClient:
     """A hand-driven wire client. Blocking socket with a timeout; closes everything it got."""
 
-    def __init__(self, path: str, timeout: float = 5.0) -> None:
+    def __init__(self, path: str, timeout: float = SAFETY_S) -> None:
         self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
         try:
             self.sock.connect(path)
@@ -215,7 +215,7 @@ class RawClient:
         reply = self.call(Op.STATS, s.Empty())
         assert reply.status == 0 and reply.payload.startswith(b"{"), reply
 
-    def assert_dropped(self, timeout: float = 5.0) -> None:
+    def assert_dropped(self, timeout: float = SAFETY_S) -> None:
         """The daemon closes this connection (EOF or reset) without answering."""
         self.sock.settimeout(timeout)
         try:
@@ -327,7 +327,7 @@ class Kit:
         self._owned: list[RawClient | FdTracer | Tenant] = []
         self._dirs: list[str] = []
 
-    def raw(self, path: str, timeout: float = 5.0) -> RawClient:
+    def raw(self, path: str, timeout: float = SAFETY_S) -> RawClient:
         client = RawClient(path, timeout)
         self._owned.append(client)
         return client

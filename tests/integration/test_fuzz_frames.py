@@ -54,6 +54,7 @@ from ugem.cmd import Fill
 from ugem.errors import InvalidArgument, RemoteProtocolError
 from ugem.fd import OwnedFd
 from ugem.testing import DaemonProcess, run_daemon
+from ugem.testing.data import PROMPT_S, SAFETY_S
 from ugem.wire import structs as s
 from ugem.wire import structs_device as sd
 from ugem.wire.commands import RECORD, decode_commands
@@ -374,12 +375,12 @@ class World:
     def check(self, kit: Any, what: str) -> None:
         assert self.daemon.proc.poll() is None, f"daemon died after {what}:\n{self.daemon.stderr_text()[-4000:]}"
         try:
-            kit.wait_fd_count(self.daemon, self.baseline, timeout=5)
+            kit.wait_fd_count(self.daemon, self.baseline)
         except AssertionError as exc:
             raise AssertionError(f"after {what}: {exc}") from None
         t0 = time.perf_counter()
         stats = self.victim.stats()
-        assert time.perf_counter() - t0 < 1.0, f"after {what}: a bystander waited {time.perf_counter() - t0:.2f} s"
+        assert time.perf_counter() - t0 < PROMPT_S, f"after {what}: a bystander waited {time.perf_counter() - t0:.2f} s"
         assert stats["clients"] == 2 and stats["objects"] == len(self.contents) + 1, (what, stats)
         for handle, data in self.contents.items():
             assert self.victim.pread(handle, 0, len(data)) == data, f"victim object {handle} changed after {what}"
@@ -780,7 +781,7 @@ def run_hostile(conn: Conn, h: Hostile, world: World) -> bool:
     for made in h.fds:  # our copy of each fd: the daemon must hold none after answering
         made.close()
     if h.drop:
-        conn.raw.assert_dropped(timeout=5)
+        conn.raw.assert_dropped()
         FRAMES["dropped (fd framing)"] += 1
         outcome = "dropped"
     else:
@@ -808,7 +809,7 @@ def run_hostile(conn: Conn, h: Hostile, world: World) -> bool:
             assert select_readable(made.tracer, 5) and os.read(made.tracer, 1) == b"", \
                 f"{h.why}: the daemon kept a pipe it was sent ({outcome})"
     if h.fds and outcome == "error":  # a refused fd is closed at once, not with the connection
-        deadline = time.monotonic() + 3
+        deadline = time.monotonic() + SAFETY_S
         while world.daemon.fd_count() > before:  # (fewer: an earlier reply's fd closed just now)
             assert time.monotonic() < deadline, f"{h.why}: daemon fds {world.daemon.fd_count()} > {before} " \
                                                 f"after refusing an fd"

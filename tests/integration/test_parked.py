@@ -11,6 +11,7 @@ import textwrap
 import time
 
 from ugem.testing import run_daemon
+from ugem.testing.data import SAFETY_S
 
 CHILD = textwrap.dedent("""
     import sys, ugem
@@ -42,7 +43,7 @@ def test_a_parked_client_that_dies_is_released() -> None:
                 child.wait()
             if child.stdout is not None:
                 child.stdout.close()
-        deadline = time.monotonic() + 5  # the daemon checks parked clients once a second
+        deadline = time.monotonic() + SAFETY_S  # the daemon checks parked clients once a second
         while time.monotonic() < deadline:
             stats = observer.stats()
             if stats["clients"] == 1 and stats["objects"] == 0:

@@ -38,7 +38,7 @@ import pytest
 import ugem
 from ugem import cmd
 from ugem.testing import Env, run_daemon
-from ugem.testing.data import wait_until
+from ugem.testing.data import SAFETY_S, wait_until
 
 DURATION = float(os.environ.get("UGEM_RACE_SECONDS", "1.0"))
 PAGE = 4096
@@ -924,7 +924,7 @@ def test_map_close_race(race_env: Env, seed: int) -> None:
     def settle_marker(read: Callable[[], Any], expected: int) -> int:
         """The serial of the object read; a reused handle may show its object before the
         creator marked it, so wait for the marker (bounded)."""
-        deadline = time.monotonic() + 5
+        deadline = time.monotonic() + SAFETY_S
         while (marker := read_mark(read())) is None:
             assert time.monotonic() < deadline, "a mapped object never got its marker"
             time.sleep(0.0002)

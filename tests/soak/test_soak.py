@@ -56,6 +56,7 @@ import pytest
 import ugem
 from ugem.cmd import Copy, Fill
 from ugem.testing import DaemonProcess, run_daemon
+from ugem.testing.data import SAFETY_S
 from ugem.wire import structs as s
 from ugem.wire.frames import Kind, Op, encode_header
 
@@ -811,7 +812,7 @@ def test_soak() -> None:
                                     for slot, (gen, seed, code, err) in bad.items()) + f"\n{summary}"
             assert soak.totals()["final checks"] == WORKERS, summary
 
-            deadline = time.monotonic() + 15  # every worker released: nothing left anywhere
+            deadline = time.monotonic() + SAFETY_S  # every worker released: nothing left anywhere
             while True:
                 stats = monitor.stats()
                 listed = monitor.list_objects()

@@ -11,14 +11,22 @@ import numpy as np
 
 from ..cmd import Fill
 
-__all__ = ["fill", "filled", "random_bytes", "wait_until", "write_new"]
+__all__ = ["PROMPT_S", "SAFETY_S", "fill", "filled", "random_bytes", "wait_until", "write_new"]
 
 T = TypeVar("T")
 
+# Time bounds in tests. The suite must pass on a loaded 2-CPU machine (CI, or two suites at
+# once), where a process can wait hundreds of milliseconds for a CPU, so:
+SAFETY_S = 60.0  # a safety net for a wait that ends on an event: reached only if it never comes
+PROMPT_S = 2.0  # "answered without waiting behind anyone": far above a busy machine's scheduling
+#                 delays, far below what being blocked costs (a stalled peer is dropped after 30 s)
 
-def wait_until(predicate: Callable[[], T], timeout: float = 10.0, interval: float = 0.01,
+
+def wait_until(predicate: Callable[[], T], timeout: float = SAFETY_S, interval: float = 0.01,
                what: str = "condition") -> T:
-    """Poll `predicate` until it returns something truthy; fail after `timeout` seconds."""
+    """Poll `predicate` until it returns something truthy; fail after `timeout` seconds, or
+    SAFETY_S if that is longer (a deadline is a safety net here, never what a test checks)."""
+    timeout = max(timeout, SAFETY_S)
     deadline = time.monotonic() + timeout
     while True:
         value = predicate()
