@@ -13,15 +13,14 @@ from __future__ import annotations
 
 import contextlib
 import fcntl
-import json
 import os
-import traceback
 from collections.abc import Callable, Iterator
 from typing import Any
 
 import pytest
 
 import ugem
+from ugem.testing import Tenant
 
 
 @pytest.fixture
@@ -77,42 +76,20 @@ def sealed_memfd(fds: FdBag) -> Callable[..., int]:
     return make
 
 
+def _report_then_hold(channel: Any, fn: Callable[[], Any]) -> None:
+    channel.send(fn())
+    channel.recv()  # hold on (and keep the client connected) until the parent is done
+
+
 @contextlib.contextmanager
 def _as_user(uid: int, fn: Callable[[], Any]) -> Iterator[Any]:
-    result_r, result_w = os.pipe()
-    go_r, go_w = os.pipe()
-    pid = os.fork()
-    if pid == 0:  # child: never returns into pytest
-        status = 0
-        try:
-            os.close(result_r)
-            os.close(go_w)
-            os.setgroups([])
-            os.setgid(uid)
-            os.setuid(uid)
-            payload = {"ok": fn()}
-        except BaseException:
-            payload = {"error": traceback.format_exc()}
-            status = 1
-        try:
-            os.write(result_w, json.dumps(payload).encode())
-            os.close(result_w)
-            os.read(go_r, 1)  # hold on (and keep the client connected) until the parent is done
-        finally:
-            os._exit(status)
-    os.close(result_w)
-    os.close(go_r)
+    child = Tenant(_report_then_hold, (fn,), uid)
     try:
-        chunks = []
-        while chunk := os.read(result_r, 65536):
-            chunks.append(chunk)
-        payload = json.loads(b"".join(chunks) or b'{"error": "child died"}')
-        assert "error" not in payload, payload["error"]
-        yield payload["ok"]
+        yield child.recv()
+        child.send("done")
+        assert child.join() == 0
     finally:
-        os.close(go_w)
-        os.close(result_r)
-        os.waitpid(pid, 0)
+        child.close()
 
 
 @pytest.fixture

@@ -10,6 +10,7 @@ daemon raises its fd soft limit to the hard limit.
 from __future__ import annotations
 
 import contextlib
+import io
 import json
 import os
 import resource
@@ -30,7 +31,7 @@ import pytest
 import ugem
 from ugem import cli
 from ugem.cli import format_stats
-from ugem.testing import DaemonProcess, run_daemon
+from ugem.testing import DaemonProcess, Tenant, run_daemon
 from ugem.wire.frames import Kind, Op, encode_header
 
 UGEM = [sys.executable, "-m", "ugem"]
@@ -370,32 +371,23 @@ def test_a_daemon_going_away_is_one_line_naming_the_socket() -> None:
             assert _one_line(result, path, "went away").startswith(f"ugem: {command[0]}: ")
 
 
+def _cli_main(channel: Any, *args: str) -> None:
+    out, err = io.StringIO(), io.StringIO()
+    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+        status = cli.main(list(args))
+    channel.send((status, out.getvalue(), err.getvalue()))
+
+
 def _cli_as(uid: int, *args: str) -> tuple[int, str, str]:
-    """`ugem ARGS` in a forked child that dropped to `uid` (the interpreter lives under a
-    directory other users cannot read, so the child runs main() instead of exec'ing)."""
-    out_r, out_w = os.pipe()
-    err_r, err_w = os.pipe()
-    pid = os.fork()
-    if pid == 0:  # child: never returns into pytest
-        status = 99
-        try:
-            os.close(out_r)
-            os.close(err_r)
-            sys.stdout, sys.stderr = open(out_w, "w"), open(err_w, "w")  # noqa: SIM115
-            os.setgroups([])
-            os.setgid(uid)
-            os.setuid(uid)
-            status = cli.main(list(args))
-            sys.stdout.flush()
-            sys.stderr.flush()
-        finally:
-            os._exit(status)
-    os.close(out_w)
-    os.close(err_w)
-    with open(out_r) as out, open(err_r) as err:
-        stdout, stderr = out.read(), err.read()
-    _, status = os.waitpid(pid, 0)
-    return os.waitstatus_to_exitcode(status), stdout, stderr
+    """`ugem ARGS` as `uid`, in a forked child running main() (the interpreter lives under a
+    directory other users cannot read, so it cannot be exec'd as them)."""
+    child = Tenant(_cli_main, args, uid)
+    try:
+        result: tuple[int, str, str] = child.recv()
+        assert child.join() == 0
+        return result
+    finally:
+        child.close()
 
 
 @pytest.mark.skipif(os.getuid() != 0, reason="needs root to run the CLI as another user")

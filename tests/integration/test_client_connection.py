@@ -139,23 +139,15 @@ def test_timed_out_and_timer_expired_are_exported():
 
 
 @pytest.mark.skipif(os.getuid() != 0, reason="needs root to act as another user")
-def test_permission_denied_names_the_socket_path(daemon):
-    read_fd, write_fd = os.pipe()
-    pid = os.fork()
-    if pid == 0:  # child: another uid, which may not enter root's 0700 socket directory
-        message = b"connected"
-        try:
-            os.setgid(65534)
-            os.setuid(65534)
-            ugem.connect(daemon.path).close()
-        except PermissionError as exc:
-            message = f"{exc.errno}:{exc}".encode()
-        except BaseException as exc:  # noqa: BLE001 - reported to the parent
-            message = repr(exc).encode()
-        os.write(write_fd, message)
-        os._exit(0)
-    os.close(write_fd)
-    with os.fdopen(read_fd, "rb") as pipe:
-        message = pipe.read().decode()
-    os.waitpid(pid, 0)
+def _connect_as_another_user(channel, path):
+    try:
+        ugem.connect(path).close()
+        channel.send("connected")
+    except PermissionError as exc:
+        channel.send(f"{exc.errno}:{exc}")
+
+
+def test_permission_denied_names_the_socket_path(daemon, kit):
+    # another uid may not enter root's 0700 socket directory
+    message = kit.tenant(_connect_as_another_user, daemon.path).recv()
     assert message.startswith(f"{errno.EACCES}:") and daemon.path in message, message
