@@ -9,6 +9,7 @@ __version__ = "0.1.0"
 from . import cmd
 from .client.buffer import Buffer
 from .client.connect import connect
+from .client.default import default_device
 from .client.device import Device, ObjectInfo
 from .config import Config
 from .constants import (
@@ -79,5 +80,6 @@ __all__ = [
     "UgemError",
     "cmd",
     "connect",
+    "default_device",
     "embedded",
 ]
