@@ -10,6 +10,7 @@ where no daemon listens unless the test starts one there.
 from __future__ import annotations
 
 import contextlib
+import gc
 import json
 import os
 import signal
@@ -255,3 +256,20 @@ def test_a_daemon_client_default_disconnects_at_exit(monkeypatch: pytest.MonkeyP
         with daemon.connect() as dev:
             stats = dev.stats()
             assert (stats["clients"], stats["objects"]) == (1, 0)
+
+
+# -- ugem.empty / ugem.zeros without a device ------------------------------------------------
+
+@pytest.mark.parametrize("mode", ["embedded", "daemon"])
+def test_empty_and_zeros_use_the_default_device(mode: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    with _default_in(mode, monkeypatch):
+        a = ugem.zeros((2, 3), "i4")
+        b = ugem.empty(5)
+        dev = ugem.default_device()
+        assert _is_embedded(dev) == (mode == "embedded")
+        assert dev.stats()["objects"] == 2
+        a[1, 2], b[4] = 7, 0.5
+        assert a.sum() == 7 and b.sum() == 0.5
+        del a, b
+        gc.collect()
+        assert dev.stats()["objects"] == 0
