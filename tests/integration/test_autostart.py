@@ -38,7 +38,10 @@ def workdir(monkeypatch: pytest.MonkeyPatch) -> Iterator[str]:
             yield directory
         finally:
             for pid in _daemons_in(directory):
-                os.kill(pid, signal.SIGTERM)
+                try:
+                    os.kill(pid, signal.SIGTERM)
+                except ProcessLookupError:  # it went by itself (--exit-idle) in the meantime
+                    continue
                 _wait_exit(pid)
 
 
