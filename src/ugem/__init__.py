@@ -7,8 +7,10 @@ This module only re-exports; `__all__` is checked by tests/unit/test_exports.py.
 __version__ = "0.1.0"
 
 from . import cmd
+from .client.arrays import empty, zeros
 from .client.buffer import Buffer
 from .client.connect import connect
+from .client.default import default_device
 from .client.device import Device, ObjectInfo
 from .config import Config
 from .constants import (
@@ -79,5 +81,8 @@ __all__ = [
     "UgemError",
     "cmd",
     "connect",
+    "default_device",
     "embedded",
+    "empty",
+    "zeros",
 ]

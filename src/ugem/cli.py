@@ -10,6 +10,12 @@ in use / the daemon went away.
 same checks as `ugem.Manager(**config)`), so bad configuration is one line on stderr naming
 the flag, the value and what is allowed, exit 2, before anything is created: the socket is
 bound before the spill directory is made, and each is undone if the other fails.
+`serve --detach` validates its flags first (bad ones exit 2 at once), then forks: the
+child is the daemon, in a session of its own with stdin and stdout on /dev/null (stderr,
+its log, is kept); the parent exits 0 once the daemon listens (passing its banner on), or
+with the daemon's status if it fails to start (3: the socket is in use).
+`serve --exit-idle SECONDS` shuts the daemon down once no client has been connected that
+long (daemon/server.py); `ugem.connect(start=True)` starts daemons with both.
 
 Errors: never a traceback. Every failure is one line on stderr, `ugem: COMMAND: what failed`,
 naming the path, value or flag involved: the socket path for anything about reaching the
@@ -53,10 +59,12 @@ def _bad_config(message: str) -> int:
     return 2
 
 
-def _serve_options(args: argparse.Namespace) -> tuple[Config, float, int, str]:
-    """The validated flags of `ugem serve`: (config, stall timeout, socket mode, log level)."""
+def _serve_options(args: argparse.Namespace) -> tuple[Config, float, float | None, int, str]:
+    """The validated flags of `ugem serve`: (config, stall timeout, exit idle, socket mode,
+    log level)."""
     config = Config.parse({key: getattr(args, key) for key in _SERVE_KEYS}, name=_flag)
     stall_timeout = 30.0 if args.stall_timeout is None else parse_seconds(args.stall_timeout, "--stall-timeout")
+    exit_idle = None if args.exit_idle is None else parse_seconds(args.exit_idle, "--exit-idle")
     try:
         socket_mode = int(args.socket_mode, 8)
     except ValueError:
@@ -65,7 +73,42 @@ def _serve_options(args: argparse.Namespace) -> tuple[Config, float, int, str]:
         raise InvalidArgument(f"--socket-mode: {args.socket_mode!r} is not an octal file mode from 0 to 0777")
     if args.log_level.lower() not in _LOG_LEVELS:
         raise InvalidArgument(f"--log-level: {args.log_level!r} is not one of {', '.join(_LOG_LEVELS)}")
-    return config, stall_timeout, socket_mode, args.log_level.lower()
+    return config, stall_timeout, exit_idle, socket_mode, args.log_level.lower()
+
+
+def _detach() -> int | None:
+    """`serve --detach`: fork. The child goes on to be the daemon (None), in a session of its
+    own with stdin on /dev/null and stdout on a pipe to the parent, which returns once the
+    daemon has let go of that pipe: 0 after passing its banner on (it listens), else the
+    daemon's exit status (it failed to start; its reason is on stderr, which both share)."""
+    sys.stdout.flush()
+    sys.stderr.flush()
+    read_fd, write_fd = os.pipe()
+    pid = os.fork()
+    if pid == 0:
+        os.close(read_fd)
+        os.setsid()
+        devnull = os.open(os.devnull, os.O_RDONLY)
+        os.dup2(devnull, 0)
+        os.dup2(write_fd, 1)
+        os.close(devnull)
+        os.close(write_fd)
+        return None
+    os.close(write_fd)
+    with os.fdopen(read_fd, "rb") as pipe:
+        banner = pipe.read()  # until the daemon lets go of its stdout: after its banner, or at exit
+    if banner.startswith(b"ugem: listening on "):
+        sys.stdout.write(banner.decode(errors="replace"))
+        return 0
+    status = os.waitstatus_to_exitcode(os.waitpid(pid, 0)[1])
+    return status if status > 0 else 1
+
+
+def _let_go_of_stdout() -> None:
+    """The detached daemon after its banner: stdout to /dev/null (the parent sees EOF)."""
+    devnull = os.open(os.devnull, os.O_WRONLY)
+    os.dup2(devnull, sys.stdout.fileno())
+    os.close(devnull)
 
 
 def _serve(args: argparse.Namespace) -> int:
@@ -74,9 +117,13 @@ def _serve(args: argparse.Namespace) -> int:
     from .paths import resolve_socket_path
 
     try:
-        config, stall_timeout, socket_mode, log_level = _serve_options(args)
+        config, stall_timeout, exit_idle, socket_mode, log_level = _serve_options(args)
     except InvalidArgument as exc:
         return _bad_config(str(exc.strerror))
+    if args.detach:
+        status = _detach()
+        if status is not None:  # the parent: the daemon listens, or failed to start
+            return status
     logging.basicConfig(level=log_level.upper(), stream=sys.stderr,
                         format="%(asctime)s ugem[%(process)d] %(levelname)s %(message)s")
     path, is_default = resolve_socket_path(args.socket)
@@ -90,12 +137,14 @@ def _serve(args: argparse.Namespace) -> int:
     except BadSetting as exc:
         return _bad_config(exc.describe(lambda _key: socket_flag))
     try:
-        server = Server(config, ServerOptions(path, is_default, socket_mode, stall_timeout), listener)
+        server = Server(config, ServerOptions(path, is_default, socket_mode, stall_timeout, exit_idle), listener)
     except BadSetting as exc:
         listener.close()
         return _bad_config(exc.describe(_flag))
     server.install_signals()  # before the banner: whoever reads it may send SIGTERM at once
     print(f"ugem: listening on {path}", flush=True)
+    if args.detach:
+        _let_go_of_stdout()
     server.serve_forever()
     return 0
 
@@ -284,6 +333,11 @@ def build_parser() -> argparse.ArgumentParser:
                                                                  "(default 10)")
     serve.add_argument("--stall-timeout", metavar="SECONDS", help="drop a connection that has not completed its "
                        "handshake, or has sent part of a frame, for this long (default 30)")
+    serve.add_argument("--exit-idle", metavar="SECONDS", help="exit (as on SIGTERM) once no client has been "
+                       "connected for this long, counted from start (default: never)")
+    serve.add_argument("--detach", action="store_true", help="run in the background: return once the daemon "
+                       "listens (exit 0, its banner printed) or with its exit status if it fails to start; it "
+                       "keeps stderr, so point that at a log file")
     serve.add_argument("--uid-quota", metavar="SIZE", help="bytes all clients of one uid may create plus pin, or "
                        "'unlimited' (default: half the system budget; root and the daemon's uid: unlimited)")
     serve.add_argument("--uid-max-clients", metavar="N", help="connections of one uid, or 'unlimited' (default "

@@ -108,3 +108,12 @@ def test_usage_blocks_print_what_they_say():
                for b in picked]
     assert outputs[0].splitlines() == ["<Buffer handle=1 size=12288>", "none", "b'hello'", "12283", "True"]
     assert outputs[1].splitlines() == ["False", "b'\\x01'"]
+
+
+def test_usage_default_device_block_prints_what_it_says(tmp_path: pathlib.Path):
+    """Run where no daemon listens (the default Device is then embedded, its figures ours alone)."""
+    block = next(b for b in BLOCKS if "ugem.default_device()" in b)
+    env = {**os.environ, "UGEM_SOCKET": str(tmp_path / "none.sock"), "XDG_CACHE_HOME": str(tmp_path)}
+    proc = subprocess.run([sys.executable, "-c", block], capture_output=True, text=True, timeout=120, env=env)
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.splitlines() == ["(1024, 1024) float32 6.0", "0", "True", "2", "0", "[0. 0. 0.]"]

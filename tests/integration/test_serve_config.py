@@ -40,6 +40,8 @@ BAD_VALUES = [
     ("--uid-max-clients", "-3"), ("--uid-max-clients", "0"),
     ("--hang-timeout", "nan"), ("--hang-timeout", "0"), ("--hang-timeout", "inf"), ("--hang-timeout", "-1"),
     ("--stall-timeout", "0"), ("--stall-timeout", "soon"), ("--stall-timeout", "nan"),
+    ("--exit-idle", "0"), ("--exit-idle", "-1"), ("--exit-idle", "nan"), ("--exit-idle", "inf"),
+    ("--exit-idle", "never"),
     ("--socket-mode", "abc"), ("--socket-mode", "7777"), ("--socket-mode", "1000"), ("--socket-mode", "-1"),
     ("--socket-mode", "8"), ("--log-level", "loud"),
 ]
@@ -74,6 +76,12 @@ def test_bad_value_exits_2_naming_flag_and_value(workdir: str, flag: str, value:
                    f"{flag}={value}")
     assert_bad_configuration(result, flag, repr(value))
     assert re.search(r"is not (a|an|one of) ", result.stderr), result.stderr  # and what is allowed
+    assert os.listdir(workdir) == []
+
+
+def test_bad_value_with_detach_exits_2_before_detaching(workdir: str) -> None:
+    result = serve("--detach", "--socket", os.path.join(workdir, "ugem.sock"), "--exit-idle", "0")
+    assert_bad_configuration(result, "--exit-idle", "'0'")
     assert os.listdir(workdir) == []
 
 
@@ -128,7 +136,8 @@ def test_good_values_still_start(workdir: str) -> None:
 
     with run_daemon(socket=os.path.join(workdir, "ugem.sock"), vram="1.5M", system_budget="64MiB",
                     client_quota="unlimited", uid_quota="unlimited", uid_max_clients="unlimited",
-                    client_max_objects=10, hang_timeout="0.5", stall_timeout="2.5", socket_mode="0o640") as daemon:
+                    client_max_objects=10, hang_timeout="0.5", stall_timeout="2.5", socket_mode="0o640",
+                    exit_idle="600") as daemon:
         with daemon.connect() as dev:
             assert dev.stats()["system_budget"] == 64 << 20
             assert dev.stats()["vram_size"] == 3 << 19

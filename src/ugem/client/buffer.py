@@ -56,10 +56,39 @@ from .args import flag, index
 if TYPE_CHECKING:
     from .device import Device, ObjectInfo
 
-__all__ = ["Buffer"]
+__all__ = ["Buffer", "shape_dims", "view_dtype"]
 
 Shape = int | Sequence[int] | None
 KDLCPU = 1
+
+
+def view_dtype(dtype: npt.DTypeLike) -> np.dtype[Any]:
+    """`dtype` as a numpy dtype that can view object memory, else EINVAL naming it."""
+    try:
+        dt = np.dtype(dtype)
+    except (TypeError, ValueError) as exc:
+        raise InvalidArgument(f"dtype {dtype!r} is not a numpy dtype: {exc}") from None
+    if dt.itemsize == 0 or dt.hasobject:
+        raise InvalidArgument(f"dtype {dtype!r} cannot view object memory (it has no size or holds Python "
+                              f"objects)")
+    return dt
+
+
+def shape_dims(shape: int | Sequence[int]) -> tuple[int, ...]:
+    """`shape` (an int or a sequence of ints, numpy integers too) as a tuple of
+    non-negative dimensions, else EINVAL naming it."""
+    if isinstance(shape, bool | np.bool_ | str | bytes):
+        raise InvalidArgument(f"shape must be an int or a sequence of ints, got {shape!r}")
+    if isinstance(shape, int | np.integer):
+        dims: tuple[int, ...] = (int(shape),)
+    else:
+        try:
+            dims = tuple(index(d, "") for d in shape)
+        except (TypeError, InvalidArgument):
+            raise InvalidArgument(f"shape must be an int or a sequence of ints, got {shape!r}") from None
+    if any(d < 0 for d in dims):
+        raise InvalidArgument(f"shape {shape!r} has a negative dimension")
+    return dims
 
 
 class Buffer:
@@ -169,28 +198,13 @@ class Buffer:
         or offset, or an itemless dtype raises `InvalidArgument` (EINVAL) before mapping.
         """
         self._live()
-        try:
-            dt = np.dtype(dtype)
-        except (TypeError, ValueError) as exc:
-            raise InvalidArgument(f"dtype {dtype!r} is not a numpy dtype: {exc}") from None
-        if dt.itemsize == 0 or dt.hasobject:
-            raise InvalidArgument(f"dtype {dt} cannot view object memory")
+        dt = view_dtype(dtype)
         offset = index(offset, "offset")
         writable = flag(writable, "writable")
         size = self.size
         if not 0 <= offset <= size:
             raise InvalidArgument(f"offset {offset} is outside the object ({size} bytes)")
-        if shape is None:
-            dims: tuple[int, ...] = ((size - offset) // dt.itemsize,)
-        elif isinstance(shape, int | np.integer):
-            dims = (index(shape, "shape"),)
-        else:
-            try:
-                dims = tuple(index(d, "each dimension of shape") for d in shape)
-            except TypeError:
-                raise InvalidArgument(f"shape must be an int or a sequence of ints, got {shape!r}") from None
-        if any(d < 0 for d in dims):
-            raise InvalidArgument(f"negative dimension in shape {dims}")
+        dims = ((size - offset) // dt.itemsize,) if shape is None else shape_dims(shape)
         count = 1
         for d in dims:
             count *= d

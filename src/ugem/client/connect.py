@@ -2,7 +2,8 @@
 
 Every failure to reach the daemon names the path tried: no socket (FileNotFoundError), no
 listener (ConnectionRefusedError), no permission (PermissionError), or no answer within
-`timeout` (TimedOut).
+`timeout` (TimedOut). With `start=True` a daemon is started where none listens
+(autostart.py has the rules).
 """
 
 from __future__ import annotations
@@ -14,6 +15,8 @@ import time
 
 from ..errors import InvalidArgument, TimedOut
 from ..paths import check_socket_dir, resolve_socket_path
+from .args import flag
+from .autostart import connect_or_start
 from .device import Device
 from .transport import SocketTransport
 
@@ -22,15 +25,23 @@ __all__ = ["connect"]
 _HINT = "start a daemon with `ugem serve`"
 
 
-def connect(path: str | None = None, *, timeout: float | None = None) -> Device:
+def connect(path: str | None = None, *, timeout: float | None = None, start: bool = False) -> Device:
     """A Device talking to the daemon at `path` (else $UGEM_SOCKET, else the default).
 
     `timeout` (seconds): connecting, the handshake, and every later call that gets no
     reply within it (plus the call's own timeout for wait/wait_fence) raise `TimedOut`
     (ETIMEDOUT) and close the Device; None waits as long as the daemon takes.
+    `start=True`: if no daemon listens there, start one (`ugem serve --detach`, which
+    exits once it has had no client for a while) and connect to it.
     """
     timeout = _check_timeout(timeout)
     where, is_default = resolve_socket_path(path)
+    if flag(start, "start"):
+        return connect_or_start(where, is_default, lambda: _connect_to(where, is_default, timeout))
+    return _connect_to(where, is_default, timeout)
+
+
+def _connect_to(where: str, is_default: bool, timeout: float | None) -> Device:
     if is_default:
         try:
             check_socket_dir(os.path.dirname(where))

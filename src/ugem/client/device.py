@@ -75,6 +75,9 @@ class Transport(Protocol):
     embedded: bool
     client_id: int
 
+    @property
+    def lost(self) -> bool: ...
+
     def call(self, op: Op, req: s.Struct) -> Any: ...
 
     def close(self) -> None: ...
@@ -139,6 +142,11 @@ class Device(DeviceOps):
         handle = self._releases.unwrap(record)
         if handle is not None:
             self._call(Op.GEM_CLOSE, s.CloseReq(handle=handle))
+
+    def _connection_lost(self) -> bool:
+        """Whether the daemon went away (every later call raises DaemonGone): not closed, but dead."""
+        transport = self._transport
+        return transport is not None and transport.lost
 
     def _after_fork_in_child(self) -> None:
         """This process is a forked child of the one that made this Device (transport.py)."""

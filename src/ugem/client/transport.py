@@ -43,6 +43,7 @@ __all__ = ["EmbeddedTransport", "ForkedTransport", "SocketTransport", "track_for
 
 class EmbeddedTransport:
     embedded = True
+    lost = False  # no daemon to lose
 
     def __init__(self, manager: Manager, client: Client) -> None:
         self.manager = manager
@@ -63,6 +64,8 @@ class EmbeddedTransport:
 class ForkedTransport:
     """A Device's transport in a forked child of the process that made it: every call is
     EBADF, at once; closing does nothing (the parent's connection is not the child's)."""
+
+    lost = False
 
     def __init__(self, embedded: bool, client_id: int, parent_pid: int) -> None:
         self.embedded = embedded
@@ -323,6 +326,11 @@ class SocketTransport:
         if not isinstance(exc, ConnectionError):
             self._gone = f"the connection to the ugem daemon failed: {exc}"
         return DaemonGone(self._gone)
+
+    @property
+    def lost(self) -> bool:
+        """The connection is gone (the daemon went away, or a timeout closed it)."""
+        return self._sock.fileno() < 0
 
     def forsake(self) -> None:
         """In a forked child: close this process's copy of the socket, nothing else (no

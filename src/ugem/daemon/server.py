@@ -23,6 +23,9 @@ Rules:
   survived is frozen (`gc.freeze`): a full collection over a million objects stalls
   every client for 0.3 s, a collection over one second's worth does not. Frozen objects
   are still freed by reference counting; only a cycle formed after freezing would stay;
+- `exit_idle` (`--exit-idle`; None: never): once no connection has been open for that
+  long (counted from start, and from the last connection's end), the daemon shuts down
+  as on SIGTERM. A last accept before deciding takes a connection still in the backlog;
 - on SIGTERM/SIGINT: finish the request in hand, release every client, remove the socket.
 """
 
@@ -76,6 +79,7 @@ class ServerOptions:
     socket_is_default: bool
     socket_mode: int = 0o600
     stall_timeout: float = 30.0
+    exit_idle: float | None = None  # seconds without a connection before shutting down
 
 
 def _open_device_and_store(config: Config) -> tuple[SimDevice, MemfdStore]:
@@ -119,6 +123,7 @@ class Server:
         self._signals_installed = False
         self._accept_paused_until = 0.0
         self._last_stall_check = 0.0
+        self._idle_since: float | None = time.monotonic()  # no connection open since then
         self._wakeup_r, self._wakeup_w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
         self.runner = JobRunner()
         self.sel.register(self.runner.fileno(), READ, "jobs")
@@ -171,6 +176,8 @@ class Server:
             self._accept_paused_until = 0.0
             self.sel.register(self.listener.fileno(), READ, "listener")
         timeout = self._timeout(now) if self.parked else 1.0
+        if self._idle_since is not None and self.options.exit_idle is not None:
+            timeout = min(timeout, max(0.0, self._idle_since + self.options.exit_idle - now))
         for tag, _events in self.sel.poll(timeout):
             if tag.__class__ is Connection:
                 if not tag.closed:
@@ -191,12 +198,25 @@ class Server:
         if memory.background:
             for job in memory.take_background():
                 self.runner.submit(job)
+        if self._idle_since is not None and self.options.exit_idle is not None:
+            self._check_idle(self.options.exit_idle)
         if now - self._last_stall_check >= 1.0:  # scans over all clients, at most once a second
             self._last_stall_check = now
             self._drop_stalled(now)
             self._check_pressure()
             gc.collect()  # only the objects not frozen yet: about one second's worth
             gc.freeze()
+
+    def _check_idle(self, limit: float) -> None:
+        """Shut down once no connection has been open for `limit` seconds."""
+        assert self._idle_since is not None
+        if time.monotonic() - self._idle_since < limit:
+            return
+        if self.listener is not None and not self._accept_paused_until:
+            self._accept()  # a connection waiting in the backlog is a client: stay
+        if not self.connections:
+            log.info("no client for %g s (--exit-idle): shutting down", limit)
+            self._stop = True
 
     def _read_signals(self) -> None:
         try:
@@ -250,6 +270,7 @@ class Server:
         client = self.core.client_open(Credentials(pid, uid, gid), privileged, admit=False)
         conn = Connection(sock, self.core, client)
         self.connections[sock.fileno()] = conn
+        self._idle_since = None
         self.lobby.enter(conn)
         self.sel.register(sock.fileno(), READ, conn)
         log.debug("client %d connected: pid %d uid %d", client.id, pid, uid)
@@ -344,6 +365,8 @@ class Server:
 
     def _drop(self, conn: Connection) -> None:
         self.connections.pop(conn.sock.fileno(), None)
+        if not self.connections:
+            self._idle_since = time.monotonic()
         if not conn.greeted:
             self.lobby.leave(conn)
         if conn.events:
