@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import contextlib
 import gc
-import json
 import os
 import signal
 import subprocess
@@ -25,7 +24,7 @@ import pytest
 
 import ugem
 from ugem.client.default import reset
-from ugem.testing import run_daemon
+from ugem.testing import in_child, run_daemon
 from ugem.testing.data import SAFETY_S
 
 PAGE = 4096
@@ -171,24 +170,8 @@ def test_a_default_whose_daemon_went_away_is_replaced(monkeypatch: pytest.Monkey
 # -- fork ------------------------------------------------------------------------------------
 
 def _in_child(fn: Callable[[], Any]) -> Any:
-    """Run `fn` in a forked child; its result (JSON) or its exception as text."""
-    read_fd, write_fd = os.pipe()
-    pid = os.fork()
-    if pid == 0:
-        try:
-            try:
-                outcome: Any = {"ok": fn()}
-            except BaseException as exc:  # noqa: BLE001 - reported to the parent
-                outcome = {"error": f"{type(exc).__name__}: {exc}"}
-            os.write(write_fd, json.dumps(outcome).encode())
-        finally:
-            os._exit(0)
-    os.close(write_fd)
-    with os.fdopen(read_fd, "rb") as pipe:
-        data = pipe.read()
-    _, status = os.waitpid(pid, 0)
-    assert status == 0 and data, f"child failed: status {status}"
-    outcome = json.loads(data)
+    """Run `fn` in a forked child; its result (it must not raise)."""
+    outcome = in_child(fn)
     assert "ok" in outcome, outcome
     return outcome["ok"]
 

@@ -7,7 +7,6 @@ multiprocessing worker gets the error instead of hanging. Both modes.
 from __future__ import annotations
 
 import gc
-import json
 import multiprocessing
 import os
 import pickle
@@ -17,7 +16,7 @@ from typing import Any
 import pytest
 
 import ugem
-from ugem.testing import Env
+from ugem.testing import Env, in_child
 
 PAGE = 4096
 
@@ -29,24 +28,8 @@ def env(request: pytest.FixtureRequest) -> Iterator[Env]:
 
 
 def _in_child(fn: Callable[[], Any]) -> Any:
-    """Run `fn` in a forked child; its result (JSON) or its exception's (type, errno, text)."""
-    read_fd, write_fd = os.pipe()
-    pid = os.fork()
-    if pid == 0:
-        try:
-            try:
-                outcome: Any = {"ok": fn()}
-            except BaseException as exc:  # noqa: BLE001 - reported to the parent
-                outcome = {"error": [type(exc).__name__, getattr(exc, "errno", None), str(exc)]}
-            os.write(write_fd, json.dumps(outcome).encode())
-        finally:
-            os._exit(0)
-    os.close(write_fd)
-    with os.fdopen(read_fd, "rb") as pipe:
-        data = pipe.read()
-    _, status = os.waitpid(pid, 0)
-    assert status == 0 and data, f"child failed: status {status}"
-    return json.loads(data)
+    """Run `fn` in a forked child; its result or its exception's (type, errno, text)."""
+    return in_child(fn)
 
 
 def test_a_device_used_in_a_forked_child_is_ebadf_and_the_parent_keeps_working(env):

@@ -9,6 +9,6 @@ forked as another uid, with a channel back to the test.
 
 from .daemon import DaemonProcess, Env, run_daemon
 from .fake_device import FakeDevice
-from .tenant import NOBODY, Tenant
+from .tenant import NOBODY, Tenant, in_child
 
-__all__ = ["NOBODY", "DaemonProcess", "Env", "FakeDevice", "Tenant", "run_daemon"]
+__all__ = ["NOBODY", "DaemonProcess", "Env", "FakeDevice", "Tenant", "in_child", "run_daemon"]

@@ -22,7 +22,7 @@ from typing import Any
 
 from .data import SAFETY_S
 
-__all__ = ["NOBODY", "Tenant"]
+__all__ = ["NOBODY", "Tenant", "in_child"]
 
 NOBODY = 65534
 
@@ -91,3 +91,23 @@ class Tenant:
             os.close(self._pidfd)
             self._pidfd = -1
         self.channel.close()
+
+
+def _run_and_report(channel: Connection, fn: Callable[[], Any]) -> None:
+    try:
+        outcome: dict[str, Any] = {"ok": fn()}
+    except BaseException as exc:  # reported to the parent, which asserts on it
+        outcome = {"error": [type(exc).__name__, getattr(exc, "errno", None), str(exc)]}
+    channel.send(outcome)
+
+
+def in_child(fn: Callable[[], Any]) -> dict[str, Any]:
+    """Run `fn` in a child forked from this process (same uid) and return its outcome:
+    `{"ok": result}`, or `{"error": [exception type name, errno or None, text]}`."""
+    child = Tenant(_run_and_report, (fn,), os.getuid())
+    try:
+        outcome: dict[str, Any] = child.recv()
+        assert child.join() == 0, f"child {child.pid} exited {child.status}"
+        return outcome
+    finally:
+        child.close()
