@@ -246,12 +246,14 @@ class Core:
 
     # -- mappings and transfers (references held by a client) ------------------------
 
-    def map_add(self, client: Client, obj: BufferObject) -> int:
+    def map_add(self, client: Client, obj: BufferObject, writable: bool) -> int:
         self.get(obj)
         obj.maps += 1
         self.memory.watch(obj)
         map_id = client.map_ids.alloc()
         client.mappings[map_id] = obj
+        if not writable:
+            client.readonly_maps.add(map_id)
         return map_id
 
     def map_release(self, client: Client, map_id: int) -> None:
@@ -259,6 +261,7 @@ class Core:
         if obj is None:
             raise InvalidArgument(f"mapping {map_id} is not tracked for client {client.id}")
         client.map_ids.free(map_id)
+        client.readonly_maps.discard(map_id)
         obj.maps -= 1
         self.memory.measure(obj)  # pages written through the mapping are counted now
         self.put(obj)
