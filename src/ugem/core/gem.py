@@ -186,7 +186,10 @@ def gem_mmap(core: Core, client: Client, req: s.MmapReq) -> s.MmapReply:
     backing = core.populate(obj)
     fd = core.backing.open_description(backing, writable)
     core.index_key(obj)
-    return s.MmapReply(map_id=core.map_add(client, obj, writable), offset=req.offset, length=length, fd=fd)
+    map_id = core.map_add(client, obj)
+    if not writable:
+        client.readonly_maps.add(map_id)  # PRIME_MAP_TO_FD exports it read-only only
+    return s.MmapReply(map_id=map_id, offset=req.offset, length=length, fd=fd)
 
 
 def gem_munmap(core: Core, client: Client, req: s.MunmapReq) -> s.Empty:

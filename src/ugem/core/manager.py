@@ -246,14 +246,12 @@ class Core:
 
     # -- mappings and transfers (references held by a client) ------------------------
 
-    def map_add(self, client: Client, obj: BufferObject, writable: bool) -> int:
+    def map_add(self, client: Client, obj: BufferObject) -> int:
         self.get(obj)
         obj.maps += 1
         self.memory.watch(obj)
         map_id = client.map_ids.alloc()
         client.mappings[map_id] = obj
-        if not writable:
-            client.readonly_maps.add(map_id)
         return map_id
 
     def map_release(self, client: Client, map_id: int) -> None:
