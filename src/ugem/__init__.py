@@ -7,6 +7,7 @@ This module only re-exports; `__all__` is checked by tests/unit/test_exports.py.
 __version__ = "0.1.0"
 
 from . import cmd
+from .client import pickling as _pickling  # noqa: F401  (registers multiprocessing reducers)
 from .client.arrays import empty, zeros
 from .client.buffer import Buffer
 from .client.connect import connect

@@ -117,3 +117,12 @@ def test_usage_default_device_block_prints_what_it_says(tmp_path: pathlib.Path):
     proc = subprocess.run([sys.executable, "-c", block], capture_output=True, text=True, timeout=120, env=env)
     assert proc.returncode == 0, proc.stderr
     assert proc.stdout.splitlines() == ["(1024, 1024) float32 6.0", "0", "True", "2", "0", "[0. 0. 0.]"]
+
+
+def test_usage_worker_sharing_block_prints_what_it_says(tmp_path: pathlib.Path):
+    """The "sharing with worker processes" block: the workers' writes are seen by the parent."""
+    block = next(b for b in BLOCKS if "def scale" in b)
+    env = {**os.environ, "UGEM_SOCKET": str(tmp_path / "none.sock"), "XDG_CACHE_HOME": str(tmp_path)}
+    proc = subprocess.run([sys.executable, "-c", block], capture_output=True, text=True, timeout=120, env=env)
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.splitlines() == ["[2000.0, 2000.0, 2000.0, 2000.0]", "[2. 2. 2. 2.]"]

@@ -80,6 +80,7 @@ ALLOWED: dict[int, set[int]] = {
     Op.GEM_OPEN: {E.EINVAL, E.ENOENT, E.EACCES, E.EDQUOT},
     Op.PRIME_HANDLE_TO_FD: {E.EINVAL, E.ENOENT, E.EFAULT, E.EACCES, E.EBUSY, E.ENOMEM},
     Op.PRIME_FD_TO_HANDLE: {E.EINVAL, E.EBADF, E.EDQUOT, E.ENOMEM},
+    Op.PRIME_MAP_TO_FD: {E.EINVAL, E.EFAULT, E.EACCES, E.EBUSY, E.ENOMEM},
     Op.GEM_MADVISE: {E.EINVAL, E.ENOENT},
     Op.GEM_PIN: {E.EINVAL, E.ENOENT, E.EFAULT, E.EDQUOT, E.ENOMEM},
     Op.GEM_UNPIN: {E.EINVAL, E.ENOENT},
@@ -105,7 +106,8 @@ REQ: dict[int, type[s.Struct]] = {
     Op.GEM_INFO: s.InfoReq, Op.GEM_PREAD: s.PreadReq,
     Op.GEM_PWRITE: s.PwriteReq, Op.XFER_DONE: s.XferDoneReq, Op.GEM_MMAP: s.MmapReq, Op.GEM_MUNMAP: s.MunmapReq,
     Op.GEM_FLINK: s.FlinkReq, Op.GEM_OPEN: s.OpenReq, Op.PRIME_HANDLE_TO_FD: s.ExportReq,
-    Op.PRIME_FD_TO_HANDLE: s.ImportReq, Op.GEM_MADVISE: s.MadviseReq, Op.GEM_PIN: s.HandleReq,
+    Op.PRIME_FD_TO_HANDLE: s.ImportReq, Op.PRIME_MAP_TO_FD: s.MapExportReq, Op.GEM_MADVISE: s.MadviseReq,
+    Op.GEM_PIN: s.HandleReq,
     Op.GEM_UNPIN: s.HandleReq, Op.GEM_EXECBUFFER: sd.ExecbufferReq, Op.GEM_BUSY: s.HandleReq,
     Op.GEM_WAIT: sd.WaitReq, Op.WAIT_FENCE: sd.WaitFenceReq, Op.GEM_SET_DOMAIN: sd.SetDomainReq,
     Op.GEM_SET_TILING: sd.TilingReq, Op.GEM_GET_TILING: s.HandleReq, Op.GEM_SET_CACHING: sd.CachingReq,
@@ -115,7 +117,8 @@ REQ: dict[int, type[s.Struct]] = {
 REPLY: dict[int, type[s.Struct]] = {
     Op.GEM_CREATE: s.CreateReply, Op.GEM_INFO: s.InfoReply, Op.GEM_PREAD: s.PreadReply, Op.GEM_PWRITE: s.PwriteReply,
     Op.GEM_MMAP: s.MmapReply, Op.GEM_FLINK: s.FlinkReply, Op.GEM_OPEN: s.OpenReply,
-    Op.PRIME_HANDLE_TO_FD: s.ExportReply, Op.PRIME_FD_TO_HANDLE: s.ImportReply, Op.GEM_MADVISE: s.MadviseReply,
+    Op.PRIME_HANDLE_TO_FD: s.ExportReply, Op.PRIME_MAP_TO_FD: s.ExportReply, Op.PRIME_FD_TO_HANDLE: s.ImportReply,
+    Op.GEM_MADVISE: s.MadviseReply,
     Op.GEM_EXECBUFFER: sd.FenceReply, Op.GEM_BUSY: sd.BusyReply, Op.GEM_WAIT: sd.WaitReply,
     Op.WAIT_FENCE: sd.WaitReply, Op.GEM_SET_TILING: sd.TilingReply, Op.GEM_GET_TILING: sd.TilingReply,
     Op.GEM_GET_CACHING: sd.CachingReply, Op.GEM_USERPTR: s.OpenReply, Op.STATS: s.JsonReply,
@@ -759,7 +762,7 @@ def _check_success(conn: Conn, h: Hostile, reply: Any) -> None:
     else:
         assert len(reply.payload) >= size, (h.why, reply)
     assert reply.nfds <= len(cls.FDS), (h.why, reply)
-    if h.op in (Op.GEM_MMAP, Op.PRIME_HANDLE_TO_FD):
+    if h.op in (Op.GEM_MMAP, Op.PRIME_HANDLE_TO_FD, Op.PRIME_MAP_TO_FD):
         assert reply.nfds == 1, (h.why, reply)
     if h.op in NEW_HANDLE_OPS:
         handle = struct.unpack_from("<I", reply.payload)[0]

@@ -271,6 +271,12 @@ class Buffer:
         if not self._closed:  # only queue it: the Device sends the close (module rules)
             self.device._released.append(self._wrap)
 
+    def __reduce__(self) -> tuple[Any, ...]:
+        """Plain pickle: by flink name and socket path (client/pickling.py has the rules)."""
+        from .pickling import reduce_buffer_by_name
+
+        return reduce_buffer_by_name(self)
+
     def __enter__(self) -> Buffer:
         self._live()
         return self

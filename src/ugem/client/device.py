@@ -11,13 +11,14 @@ structs sent through its transport; the only mode-specific code is how bulk data
   over a private file description of the object (XFER) and this process does the one copy
   with preadv/pwritev, then reports XFER_DONE.
 
-Mappings hold no fd (backing/mapping.py). When the last view of a mapping dies, a
-finalizer queues its id; when a Buffer is dropped without `close()`, its finalizer queues
-its handle's record (client/releases.py has the rules). Queued releases are sent before
-the next request (GEM_MUNMAP, then GEM_CLOSE_BATCH for the handles no live Buffer wraps
-any more), in as many frames as they need, never from a finalizer itself, which may run
-at any moment (even mid-request); `close()` drops the queue, as the manager releases
-everything then.
+Mappings hold no fd (backing/mapping.py); each is entered in this process's registry of ugem
+mappings (client/registry.py), which pickling by reference consults. When the last view of a
+mapping dies, a finalizer removes it from the registry and queues its id; when a Buffer is
+dropped without `close()`, its finalizer queues its handle's record (client/releases.py has
+the rules). Queued releases are sent before the next request (GEM_MUNMAP, then
+GEM_CLOSE_BATCH for the handles no live Buffer wraps any more), in as many frames as they
+need, never from a finalizer itself, which may run at any moment (even mid-request);
+`close()` drops the queue, as the manager releases everything then.
 """
 
 from __future__ import annotations
@@ -27,6 +28,7 @@ import json
 import os
 import struct
 import weakref
+from collections import deque
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Protocol
 
@@ -42,6 +44,7 @@ from ..wire.frames import Op
 from .args import flag, i64, ident, index, u32
 from .bulk import pread_all, preadv_all, pwritev_all
 from .device_ops import DeviceOps
+from .registry import forget_mapping, register_mapping
 from .releases import Releases, Wrapped
 from .transport import ForkedTransport, track_for_fork
 
@@ -285,8 +288,10 @@ class Device(DeviceOps):
         except BaseException:
             self._released.append(reply.map_id)
             raise
-        weakref.finalize(region, self._released.append, reply.map_id)
-        return memoryview(region)
+        view = memoryview(region)
+        address = register_mapping(region, self, reply.map_id, reply.offset, writable)
+        weakref.finalize(region, _mapping_gone, self._released, reply.map_id, address)
+        return view
 
     # -- memory management -----------------------------------------------------------
 
@@ -317,9 +322,21 @@ class Device(DeviceOps):
         return r.fd.detach()
 
     def import_fd(self, fd: int) -> int:
+        return self._import_fd(fd)[0]
+
+    def _import_fd(self, fd: int) -> tuple[int, bool]:
+        """import_fd, and whether this client already held that handle (then it is not new)."""
         self._live()
         r: s.ImportReply = self._call(Op.PRIME_FD_TO_HANDLE, s.ImportReq(fd=_dup(fd)))
-        return int(r.handle)
+        return int(r.handle), bool(r.flags & s.HELD)
+
+    def _export_mapping(self, map_id: int, writable: bool) -> int:
+        """PRIME_MAP_TO_FD: an fd (owned by the caller) to the object behind one of this
+        client's tracked mappings; needs no handle (pickling by reference, client/pickling.py)."""
+        r: s.ExportReply = self._call(Op.PRIME_MAP_TO_FD, s.MapExportReq(
+            map_id=map_id, flags=s.WRITABLE if writable else 0))
+        assert r.fd is not None
+        return r.fd.detach()
 
     def userptr(self, buffer: Any, *, readonly: bool = False) -> int:
         """Wrap existing memory without copying. Embedded: any buffer-protocol object with
@@ -372,6 +389,12 @@ class Device(DeviceOps):
 
         handle = self.create(size)
         return Buffer(self, handle, page_align(index(size, "size")), readonly=False)
+
+
+def _mapping_gone(released: deque[int | Wrapped], map_id: int, address: int) -> None:
+    """A mapping's last view died: forget it here and queue its release for the manager."""
+    forget_mapping(address)
+    released.append(map_id)
 
 
 def _dup(fd: Any) -> OwnedFd:

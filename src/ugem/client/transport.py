@@ -136,6 +136,7 @@ class SocketTransport:
         self._seq = 0
         self._gone = "the ugem daemon closed the connection"  # why, once the connection is lost
         self._path = path or "its socket"
+        self.path = path  # the socket path it was connected through ("" if not known)
         self._timeout = timeout
         self._budget: float | None = sock.gettimeout()  # the socket's timeout for the call in flight
         self._armed: float | None = None  # the budget the call in flight started with

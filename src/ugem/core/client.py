@@ -54,6 +54,7 @@ class Client:
     by_object: dict[int, int | set[int]] = field(default_factory=dict)
     handle_ids: IdAllocator = field(default_factory=IdAllocator)
     mappings: dict[int, BufferObject] = field(default_factory=dict)
+    readonly_maps: set[int] = field(default_factory=set)  # map ids of read-only mappings
     map_ids: IdAllocator = field(default_factory=IdAllocator)
     transfers: dict[int, tuple[BufferObject, int, Any]] = field(default_factory=dict)  # -> (object, reserved, bounce)
     xfer_ids: IdAllocator = field(default_factory=IdAllocator)

@@ -186,7 +186,10 @@ def gem_mmap(core: Core, client: Client, req: s.MmapReq) -> s.MmapReply:
     backing = core.populate(obj)
     fd = core.backing.open_description(backing, writable)
     core.index_key(obj)
-    return s.MmapReply(map_id=core.map_add(client, obj), offset=req.offset, length=length, fd=fd)
+    map_id = core.map_add(client, obj)
+    if not writable:
+        client.readonly_maps.add(map_id)  # PRIME_MAP_TO_FD exports it read-only only
+    return s.MmapReply(map_id=map_id, offset=req.offset, length=length, fd=fd)
 
 
 def gem_munmap(core: Core, client: Client, req: s.MunmapReq) -> s.Empty:
@@ -220,14 +223,27 @@ def gem_open(core: Core, client: Client, req: s.OpenReq) -> s.OpenReply:
 
 def prime_handle_to_fd(core: Core, client: Client, req: s.ExportReq) -> s.ExportReply:
     obj = core.lookup(client, req.handle)
+    return _export(core, obj, f"handle {req.handle}", bool(req.flags & s.WRITABLE), req.handle in client.readonly)
+
+
+def prime_map_to_fd(core: Core, client: Client, req: s.MapExportReq) -> s.ExportReply:
+    """Export the object behind one of this client's tracked mappings (no handle needed):
+    the same checks as PRIME_HANDLE_TO_FD, a read-only mapping standing for a read-only handle."""
+    obj = client.mappings.get(req.map_id)
+    if obj is None:
+        raise InvalidArgument(f"mapping {req.map_id} is not tracked for this client")
+    return _export(core, obj, f"mapping {req.map_id}", bool(req.flags & s.WRITABLE),
+                   req.map_id in client.readonly_maps)
+
+
+def _export(core: Core, obj: BufferObject, what: str, writable: bool, readonly: bool) -> s.ExportReply:
     if obj.proxy:
-        raise InvalidArgument(f"handle {req.handle} is {obj.kind.name.lower()} memory and cannot be exported")
+        raise InvalidArgument(f"{what} is {obj.kind.name.lower()} memory and cannot be exported")
     core.check_pages(obj)
-    writable = bool(req.flags & s.WRITABLE)
-    if writable and req.handle in client.readonly:
-        raise PermissionDenied(f"handle {req.handle} is read-only; export it with writable=False")
+    if writable and readonly:
+        raise PermissionDenied(f"{what} is read-only; export it with writable=False")
     if pinned_in_vram(obj):
-        raise Busy(f"object {req.handle} is pinned in device memory")
+        raise Busy(f"the object of {what} is pinned in device memory")
     prepare_cpu(core, obj, write=writable)
     backing = core.populate(obj)
     obj.exported = True  # from now on never spilled or purged: others may hold its pages
@@ -247,7 +263,7 @@ def prime_fd_to_handle(core: Core, client: Client, req: s.ImportReq) -> s.Import
         mine = client.lowest_handle(obj)
         if mine is not None:  # re-import and self-import return the existing (lowest) handle
             readonly = mine in client.readonly
-            return s.ImportReply(handle=mine, flags=s.READONLY if readonly else 0, size=obj.size)
+            return s.ImportReply(handle=mine, flags=s.HELD | (s.READONLY if readonly else 0), size=obj.size)
         if obj.readonly and not info.readonly:  # adopted through a read-only fd: now writable too
             req.fd = None
             core.make_writable(obj, fd, info)

@@ -259,6 +259,7 @@ class Core:
         if obj is None:
             raise InvalidArgument(f"mapping {map_id} is not tracked for client {client.id}")
         client.map_ids.free(map_id)
+        client.readonly_maps.discard(map_id)
         obj.maps -= 1
         self.memory.measure(obj)  # pages written through the mapping are counted now
         self.put(obj)

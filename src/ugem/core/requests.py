@@ -57,6 +57,8 @@ REQUESTS: tuple[RequestDesc, ...] = (
     RequestDesc(Op.GEM_FLINK, gem.gem_flink, s.FlinkReq, s.FlinkReply, doc="global name for an object"),
     RequestDesc(Op.GEM_OPEN, gem.gem_open, s.OpenReq, s.OpenReply, doc="new handle from a name"),
     RequestDesc(Op.PRIME_HANDLE_TO_FD, gem.prime_handle_to_fd, s.ExportReq, s.ExportReply, doc="export an fd"),
+    RequestDesc(Op.PRIME_MAP_TO_FD, gem.prime_map_to_fd, s.MapExportReq, s.ExportReply,
+                doc="export the object behind a tracked mapping"),
     RequestDesc(Op.PRIME_FD_TO_HANDLE, gem.prime_fd_to_handle, s.ImportReq, s.ImportReply, doc="import an fd"),
     RequestDesc(Op.GEM_MADVISE, gem.gem_madvise, s.MadviseReq, s.MadviseReply, doc="WILLNEED/DONTNEED; retained"),
     RequestDesc(Op.GEM_PIN, gem.gem_pin, s.HandleReq, s.Empty, doc="populate and keep in place"),

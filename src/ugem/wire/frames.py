@@ -105,6 +105,7 @@ class Op(enum.IntEnum):
     LIST_CLIENTS = 30
     GEM_USERPTR = 31
     GEM_CLOSE_BATCH = 32
+    PRIME_MAP_TO_FD = 33
 
 
 def encode_header(length: int, op: int, nfds: int, kind: int, seq: int, status: int = 0) -> bytes:

@@ -28,15 +28,17 @@ from .frames import MAX_PAYLOAD
 __all__ = [
     "MAX_IDS", "CloseBatchReq", "CloseReq", "CreateReply", "CreateReq", "Empty", "ExportReply", "ExportReq",
     "FlinkReply", "FlinkReq", "HandleReq", "MadviseReply", "MadviseReq", "HelloReply", "HelloReq", "ImportReply",
-    "ImportReq", "InfoReply", "InfoReq", "JsonReply", "MmapReply", "MmapReq", "MunmapReq", "OpenReply", "OpenReq",
+    "ImportReq", "InfoReply", "InfoReq", "JsonReply", "MapExportReq", "MmapReply", "MmapReq", "MunmapReq",
+    "OpenReply", "OpenReq",
     "PreadReply", "PreadReq", "PwriteReply", "PwriteReq", "Struct", "UserptrReq", "XferDoneReq", "XFER", "READONLY",
-    "TO_END", "WRITABLE", "decode", "encode",
+    "TO_END", "WRITABLE", "HELD", "decode", "encode",
 ]
 
 # flag bits
 XFER = 0x1  # pread/pwrite: hand me a file description instead of copying through the socket
 WRITABLE = 0x1  # mmap/export: writable access
 READONLY = 0x1  # import/info replies: the handle is read-only
+HELD = 0x2  # import reply: this client already held that handle (re-import), nothing new to close
 TO_END = 0x2  # mmap: map from offset to the end of the object (length ignored)
 
 
@@ -339,6 +341,16 @@ class ExportReq(Struct):
 
 
 @dataclass(slots=True)
+class MapExportReq(Struct):
+    """PRIME_MAP_TO_FD: export the object behind one of this client's tracked mappings."""
+
+    LAYOUT = (("map_id", "I"), ("flags", "I"))
+    FLAGS = WRITABLE
+    map_id: int = 0
+    flags: int = 0
+
+
+@dataclass(slots=True)
 class ExportReply(Struct):
     LAYOUT = ()
     FDS = ("fd",)
@@ -357,7 +369,7 @@ class ImportReq(Struct):
 @dataclass(slots=True)
 class ImportReply(Struct):
     LAYOUT = (("handle", "I"), ("flags", "I"), ("size", "Q"))
-    FLAGS = READONLY
+    FLAGS = READONLY | HELD
     handle: int = 0
     flags: int = 0
     size: int = 0

@@ -1,0 +1,249 @@
+"""Pickling by reference: a Buffer, and a numpy array whose memory lies in a ugem mapping,
+pass through multiprocessing (Process arguments, Queue, Pipe, Pool, ProcessPoolExecutor;
+fork, spawn and forkserver) without a copy, in both modes (the mode is the sender's, and the
+default device of its children: $UGEM_SOCKET names a daemon, or where none listens); plain
+pickle sends a daemon client's Buffer by name and refuses an embedded one; other arrays
+pickle by value as before. Workers live in ugem.testing.workers (spawn must import them).
+"""
+
+from __future__ import annotations
+
+import concurrent.futures
+import gc
+import multiprocessing
+import multiprocessing.forkserver
+import os
+import pickle
+import signal
+from collections.abc import Iterator
+from multiprocessing.reduction import ForkingPickler
+from typing import Any
+
+import numpy as np
+import pytest
+
+import ugem
+from ugem.client.default import reset
+from ugem.testing import DaemonProcess, run_daemon
+from ugem.testing import workers as w
+from ugem.testing.data import SAFETY_S, wait_until
+
+METHODS = ["fork", "spawn", "forkserver"]
+CHANNELS = ["process", "queue", "pipe", "pool", "executor"]
+
+
+@pytest.fixture(params=["embedded", "daemon"])
+def sender(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch, tmp_path: Any
+           ) -> Iterator[DaemonProcess | None]:
+    """The default device of this process and of its children: a daemon's client, or embedded."""
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
+    reset()
+    try:
+        if request.param == "embedded":
+            monkeypatch.setenv("UGEM_SOCKET", str(tmp_path / "nobody-listens.sock"))
+            yield None
+        else:
+            with run_daemon() as daemon:
+                monkeypatch.setenv("UGEM_SOCKET", daemon.path)
+                try:
+                    yield daemon
+                finally:
+                    reset()
+    finally:
+        reset()
+        multiprocessing.forkserver._forkserver._stop()  # type: ignore[attr-defined]  # next one: this env
+
+
+def _marked() -> tuple[np.ndarray, np.ndarray]:
+    """A ugem array and a non-contiguous, offset, transposed view of it, marked at [1, 1]."""
+    base = ugem.zeros((64, 48), np.int32)
+    view = base[1::2, 2::3].T  # strides (12, 384), offset 4 bytes + one row
+    view[1, 1] = w.MARK_IN
+    return base, view
+
+
+def _moved(daemon: DaemonProcess | None) -> int:
+    if daemon is None:
+        return 0
+    with daemon.connect() as dev:
+        return int(dev.stats()["bytes_moved_total"])
+
+
+def _send(method: str, channel: str, a: np.ndarray) -> dict[str, Any]:
+    ctx = multiprocessing.get_context(method)
+    if channel in ("pool", "executor"):
+        if channel == "pool":
+            with ctx.Pool(1) as pool:
+                got = pool.apply(w.touch, (a,))
+                assert pool.map(w.touch, [a, a]) == [got] * 2
+            return dict(got)
+        with concurrent.futures.ProcessPoolExecutor(1, mp_context=ctx) as ex:
+            return dict(ex.submit(w.touch, a).result(timeout=SAFETY_S))
+    result_r, result_w = ctx.Pipe(duplex=False)
+    if channel == "process":
+        proc = ctx.Process(target=w.touch_into, args=(a, result_w))
+        proc.start()
+    elif channel == "queue":
+        q = ctx.Queue()
+        proc = ctx.Process(target=w.on_queue, args=(q, result_w))
+        proc.start()
+        q.put(a)
+    else:
+        mine, theirs = ctx.Pipe()
+        proc = ctx.Process(target=w.on_pipe, args=(theirs, result_w))
+        proc.start()
+        mine.send(a)
+    assert result_r.poll(SAFETY_S), "the worker never answered"
+    got = result_r.recv()
+    proc.join(SAFETY_S)
+    assert proc.exitcode == 0
+    return dict(got)
+
+
+@pytest.mark.parametrize("channel", CHANNELS)
+@pytest.mark.parametrize("method", METHODS)
+def test_an_array_view_travels_by_reference(sender, method, channel):
+    base, view = _marked()
+    moved = _moved(sender)
+    got = _send(method, channel, view)
+    assert got == {"seen": w.MARK_IN, "shape": view.shape, "strides": view.strides, "dtype": view.dtype.str,
+                   "writeable": True, "type": "ndarray"}
+    assert view[0, 0] == base[1, 2] == w.MARK_OUT  # the worker's write, seen here: the same memory
+    assert _moved(sender) == moved  # no byte was copied by the daemon
+
+
+@pytest.mark.parametrize("method", ["fork", "spawn"])
+def test_a_read_only_view_arrives_read_only(sender, method):
+    base, view = _marked()
+    view.flags.writeable = False
+    with multiprocessing.get_context(method).Pool(1) as pool:
+        got = pool.apply(w.touch, (view,))
+    assert (got["seen"], got["writeable"]) == (w.MARK_IN, False)
+    assert base[1, 2] == 0
+
+
+@pytest.mark.parametrize("method", ["fork", "spawn"])
+def test_the_receivers_array_is_the_senders_memory_both_ways(sender, method):
+    base = ugem.zeros(1024, np.float32)
+    ctx = multiprocessing.get_context(method)
+    mine, theirs = ctx.Pipe()
+    proc = ctx.Process(target=w.hold_until_killed, args=(theirs,))
+    proc.start()
+    try:
+        mine.send(base[100:200])
+        assert mine.poll(SAFETY_S) and mine.recv() == 100
+        assert base[100] == w.MARK_OUT and base[101] == 0
+    finally:
+        proc.kill()
+        proc.join(SAFETY_S)
+
+
+def test_a_buffer_travels_by_reference(sender):
+    buf = ugem.default_device().new(8192)
+    buf.write(b"from the parent", 4096)
+    with multiprocessing.get_context("spawn").Pool(1) as pool:
+        got = pool.apply(_buffer_roundtrip, (buf,))
+    assert got == b"from the parent"
+    assert buf.read(4096 + 100, 5) == b"child"
+
+
+def _buffer_roundtrip(buf: ugem.Buffer) -> bytes:
+    buf.write(b"child", 4096 + 100)
+    return buf.read(4096, 15)
+
+
+@pytest.mark.parametrize("method", ["fork", "spawn"])
+def test_a_receiver_of_2000_arrays_holds_at_most_16_more_fds(sender, method):
+    base = ugem.zeros((2000, 1024), np.uint8)
+    base[:, 0] = np.arange(2000) % 256
+    ctx = multiprocessing.get_context(method)
+    mine, theirs = ctx.Pipe()
+    proc = ctx.Process(target=w.receive_many, args=(theirs, 2000))
+    proc.start()
+    for i in range(2000):  # one at a time: the sender's resource sharer holds each fd until fetched
+        mine.send(base[i])
+        assert mine.poll(SAFETY_S)
+        mine.recv()
+    assert mine.poll(SAFETY_S)
+    before, after = mine.recv()
+    proc.join(SAFETY_S)
+    assert proc.exitcode == 0
+    assert after - before <= 16, (before, after)
+
+
+def test_an_array_received_in_embedded_mode_cannot_travel_on(sender):
+    base, view = _marked()
+    with multiprocessing.get_context("spawn").Pool(1) as pool:
+        why = pool.apply(w.resend, (view,))
+    if sender is None:
+        assert "cannot travel onward" in why
+    else:
+        assert why == ""  # mapped through the daemon: it can
+
+
+def test_nothing_is_left_after_the_pool_ends_and_after_a_sigkilled_worker(sender):
+    dev = ugem.default_device()
+    ctx = multiprocessing.get_context("spawn")
+    with ctx.Pool(1) as pool:  # warm up what multiprocessing keeps for good (its fd sharer, tracker)
+        pool.apply(w.touch, (_marked()[1],))
+    del pool
+    gc.collect()  # the pool's pipes
+    wait_until(lambda: dev.stats()["objects"] == 0, what="the warm-up object released")
+    fds = w.fd_count()
+    base, view = _marked()
+    with ctx.Pool(2) as pool:
+        pool.map(w.touch, [view] * 4)
+    del pool
+    mine, theirs = ctx.Pipe()
+    proc = ctx.Process(target=w.hold_until_killed, args=(theirs,))
+    proc.start()
+    mine.send(base[3])
+    assert mine.poll(SAFETY_S) and mine.recv() == 48
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.join(SAFETY_S)
+    assert base[3, 0] == w.MARK_OUT
+    mine.close()
+    theirs.close()
+    proc.close()
+    del base, view, proc
+    gc.collect()
+    # a request sends the queued release of this process's mapping; then nothing holds the object
+    wait_until(lambda: dev.stats()["objects"] == 0, what="every object released")
+    assert dev.stats()["spilled_bytes"] == 0
+    wait_until(lambda: w.fd_count() <= fds, what=f"this process back to {fds} fds")
+
+
+def test_plain_pickle_of_a_daemon_buffer_travels_by_name(sender, monkeypatch, tmp_path):
+    if sender is None:
+        buf = ugem.default_device().new(4096)
+        with pytest.raises(pickle.PicklingError, match="embedded"):
+            pickle.dumps(buf)
+        return
+    with sender.connect() as dev:  # a client of the same socket, not this process's default
+        buf = dev.new(4096)
+        buf.write(b"by name")
+        blob = pickle.dumps(buf)
+        same = pickle.loads(blob)  # the default device is a client of the same socket: it is used
+        assert same.device is ugem.default_device() and same.read(0, 7) == b"by name"
+        monkeypatch.setenv("UGEM_SOCKET", str(tmp_path / "elsewhere.sock"))  # now the default is embedded
+        reset()
+        other = pickle.loads(blob)  # through a connection of its own to that socket
+        assert other.device is not dev and not other.device._live().embedded
+        other.write(b"N")
+        assert buf.read(0, 7) == b"Ny name"
+        buf.close()
+        same.close()
+        other.close()
+        with pytest.raises(ugem.NoSuchObject, match="is gone"):
+            pickle.loads(blob)
+
+
+@pytest.mark.parametrize("dumps", [pickle.dumps, ForkingPickler.dumps], ids=["pickle", "ForkingPickler"])
+def test_other_arrays_pickle_by_value_as_before(sender, dumps):
+    plain = np.arange(24, dtype=np.float64).reshape(4, 6)[:, ::2]
+    assert bytes(dumps(plain)) == pickle.dumps(plain, protocol=pickle.DEFAULT_PROTOCOL)
+    ours = ugem.zeros((4, 6))
+    if dumps is pickle.dumps:  # plain pickle: ugem arrays by value too
+        copy = pickle.loads(dumps(ours))
+        copy[0, 0] = 1
+        assert ours[0, 0] == 0
