@@ -18,6 +18,7 @@ import pytest
 import ugem
 from ugem.cmd import SemaphoreWait
 from ugem.testing import DaemonProcess, run_daemon
+from ugem.testing.data import PROMPT_S, SAFETY_S
 
 PAGE = 4096
 
@@ -64,7 +65,7 @@ def _stopped(daemon: DaemonProcess) -> Iterator[None]:
 
 def test_a_call_to_a_stopped_daemon_times_out_and_closes_the_device(daemon, kit):
     baseline = daemon.fd_count()
-    dev = ugem.connect(daemon.path, timeout=1.0)
+    dev = ugem.connect(daemon.path, timeout=PROMPT_S)  # the calls before the stop must fit in it
     h = dev.create(PAGE)
     with _stopped(daemon):
         started = time.monotonic()
@@ -73,7 +74,7 @@ def test_a_call_to_a_stopped_daemon_times_out_and_closes_the_device(daemon, kit)
         elapsed = time.monotonic() - started
     assert exc.value.errno == errno.ETIMEDOUT and isinstance(exc.value, ugem.UgemError)
     assert daemon.path in str(exc.value) and "GEM_INFO" in str(exc.value)
-    assert 1.0 <= elapsed < 60  # (the upper bound is only a safety net)
+    assert PROMPT_S <= elapsed < SAFETY_S  # (the upper bound is only a safety net)
     assert dev.closed
     with pytest.raises(ugem.BadFd, match="timeout"):
         dev.info(h)
@@ -109,13 +110,12 @@ def test_connecting_to_a_listener_that_never_accepts_times_out(tmp_path):
 
 def test_a_wait_gets_its_own_timeout_on_top_of_the_client_timeout(tmp_path):
     with run_daemon(spill_dir=str(tmp_path), hang_timeout=600) as daemon:
-        dev = ugem.connect(daemon.path, timeout=0.5)
-        sem = dev.create(PAGE)
+        dev = ugem.connect(daemon.path, timeout=PROMPT_S)  # the handshake must fit in it
         with _stopped(daemon):
             started = time.monotonic()
             with pytest.raises(ugem.TimedOut):
-                dev.wait(sem, 1_500_000_000)
-            assert 2.0 <= time.monotonic() - started < 60  # 0.5 s + the wait's own 1.5 s
+                dev.wait(1, 1_500_000_000)  # no reply comes, whatever the handle
+            assert PROMPT_S + 1.5 <= time.monotonic() - started < SAFETY_S  # the client's + the wait's own
         dev.close()
 
 
