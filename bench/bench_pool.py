@@ -35,7 +35,7 @@ import multiprocessing.pool
 import os
 import sys
 from collections.abc import Callable
-from multiprocessing import shared_memory
+from multiprocessing import resource_tracker, shared_memory
 from typing import Any
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
@@ -244,6 +244,8 @@ def run(opts: H.Options) -> H.Report:
         pools: dict[str, multiprocessing.pool.Pool] = {}
         data: Data | None = None
         try:
+            resource_tracker.ensure_running()  # forked workers share it (else each starts its own, whose
+            # cleanup at the worker's exit unlinks the segments the worker attached: warnings, lost segments)
             for m in METHODS:  # before the data: forked workers inherit none of it
                 pools[m] = ctx.Pool(1)
                 pools[m].apply(warm)
