@@ -22,6 +22,7 @@ import bench_device  # noqa: E402
 import bench_memory  # noqa: E402
 import bench_mmap_copy  # noqa: E402
 import bench_peers  # noqa: E402
+import bench_pool  # noqa: E402
 import bench_roundtrip  # noqa: E402
 import bench_scale  # noqa: E402
 
@@ -33,6 +34,7 @@ BENCHES = {
     "device": (bench_device.run, bench_device.DEFAULTS),
     "scale": (bench_scale.run, bench_scale.DEFAULTS),
     "peers": (bench_peers.run, bench_peers.DEFAULTS),
+    "pool": (bench_pool.run, bench_pool.DEFAULTS),
 }
 
 
