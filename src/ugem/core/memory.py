@@ -7,9 +7,12 @@ measures them). Each NORMAL object with system pages caches its last measurement
 `obj.resident`; the total is kept incrementally, and so is the creating client's share (all
 in `measure`, through `Core.charge_resident`). Objects whose pages can change without a
 request (mapped, exported, or with a bulk transfer open) are *volatile*: the core calls
-`watch()` when one becomes so, and `refresh()` re-measures the watched ones (only those,
-so it is cheap) before any decision that depends on the total, `make_room`'s first check
-included.
+`watch()` when one becomes so, and `refresh(limit)` re-measures the watched ones before any
+decision that depends on the total, `make_room`'s first check included, unless the decision
+cannot change: `headroom` is what the watched objects could still grow by (their sizes less
+what they hold), and while resident + headroom stays within `limit` even full ones would
+fit, so nothing is measured (sending thousands of arrays exports thousands of objects; they
+are not fstat'ed before every request).
 
 Before a request adds `need` bytes, `make_room(need)` frees enough that
 resident + reserved + need <= budget, in three named passes over the LRU (oldest first):
@@ -57,7 +60,7 @@ import errno
 from collections.abc import Collection
 from typing import TYPE_CHECKING, Any
 
-from ..constants import DONTNEED
+from ..constants import DONTNEED, PAGE_SIZE
 from ..errors import IOFailure, NoSpace, OutOfMemory
 from ..mm.lru import Lru
 from .jobs import Job, JobKind, Pending
@@ -81,6 +84,7 @@ class Memory(SpillJobs):
         self.jobs: list[Job] = []  # in flight
         self.background: list[Job] = []  # to start, nobody waits for them
         self.watched: set[BufferObject] = set()  # volatile objects, re-measured by refresh()
+        self.headroom = 0  # what the watched objects could still grow by: sum of _room(obj)
         self.landing: dict[BufferObject, int] = {}  # charged ahead of a device op (fence) writing them
         self.failed: dict[BufferObject, OSError] = {}  # its last spill/restore failed
 
@@ -107,7 +111,17 @@ class Memory(SpillJobs):
         now = self.core.backing.resident_bytes(obj.backing) if now is None else now
         self.core.charge_resident(obj, now - obj.resident)
         self.resident += now - obj.resident
-        obj.resident = now
+        if obj in self.watched:
+            self.headroom -= self._room(obj)
+            obj.resident = now
+            self.headroom += self._room(obj)
+        else:
+            obj.resident = now
+
+    @staticmethod
+    def _room(obj: BufferObject) -> int:
+        """How many more bytes `obj`'s pages could come to hold (written through a mapping)."""
+        return max(0, -(-obj.size // PAGE_SIZE) * PAGE_SIZE - obj.resident)
 
     def expect(self, obj: BufferObject, nbytes: int, fence: int) -> None:
         """Count pages device op `fence` may write behind our back now, as at most
@@ -127,20 +141,29 @@ class Memory(SpillJobs):
 
     def watch(self, obj: BufferObject) -> None:
         """`obj` just became volatile (mapped, exported, transfer opened)."""
-        if obj.kind == Kind.NORMAL:
+        if obj.kind == Kind.NORMAL and obj not in self.watched:
             self.watched.add(obj)
+            self.headroom += self._room(obj)
 
-    def refresh(self) -> None:
-        """Re-measure objects whose pages may have changed behind our back."""
+    def unwatch(self, obj: BufferObject) -> None:
+        if obj in self.watched:
+            self.headroom -= self._room(obj)
+            self.watched.discard(obj)
+
+    def refresh(self, limit: int | None = None) -> None:
+        """Re-measure objects whose pages may have changed behind our back; the watched ones
+        only if they could take resident past `limit` (None: always)."""
         done = self.core.gpu.completed()
         for obj, fence in list(self.landing.items()):
             if fence <= done:
                 del self.landing[obj]
                 self.measure(obj)
+        if limit is not None and self.resident + self.headroom <= limit:
+            return  # even if every watched object filled up, the decision would be the same
         for obj in list(self.watched):
             self.measure(obj)
             if not self.volatile(obj):
-                self.watched.discard(obj)
+                self.unwatch(obj)
 
     # -- reclaim ---------------------------------------------------------------------
 
@@ -186,7 +209,7 @@ class Memory(SpillJobs):
 
     def make_room(self, need: int, keep: Collection[BufferObject] = ()) -> None:
         """Once `need` more bytes fit (none taken from `keep`) return; else Pending or ENOMEM."""
-        self.refresh()  # pages written through mappings count from the next request on
+        self.refresh(self.budget - self.reserved - need)  # pages written through mappings count from here on
         deficit = self.resident + self.reserved + need - self.budget
         if deficit <= 0:
             return
@@ -283,7 +306,7 @@ class Memory(SpillJobs):
         it needs that much free space there (spilling an older object to make room costs the
         same space as spilling new data: spillable bytes are not extra capacity), and enough
         spillable data, the new bytes included, to spill."""
-        self.refresh()
+        self.refresh(self.budget - self.reserved - need)
         room = self.budget - self.resident - self.reserved
         purgeable = sum(o.resident for o in self.lru if self.purgeable(o))
         overflow = need - room - purgeable  # bytes that must end up in spill storage
@@ -301,7 +324,6 @@ class Memory(SpillJobs):
     def settle(self, exclude: BufferObject | None = None) -> None:
         """Best effort: free what pages written behind our back put over the budget, as far
         as anything can be freed; raise Pending for the spills started, never ENOMEM."""
-        self.refresh()
         spilling = [j for j in self.jobs if j.kind is JobKind.SPILL]
         started = self.shrink(self.budget - self.reserved + sum(j.nbytes for j in spilling), exclude)
         if self.resident + self.reserved > self.budget and started + spilling:
@@ -311,7 +333,7 @@ class Memory(SpillJobs):
 
     def shrink(self, target: int, exclude: BufferObject | None = None) -> list[Job]:
         """Background reclaim (memory pressure): bring resident down toward `target`."""
-        self.refresh()
+        self.refresh(target)
         jobs: list[Job] = []
         excess = self.resident - target
         for obj in [o for o in self.lru if o is not exclude and o.resident and self.purgeable(o)]:
@@ -379,7 +401,7 @@ class Memory(SpillJobs):
 
     def release(self, obj: BufferObject) -> None:
         """The object is being freed: give back its memory and spill space."""
-        self.watched.discard(obj)
+        self.unwatch(obj)
         self.landing.pop(obj, None)
         self.failed.pop(obj, None)
         if obj.backing is not None:

@@ -115,3 +115,25 @@ def test_enomem_at_once_when_even_finished_work_would_not_free_enough(held):
         _call(core, client, Op.GEM_PWRITE, s.PwriteReq(handle=handle, length=MiB, data=bytes(MiB)))
     assert failed.value.errno == errno.ENOMEM
     assert device.held  # the work is still held: the request did not wait for it
+
+
+def test_exported_objects_are_not_measured_before_every_request_while_they_cannot_matter(tmp_path):
+    """Sending arrays by reference exports their objects, which stay volatile for good: a request
+    must not fstat every one of them while even all of them filled up would fit the budget (this
+    was O(N^2) for N arrays sent); once they could matter, they are measured."""
+    with ugem.Manager(system_budget="64M", spill_dir=str(tmp_path)) as manager, manager.open() as dev:
+        core = manager._core
+        assert core is not None
+        for _ in range(200):
+            os.close(dev.export(dev.create(4096)))
+        measured: list[object] = []
+        resident_bytes = core.backing.resident_bytes
+        core.backing.resident_bytes = lambda backing: measured.append(backing) or resident_bytes(backing)  # type: ignore[method-assign]
+        h = dev.create(MiB)
+        dev.pwrite(h, 0, b"x" * MiB)
+        assert len(measured) <= 2, f"{len(measured)} objects measured for one pwrite"
+        big = dev.create(62 * MiB + MiB // 2)  # 1 MiB + 800 KiB exported + this: past the 64 MiB budget
+        measured.clear()
+        dev.pwrite(big, 0, b"y" * (62 * MiB + MiB // 2))  # ... if the exported objects were full: measure them
+        assert len(measured) >= 200
+        assert dev.stats()["spilled_total"] == 0  # they were not: it fits
