@@ -138,6 +138,27 @@ def test_the_receivers_array_is_the_senders_memory_both_ways(sender, method):
         proc.join(SAFETY_S)
 
 
+@pytest.mark.parametrize("method", ["fork", "spawn"])
+def test_an_array_sent_back_comes_home_to_the_senders_own_mapping(sender, method, monkeypatch):
+    """The worker returns the array it received: the parent finds that it maps that memory
+    already and uses its own mapping again (no claim, no second mapping); daemon mode sends
+    shares, embedded mode fds, and neither copies a byte."""
+    a = ugem.zeros(3 * 4096 + 100, np.uint16)[7:]
+    moved = _moved(sender)
+    claims: list[object] = []
+    real_claim = ugem.Device._claim
+    with multiprocessing.get_context(method).Pool(1) as pool:
+        for round_ in range(3):
+            monkeypatch.setattr(ugem.Device, "_claim", lambda *args: claims.append(args) or real_claim(*args))
+            a.flat[0] = round_
+            got = pool.apply(w.mark_and_return, (a,))
+            monkeypatch.undo()
+            assert claims == []
+            assert np.shares_memory(got, a) and got.shape == a.shape and got.strides == a.strides
+            assert a.flat[0] == w.MARK_OUT
+    assert _moved(sender) == moved
+
+
 def test_a_buffer_travels_by_reference(sender):
     buf = ugem.default_device().new(8192)
     buf.write(b"from the parent", 4096)
@@ -171,14 +192,19 @@ def test_a_receiver_of_2000_arrays_holds_at_most_16_more_fds(sender, method):
     assert after - before <= 16, (before, after)
 
 
-def test_an_array_received_in_embedded_mode_cannot_travel_on(sender):
+def test_an_array_received_in_embedded_mode_can_only_go_back(sender):
     base, view = _marked()
-    with multiprocessing.get_context("spawn").Pool(1) as pool:
-        why = pool.apply(w.resend, (view,))
+    ctx = multiprocessing.get_context("spawn")
+    result_r, result_w = ctx.Pipe(duplex=False)
+    proc = ctx.Process(target=w.resend_into, args=(view, result_w))  # not a Pool's: it starts a child
+    proc.start()
+    assert result_r.poll(SAFETY_S), "the worker never answered"
+    why = result_r.recv()
+    proc.join(SAFETY_S)
     if sender is None:
-        assert "cannot travel onward" in why
+        assert "can only be sent back to a process that still maps its memory" in why
     else:
-        assert why == ""  # mapped through the daemon: it can
+        assert why == ""  # mapped through the daemon: it can go anywhere
 
 
 def test_nothing_is_left_after_the_pool_ends_and_after_a_sigkilled_worker(sender):

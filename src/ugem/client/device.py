@@ -15,10 +15,12 @@ Mappings hold no fd (backing/mapping.py); each is entered in this process's regi
 mappings (client/registry.py), which pickling by reference consults. When the last view of a
 mapping dies, a finalizer removes it from the registry and queues its id; when a Buffer is
 dropped without `close()`, its finalizer queues its handle's record (client/releases.py has
-the rules). Queued releases are sent before the next request (GEM_MUNMAP, then
-GEM_CLOSE_BATCH for the handles no live Buffer wraps any more), in as many frames as they
-need, never from a finalizer itself, which may run at any moment (even mid-request);
-`close()` drops the queue, as the manager releases everything then.
+the rules); so do shares this process received but did not need to map (client/device_share.py).
+Queued releases go out with the next request, pipelined in the same write (GEM_DROP_SHARES,
+GEM_MUNMAP, then GEM_CLOSE_BATCH for the handles no live Buffer wraps any more, in as many
+frames as they need; no round trip of their own), never from a finalizer itself, which may
+run at any moment (even mid-request); `close()` drops the queue, as the manager releases
+everything then.
 """
 
 from __future__ import annotations
@@ -26,9 +28,9 @@ from __future__ import annotations
 import errno
 import json
 import os
-import struct
 import weakref
 from collections import deque
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Protocol
 
@@ -44,7 +46,8 @@ from ..wire.frames import Op
 from .args import flag, i64, ident, index, u32
 from .bulk import pread_all, preadv_all, pwritev_all
 from .device_ops import DeviceOps
-from .registry import forget_mapping, register_mapping
+from .device_share import ShareOps
+from .registry import fd_key, forget_mapping, register_mapping
 from .releases import Releases, Wrapped
 from .transport import ForkedTransport, track_for_fork
 
@@ -81,7 +84,7 @@ class Transport(Protocol):
     @property
     def lost(self) -> bool: ...
 
-    def call(self, op: Op, req: s.Struct) -> Any: ...
+    def call(self, op: Op, req: s.Struct, notes: Sequence[tuple[Op, s.Struct]] = ()) -> Any: ...
 
     def close(self) -> None: ...
 
@@ -92,7 +95,7 @@ def _byte_view(buffer: Any, writable: bool) -> memoryview:
     return flat_bytes(buffer, writable=writable, what="the pread_into buffer" if writable else "pwrite data")
 
 
-class Device(DeviceOps):
+class Device(DeviceOps, ShareOps):
     """One client of a ugem manager. Use as a context manager; `close()` releases all."""
 
     def __init__(self, transport: Transport) -> None:
@@ -123,22 +126,14 @@ class Device(DeviceOps):
         transport = self._live()
         try:
             if self._released:
-                self._flush_released(transport)
+                notes = self._releases.requests()
+                if notes:
+                    return transport.call(op, req, notes)
             return transport.call(op, req)
         except TimedOut:  # the transport closed the connection: so is this Device
             self._transport = None
             self._closed_why = "this Device was closed when a call got no reply within its timeout; connect again"
             raise
-
-    def _flush_released(self, transport: Transport) -> None:
-        ids, handles = self._releases.drain()
-        # one frame each: a batch never fails for its size; mappings first (they need no handle)
-        for start in range(0, len(ids), s.MAX_IDS):
-            batch = ids[start:start + s.MAX_IDS]
-            transport.call(Op.GEM_MUNMAP, s.MunmapReq(ids=struct.pack(f"<{len(batch)}I", *batch)))
-        for start in range(0, len(handles), s.MAX_IDS):
-            batch = handles[start:start + s.MAX_IDS]
-            transport.call(Op.GEM_CLOSE_BATCH, s.CloseBatchReq(handles=struct.pack(f"<{len(batch)}I", *batch)))
 
     def _unwrap(self, record: Wrapped) -> None:
         """A Buffer was closed: close its handle if no other live Buffer wraps it."""
@@ -276,20 +271,24 @@ class Device(DeviceOps):
         flags = (s.WRITABLE if writable else 0) | (s.TO_END if length is None else 0)
         req = s.MmapReq(handle=ident(handle), flags=flags, offset=i64(offset, "offset"),
                         length=0 if length is None else i64(length, "length"))
-        reply: s.MmapReply = self._call(Op.GEM_MMAP, req)
+        return self._map_reply(self._call(Op.GEM_MMAP, req), writable, f"handle {req.handle}")
+
+    def _map_reply(self, reply: s.MmapReply, writable: bool, what: str) -> memoryview:
+        """Map what a GEM_MMAP (or GEM_CLAIM) reply describes; track it until its last view dies."""
         assert reply.fd is not None
         try:
             with reply.fd as fd:
+                key = fd_key(fd.fd)
                 region = map_shared(fd.fd, reply.offset, reply.length, writable)
         except OSError as exc:  # e.g. ENOMEM: no room for that much address space
             self._released.append(reply.map_id)
-            raise error_from_errno(exc.errno or errno.ENOMEM, f"cannot map {reply.length} bytes of handle "
-                                   f"{req.handle} into this process: {exc.strerror}") from None
+            raise error_from_errno(exc.errno or errno.ENOMEM, f"cannot map {reply.length} bytes of {what} "
+                                   f"into this process: {exc.strerror}") from None
         except BaseException:
             self._released.append(reply.map_id)
             raise
         view = memoryview(region)
-        address = register_mapping(region, self, reply.map_id, reply.offset, writable)
+        address = register_mapping(region, self, reply.map_id, reply.offset, writable, key)
         weakref.finalize(region, _mapping_gone, self._released, reply.map_id, address)
         return view
 
@@ -391,7 +390,7 @@ class Device(DeviceOps):
         return Buffer(self, handle, page_align(index(size, "size")), readonly=False)
 
 
-def _mapping_gone(released: deque[int | Wrapped], map_id: int, address: int) -> None:
+def _mapping_gone(released: deque[int | Wrapped | tuple[int, int]], map_id: int, address: int) -> None:
     """A mapping's last view died: forget it here and queue its release for the manager."""
     forget_mapping(address)
     released.append(map_id)

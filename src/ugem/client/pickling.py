@@ -2,22 +2,35 @@
 
 Rules:
 - under multiprocessing's pickler (`multiprocessing.reduction.ForkingPickler`: Process
-  arguments, Queue, Pipe, Pool, ProcessPoolExecutor; every start method) a `Buffer`, and a
-  numpy array whose memory lies in one ugem mapping of this process (this process's
-  registry, client/registry.py: `Buffer.array()`, `ugem.empty/zeros`,
-  `np.frombuffer(dev.mmap(h))`, and slices, reshapes, transposes and views of them), travel
-  as an fd (`multiprocessing.reduction.DupFd`, as multiprocessing sends fds) to the object:
-  the array's fd comes from PRIME_MAP_TO_FD on the mapping (no handle needed), the
-  Buffer's from `export`. The fd is read-only when the array (or Buffer) is. Exporting
-  marks the object exported, as `export` does: never spilled or purged after that;
-- the receiver gets an array on the same memory with the same dtype, shape, strides and
-  offset, writable iff the source was; a Buffer becomes a Buffer of its
-  `default_device()` (import_fd; the Buffer closes its handle when dropped). An array is
-  mapped through the receiver's `default_device()` when that is a daemon client (import,
-  mmap, close the handle: the mapping keeps the object alive, and the array can travel on
-  the same way); when it is embedded, the fd is mapped straight (no Device) and closed, and
-  such an array cannot travel onward (pickling it raises `pickle.PicklingError` saying so).
-  Either way the receiver keeps no fd per array;
+  arguments, Queue, Pipe, Pool, ProcessPoolExecutor; every start method) a numpy array whose
+  memory lies in one ugem mapping of this process (this process's registry,
+  client/registry.py: `Buffer.array()`, `ugem.empty/zeros`, `np.frombuffer(dev.mmap(h))`,
+  and slices, reshapes, transposes and views of them) travels by reference, without its
+  bytes: the receiver gets an array on the same memory with the same dtype, shape, strides
+  and offset, writable iff the source was (and its mapping is);
+- a daemon client's array travels as a share (core/shares.py: GEM_SHARE on the mapping, one
+  round trip; the share keeps the object alive until it is claimed, even if the sender
+  drops the array at once) plus the daemon's socket path. The receiver claims it through its
+  `default_device()` if that is a client of the same socket, else through one connection of
+  its own per socket path, kept for the process (GEM_CLAIM: one round trip, the mapping
+  arrives with the reply); an unreachable daemon is an error naming the socket. No fd
+  travels: multiprocessing hands fds over through a helper thread and a new authenticated
+  connection each, which costs more than a Pool task's whole round trip;
+- an embedded manager's array travels as an fd (`multiprocessing.reduction.DupFd`, as
+  multiprocessing sends fds) from PRIME_MAP_TO_FD on the mapping; the export marks the
+  object exported, as `export` does (never spilled or purged after that). The receiver maps
+  it through its `default_device()` when that is a daemon client (import, mmap, close the
+  handle: the mapping keeps the object alive, and the array can travel on), else maps the
+  fd straight (no Device, so no fd to send onward): such an array travels by the identity
+  of its memfd only, and can only arrive in a process that still maps that memory (the
+  usual case: a Pool worker returns what it was sent); anywhere else unpickling raises
+  `pickle.UnpicklingError` saying why;
+- a receiver that maps that memory already (an array sent to a worker and returned: the
+  same memfd, found by its identity in the registry) uses its mapping again, and only
+  drops the share (queued, sent with its next request): no round trip;
+- a `Buffer` travels as an fd from `export` (read-only when the Buffer is) and becomes a
+  Buffer of the receiver's `default_device()` (import_fd; it closes its handle when dropped).
+  Either way the receiver keeps no fd per array or Buffer;
 - every other array (not ugem memory, empty, or of object dtype) pickles exactly as numpy
   pickles it; arrays that are ugem memory but whose Device is closed or was made by the
   parent of a forked child raise `pickle.PicklingError` naming why;
@@ -49,7 +62,7 @@ from .buffer import Buffer
 from .connect import connect
 from .default import default_device
 from .device import Device
-from .registry import Mapping, find_mapping, forget_mapping, register_mapping
+from .registry import Mapping, find_by_key, find_mapping, forget_mapping, register_mapping
 
 __all__ = ["reduce_buffer_by_name"]
 
@@ -84,28 +97,30 @@ def _reduce_array(a: npt.NDArray[Any]) -> tuple[Any, ...]:
         reduced = a.__reduce_ex__(pickle.DEFAULT_PROTOCOL)  # multiprocessing pickles at this protocol
         assert isinstance(reduced, tuple)
         return reduced
-    if entry.device is None:
-        raise pickle.PicklingError("this ugem array was received by a process whose default device is embedded, "
-                                   "which maps it with no Device: it cannot travel onward (send the original, or "
-                                   "run a ugem daemon so that receivers map through it)")
+    writable = bool(a.flags.writeable) and entry.writable
+    start = int(a.__array_interface__["data"][0]) - entry.address
+    layout = (entry.key, entry.offset, entry.length, writable, a.dtype, a.shape, a.strides, start)
+    if entry.device is None:  # mapped straight from a received fd: it can only go back
+        return _return_array, layout
     dev = entry.device()
     if dev is None:
         raise pickle.PicklingError("this ugem array's Device is gone: it cannot be sent by reference")
-    writable = bool(a.flags.writeable) and entry.writable
+    path = getattr(dev._transport, "path", "")
     try:
+        if path:  # a daemon client: a share, claimed by the receiver through the same daemon
+            owner, token = dev._share(entry.map_id, entry.offset, entry.length, writable)
+            return _claim_array, (path, owner, token, *layout)
         fd = dev._export_mapping(entry.map_id, writable)
     except UgemError as exc:
         raise pickle.PicklingError(f"cannot send this ugem array by reference: {exc}") from exc
-    data = int(a.__array_interface__["data"][0])
-    return _rebuild_array, (_send_fd(fd), entry.offset, entry.length, writable, a.dtype, a.shape, a.strides,
-                            data - entry.address)
+    return _rebuild_array, (_send_fd(fd), *layout)
 
 
-def _map_received(fd: int, offset: int, length: int, writable: bool) -> memoryview:
+def _map_fd(fd: int, key: tuple[int, int], offset: int, length: int, writable: bool) -> memoryview:
     dev = default_device()
     if dev._live().embedded:
         region = map_shared(fd, offset, length, writable)
-        address = register_mapping(region, None, 0, offset, writable)
+        address = register_mapping(region, None, 0, offset, writable, key)
         weakref.finalize(region, forget_mapping, address)
         return memoryview(region)
     handle, held = dev._import_fd(fd)
@@ -116,14 +131,50 @@ def _map_received(fd: int, offset: int, length: int, writable: bool) -> memoryvi
             dev.close_handle(handle)
 
 
-def _rebuild_array(wrapped: Any, offset: int, length: int, writable: bool, dtype: np.dtype[Any],
-                   shape: tuple[int, ...], strides: tuple[int, ...], start: int) -> npt.NDArray[Any]:
+def _array(view: memoryview, writable: bool, dtype: np.dtype[Any], shape: tuple[int, ...],
+           strides: tuple[int, ...], start: int) -> npt.NDArray[Any]:
+    a: npt.NDArray[Any] = np.ndarray(shape, dtype, buffer=view, offset=start, strides=strides)
+    if not writable and a.flags.writeable:  # received read-only, mapped writable here already
+        a.flags.writeable = False
+    return a
+
+
+def _rebuild_array(wrapped: Any, key: tuple[int, int], offset: int, length: int, writable: bool,
+                   dtype: np.dtype[Any], shape: tuple[int, ...], strides: tuple[int, ...],
+                   start: int) -> npt.NDArray[Any]:
     fd = wrapped.detach()
     try:
-        view = _map_received(fd, offset, length, writable)
+        found = find_by_key(key, offset, length, writable)
+        view = found[0] if found is not None else _map_fd(fd, key, offset, length, writable)
     finally:
         os.close(fd)
-    return np.ndarray(shape, dtype, buffer=view, offset=start, strides=strides)
+    return _array(view, writable, dtype, shape, strides, start)
+
+
+def _return_array(key: tuple[int, int], offset: int, length: int, writable: bool, dtype: np.dtype[Any],
+                  shape: tuple[int, ...], strides: tuple[int, ...], start: int) -> npt.NDArray[Any]:
+    found = find_by_key(key, offset, length, writable)
+    if found is None:
+        raise pickle.UnpicklingError(
+            "this ugem array was received by a process whose default device is embedded, which maps it with no "
+            "Device: it can only be sent back to a process that still maps its memory (the sender's, while it "
+            "holds the array), and this one does not; run a ugem daemon so that arrays can travel anywhere")
+    return _array(found[0], writable, dtype, shape, strides, start)
+
+
+def _claim_array(path: str, owner: int, token: int, key: tuple[int, int], offset: int, length: int,
+                 writable: bool, dtype: np.dtype[Any], shape: tuple[int, ...], strides: tuple[int, ...],
+                 start: int) -> npt.NDArray[Any]:
+    found = find_by_key(key, offset, length, writable)
+    if found is not None:  # mapped here already (e.g. the array comes back): use the share up unmapped
+        view, entry = found
+        mapper = entry.device() if entry.device is not None else None
+        if mapper is None or mapper.closed or getattr(mapper._transport, "path", None) != path:
+            mapper = _device_for(path)
+        mapper._drop_share(owner, token)
+    else:
+        view = _device_for(path)._claim(owner, token, writable)
+    return _array(view, writable, dtype, shape, strides, start)
 
 
 def _reduce_buffer(buf: Buffer) -> tuple[Any, ...]:

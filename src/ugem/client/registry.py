@@ -3,7 +3,11 @@
 Pickling by reference (client/pickling.py) finds whether an array's memory is ugem memory
 from its data pointer. Every mapping a Device makes is entered here (address range -> the
 Device, weakly, its map_id, the object offset the mapping starts at, its length, whether it
-is writable) and removed by the finalizer that releases it. A mapping received in a process
+is writable, the identity of the memfd it maps, and the mapping itself, weakly) and removed
+by the finalizer that releases it. A process that receives memory it already maps (an array
+sent to a worker and returned) finds that mapping by the memfd's identity (`find_by_key`)
+and uses it again instead of mapping the object once more: a live mapping pins its memfd,
+so the identity cannot meanwhile name another object. A mapping received in a process
 whose default device is embedded is mapped straight from its fd (no Device, no map_id): it
 is entered with `device=None`, which pickling reports as unable to travel onward.
 
@@ -15,6 +19,7 @@ from __future__ import annotations
 
 import bisect
 import mmap
+import os
 import weakref
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
@@ -24,7 +29,7 @@ import numpy as np
 if TYPE_CHECKING:
     from .device import Device
 
-__all__ = ["Mapping", "find_mapping", "forget_mapping", "register_mapping"]
+__all__ = ["Mapping", "fd_key", "find_by_key", "find_mapping", "forget_mapping", "register_mapping"]
 
 
 @dataclass(frozen=True, slots=True)
@@ -35,25 +40,67 @@ class Mapping:
     map_id: int
     offset: int  # where in the object the mapping starts
     writable: bool
+    key: tuple[int, int]  # the memfd's (st_dev, st_ino)
+    region: weakref.ref[mmap.mmap]
 
 
 _starts: list[int] = []  # sorted start addresses
 _by_start: dict[int, Mapping] = {}
+_by_key: dict[tuple[int, int], list[int]] = {}  # memfd identity -> start addresses
 
 
-def register_mapping(region: mmap.mmap, device: Device | None, map_id: int, offset: int, writable: bool) -> int:
+def fd_key(fd: int) -> tuple[int, int]:
+    """The identity of the memfd `fd` refers to."""
+    st = os.fstat(fd)
+    return st.st_dev, st.st_ino
+
+
+def register_mapping(region: mmap.mmap, device: Device | None, map_id: int, offset: int, writable: bool,
+                     key: tuple[int, int]) -> int:
     """Enter a live mapping; returns its address (the key to forget it by)."""
     address = int(np.frombuffer(region, dtype=np.uint8).__array_interface__["data"][0])
-    entry = Mapping(address, len(region), None if device is None else weakref.ref(device), map_id, offset, writable)
-    if address not in _by_start:
+    entry = Mapping(address, len(region), None if device is None else weakref.ref(device), map_id, offset, writable,
+                    key, weakref.ref(region))
+    old = _by_start.get(address)
+    if old is None:
         bisect.insort(_starts, address)
+    else:
+        _unkey(old)
     _by_start[address] = entry
+    _by_key.setdefault(key, []).append(address)
     return address
 
 
+def _unkey(entry: Mapping) -> None:
+    starts = _by_key[entry.key]
+    starts.remove(entry.address)
+    if not starts:
+        del _by_key[entry.key]
+
+
 def forget_mapping(address: int) -> None:
-    if _by_start.pop(address, None) is not None:
+    entry = _by_start.pop(address, None)
+    if entry is not None:
         del _starts[bisect.bisect_left(_starts, address)]
+        _unkey(entry)
+
+
+def find_by_key(key: tuple[int, int], offset: int, length: int, writable: bool) -> tuple[memoryview, Mapping] | None:
+    """A view of bytes [offset, offset + length) of the memfd `key` through a live mapping of
+    this process (writable if asked), and that mapping's entry, if there is one whose Device
+    is open and this process's (not a forked parent's: such an array could not travel on)."""
+    for address in _by_key.get(key, ()):
+        entry = _by_start[address]
+        if entry.device is not None:  # only a mapping that can travel on: its Device lives, in this process
+            dev = entry.device()
+            if dev is None or dev.closed or dev._pid != os.getpid():
+                continue
+        region = entry.region()
+        if region is not None and entry.offset <= offset and offset + length <= entry.offset + entry.length \
+                and (entry.writable or not writable):
+            start = offset - entry.offset
+            return memoryview(region)[start:start + length], entry
+    return None
 
 
 def find_mapping(low: int, high: int) -> Mapping | None:

@@ -1,9 +1,10 @@
 """Releases: what a Device still has to tell the manager, and the Buffers of each handle.
 
-- `queue`: released mappings (their ids) and dropped Buffers (their handle's `Wrapped`
-  record). Finalizers append to this very deque and do nothing else: a finalizer may run
-  at any moment, even in the middle of a request, so it never sends, locks or allocates
-  beyond the append. The Device drains the queue before its next request (`drain`) and
+- `queue`: released mappings (their ids), dropped Buffers (their handle's `Wrapped`
+  record) and shares to use up unmapped (their (owner, token) pair, client/device_share.py).
+  Finalizers append to this very deque and do nothing else: a finalizer may run at any
+  moment, even in the middle of a request, so it never sends, locks or allocates beyond
+  the append. The Device drains the queue before its next request (`drain`) and
   sends what it yields; `Device.close()` just drops it (the manager releases everything).
 - `Wrapped`: the live Buffers of one handle. Two Buffers can share a handle (import_fd
   returns a handle the client already holds), so they are counted, and the handle is
@@ -16,7 +17,12 @@
 from __future__ import annotations
 
 import collections
+import struct
 import threading
+
+from ..wire import structs as s
+from ..wire import structs_share as ss
+from ..wire.frames import Op
 
 __all__ = ["Releases", "Wrapped"]
 
@@ -35,7 +41,7 @@ class Wrapped:
 class Releases:
     def __init__(self) -> None:
         # drained in place, never replaced, so a release can never land in a list nobody reads
-        self.queue: collections.deque[int | Wrapped] = collections.deque()
+        self.queue: collections.deque[int | Wrapped | tuple[int, int]] = collections.deque()
         self._wrapped: dict[int, Wrapped] = {}  # open handle -> its live Buffers
         self._lock = threading.Lock()
 
@@ -62,15 +68,33 @@ class Releases:
                 if record is not None:
                     self._retire(record)
 
-    def drain(self) -> tuple[list[int], list[int]]:
-        """Take everything queued: (mapping ids to release, handles to close)."""
-        released: list[int | Wrapped] = []
+    def requests(self) -> list[tuple[Op, s.Struct]]:
+        """Drain the queue into requests, sent ahead of the Device's next one (transport
+        `notes`): one frame each, so a batch never fails for its size; shares and mappings
+        first (they need no handle)."""
+        ids, handles, drops = self.drain()
+        notes: list[tuple[Op, s.Struct]] = []
+        for start in range(0, len(drops), ss.MAX_DROPS):  # shares received here, mapped already
+            records = b"".join(ss.SHARE_RECORD.pack(*d) for d in drops[start:start + ss.MAX_DROPS])
+            notes.append((Op.GEM_DROP_SHARES, ss.DropSharesReq(records=records)))
+        for start in range(0, len(ids), s.MAX_IDS):
+            batch = ids[start:start + s.MAX_IDS]
+            notes.append((Op.GEM_MUNMAP, s.MunmapReq(ids=struct.pack(f"<{len(batch)}I", *batch))))
+        for start in range(0, len(handles), s.MAX_IDS):
+            batch = handles[start:start + s.MAX_IDS]
+            notes.append((Op.GEM_CLOSE_BATCH, s.CloseBatchReq(handles=struct.pack(f"<{len(batch)}I", *batch))))
+        return notes
+
+    def drain(self) -> tuple[list[int], list[int], list[tuple[int, int]]]:
+        """Take everything queued: (mapping ids to release, handles to close, shares to drop)."""
+        released: list[int | Wrapped | tuple[int, int]] = []
         try:
             while True:
                 released.append(self.queue.popleft())
         except IndexError:  # drained (perhaps by another thread at the same time)
             pass
         ids = [item for item in released if isinstance(item, int)]
+        drops = [item for item in released if isinstance(item, tuple)]
         handles = []
         with self._lock:
             for item in released:
@@ -78,7 +102,7 @@ class Releases:
                     item.count -= 1
                     if item.count == 0 and not item.closed:
                         handles.append(self._retire(item))
-        return ids, handles
+        return ids, handles, drops
 
     def after_fork_in_child(self) -> None:
         self._lock = threading.Lock()  # the parent's may have been held at the fork

@@ -26,6 +26,7 @@ import socket
 import threading
 import time
 import weakref
+from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any, NoReturn, Protocol
 
 from ..core.requests import REQUESTS
@@ -50,7 +51,12 @@ class EmbeddedTransport:
         self.client = client
         self.client_id = client.id
 
-    def call(self, op: Op, req: s.Struct) -> Any:
+    def call(self, op: Op, req: s.Struct, notes: Sequence[tuple[Op, s.Struct]] = ()) -> Any:
+        for note_op, note in notes:  # releases: their failures (ids already gone) are nobody's
+            try:
+                self.manager._call(self.client, note_op, note)
+            except UgemError:
+                pass
         return self.manager._call(self.client, op, req)
 
     def close(self) -> None:
@@ -74,7 +80,7 @@ class ForkedTransport:
                          f"(process {os.getpid()}): connect again in the child (ugem.connect(), or ugem.embedded() "
                          f"for a manager of its own)")
 
-    def call(self, op: Op, req: s.Struct) -> Any:
+    def call(self, op: Op, req: s.Struct, notes: Sequence[tuple[Op, s.Struct]] = ()) -> Any:
         for name in req.FDS:  # a request's fds are the transport's to close, as in the others
             fd = getattr(req, name)
             if isinstance(fd, OwnedFd):
@@ -149,7 +155,11 @@ class SocketTransport:
         self.server_pid = hello.server_pid
         self.max_inline = hello.max_inline
 
-    def call(self, op: Op, req: s.Struct) -> Any:
+    def call(self, op: Op, req: s.Struct, notes: Sequence[tuple[Op, s.Struct]] = ()) -> Any:
+        """One request and its reply. `notes` (releases: no fds, each fits a frame) go first
+        in the same write, pipelined: their replies are read and dropped before this one's,
+        so they cost no round trip of their own; their failures (ids already gone) are
+        nobody's to see."""
         reply_type = _REPLY_TYPES[op]
         pieces, fds = s.encode(req)
         if len(pieces) > 1 and sum(memoryview(p).nbytes for p in pieces) > MAX_PAYLOAD:
@@ -161,8 +171,11 @@ class SocketTransport:
             try:
                 if self._timeout is not None:
                     self._arm(op, req)
+                seqs = self._send_notes(notes, op, pieces, fds) if notes else []
                 self._seq = (self._seq + 1) & 0xFFFFFFFF
                 self._send(op, pieces, fds)
+                for (note_op, _), seq in zip(notes, seqs, strict=True):
+                    self._skip_reply(note_op, seq)
                 status, payload, got = self._receive(op, bool(reply_type.FDS))
             except DaemonGone:  # from _abort: the socket is closed already
                 raise
@@ -233,6 +246,41 @@ class SocketTransport:
         if sent < total:  # the rest without the fds (they went with the first byte)
             data = b"".join(bytes(b) for b in buffers)
             self._sock.sendall(data[sent:])
+
+    def _send_notes(self, notes: Sequence[tuple[Op, s.Struct]], op: Op, pieces: list[Any],
+                    fds: list[OwnedFd]) -> list[int]:
+        """Send the notes' frames; the request's too, in the same write, when it has no fds
+        (fds go with a frame's first byte, so such a request is sent on its own, by `_send`).
+        Returns the notes' sequence numbers."""
+        data, seqs = bytearray(), []
+        for note_op, note in notes:
+            note_pieces, note_fds = s.encode(note)
+            assert not note_fds
+            payload = b"".join(bytes(p) for p in note_pieces)
+            self._seq = (self._seq + 1) & 0xFFFFFFFF
+            seqs.append(self._seq)
+            data += encode_header(len(payload), note_op, 0, Kind.REQUEST, self._seq) + payload
+        self._sock.sendall(data)
+        return seqs
+
+    def _skip_reply(self, op: int, seq: int) -> None:
+        """Read one note's reply exactly (never a byte of the next) and drop it."""
+        header = self._read_exactly(HEADER.size)
+        length, rop, nfds, kind, rseq, _ = HEADER.unpack(header)
+        if kind != _REPLY or rop != op or rseq != seq or nfds or length > MAX_PAYLOAD:
+            self._abort([], f"malformed reply header from the daemon: {HEADER.unpack(header)}")
+        self._read_exactly(length)
+
+    def _read_exactly(self, n: int) -> bytes:
+        buf = bytearray()
+        while len(buf) < n:
+            if buf:
+                self._rearm()
+            data = self._sock.recv(n - len(buf))
+            if not data:
+                self._abort([], "")
+            buf += data
+        return bytes(buf)
 
     def _receive(self, op: int, with_fds: bool) -> tuple[int, bytes, list[OwnedFd]]:
         # One request is in flight, so nothing but its reply can arrive: read greedily.

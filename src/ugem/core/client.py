@@ -7,8 +7,9 @@ Rules:
   holds several (PRIME import returns the lowest). A million handles must stay small
   (SPEC §7: <= 1 KiB per object in all), so the common case costs no entry object and no
   set: these three tables change only through `handle_add`/`handle_remove`;
-- mappings and transfers are references the client holds until it reports them done or
-  goes away; the core drops them all in `Core.client_release`;
+- mappings, transfers and unclaimed shares (core/shares.py) are references the client
+  holds until it reports them done or goes away; the core drops them all in
+  `Core.client_release`;
 - a Client never frees anything itself: lifetimes are the Core's job;
 - `UidUsage` is what all clients of one uid hold together (per-uid limits, SPEC §5):
   connections open (greeted or not), clients admitted (past HELLO), and bytes charged
@@ -58,6 +59,8 @@ class Client:
     map_ids: IdAllocator = field(default_factory=IdAllocator)
     transfers: dict[int, tuple[BufferObject, int, Any]] = field(default_factory=dict)  # -> (object, reserved, bounce)
     xfer_ids: IdAllocator = field(default_factory=IdAllocator)
+    shares: dict[int, Any] = field(default_factory=dict)  # token -> core.shares.Share, not yet claimed
+    last_share: int = 0  # the last token given
     created_bytes: int = 0  # sizes of live objects this client created (quota)
     resident_bytes: int = 0  # resident system memory of those objects (kept by Memory)
     pinned_bytes: int = 0

@@ -179,8 +179,14 @@ def gem_mmap(core: Core, client: Client, req: s.MmapReq) -> s.MmapReply:
     writable = bool(req.flags & s.WRITABLE)
     if writable and req.handle in client.readonly:
         raise PermissionDenied(f"handle {req.handle} is read-only; map it with writable=False")
+    return map_object(core, client, obj, req.offset, length, writable, f"object {req.handle}")
+
+
+def map_object(core: Core, client: Client, obj: BufferObject, offset: int, length: int, writable: bool,
+               what: str) -> s.MmapReply:
+    """A tracked mapping of `obj` for `client` (its checks done): GEM_MMAP, and GEM_CLAIM."""
     if pinned_in_vram(obj):
-        raise Busy(f"object {req.handle} is pinned in device memory")
+        raise Busy(f"{what} is pinned in device memory")
     prepare_cpu(core, obj, write=writable)
     core.memory.settle(exclude=obj)  # reclaim what earlier writes through mappings added
     backing = core.populate(obj)
@@ -189,7 +195,7 @@ def gem_mmap(core: Core, client: Client, req: s.MmapReq) -> s.MmapReply:
     map_id = core.map_add(client, obj)
     if not writable:
         client.readonly_maps.add(map_id)  # PRIME_MAP_TO_FD exports it read-only only
-    return s.MmapReply(map_id=map_id, offset=req.offset, length=length, fd=fd)
+    return s.MmapReply(map_id=map_id, offset=offset, length=length, fd=fd)
 
 
 def gem_munmap(core: Core, client: Client, req: s.MunmapReq) -> s.Empty:

@@ -88,6 +88,8 @@ class Core:
             self.handle_delete(client, handle)
         for map_id in list(client.mappings):
             self.map_release(client, map_id)
+        while client.shares:  # unclaimed shares (core/shares.py)
+            self.put(client.shares.popitem()[1].obj)
         for xfer_id in list(client.transfers):
             self.xfer_done(client, xfer_id)
         del self.clients[client.id]
@@ -392,11 +394,9 @@ class Core:
             "clients": len(self.clients),
             "vram_bytes": self.gpu.vram_bytes,
             "suspended": self.gpu.suspended,
-            "system_budget": self.config.system_budget,
-            "vram_size": self.gpu.backend.vram_size,
+            "system_budget": self.config.system_budget, "vram_size": self.gpu.backend.vram_size,
             "pinned_bytes": self.pinned_bytes,
-            "memfds": self.backing.open_count,  # object pages held open (bounded by the fd limit)
-            "memfd_limit": self.backing.max_open,
+            "memfds": self.backing.open_count, "memfd_limit": self.backing.max_open,  # object pages held open
             **self.memory.statistics(),
             **self.counters,
             "per_client": [

@@ -19,8 +19,9 @@ from typing import Any
 from ..errors import PermissionDenied
 from ..wire import structs as s
 from ..wire import structs_device as sd
+from ..wire import structs_share as ss
 from ..wire.frames import Op
-from . import gem
+from . import gem, shares
 from . import gem_device as gd
 from .client import Client
 from .gem_userptr import gem_userptr
@@ -59,6 +60,10 @@ REQUESTS: tuple[RequestDesc, ...] = (
     RequestDesc(Op.PRIME_HANDLE_TO_FD, gem.prime_handle_to_fd, s.ExportReq, s.ExportReply, doc="export an fd"),
     RequestDesc(Op.PRIME_MAP_TO_FD, gem.prime_map_to_fd, s.MapExportReq, s.ExportReply,
                 doc="export the object behind a tracked mapping"),
+    RequestDesc(Op.GEM_SHARE, shares.gem_share, ss.ShareReq, ss.ShareReply,
+                doc="a one-use reference to a tracked mapping, for another process"),
+    RequestDesc(Op.GEM_CLAIM, shares.gem_claim, ss.ClaimReq, s.MmapReply, doc="map a share and use it up"),
+    RequestDesc(Op.GEM_DROP_SHARES, shares.gem_drop_shares, ss.DropSharesReq, s.Empty, doc="use shares up"),
     RequestDesc(Op.PRIME_FD_TO_HANDLE, gem.prime_fd_to_handle, s.ImportReq, s.ImportReply, doc="import an fd"),
     RequestDesc(Op.GEM_MADVISE, gem.gem_madvise, s.MadviseReq, s.MadviseReply, doc="WILLNEED/DONTNEED; retained"),
     RequestDesc(Op.GEM_PIN, gem.gem_pin, s.HandleReq, s.Empty, doc="populate and keep in place"),

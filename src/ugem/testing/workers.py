@@ -5,11 +5,11 @@ them by name (a test module loaded with --import-mode=importlib cannot be import
 
 from __future__ import annotations
 
+import multiprocessing
 import os
 import pickle
 import threading
 from multiprocessing.connection import Connection
-from multiprocessing.reduction import ForkingPickler
 from typing import Any
 
 import numpy as np
@@ -31,6 +31,12 @@ def touch(a: npt.NDArray[Any]) -> dict[str, Any]:
         a[0, 0] = MARK_OUT
     return {"seen": seen, "shape": a.shape, "strides": a.strides, "dtype": a.dtype.str,
             "writeable": bool(a.flags.writeable), "type": type(a).__name__}
+
+
+def mark_and_return(a: npt.NDArray[Any]) -> npt.NDArray[Any]:
+    """Write MARK_OUT at [0] and send the received array itself back."""
+    a.flat[0] = MARK_OUT
+    return a
 
 
 def touch_into(a: npt.NDArray[Any], result: Connection) -> None:
@@ -60,12 +66,30 @@ def receive_many(conn: Connection, n: int) -> None:
 
 
 def resend(a: npt.NDArray[Any]) -> str:
-    """Try to pickle a received array onward; the error message, or "" if it could."""
+    """Pickle a received array onward and load it in a process that does not map it (a fresh
+    spawned child, through a Pipe); the error message, or "" if it arrived."""
+    ctx = multiprocessing.get_context("spawn")
+    mine, theirs = ctx.Pipe()
+    proc = ctx.Process(target=_load_one, args=(theirs,))
+    proc.start()
     try:
-        ForkingPickler.dumps(a)
-    except pickle.PicklingError as exc:
-        return str(exc)
-    return ""
+        mine.send(a)
+        return str(mine.recv())
+    finally:
+        proc.join()
+
+
+def resend_into(a: npt.NDArray[Any], result: Connection) -> None:
+    result.send(resend(a))
+
+
+def _load_one(conn: Connection) -> None:
+    try:
+        conn.recv()
+    except pickle.UnpicklingError as exc:
+        conn.send(str(exc))
+    else:
+        conn.send("")
 
 
 def hold_until_killed(conn: Connection) -> None:

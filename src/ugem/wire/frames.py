@@ -106,6 +106,10 @@ class Op(enum.IntEnum):
     GEM_USERPTR = 31
     GEM_CLOSE_BATCH = 32
     PRIME_MAP_TO_FD = 33
+    # 34: LOOKUP (preloaded objects)
+    GEM_SHARE = 35
+    GEM_CLAIM = 36
+    GEM_DROP_SHARES = 37
 
 
 def encode_header(length: int, op: int, nfds: int, kind: int, seq: int, status: int = 0) -> bytes:

@@ -21,15 +21,17 @@ PAGE = ugem.PAGE_SIZE
 
 
 class Calls:
-    """Every request a Device sends, by op, through its transport."""
+    """Every request a Device sends, by op, through its transport: the releases sent ahead of
+    a request (pipelined with it, no round trip of their own), then the request."""
 
     def __init__(self, dev: ugem.Device, monkeypatch: pytest.MonkeyPatch) -> None:
         self.ops: list[Op] = []
         real = dev._transport.call
 
-        def call(op, req):
+        def call(op, req, notes=()):
+            self.ops.extend(Op(note_op) for note_op, _ in notes)
             self.ops.append(Op(op))
-            return real(op, req)
+            return real(op, req, notes)
 
         monkeypatch.setattr(dev._transport, "call", call)
 
@@ -152,3 +154,19 @@ def test_buffers_and_mappings_dropped_together(dev, monkeypatch):
     del held, views
     assert dev.stats()["objects"] == 0
     assert calls.ops == [Op.GEM_MUNMAP, Op.GEM_CLOSE_BATCH, Op.STATS]
+
+
+def test_releases_go_out_with_the_next_request_and_their_failures_are_nobodys(dev, monkeypatch):
+    """Queued releases are pipelined ahead of the next request (one write, no round trip of
+    their own); a release the manager no longer knows (it can only be gone already) does not
+    fail the request it travels with, and the connection stays in step."""
+    h = dev.create(PAGE)
+    view = dev.mmap(h)
+    dev._released.extend([9999, (dev.client_id, 12345)])  # an unknown mapping and an unknown share
+    calls = Calls(dev, monkeypatch)
+    del view
+    gc.collect()
+    assert dev.info(h).size == PAGE
+    assert calls.ops == [Op.GEM_DROP_SHARES, Op.GEM_MUNMAP, Op.GEM_INFO]
+    dev.close_handle(h)
+    assert dev.stats()["objects"] == 0

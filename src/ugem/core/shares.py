@@ -1,0 +1,104 @@
+"""Shares: one-use references that carry a mapping to another process (pickling by reference).
+
+A process that sends ugem memory through multiprocessing's pickler (client/pickling.py)
+does not pass an fd (multiprocessing hands fds over through a helper thread and a fresh
+authenticated connection each: slower than the whole task round trip). It asks for a share
+instead, and the receiver claims it through its own client of the same manager.
+
+Rules:
+- GEM_SHARE names one of the caller's tracked mappings and the part of the object it
+  covers; the share holds a reference to the object (as a handle does) until it is claimed
+  or dropped, or the sharing client goes away: a sender may drop its array right after
+  sending it, as with an fd in flight. Writable only through a writable mapping (EACCES).
+- Shares are named by (owner client id, token); tokens count up per client from 1 and
+  client ids are never reused, so a stale pair names nothing (ENOENT), never another
+  object. A client holds at most `client_max_objects` unclaimed shares (EDQUOT).
+- GEM_CLAIM maps the shared part for the caller exactly as GEM_MMAP maps a handle's (same
+  checks and waits; nothing changes before it could wait) and uses the share up. Only a
+  client of the owner's uid, or root, may claim (as for names: EACCES); a writable claim
+  of a read-only share is EACCES.
+- GEM_DROP_SHARES uses shares up without mapping (the receiver already maps that memory);
+  unknown ones, and other uids' (unless root), are skipped.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from ..constants import PAGE_SIZE
+from ..errors import InvalidArgument, NoSuchObject, PermissionDenied, QuotaExceeded
+from ..wire import structs as s
+from ..wire import structs_share as ss
+from .client import Client
+from .gem import map_object
+from .manager import Core
+from .object import BufferObject
+
+__all__ = ["Share", "gem_claim", "gem_drop_shares", "gem_share"]
+
+
+@dataclass(slots=True)
+class Share:
+    obj: BufferObject
+    offset: int
+    length: int
+    writable: bool
+
+
+def gem_share(core: Core, client: Client, req: ss.ShareReq) -> ss.ShareReply:
+    obj = client.mappings.get(req.map_id)
+    if obj is None:
+        raise InvalidArgument(f"mapping {req.map_id} is not tracked for client {client.id}")
+    if req.offset < 0 or req.offset % PAGE_SIZE or req.length <= 0 or req.offset + req.length > obj.size:
+        raise InvalidArgument(f"cannot share offset {req.offset} length {req.length} of the object of mapping "
+                              f"{req.map_id} (size {obj.size}, offsets page-aligned)")
+    writable = bool(req.flags & s.WRITABLE)
+    if writable and req.map_id in client.readonly_maps:
+        raise PermissionDenied(f"mapping {req.map_id} is read-only; share it with writable=False")
+    limit = core.config.client_max_objects
+    if len(client.shares) >= limit:
+        raise QuotaExceeded(f"client {client.id} holds {len(client.shares)} shares nobody claimed, the limit is "
+                            f"{limit}")
+    client.last_share += 1
+    core.get(obj)
+    client.shares[client.last_share] = Share(obj, req.offset, req.length, writable)
+    return ss.ShareReply(owner=client.id, token=client.last_share)
+
+
+def _find(core: Core, client: Client, owner_id: int, token: int) -> tuple[Client, Share]:
+    owner = core.clients.get(owner_id)
+    share = owner.shares.get(token) if owner is not None else None
+    if owner is None or share is None:
+        raise NoSuchObject(f"share {token} of client {owner_id} is not held: it was claimed already, or its "
+                           f"sender is gone")
+    uid = client.creds.uid
+    if uid != 0 and uid != owner.creds.uid:
+        raise PermissionDenied(f"share {token} of client {owner_id} belongs to uid {owner.creds.uid}, caller is "
+                               f"uid {uid}")
+    return owner, share
+
+
+def gem_claim(core: Core, client: Client, req: ss.ClaimReq) -> s.MmapReply:
+    owner, share = _find(core, client, req.owner, req.token)
+    writable = bool(req.flags & s.WRITABLE)
+    if writable and not share.writable:
+        raise PermissionDenied(f"share {req.token} of client {req.owner} is read-only; claim it with "
+                               f"writable=False")
+    core.check_pages(share.obj)
+    reply = map_object(core, client, share.obj, share.offset, share.length, writable,
+                       f"the object of share {req.token}")
+    del owner.shares[req.token]  # only now: map_object may have raised Pending
+    core.put(share.obj)
+    return reply
+
+
+def gem_drop_shares(core: Core, client: Client, req: ss.DropSharesReq) -> s.Empty:
+    if len(req.records) % ss.SHARE_RECORD.size:
+        raise InvalidArgument(f"share list of {len(req.records)} bytes is not a list of (u64, u64) records")
+    for owner_id, token in ss.SHARE_RECORD.iter_unpack(req.records):
+        owner = core.clients.get(owner_id)
+        if owner is None or token not in owner.shares or client.creds.uid not in (0, owner.creds.uid):
+            continue
+        core.put(owner.shares.pop(token).obj)
+    return s.Empty()
+

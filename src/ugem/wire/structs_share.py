@@ -1,0 +1,58 @@
+"""Request and reply structs of shares (pickling by reference, core/shares.py); same rules as
+wire/structs.py. A share is named by (owner client id, token); `DropSharesReq` lists such
+pairs as little-endian (u64 owner, u64 token) records."""
+
+from __future__ import annotations
+
+import struct
+from dataclasses import dataclass
+
+from .frames import MAX_PAYLOAD
+from .structs import WRITABLE, Struct
+
+__all__ = ["MAX_DROPS", "SHARE_RECORD", "ClaimReq", "DropSharesReq", "ShareReply", "ShareReq"]
+
+SHARE_RECORD = struct.Struct("<QQ")  # (owner, token)
+MAX_DROPS = MAX_PAYLOAD // SHARE_RECORD.size  # records that fit in one request frame
+
+
+@dataclass(slots=True)
+class ShareReq(Struct):
+    """GEM_SHARE: a one-use reference to the object behind one of this client's tracked
+    mappings, for another process to claim."""
+
+    LAYOUT = (("map_id", "I"), ("flags", "I"), ("offset", "q"), ("length", "q"))
+    FLAGS = WRITABLE
+    map_id: int = 0
+    flags: int = 0
+    offset: int = 0  # the part of the object shared (page-aligned offset), as mmap takes it
+    length: int = 0
+
+
+@dataclass(slots=True)
+class ShareReply(Struct):
+    LAYOUT = (("owner", "Q"), ("token", "Q"))
+    owner: int = 0  # the sharing client's id
+    token: int = 0
+
+
+@dataclass(slots=True)
+class ClaimReq(Struct):
+    """GEM_CLAIM: map what a share refers to (reply: MmapReply) and use the share up."""
+
+    LAYOUT = (("owner", "Q"), ("token", "Q"), ("flags", "I"), ("pad", "I"))
+    FLAGS = WRITABLE
+    owner: int = 0
+    token: int = 0
+    flags: int = 0
+    pad: int = 0
+
+
+@dataclass(slots=True)
+class DropSharesReq(Struct):
+    """GEM_DROP_SHARES: use shares up without mapping them (the receiver maps that memory
+    already); unknown ones are skipped. At most MAX_DROPS records per request."""
+
+    LAYOUT = ()
+    TAIL = "records"
+    records: bytes = b""
