@@ -21,7 +21,8 @@ from typing import Any
 
 from .backing.memfd import MemfdStore
 from .client.device import Device
-from .client.transport import EmbeddedTransport, track_for_fork
+from .client.fork import track_for_fork
+from .client.transport import EmbeddedTransport
 from .config import Config
 from .core.client import Client, Credentials
 from .core.jobs import Pending

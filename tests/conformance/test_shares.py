@@ -8,6 +8,7 @@ from __future__ import annotations
 import errno
 import gc
 import os
+import threading
 
 import numpy as np
 import pytest
@@ -15,6 +16,7 @@ import pytest
 import ugem
 from ugem.client.registry import find_mapping
 from ugem.testing import NOBODY
+from ugem.testing.data import SAFETY_S
 
 PAGE = ugem.PAGE_SIZE
 
@@ -152,3 +154,64 @@ def test_another_uids_share_cannot_be_claimed(mode, make_env, as_user):
     with as_user(NOBODY, as_nobody) as got:
         assert got == {"claim": errno.EACCES, "drop": 0}  # a drop of another uid's share is skipped
     assert len(env.open()._claim(owner, token, False)) == PAGE  # root may claim it, and it was not dropped
+
+
+def test_a_posted_share_costs_no_round_trip_and_its_failure_goes_to_the_claimer(env, errno_of):
+    sender, receiver = env.open(), env.open()
+    view = sender.mmap(sender.create(2 * PAGE))
+    entry = _entry(view)
+    good = sender._post_share(entry.map_id, 0, PAGE, True)
+    bad = sender._post_share(entry.map_id, PAGE, 4 * PAGE, True)  # past the end: fails in the manager
+    assert good[1] + 1 == bad[1]
+    assert len(receiver._claim(*good, True)) == PAGE
+    with pytest.raises(ugem.InvalidArgument, match=f"share {bad[1]} of client {bad[0]} failed: cannot share"):
+        receiver._claim(*bad, True)
+    assert sender.stats()["objects"] >= 1  # the sender's connection is in step after unread replies
+    owner, token = sender._share(entry.map_id, 0, PAGE, False)
+    assert token == bad[1] + 1 and len(receiver._claim(owner, token, False)) == PAGE
+
+
+def test_many_posted_shares_without_a_call_in_between(env):
+    """More posted shares than replies left unread (SHARE_AHEAD): the sender reads them as it
+    goes, so neither side ever blocks; every one is claimable."""
+    sender, receiver = env.open(), env.open()
+    view = sender.mmap(sender.create(PAGE))
+    entry = _entry(view)
+    shares = [sender._post_share(entry.map_id, 0, PAGE, True) for _ in range(500)]
+    for owner, token in shares[::50]:
+        assert len(receiver._claim(owner, token, False)) == PAGE
+    for owner, token in shares:
+        receiver._drop_share(owner, token)
+    receiver.stats()
+    del view
+    assert _objects(sender) == 1  # the handle: every share was used up
+
+
+def test_a_claim_that_comes_before_its_share_waits_for_it_or_for_the_sender_to_go(mode, env, errno_of):
+    if mode != "daemon":
+        pytest.skip("an embedded manager serves each request at once: a share is there before any claim")
+    sender, receiver = env.open(), env.open()
+    view = sender.mmap(sender.create(PAGE))
+    entry = _entry(view)
+    owner, last = sender._share(entry.map_id, 0, PAGE, True)
+    result: dict[str, object] = {}
+
+    def claim(token: int) -> None:
+        try:
+            result[token] = len(receiver._claim(owner, token, True))
+        except ugem.UgemError as exc:
+            result[token] = exc.errno
+
+    early = threading.Thread(target=claim, args=(last + 1,))
+    early.start()
+    early.join(0.2)  # (usually parked by now; either way it must end well)
+    sender._post_share(entry.map_id, 0, PAGE, True)
+    early.join(SAFETY_S)
+    assert result == {last + 1: PAGE}
+    assert errno_of(receiver._claim, owner, last + 1 + 1000, True) == errno.ENOENT  # too far ahead: no wait
+    orphan = threading.Thread(target=claim, args=(last + 2,))
+    orphan.start()
+    orphan.join(0.2)
+    sender.close()  # the sender goes away: the waiting claim ends
+    orphan.join(SAFETY_S)
+    assert result[last + 2] == errno.ENOENT

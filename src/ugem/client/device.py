@@ -28,6 +28,7 @@ from __future__ import annotations
 import errno
 import json
 import os
+import threading
 import weakref
 from collections import deque
 from collections.abc import Sequence
@@ -47,9 +48,9 @@ from .args import flag, i64, ident, index, u32
 from .bulk import pread_all, preadv_all, pwritev_all
 from .device_ops import DeviceOps
 from .device_share import ShareOps
+from .fork import ForkedTransport, track_for_fork
 from .registry import fd_key, forget_mapping, register_mapping
 from .releases import Releases, Wrapped
-from .transport import ForkedTransport, track_for_fork
 
 if TYPE_CHECKING:
     from ..manager import Manager
@@ -86,6 +87,8 @@ class Transport(Protocol):
 
     def call(self, op: Op, req: s.Struct, notes: Sequence[tuple[Op, s.Struct]] = ()) -> Any: ...
 
+    def post(self, op: Op, req: s.Struct) -> None: ...
+
     def close(self) -> None: ...
 
     def forsake(self) -> None: ...
@@ -105,6 +108,7 @@ class Device(DeviceOps, ShareOps):
         self._owned_manager: Manager | None = None
         self._closed_why = "this Device is closed"
         self._pid = os.getpid()
+        self._share_lock = threading.Lock()  # client/device_share.py
         track_for_fork(self)
 
     # -- plumbing --------------------------------------------------------------------
@@ -134,6 +138,10 @@ class Device(DeviceOps, ShareOps):
             self._transport = None
             self._closed_why = "this Device was closed when a call got no reply within its timeout; connect again"
             raise
+
+    def _post(self, op: Op, req: s.Struct) -> None:
+        """Send a request without waiting for its reply (client/device_share.py)."""
+        self._live().post(op, req)
 
     def _unwrap(self, record: Wrapped) -> None:
         """A Buffer was closed: close its handle if no other live Buffer wraps it."""

@@ -1,8 +1,12 @@
 """Shares, the client side (a mixin of `Device`): how pickling by reference passes a mapping
 to another process through the daemon (core/shares.py has the manager's rules).
 
-- `_share(map_id, ...)`: a one-use reference to part of one of this client's tracked
-  mappings, named by (owner client id, token);
+- `_post_share(map_id, ...)`: a one-use reference to part of one of this client's tracked
+  mappings, named by (this client's id, token). The token is this client's previous one
+  plus one (chosen here, under `_share_lock`, in the order the requests are sent), so the
+  request is sent without waiting for its reply (`transport.post`): pickling an array costs
+  no round trip. A failure comes back to whoever claims it. `_share` is the same, waiting
+  for the reply (its failure raised here);
 - `_claim(owner, token, writable)`: map it in this process (a tracked mapping, entered in
   the registry like any other) and use the share up;
 - `_drop_share(owner, token)`: use it up without mapping (this process maps that memory
@@ -11,6 +15,7 @@ to another process through the daemon (core/shares.py has the manager's rules).
 
 from __future__ import annotations
 
+import threading
 from typing import Any
 
 from ..wire import structs as s
@@ -22,17 +27,39 @@ __all__ = ["ShareOps"]
 
 class ShareOps:
     _released: Any  # the Device's release queue (client/releases.py)
+    _last_share = 0  # the last token sent
+    _share_lock: threading.Lock  # the Device's
+
+    @property
+    def client_id(self) -> int:
+        raise NotImplementedError
 
     def _call(self, op: Op, req: s.Struct) -> Any:
+        raise NotImplementedError
+
+    def _post(self, op: Op, req: s.Struct) -> None:
         raise NotImplementedError
 
     def _map_reply(self, reply: s.MmapReply, writable: bool, what: str) -> memoryview:
         raise NotImplementedError
 
-    def _share(self, map_id: int, offset: int, length: int, writable: bool) -> tuple[int, int]:
-        r: ss.ShareReply = self._call(Op.GEM_SHARE, ss.ShareReq(map_id=map_id, flags=s.WRITABLE if writable else 0,
-                                                                offset=offset, length=length))
-        return int(r.owner), int(r.token)
+    def _share(self, map_id: int, offset: int, length: int, writable: bool, wait: bool = True) -> tuple[int, int]:
+        owner = self.client_id
+        with self._share_lock:
+            token = self._last_share + 1
+            req = ss.ShareReq(map_id=map_id, flags=s.WRITABLE if writable else 0, offset=offset, length=length,
+                              token=token)
+            try:
+                if wait:
+                    self._call(Op.GEM_SHARE, req)
+                else:
+                    self._post(Op.GEM_SHARE, req)
+            finally:
+                self._last_share = token  # failed or not, the manager used it up (a lost connection: no matter)
+        return owner, token
+
+    def _post_share(self, map_id: int, offset: int, length: int, writable: bool) -> tuple[int, int]:
+        return self._share(map_id, offset, length, writable, wait=False)
 
     def _claim(self, owner: int, token: int, writable: bool) -> memoryview:
         reply: s.MmapReply = self._call(Op.GEM_CLAIM, ss.ClaimReq(owner=owner, token=token,

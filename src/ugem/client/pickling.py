@@ -8,9 +8,9 @@ Rules:
   and slices, reshapes, transposes and views of them) travels by reference, without its
   bytes: the receiver gets an array on the same memory with the same dtype, shape, strides
   and offset, writable iff the source was (and its mapping is);
-- a daemon client's array travels as a share (core/shares.py: GEM_SHARE on the mapping, one
-  round trip; the share keeps the object alive until it is claimed, even if the sender
-  drops the array at once) plus the daemon's socket path. The receiver claims it through its
+- a daemon client's array travels as a share (core/shares.py: GEM_SHARE on the mapping, sent
+  without waiting for its reply; the share keeps the object alive until it is claimed, even
+  if the sender drops the array at once) plus the daemon's socket path. The receiver claims it through its
   `default_device()` if that is a client of the same socket, else through one connection of
   its own per socket path, kept for the process (GEM_CLAIM: one round trip, the mapping
   arrives with the reply); an unreachable daemon is an error naming the socket. No fd
@@ -108,7 +108,7 @@ def _reduce_array(a: npt.NDArray[Any]) -> tuple[Any, ...]:
     path = getattr(dev._transport, "path", "")
     try:
         if path:  # a daemon client: a share, claimed by the receiver through the same daemon
-            owner, token = dev._share(entry.map_id, entry.offset, entry.length, writable)
+            owner, token = dev._post_share(entry.map_id, entry.offset, entry.length, writable)
             return _claim_array, (path, owner, token, *layout)
         fd = dev._export_mapping(entry.map_id, writable)
     except UgemError as exc:

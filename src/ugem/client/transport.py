@@ -10,36 +10,30 @@ side: `error_from_errno` for a failed reply, `DaemonGone` when the daemon goes a
 Once an exchange fails (the daemon closed the connection, a malformed reply, a socket
 error) the socket is closed, and that call and every later one raise `DaemonGone`.
 
-Fork: a connection (or an embedded client) belongs to the process that made it. Devices
-register with `track_for_fork`; in a forked child, `os.register_at_fork` swaps each one's
-transport for a `ForkedTransport` whose every call is EBADF telling to connect again. The
-child closes its copy of the socket fd (a plain close, never shutdown: the parent's
-connection is untouched) and never sends, reads or waits on it; finalizers there (mapping
-and Buffer release) only queue, and nothing is ever flushed. No cost per call.
+Fork safety (ForkedTransport, track_for_fork) is in client/fork.py.
 """
 
 from __future__ import annotations
 
 import array
-import os
 import socket
 import threading
 import time
-import weakref
 from collections.abc import Sequence
-from typing import TYPE_CHECKING, Any, NoReturn, Protocol
+from typing import TYPE_CHECKING, Any, NoReturn
 
 from ..core.requests import REQUESTS
 from ..errors import BadFd, DaemonGone, RemoteProtocolError, TimedOut, TooBig, UgemError, error_from_errno
 from ..fd import OwnedFd, fds_from_ancillary
 from ..wire import structs as s
 from ..wire.frames import HEADER, MAGIC, MAX_FDS, MAX_PAYLOAD, PROTOCOL_VERSION, Kind, Op, encode_header
+from ..wire.structs_share import SHARE_AHEAD
 
 if TYPE_CHECKING:
     from ..core.client import Client
     from ..manager import Manager
 
-__all__ = ["EmbeddedTransport", "ForkedTransport", "SocketTransport", "track_for_fork"]
+__all__ = ["EmbeddedTransport", "SocketTransport"]
 
 
 class EmbeddedTransport:
@@ -59,59 +53,19 @@ class EmbeddedTransport:
                 pass
         return self.manager._call(self.client, op, req)
 
+    def post(self, op: Op, req: s.Struct) -> None:
+        """As over a socket: the failure is nobody's here (shares report theirs to their claimer)."""
+        try:
+            self.manager._call(self.client, op, req)
+        except UgemError:
+            pass
+
     def close(self) -> None:
         self.manager._release(self.client)
 
     def forsake(self) -> None:
         """In a forked child: let go without touching the manager (its Manager is dead
         there too, manager.py)."""
-
-
-class ForkedTransport:
-    """A Device's transport in a forked child of the process that made it: every call is
-    EBADF, at once; closing does nothing (the parent's connection is not the child's)."""
-
-    lost = False
-
-    def __init__(self, embedded: bool, client_id: int, parent_pid: int) -> None:
-        self.embedded = embedded
-        self.client_id = client_id
-        self._message = (f"this Device was made by process {parent_pid} and cannot be used in its forked child "
-                         f"(process {os.getpid()}): connect again in the child (ugem.connect(), or ugem.embedded() "
-                         f"for a manager of its own)")
-
-    def call(self, op: Op, req: s.Struct, notes: Sequence[tuple[Op, s.Struct]] = ()) -> Any:
-        for name in req.FDS:  # a request's fds are the transport's to close, as in the others
-            fd = getattr(req, name)
-            if isinstance(fd, OwnedFd):
-                fd.close()
-        raise BadFd(self._message)
-
-    def close(self) -> None:
-        pass
-
-    def forsake(self) -> None:
-        pass
-
-
-class _ForkAware(Protocol):
-    def _after_fork_in_child(self) -> None: ...
-
-
-_TRACKED: weakref.WeakSet[_ForkAware] = weakref.WeakSet()
-
-
-def track_for_fork(obj: _ForkAware) -> None:
-    """Call `obj._after_fork_in_child()` in every forked child while `obj` lives."""
-    _TRACKED.add(obj)
-
-
-def _after_fork_in_child() -> None:
-    for obj in list(_TRACKED):
-        obj._after_fork_in_child()
-
-
-os.register_at_fork(after_in_child=_after_fork_in_child)
 
 
 _ANC_SPACE = socket.CMSG_SPACE(MAX_FDS * array.array("i").itemsize)
@@ -148,6 +102,7 @@ class SocketTransport:
         self._armed: float | None = None  # the budget the call in flight started with
         self._deadline = 0.0
         self._timed_out = False
+        self._owed: list[tuple[int, int]] = []  # (op, seq) of posted requests whose replies are unread
         hello: s.HelloReply = self.call(Op.HELLO, s.HelloReq(magic=MAGIC, version=PROTOCOL_VERSION))
         if hello.magic != MAGIC or hello.version != PROTOCOL_VERSION:
             raise RemoteProtocolError(f"daemon speaks {hello.magic!r} version {hello.version}")
@@ -174,6 +129,7 @@ class SocketTransport:
                 seqs = self._send_notes(notes, op, pieces, fds) if notes else []
                 self._seq = (self._seq + 1) & 0xFFFFFFFF
                 self._send(op, pieces, fds)
+                self._skip_owed()
                 for (note_op, _), seq in zip(notes, seqs, strict=True):
                     self._skip_reply(note_op, seq)
                 status, payload, got = self._receive(op, bool(reply_type.FDS))
@@ -246,6 +202,35 @@ class SocketTransport:
         if sent < total:  # the rest without the fds (they went with the first byte)
             data = b"".join(bytes(b) for b in buffers)
             self._sock.sendall(data[sent:])
+
+    def post(self, op: Op, req: s.Struct) -> None:
+        """Send a request (no fds) without waiting for its reply, which is read and dropped
+        before the next call's (its failure is nobody's here: shares report theirs to their
+        claimer, core/shares.py); after SHARE_AHEAD unread replies, read them now, so that the
+        daemon never has to hold replies for a client that is not reading."""
+        pieces, fds = s.encode(req)
+        assert not fds
+        payload = b"".join(bytes(p) for p in pieces)
+        with self._lock:
+            try:
+                if self._timeout is not None:
+                    self._arm(op, req)
+                self._seq = (self._seq + 1) & 0xFFFFFFFF
+                self._sock.sendall(encode_header(len(payload), op, 0, Kind.REQUEST, self._seq) + payload)
+                self._owed.append((op, self._seq))
+                if len(self._owed) >= SHARE_AHEAD:
+                    self._skip_owed()
+            except DaemonGone:
+                raise
+            except TimeoutError as exc:
+                raise self._expired(op) from exc
+            except OSError as exc:
+                raise self._lost(exc) from exc
+
+    def _skip_owed(self) -> None:
+        owed, self._owed = self._owed, []
+        for op, seq in owed:
+            self._skip_reply(op, seq)
 
     def _send_notes(self, notes: Sequence[tuple[Op, s.Struct]], op: Op, pieces: list[Any],
                     fds: list[OwnedFd]) -> list[int]:

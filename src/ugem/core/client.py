@@ -60,7 +60,8 @@ class Client:
     transfers: dict[int, tuple[BufferObject, int, Any]] = field(default_factory=dict)  # -> (object, reserved, bounce)
     xfer_ids: IdAllocator = field(default_factory=IdAllocator)
     shares: dict[int, Any] = field(default_factory=dict)  # token -> core.shares.Share, not yet claimed
-    last_share: int = 0  # the last token given
+    last_share: int = 0  # the last token it sent
+    failed_shares: dict[int, Any] = field(default_factory=dict)  # token -> why (UgemError): the latest few
     created_bytes: int = 0  # sizes of live objects this client created (quota)
     resident_bytes: int = 0  # resident system memory of those objects (kept by Memory)
     pinned_bytes: int = 0

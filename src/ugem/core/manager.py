@@ -47,6 +47,7 @@ class Core:
         self.backing = backing
         self.clock = clock
         self.hold_while_suspended = False  # the daemon holds device work while suspended
+        self.shares_may_lag = False  # the daemon: a share may be claimed before its request is read
         self.objects: dict[int, BufferObject] = {}
         self.by_key: dict[tuple[int, int], BufferObject] = {}
         self.names: dict[int, BufferObject] = {}
@@ -407,9 +408,8 @@ class Core:
         }
 
     def list_objects(self) -> list[dict[str, Any]]:
-        """One row per object (`ugem ls --json`): `name` 0 when it has none, `owner_pid` 0
-        once its creator is gone, `pinned` by any client, `mapped` the live mappings
-        counted by the manager, `label` its preload label (none yet: always None)."""
+        """One row per object (`ugem ls --json`): `name` 0 when it has none, `owner_pid` 0 once its
+        creator is gone, `pinned` by any client, `mapped` its live mappings, `label` (always None yet)."""
         owners = {c.id: c.creds.pid for c in self.clients.values()}
         return [
             {"id": o.id, "size": o.size, "placement": o.placement.label,

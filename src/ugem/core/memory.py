@@ -336,6 +336,8 @@ class Memory(SpillJobs):
         self.refresh(target)
         jobs: list[Job] = []
         excess = self.resident - target
+        if excess <= 0:
+            return jobs  # the common case (every mmap settles): no walk over the LRU
         for obj in [o for o in self.lru if o is not exclude and o.resident and self.purgeable(o)]:
             if excess <= 0:
                 return jobs

@@ -60,7 +60,7 @@ REQUESTS: tuple[RequestDesc, ...] = (
     RequestDesc(Op.PRIME_HANDLE_TO_FD, gem.prime_handle_to_fd, s.ExportReq, s.ExportReply, doc="export an fd"),
     RequestDesc(Op.PRIME_MAP_TO_FD, gem.prime_map_to_fd, s.MapExportReq, s.ExportReply,
                 doc="export the object behind a tracked mapping"),
-    RequestDesc(Op.GEM_SHARE, shares.gem_share, ss.ShareReq, ss.ShareReply,
+    RequestDesc(Op.GEM_SHARE, shares.gem_share, ss.ShareReq, s.Empty,
                 doc="a one-use reference to a tracked mapping, for another process"),
     RequestDesc(Op.GEM_CLAIM, shares.gem_claim, ss.ClaimReq, s.MmapReply, doc="map a share and use it up"),
     RequestDesc(Op.GEM_DROP_SHARES, shares.gem_drop_shares, ss.DropSharesReq, s.Empty, doc="use shares up"),

@@ -10,9 +10,19 @@ Rules:
   covers; the share holds a reference to the object (as a handle does) until it is claimed
   or dropped, or the sharing client goes away: a sender may drop its array right after
   sending it, as with an fd in flight. Writable only through a writable mapping (EACCES).
-- Shares are named by (owner client id, token); tokens count up per client from 1 and
-  client ids are never reused, so a stale pair names nothing (ENOENT), never another
-  object. A client holds at most `client_max_objects` unclaimed shares (EDQUOT).
+- Shares are named by (owner client id, token). The client picks the token, its previous
+  one plus one (else EINVAL), so that it can send the pickle without waiting for the reply
+  (client/device_share.py; it reads the replies later, at most SHARE_AHEAD unread); client
+  ids are never reused, so a stale pair names nothing (ENOENT), never another object. A
+  share that fails (e.g. EDQUOT: a client holds at most `client_max_objects` unclaimed
+  shares) still uses its token up, and its error is kept (the latest SHARE_AHEAD) for its
+  claimer, who gets that errno.
+- A claim may reach the daemon before the share it names: the sender wrote the share
+  before the pickle, but on another connection, which the daemon may read later. A claim
+  of a token at most SHARE_AHEAD past the owner's last waits (Pending) until the share is
+  read or the owner goes away; the sender never waits for anything while its share is
+  unread, so the wait is short. Further ahead is ENOENT. Embedded managers serve every
+  request at once, so they never wait.
 - GEM_CLAIM maps the shared part for the caller exactly as GEM_MMAP maps a handle's (same
   checks and waits; nothing changes before it could wait) and uses the share up. Only a
   client of the owner's uid, or root, may claim (as for names: EACCES); a writable claim
@@ -26,11 +36,12 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from ..constants import PAGE_SIZE
-from ..errors import InvalidArgument, NoSuchObject, PermissionDenied, QuotaExceeded
+from ..errors import InvalidArgument, NoSuchObject, PermissionDenied, QuotaExceeded, UgemError, error_from_errno
 from ..wire import structs as s
 from ..wire import structs_share as ss
 from .client import Client
 from .gem import map_object
+from .jobs import Pending
 from .manager import Core
 from .object import BufferObject
 
@@ -45,7 +56,24 @@ class Share:
     writable: bool
 
 
-def gem_share(core: Core, client: Client, req: ss.ShareReq) -> ss.ShareReply:
+def gem_share(core: Core, client: Client, req: ss.ShareReq) -> s.Empty:
+    if req.token != client.last_share + 1:
+        raise InvalidArgument(f"share token {req.token} of client {client.id} is not its previous one "
+                              f"({client.last_share}) plus one")
+    client.last_share = req.token
+    try:
+        share = _new_share(core, client, req)
+    except UgemError as exc:
+        client.failed_shares[req.token] = exc
+        if len(client.failed_shares) > ss.SHARE_AHEAD:
+            del client.failed_shares[next(iter(client.failed_shares))]
+        raise
+    core.get(share.obj)
+    client.shares[req.token] = share
+    return s.Empty()
+
+
+def _new_share(core: Core, client: Client, req: ss.ShareReq) -> Share:
     obj = client.mappings.get(req.map_id)
     if obj is None:
         raise InvalidArgument(f"mapping {req.map_id} is not tracked for client {client.id}")
@@ -59,15 +87,18 @@ def gem_share(core: Core, client: Client, req: ss.ShareReq) -> ss.ShareReply:
     if len(client.shares) >= limit:
         raise QuotaExceeded(f"client {client.id} holds {len(client.shares)} shares nobody claimed, the limit is "
                             f"{limit}")
-    client.last_share += 1
-    core.get(obj)
-    client.shares[client.last_share] = Share(obj, req.offset, req.length, writable)
-    return ss.ShareReply(owner=client.id, token=client.last_share)
+    return Share(obj, req.offset, req.length, writable)
 
 
 def _find(core: Core, client: Client, owner_id: int, token: int) -> tuple[Client, Share]:
     owner = core.clients.get(owner_id)
     share = owner.shares.get(token) if owner is not None else None
+    if owner is not None and share is None:
+        failed = owner.failed_shares.get(token)
+        if failed is not None:
+            raise error_from_errno(failed.errno, f"share {token} of client {owner_id} failed: {failed.strerror}")
+        if core.shares_may_lag and owner.last_share < token <= owner.last_share + ss.SHARE_AHEAD:
+            raise Pending(until=lambda: owner.closed or owner.last_share >= token)
     if owner is None or share is None:
         raise NoSuchObject(f"share {token} of client {owner_id} is not held: it was claimed already, or its "
                            f"sender is gone")

@@ -113,7 +113,7 @@ class Server:
         self.options = options
         self.device, backing = _open_device_and_store(config)
         self.core = Core(config, backing, self.device)
-        self.core.hold_while_suspended = True
+        self.core.hold_while_suspended = self.core.shares_may_lag = True  # the daemon's ways (core/manager.py)
         self.sel = Poller()
         self.listener: Listener | None = None
         self.connections: dict[int, Connection] = {}
@@ -340,7 +340,7 @@ class Server:
         if pending.deadline is not None and now >= pending.deadline:
             return True
         return (all(job.done for job in pending.jobs) and pending.fence <= self.device.completed()
-                and not (pending.resume and self.core.gpu.suspended))
+                and not (pending.resume and self.core.gpu.suspended) and (pending.until is None or pending.until()))
 
     def _wake(self, now: float) -> None:
         """Re-run parked requests whose wait is over (any of them may park again)."""

@@ -10,10 +10,11 @@ from dataclasses import dataclass
 from .frames import MAX_PAYLOAD
 from .structs import WRITABLE, Struct
 
-__all__ = ["MAX_DROPS", "SHARE_RECORD", "ClaimReq", "DropSharesReq", "ShareReply", "ShareReq"]
+__all__ = ["MAX_DROPS", "SHARE_AHEAD", "SHARE_RECORD", "ClaimReq", "DropSharesReq", "ShareReq"]
 
 SHARE_RECORD = struct.Struct("<QQ")  # (owner, token)
 MAX_DROPS = MAX_PAYLOAD // SHARE_RECORD.size  # records that fit in one request frame
+SHARE_AHEAD = 64  # shares a client may send before it reads their replies (core/shares.py)
 
 
 @dataclass(slots=True)
@@ -21,19 +22,13 @@ class ShareReq(Struct):
     """GEM_SHARE: a one-use reference to the object behind one of this client's tracked
     mappings, for another process to claim."""
 
-    LAYOUT = (("map_id", "I"), ("flags", "I"), ("offset", "q"), ("length", "q"))
+    LAYOUT = (("map_id", "I"), ("flags", "I"), ("offset", "q"), ("length", "q"), ("token", "Q"))
     FLAGS = WRITABLE
     map_id: int = 0
     flags: int = 0
     offset: int = 0  # the part of the object shared (page-aligned offset), as mmap takes it
     length: int = 0
-
-
-@dataclass(slots=True)
-class ShareReply(Struct):
-    LAYOUT = (("owner", "Q"), ("token", "Q"))
-    owner: int = 0  # the sharing client's id
-    token: int = 0
+    token: int = 0  # chosen by the client: its previous share's plus one
 
 
 @dataclass(slots=True)

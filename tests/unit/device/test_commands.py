@@ -588,8 +588,8 @@ def test_semaphore_raises_hung_when_cancelled():
     buf = bytearray(4096)
     stop = threading.Event()
     timer = threading.Timer(0.05, stop.set)
+    start = time.monotonic()  # before the timer starts: it fires 0.05 s after its own start
     timer.start()
-    start = time.monotonic()
     try:
         with pytest.raises(Hung) as info:
             execute(SemaphoreWait(obj=1, offset=4, value=1), {1: Target(buf)}, cancelled=stop.is_set)
