@@ -39,7 +39,7 @@ def run_example(request: pytest.FixtureRequest, tmp_path: pathlib.Path):
 
 
 def test_every_example_is_tested():
-    assert NAMES == ["dontneed_cache", "memory_pressure", "share_by_fd", "share_by_name"]
+    assert NAMES == ["dontneed_cache", "memory_pressure", "share_by_fd", "share_by_name", "worker_pool"]
 
 
 def _pids(out: str, *roles: str) -> list[int]:
@@ -126,3 +126,13 @@ def test_usage_worker_sharing_block_prints_what_it_says(tmp_path: pathlib.Path):
     proc = subprocess.run([sys.executable, "-c", block], capture_output=True, text=True, timeout=120, env=env)
     assert proc.returncode == 0, proc.stderr
     assert proc.stdout.splitlines() == ["[2000.0, 2000.0, 2000.0, 2000.0]", "[2. 2. 2. 2.]"]
+
+
+def test_worker_pool(run_example):
+    out, mode = run_example("worker_pool")
+    assert "parent (pid" in out and ("daemon client" if mode == "daemon" else "embedded manager") in out
+    assert "pool: row sums 524288 x 8; parent sees [2.0, 2.0, 2.0]" in out  # the workers wrote the parent's rows
+    assert "executor: running total ends at 524288" in out
+    assert "queue: consumed arrays [0, 1, 2, 3, 4]" in out
+    assert "objects left: 0" in out
+    assert out.rstrip().endswith("ok")
