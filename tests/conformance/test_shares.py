@@ -15,7 +15,7 @@ import pytest
 
 import ugem
 from ugem.client.registry import find_mapping
-from ugem.testing import NOBODY
+from ugem.testing import NOBODY, in_child
 from ugem.testing.data import SAFETY_S
 
 PAGE = ugem.PAGE_SIZE
@@ -69,17 +69,46 @@ def test_a_share_keeps_the_object_alive_after_the_sender_lets_go(env):
     assert _objects(receiver) == 0  # the claimer's mapping was the last reference
 
 
-def test_unclaimed_shares_die_with_their_sender(env):
-    sender, watcher = env.open(), env.open()
+def test_a_closed_senders_shares_pass_to_another_client_of_its_process(env):
+    """As an fd in flight outlives the Device that exported it: a sender that closes its
+    Device leaves its unclaimed shares to another client of the same process, which hands
+    them on in turn when it closes; they can still be claimed meanwhile."""
+    sender, heir = env.open(), env.open()
     h = sender.create(PAGE)
+    sender.pwrite(h, 0, b"still here")
     view = sender.mmap(h)
-    shares = [_share(sender, view) for _ in range(3)]
+    first, second, third = (_share(sender, view) for _ in range(3))
     del view
-    sender.close_handle(h)
-    assert _objects(watcher) == 1
     sender.close()
+    assert bytes(heir._claim(*first, False)[:10]) == b"still here"
+    heir._drop_share(*second)
+    heir.stats()  # (the drop goes out with a request; close() would just forget it)
+    next_heir = env.open()
+    heir.close()  # `third` passes on again
+    assert bytes(next_heir._claim(*third, False)[:10]) == b"still here"
+    with pytest.raises(ugem.NoSuchObject):
+        next_heir._claim(*second, False)  # dropped: used up
+
+
+def test_unclaimed_shares_die_with_their_sending_process(mode, env):
+    if mode != "daemon":
+        pytest.skip("an embedded manager lives in one process")
+    path = env.daemon.path
+
+    def send_and_exit():
+        dev = ugem.connect(path)
+        view = dev.mmap(dev.create(PAGE))
+        shares = [_share(dev, view) for _ in range(3)]
+        other = ugem.connect(path)  # a client of the same process inherits them from `dev`...
+        dev.close()
+        other.close()  # ...and, the last one, lets them go
+        return shares
+
+    outcome = in_child(send_and_exit)
+    assert "ok" in outcome, outcome
+    watcher = env.open()
     assert _objects(watcher) == 0
-    for owner, token in shares:
+    for owner, token in outcome["ok"]:
         with pytest.raises(ugem.NoSuchObject, match=f"share {token} of client {owner}"):
             watcher._claim(owner, token, False)
 

@@ -159,6 +159,86 @@ def test_an_array_sent_back_comes_home_to_the_senders_own_mapping(sender, method
     assert _moved(sender) == moved
 
 
+def test_an_array_sent_before_its_device_closes_still_arrives_intact(sender):
+    """The sender drops the array and closes the Device it came from before the receiver
+    loads it: it arrives whole (daemon: the share passed to another client of the sending
+    process; embedded: the fd in flight holds the memory), and nothing is left after."""
+    dev = ugem.connect(sender.path) if sender is not None else ugem.embedded()
+    a = ugem.zeros(100_000, np.int32, device=dev)
+    a[:] = np.arange(100_000)
+    ctx = multiprocessing.get_context("spawn")
+    mine, theirs = ctx.Pipe()
+    proc = ctx.Process(target=w.load_when_told, args=(theirs,))
+    proc.start()
+    try:
+        mine.send(a)
+        del a
+        gc.collect()
+        dev.close()
+        mine.send("go")
+        assert mine.poll(SAFETY_S), "the receiver never answered"
+        assert mine.recv() == int(np.arange(100_000).sum())
+    finally:
+        proc.join(SAFETY_S)
+    assert proc.exitcode == 0
+    if sender is not None:
+        with sender.connect() as watcher:
+            assert watcher.stats()["objects"] == 0
+
+
+def test_purged_memory_reads_zeros_in_the_receiver_never_other_bytes(monkeypatch, tmp_path):
+    """A received array whose object is purged (DONTNEED, memory pressure) reads zeros, as
+    every mapping of a purged object does; its pages never show another object's bytes."""
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
+    with run_daemon(system_budget="8M") as daemon:
+        monkeypatch.setenv("UGEM_SOCKET", daemon.path)
+        reset()
+        try:
+            dev = ugem.default_device()
+            buf = dev.new(4 << 20)
+            a = buf.array(np.uint8)
+            a[:] = 7
+            ctx = multiprocessing.get_context("spawn")
+            mine, theirs = ctx.Pipe()
+            proc = ctx.Process(target=w.hold_and_sum, args=(theirs,))
+            proc.start()
+            try:
+                mine.send(a)
+                assert mine.poll(SAFETY_S) and mine.recv() == 7 * (4 << 20)  # received, mapped, read
+                buf.madvise(ugem.DONTNEED)
+                filler = [dev.new(3 << 20) for _ in range(3)]
+                for f in filler:
+                    f.write(b"\xff" * (3 << 20))  # 9 MiB more under an 8 MiB budget: the DONTNEED one goes
+                assert buf.madvise(ugem.WILLNEED) is False  # purged
+                mine.send("again")
+                assert mine.poll(SAFETY_S) and mine.recv() == 0  # zeros, not 0xff
+            finally:
+                mine.send("stop")
+                proc.join(SAFETY_S)
+            assert proc.exitcode == 0
+        finally:
+            reset()
+
+
+def test_a_daemon_that_cannot_be_reached_is_a_clear_error_naming_the_socket(sender):
+    if sender is None:
+        pytest.skip("embedded arrays travel as fds: no daemon to reach")
+    a = ugem.zeros(1000, np.int64)
+    data = bytes(ForkingPickler.dumps(a))
+    sender.proc.terminate()
+    sender.proc.wait(SAFETY_S)
+    ctx = multiprocessing.get_context("spawn")
+    mine, theirs = ctx.Pipe()
+    proc = ctx.Process(target=w.load_bytes, args=(theirs, data))
+    proc.start()
+    try:
+        assert mine.poll(SAFETY_S), "the receiver hung"
+        why = mine.recv()
+    finally:
+        proc.join(SAFETY_S)
+    assert sender.path in why and "no ugem daemon" in why, why  # names the socket and why, never hangs
+
+
 def test_a_buffer_travels_by_reference(sender):
     buf = ugem.default_device().new(8192)
     buf.write(b"from the parent", 4096)

@@ -10,7 +10,11 @@ Rules:
   and offset, writable iff the source was (and its mapping is);
 - a daemon client's array travels as a share (core/shares.py: GEM_SHARE on the mapping, sent
   without waiting for its reply; the share keeps the object alive until it is claimed, even
-  if the sender drops the array at once) plus the daemon's socket path. The receiver claims it through its
+  if the sender drops the array at once, or closes its Device: the share passes to another
+  client of the same process, so the sending process keeps one (its `default_device()` if
+  that is a client of the same socket, else one connection of its own per socket path, the
+  one receivers use too); it dies with the sending process if nobody claims it) plus the
+  daemon's socket path. The receiver claims it through its
   `default_device()` if that is a client of the same socket, else through one connection of
   its own per socket path, kept for the process (GEM_CLAIM: one round trip, the mapping
   arrives with the reply); an unreachable daemon is an error naming the socket. No fd
@@ -108,6 +112,7 @@ def _reduce_array(a: npt.NDArray[Any]) -> tuple[Any, ...]:
     path = getattr(dev._transport, "path", "")
     try:
         if path:  # a daemon client: a share, claimed by the receiver through the same daemon
+            _device_for(path)  # a client there that lives as long as the process: it inherits the share if `dev` closes
             owner, token = dev._post_share(entry.map_id, entry.offset, entry.length, writable)
             return _claim_array, (path, owner, token, *layout)
         fd = dev._export_mapping(entry.map_id, writable)

@@ -19,10 +19,13 @@ Rules:
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from .ids import IdAllocator
 from .object import BufferObject
+
+if TYPE_CHECKING:
+    from .share_table import Share
 
 __all__ = ["Client", "Credentials", "UidUsage"]
 
@@ -59,7 +62,7 @@ class Client:
     map_ids: IdAllocator = field(default_factory=IdAllocator)
     transfers: dict[int, tuple[BufferObject, int, Any]] = field(default_factory=dict)  # -> (object, reserved, bounce)
     xfer_ids: IdAllocator = field(default_factory=IdAllocator)
-    shares: dict[int, Any] = field(default_factory=dict)  # token -> core.shares.Share, not yet claimed
+    shares: dict[int, Share] = field(default_factory=dict)  # token -> not yet claimed (core/share_table.py)
     last_share: int = 0  # the last token it sent
     failed_shares: dict[int, Any] = field(default_factory=dict)  # token -> why (UgemError): the latest few
     created_bytes: int = 0  # sizes of live objects this client created (quota)

@@ -35,6 +35,7 @@ from .gpu import Gpu
 from .ids import IdAllocator
 from .memory import Memory
 from .object import BufferObject, Kind
+from .share_table import ShareTable
 from .states import Event, Placement
 
 __all__ = ["Core"]
@@ -55,9 +56,9 @@ class Core:
         self.name_ids = IdAllocator()
         self.clients: dict[int, Client] = {}
         self.uids: dict[int, UidUsage] = {}
-        self._client_ids = itertools.count(1)
-        self._object_ids = itertools.count(1)
+        self._client_ids, self._object_ids = itertools.count(1), itertools.count(1)  # never reused
         self.counters = {"purged_total": 0, "evicted_total": 0, "spilled_total": 0, "bytes_moved_total": 0}
+        self.shares = ShareTable(self.clients, self.put)
         self.memory = Memory(self)
         self.gpu = Gpu(self, device)
 
@@ -89,8 +90,7 @@ class Core:
             self.handle_delete(client, handle)
         for map_id in list(client.mappings):
             self.map_release(client, map_id)
-        while client.shares:  # unclaimed shares (core/shares.py)
-            self.put(client.shares.popitem()[1].obj)
+        self.shares.drop_client(client)  # unclaimed shares pass to its process's other client, or die
         for xfer_id in list(client.transfers):
             self.xfer_done(client, xfer_id)
         del self.clients[client.id]

@@ -8,8 +8,9 @@ instead, and the receiver claims it through its own client of the same manager.
 Rules:
 - GEM_SHARE names one of the caller's tracked mappings and the part of the object it
   covers; the share holds a reference to the object (as a handle does) until it is claimed
-  or dropped, or the sharing client goes away: a sender may drop its array right after
-  sending it, as with an fd in flight. Writable only through a writable mapping (EACCES).
+  or dropped, or the sending process goes away (core/share_table.py): a sender may drop its
+  array, or close its Device, right after sending it, as with an fd in flight. Writable
+  only through a writable mapping (EACCES).
 - Shares are named by (owner client id, token). The client picks the token, its previous
   one plus one (else EINVAL), so that it can send the pickle without waiting for the reply
   (client/device_share.py; it reads the replies later, at most SHARE_AHEAD unread); client
@@ -29,11 +30,11 @@ Rules:
   of a read-only share is EACCES.
 - GEM_DROP_SHARES uses shares up without mapping (the receiver already maps that memory);
   unknown ones, and other uids' (unless root), are skipped.
+- Where shares live, and what becomes of them when their sender's client goes away (they
+  pass to another client of the same process, if any): core/share_table.py.
 """
 
 from __future__ import annotations
-
-from dataclasses import dataclass
 
 from ..constants import PAGE_SIZE
 from ..errors import InvalidArgument, NoSuchObject, PermissionDenied, QuotaExceeded, UgemError, error_from_errno
@@ -43,17 +44,9 @@ from .client import Client
 from .gem import map_object
 from .jobs import Pending
 from .manager import Core
-from .object import BufferObject
+from .share_table import Share
 
-__all__ = ["Share", "gem_claim", "gem_drop_shares", "gem_share"]
-
-
-@dataclass(slots=True)
-class Share:
-    obj: BufferObject
-    offset: int
-    length: int
-    writable: bool
+__all__ = ["gem_claim", "gem_drop_shares", "gem_share"]
 
 
 def gem_share(core: Core, client: Client, req: ss.ShareReq) -> s.Empty:
@@ -87,30 +80,30 @@ def _new_share(core: Core, client: Client, req: ss.ShareReq) -> Share:
     if len(client.shares) >= limit:
         raise QuotaExceeded(f"client {client.id} holds {len(client.shares)} shares nobody claimed, the limit is "
                             f"{limit}")
-    return Share(obj, req.offset, req.length, writable)
+    return Share(obj, req.offset, req.length, writable, client.creds.uid)
 
 
-def _find(core: Core, client: Client, owner_id: int, token: int) -> tuple[Client, Share]:
+def _find(core: Core, client: Client, owner_id: int, token: int) -> Share:
+    share = core.shares.find(owner_id, token)
     owner = core.clients.get(owner_id)
-    share = owner.shares.get(token) if owner is not None else None
-    if owner is not None and share is None:
+    if share is None and owner is not None:
         failed = owner.failed_shares.get(token)
         if failed is not None:
             raise error_from_errno(failed.errno, f"share {token} of client {owner_id} failed: {failed.strerror}")
         if core.shares_may_lag and owner.last_share < token <= owner.last_share + ss.SHARE_AHEAD:
             raise Pending(until=lambda: owner.closed or owner.last_share >= token)
-    if owner is None or share is None:
+    if share is None:
         raise NoSuchObject(f"share {token} of client {owner_id} is not held: it was claimed already, or its "
                            f"sender is gone")
     uid = client.creds.uid
-    if uid != 0 and uid != owner.creds.uid:
-        raise PermissionDenied(f"share {token} of client {owner_id} belongs to uid {owner.creds.uid}, caller is "
+    if uid != 0 and uid != share.uid:
+        raise PermissionDenied(f"share {token} of client {owner_id} belongs to uid {share.uid}, caller is "
                                f"uid {uid}")
-    return owner, share
+    return share
 
 
 def gem_claim(core: Core, client: Client, req: ss.ClaimReq) -> s.MmapReply:
-    owner, share = _find(core, client, req.owner, req.token)
+    share = _find(core, client, req.owner, req.token)
     writable = bool(req.flags & s.WRITABLE)
     if writable and not share.writable:
         raise PermissionDenied(f"share {req.token} of client {req.owner} is read-only; claim it with "
@@ -118,7 +111,7 @@ def gem_claim(core: Core, client: Client, req: ss.ClaimReq) -> s.MmapReply:
     core.check_pages(share.obj)
     reply = map_object(core, client, share.obj, share.offset, share.length, writable,
                        f"the object of share {req.token}")
-    del owner.shares[req.token]  # only now: map_object may have raised Pending
+    core.shares.take(req.owner, req.token)  # only now: map_object may have raised Pending
     core.put(share.obj)
     return reply
 
@@ -127,9 +120,8 @@ def gem_drop_shares(core: Core, client: Client, req: ss.DropSharesReq) -> s.Empt
     if len(req.records) % ss.SHARE_RECORD.size:
         raise InvalidArgument(f"share list of {len(req.records)} bytes is not a list of (u64, u64) records")
     for owner_id, token in ss.SHARE_RECORD.iter_unpack(req.records):
-        owner = core.clients.get(owner_id)
-        if owner is None or token not in owner.shares or client.creds.uid not in (0, owner.creds.uid):
-            continue
-        core.put(owner.shares.pop(token).obj)
+        share = core.shares.find(owner_id, token)
+        if share is not None and client.creds.uid in (0, share.uid):
+            core.shares.take(owner_id, token)
+            core.put(share.obj)
     return s.Empty()
-

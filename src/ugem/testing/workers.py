@@ -10,6 +10,7 @@ import os
 import pickle
 import threading
 from multiprocessing.connection import Connection
+from multiprocessing.reduction import ForkingPickler
 from typing import Any
 
 import numpy as np
@@ -98,3 +99,29 @@ def hold_until_killed(conn: Connection) -> None:
     a[0] = MARK_OUT
     conn.send(np.asarray(a).size)
     threading.Event().wait()
+
+
+def load_when_told(conn: Connection) -> None:
+    """Receive an array, but load it only after the sender says "go"; send back its sum."""
+    raw = conn.recv_bytes()
+    assert conn.recv() == "go"
+    a = ForkingPickler.loads(raw)
+    conn.send(int(a.sum()))
+
+
+def hold_and_sum(conn: Connection) -> None:
+    """Receive an array and hold it; send back its sum now and at each request until "stop"."""
+    a = conn.recv()
+    conn.send(int(a.sum()))
+    while conn.recv() != "stop":
+        conn.send(int(a.sum()))
+
+
+def load_bytes(conn: Connection, data: bytes) -> None:
+    """Load a pickled array; send back the error text, or "" if it loaded."""
+    try:
+        ForkingPickler.loads(data)
+    except Exception as exc:  # the message is what the test checks
+        conn.send(f"{type(exc).__name__}: {exc}")
+    else:
+        conn.send("")
