@@ -43,6 +43,7 @@ from .errors import (
     TimedOut,
     TimerExpired,
     TooBig,
+    TryAgain,
     UgemError,
 )
 from .manager import Manager, embedded
@@ -79,6 +80,7 @@ __all__ = [
     "TimedOut",
     "TimerExpired",
     "TooBig",
+    "TryAgain",
     "UgemError",
     "cmd",
     "connect",

@@ -21,6 +21,7 @@ The family, as a tree::
           +-- IOFailure         EIO     work was cancelled as hung
           +-- Shutdown          ESHUTDOWN  the daemon is stopping
           +-- NotSupported      EOPNOTSUPP
+          +-- TryAgain          EAGAIN  a share not read by the daemon yet (claims retry)
      +-- ProtocolError                   the wire was violated (never an operation error)
           +-- RemoteProtocolError        the peer sent a bad frame: drop the connection
      +-- DaemonGone (ConnectionError)    the daemon went away; the cause is in __cause__
@@ -56,6 +57,7 @@ __all__ = [
     "TimedOut",
     "TimerExpired",
     "TooBig",
+    "TryAgain",
     "UgemError",
     "error_from_errno",
 ]
@@ -147,6 +149,10 @@ class Shutdown(UgemError):
 
 class NotSupported(UgemError):
     code = _errno.EOPNOTSUPP
+
+
+class TryAgain(UgemError):
+    code = _errno.EAGAIN
 
 
 ERRNO_TO_ERROR: dict[int, type[UgemError]] = {

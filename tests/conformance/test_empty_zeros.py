@@ -1,7 +1,7 @@
 """`ugem.empty(shape, dtype, device=)` / `ugem.zeros(...)`: a writable zero-copy array of that
-shape and dtype over a new object of `device` (both modes); the Buffer is dropped at once,
-so its handle is closed with the next request while the array's mapping keeps the object
-alive; zeros touches no page; bad shapes and dtypes are EINVAL naming them, before any
+shape and dtype over a new object of `device` (both modes), made with its mapping in one
+request (GEM_CREATE_MAPPED) and no handle: the array's mapping keeps the object alive;
+zeros touches no page; bad shapes and dtypes are EINVAL naming them, before any
 object is made. (Without `device`, the default Device: tests/integration/test_default_device.py.)
 """
 
@@ -140,3 +140,36 @@ def test_a_closed_device_is_ebadf(env: Any) -> None:
     dev.close()
     with pytest.raises(ugem.BadFd):
         ugem.zeros(3, device=dev)
+
+
+def test_an_array_costs_one_request_and_no_handle(dev: ugem.Device, monkeypatch: Any) -> None:
+    ops: list[Any] = []
+    real = dev._transport.call
+    monkeypatch.setattr(dev._transport, "call", lambda op, req, notes=(): ops.append(op) or real(op, req, notes))
+    arr = ugem.empty((64, 64), np.float32, device=dev)
+    assert [op.name for op in ops] == ["GEM_CREATE_MAPPED"]
+    arr[:] = 1
+    assert _handles(dev) == 0 and int(arr.sum()) == 64 * 64
+
+
+def test_create_mapped_refuses_like_create_and_leaves_nothing(make_env: Any) -> None:
+    dev = make_env(client_quota=4 * PAGE, client_max_objects=2).open()
+    with pytest.raises(ugem.QuotaExceeded):
+        ugem.empty(5 * PAGE, np.uint8, device=dev)  # over the client quota
+    kept = ugem.empty(4 * PAGE, np.uint8, device=dev)  # exactly the quota
+    with pytest.raises(ugem.QuotaExceeded):
+        ugem.empty(1, np.uint8, device=dev)
+    for size in (0, -PAGE):
+        with pytest.raises(ugem.InvalidArgument, match="size must be positive"):
+            dev._new_mapping(size)
+    with pytest.raises(ugem.TooBig):
+        dev._new_mapping(1 << 47)
+    assert dev.stats()["objects"] == 1  # only the kept array's
+    del kept
+    gc.collect()
+    assert dev.stats()["objects"] == 0
+    a, b = dev.create(PAGE), dev.create(PAGE)  # at the handle limit: refused, as create is
+    with pytest.raises(ugem.QuotaExceeded):
+        dev._new_mapping(PAGE)
+    dev.close_handle(a), dev.close_handle(b)
+    assert dev.stats()["objects"] == 0

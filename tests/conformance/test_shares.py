@@ -8,7 +8,6 @@ from __future__ import annotations
 import errno
 import gc
 import os
-import threading
 
 import numpy as np
 import pytest
@@ -16,7 +15,6 @@ import pytest
 import ugem
 from ugem.client.registry import find_mapping
 from ugem.testing import NOBODY, in_child
-from ugem.testing.data import SAFETY_S
 
 PAGE = ugem.PAGE_SIZE
 
@@ -216,31 +214,32 @@ def test_many_posted_shares_without_a_call_in_between(env):
     assert _objects(sender) == 1  # the handle: every share was used up
 
 
-def test_a_claim_that_comes_before_its_share_waits_for_it_or_for_the_sender_to_go(mode, env, errno_of):
+def test_a_claim_that_comes_before_its_share_is_eagain_and_the_client_tries_again(mode, env, errno_of,
+                                                                                   monkeypatch):
     if mode != "daemon":
         pytest.skip("an embedded manager serves each request at once: a share is there before any claim")
     sender, receiver = env.open(), env.open()
     view = sender.mmap(sender.create(PAGE))
     entry = _entry(view)
     owner, last = sender._share(entry.map_id, 0, PAGE, True)
-    result: dict[str, object] = {}
+    tries: list[int] = []
+    real_call = receiver._call
 
-    def claim(token: int) -> None:
-        try:
-            result[token] = len(receiver._claim(owner, token, True))
-        except ugem.UgemError as exc:
-            result[token] = exc.errno
+    def call(op, req):  # the first claim goes out before the share exists; the retry after it does
+        tries.append(int(op))
+        if len(tries) == 1:
+            with pytest.raises(ugem.TryAgain, match=f"share {last + 1} of client {owner} has not reached"):
+                real_call(op, req)
+            sender._post_share(entry.map_id, 0, PAGE, True)
+            sender.stats()  # (the share is read by now)
+            raise ugem.TryAgain("not yet")
+        return real_call(op, req)
 
-    early = threading.Thread(target=claim, args=(last + 1,))
-    early.start()
-    early.join(0.2)  # (usually parked by now; either way it must end well)
-    sender._post_share(entry.map_id, 0, PAGE, True)
-    early.join(SAFETY_S)
-    assert result == {last + 1: PAGE}
-    assert errno_of(receiver._claim, owner, last + 1 + 1000, True) == errno.ENOENT  # too far ahead: no wait
-    orphan = threading.Thread(target=claim, args=(last + 2,))
-    orphan.start()
-    orphan.join(0.2)
-    sender.close()  # the sender goes away: the waiting claim ends
-    orphan.join(SAFETY_S)
-    assert result[last + 2] == errno.ENOENT
+    monkeypatch.setattr(receiver, "_call", call)
+    assert len(receiver._claim(owner, last + 1, True)) == PAGE
+    assert len(tries) == 2
+    monkeypatch.undo()
+    assert errno_of(receiver._claim, owner, last + 1 + 1000, True) == errno.ENOENT  # too far ahead: no
+    assert errno_of(sender._claim, owner, last + 2, True) == errno.ENOENT  # its own future share: never coming
+    monkeypatch.setattr("ugem.client.device_share.CLAIM_PATIENCE_S", 0.2)
+    assert errno_of(receiver._claim, owner, last + 2, True) == errno.EAGAIN  # never sent: gives up, in time

@@ -57,6 +57,7 @@ from ugem.testing import DaemonProcess, run_daemon
 from ugem.testing.data import PROMPT_S, SAFETY_S
 from ugem.wire import structs as s
 from ugem.wire import structs_device as sd
+from ugem.wire import structs_share as ss
 from ugem.wire.commands import RECORD, decode_commands
 from ugem.wire.frames import HEADER, MAX_FDS, MAX_PAYLOAD, FrameParser, Kind, Op, encode_header
 
@@ -100,6 +101,10 @@ ALLOWED: dict[int, set[int]] = {
     Op.LIST_OBJECTS: {E.EINVAL, E.EACCES},
     Op.LIST_CLIENTS: {E.EINVAL, E.EACCES},
     Op.DEBUG_OPEN: {E.EINVAL, E.ENOENT, E.EACCES, E.EDQUOT},
+    Op.GEM_SHARE: {E.EINVAL, E.EACCES, E.EDQUOT},
+    Op.GEM_CLAIM: {E.EINVAL, E.ENOENT, E.EAGAIN, E.EACCES, E.EFAULT, E.EBUSY, E.ENOMEM, E.EDQUOT},
+    Op.GEM_DROP_SHARES: {E.EINVAL},
+    Op.GEM_CREATE_MAPPED: {E.EINVAL, E.E2BIG, E.EDQUOT, E.ENOMEM},
 }
 REQ: dict[int, type[s.Struct]] = {
     Op.GEM_CREATE: s.CreateReq, Op.GEM_CLOSE: s.CloseReq, Op.GEM_CLOSE_BATCH: s.CloseBatchReq,
@@ -113,6 +118,8 @@ REQ: dict[int, type[s.Struct]] = {
     Op.GEM_SET_TILING: sd.TilingReq, Op.GEM_GET_TILING: s.HandleReq, Op.GEM_SET_CACHING: sd.CachingReq,
     Op.GEM_GET_CACHING: s.HandleReq, Op.SUSPEND: s.Empty, Op.RESUME: s.Empty, Op.GEM_USERPTR: s.UserptrReq,
     Op.STATS: s.Empty, Op.LIST_OBJECTS: s.Empty, Op.LIST_CLIENTS: s.Empty, Op.DEBUG_OPEN: s.HandleReq,
+    Op.GEM_SHARE: ss.ShareReq, Op.GEM_CLAIM: ss.ClaimReq, Op.GEM_DROP_SHARES: ss.DropSharesReq,
+    Op.GEM_CREATE_MAPPED: s.CreateReq,
 }
 REPLY: dict[int, type[s.Struct]] = {
     Op.GEM_CREATE: s.CreateReply, Op.GEM_INFO: s.InfoReply, Op.GEM_PREAD: s.PreadReply, Op.GEM_PWRITE: s.PwriteReply,
@@ -123,6 +130,7 @@ REPLY: dict[int, type[s.Struct]] = {
     Op.WAIT_FENCE: sd.WaitReply, Op.GEM_SET_TILING: sd.TilingReply, Op.GEM_GET_TILING: sd.TilingReply,
     Op.GEM_GET_CACHING: sd.CachingReply, Op.GEM_USERPTR: s.OpenReply, Op.STATS: s.JsonReply,
     Op.LIST_OBJECTS: s.JsonReply, Op.LIST_CLIENTS: s.JsonReply, Op.DEBUG_OPEN: s.OpenReply,
+    Op.GEM_CLAIM: s.MmapReply, Op.GEM_CREATE_MAPPED: s.MmapReply,
 }
 NEW_HANDLE_OPS = {Op.GEM_CREATE, Op.GEM_OPEN, Op.GEM_USERPTR, Op.DEBUG_OPEN, Op.PRIME_FD_TO_HANDLE}
 UNKNOWN_OP = max(Op) + 1  # the lowest op number no request uses
@@ -762,7 +770,7 @@ def _check_success(conn: Conn, h: Hostile, reply: Any) -> None:
     else:
         assert len(reply.payload) >= size, (h.why, reply)
     assert reply.nfds <= len(cls.FDS), (h.why, reply)
-    if h.op in (Op.GEM_MMAP, Op.PRIME_HANDLE_TO_FD, Op.PRIME_MAP_TO_FD):
+    if h.op in (Op.GEM_MMAP, Op.PRIME_HANDLE_TO_FD, Op.PRIME_MAP_TO_FD, Op.GEM_CLAIM, Op.GEM_CREATE_MAPPED):
         assert reply.nfds == 1, (h.why, reply)
     if h.op in NEW_HANDLE_OPS:
         handle = struct.unpack_from("<I", reply.payload)[0]

@@ -3,10 +3,10 @@
 Rules:
 - the object is made on `device`, else on `default_device()`, with room for the whole
   array (rounded up to a page, as every object), and the array is a writable zero-copy
-  view of its shared mapping (`Device.new(n).array(dtype, shape)`), C order;
-- the Buffer is dropped, not kept: its handle is closed with the Device's next request
-  (so making arrays in a loop does not grow the handle table), and the mapping the array
-  views keeps the object alive for as long as the array (or any view of it) lives;
+  view of its shared mapping, C order;
+- object and mapping come in one request (GEM_CREATE_MAPPED, one round trip) and no handle
+  is made (so making arrays in a loop does not grow the handle table): the mapping the
+  array views keeps the object alive for as long as the array (or any view of it) lives;
 - a new object reads as zero and no page is touched until written, so `zeros` costs
   exactly what `empty` does; they differ only in what they promise;
 - an array of no items (a dimension of 0) still gets an object of one page (objects are
@@ -48,7 +48,8 @@ def empty(shape: int | Sequence[int], dtype: npt.DTypeLike = np.float64, *,
         dev = device
     else:
         raise InvalidArgument(f"device must be a ugem.Device or None, got {device!r}")
-    return dev.new(max(nbytes, PAGE_SIZE)).array(dt, dims)
+    view = dev._new_mapping(max(nbytes, PAGE_SIZE))  # one round trip, no handle to close
+    return np.frombuffer(view, dtype=dt, count=math.prod(dims)).reshape(dims)
 
 
 def zeros(shape: int | Sequence[int], dtype: npt.DTypeLike = np.float64, *,

@@ -8,7 +8,9 @@ to another process through the daemon (core/shares.py has the manager's rules).
   no round trip. A failure comes back to whoever claims it. `_share` is the same, waiting
   for the reply (its failure raised here);
 - `_claim(owner, token, writable)`: map it in this process (a tracked mapping, entered in
-  the registry like any other) and use the share up;
+  the registry like any other) and use the share up; a share the daemon has not read yet
+  (EAGAIN: it comes on the sender's connection) is claimed again after a pause, growing
+  from 50 us to 10 ms, for up to CLAIM_PATIENCE_S;
 - `_drop_share(owner, token)`: use it up without mapping (this process maps that memory
   already); queued with the releases and sent before the next request, never from here.
 """
@@ -16,13 +18,18 @@ to another process through the daemon (core/shares.py has the manager's rules).
 from __future__ import annotations
 
 import threading
+import time
 from typing import Any
 
+from ..errors import TryAgain
 from ..wire import structs as s
 from ..wire import structs_share as ss
 from ..wire.frames import Op
 
-__all__ = ["ShareOps"]
+__all__ = ["CLAIM_PATIENCE_S", "ShareOps"]
+
+CLAIM_PATIENCE_S = 60.0  # a share that has not arrived by then is not coming
+_FIRST_PAUSE, _LAST_PAUSE = 50e-6, 0.01
 
 
 class ShareOps:
@@ -62,9 +69,24 @@ class ShareOps:
         return self._share(map_id, offset, length, writable, wait=False)
 
     def _claim(self, owner: int, token: int, writable: bool) -> memoryview:
-        reply: s.MmapReply = self._call(Op.GEM_CLAIM, ss.ClaimReq(owner=owner, token=token,
-                                                                 flags=s.WRITABLE if writable else 0))
+        req = ss.ClaimReq(owner=owner, token=token, flags=s.WRITABLE if writable else 0)
+        pause, deadline = _FIRST_PAUSE, time.monotonic() + CLAIM_PATIENCE_S
+        while True:
+            try:
+                reply: s.MmapReply = self._call(Op.GEM_CLAIM, req)
+                break
+            except TryAgain:  # the share is on its way (another connection): it comes within moments
+                if time.monotonic() >= deadline:
+                    raise
+                time.sleep(pause)
+                pause = min(2 * pause, _LAST_PAUSE)
         return self._map_reply(reply, writable, f"share {token} of client {owner}")
+
+    def _new_mapping(self, size: int) -> memoryview:
+        """A new object of `size` bytes mapped whole and writable, in one round trip, with no
+        handle (GEM_CREATE_MAPPED): the mapping is all that keeps it (ugem.empty)."""
+        reply: s.MmapReply = self._call(Op.GEM_CREATE_MAPPED, s.CreateReq(size=size))
+        return self._map_reply(reply, True, "a new object")
 
     def _drop_share(self, owner: int, token: int) -> None:
         self._released.append((owner, token))

@@ -54,6 +54,24 @@ def gem_create(core: Core, client: Client, req: s.CreateReq) -> s.CreateReply:
     return s.CreateReply(handle=handle, size=size)
 
 
+def gem_create_mapped(core: Core, client: Client, req: s.CreateReq) -> s.MmapReply:
+    """A new object and a writable mapping of all of it, in one request, and no handle: the
+    mapping is its only reference (what `ugem.empty` makes). Limits as GEM_CREATE's and
+    GEM_MMAP's; nothing is left when it fails."""
+    if req.size <= 0:
+        raise InvalidArgument(f"object size must be positive, got {req.size}")
+    if req.size > MAX_OBJECT_SIZE:
+        raise TooBig(f"object size {req.size} exceeds the maximum of 2**46 bytes")
+    core.check_object_limit(client)  # refused at the handle limit, as GEM_CREATE is
+    size = page_align(req.size)
+    obj = core.object_new(client, size)
+    try:
+        return map_object(core, client, obj, 0, size, True, "the new object")
+    except BaseException:  # Pending included: the request runs again from the start
+        core.discard_unpublished(obj)
+        raise
+
+
 def gem_close(core: Core, client: Client, req: s.CloseReq) -> s.Empty:
     core.handle_delete(client, req.handle)
     return s.Empty()

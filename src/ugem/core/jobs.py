@@ -60,16 +60,13 @@ class Pending(Exception):
     - `jobs`: memory jobs (spill, restore) to finish;
     - `fence`: the device timeline to complete this seqno (0: none);
     - `resume`: the device to be resumed (a suspended daemon holds device work);
-    - `until`: a condition to hold (a share another client has sent but the daemon not
-      yet read, core/shares.py; only the daemon raises this one);
     but no longer than `deadline` (monotonic seconds; None: no limit), after which the
     request is re-run anyway and decides itself (e.g. ETIME).
     """
 
     def __init__(self, jobs: list[Job] | None = None, *, fence: int = 0, deadline: float | None = None,
-                 resume: bool = False, until: Callable[[], bool] | None = None) -> None:
+                 resume: bool = False) -> None:
         self.jobs = list(jobs or [])
-        self.until = until
         self.fence = fence
         self.deadline = deadline
         self.resume = resume

@@ -47,6 +47,8 @@ class RequestDesc:
 
 REQUESTS: tuple[RequestDesc, ...] = (
     RequestDesc(Op.GEM_CREATE, gem.gem_create, s.CreateReq, s.CreateReply, doc="new object, page-rounded"),
+    RequestDesc(Op.GEM_CREATE_MAPPED, gem.gem_create_mapped, s.CreateReq, s.MmapReply,
+                doc="new object mapped whole, no handle"),
     RequestDesc(Op.GEM_CLOSE, gem.gem_close, s.CloseReq, s.Empty, doc="drop a handle"),
     RequestDesc(Op.GEM_CLOSE_BATCH, gem.gem_close_batch, s.CloseBatchReq, s.Empty, doc="drop several handles"),
     RequestDesc(Op.GEM_INFO, gem.gem_info, s.InfoReq, s.InfoReply, doc="size, placement, advice, name"),

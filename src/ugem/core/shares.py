@@ -20,10 +20,11 @@ Rules:
   claimer, who gets that errno.
 - A claim may reach the daemon before the share it names: the sender wrote the share
   before the pickle, but on another connection, which the daemon may read later. A claim
-  of a token at most SHARE_AHEAD past the owner's last waits (Pending) until the share is
-  read or the owner goes away; the sender never waits for anything while its share is
-  unread, so the wait is short. Further ahead is ENOENT. Embedded managers serve every
-  request at once, so they never wait.
+  of another client's token at most SHARE_AHEAD past its last is EAGAIN (the claimer tries
+  again: client/device_share.py), the daemon keeping no state for it; nothing holds the
+  share back for long (a sender never has a request parked while its share is unread).
+  Further ahead, or the claimer's own future token, is ENOENT. Embedded managers serve
+  every request at once: never EAGAIN.
 - GEM_CLAIM maps the shared part for the caller exactly as GEM_MMAP maps a handle's (same
   checks and waits; nothing changes before it could wait) and uses the share up. Only a
   client of the owner's uid, or root, may claim (as for names: EACCES); a writable claim
@@ -37,12 +38,19 @@ Rules:
 from __future__ import annotations
 
 from ..constants import PAGE_SIZE
-from ..errors import InvalidArgument, NoSuchObject, PermissionDenied, QuotaExceeded, UgemError, error_from_errno
+from ..errors import (
+    InvalidArgument,
+    NoSuchObject,
+    PermissionDenied,
+    QuotaExceeded,
+    TryAgain,
+    UgemError,
+    error_from_errno,
+)
 from ..wire import structs as s
 from ..wire import structs_share as ss
 from .client import Client
 from .gem import map_object
-from .jobs import Pending
 from .manager import Core
 from .share_table import Share
 
@@ -90,8 +98,10 @@ def _find(core: Core, client: Client, owner_id: int, token: int) -> Share:
         failed = owner.failed_shares.get(token)
         if failed is not None:
             raise error_from_errno(failed.errno, f"share {token} of client {owner_id} failed: {failed.strerror}")
-        if core.shares_may_lag and owner.last_share < token <= owner.last_share + ss.SHARE_AHEAD:
-            raise Pending(until=lambda: owner.closed or owner.last_share >= token)
+        ahead = owner.last_share < token <= owner.last_share + ss.SHARE_AHEAD
+        if core.shares_may_lag and owner is not client and ahead:
+            raise TryAgain(f"share {token} of client {owner_id} has not reached the daemon yet (its last is "
+                           f"{owner.last_share}); claim it again")
     if share is None:
         raise NoSuchObject(f"share {token} of client {owner_id} is not held: it was claimed already, or its "
                            f"sender is gone")

@@ -340,7 +340,7 @@ class Server:
         if pending.deadline is not None and now >= pending.deadline:
             return True
         return (all(job.done for job in pending.jobs) and pending.fence <= self.device.completed()
-                and not (pending.resume and self.core.gpu.suspended) and (pending.until is None or pending.until()))
+                and not (pending.resume and self.core.gpu.suspended))
 
     def _wake(self, now: float) -> None:
         """Re-run parked requests whose wait is over (any of them may park again)."""

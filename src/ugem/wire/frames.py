@@ -110,6 +110,7 @@ class Op(enum.IntEnum):
     GEM_SHARE = 35
     GEM_CLAIM = 36
     GEM_DROP_SHARES = 37
+    GEM_CREATE_MAPPED = 38
 
 
 def encode_header(length: int, op: int, nfds: int, kind: int, seq: int, status: int = 0) -> bytes:
