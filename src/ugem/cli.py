@@ -102,7 +102,8 @@ def _let_go_of_stdout() -> None:
 
 def _serve(args: argparse.Namespace) -> int:
     from .daemon.listener import Listener, SocketInUse
-    from .daemon.server import Server, ServerOptions, raise_fd_limit
+    from .daemon.server import Server, ServerOptions
+    from .daemon.setup import raise_fd_limit
     from .paths import resolve_socket_path
     from .serve_options import effective_toml, read_config_file, serve_options
 
@@ -177,10 +178,11 @@ def _ls(args: argparse.Namespace) -> int:
         print(json.dumps(rows, indent=1))
         return 0
     print(f"{'ID':>8} {'SIZE':>12} {'PLACEMENT':<9} {'MADVISE':<8} {'NAME':>6} {'HANDLES':>7} {'PINNED':<6} "
-          f"{'MAPPED':>6} {'OWNER':>8}")
+          f"{'MAPPED':>6} {'OWNER':>8} LABEL")
     for r in rows:
         print(f"{r['id']:>8} {r['size']:>12} {r['placement']:<9} {r['madvise']:<8} {r['name'] or '-':>6} "
-              f"{r['handles']:>7} {'yes' if r['pinned'] else 'no':<6} {r['mapped']:>6} {r['owner_pid'] or '-':>8}")
+              f"{r['handles']:>7} {'yes' if r['pinned'] else 'no':<6} {r['mapped']:>6} {r['owner_pid'] or '-':>8} "
+              f"{r.get('label') or '-'}")
     return 0
 
 

@@ -59,6 +59,7 @@ from ugem.wire import structs as s
 from ugem.wire import structs_device as sd
 from ugem.wire.commands import RECORD, decode_commands
 from ugem.wire.frames import HEADER, MAX_FDS, MAX_PAYLOAD, FrameParser, Kind, Op, encode_header
+from ugem.wire.structs_preload import LookupReq
 
 SEED = int(os.environ.get("UGEM_FUZZ_SEED") or random.SystemRandom().randrange(2**32))
 CASES: collections.Counter[str] = collections.Counter()
@@ -100,6 +101,7 @@ ALLOWED: dict[int, set[int]] = {
     Op.LIST_OBJECTS: {E.EINVAL, E.EACCES},
     Op.LIST_CLIENTS: {E.EINVAL, E.EACCES},
     Op.DEBUG_OPEN: {E.EINVAL, E.ENOENT, E.EACCES, E.EDQUOT},
+    Op.LOOKUP: {E.EINVAL, E.ENOENT, E.EIO},
 }
 REQ: dict[int, type[s.Struct]] = {
     Op.GEM_CREATE: s.CreateReq, Op.GEM_CLOSE: s.CloseReq, Op.GEM_CLOSE_BATCH: s.CloseBatchReq,
@@ -113,6 +115,7 @@ REQ: dict[int, type[s.Struct]] = {
     Op.GEM_SET_TILING: sd.TilingReq, Op.GEM_GET_TILING: s.HandleReq, Op.GEM_SET_CACHING: sd.CachingReq,
     Op.GEM_GET_CACHING: s.HandleReq, Op.SUSPEND: s.Empty, Op.RESUME: s.Empty, Op.GEM_USERPTR: s.UserptrReq,
     Op.STATS: s.Empty, Op.LIST_OBJECTS: s.Empty, Op.LIST_CLIENTS: s.Empty, Op.DEBUG_OPEN: s.HandleReq,
+    Op.LOOKUP: LookupReq,
 }
 REPLY: dict[int, type[s.Struct]] = {
     Op.GEM_CREATE: s.CreateReply, Op.GEM_INFO: s.InfoReply, Op.GEM_PREAD: s.PreadReply, Op.GEM_PWRITE: s.PwriteReply,
@@ -123,6 +126,7 @@ REPLY: dict[int, type[s.Struct]] = {
     Op.WAIT_FENCE: sd.WaitReply, Op.GEM_SET_TILING: sd.TilingReply, Op.GEM_GET_TILING: sd.TilingReply,
     Op.GEM_GET_CACHING: sd.CachingReply, Op.GEM_USERPTR: s.OpenReply, Op.STATS: s.JsonReply,
     Op.LIST_OBJECTS: s.JsonReply, Op.LIST_CLIENTS: s.JsonReply, Op.DEBUG_OPEN: s.OpenReply,
+    Op.LOOKUP: s.FlinkReply,
 }
 NEW_HANDLE_OPS = {Op.GEM_CREATE, Op.GEM_OPEN, Op.GEM_USERPTR, Op.DEBUG_OPEN, Op.PRIME_FD_TO_HANDLE}
 UNKNOWN_OP = max(Op) + 1  # the lowest op number no request uses

@@ -106,6 +106,7 @@ class Op(enum.IntEnum):
     GEM_USERPTR = 31
     GEM_CLOSE_BATCH = 32
     PRIME_MAP_TO_FD = 33
+    LOOKUP = 34  # 35 and up: reserved for other work in progress
 
 
 def encode_header(length: int, op: int, nfds: int, kind: int, seq: int, status: int = 0) -> bytes:
