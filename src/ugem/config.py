@@ -15,7 +15,9 @@ so the embedded manager and the daemon accept exactly the same keys and values. 
   strings, held as (label, absolute path) pairs: files the manager loads at start into
   read-only objects it owns (core/preload.py). A label is 1 to 255 characters with no
   whitespace and no "="; labels are unique; each file must be a readable, non-empty
-  regular file now (a missing or unreadable file is bad configuration, like a bad value).
+  regular file now (a missing or unreadable file is bad configuration, like a bad value),
+  and together the files may hold at most `system_budget` bytes of data (preloaded objects
+  are never spilled).
 The per-uid limits apply to uids other than root and the daemon's own (those are never
 limited by them; the core decides who is privileged).
 """
@@ -214,4 +216,9 @@ class Config:
         values.setdefault("system_budget", _physical_memory() // 2)
         values.setdefault("spill_dir", default_spill_dir())
         values.setdefault("uid_quota", values["system_budget"] // 2)
+        data = sum(os.stat(path).st_blocks * 512 for _, path in values.get("object", ()))
+        if data > values["system_budget"]:  # they can never be spilled: the rest would have no room
+            items = [f"{label}={path}" for label, path in values["object"]]
+            raise InvalidArgument(f"{name('object')}: {items!r} hold {data} bytes of data; at most the system "
+                                  f"budget of {values['system_budget']} bytes is allowed (they are never spilled)")
         return cls(**values)

@@ -251,6 +251,7 @@ def test_embedded_manager_rejects_bad_objects(files: str, value: Any) -> None:
 def _bad_object_cases(directory: str) -> list[tuple[list[str], list[str]]]:
     good = make_file(directory, "good.bin", b"g" * 10)
     empty = make_file(directory, "empty.bin", b"")
+    big = make_file(directory, "big.bin", b"b" * (256 * 1024))
     return [
         (["--object", f"w={directory}/missing.bin"], ["--object", "missing.bin", "No such file"]),
         (["--object", f"w={directory}"], ["--object", "a non-empty regular file"]),
@@ -258,6 +259,7 @@ def _bad_object_cases(directory: str) -> list[tuple[list[str], list[str]]]:
         (["--object", f"w={good}", "--object", f"w={good}"], ["--object", "given twice"]),
         (["--object", good], ["--object", "LABEL=PATH"]),
         (["--object", f"two words={good}"], ["--object", "LABEL=PATH"]),
+        (["--object", f"w={big}", "--system-budget", "16K"], ["--object", "at most the system budget"]),
     ]
 
 
