@@ -182,7 +182,7 @@ def _ls(args: argparse.Namespace) -> int:
     for r in rows:
         print(f"{r['id']:>8} {r['size']:>12} {r['placement']:<9} {r['madvise']:<8} {r['name'] or '-':>6} "
               f"{r['handles']:>7} {'yes' if r['pinned'] else 'no':<6} {r['mapped']:>6} {r['owner_pid'] or '-':>8} "
-              f"{r.get('label') or '-'}")
+              f"{r.get('label') or '-':<5}")
     return 0
 
 
