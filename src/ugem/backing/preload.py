@@ -65,6 +65,9 @@ def load_file(source: OwnedFd, dest: OwnedFd, label: str, size: int, stop: Calla
                 if total >= PROGRESS_FROM and tenth > reported and moved < total:
                     reported = tenth
                     log.info("preloading %r: %d%% (%d of %d bytes)", label, tenth * 10, moved, total)
+        now = os.fstat(source.fd).st_size
+        if now < size:  # what was read past the new end came from holes, not from the file
+            raise OSError(errno.EIO, f"the file shrank from {size} to {now} bytes while it was being read")
         log.info("preloaded %r: %d bytes of data in %.1f s", label, moved, time.monotonic() - started)
         return moved
     except OSError as exc:

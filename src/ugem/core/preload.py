@@ -85,7 +85,8 @@ class Preloads:
         obj.handle_count = 1
         core.flink(obj)
         self.by_label[label] = obj
-        core.memory.plan_load(obj, lambda: core.backing.load_file(source, dest, label, size, self._stop), data)
+        work = lambda: core.backing.load_file(source, dest, label, size, self._stop)  # noqa: E731
+        core.memory.plan_load(obj, work, min(page_align(data), obj.size))
 
     def _stop(self) -> bool:
         return self.cancelled
@@ -105,9 +106,9 @@ class Preloads:
     def _drop(self, obj: BufferObject) -> None:
         """Drop the manager's own handle (the object lives on while clients hold it)."""
         obj.handle_count -= 1
-        if obj.handle_count == 0:
+        if obj.handle_count == 0:  # all handles share one reference: it goes with the last
             self.core.name_remove(obj)
-        self.core.put(obj)
+            self.core.put(obj)
 
     def cancel(self) -> None:
         """The manager is closing: copies still running stop at their next chunk."""
