@@ -134,3 +134,18 @@ def test_missing_config_file_exits_2(workdir: str) -> None:
     assert_bad_configuration(serve("--config", missing, "--socket", os.path.join(workdir, "s")), "--config",
                              repr(missing), "No such file")
     assert os.listdir(workdir) == []
+
+
+def test_object_flags_replace_the_files_list(workdir: str) -> None:
+    first, second = config_path(workdir), os.path.join(workdir, "second.bin")
+    with open(second, "wb") as f:
+        f.write(b"2" * 100)
+    config = write(workdir, f'object = ["a={first}", "b={first}"]\n')
+    from_file = tomllib.loads(serve("--config", config, "--print-config").stdout)
+    assert from_file["object"] == [f"a={first}", f"b={first}"]
+    overridden = tomllib.loads(serve("--config", config, "--object", f"c={second}", "--print-config").stdout)
+    assert overridden["object"] == [f"c={second}"]
+    with run_daemon(extra_args=("--config", config), object=[f"c={second}"]) as daemon, daemon.connect() as dev:
+        assert [r["label"] for r in dev.list_objects()] == ["c"]
+        handle, _ = dev.open_name(dev.lookup("c"))
+        assert dev.pread(handle, 0, 100) == b"2" * 100
