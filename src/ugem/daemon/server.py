@@ -75,11 +75,13 @@ def _drain(fd: int) -> None:
 
 @dataclass(frozen=True)
 class ServerOptions:
+    """The daemon's own options, validated (their defaults: serve_options.DAEMON_DEFAULTS)."""
+
     socket_path: str
     socket_is_default: bool
-    socket_mode: int = 0o600
-    stall_timeout: float = 30.0
-    exit_idle: float | None = None  # seconds without a connection before shutting down
+    socket_mode: int
+    stall_timeout: float
+    exit_idle: float | None  # seconds without a connection before shutting down (None: never)
 
 
 class Server:
