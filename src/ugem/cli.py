@@ -41,22 +41,13 @@ from typing import Any
 from . import __version__
 from .config import BadSetting, Config
 from .errors import DaemonGone, InvalidArgument, ProtocolError, UgemError
-from .serve_options import DAEMON_DEFAULTS, LOG_LEVELS
+from .serve_options import DAEMON_DEFAULTS, LOG_LEVELS, effective_toml, read_config_file, serve_options, size_text
 
 __all__ = ["format_stats", "main"]
 
 
 def _flag(key: str) -> str:
     return "--" + key.replace("_", "-")
-
-
-def _size(n: int) -> str:
-    """A size as its flag would take it: the largest binary unit that divides it."""
-    for unit in "TGMK":
-        scale = 1 << (10 * (" KMGT".index(unit)))
-        if n % scale == 0:
-            return f"{n // scale}{unit}"
-    return str(n)
 
 
 def _bad_config(message: str) -> int:
@@ -105,7 +96,6 @@ def _serve(args: argparse.Namespace) -> int:
     from .daemon.server import Server, ServerOptions
     from .daemon.setup import raise_fd_limit
     from .paths import resolve_socket_path
-    from .serve_options import effective_toml, read_config_file, serve_options
 
     try:
         options = serve_options(args, read_config_file(args.parser, args))
@@ -114,26 +104,25 @@ def _serve(args: argparse.Namespace) -> int:
     if args.print_config:
         sys.stdout.write(effective_toml(args.parser, args, options, lambda: resolve_socket_path(None)[0]))
         return 0
-    config, stall_timeout, exit_idle, socket_mode, log_level = (
-        options.config, options.stall_timeout, options.exit_idle, options.socket_mode, options.log_level)
     if args.detach:
         status = _detach()
         if status is not None:  # the parent: the daemon listens, or failed to start
             return status
-    logging.basicConfig(level=log_level.upper(), stream=sys.stderr,
+    logging.basicConfig(level=options.log_level.upper(), stream=sys.stderr,
                         format="%(asctime)s ugem[%(process)d] %(levelname)s %(message)s")
     path, is_default = resolve_socket_path(args.socket)
     socket_flag = "--socket" if args.socket else "$UGEM_SOCKET" if not is_default else "--socket (default)"
     raise_fd_limit()
     try:  # bound first: a socket that cannot be used leaves no spill directory behind
-        listener = Listener(path, is_default, socket_mode)
+        listener = Listener(path, is_default, options.socket_mode)
     except SocketInUse as exc:
         print(f"ugem: {exc}", file=sys.stderr)
         return 3
     except BadSetting as exc:
         return _bad_config(exc.describe(lambda _key: socket_flag))
     try:
-        server = Server(config, ServerOptions(path, is_default, socket_mode, stall_timeout, exit_idle), listener)
+        server = Server(options.config, ServerOptions(path, is_default, options.socket_mode, options.stall_timeout,
+                                                      options.exit_idle), listener)
     except BadSetting as exc:
         listener.close()
         return _bad_config(exc.describe(_flag))
@@ -318,7 +307,7 @@ def build_parser() -> argparse.ArgumentParser:
                                        "naming the flag or key.")
     serve.add_argument("--socket", metavar="PATH", help="socket path (default: $UGEM_SOCKET, "
                                                         "$XDG_RUNTIME_DIR/ugem/ugem.sock, /tmp/ugem-<uid>/ugem.sock)")
-    serve.add_argument("--vram", metavar="SIZE", help=f"device memory (default {_size(Config.vram)}, at most 64T)")
+    serve.add_argument("--vram", metavar="SIZE", help=f"device memory (default {size_text(Config.vram)}, at most 64T)")
     serve.add_argument("--system-budget", metavar="SIZE", help="resident memory budget "
                        "(default: half of physical memory)")
     serve.add_argument("--spill-dir", metavar="DIR", help="spill directory (default $XDG_CACHE_HOME/ugem/spill, "
@@ -328,7 +317,7 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--client-max-objects", metavar="N",
                        help=f"handles one client may hold (default {Config.client_max_objects})")
     serve.add_argument("--pin-limit", metavar="SIZE",
-                       help=f"bytes one client may pin (default {_size(Config.pin_limit)})")
+                       help=f"bytes one client may pin (default {size_text(Config.pin_limit)})")
     serve.add_argument("--hang-timeout", metavar="SECONDS", help="seconds before device work counts as hung "
                                                                  f"(default {Config.hang_timeout:g})")
     serve.add_argument("--stall-timeout", metavar="SECONDS", help="drop a connection that has not completed its "

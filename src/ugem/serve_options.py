@@ -33,7 +33,8 @@ from typing import Any
 from .config import UNLIMITED, Config, parse_seconds
 from .errors import InvalidArgument
 
-__all__ = ["DAEMON_DEFAULTS", "LOG_LEVELS", "ServeOptions", "effective_toml", "read_config_file", "serve_options"]
+__all__ = ["DAEMON_DEFAULTS", "LOG_LEVELS", "ServeOptions", "config_actions", "effective_toml", "read_config_file",
+           "serve_options", "size_text"]
 
 LOG_LEVELS = ("debug", "info", "warning", "error")
 DAEMON_DEFAULTS: dict[str, Any] = {"socket_mode": "0600", "log_level": "info", "stall_timeout": 30.0}
@@ -50,6 +51,14 @@ class ServeOptions:
     exit_idle: float | None
     socket_mode: int
     log_level: str
+
+
+def size_text(n: int) -> str:
+    """A size as its flag would take it: the largest binary unit that divides it (--help)."""
+    for exponent, unit in ((4, "T"), (3, "G"), (2, "M"), (1, "K")):
+        if n % (1 << (10 * exponent)) == 0:
+            return f"{n >> (10 * exponent)}{unit}"
+    return str(n)
 
 
 def _key(action: argparse.Action) -> str:
