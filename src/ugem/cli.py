@@ -6,8 +6,9 @@ fs MOUNTPOINT (a read-only FUSE view; runs in the foreground until unmounted, SI
 Exit codes: 0 success, 1 operation failure, 2 usage error or bad configuration, 3 no daemon / socket
 in use / the daemon went away.
 
-`ugem serve` takes its flags as strings and validates them through `Config.parse` (the
-same checks as `ugem.Manager(**config)`), so bad configuration is one line on stderr naming
+`ugem serve` takes its flags as strings, merges a `--config FILE` under them and validates
+them through `Config.parse` (the same checks as `ugem.Manager(**config)`; serve_options.py
+has the rules), so bad configuration is one line on stderr naming
 the flag, the value and what is allowed, exit 2, before anything is created: the socket is
 bound before the spill directory is made, and each is undone if the other fails.
 `serve --detach` validates its flags first (bad ones exit 2 at once), then forks: the
@@ -38,15 +39,11 @@ import sys
 from typing import Any
 
 from . import __version__
-from .config import BadSetting, Config, parse_seconds
+from .config import BadSetting, Config
 from .errors import DaemonGone, InvalidArgument, ProtocolError, UgemError
+from .serve_options import DAEMON_DEFAULTS, LOG_LEVELS, effective_toml, read_config_file, serve_options, size_text
 
 __all__ = ["format_stats", "main"]
-
-
-_SERVE_KEYS = ("vram", "system_budget", "spill_dir", "client_quota", "client_max_objects", "pin_limit",
-               "hang_timeout", "uid_quota", "uid_max_clients")
-_LOG_LEVELS = ("debug", "info", "warning", "error")
 
 
 def _flag(key: str) -> str:
@@ -57,23 +54,6 @@ def _bad_config(message: str) -> int:
     """Bad configuration: one line naming the flag, the value and what is allowed; exit 2."""
     print(f"ugem: {message}".replace("\n", "\\n"), file=sys.stderr)
     return 2
-
-
-def _serve_options(args: argparse.Namespace) -> tuple[Config, float, float | None, int, str]:
-    """The validated flags of `ugem serve`: (config, stall timeout, exit idle, socket mode,
-    log level)."""
-    config = Config.parse({key: getattr(args, key) for key in _SERVE_KEYS}, name=_flag)
-    stall_timeout = 30.0 if args.stall_timeout is None else parse_seconds(args.stall_timeout, "--stall-timeout")
-    exit_idle = None if args.exit_idle is None else parse_seconds(args.exit_idle, "--exit-idle")
-    try:
-        socket_mode = int(args.socket_mode, 8)
-    except ValueError:
-        socket_mode = -1
-    if not 0 <= socket_mode <= 0o777:
-        raise InvalidArgument(f"--socket-mode: {args.socket_mode!r} is not an octal file mode from 0 to 0777")
-    if args.log_level.lower() not in _LOG_LEVELS:
-        raise InvalidArgument(f"--log-level: {args.log_level!r} is not one of {', '.join(_LOG_LEVELS)}")
-    return config, stall_timeout, exit_idle, socket_mode, args.log_level.lower()
 
 
 def _detach() -> int | None:
@@ -113,31 +93,36 @@ def _let_go_of_stdout() -> None:
 
 def _serve(args: argparse.Namespace) -> int:
     from .daemon.listener import Listener, SocketInUse
-    from .daemon.server import Server, ServerOptions, raise_fd_limit
+    from .daemon.server import Server, ServerOptions
+    from .daemon.setup import raise_fd_limit
     from .paths import resolve_socket_path
 
     try:
-        config, stall_timeout, exit_idle, socket_mode, log_level = _serve_options(args)
+        options = serve_options(args, read_config_file(args.parser, args))
     except InvalidArgument as exc:
         return _bad_config(str(exc.strerror))
+    if args.print_config:
+        sys.stdout.write(effective_toml(args.parser, args, options, lambda: resolve_socket_path(None)[0]))
+        return 0
     if args.detach:
         status = _detach()
         if status is not None:  # the parent: the daemon listens, or failed to start
             return status
-    logging.basicConfig(level=log_level.upper(), stream=sys.stderr,
+    logging.basicConfig(level=options.log_level.upper(), stream=sys.stderr,
                         format="%(asctime)s ugem[%(process)d] %(levelname)s %(message)s")
     path, is_default = resolve_socket_path(args.socket)
     socket_flag = "--socket" if args.socket else "$UGEM_SOCKET" if not is_default else "--socket (default)"
     raise_fd_limit()
     try:  # bound first: a socket that cannot be used leaves no spill directory behind
-        listener = Listener(path, is_default, socket_mode)
+        listener = Listener(path, is_default, options.socket_mode)
     except SocketInUse as exc:
         print(f"ugem: {exc}", file=sys.stderr)
         return 3
     except BadSetting as exc:
         return _bad_config(exc.describe(lambda _key: socket_flag))
     try:
-        server = Server(config, ServerOptions(path, is_default, socket_mode, stall_timeout, exit_idle), listener)
+        server = Server(options.config, ServerOptions(path, is_default, options.socket_mode, options.stall_timeout,
+                                                      options.exit_idle), listener)
     except BadSetting as exc:
         listener.close()
         return _bad_config(exc.describe(_flag))
@@ -182,10 +167,11 @@ def _ls(args: argparse.Namespace) -> int:
         print(json.dumps(rows, indent=1))
         return 0
     print(f"{'ID':>8} {'SIZE':>12} {'PLACEMENT':<9} {'MADVISE':<8} {'NAME':>6} {'HANDLES':>7} {'PINNED':<6} "
-          f"{'MAPPED':>6} {'OWNER':>8}")
+          f"{'MAPPED':>6} {'OWNER':>8} LABEL")
     for r in rows:
         print(f"{r['id']:>8} {r['size']:>12} {r['placement']:<9} {r['madvise']:<8} {r['name'] or '-':>6} "
-              f"{r['handles']:>7} {'yes' if r['pinned'] else 'no':<6} {r['mapped']:>6} {r['owner_pid'] or '-':>8}")
+              f"{r['handles']:>7} {'yes' if r['pinned'] else 'no':<6} {r['mapped']:>6} {r['owner_pid'] or '-':>8} "
+              f"{r.get('label') or '-':<5}")
     return 0
 
 
@@ -316,37 +302,48 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True)
     serve = sub.add_parser("serve", help="run the daemon",
                            description="Run the daemon. SIZE is bytes or a number with K, M, G or T (512M, "
-                                       "1.5G); sizes, counts and SECONDS must be positive. Bad configuration "
-                                       "exits 2 with one line naming the flag.")
+                                       "1.5G); sizes, counts and SECONDS must be positive. Every flag may also "
+                                       "be set in a --config file. Bad configuration exits 2 with one line "
+                                       "naming the flag or key.")
     serve.add_argument("--socket", metavar="PATH", help="socket path (default: $UGEM_SOCKET, "
                                                         "$XDG_RUNTIME_DIR/ugem/ugem.sock, /tmp/ugem-<uid>/ugem.sock)")
-    serve.add_argument("--vram", metavar="SIZE", help="device memory (default 1G, at most 64T)")
+    serve.add_argument("--vram", metavar="SIZE", help=f"device memory (default {size_text(Config.vram)}, at most 64T)")
     serve.add_argument("--system-budget", metavar="SIZE", help="resident memory budget "
                        "(default: half of physical memory)")
     serve.add_argument("--spill-dir", metavar="DIR", help="spill directory (default $XDG_CACHE_HOME/ugem/spill, "
                                                           "else ~/.cache/ugem/spill)")
     serve.add_argument("--client-quota", metavar="SIZE", help="bytes one client may create, or 'unlimited' "
                                                               "(the default)")
-    serve.add_argument("--client-max-objects", metavar="N", help="handles one client may hold (default 65536)")
-    serve.add_argument("--pin-limit", metavar="SIZE", help="bytes one client may pin (default 64M)")
+    serve.add_argument("--client-max-objects", metavar="N",
+                       help=f"handles one client may hold (default {Config.client_max_objects})")
+    serve.add_argument("--pin-limit", metavar="SIZE",
+                       help=f"bytes one client may pin (default {size_text(Config.pin_limit)})")
     serve.add_argument("--hang-timeout", metavar="SECONDS", help="seconds before device work counts as hung "
-                                                                 "(default 10)")
+                                                                 f"(default {Config.hang_timeout:g})")
     serve.add_argument("--stall-timeout", metavar="SECONDS", help="drop a connection that has not completed its "
-                       "handshake, or has sent part of a frame, for this long (default 30)")
+                       "handshake, or has sent part of a frame, for this long "
+                       f"(default {DAEMON_DEFAULTS['stall_timeout']:g})")
     serve.add_argument("--exit-idle", metavar="SECONDS", help="exit (as on SIGTERM) once no client has been "
                        "connected for this long, counted from start (default: never)")
-    serve.add_argument("--detach", action="store_true", help="run in the background: return once the daemon "
-                       "listens (exit 0, its banner printed) or with its exit status if it fails to start; it "
-                       "keeps stderr, so point that at a log file")
+    serve.add_argument("--detach", action="store_true", default=None, help="run in the background: return once "
+                       "the daemon listens (exit 0, its banner printed) or with its exit status if it fails to "
+                       "start; it keeps stderr, so point that at a log file")
     serve.add_argument("--uid-quota", metavar="SIZE", help="bytes all clients of one uid may create plus pin, or "
                        "'unlimited' (default: half the system budget; root and the daemon's uid: unlimited)")
     serve.add_argument("--uid-max-clients", metavar="N", help="connections of one uid, or 'unlimited' (default "
-                       "256; root and the daemon's uid: unlimited)")
-    serve.add_argument("--socket-mode", metavar="OCTAL", default="0600", help="socket file mode, octal from 0 to "
-                                                                               "0777 (default 0600)")
-    serve.add_argument("--log-level", metavar="LEVEL", default="info",
-                       help=f"one of {', '.join(_LOG_LEVELS)} (default info)")
-    serve.set_defaults(func=_serve)
+                       f"{Config.uid_max_clients}; root and the daemon's uid: unlimited)")
+    serve.add_argument("--socket-mode", metavar="OCTAL", help="socket file mode, octal from 0 to 0777 "
+                                                              f"(default {DAEMON_DEFAULTS['socket_mode']})")
+    serve.add_argument("--log-level", metavar="LEVEL",
+                       help=f"one of {', '.join(LOG_LEVELS)} (default {DAEMON_DEFAULTS['log_level']})")
+    serve.add_argument("--object", metavar="LABEL=PATH", action="append", help="load the file PATH at start into a "
+                       "read-only object the daemon owns, found by clients with lookup(LABEL) (repeatable; holes "
+                       "stay holes; clients may look a label up at once: they wait until its file is loaded)")
+    serve.add_argument("--config", metavar="FILE", help="TOML file whose keys are these flags' long names "
+                       "(system-budget = \"4G\", object = [\"weights=/srv/w.bin\"]); flags given here override it")
+    serve.add_argument("--print-config", action="store_true", help="print the effective configuration as TOML "
+                       "(readable by --config) and exit")
+    serve.set_defaults(func=_serve, parser=serve)
     for name, func, text in (("ls", _ls, "list objects"), ("stat", _stat, "manager-wide figures")):
         cmd = sub.add_parser(name, help=text)
         cmd.add_argument("--socket", help="daemon socket")

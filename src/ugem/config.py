@@ -10,7 +10,14 @@ so the embedded manager and the daemon accept exactly the same keys and values. 
 - a bad value raises EINVAL (InvalidArgument) naming the key (or the flag, through
   `name`), the value and what is allowed; an unknown key is EINVAL too;
 - defaults that depend on others are resolved here: `system_budget` is half of physical
-  memory, `uid_quota` half of `system_budget`, `spill_dir` $XDG_CACHE_HOME/ugem/spill.
+  memory, `uid_quota` half of `system_budget`, `spill_dir` $XDG_CACHE_HOME/ugem/spill;
+- `object` (the daemon's `--object LABEL=PATH`, repeatable) is a list of "LABEL=PATH"
+  strings, held as (label, absolute path) pairs: files the manager loads at start into
+  read-only objects it owns (core/preload.py). A label is 1 to 255 characters with no
+  whitespace and no "="; labels are unique; each file must be a readable, non-empty
+  regular file now (a missing or unreadable file is bad configuration, like a bad value),
+  and together the files may hold at most `system_budget` bytes of data (preloaded objects
+  are never spilled).
 The per-uid limits apply to uids other than root and the daemon's own (those are never
 limited by them; the core decides who is privileged).
 """
@@ -19,6 +26,8 @@ from __future__ import annotations
 
 import math
 import os
+import re
+import stat
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any
@@ -114,6 +123,34 @@ def _limit(parse: Callable[[object, str], int]) -> Callable[[object, str], int |
     return parse_limit
 
 
+_LABEL = re.compile(r"[^\s=]{1,255}")
+
+
+def _objects(value: object, name: str) -> tuple[tuple[str, str], ...]:
+    items = [value] if isinstance(value, str) else value
+    if not isinstance(items, list | tuple) or not all(isinstance(item, str) for item in items):
+        raise _bad(name, value, "a list of LABEL=PATH strings")
+    result: dict[str, str] = {}
+    for item in items:
+        label, _, path = item.partition("=")
+        if not _LABEL.fullmatch(label) or not path:
+            raise _bad(name, item, "LABEL=PATH with a label of 1 to 255 characters, no whitespace or '='")
+        if label in result:
+            raise _bad(name, item, f"a new label: {label!r} is given twice")
+        try:
+            fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+        except OSError as exc:
+            raise _bad(name, item, f"a readable file ({exc.strerror})") from None
+        try:
+            st = os.fstat(fd)
+        finally:
+            os.close(fd)
+        if not stat.S_ISREG(st.st_mode) or st.st_size == 0:
+            raise _bad(name, item, "a non-empty regular file")
+        result[label] = os.path.abspath(path)
+    return tuple(result.items())
+
+
 def _spill_dir(value: object, name: str) -> str:
     path = os.fspath(value) if isinstance(value, str | os.PathLike) else None
     if not isinstance(path, str) or not path:
@@ -133,6 +170,7 @@ _PARSERS: dict[str, Callable[[object, str], Any]] = {
     "hang_timeout": parse_seconds,
     "uid_quota": _limit(parse_size),
     "uid_max_clients": _limit(parse_count),
+    "object": _objects,
 }
 
 
@@ -159,6 +197,7 @@ class Config:
     pin_limit: int = 64 << 20
     hang_timeout: float = 10.0
     uid_max_clients: int | None = 256  # connections of one (unprivileged) uid
+    object: tuple[tuple[str, str], ...] = ()  # (label, path) of the files preloaded at start
 
     @classmethod
     def from_kwargs(cls, **config: Any) -> Config:
@@ -177,4 +216,9 @@ class Config:
         values.setdefault("system_budget", _physical_memory() // 2)
         values.setdefault("spill_dir", default_spill_dir())
         values.setdefault("uid_quota", values["system_budget"] // 2)
+        data = sum(os.stat(path).st_blocks * 512 for _, path in values.get("object", ()))
+        if data > values["system_budget"]:  # they can never be spilled: the rest would have no room
+            items = [f"{label}={path}" for label, path in values["object"]]
+            raise InvalidArgument(f"{name('object')}: {items!r} hold {data} bytes of data; at most the system "
+                                  f"budget of {values['system_budget']} bytes is allowed (they are never spilled)")
         return cls(**values)

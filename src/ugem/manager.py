@@ -1,7 +1,8 @@
 """Manager: an embedded manager in this process (SPEC §1), the daemon's twin.
 
 `Manager(**config)` owns a Core and a MemfdStore; `open()` returns a new, independent
-client Device each call. Requests go through the same `dispatch()` and request table as
+client Device each call; the files of its `object` key (preloaded objects) are read in
+before it returns. Requests go through the same `dispatch()` and request table as
 the daemon's, under one lock (the core itself is single-threaded). Memory jobs a request
 must wait for (spill, restore) run inline in the caller's thread, then it is retried. `close()` releases
 every client and object; any later call is EBADF.
@@ -41,7 +42,15 @@ class Manager:
         self.config = Config.from_kwargs(**config)
         self._lock = threading.RLock()
         self._device = SimDevice(self.config.vram, self.config.hang_timeout)
-        self._core: Core | None = Core(self.config, MemfdStore(self.config.spill_dir), self._device)
+        core = Core(self.config, MemfdStore(self.config.spill_dir), self._device)
+        self._core: Core | None = core
+        try:  # preloaded objects: loaded here, before the Manager is returned
+            core.preloads.start(self.config.object, os.getpid(), os.getuid())
+            self._settle(core)
+        except BaseException:
+            self._core = None
+            self._shut(core)
+            raise
         self._pid = os.getpid()
         self._forked_core: Core | None = None  # in a forked child: the parent's, never used
         track_for_fork(self)
@@ -120,10 +129,14 @@ class Manager:
         with self._lock:
             core, self._core = self._core, None
             if core is not None:
-                for client in list(core.clients.values()):
-                    core.client_release(client)
-                self._device.close()  # queued copies finish first
-                core.backing.close()
+                self._shut(core)
+
+    def _shut(self, core: Core) -> None:
+        for client in list(core.clients.values()):
+            core.client_release(client)
+        core.preloads.release()
+        self._device.close()  # queued copies finish first
+        core.backing.close()
 
     def __enter__(self) -> Manager:
         return self

@@ -476,12 +476,12 @@ def test_ls_table_marks_no_name_and_shows_pinned_and_mapped() -> None:
         assert table.returncode == 0, table.stderr
         header, *lines = table.stdout.splitlines()
         assert header.split() == ["ID", "SIZE", "PLACEMENT", "MADVISE", "NAME", "HANDLES", "PINNED", "MAPPED",
-                                  "OWNER"]
+                                  "OWNER", "LABEL"]
         by_id = {line.split()[0]: line.split() for line in lines}
         pid = str(os.getpid())
-        assert by_id[str(ids[4096])][1:] == ["4096", "none", "willneed", "-", "1", "no", "0", pid]
-        assert by_id[str(ids[2 * 4096])][1:] == ["8192", "system", "willneed", "-", "1", "yes", "0", pid]
-        assert by_id[str(ids[3 * 4096])][1:] == ["12288", "system", "willneed", str(name), "1", "no", "2", pid]
+        assert by_id[str(ids[4096])][1:] == ["4096", "none", "willneed", "-", "1", "no", "0", pid, "-"]
+        assert by_id[str(ids[2 * 4096])][1:] == ["8192", "system", "willneed", "-", "1", "yes", "0", pid, "-"]
+        assert by_id[str(ids[3 * 4096])][1:] == ["12288", "system", "willneed", str(name), "1", "no", "2", pid, "-"]
         assert all(len(line) == len(header) for line in lines), table.stdout  # columns line up
         del views
         dev.close_handle(plain)

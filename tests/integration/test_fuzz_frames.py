@@ -60,6 +60,7 @@ from ugem.wire import structs_device as sd
 from ugem.wire import structs_share as ss
 from ugem.wire.commands import RECORD, decode_commands
 from ugem.wire.frames import HEADER, MAX_FDS, MAX_PAYLOAD, FrameParser, Kind, Op, encode_header
+from ugem.wire.structs_preload import LookupReq
 
 SEED = int(os.environ.get("UGEM_FUZZ_SEED") or random.SystemRandom().randrange(2**32))
 CASES: collections.Counter[str] = collections.Counter()
@@ -105,6 +106,7 @@ ALLOWED: dict[int, set[int]] = {
     Op.GEM_CLAIM: {E.EINVAL, E.ENOENT, E.EAGAIN, E.EACCES, E.EFAULT, E.EBUSY, E.ENOMEM, E.EDQUOT},
     Op.GEM_DROP_SHARES: {E.EINVAL},
     Op.GEM_CREATE_MAPPED: {E.EINVAL, E.E2BIG, E.EDQUOT, E.ENOMEM},
+    Op.LOOKUP: {E.EINVAL, E.ENOENT, E.EIO},
 }
 REQ: dict[int, type[s.Struct]] = {
     Op.GEM_CREATE: s.CreateReq, Op.GEM_CLOSE: s.CloseReq, Op.GEM_CLOSE_BATCH: s.CloseBatchReq,
@@ -120,6 +122,7 @@ REQ: dict[int, type[s.Struct]] = {
     Op.STATS: s.Empty, Op.LIST_OBJECTS: s.Empty, Op.LIST_CLIENTS: s.Empty, Op.DEBUG_OPEN: s.HandleReq,
     Op.GEM_SHARE: ss.ShareReq, Op.GEM_CLAIM: ss.ClaimReq, Op.GEM_DROP_SHARES: ss.DropSharesReq,
     Op.GEM_CREATE_MAPPED: s.CreateReq,
+    Op.LOOKUP: LookupReq,
 }
 REPLY: dict[int, type[s.Struct]] = {
     Op.GEM_CREATE: s.CreateReply, Op.GEM_INFO: s.InfoReply, Op.GEM_PREAD: s.PreadReply, Op.GEM_PWRITE: s.PwriteReply,
@@ -131,6 +134,7 @@ REPLY: dict[int, type[s.Struct]] = {
     Op.GEM_GET_CACHING: sd.CachingReply, Op.GEM_USERPTR: s.OpenReply, Op.STATS: s.JsonReply,
     Op.LIST_OBJECTS: s.JsonReply, Op.LIST_CLIENTS: s.JsonReply, Op.DEBUG_OPEN: s.OpenReply,
     Op.GEM_CLAIM: s.MmapReply, Op.GEM_CREATE_MAPPED: s.MmapReply,
+    Op.LOOKUP: s.FlinkReply,
 }
 NEW_HANDLE_OPS = {Op.GEM_CREATE, Op.GEM_OPEN, Op.GEM_USERPTR, Op.DEBUG_OPEN, Op.PRIME_FD_TO_HANDLE}
 UNKNOWN_OP = max(Op) + 1  # the lowest op number no request uses

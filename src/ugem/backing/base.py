@@ -9,6 +9,7 @@ it never shares; descriptions handed to clients are new ones (`open_description`
 from __future__ import annotations
 
 import enum
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, Protocol
 
@@ -112,3 +113,11 @@ class BackingStore(Protocol):
 
     def adopt(self, fd: OwnedFd, inspection: Inspection) -> Any:
         """Take memory behind an inspected fd as backing; consumes `fd`."""
+
+    def open_source(self, path: str) -> tuple[OwnedFd, int, int]:
+        """A file to preload, open read-only: (fd, size, bytes of data); OSError if it is
+        missing, unreadable, not a regular file or empty (backing/preload.py)."""
+
+    def load_file(self, source: OwnedFd, dest: OwnedFd, label: str, size: int, stop: Callable[[], bool]) -> int:
+        """Copy the data of `source` into the backing behind `dest` (a description of it),
+        holes left as holes, then close both; any thread. Returns bytes copied."""

@@ -39,6 +39,7 @@ from ..errors import InvalidArgument, OutOfMemory
 from ..fd import OwnedFd
 from .base import FdKind, Inspection
 from .mapping import map_shared
+from .preload import load_file, open_source
 from .spill import Extent, SpillStore, data_segments, punch_hole
 
 __all__ = ["MemfdStore"]
@@ -74,6 +75,9 @@ class MemfdStore:
     def close(self) -> None:
         """Remove spill storage (objects must have been released first)."""
         self.spill.close()
+
+    open_source = staticmethod(open_source)  # preloaded objects (preload.py)
+    load_file = staticmethod(load_file)
 
     # -- lifetime --------------------------------------------------------------------
 

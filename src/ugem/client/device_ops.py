@@ -1,5 +1,6 @@
 """The device half of the client API (SPEC §2): execbuffer, busy/wait, domains, tiling,
-caching, suspend/resume. A mixin of `Device`; same transport, same errno."""
+caching, suspend/resume, and `lookup` of the manager's preloaded objects. A mixin of
+`Device`; same transport, same errno."""
 
 from __future__ import annotations
 
@@ -12,6 +13,7 @@ from ..wire import structs as s
 from ..wire import structs_device as sd
 from ..wire.commands import encode_commands
 from ..wire.frames import Op
+from ..wire.structs_preload import LookupReq
 from .args import i64, ident, u32, u64
 
 __all__ = ["DeviceOps"]
@@ -77,3 +79,13 @@ class DeviceOps:
 
     def resume(self) -> None:
         self._call(Op.RESUME, s.Empty())
+
+    def lookup(self, label: str) -> int:
+        """The flink name of the object the manager preloaded under `label` (`ugem serve
+        --object LABEL=PATH`, or `Manager(object=[...])`); open it with `open_name`, from
+        any uid, read-only. While its file is still loading the call waits. An unknown
+        label is ENOENT (EIO if its file could not be loaded)."""
+        if not isinstance(label, str):
+            raise InvalidArgument(f"label must be a str, got {type(label).__name__}")
+        r: s.FlinkReply = self._call(Op.LOOKUP, LookupReq(label=label.encode(errors="surrogateescape")))
+        return int(r.name)

@@ -35,6 +35,7 @@ from .gpu import Gpu
 from .ids import IdAllocator
 from .memory import Memory
 from .object import BufferObject, Kind
+from .preload import Preloads
 from .share_table import ShareTable
 from .states import Event, Placement
 
@@ -56,11 +57,12 @@ class Core:
         self.name_ids = IdAllocator()
         self.clients: dict[int, Client] = {}
         self.uids: dict[int, UidUsage] = {}
-        self._client_ids, self._object_ids = itertools.count(1), itertools.count(1)  # never reused
+        self._client_ids, self.object_ids = itertools.count(1), itertools.count(1)  # never reused
         self.counters = {"purged_total": 0, "evicted_total": 0, "spilled_total": 0, "bytes_moved_total": 0}
         self.shares = ShareTable(self.clients, self.put)
         self.memory = Memory(self)
         self.gpu = Gpu(self, device)
+        self.preloads = Preloads(self)  # manager-owned objects loaded from files (preload.py)
 
     # -- clients ---------------------------------------------------------------------
 
@@ -139,8 +141,6 @@ class Core:
         if self.uids[uid].idle:
             del self.uids[uid]
 
-    # -- lookup ----------------------------------------------------------------------
-
     def lookup(self, client: Client, handle: int) -> BufferObject:
         obj = client.handles.get(handle)
         if obj is None:
@@ -158,7 +158,7 @@ class Core:
         self.check_object_limit(client)
         if kind == Kind.NORMAL:
             self.check_uid_quota(client, size, "creating")
-        obj = BufferObject(next(self._object_ids), size, kind, client.id, client.creds.uid)
+        obj = BufferObject(next(self.object_ids), size, kind, client.id, client.creds.uid)
         if kind == Kind.NORMAL:
             client.created_bytes += size
             self._uid_charge(client.creds.uid, size)
@@ -181,7 +181,7 @@ class Core:
         if obj.key is not None:
             self.by_key.pop(obj.key, None)
         obj.transition(Event.FREE)
-        if obj.kind == Kind.NORMAL:
+        if obj.kind == Kind.NORMAL and obj.label is None:  # preloaded objects were charged to nobody
             creator = self.clients.get(obj.creator)
             if creator is not None:
                 creator.created_bytes -= obj.size
@@ -228,7 +228,7 @@ class Core:
             self.unpin(client, obj)
         obj.handle_count -= 1
         if obj.handle_count == 0:
-            self._name_remove(obj)  # the name holds no reference: it dies with the last handle
+            self.name_remove(obj)  # the name holds no reference: it dies with the last handle
             self.put(obj)
 
     # -- names -----------------------------------------------------------------------
@@ -241,7 +241,7 @@ class Core:
             self.names[obj.name] = obj
         return obj.name
 
-    def _name_remove(self, obj: BufferObject) -> None:
+    def name_remove(self, obj: BufferObject) -> None:
         if obj.name:
             del self.names[obj.name]
             self.name_ids.free(obj.name)
@@ -350,9 +350,7 @@ class Core:
             obj.caching = CACHING_CACHED  # foreign memory is used in place, coherently
         obj.backing = backing
         obj.key = key
-        # the fd it came through (and any copies) shares its pages, as after an export:
-        # never spilled or purged (SPEC §3)
-        obj.exported = True
+        obj.exported = True  # the fd it came through shares its pages, as after an export: never spilled or purged
         self.memory.watch(obj)
         self.by_key[key] = obj
         obj.transition(Event.POPULATE)
@@ -408,13 +406,15 @@ class Core:
         }
 
     def list_objects(self) -> list[dict[str, Any]]:
-        """One row per object (`ugem ls --json`): `name` 0 when it has none, `owner_pid` 0 once its
-        creator is gone, `pinned` by any client, `mapped` its live mappings, `label` (always None yet)."""
-        owners = {c.id: c.creds.pid for c in self.clients.values()}
+        """One row per object (`ugem ls --json`): `name` 0 when it has none, `owner_pid` 0
+        once its creator is gone, `pinned` by any client, `mapped` the live mappings
+        counted by the manager, `label` its preload label (None unless preloaded, and then
+        the owner is the manager's own process)."""
+        owners = {0: self.preloads.pid, **{c.id: c.creds.pid for c in self.clients.values()}}
         return [
             {"id": o.id, "size": o.size, "placement": o.placement.label,
              "madvise": ("willneed", "dontneed", "purged")[2 if o.placement == Placement.PURGED else o.madvise],
              "name": o.name, "handles": o.handle_count, "owner_pid": owners.get(o.creator, 0),
-             "pinned": bool(o.pinned_by), "mapped": o.maps, "label": None}
+             "pinned": bool(o.pinned_by), "mapped": o.maps, "label": o.label}
             for o in self.objects.values()
         ]

@@ -393,7 +393,7 @@ class Memory(SpillJobs):
 
     def madvise(self, obj: BufferObject, advice: int) -> None:
         """Set the advice; DONTNEED with no resident pages purges at once. Purged is final."""
-        if obj.placement == Placement.PURGED:
+        if obj.placement == Placement.PURGED or obj.label is not None:  # purged is final; preloaded: kept
             return
         obj.madvise = advice
         no_pages = obj.placement in (Placement.NONE, Placement.SPILLED)

@@ -44,7 +44,7 @@ class BufferObject:
     __slots__ = (
         "id", "size", "kind", "backing", "key", "placement", "madvise", "refcount",
         "handle_count", "name", "creator", "creator_uid", "tiling", "stride", "caching",
-        "pinned_by", "readonly", "resident", "maps", "xfers", "exported", "job", "extent", "spilled",
+        "pinned_by", "readonly", "label", "resident", "maps", "xfers", "exported", "job", "extent", "spilled",
         "vram", "last_fence", "write_fence", "host_fence", "last_exec", "sem_fence", "dev_dirty", "host_view",
         "__weakref__",
     )
@@ -66,7 +66,8 @@ class BufferObject:
         self.stride = 0
         self.caching = CACHING_NONE
         self.pinned_by: tuple[int, ...] = ()  # ids of the clients pinning it (rarely more than one)
-        self.readonly = False  # the manager itself can only read this memory (read-only import)
+        self.readonly = False  # read-only for every handle: a read-only import, a preloaded object
+        self.label: str | None = None  # the label of a preloaded, manager-owned object (preload.py)
         self.resident = 0  # bytes of system pages at the last measurement (core/memory.py)
         self.maps = 0  # tracked mappings
         self.xfers = 0  # open bulk transfers

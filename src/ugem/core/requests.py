@@ -21,11 +21,13 @@ from ..wire import structs as s
 from ..wire import structs_device as sd
 from ..wire import structs_share as ss
 from ..wire.frames import Op
+from ..wire.structs_preload import LookupReq
 from . import gem, shares
 from . import gem_device as gd
 from .client import Client
 from .gem_userptr import gem_userptr
 from .manager import Core
+from .preload import lookup
 
 __all__ = ["REQUESTS", "BY_OP", "Perm", "RequestDesc", "check_permission", "dispatch"]
 
@@ -87,6 +89,7 @@ REQUESTS: tuple[RequestDesc, ...] = (
     RequestDesc(Op.LIST_CLIENTS, gem.list_clients, s.Empty, s.JsonReply, Perm.PRIVILEGED, doc="clients and handles"),
     RequestDesc(Op.DEBUG_OPEN, gem.debug_open, s.HandleReq, s.OpenReply, Perm.PRIVILEGED,
                 doc="read-only handle by object id"),
+    RequestDesc(Op.LOOKUP, lookup, LookupReq, s.FlinkReply, doc="name of a preloaded object, by label"),
 )
 
 BY_OP: dict[int, RequestDesc] = {desc.op: desc for desc in REQUESTS}

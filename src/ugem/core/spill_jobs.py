@@ -1,4 +1,4 @@
-"""Spill and restore jobs: planning them and applying their outcome (a mixin of Memory).
+"""Spill, restore and preload jobs: planning them and applying their outcome (a mixin of Memory).
 
 `Memory` decides what to reclaim (memory.py); this module starts the copies that spill an
 idle object to spill storage or bring one back, and applies a finished job on the core's
@@ -19,6 +19,7 @@ Rules:
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import TYPE_CHECKING, Protocol
 
 from ..constants import DONTNEED
@@ -80,6 +81,15 @@ class SpillJobs:
         self._start(job)
         return job
 
+    def plan_load(self: _Memory, obj: BufferObject, work: Callable[[], int], nbytes: int) -> Job:
+        """Copy a preloaded object's file in, in the background; its `nbytes` of data are
+        reserved until the copy lands (preload.py applies the outcome)."""
+        job = Job(JobKind.LOAD, obj, work, nbytes=nbytes)
+        self.reserved += nbytes
+        self._start(job)
+        self.background.append(job)
+        return job
+
     def _start(self: _Memory, job: Job) -> None:
         job.obj.job = job
         self.core.get(job.obj)  # the object outlives the worker's copy
@@ -103,6 +113,8 @@ class SpillJobs:
         job.done = True
         if job.kind is JobKind.SPILL:
             self._finish_spill(job)
+        elif job.kind is JobKind.LOAD:
+            self.core.preloads.finish(job)
         else:
             self._finish_restore(job)
         self.core.put(obj)

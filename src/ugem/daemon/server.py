@@ -6,8 +6,10 @@ Rules:
   calls `handle_<signame>()` for each (gunicorn's Arbiter);
 - the listening socket is a `Listener` (listener.py: PATH.lock, stale sockets, another
   daemon on PATH); the CLI binds it before the Server exists, so a socket that cannot be
-  used leaves no spill directory behind; device memory or a spill directory the Server
-  cannot set up is BadSetting naming the key, with whatever it made undone;
+  used leaves no spill directory behind; device memory, a spill directory or a preloaded
+  file the Server cannot set up is BadSetting naming the key, with whatever it made
+  undone (setup.py); the preloaded files' copies start before the loop and run on the
+  job workers while it serves, and a copy still running at shutdown is cancelled;
 - connections are counted per uid from accept; those that have not completed HELLO wait
   in the `Lobby` (lobby.py), which says which to close at accept (a uid past
   `uid_max_clients` plus a small slack), which to drop for fds, and which are overdue;
@@ -44,21 +46,19 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 
-from ..backing.memfd import MemfdStore
-from ..config import BadSetting, Config
+from ..config import Config
 from ..core.client import Credentials
 from ..core.jobs import Pending
-from ..core.manager import Core
-from ..device.sim import SimDevice
 from ..errors import RemoteProtocolError
 from .connection import Connection
 from .listener import Listener
 from .lobby import Lobby
 from .poller import READ, WRITE, Poller
 from .pressure import PressureWatch
+from .setup import open_core
 from .workers import JobRunner
 
-__all__ = ["FD_ROOM", "Server", "ServerOptions", "raise_fd_limit"]
+__all__ = ["FD_ROOM", "Server", "ServerOptions"]
 
 log = logging.getLogger("ugem.daemon")
 SIGNALS = (signal.SIGTERM, signal.SIGINT)
@@ -75,44 +75,20 @@ def _drain(fd: int) -> None:
 
 @dataclass(frozen=True)
 class ServerOptions:
+    """The daemon's own options, validated (their defaults: serve_options.DAEMON_DEFAULTS)."""
+
     socket_path: str
     socket_is_default: bool
-    socket_mode: int = 0o600
-    stall_timeout: float = 30.0
-    exit_idle: float | None = None  # seconds without a connection before shutting down
-
-
-def _open_device_and_store(config: Config) -> tuple[SimDevice, MemfdStore]:
-    """Device memory, then the spill directory: BadSetting naming the one that failed,
-    with the other undone."""
-    try:
-        device = SimDevice(config.vram, config.hang_timeout)
-    except (OSError, OverflowError) as exc:
-        raise BadSetting("vram", config.vram, f"bytes of device memory cannot be mapped: {exc}") from None
-    try:
-        return device, MemfdStore(config.spill_dir)
-    except OSError as exc:
-        device.close()
-        detail = exc.strerror or str(exc)
-        if exc.filename and exc.filename != config.spill_dir:
-            detail += f": {exc.filename}"
-        raise BadSetting("spill_dir", config.spill_dir, f"cannot be used: {detail}") from None
-
-
-def raise_fd_limit() -> int:
-    """Raise the fd soft limit to the hard limit (SPEC §4); returns the new soft limit."""
-    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
-    if soft < hard:
-        resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
-    return hard
+    socket_mode: int
+    stall_timeout: float
+    exit_idle: float | None  # seconds without a connection before shutting down (None: never)
 
 
 class Server:
     def __init__(self, config: Config, options: ServerOptions, listener: Listener | None = None) -> None:
         self.config = config
         self.options = options
-        self.device, backing = _open_device_and_store(config)
-        self.core = Core(config, backing, self.device)
+        self.device, self.core = open_core(config)
         self.core.hold_while_suspended = self.core.shares_may_lag = True  # the daemon's ways (core/manager.py)
         self.sel = Poller()
         self.listener: Listener | None = None
@@ -126,6 +102,8 @@ class Server:
         self._idle_since: float | None = time.monotonic()  # no connection open since then
         self._wakeup_r, self._wakeup_w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
         self.runner = JobRunner()
+        for job in self.core.memory.take_background():  # preloaded objects load while we serve
+            self.runner.submit(job)
         self.sel.register(self.runner.fileno(), READ, "jobs")
         self.parked: set[Connection] = set()  # requests waiting for jobs, fences, deadlines or resume
         self._device_r, self._device_w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
@@ -401,6 +379,7 @@ class Server:
             conn.fail_parked(errno.ESHUTDOWN, "the ugem daemon is shutting down")
             self._guard(conn, conn.flush)
         self.parked.clear()
+        self.core.preloads.cancel()  # a file still loading stops at its next chunk
         for job in self.runner.shutdown():  # no copy may outlive the fds it uses
             self.core.memory.finish(job)
         self.device.set_notify(None)
@@ -412,6 +391,7 @@ class Server:
                 self.sel.unregister(self.listener.fileno())
             self.listener.close()
             self.listener = None
+        self.core.preloads.release()
         self.core.backing.close()
         for sig in SIGNALS:
             signal.signal(sig, signal.SIG_DFL)

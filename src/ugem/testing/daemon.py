@@ -71,8 +71,9 @@ class _StderrDrain:
 
 def _flag_args(config: dict[str, Any]) -> list[str]:
     args: list[str] = []
-    for key, value in config.items():
-        args += [f"--{key.replace('_', '-')}", str(value)]
+    for key, value in config.items():  # a list: the flag once per item (object=["a=/x", "b=/y"])
+        for item in value if isinstance(value, list | tuple) else [value]:
+            args += [f"--{key.replace('_', '-')}", str(item)]
     return args
 
 

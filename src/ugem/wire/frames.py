@@ -106,7 +106,7 @@ class Op(enum.IntEnum):
     GEM_USERPTR = 31
     GEM_CLOSE_BATCH = 32
     PRIME_MAP_TO_FD = 33
-    # 34: LOOKUP (preloaded objects)
+    LOOKUP = 34
     GEM_SHARE = 35
     GEM_CLAIM = 36
     GEM_DROP_SHARES = 37
