@@ -73,47 +73,18 @@ def _serve_options(args: argparse.Namespace) -> tuple[Config, float, float | Non
         raise InvalidArgument(f"--socket-mode: {args.socket_mode!r} is not an octal file mode from 0 to 0777")
     if args.log_level.lower() not in _LOG_LEVELS:
         raise InvalidArgument(f"--log-level: {args.log_level!r} is not one of {', '.join(_LOG_LEVELS)}")
+    from .daemon.service import check_service_flags
+
+    check_service_flags(args.log_format, args.metrics)
     return config, stall_timeout, exit_idle, socket_mode, args.log_level.lower()
 
 
-def _detach() -> int | None:
-    """`serve --detach`: fork. The child goes on to be the daemon (None), in a session of its
-    own with stdin on /dev/null and stdout on a pipe to the parent, which returns once the
-    daemon has let go of that pipe: 0 after passing its banner on (it listens), else the
-    daemon's exit status (it failed to start; its reason is on stderr, which both share)."""
-    sys.stdout.flush()
-    sys.stderr.flush()
-    read_fd, write_fd = os.pipe()
-    pid = os.fork()
-    if pid == 0:
-        os.close(read_fd)
-        os.setsid()
-        devnull = os.open(os.devnull, os.O_RDONLY)
-        os.dup2(devnull, 0)
-        os.dup2(write_fd, 1)
-        os.close(devnull)
-        os.close(write_fd)
-        return None
-    os.close(write_fd)
-    with os.fdopen(read_fd, "rb") as pipe:
-        banner = pipe.read()  # until the daemon lets go of its stdout: after its banner, or at exit
-    if banner.startswith(b"ugem: listening on "):
-        sys.stdout.write(banner.decode(errors="replace"))
-        return 0
-    status = os.waitstatus_to_exitcode(os.waitpid(pid, 0)[1])
-    return status if status > 0 else 1
-
-
-def _let_go_of_stdout() -> None:
-    """The detached daemon after its banner: stdout to /dev/null (the parent sees EOF)."""
-    devnull = os.open(os.devnull, os.O_WRONLY)
-    os.dup2(devnull, sys.stdout.fileno())
-    os.close(devnull)
-
-
 def _serve(args: argparse.Namespace) -> int:
+    from .daemon.detach import detach, let_go_of_stdout
     from .daemon.listener import Listener, SocketInUse
+    from .daemon.logs import setup_logging
     from .daemon.server import Server, ServerOptions, raise_fd_limit
+    from .daemon.service import open_service
     from .paths import resolve_socket_path
 
     try:
@@ -121,30 +92,39 @@ def _serve(args: argparse.Namespace) -> int:
     except InvalidArgument as exc:
         return _bad_config(str(exc.strerror))
     if args.detach:
-        status = _detach()
+        status = detach()
         if status is not None:  # the parent: the daemon listens, or failed to start
             return status
-    logging.basicConfig(level=log_level.upper(), stream=sys.stderr,
-                        format="%(asctime)s ugem[%(process)d] %(levelname)s %(message)s")
+    setup_logging(log_level, args.log_format)
     path, is_default = resolve_socket_path(args.socket)
     socket_flag = "--socket" if args.socket else "$UGEM_SOCKET" if not is_default else "--socket (default)"
     raise_fd_limit()
     try:  # bound first: a socket that cannot be used leaves no spill directory behind
-        listener = Listener(path, is_default, socket_mode)
+        listener = Listener.activated() or Listener(path, is_default, socket_mode)
     except SocketInUse as exc:
         print(f"ugem: {exc}", file=sys.stderr)
         return 3
     except BadSetting as exc:
         return _bad_config(exc.describe(lambda _key: socket_flag))
+    except InvalidArgument as exc:  # socket activation passed something else
+        return _bad_config(str(exc.strerror))
+    path = listener.path
     try:
-        server = Server(config, ServerOptions(path, is_default, socket_mode, stall_timeout, exit_idle), listener)
+        service = open_service(args.metrics, socket_mode)
+    except InvalidArgument as exc:
+        listener.close()
+        return _bad_config(str(exc.strerror))
+    try:
+        server = Server(config, ServerOptions(path, is_default, socket_mode, stall_timeout, exit_idle), listener,
+                        service)
     except BadSetting as exc:
         listener.close()
+        service.close()
         return _bad_config(exc.describe(_flag))
     server.install_signals()  # before the banner: whoever reads it may send SIGTERM at once
     print(f"ugem: listening on {path}", flush=True)
     if args.detach:
-        _let_go_of_stdout()
+        let_go_of_stdout()
     server.serve_forever()
     return 0
 
@@ -346,6 +326,12 @@ def build_parser() -> argparse.ArgumentParser:
                                                                                "0777 (default 0600)")
     serve.add_argument("--log-level", metavar="LEVEL", default="info",
                        help=f"one of {', '.join(_LOG_LEVELS)} (default info)")
+    serve.add_argument("--log-format", metavar="FORMAT", default="text", help="text (the default: one line per "
+                       "record) or json (one JSON object per line: time, level, event, message, and the fields of "
+                       "the event: client, pid, uid, op, errno, ...)")
+    serve.add_argument("--metrics", metavar="ADDR", help="serve Prometheus metrics over HTTP at /metrics on "
+                       "HOST:PORT (e.g. 127.0.0.1:9464; port 0 picks one, logged) or on a Unix socket PATH "
+                       "(default: no metrics)")
     serve.set_defaults(func=_serve)
     for name, func, text in (("ls", _ls, "list objects"), ("stat", _stat, "manager-wide figures")):
         cmd = sub.add_parser(name, help=text)

@@ -44,18 +44,19 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 
-from ..backing.memfd import MemfdStore
-from ..config import BadSetting, Config
+from ..config import Config
 from ..core.client import Credentials
 from ..core.jobs import Pending
 from ..core.manager import Core
-from ..device.sim import SimDevice
 from ..errors import RemoteProtocolError
 from .connection import Connection
 from .listener import Listener
 from .lobby import Lobby
+from .logs import event
 from .poller import READ, WRITE, Poller
 from .pressure import PressureWatch
+from .resources import open_device_and_store, raise_fd_limit
+from .service import Service
 from .workers import JobRunner
 
 __all__ = ["FD_ROOM", "Server", "ServerOptions", "raise_fd_limit"]
@@ -82,36 +83,13 @@ class ServerOptions:
     exit_idle: float | None = None  # seconds without a connection before shutting down
 
 
-def _open_device_and_store(config: Config) -> tuple[SimDevice, MemfdStore]:
-    """Device memory, then the spill directory: BadSetting naming the one that failed,
-    with the other undone."""
-    try:
-        device = SimDevice(config.vram, config.hang_timeout)
-    except (OSError, OverflowError) as exc:
-        raise BadSetting("vram", config.vram, f"bytes of device memory cannot be mapped: {exc}") from None
-    try:
-        return device, MemfdStore(config.spill_dir)
-    except OSError as exc:
-        device.close()
-        detail = exc.strerror or str(exc)
-        if exc.filename and exc.filename != config.spill_dir:
-            detail += f": {exc.filename}"
-        raise BadSetting("spill_dir", config.spill_dir, f"cannot be used: {detail}") from None
-
-
-def raise_fd_limit() -> int:
-    """Raise the fd soft limit to the hard limit (SPEC §4); returns the new soft limit."""
-    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
-    if soft < hard:
-        resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
-    return hard
-
-
 class Server:
-    def __init__(self, config: Config, options: ServerOptions, listener: Listener | None = None) -> None:
+    def __init__(self, config: Config, options: ServerOptions, listener: Listener | None = None,
+                 service: Service | None = None) -> None:
         self.config = config
         self.options = options
-        self.device, backing = _open_device_and_store(config)
+        self.service = service if service is not None else Service()
+        self.device, backing = open_device_and_store(config)
         self.core = Core(config, backing, self.device)
         self.core.hold_while_suspended = True
         self.sel = Poller()
@@ -164,6 +142,7 @@ class Server:
 
     def serve_forever(self) -> None:
         self.install_signals()
+        self.service.start(self.core, self.sel)
         try:
             while not self._stop:
                 self._step()
@@ -190,6 +169,8 @@ class Server:
                 self._jobs_done()
             elif tag == "device":
                 _drain(self._device_r)
+            else:  # the service's own fds (metrics endpoint) carry their handler as the tag
+                tag(_events)
         if self.parked:
             self._wake(time.monotonic())
         memory = self.core.memory
@@ -204,6 +185,7 @@ class Server:
             self._last_stall_check = now
             self._drop_stalled(now)
             self._check_pressure()
+            self.service.tick(now)
             gc.collect()  # only the objects not frozen yet: about one second's worth
             gc.freeze()
 
@@ -215,7 +197,7 @@ class Server:
         if self.listener is not None and not self._accept_paused_until:
             self._accept()  # a connection waiting in the backlog is a client: stay
         if not self.connections:
-            log.info("no client for %g s (--exit-idle): shutting down", limit)
+            event(log, logging.INFO, "shutdown", "no client for %g s (--exit-idle): shutting down", limit)
             self._stop = True
 
     def _read_signals(self) -> None:
@@ -230,11 +212,11 @@ class Server:
                 handler()
 
     def handle_sigterm(self) -> None:
-        log.info("SIGTERM: shutting down")
+        event(log, logging.INFO, "shutdown", "SIGTERM: shutting down", signal="SIGTERM")
         self._stop = True
 
     def handle_sigint(self) -> None:
-        log.info("SIGINT: shutting down")
+        event(log, logging.INFO, "shutdown", "SIGINT: shutting down", signal="SIGINT")
         self._stop = True
 
     def _accept(self) -> None:
@@ -268,18 +250,18 @@ class Server:
             return
         sock.setblocking(False)
         client = self.core.client_open(Credentials(pid, uid, gid), privileged, admit=False)
-        conn = Connection(sock, self.core, client)
+        conn = Connection(sock, self.core, client, self.service.tally)
         self.connections[sock.fileno()] = conn
         self._idle_since = None
         self.lobby.enter(conn)
         self.sel.register(sock.fileno(), READ, conn)
-        log.debug("client %d connected: pid %d uid %d", client.id, pid, uid)
+        self.service.connected(client)
 
     def _make_fd_room(self, why: str) -> int:
         """Drop up to FD_ROOM connections from the lobby; how many went."""
         dropped = self.lobby.evictees(FD_ROOM)
         for conn in dropped:
-            self._drop(conn)
+            self._drop(conn, "fd_room")
         if dropped:
             uids = collections.Counter(conn.client.creds.uid for conn in dropped)
             log.warning("short of fds (%s): dropped %d connections that had not sent HELLO (%s)", why, len(dropped),
@@ -292,14 +274,16 @@ class Server:
         try:
             step()
         except RemoteProtocolError as exc:
-            log.warning("client %d (pid %d): protocol violation, dropping: %s", conn.client.id,
-                        conn.client.creds.pid, exc)
-            self._drop(conn)
+            client = conn.client
+            event(log, logging.WARNING, "protocol_violation", "client %d (pid %d): protocol violation, dropping: %s",
+                  client.id, client.creds.pid, exc, client=client.id, pid=client.creds.pid, uid=client.creds.uid)
+            self._drop(conn, "protocol_violation")
             return
         except OSError as exc:
             if not isinstance(exc, ConnectionError):
                 log.warning("client %d: socket error, dropping: %s", conn.client.id, exc)
-            self._drop(conn)
+            self._drop(conn, "refused" if isinstance(exc, ConnectionRefusedError) else
+                       "closed" if isinstance(exc, ConnectionError) else "socket_error")
             return
         if not greeted and conn.greeted:
             self.lobby.leave(conn)
@@ -359,11 +343,13 @@ class Server:
         target = self.pressure.check(self.core.memory.resident)
         if target is not None:
             jobs = self.core.memory.shrink(target)
-            log.info("memory pressure: shrinking to %d bytes (%d spills)", target, len(jobs))
+            event(log, logging.INFO, "memory_pressure", "memory pressure: shrinking to %d bytes (%d spills)", target,
+                  len(jobs), target=target, spills=len(jobs))
             for job in jobs:
                 self.runner.submit(job)
 
-    def _drop(self, conn: Connection) -> None:
+    def _drop(self, conn: Connection, reason: str) -> None:
+        """Close a connection and release its client; `reason` is logged (client_disconnect)."""
         self.connections.pop(conn.sock.fileno(), None)
         if not self.connections:
             self._idle_since = time.monotonic()
@@ -372,14 +358,14 @@ class Server:
         if conn.events:
             self.sel.unregister(conn.sock.fileno())
             conn.events = 0
-        log.debug("client %d disconnected", conn.client.id)
+        self.service.disconnected(conn.client, reason)
         conn.close()
 
     def _drop_stalled(self, now: float) -> None:
         limit = self.options.stall_timeout
         late = self.lobby.overdue(now, limit)
         for conn in late:
-            self._drop(conn)
+            self._drop(conn, "no_hello")
         if late:
             uids = collections.Counter(conn.client.creds.uid for conn in late)
             log.warning("dropped %d connections that sent no HELLO within %g s (%s)", len(late), limit,
@@ -388,15 +374,16 @@ class Server:
             since = conn.stalled_since
             if since is not None and now - since > limit:
                 log.warning("client %d stalled mid-frame for %.0f s, dropping", conn.client.id, now - since)
-                self._drop(conn)
+                self._drop(conn, "stalled")
         for conn in list(self.parked):  # not read while parked: notice a client that went away
             if conn.peer_closed():
                 self.parked.discard(conn)
-                self._drop(conn)
+                self._drop(conn, "closed")
 
     # -- teardown --------------------------------------------------------------------
 
     def shutdown(self) -> None:
+        self.service.stopping()
         for conn in list(self.parked):  # held work fails: the daemon is going away
             conn.fail_parked(errno.ESHUTDOWN, "the ugem daemon is shutting down")
             self._guard(conn, conn.flush)
@@ -406,13 +393,14 @@ class Server:
         self.device.set_notify(None)
         self.device.close()
         for conn in list(self.connections.values()):
-            self._drop(conn)
+            self._drop(conn, "shutdown")
         if self.listener is not None:
             if not self._accept_paused_until:
                 self.sel.unregister(self.listener.fileno())
             self.listener.close()
             self.listener = None
         self.core.backing.close()
+        self.service.close()
         for sig in SIGNALS:
             signal.signal(sig, signal.SIG_DFL)
         self.sel.close()
