@@ -10,7 +10,8 @@ server calls it at four more points:
   (so at most once a second), a `reclaim` log line sums up what was purged, spilled,
   restored and evicted since the last one (at most one line every `SUMMARY_S` seconds),
   and idle scrapes and quiet quota refusals are dealt with;
-- `stopping()` as shutdown begins: STOPPING=1, and a last `reclaim` summary;
+- `stopping()` as shutdown begins: STOPPING=1, a last `reclaim` summary, and the count
+  of quota refusals still held back;
 - `close()` at the end: the endpoint and the notify socket are closed.
 A client that ends holding handles, mappings or transfers is logged as `client_cleanup`
 (with `exited`: whether its process had died, i.e. crash cleanup) before the core
@@ -146,6 +147,7 @@ class Service:
 
     def stopping(self) -> None:
         self.notifier.send("STOPPING=1", "STATUS=shutting down")
+        self.tally.expired(float("inf"))  # quota refusals held back
         if self._core is not None:
             self._summarize(float("inf"))  # what happened since the last summary
 

@@ -9,8 +9,9 @@ complete (a request that waited for memory jobs counts its wait). Rules:
 - latencies go into fixed buckets (`BUCKETS`, seconds) per op, as a Prometheus histogram
   wants them; errors are counted per (op, errno);
 - a quota refusal (EDQUOT) is also logged as event `quota_refused` with the client, op
-  and errno, at most one line per client every `QUOTA_LOG_S` seconds (the line says how
-  many were held back before it; `expired()` reports the rest once the client is quiet).
+  and errno, at most one line per client every `QUOTA_LOG_S` seconds; each line's `count`
+  is the refusals it stands for (itself and those held back before it), and `expired()`
+  logs the ones held back since once the client is quiet: the counts add up to all.
 """
 
 from __future__ import annotations
@@ -78,10 +79,10 @@ class RequestTally:
         event(log, logging.WARNING, "quota_refused", "client %d (pid %d uid %d): %s refused: %s%s", client.id,
               client.creds.pid, client.creds.uid, op_name(op), message, more, client=client.id,
               pid=client.creds.pid, uid=client.creds.uid, op=op_name(op), errno=errno.errorcode[errno.EDQUOT],
-              repeated=held)
+              count=held + 1)
 
     def expired(self, now: float) -> None:
         """Log the quota refusals held back from clients quiet for `QUOTA_LOG_S`."""
         for client_id, held in self.quota_lines.expired(now):
             event(log, logging.WARNING, "quota_refused", "client %s: %d more requests refused EDQUOT", client_id,
-                  held, client=client_id, errno=errno.errorcode[errno.EDQUOT], repeated=held)
+                  held, client=client_id, errno=errno.errorcode[errno.EDQUOT], count=held)
