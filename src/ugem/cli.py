@@ -297,7 +297,9 @@ def build_parser() -> argparse.ArgumentParser:
     serve = sub.add_parser("serve", help="run the daemon",
                            description="Run the daemon. SIZE is bytes or a number with K, M, G or T (512M, "
                                        "1.5G); sizes, counts and SECONDS must be positive. Bad configuration "
-                                       "exits 2 with one line naming the flag.")
+                                       "exits 2 with one line naming the flag. Under systemd socket activation "
+                                       "(LISTEN_FDS) it serves the socket it is passed instead of --socket; with "
+                                       "NOTIFY_SOCKET set it reports READY=1, STATUS= and STOPPING=1.")
     serve.add_argument("--socket", metavar="PATH", help="socket path (default: $UGEM_SOCKET, "
                                                         "$XDG_RUNTIME_DIR/ugem/ugem.sock, /tmp/ugem-<uid>/ugem.sock)")
     serve.add_argument("--vram", metavar="SIZE", help="device memory (default 1G, at most 64T)")

@@ -26,7 +26,10 @@ Rules:
 - `exit_idle` (`--exit-idle`; None: never): once no connection has been open for that
   long (counted from start, and from the last connection's end), the daemon shuts down
   as on SIGTERM. A last accept before deciding takes a connection still in the backlog;
-- on SIGTERM/SIGINT: finish the request in hand, release every client, remove the socket.
+- on SIGTERM/SIGINT: finish the request in hand, release every client, remove the socket;
+- what the operator sees goes through the `Service` (service.py): sd_notify, the metrics
+  endpoint (its fds are registered in the poller with their handler as the tag), the
+  request tally the connections count into, and the client/cleanup/reclaim log events.
 """
 
 from __future__ import annotations
