@@ -8,6 +8,7 @@ op and errno, and the latency histogram.
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 import socket
@@ -17,6 +18,7 @@ import tempfile
 import urllib.error
 import urllib.request
 from collections.abc import Iterator
+from typing import Any
 
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
@@ -196,3 +198,17 @@ def test_a_bad_metrics_address_is_bad_configuration(tmp_path: object, address: s
 def test_a_bad_log_format_is_bad_configuration(tmp_path: object) -> None:
     result = _serve(str(tmp_path), "--log-format", "xml")
     assert result.returncode == 2 and result.stderr == "ugem: --log-format: 'xml' is not one of text, json\n"
+
+
+def test_unknown_ops_are_counted_as_one(served: tuple[DaemonProcess, str], kit: Any) -> None:
+    daemon, address = served
+    with kit.raw(daemon.path) as raw:
+        raw.hello()
+        for op in (99, 0x7FFF, 0xFFFF):
+            raw.frame(op, b"")
+            assert raw.reply().status == errno.EINVAL
+    samples = scrape_tcp(address)
+    assert value(samples, "ugem_requests_total", op="unknown") == 3
+    assert value(samples, "ugem_errors_total", op="unknown", errno="EINVAL") == 3
+    assert [key for key in samples if key[0] == "ugem_requests_total" and ("op", "unknown") in key[1]] == \
+        [("ugem_requests_total", (("op", "unknown"),))]

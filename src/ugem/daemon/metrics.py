@@ -38,7 +38,7 @@ from ..errors import InvalidArgument
 from .listener import Listener, SocketInUse
 from .logs import event
 from .poller import READ, WRITE, Poller
-from .tally import BUCKETS, RequestTally, op_name
+from .tally import BUCKETS, SECONDS, RequestTally, op_name
 
 __all__ = ["COLLECTED", "MetricsEndpoint", "StatsCollector"]
 
@@ -93,12 +93,12 @@ class StatsCollector(Collector):
         latency = HistogramMetricFamily("ugem_request_duration_seconds", "Seconds from a request's arrival to "
                                         "its reply (waits included), by op", labels=["op"])
         for op, row in sorted(tally.ops.items()):
-            requests.add_metric([op_name(op)], row.count)
-            cumulative, buckets = 0, []
-            for bound, n in zip((*map(str, BUCKETS), "+Inf"), row.buckets, strict=True):
+            cumulative, buckets = 0.0, []
+            for bound, n in zip((*map(str, BUCKETS), "+Inf"), row[:SECONDS], strict=True):
                 cumulative += n
-                buckets.append((bound, float(cumulative)))
-            latency.add_metric([op_name(op)], buckets, sum_value=row.seconds)
+                buckets.append((bound, cumulative))
+            requests.add_metric([op_name(op)], cumulative)
+            latency.add_metric([op_name(op)], buckets, sum_value=row[SECONDS])
         errors = CounterMetricFamily("ugem_errors_total", "Requests answered with an error, by op and errno",
                                      labels=["op", "errno"])
         for (op, code), n in sorted(tally.errors.items()):

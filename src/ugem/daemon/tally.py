@@ -7,7 +7,8 @@ complete (a request that waited for memory jobs counts its wait). Rules:
   microsecond a request: the metrics endpoint (metrics.py) reads it at scrape time on the
   same thread, so nothing is locked and nothing is copied per request;
 - latencies go into fixed buckets (`BUCKETS`, seconds) per op, as a Prometheus histogram
-  wants them; errors are counted per (op, errno);
+  wants them; errors are counted per (op, errno); op numbers that are not ops are all
+  counted as one, `UNKNOWN` (named `unknown`);
 - a quota refusal (EDQUOT) is also logged as event `quota_refused` with the client, op
   and errno, at most one line per client every `QUOTA_LOG_S` seconds; each line's `count`
   is the refusals it stands for (itself and those held back before it), and `expired()`
@@ -19,7 +20,6 @@ from __future__ import annotations
 import bisect
 import errno
 import logging
-from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
 from ..wire.frames import Op
@@ -28,11 +28,14 @@ from .logs import Throttle, event
 if TYPE_CHECKING:
     from ..core.client import Client
 
-__all__ = ["BUCKETS", "OpTally", "RequestTally", "op_name"]
+__all__ = ["BUCKETS", "SECONDS", "RequestTally", "op_name"]
 
 log = logging.getLogger("ugem.daemon")
+_bucket = bisect.bisect_left
 BUCKETS = (0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
 QUOTA_LOG_S = 5.0
+UNKNOWN = -1  # every op number that is not an op is counted here, as one
+_OPS = frozenset(int(op) for op in Op)
 
 
 def op_name(op: int) -> str:
@@ -44,28 +47,25 @@ def op_name(op: int) -> str:
         return "unknown"
 
 
-@dataclass
-class OpTally:
-    buckets: list[int] = field(default_factory=lambda: [0] * (len(BUCKETS) + 1))  # the last: above them all
-    seconds: float = 0.0
-
-    @property
-    def count(self) -> int:
-        return sum(self.buckets)
+SECONDS = len(BUCKETS) + 1  # a row: a count per bucket, one above them all, then the sum of seconds
 
 
 class RequestTally:
     def __init__(self) -> None:
-        self.ops: dict[int, OpTally] = {}
+        self.ops: dict[int, list[float]] = {}  # op -> row (SECONDS)
         self.errors: dict[tuple[int, int], int] = {}  # (op, errno) -> replies
         self.quota_lines = Throttle(QUOTA_LOG_S)
 
     def done(self, op: int, code: int, seconds: float) -> None:
         row = self.ops.get(op)
         if row is None:
-            row = self.ops[op] = OpTally()
-        row.buckets[bisect.bisect_left(BUCKETS, seconds)] += 1
-        row.seconds += seconds
+            if op not in _OPS:  # a client's made-up numbers share one row: a bounded table
+                op = UNKNOWN
+            row = self.ops.get(op)
+            if row is None:
+                row = self.ops[op] = [0] * SECONDS + [0.0]
+        row[_bucket(BUCKETS, seconds)] += 1
+        row[SECONDS] += seconds
         if code:
             key = (op, code)
             self.errors[key] = self.errors.get(key, 0) + 1
