@@ -212,3 +212,21 @@ def test_unknown_ops_are_counted_as_one(served: tuple[DaemonProcess, str], kit: 
     assert value(samples, "ugem_errors_total", op="unknown", errno="EINVAL") == 3
     assert [key for key in samples if key[0] == "ugem_requests_total" and ("op", "unknown") in key[1]] == \
         [("ugem_requests_total", (("op", "unknown"),))]
+
+
+def test_silent_scrapers_cannot_take_the_daemons_fds(served: tuple[DaemonProcess, str]) -> None:
+    daemon, address = served
+    host, port = address.rsplit(":", 1)
+    baseline = daemon.fd_count()
+    silent = [socket.create_connection((host, int(port)), timeout=SAFETY_S) for _ in range(8)]
+    try:
+        wait_until(lambda: daemon.fd_count() == baseline + 8)  # all eight accepted and held
+        with socket.create_connection((host, int(port)), timeout=SAFETY_S) as ninth:
+            assert ninth.recv(1) == b""  # closed at accept: too many open
+        with daemon.connect() as dev:  # clients are served meanwhile
+            assert dev.stats()["clients"] == 1
+    finally:
+        for sock in silent:
+            sock.close()
+    wait_until(lambda: daemon.fd_count() == baseline)
+    assert value(scrape_tcp(address), "ugem_clients") == 0

@@ -166,8 +166,10 @@ class Connection:
             return
         except Exception:  # a bug in a handler: keep serving everyone, say so loudly
             req.close_unclaimed()
+            creds = self.client.creds
             event(log, logging.ERROR, "handler_error", "handler for %s failed (client %d)", desc.op.name,
-                  self.client.id, exc_info=True, client=self.client.id, op=desc.op.name)
+                  self.client.id, exc_info=True, client=self.client.id, pid=creds.pid, uid=creds.uid,
+                  op=desc.op.name)
             self._reply_error(frame, errno.EIO, f"internal error in {desc.op.name}; see the daemon log")
             return
         if req.FDS:

@@ -13,6 +13,9 @@ Rules:
   A scrape connection is non-blocking: its request (at most `MAX_REQUEST` bytes, one
   read per wake-up) and its response are moved when the socket is ready; one idle for
   `SCRAPE_TIMEOUT_S` is closed. HTTP/1.1 with `Connection: close`: one response each;
+- scrapes cannot eat the daemon's fds: past `MAX_SCRAPES` open at once a new one is closed
+  at accept, and an accept that fails (out of fds) pauses the endpoint until the next
+  `drop_idle` (about a second) instead of spinning on a listener that stays readable;
 - GET (or HEAD) /metrics answers 200 with the text format the Accept header asks for
   (OpenMetrics or Prometheus text, as prometheus-client negotiates); another path 404,
   another method 405.
@@ -44,6 +47,7 @@ __all__ = ["COLLECTED", "MetricsEndpoint", "StatsCollector"]
 
 log = logging.getLogger("ugem.daemon")
 MAX_REQUEST = 16384
+MAX_SCRAPES = 8
 SCRAPE_TIMEOUT_S = 10.0
 _ADDR_TEXT = "HOST:PORT (e.g. 127.0.0.1:9464) or a Unix socket path (containing a /)"
 
@@ -152,6 +156,7 @@ class MetricsEndpoint:
             self.address = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
         self._scrapes: dict[_Scrape, None] = {}
         self._poller: Poller | None = None
+        self._paused = False  # the listener is out of the poller after a failed accept
         self._registry = CollectorRegistry(auto_describe=False)
         ProcessCollector(registry=self._registry)  # process_open_fds, process_max_fds, memory, CPU
 
@@ -169,9 +174,14 @@ class MetricsEndpoint:
                 sock, _ = self.sock.accept()
             except (BlockingIOError, InterruptedError):
                 return
-            except OSError as exc:  # out of fds: the scraper retries; the next wake-up tries again
-                log.warning("metrics: accept failed: %s", exc)
+            except OSError as exc:  # out of fds: pause until drop_idle; the scraper retries
+                log.warning("metrics: accept failed, pausing the endpoint for a second: %s", exc)
+                self._poller.unregister(self.sock.fileno())
+                self._paused = True
                 return
+            if len(self._scrapes) >= MAX_SCRAPES:
+                sock.close()
+                continue
             sock.setblocking(False)
             scrape = _Scrape(sock, self)
             self._scrapes[scrape] = None
@@ -195,12 +205,16 @@ class MetricsEndpoint:
     def drop_idle(self, now: float) -> None:
         for scrape in [s for s in self._scrapes if now - s.since > SCRAPE_TIMEOUT_S]:
             self.finish(scrape)
+        if self._paused and self._poller is not None:
+            self._paused = False
+            self._poller.register(self.sock.fileno(), READ, self._accept)
 
     def close(self) -> None:
         for scrape in list(self._scrapes):
             self.finish(scrape)
         if self._poller is not None:
-            self._poller.unregister(self.sock.fileno())
+            if not self._paused:
+                self._poller.unregister(self.sock.fileno())
             self._poller = None
         if self.unix is not None:
             self.unix.close()
