@@ -56,44 +56,14 @@ def _bad_config(message: str) -> int:
     return 2
 
 
-def _detach() -> int | None:
-    """`serve --detach`: fork. The child goes on to be the daemon (None), in a session of its
-    own with stdin on /dev/null and stdout on a pipe to the parent, which returns once the
-    daemon has let go of that pipe: 0 after passing its banner on (it listens), else the
-    daemon's exit status (it failed to start; its reason is on stderr, which both share)."""
-    sys.stdout.flush()
-    sys.stderr.flush()
-    read_fd, write_fd = os.pipe()
-    pid = os.fork()
-    if pid == 0:
-        os.close(read_fd)
-        os.setsid()
-        devnull = os.open(os.devnull, os.O_RDONLY)
-        os.dup2(devnull, 0)
-        os.dup2(write_fd, 1)
-        os.close(devnull)
-        os.close(write_fd)
-        return None
-    os.close(write_fd)
-    with os.fdopen(read_fd, "rb") as pipe:
-        banner = pipe.read()  # until the daemon lets go of its stdout: after its banner, or at exit
-    if banner.startswith(b"ugem: listening on "):
-        sys.stdout.write(banner.decode(errors="replace"))
-        return 0
-    status = os.waitstatus_to_exitcode(os.waitpid(pid, 0)[1])
-    return status if status > 0 else 1
-
-
-def _let_go_of_stdout() -> None:
-    """The detached daemon after its banner: stdout to /dev/null (the parent sees EOF)."""
-    devnull = os.open(os.devnull, os.O_WRONLY)
-    os.dup2(devnull, sys.stdout.fileno())
-    os.close(devnull)
 
 
 def _serve(args: argparse.Namespace) -> int:
+    from .daemon.detach import detach, let_go_of_stdout
     from .daemon.listener import Listener, SocketInUse
+    from .daemon.logs import setup_logging
     from .daemon.server import Server, ServerOptions
+    from .daemon.service import open_service
     from .daemon.setup import raise_fd_limit
     from .paths import resolve_socket_path
 
@@ -105,31 +75,39 @@ def _serve(args: argparse.Namespace) -> int:
         sys.stdout.write(effective_toml(args.parser, args, options, lambda: resolve_socket_path(None)[0]))
         return 0
     if args.detach:
-        status = _detach()
+        status = detach()
         if status is not None:  # the parent: the daemon listens, or failed to start
             return status
-    logging.basicConfig(level=options.log_level.upper(), stream=sys.stderr,
-                        format="%(asctime)s ugem[%(process)d] %(levelname)s %(message)s")
+    setup_logging(options.log_level, options.log_format)
     path, is_default = resolve_socket_path(args.socket)
     socket_flag = "--socket" if args.socket else "$UGEM_SOCKET" if not is_default else "--socket (default)"
     raise_fd_limit()
     try:  # bound first: a socket that cannot be used leaves no spill directory behind
-        listener = Listener(path, is_default, options.socket_mode)
+        listener = Listener.activated() or Listener(path, is_default, options.socket_mode)
     except SocketInUse as exc:
         print(f"ugem: {exc}", file=sys.stderr)
         return 3
     except BadSetting as exc:
         return _bad_config(exc.describe(lambda _key: socket_flag))
+    except InvalidArgument as exc:  # socket activation passed something else
+        return _bad_config(str(exc.strerror))
+    path = listener.path
+    try:
+        service = open_service(options.metrics, options.socket_mode)
+    except InvalidArgument as exc:
+        listener.close()
+        return _bad_config(str(exc.strerror))
     try:
         server = Server(options.config, ServerOptions(path, is_default, options.socket_mode, options.stall_timeout,
-                                                      options.exit_idle), listener)
+                                                      options.exit_idle), listener, service)
     except BadSetting as exc:
         listener.close()
+        service.close()
         return _bad_config(exc.describe(_flag))
     server.install_signals()  # before the banner: whoever reads it may send SIGTERM at once
     print(f"ugem: listening on {path}", flush=True)
     if args.detach:
-        _let_go_of_stdout()
+        let_go_of_stdout()
     server.serve_forever()
     return 0
 
@@ -304,7 +282,9 @@ def build_parser() -> argparse.ArgumentParser:
                            description="Run the daemon. SIZE is bytes or a number with K, M, G or T (512M, "
                                        "1.5G); sizes, counts and SECONDS must be positive. Every flag may also "
                                        "be set in a --config file. Bad configuration exits 2 with one line "
-                                       "naming the flag or key.")
+                                       "naming the flag or key. Under systemd socket activation (LISTEN_FDS) it "
+                                       "serves the socket it is passed instead of --socket; with NOTIFY_SOCKET "
+                                       "set it reports READY=1, STATUS= and STOPPING=1.")
     serve.add_argument("--socket", metavar="PATH", help="socket path (default: $UGEM_SOCKET, "
                                                         "$XDG_RUNTIME_DIR/ugem/ugem.sock, /tmp/ugem-<uid>/ugem.sock)")
     serve.add_argument("--vram", metavar="SIZE", help=f"device memory (default {size_text(Config.vram)}, at most 64T)")
@@ -343,6 +323,12 @@ def build_parser() -> argparse.ArgumentParser:
                        "(system-budget = \"4G\", object = [\"weights=/srv/w.bin\"]); flags given here override it")
     serve.add_argument("--print-config", action="store_true", help="print the effective configuration as TOML "
                        "(readable by --config) and exit")
+    serve.add_argument("--log-format", metavar="FORMAT", help="text (one line per record) or json (one JSON object "
+                       "per line: time, level, event, message, and the fields of the event: client, pid, uid, op, "
+                       f"errno, ...) (default {DAEMON_DEFAULTS['log_format']})")
+    serve.add_argument("--metrics", metavar="ADDR", help="serve Prometheus metrics over HTTP at /metrics on "
+                       "HOST:PORT (e.g. 127.0.0.1:9464; port 0 picks one, logged) or on a Unix socket PATH "
+                       "(default: no metrics)")
     serve.set_defaults(func=_serve, parser=serve)
     for name, func, text in (("ls", _ls, "list objects"), ("stat", _stat, "manager-wide figures")):
         cmd = sub.add_parser(name, help=text)

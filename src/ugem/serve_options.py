@@ -37,7 +37,8 @@ __all__ = ["DAEMON_DEFAULTS", "LOG_LEVELS", "ServeOptions", "config_actions", "e
            "serve_options", "size_text"]
 
 LOG_LEVELS = ("debug", "info", "warning", "error")
-DAEMON_DEFAULTS: dict[str, Any] = {"socket_mode": "0600", "log_level": "info", "stall_timeout": 30.0}
+DAEMON_DEFAULTS: dict[str, Any] = {"socket_mode": "0600", "log_level": "info", "log_format": "text",
+                                   "stall_timeout": 30.0}
 _NUMERIC = {"SIZE", "N", "SECONDS", "OCTAL"}  # metavars whose flags take a number in the file
 _NOT_KEYS = {"help", "config", "print_config"}  # flags that are not configuration
 
@@ -51,6 +52,8 @@ class ServeOptions:
     exit_idle: float | None
     socket_mode: int
     log_level: str
+    log_format: str
+    metrics: str | None  # the --metrics address, checked for form only (bound by the service)
 
 
 def size_text(n: int) -> str:
@@ -142,7 +145,11 @@ def serve_options(args: argparse.Namespace, names: dict[str, str]) -> ServeOptio
     log_level = given("log_level")
     if log_level.lower() not in LOG_LEVELS:
         raise InvalidArgument(f"{name('log_level')}: {log_level!r} is not one of {', '.join(LOG_LEVELS)}")
-    return ServeOptions(config, stall_timeout, exit_idle, socket_mode, log_level.lower())
+    from .daemon.service import check_service_flags
+
+    log_format = given("log_format")
+    check_service_flags(log_format, args.metrics, name)
+    return ServeOptions(config, stall_timeout, exit_idle, socket_mode, log_level.lower(), log_format, args.metrics)
 
 
 def _toml(value: Any) -> str:

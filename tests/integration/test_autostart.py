@@ -12,6 +12,7 @@ import errno
 import os
 import select
 import signal
+import socket
 import subprocess
 import sys
 import tempfile
@@ -99,6 +100,22 @@ def test_start_when_none_listens_then_reuse(workdir: str) -> None:
     assert _daemons_in(workdir) == [pid]
     log = os.path.join(workdir, "ugem.sock.log")
     assert os.stat(log).st_mode & 0o777 == 0o600
+
+
+def test_a_started_daemon_does_not_report_to_the_callers_service_manager(workdir: str,
+                                                                         monkeypatch: pytest.MonkeyPatch) -> None:
+    """A client running under systemd (NOTIFY_SOCKET set) starts a daemon: that daemon's
+    READY=1 must not reach the client's service manager."""
+    with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as manager:
+        manager.bind(os.path.join(workdir, "notify"))
+        manager.setblocking(False)
+        monkeypatch.setenv("NOTIFY_SOCKET", os.path.join(workdir, "notify"))
+        with ugem.connect(os.path.join(workdir, "ugem.sock"), start=True) as dev:
+            with open(f"/proc/{_server_pid(dev)}/environ", "rb") as f:
+                assert b"NOTIFY_SOCKET=" not in f.read()
+            dev.stats()  # the daemon is past its start: READY=1 would have been sent
+        with pytest.raises(BlockingIOError):
+            manager.recv(100)
 
 
 def test_start_at_the_default_socket(workdir: str, monkeypatch: pytest.MonkeyPatch) -> None:

@@ -10,7 +10,9 @@ Rules:
 - SECONDS is $UGEM_EXIT_IDLE, else 60: the daemon exits once it has had no client for
   that long (so a started daemon nobody uses goes away too);
 - its stdin and stdout are /dev/null and its log (stderr) is appended to PATH.log next to
-  the socket (emptied first once past 1 MiB);
+  the socket (emptied first once past 1 MiB); its environment is ours without systemd's
+  NOTIFY_SOCKET and LISTEN_* (a daemon started for a client is not the service that
+  systemd started: it must not report to it);
 - exit status 3 means another daemon holds the path (listening, or starting: PATH.lock),
   i.e. someone else is starting it: connecting is retried every 50 ms, and it is started
   again if nobody listens a second later (that starter may have died). So processes
@@ -112,9 +114,12 @@ def _start(where: str, is_default: bool, idle: float, deadline: float, first: OS
                                 f"{_quote(_read_log(log, start))}; its log: {log}")
 
 
+_SYSTEMD_VARIABLES = frozenset({"NOTIFY_SOCKET", "LISTEN_PID", "LISTEN_FDS", "LISTEN_FDNAMES"})
+
+
 def _environment() -> dict[str, str]:
-    """Ours, with this ugem's package directory first on PYTHONPATH."""
-    env = dict(os.environ)
+    """Ours, with this ugem's package directory first on PYTHONPATH, without systemd's."""
+    env = {k: v for k, v in os.environ.items() if k not in _SYSTEMD_VARIABLES}
     package_dir = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
     env["PYTHONPATH"] = os.pathsep.join(p for p in (package_dir, env.get("PYTHONPATH")) if p)
     return env

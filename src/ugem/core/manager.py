@@ -8,12 +8,11 @@ goes through `self.backing` (a BackingStore), nothing here touches sockets or fd
 Publication order (drm_gem_handle_create_tail): an object is fully set up before a handle
 to it is published; if any step fails, earlier steps are undone in reverse.
 
-Per-uid limits (SPEC §5) are kept in `uids` (uid -> UidUsage): a client counts as a
-connection from `client_open` and as a client once admitted (`admit`: embedded clients at
-once, daemon connections at HELLO, EDQUOT past `uid_max_clients`); an object's size is
-charged to its creator's uid until the object dies (so closing the creating client and
-keeping the object through another does not uncharge it), a pin to the pinning client's
-uid until unpinned. Privileged clients (root, the manager's own uid) are never limited.
+Per-uid limits (SPEC §5) are kept in `uids` (uid -> UidUsage): a client counts as a connection from `client_open`
+and as a client once admitted (`admit`: embedded clients at once, daemon connections at HELLO, EDQUOT past
+`uid_max_clients`); an object's size is charged to its creator's uid until the object dies (so closing the
+creating client and keeping the object through another does not uncharge it), a pin to the pinning client's uid
+until unpinned. Privileged clients (root, the manager's own uid) are never limited.
 """
 
 from __future__ import annotations
@@ -58,7 +57,8 @@ class Core:
         self.clients: dict[int, Client] = {}
         self.uids: dict[int, UidUsage] = {}
         self._client_ids, self.object_ids = itertools.count(1), itertools.count(1)  # never reused
-        self.counters = {"purged_total": 0, "evicted_total": 0, "spilled_total": 0, "bytes_moved_total": 0}
+        self.counters = {"purged_total": 0, "evicted_total": 0, "spilled_total": 0, "restored_total": 0,
+                         "bytes_moved_total": 0}
         self.shares = ShareTable(self.clients, self.put)
         self.memory = Memory(self)
         self.gpu = Gpu(self, device)
@@ -389,8 +389,8 @@ class Core:
 
     def statistics(self) -> dict[str, Any]:
         return {
-            "objects": len(self.objects),
-            "clients": len(self.clients),
+            "objects": len(self.objects), "clients": len(self.clients),
+            "handles": sum(len(c.handles) for c in self.clients.values()), "names": len(self.names),
             "vram_bytes": self.gpu.vram_bytes,
             "suspended": self.gpu.suspended,
             "system_budget": self.config.system_budget, "vram_size": self.gpu.backend.vram_size,

@@ -153,4 +153,5 @@ class SpillJobs:
         obj.backing, obj.extent, obj.spilled = job.backing, None, 0
         obj.transition(Event.RESTORE)
         self.track(obj)
+        self.core.counters["restored_total"] += 1
         self.core.counters["bytes_moved_total"] += job.moved

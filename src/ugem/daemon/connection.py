@@ -20,7 +20,10 @@ Rules:
   connection is not read until the server resumes it: that client is throttled, others
   are served meanwhile;
 - fds in replies are closed by the daemon once sent; fds of a dropped connection are
-  closed with it.
+  closed with it;
+- every reply, success or error, is counted in the server's RequestTally (tally.py) with
+  its op, errno and the seconds since its frame was complete; an EDQUOT reply is also
+  logged there (throttled per client).
 """
 
 from __future__ import annotations
@@ -52,7 +55,9 @@ from ..wire.frames import (
     Op,
     encode_header,
 )
+from .logs import event
 from .poller import READ
+from .tally import RequestTally
 
 if TYPE_CHECKING:
     from ..core.client import Client
@@ -69,10 +74,12 @@ _BURST = 16384  # bytes read at once between frames: bounds the frames served pe
 
 
 class Connection:
-    def __init__(self, sock: socket.socket, core: Core, client: Client) -> None:
+    def __init__(self, sock: socket.socket, core: Core, client: Client, tally: RequestTally | None = None) -> None:
         self.sock = sock
         self.core = core
         self.client = client
+        self.tally = tally if tally is not None else RequestTally()
+        self.started = 0.0  # when the frame being served was complete (its reply is timed from then)
         self.parser = FrameParser(Kind.REQUEST)
         self.outbox: deque[tuple[memoryview, list[OwnedFd]]] = deque()
         self.greeted = False
@@ -126,6 +133,7 @@ class Connection:
             self.on_readable()
 
     def _serve(self, frame: Frame) -> None:
+        self.started = time.monotonic()
         if not self.greeted:
             self._hello(frame)
             return
@@ -158,7 +166,10 @@ class Connection:
             return
         except Exception:  # a bug in a handler: keep serving everyone, say so loudly
             req.close_unclaimed()
-            log.exception("handler for %s failed (client %d)", desc.op.name, self.client.id)
+            creds = self.client.creds
+            event(log, logging.ERROR, "handler_error", "handler for %s failed (client %d)", desc.op.name,
+                  self.client.id, exc_info=True, client=self.client.id, pid=creds.pid, uid=creds.uid,
+                  op=desc.op.name)
             self._reply_error(frame, errno.EIO, f"internal error in {desc.op.name}; see the daemon log")
             return
         if req.FDS:
@@ -209,7 +220,6 @@ class Connection:
         try:
             self.core.admit(self.client)
         except QuotaExceeded as exc:
-            log.debug("client %d (pid %d) refused: %s", self.client.id, self.client.creds.pid, exc.strerror)
             self._reply_error(frame, errno.EDQUOT, str(exc.strerror))
             raise ConnectionRefusedError(errno.EDQUOT, "refused at HELLO") from None
         self.greeted = True
@@ -219,6 +229,7 @@ class Connection:
     # -- writing ---------------------------------------------------------------------
 
     def _reply(self, frame: Frame, reply: s.Struct) -> None:
+        self.tally.done(frame.op, 0, time.monotonic() - self.started)
         pieces, fds = s.encode(reply)
         if len(pieces) == 1:
             data = HEADER.pack(len(pieces[0]), frame.op, len(fds), _REPLY, frame.seq, 0) + pieces[0]
@@ -253,6 +264,10 @@ class Connection:
         self.flush()
 
     def _reply_error(self, frame: Frame, code: int, message: str) -> None:
+        now = time.monotonic()
+        self.tally.done(frame.op, code, now - self.started)
+        if code == errno.EDQUOT:
+            self.tally.refused(self.client, frame.op, message, now)
         body = message.encode("utf-8", "replace")[:4096]
         header = encode_header(len(body), frame.op, 0, Kind.REPLY, frame.seq, code)
         self.outbox.append((memoryview(header + body), []))

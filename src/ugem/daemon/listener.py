@@ -10,7 +10,10 @@ Rules:
 - any other failure (the directory cannot be made or is unsafe, no permission, a path
   too long for AF_UNIX) is bad configuration: BadSetting naming the path, with nothing
   left behind (no socket, no lock file);
-- `close()` removes the socket and the lock file only if they are still ours.
+- `close()` removes the socket and the lock file only if they are still ours;
+- `Listener.activated()` is the socket a service manager passed (systemd.py: socket
+  activation) instead: no lock, no directory, and `close()` leaves its file alone (it is
+  the manager's, which keeps listening on it for the next start).
 """
 
 from __future__ import annotations
@@ -25,6 +28,7 @@ import stat
 
 from ..config import BadSetting
 from ..paths import check_socket_dir
+from .systemd import inherited_socket, socket_name
 
 __all__ = ["Listener", "SocketInUse"]
 
@@ -40,6 +44,7 @@ class Listener:
         self.path = path
         self._lock_fd, self._lock_path = -1, path + ".lock"
         self.sock: socket.socket | None = None
+        self._inode: int | None = None  # of the socket file we made (None: not ours to remove)
         try:
             self._prepare_directory(is_default)
             self._lock()
@@ -53,6 +58,18 @@ class Listener:
         except BaseException:
             self.close()
             raise
+
+    @classmethod
+    def activated(cls) -> Listener | None:
+        """The listening socket passed by socket activation, or None (InvalidArgument if
+        what was passed is not a listening Unix stream socket)."""
+        sock = inherited_socket()
+        if sock is None:
+            return None
+        self = cls.__new__(cls)
+        self.path, self.sock, self._inode = socket_name(sock), sock, None
+        self._lock_fd, self._lock_path = -1, ""
+        return self
 
     def fileno(self) -> int:
         assert self.sock is not None
@@ -127,7 +144,7 @@ class Listener:
             self.sock.close()
             self.sock = None
             with contextlib.suppress(FileNotFoundError):
-                if os.stat(self.path).st_ino == self._inode:
+                if self._inode is not None and os.stat(self.path).st_ino == self._inode:
                     os.unlink(self.path)
         if self._lock_fd >= 0:
             with contextlib.suppress(FileNotFoundError):  # remove the lock file only if it is still ours

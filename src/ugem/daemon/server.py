@@ -28,7 +28,10 @@ Rules:
 - `exit_idle` (`--exit-idle`; None: never): once no connection has been open for that
   long (counted from start, and from the last connection's end), the daemon shuts down
   as on SIGTERM. A last accept before deciding takes a connection still in the backlog;
-- on SIGTERM/SIGINT: finish the request in hand, release every client, remove the socket.
+- on SIGTERM/SIGINT: finish the request in hand, release every client, remove the socket;
+- what the operator sees goes through the `Service` (service.py): sd_notify, the metrics
+  endpoint (its fds are registered in the poller with their handler as the tag), the
+  request tally the connections count into, and the client/cleanup/reclaim log events.
 """
 
 from __future__ import annotations
@@ -53,8 +56,10 @@ from ..errors import RemoteProtocolError
 from .connection import Connection
 from .listener import Listener
 from .lobby import Lobby
+from .logs import event
 from .poller import READ, WRITE, Poller
 from .pressure import PressureWatch
+from .service import Service
 from .setup import open_core
 from .workers import JobRunner
 
@@ -85,9 +90,11 @@ class ServerOptions:
 
 
 class Server:
-    def __init__(self, config: Config, options: ServerOptions, listener: Listener | None = None) -> None:
+    def __init__(self, config: Config, options: ServerOptions, listener: Listener | None = None,
+                 service: Service | None = None) -> None:
         self.config = config
         self.options = options
+        self.service = service if service is not None else Service()
         self.device, self.core = open_core(config)
         self.core.hold_while_suspended = self.core.shares_may_lag = True  # the daemon's ways (core/manager.py)
         self.sel = Poller()
@@ -142,6 +149,7 @@ class Server:
 
     def serve_forever(self) -> None:
         self.install_signals()
+        self.service.start(self.core, self.sel)
         try:
             while not self._stop:
                 self._step()
@@ -168,6 +176,8 @@ class Server:
                 self._jobs_done()
             elif tag == "device":
                 _drain(self._device_r)
+            else:  # the service's own fds (metrics endpoint) carry their handler as the tag
+                tag(_events)
         if self.parked:
             self._wake(time.monotonic())
         memory = self.core.memory
@@ -182,6 +192,7 @@ class Server:
             self._last_stall_check = now
             self._drop_stalled(now)
             self._check_pressure()
+            self.service.tick(now)
             gc.collect()  # only the objects not frozen yet: about one second's worth
             gc.freeze()
 
@@ -193,7 +204,7 @@ class Server:
         if self.listener is not None and not self._accept_paused_until:
             self._accept()  # a connection waiting in the backlog is a client: stay
         if not self.connections:
-            log.info("no client for %g s (--exit-idle): shutting down", limit)
+            event(log, logging.INFO, "shutdown", "no client for %g s (--exit-idle): shutting down", limit)
             self._stop = True
 
     def _read_signals(self) -> None:
@@ -208,11 +219,11 @@ class Server:
                 handler()
 
     def handle_sigterm(self) -> None:
-        log.info("SIGTERM: shutting down")
+        event(log, logging.INFO, "shutdown", "SIGTERM: shutting down", signal="SIGTERM")
         self._stop = True
 
     def handle_sigint(self) -> None:
-        log.info("SIGINT: shutting down")
+        event(log, logging.INFO, "shutdown", "SIGINT: shutting down", signal="SIGINT")
         self._stop = True
 
     def _accept(self) -> None:
@@ -246,18 +257,18 @@ class Server:
             return
         sock.setblocking(False)
         client = self.core.client_open(Credentials(pid, uid, gid), privileged, admit=False)
-        conn = Connection(sock, self.core, client)
+        conn = Connection(sock, self.core, client, self.service.tally)
         self.connections[sock.fileno()] = conn
         self._idle_since = None
         self.lobby.enter(conn)
         self.sel.register(sock.fileno(), READ, conn)
-        log.debug("client %d connected: pid %d uid %d", client.id, pid, uid)
+        self.service.connected(client)
 
     def _make_fd_room(self, why: str) -> int:
         """Drop up to FD_ROOM connections from the lobby; how many went."""
         dropped = self.lobby.evictees(FD_ROOM)
         for conn in dropped:
-            self._drop(conn)
+            self._drop(conn, "fd_room")
         if dropped:
             uids = collections.Counter(conn.client.creds.uid for conn in dropped)
             log.warning("short of fds (%s): dropped %d connections that had not sent HELLO (%s)", why, len(dropped),
@@ -270,14 +281,16 @@ class Server:
         try:
             step()
         except RemoteProtocolError as exc:
-            log.warning("client %d (pid %d): protocol violation, dropping: %s", conn.client.id,
-                        conn.client.creds.pid, exc)
-            self._drop(conn)
+            client = conn.client
+            event(log, logging.WARNING, "protocol_violation", "client %d (pid %d): protocol violation, dropping: %s",
+                  client.id, client.creds.pid, exc, client=client.id, pid=client.creds.pid, uid=client.creds.uid)
+            self._drop(conn, "protocol_violation")
             return
         except OSError as exc:
             if not isinstance(exc, ConnectionError):
                 log.warning("client %d: socket error, dropping: %s", conn.client.id, exc)
-            self._drop(conn)
+            self._drop(conn, "refused" if isinstance(exc, ConnectionRefusedError) else
+                       "closed" if isinstance(exc, ConnectionError) else "socket_error")
             return
         if not greeted and conn.greeted:
             self.lobby.leave(conn)
@@ -337,11 +350,13 @@ class Server:
         target = self.pressure.check(self.core.memory.resident)
         if target is not None:
             jobs = self.core.memory.shrink(target)
-            log.info("memory pressure: shrinking to %d bytes (%d spills)", target, len(jobs))
+            event(log, logging.INFO, "memory_pressure", "memory pressure: shrinking to %d bytes (%d spills)", target,
+                  len(jobs), target=target, spills=len(jobs))
             for job in jobs:
                 self.runner.submit(job)
 
-    def _drop(self, conn: Connection) -> None:
+    def _drop(self, conn: Connection, reason: str) -> None:
+        """Close a connection and release its client; `reason` is logged (client_disconnect)."""
         self.connections.pop(conn.sock.fileno(), None)
         if not self.connections:
             self._idle_since = time.monotonic()
@@ -350,14 +365,14 @@ class Server:
         if conn.events:
             self.sel.unregister(conn.sock.fileno())
             conn.events = 0
-        log.debug("client %d disconnected", conn.client.id)
+        self.service.disconnected(conn.client, reason)
         conn.close()
 
     def _drop_stalled(self, now: float) -> None:
         limit = self.options.stall_timeout
         late = self.lobby.overdue(now, limit)
         for conn in late:
-            self._drop(conn)
+            self._drop(conn, "no_hello")
         if late:
             uids = collections.Counter(conn.client.creds.uid for conn in late)
             log.warning("dropped %d connections that sent no HELLO within %g s (%s)", len(late), limit,
@@ -366,15 +381,16 @@ class Server:
             since = conn.stalled_since
             if since is not None and now - since > limit:
                 log.warning("client %d stalled mid-frame for %.0f s, dropping", conn.client.id, now - since)
-                self._drop(conn)
+                self._drop(conn, "stalled")
         for conn in list(self.parked):  # not read while parked: notice a client that went away
             if conn.peer_closed():
                 self.parked.discard(conn)
-                self._drop(conn)
+                self._drop(conn, "closed")
 
     # -- teardown --------------------------------------------------------------------
 
     def shutdown(self) -> None:
+        self.service.stopping()
         for conn in list(self.parked):  # held work fails: the daemon is going away
             conn.fail_parked(errno.ESHUTDOWN, "the ugem daemon is shutting down")
             self._guard(conn, conn.flush)
@@ -385,7 +401,7 @@ class Server:
         self.device.set_notify(None)
         self.device.close()
         for conn in list(self.connections.values()):
-            self._drop(conn)
+            self._drop(conn, "shutdown")
         if self.listener is not None:
             if not self._accept_paused_until:
                 self.sel.unregister(self.listener.fileno())
@@ -393,6 +409,7 @@ class Server:
             self.listener = None
         self.core.preloads.release()
         self.core.backing.close()
+        self.service.close()
         for sig in SIGNALS:
             signal.signal(sig, signal.SIG_DFL)
         self.sel.close()
