@@ -14,6 +14,7 @@ import shlex
 import pytest
 
 from ugem import cli
+from ugem.serve_options import read_config_file, serve_options
 
 UNITS = pathlib.Path(__file__).resolve().parents[2] / "contrib" / "systemd"
 
@@ -33,7 +34,7 @@ def test_service_runs_ugem_serve_with_valid_flags(kind: str) -> None:
     argv = shlex.split(service["Service"]["ExecStart"].replace("%h", "/home/user"))
     assert argv[0].endswith("/ugem") and argv[1] == "serve"
     args = cli.build_parser().parse_args(argv[1:])
-    cli._serve_options(args)  # raises InvalidArgument for a flag `ugem serve` would refuse
+    serve_options(args, read_config_file(args.parser, args))  # InvalidArgument for a flag `ugem serve` refuses
 
 
 @pytest.mark.parametrize("kind", ["user", "system"])
