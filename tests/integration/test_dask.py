@@ -51,6 +51,20 @@ def test_arrays_round_trip_zero_copy(buffer: UgemBuffer, daemon: DaemonProcess) 
         assert dev.stats()["objects"] == 3
 
 
+def test_a_view_a_task_returns_is_adopted_not_copied(buffer: UgemBuffer, daemon: DaemonProcess) -> None:
+    source = np.arange(MiB // 8, dtype=np.float64)
+    buffer["a"] = source
+    buffer["slice"] = buffer["a"][1000:2000:2]  # type: ignore[index]
+    with daemon.connect() as dev:
+        assert dev.stats()["objects"] == 1  # a second handle to the same object, no copy
+        del buffer["a"]
+        buffer.evict(), buffer.evict()
+        np.testing.assert_array_equal(buffer["slice"], source[1000:2000:2])
+        del buffer["slice"]
+        # the handle closes once the last view is gone: queued, sent with the buffer's next request
+        wait_until(lambda: buffer.device.stats()["objects"] == 0, what="the object released")
+
+
 def test_other_values_small_values_and_delete(buffer: UgemBuffer, daemon: DaemonProcess) -> None:
     buffer["d"] = {"a": np.ones(MiB // 8), "b": "text" * 100_000}
     buffer["small"] = 42

@@ -12,8 +12,9 @@ Rules:
   Smaller values stay in this process's heap (an object is at least a page, and a round
   trip to the daemon costs more than they do);
 - an array that already lies in one of this process's held ugem mappings of the same
-  daemon (one received by reference from another worker, or a view a task returned) and
-  covers at least half of its object is not copied: the key gets a new handle to that object;
+  daemon (one received by reference from another worker, or a view or slice a task
+  returned) is not copied: the key gets a new handle to that object, which it keeps alive
+  whole (a small slice of a large object keeps all of it);
 - reading a key gives a zero-copy `UgemArray` on the object's mapping (other values are
   deserialized from the mapping). The values this worker holds mapped are `fast`, least
   recently used first, at most `target` bytes (one value may exceed it). The default is a
@@ -37,6 +38,11 @@ Rules:
   open the object by name, see handoff.py); `close()` (or garbage collection) closes the
   connection, which releases every object of this worker; a worker that dies releases them
   too (the daemon frees a dead client's objects). Views already handed out stay valid.
+  Dask never calls `close()` itself: a worker process releases everything when it ends;
+- limits: what tasks use at once is mapped and cannot be spilled, so the daemon's budget
+  must hold the working set of the tasks running at once on all the node's workers (else
+  they fail with `OutOfMemory`); Dask calls `__setitem__` on its event loop, which waits
+  for the copy into the object and, past the budget, for the daemon to make room.
 """
 
 from __future__ import annotations
@@ -60,7 +66,7 @@ from ..client.device import Device
 from ..config import parse_size
 from ..constants import PAGE_SIZE
 from ..errors import NoSpace, OutOfMemory, QuotaExceeded
-from .handoff import as_ugem_array, held, is_held, register_device, unregister_device
+from .handoff import as_ugem_array, held, is_held, name_of, register_device, unregister_device
 
 __all__ = ["UgemBuffer"]
 
@@ -222,10 +228,9 @@ class UgemBuffer(MutableMapping[Hashable, object]):
 
     def _store_array(self, a: np.ndarray[Any, Any]) -> tuple[_Stored, bool]:
         found = held(a)
-        if found is not None and found[0].device is self.device and 2 * a.nbytes >= found[1].length:
-            name = found[0].flink()
+        if found is not None and found[0].device is self.device:
             data = int(a.__array_interface__["data"][0])
-            buf = Buffer.open_name(self.device, name)
+            buf = Buffer.open_name(self.device, name_of(found[1]))
             return _Stored(buf, a.dtype, a.shape, a.strides, found[1].offset + data - found[1].address), True
         if a.flags.c_contiguous:
             raw = a

@@ -44,7 +44,8 @@ from ..client.device import Device
 from ..client.registry import Mapping, find_mapping
 from ..errors import NoSuchObject
 
-__all__ = ["UgemArray", "as_ugem_array", "counts", "held", "is_held", "register_device", "unregister_device"]
+__all__ = ["UgemArray", "as_ugem_array", "counts", "held", "is_held", "name_of", "register_device",
+           "unregister_device"]
 
 #: this process's hand-offs so far: values sent as a reference, and received by mapping
 #: (a ugem-backed worker) or by one copy from the daemon (any other process)
@@ -90,14 +91,15 @@ def _let_go(address: int) -> None:
 
 
 def as_ugem_array(buf: Buffer, view: memoryview, dtype: np.dtype[Any], shape: tuple[int, ...],
-                  strides: tuple[int, ...], offset: int) -> UgemArray:
-    """A `UgemArray` over `view` (a mapping of `buf`'s object); `buf` is held while it lives."""
+                  strides: tuple[int, ...], offset: int, name: int = 0) -> UgemArray:
+    """A `UgemArray` over `view` (a mapping of `buf`'s object); `buf` is held while it lives.
+    `name`: the object's flink name if known (else asked when first needed)."""
     arr = np.ndarray.__new__(UgemArray, shape, dtype, buffer=view, offset=offset, strides=strides)
     region = view.obj
     address = int(np.frombuffer(view, dtype=np.uint8).__array_interface__["data"][0])
     with _lock:
         if address not in _held:
-            _held[address] = (buf, 0)
+            _held[address] = (buf, name)
             _held_ids[id(buf)] = _held_ids.get(id(buf), 0) + 1
             weakref.finalize(region, _let_go, address)
     return arr
@@ -117,6 +119,14 @@ def held(a: npt.NDArray[Any]) -> tuple[Buffer, Mapping] | None:
     with _lock:
         found = _held.get(entry.address)
     return None if found is None else (found[0], entry)
+
+
+def name_of(entry: Mapping) -> int:
+    """The flink name of the held object mapped at `entry` (asked once, then remembered)."""
+    found = _name_of(entry.address)
+    if found is None:
+        raise KeyError(entry.address)
+    return found[1]
 
 
 def _name_of(address: int) -> tuple[Buffer, int] | None:
@@ -189,7 +199,7 @@ def _loads(header: dict[str, Any], frames: list[Any]) -> npt.NDArray[Any]:
         counts["copied"] += 1
         return _copy(ref["socket"], ref["name"], dtype, shape, strides, ref["offset"])
     buf = _open(dev, ref["socket"], ref["name"])
-    arr = as_ugem_array(buf, buf.map(), dtype, shape, strides, ref["offset"])
+    arr = as_ugem_array(buf, buf.map(), dtype, shape, strides, ref["offset"], ref["name"])
     counts["mapped"] += 1
     if not ref["writeable"]:
         arr.flags.writeable = False
