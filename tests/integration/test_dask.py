@@ -40,6 +40,7 @@ def test_arrays_round_trip_zero_copy(buffer: UgemBuffer, daemon: DaemonProcess) 
     strided = np.arange(3 * MiB // 8, dtype=np.float64)[::3]
     for key, value in [("c", c), ("f", f), ("strided", strided)]:
         buffer[key] = value
+    buffer.flush()  # the writer thread copies them into objects
     for key, value in [("c", c), ("f", f), ("strided", strided)]:
         got = buffer[key]
         assert isinstance(got, UgemArray) and got.dtype == value.dtype and got.shape == value.shape
@@ -54,6 +55,7 @@ def test_arrays_round_trip_zero_copy(buffer: UgemBuffer, daemon: DaemonProcess) 
 def test_a_view_a_task_returns_is_adopted_not_copied(buffer: UgemBuffer, daemon: DaemonProcess) -> None:
     source = np.arange(MiB // 8, dtype=np.float64)
     buffer["a"] = source
+    buffer.flush()
     buffer["slice"] = buffer["a"][1000:2000:2]  # type: ignore[index]
     with daemon.connect() as dev:
         assert dev.stats()["objects"] == 1  # a second handle to the same object, no copy
@@ -68,6 +70,7 @@ def test_a_view_a_task_returns_is_adopted_not_copied(buffer: UgemBuffer, daemon:
 def test_other_values_small_values_and_delete(buffer: UgemBuffer, daemon: DaemonProcess) -> None:
     buffer["d"] = {"a": np.ones(MiB // 8), "b": "text" * 100_000}
     buffer["small"] = 42
+    buffer.flush()
     got = buffer["d"]
     assert isinstance(got, dict) and got["b"] == "text" * 100_000 and got["a"].sum() == MiB // 8
     assert buffer["small"] == 42 and set(buffer) == {"d", "small"} and len(buffer) == 2
@@ -83,7 +86,8 @@ def test_other_values_small_values_and_delete(buffer: UgemBuffer, daemon: Daemon
 def test_evict_lets_go_of_the_mapping(buffer: UgemBuffer, daemon: DaemonProcess) -> None:
     buffer["a"] = np.ones(MiB)
     buffer["b"] = np.ones(MiB)
-    assert not buffer.fast  # stored by pwrite: nothing mapped yet
+    buffer.flush()
+    assert not buffer.fast  # copied into objects: nothing mapped yet
     buffer["a"], buffer["b"]
     assert set(buffer.fast) == {"a", "b"}
     assert buffer.evict() == 8 * MiB and set(buffer.fast) == {"b"}  # least recently used first
@@ -96,6 +100,7 @@ def test_more_than_the_budget_spills_and_reads_back(daemon_small: DaemonProcess)
     try:
         for i in range(12):  # 96 MiB through a 32 MiB budget
             data[i] = np.full(MiB, i, dtype=np.float64)
+        data.flush()
         for i in range(12):
             assert float(data[i][::4096].mean()) == i  # type: ignore[index]
         with daemon_small.connect() as dev:
@@ -104,6 +109,30 @@ def test_more_than_the_budget_spills_and_reads_back(daemon_small: DaemonProcess)
         data.close()
     with daemon_small.connect() as dev:
         wait_until(lambda: dev.stats()["objects"] == 0, what="objects released by close()")
+
+
+def test_no_room_keeps_the_value_in_the_heap_until_evict(daemon_small: DaemonProcess) -> None:
+    data = UgemBuffer(daemon_small.path, target="64M")
+    try:
+        for i in range(4):  # the whole 32 MiB budget
+            data[i] = np.full(MiB, i, dtype=np.float64)
+        data.flush()
+        views = [data[i] for i in range(4)]  # all mapped: the daemon can spill none of them
+        data["x"] = np.full(MiB, 9.0)
+        data.flush()
+        assert not isinstance(data["x"], UgemArray) and "x" in data.fast  # kept in the heap
+        del views
+        while data.evict() != -1:  # the mappings first, then "x" goes back to the writer
+            data.flush()
+        got = data["x"]
+        assert isinstance(got, UgemArray) and float(got[::4096].mean()) == 9.0
+        del data[0], got
+        data["y"] = np.full(MiB, 7.0)
+        del data["y"]  # deleted while (or after) the writer stores it: nothing is left of it
+        data.flush()
+        wait_until(lambda: data.device.stats()["objects"] == 4, what="3 values and x, nothing of y")
+    finally:
+        data.close()
 
 
 @pytest.fixture
@@ -143,6 +172,7 @@ def test_cluster_reductions_rechunk_and_same_host_handoff(daemon: DaemonProcess)
             a, b = sorted(client.scheduler_info()["workers"])
             held_by_a = client.persist(x, workers=[a], allow_other_workers=False)
             wait(held_by_a)
+            client.run(lambda dask_worker: dask_worker.data.flush())  # every chunk copied into its object
             assert dev.stats()["objects"] >= 16
             on_b = client.compute((held_by_a + 1).sum(axis=1), workers=[b], allow_other_workers=False)
             np.testing.assert_allclose(on_b.result(), (host + 1).sum(axis=1))

@@ -6,7 +6,9 @@ connects there to the daemon at `socket` (default: as `ugem.connect()` finds it)
 
 Rules:
 - a value of at least `min_size` bytes (by Dask's `sizeof`, default 64 KiB) goes into an
-  object of its own: a numpy array raw (its dtype, shape and strides kept here; a C- or
+  object of its own, copied there by the writer thread (writer.py), never on Dask's event
+  loop, from which Dask stores results: until then the value is pending, read back as
+  itself, and `flush()` waits for it. A numpy array is stored raw (its dtype, shape and strides kept here; a C- or
   Fortran-contiguous array is written as is, any other is made C-contiguous first), any
   other value as the bytes of Dask's own serialization (`serialize_bytelist`, uncompressed).
   Smaller values stay in this process's heap (an object is at least a page, and a round
@@ -29,10 +31,10 @@ Rules:
   is in use elsewhere stays mapped until that use ends;
 - if the daemon has no room (ENOMEM, EDQUOT, ENOSPC) to store a value even after this
   worker let go of every mapping it holds, the value stays in the heap (correct, just not
-  in ugem) and is `fast` too: `evict()` tries to move it into an object later (-1 if there
-  is still no room). Reading a value back with no room lets go of every mapping too, then
-  tries again for a few seconds (other workers' tasks end and let go of theirs) before
-  raising `OutOfMemory`;
+  in ugem) and is `fast` too: `evict()` hands it to the writer again (and returns its
+  size). Reading a value back with no room lets go of every mapping too, then tries again
+  for a few seconds (other workers' tasks end and let go of theirs) before raising
+  `OutOfMemory`;
 - deleting a key closes its handle at once, unless a view of its mapping is still in use
   (then the handle closes once the last view is gone, so a transfer in flight can still
   open the object by name, see handoff.py); `close()` (or garbage collection) closes the
@@ -41,8 +43,8 @@ Rules:
   Dask never calls `close()` itself: a worker process releases everything when it ends;
 - limits: what tasks use at once is mapped and cannot be spilled, so the daemon's budget
   must hold the working set of the tasks running at once on all the node's workers (else
-  they fail with `OutOfMemory`); Dask calls `__setitem__` on its event loop, which waits
-  for the copy into the object and, past the budget, for the daemon to make room.
+  they fail with `OutOfMemory`). Reading a value back (mapping it) and adopting one are
+  requests made from Dask's event loop; copying and waiting for room are not.
 """
 
 from __future__ import annotations
@@ -67,11 +69,13 @@ from ..config import parse_size
 from ..constants import PAGE_SIZE
 from ..errors import NoSpace, OutOfMemory, QuotaExceeded
 from .handoff import as_ugem_array, held, is_held, name_of, register_device, unregister_device
+from .writer import Writer
 
 __all__ = ["UgemBuffer"]
 
 logger = logging.getLogger("ugem.dask")
 _NO_ROOM = (OutOfMemory, QuotaExceeded, NoSpace)
+_MISSING = object()
 _RETRY_PAUSES = (0.0, 0.05, 0.1, 0.2, 0.4, 0.8, 1.6, 3.2)  # reading back with no room (module rules)
 
 
@@ -87,7 +91,8 @@ class _Stored:
     length: int = 0
 
 
-def _close(path: str, device: Device) -> None:
+def _close(path: str, device: Device, writer: Writer) -> None:
+    writer.close()
     unregister_device(path, device)
     device.close()
 
@@ -107,13 +112,15 @@ class UgemBuffer(MutableMapping[Hashable, object]):
         self._lock = threading.RLock()
         self._local: dict[Hashable, object] = {}  # small values
         self._heap: dict[Hashable, object] = {}  # values the daemon had no room for
+        self._pending: dict[Hashable, object] = {}  # values the writer thread is storing
         self._stored: dict[Hashable, _Stored] = {}
         self._mapped: dict[Hashable, object] = {}  # stored values held mapped, least recently used first
         self._weights: dict[Hashable, int] = {}  # sizeof of every value not in _local
         self._mapped_bytes = 0
         self._weak: weakref.WeakValueDictionary[Hashable, Any] = weakref.WeakValueDictionary()
+        self._writer = Writer(self.socket, self, UgemBuffer._write_pending)
         register_device(self.socket, self.device)
-        self._finalizer = weakref.finalize(self, _close, self.socket, self.device)
+        self._finalizer = weakref.finalize(self, _close, self.socket, self.device, self._writer)
 
     # -- Dask's manual eviction protocol -------------------------------------------------
 
@@ -131,9 +138,10 @@ class UgemBuffer(MutableMapping[Hashable, object]):
                     key = next(iter(self._mapped))
                     self._unmap(key)
                     return self._weights[key]
-                for key, value in self._heap.items():
-                    self._stored[key] = self._store(value)[0]
+                for key, value in self._heap.items():  # the daemon had no room then: try again
                     del self._heap[key]
+                    self._pending[key] = value
+                    self._writer.submit(key)
                     return self._weights[key]
             except Exception:
                 logger.exception("ugem.dask: eviction failed")
@@ -150,20 +158,49 @@ class UgemBuffer(MutableMapping[Hashable, object]):
                 self._local[key] = value
                 return
             self._weights[key] = weight
-            try:
-                stored, adopted = self._store(value)
-            except _NO_ROOM:
-                self._unmap_all()
-                try:
-                    stored, adopted = self._store(value)
-                except _NO_ROOM as exc:
-                    logger.warning("ugem.dask: no room in the daemon for %s (%d bytes), kept in the heap: %s",
-                                   key, weight, exc)
-                    self._heap[key] = value
-                    return
-            self._stored[key] = stored
-            if adopted:
+            adopted = self._adopt(value) if isinstance(value, np.ndarray) else None
+            if adopted is not None:
+                self._stored[key] = adopted
                 self._keep_mapped(key, value)  # no copy: it is mapped already
+                return
+            self._pending[key] = value
+        self._writer.submit(key)
+
+    def flush(self) -> None:
+        """Wait until every value stored so far is in its object (or kept in the heap)."""
+        self._writer.flush()
+
+    def _write_pending(self, key: Hashable) -> None:
+        """On the writer thread: copy one pending value into an object (writer.py)."""
+        with self._lock:
+            value = self._pending.get(key, _MISSING)
+        if value is _MISSING:
+            return  # deleted meanwhile
+        try:
+            try:
+                stored: _Stored | None = self._store(value)
+            except _NO_ROOM:
+                with self._lock:
+                    self._unmap_all()
+                self.device.stats()  # any request sends the releases just queued
+                stored = self._store(value)
+        except _NO_ROOM as exc:
+            logger.warning("ugem.dask: no room in the daemon for %s, kept in the heap: %s", key, exc)
+            stored = None
+        except BaseException:
+            stored = None
+            raise
+        finally:
+            with self._lock:
+                if self._pending.get(key, _MISSING) is value:
+                    del self._pending[key]
+                    if stored is None:
+                        self._heap[key] = value
+                    else:
+                        self._stored[key] = stored
+                        stored = None
+            if stored is not None:
+                stored.buf.close()  # deleted or replaced meanwhile
 
     def __getitem__(self, key: Hashable) -> object:
         with self._lock:
@@ -171,6 +208,8 @@ class UgemBuffer(MutableMapping[Hashable, object]):
                 return self._local[key]
             if key in self._heap:
                 return self._heap[key]
+            if key in self._pending:
+                return self._pending[key]
             if key in self._mapped:
                 value = self._mapped.pop(key)
                 self._mapped[key] = value  # most recently used now
@@ -190,61 +229,57 @@ class UgemBuffer(MutableMapping[Hashable, object]):
                 self._unmap(key)
             self._weak.pop(key, None)
             del self._weights[key]
-            if self._heap.pop(key, None) is not None:
+            if self._heap.pop(key, _MISSING) is not _MISSING or self._pending.pop(key, _MISSING) is not _MISSING:
                 return
             stored = self._stored.pop(key)
             if not is_held(stored.buf):  # else its last view lets go of it (module rules)
                 stored.buf.close()
 
     def __contains__(self, key: object) -> bool:
-        return key in self._local or key in self._stored or key in self._heap
+        return key in self._local or key in self._stored or key in self._heap or key in self._pending
 
     def __iter__(self) -> Iterator[Hashable]:
-        yield from list(self._local)
-        yield from list(self._stored)
-        yield from list(self._heap)
+        with self._lock:
+            keys = [*self._local, *self._stored, *self._heap, *self._pending]
+        yield from keys
 
     def __len__(self) -> int:
-        return len(self._local) + len(self._stored) + len(self._heap)
+        return len(self._local) + len(self._stored) + len(self._heap) + len(self._pending)
 
     # -- storing and loading ---------------------------------------------------------
 
-    def _store(self, value: object) -> tuple[_Stored, bool]:
-        """The value in an object; and whether that is an object it was already mapped from."""
+    def _adopt(self, a: np.ndarray[Any, Any]) -> _Stored | None:
+        """A new handle to the held object `a` lies in, if it is one of ours (no copy)."""
+        found = held(a)
+        if found is None or found[0].device is not self.device:
+            return None
+        data = int(a.__array_interface__["data"][0])
+        buf = Buffer.open_name(self.device, name_of(found[1]))
+        return _Stored(buf, a.dtype, a.shape, a.strides, found[1].offset + data - found[1].address)
+
+    def _store(self, value: object) -> _Stored:
+        """Copy the value into a new object through the writer's connection, then hand the
+        handle over to the main connection (writer.py)."""
+        dtype: np.dtype[Any] | None = None
+        shape: tuple[int, ...] = ()
+        strides: tuple[int, ...] = ()
         if isinstance(value, np.ndarray) and not value.dtype.hasobject and value.size > 0:
-            return self._store_array(value)
-        frames = serialize_bytelist(value, compression=False, on_error="raise")
+            a = value if value.flags.c_contiguous or value.flags.f_contiguous else np.ascontiguousarray(value)
+            dtype, shape, strides = a.dtype, a.shape, a.strides
+            frames: list[Any] = [(a if a.flags.c_contiguous else a.T).reshape(-1).view(np.uint8)]  # same bytes
+        else:
+            frames = serialize_bytelist(value, compression=False, on_error="raise")
         length = sum(memoryview(f).nbytes for f in frames)
-        buf = self.device.new(max(length, PAGE_SIZE))
+        own = self._writer.device.new(max(length, PAGE_SIZE))
         try:
             position = 0
             for frame in frames:
-                buf.write(frame, position)
+                own.write(frame, position)
                 position += memoryview(frame).nbytes
-        except BaseException:
-            buf.close()
-            raise
-        return _Stored(buf, None, length=length), False
-
-    def _store_array(self, a: np.ndarray[Any, Any]) -> tuple[_Stored, bool]:
-        found = held(a)
-        if found is not None and found[0].device is self.device:
-            data = int(a.__array_interface__["data"][0])
-            buf = Buffer.open_name(self.device, name_of(found[1]))
-            return _Stored(buf, a.dtype, a.shape, a.strides, found[1].offset + data - found[1].address), True
-        if a.flags.c_contiguous:
-            raw = a
-        elif a.flags.f_contiguous:
-            raw = a.T  # the same bytes, C-contiguous
-        else:
-            raw = a = np.ascontiguousarray(a)
-        buf = self.device.new(max(a.nbytes, PAGE_SIZE))
-        try:
-            buf.write(raw.reshape(-1).view(np.uint8))
-        except BaseException:
-            buf.close()
-            raise
-        return _Stored(buf, a.dtype, a.shape, a.strides), False
+            buf = Buffer.open_name(self.device, own.flink())
+        finally:
+            own.close()
+        return _Stored(buf, dtype, shape, strides, length=length)
 
     def _load_with_room(self, stored: _Stored) -> object:
         """`_load`; with no room, let go of our mappings and try again (module rules)."""
@@ -287,7 +322,7 @@ class UgemBuffer(MutableMapping[Hashable, object]):
     def close(self) -> None:
         """Close the connection: the daemon releases every object of this worker."""
         with self._lock:
-            for mapping in (self._local, self._heap, self._stored, self._mapped, self._weights):
+            for mapping in (self._local, self._heap, self._pending, self._stored, self._mapped, self._weights):
                 mapping.clear()
             self._mapped_bytes = 0
             self._weak = weakref.WeakValueDictionary()
