@@ -7,10 +7,12 @@ connects there to the daemon at `socket` (default: as `ugem.connect()` finds it)
 Rules:
 - a value of at least `min_size` bytes (by Dask's `sizeof`, default 64 KiB) goes into an
   object of its own, copied there by the writer thread (writer.py), never on Dask's event
-  loop, from which Dask stores results: until then the value is pending, read back as
-  itself, and `flush()` waits for it. A numpy array is stored raw (its dtype, shape and strides kept here; a C- or
-  Fortran-contiguous array is written as is, any other is made C-contiguous first), any
-  other value as the bytes of Dask's own serialization (`serialize_bytelist`, uncompressed).
+  loop, from which Dask stores results. Until then the value is pending: reading it waits
+  for that copy (so what is read back, and sent to other workers, is always the object's
+  view), and `flush()` waits for every pending value. A numpy array is stored raw (its
+  dtype, shape and strides kept here; a C- or Fortran-contiguous array is written as is,
+  any other is made C-contiguous first), any other value as the bytes of Dask's own
+  serialization (`serialize_bytelist`, uncompressed).
   Smaller values stay in this process's heap (an object is at least a page, and a round
   trip to the daemon costs more than they do);
 - an array that already lies in one of this process's held ugem mappings of the same
@@ -43,8 +45,8 @@ Rules:
   Dask never calls `close()` itself: a worker process releases everything when it ends;
 - limits: what tasks use at once is mapped and cannot be spilled, so the daemon's budget
   must hold the working set of the tasks running at once on all the node's workers (else
-  they fail with `OutOfMemory`). Reading a value back (mapping it) and adopting one are
-  requests made from Dask's event loop; copying and waiting for room are not.
+  they fail with `OutOfMemory`). Reading a value back (mapping it, or waiting for a pending
+  one) and adopting one happen on Dask's event loop; other copying and waiting for room do not.
 """
 
 from __future__ import annotations
@@ -113,6 +115,7 @@ class UgemBuffer(MutableMapping[Hashable, object]):
         self._local: dict[Hashable, object] = {}  # small values
         self._heap: dict[Hashable, object] = {}  # values the daemon had no room for
         self._pending: dict[Hashable, object] = {}  # values the writer thread is storing
+        self._done: dict[Hashable, threading.Event] = {}  # set once a pending key is stored or gone
         self._stored: dict[Hashable, _Stored] = {}
         self._mapped: dict[Hashable, object] = {}  # stored values held mapped, least recently used first
         self._weights: dict[Hashable, int] = {}  # sizeof of every value not in _local
@@ -140,8 +143,7 @@ class UgemBuffer(MutableMapping[Hashable, object]):
                     return self._weights[key]
                 for key, value in self._heap.items():  # the daemon had no room then: try again
                     del self._heap[key]
-                    self._pending[key] = value
-                    self._writer.submit(key)
+                    self._make_pending(key, value)
                     return self._weights[key]
             except Exception:
                 logger.exception("ugem.dask: eviction failed")
@@ -163,8 +165,18 @@ class UgemBuffer(MutableMapping[Hashable, object]):
                 self._stored[key] = adopted
                 self._keep_mapped(key, value)  # no copy: it is mapped already
                 return
-            self._pending[key] = value
+            self._make_pending(key, value)
+
+    def _make_pending(self, key: Hashable, value: object) -> None:
+        self._pending[key] = value
+        self._done[key] = threading.Event()
         self._writer.submit(key)
+
+    def _settled(self, key: Hashable) -> None:
+        """A pending key was stored, kept in the heap, or deleted: wake who waits for it."""
+        done = self._done.pop(key, None)
+        if done is not None:
+            done.set()
 
     def flush(self) -> None:
         """Wait until every value stored so far is in its object (or kept in the heap)."""
@@ -194,6 +206,7 @@ class UgemBuffer(MutableMapping[Hashable, object]):
             with self._lock:
                 if self._pending.get(key, _MISSING) is value:
                     del self._pending[key]
+                    self._settled(key)
                     if stored is None:
                         self._heap[key] = value
                     else:
@@ -203,13 +216,19 @@ class UgemBuffer(MutableMapping[Hashable, object]):
                 stored.buf.close()  # deleted or replaced meanwhile
 
     def __getitem__(self, key: Hashable) -> object:
+        while True:  # a pending value is waited for: read back, it is the object's zero-copy view
+            with self._lock:
+                done = self._done.get(key)
+                if done is None:
+                    return self._get(key)
+            done.wait()
+
+    def _get(self, key: Hashable) -> object:
         with self._lock:
             if key in self._local:
                 return self._local[key]
             if key in self._heap:
                 return self._heap[key]
-            if key in self._pending:
-                return self._pending[key]
             if key in self._mapped:
                 value = self._mapped.pop(key)
                 self._mapped[key] = value  # most recently used now
@@ -229,7 +248,10 @@ class UgemBuffer(MutableMapping[Hashable, object]):
                 self._unmap(key)
             self._weak.pop(key, None)
             del self._weights[key]
-            if self._heap.pop(key, _MISSING) is not _MISSING or self._pending.pop(key, _MISSING) is not _MISSING:
+            if self._pending.pop(key, _MISSING) is not _MISSING:
+                self._settled(key)
+                return
+            if self._heap.pop(key, _MISSING) is not _MISSING:
                 return
             stored = self._stored.pop(key)
             if not is_held(stored.buf):  # else its last view lets go of it (module rules)
@@ -322,6 +344,8 @@ class UgemBuffer(MutableMapping[Hashable, object]):
     def close(self) -> None:
         """Close the connection: the daemon releases every object of this worker."""
         with self._lock:
+            for key in list(self._done):
+                self._settled(key)
             for mapping in (self._local, self._heap, self._pending, self._stored, self._mapped, self._weights):
                 mapping.clear()
             self._mapped_bytes = 0
