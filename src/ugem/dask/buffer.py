@@ -342,7 +342,8 @@ class UgemBuffer(MutableMapping[Hashable, object]):
     # -- closing ---------------------------------------------------------------------
 
     def close(self) -> None:
-        """Close the connection: the daemon releases every object of this worker."""
+        """Stop the writer and close the connections: the daemon releases every object of
+        this worker."""
         with self._lock:
             for key in list(self._done):
                 self._settled(key)
@@ -350,7 +351,7 @@ class UgemBuffer(MutableMapping[Hashable, object]):
                 mapping.clear()
             self._mapped_bytes = 0
             self._weak = weakref.WeakValueDictionary()
-            self._finalizer()
+        self._finalizer()  # not under the lock: it waits for the writer, which may be taking it
 
     def __repr__(self) -> str:
         return (f"<UgemBuffer socket={self.socket!r} stored={len(self._stored)} mapped={len(self._mapped)} "
