@@ -18,6 +18,7 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 import _harness as H  # noqa: E402
 import bench_bulk  # noqa: E402
+import bench_dask  # noqa: E402
 import bench_device  # noqa: E402
 import bench_memory  # noqa: E402
 import bench_mmap_copy  # noqa: E402
@@ -35,6 +36,7 @@ BENCHES = {
     "scale": (bench_scale.run, bench_scale.DEFAULTS),
     "peers": (bench_peers.run, bench_peers.DEFAULTS),
     "pool": (bench_pool.run, bench_pool.DEFAULTS),
+    "dask": (bench_dask.run, bench_dask.DEFAULTS),
 }
 
 

@@ -5,6 +5,7 @@ budget the embedded runs use, so the purge and spill figures are the same both w
 
 from __future__ import annotations
 
+import contextlib
 import os
 import pathlib
 import re
@@ -94,12 +95,21 @@ BLOCKS = re.findall(r"```python\n(.*?)```", USAGE.read_text(), re.S)
 
 @pytest.mark.parametrize("index", range(len(BLOCKS)))
 def test_usage_blocks_run(index: int, tmp_path: pathlib.Path):
-    """Every ```python block of docs/USAGE.md runs as it is (embedded managers only)."""
+    """Every ```python block of docs/USAGE.md runs as it is: embedded managers only, except the
+    Dask block, which says to start the node's daemon first (found through $UGEM_SOCKET) and
+    must print the right mean and two ugem-backed workers."""
     env = {**os.environ, "PYTHONWARNINGS": "always::ResourceWarning", "XDG_CACHE_HOME": str(tmp_path)}
-    proc = subprocess.run([sys.executable, "-c", BLOCKS[index]], capture_output=True, text=True, timeout=120,
-                          cwd=tmp_path, env=env)
+    with contextlib.ExitStack() as stack:
+        if "ugem.dask" in BLOCKS[index]:
+            pytest.importorskip("distributed")
+            env["UGEM_SOCKET"] = stack.enter_context(run_daemon()).path
+        proc = subprocess.run([sys.executable, "-c", BLOCKS[index]], capture_output=True, text=True, timeout=300,
+                              cwd=tmp_path, env=env)
     assert proc.returncode == 0, f"block {index}:\n{BLOCKS[index]}\n{proc.stdout}\n{proc.stderr}"
     assert "Warning" not in proc.stderr, proc.stderr
+    if "ugem.dask" in BLOCKS[index]:
+        lines = proc.stdout.splitlines()
+        assert lines[0] == "1.0" and lines[1].count("'UgemBuffer'") == 2, proc.stdout
 
 
 def test_usage_blocks_print_what_they_say():

@@ -1,0 +1,358 @@
+"""`UgemBuffer`: a Dask worker's data mapping whose values live in ugem objects.
+
+Give it through `distributed`'s `data=` parameter (`Worker`, `Nanny`,
+`LocalCluster(data=(UgemBuffer, {"socket": PATH}))`); it is made in the worker process and
+connects there to the daemon at `socket` (default: as `ugem.connect()` finds it).
+
+Rules:
+- a value of at least `min_size` bytes (by Dask's `sizeof`, default 64 KiB) goes into an
+  object of its own, copied there by the writer thread (writer.py), never on Dask's event
+  loop, from which Dask stores results. Until then the value is pending: reading it waits
+  for that copy (so what is read back, and sent to other workers, is always the object's
+  view), and `flush()` waits for every pending value. A numpy array is stored raw (its
+  dtype, shape and strides kept here; a C- or Fortran-contiguous array is written as is,
+  any other is made C-contiguous first), any other value as the bytes of Dask's own
+  serialization (`serialize_bytelist`, uncompressed).
+  Smaller values stay in this process's heap (an object is at least a page, and a round
+  trip to the daemon costs more than they do);
+- an array that already lies in one of this process's held ugem mappings of the same
+  daemon (one received by reference from another worker, or a view or slice a task
+  returned) is not copied: the key gets a new handle to that object, which it keeps alive
+  whole (a small slice of a large object keeps all of it);
+- reading a key gives a zero-copy `UgemArray` on the object's mapping (other values are
+  deserialized from the mapping). The values this worker holds mapped are `fast`, least
+  recently used first, at most `target` bytes (one value may exceed it). The default is a
+  sixteenth of the daemon's system budget, at most 64 MiB: what workers keep mapped the
+  daemon cannot spill, so with many workers per node pass a smaller `target`;
+  values still in use elsewhere are found again through weak references, never mapped twice;
+- `evict()` (Dask's manual eviction protocol, called when the worker's memory passes
+  Dask's `spill` threshold) lets go of this worker's mapping of the least recently used
+  value and returns its size: its pages leave the worker's memory, and the object becomes
+  one the daemon may spill to disk when the node's budget needs room. The daemon does the
+  writing, on its own threads: nothing is written from Dask's event loop. A value that
+  is in use elsewhere stays mapped until that use ends;
+- if the daemon has no room (ENOMEM, EDQUOT, ENOSPC) to store a value even after this
+  worker let go of every mapping it holds, the value stays in the heap (correct, just not
+  in ugem) and is `fast` too: `evict()` hands it to the writer again (and returns its
+  size). Reading a value back with no room lets go of every mapping too, then tries again
+  for a few seconds (other workers' tasks end and let go of theirs) before raising
+  `OutOfMemory`;
+- deleting a key closes its handle at once, unless a view of its mapping is still in use
+  (then the handle closes once the last view is gone, so a transfer in flight can still
+  open the object by name, see handoff.py); `close()` (or garbage collection) closes the
+  connection, which releases every object of this worker; a worker that dies releases them
+  too (the daemon frees a dead client's objects). Views already handed out stay valid.
+  Dask never calls `close()` itself: a worker process releases everything when it ends;
+- limits: what tasks use at once is mapped and cannot be spilled, so the daemon's budget
+  must hold the working set of the tasks running at once on all the node's workers (else
+  they fail with `OutOfMemory`). Reading a value back (mapping it, or waiting for a pending
+  one) and adopting one happen on Dask's event loop; other copying and waiting for room do not.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+import weakref
+from collections import ChainMap
+from collections.abc import Hashable, Iterator, MutableMapping
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+from distributed.protocol.serialize import deserialize_bytes, serialize_bytelist
+from distributed.sizeof import safe_sizeof
+
+from ..client.buffer import Buffer
+from ..client.connect import connect
+from ..client.device import Device
+from ..config import parse_size
+from ..constants import PAGE_SIZE
+from ..errors import NoSpace, OutOfMemory, QuotaExceeded
+from .handoff import as_ugem_array, held, is_held, name_of, register_device, unregister_device
+from .writer import Writer
+
+__all__ = ["UgemBuffer"]
+
+logger = logging.getLogger("ugem.dask")
+_NO_ROOM = (OutOfMemory, QuotaExceeded, NoSpace)
+_MISSING = object()
+_RETRY_PAUSES = (0.0, 0.05, 0.1, 0.2, 0.4, 0.8, 1.6, 3.2)  # reading back with no room (module rules)
+
+
+@dataclass(slots=True)
+class _Stored:
+    """One key's object: an array (dtype, shape, strides, byte offset) or serialized bytes."""
+
+    buf: Buffer
+    dtype: np.dtype[Any] | None  # None: the object holds `length` bytes of Dask serialization
+    shape: tuple[int, ...] = ()
+    strides: tuple[int, ...] = ()
+    offset: int = 0
+    length: int = 0
+
+
+def _close(path: str, device: Device, writer: Writer) -> None:
+    writer.close()
+    unregister_device(path, device)
+    device.close()
+
+
+class UgemBuffer(MutableMapping[Hashable, object]):
+    """A `distributed` worker data mapping backed by the node's ugem daemon (module rules)."""
+
+    def __init__(self, socket: str | None = None, *, target: int | str | None = None,
+                 min_size: int | str = "64K") -> None:
+        self.device = connect(socket)
+        self.socket: str = getattr(self.device._transport, "path", "")
+        if target is None:
+            self.target = min(64 << 20, int(self.device.stats()["system_budget"]) // 16)
+        else:
+            self.target = parse_size(target, "target") if target != 0 else 0
+        self.min_size = parse_size(min_size, "min_size") if min_size != 0 else 0
+        self._lock = threading.RLock()
+        self._local: dict[Hashable, object] = {}  # small values
+        self._heap: dict[Hashable, object] = {}  # values the daemon had no room for
+        self._pending: dict[Hashable, object] = {}  # values the writer thread is storing
+        self._done: dict[Hashable, threading.Event] = {}  # set once a pending key is stored or gone
+        self._stored: dict[Hashable, _Stored] = {}
+        self._mapped: dict[Hashable, object] = {}  # stored values held mapped, least recently used first
+        self._weights: dict[Hashable, int] = {}  # sizeof of every value not in _local
+        self._mapped_bytes = 0
+        self._weak: weakref.WeakValueDictionary[Hashable, Any] = weakref.WeakValueDictionary()
+        self._writer = Writer(self.socket, self, UgemBuffer._write_pending)
+        register_device(self.socket, self.device)
+        self._finalizer = weakref.finalize(self, _close, self.socket, self.device, self._writer)
+
+    # -- Dask's manual eviction protocol -------------------------------------------------
+
+    @property
+    def fast(self) -> ChainMap[Hashable, object]:
+        """The values in this process's memory that `evict()` can act on: mapped ones, then
+        heap ones the daemon had no room for."""
+        return ChainMap(self._mapped, self._heap)
+
+    def evict(self) -> int:
+        """Let go of one value from this process's memory; its size, or -1 (never raises)."""
+        with self._lock:
+            try:
+                if self._mapped:
+                    key = next(iter(self._mapped))
+                    self._unmap(key)
+                    return self._weights[key]
+                for key, value in self._heap.items():  # the daemon had no room then: try again
+                    del self._heap[key]
+                    self._make_pending(key, value)
+                    return self._weights[key]
+            except Exception:
+                logger.exception("ugem.dask: eviction failed")
+            return -1
+
+    # -- MutableMapping --------------------------------------------------------------
+
+    def __setitem__(self, key: Hashable, value: object) -> None:
+        with self._lock:
+            if key in self:
+                del self[key]
+            weight = safe_sizeof(value)
+            if weight < self.min_size:
+                self._local[key] = value
+                return
+            self._weights[key] = weight
+            adopted = self._adopt(value) if isinstance(value, np.ndarray) else None
+            if adopted is not None:
+                self._stored[key] = adopted
+                self._keep_mapped(key, value)  # no copy: it is mapped already
+                return
+            self._make_pending(key, value)
+
+    def _make_pending(self, key: Hashable, value: object) -> None:
+        self._pending[key] = value
+        self._done[key] = threading.Event()
+        self._writer.submit(key)
+
+    def _settled(self, key: Hashable) -> None:
+        """A pending key was stored, kept in the heap, or deleted: wake who waits for it."""
+        done = self._done.pop(key, None)
+        if done is not None:
+            done.set()
+
+    def flush(self) -> None:
+        """Wait until every value stored so far is in its object (or kept in the heap)."""
+        self._writer.flush()
+
+    def _write_pending(self, key: Hashable) -> None:
+        """On the writer thread: copy one pending value into an object (writer.py)."""
+        with self._lock:
+            value = self._pending.get(key, _MISSING)
+        if value is _MISSING:
+            return  # deleted meanwhile
+        try:
+            try:
+                stored: _Stored | None = self._store(value)
+            except _NO_ROOM:
+                with self._lock:
+                    self._unmap_all()
+                self.device.stats()  # any request sends the releases just queued
+                stored = self._store(value)
+        except _NO_ROOM as exc:
+            logger.warning("ugem.dask: no room in the daemon for %s, kept in the heap: %s", key, exc)
+            stored = None
+        except BaseException:
+            stored = None
+            raise
+        finally:
+            with self._lock:
+                if self._pending.get(key, _MISSING) is value:
+                    del self._pending[key]
+                    self._settled(key)
+                    if stored is None:
+                        self._heap[key] = value
+                    else:
+                        self._stored[key] = stored
+                        stored = None
+            if stored is not None:
+                stored.buf.close()  # deleted or replaced meanwhile
+
+    def __getitem__(self, key: Hashable) -> object:
+        while True:  # a pending value is waited for: read back, it is the object's zero-copy view
+            with self._lock:
+                done = self._done.get(key)
+                if done is None:
+                    return self._get(key)
+            done.wait()
+
+    def _get(self, key: Hashable) -> object:
+        with self._lock:
+            if key in self._local:
+                return self._local[key]
+            if key in self._heap:
+                return self._heap[key]
+            if key in self._mapped:
+                value = self._mapped.pop(key)
+                self._mapped[key] = value  # most recently used now
+                return value
+            stored = self._stored[key]
+            found = self._weak.get(key)
+            value = found if found is not None else self._load_with_room(stored)
+            self._keep_mapped(key, value)
+            return value
+
+    def __delitem__(self, key: Hashable) -> None:
+        with self._lock:
+            if key in self._local:
+                del self._local[key]
+                return
+            if key in self._mapped:
+                self._unmap(key)
+            self._weak.pop(key, None)
+            del self._weights[key]
+            if self._pending.pop(key, _MISSING) is not _MISSING:
+                self._settled(key)
+                return
+            if self._heap.pop(key, _MISSING) is not _MISSING:
+                return
+            stored = self._stored.pop(key)
+            if not is_held(stored.buf):  # else its last view lets go of it (module rules)
+                stored.buf.close()
+
+    def __contains__(self, key: object) -> bool:
+        return key in self._local or key in self._stored or key in self._heap or key in self._pending
+
+    def __iter__(self) -> Iterator[Hashable]:
+        with self._lock:
+            keys = [*self._local, *self._stored, *self._heap, *self._pending]
+        yield from keys
+
+    def __len__(self) -> int:
+        return len(self._local) + len(self._stored) + len(self._heap) + len(self._pending)
+
+    # -- storing and loading ---------------------------------------------------------
+
+    def _adopt(self, a: np.ndarray[Any, Any]) -> _Stored | None:
+        """A new handle to the held object `a` lies in, if it is one of ours (no copy)."""
+        found = held(a)
+        if found is None or found[0].device is not self.device:
+            return None
+        data = int(a.__array_interface__["data"][0])
+        buf = Buffer.open_name(self.device, name_of(found[1]))
+        return _Stored(buf, a.dtype, a.shape, a.strides, found[1].offset + data - found[1].address)
+
+    def _store(self, value: object) -> _Stored:
+        """Copy the value into a new object through the writer's connection, then hand the
+        handle over to the main connection (writer.py)."""
+        dtype: np.dtype[Any] | None = None
+        shape: tuple[int, ...] = ()
+        strides: tuple[int, ...] = ()
+        if isinstance(value, np.ndarray) and not value.dtype.hasobject and value.size > 0:
+            a = value if value.flags.c_contiguous or value.flags.f_contiguous else np.ascontiguousarray(value)
+            dtype, shape, strides = a.dtype, a.shape, a.strides
+            frames: list[Any] = [(a if a.flags.c_contiguous else a.T).reshape(-1).view(np.uint8)]  # same bytes
+        else:
+            frames = serialize_bytelist(value, compression=False, on_error="raise")
+        length = sum(memoryview(f).nbytes for f in frames)
+        own = self._writer.device.new(max(length, PAGE_SIZE))
+        try:
+            position = 0
+            for frame in frames:
+                own.write(frame, position)
+                position += memoryview(frame).nbytes
+            buf = Buffer.open_name(self.device, own.flink())
+        finally:
+            own.close()
+        return _Stored(buf, dtype, shape, strides, length=length)
+
+    def _load_with_room(self, stored: _Stored) -> object:
+        """`_load`; with no room, let go of our mappings and try again (module rules)."""
+        for pause in _RETRY_PAUSES:
+            try:
+                return self._load(stored)
+            except _NO_ROOM:
+                self._unmap_all()
+                time.sleep(pause)
+        return self._load(stored)
+
+    def _load(self, stored: _Stored) -> object:
+        view = stored.buf.map()
+        if stored.dtype is not None:
+            return as_ugem_array(stored.buf, view, stored.dtype, stored.shape, stored.strides, stored.offset)
+        return deserialize_bytes(view[:stored.length])
+
+    # -- the mapped set ----------------------------------------------------------------
+
+    def _keep_mapped(self, key: Hashable, value: object) -> None:
+        self._mapped[key] = value
+        self._mapped_bytes += self._weights[key]
+        try:
+            self._weak[key] = value
+        except TypeError:  # not weakly referenceable: found again only while in _mapped
+            pass
+        while self._mapped_bytes > self.target and len(self._mapped) > 1:
+            self._unmap(next(iter(self._mapped)))
+
+    def _unmap(self, key: Hashable) -> None:
+        del self._mapped[key]
+        self._mapped_bytes -= self._weights[key]
+
+    def _unmap_all(self) -> None:
+        for key in list(self._mapped):
+            self._unmap(key)
+
+    # -- closing ---------------------------------------------------------------------
+
+    def close(self) -> None:
+        """Stop the writer and close the connections: the daemon releases every object of
+        this worker."""
+        with self._lock:
+            for key in list(self._done):
+                self._settled(key)
+            for mapping in (self._local, self._heap, self._pending, self._stored, self._mapped, self._weights):
+                mapping.clear()
+            self._mapped_bytes = 0
+            self._weak = weakref.WeakValueDictionary()
+        self._finalizer()  # not under the lock: it waits for the writer, which may be taking it
+
+    def __repr__(self) -> str:
+        return (f"<UgemBuffer socket={self.socket!r} stored={len(self._stored)} mapped={len(self._mapped)} "
+                f"local={len(self._local)} heap={len(self._heap)}>")

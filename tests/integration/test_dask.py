@@ -1,0 +1,244 @@
+"""ugem.dask: UgemBuffer as a Dask worker's data mapping, against a real daemon, and on a real
+`distributed.LocalCluster` of worker processes (2 workers, 1 thread each)."""
+
+from __future__ import annotations
+
+import os
+import signal
+import time
+from collections.abc import Iterator
+from typing import Any
+
+import numpy as np
+import pytest
+
+pytest.importorskip("distributed")
+
+import dask.array as da  # noqa: E402
+from distributed import Client, LocalCluster, wait  # noqa: E402
+
+from ugem.dask import UgemArray, UgemBuffer, handoff  # noqa: E402
+from ugem.testing import DaemonProcess, run_daemon  # noqa: E402
+from ugem.testing.data import wait_until  # noqa: E402
+
+MiB = 1 << 20
+
+
+# -- the mapping on its own ----------------------------------------------------------------
+
+
+@pytest.fixture
+def buffer(daemon: DaemonProcess) -> Iterator[UgemBuffer]:
+    data = UgemBuffer(daemon.path, target="16M", min_size="64K")
+    yield data
+    data.close()
+
+
+def test_arrays_round_trip_zero_copy(buffer: UgemBuffer, daemon: DaemonProcess) -> None:
+    c = np.arange(MiB // 8, dtype=np.float64)
+    f = np.asfortranarray(np.arange(300 * 400, dtype=np.int32).reshape(300, 400))
+    strided = np.arange(3 * MiB // 8, dtype=np.float64)[::3]
+    for key, value in [("c", c), ("f", f), ("strided", strided)]:
+        buffer[key] = value
+    # no flush: reading a value the writer thread is still copying waits for it
+    for key, value in [("c", c), ("f", f), ("strided", strided)]:
+        got = buffer[key]
+        assert isinstance(got, UgemArray) and got.dtype == value.dtype and got.shape == value.shape
+        np.testing.assert_array_equal(got, value)
+        assert handoff.held(got) is not None  # a view of the object's mapping, not a copy
+    assert buffer["f"].flags.f_contiguous  # type: ignore[attr-defined]
+    assert type(buffer["c"] + 1) is np.ndarray  # type: ignore[operator]
+    with daemon.connect() as dev:
+        assert dev.stats()["objects"] == 3
+
+
+def test_a_view_a_task_returns_is_adopted_not_copied(buffer: UgemBuffer, daemon: DaemonProcess) -> None:
+    source = np.arange(MiB // 8, dtype=np.float64)
+    buffer["a"] = source
+    buffer.flush()
+    buffer["slice"] = buffer["a"][1000:2000:2]  # type: ignore[index]
+    with daemon.connect() as dev:
+        assert dev.stats()["objects"] == 1  # a second handle to the same object, no copy
+        del buffer["a"]
+        buffer.evict(), buffer.evict()
+        np.testing.assert_array_equal(buffer["slice"], source[1000:2000:2])
+        del buffer["slice"]
+        # the handle closes once the last view is gone: queued, sent with the buffer's next request
+        wait_until(lambda: buffer.device.stats()["objects"] == 0, what="the object released")
+
+
+def test_other_values_small_values_and_delete(buffer: UgemBuffer, daemon: DaemonProcess) -> None:
+    buffer["d"] = {"a": np.ones(MiB // 8), "b": "text" * 100_000}
+    buffer["small"] = 42
+    buffer.flush()
+    got = buffer["d"]
+    assert isinstance(got, dict) and got["b"] == "text" * 100_000 and got["a"].sum() == MiB // 8
+    assert buffer["small"] == 42 and set(buffer) == {"d", "small"} and len(buffer) == 2
+    with daemon.connect() as dev:
+        assert dev.stats()["objects"] == 1  # the small value stays in the heap
+        del got
+        del buffer["d"], buffer["small"]
+        assert dev.stats()["objects"] == 0 and len(buffer) == 0
+        with pytest.raises(KeyError):
+            buffer["d"]
+
+
+def test_evict_lets_go_of_the_mapping(buffer: UgemBuffer, daemon: DaemonProcess) -> None:
+    buffer["a"] = np.ones(MiB)
+    buffer["b"] = np.ones(MiB)
+    buffer.flush()
+    assert not buffer.fast  # copied into objects: nothing mapped yet
+    buffer["a"], buffer["b"]
+    assert set(buffer.fast) == {"a", "b"}
+    assert buffer.evict() == 8 * MiB and set(buffer.fast) == {"b"}  # least recently used first
+    assert buffer.evict() == 8 * MiB and buffer.evict() == -1  # nothing left to evict
+    np.testing.assert_array_equal(buffer["a"], np.ones(MiB))  # mapped again on demand
+
+
+def test_more_than_the_budget_spills_and_reads_back(daemon_small: DaemonProcess) -> None:
+    data = UgemBuffer(daemon_small.path, target="8M")
+    try:
+        for i in range(12):  # 96 MiB through a 32 MiB budget
+            data[i] = np.full(MiB, i, dtype=np.float64)
+        data.flush()
+        for i in range(12):
+            assert float(data[i][::4096].mean()) == i  # type: ignore[index]
+        with daemon_small.connect() as dev:
+            assert dev.stats()["spilled_total"] > 0
+    finally:
+        data.close()
+    with daemon_small.connect() as dev:
+        wait_until(lambda: dev.stats()["objects"] == 0, what="objects released by close()")
+
+
+def test_no_room_keeps_the_value_in_the_heap_until_evict(daemon_small: DaemonProcess) -> None:
+    data = UgemBuffer(daemon_small.path, target="64M")
+    try:
+        for i in range(4):  # the whole 32 MiB budget
+            data[i] = np.full(MiB, i, dtype=np.float64)
+        data.flush()
+        views = [data[i] for i in range(4)]  # all mapped: the daemon can spill none of them
+        data["x"] = np.full(MiB, 9.0)
+        data.flush()
+        assert not isinstance(data["x"], UgemArray) and "x" in data.fast  # kept in the heap
+        del views
+        while data.evict() != -1:  # the mappings first, then "x" goes back to the writer
+            data.flush()
+        got = data["x"]
+        assert isinstance(got, UgemArray) and float(got[::4096].mean()) == 9.0
+        del data[0], got
+        data["y"] = np.full(MiB, 7.0)
+        del data["y"]  # deleted while (or after) the writer stores it: nothing is left of it
+        data.flush()
+        wait_until(lambda: data.device.stats()["objects"] == 4, what="3 values and x, nothing of y")
+    finally:
+        data.close()
+
+
+@pytest.fixture
+def daemon_small() -> Iterator[DaemonProcess]:
+    with run_daemon(system_budget="32M") as d:
+        yield d
+
+
+# -- a real LocalCluster ---------------------------------------------------------------------
+
+
+def _cluster(path: str) -> LocalCluster:
+    return LocalCluster(n_workers=2, threads_per_worker=1, processes=True, dashboard_address=None,
+                        data=(UgemBuffer, {"socket": path}), memory_limit="1G")
+
+
+def _released(dev: Any, baseline_fds: int, daemon: DaemonProcess) -> None:
+    for path, conn in list(handoff._connections.items()):  # results the test process received
+        conn.close()
+        del handoff._connections[path]
+    wait_until(lambda: dev.stats()["objects"] == 0, what="every object released")
+    wait_until(lambda: daemon.fd_count() <= baseline_fds, what="daemon fds back to baseline")
+    stats = dev.stats()
+    assert stats["spilled_bytes"] == 0 and stats["clients"] == 1 and stats["resident_bytes"] == 0
+
+
+def test_cluster_reductions_rechunk_and_same_host_handoff(daemon: DaemonProcess) -> None:
+    with daemon.connect() as dev:
+        baseline = daemon.fd_count()
+        with _cluster(daemon.path) as cluster, Client(cluster) as client:
+            x = da.random.default_rng(0).random((2000, 2000), chunks=(500, 500))  # 32 MiB, 16 chunks
+            host = x.compute()
+            assert np.isclose(x.sum().compute(), host.sum())
+            np.testing.assert_allclose(x.mean(axis=0).compute(), host.mean(axis=0))
+            np.testing.assert_array_equal(x.rechunk((2000, 125)).compute(), host)
+
+            a, b = sorted(client.scheduler_info()["workers"])
+            held_by_a = client.persist(x, workers=[a], allow_other_workers=False)
+            wait(held_by_a)
+            client.run(lambda dask_worker: dask_worker.data.flush())  # every chunk copied into its object
+            assert dev.stats()["objects"] >= 16
+            on_b = client.compute((held_by_a + 1).sum(axis=1), workers=[b], allow_other_workers=False)
+            np.testing.assert_allclose(on_b.result(), (host + 1).sum(axis=1))
+            counts = client.run(lambda: dict(handoff.counts))
+            assert counts[a]["sent"] >= 16  # every chunk went to b as a reference
+            assert counts[b]["mapped"] >= 16 and counts[b]["copied"] == 0
+            del held_by_a, on_b
+        _released(dev, baseline, daemon)
+
+
+def test_cluster_map_blocks_beyond_the_budget_spills(daemon_small: DaemonProcess) -> None:
+    with daemon_small.connect() as dev:
+        baseline = daemon_small.fd_count()
+        with _cluster(daemon_small.path) as cluster, Client(cluster):
+            x = da.arange(12 * MiB, chunks=MiB, dtype=np.float64)  # 96 MiB, 3x the budget
+            y = x.map_blocks(lambda b: b * 2.0).persist()
+            wait(y)
+            assert float(y.sum().compute()) == 2.0 * (12 * MiB - 1) * 12 * MiB / 2
+            assert dev.stats()["spilled_total"] > 0
+            del y
+        _released(dev, baseline, daemon_small)
+
+
+def _slow_double(block: np.ndarray) -> np.ndarray:
+    time.sleep(0.3)
+    return block * 2.0
+
+
+def test_cluster_worker_killed_mid_computation(daemon: DaemonProcess) -> None:
+    with daemon.connect() as dev:
+        baseline = daemon.fd_count()
+        with _cluster(daemon.path) as cluster, Client(cluster) as client:
+            pids = client.run(os.getpid)
+            x = da.arange(32 * MiB // 8, chunks=MiB // 8, dtype=np.float64)  # 32 chunks of 1 MiB
+            y = x.map_blocks(_slow_double).persist()  # every block a stored result
+            victim = sorted(pids)[0]
+            wait_until(lambda: any(c["pid"] == pids[victim] and c["objects"] > 0
+                                   for c in dev.stats()["per_client"]), what="the victim holds objects")
+            os.kill(pids[victim], signal.SIGKILL)
+            wait_until(lambda: all(c["pid"] != pids[victim] for c in dev.stats()["per_client"]),
+                       what="the dead worker's client released")
+            n = 32 * MiB // 8
+            assert float(y.sum().compute()) == 2.0 * (n - 1) * n / 2
+            del y
+        _released(dev, baseline, daemon)
+
+
+def test_launcher_starts_ugem_backed_workers(daemon: DaemonProcess) -> None:
+    import subprocess
+    import sys
+
+    with LocalCluster(n_workers=0, processes=True, dashboard_address=None) as cluster, Client(cluster) as client:
+        env = {**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)}
+        proc = subprocess.Popen([sys.executable, "-m", "ugem.dask.worker", cluster.scheduler_address,
+                                 "--nworkers", "1", "--socket", daemon.path], env=env)
+        try:
+            client.wait_for_workers(1, timeout=120)
+            kinds = client.run(lambda dask_worker: type(dask_worker.data).__name__)
+            assert list(kinds.values()) == ["UgemBuffer"]
+            x = da.arange(1_000_000, chunks=250_000, dtype=np.float64).persist()  # 4 chunks of 2 MB
+            assert float(x.sum().compute()) == 999_999 * 1_000_000 / 2
+            with daemon.connect() as dev:
+                assert dev.stats()["objects"] == 4
+            del x
+        finally:
+            proc.send_signal(signal.SIGTERM)
+            assert proc.wait(timeout=120) == 0
+    with daemon.connect() as dev:
+        wait_until(lambda: dev.stats()["objects"] == 0, what="the launcher's workers released everything")
