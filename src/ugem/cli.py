@@ -49,6 +49,13 @@ _SERVE_KEYS = ("vram", "system_budget", "spill_dir", "client_quota", "client_max
 _LOG_LEVELS = ("debug", "info", "warning", "error")
 
 
+def _default(key: str) -> str:
+    """Config field `key`'s default as `serve --help` shows it (the value lives in config.py)."""
+    value: float = Config.__dataclass_fields__[key].default  # type: ignore[assignment]
+    units = [(u, n) for u, n in (("G", 1 << 30), ("M", 1 << 20)) if key in ("vram", "pin_limit") and value % n == 0]
+    return f"{int(value) // units[0][1]}{units[0][0]}" if units else f"{value:g}"
+
+
 def _flag(key: str) -> str:
     return "--" + key.replace("_", "-")
 
@@ -320,17 +327,19 @@ def build_parser() -> argparse.ArgumentParser:
                                        "exits 2 with one line naming the flag.")
     serve.add_argument("--socket", metavar="PATH", help="socket path (default: $UGEM_SOCKET, "
                                                         "$XDG_RUNTIME_DIR/ugem/ugem.sock, /tmp/ugem-<uid>/ugem.sock)")
-    serve.add_argument("--vram", metavar="SIZE", help="device memory (default 1G, at most 64T)")
+    serve.add_argument("--vram", metavar="SIZE", help=f"device memory (default {_default('vram')}, at most 64T)")
     serve.add_argument("--system-budget", metavar="SIZE", help="resident memory budget "
                        "(default: half of physical memory)")
     serve.add_argument("--spill-dir", metavar="DIR", help="spill directory (default $XDG_CACHE_HOME/ugem/spill, "
                                                           "else ~/.cache/ugem/spill)")
     serve.add_argument("--client-quota", metavar="SIZE", help="bytes one client may create, or 'unlimited' "
                                                               "(the default)")
-    serve.add_argument("--client-max-objects", metavar="N", help="handles one client may hold (default 65536)")
-    serve.add_argument("--pin-limit", metavar="SIZE", help="bytes one client may pin (default 64M)")
+    serve.add_argument("--client-max-objects", metavar="N", help="handles one client may hold (default "
+                       f"{_default('client_max_objects')})")
+    serve.add_argument("--pin-limit", metavar="SIZE", help="bytes one client may pin (default "
+                       f"{_default('pin_limit')})")
     serve.add_argument("--hang-timeout", metavar="SECONDS", help="seconds before device work counts as hung "
-                                                                 "(default 10)")
+                       f"(default {_default('hang_timeout')})")
     serve.add_argument("--stall-timeout", metavar="SECONDS", help="drop a connection that has not completed its "
                        "handshake, or has sent part of a frame, for this long (default 30)")
     serve.add_argument("--exit-idle", metavar="SECONDS", help="exit (as on SIGTERM) once no client has been "
@@ -341,7 +350,7 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--uid-quota", metavar="SIZE", help="bytes all clients of one uid may create plus pin, or "
                        "'unlimited' (default: half the system budget; root and the daemon's uid: unlimited)")
     serve.add_argument("--uid-max-clients", metavar="N", help="connections of one uid, or 'unlimited' (default "
-                       "256; root and the daemon's uid: unlimited)")
+                       f"{_default('uid_max_clients')}; root and the daemon's uid: unlimited)")
     serve.add_argument("--socket-mode", metavar="OCTAL", default="0600", help="socket file mode, octal from 0 to "
                                                                                "0777 (default 0600)")
     serve.add_argument("--log-level", metavar="LEVEL", default="info",

@@ -32,7 +32,17 @@ from ..core.requests import REQUESTS
 from ..errors import BadFd, DaemonGone, RemoteProtocolError, TimedOut, TooBig, UgemError, error_from_errno
 from ..fd import OwnedFd, fds_from_ancillary
 from ..wire import structs as s
-from ..wire.frames import HEADER, MAGIC, MAX_FDS, MAX_PAYLOAD, PROTOCOL_VERSION, Kind, Op, encode_header
+from ..wire.frames import (
+    HEADER,
+    MAGIC,
+    MAX_FDS,
+    MAX_PAYLOAD,
+    PROTOCOL_VERSION,
+    XFER_ABOVE,
+    Kind,
+    Op,
+    encode_header,
+)
 
 if TYPE_CHECKING:
     from ..core.client import Client
@@ -44,6 +54,7 @@ __all__ = ["EmbeddedTransport", "ForkedTransport", "SocketTransport", "track_for
 class EmbeddedTransport:
     embedded = True
     lost = False  # no daemon to lose
+    inline_limit = XFER_ABOVE  # a larger pread takes the XFER path (its result allocated once accepted)
 
     def __init__(self, manager: Manager, client: Client) -> None:
         self.manager = manager
@@ -66,6 +77,7 @@ class ForkedTransport:
     EBADF, at once; closing does nothing (the parent's connection is not the child's)."""
 
     lost = False
+    inline_limit = XFER_ABOVE
 
     def __init__(self, embedded: bool, client_id: int, parent_pid: int) -> None:
         self.embedded = embedded
@@ -148,6 +160,7 @@ class SocketTransport:
         self.client_id = hello.client_id
         self.server_pid = hello.server_pid
         self.max_inline = hello.max_inline
+        self.inline_limit = min(XFER_ABOVE, hello.max_inline)  # what the daemon takes inline, at most
 
     def call(self, op: Op, req: s.Struct) -> Any:
         reply_type = _REPLY_TYPES[op]
