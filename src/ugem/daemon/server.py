@@ -1,4 +1,4 @@
-"""Server: the listening socket, the selectors loop, signals and shutdown (SPEC §4).
+"""Server: the listening socket, the epoll loop, signals and shutdown (SPEC §4).
 
 Rules:
 - one thread, one epoll loop (`poller.py`) owns the core: no locks in the core;

@@ -2,8 +2,8 @@
 
 Rules:
 - workers run only `Job.run()`, which touches the fds captured in the job, never the
-  core; the loop learns of completions through a pipe it selects on and applies them
-  with `Core.memory.finish` on its own thread;
+  core; the loop learns of completions through a pipe its epoll watches and applies them
+  with `core.memory.finish` on its own thread;
 - a job is submitted once (`job.started`); many parked requests may wait for it;
 - `shutdown()` waits for the jobs in flight, so no copy outlives the daemon's fds.
 """
