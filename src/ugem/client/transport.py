@@ -20,7 +20,6 @@ and Buffer release) only queue, and nothing is ever flushed. No cost per call.
 
 from __future__ import annotations
 
-import array
 import os
 import socket
 import threading
@@ -30,12 +29,12 @@ from typing import TYPE_CHECKING, Any, NoReturn, Protocol
 
 from ..core.requests import REQUESTS
 from ..errors import BadFd, DaemonGone, RemoteProtocolError, TimedOut, TooBig, UgemError, error_from_errno
-from ..fd import OwnedFd, fds_from_ancillary
+from ..fd import OwnedFd
+from ..scm import ANC_SPACE, fds_from_ancillary, rights
 from ..wire import structs as s
 from ..wire.frames import (
     HEADER,
     MAGIC,
-    MAX_FDS,
     MAX_PAYLOAD,
     PROTOCOL_VERSION,
     XFER_ABOVE,
@@ -120,7 +119,6 @@ def _after_fork_in_child() -> None:
 os.register_at_fork(after_in_child=_after_fork_in_child)
 
 
-_ANC_SPACE = socket.CMSG_SPACE(MAX_FDS * array.array("i").itemsize)
 _FIRST_READ = 65536
 _CTRUNC = int(socket.MSG_CTRUNC)  # plain ints: enum flag arithmetic costs ~0.5 us per request
 _CLOEXEC = int(socket.MSG_CMSG_CLOEXEC)
@@ -240,9 +238,8 @@ class SocketTransport:
         length = sum(len(p) if not isinstance(p, memoryview) else p.nbytes for p in pieces)
         header = encode_header(length, op, len(fds), Kind.REQUEST, self._seq)
         buffers = [header, *pieces]
-        anc = [(socket.SOL_SOCKET, socket.SCM_RIGHTS, array.array("i", [f.fd for f in fds]))] if fds else []
         total = len(header) + length
-        sent = self._sock.sendmsg(buffers, anc)
+        sent = self._sock.sendmsg(buffers, rights(fds))
         if sent < total:  # the rest without the fds (they went with the first byte)
             data = b"".join(bytes(b) for b in buffers)
             self._sock.sendall(data[sent:])
@@ -261,7 +258,7 @@ class SocketTransport:
         while len(buf) < HEADER.size:
             if buf:  # not the call's first read
                 self._rearm()
-            data, anc, flags, _ = self._sock.recvmsg(_FIRST_READ, _ANC_SPACE if with_fds and not buf else 0,
+            data, anc, flags, _ = self._sock.recvmsg(_FIRST_READ, ANC_SPACE if with_fds and not buf else 0,
                                                      _CLOEXEC)
             if anc:
                 fds.extend(fds_from_ancillary(anc))
