@@ -14,7 +14,7 @@ from __future__ import annotations
 import os
 import warnings
 
-__all__ = ["OwnedFd"]
+__all__ = ["OwnedFd", "drain", "pipe"]
 
 
 class OwnedFd:
@@ -66,3 +66,17 @@ class OwnedFd:
     def __repr__(self) -> str:
         return f"OwnedFd({self._fd})"
 
+
+def pipe(flags: int = os.O_CLOEXEC) -> tuple[OwnedFd, OwnedFd]:
+    """A new pipe (`os.pipe2(flags)`): its read end and its write end, each owned."""
+    read_end, write_end = os.pipe2(flags)
+    return OwnedFd(read_end), OwnedFd(write_end)
+
+
+def drain(fd: OwnedFd) -> None:
+    """Read a non-blocking pipe's read end until it is empty (wake-up bytes)."""
+    try:
+        while os.read(fd.fileno(), 4096):
+            pass
+    except BlockingIOError:
+        pass
