@@ -20,7 +20,7 @@ Samples are pooled over `--runs` rounds after `--warmup` rounds.
    (room made = 64 MiB spilled, plus one round trip); the client's own copy into the new
    object comes after the reply and is not spill time (it is listed as "pwrite under
    pressure, whole call"). The split point is taken by wrapping the client library's copy
-   helper (`ugem.client.device._pwritev_all`) in this process; src/ is untouched.
+   helper (`pwritev_all`, as ugem.client.device calls it) in this process; src/ is untouched.
    Baseline, alternating with those steps: os.pwrite of the same bytes, 8 MiB chunks, into a
    new file in the same directory, 64 MiB per step. Neither side fsyncs (ugem does not).
    Target >= 0.70. The same pairs again with the page cache prewarmed (before each pair, a
@@ -179,7 +179,7 @@ class ReplyMarks:
         self._saved: dict[str, Any] = {}
 
     def install(self) -> None:
-        for name in ("_pwritev_all", "_preadv_all"):
+        for name in ("pwritev_all", "preadv_all"):  # client/bulk.py's, as client/device.py names them
             original = getattr(_client_device, name, None)
             if original is None:
                 raise RuntimeError(f"ugem.client.device.{name} is gone: cannot split a call at the reply")
