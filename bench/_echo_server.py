@@ -1,27 +1,21 @@
 """The bare baseline for bench_roundtrip: a minimal Python request/response server.
 
-`python bench/_echo_server.py SOCKET_PATH [STATS_PATH]` listens on a Unix stream socket,
-prints "ready" and serves until SIGTERM. It is what the daemon's control path is compared
-with: one thread, a `selectors` loop, non-blocking sockets; every request is a 16-byte header
+`python bench/_echo_server.py SOCKET_PATH` listens on a Unix stream socket, prints "ready"
+and serves until SIGTERM. It is what the daemon's control path is compared with: one
+thread, a `selectors` loop (epoll, as the daemon's), non-blocking sockets; every request is a 16-byte header
 (the same layout as ugem's frame header: length, op, nfds, kind, seq, status) followed by
 `length` payload bytes; every reply is a 16-byte header and an 8-byte payload. No dispatch,
 no decoding beyond the header: the floor of a Python round trip.
-
-With STATS_PATH (used by profile_roundtrip.py) it also records, for every wake-up, the time
-from `select()` returning to the next `select()` call (the server's busy time per request)
-and writes `{"events": N, "busy_ns": [...]}` there as JSON when it stops.
 """
 
 from __future__ import annotations
 
-import json
 import os
 import selectors
 import signal
 import socket
 import struct
 import sys
-import time
 
 HEADER = struct.Struct("<IHBBIi")
 REPLY_PAYLOAD = b"\x00" * 8
@@ -45,7 +39,7 @@ def on_readable(conn: socket.socket, buf: bytearray) -> bool:
     return True
 
 
-def serve(path: str, stats_path: str | None = None) -> None:
+def serve(path: str) -> None:
     sel = selectors.DefaultSelector()
     listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
     listener.bind(path)
@@ -54,8 +48,6 @@ def serve(path: str, stats_path: str | None = None) -> None:
     sel.register(listener, selectors.EVENT_READ, None)
     buffers: dict[int, bytearray] = {}
     stop = False
-    busy: list[int] = []
-    clock = time.perf_counter_ns
 
     def on_term(signum: int, frame: object) -> None:
         nonlocal stop
@@ -66,7 +58,6 @@ def serve(path: str, stats_path: str | None = None) -> None:
     try:
         while not stop:
             events = sel.select(timeout=0.5)
-            t0 = clock() if stats_path is not None else 0
             for key, _ in events:
                 if key.data is None:
                     conn, _ = listener.accept()
@@ -79,8 +70,6 @@ def serve(path: str, stats_path: str | None = None) -> None:
                     sel.unregister(conn)
                     buffers.pop(conn.fileno(), None)
                     conn.close()
-            if stats_path is not None and events:
-                busy.append(clock() - t0)
     finally:
         for key in list(sel.get_map().values()):
             key.fileobj.close()  # type: ignore[union-attr]
@@ -89,10 +78,7 @@ def serve(path: str, stats_path: str | None = None) -> None:
             os.unlink(path)
         except FileNotFoundError:
             pass
-        if stats_path is not None:
-            with open(stats_path, "w") as f:
-                json.dump({"events": len(busy), "busy_ns": busy}, f)
 
 
 if __name__ == "__main__":
-    serve(sys.argv[1], sys.argv[2] if len(sys.argv) > 2 else None)
+    serve(sys.argv[1])

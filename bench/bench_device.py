@@ -509,9 +509,21 @@ def run(opts: H.Options) -> H.Report:
     report = H.Report(BENCH, "device: VRAM eviction, suspend, command rates",
                       {"runs": opts.runs, "warmup": opts.warmup, "vram": CONFIG["vram"],
                        "system_budget": CONFIG["system_budget"], "objects": f"{COUNT} x {OBJ // MiB} MiB"})
+    timer = DeviceOpTimer()
+    series, modes, end_stats = _measure(opts, timer)
+    _copy_rows(report.rows, series)
+    _rate_rows(report.rows, series)
+    _latency_rows(report, series)
+    _notes(report.notes, timer, modes, end_stats)
+    return report
+
+
+def _measure(opts: H.Options, timer: DeviceOpTimer) -> tuple[H.Results, dict[str, ModeRunners],
+                                                              dict[str, dict[str, Any]]]:
+    """The interleaved rounds of both modes and the baselines; (series, the modes' runners,
+    each mode's stats() at the end)."""
     workdir = tempfile.mkdtemp(prefix="ugem-bench-device-")
     data = pattern(OBJ)  # pre-faulted source of the pwrites and of the baselines
-    timer = DeviceOpTimer()
     modes: dict[str, ModeRunners] = {}
     try:
         with contextlib.ExitStack() as stack:
@@ -534,9 +546,12 @@ def run(opts: H.Options) -> H.Report:
             end_stats = {mode: m.dev.stats() for mode, m in modes.items()}
     finally:
         shutil.rmtree(workdir, ignore_errors=True)
+    return series, modes, end_stats
 
+
+def _copy_rows(rows: list[H.Row], series: H.Results) -> None:
+    """The baselines, 1. eviction and 2. suspend."""
     memcpy, new_copy, new_write = series["memcpy"], series["new pages copy"], series["new pages pwrite"]
-    rows = report.rows
     rows.append(H.Row.throughput(BENCH, "memcpy: np.copyto 16 x 64 MiB, warm buffers", "baseline", memcpy))
     rows.append(H.Row.throughput(BENCH, "copy into new pages: 16 x (memfd + mmap + np.copyto 64 MiB)", "baseline",
                                  new_copy, baseline=memcpy))
@@ -556,7 +571,10 @@ def run(opts: H.Options) -> H.Report:
         s = series[f"{mode} suspend"]
         rows.append(headline(H.Row.throughput(BENCH, "suspend() with 1 GiB dirty VRAM", mode, s, baseline=memcpy)))
         rows.append(H.Row.throughput(BENCH, "  same, vs copy into new pages", mode, s, baseline=new_copy))
-    # 3. command rates
+
+
+def _rate_rows(rows: list[H.Row], series: H.Results) -> None:
+    """3. command rates."""
     fills = series["numpy fill"]
     rows.append(rate_row("numpy fill 4 KiB in this process (the work itself)", "baseline", fills, SINGLES, "cmd/s"))
     for mode in MODES:
@@ -573,7 +591,10 @@ def run(opts: H.Options) -> H.Report:
         rows.append(rate_row("execbuffer 100 x Fill 4 KiB, in commands/s", mode, batched, BATCHES * PER_BATCH, "cmd/s",
                              baseline=single, in_summary=True))
 
-    # 4. latency
+
+def _latency_rows(report: H.Report, series: H.Results) -> None:
+    """4. another client's latency while one evicts, and the tails in the notes."""
+    rows = report.rows
     for mode in MODES:
         for req in ("busy", "pread"):
             what = "busy(h)" if req == "busy" else "pread 4 KiB"
@@ -594,30 +615,33 @@ def run(opts: H.Options) -> H.Report:
             if v:
                 report.notes.append(f"{mode} client B {req} during eviction: n={len(v)}, max {max(v) / 1e6:.1f} ms, "
                                     f"{sum(1 for x in v if x > LATENCY_MS * 1e6)} over {LATENCY_MS:g} ms")
-    report.notes.append(
+
+
+def _notes(notes: list[str], timer: DeviceOpTimer, modes: dict[str, ModeRunners],
+           end_stats: dict[str, dict[str, Any]]) -> None:
+    notes.append(
         "evict timed interval = 16 execbuffers (each queues: copy out of one 64 MiB A object into new system "
         "pages, the move-in of one B object, a 4 KiB Fill) + wait_fence(last) + 1-byte pread of each A object; "
         "fresh: move-in = device-side clear of 64 MiB (memset); with data: move-in = 64 MiB copy from the "
         "object's system pages (B pwritten untimed before), so 2 GiB cross the device timeline. "
         "GB/s = 1 GiB evicted / interval")
-    report.notes.append("suspend timed interval = the suspend() call: waits for device work, then 16 copies out of "
-                        "64 MiB into new system pages; GB/s = 1 GiB / interval")
-    report.notes.append("ratio for evict/suspend = GB/s / baseline GB/s (same rounds); command rates: ratio of "
-                        "'execbuffer 1 x Fill' = its rate / busy() rate; 'crowded' and 'commands/s' rows = their "
-                        "rate / the single-Fill rate; p99 column of a rate or GB/s row = the slowest-1% sample")
-    report.notes.append("memcpy baseline copies between the same two warm buffers: no page is allocated; an "
-                        "eviction must write into new pages (a new memfd per evicted object), so the 'new pages' "
-                        "baseline is the like-for-like one on this machine")
+    notes.append("suspend timed interval = the suspend() call: waits for device work, then 16 copies out of "
+                 "64 MiB into new system pages; GB/s = 1 GiB / interval")
+    notes.append("ratio for evict/suspend = GB/s / baseline GB/s (same rounds); command rates: ratio of "
+                 "'execbuffer 1 x Fill' = its rate / busy() rate; 'crowded' and 'commands/s' rows = their "
+                 "rate / the single-Fill rate; p99 column of a rate or GB/s row = the slowest-1% sample")
+    notes.append("memcpy baseline copies between the same two warm buffers: no page is allocated; an "
+                 "eviction must write into new pages (a new memfd per evicted object), so the 'new pages' "
+                 "baseline is the like-for-like one on this machine")
     for label in ("evict fresh", "evict with data", "suspend"):
-        report.notes.append(f"embedded device thread, {label}, per round: {timer.describe(label)}")
+        notes.append(f"embedded device thread, {label}, per round: {timer.describe(label)}")
     for mode, m in modes.items():
         for key, values in m.facts.items():
-            report.notes.append(f"{mode} {key}, per round (warm-up first): {', '.join(str(v) for v in values)}")
+            notes.append(f"{mode} {key}, per round (warm-up first): {', '.join(str(v) for v in values)}")
         st = end_stats[mode]
-        report.notes.append(f"{mode} stats at the end: evicted_total {st['evicted_total']}, spilled_total "
-                            f"{st['spilled_total']}, bytes_moved_total {st['bytes_moved_total'] / MiB:.0f} MiB, "
-                            f"vram_bytes {st['vram_bytes']}, resident_bytes {st['resident_bytes']}")
-    return report
+        notes.append(f"{mode} stats at the end: evicted_total {st['evicted_total']}, spilled_total "
+                     f"{st['spilled_total']}, bytes_moved_total {st['bytes_moved_total'] / MiB:.0f} MiB, "
+                     f"vram_bytes {st['vram_bytes']}, resident_bytes {st['resident_bytes']}")
 
 
 def main(argv: list[str] | None = None) -> int:

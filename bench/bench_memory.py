@@ -20,7 +20,7 @@ Samples are pooled over `--runs` rounds after `--warmup` rounds.
    (room made = 64 MiB spilled, plus one round trip); the client's own copy into the new
    object comes after the reply and is not spill time (it is listed as "pwrite under
    pressure, whole call"). The split point is taken by wrapping the client library's copy
-   helper (`ugem.client.device._pwritev_all`) in this process; src/ is untouched.
+   helper (`pwritev_all`, as ugem.client.device calls it) in this process; src/ is untouched.
    Baseline, alternating with those steps: os.pwrite of the same bytes, 8 MiB chunks, into a
    new file in the same directory, 64 MiB per step. Neither side fsyncs (ugem does not).
    Target >= 0.70. The same pairs again with the page cache prewarmed (before each pair, a
@@ -179,7 +179,7 @@ class ReplyMarks:
         self._saved: dict[str, Any] = {}
 
     def install(self) -> None:
-        for name in ("_pwritev_all", "_preadv_all"):
+        for name in ("pwritev_all", "preadv_all"):  # client/bulk.py's, as client/device.py names them
             original = getattr(_client_device, name, None)
             if original is None:
                 raise RuntimeError(f"ugem.client.device.{name} is gone: cannot split a call at the reply")
@@ -252,88 +252,107 @@ class Cycles:
     def spill_restore(self, n: int) -> dict[str, list[int]]:
         """Spill 12 x 64 MiB (ugem) / write 12 x 64 MiB to a new file (baseline), step by step;
         then read them back: 6 with the files in the page cache, 6 after dropping it."""
-        dev, s = self.dev, defaultdict(list)
+        s: dict[str, list[int]] = defaultdict(list)
         for _ in range(n):
-            handles: list[int] = []
-            for _ in range(FILL):  # the budget fills up: no pressure yet
-                h = dev.create(OBJ)
-                t0, t1, t2 = self._write_timed(h)
-                s["pwrite reply, no pressure"].append(t1 - t0)
-                s["pwrite whole call, no pressure"].append(t2 - t0)
-                handles.append(h)
+            handles = self._fill(s)
             self._k += 1
             path = os.path.join(self.spill_dir, f"baseline-{os.getpid()}-{self._k}")
             fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o600)
             try:
-                def spill_one() -> None:  # this pwrite must first spill one 64 MiB object
-                    h = dev.create(OBJ)
-                    t0, t1, t2 = self._write_timed(h)
-                    s["spill"].append(t1 - t0)
-                    s["pwrite whole call, under pressure"].append(t2 - t0)
-                    handles.append(h)  # noqa: B023 (used within this iteration)
-
-                def write_one(i: int) -> None:
-                    t0 = H.clock()
-                    for off in range(0, OBJ, CHUNK):
-                        full_pwrite(fd, self.src_view[off:off + CHUNK], i * OBJ + off)  # noqa: B023 (used within this iteration)
-                    s["file write"].append(H.clock() - t0)
-
-                before = dev.stats()
-                for i in range(PRESSED):
-                    self._pair(i, spill_one, functools.partial(write_one, i))
-                after = dev.stats()
-                self.facts["spill counters (spilled, MiB moved)"].append(
-                    (delta(before, after, "spilled_total"), delta(before, after, "bytes_moved_total") // MiB))
-                if delta(before, after, "spilled_total") != PRESSED:
-                    raise RuntimeError(f"expected {PRESSED} spills, stats say {delta(before, after, 'spilled_total')}")
-                spilled, resident = handles[:PRESSED], handles[PRESSED:]
-                for h in resident:  # room for every restore without spilling anything else
-                    dev.close_handle(h)
-                places = {dev.info(h).placement for h in spilled}
-                if places != {"spilled"}:
-                    raise RuntimeError(f"objects expected spilled are {places}")
-                spath = spill_file(self.spill_dir)
-
-                def restore_one(label: str, h: int, check: bool) -> None:
-                    self.out.fill(0)
-                    t0 = H.clock()
-                    dev.pread_into(h, 0, self.out_view)
-                    t2 = H.clock()
-                    t1 = self.marks.take()
-                    s[f"restore {label}"].append(t2 - t0)
-                    s[f"restore {label}, until reply"].append(t1 - t0)
-                    s[f"restore {label}, client copy"].append(t2 - t1)
-                    if check:
-                        self._check_out(f"restore {label}")
-                    dev.close_handle(h)
-
-                def read_one(label: str, i: int, check: bool) -> None:
-                    self.out.fill(0)
-                    t0 = H.clock()
-                    for off in range(0, OBJ, CHUNK):
-                        full_preadv(fd, self.out_view[off:off + CHUNK], i * OBJ + off)  # noqa: B023 (used within this iteration)
-                    s[f"file read {label}"].append(H.clock() - t0)
-                    if check:
-                        self._check_out(f"file read {label}")
-
-                before = dev.stats()
-                for label, first in (("warm", 0), ("cold", WARM)):
-                    if label == "cold":
-                        drop_cache(spath)
-                        drop_cache(path)
-                    for key, where in (("spill file", spath), ("baseline file", path)):
-                        self.facts[f"{key} before {label} reads (cached/allocated)"].append(cached_bytes(where))
-                    last = first + (WARM if label == "warm" else PRESSED - WARM)
-                    for i in range(first, last):
-                        self._pair(i, functools.partial(restore_one, label, spilled[i], i == first),
-                                   functools.partial(read_one, label, i, i == first))
-                after = dev.stats()
-                if delta(before, after, "spilled_total"):
-                    self.facts["unexpected spills during restores"].append(delta(before, after, "spilled_total"))
+                spilled = self._spill(s, fd, handles)
+                self._restore(s, fd, path, spilled)
             finally:
                 os.close(fd)
                 os.unlink(path)
         return s
+
+    def _fill(self, s: dict[str, list[int]]) -> list[int]:
+        """FILL objects written while the budget fills up: no pressure yet."""
+        handles: list[int] = []
+        for _ in range(FILL):
+            h = self.dev.create(OBJ)
+            t0, t1, t2 = self._write_timed(h)
+            s["pwrite reply, no pressure"].append(t1 - t0)
+            s["pwrite whole call, no pressure"].append(t2 - t0)
+            handles.append(h)
+        return handles
+
+    def _spill(self, s: dict[str, list[int]], fd: int, handles: list[int]) -> list[int]:
+        """PRESSED pwrites that each spill one object, paired with file writes to `fd`; then
+        the resident objects are closed (room for every restore). Returns the spilled handles."""
+        dev = self.dev
+
+        def spill_one() -> None:  # this pwrite must first spill one 64 MiB object
+            h = dev.create(OBJ)
+            t0, t1, t2 = self._write_timed(h)
+            s["spill"].append(t1 - t0)
+            s["pwrite whole call, under pressure"].append(t2 - t0)
+            handles.append(h)
+
+        def write_one(i: int) -> None:
+            t0 = H.clock()
+            for off in range(0, OBJ, CHUNK):
+                full_pwrite(fd, self.src_view[off:off + CHUNK], i * OBJ + off)
+            s["file write"].append(H.clock() - t0)
+
+        before = dev.stats()
+        for i in range(PRESSED):
+            self._pair(i, spill_one, functools.partial(write_one, i))
+        after = dev.stats()
+        self.facts["spill counters (spilled, MiB moved)"].append(
+            (delta(before, after, "spilled_total"), delta(before, after, "bytes_moved_total") // MiB))
+        if delta(before, after, "spilled_total") != PRESSED:
+            raise RuntimeError(f"expected {PRESSED} spills, stats say {delta(before, after, 'spilled_total')}")
+        spilled, resident = handles[:PRESSED], handles[PRESSED:]
+        for h in resident:  # room for every restore without spilling anything else
+            dev.close_handle(h)
+        places = {dev.info(h).placement for h in spilled}
+        if places != {"spilled"}:
+            raise RuntimeError(f"objects expected spilled are {places}")
+        return spilled
+
+    def _restore(self, s: dict[str, list[int]], fd: int, path: str, spilled: list[int]) -> None:
+        """Read the spilled objects back (restores), paired with reads of the baseline file
+        `path` (open as `fd`): WARM with both files in the page cache, the rest after dropping it."""
+        dev = self.dev
+        spath = spill_file(self.spill_dir)
+
+        def restore_one(label: str, h: int, check: bool) -> None:
+            self.out.fill(0)
+            t0 = H.clock()
+            dev.pread_into(h, 0, self.out_view)
+            t2 = H.clock()
+            t1 = self.marks.take()
+            s[f"restore {label}"].append(t2 - t0)
+            s[f"restore {label}, until reply"].append(t1 - t0)
+            s[f"restore {label}, client copy"].append(t2 - t1)
+            if check:
+                self._check_out(f"restore {label}")
+            dev.close_handle(h)
+
+        def read_one(label: str, i: int, check: bool) -> None:
+            self.out.fill(0)
+            t0 = H.clock()
+            for off in range(0, OBJ, CHUNK):
+                full_preadv(fd, self.out_view[off:off + CHUNK], i * OBJ + off)
+            s[f"file read {label}"].append(H.clock() - t0)
+            if check:
+                self._check_out(f"file read {label}")
+
+        before = dev.stats()
+        for label, first in (("warm", 0), ("cold", WARM)):
+            if label == "cold":
+                drop_cache(spath)
+                drop_cache(path)
+            for key, where in (("spill file", spath), ("baseline file", path)):
+                self.facts[f"{key} before {label} reads (cached/allocated)"].append(cached_bytes(where))
+            last = first + (WARM if label == "warm" else PRESSED - WARM)
+            for i in range(first, last):
+                self._pair(i, functools.partial(restore_one, label, spilled[i], i == first),
+                           functools.partial(read_one, label, i, i == first))
+        after = dev.stats()
+        if delta(before, after, "spilled_total"):
+            self.facts["unexpected spills during restores"].append(delta(before, after, "spilled_total"))
 
     def purge(self, n: int) -> dict[str, list[int]]:
         """Purge 12 x 64 MiB DONTNEED objects under pressure (ugem) / punch 12 populated
@@ -660,110 +679,128 @@ def run(opts: H.Options) -> H.Report:
     workdir = tempfile.mkdtemp(prefix="ugem-bench-memory-", dir=root)
     try:
         spill_dir = os.path.join(workdir, "spill")
-        with run_daemon(system_budget=str(BUDGET), spill_dir=spill_dir) as daemon, \
-                contextlib.closing(daemon.connect()) as dev:
-            cycles = Cycles(dev, spill_dir, marks)
-            runners = {"spill+restore vs file write+read": cycles.spill_restore,
-                       "spill vs file write, prewarmed": cycles.spill_prewarmed,
-                       "purge vs memfd punch": cycles.purge, "fresh pages": cycles.fresh_pages}
-            labels = ["spill", "pwrite whole call, under pressure", "pwrite whole call, no pressure", "file write",
-                      "purge", "memfd punch", "fresh pages", "spill, prewarmed", "file write, prewarmed"]
-            labels += [f"{w}{t}" for w in ("restore warm", "restore cold")
-                       for t in ("", ", until reply", ", client copy")]
-            labels += ["file read warm", "file read cold"]
-            series = H.interleaved(runners, runs=opts.runs, n=1, warmup=opts.warmup,
-                                   nbytes={label: OBJ for label in labels})
-            lat, episodes = latency_during_spill(daemon.path, max(1, opts.runs - 2 if not opts.quick else 1),
-                                                 idle_seconds=1.0)
-            end_stats = dev.stats()
+        series, lat, episodes, cycles, end_stats = _measure(opts, spill_dir, marks)
         report.params["spill_dir"] = spill_dir
         report.params["filesystem"] = _fs_type(workdir)
-
-        # 1. spill
-        base = series["file write"]
-        report.rows.append(H.Row.throughput(BENCH, "os.pwrite 8 MiB chunks, new file, no fsync", "baseline", base))
-        report.rows.append(H.Row.throughput(BENCH, "spill 64 MiB (pwrite until reply)", "daemon", series["spill"],
-                                            baseline=base, target=H.Target(">=", TARGETS["spill"])))
-        report.rows.append(H.Row.throughput(BENCH, "  pwrite under pressure, whole call", "daemon",
-                                            series["pwrite whole call, under pressure"]))
-        report.rows.append(H.Row.throughput(BENCH, "  pwrite no pressure, whole call", "daemon",
-                                            series["pwrite whole call, no pressure"]))
-        report.rows.append(H.Row.latency(BENCH, "  pwrite no pressure, until reply", "daemon",
-                                         series["pwrite reply, no pressure"]))
-        base = series["file write, prewarmed"]
-        report.rows.append(H.Row.throughput(BENCH, "os.pwrite, new file, prewarmed page cache", "baseline", base))
-        report.rows.append(H.Row.throughput(BENCH, "spill 64 MiB, prewarmed page cache", "daemon",
-                                            series["spill, prewarmed"], baseline=base,
-                                            target=H.Target(">=", TARGETS["spill"])))
-        # 2. restore
-        for label in ("warm", "cold"):
-            base = series[f"file read {label}"]
-            what = "page cache" if label == "warm" else "after fsync + DONTNEED"
-            report.rows.append(H.Row.throughput(BENCH, f"file read {label} ({what})", "baseline", base))
-            target = H.Target(">=", TARGETS["restore"]) if label == "cold" else None
-            report.rows.append(H.Row.throughput(BENCH, f"restore {label}: pread_into of spilled", "daemon",
-                                                series[f"restore {label}"], baseline=base, target=target))
-            report.rows.append(H.Row.throughput(BENCH, f"  restore {label}: until reply", "daemon",
-                                                series[f"restore {label}, until reply"], baseline=base))
-            report.rows.append(H.Row.throughput(BENCH, f"  restore {label}: client copy", "daemon",
-                                                series[f"restore {label}, client copy"]))
-        # 3. purge
-        base = series["memfd punch"]
-        report.rows.append(H.Row.throughput(BENCH, "fallocate(PUNCH_HOLE) 64 MiB memfd", "baseline", base))
-        report.rows.append(H.Row.throughput(BENCH, "purge 64 MiB (pwrite until reply)", "daemon", series["purge"],
-                                            baseline=base, target=H.Target(">=", TARGETS["purge"])))
-        report.rows.append(H.Row.latency(BENCH, "  pwrite no pressure, until reply", "daemon",
-                                         series["pwrite reply, no pressure (purge cycle)"]))
-        report.rows.append(H.Row.throughput(BENCH, "fresh memfd pages: fallocate 64 MiB (diagnostic)", "host",
-                                            series["fresh pages"]))
-        # 5. latency
-        limit = TARGETS["latency_ms"]
-        for req in ("info", "pread 4 KiB"):
-            report.rows.append(ms_row(f"client B {req}, idle daemon", "daemon", lat[f"{req}, idle daemon"], None))
-            report.rows.append(ms_row(f"client B {req}, during 1 GiB spill", "daemon",
-                                      lat[f"{req}, during 1 GiB spill"],
-                                      H.Target("<=", limit, on="p99", text=f"p99 <= {limit:g} ms")))
-        for req in ("info", "pread 4 KiB"):
-            for when in ("idle daemon", "during 1 GiB spill"):
-                v = lat[f"{req}, {when}"]
-                if v:
-                    over = sum(1 for x in v if x > limit * 1e6)
-                    report.notes.append(f"client B {req}, {when}: n={len(v)}, "
-                                        f"median {H.percentile(v, 50) / 1e6:.3f} ms, "
-                                        f"p99 {H.percentile(v, 99) / 1e6:.3f} ms, max {max(v) / 1e6:.3f} ms, "
-                                        f"{over} over {limit:g} ms")
-        for i, e in enumerate(episodes):
-            report.notes.append(f"spill episode {i + 1}: client A wrote 1 GiB in {e['writer_seconds']:.2f} s "
-                                f"({1 / e['writer_seconds'] * 1.0737:.2f} GB/s, {e['writer_spills']} spills so far "
-                                f"in the daemon); client B made {e['b_requests']} info+pread pairs meanwhile")
-
-        # facts
-        for key, values in cycles.facts.items():
-            if "cached" in key:
-                shown = ", ".join(f"{c / MiB:.0f}/{a / MiB:.0f}" for c, a in values) + " MiB"
-            else:
-                shown = ", ".join(str(v) for v in values)
-            report.notes.append(f"{key}, per round (warm-up first): {shown}")
-        agg = {label: _aggregate(series[label]) for label in ("spill", "file write", "spill, prewarmed",
-                                                              "file write, prewarmed", "restore warm", "file read warm",
-                                                              "restore cold", "file read cold", "purge",
-                                                              "memfd punch")}
-        report.notes.append("aggregate GB/s (all bytes / all time): " + ", ".join(f"{k} {v}" for k, v in agg.items()))
-        report.notes.append(f"daemon stats at the end of the cycles: spilled_total {end_stats['spilled_total']}, "
-                            f"purged_total {end_stats['purged_total']}, "
-                            f"bytes_moved_total {end_stats['bytes_moved_total'] / MiB:.0f} MiB")
-        report.notes.append("split at the reply: 'until reply' = request sent .. daemon's XFER reply arrived (room "
-                            "made, object restored); the client's copy through the fd follows; spill/purge rows = the "
-                            "until-reply part of a pwrite that had to make 64 MiB of room")
-        report.notes.append("ratio = median GB/s / median GB/s of the baseline in the same run; p99 column of GB/s "
-                            "rows = GB/s of the slowest-1% sample; neither side fsyncs its writes")
-
+        _cycle_rows(report.rows, series)
+        _latency_rows(report, lat, episodes)
+        _notes(report.notes, series, cycles, end_stats)
         # 4. peer workload
         _peer(report, opts, workdir, ns)
     finally:
         marks.uninstall()
         shutil.rmtree(workdir, ignore_errors=True)
     return report
+
+
+def _measure(opts: H.Options, spill_dir: str, marks: ReplyMarks) -> tuple[
+        H.Results, dict[str, list[int]], list[dict[str, Any]], Cycles, dict[str, Any]]:
+    """The interleaved cycles, then another client's latency during spills: (series, latency
+    samples, spill episodes, the cycles (their facts), the daemon's stats at the end)."""
+    with run_daemon(system_budget=str(BUDGET), spill_dir=spill_dir) as daemon, \
+            contextlib.closing(daemon.connect()) as dev:
+        cycles = Cycles(dev, spill_dir, marks)
+        runners = {"spill+restore vs file write+read": cycles.spill_restore,
+                   "spill vs file write, prewarmed": cycles.spill_prewarmed,
+                   "purge vs memfd punch": cycles.purge, "fresh pages": cycles.fresh_pages}
+        labels = ["spill", "pwrite whole call, under pressure", "pwrite whole call, no pressure", "file write",
+                  "purge", "memfd punch", "fresh pages", "spill, prewarmed", "file write, prewarmed"]
+        labels += [f"{w}{t}" for w in ("restore warm", "restore cold")
+                   for t in ("", ", until reply", ", client copy")]
+        labels += ["file read warm", "file read cold"]
+        series = H.interleaved(runners, runs=opts.runs, n=1, warmup=opts.warmup,
+                               nbytes={label: OBJ for label in labels})
+        lat, episodes = latency_during_spill(daemon.path, max(1, opts.runs - 2 if not opts.quick else 1),
+                                             idle_seconds=1.0)
+        end_stats = dev.stats()
+    return series, lat, episodes, cycles, end_stats
+
+
+def _cycle_rows(rows: list[H.Row], series: H.Results) -> None:
+    """1. spill, 2. restore, 3. purge."""
+    # 1. spill
+    base = series["file write"]
+    rows.append(H.Row.throughput(BENCH, "os.pwrite 8 MiB chunks, new file, no fsync", "baseline", base))
+    rows.append(H.Row.throughput(BENCH, "spill 64 MiB (pwrite until reply)", "daemon", series["spill"],
+                                 baseline=base, target=H.Target(">=", TARGETS["spill"])))
+    rows.append(H.Row.throughput(BENCH, "  pwrite under pressure, whole call", "daemon",
+                                 series["pwrite whole call, under pressure"]))
+    rows.append(H.Row.throughput(BENCH, "  pwrite no pressure, whole call", "daemon",
+                                 series["pwrite whole call, no pressure"]))
+    rows.append(H.Row.latency(BENCH, "  pwrite no pressure, until reply", "daemon",
+                              series["pwrite reply, no pressure"]))
+    base = series["file write, prewarmed"]
+    rows.append(H.Row.throughput(BENCH, "os.pwrite, new file, prewarmed page cache", "baseline", base))
+    rows.append(H.Row.throughput(BENCH, "spill 64 MiB, prewarmed page cache", "daemon",
+                                 series["spill, prewarmed"], baseline=base,
+                                 target=H.Target(">=", TARGETS["spill"])))
+    # 2. restore
+    for label in ("warm", "cold"):
+        base = series[f"file read {label}"]
+        what = "page cache" if label == "warm" else "after fsync + DONTNEED"
+        rows.append(H.Row.throughput(BENCH, f"file read {label} ({what})", "baseline", base))
+        target = H.Target(">=", TARGETS["restore"]) if label == "cold" else None
+        rows.append(H.Row.throughput(BENCH, f"restore {label}: pread_into of spilled", "daemon",
+                                     series[f"restore {label}"], baseline=base, target=target))
+        rows.append(H.Row.throughput(BENCH, f"  restore {label}: until reply", "daemon",
+                                     series[f"restore {label}, until reply"], baseline=base))
+        rows.append(H.Row.throughput(BENCH, f"  restore {label}: client copy", "daemon",
+                                     series[f"restore {label}, client copy"]))
+    # 3. purge
+    base = series["memfd punch"]
+    rows.append(H.Row.throughput(BENCH, "fallocate(PUNCH_HOLE) 64 MiB memfd", "baseline", base))
+    rows.append(H.Row.throughput(BENCH, "purge 64 MiB (pwrite until reply)", "daemon", series["purge"],
+                                 baseline=base, target=H.Target(">=", TARGETS["purge"])))
+    rows.append(H.Row.latency(BENCH, "  pwrite no pressure, until reply", "daemon",
+                              series["pwrite reply, no pressure (purge cycle)"]))
+    rows.append(H.Row.throughput(BENCH, "fresh memfd pages: fallocate 64 MiB (diagnostic)", "host",
+                                 series["fresh pages"]))
+
+
+def _latency_rows(report: H.Report, lat: dict[str, list[int]], episodes: list[dict[str, Any]]) -> None:
+    # 5. latency
+    limit = TARGETS["latency_ms"]
+    for req in ("info", "pread 4 KiB"):
+        report.rows.append(ms_row(f"client B {req}, idle daemon", "daemon", lat[f"{req}, idle daemon"], None))
+        report.rows.append(ms_row(f"client B {req}, during 1 GiB spill", "daemon",
+                                  lat[f"{req}, during 1 GiB spill"],
+                                  H.Target("<=", limit, on="p99", text=f"p99 <= {limit:g} ms")))
+    for req in ("info", "pread 4 KiB"):
+        for when in ("idle daemon", "during 1 GiB spill"):
+            v = lat[f"{req}, {when}"]
+            if v:
+                over = sum(1 for x in v if x > limit * 1e6)
+                report.notes.append(f"client B {req}, {when}: n={len(v)}, "
+                                    f"median {H.percentile(v, 50) / 1e6:.3f} ms, "
+                                    f"p99 {H.percentile(v, 99) / 1e6:.3f} ms, max {max(v) / 1e6:.3f} ms, "
+                                    f"{over} over {limit:g} ms")
+    for i, e in enumerate(episodes):
+        report.notes.append(f"spill episode {i + 1}: client A wrote 1 GiB in {e['writer_seconds']:.2f} s "
+                            f"({1 / e['writer_seconds'] * 1.0737:.2f} GB/s, {e['writer_spills']} spills so far "
+                            f"in the daemon); client B made {e['b_requests']} info+pread pairs meanwhile")
+
+
+def _notes(notes: list[str], series: H.Results, cycles: Cycles, end_stats: dict[str, Any]) -> None:
+    # facts
+    for key, values in cycles.facts.items():
+        if "cached" in key:
+            shown = ", ".join(f"{c / MiB:.0f}/{a / MiB:.0f}" for c, a in values) + " MiB"
+        else:
+            shown = ", ".join(str(v) for v in values)
+        notes.append(f"{key}, per round (warm-up first): {shown}")
+    agg = {label: _aggregate(series[label]) for label in ("spill", "file write", "spill, prewarmed",
+                                                          "file write, prewarmed", "restore warm", "file read warm",
+                                                          "restore cold", "file read cold", "purge",
+                                                          "memfd punch")}
+    notes.append("aggregate GB/s (all bytes / all time): " + ", ".join(f"{k} {v}" for k, v in agg.items()))
+    notes.append(f"daemon stats at the end of the cycles: spilled_total {end_stats['spilled_total']}, "
+                 f"purged_total {end_stats['purged_total']}, "
+                 f"bytes_moved_total {end_stats['bytes_moved_total'] / MiB:.0f} MiB")
+    notes.append("split at the reply: 'until reply' = request sent .. daemon's XFER reply arrived (room "
+                 "made, object restored); the client's copy through the fd follows; spill/purge rows = the "
+                 "until-reply part of a pwrite that had to make 64 MiB of room")
+    notes.append("ratio = median GB/s / median GB/s of the baseline in the same run; p99 column of GB/s "
+                 "rows = GB/s of the slowest-1% sample; neither side fsyncs its writes")
 
 
 def _peer(report: H.Report, opts: H.Options, workdir: str, ns: argparse.Namespace) -> None:

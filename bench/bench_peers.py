@@ -52,6 +52,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import functools
 import json
 import os
 import select
@@ -296,67 +297,75 @@ class Consumer:
         self.sock.close()
 
 
-def share_runners(segs: Segments, dev: ugem.Device, consumer: Consumer, pat: np.ndarray,
-                  *, kinds: tuple[str, ...], suffix: str = "") -> dict[str, H.Runner]:
-    counter = [0]
+class _Shares:
+    """One sample of each way to share 1 MiB with the consumer: create, fill through a
+    mapping, send, the consumer attaches, checks and sums it, destroy, check its sum."""
 
-    def next_counter() -> int:
-        counter[0] += 1
-        return counter[0]
+    def __init__(self, segs: Segments, dev: ugem.Device, consumer: Consumer, pat: np.ndarray) -> None:
+        self.segs, self.dev, self.consumer, self.pat = segs, dev, consumer, pat
+        self.counter = 0
 
-    def verify(got: int, c: int) -> None:
-        if got != expected_sum(pat, c):
-            raise RuntimeError(f"share {c}: the consumer summed {got}, expected {expected_sum(pat, c)}")
+    def _next(self) -> int:
+        self.counter += 1
+        return self.counter
 
-    def shm_share() -> None:
-        c = next_counter()
+    def _verify(self, got: int, c: int) -> None:
+        if got != expected_sum(self.pat, c):
+            raise RuntimeError(f"share {c}: the consumer summed {got}, expected {expected_sum(self.pat, c)}")
+
+    def shm(self) -> None:
+        c = self._next()
         s = shared_memory.SharedMemory(create=True, size=SIZE)
-        segs.live.add(s._name)  # type: ignore[attr-defined]
+        self.segs.live.add(s._name)  # type: ignore[attr-defined]
         view = np.frombuffer(s.buf, dtype=np.uint8, count=SIZE)
-        fill(view, pat, c)
+        fill(view, self.pat, c)
         del view
-        got = consumer.ask(f"shm {s.name} {c}".encode())
+        got = self.consumer.ask(f"shm {s.name} {c}".encode())
         s.close()
         s.unlink()
-        segs.live.discard(s._name)  # type: ignore[attr-defined]
-        verify(got, c)
+        self.segs.live.discard(s._name)  # type: ignore[attr-defined]
+        self._verify(got, c)
 
-    def sa_share() -> None:
-        c = next_counter()
+    def shared_array(self) -> None:
+        c = self._next()
         url = f"shm://{SA_PREFIX}{c}"
         a = sa.create(url, SIZE, dtype=np.uint8)
-        fill(a, pat, c)
-        got = consumer.ask(f"sa {url} {c}".encode())
+        fill(a, self.pat, c)
+        got = self.consumer.ask(f"sa {url} {c}".encode())
         sa.delete(url)
         del a
-        verify(got, c)
+        self._verify(got, c)
 
-    def ugem_share(how: str) -> Callable[[], None]:
-        def share() -> None:
-            c = next_counter()
-            h = dev.create(SIZE)
-            m = dev.mmap(h)
-            view = np.frombuffer(m, dtype=np.uint8)
-            fill(view, pat, c)
-            del view
-            if how == "flink":
-                got = consumer.ask(f"flink {dev.flink(h)} {c}".encode())
-            else:
-                fd = dev.export(h, writable=False)
-                try:
-                    got = consumer.ask(f"{how} - {c}".encode(), [fd])
-                finally:
-                    os.close(fd)
-            m.release()
-            del m
-            dev.close_handle(h)
-            verify(got, c)
-        return share
+    def ugem(self, how: str) -> None:
+        """`how`: flink (by name), import (export + import_fd), fdmap (export, the peer maps it)."""
+        c, dev = self._next(), self.dev
+        h = dev.create(SIZE)
+        m = dev.mmap(h)
+        view = np.frombuffer(m, dtype=np.uint8)
+        fill(view, self.pat, c)
+        del view
+        if how == "flink":
+            got = self.consumer.ask(f"flink {dev.flink(h)} {c}".encode())
+        else:
+            fd = dev.export(h, writable=False)
+            try:
+                got = self.consumer.ask(f"{how} - {c}".encode(), [fd])
+            finally:
+                os.close(fd)
+        m.release()
+        del m
+        dev.close_handle(h)
+        self._verify(got, c)
 
-    makers: dict[str, Callable[[], None]] = {"shm": shm_share, "flink": ugem_share("flink"),
-                                             "import": ugem_share("import"), "fdmap": ugem_share("fdmap")}
+
+def share_runners(segs: Segments, dev: ugem.Device, consumer: Consumer, pat: np.ndarray,
+                  *, kinds: tuple[str, ...], suffix: str = "") -> dict[str, H.Runner]:
+    shares = _Shares(segs, dev, consumer, pat)
+    makers: dict[str, Callable[[], None]] = {"shm": shares.shm, "flink": functools.partial(shares.ugem, "flink"),
+                                             "import": functools.partial(shares.ugem, "import"),
+                                             "fdmap": functools.partial(shares.ugem, "fdmap")}
     if sa is not None:
-        makers["sa"] = sa_share
+        makers["sa"] = shares.shared_array
     return {k: v for kind in kinds if kind in makers
             for k, v in time_n(f"share {kind}{suffix}", makers[kind]).items()}
 
@@ -630,6 +639,28 @@ def run(opts: H.Options) -> H.Report:
     rayv = None if no_ray else ray_version(python)
     report.params["SharedArray"] = _sa_version()
     report.params["ray"] = rayv or "absent"
+    life, share, third, ray_started, ray_error = _measure(opts, report, python, rayv)
+    for res, label, shown in ((life, "life shm", "shared_memory"), (share, "share shm", "shared_memory"),
+                              (third, "ray share", "ray share"), (third, "ray put", "ray.put"),
+                              (third, "ray get", "ray.get"), (third, "ray get+copy", "ray.get+copy")):
+        if label in res:
+            res[label].label = shown  # the baseline column names the peer
+
+    sa_why = "SharedArray not installed: pip install -e '.[peers]'"
+    _lifecycle_rows(report.rows, life, sa_why)
+    _share_rows(report.rows, share, sa_why)
+    ray_why = ("Ray not measured: --no-ray" if no_ray else
+               f"Ray not measured: {ray_error}" if ray_error else
+               f"Ray not measured: {python} cannot import ray; {RAY_ENABLE}")
+    _ray_rows(report, third, ray_started, ray_why)
+    _notes(report, life, share, third, python, sa_why, ray_why)
+    return report
+
+
+def _measure(opts: H.Options, report: H.Report, python: str,
+             rayv: str | None) -> tuple[H.Results, H.Results, H.Results, bool, str]:
+    """Sections 1-2 (lifecycle, share), then section 3 with Ray's session up (if it starts):
+    (lifecycle, share and section 3 series, whether Ray ran, why it did not start)."""
     pat = pattern()
     segs = Segments()
     workdir = tempfile.mkdtemp(prefix="ugem-bench-peers-")
@@ -683,49 +714,47 @@ def run(opts: H.Options) -> H.Report:
     if left:
         report.notes.append(f"WARNING: segments left behind by a failure were removed: {', '.join(left)}")
 
-    for res, label, shown in ((life, "life shm", "shared_memory"), (share, "share shm", "shared_memory"),
-                              (third, "ray share", "ray share"), (third, "ray put", "ray.put"),
-                              (third, "ray get", "ray.get"), (third, "ray get+copy", "ray.get+copy")):
-        if label in res:
-            res[label].label = shown  # the baseline column names the peer
+    return life, share, third, ray_started, ray_error
 
-    # 1. lifecycle
-    sa_why = "SharedArray not installed: pip install -e '.[peers]'"
+
+def _lifecycle_rows(rows: list[H.Row], life: H.Results, sa_why: str) -> None:
+    """1. create + attach + destroy in one process."""
     base = life["life shm"]
     fig = "lifecycle 1 MiB"
-    report.rows.append(H.Row.latency(BENCH, f"{fig}: SharedMemory create, attach, close x2, unlink",
-                                     "shared_memory (baseline)", base))
+    rows.append(H.Row.latency(BENCH, f"{fig}: SharedMemory create, attach, close x2, unlink",
+                              "shared_memory (baseline)", base))
     if sa is not None:
-        report.rows.append(H.Row.latency(BENCH, f"{fig}: SharedArray create, attach, delete", "SharedArray",
-                                         life["life SharedArray"], baseline=base))
+        rows.append(H.Row.latency(BENCH, f"{fig}: SharedArray create, attach, delete", "SharedArray",
+                                  life["life SharedArray"], baseline=base))
     else:
-        report.rows.append(skipped_row(f"{fig}: SharedArray create, attach, delete", sa_why))
+        rows.append(skipped_row(f"{fig}: SharedArray create, attach, delete", sa_why))
     for mode in ("embedded", "daemon"):
-        report.rows.append(_ugem_row(f"{fig}: create, flink, open_name, close x2", mode,
-                                     life[f"life {mode} names"], base, "no mapping on the ugem side"))
-        report.rows.append(_ugem_row(f"{fig}: create, mmap, release, close", mode,
-                                     life[f"life {mode} mmap"], base, ""))
-        report.rows.append(_ugem_row(f"{fig}: create+mmap, open_name+mmap, release x2, close x2", mode,
-                                     life[f"life {mode} both"], base, "like for like: two mappings, as shm"))
+        rows.append(_ugem_row(f"{fig}: create, flink, open_name, close x2", mode,
+                              life[f"life {mode} names"], base, "no mapping on the ugem side"))
+        rows.append(_ugem_row(f"{fig}: create, mmap, release, close", mode,
+                              life[f"life {mode} mmap"], base, ""))
+        rows.append(_ugem_row(f"{fig}: create+mmap, open_name+mmap, release x2, close x2", mode,
+                              life[f"life {mode} both"], base, "like for like: two mappings, as shm"))
 
-    # 2. sharing with another process
+
+def _share_rows(rows: list[H.Row], share: H.Results, sa_why: str) -> None:
+    """2. sharing with another process."""
     fig = "share 1 MiB"
     base = share["share shm"]
-    report.rows.append(H.Row.latency(BENCH, f"{fig}: SharedMemory name", "shared_memory (baseline)", base))
+    rows.append(H.Row.latency(BENCH, f"{fig}: SharedMemory name", "shared_memory (baseline)", base))
     if sa is not None:
-        report.rows.append(H.Row.latency(BENCH, f"{fig}: SharedArray name", "SharedArray", share["share sa"],
-                                         baseline=base))
+        rows.append(H.Row.latency(BENCH, f"{fig}: SharedArray name", "SharedArray", share["share sa"],
+                                  baseline=base))
     else:
-        report.rows.append(skipped_row(f"{fig}: SharedArray name", sa_why))
-    report.rows.append(_ugem_row(f"{fig}: flink, open_name + mmap", "daemon", share["share flink"], base, ""))
-    report.rows.append(_ugem_row(f"{fig}: export fd, import_fd + mmap", "daemon", share["share import"], base, ""))
-    report.rows.append(_ugem_row(f"{fig}: export fd, peer mmaps the fd", "daemon", share["share fdmap"], base, ""))
+        rows.append(skipped_row(f"{fig}: SharedArray name", sa_why))
+    rows.append(_ugem_row(f"{fig}: flink, open_name + mmap", "daemon", share["share flink"], base, ""))
+    rows.append(_ugem_row(f"{fig}: export fd, import_fd + mmap", "daemon", share["share import"], base, ""))
+    rows.append(_ugem_row(f"{fig}: export fd, peer mmaps the fd", "daemon", share["share fdmap"], base, ""))
 
-    # 3. Ray
-    ray_why = ("Ray not measured: --no-ray" if no_ray else
-               f"Ray not measured: {ray_error}" if ray_error else
-               f"Ray not measured: {python} cannot import ray; {RAY_ENABLE}")
-    measured = not third.get("ray share", H.Series("", error="-")).error
+
+def _ray_rows(report: H.Report, third: H.Results, ray_started: bool, ray_why: str) -> None:
+    """3. Ray next to ugem in the same rounds (or listed as skipped)."""
+    fig = "share 1 MiB"
     pairs = [(f"{fig}: ray.put, actor gets it, del ref", "ray share",
               f"{fig}: flink, open_name + mmap ({'rounds with Ray' if ray_started else 'again'})",
               "share flink with ray"),
@@ -746,7 +775,10 @@ def run(opts: H.Options) -> H.Report:
     report.rows.append(H.Row.latency(BENCH, "new pages: memfd_create + ftruncate + pwrite 1 MiB (diagnostic)", "host",
                                      third["fresh pages"]))
 
-    # notes
+
+def _notes(report: H.Report, life: H.Results, share: H.Results, third: H.Results, python: str, sa_why: str,
+           ray_why: str) -> None:
+    measured = not third.get("ray share", H.Series("", error="-")).error
     if sa is not None:
         pairs_sa = [("lifecycle, create+flink+open_name+close x2", life, "life SharedArray", "names"),
                     ("lifecycle, like for like", life, "life SharedArray", "both")]
@@ -781,7 +813,6 @@ def run(opts: H.Options) -> H.Report:
                         "allocated per put (the 'new pages' row: what that costs on this machine, in the same "
                         "rounds); Ray's object store reuses its preallocated shared memory. Each put/get sample is one "
                         "object: put, get + copy, get view, then freed (untimed)")
-    return report
 
 
 def main(argv: list[str] | None = None) -> int:

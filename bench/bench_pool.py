@@ -236,6 +236,15 @@ def run(opts: H.Options) -> H.Report:
     report = H.Report(BENCH, "an array to a Pool worker and back: ugem by reference vs by value vs shared_memory",
                       {"runs": opts.runs, "n": opts.n, "warmup": opts.warmup, "start_method": method})
     sizes = sizes_for(opts, report.notes)
+    keys = [*sizes, "many"]
+    results, fds = _measure(opts, method, sizes, keys)
+    _report_rows(report, results, fds, keys)
+    return report
+
+
+def _measure(opts: H.Options, method: str, sizes: dict[str, int],
+             keys: list[str]) -> tuple[dict[str, H.Results], dict[str, int]]:
+    """The interleaved rounds per size (`keys`), then the fds a worker adds holding MANY arrays."""
     ctx = multiprocessing.get_context(method)
     saved = os.environ.get("UGEM_SOCKET")
     with run_daemon() as daemon:
@@ -251,7 +260,6 @@ def run(opts: H.Options) -> H.Report:
                 pools[m].apply(warm)
             data = Data(sizes)
             counter = Counter()
-            keys = [*sizes, "many"]
             results: dict[str, H.Results] = {}
             for label in keys:
                 size = sizes.get(label, 0)
@@ -275,6 +283,10 @@ def run(opts: H.Options) -> H.Report:
                 os.environ.pop("UGEM_SOCKET", None)
             else:
                 os.environ["UGEM_SOCKET"] = saved
+    return results, fds
+
+
+def _report_rows(report: H.Report, results: dict[str, H.Results], fds: dict[str, int], keys: list[str]) -> None:
     for label in keys:
         res = results[label]
         fig = f"{label} round trip" if label != "many" else f"{MANY} x {SMALL // 1024} KiB in one call"
@@ -309,7 +321,6 @@ def run(opts: H.Options) -> H.Report:
                         "rows compare against shared_memory (target <= 1.2) and by value (target <= 0.1 at 64 MiB)")
     report.notes.append(f"fds: worker's /proc/self/fd count while it holds the {MANY} received arrays (shared_memory: "
                         "all segments attached at once) minus its count just before that call")
-    return report
 
 
 def main(argv: list[str] | None = None) -> int:

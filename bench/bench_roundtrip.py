@@ -225,6 +225,14 @@ def run(opts: H.Options) -> H.Report:
     if placement != "any":
         params["placement"] = placement
     report = H.Report(BENCH, "control round trips", params)
+    series, cpu, has_busy = _measure(opts, placement)
+    _report_rows(report, series, cpu, has_busy)
+    return report
+
+
+def _measure(opts: H.Options, placement: str) -> tuple[H.Results, CpuMeter, bool]:
+    """The interleaved rounds: bare, daemon and embedded round trips; (series, CPU meter,
+    whether the Device has busy())."""
     original_affinity = os.sched_getaffinity(0)
     with contextlib.ExitStack() as stack:
         directory = stack.enter_context(tempfile.TemporaryDirectory(prefix="ugem-bench-"))
@@ -257,7 +265,10 @@ def run(opts: H.Options) -> H.Report:
         runners["daemon info"] = cpu.wrap("info", runners["daemon info"], daemon.pid)
         runners["daemon create/close"] = cpu.wrap("create/close", runners["daemon create/close"], daemon.pid)
         series = H.interleaved(runners, runs=opts.runs, n=opts.n, warmup=opts.warmup)
+    return series, cpu, has_busy
 
+
+def _report_rows(report: H.Report, series: H.Results, cpu: CpuMeter, has_busy: bool) -> None:
     bare_s = series["bare round trip"]
     ratio_15 = H.Target("<=", 1.5)
     rows = report.rows
@@ -289,7 +300,6 @@ def run(opts: H.Options) -> H.Report:
     report.notes.append("us CPU = client thread + server process CPU time per round trip (schedstat), "
                         "wall-clock aside: the part of the round trip Python code and syscalls cost; the rest of "
                         "the wall-clock figure is waiting for the other side to be woken and scheduled")
-    return report
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -58,7 +58,7 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 import _harness as H  # noqa: E402
 import ugem  # noqa: E402
-from ugem.testing.daemon import run_daemon  # noqa: E402
+from ugem.testing.daemon import DaemonProcess, run_daemon  # noqa: E402
 
 BENCH = "scale"
 DEFAULTS = dict(runs=5, n=2000, warmup=200, quick_runs=3, quick_n=1000, quick_warmup=100)
@@ -537,39 +537,55 @@ def probe_size(n_objects: int, clients: int) -> int:
     return max(n_objects // clients, SMALL)
 
 
+@dataclasses.dataclass
+class _DaemonRun:
+    """What daemon_section measured, phase by phase (memory snapshots m0..m3: 0 objects,
+    at N, after the names, after releasing everything)."""
+
+    probe: Probe
+    ref: Probe
+    m: list[dict[str, float]] = dataclasses.field(default_factory=list)
+    small: H.Results | None = None
+    large: H.Results | None = None
+    objects_small: int = 0
+    objects_large: int = 0
+    steps: list[tuple[int, float, int]] = dataclasses.field(default_factory=list)  # (objects, s, daemon CPU ns)
+    fill_s: float = 0.0
+    worker_names: list[int] = dataclasses.field(default_factory=list)
+    flink_workers_s: float = 0.0
+    closed_s: float = 0.0
+    teardown_s: float = 0.0
+    left_probe: int = 0
+    left: int = 0
+    gc_lines: list[str] = dataclasses.field(default_factory=list)
+
+
 def daemon_section(report: H.Report, opts: H.Options, n_objects: int, clients: int, workers: int,
                    gc_log: bool = False, placement: str = "same") -> None:
-    mode = "daemon"
-    rng = random.Random(SEED)
     tag1, tagn = f"@{count_label(SMALL)}", f"@{count_label(n_objects)}"
-    ref1, refn = f"ref (with {tag1})", f"ref (with {tagn})"
-    probe_large = probe_size(n_objects, clients)
-    if n_objects < probe_large + clients:
+    if n_objects < probe_size(n_objects, clients) + clients:
         raise ValueError(f"--objects {n_objects} is too small for {clients} clients")
-    flags = dict(client_max_objects=max(65536, n_objects))
+    run = _daemon_measure(opts, n_objects, clients, workers, gc_log, placement, (tag1, tagn))
+    _daemon_rows(report, run, n_objects, clients, workers, tag1, tagn)
+    _daemon_notes(report, run, clients, placement, tag1, tagn)
+
+
+def _daemon_measure(opts: H.Options, n_objects: int, clients: int, workers: int, gc_log: bool, placement: str,
+                    tags: tuple[str, str]) -> _DaemonRun:
+    """Two daemons (the one under test, a reference holding ~1k objects), the probes, the
+    worker clients; then each phase in turn."""
+    tag1, tagn = tags
+    rng = random.Random(SEED)
     with contextlib.ExitStack() as stack:
-        gcl: GcLog | None = None
-        env = None
-        if gc_log:
-            gcl = GcLog(stack.enter_context(tempfile.TemporaryDirectory(prefix="ugem-bench-gc-")))
-            env = gcl.env()
+        gcl, daemon, reference = _daemons(stack, n_objects, gc_log)
 
         def window(name: str) -> contextlib.AbstractContextManager[Any]:
             return gcl.window(name) if gcl is not None else contextlib.nullcontext()
 
-        daemon = stack.enter_context(run_daemon(env=env, **flags))
-        reference = stack.enter_context(run_daemon(**flags))  # holds ~1k objects throughout
-
-        def explain(exc_type: Any, exc: BaseException | None, tb: Any) -> bool:
-            if isinstance(exc, Exception):  # say what the daemons logged
-                logs = "; ".join(f"{what} stderr ends: {d.stderr_text()[-400:]!r}"
-                                 for what, d in (("daemon", daemon), ("reference", reference)) if d.stderr_text())
-                raise RuntimeError(f"{type(exc).__name__}: {exc}" + (f" ({logs})" if logs else "")) from exc
-            return False
-        stack.push(explain)
-        probe = Probe(daemon.connect(), ServerCpu(daemon.pid))
+        run = _DaemonRun(Probe(daemon.connect(), ServerCpu(daemon.pid)), Probe(reference.connect(),
+                                                                                ServerCpu(reference.pid)))
+        probe, ref = run.probe, run.ref
         stack.callback(probe.dev.close)
-        ref = Probe(reference.connect(), ServerCpu(reference.pid))
         stack.callback(ref.dev.close)
         pool = Workers([daemon.path, reference.path], clients, workers)
         stack.callback(pool.stop)
@@ -579,7 +595,7 @@ def daemon_section(report: H.Report, opts: H.Options, n_objects: int, clients: i
                 p.dev.close_handle(p.dev.create(SIZE))
         assert probe.dev.stats()["objects"] == 0
         time.sleep(0.3)
-        m0 = proc_memory(daemon.pid)
+        run.m.append(proc_memory(daemon.pid))
 
         # -- ~1k objects: the probes' own, each of their first 1,000 handles flinked
         for p in (probe, ref):
@@ -588,81 +604,124 @@ def daemon_section(report: H.Report, opts: H.Options, n_objects: int, clients: i
             p.names = [p.dev.flink(h) for h in p.handles[:NAMES_SMALL]]
         servers = [daemon.pid, reference.pid]
         with window(f"the {tag1} runs"), placed(placement, servers):
-            small = measure({tag1: probe, ref1: ref}, opts, rng)
-        objects_small = int(probe.dev.stats()["objects"])
+            run.small = measure({tag1: probe, f"ref (with {tag1})": ref}, opts, rng)
+        run.objects_small = int(probe.dev.stats()["objects"])
 
-        # -- fill to N: the probe to N/C, the workers the rest, in FILL_STEPS steps
-        probe.grow(probe_large)
-        per_client = fill_counts(n_objects - len(probe.handles), clients)
-        steps: list[tuple[int, float, int]] = []  # (objects, seconds, daemon CPU ns)
-        fill_t0 = time.perf_counter()
         with window("the fill"):
-            for step in range(FILL_STEPS):
-                counts = [c * (step + 1) // FILL_STEPS - c * step // FILL_STEPS for c in per_client]
-                cmds, at = [], 0
-                for k in pool.split:
-                    cmds.append(("fill", counts[at:at + k]))
-                    at += k
-                s0, t0 = process_cpu_ns(daemon.pid), time.perf_counter()
-                pool.all(*cmds)
-                steps.append((sum(counts), time.perf_counter() - t0, process_cpu_ns(daemon.pid) - s0))
-        fill_s = time.perf_counter() - fill_t0
-        objects_large = int(probe.dev.stats()["objects"])
+            _daemon_fill(run, pool, daemon.pid, n_objects, clients)
         time.sleep(0.3)
-        m1 = proc_memory(daemon.pid)
+        run.m.append(proc_memory(daemon.pid))
 
         # -- names at N: workers flink every NAME_EVERY-th object
         t0 = time.perf_counter()
         with window("the workers' flinks"):
             replies = pool.all(("flink", NAME_EVERY))
-        flink_workers_s = time.perf_counter() - t0
-        worker_names = [name for r in replies for name in r[2]]
-        probe.names += worker_names
+        run.flink_workers_s = time.perf_counter() - t0
+        run.worker_names = [name for r in replies for name in r[2]]
+        probe.names += run.worker_names
         time.sleep(0.3)
-        m2 = proc_memory(daemon.pid)
+        run.m.append(proc_memory(daemon.pid))
         with window(f"the {tagn} runs"), placed(placement, servers):
-            large = measure({tagn: probe, refn: ref}, opts, rng)
+            run.large = measure({tagn: probe, f"ref (with {tagn})": ref}, opts, rng)
 
-        # -- teardown: the C worker clients close (their objects go), then the probe
-        t0 = time.perf_counter()
         with window("the teardown"):
-            pool.all(("close",))
-            closed_s = time.perf_counter() - t0
-            left_probe = wait_objects(probe.dev, len(probe.handles), timeout=600)
-            teardown_s = time.perf_counter() - t0
+            _daemon_teardown(run, pool)
         probe.dev.close()
         check = daemon.connect()
         stack.callback(check.close)
-        left = wait_objects(check, 0, timeout=120)
+        run.left = wait_objects(check, 0, timeout=120)
         time.sleep(0.3)
-        m3 = proc_memory(daemon.pid)
+        run.m.append(proc_memory(daemon.pid))
         check.close()
-        gc_lines = gcl.summary() if gcl is not None else []
+        run.gc_lines = gcl.summary() if gcl is not None else []
+    return run
 
-    n_names = len(probe.names)
-    rows = report.rows
+
+def _daemons(stack: contextlib.ExitStack[Any], n_objects: int,
+             gc_log: bool) -> tuple[GcLog | None, DaemonProcess, DaemonProcess]:
+    """The daemon under test (its collections logged with `gc_log`) and the reference, on
+    `stack`, which turns a failure into one naming what the daemons logged."""
+    flags = dict(client_max_objects=max(65536, n_objects))
+    gcl: GcLog | None = None
+    env = None
+    if gc_log:
+        gcl = GcLog(stack.enter_context(tempfile.TemporaryDirectory(prefix="ugem-bench-gc-")))
+        env = gcl.env()
+    daemon = stack.enter_context(run_daemon(env=env, **flags))
+    reference = stack.enter_context(run_daemon(**flags))  # holds ~1k objects throughout
+
+    def explain(exc_type: Any, exc: BaseException | None, tb: Any) -> bool:
+        if isinstance(exc, Exception):  # say what the daemons logged
+            logs = "; ".join(f"{what} stderr ends: {d.stderr_text()[-400:]!r}"
+                             for what, d in (("daemon", daemon), ("reference", reference)) if d.stderr_text())
+            raise RuntimeError(f"{type(exc).__name__}: {exc}" + (f" ({logs})" if logs else "")) from exc
+        return False
+    stack.push(explain)
+    return gcl, daemon, reference
+
+
+def _daemon_fill(run: _DaemonRun, pool: Workers, daemon_pid: int, n_objects: int, clients: int) -> None:
+    """Fill to N: the probe to N/C, the workers the rest, in FILL_STEPS steps."""
+    probe = run.probe
+    probe.grow(probe_size(n_objects, clients))
+    per_client = fill_counts(n_objects - len(probe.handles), clients)
+    fill_t0 = time.perf_counter()
+    for step in range(FILL_STEPS):
+        counts = [c * (step + 1) // FILL_STEPS - c * step // FILL_STEPS for c in per_client]
+        cmds, at = [], 0
+        for k in pool.split:
+            cmds.append(("fill", counts[at:at + k]))
+            at += k
+        s0, t0 = process_cpu_ns(daemon_pid), time.perf_counter()
+        pool.all(*cmds)
+        run.steps.append((sum(counts), time.perf_counter() - t0, process_cpu_ns(daemon_pid) - s0))
+    run.fill_s = time.perf_counter() - fill_t0
+    run.objects_large = int(probe.dev.stats()["objects"])
+
+
+def _daemon_teardown(run: _DaemonRun, pool: Workers) -> None:
+    """The C worker clients close (their objects go); the probe's are counted."""
+    t0 = time.perf_counter()
+    pool.all(("close",))
+    run.closed_s = time.perf_counter() - t0
+    run.left_probe = wait_objects(run.probe.dev, len(run.probe.handles), timeout=600)
+    run.teardown_s = time.perf_counter() - t0
+
+
+def _daemon_rows(report: H.Report, run: _DaemonRun, n_objects: int, clients: int, workers: int, tag1: str,
+                 tagn: str) -> None:
+    mode, rows, probe = "daemon", report.rows, run.probe
+    m0, m1, m2 = run.m[:3]
+    assert run.small is not None and run.large is not None
     memory_rows(report, mode, m0, m1, n_objects, H.Target("<=", 1024, on="median"))
-    rows.append(value_row("daemon memory per name (VmRSS)", mode, "B/name", (m2["rss"] - m1["rss"]) / len(worker_names),
-                          headline=True))
+    rows.append(value_row("daemon memory per name (VmRSS)", mode, "B/name",
+                          (m2["rss"] - m1["rss"]) / len(run.worker_names), headline=True))
     ratio_2 = H.Target("<=", 2.0, text="ratio <= 2 (vs ref @1k)")
-    latency_rows(report, mode, small, large, tag1, tagn, {"create+close": ratio_2, "create (kept)": ratio_2})
-    cpu_notes(report, mode, probe.cpu, ref.cpu, tag1, tagn)
+    latency_rows(report, mode, run.small, run.large, tag1, tagn, {"create+close": ratio_2, "create (kept)": ratio_2})
+    cpu_notes(report, mode, probe.cpu, run.ref.cpu, tag1, tagn)
+    steps = run.steps
     filled = sum(s[0] for s in steps)
     rows.append(value_row(f"fill to {count_label(n_objects)}: {clients} clients, {workers} processes", mode,
-                          "objects/s", filled / fill_s, samples=filled, headline=True))
+                          "objects/s", filled / run.fill_s, samples=filled, headline=True))
     first, last = steps[0], steps[-1]
     rows.append(value_row("  fill, first tenth", mode, "objects/s", first[0] / first[1], samples=first[0]))
     rows.append(value_row("  fill, last tenth", mode, "objects/s", last[0] / last[1], samples=last[0]))
     rows.append(value_row("  daemon CPU per create, first tenth", mode, "us CPU", first[2] / first[0] / 1e3))
     rows.append(value_row("  daemon CPU per create, last tenth", mode, "us CPU", last[2] / last[0] / 1e3))
-    rows.append(value_row(f"flink {len(worker_names):,} objects ({workers} processes)", mode, "names/s",
-                          len(worker_names) / flink_workers_s, samples=len(worker_names)))
+    rows.append(value_row(f"flink {len(run.worker_names):,} objects ({workers} processes)", mode, "names/s",
+                          len(run.worker_names) / run.flink_workers_s, samples=len(run.worker_names)))
     per = (n_objects - len(probe.handles)) // clients
-    rows.append(value_row(f"teardown: close {clients} clients (~{per:,} objects each)", mode, "s", teardown_s,
-                          headline=True, error="" if left_probe <= len(probe.handles) else
-                          f"{left_probe - len(probe.handles)} worker objects still live after 600 s"))
-    rows.append(value_row("objects left after releasing everything", mode, "objects", left,
+    rows.append(value_row(f"teardown: close {clients} clients (~{per:,} objects each)", mode, "s", run.teardown_s,
+                          headline=True, error="" if run.left_probe <= len(probe.handles) else
+                          f"{run.left_probe - len(probe.handles)} worker objects still live after 600 s"))
+    rows.append(value_row("objects left after releasing everything", mode, "objects", run.left,
                           target=H.Target("<=", 0, on="median", text="0 (stats()['objects'])")))
+
+
+def _daemon_notes(report: H.Report, run: _DaemonRun, clients: int, placement: str, tag1: str, tagn: str) -> None:
+    m0, m1, m2, m3 = run.m
+    steps, probe = run.steps, run.probe
+    filled = sum(s[0] for s in steps)
     report.notes.append(
         {"same": "daemon: latency runs with this thread and both daemons pinned to one CPU (--placement same): "
                  "every round trip is a context switch there, not a cross-CPU wake-up whose cost depends on where "
@@ -677,20 +736,20 @@ def daemon_section(report: H.Report, opts: H.Options, n_objects: int, clients: i
         f"itself gives")
     report.notes.append(
         f"daemon: the probe (an extra client in this process) held {SMALL:,} handles at {tag1} "
-        f"({objects_small:,} objects in the daemon after those runs) and {len(probe.handles):,} at {tagn} "
-        f"({objects_large:,} objects after the fill; {n_names:,} names open_name picks from at {tagn}, "
+        f"({run.objects_small:,} objects in the daemon after those runs) and {len(probe.handles):,} at {tagn} "
+        f"({run.objects_large:,} objects after the fill; {len(probe.names):,} names open_name picks from at {tagn}, "
         f"{NAMES_SMALL:,} at {tag1}); info(h) picks random handles among the probe's own")
     report.notes.append(
-        f"daemon: fill {filled:,} objects by the workers in {fill_s:.1f} s; per tenth (objects/s): "
+        f"daemon: fill {filled:,} objects by the workers in {run.fill_s:.1f} s; per tenth (objects/s): "
         + ", ".join(f"{s[0] / s[1]:,.0f}" for s in steps)
         + "; daemon CPU per create (us): " + ", ".join(f"{s[2] / s[0] / 1e3:.1f}" for s in steps))
     report.notes.append(
-        f"daemon: teardown: the workers' close() calls returned after {closed_s:.2f} s, objects released after "
-        f"{teardown_s:.2f} s; after releasing everything: {left} objects, VmRSS {m3['rss'] / H.MiB:.1f} MiB "
+        f"daemon: teardown: the workers' close() calls returned after {run.closed_s:.2f} s, objects released after "
+        f"{run.teardown_s:.2f} s; after releasing everything: {run.left} objects, VmRSS {m3['rss'] / H.MiB:.1f} MiB "
         f"({(m3['rss'] - m0['rss']) / H.MiB:+.1f} MiB vs 0 objects at the start)")
-    report.notes.append(f"daemon: name table: {len(worker_names):,} more names cost "
+    report.notes.append(f"daemon: name table: {len(run.worker_names):,} more names cost "
                         f"{(m2['rss'] - m1['rss']) / H.MiB:.1f} MiB VmRSS")
-    report.notes.extend(gc_lines)
+    report.notes.extend(run.gc_lines)
 
 
 # -- embedded mode (in a spawned child: its RSS is the manager's) ---------------------------

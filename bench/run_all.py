@@ -40,7 +40,7 @@ BENCHES = {
 }
 
 
-def main(argv: list[str] | None = None) -> int:
+def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="a fast, rougher run of every bench")
     parser.add_argument("--json", nargs="?", const="-", metavar="PATH",
@@ -49,15 +49,16 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--wait-idle", type=float, default=0.0, metavar="SECONDS",
                         help="before each bench, wait up to SECONDS for other processes to leave the CPUs idle")
     parser.add_argument("--render", metavar="DIR",
-                        help="after the run, write DIR/results.json, one PNG per bench into DIR (bench/render.py) "
+                        help="after the run, write DIR/results.json, one PNG per bench into DIR (tools/render.py) "
                              "and the markdown page")
     parser.add_argument("--markdown", metavar="PATH",
                         help="with --render: where the markdown goes (default docs/PERFORMANCE.md)")
-    ns = parser.parse_args(argv)
-    if ns.markdown and not ns.render:
-        parser.error("--markdown needs --render DIR")
+    return parser
+
+
+def _run_benches(ns: argparse.Namespace, quiet: bool) -> list[H.Report]:
+    """Each bench of `ns.only` (default: all) in turn, its table printed as it finishes."""
     reports: list[H.Report] = []
-    quiet = ns.json == "-"
     for name in ns.only or list(BENCHES):
         fn, defaults = BENCHES[name]
         opts = H.options(argparse.Namespace(quick=ns.quick, runs=None, n=None, warmup=None, json=ns.json,
@@ -75,6 +76,37 @@ def main(argv: list[str] | None = None) -> int:
         if not quiet:
             report.print_table()
             sys.stdout.flush()
+    return reports
+
+
+def _render(ns: argparse.Namespace, reports: list[H.Report], argv: list[str] | None, quiet: bool) -> bool:
+    """results.json (with the command and the machine's memory), PNGs and the markdown page
+    (tools/render.py); False if the plots were skipped (matplotlib missing)."""
+    import json
+    import shlex
+
+    sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "tools"))
+    import render
+
+    out = sys.stderr if quiet else sys.stdout
+    command = " ".join(["python bench/run_all.py", shlex.join(sys.argv[1:] if argv is None else argv)])
+    data = render.annotate([r.to_json() for r in reports], command.strip())
+    os.makedirs(ns.render, exist_ok=True)
+    results = os.path.join(ns.render, "results.json")
+    with open(results, "w") as f:
+        json.dump(data, f, indent=1)
+    print(f"\nJSON written to {results}", file=out)
+    return bool(render.render(data, out_dir=ns.render, markdown=ns.markdown or render.DEFAULT_MARKDOWN,
+                              results_path=results, log=lambda msg: print(msg, file=out)))
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = _parser()
+    ns = parser.parse_args(argv)
+    if ns.markdown and not ns.render:
+        parser.error("--markdown needs --render DIR")
+    quiet = ns.json == "-"
+    reports = _run_benches(ns, quiet)
     opts = H.Options(quick=ns.quick, runs=0, n=0, warmup=0, json=ns.json, extra=ns)
     if quiet:
         status = H.emit(reports, opts)
@@ -87,23 +119,8 @@ def main(argv: list[str] | None = None) -> int:
                 json.dump([r.to_json() for r in reports], f, indent=1)
             print(f"\nJSON written to {ns.json}")
         status = 1 if any(r.failed for r in reports) else 0
-    if ns.render:  # results.json (with the command and the machine's memory), PNGs, markdown
-        import json
-        import shlex
-
-        import render
-
-        out = sys.stderr if quiet else sys.stdout
-        command = " ".join(["python bench/run_all.py", shlex.join(sys.argv[1:] if argv is None else argv)])
-        data = render.annotate([r.to_json() for r in reports], command.strip())
-        os.makedirs(ns.render, exist_ok=True)
-        results = os.path.join(ns.render, "results.json")
-        with open(results, "w") as f:
-            json.dump(data, f, indent=1)
-        print(f"\nJSON written to {results}", file=out)
-        if not render.render(data, out_dir=ns.render, markdown=ns.markdown or render.DEFAULT_MARKDOWN,
-                             results_path=results, log=lambda msg: print(msg, file=out)):
-            status = status or 2  # plots skipped (matplotlib missing); the markdown was written
+    if ns.render and not _render(ns, reports, argv, quiet):
+        status = status or 2  # plots skipped (matplotlib missing); the markdown was written
     return status
 
 

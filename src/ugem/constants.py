@@ -27,6 +27,13 @@ MAX_OBJECT_SIZE = 1 << 46
 
 WILLNEED = 0
 DONTNEED = 1
+ADVICE_PURGED = 2  # the advice info() and `ugem ls` report once the contents are gone
+
+# How info() and `ugem ls` name an object's advice and placement: the wire carries the index
+# into these (advice: WILLNEED, DONTNEED or ADVICE_PURGED; placement: core/states.py's
+# Placement value, whose `label` is taken from here).
+ADVICE_LABELS = ("willneed", "dontneed", "purged")
+PLACEMENT_LABELS = ("none", "system", "vram", "spilled", "purged", "freed")
 
 DOMAIN_CPU = 0x1
 DOMAIN_DEVICE = 0x2

@@ -28,7 +28,8 @@ The family, as a tree::
 
 Rules: the errno -> class map is derived from the classes (`ERRNO_TO_ERROR`), never
 kept by hand; exceptions are translated in one place on each side of the wire
-(`error_from_errno` here, `errno_of` in the dispatcher).
+(`error_from_errno` here for replies; in the daemon, daemon/connection.py turns a
+UgemError into an error reply with its errno and message).
 """
 
 from __future__ import annotations

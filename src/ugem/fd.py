@@ -6,16 +6,15 @@ Rules:
 - after either, the object holds -1, so a second close is a no-op and a use is EBADF;
 - an OwnedFd garbage-collected while still open closes the fd and emits ResourceWarning,
   which the test suite turns into an error: a leaked fd fails the run.
+Passing fds over a socket (SCM_RIGHTS) is ugem/scm.py's: this module imports no `socket`.
 """
 
 from __future__ import annotations
 
-import array
 import os
-import socket
 import warnings
 
-__all__ = ["OwnedFd", "fds_from_ancillary"]
+__all__ = ["OwnedFd", "drain", "pipe"]
 
 
 class OwnedFd:
@@ -68,12 +67,16 @@ class OwnedFd:
         return f"OwnedFd({self._fd})"
 
 
-def fds_from_ancillary(anc: list[tuple[int, int, bytes]]) -> list[OwnedFd]:
-    """Wrap every fd of recvmsg() ancillary data (SCM_RIGHTS) at once, in wire order."""
-    fds: list[OwnedFd] = []
-    for level, kind, raw in anc:
-        if level == socket.SOL_SOCKET and kind == socket.SCM_RIGHTS:
-            ints = array.array("i")
-            ints.frombytes(raw[: len(raw) - len(raw) % ints.itemsize])
-            fds.extend(OwnedFd(i) for i in ints)
-    return fds
+def pipe(flags: int = os.O_CLOEXEC) -> tuple[OwnedFd, OwnedFd]:
+    """A new pipe (`os.pipe2(flags)`): its read end and its write end, each owned."""
+    read_end, write_end = os.pipe2(flags)
+    return OwnedFd(read_end), OwnedFd(write_end)
+
+
+def drain(fd: OwnedFd) -> None:
+    """Read a non-blocking pipe's read end until it is empty (wake-up bytes)."""
+    try:
+        while os.read(fd.fileno(), 4096):
+            pass
+    except BlockingIOError:
+        pass

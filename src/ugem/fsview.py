@@ -55,6 +55,7 @@ from typing import Any, Protocol
 
 from .client.device import Device
 from .errors import BadAddress, DaemonGone, NoSuchObject
+from .fd import OwnedFd, pipe
 
 __all__ = ["FsView", "Snapshot", "mount", "render_info"]
 
@@ -319,10 +320,10 @@ class _HangupWatch:
     then marks `view` hung up and wakes the FUSE loop with a statvfs of `mountpoint`."""
 
     def __init__(self, fd: int, view: FsView, mountpoint: str) -> None:
-        self._fd = fd
+        self._fd = OwnedFd(fd)
         self._view = view
         self._mountpoint = mountpoint
-        self._stop_r, self._stop_w = os.pipe()
+        self._stop_r, self._stop_w = pipe()
         self._thread = threading.Thread(target=self._run, name="ugem-fs-hangup", daemon=True)
 
     def start(self) -> None:
@@ -330,10 +331,10 @@ class _HangupWatch:
 
     def _run(self) -> None:
         poller = select.poll()
-        poller.register(self._fd, select.POLLRDHUP)  # POLLHUP and POLLERR are always reported
-        poller.register(self._stop_r, select.POLLIN)
+        poller.register(self._fd.fd, select.POLLRDHUP)  # POLLHUP and POLLERR are always reported
+        poller.register(self._stop_r.fd, select.POLLIN)
         ready = {fd for fd, _ in poller.poll()}
-        if self._stop_r in ready:
+        if self._stop_r.fd in ready:
             return
         self._view.hung_up = True
         # the statfs request fails on the hung-up view, which asks libfuse to exit; if the
@@ -343,11 +344,11 @@ class _HangupWatch:
 
     def close(self) -> None:
         """Stop the watcher (if it started) and close its fds."""
-        os.write(self._stop_w, b"x")
+        os.write(self._stop_w.fd, b"x")
         if self._thread.is_alive():
             self._thread.join()
         for fd in (self._fd, self._stop_r, self._stop_w):
-            os.close(fd)
+            fd.close()
 
 
 def mount(device: Device, mountpoint: str, *, ttl: float = TTL, debug: bool = False) -> None:

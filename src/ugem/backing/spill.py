@@ -14,7 +14,8 @@ Rules:
 - running out of room (the range, or the disk under it) is ENOMEM naming the spill
   directory; a copy that fails leaves the object where it was;
 - the space of a dead or restored object is given back with fallocate(PUNCH_HOLE);
-- `close()` removes the subdirectory and everything in it;
+- `close()` removes the subdirectory and everything in it; the lock and the file are
+  `OwnedFd`s, so a copy racing `close()` fails EBADF rather than touching a reused fd number;
 - at start, subdirectories whose lock nobody holds (their manager died) are removed;
 - extent allocation and freeing happen on the core's thread; the copies (`store`, `load`)
   are the long part and run on worker threads, each through its own description of the
@@ -35,6 +36,7 @@ from dataclasses import dataclass, field
 
 from ..constants import PAGE_SIZE, page_align
 from ..errors import NoSpace, OutOfMemory
+from ..fd import OwnedFd
 from ..mm.range import Node, RangeAllocator
 
 __all__ = ["Extent", "SpillStore", "copy_ranges", "copy_segments", "data_segments", "punch_hole"]
@@ -122,9 +124,15 @@ class SpillStore:
         os.makedirs(spill_dir, mode=0o700, exist_ok=True)
         _sweep_stale(spill_dir)
         self.directory = tempfile.mkdtemp(prefix=f"ugem-{os.getpid()}-", dir=spill_dir)
-        self._lock = os.open(os.path.join(self.directory, "lock"), os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
-        fcntl.flock(self._lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        self.fd = os.open(os.path.join(self.directory, "spill-0"), os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+        self._lock = OwnedFd(os.open(os.path.join(self.directory, "lock"), os.O_RDWR | os.O_CREAT | os.O_CLOEXEC,
+                                     0o600))
+        try:
+            fcntl.flock(self._lock.fd, fcntl.LOCK_EX | fcntl.LOCK_NB)  # held while we live: not stale
+            self._file = OwnedFd(os.open(os.path.join(self.directory, "spill-0"),
+                                         os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600))
+        except BaseException:
+            self._lock.close()
+            raise
         self._space: RangeAllocator[object] = RangeAllocator(0, _CAPACITY // PAGE_SIZE)
         self._punched: set[int] = set()  # extents a worker already punched (id of the node)
 
@@ -173,20 +181,17 @@ class SpillStore:
         for offset, length in extent.segments:
             ranges.append((pos, offset, length))
             pos += length
-        return copy_ranges(self.fd, dst, ranges)
+        return copy_ranges(self._file.fd, dst, ranges)
 
     @contextlib.contextmanager
     def writer(self) -> Iterator[int]:
         """A private description of the spill file (its own file position), for one copy."""
-        fd = os.open(os.path.join(self.directory, "spill-0"), os.O_WRONLY | os.O_CLOEXEC)
-        try:
-            yield fd
-        finally:
-            os.close(fd)
+        with OwnedFd(os.open(os.path.join(self.directory, "spill-0"), os.O_WRONLY | os.O_CLOEXEC)) as fd:
+            yield fd.fd
 
     def punch(self, extent: Extent) -> None:
         """Give the extent's disk space back now (any thread; the range stays reserved)."""
-        punch_hole(self.fd, self.offset(extent), extent.capacity)
+        punch_hole(self._file.fd, self.offset(extent), extent.capacity)
         self._punched.add(id(extent))
 
     def release(self, extent: Extent) -> None:
@@ -194,14 +199,13 @@ class SpillStore:
         if id(extent) in self._punched:
             self._punched.discard(id(extent))
         else:
-            punch_hole(self.fd, self.offset(extent), extent.capacity)
+            punch_hole(self._file.fd, self.offset(extent), extent.capacity)
         self._space.remove(extent.node)
 
     def close(self) -> None:
-        if self.fd >= 0:
-            os.close(self.fd)
-            os.close(self._lock)
-            self.fd = -1
+        if not self._file.closed:
+            self._file.close()
+            self._lock.close()
             shutil.rmtree(self.directory, ignore_errors=True)
 
 
@@ -212,14 +216,13 @@ def _sweep_stale(spill_dir: str) -> None:
             continue
         lock_path = os.path.join(entry.path, "lock")
         try:
-            fd = os.open(lock_path, os.O_RDWR | os.O_CLOEXEC)
+            lock = OwnedFd(os.open(lock_path, os.O_RDWR | os.O_CLOEXEC))
         except FileNotFoundError:
             continue  # being created right now, or not ours
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            continue  # a live manager holds it
-        finally:
-            os.close(fd)
+        with lock:
+            try:
+                fcntl.flock(lock.fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                continue  # a live manager holds it
         with contextlib.suppress(OSError):
             shutil.rmtree(entry.path)

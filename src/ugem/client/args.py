@@ -1,58 +1,45 @@
-"""Arguments of the public client API, checked and put in wire form (SPEC §2: every failure
-of a ugem call is a UgemError with the SPEC's errno).
+"""Arguments of the public client API, checked and put in wire form (every failure of a
+ugem call is a UgemError with its errno).
 
 Rules:
 - an integer argument is an `int` or anything with `__index__` (numpy integers); a bool,
   float, NaN, string or None is EINVAL naming the argument and the value, never a
-  struct.error, TypeError or ValueError from deeper down;
+  struct.error, TypeError or ValueError from deeper down (`ugem.ints.integer`);
 - values in range go on the wire as given; values out of the wire field's range are
   mapped to one that fails the manager's own check for that field, with the same errno as
   any other bad value there (`ident`: a handle or name outside 1..2**32-1 goes as 0, never
-  valid; `i64`: sizes, offsets and timeouts saturate at the s64 limits; `u32`: enums go as
-  2**32-1), so both modes and every daemon answer alike;
+  valid; `i64`: sizes, offsets and timeouts saturate at the s64 limits, both as in
+  ugem/ints.py; `u32`: enums go as 2**32-1; `u64`: fences outside it go as 0), so both
+  modes and every daemon answer alike;
 - flags (`writable`, `readonly`) take anything with a truth value.
 The fast path (a plain int in range) costs one type check per argument.
 """
 
 from __future__ import annotations
 
-import operator
 from typing import Any
 
-import numpy as np
-
+from .. import ints
 from ..errors import InvalidArgument
 
 __all__ = ["flag", "i64", "ident", "index", "u32", "u64"]
 
-_U32 = 2**32
-_S64_MIN, _S64_MAX = -(2**63), 2**63 - 1
-
-
-def index(value: Any, what: str) -> int:
-    """`value` as a Python int: an int or a numpy integer, not a bool, float or anything else."""
-    if type(value) is int:
-        return value
-    if not isinstance(value, bool | np.bool_):
-        try:
-            return operator.index(value)
-        except TypeError:
-            pass
-    raise InvalidArgument(f"{what} must be an integer, got {value!r} ({type(value).__name__})")
+_U32 = ints.U32_LIMIT
+index = ints.integer
 
 
 def ident(value: Any, what: str = "handle") -> int:
     """A handle or name (u32): out of range goes as 0, which the manager rejects as unknown."""
     if type(value) is not int:
         value = index(value, what)
-    return value if 0 < value < _U32 else 0
+    return ints.handle(value)
 
 
 def i64(value: Any, what: str) -> int:
     """A size, offset or timeout (s64), saturated at the s64 limits."""
     if type(value) is not int:
         value = index(value, what)
-    return value if _S64_MIN <= value <= _S64_MAX else (_S64_MIN if value < 0 else _S64_MAX)
+    return ints.s64(value)
 
 
 def u32(value: Any, what: str) -> int:

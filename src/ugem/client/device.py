@@ -5,9 +5,10 @@ an integer where one is expected is EINVAL naming it, in both modes) and build r
 structs sent through its transport; the only mode-specific code is how bulk data moves:
 
 - embedded: the handler copies straight between the caller's buffer and the object
-  (a `pread` beyond `INLINE_LIMIT` takes the XFER path below in both modes, so its result
-  is allocated only after the manager accepted the range);
-- daemon: up to `INLINE_LIMIT` bytes travel inside the frame; beyond that the daemon hands
+  (a `pread` beyond the transport's `inline_limit` takes the XFER path below in both modes,
+  so its result is allocated only after the manager accepted the range);
+- daemon: up to `inline_limit` bytes travel inside the frame (wire.frames.XFER_ABOVE, or
+  less if the daemon's HELLO advertises a smaller `max_inline`); beyond that the daemon hands
   over a private file description of the object (XFER) and this process does the one copy
   with preadv/pwritev, then reports XFER_DONE.
 
@@ -39,7 +40,7 @@ import numpy as np
 
 from ..backing.mapping import map_shared
 from ..bufview import flat_bytes
-from ..constants import page_align
+from ..constants import ADVICE_LABELS, PLACEMENT_LABELS, page_align
 from ..errors import BadFd, InvalidArgument, OutOfMemory, TimedOut, error_from_errno
 from ..fd import OwnedFd
 from ..wire import structs as s
@@ -56,11 +57,7 @@ if TYPE_CHECKING:
     from ..manager import Manager
     from .buffer import Buffer
 
-__all__ = ["Device", "ObjectInfo", "INLINE_LIMIT"]
-
-INLINE_LIMIT = 128 << 10  # daemon mode: larger pread/pwrite go through shared memory
-_PLACEMENTS = ("none", "system", "vram", "spilled", "purged")
-_ADVICE = ("willneed", "dontneed", "purged")
+__all__ = ["Device", "ObjectInfo"]
 
 
 @dataclass(frozen=True)
@@ -81,6 +78,7 @@ class ObjectInfo:
 class Transport(Protocol):
     embedded: bool
     client_id: int
+    inline_limit: int  # pread/pwrite bytes sent inside a frame; more take the XFER path
 
     @property
     def lost(self) -> bool: ...
@@ -192,7 +190,7 @@ class Device(DeviceOps, ShareOps):
         # tenth of a daemon round trip); the result is the same frozen dataclass
         info = object.__new__(ObjectInfo)
         info.__dict__.update(
-            size=r.size, placement=_PLACEMENTS[r.placement], madvise=_ADVICE[r.madvise], name=r.name,
+            size=r.size, placement=PLACEMENT_LABELS[r.placement], madvise=ADVICE_LABELS[r.madvise], name=r.name,
             tiling=r.tiling, stride=r.stride, caching=r.caching, busy=bool(r.flags & s.INFO_BUSY),
             pinned=bool(r.flags & s.INFO_PINNED), userptr=bool(r.flags & s.INFO_USERPTR),
             readonly=bool(r.flags & s.INFO_READONLY))
@@ -201,13 +199,12 @@ class Device(DeviceOps, ShareOps):
     # -- bulk data -------------------------------------------------------------------
 
     def pread(self, handle: int, offset: int, length: int) -> bytes:
-        # Beyond INLINE_LIMIT (or a negative length) both modes take the XFER path, which
+        # Beyond the inline limit (or a negative length) both modes take the XFER path, which
         # allocates the result only once the manager has accepted the range: an absurd
         # length is EINVAL there, and one this process cannot hold is ENOMEM, never a
         # MemoryError.
         handle, offset, length = ident(handle), i64(offset, "offset"), i64(length, "length")
-        self._live()
-        if 0 <= length <= INLINE_LIMIT:
+        if 0 <= length <= self._live().inline_limit:
             buf = bytearray(max(length, 0))
             self._pread(handle, offset, length, buf)
             return bytes(buf)
@@ -221,10 +218,11 @@ class Device(DeviceOps, ShareOps):
 
     def _pread(self, handle: int, offset: int, length: int, into: memoryview | bytearray) -> None:
         req = s.PreadReq(handle=handle, offset=offset, length=length)
-        if self._live().embedded:
+        transport = self._live()
+        if transport.embedded:
             req.into = into
             self._call(Op.GEM_PREAD, req)
-        elif length <= INLINE_LIMIT:
+        elif length <= transport.inline_limit:
             reply: s.PreadReply = self._call(Op.GEM_PREAD, req)
             if length > 0:
                 into[:] = reply.data
@@ -259,7 +257,8 @@ class Device(DeviceOps, ShareOps):
         handle, offset = ident(handle), i64(offset, "offset")
         view = _byte_view(data, writable=False)
         req = s.PwriteReq(handle=handle, offset=offset, length=len(view), data=view)
-        if self._live().embedded or len(view) <= INLINE_LIMIT:
+        transport = self._live()
+        if transport.embedded or len(view) <= transport.inline_limit:
             self._call(Op.GEM_PWRITE, req)
             return
         req.flags, req.data = s.XFER, b""

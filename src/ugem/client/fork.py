@@ -17,7 +17,7 @@ from typing import Any, Protocol
 from ..errors import BadFd
 from ..fd import OwnedFd
 from ..wire import structs as s
-from ..wire.frames import Op
+from ..wire.frames import XFER_ABOVE, Op
 
 __all__ = ["ForkedTransport", "track_for_fork"]
 
@@ -27,6 +27,7 @@ class ForkedTransport:
     EBADF, at once; closing does nothing (the parent's connection is not the child's)."""
 
     lost = False
+    inline_limit = XFER_ABOVE
 
     def __init__(self, embedded: bool, client_id: int, parent_pid: int) -> None:
         self.embedded = embedded

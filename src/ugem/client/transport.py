@@ -15,7 +15,6 @@ Fork safety (ForkedTransport, track_for_fork) is in client/fork.py.
 
 from __future__ import annotations
 
-import array
 import socket
 import threading
 import time
@@ -24,9 +23,19 @@ from typing import TYPE_CHECKING, Any, NoReturn
 
 from ..core.requests import REQUESTS
 from ..errors import BadFd, DaemonGone, RemoteProtocolError, TimedOut, TooBig, UgemError, error_from_errno
-from ..fd import OwnedFd, fds_from_ancillary
+from ..fd import OwnedFd
+from ..scm import ANC_SPACE, fds_from_ancillary, rights
 from ..wire import structs as s
-from ..wire.frames import HEADER, MAGIC, MAX_FDS, MAX_PAYLOAD, PROTOCOL_VERSION, Kind, Op, encode_header
+from ..wire.frames import (
+    HEADER,
+    MAGIC,
+    MAX_PAYLOAD,
+    PROTOCOL_VERSION,
+    XFER_ABOVE,
+    Kind,
+    Op,
+    encode_header,
+)
 from ..wire.structs_share import SHARE_AHEAD
 
 if TYPE_CHECKING:
@@ -39,6 +48,7 @@ __all__ = ["EmbeddedTransport", "SocketTransport"]
 class EmbeddedTransport:
     embedded = True
     lost = False  # no daemon to lose
+    inline_limit = XFER_ABOVE  # a larger pread takes the XFER path (its result allocated once accepted)
 
     def __init__(self, manager: Manager, client: Client) -> None:
         self.manager = manager
@@ -68,7 +78,6 @@ class EmbeddedTransport:
         there too, manager.py)."""
 
 
-_ANC_SPACE = socket.CMSG_SPACE(MAX_FDS * array.array("i").itemsize)
 _FIRST_READ = 65536
 _CTRUNC = int(socket.MSG_CTRUNC)  # plain ints: enum flag arithmetic costs ~0.5 us per request
 _CLOEXEC = int(socket.MSG_CMSG_CLOEXEC)
@@ -109,6 +118,7 @@ class SocketTransport:
         self.client_id = hello.client_id
         self.server_pid = hello.server_pid
         self.max_inline = hello.max_inline
+        self.inline_limit = min(XFER_ABOVE, hello.max_inline)  # what the daemon takes inline, at most
 
     def call(self, op: Op, req: s.Struct, notes: Sequence[tuple[Op, s.Struct]] = ()) -> Any:
         """One request and its reply. `notes` (releases: no fds, each fits a frame) go first
@@ -196,9 +206,8 @@ class SocketTransport:
         length = sum(len(p) if not isinstance(p, memoryview) else p.nbytes for p in pieces)
         header = encode_header(length, op, len(fds), Kind.REQUEST, self._seq)
         buffers = [header, *pieces]
-        anc = [(socket.SOL_SOCKET, socket.SCM_RIGHTS, array.array("i", [f.fd for f in fds]))] if fds else []
         total = len(header) + length
-        sent = self._sock.sendmsg(buffers, anc)
+        sent = self._sock.sendmsg(buffers, rights(fds))
         if sent < total:  # the rest without the fds (they went with the first byte)
             data = b"".join(bytes(b) for b in buffers)
             self._sock.sendall(data[sent:])
@@ -281,7 +290,7 @@ class SocketTransport:
         while len(buf) < HEADER.size:
             if buf:  # not the call's first read
                 self._rearm()
-            data, anc, flags, _ = self._sock.recvmsg(_FIRST_READ, _ANC_SPACE if with_fds and not buf else 0,
+            data, anc, flags, _ = self._sock.recvmsg(_FIRST_READ, ANC_SPACE if with_fds and not buf else 0,
                                                      _CLOEXEC)
             if anc:
                 fds.extend(fds_from_ancillary(anc))

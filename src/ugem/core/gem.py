@@ -96,8 +96,7 @@ def gem_info(core: Core, client: Client, req: s.InfoReq) -> s.InfoReply:
               | (s.INFO_USERPTR if obj.kind == Kind.USERPTR else 0)
              | (s.INFO_READONLY if req.handle in client.readonly else 0)
              | (s.INFO_FOREIGN if obj.kind == Kind.FOREIGN else 0))
-    madvise = 2 if obj.placement == Placement.PURGED else obj.madvise
-    return s.InfoReply(size=obj.size, placement=obj.placement, madvise=madvise, flags=flags, name=obj.name,
+    return s.InfoReply(size=obj.size, placement=obj.placement, madvise=obj.reported_advice, flags=flags, name=obj.name,
                        tiling=obj.tiling, stride=obj.stride, caching=obj.caching)
 
 

@@ -47,7 +47,6 @@ __all__ = [
     "gem_set_tiling", "gem_wait", "resume", "suspend", "wait_fence",
 ]
 
-_TILE_WIDTH = {TILING_X: 512, TILING_Y: 128}
 _MAX_STRIDE = 256 << 10
 
 
@@ -205,7 +204,7 @@ def gem_set_tiling(core: Core, client: Client, req: sd.TilingReq) -> sd.TilingRe
         raise InvalidArgument(f"tiling mode must be NONE, X or Y (0, 1, 2), got {req.mode}")
     stride = 0
     if req.mode != TILING_NONE:
-        width = _TILE_WIDTH[req.mode]
+        width = commands.TILE_WIDTH[req.mode]
         if req.stride == 0 or req.stride % width or req.stride > _MAX_STRIDE:
             raise InvalidArgument(f"stride {req.stride} must be a nonzero multiple of {width} up to {_MAX_STRIDE}")
         stride = req.stride

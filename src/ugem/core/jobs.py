@@ -3,13 +3,13 @@
 A handler that needs a long copy before it can finish (room under the budget, a spilled
 object brought back) does not copy: it raises `Pending(jobs)`. The transport then runs
 each job's `work` (embedded: right here; daemon: on a worker thread, so other clients
-keep being served), calls `Core.finish(job)` on the core's thread when it is done, and
+keep being served), calls `core.memory.finish(job)` on the core's thread when it is done, and
 re-runs the request from the start. Re-running is safe because a handler changes nothing
 before it raises Pending (except purges, which are final anyway).
 
 Rules:
 - `work` touches only the fds and extents captured when the job was planned, never core
-  state; everything else happens in `Core.finish`, on the core's thread;
+  state; everything else happens in `Memory.finish` (spill_jobs.py), on the core's thread;
 - an object with a job in flight (`obj.job`) holds an extra reference, so it cannot be
   freed under the worker; requests touching it wait for that job (Pending([obj.job]));
 - a job failing (disk full, I/O error) leaves the object where it was.

@@ -24,7 +24,7 @@ from typing import Any
 
 from ..backing.base import BackingStore, Inspection
 from ..config import Config
-from ..constants import CACHING_CACHED, DONTNEED
+from ..constants import ADVICE_LABELS, CACHING_CACHED, DONTNEED
 from ..device.base import DeviceBackend
 from ..errors import BadAddress, InvalidArgument, NoSuchObject, QuotaExceeded
 from ..fd import OwnedFd
@@ -413,7 +413,7 @@ class Core:
         owners = {0: self.preloads.pid, **{c.id: c.creds.pid for c in self.clients.values()}}
         return [
             {"id": o.id, "size": o.size, "placement": o.placement.label,
-             "madvise": ("willneed", "dontneed", "purged")[2 if o.placement == Placement.PURGED else o.madvise],
+             "madvise": ADVICE_LABELS[o.reported_advice],
              "name": o.name, "handles": o.handle_count, "owner_pid": owners.get(o.creator, 0),
              "pinned": bool(o.pinned_by), "mapped": o.maps, "label": o.label}
             for o in self.objects.values()

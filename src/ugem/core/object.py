@@ -28,7 +28,7 @@ from __future__ import annotations
 import enum
 from typing import Any
 
-from ..constants import CACHING_NONE, TILING_NONE, WILLNEED
+from ..constants import ADVICE_PURGED, CACHING_NONE, TILING_NONE, WILLNEED
 from .states import Event, Placement, apply
 
 __all__ = ["BufferObject", "Kind"]
@@ -91,6 +91,11 @@ class BufferObject:
     def proxy(self) -> bool:
         """userptr or foreign memory: not ours to export, purge or spill."""
         return self.kind != Kind.NORMAL
+
+    @property
+    def reported_advice(self) -> int:
+        """The advice info() and `ugem ls` report: ADVICE_PURGED once the contents are gone."""
+        return ADVICE_PURGED if self.placement == Placement.PURGED else self.madvise
 
     def __repr__(self) -> str:
         return (f"<BufferObject {self.id} size={self.size} {self.placement.label} "

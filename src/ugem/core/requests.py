@@ -3,8 +3,9 @@
 Every operation is one `RequestDesc` row: op number, handler, request and reply structs,
 permission flags. The daemon decodes frames into the request struct of the row, the
 embedded transport builds the struct directly; both then call `dispatch()`, so both
-modes check exactly the same things. `ugem ops`, the docs and the "every op is tested"
-check read this table; nobody keeps a second list.
+modes check exactly the same things. `ugem ops` and the daemon's decoder (`BY_OP`) read
+this table, and tests/unit/test_exports.py checks it has one row per `Op`; nobody keeps a
+second list.
 
 Permission checks live only in `check_permission()`.
 """

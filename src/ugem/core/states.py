@@ -20,6 +20,8 @@ from __future__ import annotations
 
 import enum
 
+from ..constants import PLACEMENT_LABELS
+
 __all__ = ["Event", "IllegalTransition", "Placement", "TRANSITIONS", "apply"]
 
 
@@ -33,7 +35,7 @@ class Placement(enum.IntEnum):
 
     @property
     def label(self) -> str:
-        return self.name.lower()
+        return PLACEMENT_LABELS[self.value]
 
 
 class Event(enum.Enum):

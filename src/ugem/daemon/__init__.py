@@ -1,1 +1,1 @@
-"""The daemon: the only layer with sockets, selectors, signals and peer credentials."""
+"""The daemon: the only layer with sockets, epoll, signals and peer credentials."""

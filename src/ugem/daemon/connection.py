@@ -28,7 +28,6 @@ Rules:
 
 from __future__ import annotations
 
-import array
 import errno
 import logging
 import os
@@ -40,12 +39,12 @@ from typing import TYPE_CHECKING
 from ..core.jobs import Pending
 from ..core.requests import BY_OP, RequestDesc, dispatch
 from ..errors import InvalidArgument, QuotaExceeded, RemoteProtocolError, UgemError
-from ..fd import OwnedFd, fds_from_ancillary
+from ..fd import OwnedFd
+from ..scm import ANC_SPACE, fds_from_ancillary, rights
 from ..wire import structs as s
 from ..wire.frames import (
     HEADER,
     MAGIC,
-    MAX_FDS,
     MAX_INLINE,
     MAX_PAYLOAD,
     PROTOCOL_VERSION,
@@ -66,7 +65,6 @@ if TYPE_CHECKING:
 __all__ = ["Connection"]
 
 log = logging.getLogger("ugem.daemon")
-_ANC_SPACE = socket.CMSG_SPACE(MAX_FDS * array.array("i").itemsize)
 _CTRUNC = int(socket.MSG_CTRUNC)  # a plain int: enum flag arithmetic is slow per request
 _REPLY = int(Kind.REPLY)
 _REPLY_MORE = int(Kind.REPLY_MORE)
@@ -110,7 +108,7 @@ class Connection:
                     return  # epoll reports the socket again if more is waiting
                 continue
             try:
-                data, anc, flags, _ = self.sock.recvmsg(parser.bytes_desired(_BURST), _ANC_SPACE)
+                data, anc, flags, _ = self.sock.recvmsg(parser.bytes_desired(_BURST), ANC_SPACE)
             except (BlockingIOError, InterruptedError):
                 return
             fds = fds_from_ancillary(anc) if anc else []
@@ -277,9 +275,8 @@ class Connection:
         """Write queued replies until the socket would block."""
         while self.outbox:
             data, fds = self.outbox[0]
-            anc = [(socket.SOL_SOCKET, socket.SCM_RIGHTS, array.array("i", [f.fd for f in fds]))] if fds else []
             try:
-                sent = self.sock.sendmsg([data], anc)
+                sent = self.sock.sendmsg([data], rights(fds))
             except (BlockingIOError, InterruptedError):
                 return
             for fd in fds:  # they went with the first byte

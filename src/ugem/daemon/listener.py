@@ -27,6 +27,7 @@ import socket
 import stat
 
 from ..config import BadSetting
+from ..fd import OwnedFd
 from ..paths import check_socket_dir
 from .systemd import inherited_socket, socket_name
 
@@ -42,7 +43,8 @@ class SocketInUse(RuntimeError):
 class Listener:
     def __init__(self, path: str, is_default: bool, mode: int = 0o600) -> None:
         self.path = path
-        self._lock_fd, self._lock_path = -1, path + ".lock"
+        self._lock_file: OwnedFd | None = None  # PATH.lock, flocked while we listen
+        self._lock_path = path + ".lock"
         self.sock: socket.socket | None = None
         self._inode: int | None = None  # of the socket file we made (None: not ours to remove)
         try:
@@ -68,7 +70,7 @@ class Listener:
             return None
         self = cls.__new__(cls)
         self.path, self.sock, self._inode = socket_name(sock), sock, None
-        self._lock_fd, self._lock_path = -1, ""
+        self._lock_file, self._lock_path = None, ""
         return self
 
     def fileno(self) -> int:
@@ -120,22 +122,22 @@ class Listener:
         replace it, the second unlinking the first one's fresh socket."""
         lock_path = self._lock_path
         for _attempt in range(3):
-            fd = os.open(lock_path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+            fd = OwnedFd(os.open(lock_path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600))
             try:
-                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                fcntl.flock(fd.fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
             except BlockingIOError:
-                os.close(fd)
+                fd.close()
                 raise SocketInUse(f"another ugem daemon holds {lock_path}: it is listening on "
                                   f"{self.path} or starting") from None
             try:  # race: the previous holder may have unlinked the file we locked
                 current = os.stat(lock_path)
             except FileNotFoundError:
                 current = None
-            mine = os.fstat(fd)
+            mine = os.fstat(fd.fd)
             if current is not None and (current.st_dev, current.st_ino) == (mine.st_dev, mine.st_ino):
-                self._lock_fd = fd
+                self._lock_file = fd
                 return
-            os.close(fd)
+            fd.close()
         raise SocketInUse(f"could not take {lock_path}: it keeps being replaced")
 
     def close(self) -> None:
@@ -146,11 +148,11 @@ class Listener:
             with contextlib.suppress(FileNotFoundError):
                 if self._inode is not None and os.stat(self.path).st_ino == self._inode:
                     os.unlink(self.path)
-        if self._lock_fd >= 0:
+        if self._lock_file is not None:
             with contextlib.suppress(FileNotFoundError):  # remove the lock file only if it is still ours
                 current = os.stat(self._lock_path)
-                mine = os.fstat(self._lock_fd)
+                mine = os.fstat(self._lock_file.fd)
                 if (current.st_dev, current.st_ino) == (mine.st_dev, mine.st_ino):
                     os.unlink(self._lock_path)
-            os.close(self._lock_fd)
-            self._lock_fd = -1
+            self._lock_file.close()
+            self._lock_file = None

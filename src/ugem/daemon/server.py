@@ -1,4 +1,4 @@
-"""Server: the listening socket, the selectors loop, signals and shutdown (SPEC §4).
+"""Server: the listening socket, the epoll loop, signals and shutdown (SPEC §4).
 
 Rules:
 - one thread, one epoll loop (`poller.py`) owns the core: no locks in the core;
@@ -53,6 +53,7 @@ from ..config import Config
 from ..core.client import Credentials
 from ..core.jobs import Pending
 from ..errors import RemoteProtocolError
+from ..fd import drain, pipe
 from .connection import Connection
 from .listener import Listener
 from .lobby import Lobby
@@ -68,14 +69,6 @@ __all__ = ["FD_ROOM", "Server", "ServerOptions"]
 log = logging.getLogger("ugem.daemon")
 SIGNALS = (signal.SIGTERM, signal.SIGINT)
 FD_ROOM = 16  # fds kept free by dropping connections that have not completed HELLO
-
-
-def _drain(fd: int) -> None:
-    try:
-        while os.read(fd, 4096):
-            pass
-    except BlockingIOError:
-        pass
 
 
 @dataclass(frozen=True)
@@ -107,14 +100,14 @@ class Server:
         self._accept_paused_until = 0.0
         self._last_stall_check = 0.0
         self._idle_since: float | None = time.monotonic()  # no connection open since then
-        self._wakeup_r, self._wakeup_w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
+        self._wakeup_r, self._wakeup_w = pipe(os.O_NONBLOCK | os.O_CLOEXEC)  # signals -> loop
         self.runner = JobRunner()
         for job in self.core.memory.take_background():  # preloaded objects load while we serve
             self.runner.submit(job)
         self.sel.register(self.runner.fileno(), READ, "jobs")
         self.parked: set[Connection] = set()  # requests waiting for jobs, fences, deadlines or resume
-        self._device_r, self._device_w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
-        self.sel.register(self._device_r, READ, "device")
+        self._device_r, self._device_w = pipe(os.O_NONBLOCK | os.O_CLOEXEC)  # device thread -> loop
+        self.sel.register(self._device_r.fd, READ, "device")
         self.device.set_notify(self._device_notify)
         self.pressure = PressureWatch()
         if listener is not None:
@@ -137,10 +130,10 @@ class Server:
         if self._signals_installed:
             return
         self._signals_installed = True
-        signal.set_wakeup_fd(self._wakeup_w, warn_on_full_buffer=False)
+        signal.set_wakeup_fd(self._wakeup_w.fd, warn_on_full_buffer=False)
         for sig in SIGNALS:
             signal.signal(sig, self._on_signal)
-        self.sel.register(self._wakeup_r, READ, "wakeup")
+        self.sel.register(self._wakeup_r.fd, READ, "wakeup")
 
     def _on_signal(self, signum: int, frame: object) -> None:
         pass  # only wakes the loop; the byte in the wakeup pipe says which signal
@@ -175,7 +168,7 @@ class Server:
             elif tag == "jobs":
                 self._jobs_done()
             elif tag == "device":
-                _drain(self._device_r)
+                drain(self._device_r)
             else:  # the service's own fds (metrics endpoint) carry their handler as the tag
                 tag(_events)
         if self.parked:
@@ -209,7 +202,7 @@ class Server:
 
     def _read_signals(self) -> None:
         try:
-            data = os.read(self._wakeup_r, 64)
+            data = os.read(self._wakeup_r.fd, 64)
         except BlockingIOError:
             return
         for signum in data:
@@ -323,7 +316,7 @@ class Server:
         if not self.parked:
             return
         try:
-            os.write(self._device_w, b"d")
+            os.write(self._device_w.fd, b"d")
         except BlockingIOError:
             pass  # a wakeup is already waiting
 
@@ -414,4 +407,4 @@ class Server:
             signal.signal(sig, signal.SIG_DFL)
         self.sel.close()
         for fd in (self._wakeup_r, self._wakeup_w, self._device_r, self._device_w):
-            os.close(fd)
+            fd.close()

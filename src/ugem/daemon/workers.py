@@ -2,8 +2,8 @@
 
 Rules:
 - workers run only `Job.run()`, which touches the fds captured in the job, never the
-  core; the loop learns of completions through a pipe it selects on and applies them
-  with `Core.memory.finish` on its own thread;
+  core; the loop learns of completions through a pipe its epoll watches and applies them
+  with `core.memory.finish` on its own thread;
 - a job is submitted once (`job.started`); many parked requests may wait for it;
 - `shutdown()` waits for the jobs in flight, so no copy outlives the daemon's fds.
 """
@@ -15,6 +15,7 @@ import queue
 from concurrent.futures import ThreadPoolExecutor
 
 from ..core.jobs import Job
+from ..fd import drain, pipe
 
 __all__ = ["JobRunner"]
 
@@ -23,11 +24,11 @@ class JobRunner:
     def __init__(self, workers: int = 2) -> None:
         self._pool = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="ugem-mover")
         self._done: queue.SimpleQueue[Job] = queue.SimpleQueue()
-        self._r, self._w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
+        self._r, self._w = pipe(os.O_NONBLOCK | os.O_CLOEXEC)  # workers -> loop: "a job is done"
         self.in_flight = 0
 
     def fileno(self) -> int:
-        return self._r
+        return self._r.fd
 
     def submit(self, job: Job) -> None:
         if job.started:
@@ -40,17 +41,13 @@ class JobRunner:
         job.run()
         self._done.put(job)
         try:
-            os.write(self._w, b"j")
+            os.write(self._w.fd, b"j")
         except BlockingIOError:
             pass  # the pipe is full of wakeups already; the loop will drain the queue
 
     def completed(self) -> list[Job]:
         """Jobs finished since the last call (drains the wakeup pipe)."""
-        try:
-            while os.read(self._r, 4096):
-                pass
-        except BlockingIOError:
-            pass
+        drain(self._r)
         jobs = []
         while True:
             try:
@@ -64,6 +61,6 @@ class JobRunner:
         """Wait for every job in flight; returns those not yet collected."""
         self._pool.shutdown(wait=True)
         jobs = self.completed()
-        os.close(self._r)
-        os.close(self._w)
+        self._r.close()
+        self._w.close()
         return jobs

@@ -37,7 +37,6 @@ row = y//32 * (stride//128) * 4096 + y%32 * 16. So the touched bytes span exactl
 
 from __future__ import annotations
 
-import operator
 import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, fields
@@ -49,6 +48,7 @@ import numpy.typing as npt
 from ..cmd import Blit, Command, Copy, Fill, SemaphoreWait
 from ..constants import CACHING_CACHED, TILING_NONE, TILING_X, TILING_Y
 from ..errors import InvalidArgument, IOFailure
+from ..ints import integer
 
 __all__ = [
     "Hung",
@@ -196,16 +196,7 @@ def addresses(tiling: int, pitch: int, x0_bytes: int, y0: int, width_bytes: int,
 
 def _ints(cmd: Command) -> dict[str, int]:
     """Every field of `cmd` as a Python int; EINVAL naming the first field that is not one."""
-    out: dict[str, int] = {}
-    for f in fields(cmd):
-        value = getattr(cmd, f.name)
-        try:
-            if isinstance(value, bool):
-                raise TypeError
-            out[f.name] = operator.index(value)
-        except TypeError:
-            raise InvalidArgument(f"{type(cmd).__name__}.{f.name} must be an int, got {value!r}") from None
-    return out
+    return {f.name: integer(getattr(cmd, f.name), f"{type(cmd).__name__}.{f.name}") for f in fields(cmd)}
 
 
 def _need(ok: bool, message: str) -> None:

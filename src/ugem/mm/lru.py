@@ -9,8 +9,9 @@ Purpose
 Rules
     - An item is on at most one LRU of a family. LRUs built with ``shares_with=`` form a
       family (drm: LRUs that share one lock); `move_tail` onto one takes the item off
-      whichever other one it was on, as objects move between "willneed", "dontneed" and
-      "unbacked" lists on madvise or purge.
+      whichever other one it was on (drm moves objects between "willneed", "dontneed" and
+      "unbacked" lists so). The core uses single LRUs today: Memory's resident objects
+      (core/memory.py) and Gpu's unpinned VRAM objects (core/gpu.py).
     - An item's weight is read once, when it joins an LRU, and is what `count` and
       `scan` use until it leaves, so a shrink that empties the item cannot skew the totals.
     - A shrink callback that returns True must have taken the item off this LRU (moved it

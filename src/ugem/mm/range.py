@@ -9,7 +9,7 @@ Rules
     - Nodes and holes tile ``[start, end)`` exactly, in address order; two holes are never
       adjacent (removing a node merges it with the holes on both sides). `_check()` asserts
       all of this; tests run it after every step, and ``debug=True`` runs it after every
-      mutation (the manager passes its debug flag).
+      mutation (tests/unit/mm/test_range.py; the core's allocators run without it).
     - A request that cannot be placed raises `NoSpace` (ENOSPC): size 0, no hole fits, or a
       reserve that is not inside one hole. A malformed request (empty range, negative
       alignment) raises `InvalidArgument` (EINVAL).

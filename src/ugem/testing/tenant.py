@@ -20,6 +20,7 @@ from collections.abc import Callable
 from multiprocessing.connection import Connection
 from typing import Any
 
+from ..fd import OwnedFd
 from .data import SAFETY_S
 
 __all__ = ["NOBODY", "Tenant", "in_child"]
@@ -56,7 +57,7 @@ class Tenant:
         theirs.close()
         self.pid = pid
         self.channel = Connection(ours.detach())
-        self._pidfd = os.pidfd_open(pid)
+        self._pidfd = OwnedFd(os.pidfd_open(pid))
         self.status: int | None = None
 
     def recv(self, timeout: float = 2 * SAFETY_S) -> Any:
@@ -78,7 +79,7 @@ class Tenant:
         """The child's exit status once it exits (waited for as an event; `timeout` is a
         safety net, after which it is killed)."""
         if self.status is None:
-            if not select.select([self._pidfd], [], [], timeout)[0]:
+            if not select.select([self._pidfd.fd], [], [], timeout)[0]:
                 os.kill(self.pid, signal.SIGKILL)
             self.status = os.waitstatus_to_exitcode(os.waitpid(self.pid, 0)[1])
         return self.status
@@ -87,9 +88,7 @@ class Tenant:
         if self.status is None:
             os.kill(self.pid, signal.SIGKILL)
             self.join()
-        if self._pidfd >= 0:
-            os.close(self._pidfd)
-            self._pidfd = -1
+        self._pidfd.close()
         self.channel.close()
 
 

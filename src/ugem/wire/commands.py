@@ -11,17 +11,18 @@
 Both transports carry execbuffer commands in this form (the embedded Device encodes them
 too), so both modes decode and reject exactly the same lists. Fields must be integers (int
 or numpy integers; a bool, float or anything else is EINVAL naming the command and the
-field); out-of-range values on the client side saturate (handles -> 0, ints -> the s64
-limits) so that they fail the manager's checks rather than the encoder.
+field, `ugem.ints.integer`); out-of-range values on the client side saturate (handles -> 0,
+ints -> the s64 limits, as ugem/ints.py does for every argument) so that they fail the
+manager's checks rather than the encoder.
 """
 
 from __future__ import annotations
 
-import operator
 import struct
 from collections.abc import Sequence
 from typing import Any
 
+from .. import ints
 from ..cmd import Blit, Command, Copy, Fill, SemaphoreWait
 from ..errors import InvalidArgument
 
@@ -42,14 +43,7 @@ _FIELDS: dict[type, tuple[tuple[str, ...], tuple[str, ...]]] = {
 
 def _int(cmd: Command, name: str, index: int) -> int:
     value: Any = getattr(cmd, name)
-    if type(value) is int:
-        return value
-    if not isinstance(value, bool):
-        try:
-            return operator.index(value)
-        except TypeError:
-            pass
-    raise InvalidArgument(f"command {index} ({type(cmd).__name__}): {name} must be an integer, got {value!r}")
+    return value if type(value) is int else ints.integer(value, f"command {index} ({type(cmd).__name__}): {name}")
 
 
 def encode_commands(commands: Sequence[Command]) -> bytes:
@@ -58,9 +52,9 @@ def encode_commands(commands: Sequence[Command]) -> bytes:
         code = _TYPES.get(type(cmd))
         if code is None:
             raise InvalidArgument(f"command {index}: not a device command: {cmd!r}")
-        handles, ints = _FIELDS[type(cmd)]
-        hs = [h if 0 < (h := _int(cmd, name, index)) < 2**32 else 0 for name in handles] + [0] * (2 - len(handles))
-        ps = [min(max(_int(cmd, name, index), -(2**63)), 2**63 - 1) for name in ints] + [0] * (9 - len(ints))
+        handles, params = _FIELDS[type(cmd)]
+        hs = [ints.handle(_int(cmd, name, index)) for name in handles] + [0] * (2 - len(handles))
+        ps = [ints.s64(_int(cmd, name, index)) for name in params] + [0] * (9 - len(params))
         out += RECORD.pack(code, 0, *hs, *ps)
     return bytes(out)
 
@@ -75,11 +69,11 @@ def decode_commands(data: bytes) -> list[Command]:
         cls = _CLASSES.get(code)
         if cls is None:
             raise InvalidArgument(f"command {index}: unknown command type {code}")
-        handles, ints = _FIELDS[cls]
-        unused = ([h2] if len(handles) == 1 else []) + ps[len(ints):]
+        handles, params = _FIELDS[cls]
+        unused = ([h2] if len(handles) == 1 else []) + ps[len(params):]
         if pad or any(unused):
             raise InvalidArgument(f"command {index}: nonzero padding or unused fields")
         values = dict(zip(handles, (h1, h2), strict=False))
-        values.update(zip(ints, ps, strict=False))
+        values.update(zip(params, ps, strict=False))
         commands.append(cls(**values))
     return commands

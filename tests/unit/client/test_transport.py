@@ -17,7 +17,7 @@ import ugem
 from ugem.client.device import Device
 from ugem.client.transport import SocketTransport
 from ugem.wire import structs as s
-from ugem.wire.frames import MAX_PAYLOAD, Frame, FrameParser, Kind, encode_header
+from ugem.wire.frames import MAX_PAYLOAD, XFER_ABOVE, Frame, FrameParser, Kind, Op, encode_header
 
 Script = Callable[[socket.socket, Callable[[], Frame]], None]
 
@@ -32,13 +32,13 @@ def _reply(frame: Frame, payload: bytes, kind: Kind = Kind.REPLY, seq: int | Non
 
 @pytest.fixture
 def peer() -> Iterator[Callable[[Script], Device]]:
-    """`peer(script)`: a Device whose daemon is `script(sock, next_request)`, run in a thread
-    after it answered HELLO."""
+    """`peer(script, max_inline=...)`: a Device whose daemon is `script(sock, next_request)`,
+    run in a thread after it answered HELLO (advertising `max_inline`)."""
     threads: list[threading.Thread] = []
     socks: list[socket.socket] = []
     devices: list[Device] = []
 
-    def start(script: Script) -> Device:
+    def start(script: Script, max_inline: int = MAX_PAYLOAD) -> Device:
         ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
         socks.append(theirs)
         parser = FrameParser(Kind.REQUEST)
@@ -54,7 +54,7 @@ def peer() -> Iterator[Callable[[Script], Device]]:
         def run() -> None:
             hello = next_request()
             theirs.sendall(_reply(hello, _fixed(s.HelloReply(client_id=7, server_pid=1, max_payload=MAX_PAYLOAD,
-                                                             max_inline=MAX_PAYLOAD))))
+                                                             max_inline=max_inline))))
             try:
                 script(theirs, next_request)
                 while theirs.recv(4096):  # like the daemon: serve until the client hangs up
@@ -154,3 +154,31 @@ def test_a_malformed_piece_loses_the_connection(peer, bad):
     with pytest.raises(ugem.DaemonGone, match="malformed reply piece"):
         dev.list_objects()
     _calls_after_loss_raise_daemon_gone(dev)
+
+
+@pytest.mark.parametrize("max_inline", [4096, MAX_PAYLOAD])
+def test_pread_and_pwrite_inline_only_up_to_what_the_daemon_advertises(peer, max_inline):
+    """HELLO's max_inline caps what the client sends inside a frame; beyond it (or beyond
+    XFER_ABOVE, where XFER is faster) pread and pwrite ask for XFER."""
+    limit = min(max_inline, XFER_ABOVE)
+    seen: list[tuple[str, int, int]] = []  # (op, flags, inline bytes)
+
+    def script(sock: socket.socket, next_request: Callable[[], Frame]) -> None:
+        for _ in range(4):
+            frame = next_request()
+            if frame.op == Op.GEM_PWRITE:
+                req = s.decode(s.PwriteReq, frame.payload, [])
+                seen.append(("pwrite", req.flags, len(req.data)))
+                sock.sendall(_reply(frame, _fixed(s.PwriteReply())))  # no fd: nothing to copy
+            else:
+                req = s.decode(s.PreadReq, frame.payload, [])
+                seen.append(("pread", req.flags, req.length))
+                reply = s.PreadReply(data=bytes(req.length)) if not req.flags else s.PreadReply()
+                sock.sendall(_reply(frame, b"".join(bytes(p) for p in s.encode(reply)[0])))
+
+    dev = peer(script, max_inline=max_inline)
+    dev.pwrite(1, 0, bytes(limit))
+    dev.pwrite(1, 0, bytes(limit + 1))
+    assert dev.pread(1, 0, limit) == bytes(limit)
+    assert dev.pread(1, 0, limit + 1) == bytes(limit + 1)  # no pages: zeros without a copy
+    assert seen == [("pwrite", 0, limit), ("pwrite", s.XFER, 0), ("pread", 0, limit), ("pread", s.XFER, limit + 1)]

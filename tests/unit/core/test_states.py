@@ -20,3 +20,13 @@ def test_apply_follows_the_table(state, event):
     else:
         with pytest.raises(IllegalTransition):
             apply(state, event)
+
+
+def test_labels_come_from_one_table():
+    """info() and `ugem ls` name placements and advice from constants.py's tables, which the
+    wire's numbers index (the client has no copy of its own)."""
+    from ugem.constants import ADVICE_LABELS, ADVICE_PURGED, DONTNEED, PLACEMENT_LABELS, WILLNEED
+
+    assert [p.label for p in Placement] == list(PLACEMENT_LABELS)
+    assert (ADVICE_LABELS[WILLNEED], ADVICE_LABELS[DONTNEED], ADVICE_LABELS[ADVICE_PURGED]) == (
+        "willneed", "dontneed", "purged")

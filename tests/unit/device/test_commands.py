@@ -180,8 +180,8 @@ def test_valid_commands_pass(cmd):
 INVALID = [
     # (command, text the message must contain)
     (Bogus(), "unknown device command type Bogus"),
-    (replace(FILL, length=1.5), "Fill.length must be an int, got 1.5"),
-    (replace(FILL, byte=True), "Fill.byte must be an int, got True"),
+    (replace(FILL, length=1.5), "Fill.length must be an integer, got 1.5"),
+    (replace(FILL, byte=True), "Fill.byte must be an integer, got True"),
     (replace(FILL, length=0), "Fill.length must be > 0, got 0"),
     (replace(FILL, length=-5), "Fill.length must be > 0, got -5"),
     (replace(FILL, offset=-1), "Fill.offset must be >= 0, got -1"),

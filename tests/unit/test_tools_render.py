@@ -1,8 +1,8 @@
-"""bench/render.py: the markdown page and the PNGs from a hand-made run_all.py JSON.
+"""tools/render.py: the markdown page and the PNGs from a hand-made run_all.py JSON.
 
 Two reports: one with a passed and a failed ratio target, a row without a target and a
 p99 target in ms on a row in us; one with a row whose runner failed (error) and a row whose
-median is NaN. bench/ is not a package: render.py is loaded from its path.
+median is NaN. tools/ is not a package: render.py is loaded from its path.
 """
 
 from __future__ import annotations
@@ -16,7 +16,7 @@ from typing import Any
 
 import pytest
 
-RENDER = Path(__file__).resolve().parents[2] / "bench" / "render.py"
+RENDER = Path(__file__).resolve().parents[2] / "tools" / "render.py"
 
 
 @pytest.fixture(scope="module")

@@ -1,6 +1,6 @@
 """Render bench results (the JSON of `run_all.py --json PATH`) as PNG plots and a markdown page.
 
-    python bench/render.py results.json [--out DIR] [--markdown PATH]
+    python tools/render.py results.json [--out DIR] [--markdown PATH]
     python bench/run_all.py --render DIR [--markdown PATH]     (run, then render)
 
 Defaults: PNGs into docs/perf/, markdown to docs/PERFORMANCE.md (both under the repository root).
@@ -148,7 +148,7 @@ def _header(data: list[dict[str, Any]], results_link: str | None) -> list[str]:
     out = ["# Performance (targets: REFERENCE.md, \"Performance targets\")", ""]
     how = "Measured with " + (f"`{commands[0]}`" if commands else "`python bench/run_all.py` (options not recorded)")
     how += f" on {times[0]}" if times else " (date not recorded)"
-    how += "; tables and plots by `bench/render.py`"
+    how += "; tables and plots by `tools/render.py`"
     how += f" from [{os.path.basename(results_link)}]({results_link})." if results_link else "."
     out += [how, ""]
     out.append(f"- code: {', '.join(sources) or 'not recorded'} (git commit; `+dirty:<digest>` = uncommitted "
