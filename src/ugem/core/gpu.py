@@ -53,6 +53,7 @@ from ..mm.range import InsertMode, Node, RangeAllocator
 from ..mm.scan import EvictionScan
 from .jobs import Pending
 from .object import BufferObject, Kind
+from .reclaim import Pass, ReclaimCtx, Tally, purgeable
 from .states import Event, Placement
 
 if TYPE_CHECKING:
@@ -62,8 +63,9 @@ __all__ = ["Gpu"]
 
 
 class Gpu:
-    def __init__(self, core: Core, backend: DeviceBackend) -> None:
+    def __init__(self, core: Core, backend: DeviceBackend, totals: Tally) -> None:
         self.core = core
+        self.totals = totals  # the STATS counters, for moves outside a reclaim run
         self.backend = backend
         self.space: RangeAllocator[BufferObject] = RangeAllocator(0, backend.vram_size // PAGE_SIZE)
         self.lru: Lru[BufferObject] = Lru()  # unpinned objects in VRAM, least recently used first
@@ -142,7 +144,7 @@ class Gpu:
                 raise NoSpace(f"the working set of {len(wanted)} objects ({sum(o.size for o in wanted)} bytes) "
                               f"cannot be placed in {self.backend.vram_size} bytes of device memory") from None
         for victim, start, _ in victims:  # copies out are queued before the copies in
-            self._leave(victim, start * PAGE_SIZE, evicted=True)
+            self._leave(victim, start * PAGE_SIZE, self.totals, evicted=True)
         for obj, node in placed:
             self._move_in(obj, node)
         for obj in wanted:
@@ -227,7 +229,7 @@ class Gpu:
             seq = self.submit(CopyIn(offset, self.host_view(obj), obj.size, holes or ()))
             if holes is None:  # reading every page may fill holes: count them until measured
                 self.core.memory.expect(obj, obj.size, seq)
-            self.core.counters["bytes_moved_total"] += obj.size - sum(n for _, n in holes or ())
+            self.totals.bytes_moved += obj.size - sum(n for _, n in holes or ())
         obj.vram = node
         obj.dev_dirty = False
         obj.last_fence = obj.write_fence = seq
@@ -235,30 +237,30 @@ class Gpu:
 
     # -- leaving VRAM ----------------------------------------------------------------
 
-    def evict(self, obj: BufferObject, *, for_cpu: bool = False) -> None:
+    def evict(self, obj: BufferObject, tally: Tally, *, for_cpu: bool = False) -> None:
         """Take an object out of VRAM: an eviction (suspend, pressure), or a hand-over to
         the CPU (not counted as an eviction, and a DONTNEED object keeps its contents)."""
         node = obj.vram
         assert node is not None
         self.space.remove(node)
         obj.vram = None
-        self._leave(obj, node.start * PAGE_SIZE, evicted=not for_cpu)
+        self._leave(obj, node.start * PAGE_SIZE, tally, evicted=not for_cpu)
 
-    def _leave(self, obj: BufferObject, offset: int, evicted: bool) -> None:
+    def _leave(self, obj: BufferObject, offset: int, tally: Tally, evicted: bool) -> None:
         """Copy back (if needed) from `offset`, or drop a DONTNEED object; placement SYSTEM."""
         self.lru.discard(obj)
         if evicted:
-            self.core.counters["evicted_total"] += 1
-        if evicted and obj.madvise == DONTNEED and self.core.memory.purgeable(obj):  # never exported or pinned
+            tally.evicted += 1
+        if evicted and obj.madvise == DONTNEED and purgeable(obj):  # never exported or pinned
             obj.dev_dirty = False
-            self.core.memory.purge(obj)
+            self.core.memory.purge(obj, tally)
             return
         if obj.dev_dirty or obj.backing is None:
             self.core.populate_system(obj)
             holes = self._holes(obj)  # pages of zeros copied into holes would fill them
             seq = self.submit(CopyOut(offset, self.host_view(obj), obj.size, holes or ()))
             self.core.memory.expect(obj, obj.size, seq)  # at most; measured once it has landed
-            self.core.counters["bytes_moved_total"] += obj.size
+            tally.bytes_moved += obj.size
             obj.last_fence = obj.write_fence = obj.host_fence = seq
         obj.dev_dirty = False
         obj.transition(Event.EVICT)
@@ -273,23 +275,25 @@ class Gpu:
         if obj.placement == Placement.VRAM:
             if obj.pinned_by:
                 raise Busy(f"object {obj.id} is pinned in device memory")
-            self.evict(obj, for_cpu=True)
+            self.evict(obj, self.totals, for_cpu=True)
         polled = self.in_place(obj) and obj.sem_fence > self.backend.completed()
         self.wait_for(obj.last_fence if write and not polled else obj.write_fence)
 
-    def evict_all(self) -> None:
-        """Suspend: every object out of VRAM (pinned ones too)."""
+    def evict_all(self, tally: Tally) -> None:
+        """Suspend's evict pass: every object out of VRAM (pinned ones too)."""
         for node in list(self.space):
             obj = node.owner
             assert obj is not None
-            self.evict(obj)
+            self.evict(obj, tally)
 
     def suspend(self) -> None:
         """Hold new device work from now on (as the kernel stops submissions first), wait
         for all work, save every VRAM object to system memory (DONTNEED ones are dropped),
-        spill past the budget. Transactional: if the host cannot hold the data, fail
-        (ENOMEM/ENOSPC) before anything moved, device running. Pending until it is all
-        done; each run after a wait takes up where the last one stopped."""
+        spill past the budget (the reclaim engine: its evict pass, then, once the copies
+        out have landed, purge/spare/spill down to the budget). Transactional: if the host
+        cannot hold the data, fail (ENOMEM/ENOSPC) before anything moved, device running.
+        Pending until it is all done; each run after a wait takes up where the last one
+        stopped."""
         self.suspended = True
         self.wait_for(self.last_seq)
         if self.space.used:
@@ -300,11 +304,11 @@ class Gpu:
             except UgemError:
                 self.resume()
                 raise
-            self.evict_all()
+            self.core.memory.reclaim(ReclaimCtx(0, passes=(Pass.EVICT,), evict=self.evict_all))
         self.wait_for(self.last_seq)  # the copies out
-        jobs = self.core.memory.shrink(self.core.memory.budget)
-        if jobs or self.core.memory.spilling():
-            raise Pending(jobs + self.core.memory.spilling())
+        jobs = self.core.memory.shrink(self.core.memory.budget) + self.core.memory.spilling()
+        if jobs:
+            raise Pending(jobs)
 
     def resume(self) -> None:
         """Run device work again; a suspend still in progress then ends without effect

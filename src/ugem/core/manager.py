@@ -56,9 +56,8 @@ class Core:
         self.uids: dict[int, UidUsage] = {}
         self._client_ids = itertools.count(1)
         self._object_ids = itertools.count(1)
-        self.counters = {"purged_total": 0, "evicted_total": 0, "spilled_total": 0, "bytes_moved_total": 0}
         self.memory = Memory(self)
-        self.gpu = Gpu(self, device)
+        self.gpu = Gpu(self, device, self.memory.totals)
 
     # -- clients ---------------------------------------------------------------------
 
@@ -398,7 +397,7 @@ class Core:
             "memfds": self.backing.open_count,  # object pages held open (bounded by the fd limit)
             "memfd_limit": self.backing.max_open,
             **self.memory.statistics(),
-            **self.counters,
+            **self.memory.totals.stats(),
             "per_client": [
                 {"id": c.id, "pid": c.creds.pid, "uid": c.creds.uid, "objects": len(c.handles),
                  "bytes": c.created_bytes, "resident_bytes": c.resident_bytes, "pinned_bytes": c.pinned_bytes}

@@ -29,6 +29,7 @@ from .states import Event, Placement
 
 if TYPE_CHECKING:
     from .manager import Core
+    from .reclaim import Tally
 
 __all__ = ["SpillJobs"]
 
@@ -37,6 +38,7 @@ class _Memory(Protocol):
     """What the jobs use of Memory (the class they are mixed into)."""
 
     core: Core
+    totals: Tally
     jobs: list[Job]
     background: list[Job]
     failed: dict[BufferObject, OSError]
@@ -46,7 +48,7 @@ class _Memory(Protocol):
     def measure(self, obj: BufferObject) -> None: ...
     def track(self, obj: BufferObject) -> None: ...
     def untrack(self, obj: BufferObject) -> None: ...
-    def purge(self, obj: BufferObject) -> None: ...
+    def purge(self, obj: BufferObject, tally: Tally) -> None: ...
     def _start(self, job: Job) -> None: ...
     def _finish_spill(self, job: Job) -> None: ...
     def _finish_restore(self, job: Job) -> None: ...
@@ -116,15 +118,15 @@ class SpillJobs:
             return
         if obj.madvise == DONTNEED:  # advised away while it was being copied: drop it instead
             self.core.backing.spill_release(job.extent)
-            self.purge(obj)
+            self.purge(obj, self.totals)
             return
         self.untrack(obj)
         self.core.release_backing(obj)
         obj.extent, obj.spilled = job.extent, job.moved
         self.spilled += job.moved
         obj.transition(Event.SPILL)
-        self.core.counters["spilled_total"] += 1
-        self.core.counters["bytes_moved_total"] += job.moved
+        self.totals.spilled += 1
+        self.totals.bytes_moved += job.moved
 
     def _finish_restore(self: _Memory, job: Job) -> None:
         obj = job.obj
@@ -141,4 +143,4 @@ class SpillJobs:
         obj.backing, obj.extent, obj.spilled = job.backing, None, 0
         obj.transition(Event.RESTORE)
         self.track(obj)
-        self.core.counters["bytes_moved_total"] += job.moved
+        self.totals.bytes_moved += job.moved
