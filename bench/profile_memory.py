@@ -69,18 +69,15 @@ def install() -> None:
     from ugem.core import jobs, memory
     from ugem.daemon import connection, server, workers
 
-    def op_of(conn: Any, frame: Any, desc: Any, req: Any) -> str:
-        return desc.op.name
-
     original_run = connection.Connection._run
 
     @functools.wraps(original_run)
-    def run(self: Any, frame: Any, desc: Any, req: Any) -> Any:
+    def run(self: Any, frame: Any, call: Any) -> Any:
         t0 = clock()
         try:
-            return original_run(self, frame, desc, req)
+            return original_run(self, frame, call)
         finally:
-            EVENTS.append(("dispatch", t0, clock(), desc.op.name + (" (pending)" if self.parked else "")))
+            EVENTS.append(("dispatch", t0, clock(), call.desc.op.name + (" (pending)" if self.parked else "")))
     connection.Connection._run = run
     _wrap(jobs.Job, "run", "copy", lambda job: job.kind.value)
     _wrap(workers.JobRunner, "submit", "submit", lambda runner, job: job.kind.value)

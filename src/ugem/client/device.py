@@ -81,7 +81,7 @@ class Transport(Protocol):
     @property
     def lost(self) -> bool: ...
 
-    def call(self, op: Op, req: s.Struct) -> Any: ...
+    def call(self, op: Op, req: s.Struct, **local: Any) -> Any: ...
 
     def close(self) -> None: ...
 
@@ -119,12 +119,12 @@ class Device(DeviceOps):
             raise BadFd(self._closed_why)
         return self._transport
 
-    def _call(self, op: Op, req: s.Struct) -> Any:
+    def _call(self, op: Op, req: s.Struct, **local: Any) -> Any:
         transport = self._live()
         try:
             if self._released:
                 self._flush_released(transport)
-            return transport.call(op, req)
+            return transport.call(op, req, **local)
         except TimedOut:  # the transport closed the connection: so is this Device
             self._transport = None
             self._closed_why = "this Device was closed when a call got no reply within its timeout; connect again"
@@ -219,8 +219,7 @@ class Device(DeviceOps):
     def _pread(self, handle: int, offset: int, length: int, into: memoryview | bytearray) -> None:
         req = s.PreadReq(handle=handle, offset=offset, length=length)
         if self._live().embedded:
-            req.into = into
-            self._call(Op.GEM_PREAD, req)
+            self._call(Op.GEM_PREAD, req, into=into)
         elif length <= INLINE_LIMIT:
             reply: s.PreadReply = self._call(Op.GEM_PREAD, req)
             if length > 0:
@@ -351,7 +350,7 @@ class Device(DeviceOps):
             self._live()
             req.fd, req.offset, req.length = _dup(fd), offset, length
         elif self._live().embedded:
-            req.buffer = buffer
+            return int(self._call(Op.GEM_USERPTR, req, buffer=buffer).handle)
         else:
             raise InvalidArgument("over the daemon, userptr takes (fd, offset, length) of a sealed memfd")
         return int(self._call(Op.GEM_USERPTR, req).handle)

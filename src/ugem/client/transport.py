@@ -50,8 +50,9 @@ class EmbeddedTransport:
         self.client = client
         self.client_id = client.id
 
-    def call(self, op: Op, req: s.Struct) -> Any:
-        return self.manager._call(self.client, op, req)
+    def call(self, op: Op, req: s.Struct, **local: Any) -> Any:
+        """`local`: the caller's own memory for the request (pread `into`, userptr `buffer`)."""
+        return self.manager._call(self.client, op, req, **local)
 
     def close(self) -> None:
         self.manager._release(self.client)
@@ -74,7 +75,7 @@ class ForkedTransport:
                          f"(process {os.getpid()}): connect again in the child (ugem.connect(), or ugem.embedded() "
                          f"for a manager of its own)")
 
-    def call(self, op: Op, req: s.Struct) -> Any:
+    def call(self, op: Op, req: s.Struct, **local: Any) -> Any:
         for name in req.FDS:  # a request's fds are the transport's to close, as in the others
             fd = getattr(req, name)
             if isinstance(fd, OwnedFd):
@@ -149,7 +150,9 @@ class SocketTransport:
         self.server_pid = hello.server_pid
         self.max_inline = hello.max_inline
 
-    def call(self, op: Op, req: s.Struct) -> Any:
+    def call(self, op: Op, req: s.Struct, **local: Any) -> Any:
+        """`local` is never sent: a Device passes the caller's own memory only to an
+        embedded transport."""
         reply_type = _REPLY_TYPES[op]
         pieces, fds = s.encode(req)
         if len(pieces) > 1 and sum(memoryview(p).nbytes for p in pieces) > MAX_PAYLOAD:
