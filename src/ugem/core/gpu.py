@@ -43,7 +43,7 @@ at once (later ops on the timeline run after the queued copy), and the caller wa
 from __future__ import annotations
 
 from collections.abc import Iterable
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Protocol
 
 from ..constants import CACHING_CACHED, DONTNEED, PAGE_SIZE
 from ..device.base import CopyIn, CopyOut, DeviceBackend, Holes, Op, Surface
@@ -57,15 +57,30 @@ from .reclaim import Pass, ReclaimCtx, Tally, purgeable
 from .states import Event, Placement
 
 if TYPE_CHECKING:
-    from .manager import Core
+    from ..backing.base import BackingStore
+    from .memory import Memory
 
-__all__ = ["Gpu"]
+__all__ = ["Gpu", "Populate"]
+
+
+class Populate(Protocol):
+    """What Gpu needs from the object layer (`Core` implements it): system backing for an
+    object the device uses in place (`populate`, never Pending here) or that leaves VRAM."""
+
+    def populate(self, obj: BufferObject, wait: bool = True) -> Any: ...
+    def populate_system(self, obj: BufferObject) -> Any: ...
 
 
 class Gpu:
-    def __init__(self, core: Core, backend: DeviceBackend, totals: Tally) -> None:
-        self.core = core
-        self.totals = totals  # the STATS counters, for moves outside a reclaim run
+    """VRAM placement and the device timeline. It sees the rest of the core only through
+    narrow interfaces: the `DeviceBackend`, the `BackingStore`, `Memory` (residency and the
+    reclaim engine) and a `Populate`; so it runs on fakes (tests/unit/core)."""
+
+    def __init__(self, backend: DeviceBackend, backing: BackingStore, memory: Memory, owner: Populate) -> None:
+        self.backing = backing
+        self.memory = memory
+        self.owner = owner
+        self.totals = memory.totals  # the STATS counters, for moves outside a reclaim run
         self.backend = backend
         self.space: RangeAllocator[BufferObject] = RangeAllocator(0, backend.vram_size // PAGE_SIZE)
         self.lru: Lru[BufferObject] = Lru()  # unpinned objects in VRAM, least recently used first
@@ -83,7 +98,7 @@ class Gpu:
         return self.backend.completed()
 
     def busy(self, obj: BufferObject) -> bool:
-        return obj.last_fence > self.backend.completed()
+        return self.memory.busy(obj)
 
     def wait_for(self, fence: int) -> None:
         """Raise Pending until `fence` has completed."""
@@ -105,14 +120,14 @@ class Gpu:
     def host_view(self, obj: BufferObject) -> Any:
         """A writable view of the object's host memory (cached while its backing lives)."""
         if obj.host_view is None:
-            obj.host_view = self.core.backing.map(obj.backing)
+            obj.host_view = self.backing.map(obj.backing)
         return obj.host_view
 
     def surface(self, obj: BufferObject) -> Surface:
         if obj.placement == Placement.VRAM:
             return Surface(obj.size, vram=obj.vram.start * PAGE_SIZE, tiling=obj.tiling, stride=obj.stride)
         if obj.kind == Kind.NORMAL:
-            self.core.populate(obj, wait=False)  # mid-submission: no Pending here
+            self.owner.populate(obj, wait=False)  # mid-submission: no Pending here
         return Surface(obj.size, host=self.host_view(obj), tiling=obj.tiling, stride=obj.stride)
 
     # -- making a working set resident -----------------------------------------------
@@ -216,7 +231,7 @@ class Gpu:
         (where its writes land is known only once it has run)."""
         if obj.host_fence > self.backend.completed():
             return None
-        return self.core.backing.holes(obj.backing)
+        return self.backing.holes(obj.backing)
 
     def _move_in(self, obj: BufferObject, node: Node[BufferObject]) -> None:
         """Queue the copy that makes `node` hold the object's contents: its data only, the
@@ -228,7 +243,7 @@ class Gpu:
             holes = self._holes(obj)
             seq = self.submit(CopyIn(offset, self.host_view(obj), obj.size, holes or ()))
             if holes is None:  # reading every page may fill holes: count them until measured
-                self.core.memory.expect(obj, obj.size, seq)
+                self.memory.expect(obj, obj.size, seq)
             self.totals.bytes_moved += obj.size - sum(n for _, n in holes or ())
         obj.vram = node
         obj.dev_dirty = False
@@ -253,13 +268,13 @@ class Gpu:
             tally.evicted += 1
         if evicted and obj.madvise == DONTNEED and purgeable(obj):  # never exported or pinned
             obj.dev_dirty = False
-            self.core.memory.purge(obj, tally)
+            self.memory.purge(obj, tally)
             return
         if obj.dev_dirty or obj.backing is None:
-            self.core.populate_system(obj)
+            self.owner.populate_system(obj)
             holes = self._holes(obj)  # pages of zeros copied into holes would fill them
             seq = self.submit(CopyOut(offset, self.host_view(obj), obj.size, holes or ()))
-            self.core.memory.expect(obj, obj.size, seq)  # at most; measured once it has landed
+            self.memory.expect(obj, obj.size, seq)  # at most; measured once it has landed
             tally.bytes_moved += obj.size
             obj.last_fence = obj.write_fence = obj.host_fence = seq
         obj.dev_dirty = False
@@ -300,13 +315,13 @@ class Gpu:
             need = sum(n.owner.size for n in self.space if n.owner is not None
                        and n.owner.madvise != DONTNEED and (n.owner.dev_dirty or n.owner.backing is None))
             try:
-                self.core.memory.check_capacity(need)
+                self.memory.check_capacity(need)
             except UgemError:
                 self.resume()
                 raise
-            self.core.memory.reclaim(ReclaimCtx(0, passes=(Pass.EVICT,), evict=self.evict_all))
+            self.memory.reclaim(ReclaimCtx(0, passes=(Pass.EVICT,), evict=self.evict_all))
         self.wait_for(self.last_seq)  # the copies out
-        jobs = self.core.memory.shrink(self.core.memory.budget) + self.core.memory.spilling()
+        jobs = self.memory.shrink(self.memory.budget) + self.memory.spilling()
         if jobs:
             raise Pending(jobs)
 

@@ -56,8 +56,8 @@ class Core:
         self.uids: dict[int, UidUsage] = {}
         self._client_ids = itertools.count(1)
         self._object_ids = itertools.count(1)
-        self.memory = Memory(self)
-        self.gpu = Gpu(self, device, self.memory.totals)
+        self.memory = Memory(config.system_budget, backing, device, self, lambda obj: self.gpu.release(obj))
+        self.gpu = Gpu(device, backing, self.memory, owner=self)
 
     # -- clients ---------------------------------------------------------------------
 

@@ -5,7 +5,7 @@ Theory of operation
 `resident` is what the objects' memfds really hold (allocated blocks, as the BackingStore
 measures them). Each NORMAL object with system pages caches its last measurement in
 `obj.resident`; the total is kept incrementally, and so is the creating client's share (all
-in `measure`, through `Core.charge_resident`). Objects whose pages can change without a
+in `measure`, through `Owner.charge_resident`). Objects whose pages can change without a
 request (mapped, exported, or with a bulk transfer open) are *volatile*: the core calls
 `watch()` when one becomes so, and `refresh(limit)` re-measures the watched ones before any
 decision that depends on the total, `make_room`'s first check included, unless the decision
@@ -58,8 +58,8 @@ The spill and restore jobs themselves (planning them, applying their outcome) ar
 from __future__ import annotations
 
 import errno
-from collections.abc import Collection
-from typing import TYPE_CHECKING, Any
+from collections.abc import Callable, Collection
+from typing import TYPE_CHECKING, Any, Protocol
 
 from ..constants import DONTNEED, PAGE_SIZE
 from ..errors import IOFailure, OutOfMemory
@@ -73,14 +73,34 @@ from .states import Event, Placement
 
 if TYPE_CHECKING:
     from ..backing.base import BackingStore
-    from .manager import Core
+    from ..device.base import DeviceBackend
 
-__all__ = ["Memory"]
+__all__ = ["Memory", "Owner"]
+
+
+class Owner(Protocol):
+    """What Memory needs from the object layer (`Core` implements it): references that keep
+    an object alive under a job, closing its backing, the per-client share of resident bytes."""
+
+    def get(self, obj: BufferObject) -> None: ...
+    def put(self, obj: BufferObject) -> None: ...
+    def release_backing(self, obj: BufferObject) -> None: ...
+    def charge_resident(self, obj: BufferObject, delta: int) -> None: ...
 
 
 class Memory(SpillJobs):
-    def __init__(self, core: Core) -> None:
-        self.core = core
+    """Residency state and the moves. It sees the rest of the core only through narrow
+    interfaces: the budget, the `BackingStore`, the device's timeline (`completed()`, for
+    `busy`), an `Owner`, and `release_vram` (a purge drops the VRAM copy too); so it runs on
+    fakes (tests/unit/core)."""
+
+    def __init__(self, budget: int, backing: BackingStore, device: DeviceBackend, owner: Owner,
+                 release_vram: Callable[[BufferObject], None]) -> None:
+        self.budget = budget
+        self.backing = backing
+        self.device = device
+        self.owner = owner
+        self.release_vram = release_vram
         self.totals = Tally()  # the STATS counters: moves outside a reclaim run record here
         self.lru: Lru[BufferObject] = Lru()
         self.resident = 0
@@ -92,14 +112,6 @@ class Memory(SpillJobs):
         self.headroom = 0  # what the watched objects could still grow by: sum of _room(obj)
         self.landing: dict[BufferObject, int] = {}  # charged ahead of a device op (fence) writing them
         self.failed: dict[BufferObject, OSError] = {}  # its last spill/restore failed
-
-    @property
-    def budget(self) -> int:
-        return self.core.config.system_budget
-
-    @property
-    def backing(self) -> BackingStore:
-        return self.core.backing
 
     # -- accounting ------------------------------------------------------------------
 
@@ -117,8 +129,8 @@ class Memory(SpillJobs):
     def measure(self, obj: BufferObject, now: int | None = None) -> None:  # `now`: known, not measured
         if obj.kind != Kind.NORMAL or (obj.backing is None and now is None):
             return
-        now = self.core.backing.resident_bytes(obj.backing) if now is None else now
-        self.core.charge_resident(obj, now - obj.resident)
+        now = self.backing.resident_bytes(obj.backing) if now is None else now
+        self.owner.charge_resident(obj, now - obj.resident)
         self.resident += now - obj.resident
         if obj in self.watched:
             self.headroom -= self._room(obj)
@@ -162,7 +174,7 @@ class Memory(SpillJobs):
     def refresh(self, limit: int | None = None) -> None:
         """Re-measure objects whose pages may have changed behind our back; the watched ones
         only if they could take resident past `limit` (None: always)."""
-        done = self.core.gpu.completed()
+        done = self.device.completed()
         for obj, fence in list(self.landing.items()):
             if fence <= done:
                 del self.landing[obj]
@@ -178,7 +190,7 @@ class Memory(SpillJobs):
 
     def busy(self, obj: BufferObject) -> bool:
         """Device work still uses `obj` (its pages are not ours to drop or copy yet)."""
-        return self.core.gpu.busy(obj)
+        return obj.last_fence > self.device.completed()
 
     def reclaim(self, ctx: ReclaimCtx) -> ReclaimCtx:
         return reclaim.reclaim(self, ctx)
@@ -219,19 +231,19 @@ class Memory(SpillJobs):
     def drop_spare(self, obj: BufferObject) -> None:
         """Free the spare system copy; evicting the object later copies VRAM back."""
         self.untrack(obj)
-        self.core.release_backing(obj)
+        self.owner.release_backing(obj)
 
     # -- the moves -------------------------------------------------------------------
 
     def purge(self, obj: BufferObject, tally: Tally) -> None:
         """Discard the contents for good, the VRAM copy too (queued work keeps its order)."""
         if obj.backing is not None:
-            self.core.backing.purge(obj.backing)
+            self.backing.purge(obj.backing)
             self.untrack(obj)
-            self.core.release_backing(obj)
-        self.core.gpu.release(obj)
+            self.owner.release_backing(obj)
+        self.release_vram(obj)
         if obj.placement == Placement.SPILLED:
-            self.core.backing.spill_release(obj.extent)
+            self.backing.spill_release(obj.extent)
             self.spilled -= obj.spilled
             obj.extent, obj.spilled = None, 0
         obj.transition(Event.PURGE)
@@ -272,7 +284,7 @@ class Memory(SpillJobs):
         if obj.backing is not None:
             self.untrack(obj)
         if obj.extent is not None:
-            self.core.backing.spill_release(obj.extent)
+            self.backing.spill_release(obj.extent)
             self.spilled -= obj.spilled
             obj.extent, obj.spilled = None, 0
 

@@ -1,7 +1,8 @@
 """The reclaim engine (core/reclaim.py) driven alone: a Core on a FakeBackingStore and a
-FakeDevice, with no Manager, daemon, memfd or fd. Each pass in order, the working set kept
-(spill ping-pong), execbuffer's restores not spilling each other (livelock), fd-limit
-reclaim, waiting on a fence, suspend, and make_room's all-or-nothing rule (hypothesis)."""
+FakeDevice, with no Manager, daemon, memfd or fd (and Memory with no Core at all). Each
+pass in order, the working set kept (spill ping-pong), execbuffer's restores not spilling
+each other (livelock), fd-limit reclaim, waiting on a fence, suspend, and make_room's
+all-or-nothing rule (hypothesis)."""
 
 from __future__ import annotations
 
@@ -16,9 +17,10 @@ from ugem.constants import DONTNEED, PAGE_SIZE
 from ugem.core.client import Client, Credentials
 from ugem.core.jobs import Pending
 from ugem.core.manager import Core
-from ugem.core.object import BufferObject
+from ugem.core.memory import Memory
+from ugem.core.object import BufferObject, Kind
 from ugem.core.reclaim import Pass, ReclaimCtx, Unit, purgeable, spare, spillable
-from ugem.core.states import Placement
+from ugem.core.states import Event, Placement
 from ugem.errors import NoSpace, OutOfMemory
 from ugem.testing import FakeDevice
 from ugem.testing.fake_backing import FakeBackingStore
@@ -238,3 +240,54 @@ def test_make_room_fits_after_its_waits_or_fails_changing_nothing(sizes, need, k
         return
     assert core.memory.resident + core.memory.reserved + need * P <= core.memory.budget
     assert all(o.placement != Placement.SPILLED for o in keep)
+
+
+class Owner:
+    """Memory's narrow view of the object layer, faked: no Core at all."""
+
+    def __init__(self, store: FakeBackingStore) -> None:
+        self.store = store
+        self.charged = 0
+
+    def get(self, obj: BufferObject) -> None:
+        obj.refcount += 1
+
+    def put(self, obj: BufferObject) -> None:
+        obj.refcount -= 1
+
+    def release_backing(self, obj: BufferObject) -> None:
+        self.store.release(obj.backing)
+        obj.backing = None
+
+    def charge_resident(self, obj: BufferObject, delta: int) -> None:
+        self.charged += delta
+
+
+def test_memory_and_its_engine_run_without_a_core():
+    store = FakeBackingStore()
+    owner = Owner(store)
+    released: list[BufferObject] = []
+    memory = Memory(4 * P, store, FakeDevice(), owner, released.append)
+    objs = []
+    for i in range(3):
+        obj = BufferObject(i + 1, 2 * P, Kind.NORMAL, creator=1, creator_uid=1000)
+        obj.backing = store.create(obj.size)
+        store.write(obj.backing, 0, b"\x01" * obj.size)
+        obj.transition(Event.POPULATE)
+        memory.track(obj)
+        objs.append(obj)
+    objs[1].madvise = DONTNEED
+    assert memory.resident == owner.charged == 6 * P
+    with pytest.raises(Pending) as waiting:
+        memory.make_room(2 * P)  # 4 pages to free: the DONTNEED one, then a spill of the oldest
+    assert objs[1].placement == Placement.PURGED and released == [objs[1]]
+    assert [j.obj for j in waiting.value.jobs] == [objs[0]]
+    run_jobs_of(memory, waiting.value)
+    memory.make_room(2 * P)
+    assert objs[0].placement == Placement.SPILLED and memory.totals.stats()["spilled_total"] == 1
+
+
+def run_jobs_of(memory: Memory, pending: Pending) -> None:
+    for job in pending.jobs:
+        job.run()
+        memory.finish(job)
