@@ -33,11 +33,12 @@ counts the object's resident bytes, each spill the bytes its job will free. An f
 counts one per object; its spill pass takes at most `remaining` objects, and plans none
 unless that many can be found or spills are already in flight.
 
-Rules of the callers (memory.py) kept here too: `make_room` is transactional (if all
-passes together, plus the spills in flight, cannot free enough even once device work is
-done, nothing is changed: ENOMEM), and when they can only after device work completes, it
-runs what it can and waits for the earliest sufficient fence (Pending). Must not: do I/O
-itself (moves go through Memory and the BackingStore) or know about transports.
+The policies built on the engine are here too (Memory's methods call them): `make_room`
+is all or nothing (if all passes together, plus the spills in flight, cannot free enough
+even once device work is done, nothing is changed: ENOMEM, each object counted once), and
+when they can only after device work completes, it runs what it can and waits for the
+earliest sufficient fence (Pending). Must not: do I/O itself (moves go through Memory and
+the BackingStore) or know about transports.
 """
 
 from __future__ import annotations
