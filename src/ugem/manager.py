@@ -2,10 +2,13 @@
 
 `Manager(**config)` owns a Core and a MemfdStore; `open()` returns a new, independent
 client Device each call; the files of its `object` key (preloaded objects) are read in
-before it returns. Requests go through the same `dispatch()` and request table as
-the daemon's, under one lock (the core itself is single-threaded). Memory jobs a request
-must wait for (spill, restore) run inline in the caller's thread, then it is retried. `close()` releases
-every client and object; any later call is EBADF.
+before it returns. Requests run as the daemon's do, as a `Call` (core/call.py: the
+one run-until-done loop, the same `dispatch()` and request table), stepped under one lock
+(the core itself is single-threaded). Memory jobs a request must wait for (spill,
+restore) run inline in the caller's thread; device fences are waited for without the
+lock; then the call steps again. After each request the background reclaim both modes
+share (`after_request`) runs inline too. `close()` releases every client and object; any
+later call is EBADF.
 
 A Manager belongs to the process that made it: in a forked child it is dead (EBADF saying
 to make a new one), and closing it there does nothing, so a child never frees, spills or
@@ -25,10 +28,11 @@ from .client.device import Device
 from .client.fork import track_for_fork
 from .client.transport import EmbeddedTransport
 from .config import Config
+from .core.call import Call, after_request
 from .core.client import Client, Credentials
-from .core.jobs import Pending
+from .core.jobs import Job
 from .core.manager import Core
-from .core.requests import BY_OP, dispatch
+from .core.requests import BY_OP
 from .device.sim import SimDevice
 from .errors import BadFd
 from .wire import structs as s
@@ -46,7 +50,7 @@ class Manager:
         self._core: Core | None = core
         try:  # preloaded objects: loaded here, before the Manager is returned
             core.preloads.start(self.config.object, os.getpid(), os.getuid())
-            self._settle(core)
+            self._run(core, after_request(core.memory))
         except BaseException:
             self._core = None
             self._shut(core)
@@ -78,42 +82,33 @@ class Manager:
             client = self._live_core().client_open(creds, privileged=True)
         return Device(EmbeddedTransport(self, client))
 
-    def _call(self, client: Client, op: Op, req: s.Struct) -> Any:
-        desc = BY_OP[op]
+    def _call(self, client: Client, op: Op, req: s.Struct, **local: Any) -> Any:
+        """Run one request until done; `local`: the caller's own memory (`into`, `buffer`)."""
+        call = Call(client, BY_OP[op], req, **local)
         while True:
             with self._lock:
                 core = self._live_core()
                 if client.closed:
                     raise BadFd(f"client {client.id} is closed")
-                try:
-                    reply = dispatch(core, client, desc, req)
-                except Pending as pending:  # embedded: do the copies right here, then retry
-                    for job in pending.jobs:
-                        if not job.done:
-                            job.run()
-                            core.memory.finish(job)
-                    fence, deadline = pending.fence, pending.deadline
-                except BaseException:
-                    req.close_unclaimed()
-                    raise
-                else:
-                    req.close_unclaimed()
-                    self._settle(core)
+                reply = call.step(core)
+                if reply is not None:
+                    self._run(core, after_request(core.memory))
                     return reply
-            if fence:  # wait for the device without holding the lock
+                pending = call.pending
+                assert pending is not None
+                self._run(core, pending.jobs)  # embedded: do the copies right here
+            if pending.fence:  # wait for the device without holding the lock
+                deadline = pending.deadline
                 timeout = None if deadline is None else max(0.0, deadline - time.monotonic())
-                self._device.wait(fence, timeout)
+                self._device.wait(pending.fence, timeout)
 
     @staticmethod
-    def _settle(core: Core) -> None:
-        """Run background jobs inline: spill back under the budget after evictions, give
-        restored objects' spill space back."""
-        memory = core.memory
-        if memory.resident > memory.budget:
-            memory.background += memory.shrink(memory.budget)
-        for job in memory.take_background():
-            job.run()
-            memory.finish(job)
+    def _run(core: Core, jobs: list[Job]) -> None:
+        """Run memory jobs inline, in the caller's thread (under the lock)."""
+        for job in jobs:
+            if not job.done:
+                job.run()
+                core.memory.finish(job)
 
     def _release(self, client: Client) -> None:
         with self._lock:

@@ -71,10 +71,10 @@ def test_released_mappings_beyond_one_frame_go_in_several_requests(dev, monkeypa
     calls: list[int] = []
     real_call = dev._transport.call
 
-    def counting(op, req, notes=()):
+    def counting(op, req, notes=(), **local):
         calls.extend(int(note_op) for note_op, _ in notes)
         calls.append(int(op))
-        return real_call(op, req, notes)
+        return real_call(op, req, notes, **local)
 
     monkeypatch.setattr(dev._transport, "call", counting)
     dev.close_handle(h)  # the mapping releases go first, then the close: the object dies

@@ -83,7 +83,7 @@ class Transport(Protocol):
     @property
     def lost(self) -> bool: ...
 
-    def call(self, op: Op, req: s.Struct, notes: Sequence[tuple[Op, s.Struct]] = ()) -> Any: ...
+    def call(self, op: Op, req: s.Struct, notes: Sequence[tuple[Op, s.Struct]] = (), **local: Any) -> Any: ...
 
     def post(self, op: Op, req: s.Struct) -> None: ...
 
@@ -124,14 +124,14 @@ class Device(DeviceOps, ShareOps):
             raise BadFd(self._closed_why)
         return self._transport
 
-    def _call(self, op: Op, req: s.Struct) -> Any:
+    def _call(self, op: Op, req: s.Struct, **local: Any) -> Any:
         transport = self._live()
         try:
             if self._released:
                 notes = self._releases.requests()
                 if notes:
-                    return transport.call(op, req, notes)
-            return transport.call(op, req)
+                    return transport.call(op, req, notes, **local)
+            return transport.call(op, req, **local)
         except TimedOut:  # the transport closed the connection: so is this Device
             self._transport = None
             self._closed_why = "this Device was closed when a call got no reply within its timeout; connect again"
@@ -220,8 +220,7 @@ class Device(DeviceOps, ShareOps):
         req = s.PreadReq(handle=handle, offset=offset, length=length)
         transport = self._live()
         if transport.embedded:
-            req.into = into
-            self._call(Op.GEM_PREAD, req)
+            self._call(Op.GEM_PREAD, req, into=into)
         elif length <= transport.inline_limit:
             reply: s.PreadReply = self._call(Op.GEM_PREAD, req)
             if length > 0:
@@ -357,7 +356,7 @@ class Device(DeviceOps, ShareOps):
             self._live()
             req.fd, req.offset, req.length = _dup(fd), offset, length
         elif self._live().embedded:
-            req.buffer = buffer
+            return int(self._call(Op.GEM_USERPTR, req, buffer=buffer).handle)
         else:
             raise InvalidArgument("over the daemon, userptr takes (fd, offset, length) of a sealed memfd")
         return int(self._call(Op.GEM_USERPTR, req).handle)

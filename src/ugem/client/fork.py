@@ -36,7 +36,7 @@ class ForkedTransport:
                          f"(process {os.getpid()}): connect again in the child (ugem.connect(), or ugem.embedded() "
                          f"for a manager of its own)")
 
-    def call(self, op: Op, req: s.Struct, notes: Sequence[tuple[Op, s.Struct]] = ()) -> Any:
+    def call(self, op: Op, req: s.Struct, notes: Sequence[tuple[Op, s.Struct]] = (), **local: Any) -> Any:
         for name in req.FDS:  # a request's fds are the transport's to close, as in the others
             fd = getattr(req, name)
             if isinstance(fd, OwnedFd):

@@ -55,13 +55,14 @@ class EmbeddedTransport:
         self.client = client
         self.client_id = client.id
 
-    def call(self, op: Op, req: s.Struct, notes: Sequence[tuple[Op, s.Struct]] = ()) -> Any:
+    def call(self, op: Op, req: s.Struct, notes: Sequence[tuple[Op, s.Struct]] = (), **local: Any) -> Any:
+        """`local`: the caller's own memory for the request (pread `into`, userptr `buffer`)."""
         for note_op, note in notes:  # releases: their failures (ids already gone) are nobody's
             try:
                 self.manager._call(self.client, note_op, note)
             except UgemError:
                 pass
-        return self.manager._call(self.client, op, req)
+        return self.manager._call(self.client, op, req, **local)
 
     def post(self, op: Op, req: s.Struct) -> None:
         """As over a socket: the failure is nobody's here (shares report theirs to their claimer)."""
@@ -120,11 +121,12 @@ class SocketTransport:
         self.max_inline = hello.max_inline
         self.inline_limit = min(XFER_ABOVE, hello.max_inline)  # what the daemon takes inline, at most
 
-    def call(self, op: Op, req: s.Struct, notes: Sequence[tuple[Op, s.Struct]] = ()) -> Any:
+    def call(self, op: Op, req: s.Struct, notes: Sequence[tuple[Op, s.Struct]] = (), **local: Any) -> Any:
         """One request and its reply. `notes` (releases: no fds, each fits a frame) go first
         in the same write, pipelined: their replies are read and dropped before this one's,
         so they cost no round trip of their own; their failures (ids already gone) are
-        nobody's to see."""
+        nobody's to see. `local` is never sent: a Device passes the caller's own memory only
+        to an embedded transport."""
         reply_type = _REPLY_TYPES[op]
         pieces, fds = s.encode(req)
         if len(pieces) > 1 and sum(memoryview(p).nbytes for p in pieces) > MAX_PAYLOAD:

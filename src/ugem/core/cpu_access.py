@@ -19,6 +19,7 @@ from .object import BufferObject
 from .states import Placement
 
 if TYPE_CHECKING:
+    from .call import Call
     from .client import Client
     from .manager import Core
 
@@ -39,25 +40,26 @@ def _vram_offset(obj: BufferObject, offset: int) -> int:
     return int(obj.vram.start) * PAGE_SIZE + offset
 
 
-def pread_vram(core: Core, client: Client, obj: BufferObject, req: s.PreadReq) -> s.PreadReply:
-    """Read an object pinned in VRAM: a copy out on the timeline, then the reply."""
-    if req.bounce is None:
+def pread_vram(core: Core, call: Call, obj: BufferObject, req: s.PreadReq) -> s.PreadReply:
+    """Read an object pinned in VRAM: a copy out on the timeline, then the reply (the copy
+    in flight is kept in `call.bounce` while the request waits for it)."""
+    if call.bounce is None:
         if req.flags & s.XFER:
             bounce = core.backing.scratch(page_align(req.offset + req.length))
             view = core.backing.map(bounce)[req.offset:req.offset + req.length]
         else:
             bounce = None
-            view = req.into if req.into is not None else bytearray(req.length)
+            view = call.into if call.into is not None else bytearray(req.length)
         seq = core.gpu.submit(CopyOut(_vram_offset(obj, req.offset), view, req.length))
-        req.bounce = (seq, bounce, view)
-    seq, bounce, view = req.bounce
+        call.bounce = (seq, bounce, view)
+    seq, bounce, view = call.bounce
     core.gpu.wait_for(seq)
-    req.bounce = None
+    call.bounce = None
     if bounce is None:
         return s.PreadReply(data=view)
     with bounce:
         fd = core.backing.open_description(bounce, writable=False)
-    return s.PreadReply(xfer_id=core.xfer_add(client, obj), fd=fd)
+    return s.PreadReply(xfer_id=core.xfer_add(call.client, obj), fd=fd)
 
 
 def pwrite_vram(core: Core, client: Client, obj: BufferObject, req: s.PwriteReq) -> s.PwriteReply:

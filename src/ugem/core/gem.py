@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import json
 import struct
+from typing import TYPE_CHECKING
 
 from ..backing.base import FdKind
 from ..constants import DONTNEED, MAX_OBJECT_SIZE, PAGE_SIZE, WILLNEED, page_align
@@ -32,6 +33,9 @@ from .cpu_access import pinned_in_vram, pread_vram, prepare_cpu, pwrite_vram
 from .manager import Core
 from .object import BufferObject, Kind
 from .states import Placement
+
+if TYPE_CHECKING:
+    from .call import Call
 
 __all__ = [
     "debug_open", "gem_close", "gem_create", "gem_flink", "gem_info", "gem_madvise", "gem_mmap", "gem_munmap",
@@ -115,13 +119,14 @@ def _rw_lookup(core: Core, client: Client, handle: int, offset: int, length: int
     return obj
 
 
-def gem_pread(core: Core, client: Client, req: s.PreadReq) -> s.PreadReply:
+def gem_pread(core: Core, call: Call, req: s.PreadReq) -> s.PreadReply:
+    client = call.client
     if req.length == 0:
         return s.PreadReply()
     obj = _rw_lookup(core, client, req.handle, req.offset, req.length, write=False)
     core.memory.ensure_system(obj)
     if pinned_in_vram(obj):
-        return pread_vram(core, client, obj, req)
+        return pread_vram(core, call, obj, req)
     core.gpu.to_cpu(obj, write=False)
     if req.flags & s.XFER:
         if obj.backing is None:
@@ -129,9 +134,9 @@ def gem_pread(core: Core, client: Client, req: s.PreadReq) -> s.PreadReply:
         fd = core.backing.open_description(obj.backing, writable=False)
         core.index_key(obj)
         return s.PreadReply(xfer_id=core.xfer_add(client, obj), fd=fd)
-    if req.into is None and req.length > MAX_INLINE:  # the frame limit binds only replies sent inline
+    if call.into is None and req.length > MAX_INLINE:  # the frame limit binds only replies sent inline
         raise InvalidArgument(f"inline pread of {req.length} bytes exceeds {MAX_INLINE}; use XFER")
-    into = req.into if req.into is not None else bytearray(req.length)
+    into = call.into if call.into is not None else bytearray(req.length)
     if obj.backing is None:
         core.backing.zero(into)
     else:

@@ -8,6 +8,8 @@ start once the wait is over; nothing it checked is assumed to still hold.
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 from ..cmd import Command, Copy, Fill, SemaphoreWait
 from ..constants import (
     CACHING_CACHED,
@@ -41,6 +43,9 @@ from .jobs import Pending
 from .manager import Core
 from .object import BufferObject, Kind
 from .states import Placement
+
+if TYPE_CHECKING:
+    from .call import Call
 
 __all__ = [
     "gem_busy", "gem_execbuffer", "gem_get_caching", "gem_get_tiling", "gem_set_caching", "gem_set_domain",
@@ -155,19 +160,19 @@ def _wait(core: Core, fence: int, exec_fence: int, timeout_ns: int, started: flo
     raise Pending(fence=fence, deadline=deadline)
 
 
-def gem_wait(core: Core, client: Client, req: sd.WaitReq) -> sd.WaitReply:
-    obj = core.lookup(client, req.handle)
-    if req.started is None:
-        req.started = core.clock()
-    return _wait(core, obj.last_fence, obj.last_exec, req.timeout_ns, req.started)
+def gem_wait(core: Core, call: Call, req: sd.WaitReq) -> sd.WaitReply:
+    obj = core.lookup(call.client, req.handle)
+    if call.started is None:
+        call.started = core.clock()
+    return _wait(core, obj.last_fence, obj.last_exec, req.timeout_ns, call.started)
 
 
-def wait_fence(core: Core, client: Client, req: sd.WaitFenceReq) -> sd.WaitReply:
+def wait_fence(core: Core, call: Call, req: sd.WaitFenceReq) -> sd.WaitReply:
     if req.fence <= 0 or req.fence > core.gpu.last_seq:
         raise NoSuchObject(f"fence {req.fence} was never issued")
-    if req.started is None:
-        req.started = core.clock()
-    return _wait(core, req.fence, req.fence, req.timeout_ns, req.started)
+    if call.started is None:
+        call.started = core.clock()
+    return _wait(core, req.fence, req.fence, req.timeout_ns, call.started)
 
 
 def gem_set_domain(core: Core, client: Client, req: sd.SetDomainReq) -> s.Empty:

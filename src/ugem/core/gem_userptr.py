@@ -12,21 +12,26 @@ caching NONE/DISPLAY ENXIO; never purged or spilled; not counted as resident or 
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 from ..constants import CACHING_CACHED, PAGE_SIZE
 from ..errors import InvalidArgument, PermissionDenied
 from ..wire import structs as s
-from .client import Client
 from .manager import Core
 from .object import Kind
 from .states import Event
 
+if TYPE_CHECKING:
+    from .call import Call
+
 __all__ = ["gem_userptr"]
 
 
-def gem_userptr(core: Core, client: Client, req: s.UserptrReq) -> s.OpenReply:
+def gem_userptr(core: Core, call: Call, req: s.UserptrReq) -> s.OpenReply:
+    client = call.client
     readonly = bool(req.flags & s.READONLY)
-    if req.buffer is not None:
-        view = core.backing.buffer_view(req.buffer)  # EINVAL: not contiguous / unaligned / empty
+    if call.buffer is not None:
+        view = core.backing.buffer_view(call.buffer)  # EINVAL: not contiguous / unaligned / empty
         if view.readonly and not readonly:
             raise PermissionDenied("writable userptr of read-only memory; pass readonly=True")
     else:

@@ -43,7 +43,7 @@ at once (later ops on the timeline run after the queued copy), and the caller wa
 from __future__ import annotations
 
 from collections.abc import Iterable
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Protocol
 
 from ..constants import CACHING_CACHED, DONTNEED, PAGE_SIZE
 from ..device.base import CopyIn, CopyOut, DeviceBackend, Holes, Op, Surface
@@ -53,17 +53,34 @@ from ..mm.range import InsertMode, Node, RangeAllocator
 from ..mm.scan import EvictionScan
 from .jobs import Pending
 from .object import BufferObject, Kind
+from .reclaim import Pass, ReclaimCtx, Tally, purgeable
 from .states import Event, Placement
 
 if TYPE_CHECKING:
-    from .manager import Core
+    from ..backing.base import BackingStore
+    from .memory import Memory
 
-__all__ = ["Gpu"]
+__all__ = ["Gpu", "Populate"]
+
+
+class Populate(Protocol):
+    """What Gpu needs from the object layer (`Core` implements it): system backing for an
+    object the device uses in place (`populate`, never Pending here) or that leaves VRAM."""
+
+    def populate(self, obj: BufferObject, wait: bool = True) -> Any: ...
+    def populate_system(self, obj: BufferObject) -> Any: ...
 
 
 class Gpu:
-    def __init__(self, core: Core, backend: DeviceBackend) -> None:
-        self.core = core
+    """VRAM placement and the device timeline. It sees the rest of the core only through
+    narrow interfaces: the `DeviceBackend`, the `BackingStore`, `Memory` (residency and the
+    reclaim engine) and a `Populate`; so it runs on fakes (tests/unit/core)."""
+
+    def __init__(self, backend: DeviceBackend, backing: BackingStore, memory: Memory, owner: Populate) -> None:
+        self.backing = backing
+        self.memory = memory
+        self.owner = owner
+        self.totals = memory.totals  # the STATS counters, for moves outside a reclaim run
         self.backend = backend
         self.space: RangeAllocator[BufferObject] = RangeAllocator(0, backend.vram_size // PAGE_SIZE)
         self.lru: Lru[BufferObject] = Lru()  # unpinned objects in VRAM, least recently used first
@@ -81,7 +98,7 @@ class Gpu:
         return self.backend.completed()
 
     def busy(self, obj: BufferObject) -> bool:
-        return obj.last_fence > self.backend.completed()
+        return self.memory.busy(obj)
 
     def wait_for(self, fence: int) -> None:
         """Raise Pending until `fence` has completed."""
@@ -103,14 +120,14 @@ class Gpu:
     def host_view(self, obj: BufferObject) -> Any:
         """A writable view of the object's host memory (cached while its backing lives)."""
         if obj.host_view is None:
-            obj.host_view = self.core.backing.map(obj.backing)
+            obj.host_view = self.backing.map(obj.backing)
         return obj.host_view
 
     def surface(self, obj: BufferObject) -> Surface:
         if obj.placement == Placement.VRAM:
             return Surface(obj.size, vram=obj.vram.start * PAGE_SIZE, tiling=obj.tiling, stride=obj.stride)
         if obj.kind == Kind.NORMAL:
-            self.core.populate(obj, wait=False)  # mid-submission: no Pending here
+            self.owner.populate(obj, wait=False)  # mid-submission: no Pending here
         return Surface(obj.size, host=self.host_view(obj), tiling=obj.tiling, stride=obj.stride)
 
     # -- making a working set resident -----------------------------------------------
@@ -142,7 +159,7 @@ class Gpu:
                 raise NoSpace(f"the working set of {len(wanted)} objects ({sum(o.size for o in wanted)} bytes) "
                               f"cannot be placed in {self.backend.vram_size} bytes of device memory") from None
         for victim, start, _ in victims:  # copies out are queued before the copies in
-            self._leave(victim, start * PAGE_SIZE, evicted=True)
+            self._leave(victim, start * PAGE_SIZE, self.totals, evicted=True)
         for obj, node in placed:
             self._move_in(obj, node)
         for obj in wanted:
@@ -214,7 +231,7 @@ class Gpu:
         (where its writes land is known only once it has run)."""
         if obj.host_fence > self.backend.completed():
             return None
-        return self.core.backing.holes(obj.backing)
+        return self.backing.holes(obj.backing)
 
     def _move_in(self, obj: BufferObject, node: Node[BufferObject]) -> None:
         """Queue the copy that makes `node` hold the object's contents: its data only, the
@@ -226,8 +243,8 @@ class Gpu:
             holes = self._holes(obj)
             seq = self.submit(CopyIn(offset, self.host_view(obj), obj.size, holes or ()))
             if holes is None:  # reading every page may fill holes: count them until measured
-                self.core.memory.expect(obj, obj.size, seq)
-            self.core.counters["bytes_moved_total"] += obj.size - sum(n for _, n in holes or ())
+                self.memory.expect(obj, obj.size, seq)
+            self.totals.bytes_moved += obj.size - sum(n for _, n in holes or ())
         obj.vram = node
         obj.dev_dirty = False
         obj.last_fence = obj.write_fence = seq
@@ -235,30 +252,30 @@ class Gpu:
 
     # -- leaving VRAM ----------------------------------------------------------------
 
-    def evict(self, obj: BufferObject, *, for_cpu: bool = False) -> None:
+    def evict(self, obj: BufferObject, tally: Tally, *, for_cpu: bool = False) -> None:
         """Take an object out of VRAM: an eviction (suspend, pressure), or a hand-over to
         the CPU (not counted as an eviction, and a DONTNEED object keeps its contents)."""
         node = obj.vram
         assert node is not None
         self.space.remove(node)
         obj.vram = None
-        self._leave(obj, node.start * PAGE_SIZE, evicted=not for_cpu)
+        self._leave(obj, node.start * PAGE_SIZE, tally, evicted=not for_cpu)
 
-    def _leave(self, obj: BufferObject, offset: int, evicted: bool) -> None:
+    def _leave(self, obj: BufferObject, offset: int, tally: Tally, evicted: bool) -> None:
         """Copy back (if needed) from `offset`, or drop a DONTNEED object; placement SYSTEM."""
         self.lru.discard(obj)
         if evicted:
-            self.core.counters["evicted_total"] += 1
-        if evicted and obj.madvise == DONTNEED and self.core.memory.purgeable(obj):  # never exported or pinned
+            tally.evicted += 1
+        if evicted and obj.madvise == DONTNEED and purgeable(obj):  # never exported or pinned
             obj.dev_dirty = False
-            self.core.memory.purge(obj)
+            self.memory.purge(obj, tally)
             return
         if obj.dev_dirty or obj.backing is None:
-            self.core.populate_system(obj)
+            self.owner.populate_system(obj)
             holes = self._holes(obj)  # pages of zeros copied into holes would fill them
             seq = self.submit(CopyOut(offset, self.host_view(obj), obj.size, holes or ()))
-            self.core.memory.expect(obj, obj.size, seq)  # at most; measured once it has landed
-            self.core.counters["bytes_moved_total"] += obj.size
+            self.memory.expect(obj, obj.size, seq)  # at most; measured once it has landed
+            tally.bytes_moved += obj.size
             obj.last_fence = obj.write_fence = obj.host_fence = seq
         obj.dev_dirty = False
         obj.transition(Event.EVICT)
@@ -273,38 +290,40 @@ class Gpu:
         if obj.placement == Placement.VRAM:
             if obj.pinned_by:
                 raise Busy(f"object {obj.id} is pinned in device memory")
-            self.evict(obj, for_cpu=True)
+            self.evict(obj, self.totals, for_cpu=True)
         polled = self.in_place(obj) and obj.sem_fence > self.backend.completed()
         self.wait_for(obj.last_fence if write and not polled else obj.write_fence)
 
-    def evict_all(self) -> None:
-        """Suspend: every object out of VRAM (pinned ones too)."""
+    def evict_all(self, tally: Tally) -> None:
+        """Suspend's evict pass: every object out of VRAM (pinned ones too)."""
         for node in list(self.space):
             obj = node.owner
             assert obj is not None
-            self.evict(obj)
+            self.evict(obj, tally)
 
     def suspend(self) -> None:
         """Hold new device work from now on (as the kernel stops submissions first), wait
         for all work, save every VRAM object to system memory (DONTNEED ones are dropped),
-        spill past the budget. Transactional: if the host cannot hold the data, fail
-        (ENOMEM/ENOSPC) before anything moved, device running. Pending until it is all
-        done; each run after a wait takes up where the last one stopped."""
+        spill past the budget (the reclaim engine: its evict pass, then, once the copies
+        out have landed, purge/spare/spill down to the budget). Transactional: if the host
+        cannot hold the data, fail (ENOMEM/ENOSPC) before anything moved, device running.
+        Pending until it is all done; each run after a wait takes up where the last one
+        stopped."""
         self.suspended = True
         self.wait_for(self.last_seq)
         if self.space.used:
             need = sum(n.owner.size for n in self.space if n.owner is not None
                        and n.owner.madvise != DONTNEED and (n.owner.dev_dirty or n.owner.backing is None))
             try:
-                self.core.memory.check_capacity(need)
+                self.memory.check_capacity(need)
             except UgemError:
                 self.resume()
                 raise
-            self.evict_all()
+            self.memory.reclaim(ReclaimCtx(0, passes=(Pass.EVICT,), evict=self.evict_all))
         self.wait_for(self.last_seq)  # the copies out
-        jobs = self.core.memory.shrink(self.core.memory.budget)
-        if jobs or self.core.memory.spilling():
-            raise Pending(jobs + self.core.memory.spilling())
+        jobs = self.memory.shrink(self.memory.budget) + self.memory.spilling()
+        if jobs:
+            raise Pending(jobs)
 
     def resume(self) -> None:
         """Run device work again; a suspend still in progress then ends without effect

@@ -46,6 +46,7 @@ class Job:
     done: bool = False
     moved: int = 0
     error: OSError | None = None
+    then: Callable[[Job], None] | None = None  # LOAD: who applies the outcome (core/preload.py)
 
     def run(self) -> None:
         """Do the copy; records the outcome instead of raising (any thread)."""

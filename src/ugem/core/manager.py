@@ -57,11 +57,9 @@ class Core:
         self.clients: dict[int, Client] = {}
         self.uids: dict[int, UidUsage] = {}
         self._client_ids, self.object_ids = itertools.count(1), itertools.count(1)  # never reused
-        self.counters = {"purged_total": 0, "evicted_total": 0, "spilled_total": 0, "restored_total": 0,
-                         "bytes_moved_total": 0}
         self.shares = ShareTable(self.clients, self.put)
-        self.memory = Memory(self)
-        self.gpu = Gpu(self, device)
+        self.memory = Memory(config.system_budget, backing, device, self, lambda obj: self.gpu.release(obj))
+        self.gpu = Gpu(device, backing, self.memory, owner=self)
         self.preloads = Preloads(self)  # manager-owned objects loaded from files (preload.py)
 
     # -- clients ---------------------------------------------------------------------
@@ -397,7 +395,7 @@ class Core:
             "pinned_bytes": self.pinned_bytes,
             "memfds": self.backing.open_count, "memfd_limit": self.backing.max_open,  # object pages held open
             **self.memory.statistics(),
-            **self.counters,
+            **self.memory.totals.stats(),
             "per_client": [
                 {"id": c.id, "pid": c.creds.pid, "uid": c.creds.uid, "objects": len(c.handles),
                  "bytes": c.created_bytes, "resident_bytes": c.resident_bytes, "pinned_bytes": c.pinned_bytes}

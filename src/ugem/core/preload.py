@@ -86,7 +86,7 @@ class Preloads:
         core.flink(obj)
         self.by_label[label] = obj
         work = lambda: core.backing.load_file(source, dest, label, size, self._stop)  # noqa: E731
-        core.memory.plan_load(obj, work, min(page_align(data), obj.size))
+        core.memory.plan_load(obj, work, min(page_align(data), obj.size), self.finish)
 
     def _stop(self) -> bool:
         return self.cancelled

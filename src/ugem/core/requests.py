@@ -2,10 +2,13 @@
 
 Every operation is one `RequestDesc` row: op number, handler, request and reply structs,
 permission flags. The daemon decodes frames into the request struct of the row, the
-embedded transport builds the struct directly; both then call `dispatch()`, so both
-modes check exactly the same things. `ugem ops` and the daemon's decoder (`BY_OP`) read
-this table, and tests/unit/test_exports.py checks it has one row per `Op`; nobody keeps a
-second list.
+embedded transport builds the struct directly; both wrap it in a `Call` (call.py: the
+loop that re-runs it after `Pending`) whose `step` calls `dispatch()`, so both modes check
+exactly the same things. Handlers take ``(core, client, req)``; the few that keep state
+across re-runs or use the embedded caller's own buffers (`takes_call`) take
+``(core, call, req)`` and find the client in ``call.client``. `ugem ops` and the daemon's
+decoder (`BY_OP`) read this table, and tests/unit/test_exports.py checks it has one row per
+`Op`; nobody keeps a second list.
 
 Permission checks live only in `check_permission()`.
 """
@@ -15,7 +18,7 @@ from __future__ import annotations
 import enum
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from ..errors import PermissionDenied
 from ..wire import structs as s
@@ -30,6 +33,9 @@ from .gem_userptr import gem_userptr
 from .manager import Core
 from .preload import lookup
 
+if TYPE_CHECKING:
+    from .call import Call
+
 __all__ = ["REQUESTS", "BY_OP", "Perm", "RequestDesc", "check_permission", "dispatch"]
 
 
@@ -41,11 +47,12 @@ class Perm(enum.Flag):
 @dataclass(frozen=True, slots=True)
 class RequestDesc:
     op: Op
-    handler: Callable[[Core, Client, Any], s.Struct]
+    handler: Callable[[Core, Any, Any], s.Struct]  # (core, client, req); (core, call, req) if takes_call
     req: type[s.Struct]
     reply: type[s.Struct]
     perm: Perm = Perm.NONE
     doc: str = ""
+    takes_call: bool = False
 
 
 REQUESTS: tuple[RequestDesc, ...] = (
@@ -55,7 +62,8 @@ REQUESTS: tuple[RequestDesc, ...] = (
     RequestDesc(Op.GEM_CLOSE, gem.gem_close, s.CloseReq, s.Empty, doc="drop a handle"),
     RequestDesc(Op.GEM_CLOSE_BATCH, gem.gem_close_batch, s.CloseBatchReq, s.Empty, doc="drop several handles"),
     RequestDesc(Op.GEM_INFO, gem.gem_info, s.InfoReq, s.InfoReply, doc="size, placement, advice, name"),
-    RequestDesc(Op.GEM_PREAD, gem.gem_pread, s.PreadReq, s.PreadReply, doc="read bytes (inline or XFER)"),
+    RequestDesc(Op.GEM_PREAD, gem.gem_pread, s.PreadReq, s.PreadReply, doc="read bytes (inline or XFER)",
+                takes_call=True),
     RequestDesc(Op.GEM_PWRITE, gem.gem_pwrite, s.PwriteReq, s.PwriteReply, doc="write bytes (inline or XFER)"),
     RequestDesc(Op.XFER_DONE, gem.xfer_done, s.XferDoneReq, s.Empty, doc="end a bulk transfer"),
     RequestDesc(Op.GEM_MMAP, gem.gem_mmap, s.MmapReq, s.MmapReply, doc="a tracked shared mapping"),
@@ -75,8 +83,9 @@ REQUESTS: tuple[RequestDesc, ...] = (
     RequestDesc(Op.GEM_UNPIN, gem.gem_unpin, s.HandleReq, s.Empty, doc="end this client's pin"),
     RequestDesc(Op.GEM_EXECBUFFER, gd.gem_execbuffer, sd.ExecbufferReq, sd.FenceReply, doc="submit device commands"),
     RequestDesc(Op.GEM_BUSY, gd.gem_busy, s.HandleReq, sd.BusyReply, doc="device work pending?"),
-    RequestDesc(Op.GEM_WAIT, gd.gem_wait, sd.WaitReq, sd.WaitReply, doc="wait for an object's work"),
-    RequestDesc(Op.WAIT_FENCE, gd.wait_fence, sd.WaitFenceReq, sd.WaitReply, doc="wait for a fence"),
+    RequestDesc(Op.GEM_WAIT, gd.gem_wait, sd.WaitReq, sd.WaitReply, doc="wait for an object's work",
+                takes_call=True),
+    RequestDesc(Op.WAIT_FENCE, gd.wait_fence, sd.WaitFenceReq, sd.WaitReply, doc="wait for a fence", takes_call=True),
     RequestDesc(Op.GEM_SET_DOMAIN, gd.gem_set_domain, sd.SetDomainReq, s.Empty, doc="hand over to CPU or device"),
     RequestDesc(Op.GEM_SET_TILING, gd.gem_set_tiling, sd.TilingReq, sd.TilingReply, doc="X/Y tiling and stride"),
     RequestDesc(Op.GEM_GET_TILING, gd.gem_get_tiling, s.HandleReq, sd.TilingReply, doc="tiling and stride"),
@@ -84,7 +93,8 @@ REQUESTS: tuple[RequestDesc, ...] = (
     RequestDesc(Op.GEM_GET_CACHING, gd.gem_get_caching, s.HandleReq, sd.CachingReply, doc="caching level"),
     RequestDesc(Op.SUSPEND, gd.suspend, s.Empty, s.Empty, Perm.PRIVILEGED, doc="save device memory, hold work"),
     RequestDesc(Op.RESUME, gd.resume, s.Empty, s.Empty, Perm.PRIVILEGED, doc="run device work again"),
-    RequestDesc(Op.GEM_USERPTR, gem_userptr, s.UserptrReq, s.OpenReply, doc="wrap existing memory"),
+    RequestDesc(Op.GEM_USERPTR, gem_userptr, s.UserptrReq, s.OpenReply, doc="wrap existing memory",
+                takes_call=True),
     RequestDesc(Op.STATS, gem.stats, s.Empty, s.JsonReply, doc="manager-wide figures"),
     RequestDesc(Op.LIST_OBJECTS, gem.list_objects, s.Empty, s.JsonReply, Perm.PRIVILEGED, doc="every object"),
     RequestDesc(Op.LIST_CLIENTS, gem.list_clients, s.Empty, s.JsonReply, Perm.PRIVILEGED, doc="clients and handles"),
@@ -103,9 +113,10 @@ def check_permission(perm: Perm, client: Client) -> None:
                                f"client {client.id} has uid {client.creds.uid}")
 
 
-def dispatch(core: Core, client: Client, desc: RequestDesc, req: Any) -> s.Struct:
-    """Run one request. Raises UgemError for operation failures."""
+def dispatch(core: Core, call: Call) -> s.Struct:
+    """Run one request once. Raises UgemError for operation failures, Pending to wait."""
+    desc, req = call.desc, call.req
     if desc.perm is not Perm.NONE:
-        check_permission(desc.perm, client)
+        check_permission(desc.perm, call.client)
     req.check()
-    return desc.handler(core, client, req)
+    return desc.handler(core, call if desc.takes_call else call.client, req)

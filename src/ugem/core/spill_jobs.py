@@ -29,7 +29,9 @@ from .object import BufferObject
 from .states import Event, Placement
 
 if TYPE_CHECKING:
-    from .manager import Core
+    from ..backing.base import BackingStore
+    from .memory import Owner
+    from .reclaim import Tally
 
 __all__ = ["SpillJobs"]
 
@@ -37,7 +39,9 @@ __all__ = ["SpillJobs"]
 class _Memory(Protocol):
     """What the jobs use of Memory (the class they are mixed into)."""
 
-    core: Core
+    backing: BackingStore
+    owner: Owner
+    totals: Tally
     jobs: list[Job]
     background: list[Job]
     failed: dict[BufferObject, OSError]
@@ -47,7 +51,7 @@ class _Memory(Protocol):
     def measure(self, obj: BufferObject) -> None: ...
     def track(self, obj: BufferObject) -> None: ...
     def untrack(self, obj: BufferObject) -> None: ...
-    def purge(self, obj: BufferObject) -> None: ...
+    def purge(self, obj: BufferObject, tally: Tally) -> None: ...
     def _start(self, job: Job) -> None: ...
     def _finish_spill(self, job: Job) -> None: ...
     def _finish_restore(self, job: Job) -> None: ...
@@ -61,30 +65,31 @@ class SpillJobs:
         spill passes as after a failed spill, and the error names the spill directory."""
         self.measure(obj)
         try:
-            extent = self.core.backing.spill_reserve(obj.resident)
+            extent = self.backing.spill_reserve(obj.resident)
         except OutOfMemory as exc:
             self.failed[obj] = exc
             return None
         backing = obj.backing
-        job = Job(JobKind.SPILL, obj, lambda: self.core.backing.spill_out(backing, extent, obj.size),
+        job = Job(JobKind.SPILL, obj, lambda: self.backing.spill_out(backing, extent, obj.size),
                   nbytes=obj.resident, extent=extent)
         self._start(job)
         return job
 
     def plan_restore(self: _Memory, obj: BufferObject) -> Job:
         """Bring a spilled object back; the caller has made room for its data."""
-        backing = self.core.backing.create(obj.size)
+        backing = self.backing.create(obj.size)
         extent = obj.extent
-        job = Job(JobKind.RESTORE, obj, lambda: self.core.backing.spill_in(extent, backing, obj.size),
+        job = Job(JobKind.RESTORE, obj, lambda: self.backing.spill_in(extent, backing, obj.size),
                   nbytes=obj.spilled, extent=extent, backing=backing)
         self.reserved += job.nbytes
         self._start(job)
         return job
 
-    def plan_load(self: _Memory, obj: BufferObject, work: Callable[[], int], nbytes: int) -> Job:
+    def plan_load(self: _Memory, obj: BufferObject, work: Callable[[], int], nbytes: int,
+                  then: Callable[[Job], None]) -> Job:
         """Copy a preloaded object's file in, in the background; its `nbytes` of data are
-        reserved until the copy lands (preload.py applies the outcome)."""
-        job = Job(JobKind.LOAD, obj, work, nbytes=nbytes)
+        reserved until the copy lands (`then`, from preload.py, applies the outcome)."""
+        job = Job(JobKind.LOAD, obj, work, nbytes=nbytes, then=then)
         self.reserved += nbytes
         self._start(job)
         self.background.append(job)
@@ -92,7 +97,7 @@ class SpillJobs:
 
     def _start(self: _Memory, job: Job) -> None:
         job.obj.job = job
-        self.core.get(job.obj)  # the object outlives the worker's copy
+        self.owner.get(job.obj)  # the object outlives the worker's copy
         self.jobs.append(job)
 
     def take_background(self: _Memory) -> list[Job]:
@@ -105,7 +110,7 @@ class SpillJobs:
         """Apply a job's outcome on the core's thread (exactly once)."""
         if job.kind is JobKind.PUNCH:  # now the range may be handed out again
             job.done = True
-            self.core.backing.spill_release(job.extent)
+            self.backing.spill_release(job.extent)
             return
         obj = job.obj
         self.jobs.remove(job)
@@ -114,44 +119,45 @@ class SpillJobs:
         if job.kind is JobKind.SPILL:
             self._finish_spill(job)
         elif job.kind is JobKind.LOAD:
-            self.core.preloads.finish(job)
+            assert job.then is not None
+            job.then(job)
         else:
             self._finish_restore(job)
-        self.core.put(obj)
+        self.owner.put(obj)
 
     def _finish_spill(self: _Memory, job: Job) -> None:
         obj = job.obj
         if job.error is not None or obj.placement != Placement.SYSTEM:
-            self.core.backing.spill_release(job.extent)
+            self.backing.spill_release(job.extent)
             if job.error is not None:
                 self.failed[obj] = job.error
             return
         if obj.madvise == DONTNEED:  # advised away while it was being copied: drop it instead
-            self.core.backing.spill_release(job.extent)
-            self.purge(obj)
+            self.backing.spill_release(job.extent)
+            self.purge(obj, self.totals)
             return
         self.untrack(obj)
-        self.core.release_backing(obj)
+        self.owner.release_backing(obj)
         obj.extent, obj.spilled = job.extent, job.moved
         self.spilled += job.moved
         obj.transition(Event.SPILL)
-        self.core.counters["spilled_total"] += 1
-        self.core.counters["bytes_moved_total"] += job.moved
+        self.totals.spilled += 1
+        self.totals.bytes_moved += job.moved
 
     def _finish_restore(self: _Memory, job: Job) -> None:
         obj = job.obj
         self.reserved -= job.nbytes
         if job.error is not None or obj.placement != Placement.SPILLED:
-            self.core.backing.release(job.backing)
+            self.backing.release(job.backing)
             if job.error is not None:
                 self.failed[obj] = job.error
             return
         extent = obj.extent  # punched off the request path, then released (finish of PUNCH)
-        self.background.append(Job(JobKind.PUNCH, obj, lambda: self.core.backing.spill_punch(extent), 0,
+        self.background.append(Job(JobKind.PUNCH, obj, lambda: self.backing.spill_punch(extent), 0,
                                    extent=extent))
         self.spilled -= obj.spilled
         obj.backing, obj.extent, obj.spilled = job.backing, None, 0
         obj.transition(Event.RESTORE)
         self.track(obj)
-        self.core.counters["restored_total"] += 1
-        self.core.counters["bytes_moved_total"] += job.moved
+        self.totals.restored += 1
+        self.totals.bytes_moved += job.moved

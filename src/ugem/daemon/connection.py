@@ -16,9 +16,10 @@ Rules:
 - replies are queued and written when the socket is writable; while replies are queued
   the connection is not read (a client that does not read cannot make us buffer more);
   a reply bigger than a frame goes in several frames (wire/frames.py), never refused;
-- a request that must wait for memory jobs (Pending: spill, restore) is parked, and the
-  connection is not read until the server resumes it: that client is throttled, others
-  are served meanwhile;
+- each request runs as a `Call` (core/call.py, the run-until-done loop the embedded
+  manager uses too); one that must wait (Pending: memory jobs, a fence, a resume) is
+  parked with its call, and the connection is not read until the server steps it again
+  (`resume`, once `Call.ready`): that client is throttled, others are served meanwhile;
 - fds in replies are closed by the daemon once sent; fds of a dropped connection are
   closed with it;
 - every reply, success or error, is counted in the server's RequestTally (tally.py) with
@@ -36,8 +37,9 @@ import time
 from collections import deque
 from typing import TYPE_CHECKING
 
+from ..core.call import Call
 from ..core.jobs import Pending
-from ..core.requests import BY_OP, RequestDesc, dispatch
+from ..core.requests import BY_OP
 from ..errors import InvalidArgument, QuotaExceeded, RemoteProtocolError, UgemError
 from ..fd import OwnedFd
 from ..scm import ANC_SPACE, fds_from_ancillary, rights
@@ -83,9 +85,13 @@ class Connection:
         self.greeted = False
         self.closed = False
         self.accepted = self.last_progress = time.monotonic()
-        self.parked: tuple[Frame, RequestDesc, s.Struct] | None = None  # a request that must wait
-        self.pending: Pending | None = None  # what it waits for
+        self.parked: tuple[Frame, Call] | None = None  # a request that must wait
         self.events = READ  # what the server's poller watches (0: nothing)
+
+    @property
+    def pending(self) -> Pending | None:
+        """What the parked request waits for."""
+        return self.parked[1].pending if self.parked is not None else None
 
     @property
     def stalled_since(self) -> float | None:
@@ -149,38 +155,35 @@ class Connection:
             frame.close_fds()
             self._reply_error(frame, exc.errno or errno.EIO, str(exc.strerror))
             return
-        self._run(frame, desc, req)
+        self._run(frame, Call(self.client, desc, req))
 
-    def _run(self, frame: Frame, desc: RequestDesc, req: s.Struct) -> None:
-        """Dispatch; on Pending, park the request until its jobs are done (then `resume`)."""
+    def _run(self, frame: Frame, call: Call) -> None:
+        """Step the call; while it must wait, park it (the server starts its jobs and
+        calls `resume` once it is ready)."""
         try:
-            reply = dispatch(self.core, self.client, desc, req)
-        except Pending as pending:
-            self.parked, self.pending = (frame, desc, req), pending
-            return
+            reply = call.step(self.core)  # closes the request's unclaimed fds once done
         except UgemError as exc:
-            req.close_unclaimed()
             self._reply_error(frame, exc.errno or errno.EIO, str(exc.strerror))
             return
         except Exception:  # a bug in a handler: keep serving everyone, say so loudly
-            req.close_unclaimed()
             creds = self.client.creds
-            event(log, logging.ERROR, "handler_error", "handler for %s failed (client %d)", desc.op.name,
-                  self.client.id, exc_info=True, client=self.client.id, pid=creds.pid, uid=creds.uid,
-                  op=desc.op.name)
-            self._reply_error(frame, errno.EIO, f"internal error in {desc.op.name}; see the daemon log")
+            op = call.desc.op.name
+            event(log, logging.ERROR, "handler_error", "handler for %s failed (client %d)", op, self.client.id,
+                  exc_info=True, client=self.client.id, pid=creds.pid, uid=creds.uid, op=op)
+            self._reply_error(frame, errno.EIO, f"internal error in {op}; see the daemon log")
             return
-        if req.FDS:
-            req.close_unclaimed()
+        if reply is None:
+            self.parked = (frame, call)
+            return
         self._reply(frame, reply)
 
     def resume(self) -> None:
-        """What the parked request waited for is over: run it again (then the frames that
+        """What the parked request waited for is over: step it again (then the frames that
         arrived behind it)."""
         assert self.parked is not None
-        frame, desc, req = self.parked
-        self.parked, self.pending = None, None
-        self._run(frame, desc, req)
+        frame, call = self.parked
+        self.parked = None
+        self._run(frame, call)
         if not self.outbox and self.parked is None and self.parser.has_frames:
             self.on_readable()
 
@@ -196,9 +199,9 @@ class Connection:
     def fail_parked(self, code: int, message: str) -> None:
         """Answer the parked request with an error instead (daemon shutdown: ESHUTDOWN)."""
         if self.parked is not None:
-            frame, _, req = self.parked
-            self.parked, self.pending = None, None
-            req.close_unclaimed()
+            frame, call = self.parked
+            self.parked = None
+            call.req.close_unclaimed()
             self._reply_error(frame, code, message)
 
     def _hello(self, frame: Frame) -> None:
@@ -296,8 +299,8 @@ class Connection:
         self.core.client_release(self.client)
         self.parser.close()
         if self.parked is not None:
-            self.parked[2].close_unclaimed()
-            self.parked, self.pending = None, None
+            self.parked[1].req.close_unclaimed()
+            self.parked = None
         for _, fds in self.outbox:
             for fd in fds:
                 fd.close()

@@ -25,6 +25,9 @@ Rules:
   survived is frozen (`gc.freeze`): a full collection over a million objects stalls
   every client for 0.3 s, a collection over one second's worth does not. Frozen objects
   are still freed by reference counting; only a cycle formed after freezing would stay;
+- parked requests (connection.py) are stepped again once `Call.ready` (core/call.py);
+  after each turn of the loop the background reclaim both modes share (`after_request`)
+  starts its jobs on the worker threads, and real memory pressure (pressure.py) shrinks;
 - `exit_idle` (`--exit-idle`; None: never): once no connection has been open for that
   long (counted from start, and from the last connection's end), the daemon shuts down
   as on SIGTERM. A last accept before deciding takes a connection still in the backlog;
@@ -50,8 +53,8 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 from ..config import Config
+from ..core.call import after_request
 from ..core.client import Credentials
-from ..core.jobs import Pending
 from ..errors import RemoteProtocolError
 from ..fd import drain, pipe
 from .connection import Connection
@@ -173,12 +176,8 @@ class Server:
                 tag(_events)
         if self.parked:
             self._wake(time.monotonic())
-        memory = self.core.memory
-        if memory.resident > memory.budget and not memory.spilling():  # evictions went past the budget
-            memory.background += memory.shrink(memory.budget)
-        if memory.background:
-            for job in memory.take_background():
-                self.runner.submit(job)
+        for job in after_request(self.core.memory):  # the background reclaim both modes share
+            self.runner.submit(job)
         if self._idle_since is not None and self.options.exit_idle is not None:
             self._check_idle(self.options.exit_idle)
         if now - self._last_stall_check >= 1.0:  # scans over all clients, at most once a second
@@ -320,18 +319,12 @@ class Server:
         except BlockingIOError:
             pass  # a wakeup is already waiting
 
-    def _ready(self, pending: Pending, now: float) -> bool:
-        if pending.deadline is not None and now >= pending.deadline:
-            return True
-        return (all(job.done for job in pending.jobs) and pending.fence <= self.device.completed()
-                and not (pending.resume and self.core.gpu.suspended))
-
     def _wake(self, now: float) -> None:
         """Re-run parked requests whose wait is over (any of them may park again)."""
         for conn in list(self.parked):
-            if conn.closed or conn.pending is None:
+            if conn.closed or conn.parked is None:
                 self.parked.discard(conn)
-            elif self._ready(conn.pending, now):
+            elif conn.parked[1].ready(self.core, now):
                 self.parked.discard(conn)
                 self._guard(conn, conn.resume)
 

@@ -85,7 +85,7 @@ class Service:
 
     def start(self, core: Core, poller: Poller) -> None:
         self._core = core
-        self._reclaimed = {key: core.counters[key] for key in _RECLAIM}
+        self._reclaimed = {key: core.memory.totals.stats()[key] for key in _RECLAIM}
         if self.metrics is not None:
             from .metrics import StatsCollector  # imported already: the endpoint was bound
 
@@ -114,7 +114,7 @@ class Service:
 
     def _summarize(self, now: float) -> None:
         assert self._core is not None
-        counters = self._core.counters
+        counters = self._core.memory.totals.stats()
         moved: dict[str, Any] = {key.removesuffix("_total"): counters[key] - self._reclaimed[key] for key in _RECLAIM}
         if not (moved["purged"] or moved["spilled"] or moved["restored"] or moved["evicted"]):
             return  # bytes moved alone is device traffic, not reclaim

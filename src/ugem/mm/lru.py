@@ -17,7 +17,10 @@ Rules
     - A shrink callback that returns True must have taken the item off this LRU (moved it
       to another LRU of the family, or removed it); `scan` asserts this, even under -O.
       Items the callback refuses keep their relative order and go to the tail once the
-      walk ends, so one scan never offers the same item twice.
+      walk ends, so one scan never offers the same item twice; with ``rotate=False`` they
+      go back to the head instead (a walk that does not age them: the reclaim engine runs
+      several passes over one LRU, each in least-recently-used order). ``until`` ends
+      the walk early once it returns True (progress measured by the caller, in bytes).
     - Items are identified by ``id()``; the LRU holds a strong reference, so an id cannot
       be reused while the item is on it. `scan` is not re-entrant.
 
@@ -110,11 +113,14 @@ class Lru(Generic[T]):
         holder._take(id(item))
         return True
 
-    def scan(self, nr: int, shrink: Callable[[T], bool]) -> int:
-        """Offer items to `shrink` from the head until `nr` weight is freed or the LRU is empty.
+    def scan(self, nr: int, shrink: Callable[[T], bool], *, rotate: bool = True,
+             until: Callable[[], bool] | None = None) -> int:
+        """Offer items to `shrink` from the head until `nr` weight is freed, `until()` is
+        true (checked before each offer) or the LRU is empty.
 
         Returns the weight freed: the sum of the weights of the items `shrink` accepted.
         A shrink that returns True must have taken the item off this LRU (AssertionError).
+        Refused items go to the tail, or back to the head with `rotate` False.
         If `shrink` raises, the refused items are put back and the exception propagates.
         """
         if self._skipped is not None:
@@ -123,7 +129,7 @@ class Lru(Generic[T]):
         self._skipped = skipped
         freed = 0
         try:
-            while freed < nr and self._items:
+            while freed < nr and self._items and not (until is not None and until()):
                 # Park the head first, as drm_gem_lru_scan does with still_in_lru, so the
                 # callback may move or remove it (or any other item) while we hold it.
                 key, entry = self._items.popitem(last=False)
@@ -135,6 +141,9 @@ class Lru(Generic[T]):
         finally:
             self._skipped = None
             self._items.update(skipped)  # refused items go to the tail in their old order
+            if not rotate:  # ... or back to the head, as if never offered
+                for key in reversed(skipped):
+                    self._items.move_to_end(key, last=False)
         return freed
 
     def _take(self, key: int) -> tuple[T, int]:

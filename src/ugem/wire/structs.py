@@ -7,10 +7,11 @@ a variable `TAIL` field (bytes-like: inline pread/pwrite data, JSON for stats) a
 carry fds in the fields listed in `FDS` (each an OwnedFd, sent with SCM_RIGHTS).
 
 The embedded transport builds the same dataclasses and calls the same `check()`, so the
-embedded manager rejects exactly what the daemon rejects. In-process-only fields (such
-as `into`, the caller's buffer for an embedded pread) are not in LAYOUT and never cross
-the wire. Rules: structs grow only by appending fields; a short payload is zero-extended,
-a longer one is EINVAL; nothing here does I/O.
+embedded manager rejects exactly what the daemon rejects. A struct holds what crosses the
+wire and nothing else: the embedded caller's own memory (pread's `into`, userptr's
+`buffer`) and the state a request keeps while it waits live in the transports' `Call`
+(core/call.py). Rules: structs grow only by appending fields; a short payload is
+zero-extended, a longer one is EINVAL; nothing here does I/O.
 """
 
 from __future__ import annotations
@@ -18,7 +19,7 @@ from __future__ import annotations
 import operator
 import struct
 from collections.abc import Callable
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass, fields
 from typing import Any, ClassVar
 
 from ..errors import InvalidArgument
@@ -211,8 +212,6 @@ class PreadReq(Struct):
     flags: int = 0
     offset: int = 0
     length: int = 0
-    into: Any = field(default=None, compare=False)  # in-process destination (not on the wire)
-    bounce: Any = field(default=None, compare=False)  # in-process: a copy out of VRAM in flight
 
 
 @dataclass(slots=True)
@@ -399,7 +398,8 @@ class MadviseReply(Struct):
 @dataclass(slots=True)
 class UserptrReq(Struct):
     """Wrap memory without copying: over the wire, [offset, offset+length) of the sealed
-    memfd in `fd`; in-process (embedded) `buffer` may be any buffer-protocol object."""
+    memfd in `fd`; in-process (embedded) the caller's buffer-protocol object instead
+    (`Call.buffer`, core/call.py)."""
 
     LAYOUT = (("flags", "I"), ("pad", "I"), ("offset", "q"), ("length", "q"))
     FLAGS = READONLY
@@ -409,7 +409,6 @@ class UserptrReq(Struct):
     offset: int = 0
     length: int = 0
     fd: OwnedFd | None = None
-    buffer: Any = field(default=None, compare=False)  # in-process only
 
 
 def layout_fields(cls: type[Struct]) -> list[str]:

@@ -3,7 +3,7 @@ caching, suspend); same rules as wire/structs.py, split off to keep modules smal
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 from .commands import RECORD
@@ -50,7 +50,6 @@ class WaitReq(Struct):
     handle: int = 0
     flags: int = 0
     timeout_ns: int = 0
-    started: float | None = field(default=None, compare=False)  # in-process: first attempt's clock
 
 
 @dataclass(slots=True)
@@ -58,7 +57,6 @@ class WaitFenceReq(Struct):
     LAYOUT = (("fence", "Q"), ("timeout_ns", "q"))
     fence: int = 0
     timeout_ns: int = 0
-    started: float | None = field(default=None, compare=False)
 
 
 @dataclass(slots=True)

@@ -28,10 +28,10 @@ class Calls:
         self.ops: list[Op] = []
         real = dev._transport.call
 
-        def call(op, req, notes=()):
+        def call(op, req, notes=(), **local):
             self.ops.extend(Op(note_op) for note_op, _ in notes)
             self.ops.append(Op(op))
-            return real(op, req, notes)
+            return real(op, req, notes, **local)
 
         monkeypatch.setattr(dev._transport, "call", call)
 

@@ -15,6 +15,7 @@ from ugem.backing import spill
 from ugem.backing.memfd import MemfdStore
 from ugem.cmd import Fill
 from ugem.config import Config
+from ugem.core.call import Call
 from ugem.core.client import Client, Credentials
 from ugem.core.jobs import Pending
 from ugem.core.manager import Core
@@ -69,7 +70,7 @@ def held(tmp_path: Any) -> Iterator[tuple[Core, Client, FakeDevice]]:
 
 
 def _call(core: Core, client: Client, op: Op, req: s.Struct) -> Any:
-    return dispatch(core, client, BY_OP[op], req)
+    return dispatch(core, Call(client, BY_OP[op], req))
 
 
 def _busy_object(core: Core, client: Client, size: int, caching: int) -> int:

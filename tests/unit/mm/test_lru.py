@@ -124,6 +124,27 @@ def test_scan_keeps_refused_items_in_order_at_the_tail():
     assert lru.count == 3
 
 
+def test_scan_without_rotating_puts_refused_items_back_at_the_head():
+    lru, o = make(("a", 1), ("b", 1), ("c", 1), ("d", 1), ("e", 1))
+
+    def shrink(obj: Obj) -> bool:
+        if obj.name == "c":
+            lru.remove(obj)
+            return True
+        return False
+
+    assert lru.scan(1, shrink, rotate=False) == 1
+    assert names(lru) == "abde"  # a and b were offered and refused: still the oldest
+
+
+def test_scan_stops_once_until_says_so():
+    lru, o = make(("a", 1), ("b", 1), ("c", 1))
+    offered: list[str] = []
+    assert lru.scan(100, lambda obj: offered.append(obj.name) is not None, rotate=False,
+                    until=lambda: len(offered) == 2) == 0
+    assert offered == ["a", "b"] and names(lru) == "abc"
+
+
 def test_scan_offers_each_item_once_and_stops_when_empty():
     lru, o = make(("a", 1), ("b", 1))
     offered = []

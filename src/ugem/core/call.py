@@ -1,0 +1,90 @@
+"""Call: one request run until done, the loop both transports use for `Pending`.
+
+A handler that must wait raises `Pending` (jobs.py) and is run again from the start once
+the wait is over. Everything about that loop that could differ between the embedded
+manager (ugem/manager.py) and the daemon (daemon/connection.py, daemon/server.py) is here,
+so the two modes cannot drift:
+
+- `Call` is the loop's context: the client, the request struct and its table row, and the
+  state a handler keeps across runs: `started` (the first run's clock: GEM_WAIT and
+  WAIT_FENCE time out from it), `bounce` (a copy out of VRAM in flight, for a pread of an
+  object pinned there), and the embedded caller's in-process inputs, which never cross the
+  wire: `into` (pread's destination buffer) and `buffer` (userptr's memory). Request
+  structs carry only what is on the wire.
+- `Call.step(core)` runs the request once: the reply, or None with `pending` set to what
+  it waits for. The request's unclaimed fds are closed once it is done (a reply or an
+  error), never while it waits.
+- `Call.ready(core, now)` says when the wait is over: every job done, the fence
+  completed, the device resumed if it asked for that, or its deadline passed (then the
+  handler decides, e.g. ETIME).
+- `after_request(memory)` is the background reclaim both transports start after serving
+  requests: if resident went past the budget (evictions copy back without asking) and no
+  spill is in flight (one in flight is already bringing it down: shrinking again would
+  spill more than needed), shrink to the budget; plus the jobs nobody waits for (spill
+  space of restored objects to punch).
+
+What stays with each transport is only how: the embedded manager runs jobs inline in the
+caller's thread and waits for the device without its lock; the daemon runs jobs on worker
+threads, parks the connection (not read meanwhile, other clients served), and steps the
+call again when `ready`. Both call `Memory.finish(job)` on the core's thread.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
+from .jobs import Job, Pending
+from .requests import RequestDesc, dispatch
+
+if TYPE_CHECKING:
+    from ..wire.structs import Struct
+    from .client import Client
+    from .manager import Core
+    from .memory import Memory
+
+__all__ = ["Call", "after_request"]
+
+
+@dataclass(eq=False)
+class Call:
+    client: Client
+    desc: RequestDesc
+    req: Struct
+    into: Any = None  # embedded pread: the caller's buffer, filled in place
+    buffer: Any = None  # embedded userptr: the caller's memory
+    started: float | None = None  # the first run's clock (timeouts count from it)
+    bounce: Any = None  # a copy out of VRAM in flight: (fence, bounce memfd or None, view)
+    pending: Pending | None = None  # what the last run waits for
+
+    def step(self, core: Core) -> Struct | None:
+        """Run the request once: its reply, or None (wait for `pending`, then step again)."""
+        try:
+            reply = dispatch(core, self)
+        except Pending as pending:
+            self.pending = pending
+            return None
+        except BaseException:
+            self.pending = None
+            self.req.close_unclaimed()
+            raise
+        self.pending = None
+        self.req.close_unclaimed()
+        return reply
+
+    def ready(self, core: Core, now: float) -> bool:
+        """The wait is over (or its deadline passed): step again."""
+        pending = self.pending
+        if pending is None:
+            return True
+        if pending.deadline is not None and now >= pending.deadline:
+            return True
+        return (all(job.done for job in pending.jobs) and pending.fence <= core.gpu.completed()
+                and not (pending.resume and core.gpu.suspended))
+
+
+def after_request(memory: Memory) -> list[Job]:
+    """Background jobs to start after requests: back under the budget, spill space punched."""
+    if memory.resident > memory.budget and not memory.spilling():
+        memory.background += memory.shrink(memory.budget)
+    return memory.take_background()
