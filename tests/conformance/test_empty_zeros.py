@@ -145,7 +145,8 @@ def test_a_closed_device_is_ebadf(env: Any) -> None:
 def test_an_array_costs_one_request_and_no_handle(dev: ugem.Device, monkeypatch: Any) -> None:
     ops: list[Any] = []
     real = dev._transport.call
-    monkeypatch.setattr(dev._transport, "call", lambda op, req, notes=(), **local: ops.append(op) or real(op, req, notes, **local))
+    monkeypatch.setattr(dev._transport, "call",
+                        lambda op, req, notes=(), **local: ops.append(op) or real(op, req, notes, **local))
     arr = ugem.empty((64, 64), np.float32, device=dev)
     assert [op.name for op in ops] == ["GEM_CREATE_MAPPED"]
     arr[:] = 1
