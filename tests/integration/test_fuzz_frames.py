@@ -245,7 +245,7 @@ def test_parser_delivers_any_valid_stream_under_any_chunking(frames: list[_Sent]
             for fd in fds:
                 fd.close()
         parser.close()
-    assert _open_fd_count() == before
+    assert _open_fd_count() <= before  # none of its own left open (others may close theirs meanwhile: gc)
 
 
 _garbage_chunks = st.lists(st.tuples(
@@ -294,7 +294,7 @@ def test_parser_on_arbitrary_chunks_gives_frames_or_protocol_error(chunks: list[
         frame.close_fds()
     parser.close()  # fds of a partial frame
     assert all(fd.closed for fd in given_fds)
-    assert _open_fd_count() == before
+    assert _open_fd_count() <= before  # none of its own left open (others may close theirs meanwhile: gc)
 
 
 @_fuzz_settings(200)

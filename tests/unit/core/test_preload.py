@@ -15,6 +15,7 @@ import pytest
 import ugem
 from ugem.backing.memfd import MemfdStore
 from ugem.config import Config
+from ugem.core.call import Call
 from ugem.core.client import Client, Credentials
 from ugem.core.jobs import Job, JobKind, Pending
 from ugem.core.manager import Core
@@ -55,7 +56,7 @@ def made(tmp_path: Any) -> Iterator[tuple[Core, Client, str, bytes]]:
 
 
 def _call(core: Core, client: Client, op: Op, req: s.Struct) -> Any:
-    return dispatch(core, client, BY_OP[op], req)
+    return dispatch(core, Call(client, BY_OP[op], req))
 
 
 def _load_job(core: Core) -> Job:

@@ -90,7 +90,7 @@ def test_passes_run_in_order_purge_then_spare_then_spill(core):
     run_jobs(core, Pending(ctx.jobs))
     assert junk.placement == Placement.PURGED and vram.backing is None and old.placement == Placement.SPILLED
     assert core.memory.totals.stats() == {"purged_total": 1, "evicted_total": 0, "spilled_total": 1,
-                                   "bytes_moved_total": 4 * P}  # the copy in, the spill
+                                          "restored_total": 0, "bytes_moved_total": 4 * P}  # the copy in, the spill
 
 
 def test_a_pass_walks_oldest_first_and_does_not_reorder_what_it_refuses(core):
