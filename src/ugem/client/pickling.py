@@ -66,22 +66,12 @@ from .buffer import Buffer
 from .connect import connect
 from .default import default_device
 from .device import Device
-from .registry import Mapping, find_by_key, find_mapping, forget_mapping, register_mapping
+from .registry import find_by_key, forget_mapping, mapping_of, register_mapping
 
 __all__ = ["reduce_buffer_by_name"]
 
 _connections: dict[str, Device] = {}  # plain-pickle receivers: one connection per socket path
 _lock = threading.Lock()
-
-
-def _ugem_mapping(a: npt.NDArray[Any]) -> Mapping | None:
-    """The ugem mapping that holds every byte of `a`, if any."""
-    if a.size == 0 or a.dtype.hasobject:
-        return None
-    data = int(a.__array_interface__["data"][0])
-    low = data + sum(min(0, (n - 1) * st) for n, st in zip(a.shape, a.strides, strict=True))
-    high = data + sum(max(0, (n - 1) * st) for n, st in zip(a.shape, a.strides, strict=True)) + a.itemsize
-    return find_mapping(low, high)
 
 
 def _send_fd(fd: int) -> Any:
@@ -96,7 +86,7 @@ def _send_fd(fd: int) -> Any:
 
 
 def _reduce_array(a: npt.NDArray[Any]) -> tuple[Any, ...]:
-    entry = _ugem_mapping(a)
+    entry = mapping_of(a)
     if entry is None:
         reduced = a.__reduce_ex__(pickle.DEFAULT_PROTOCOL)  # multiprocessing pickles at this protocol
         assert isinstance(reduced, tuple)

@@ -22,14 +22,15 @@ import mmap
 import os
 import weakref
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
+import numpy.typing as npt
 
 if TYPE_CHECKING:
     from .device import Device
 
-__all__ = ["Mapping", "fd_key", "find_by_key", "find_mapping", "forget_mapping", "register_mapping"]
+__all__ = ["Mapping", "fd_key", "find_by_key", "find_mapping", "forget_mapping", "mapping_of", "register_mapping"]
 
 
 @dataclass(frozen=True, slots=True)
@@ -101,6 +102,16 @@ def find_by_key(key: tuple[int, int], offset: int, length: int, writable: bool) 
             start = offset - entry.offset
             return memoryview(region)[start:start + length], entry
     return None
+
+
+def mapping_of(a: npt.NDArray[Any]) -> Mapping | None:
+    """The live mapping that holds every byte of array `a` (any strides), if any."""
+    if a.size == 0 or a.dtype.hasobject:
+        return None
+    data = int(a.__array_interface__["data"][0])
+    low = data + sum(min(0, (n - 1) * st) for n, st in zip(a.shape, a.strides, strict=True))
+    high = data + sum(max(0, (n - 1) * st) for n, st in zip(a.shape, a.strides, strict=True)) + a.itemsize
+    return find_mapping(low, high)
 
 
 def find_mapping(low: int, high: int) -> Mapping | None:

@@ -41,7 +41,7 @@ from distributed.protocol.serialize import dask_deserialize, dask_serialize
 from ..client.buffer import Buffer
 from ..client.connect import connect
 from ..client.device import Device
-from ..client.registry import Mapping, find_mapping
+from ..client.registry import Mapping, mapping_of
 from ..errors import NoSuchObject
 
 __all__ = ["UgemArray", "as_ugem_array", "counts", "held", "is_held", "name_of", "register_device",
@@ -70,15 +70,6 @@ class UgemArray(np.ndarray):
 
     def __reduce__(self) -> Any:
         return np.asarray(self).__reduce__()
-
-
-def _mapping_of(a: npt.NDArray[Any]) -> Mapping | None:
-    if a.size == 0 or a.dtype.hasobject:
-        return None
-    data = int(a.__array_interface__["data"][0])
-    low = data + sum(min(0, (n - 1) * st) for n, st in zip(a.shape, a.strides, strict=True))
-    high = data + sum(max(0, (n - 1) * st) for n, st in zip(a.shape, a.strides, strict=True)) + a.itemsize
-    return find_mapping(low, high)
 
 
 def _let_go(address: int) -> None:
@@ -113,7 +104,7 @@ def is_held(buf: Buffer) -> bool:
 
 def held(a: npt.NDArray[Any]) -> tuple[Buffer, Mapping] | None:
     """The held Buffer whose object `a`'s memory lies in, with that mapping, if any."""
-    entry = _mapping_of(a)
+    entry = mapping_of(a)
     if entry is None:
         return None
     with _lock:
@@ -175,7 +166,7 @@ def _same_host(context: dict[str, Any] | None) -> bool:
 
 
 def _dumps(x: UgemArray, context: dict[str, Any] | None = None) -> tuple[dict[str, Any], list[Any]]:
-    entry = _mapping_of(x) if _same_host(context) and np.dtype(x.dtype.str) == x.dtype else None
+    entry = mapping_of(x) if _same_host(context) and np.dtype(x.dtype.str) == x.dtype else None
     found = None if entry is None else _name_of(entry.address)
     if entry is None or found is None:
         raise NotImplementedError("not a same-host ugem reference: send the bytes")
