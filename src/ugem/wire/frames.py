@@ -28,9 +28,14 @@ Rules:
   the reply's op and seq: pieces of kind REPLY_MORE (each at most MAX_PAYLOAD bytes,
   status 0, no fds), then one frame of kind REPLY with the rest; the payload is their
   concatenation in order. Replies that carry fds are always small and never split. A
-  client reassembles the pieces (nothing else can arrive in between: one request is in
-  flight per connection); the daemon's request parser rejects kind REPLY_MORE.
-- Op numbers are never reused; a retired op keeps its number.
+  client reassembles the pieces (nothing else can arrive in between: the daemon answers a
+  connection's requests one at a time, in order); the daemon's request parser rejects kind
+  REPLY_MORE.
+- A client may send requests before reading earlier replies (releases pipelined ahead of a
+  request, posted shares: client/transport.py); replies come back in request order, so it
+  reads them in that order, and never lets more than SHARE_AHEAD posted ones go unread.
+- Op numbers are never reused; a retired op keeps its number. PROTOCOL_VERSION (checked at
+  HELLO) changes when a client may send what an older daemon would not understand.
 """
 
 from __future__ import annotations
@@ -59,7 +64,7 @@ __all__ = [
 ]
 
 MAGIC = b"UGEM"
-PROTOCOL_VERSION = 1
+PROTOCOL_VERSION = 2  # 2: ops 32-38 (close batch, map export, lookup, shares, create mapped)
 HEADER = struct.Struct("<IHBBIi")
 MAX_INLINE = 1 << 20  # pread/pwrite bytes a frame may carry (HELLO's max_inline); more goes through XFER
 # pread/pwrite larger than this take XFER (shared memory) even where a frame could carry them:
