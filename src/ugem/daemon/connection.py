@@ -224,8 +224,8 @@ class Connection:
             self._reply_error(frame, errno.EDQUOT, str(exc.strerror))
             raise ConnectionRefusedError(errno.EDQUOT, "refused at HELLO") from None
         self.greeted = True
-        self._reply(frame, s.HelloReply(client_id=self.client.id, server_pid=os.getpid(), max_payload=MAX_PAYLOAD,
-                                        max_inline=MAX_INLINE))
+        self._reply(frame, s.HelloReply(version=PROTOCOL_VERSION, client_id=self.client.id, server_pid=os.getpid(),
+                                        max_payload=MAX_PAYLOAD, max_inline=MAX_INLINE))
 
     # -- writing ---------------------------------------------------------------------
 

@@ -24,7 +24,7 @@ from typing import Any, ClassVar
 
 from ..errors import InvalidArgument
 from ..fd import OwnedFd
-from .frames import MAX_PAYLOAD
+from .frames import MAX_PAYLOAD, PROTOCOL_VERSION
 
 __all__ = [
     "MAX_IDS", "CloseBatchReq", "CloseReq", "CreateReply", "CreateReq", "Empty", "ExportReply", "ExportReq",
@@ -121,7 +121,7 @@ def decode(cls: type[Struct], payload: bytes, fds: list[OwnedFd]) -> Any:
 class HelloReq(Struct):
     LAYOUT = (("magic", "4s"), ("version", "H"), ("pad", "H"), ("flags", "I"))
     magic: bytes = b"UGEM"
-    version: int = 1
+    version: int = PROTOCOL_VERSION
     pad: int = 0
     flags: int = 0
 
@@ -131,7 +131,7 @@ class HelloReply(Struct):
     LAYOUT = (("magic", "4s"), ("version", "H"), ("pad", "H"), ("client_id", "I"), ("server_pid", "i"),
               ("max_payload", "I"), ("max_inline", "I"))
     magic: bytes = b"UGEM"
-    version: int = 1
+    version: int = PROTOCOL_VERSION
     pad: int = 0
     client_id: int = 0
     server_pid: int = 0
