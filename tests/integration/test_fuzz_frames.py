@@ -104,6 +104,7 @@ ALLOWED: dict[int, set[int]] = {
     Op.DEBUG_OPEN: {E.EINVAL, E.ENOENT, E.EACCES, E.EDQUOT},
     Op.GEM_SHARE: {E.EINVAL, E.EACCES, E.EDQUOT},
     Op.GEM_CLAIM: {E.EINVAL, E.ENOENT, E.EAGAIN, E.EACCES, E.EFAULT, E.EBUSY, E.ENOMEM, E.EDQUOT},
+    Op.GEM_CLAIM_MAPPED: {E.EINVAL, E.ENOENT, E.EAGAIN, E.EACCES, E.EFAULT, E.EBUSY, E.ENOMEM, E.EDQUOT},
     Op.GEM_DROP_SHARES: {E.EINVAL},
     Op.GEM_CREATE_MAPPED: {E.EINVAL, E.E2BIG, E.EDQUOT, E.ENOMEM},
     Op.LOOKUP: {E.EINVAL, E.ENOENT, E.EIO},
@@ -121,7 +122,7 @@ REQ: dict[int, type[s.Struct]] = {
     Op.GEM_GET_CACHING: s.HandleReq, Op.SUSPEND: s.Empty, Op.RESUME: s.Empty, Op.GEM_USERPTR: s.UserptrReq,
     Op.STATS: s.Empty, Op.LIST_OBJECTS: s.Empty, Op.LIST_CLIENTS: s.Empty, Op.DEBUG_OPEN: s.HandleReq,
     Op.GEM_SHARE: ss.ShareReq, Op.GEM_CLAIM: ss.ClaimReq, Op.GEM_DROP_SHARES: ss.DropSharesReq,
-    Op.GEM_CREATE_MAPPED: s.CreateReq,
+    Op.GEM_CREATE_MAPPED: s.CreateReq, Op.GEM_CLAIM_MAPPED: ss.ClaimMappedReq,
     Op.LOOKUP: LookupReq,
 }
 REPLY: dict[int, type[s.Struct]] = {

@@ -123,6 +123,22 @@ def test_a_read_only_view_arrives_read_only(sender, method):
 
 
 @pytest.mark.parametrize("method", ["fork", "spawn"])
+def test_a_writable_array_is_claimed_with_no_round_trip_where_the_daemon_allows(sender, method):
+    """Same uid as the daemon (here): the worker takes the daemon's fd of the memory itself;
+    a read-only array always goes through the daemon (its fd would be writable)."""
+    if sender is None:
+        pytest.skip("embedded arrays travel as fds")
+    a = ugem.zeros(4096, np.uint8)
+    a[0] = 9
+    ro = ugem.zeros(4096, np.uint8)
+    ro.flags.writeable = False
+    with multiprocessing.get_context(method).Pool(1) as pool:
+        assert pool.apply(w.claimed_how, (a,)) == {"no_round_trip": True, "seen": 9}
+        assert pool.apply(w.claimed_how, (ro,)) == {"no_round_trip": False, "seen": 0}
+        assert pool.apply(w.claimed_how, (a[4096 - 100:],)) == {"no_round_trip": True, "seen": 0}
+
+
+@pytest.mark.parametrize("method", ["fork", "spawn"])
 def test_the_receivers_array_is_the_senders_memory_both_ways(sender, method):
     base = ugem.zeros(1024, np.float32)
     ctx = multiprocessing.get_context(method)

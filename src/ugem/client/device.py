@@ -30,8 +30,6 @@ import errno
 import json
 import os
 import threading
-import weakref
-from collections import deque
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Protocol
@@ -50,7 +48,7 @@ from .bulk import pread_all, preadv_all, pwritev_all
 from .device_ops import DeviceOps
 from .device_share import ShareOps
 from .fork import ForkedTransport, track_for_fork
-from .registry import fd_key, forget_mapping, register_mapping
+from .registry import fd_key
 from .releases import Releases, Wrapped
 
 if TYPE_CHECKING:
@@ -163,6 +161,7 @@ class Device(DeviceOps, ShareOps):
     def close(self) -> None:
         """Release every handle, mapping record and pin of this client; idempotent."""
         transport, self._transport = self._transport, None
+        self._close_daemon_fds()
         if transport is not None:
             transport.close()
         if self._owned_manager is not None:
@@ -293,10 +292,7 @@ class Device(DeviceOps, ShareOps):
         except BaseException:
             self._released.append(reply.map_id)
             raise
-        view = memoryview(region)
-        address = register_mapping(region, self, reply.map_id, reply.offset, writable, key)
-        weakref.finalize(region, _mapping_gone, self._released, reply.map_id, address)
-        return view
+        return self._enter(region, reply.map_id, reply.offset, writable, key, reply.server_fd)
 
     # -- memory management -----------------------------------------------------------
 
@@ -394,12 +390,6 @@ class Device(DeviceOps, ShareOps):
 
         handle = self.create(size)
         return Buffer(self, handle, page_align(index(size, "size")), readonly=False)
-
-
-def _mapping_gone(released: deque[int | Wrapped | tuple[int, int]], map_id: int, address: int) -> None:
-    """A mapping's last view died: forget it here and queue its release for the manager."""
-    forget_mapping(address)
-    released.append(map_id)
 
 
 def _dup(fd: Any) -> OwnedFd:

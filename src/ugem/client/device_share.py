@@ -11,20 +11,34 @@ to another process through the daemon (core/shares.py has the manager's rules).
   the registry like any other) and use the share up; a share the daemon has not read yet
   (EAGAIN: it comes on the sender's connection) is claimed again after a pause, growing
   from 50 us to 10 ms, for up to CLAIM_PATIENCE_S;
+- `_claim_mapped(owner, token, key, source, offset, length)`: the same claim (writable
+  shares only) with no round trip, where the daemon process lets this one copy its fds
+  (client/daemon_fds.py: the daemon's uid, or root): take the daemon's own fd `source` of
+  the memfd `key`, map it, and tell the manager with GEM_CLAIM_MAPPED, sent without waiting
+  (core/shares.py), under a map id chosen here (CHOSEN_MAP_IDS and up, never reused by this
+  Device). None when that is not possible (the caller then claims with the round trip). A
+  read-only share always takes the round trip: the daemon's fd is writable, and only a
+  description opened read-only keeps the receiver from writing;
 - `_drop_share(owner, token)`: use it up without mapping (this process maps that memory
-  already); queued with the releases and sent before the next request, never from here.
+  already); queued with the releases and sent before the next request, never from here;
+- `_enter(region, ...)`: enter a new mapping in the registry, released when its last view dies.
 """
 
 from __future__ import annotations
 
+import mmap
 import threading
 import time
+import weakref
 from typing import Any
 
+from ..backing.mapping import map_shared
 from ..errors import TryAgain
 from ..wire import structs as s
 from ..wire import structs_share as ss
 from ..wire.frames import Op
+from .daemon_fds import DaemonFds
+from .registry import mapping_gone, register_mapping
 
 __all__ = ["CLAIM_PATIENCE_S", "ShareOps"]
 
@@ -36,6 +50,11 @@ class ShareOps:
     _released: Any  # the Device's release queue (client/releases.py)
     _last_share = 0  # the last token sent
     _share_lock: threading.Lock  # the Device's
+    _daemon_fds: DaemonFds | None = None  # made on first use
+    _next_chosen = ss.CHOSEN_MAP_IDS  # the next map id of a GEM_CLAIM_MAPPED
+
+    def _live(self) -> Any:
+        raise NotImplementedError
 
     @property
     def client_id(self) -> int:
@@ -81,6 +100,45 @@ class ShareOps:
                 time.sleep(pause)
                 pause = min(2 * pause, _LAST_PAUSE)
         return self._map_reply(reply, writable, f"share {token} of client {owner}")
+
+    def _claim_mapped(self, owner: int, token: int, key: tuple[int, int], source: int, offset: int,
+                      length: int) -> memoryview | None:
+        fds = self._daemon_fds
+        if fds is None:
+            transport = self._live()
+            peer = getattr(transport, "peer", None)
+            fds = self._daemon_fds = DaemonFds(peer() if peer is not None else None)
+        if not fds.usable:
+            return None
+        fd = fds.take(source, key)
+        if fd is None:
+            return None
+        with fd:
+            region = map_shared(fd.fd, offset, length, True)
+        try:
+            with self._share_lock:
+                map_id = self._next_chosen
+                if map_id > 0xFFFFFFFF:
+                    region.close()
+                    return None
+                self._next_chosen = map_id + 1
+            self._post(Op.GEM_CLAIM_MAPPED, ss.ClaimMappedReq(owner=owner, token=token, flags=s.WRITABLE,
+                                                              map_id=map_id, dev=key[0], ino=key[1]))
+        except BaseException:
+            region.close()
+            raise
+        return self._enter(region, map_id, offset, True, key, source)
+
+    def _enter(self, region: mmap.mmap, map_id: int, offset: int, writable: bool, key: tuple[int, int],
+               source: int) -> memoryview:
+        view = memoryview(region)
+        address = register_mapping(region, self, map_id, offset, writable, key, source)  # type: ignore[arg-type]
+        weakref.finalize(region, mapping_gone, self._released, map_id, address)
+        return view
+
+    def _close_daemon_fds(self) -> None:
+        if self._daemon_fds is not None:
+            self._daemon_fds.close()
 
     def _new_mapping(self, size: int) -> memoryview:
         """A new object of `size` bytes mapped whole and writable, in one round trip, with no

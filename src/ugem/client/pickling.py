@@ -16,8 +16,12 @@ Rules:
   one receivers use too); it dies with the sending process if nobody claims it) plus the
   daemon's socket path. The receiver claims it through its
   `default_device()` if that is a client of the same socket, else through one connection of
-  its own per socket path, kept for the process (GEM_CLAIM: one round trip, the mapping
-  arrives with the reply); an unreachable daemon is an error naming the socket. No fd
+  its own per socket path, kept for the process: where the daemon lets this process copy
+  its fds (the daemon's uid, or root) a writable share is claimed with no round trip (it
+  takes the daemon's fd of the memory, maps it, and says so without waiting:
+  GEM_CLAIM_MAPPED, client/device_share.py); otherwise, and for read-only shares, GEM_CLAIM
+  (one round trip, the mapping arrives with the reply); an unreachable daemon is an error
+  naming the socket. No fd
   travels: multiprocessing hands fds over through a helper thread and a new authenticated
   connection each, which costs more than a Pool task's whole round trip;
 - an embedded manager's array travels as an fd (`multiprocessing.reduction.DupFd`, as
@@ -104,7 +108,7 @@ def _reduce_array(a: npt.NDArray[Any]) -> tuple[Any, ...]:
         if path:  # a daemon client: a share, claimed by the receiver through the same daemon
             _device_for(path)  # a client there that lives as long as the process: it inherits the share if `dev` closes
             owner, token = dev._post_share(entry.map_id, entry.offset, entry.length, writable)
-            return _claim_array, (path, owner, token, *layout)
+            return _claim_array, (path, owner, token, entry.source, *layout)
         fd = dev._export_mapping(entry.map_id, writable)
     except UgemError as exc:
         raise pickle.PicklingError(f"cannot send this ugem array by reference: {exc}") from exc
@@ -157,7 +161,7 @@ def _return_array(key: tuple[int, int], offset: int, length: int, writable: bool
     return _array(found[0], writable, dtype, shape, strides, start)
 
 
-def _claim_array(path: str, owner: int, token: int, key: tuple[int, int], offset: int, length: int,
+def _claim_array(path: str, owner: int, token: int, source: int, key: tuple[int, int], offset: int, length: int,
                  writable: bool, dtype: np.dtype[Any], shape: tuple[int, ...], strides: tuple[int, ...],
                  start: int) -> npt.NDArray[Any]:
     found = find_by_key(key, offset, length, writable)
@@ -168,7 +172,9 @@ def _claim_array(path: str, owner: int, token: int, key: tuple[int, int], offset
             mapper = _device_for(path)
         mapper._drop_share(owner, token)
     else:
-        view = _device_for(path)._claim(owner, token, writable)
+        dev = _device_for(path)
+        got = dev._claim_mapped(owner, token, key, source, offset, length) if writable else None
+        view = got if got is not None else dev._claim(owner, token, writable)
     return _array(view, writable, dtype, shape, strides, start)
 
 

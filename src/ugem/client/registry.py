@@ -21,6 +21,7 @@ import bisect
 import mmap
 import os
 import weakref
+from collections import deque
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
@@ -30,7 +31,8 @@ import numpy.typing as npt
 if TYPE_CHECKING:
     from .device import Device
 
-__all__ = ["Mapping", "fd_key", "find_by_key", "find_mapping", "forget_mapping", "mapping_of", "register_mapping"]
+__all__ = ["Mapping", "fd_key", "find_by_key", "find_mapping", "forget_mapping", "mapping_gone", "mapping_of",
+           "register_mapping"]
 
 
 @dataclass(frozen=True, slots=True)
@@ -43,6 +45,7 @@ class Mapping:
     writable: bool
     key: tuple[int, int]  # the memfd's (st_dev, st_ino)
     region: weakref.ref[mmap.mmap]
+    source: int = -1  # the daemon's own fd of that memfd (client/daemon_fds.py), -1: none known
 
 
 _starts: list[int] = []  # sorted start addresses
@@ -57,11 +60,11 @@ def fd_key(fd: int) -> tuple[int, int]:
 
 
 def register_mapping(region: mmap.mmap, device: Device | None, map_id: int, offset: int, writable: bool,
-                     key: tuple[int, int]) -> int:
+                     key: tuple[int, int], source: int = -1) -> int:
     """Enter a live mapping; returns its address (the key to forget it by)."""
     address = int(np.frombuffer(region, dtype=np.uint8).__array_interface__["data"][0])
     entry = Mapping(address, len(region), None if device is None else weakref.ref(device), map_id, offset, writable,
-                    key, weakref.ref(region))
+                    key, weakref.ref(region), source)
     old = _by_start.get(address)
     if old is None:
         bisect.insort(_starts, address)
@@ -84,6 +87,13 @@ def forget_mapping(address: int) -> None:
     if entry is not None:
         del _starts[bisect.bisect_left(_starts, address)]
         _unkey(entry)
+
+
+def mapping_gone(released: deque[Any], map_id: int, address: int) -> None:
+    """A Device's mapping lost its last view: forget it here and queue its release for the
+    manager (the Device's release queue, client/releases.py)."""
+    forget_mapping(address)
+    released.append(map_id)
 
 
 def find_by_key(key: tuple[int, int], offset: int, length: int, writable: bool) -> tuple[memoryview, Mapping] | None:

@@ -16,6 +16,7 @@ Fork safety (ForkedTransport, track_for_fork) is in client/fork.py.
 from __future__ import annotations
 
 import socket
+import struct
 import threading
 import time
 from collections.abc import Sequence
@@ -381,6 +382,11 @@ class SocketTransport:
         """In a forked child: close this process's copy of the socket, nothing else (no
         shutdown, which would end the parent's connection; its lock may be held forever)."""
         self._sock.close()
+
+    def peer(self) -> tuple[int, int]:
+        """(pid, uid) of the daemon process, as the kernel saw it connect (SO_PEERCRED)."""
+        pid, uid, _ = struct.unpack("3i", self._sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, 12))
+        return pid, uid
 
     def fileno(self) -> int:
         """The connection's socket (for polling only: reading it would steal replies)."""

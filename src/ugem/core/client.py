@@ -65,6 +65,7 @@ class Client:
     shares: dict[int, Share] = field(default_factory=dict)  # token -> not yet claimed (core/share_table.py)
     last_share: int = 0  # the last token it sent
     failed_shares: dict[int, Any] = field(default_factory=dict)  # token -> why (UgemError): the latest few
+    claimed_early: set[int] = field(default_factory=set)  # tokens claimed before they were read (shares.py)
     created_bytes: int = 0  # sizes of live objects this client created (quota)
     resident_bytes: int = 0  # resident system memory of those objects (kept by Memory)
     pinned_bytes: int = 0

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import json
 import struct
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from ..backing.base import FdKind
 from ..constants import DONTNEED, MAX_OBJECT_SIZE, PAGE_SIZE, WILLNEED, page_align
@@ -26,6 +26,7 @@ from ..errors import (
     QuotaExceeded,
     TooBig,
 )
+from ..fd import OwnedFd
 from ..wire import structs as s
 from ..wire.frames import MAX_INLINE
 from .client import Client
@@ -207,17 +208,30 @@ def gem_mmap(core: Core, client: Client, req: s.MmapReq) -> s.MmapReply:
 def map_object(core: Core, client: Client, obj: BufferObject, offset: int, length: int, writable: bool,
                what: str) -> s.MmapReply:
     """A tracked mapping of `obj` for `client` (its checks done): GEM_MMAP, and GEM_CLAIM."""
+    backing = cpu_mapping(core, obj, writable, what)
+    fd = core.backing.open_description(backing, writable)
+    map_id = track_mapping(core, client, obj, writable)
+    server_fd = backing.fd if isinstance(backing, OwnedFd) else -1
+    return s.MmapReply(map_id=map_id, offset=offset, length=length, server_fd=server_fd, fd=fd)
+
+
+def cpu_mapping(core: Core, obj: BufferObject, writable: bool, what: str) -> Any:
+    """Make `obj` ready to be mapped by the CPU; returns its backing."""
     if pinned_in_vram(obj):
         raise Busy(f"{what} is pinned in device memory")
     prepare_cpu(core, obj, write=writable)
     core.memory.settle(exclude=obj)  # reclaim what earlier writes through mappings added
     backing = core.populate(obj)
-    fd = core.backing.open_description(backing, writable)
     core.index_key(obj)
-    map_id = core.map_add(client, obj)
+    return backing
+
+
+def track_mapping(core: Core, client: Client, obj: BufferObject, writable: bool, chosen: int = 0) -> int:
+    """Track `client`'s mapping of `obj` (under the id it `chosen`, if any); returns its id."""
+    map_id = core.map_add(client, obj, chosen)
     if not writable:
         client.readonly_maps.add(map_id)  # PRIME_MAP_TO_FD exports it read-only only
-    return s.MmapReply(map_id=map_id, offset=offset, length=length, fd=fd)
+    return map_id
 
 
 def gem_munmap(core: Core, client: Client, req: s.MunmapReq) -> s.Empty:

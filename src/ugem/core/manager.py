@@ -28,6 +28,7 @@ from ..constants import ADVICE_LABELS, CACHING_CACHED, DONTNEED
 from ..device.base import DeviceBackend
 from ..errors import BadAddress, InvalidArgument, NoSuchObject, QuotaExceeded
 from ..fd import OwnedFd
+from ..wire.structs_share import CHOSEN_MAP_IDS
 from .client import Client, Credentials, UidUsage
 from .cpu_access import finish_vram_write
 from .gpu import Gpu
@@ -57,8 +58,8 @@ class Core:
         self.clients: dict[int, Client] = {}
         self.uids: dict[int, UidUsage] = {}
         self._client_ids, self.object_ids = itertools.count(1), itertools.count(1)  # never reused
-        self.shares = ShareTable(self.clients, self.put)
         self.memory = Memory(config.system_budget, backing, device, self, lambda obj: self.gpu.release(obj))
+        self.shares = ShareTable(self.clients, self.get, self.put, self.memory)
         self.gpu = Gpu(device, backing, self.memory, owner=self)
         self.preloads = Preloads(self)  # manager-owned objects loaded from files (preload.py)
 
@@ -247,11 +248,11 @@ class Core:
 
     # -- mappings and transfers (references held by a client) ------------------------
 
-    def map_add(self, client: Client, obj: BufferObject) -> int:
+    def map_add(self, client: Client, obj: BufferObject, chosen: int = 0) -> int:  # chosen: core/shares.py
         self.get(obj)
         obj.maps += 1
         self.memory.watch(obj)
-        map_id = client.map_ids.alloc()
+        map_id = chosen or client.map_ids.alloc()
         client.mappings[map_id] = obj
         return map_id
 
@@ -259,7 +260,8 @@ class Core:
         obj = client.mappings.pop(map_id, None)
         if obj is None:
             raise InvalidArgument(f"mapping {map_id} is not tracked for client {client.id}")
-        client.map_ids.free(map_id)
+        if map_id < CHOSEN_MAP_IDS:
+            client.map_ids.free(map_id)
         client.readonly_maps.discard(map_id)
         obj.maps -= 1
         self.memory.measure(obj)  # pages written through the mapping are counted now

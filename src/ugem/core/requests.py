@@ -77,6 +77,8 @@ REQUESTS: tuple[RequestDesc, ...] = (
                 doc="a one-use reference to a tracked mapping, for another process"),
     RequestDesc(Op.GEM_CLAIM, shares.gem_claim, ss.ClaimReq, s.MmapReply, doc="map a share and use it up"),
     RequestDesc(Op.GEM_DROP_SHARES, shares.gem_drop_shares, ss.DropSharesReq, s.Empty, doc="use shares up"),
+    RequestDesc(Op.GEM_CLAIM_MAPPED, shares.gem_claim_mapped, ss.ClaimMappedReq, s.Empty,
+                doc="track a share's memory the caller mapped itself"),
     RequestDesc(Op.PRIME_FD_TO_HANDLE, gem.prime_fd_to_handle, s.ImportReq, s.ImportReply, doc="import an fd"),
     RequestDesc(Op.GEM_MADVISE, gem.gem_madvise, s.MadviseReq, s.MadviseReply, doc="WILLNEED/DONTNEED; retained"),
     RequestDesc(Op.GEM_PIN, gem.gem_pin, s.HandleReq, s.Empty, doc="populate and keep in place"),

@@ -2,8 +2,10 @@
 what happens to them when their client goes away.
 
 Rules:
-- a share lives in its sending client's `shares` (token -> Share) and holds one reference
-  to its object (`Core.get` when made; `put` when used up or dropped);
+- a share lives in its sending client's `shares` (token -> Share) and holds its object as
+  a tracked mapping does (`hold` when made, `let_go` when used up or dropped): a reference,
+  and a count in `obj.maps`, so the object is never spilled while a share of it is in
+  flight (a receiver may map its memfd before its claim is read: core/shares.py);
 - when that client goes away with shares nobody claimed, they pass to another client of the
   same process (same pid and uid), its *heir*, if there is one: a process that closed the
   Device it sent from still holds what it sent, as it would an fd in flight, until it ends.
@@ -17,6 +19,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Protocol
 
 from .client import Client
 from .object import BufferObject
@@ -33,12 +36,33 @@ class Share:
     uid: int  # the sender's: who may claim it (that uid, or root)
 
 
+class Watcher(Protocol):
+    def watch(self, obj: BufferObject) -> None: ...
+
+    def measure(self, obj: BufferObject) -> None: ...
+
+
 class ShareTable:
-    def __init__(self, clients: dict[int, Client], put: Callable[[BufferObject], None]) -> None:
+    def __init__(self, clients: dict[int, Client], get: Callable[[BufferObject], None],
+                 put: Callable[[BufferObject], None], memory: Watcher) -> None:
         self._clients = clients
+        self._get = get
         self._put = put
+        self._memory = memory
         self.orphans: dict[tuple[int, int], tuple[Share, int]] = {}  # (owner, token) -> (share, heir id)
         self._inherited: dict[int, set[tuple[int, int]]] = {}  # heir id -> the orphans it holds
+
+    def hold(self, obj: BufferObject) -> None:
+        """A new share of `obj` holds it as a mapping would."""
+        self._get(obj)
+        obj.maps += 1
+        self._memory.watch(obj)
+
+    def let_go(self, obj: BufferObject) -> None:
+        """A share of `obj` was used up or dropped."""
+        obj.maps -= 1
+        self._memory.measure(obj)
+        self._put(obj)
 
     def find(self, owner_id: int, token: int) -> Share | None:
         owner = self._clients.get(owner_id)
@@ -70,7 +94,7 @@ class ShareTable:
                      and c.creds.pid == client.creds.pid and c.creds.uid == client.creds.uid), None)
         for key, share in held:
             if heir is None:
-                self._put(share.obj)
+                self.let_go(share.obj)
             else:
                 self.orphans[key] = (share, heir.id)
                 self._inherited.setdefault(heir.id, set()).add(key)

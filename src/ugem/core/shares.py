@@ -7,9 +7,10 @@ instead, and the receiver claims it through its own client of the same manager.
 
 Rules:
 - GEM_SHARE names one of the caller's tracked mappings and the part of the object it
-  covers; the share holds a reference to the object (as a handle does) until it is claimed
-  or dropped, or the sending process goes away (core/share_table.py): a sender may drop its
-  array, or close its Device, right after sending it, as with an fd in flight. Writable
+  covers; the share holds the object as a tracked mapping does (a reference, and never
+  spilled) until it is claimed or dropped, or the sending process goes away
+  (core/share_table.py): a sender may drop its array, or close its Device, right after
+  sending it, as with an fd in flight. Writable
   only through a writable mapping (EACCES).
 - Shares are named by (owner client id, token). The client picks the token, its previous
   one plus one (else EINVAL), so that it can send the pickle without waiting for the reply
@@ -29,6 +30,20 @@ Rules:
   checks and waits; nothing changes before it could wait) and uses the share up. Only a
   client of the owner's uid, or root, may claim (as for names: EACCES); a writable claim
   of a read-only share is EACCES.
+- GEM_CLAIM_MAPPED is the claim of a receiver that maps the memory already, without a round
+  trip (client/device_share.py): it took the daemon's own fd of the object's memfd (the
+  `server_fd` of the sender's MmapReply) with pidfd_getfd, which the kernel allows only to a
+  process that may ptrace the daemon (its uid, or root), checked that fd's memfd identity
+  and mapped it; it sends this without waiting for the reply. The manager tracks that
+  mapping under the id the client chose (CHOSEN_MAP_IDS and up, not in use: else EINVAL)
+  as GEM_CLAIM would have (same preparation for CPU access; same uid rule), on the object
+  whose memory has that identity (none: ENOENT; not the share's: EINVAL). If the share has
+  not been read yet (SHARE_AHEAD rule above), the claim is taken now, the object found by
+  its identity and the uid checked against the sending client's, and the token noted in
+  the sender's `claimed_early`: when its GEM_SHARE arrives it is used up at once. A claim
+  that fails leaves the receiver with memory it maps untracked, which stays its own (the
+  memfd lives while mapped) and is never another object's (the identity was checked);
+  the release of its id then fails harmlessly (EINVAL, a note nobody reads).
 - GEM_DROP_SHARES uses shares up without mapping (the receiver already maps that memory);
   unknown ones, and other uids' (unless root), are skipped.
 - Where shares live, and what becomes of them when their sender's client goes away (they
@@ -50,11 +65,11 @@ from ..errors import (
 from ..wire import structs as s
 from ..wire import structs_share as ss
 from .client import Client
-from .gem import map_object
+from .gem import cpu_mapping, map_object, track_mapping
 from .manager import Core
 from .share_table import Share
 
-__all__ = ["gem_claim", "gem_drop_shares", "gem_share"]
+__all__ = ["gem_claim", "gem_claim_mapped", "gem_drop_shares", "gem_share"]
 
 
 def gem_share(core: Core, client: Client, req: ss.ShareReq) -> s.Empty:
@@ -62,6 +77,9 @@ def gem_share(core: Core, client: Client, req: ss.ShareReq) -> s.Empty:
         raise InvalidArgument(f"share token {req.token} of client {client.id} is not its previous one "
                               f"({client.last_share}) plus one")
     client.last_share = req.token
+    if req.token in client.claimed_early:  # its receiver maps it already (GEM_CLAIM_MAPPED)
+        client.claimed_early.discard(req.token)
+        return s.Empty()
     try:
         share = _new_share(core, client, req)
     except UgemError as exc:
@@ -69,7 +87,7 @@ def gem_share(core: Core, client: Client, req: ss.ShareReq) -> s.Empty:
         if len(client.failed_shares) > ss.SHARE_AHEAD:
             del client.failed_shares[next(iter(client.failed_shares))]
         raise
-    core.get(share.obj)
+    core.shares.hold(share.obj)
     client.shares[req.token] = share
     return s.Empty()
 
@@ -122,8 +140,40 @@ def gem_claim(core: Core, client: Client, req: ss.ClaimReq) -> s.MmapReply:
     reply = map_object(core, client, share.obj, share.offset, share.length, writable,
                        f"the object of share {req.token}")
     core.shares.take(req.owner, req.token)  # only now: map_object may have raised Pending
-    core.put(share.obj)
+    core.shares.let_go(share.obj)
     return reply
+
+
+def gem_claim_mapped(core: Core, client: Client, req: ss.ClaimMappedReq) -> s.Empty:
+    if req.map_id < ss.CHOSEN_MAP_IDS or req.map_id in client.mappings:
+        raise InvalidArgument(f"mapping id {req.map_id} is in use or below {ss.CHOSEN_MAP_IDS} (the manager's)")
+    obj = core.by_key.get((req.dev, req.ino))
+    writable = bool(req.flags & s.WRITABLE)
+    what = f"share {req.token} of client {req.owner}"
+    share = core.shares.find(req.owner, req.token)
+    owner = core.clients.get(req.owner)
+    if share is None and owner is not None and owner is not client and obj is not None \
+            and req.token not in owner.failed_shares \
+            and owner.last_share < req.token <= owner.last_share + ss.SHARE_AHEAD:
+        uid = client.creds.uid
+        if uid != 0 and uid != owner.creds.uid:
+            raise PermissionDenied(f"{what} belongs to uid {owner.creds.uid}, caller is uid {uid}")
+        if len(owner.claimed_early) >= ss.SHARE_AHEAD:
+            raise InvalidArgument(f"{what}: client {req.owner} has {ss.SHARE_AHEAD} shares claimed before sent")
+        cpu_mapping(core, obj, writable, what)
+        track_mapping(core, client, obj, writable, req.map_id)
+        owner.claimed_early.add(req.token)
+        return s.Empty()
+    share = _find(core, client, req.owner, req.token)  # raises what GEM_CLAIM would
+    if obj is not share.obj:
+        raise InvalidArgument(f"memory ({req.dev}, {req.ino}) is not the memory of {what}")
+    if writable and not share.writable:
+        raise PermissionDenied(f"{what} is read-only; claim it with writable=False")
+    cpu_mapping(core, obj, writable, what)
+    track_mapping(core, client, obj, writable, req.map_id)
+    core.shares.take(req.owner, req.token)
+    core.shares.let_go(share.obj)
+    return s.Empty()
 
 
 def gem_drop_shares(core: Core, client: Client, req: ss.DropSharesReq) -> s.Empty:
@@ -133,5 +183,5 @@ def gem_drop_shares(core: Core, client: Client, req: ss.DropSharesReq) -> s.Empt
         share = core.shares.find(owner_id, token)
         if share is not None and client.creds.uid in (0, share.uid):
             core.shares.take(owner_id, token)
-            core.put(share.obj)
+            core.shares.let_go(share.obj)
     return s.Empty()

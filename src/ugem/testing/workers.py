@@ -16,7 +16,7 @@ from typing import Any
 import numpy as np
 import numpy.typing as npt
 
-__all__ = ["fd_count", "hold_until_killed", "on_pipe", "on_queue", "receive_many", "resend", "touch", "touch_into"]
+__all__ = ["claimed_how", "fd_count", "hold_until_killed", "on_pipe", "on_queue", "receive_many", "resend", "touch", "touch_into"]
 
 MARK_IN, MARK_OUT = 5, 42  # the sender writes MARK_IN at [1, 1]; the worker MARK_OUT at [0, 0]
 
@@ -32,6 +32,16 @@ def touch(a: npt.NDArray[Any]) -> dict[str, Any]:
         a[0, 0] = MARK_OUT
     return {"seen": seen, "shape": a.shape, "strides": a.strides, "dtype": a.dtype.str,
             "writeable": bool(a.flags.writeable), "type": type(a).__name__}
+
+
+def claimed_how(a: npt.NDArray[Any]) -> dict[str, Any]:
+    """How the received array was mapped: with no round trip (a map id this process chose,
+    GEM_CLAIM_MAPPED) or through the daemon; and what it holds at [0]."""
+    from ..client.registry import mapping_of
+    from ..wire.structs_share import CHOSEN_MAP_IDS
+    entry = mapping_of(a)
+    assert entry is not None
+    return {"no_round_trip": entry.map_id >= CHOSEN_MAP_IDS, "seen": int(a.flat[0])}
 
 
 def mark_and_return(a: npt.NDArray[Any]) -> npt.NDArray[Any]:

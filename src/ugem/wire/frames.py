@@ -64,7 +64,8 @@ __all__ = [
 ]
 
 MAGIC = b"UGEM"
-PROTOCOL_VERSION = 2  # 2: ops 32-38 (close batch, map export, lookup, shares, create mapped)
+PROTOCOL_VERSION = 3  # 2: ops 32-38 (close batch, map export, lookup, shares, create mapped); 3: op 39 (claim
+# mapped), MmapReply.server_fd
 HEADER = struct.Struct("<IHBBIi")
 MAX_INLINE = 1 << 20  # pread/pwrite bytes a frame may carry (HELLO's max_inline); more goes through XFER
 # pread/pwrite larger than this take XFER (shared memory) even where a frame could carry them:
@@ -120,6 +121,7 @@ class Op(enum.IntEnum):
     GEM_CLAIM = 36
     GEM_DROP_SHARES = 37
     GEM_CREATE_MAPPED = 38
+    GEM_CLAIM_MAPPED = 39
 
 
 def encode_header(length: int, op: int, nfds: int, kind: int, seq: int, status: int = 0) -> bytes:

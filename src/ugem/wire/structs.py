@@ -269,12 +269,13 @@ class MmapReq(Struct):
 
 @dataclass(slots=True)
 class MmapReply(Struct):
-    LAYOUT = (("map_id", "I"), ("pad", "I"), ("offset", "Q"), ("length", "Q"))
+    LAYOUT = (("map_id", "I"), ("pad", "I"), ("offset", "Q"), ("length", "Q"), ("server_fd", "i"))
     FDS = ("fd",)
     map_id: int = 0
     pad: int = 0
     offset: int = 0
     length: int = 0
+    server_fd: int = -1  # the daemon's own fd of that memory (-1: none): core/shares.py GEM_CLAIM_MAPPED
     fd: OwnedFd | None = None
 
 

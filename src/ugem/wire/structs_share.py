@@ -10,11 +10,13 @@ from dataclasses import dataclass
 from .frames import MAX_PAYLOAD
 from .structs import WRITABLE, Struct
 
-__all__ = ["MAX_DROPS", "SHARE_AHEAD", "SHARE_RECORD", "ClaimReq", "DropSharesReq", "ShareReq"]
+__all__ = ["CHOSEN_MAP_IDS", "MAX_DROPS", "SHARE_AHEAD", "SHARE_RECORD", "ClaimMappedReq", "ClaimReq", "DropSharesReq",
+           "ShareReq"]
 
 SHARE_RECORD = struct.Struct("<QQ")  # (owner, token)
 MAX_DROPS = MAX_PAYLOAD // SHARE_RECORD.size  # records that fit in one request frame
 SHARE_AHEAD = 64  # shares a client may send before it reads their replies (core/shares.py)
+CHOSEN_MAP_IDS = 1 << 31  # map ids from here up are chosen by the client (GEM_CLAIM_MAPPED); the manager's are below
 
 
 @dataclass(slots=True)
@@ -41,6 +43,23 @@ class ClaimReq(Struct):
     token: int = 0
     flags: int = 0
     pad: int = 0
+
+
+@dataclass(slots=True)
+class ClaimMappedReq(Struct):
+    """GEM_CLAIM_MAPPED: the caller maps the share's memory already (it took the daemon's fd
+    of it, `server_fd` of an MmapReply, with pidfd_getfd, and checked it is the memfd
+    (dev, ino)); track that mapping under `map_id` (chosen by the caller, at least
+    CHOSEN_MAP_IDS) and use the share up. Sent without waiting for its reply."""
+
+    LAYOUT = (("owner", "Q"), ("token", "Q"), ("flags", "I"), ("map_id", "I"), ("dev", "Q"), ("ino", "Q"))
+    FLAGS = WRITABLE
+    owner: int = 0
+    token: int = 0
+    flags: int = 0
+    map_id: int = 0
+    dev: int = 0
+    ino: int = 0
 
 
 @dataclass(slots=True)
