@@ -16,6 +16,7 @@ import ugem
 from ugem.backing.mapping import map_shared
 from ugem.client.daemon_fds import DaemonFds, pidfd_getfd
 from ugem.client.registry import find_mapping
+from ugem.testing.data import wait_until
 from ugem.wire import structs_share as ss
 from ugem.wire.frames import Op
 
@@ -185,3 +186,22 @@ def test_daemon_fds_give_up_when_the_kernel_refuses():
     if os.geteuid() != 0:
         assert not DaemonFds((os.getpid(), os.geteuid() + 1)).usable  # another uid: never tried
     assert not DaemonFds(None).usable
+
+
+def test_a_posted_request_carries_the_queued_releases(env):
+    """A process that only posts (a worker that receives arrays and returns them) still
+    releases the mappings it dropped: they go out in the same write as its next post."""
+    dev = env.open()
+    keep = dev.mmap(dev.create(PAGE))
+    entry = _entry(keep)
+    h = dev.create(PAGE)
+    dropped = dev.mmap(h)
+    dev.close_handle(h)
+    del dropped
+    gc.collect()
+    assert dev._released  # queued, not sent
+    observer = env.open()
+    assert observer.stats()["objects"] == 2
+    dev._post_share(entry.map_id, 0, PAGE, True)
+    assert not dev._released
+    wait_until(lambda: observer.stats()["objects"] == 1)  # the dropped mapping's object is gone (posted: soon)

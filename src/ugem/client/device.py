@@ -83,7 +83,7 @@ class Transport(Protocol):
 
     def call(self, op: Op, req: s.Struct, notes: Sequence[tuple[Op, s.Struct]] = (), **local: Any) -> Any: ...
 
-    def post(self, op: Op, req: s.Struct) -> None: ...
+    def post(self, frames: Sequence[tuple[Op, s.Struct]]) -> None: ...
 
     def close(self) -> None: ...
 
@@ -135,9 +135,12 @@ class Device(DeviceOps, ShareOps):
             self._closed_why = "this Device was closed when a call got no reply within its timeout; connect again"
             raise
 
-    def _post(self, op: Op, req: s.Struct) -> None:
-        """Send a request without waiting for its reply (client/device_share.py)."""
-        self._live().post(op, req)
+    def _post(self, op: Op | None, req: s.Struct | None = None) -> None:
+        """Send a request without waiting for its reply (client/device_share.py), after what
+        is queued (releases, claims) in the same write; with no request, just what is queued."""
+        transport = self._live()
+        notes = self._releases.requests() if self._released else []
+        transport.post(notes if op is None or req is None else [*notes, (op, req)])
 
     def _unwrap(self, record: Wrapped) -> None:
         """A Buffer was closed: close its handle if no other live Buffer wraps it."""

@@ -14,11 +14,14 @@ to another process through the daemon (core/shares.py has the manager's rules).
 - `_claim_mapped(owner, token, key, source, offset, length)`: the same claim (writable
   shares only) with no round trip, where the daemon process lets this one copy its fds
   (client/daemon_fds.py: the daemon's uid, or root): take the daemon's own fd `source` of
-  the memfd `key`, map it, and tell the manager with GEM_CLAIM_MAPPED, sent without waiting
-  (core/shares.py), under a map id chosen here (CHOSEN_MAP_IDS and up, never reused by this
-  Device). None when that is not possible (the caller then claims with the round trip). A
-  read-only share always takes the round trip: the daemon's fd is writable, and only a
-  description opened read-only keeps the receiver from writing;
+  the memfd `key`, map it, and tell the manager with GEM_CLAIM_MAPPED (core/shares.py),
+  sent at once without waiting for its reply, under a map id chosen here (CHOSEN_MAP_IDS
+  and up, never reused by this Device). It is not held back to be batched: until it is
+  read, the sender's share holds the object, and a receiver that ended without sending it
+  would leave that share held for as long as the sending process lives. None when that is
+  not possible (the caller then claims with the round trip). A read-only share always
+  takes the round trip: the daemon's fd is writable, and only a description opened
+  read-only keeps the receiver from writing;
 - `_drop_share(owner, token)`: use it up without mapping (this process maps that memory
   already); queued with the releases and sent before the next request, never from here;
 - `_enter(region, ...)`: enter a new mapping in the registry, released when its last view dies.
@@ -63,7 +66,7 @@ class ShareOps:
     def _call(self, op: Op, req: s.Struct) -> Any:
         raise NotImplementedError
 
-    def _post(self, op: Op, req: s.Struct) -> None:
+    def _post(self, op: Op | None, req: s.Struct | None = None) -> None:
         raise NotImplementedError
 
     def _map_reply(self, reply: s.MmapReply, writable: bool, what: str) -> memoryview:
@@ -115,13 +118,13 @@ class ShareOps:
             return None
         with fd:
             region = map_shared(fd.fd, offset, length, True)
+        with self._share_lock:
+            map_id = self._next_chosen
+            if map_id > 0xFFFFFFFF:
+                region.close()
+                return None
+            self._next_chosen = map_id + 1
         try:
-            with self._share_lock:
-                map_id = self._next_chosen
-                if map_id > 0xFFFFFFFF:
-                    region.close()
-                    return None
-                self._next_chosen = map_id + 1
             self._post(Op.GEM_CLAIM_MAPPED, ss.ClaimMappedReq(owner=owner, token=token, flags=s.WRITABLE,
                                                               map_id=map_id, dev=key[0], ino=key[1]))
         except BaseException:

@@ -43,8 +43,8 @@ class ForkedTransport:
                 fd.close()
         raise BadFd(self._message)
 
-    def post(self, op: Op, req: s.Struct) -> None:
-        self.call(op, req)
+    def post(self, frames: Sequence[tuple[Op, s.Struct]]) -> None:
+        raise BadFd(self._message)
 
     def close(self) -> None:
         pass

@@ -65,12 +65,13 @@ class EmbeddedTransport:
                 pass
         return self.manager._call(self.client, op, req, **local)
 
-    def post(self, op: Op, req: s.Struct) -> None:
-        """As over a socket: the failure is nobody's here (shares report theirs to their claimer)."""
-        try:
-            self.manager._call(self.client, op, req)
-        except UgemError:
-            pass
+    def post(self, frames: Sequence[tuple[Op, s.Struct]]) -> None:
+        """As over a socket: the failures are nobody's here (shares report theirs to their claimer)."""
+        for op, req in frames:
+            try:
+                self.manager._call(self.client, op, req)
+            except UgemError:
+                pass
 
     def close(self) -> None:
         self.manager._release(self.client)
@@ -215,21 +216,28 @@ class SocketTransport:
             data = b"".join(bytes(b) for b in buffers)
             self._sock.sendall(data[sent:])
 
-    def post(self, op: Op, req: s.Struct) -> None:
-        """Send a request (no fds) without waiting for its reply, which is read and dropped
-        before the next call's (its failure is nobody's here: shares report theirs to their
-        claimer, core/shares.py); after SHARE_AHEAD unread replies, read them now, so that the
-        daemon never has to hold replies for a client that is not reading."""
-        pieces, fds = s.encode(req)
-        assert not fds
-        payload = b"".join(bytes(p) for p in pieces)
+    def post(self, frames: Sequence[tuple[Op, s.Struct]]) -> None:
+        """Send requests (no fds), in one write, without waiting for their replies, which are
+        read and dropped before the next call's (their failures are nobody's here: shares
+        report theirs to their claimer, core/shares.py); past SHARE_AHEAD unread replies,
+        read them now, so that the daemon never has to hold replies for a client that is not
+        reading."""
+        if not frames:
+            return
         with self._lock:
+            op = frames[-1][0]
             try:
                 if self._timeout is not None:
-                    self._arm(op, req)
-                self._seq = (self._seq + 1) & 0xFFFFFFFF
-                self._sock.sendall(encode_header(len(payload), op, 0, Kind.REQUEST, self._seq) + payload)
-                self._owed.append((op, self._seq))
+                    self._arm(op, frames[-1][1])
+                data = bytearray()
+                for op, req in frames:
+                    pieces, fds = s.encode(req)
+                    assert not fds
+                    payload = b"".join(bytes(p) for p in pieces)
+                    self._seq = (self._seq + 1) & 0xFFFFFFFF
+                    data += encode_header(len(payload), op, 0, Kind.REQUEST, self._seq) + payload
+                    self._owed.append((op, self._seq))
+                self._sock.sendall(data)
                 if len(self._owed) >= SHARE_AHEAD:
                     self._skip_owed()
             except DaemonGone:

@@ -16,7 +16,8 @@ from typing import Any
 import numpy as np
 import numpy.typing as npt
 
-__all__ = ["claimed_how", "fd_count", "hold_until_killed", "on_pipe", "on_queue", "receive_many", "resend", "touch", "touch_into"]
+__all__ = ["claimed_how", "fd_count", "hold_until_killed", "on_pipe", "on_queue", "receive_many", "resend", "touch",
+           "touch_into"]
 
 MARK_IN, MARK_OUT = 5, 42  # the sender writes MARK_IN at [1, 1]; the worker MARK_OUT at [0, 0]
 
