@@ -13,7 +13,7 @@ from __future__ import annotations
 from typing import TYPE_CHECKING, Any
 
 from ..constants import PAGE_SIZE, page_align
-from ..device.base import CopyIn, CopyOut
+from ..gpu.base import CopyIn, CopyOut
 from ..wire import structs as s
 from .object import BufferObject
 from .states import Placement
@@ -21,7 +21,7 @@ from .states import Placement
 if TYPE_CHECKING:
     from .call import Call
     from .client import Client
-    from .manager import Core
+    from .core import Core
 
 __all__ = ["pinned_in_vram", "pread_vram", "prepare_cpu", "pwrite_vram", "finish_vram_write"]
 

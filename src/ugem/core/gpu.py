@@ -46,8 +46,8 @@ from collections.abc import Iterable
 from typing import TYPE_CHECKING, Any, Protocol
 
 from ..constants import CACHING_CACHED, DONTNEED, PAGE_SIZE
-from ..device.base import CopyIn, CopyOut, DeviceBackend, Holes, Op, Surface
 from ..errors import Busy, NoSpace, UgemError
+from ..gpu.base import CopyIn, CopyOut, GpuBackend, GpuOp, Holes, Surface
 from ..mm.lru import Lru
 from ..mm.range import InsertMode, Node, RangeAllocator
 from ..mm.scan import EvictionScan
@@ -73,10 +73,10 @@ class Populate(Protocol):
 
 class Gpu:
     """VRAM placement and the device timeline. It sees the rest of the core only through
-    narrow interfaces: the `DeviceBackend`, the `BackingStore`, `Memory` (residency and the
+    narrow interfaces: the `GpuBackend`, the `BackingStore`, `Memory` (residency and the
     reclaim engine) and a `Populate`; so it runs on fakes (tests/unit/core)."""
 
-    def __init__(self, backend: DeviceBackend, backing: BackingStore, memory: Memory, owner: Populate) -> None:
+    def __init__(self, backend: GpuBackend, backing: BackingStore, memory: Memory, owner: Populate) -> None:
         self.backing = backing
         self.memory = memory
         self.owner = owner
@@ -90,7 +90,7 @@ class Gpu:
 
     # -- the timeline ----------------------------------------------------------------
 
-    def submit(self, op: Op) -> int:
+    def submit(self, op: GpuOp) -> int:
         self.last_seq = self.backend.submit(op)
         return self.last_seq
 

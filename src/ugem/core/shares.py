@@ -50,8 +50,8 @@ from ..errors import (
 from ..wire import structs as s
 from ..wire import structs_share as ss
 from .client import Client
+from .core import Core
 from .gem import map_object
-from .manager import Core
 from .share_table import Share
 
 __all__ = ["gem_claim", "gem_drop_shares", "gem_share"]
