@@ -81,8 +81,8 @@ def gem_execbuffer(core: Core, client: Client, req: sx.ExecbufferReq) -> sx.Fenc
         obj.last_fence = obj.last_exec = seq
         if id(obj) in written_objs:
             obj.write_fence = seq
-            obj.dev_dirty = obj.placement == Placement.VRAM
-            if not obj.dev_dirty:  # used in place: the work writes its system pages
+            obj.vram_dirty = obj.placement == Placement.VRAM
+            if not obj.vram_dirty:  # used in place: the work writes its system pages
                 obj.host_fence = seq
     return sx.FenceReply(fence=seq)
 
