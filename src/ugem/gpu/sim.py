@@ -62,7 +62,7 @@ from .commands import Hung, Target, execute
 
 __all__ = ["SimGpu", "check_op", "run_op"]
 
-log = logging.getLogger("ugem.device")
+log = logging.getLogger("ugem.device")  # the name users filter logs on (and the thread's, ugem-device): kept
 _CHECK_CHUNK = 1 << 20  # bytes of a hole checked for zeros, then copied, at a time (cache-sized)
 
 # Python's mmap module does not export MAP_NORESERVE everywhere; 0x4000 is its value on the
