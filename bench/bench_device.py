@@ -55,7 +55,7 @@ Baselines (same rounds): memcpy = np.copyto between two warm (pre-faulted) 64 Mi
 and the device copies into its mapping); and os.pwrite of 64 MiB into a new memfd (new pages
 allocated by the write path, no page faults), a diagnostic for a cheaper copy-out path.
 In embedded mode the device ops of the eviction and suspend rounds are timed on the device
-thread (`ugem.device.sim.run_op` is wrapped in this process while those rounds run; src/ is
+thread (`ugem.gpu.sim.run_op` is wrapped in this process while those rounds run; src/ is
 untouched) and listed in the notes.
 """
 
@@ -79,9 +79,9 @@ import numpy as np  # noqa: E402
 
 import _harness as H  # noqa: E402
 import ugem  # noqa: E402
-import ugem.device.sim as _sim  # noqa: E402
+import ugem.gpu.sim as _sim  # noqa: E402
 from ugem.cmd import Fill  # noqa: E402
-from ugem.device.base import CopyIn, CopyOut  # noqa: E402
+from ugem.gpu.base import CopyIn, CopyOut  # noqa: E402
 from ugem.testing.daemon import run_daemon  # noqa: E402
 
 BENCH = "device"
@@ -104,7 +104,7 @@ MODES = ("embedded", "daemon")
 
 
 class DeviceOpTimer:
-    """Wraps `ugem.device.sim.run_op` (looked up by the worker at every op) while active;
+    """Wraps `ugem.gpu.sim.run_op` (looked up by the worker at every op) while active;
     accumulates seconds and bytes per kind of op."""
 
     def __init__(self) -> None:

@@ -1,6 +1,6 @@
 """Integers from callers: the one integer check and the wire-range rules, shared by the
-client's arguments (client/args.py), the wire's device command records (wire/commands.py)
-and the device's command validation (device/commands.py).
+client's arguments (client/args.py), the wire's GPU command records (wire/commands.py)
+and the GPU's command validation (gpu/commands.py).
 
 - `integer(value, what)`: an `int`, or anything with `__index__` (numpy integers), as a
   Python int; a bool (Python or numpy), float, NaN, string, None or anything else is EINVAL

@@ -30,11 +30,11 @@ from .client.transport import EmbeddedTransport
 from .config import Config
 from .core.call import Call, after_request
 from .core.client import Client, Credentials
+from .core.core import Core
 from .core.jobs import Job
-from .core.manager import Core
 from .core.requests import BY_OP
-from .device.sim import SimDevice
 from .errors import BadFd
+from .gpu.sim import SimGpu
 from .wire import structs as s
 from .wire.frames import Op
 
@@ -45,8 +45,8 @@ class Manager:
     def __init__(self, **config: Any) -> None:
         self.config = Config.from_kwargs(**config)
         self._lock = threading.RLock()
-        self._device = SimDevice(self.config.vram, self.config.hang_timeout)
-        core = Core(self.config, MemfdStore(self.config.spill_dir), self._device)
+        self._gpu = SimGpu(self.config.vram, self.config.hang_timeout)
+        core = Core(self.config, MemfdStore(self.config.spill_dir), self._gpu)
         self._core: Core | None = core
         try:  # preloaded objects: loaded here, before the Manager is returned
             core.preloads.start(self.config.object, os.getpid(), os.getuid())
@@ -100,7 +100,7 @@ class Manager:
             if pending.fence:  # wait for the device without holding the lock
                 deadline = pending.deadline
                 timeout = None if deadline is None else max(0.0, deadline - time.monotonic())
-                self._device.wait(pending.fence, timeout)
+                self._gpu.wait(pending.fence, timeout)
 
     @staticmethod
     def _run(core: Core, jobs: list[Job]) -> None:
@@ -130,7 +130,7 @@ class Manager:
         for client in list(core.clients.values()):
             core.client_release(client)
         core.preloads.release()
-        self._device.close()  # queued copies finish first
+        self._gpu.close()  # queued copies finish first
         core.backing.close()
 
     def __enter__(self) -> Manager:

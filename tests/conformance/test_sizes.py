@@ -16,7 +16,7 @@ import ugem
 from ugem.cmd import Fill
 from ugem.wire import structs as s
 from ugem.wire.frames import MAX_PAYLOAD, Op
-from ugem.wire.structs_device import MAX_COMMANDS
+from ugem.wire.structs_exec import MAX_COMMANDS
 
 PAGE = ugem.PAGE_SIZE
 

@@ -33,7 +33,7 @@ import pytest
 from ugem.testing import NOBODY, DaemonProcess, Tenant, run_daemon
 from ugem.testing.data import SAFETY_S, wait_until
 from ugem.wire import structs as s
-from ugem.wire.frames import HEADER, Kind, Op, encode_header
+from ugem.wire.frames import HEADER, FrameKind, Op, encode_header
 
 _ANC = socket.CMSG_SPACE(64 * array.array("i").itemsize)
 
@@ -152,7 +152,7 @@ class RawClient:
             self.sock.sendall(data[sent:])
 
     def frame(self, op: int, payload: bytes = b"", *, fds: Sequence[int] = (), nfds: int | None = None,
-              kind: int = Kind.REQUEST, status: int = 0, length: int | None = None) -> int:
+              kind: int = FrameKind.REQUEST, status: int = 0, length: int | None = None) -> int:
         """Send one frame (header and payload in one sendmsg, fds with it); returns its seq."""
         self.seq += 1
         header = encode_header(len(payload) if length is None else length, op,
@@ -203,7 +203,7 @@ class RawClient:
     def call(self, op: int, msg: s.Struct, fds: Sequence[int] = ()) -> Reply:
         seq = self.struct_frame(op, msg, fds)
         reply = self.reply()
-        assert (reply.op, reply.seq, reply.kind) == (op, seq, Kind.REPLY), reply
+        assert (reply.op, reply.seq, reply.kind) == (op, seq, FrameKind.REPLY), reply
         return reply
 
     def assert_usable(self) -> None:

@@ -27,14 +27,14 @@ from hypothesis import strategies as st
 from ugem.testing import DaemonProcess, run_daemon
 from ugem.testing.data import PROMPT_S, SAFETY_S
 from ugem.wire import structs as s
-from ugem.wire.frames import HEADER, MAX_FDS, MAX_PAYLOAD, Kind, Op, encode_header
+from ugem.wire.frames import HEADER, MAX_FDS, MAX_PAYLOAD, FrameKind, Op, encode_header
 
 UNKNOWN_OPS = [Op.HELLO, max(Op) + 1, 99, 0x7FFF, 0xFFFF]  # HELLO again after the handshake is not an op
 
 
 def _hello_bytes() -> bytes:
     pieces, _ = s.encode(s.HelloReq())
-    return encode_header(len(pieces[0]), Op.HELLO, 0, Kind.REQUEST, 1) + pieces[0]
+    return encode_header(len(pieces[0]), Op.HELLO, 0, FrameKind.REQUEST, 1) + pieces[0]
 
 
 # -- garbage and broken framing: the connection is dropped ------------------------------
@@ -60,7 +60,7 @@ def test_random_bytes_then_close(daemon: DaemonProcess, kit: Any, greet: bool) -
     pytest.param(dict(length=MAX_PAYLOAD + 1), id="length-max+1"),
     pytest.param(dict(status=errno.EINVAL), id="status-in-request"),
     pytest.param(dict(status=-1), id="negative-status"),
-    pytest.param(dict(kind=Kind.REPLY), id="kind-reply"),
+    pytest.param(dict(kind=FrameKind.REPLY), id="kind-reply"),
     pytest.param(dict(kind=7), id="kind-7"),
     pytest.param(dict(nfds=2), id="nfds-without-fds"),
 ])
@@ -69,7 +69,7 @@ def test_bad_header_drops_connection(daemon: DaemonProcess, kit: Any, greet: boo
     raw = kit.raw(daemon.path)
     if greet:
         raw.hello()
-    fields = dict(length=0, op=Op.STATS, nfds=0, kind=Kind.REQUEST, seq=5, status=0) | header
+    fields = dict(length=0, op=Op.STATS, nfds=0, kind=FrameKind.REQUEST, seq=5, status=0) | header
     logged = len(daemon.stderr_text())
     raw.send(encode_header(**fields))  # only the header: a daemon waiting for the payload would hang
     raw.assert_dropped()
@@ -106,7 +106,7 @@ def test_wrong_version_is_refused_but_can_retry(daemon: DaemonProcess, kit: Any)
 def test_truncated_frame_then_close(daemon: DaemonProcess, kit: Any, cut: int) -> None:
     baseline = daemon.fd_count()
     pieces, _ = s.encode(s.PwriteReq(handle=1, offset=0, length=32, data=b"z" * 32))
-    whole = encode_header(24 + 32, Op.GEM_PWRITE, 0, Kind.REQUEST, 2) + b"".join(bytes(p) for p in pieces)
+    whole = encode_header(24 + 32, Op.GEM_PWRITE, 0, FrameKind.REQUEST, 2) + b"".join(bytes(p) for p in pieces)
     for greet in (False, True):
         with kit.raw(daemon.path) as raw:
             if greet:
@@ -129,7 +129,7 @@ def test_unknown_op_is_einval_and_connection_stays(daemon: DaemonProcess, kit: A
         for payload in (b"", b"\x01" * 40):
             seq = raw.frame(op, payload)
             reply = raw.reply()
-            assert (reply.op, reply.seq, reply.kind, reply.status) == (op, seq, Kind.REPLY, errno.EINVAL), reply
+            assert (reply.op, reply.seq, reply.kind, reply.status) == (op, seq, FrameKind.REPLY, errno.EINVAL), reply
             assert reply.payload, "an error reply carries a message"
             raw.assert_usable()
     kit.assert_healthy(daemon, baseline)
@@ -191,29 +191,29 @@ def test_import_with_bad_padding_or_a_pipe_closes_the_fd(daemon: DaemonProcess, 
 # -- fds where they do not belong: the connection is dropped and the fds closed ---------
 
 def _send_misplaced_fds(raw: Any, case: str, fd: int) -> None:
-    stats = encode_header(0, Op.STATS, 0, Kind.REQUEST, 9)
+    stats = encode_header(0, Op.STATS, 0, FrameKind.REQUEST, 9)
     if case == "unexpected":  # an op that takes no fds, nfds honest
-        raw.send(encode_header(0, Op.STATS, 1, Kind.REQUEST, 9), [fd])
+        raw.send(encode_header(0, Op.STATS, 1, FrameKind.REQUEST, 9), [fd])
     elif case == "undeclared":  # fds attached, header says none
         raw.send(stats, [fd])
     elif case == "miscounted":  # header says 2, one arrives
         pieces, _ = s.encode(s.ImportReq())
-        raw.send(encode_header(8, Op.PRIME_FD_TO_HANDLE, 2, Kind.REQUEST, 9) + pieces[0], [fd])
+        raw.send(encode_header(8, Op.PRIME_FD_TO_HANDLE, 2, FrameKind.REQUEST, 9) + pieces[0], [fd])
     elif case == "two-for-import":
         pieces, _ = s.encode(s.ImportReq())
-        raw.send(encode_header(8, Op.PRIME_FD_TO_HANDLE, 2, Kind.REQUEST, 9) + pieces[0], [fd, fd])
+        raw.send(encode_header(8, Op.PRIME_FD_TO_HANDLE, 2, FrameKind.REQUEST, 9) + pieces[0], [fd, fd])
     elif case == "mid-header":
         raw.send(stats[:8])
         time.sleep(0.05)  # make sure the two halves arrive as two reads
         raw.send(stats[8:], [fd])
     elif case == "mid-payload":
         pieces, _ = s.encode(s.CreateReq(size=4096))
-        raw.send(encode_header(16, Op.GEM_CREATE, 0, Kind.REQUEST, 9))
+        raw.send(encode_header(16, Op.GEM_CREATE, 0, FrameKind.REQUEST, 9))
         time.sleep(0.05)
         raw.send(pieces[0], [fd])
     elif case.startswith("too-many-"):  # > MAX_FDS: MSG_CTRUNC on the daemon's side
         count = int(case.rsplit("-", 1)[1])
-        raw.send(encode_header(0, Op.STATS, min(count, 255), Kind.REQUEST, 9), [fd] * count)
+        raw.send(encode_header(0, Op.STATS, min(count, 255), FrameKind.REQUEST, 9), [fd] * count)
     else:
         raise AssertionError(case)
 
@@ -239,7 +239,7 @@ def test_fds_with_hello_are_dropped(daemon: DaemonProcess, kit: Any) -> None:
     tracer = kit.tracer()
     with kit.raw(daemon.path) as raw:
         pieces, _ = s.encode(s.HelloReq())
-        raw.send(encode_header(12, Op.HELLO, 1, Kind.REQUEST, 1) + pieces[0], [tracer.write_fd])
+        raw.send(encode_header(12, Op.HELLO, 1, FrameKind.REQUEST, 1) + pieces[0], [tracer.write_fd])
         raw.assert_dropped()
     tracer.assert_closed_everywhere()
     kit.assert_healthy(daemon, baseline)
@@ -273,7 +273,7 @@ def _good_client(kit: Any, daemon: DaemonProcess) -> Any:
 def test_stalled_clients_do_not_block_others(daemon: DaemonProcess, kit: Any) -> None:
     baseline = daemon.fd_count()
     hello = _hello_bytes()  # 28 bytes
-    create = encode_header(16, Op.GEM_CREATE, 0, Kind.REQUEST, 2) + s.encode(s.CreateReq(size=8192))[0][0]
+    create = encode_header(16, Op.GEM_CREATE, 0, FrameKind.REQUEST, 2) + s.encode(s.CreateReq(size=8192))[0][0]
     stalled = []
     for cut in (1, 8, 15, 16, 17, 27):  # inside the HELLO frame
         raw = kit.raw(daemon.path)
@@ -301,7 +301,7 @@ def test_client_that_never_reads_does_not_block_others(daemon: DaemonProcess, ki
     deaf = kit.raw(daemon.path)
     deaf.hello()
     deaf.sock.setblocking(False)
-    request = encode_header(0, Op.STATS, 0, Kind.REQUEST, 3) * 1000
+    request = encode_header(0, Op.STATS, 0, FrameKind.REQUEST, 3) * 1000
     sent = 0
     deadline = time.monotonic() + SAFETY_S
     while time.monotonic() < deadline:  # pipeline requests until its socket is full both ways
@@ -328,13 +328,13 @@ def test_a_burst_of_requests_in_one_write_is_served_in_order(daemon: DaemonProce
                                    (999, None), (Op.GEM_CLOSE, s.CloseReq(handle=7)),
                                    (Op.GEM_CREATE, s.CreateReq(size=8192))], start=1):
         payload = b"" if msg is None else b"".join(bytes(p) for p in s.encode(msg)[0])
-        frames.append(encode_header(len(payload), op, 0, Kind.REQUEST, i, 0) + payload)
+        frames.append(encode_header(len(payload), op, 0, FrameKind.REQUEST, i, 0) + payload)
     memfd = os.memfd_create("burst", os.MFD_CLOEXEC | os.MFD_ALLOW_SEALING)
     try:
         os.ftruncate(memfd, 4096)
         fcntl.fcntl(memfd, fcntl.F_ADD_SEALS, fcntl.F_SEAL_SHRINK)
         imp = b"".join(bytes(p) for p in s.encode(s.ImportReq())[0])
-        frames.append(encode_header(len(imp), Op.PRIME_FD_TO_HANDLE, 1, Kind.REQUEST, 6, 0) + imp)
+        frames.append(encode_header(len(imp), Op.PRIME_FD_TO_HANDLE, 1, FrameKind.REQUEST, 6, 0) + imp)
         client.send(b"".join(frames), [memfd])  # six requests, one sendmsg, the fd with the last
     finally:
         os.close(memfd)
@@ -354,7 +354,7 @@ def test_flooding_client_does_not_starve_others(daemon: DaemonProcess, kit: Any)
         assert flood.call(Op.GEM_CREATE, s.CreateReq(size=1 << 20)).status == 0
         data = b"f" * (1 << 20)
         pieces, _ = s.encode(s.PwriteReq(handle=1, length=len(data), data=data))
-        frame = encode_header(24 + len(data), Op.GEM_PWRITE, 0, Kind.REQUEST, 4) + bytes(pieces[0]) + data
+        frame = encode_header(24 + len(data), Op.GEM_PWRITE, 0, FrameKind.REQUEST, 4) + bytes(pieces[0]) + data
         flood.sock.setblocking(False)
         pending = memoryview(frame * 8)
         times: list[float] = []
@@ -395,7 +395,7 @@ def test_ids_are_per_client(daemon: DaemonProcess, kit: Any) -> None:
 
 _frames = st.builds(
     lambda op, nfds_claim, length_delta, payload: encode_header(
-        max(0, len(payload) + length_delta), op, nfds_claim, Kind.REQUEST, 7) + payload,
+        max(0, len(payload) + length_delta), op, nfds_claim, FrameKind.REQUEST, 7) + payload,
     st.sampled_from([int(op) for op in Op] + [15, 0xFFFF]),
     st.sampled_from([0, 0, 0, 1]),
     st.sampled_from([0, 0, 0, -1, 1, 100]),

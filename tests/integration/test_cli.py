@@ -32,7 +32,7 @@ import ugem
 from ugem import cli
 from ugem.cli import format_stats
 from ugem.testing import DaemonProcess, Tenant, run_daemon
-from ugem.wire.frames import Kind, Op, encode_header
+from ugem.wire.frames import FrameKind, Op, encode_header
 
 UGEM = [sys.executable, "-m", "ugem"]
 LS_KEYS = {"id", "size", "placement", "madvise", "name", "handles", "owner_pid", "pinned", "mapped", "label"}
@@ -105,13 +105,13 @@ def test_sigterm_with_stalled_and_deaf_clients(kit: Any) -> None:
     with run_daemon() as daemon:
         stalled = kit.raw(daemon.path)
         stalled.hello()
-        stalled.send(encode_header(16, Op.GEM_CREATE, 0, Kind.REQUEST, 2)[:9])
+        stalled.send(encode_header(16, Op.GEM_CREATE, 0, FrameKind.REQUEST, 2)[:9])
         deaf = kit.raw(daemon.path)
         deaf.hello()
         deaf.sock.setblocking(False)
         try:
             while True:
-                deaf.sock.send(encode_header(0, Op.STATS, 0, Kind.REQUEST, 3) * 512)
+                deaf.sock.send(encode_header(0, Op.STATS, 0, FrameKind.REQUEST, 3) * 512)
         except BlockingIOError:
             pass  # both directions are full now
         with daemon.connect() as dev:

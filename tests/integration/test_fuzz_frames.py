@@ -56,10 +56,11 @@ from ugem.fd import OwnedFd
 from ugem.testing import DaemonProcess, run_daemon
 from ugem.testing.data import PROMPT_S, SAFETY_S
 from ugem.wire import structs as s
-from ugem.wire import structs_device as sd
+from ugem.wire import structs_domain as sd
+from ugem.wire import structs_exec as sx
 from ugem.wire import structs_share as ss
 from ugem.wire.commands import RECORD, decode_commands
-from ugem.wire.frames import HEADER, MAX_FDS, MAX_PAYLOAD, FrameParser, Kind, Op, encode_header
+from ugem.wire.frames import HEADER, MAX_FDS, MAX_PAYLOAD, FrameKind, FrameParser, Op, encode_header
 from ugem.wire.structs_preload import LookupReq
 
 SEED = int(os.environ.get("UGEM_FUZZ_SEED") or random.SystemRandom().randrange(2**32))
@@ -116,8 +117,8 @@ REQ: dict[int, type[s.Struct]] = {
     Op.GEM_FLINK: s.FlinkReq, Op.GEM_OPEN: s.OpenReq, Op.PRIME_HANDLE_TO_FD: s.ExportReq,
     Op.PRIME_FD_TO_HANDLE: s.ImportReq, Op.PRIME_MAP_TO_FD: s.MapExportReq, Op.GEM_MADVISE: s.MadviseReq,
     Op.GEM_PIN: s.HandleReq,
-    Op.GEM_UNPIN: s.HandleReq, Op.GEM_EXECBUFFER: sd.ExecbufferReq, Op.GEM_BUSY: s.HandleReq,
-    Op.GEM_WAIT: sd.WaitReq, Op.WAIT_FENCE: sd.WaitFenceReq, Op.GEM_SET_DOMAIN: sd.SetDomainReq,
+    Op.GEM_UNPIN: s.HandleReq, Op.GEM_EXECBUFFER: sx.ExecbufferReq, Op.GEM_BUSY: s.HandleReq,
+    Op.GEM_WAIT: sx.WaitReq, Op.WAIT_FENCE: sx.WaitFenceReq, Op.GEM_SET_DOMAIN: sd.SetDomainReq,
     Op.GEM_SET_TILING: sd.TilingReq, Op.GEM_GET_TILING: s.HandleReq, Op.GEM_SET_CACHING: sd.CachingReq,
     Op.GEM_GET_CACHING: s.HandleReq, Op.SUSPEND: s.Empty, Op.RESUME: s.Empty, Op.GEM_USERPTR: s.UserptrReq,
     Op.STATS: s.Empty, Op.LIST_OBJECTS: s.Empty, Op.LIST_CLIENTS: s.Empty, Op.DEBUG_OPEN: s.HandleReq,
@@ -130,8 +131,8 @@ REPLY: dict[int, type[s.Struct]] = {
     Op.GEM_MMAP: s.MmapReply, Op.GEM_FLINK: s.FlinkReply, Op.GEM_OPEN: s.OpenReply,
     Op.PRIME_HANDLE_TO_FD: s.ExportReply, Op.PRIME_MAP_TO_FD: s.ExportReply, Op.PRIME_FD_TO_HANDLE: s.ImportReply,
     Op.GEM_MADVISE: s.MadviseReply,
-    Op.GEM_EXECBUFFER: sd.FenceReply, Op.GEM_BUSY: sd.BusyReply, Op.GEM_WAIT: sd.WaitReply,
-    Op.WAIT_FENCE: sd.WaitReply, Op.GEM_SET_TILING: sd.TilingReply, Op.GEM_GET_TILING: sd.TilingReply,
+    Op.GEM_EXECBUFFER: sx.FenceReply, Op.GEM_BUSY: sx.BusyReply, Op.GEM_WAIT: sx.WaitReply,
+    Op.WAIT_FENCE: sx.WaitReply, Op.GEM_SET_TILING: sd.TilingReply, Op.GEM_GET_TILING: sd.TilingReply,
     Op.GEM_GET_CACHING: sd.CachingReply, Op.GEM_USERPTR: s.OpenReply, Op.STATS: s.JsonReply,
     Op.LIST_OBJECTS: s.JsonReply, Op.LIST_CLIENTS: s.JsonReply, Op.DEBUG_OPEN: s.OpenReply,
     Op.GEM_CLAIM: s.MmapReply, Op.GEM_CREATE_MAPPED: s.MmapReply,
@@ -208,7 +209,7 @@ def test_parser_delivers_any_valid_stream_under_any_chunking(frames: list[_Sent]
     with exactly its own fds, whatever the chunking."""
     CASES["codec: valid streams"] += 1
     before = _open_fd_count()
-    stream = b"".join(encode_header(len(f.payload), f.op, f.nfds, Kind.REQUEST, f.seq) + f.payload for f in frames)
+    stream = b"".join(encode_header(len(f.payload), f.op, f.nfds, FrameKind.REQUEST, f.seq) + f.payload for f in frames)
     starts, pos = [], 0
     for f in frames:
         starts.append(pos)
@@ -217,7 +218,7 @@ def test_parser_delivers_any_valid_stream_under_any_chunking(frames: list[_Sent]
     skb_end = {i: starts[i] + data.draw(st.integers(1, HEADER.size + len(f.payload)), label=f"skb{i}")
                for i, f in enumerate(frames) if f.nfds}
     sent_fds = [_pipe_fds(f.nfds) for f in frames]  # (after the draws above: a draw may end the example)
-    parser = FrameParser(Kind.REQUEST)
+    parser = FrameParser(FrameKind.REQUEST)
     got = []
     pos = 0
     try:
@@ -268,7 +269,7 @@ def test_parser_on_arbitrary_chunks_gives_frames_or_protocol_error(chunks: list[
     out, and every fd is either in a delivered frame or closed by the parser."""
     CASES["codec: arbitrary chunks"] += 1
     before = _open_fd_count()
-    parser = FrameParser(Kind.REQUEST)
+    parser = FrameParser(FrameKind.REQUEST)
     delivered: list[Any] = []
     given_fds: list[OwnedFd] = []
     outcome = "ok"
@@ -280,7 +281,7 @@ def test_parser_on_arbitrary_chunks_gives_frames_or_protocol_error(chunks: list[
             given_fds += fds
             parser.feed(data, fds)
             while (frame := parser.next_frame()) is not None:
-                assert frame.kind == Kind.REQUEST and frame.status == 0
+                assert frame.kind == FrameKind.REQUEST and frame.status == 0
                 assert len(frame.payload) <= MAX_PAYLOAD
                 assert len(frame.fds) <= MAX_FDS
                 delivered.append(frame)
@@ -304,7 +305,7 @@ def test_parser_on_arbitrary_chunks_gives_frames_or_protocol_error(chunks: list[
        data=st.data())
 def test_parser_on_a_mutated_valid_stream(frames: list[_Sent], edit: tuple[int, int, str], data: st.DataObject) -> None:
     CASES["codec: mutated streams"] += 1
-    stream = bytearray(b"".join(encode_header(len(f.payload), f.op, 0, Kind.REQUEST, f.seq) + f.payload
+    stream = bytearray(b"".join(encode_header(len(f.payload), f.op, 0, FrameKind.REQUEST, f.seq) + f.payload
                                 for f in frames))
     at, byte, how = edit
     at %= len(stream)
@@ -314,7 +315,7 @@ def test_parser_on_a_mutated_valid_stream(frames: list[_Sent], edit: tuple[int, 
         stream[at:at] = bytes([byte])
     else:
         del stream[at]
-    parser = FrameParser(Kind.REQUEST)
+    parser = FrameParser(FrameKind.REQUEST)
     pos = 0
     try:
         while pos < len(stream):
@@ -357,7 +358,7 @@ def test_decode_gives_a_struct_or_einval(cls: type[s.Struct], payload: bytes, nf
             assert b"".join(bytes(p) for p in s.encode(msg)[0]) == payload
         if cls.TAIL is None:
             assert len(payload) <= size
-        if cls is sd.ExecbufferReq:
+        if cls is sx.ExecbufferReq:
             try:
                 cmds = decode_commands(bytes(msg.data))
             except InvalidArgument:
@@ -724,7 +725,7 @@ def hostile_frames(draw: st.DrawFn, conn: Conn, world: World, stack: ExitStack) 
     elif cls is s.MunmapReq:
         tail = draw(st.one_of(st.lists(st.sampled_from([0, 1, 2, 3, U32]), max_size=4).map(
             lambda ids: struct.pack(f"<{len(ids)}I", *ids)), st.binary(max_size=10)))
-    elif cls is sd.ExecbufferReq:
+    elif cls is sx.ExecbufferReq:
         tail = draw(_commands(conn, world))
     payload = _layout(cls).pack(*values.values()) + tail
     if mutation == "short" and payload:
@@ -762,7 +763,7 @@ def _fd_outcome(cls: type[s.Struct], values: dict[str, Any], made: MadeFd) -> in
 
 def _send(conn: Conn, h: Hostile) -> int:
     conn.raw.seq += 1
-    header = encode_header(len(h.payload), h.op, h.nfds, Kind.REQUEST, conn.raw.seq)
+    header = encode_header(len(h.payload), h.op, h.nfds, FrameKind.REQUEST, conn.raw.seq)
     conn.raw.send(header + h.payload, [m.fd for m in h.fds])
     return conn.raw.seq
 
@@ -806,7 +807,7 @@ def run_hostile(conn: Conn, h: Hostile, world: World) -> bool:
         except (ConnectionError, TimeoutError) as exc:
             raise AssertionError(f"no reply to a well-framed request ({h.why}): {exc!r}; "
                                  f"daemon log:\n{world.daemon.stderr_text()[-3000:]}") from None
-        assert (reply.op, reply.seq, reply.kind) == (h.op, seq, Kind.REPLY), (h.why, reply)
+        assert (reply.op, reply.seq, reply.kind) == (h.op, seq, FrameKind.REPLY), (h.why, reply)
         if reply.status:
             assert reply.nfds == 0 and reply.payload, (h.why, reply)
         if h.exact is not None:
@@ -860,9 +861,9 @@ def probe(conn: Conn, kind: str, rng: random.Random) -> None:
         expected[offset:offset + 100] = data
         if kind == "fill":
             cmd = RECORD.pack(1, 0, handle, 0, 1000, 500, 0xA5, 0, 0, 0, 0, 0, 0)
-            fence = s.decode(sd.FenceReply, _call(conn, Op.GEM_EXECBUFFER, sd.ExecbufferReq(data=cmd)).payload,
+            fence = s.decode(sx.FenceReply, _call(conn, Op.GEM_EXECBUFFER, sx.ExecbufferReq(data=cmd)).payload,
                              []).fence
-            _call(conn, Op.WAIT_FENCE, sd.WaitFenceReq(fence=fence, timeout_ns=-1))
+            _call(conn, Op.WAIT_FENCE, sx.WaitFenceReq(fence=fence, timeout_ns=-1))
             expected[1000:1500] = b"\xa5" * 500
         reply = _call(conn, Op.GEM_PREAD, s.PreadReq(handle=handle, length=8192))
         assert reply.payload[8:] == expected, "a valid write/read round trip after hostile frames"
@@ -892,7 +893,7 @@ def setup_step(conn: Conn, kind: str, index: int, size: int) -> None:
         "willneed": (Op.GEM_MADVISE, s.MadviseReq(handle=handle, advice=ugem.WILLNEED)),
         "pin": (Op.GEM_PIN, s.HandleReq(handle=handle)),
         "unpin": (Op.GEM_UNPIN, s.HandleReq(handle=handle)),
-        "busy": (Op.GEM_EXECBUFFER, sd.ExecbufferReq(data=RECORD.pack(1, 0, handle, 0, 0, 4096, 0x77, *[0] * 6))),
+        "busy": (Op.GEM_EXECBUFFER, sx.ExecbufferReq(data=RECORD.pack(1, 0, handle, 0, 0, 4096, 0x77, *[0] * 6))),
         "device": (Op.GEM_SET_DOMAIN, sd.SetDomainReq(handle=handle, read_domains=ugem.DOMAIN_DEVICE)),
         "tiling": (Op.GEM_SET_TILING, sd.TilingReq(handle=handle, mode=ugem.TILING_X, stride=512)),
         "flink": (Op.GEM_FLINK, s.FlinkReq(handle=handle)),
@@ -979,7 +980,7 @@ def test_unknown_and_foreign_handles_get_their_exact_errno(world: World, kit: An
             case Op.GEM_MADVISE:
                 return s.MadviseReq(handle=handle, advice=ugem.DONTNEED)
             case Op.GEM_WAIT:
-                return sd.WaitReq(handle=handle, timeout_ns=0)
+                return sx.WaitReq(handle=handle, timeout_ns=0)
             case Op.GEM_SET_DOMAIN:
                 return sd.SetDomainReq(handle=handle, read_domains=ugem.DOMAIN_CPU, write_domain=ugem.DOMAIN_CPU)
             case Op.GEM_SET_TILING:
@@ -988,7 +989,7 @@ def test_unknown_and_foreign_handles_get_their_exact_errno(world: World, kit: An
                 return sd.CachingReq(handle=handle, level=ugem.CACHING_NONE)
             case Op.GEM_EXECBUFFER:  # a valid Copy from the sentinel into `handle`, or the other way
                 src, dst = (conn.sentinel, handle) if handle % 2 else (handle, conn.sentinel)
-                return sd.ExecbufferReq(data=RECORD.pack(2, 0, src, dst, 0, 0, 16, *[0] * 6))
+                return sx.ExecbufferReq(data=RECORD.pack(2, 0, src, dst, 0, 0, 16, *[0] * 6))
         return REQ[op](handle=handle)
 
     @_fuzz_settings(250)

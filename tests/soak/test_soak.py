@@ -58,7 +58,7 @@ from ugem.cmd import Copy, Fill
 from ugem.testing import DaemonProcess, run_daemon
 from ugem.testing.data import SAFETY_S
 from ugem.wire import structs as s
-from ugem.wire.frames import Kind, Op, encode_header
+from ugem.wire.frames import FrameKind, Op, encode_header
 
 SOAK_SECONDS = float(os.environ.get("UGEM_SOAK_SECONDS") or 10)
 SOAK_SEED = int(os.environ.get("UGEM_SOAK_SEED") or random.SystemRandom().randrange(2**32))
@@ -650,13 +650,13 @@ def _garbage(path: str, rng: random.Random) -> str:
     kind = rng.choice(["random", "half-frame", "connect-close", "hello-garbage", "stalled-header", "bad-header"])
     sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
     sock.settimeout(2)
-    hello = encode_header(12, Op.HELLO, 0, Kind.REQUEST, 1) + bytes(s.encode(s.HelloReq())[0][0])
+    hello = encode_header(12, Op.HELLO, 0, FrameKind.REQUEST, 1) + bytes(s.encode(s.HelloReq())[0][0])
     try:
         sock.connect(path)
         if kind == "random":
             sock.sendall(rng.randbytes(rng.randint(1, 5000)))
         elif kind == "half-frame":
-            frame = encode_header(24 + 64, Op.GEM_PWRITE, 0, Kind.REQUEST, 2) + rng.randbytes(24 + 64)
+            frame = encode_header(24 + 64, Op.GEM_PWRITE, 0, FrameKind.REQUEST, 2) + rng.randbytes(24 + 64)
             sock.sendall(hello + frame[:rng.randint(1, len(frame) - 1)])
         elif kind == "hello-garbage":
             sock.sendall(hello)
@@ -668,7 +668,7 @@ def _garbage(path: str, rng: random.Random) -> str:
         elif kind == "bad-header":
             sock.sendall(hello)
             sock.recv(64)
-            sock.sendall(encode_header(2**32 - 1, Op.GEM_CREATE, 0, Kind.REQUEST, 3))
+            sock.sendall(encode_header(2**32 - 1, Op.GEM_CREATE, 0, FrameKind.REQUEST, 3))
     except OSError:
         pass  # dropped while we were at it: fine
     finally:

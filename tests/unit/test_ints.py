@@ -10,7 +10,7 @@ import ugem
 from ugem import ints
 from ugem.client import args
 from ugem.cmd import Fill
-from ugem.device.commands import validate
+from ugem.gpu.commands import validate
 from ugem.wire.commands import RECORD, encode_commands
 
 

@@ -10,7 +10,8 @@ from typing import Any
 from ..cmd import Command
 from ..errors import InvalidArgument, TooBig
 from ..wire import structs as s
-from ..wire import structs_device as sd
+from ..wire import structs_domain as sd
+from ..wire import structs_exec as sx
 from ..wire.commands import encode_commands
 from ..wire.frames import Op
 from ..wire.structs_preload import LookupReq
@@ -31,24 +32,24 @@ class DeviceOps:
             listed = list(commands)
         except TypeError:
             raise InvalidArgument(f"execbuffer takes a list of device commands, got {commands!r}") from None
-        if len(listed) > sd.MAX_COMMANDS:
+        if len(listed) > sx.MAX_COMMANDS:
             raise TooBig(f"execbuffer of {len(listed)} commands does not fit in one request (at most "
-                         f"{sd.MAX_COMMANDS}); submit them in several execbuffers")
-        r: sd.FenceReply = self._call(Op.GEM_EXECBUFFER, sd.ExecbufferReq(data=encode_commands(listed)))
+                         f"{sx.MAX_COMMANDS}); submit them in several execbuffers")
+        r: sx.FenceReply = self._call(Op.GEM_EXECBUFFER, sx.ExecbufferReq(data=encode_commands(listed)))
         return int(r.fence)
 
     def busy(self, handle: int) -> bool:
-        r: sd.BusyReply = self._call(Op.GEM_BUSY, s.HandleReq(handle=ident(handle)))
+        r: sx.BusyReply = self._call(Op.GEM_BUSY, s.HandleReq(handle=ident(handle)))
         return bool(r.busy)
 
     def wait(self, handle: int, timeout_ns: int) -> int:
         """Wait for the device work using the object; returns the time left (kernel rules)."""
-        r: sd.WaitReply = self._call(Op.GEM_WAIT, sd.WaitReq(handle=ident(handle),
+        r: sx.WaitReply = self._call(Op.GEM_WAIT, sx.WaitReq(handle=ident(handle),
                                                              timeout_ns=i64(timeout_ns, "timeout_ns")))
         return int(r.remaining_ns)
 
     def wait_fence(self, fence: int, timeout_ns: int) -> int:
-        r: sd.WaitReply = self._call(Op.WAIT_FENCE, sd.WaitFenceReq(fence=u64(fence, "fence"),
+        r: sx.WaitReply = self._call(Op.WAIT_FENCE, sx.WaitFenceReq(fence=u64(fence, "fence"),
                                                                     timeout_ns=i64(timeout_ns, "timeout_ns")))
         return int(r.remaining_ns)
 

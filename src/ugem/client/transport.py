@@ -33,7 +33,7 @@ from ..wire.frames import (
     MAX_PAYLOAD,
     PROTOCOL_VERSION,
     XFER_ABOVE,
-    Kind,
+    FrameKind,
     Op,
     encode_header,
 )
@@ -84,8 +84,8 @@ class EmbeddedTransport:
 _FIRST_READ = 65536
 _CTRUNC = int(socket.MSG_CTRUNC)  # plain ints: enum flag arithmetic costs ~0.5 us per request
 _CLOEXEC = int(socket.MSG_CMSG_CLOEXEC)
-_REPLY = int(Kind.REPLY)
-_REPLY_MORE = int(Kind.REPLY_MORE)
+_REPLY = int(FrameKind.REPLY)
+_REPLY_MORE = int(FrameKind.REPLY_MORE)
 _PIECE_READ = 1 << 20
 _WAITS = frozenset({Op.GEM_WAIT, Op.WAIT_FENCE})  # calls whose own timeout adds to the budget
 _FOREVER = 1e9  # seconds: a longer budget (a wait of decades) is no deadline at all
@@ -202,13 +202,13 @@ class SocketTransport:
 
     def _send(self, op: int, pieces: list[Any], fds: list[OwnedFd]) -> None:
         if len(pieces) == 1 and not fds:  # a small fixed struct: one plain send
-            data = encode_header(len(pieces[0]), op, 0, Kind.REQUEST, self._seq) + pieces[0]
+            data = encode_header(len(pieces[0]), op, 0, FrameKind.REQUEST, self._seq) + pieces[0]
             sent = self._sock.send(data)
             if sent < len(data):
                 self._sock.sendall(data[sent:])
             return
         length = sum(len(p) if not isinstance(p, memoryview) else p.nbytes for p in pieces)
-        header = encode_header(length, op, len(fds), Kind.REQUEST, self._seq)
+        header = encode_header(length, op, len(fds), FrameKind.REQUEST, self._seq)
         buffers = [header, *pieces]
         total = len(header) + length
         sent = self._sock.sendmsg(buffers, rights(fds))
@@ -235,7 +235,7 @@ class SocketTransport:
                     assert not fds
                     payload = b"".join(bytes(p) for p in pieces)
                     self._seq = (self._seq + 1) & 0xFFFFFFFF
-                    data += encode_header(len(payload), op, 0, Kind.REQUEST, self._seq) + payload
+                    data += encode_header(len(payload), op, 0, FrameKind.REQUEST, self._seq) + payload
                     self._owed.append((op, self._seq))
                 self._sock.sendall(data)
                 if len(self._owed) >= SHARE_AHEAD:
@@ -264,7 +264,7 @@ class SocketTransport:
             payload = b"".join(bytes(p) for p in note_pieces)
             self._seq = (self._seq + 1) & 0xFFFFFFFF
             seqs.append(self._seq)
-            data += encode_header(len(payload), note_op, 0, Kind.REQUEST, self._seq) + payload
+            data += encode_header(len(payload), note_op, 0, FrameKind.REQUEST, self._seq) + payload
         self._sock.sendall(data)
         return seqs
 

@@ -40,7 +40,7 @@ from .requests import RequestDesc, dispatch
 if TYPE_CHECKING:
     from ..wire.structs import Struct
     from .client import Client
-    from .manager import Core
+    from .core import Core
     from .memory import Memory
 
 __all__ = ["Call", "after_request"]

@@ -13,7 +13,7 @@ from __future__ import annotations
 from typing import TYPE_CHECKING, Any
 
 from ..constants import PAGE_SIZE, page_align
-from ..device.base import CopyIn, CopyOut
+from ..gpu.base import CopyIn, CopyOut
 from ..wire import structs as s
 from .object import BufferObject
 from .states import Placement
@@ -21,7 +21,7 @@ from .states import Placement
 if TYPE_CHECKING:
     from .call import Call
     from .client import Client
-    from .manager import Core
+    from .core import Core
 
 __all__ = ["pinned_in_vram", "pread_vram", "prepare_cpu", "pwrite_vram", "finish_vram_write"]
 
@@ -71,7 +71,7 @@ def pwrite_vram(core: Core, client: Client, obj: BufferObject, req: s.PwriteReq)
         return s.PwriteReply(xfer_id=xfer_id, fd=fd)
     seq = core.gpu.submit(CopyIn(_vram_offset(obj, req.offset), bytes(req.data), req.length))
     obj.last_fence = obj.write_fence = seq
-    obj.dev_dirty = True  # the VRAM copy is now the newer one: copied back when it leaves
+    obj.vram_dirty = True  # the VRAM copy is now the newer one: copied back when it leaves
     return s.PwriteReply()
 
 
@@ -82,4 +82,4 @@ def finish_vram_write(core: Core, obj: BufferObject, bounce: Any, offset: int, l
             view = core.backing.map(bounce)[offset:offset + length]
             seq = core.gpu.submit(CopyIn(_vram_offset(obj, offset), view, length))
             obj.last_fence = obj.write_fence = seq
-            obj.dev_dirty = True
+            obj.vram_dirty = True

@@ -30,8 +30,8 @@ from ..fd import OwnedFd
 from ..wire import structs as s
 from ..wire.frames import MAX_INLINE
 from .client import Client
+from .core import Core
 from .cpu_access import pinned_in_vram, pread_vram, prepare_cpu, pwrite_vram
-from .manager import Core
 from .object import BufferObject, Kind
 from .states import Placement
 

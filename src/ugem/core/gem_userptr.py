@@ -17,7 +17,7 @@ from typing import TYPE_CHECKING
 from ..constants import CACHING_CACHED, PAGE_SIZE
 from ..errors import InvalidArgument, PermissionDenied
 from ..wire import structs as s
-from .manager import Core
+from .core import Core
 from .object import Kind
 from .states import Event
 

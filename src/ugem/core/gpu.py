@@ -1,4 +1,4 @@
-"""Gpu: placement of objects in device memory, eviction, CPU/device hand-over (TTM).
+"""Gpu: placement of objects in VRAM (device memory), eviction, CPU/GPU hand-over (TTM).
 
 Theory of operation
 -------------------
@@ -14,7 +14,7 @@ eviction), and each object remembers two seqnos:
 - `last_fence`: the last op that touches it in any way (busy/wait look at this);
 - `write_fence`: the last op that changes its bytes (CPU reads wait for this).
 
-`dev_dirty` says the VRAM copy is newer than the system pages (the device wrote it);
+`vram_dirty` says the VRAM copy is newer than the system pages (the GPU wrote it);
 evicting a clean object whose system pages are still there copies nothing back. While an
 object is in VRAM its system pages are a spare copy the shrinker may drop.
 
@@ -46,8 +46,8 @@ from collections.abc import Iterable
 from typing import TYPE_CHECKING, Any, Protocol
 
 from ..constants import CACHING_CACHED, DONTNEED, PAGE_SIZE
-from ..device.base import CopyIn, CopyOut, DeviceBackend, Holes, Op, Surface
 from ..errors import Busy, NoSpace, UgemError
+from ..gpu.base import CopyIn, CopyOut, GpuBackend, GpuOp, Holes, Surface
 from ..mm.lru import Lru
 from ..mm.range import InsertMode, Node, RangeAllocator
 from ..mm.scan import EvictionScan
@@ -72,11 +72,11 @@ class Populate(Protocol):
 
 
 class Gpu:
-    """VRAM placement and the device timeline. It sees the rest of the core only through
-    narrow interfaces: the `DeviceBackend`, the `BackingStore`, `Memory` (residency and the
+    """VRAM placement and the GPU timeline. It sees the rest of the core only through
+    narrow interfaces: the `GpuBackend`, the `BackingStore`, `Memory` (residency and the
     reclaim engine) and a `Populate`; so it runs on fakes (tests/unit/core)."""
 
-    def __init__(self, backend: DeviceBackend, backing: BackingStore, memory: Memory, owner: Populate) -> None:
+    def __init__(self, backend: GpuBackend, backing: BackingStore, memory: Memory, owner: Populate) -> None:
         self.backing = backing
         self.memory = memory
         self.owner = owner
@@ -90,7 +90,7 @@ class Gpu:
 
     # -- the timeline ----------------------------------------------------------------
 
-    def submit(self, op: Op) -> int:
+    def submit(self, op: GpuOp) -> int:
         self.last_seq = self.backend.submit(op)
         return self.last_seq
 
@@ -246,7 +246,7 @@ class Gpu:
                 self.memory.expect(obj, obj.size, seq)
             self.totals.bytes_moved += obj.size - sum(n for _, n in holes or ())
         obj.vram = node
-        obj.dev_dirty = False
+        obj.vram_dirty = False
         obj.last_fence = obj.write_fence = seq
         obj.transition(Event.MIGRATE)
 
@@ -267,17 +267,17 @@ class Gpu:
         if evicted:
             tally.evicted += 1
         if evicted and obj.madvise == DONTNEED and purgeable(obj):  # never exported or pinned
-            obj.dev_dirty = False
+            obj.vram_dirty = False
             self.memory.purge(obj, tally)
             return
-        if obj.dev_dirty or obj.backing is None:
+        if obj.vram_dirty or obj.backing is None:
             self.owner.populate_system(obj)
             holes = self._holes(obj)  # pages of zeros copied into holes would fill them
             seq = self.submit(CopyOut(offset, self.host_view(obj), obj.size, holes or ()))
             self.memory.expect(obj, obj.size, seq)  # at most; measured once it has landed
             tally.bytes_moved += obj.size
             obj.last_fence = obj.write_fence = obj.host_fence = seq
-        obj.dev_dirty = False
+        obj.vram_dirty = False
         obj.transition(Event.EVICT)
 
     def to_cpu(self, obj: BufferObject, write: bool) -> None:
@@ -313,7 +313,7 @@ class Gpu:
         self.wait_for(self.last_seq)
         if self.space.used:
             need = sum(n.owner.size for n in self.space if n.owner is not None
-                       and n.owner.madvise != DONTNEED and (n.owner.dev_dirty or n.owner.backing is None))
+                       and n.owner.madvise != DONTNEED and (n.owner.vram_dirty or n.owner.backing is None))
             try:
                 self.memory.check_capacity(need)
             except UgemError:

@@ -73,7 +73,7 @@ from .states import Event, Placement
 
 if TYPE_CHECKING:
     from ..backing.base import BackingStore
-    from ..device.base import DeviceBackend
+    from ..gpu.base import GpuBackend
 
 __all__ = ["Memory", "Owner"]
 
@@ -90,15 +90,15 @@ class Owner(Protocol):
 
 class Memory(SpillJobs):
     """Residency state and the moves. It sees the rest of the core only through narrow
-    interfaces: the budget, the `BackingStore`, the device's timeline (`completed()`, for
+    interfaces: the budget, the `BackingStore`, the GPU backend's timeline (`completed()`, for
     `busy`), an `Owner`, and `release_vram` (a purge drops the VRAM copy too); so it runs on
     fakes (tests/unit/core)."""
 
-    def __init__(self, budget: int, backing: BackingStore, device: DeviceBackend, owner: Owner,
+    def __init__(self, budget: int, backing: BackingStore, gpu_backend: GpuBackend, owner: Owner,
                  release_vram: Callable[[BufferObject], None]) -> None:
         self.budget = budget
         self.backing = backing
-        self.device = device
+        self.gpu_backend = gpu_backend
         self.owner = owner
         self.release_vram = release_vram
         self.totals = Tally()  # the STATS counters: moves outside a reclaim run record here
@@ -174,7 +174,7 @@ class Memory(SpillJobs):
     def refresh(self, limit: int | None = None) -> None:
         """Re-measure objects whose pages may have changed behind our back; the watched ones
         only if they could take resident past `limit` (None: always)."""
-        done = self.device.completed()
+        done = self.gpu_backend.completed()
         for obj, fence in list(self.landing.items()):
             if fence <= done:
                 del self.landing[obj]
@@ -190,7 +190,7 @@ class Memory(SpillJobs):
 
     def busy(self, obj: BufferObject) -> bool:
         """Device work still uses `obj` (its pages are not ours to drop or copy yet)."""
-        return obj.last_fence > self.device.completed()
+        return obj.last_fence > self.gpu_backend.completed()
 
     def reclaim(self, ctx: ReclaimCtx) -> ReclaimCtx:
         return reclaim.reclaim(self, ctx)

@@ -45,7 +45,7 @@ class BufferObject:
         "id", "size", "kind", "backing", "key", "placement", "madvise", "refcount",
         "handle_count", "name", "creator", "creator_uid", "tiling", "stride", "caching",
         "pinned_by", "readonly", "label", "resident", "maps", "xfers", "exported", "job", "extent", "spilled",
-        "vram", "last_fence", "write_fence", "host_fence", "last_exec", "sem_fence", "dev_dirty", "host_view",
+        "vram", "last_fence", "write_fence", "host_fence", "last_exec", "sem_fence", "vram_dirty", "host_view",
         "__weakref__",
     )
 
@@ -81,7 +81,7 @@ class BufferObject:
         self.host_fence = 0  # last device op writing its system pages (a copy out, work in place)
         self.last_exec = 0  # last execbuffer using it (EIO if that was cancelled as hung)
         self.sem_fence = 0  # last execbuffer with a SemaphoreWait polling it
-        self.dev_dirty = False  # the device's copy is newer than the system pages
+        self.vram_dirty = False  # the VRAM copy is newer than the system pages
         self.host_view: Any = None  # the manager's mapping of its pages, for the device
 
     def transition(self, event: Event) -> None:

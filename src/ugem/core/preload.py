@@ -41,7 +41,7 @@ from .object import BufferObject, Kind
 from .states import Event
 
 if TYPE_CHECKING:
-    from .manager import Core
+    from .core import Core
 
 __all__ = ["Preloads", "lookup"]
 

@@ -22,15 +22,17 @@ from typing import TYPE_CHECKING, Any
 
 from ..errors import PermissionDenied
 from ..wire import structs as s
-from ..wire import structs_device as sd
+from ..wire import structs_domain as sd
+from ..wire import structs_exec as sx
 from ..wire import structs_share as ss
 from ..wire.frames import Op
 from ..wire.structs_preload import LookupReq
 from . import gem, shares
-from . import gem_device as gd
+from . import gem_domain as gd
+from . import gem_exec as gx
 from .client import Client
+from .core import Core
 from .gem_userptr import gem_userptr
-from .manager import Core
 from .preload import lookup
 
 if TYPE_CHECKING:
@@ -83,18 +85,18 @@ REQUESTS: tuple[RequestDesc, ...] = (
     RequestDesc(Op.GEM_MADVISE, gem.gem_madvise, s.MadviseReq, s.MadviseReply, doc="WILLNEED/DONTNEED; retained"),
     RequestDesc(Op.GEM_PIN, gem.gem_pin, s.HandleReq, s.Empty, doc="populate and keep in place"),
     RequestDesc(Op.GEM_UNPIN, gem.gem_unpin, s.HandleReq, s.Empty, doc="end this client's pin"),
-    RequestDesc(Op.GEM_EXECBUFFER, gd.gem_execbuffer, sd.ExecbufferReq, sd.FenceReply, doc="submit device commands"),
-    RequestDesc(Op.GEM_BUSY, gd.gem_busy, s.HandleReq, sd.BusyReply, doc="device work pending?"),
-    RequestDesc(Op.GEM_WAIT, gd.gem_wait, sd.WaitReq, sd.WaitReply, doc="wait for an object's work",
+    RequestDesc(Op.GEM_EXECBUFFER, gx.gem_execbuffer, sx.ExecbufferReq, sx.FenceReply, doc="submit device commands"),
+    RequestDesc(Op.GEM_BUSY, gx.gem_busy, s.HandleReq, sx.BusyReply, doc="device work pending?"),
+    RequestDesc(Op.GEM_WAIT, gx.gem_wait, sx.WaitReq, sx.WaitReply, doc="wait for an object's work",
                 takes_call=True),
-    RequestDesc(Op.WAIT_FENCE, gd.wait_fence, sd.WaitFenceReq, sd.WaitReply, doc="wait for a fence", takes_call=True),
+    RequestDesc(Op.WAIT_FENCE, gx.wait_fence, sx.WaitFenceReq, sx.WaitReply, doc="wait for a fence", takes_call=True),
     RequestDesc(Op.GEM_SET_DOMAIN, gd.gem_set_domain, sd.SetDomainReq, s.Empty, doc="hand over to CPU or device"),
     RequestDesc(Op.GEM_SET_TILING, gd.gem_set_tiling, sd.TilingReq, sd.TilingReply, doc="X/Y tiling and stride"),
     RequestDesc(Op.GEM_GET_TILING, gd.gem_get_tiling, s.HandleReq, sd.TilingReply, doc="tiling and stride"),
     RequestDesc(Op.GEM_SET_CACHING, gd.gem_set_caching, sd.CachingReq, s.Empty, doc="NONE/CACHED/DISPLAY"),
     RequestDesc(Op.GEM_GET_CACHING, gd.gem_get_caching, s.HandleReq, sd.CachingReply, doc="caching level"),
-    RequestDesc(Op.SUSPEND, gd.suspend, s.Empty, s.Empty, Perm.PRIVILEGED, doc="save device memory, hold work"),
-    RequestDesc(Op.RESUME, gd.resume, s.Empty, s.Empty, Perm.PRIVILEGED, doc="run device work again"),
+    RequestDesc(Op.SUSPEND, gx.suspend, s.Empty, s.Empty, Perm.PRIVILEGED, doc="save device memory, hold work"),
+    RequestDesc(Op.RESUME, gx.resume, s.Empty, s.Empty, Perm.PRIVILEGED, doc="run device work again"),
     RequestDesc(Op.GEM_USERPTR, gem_userptr, s.UserptrReq, s.OpenReply, doc="wrap existing memory",
                 takes_call=True),
     RequestDesc(Op.STATS, gem.stats, s.Empty, s.JsonReply, doc="manager-wide figures"),

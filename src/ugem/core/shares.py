@@ -65,8 +65,8 @@ from ..errors import (
 from ..wire import structs as s
 from ..wire import structs_share as ss
 from .client import Client
+from .core import Core
 from .gem import cpu_mapping, map_object, track_mapping
-from .manager import Core
 from .share_table import Share
 
 __all__ = ["gem_claim", "gem_claim_mapped", "gem_drop_shares", "gem_share"]

@@ -51,8 +51,8 @@ from ..wire.frames import (
     MAX_PAYLOAD,
     PROTOCOL_VERSION,
     Frame,
+    FrameKind,
     FrameParser,
-    Kind,
     Op,
     encode_header,
 )
@@ -62,14 +62,14 @@ from .tally import RequestTally
 
 if TYPE_CHECKING:
     from ..core.client import Client
-    from ..core.manager import Core
+    from ..core.core import Core
 
 __all__ = ["Connection"]
 
 log = logging.getLogger("ugem.daemon")
 _CTRUNC = int(socket.MSG_CTRUNC)  # a plain int: enum flag arithmetic is slow per request
-_REPLY = int(Kind.REPLY)
-_REPLY_MORE = int(Kind.REPLY_MORE)
+_REPLY = int(FrameKind.REPLY)
+_REPLY_MORE = int(FrameKind.REPLY_MORE)
 _BURST = 16384  # bytes read at once between frames: bounds the frames served per wake-up
 
 
@@ -80,7 +80,7 @@ class Connection:
         self.client = client
         self.tally = tally if tally is not None else RequestTally()
         self.started = 0.0  # when the frame being served was complete (its reply is timed from then)
-        self.parser = FrameParser(Kind.REQUEST)
+        self.parser = FrameParser(FrameKind.REQUEST)
         self.outbox: deque[tuple[memoryview, list[OwnedFd]]] = deque()
         self.greeted = False
         self.closed = False
@@ -270,7 +270,7 @@ class Connection:
         if code == errno.EDQUOT:
             self.tally.refused(self.client, frame.op, message, now)
         body = message.encode("utf-8", "replace")[:4096]
-        header = encode_header(len(body), frame.op, 0, Kind.REPLY, frame.seq, code)
+        header = encode_header(len(body), frame.op, 0, FrameKind.REPLY, frame.seq, code)
         self.outbox.append((memoryview(header + body), []))
         self.flush()
 

@@ -19,7 +19,7 @@ import itertools
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
-    from ..core.manager import Core
+    from ..core.core import Core
     from .connection import Connection
 
 __all__ = ["HELLO_SLACK", "Lobby"]

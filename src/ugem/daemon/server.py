@@ -91,8 +91,8 @@ class Server:
         self.config = config
         self.options = options
         self.service = service if service is not None else Service()
-        self.device, self.core = open_core(config)
-        self.core.hold_while_suspended = self.core.shares_may_lag = True  # the daemon's ways (core/manager.py)
+        self.gpu, self.core = open_core(config)
+        self.core.hold_while_suspended = self.core.shares_may_lag = True  # the daemon's ways (core/core.py)
         self.sel = Poller()
         self.listener: Listener | None = None
         self.connections: dict[int, Connection] = {}
@@ -109,9 +109,9 @@ class Server:
             self.runner.submit(job)
         self.sel.register(self.runner.fileno(), READ, "jobs")
         self.parked: set[Connection] = set()  # requests waiting for jobs, fences, deadlines or resume
-        self._device_r, self._device_w = pipe(os.O_NONBLOCK | os.O_CLOEXEC)  # device thread -> loop
-        self.sel.register(self._device_r.fd, READ, "device")
-        self.device.set_notify(self._device_notify)
+        self._gpu_r, self._gpu_w = pipe(os.O_NONBLOCK | os.O_CLOEXEC)  # GPU thread -> loop
+        self.sel.register(self._gpu_r.fd, READ, "gpu")
+        self.gpu.set_notify(self._gpu_notify)
         self.pressure = PressureWatch()
         if listener is not None:
             self._listen(listener)
@@ -170,8 +170,8 @@ class Server:
                 self._read_signals()
             elif tag == "jobs":
                 self._jobs_done()
-            elif tag == "device":
-                drain(self._device_r)
+            elif tag == "gpu":
+                drain(self._gpu_r)
             else:  # the service's own fds (metrics endpoint) carry their handler as the tag
                 tag(_events)
         if self.parked:
@@ -309,13 +309,13 @@ class Server:
         for job in self.runner.completed():
             self.core.memory.finish(job)
 
-    def _device_notify(self, seqno: int) -> None:
+    def _gpu_notify(self, seqno: int) -> None:
         """Called on the device's thread after each op: wake the loop if a parked request
         may be waiting for it (cheap, never raises)."""
         if not self.parked:
             return
         try:
-            os.write(self._device_w.fd, b"d")
+            os.write(self._gpu_w.fd, b"d")
         except BlockingIOError:
             pass  # a wakeup is already waiting
 
@@ -384,8 +384,8 @@ class Server:
         self.core.preloads.cancel()  # a file still loading stops at its next chunk
         for job in self.runner.shutdown():  # no copy may outlive the fds it uses
             self.core.memory.finish(job)
-        self.device.set_notify(None)
-        self.device.close()
+        self.gpu.set_notify(None)
+        self.gpu.close()
         for conn in list(self.connections.values()):
             self._drop(conn, "shutdown")
         if self.listener is not None:
@@ -399,5 +399,5 @@ class Server:
         for sig in SIGNALS:
             signal.signal(sig, signal.SIG_DFL)
         self.sel.close()
-        for fd in (self._wakeup_r, self._wakeup_w, self._device_r, self._device_w):
+        for fd in (self._wakeup_r, self._wakeup_w, self._gpu_r, self._gpu_w):
             fd.close()

@@ -31,7 +31,7 @@ from .tally import RequestTally
 
 if TYPE_CHECKING:
     from ..core.client import Client
-    from ..core.manager import Core
+    from ..core.core import Core
     from .metrics import MetricsEndpoint
     from .poller import Poller
 

@@ -13,23 +13,23 @@ import resource
 
 from ..backing.memfd import MemfdStore
 from ..config import BadSetting, Config
-from ..core.manager import Core
-from ..device.sim import SimDevice
+from ..core.core import Core
+from ..gpu.sim import SimGpu
 
 __all__ = ["open_core", "raise_fd_limit"]
 
 
-def _open_device_and_store(config: Config) -> tuple[SimDevice, MemfdStore]:
+def _open_gpu_and_store(config: Config) -> tuple[SimGpu, MemfdStore]:
     """Device memory, then the spill directory: BadSetting naming the one that failed,
     with the other undone."""
     try:
-        device = SimDevice(config.vram, config.hang_timeout)
+        gpu = SimGpu(config.vram, config.hang_timeout)
     except (OSError, OverflowError) as exc:
         raise BadSetting("vram", config.vram, f"bytes of device memory cannot be mapped: {exc}") from None
     try:
-        return device, MemfdStore(config.spill_dir)
+        return gpu, MemfdStore(config.spill_dir)
     except OSError as exc:
-        device.close()
+        gpu.close()
         detail = exc.strerror or str(exc)
         if exc.filename and exc.filename != config.spill_dir:
             detail += f": {exc.filename}"
@@ -44,11 +44,11 @@ def raise_fd_limit() -> int:
     return hard
 
 
-def open_core(config: Config) -> tuple[SimDevice, Core]:
+def open_core(config: Config) -> tuple[SimGpu, Core]:
     """The device and the core with its preloaded objects created (their copies planned in
     `core.memory.background`); BadSetting naming what failed, all of it undone."""
-    device, backing = _open_device_and_store(config)
-    core = Core(config, backing, device)
+    gpu, backing = _open_gpu_and_store(config)
+    core = Core(config, backing, gpu)
     try:
         core.preloads.start(config.object, os.getpid(), os.getuid())
     except OSError as exc:
@@ -57,7 +57,7 @@ def open_core(config: Config) -> tuple[SimDevice, Core]:
             job.run()
             core.memory.finish(job)
         core.preloads.release()
-        device.close()
+        gpu.close()
         backing.close()
         raise BadSetting("object", exc.filename or "", f"cannot be read: {exc.strerror or exc}") from None
-    return device, core
+    return gpu, core

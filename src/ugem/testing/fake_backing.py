@@ -1,7 +1,7 @@
 """FakeBackingStore: a `BackingStore` in plain Python memory, for core tests without memfds.
 
-With a `FakeDevice`, it lets a test build a `Core` (or drive `Memory` and the reclaim
-engine) with no Manager, daemon, fd or file: `Core(config, FakeBackingStore(), FakeDevice())`.
+With a `FakeGpu`, it lets a test build a `Core` (or drive `Memory` and the reclaim
+engine) with no Manager, daemon, fd or file: `Core(config, FakeBackingStore(), FakeGpu())`.
 
 Rules (the parts of the memfd store's behaviour the core's policy depends on):
 - a backing is a `FakeBacking`: `size` zero bytes and a set of allocated pages; `write`

@@ -19,7 +19,7 @@ Rules:
 - `length` is checked against MAX_PAYLOAD before any payload is read.
 - A request is always one frame. A client never sends a request whose payload exceeds
   MAX_PAYLOAD: it refuses it with E2BIG before sending anything (an execbuffer of more
-  than MAX_COMMANDS commands, wire/structs_device.py), so the connection and every object
+  than MAX_COMMANDS commands, wire/structs_exec.py), so the connection and every object
   stay; batches it makes itself (released mappings, dropped handles) are split into
   several requests instead. A daemon that receives a bigger request drops the connection.
 - The parser owns received fds until the frame is handed out; on error it closes them.
@@ -58,7 +58,7 @@ __all__ = [
     "PROTOCOL_VERSION",
     "Frame",
     "FrameParser",
-    "Kind",
+    "FrameKind",
     "Op",
     "encode_header",
 ]
@@ -75,7 +75,7 @@ MAX_PAYLOAD = MAX_INLINE + 4096
 MAX_FDS = 4
 
 
-class Kind(enum.IntEnum):
+class FrameKind(enum.IntEnum):
     REQUEST = 0
     REPLY = 1
     REPLY_MORE = 2  # a piece of a reply too big for one frame; the rest follows
@@ -153,7 +153,7 @@ class FrameParser:
     sender attaches fds to the sendmsg holding the first bytes of their frame.
     """
 
-    def __init__(self, expect_kind: Kind, max_payload: int = MAX_PAYLOAD) -> None:
+    def __init__(self, expect_kind: FrameKind, max_payload: int = MAX_PAYLOAD) -> None:
         self._expect_kind = expect_kind
         self._max_payload = max_payload
         self._buf = bytearray()
@@ -236,7 +236,7 @@ class FrameParser:
             raise RemoteProtocolError(f"frame length {length} exceeds {self._max_payload}")
         if kind != self._expect_kind:
             raise RemoteProtocolError(f"unexpected frame kind {kind}")
-        if kind == Kind.REQUEST and status != 0:
+        if kind == FrameKind.REQUEST and status != 0:
             raise RemoteProtocolError(f"nonzero status {status} in a request")
         return header
 

@@ -17,7 +17,7 @@ import ugem
 from ugem.client.device import Device
 from ugem.client.transport import SocketTransport
 from ugem.wire import structs as s
-from ugem.wire.frames import MAX_PAYLOAD, XFER_ABOVE, Frame, FrameParser, Kind, Op, encode_header
+from ugem.wire.frames import MAX_PAYLOAD, XFER_ABOVE, Frame, FrameKind, FrameParser, Op, encode_header
 
 Script = Callable[[socket.socket, Callable[[], Frame]], None]
 
@@ -26,7 +26,7 @@ def _fixed(msg: s.Struct) -> bytes:
     return bytes(s.encode(msg)[0][0])
 
 
-def _reply(frame: Frame, payload: bytes, kind: Kind = Kind.REPLY, seq: int | None = None) -> bytes:
+def _reply(frame: Frame, payload: bytes, kind: FrameKind = FrameKind.REPLY, seq: int | None = None) -> bytes:
     return encode_header(len(payload), frame.op, 0, kind, frame.seq if seq is None else seq) + payload
 
 
@@ -41,7 +41,7 @@ def peer() -> Iterator[Callable[[Script], Device]]:
     def start(script: Script, max_inline: int = MAX_PAYLOAD) -> Device:
         ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
         socks.append(theirs)
-        parser = FrameParser(Kind.REQUEST)
+        parser = FrameParser(FrameKind.REQUEST)
 
         def next_request() -> Frame:
             while (frame := parser.next_frame()) is None:
@@ -120,12 +120,12 @@ def test_a_reply_in_pieces_arrives_whole_however_it_is_cut(peer, chunk):
     def script(sock: socket.socket, next_request: Callable[[], Frame]) -> None:
         frame = next_request()
         parts = [payload[i:i + MAX_PAYLOAD] for i in range(0, len(payload), MAX_PAYLOAD)]
-        wire = b"".join(_reply(frame, p, Kind.REPLY if i == len(parts) - 1 else Kind.REPLY_MORE)
+        wire = b"".join(_reply(frame, p, FrameKind.REPLY if i == len(parts) - 1 else FrameKind.REPLY_MORE)
                         for i, p in enumerate(parts))
         start = wire[:20_000]  # in `chunk`-byte writes at the start, then in bulk
         for i in range(0, len(start), chunk):
             sock.sendall(start[i:i + chunk])
-        boundary = len(_reply(frame, parts[0], Kind.REPLY_MORE))  # the second header, cut in two
+        boundary = len(_reply(frame, parts[0], FrameKind.REPLY_MORE))  # the second header, cut in two
         sock.sendall(wire[20_000:boundary + 5])
         sock.sendall(wire[boundary + 5:boundary + 11])
         sock.sendall(wire[boundary + 11:])
@@ -141,11 +141,11 @@ def test_a_reply_in_pieces_arrives_whole_however_it_is_cut(peer, chunk):
 def test_a_malformed_piece_loses_the_connection(peer, bad):
     def script(sock: socket.socket, next_request: Callable[[], Frame]) -> None:
         frame = next_request()
-        sock.sendall(_reply(frame, b"x" * 10, Kind.REPLY_MORE))
-        header = {"seq": (10, frame.op, Kind.REPLY, frame.seq + 1, 0),
-                  "op": (10, frame.op + 1, Kind.REPLY, frame.seq, 0),
-                  "status": (10, frame.op, Kind.REPLY_MORE, frame.seq, 5),
-                  "too-long": (MAX_PAYLOAD + 1, frame.op, Kind.REPLY, frame.seq, 0)}[bad]
+        sock.sendall(_reply(frame, b"x" * 10, FrameKind.REPLY_MORE))
+        header = {"seq": (10, frame.op, FrameKind.REPLY, frame.seq + 1, 0),
+                  "op": (10, frame.op + 1, FrameKind.REPLY, frame.seq, 0),
+                  "status": (10, frame.op, FrameKind.REPLY_MORE, frame.seq, 5),
+                  "too-long": (MAX_PAYLOAD + 1, frame.op, FrameKind.REPLY, frame.seq, 0)}[bad]
         length, op, kind, seq, status = header
         sock.sendall(encode_header(length, op, 0, kind, seq, status) + b"y" * 10)
         next_request()

@@ -12,14 +12,14 @@ from ugem.config import Config
 from ugem.constants import PAGE_SIZE
 from ugem.core.call import Call, after_request
 from ugem.core.client import Client, Credentials
+from ugem.core.core import Core
 from ugem.core.jobs import Pending
-from ugem.core.manager import Core
 from ugem.core.requests import BY_OP
 from ugem.errors import TimerExpired
-from ugem.testing import FakeDevice
+from ugem.testing import FakeGpu
 from ugem.testing.fake_backing import FakeBackingStore
 from ugem.wire import structs as s
-from ugem.wire import structs_device as sd
+from ugem.wire import structs_exec as sx
 from ugem.wire.commands import encode_commands
 from ugem.wire.frames import Op
 
@@ -34,11 +34,11 @@ class Clock:
         return self.now
 
 
-def setup(budget: int = 16 * P, paused: bool = True) -> tuple[Core, Client, FakeDevice, Clock]:
-    device, clock = FakeDevice(paused=paused), Clock()
+def setup(budget: int = 16 * P, paused: bool = True) -> tuple[Core, Client, FakeGpu, Clock]:
+    gpu, clock = FakeGpu(paused=paused), Clock()
     config = Config.from_kwargs(system_budget=budget, spill_dir="/nonexistent/ugem-unit-spill")
-    core = Core(config, FakeBackingStore(), device, clock=clock)
-    return core, core.client_open(Credentials(1, 1000, 1000), privileged=True), device, clock
+    core = Core(config, FakeBackingStore(), gpu, clock=clock)
+    return core, core.client_open(Credentials(1, 1000, 1000), privileged=True), gpu, clock
 
 
 def run(core: Core, client: Client, op: Op, req: s.Struct) -> s.Struct:
@@ -47,8 +47,8 @@ def run(core: Core, client: Client, op: Op, req: s.Struct) -> s.Struct:
     return reply
 
 
-def fill(handle: int) -> sd.ExecbufferReq:
-    return sd.ExecbufferReq(data=encode_commands([Fill(dst=handle, offset=0, length=8, byte=1)]))
+def fill(handle: int) -> sx.ExecbufferReq:
+    return sx.ExecbufferReq(data=encode_commands([Fill(dst=handle, offset=0, length=8, byte=1)]))
 
 
 def busy_handle(core: Core, client: Client) -> int:
@@ -58,9 +58,9 @@ def busy_handle(core: Core, client: Client) -> int:
 
 
 def test_a_wait_keeps_its_start_in_the_call_and_steps_again_once_ready():
-    core, client, device, clock = setup()
+    core, client, gpu, clock = setup()
     handle = busy_handle(core, client)
-    req = sd.WaitReq(handle=handle, timeout_ns=5_000_000_000)
+    req = sx.WaitReq(handle=handle, timeout_ns=5_000_000_000)
     call = Call(client, BY_OP[Op.GEM_WAIT], req)
     assert call.step(core) is None and call.started == 100.0
     pending = call.pending
@@ -69,16 +69,16 @@ def test_a_wait_keeps_its_start_in_the_call_and_steps_again_once_ready():
     clock.now = 101.0
     assert call.step(core) is None and call.started == 100.0  # the first run's clock, not this one
     assert not hasattr(req, "started")  # the wire struct carries no retry state
-    device.release()
+    gpu.release()
     assert call.ready(core, clock.now)
     reply = call.step(core)
-    assert isinstance(reply, sd.WaitReply) and reply.remaining_ns == 4_000_000_000
+    assert isinstance(reply, sx.WaitReply) and reply.remaining_ns == 4_000_000_000
     assert call.pending is None
 
 
 def test_a_wait_past_its_deadline_is_ready_and_then_times_out():
-    core, client, device, clock = setup()
-    call = Call(client, BY_OP[Op.GEM_WAIT], sd.WaitReq(handle=busy_handle(core, client), timeout_ns=1_000_000))
+    core, client, gpu, clock = setup()
+    call = Call(client, BY_OP[Op.GEM_WAIT], sx.WaitReq(handle=busy_handle(core, client), timeout_ns=1_000_000))
     assert call.step(core) is None
     clock.now += 1.0
     assert call.ready(core, clock.now)
@@ -87,7 +87,7 @@ def test_a_wait_past_its_deadline_is_ready_and_then_times_out():
 
 
 def test_a_request_waiting_for_a_resume_is_ready_only_once_resumed():
-    core, client, device, clock = setup(paused=False)
+    core, client, gpu, clock = setup(paused=False)
     core.hold_while_suspended = True
     handle = run(core, client, Op.GEM_CREATE, s.CreateReq(size=P)).handle
     run(core, client, Op.SUSPEND, s.Empty())
@@ -95,11 +95,11 @@ def test_a_request_waiting_for_a_resume_is_ready_only_once_resumed():
     assert call.step(core) is None and call.pending is not None and call.pending.resume
     assert not call.ready(core, clock.now)
     run(core, client, Op.RESUME, s.Empty())
-    assert call.ready(core, clock.now) and isinstance(call.step(core), sd.FenceReply)
+    assert call.ready(core, clock.now) and isinstance(call.step(core), sx.FenceReply)
 
 
 def test_embedded_pread_fills_the_callers_buffer_given_to_the_call():
-    core, client, device, clock = setup(paused=False)
+    core, client, gpu, clock = setup(paused=False)
     handle = run(core, client, Op.GEM_CREATE, s.CreateReq(size=P)).handle
     run(core, client, Op.GEM_PWRITE, s.PwriteReq(handle=handle, length=4, data=b"abcd"))
     into = bytearray(4)
@@ -108,7 +108,7 @@ def test_embedded_pread_fills_the_callers_buffer_given_to_the_call():
 
 
 def test_after_request_shrinks_over_the_budget_only_with_no_spill_in_flight():
-    core, client, device, clock = setup(budget=2 * P, paused=False)
+    core, client, gpu, clock = setup(budget=2 * P, paused=False)
 
     def written() -> object:
         obj = core.object_new(client, 2 * P)

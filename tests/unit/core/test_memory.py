@@ -17,13 +17,14 @@ from ugem.cmd import Fill
 from ugem.config import Config
 from ugem.core.call import Call
 from ugem.core.client import Client, Credentials
+from ugem.core.core import Core
 from ugem.core.jobs import Pending
-from ugem.core.manager import Core
 from ugem.core.requests import BY_OP, dispatch
-from ugem.testing import FakeDevice
+from ugem.testing import FakeGpu
 from ugem.testing.data import random_bytes, write_new
 from ugem.wire import structs as s
-from ugem.wire import structs_device as sd
+from ugem.wire import structs_domain as sd
+from ugem.wire import structs_exec as sx
 from ugem.wire.commands import encode_commands
 from ugem.wire.frames import Op
 
@@ -50,22 +51,22 @@ def test_spill_range_running_out_is_enomem_naming_the_directory_and_loses_nothin
             assert dev.pread(x, 0, MiB) == data
 
 
-# -- reclaim that waits for the device (a FakeDevice holds its work until released) -----
+# -- reclaim that waits for the device (a FakeGpu holds its work until released) -----
 
 
 @pytest.fixture
-def held(tmp_path: Any) -> Iterator[tuple[Core, Client, FakeDevice]]:
-    """A core with a 1 MiB budget on a paused FakeDevice, and one client."""
-    device = FakeDevice(paused=True)
+def held(tmp_path: Any) -> Iterator[tuple[Core, Client, FakeGpu]]:
+    """A core with a 1 MiB budget on a paused FakeGpu, and one client."""
+    gpu = FakeGpu(paused=True)
     spill_dir = str(tmp_path / "spill")
-    core = Core(Config.from_kwargs(system_budget="1M", spill_dir=spill_dir), MemfdStore(spill_dir), device)
+    core = Core(Config.from_kwargs(system_budget="1M", spill_dir=spill_dir), MemfdStore(spill_dir), gpu)
     client = core.client_open(Credentials(os.getpid(), os.getuid(), os.getgid()), privileged=True)
     try:
-        yield core, client, device
+        yield core, client, gpu
     finally:
-        device.release()
+        gpu.release()
         core.client_release(client)
-        device.close()
+        gpu.close()
         core.backing.close()
 
 
@@ -79,14 +80,14 @@ def _busy_object(core: Core, client: Client, size: int, caching: int) -> int:
     _call(core, client, Op.GEM_PWRITE, s.PwriteReq(handle=handle, length=size, data=b"\x07" * size))
     _call(core, client, Op.GEM_SET_CACHING, sd.CachingReq(handle=handle, level=caching))
     commands = encode_commands([Fill(dst=handle, offset=0, length=8, byte=1)])
-    _call(core, client, Op.GEM_EXECBUFFER, sd.ExecbufferReq(data=commands))
+    _call(core, client, Op.GEM_EXECBUFFER, sx.ExecbufferReq(data=commands))
     return int(handle)
 
 
 @pytest.mark.parametrize("caching", [ugem.CACHING_NONE, ugem.CACHING_CACHED])
 def test_room_held_by_busy_objects_is_waited_for_then_reclaimed(held, caching):
     # NONE: in VRAM, its system pages a spare copy; CACHED: used in place, spilled later
-    core, client, device = held
+    core, client, gpu = held
     busy = core.lookup(client, _busy_object(core, client, MiB, caching))
     handle = _call(core, client, Op.GEM_CREATE, s.CreateReq(size=MiB // 2)).handle
     write = s.PwriteReq(handle=handle, length=MiB // 2, data=b"\x09" * (MiB // 2))
@@ -94,7 +95,7 @@ def test_room_held_by_busy_objects_is_waited_for_then_reclaimed(held, caching):
         _call(core, client, Op.GEM_PWRITE, write)
     assert waiting.value.fence == busy.last_fence and not waiting.value.jobs
     assert core.memory.resident == MiB  # nothing was changed for the wait
-    device.release()
+    gpu.release()
     while True:  # the work is done: the room comes from the busy object (spilled or dropped)
         try:
             _call(core, client, Op.GEM_PWRITE, write)
@@ -107,7 +108,7 @@ def test_room_held_by_busy_objects_is_waited_for_then_reclaimed(held, caching):
 
 
 def test_enomem_at_once_when_even_finished_work_would_not_free_enough(held):
-    core, client, device = held
+    core, client, gpu = held
     _busy_object(core, client, MiB // 2, ugem.CACHING_NONE)  # half the budget, busy
     pinned = _call(core, client, Op.GEM_CREATE, s.CreateReq(size=MiB // 2)).handle
     _call(core, client, Op.GEM_PIN, s.HandleReq(handle=pinned))
@@ -115,7 +116,7 @@ def test_enomem_at_once_when_even_finished_work_would_not_free_enough(held):
     with pytest.raises(ugem.UgemError) as failed:
         _call(core, client, Op.GEM_PWRITE, s.PwriteReq(handle=handle, length=MiB, data=bytes(MiB)))
     assert failed.value.errno == errno.ENOMEM
-    assert device.held  # the work is still held: the request did not wait for it
+    assert gpu.held  # the work is still held: the request did not wait for it
 
 
 def test_exported_objects_are_not_measured_before_every_request_while_they_cannot_matter(tmp_path):

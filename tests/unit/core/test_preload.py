@@ -17,10 +17,10 @@ from ugem.backing.memfd import MemfdStore
 from ugem.config import Config
 from ugem.core.call import Call
 from ugem.core.client import Client, Credentials
+from ugem.core.core import Core
 from ugem.core.jobs import Job, JobKind, Pending
-from ugem.core.manager import Core
 from ugem.core.requests import BY_OP, dispatch
-from ugem.testing import FakeDevice
+from ugem.testing import FakeGpu
 from ugem.testing.data import random_bytes
 from ugem.wire import structs as s
 from ugem.wire.frames import Op
@@ -37,9 +37,9 @@ def made(tmp_path: Any) -> Iterator[tuple[Core, Client, str, bytes]]:
     with open(path, "wb") as f:
         f.write(data)
     spill_dir = str(tmp_path / "spill")
-    device = FakeDevice()
+    gpu = FakeGpu()
     config = Config.from_kwargs(system_budget="64M", spill_dir=spill_dir, object=[f"w={path}"])
-    core = Core(config, MemfdStore(spill_dir), device)
+    core = Core(config, MemfdStore(spill_dir), gpu)
     core.preloads.start(config.object, 4242, os.getuid())
     client = core.client_open(Credentials(os.getpid(), 65534, 65534), privileged=False)
     try:
@@ -51,7 +51,7 @@ def made(tmp_path: Any) -> Iterator[tuple[Core, Client, str, bytes]]:
             core.memory.finish(job)
         core.client_release(client)
         core.preloads.release()
-        device.close()
+        gpu.close()
         core.backing.close()
 
 

@@ -1,5 +1,5 @@
 """The reclaim engine (core/reclaim.py) driven alone: a Core on a FakeBackingStore and a
-FakeDevice, with no Manager, daemon, memfd or fd (and Memory with no Core at all). Each
+FakeGpu, with no Manager, daemon, memfd or fd (and Memory with no Core at all). Each
 pass in order, the working set kept (spill ping-pong), execbuffer's restores not spilling
 each other (livelock), fd-limit reclaim, waiting on a fence, suspend, and make_room's
 all-or-nothing rule (hypothesis)."""
@@ -15,14 +15,14 @@ from hypothesis import strategies as st
 from ugem.config import Config
 from ugem.constants import DONTNEED, PAGE_SIZE
 from ugem.core.client import Client, Credentials
+from ugem.core.core import Core
 from ugem.core.jobs import Pending
-from ugem.core.manager import Core
 from ugem.core.memory import Memory
 from ugem.core.object import BufferObject, Kind
 from ugem.core.reclaim import Pass, ReclaimCtx, Unit, purgeable, spare, spillable
 from ugem.core.states import Event, Placement
 from ugem.errors import NoSpace, OutOfMemory
-from ugem.testing import FakeDevice
+from ugem.testing import FakeGpu
 from ugem.testing.fake_backing import FakeBackingStore
 
 P = PAGE_SIZE
@@ -30,7 +30,7 @@ P = PAGE_SIZE
 
 def make_core(budget: int, *, max_open: int = 1 << 20, paused: bool = False) -> Core:
     config = Config.from_kwargs(system_budget=budget, spill_dir="/nonexistent/ugem-unit-spill")
-    return Core(config, FakeBackingStore(max_open=max_open), FakeDevice(paused=paused))
+    return Core(config, FakeBackingStore(max_open=max_open), FakeGpu(paused=paused))
 
 
 @pytest.fixture
@@ -70,9 +70,9 @@ def until_done(core: Core, step: object) -> None:
             return
         except Pending as pending:
             run_jobs(core, pending)
-            device = core.gpu.backend
-            assert isinstance(device, FakeDevice)
-            device.release()
+            backend = core.gpu.backend
+            assert isinstance(backend, FakeGpu)
+            backend.release()
 
 
 def test_passes_run_in_order_purge_then_spare_then_spill(core):
@@ -157,9 +157,9 @@ def test_reclaim_waits_for_the_fence_after_which_busy_objects_free_enough():
         core.memory.make_room(4 * P)
     assert waiting.value.fence == busy.last_fence and not waiting.value.jobs
     assert busy.backing is not None and core.memory.resident == 6 * P  # nothing changed for the wait
-    device = core.gpu.backend
-    assert isinstance(device, FakeDevice)
-    device.release()
+    backend = core.gpu.backend
+    assert isinstance(backend, FakeGpu)
+    backend.release()
     core.memory.make_room(4 * P)  # the spare copy goes
     assert busy.backing is None and core.memory.resident == 0
 
@@ -267,7 +267,7 @@ def test_memory_and_its_engine_run_without_a_core():
     store = FakeBackingStore()
     owner = Owner(store)
     released: list[BufferObject] = []
-    memory = Memory(4 * P, store, FakeDevice(), owner, released.append)
+    memory = Memory(4 * P, store, FakeGpu(), owner, released.append)
     objs = []
     for i in range(3):
         obj = BufferObject(i + 1, 2 * P, Kind.NORMAL, creator=1, creator_uid=1000)

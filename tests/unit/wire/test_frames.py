@@ -6,7 +6,7 @@ from hypothesis import strategies as st
 
 from ugem.errors import RemoteProtocolError
 from ugem.fd import OwnedFd
-from ugem.wire.frames import HEADER, MAX_PAYLOAD, FrameParser, Kind, Op, encode_header
+from ugem.wire.frames import HEADER, MAX_PAYLOAD, FrameKind, FrameParser, Op, encode_header
 
 
 def _feed_all(parser, data, fds=()):
@@ -20,37 +20,37 @@ def _feed_all(parser, data, fds=()):
 
 
 def test_one_frame_with_payload():
-    p = FrameParser(Kind.REQUEST)
-    _feed_all(p, encode_header(3, Op.GEM_CREATE, 0, Kind.REQUEST, 7) + b"abc")
+    p = FrameParser(FrameKind.REQUEST)
+    _feed_all(p, encode_header(3, Op.GEM_CREATE, 0, FrameKind.REQUEST, 7) + b"abc")
     frame = p.next_frame()
     assert (frame.op, frame.seq, frame.payload) == (Op.GEM_CREATE, 7, b"abc")
     assert p.next_frame() is None and not p.mid_frame
 
 
 def test_empty_payload_frame():
-    p = FrameParser(Kind.REQUEST)
-    _feed_all(p, encode_header(0, Op.STATS, 0, Kind.REQUEST, 1))
+    p = FrameParser(FrameKind.REQUEST)
+    _feed_all(p, encode_header(0, Op.STATS, 0, FrameKind.REQUEST, 1))
     assert p.next_frame().payload == b""
 
 
 def test_length_checked_before_payload():
-    p = FrameParser(Kind.REQUEST)
+    p = FrameParser(FrameKind.REQUEST)
     with pytest.raises(RemoteProtocolError, match="exceeds"):
-        p.feed(encode_header(MAX_PAYLOAD + 1, Op.STATS, 0, Kind.REQUEST, 1), [])
+        p.feed(encode_header(MAX_PAYLOAD + 1, Op.STATS, 0, FrameKind.REQUEST, 1), [])
 
 
 def test_fds_must_match_the_header():
-    p = FrameParser(Kind.REQUEST)
+    p = FrameParser(FrameKind.REQUEST)
     r, w = os.pipe()
     fds = [OwnedFd(r), OwnedFd(w)]
     with pytest.raises(RemoteProtocolError, match="announces 1 fds, 2"):
-        p.feed(encode_header(0, Op.PRIME_FD_TO_HANDLE, 1, Kind.REQUEST, 1), fds)
+        p.feed(encode_header(0, Op.PRIME_FD_TO_HANDLE, 1, FrameKind.REQUEST, 1), fds)
     assert all(fd.closed for fd in fds)
 
 
 def test_fds_in_the_middle_of_a_frame_are_refused():
-    p = FrameParser(Kind.REQUEST)
-    p.feed(encode_header(8, Op.GEM_CLOSE, 0, Kind.REQUEST, 1), [])
+    p = FrameParser(FrameKind.REQUEST)
+    p.feed(encode_header(8, Op.GEM_CLOSE, 0, FrameKind.REQUEST, 1), [])
     r, w = os.pipe()
     os.close(w)
     fd = OwnedFd(r)
@@ -61,20 +61,20 @@ def test_fds_in_the_middle_of_a_frame_are_refused():
 
 def test_request_with_status_and_wrong_kind():
     with pytest.raises(RemoteProtocolError):
-        FrameParser(Kind.REQUEST).feed(encode_header(0, 1, 0, Kind.REQUEST, 1, status=5), [])
+        FrameParser(FrameKind.REQUEST).feed(encode_header(0, 1, 0, FrameKind.REQUEST, 1, status=5), [])
     with pytest.raises(RemoteProtocolError):
-        FrameParser(Kind.REQUEST).feed(encode_header(0, 1, 0, Kind.REPLY, 1), [])
+        FrameParser(FrameKind.REQUEST).feed(encode_header(0, 1, 0, FrameKind.REPLY, 1), [])
 
 
 def test_chunk_starting_inside_a_frame_must_not_cross_its_end():
-    p = FrameParser(Kind.REQUEST)
-    p.feed(encode_header(4, 1, 0, Kind.REQUEST, 1)[:10], [])
+    p = FrameParser(FrameKind.REQUEST)
+    p.feed(encode_header(4, 1, 0, FrameKind.REQUEST, 1)[:10], [])
     with pytest.raises(RemoteProtocolError, match="crosses"):
-        p.feed(encode_header(4, 1, 0, Kind.REQUEST, 1)[10:] + b"abcd" + b"x", [])
+        p.feed(encode_header(4, 1, 0, FrameKind.REQUEST, 1)[10:] + b"abcd" + b"x", [])
 
 
 def _frame(seq, payload=b"", nfds=0, op=Op.GEM_CLOSE):
-    return encode_header(len(payload), op, nfds, Kind.REQUEST, seq) + payload
+    return encode_header(len(payload), op, nfds, FrameKind.REQUEST, seq) + payload
 
 
 def _pipe_fds(n):
@@ -87,7 +87,7 @@ def _pipe_fds(n):
 
 
 def test_a_burst_between_frames_gives_every_frame_in_order():
-    p = FrameParser(Kind.REQUEST)
+    p = FrameParser(FrameKind.REQUEST)
     burst = b"".join(_frame(i, bytes([i]) * i) for i in range(1, 6)) + _frame(6, b"123456")[:9]
     assert p.bytes_desired(16384) == 16384
     p.feed(burst, [])
@@ -101,7 +101,7 @@ def test_a_burst_between_frames_gives_every_frame_in_order():
 
 
 def test_fds_of_a_burst_belong_to_its_last_frame():
-    p = FrameParser(Kind.REQUEST)
+    p = FrameParser(FrameKind.REQUEST)
     fds = _pipe_fds(2)
     p.feed(_frame(1) + _frame(2) + _frame(3, nfds=2, op=Op.PRIME_FD_TO_HANDLE), fds)
     frames = [p.next_frame() for _ in range(3)]
@@ -110,7 +110,7 @@ def test_fds_of_a_burst_belong_to_its_last_frame():
 
 
 def test_fds_of_a_burst_ending_inside_a_frame_belong_to_that_frame():
-    p = FrameParser(Kind.REQUEST)
+    p = FrameParser(FrameKind.REQUEST)
     fds = _pipe_fds(1)
     last = _frame(2, b"x" * 8, nfds=1, op=Op.PRIME_FD_TO_HANDLE)
     p.feed(_frame(1) + last[:20], fds)
@@ -123,7 +123,7 @@ def test_fds_of_a_burst_ending_inside_a_frame_belong_to_that_frame():
 
 @pytest.mark.parametrize("where", ["first", "partial-header"])
 def test_fds_that_do_not_match_the_last_frame_are_refused(where):
-    p = FrameParser(Kind.REQUEST)
+    p = FrameParser(FrameKind.REQUEST)
     fds = _pipe_fds(1)
     # "first": the frame announcing fds is not the last one of the read; "partial-header":
     # the read ends inside a header, so that frame gets the fds but announces none
@@ -137,7 +137,7 @@ def test_fds_that_do_not_match_the_last_frame_are_refused(where):
 @settings(max_examples=300, deadline=None)
 @given(st.binary(max_size=200))
 def test_any_bytes_give_frames_or_a_protocol_error(data):
-    p = FrameParser(Kind.REQUEST)
+    p = FrameParser(FrameKind.REQUEST)
     try:
         while data:
             n = p.bytes_desired()

@@ -25,9 +25,9 @@ from typing import Any
 from ..backing.base import BackingStore, Inspection
 from ..config import Config
 from ..constants import ADVICE_LABELS, CACHING_CACHED, DONTNEED
-from ..device.base import DeviceBackend
 from ..errors import BadAddress, InvalidArgument, NoSuchObject, QuotaExceeded
 from ..fd import OwnedFd
+from ..gpu.base import GpuBackend
 from ..wire.structs_share import CHOSEN_MAP_IDS
 from .client import Client, Credentials, UidUsage
 from .cpu_access import finish_vram_write
@@ -43,7 +43,7 @@ __all__ = ["Core"]
 
 
 class Core:
-    def __init__(self, config: Config, backing: BackingStore, device: DeviceBackend,
+    def __init__(self, config: Config, backing: BackingStore, gpu_backend: GpuBackend,
                  clock: Callable[[], float] = time.monotonic) -> None:
         self.config = config
         self.backing = backing
@@ -58,9 +58,9 @@ class Core:
         self.clients: dict[int, Client] = {}
         self.uids: dict[int, UidUsage] = {}
         self._client_ids, self.object_ids = itertools.count(1), itertools.count(1)  # never reused
-        self.memory = Memory(config.system_budget, backing, device, self, lambda obj: self.gpu.release(obj))
+        self.memory = Memory(config.system_budget, backing, gpu_backend, self, lambda obj: self.gpu.release(obj))
         self.shares = ShareTable(self.clients, self.get, self.put, self.memory)
-        self.gpu = Gpu(device, backing, self.memory, owner=self)
+        self.gpu = Gpu(gpu_backend, backing, self.memory, owner=self)
         self.preloads = Preloads(self)  # manager-owned objects loaded from files (preload.py)
 
     # -- clients ---------------------------------------------------------------------

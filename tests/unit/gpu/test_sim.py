@@ -1,4 +1,4 @@
-"""SimDevice: the device timeline (seqnos, order, completion, hangs, close) and its memory."""
+"""SimGpu: the GPU timeline (seqnos, order, completion, hangs, close) and its memory."""
 
 from __future__ import annotations
 
@@ -14,17 +14,17 @@ from collections.abc import Iterator
 import pytest
 
 from ugem.cmd import Copy, Fill, SemaphoreWait
-from ugem.device.base import CopyIn, CopyOut, Execute, Surface
-from ugem.device.commands import Hung
-from ugem.device.sim import SimDevice, run_op
+from ugem.gpu.base import CopyIn, CopyOut, Execute, Surface
+from ugem.gpu.commands import Hung
+from ugem.gpu.sim import SimGpu, run_op
 
 MiB = 1 << 20
 
 
 @pytest.fixture
-def dev() -> Iterator[SimDevice]:
-    with SimDevice(vram_size=MiB, hang_timeout=5.0) as device:
-        yield device
+def dev() -> Iterator[SimGpu]:
+    with SimGpu(vram_size=MiB, hang_timeout=5.0) as gpu:
+        yield gpu
 
 
 def fill(offset: int, length: int, byte: int, *, size: int = 4096) -> Execute:
@@ -40,7 +40,7 @@ def sem_wait(host: bytearray, offset: int, value: int) -> Execute:
 # --- seqnos, order, memory ---
 
 
-def test_seqnos_increase_from_one_and_complete_in_order(dev: SimDevice) -> None:
+def test_seqnos_increase_from_one_and_complete_in_order(dev: SimGpu) -> None:
     seen: list[int] = []
     dev.set_notify(seen.append)
     seqnos = [dev.submit(CopyIn(i * 4096, bytes([i]) * 4096, 4096)) for i in range(20)]
@@ -54,7 +54,7 @@ def test_seqnos_increase_from_one_and_complete_in_order(dev: SimDevice) -> None:
     assert all(dev.error(s) is None for s in seqnos)
 
 
-def test_copy_in_then_copy_out_round_trip(dev: SimDevice) -> None:
+def test_copy_in_then_copy_out_round_trip(dev: SimGpu) -> None:
     data = bytes(range(256)) * 64
     dev.submit(CopyIn(8192, data, len(data)))
     out = bytearray(len(data))
@@ -65,14 +65,14 @@ def test_copy_in_then_copy_out_round_trip(dev: SimDevice) -> None:
     assert dev.read_vram(0, 8192) == bytes(8192)  # untouched memory reads zeros
 
 
-def test_copy_takes_only_length_bytes_of_a_larger_buffer(dev: SimDevice) -> None:
+def test_copy_takes_only_length_bytes_of_a_larger_buffer(dev: SimGpu) -> None:
     dev.submit(CopyIn(0, b"abcdefgh", 3))
     out = bytearray(b"........")
     assert dev.wait(dev.submit(CopyOut(0, out, 4)), 5.0)
     assert out == b"abc\0...."
 
 
-def test_execute_runs_on_vram_slices_and_host_buffers_in_place(dev: SimDevice) -> None:
+def test_execute_runs_on_vram_slices_and_host_buffers_in_place(dev: SimGpu) -> None:
     host = bytearray(4096)
     op = Execute(
         [Fill(dst=1, offset=100, length=50, byte=0xAB), Copy(src=1, src_offset=100, dst=2, dst_offset=10, length=50)],
@@ -84,7 +84,7 @@ def test_execute_runs_on_vram_slices_and_host_buffers_in_place(dev: SimDevice) -
     assert host[10:60] == b"\xab" * 50 and host[:10] == bytes(10) and host[60:] == bytes(len(host) - 60)
 
 
-def test_a_read_only_host_surface_can_be_read_but_not_written(dev: SimDevice) -> None:
+def test_a_read_only_host_surface_can_be_read_but_not_written(dev: SimGpu) -> None:
     source = bytes(range(64)) * 64  # e.g. a read-only userptr
     surfaces = {1: Surface(4096, host=source), 2: Surface(4096, vram=0)}
     read = dev.submit(Execute([Copy(src=1, src_offset=0, dst=2, dst_offset=0, length=64)], surfaces))
@@ -100,7 +100,7 @@ def test_device_memory_is_backed_lazily() -> None:
             return int(f.read().split()[1]) * mmap.PAGESIZE
 
     before = rss()
-    with SimDevice(vram_size=1 << 30, hang_timeout=5.0) as dev:
+    with SimGpu(vram_size=1 << 30, hang_timeout=5.0) as dev:
         assert dev.vram_size == 1 << 30
         seq = dev.submit(fill(512 * MiB, 4096, 1))
         assert dev.wait(seq, 5.0)
@@ -111,7 +111,7 @@ def test_device_memory_is_backed_lazily() -> None:
 # --- semaphores and hangs ---
 
 
-def test_semaphore_wait_holds_the_timeline_until_the_cpu_writes(dev: SimDevice) -> None:
+def test_semaphore_wait_holds_the_timeline_until_the_cpu_writes(dev: SimGpu) -> None:
     host = bytearray(4096)
     seq = dev.submit(sem_wait(host, 8, 7))
     later = dev.submit(fill(0, 16, 0x5A))
@@ -126,7 +126,7 @@ def test_semaphore_wait_holds_the_timeline_until_the_cpu_writes(dev: SimDevice) 
 def test_a_hung_wait_completes_with_eio_and_the_device_goes_on(caplog: pytest.LogCaptureFixture) -> None:
     host = bytearray(4096)
     done_at: dict[int, float] = {}
-    with SimDevice(vram_size=MiB, hang_timeout=0.3) as dev:
+    with SimGpu(vram_size=MiB, hang_timeout=0.3) as dev:
         dev.set_notify(lambda s: done_at.setdefault(s, time.monotonic()))
         start = time.monotonic()
         hung = dev.submit(sem_wait(host, 0, 1))
@@ -142,7 +142,7 @@ def test_a_hung_wait_completes_with_eio_and_the_device_goes_on(caplog: pytest.Lo
 
 def test_hang_timeout_counts_from_the_start_of_the_execute_not_its_submission() -> None:
     first, second = bytearray(4096), bytearray(4096)
-    with SimDevice(vram_size=MiB, hang_timeout=0.5) as dev:
+    with SimGpu(vram_size=MiB, hang_timeout=0.5) as dev:
         a = dev.submit(sem_wait(first, 0, 1))
         b = dev.submit(sem_wait(second, 0, 1))
         writer = threading.Timer(0.75, struct.pack_into, ("<I", second, 0, 1))  # b started at ~0.5 s
@@ -153,7 +153,7 @@ def test_hang_timeout_counts_from_the_start_of_the_execute_not_its_submission() 
         assert dev.error(b) is None
 
 
-def test_a_failing_op_is_logged_and_completes_with_eio(dev: SimDevice, caplog: pytest.LogCaptureFixture) -> None:
+def test_a_failing_op_is_logged_and_completes_with_eio(dev: SimGpu, caplog: pytest.LogCaptureFixture) -> None:
     caplog.set_level(logging.ERROR, logger="ugem.device")
     bad = dev.submit(Execute([Fill(dst=1, offset=4000, length=200, byte=1)], {1: Surface(4096, vram=0)}))
     missing = dev.submit(Execute([Fill(dst=9, offset=0, length=1, byte=1)], {1: Surface(4096, vram=0)}))
@@ -171,7 +171,7 @@ def test_run_op_starts_no_command_past_the_deadline() -> None:
     assert memory == bytes(8192)
 
 
-def test_host_buffers_are_released_when_the_op_completes(dev: SimDevice) -> None:
+def test_host_buffers_are_released_when_the_op_completes(dev: SimGpu) -> None:
     # Once its seqno completed, the core may unmap a host buffer: no view of it may survive.
     region = mmap.mmap(-1, 4096)
     with memoryview(region) as host:
@@ -184,7 +184,7 @@ def test_a_logged_traceback_pins_no_memory(caplog: pytest.LogCaptureFixture) -> 
     # The failure is logged with its traceback and caplog keeps the record; the frames of
     # commands.execute hold numpy arrays over the views, so they must have been cleared.
     region = mmap.mmap(-1, 4096)
-    dev = SimDevice(vram_size=MiB, hang_timeout=5.0)
+    dev = SimGpu(vram_size=MiB, hang_timeout=5.0)
     with memoryview(region) as host:
         surfaces = {1: Surface(4096, host=host), 2: Surface(4096, vram=0)}
         bad = dev.submit(Execute([Copy(src=1, src_offset=0, dst=2, dst_offset=4000, length=200)], surfaces))
@@ -208,7 +208,7 @@ def test_a_thousand_small_fills_complete_and_notify_each() -> None:
         if seqno == 1000:
             all_seen.set()
 
-    with SimDevice(vram_size=MiB, hang_timeout=5.0) as dev:
+    with SimGpu(vram_size=MiB, hang_timeout=5.0) as dev:
         dev.set_notify(notify)
         seqnos = [dev.submit(fill(i * 64, 64, i % 256)) for i in range(1000)]
         assert dev.wait(seqnos[-1], 10.0)
@@ -218,7 +218,7 @@ def test_a_thousand_small_fills_complete_and_notify_each() -> None:
 
 
 def test_a_failing_notify_callback_does_not_stop_the_device(
-    dev: SimDevice, caplog: pytest.LogCaptureFixture
+    dev: SimGpu, caplog: pytest.LogCaptureFixture
 ) -> None:
     def notify(seqno: int) -> None:
         raise RuntimeError(f"boom {seqno}")
@@ -231,7 +231,7 @@ def test_a_failing_notify_callback_does_not_stop_the_device(
     assert sum("notify callback failed" in r.getMessage() for r in caplog.records) == 3
 
 
-def test_submit_from_several_threads(dev: SimDevice) -> None:
+def test_submit_from_several_threads(dev: SimGpu) -> None:
     got: list[list[int]] = [[] for _ in range(8)]
     start = threading.Barrier(8)
 
@@ -254,7 +254,7 @@ def test_submit_from_several_threads(dev: SimDevice) -> None:
             assert struct.unpack("<Q", dev.read_vram((k * 200 + i) * 8, 8))[0] == k * 1000 + i
 
 
-def test_wait_times_out_and_polls(dev: SimDevice) -> None:
+def test_wait_times_out_and_polls(dev: SimGpu) -> None:
     host = bytearray(4096)
     seq = dev.submit(sem_wait(host, 0, 1))
     t0 = time.monotonic()
@@ -272,7 +272,7 @@ def test_wait_times_out_and_polls(dev: SimDevice) -> None:
 def test_close_with_work_queued_does_not_hang(caplog: pytest.LogCaptureFixture) -> None:
     host = bytearray(4096)
     out = bytearray(4096)
-    dev = SimDevice(vram_size=MiB, hang_timeout=60.0)
+    dev = SimGpu(vram_size=MiB, hang_timeout=60.0)
     waits = [dev.submit(sem_wait(host, 0, 1)) for _ in range(3)]
     copy_in = dev.submit(CopyIn(0, b"\x11" * 4096, 4096))
     copy_out = dev.submit(CopyOut(0, out, 4096))
@@ -291,7 +291,7 @@ def test_close_with_work_queued_does_not_hang(caplog: pytest.LogCaptureFixture) 
 
 
 def test_close_from_the_notify_callback_is_refused(caplog: pytest.LogCaptureFixture) -> None:
-    with SimDevice(vram_size=MiB, hang_timeout=5.0) as dev:
+    with SimGpu(vram_size=MiB, hang_timeout=5.0) as dev:
         errors: list[BaseException] = []
 
         def notify(seqno: int) -> None:
@@ -323,22 +323,22 @@ def test_close_from_the_notify_callback_is_refused(caplog: pytest.LogCaptureFixt
         CopyOut(0, bytearray(8192), 8192, holes=((0, 0),)),  # an empty hole
     ],
 )
-def test_submit_refuses_ops_that_cannot_run_without_using_a_seqno(dev: SimDevice, op: object) -> None:
+def test_submit_refuses_ops_that_cannot_run_without_using_a_seqno(dev: SimGpu, op: object) -> None:
     with pytest.raises(ValueError):
         dev.submit(op)  # type: ignore[arg-type]
     assert dev.submit(CopyIn(0, b"x", 1)) == 1
 
 
-def test_submit_refuses_what_is_not_an_op(dev: SimDevice) -> None:
+def test_submit_refuses_what_is_not_an_op(dev: SimGpu) -> None:
     with pytest.raises(TypeError):
         dev.submit(Fill(dst=1, offset=0, length=1, byte=0))  # type: ignore[arg-type]
 
 
 def test_constructor_checks_its_arguments() -> None:
     with pytest.raises(ValueError):
-        SimDevice(vram_size=0, hang_timeout=1.0)
+        SimGpu(vram_size=0, hang_timeout=1.0)
     with pytest.raises(ValueError):
-        SimDevice(vram_size=MiB, hang_timeout=0)
+        SimGpu(vram_size=MiB, hang_timeout=0)
 
 
 # --- holes stay holes ---
@@ -356,7 +356,7 @@ def _allocated(fd: int) -> int:
     return os.fstat(fd).st_blocks * 512
 
 
-def test_copy_in_reads_no_hole_and_clears_it_in_device_memory(dev: SimDevice) -> None:
+def test_copy_in_reads_no_hole_and_clears_it_in_device_memory(dev: SimGpu) -> None:
     fd, host = _memfd_map(4)
     try:
         host[PAGE:2 * PAGE] = b"\x5a" * PAGE  # one page of data, three holes
@@ -370,7 +370,7 @@ def test_copy_in_reads_no_hole_and_clears_it_in_device_memory(dev: SimDevice) ->
         os.close(fd)
 
 
-def test_copy_out_writes_into_holes_only_pages_that_are_not_zeros(dev: SimDevice) -> None:
+def test_copy_out_writes_into_holes_only_pages_that_are_not_zeros(dev: SimGpu) -> None:
     fd, host = _memfd_map(6)
     try:
         host[0:PAGE] = b"\x01" * PAGE  # data: overwritten even with zeros

@@ -1,4 +1,4 @@
-"""FakeDevice (ugem.testing): synchronous unless paused, deterministic hangs and failures."""
+"""FakeGpu (ugem.testing): synchronous unless paused, deterministic hangs and failures."""
 
 from __future__ import annotations
 
@@ -10,8 +10,8 @@ import pytest
 
 import ugem.testing
 from ugem.cmd import Fill, SemaphoreWait
-from ugem.device.base import CopyIn, CopyOut, Execute, Surface
-from ugem.testing import FakeDevice
+from ugem.gpu.base import CopyIn, CopyOut, Execute, Surface
+from ugem.testing import FakeGpu
 
 MiB = 1 << 20
 
@@ -25,13 +25,13 @@ def sem_wait(host: bytearray, value: int) -> Execute:
 
 
 def test_exported_from_ugem_testing() -> None:
-    assert "FakeDevice" in ugem.testing.__all__
-    assert ugem.testing.FakeDevice is FakeDevice
+    assert "FakeGpu" in ugem.testing.__all__
+    assert ugem.testing.FakeGpu is FakeGpu
 
 
 def test_ops_run_synchronously_on_submit_and_notify_before_it_returns() -> None:
     seen: list[int] = []
-    with FakeDevice(MiB) as dev:
+    with FakeGpu(MiB) as dev:
         dev.set_notify(seen.append)
         assert dev.vram_size == MiB
         a = dev.submit(CopyIn(16, b"hello", 5))
@@ -48,7 +48,7 @@ def test_ops_run_synchronously_on_submit_and_notify_before_it_returns() -> None:
 
 
 def test_paused_device_holds_work_busy_until_released() -> None:
-    with FakeDevice(MiB, paused=True) as dev:
+    with FakeGpu(MiB, paused=True) as dev:
         seqs = [dev.submit(fill(i, 1, 0xFF)) for i in range(3)]
         assert seqs == [1, 2, 3]
         assert dev.completed() == 0 and dev.held == 3
@@ -62,7 +62,7 @@ def test_paused_device_holds_work_busy_until_released() -> None:
 
 
 def test_unpausing_runs_new_work_at_once_but_held_work_waits_for_release() -> None:
-    with FakeDevice(MiB, paused=True) as dev:
+    with FakeGpu(MiB, paused=True) as dev:
         dev.submit(fill(0, 1, 1))
         dev.paused = False
         # in order: the held op runs before the new one
@@ -72,7 +72,7 @@ def test_unpausing_runs_new_work_at_once_but_held_work_waits_for_release() -> No
 
 def test_a_satisfied_semaphore_passes_an_unsatisfied_one_hangs_at_once() -> None:
     host = bytearray(4096)
-    with FakeDevice(MiB, paused=True) as dev:
+    with FakeGpu(MiB, paused=True) as dev:
         ok = dev.submit(sem_wait(host, 5))
         struct.pack_into("<I", host, 0, 5)
         hung = dev.submit(sem_wait(host, 6))
@@ -84,7 +84,7 @@ def test_a_satisfied_semaphore_passes_an_unsatisfied_one_hangs_at_once() -> None
 
 
 def test_fail_makes_a_held_or_future_op_complete_with_eio_without_running() -> None:
-    with FakeDevice(MiB) as dev:
+    with FakeGpu(MiB) as dev:
         dev.fail(2)
         assert dev.submit(fill(0, 1, 1)) == 1
         assert dev.submit(fill(0, 1, 2)) == 2
@@ -101,14 +101,14 @@ def test_fail_makes_a_held_or_future_op_complete_with_eio_without_running() -> N
 
 
 def test_a_bad_command_completes_with_eio() -> None:
-    with FakeDevice(MiB) as dev:
+    with FakeGpu(MiB) as dev:
         bad = dev.submit(Execute([Fill(dst=1, offset=4000, length=200, byte=1)], {1: Surface(4096, vram=0)}))
         assert dev.error(bad) == errno.EIO and "InvalidArgument" in dev.failures[bad]
 
 
 def test_notify_may_submit_again_and_order_holds() -> None:
     seen: list[int] = []
-    with FakeDevice(MiB) as dev:
+    with FakeGpu(MiB) as dev:
 
         def notify(seqno: int) -> None:
             seen.append(seqno)
@@ -121,7 +121,7 @@ def test_notify_may_submit_again_and_order_holds() -> None:
 
 
 def test_wait_on_another_thread_returns_when_released() -> None:
-    with FakeDevice(MiB, paused=True) as dev:
+    with FakeGpu(MiB, paused=True) as dev:
         seq = dev.submit(fill(0, 1, 1))
         result: list[bool] = []
         waiter = threading.Thread(target=lambda: result.append(dev.wait(seq, 10.0)))
@@ -133,7 +133,7 @@ def test_wait_on_another_thread_returns_when_released() -> None:
 
 
 def test_submit_checks_ops_like_the_simulated_device() -> None:
-    with FakeDevice(MiB) as dev:
+    with FakeGpu(MiB) as dev:
         with pytest.raises(ValueError):
             dev.submit(CopyIn(MiB, b"x", 1))
         with pytest.raises(ValueError):
@@ -142,7 +142,7 @@ def test_submit_checks_ops_like_the_simulated_device() -> None:
 
 
 def test_close_runs_held_work_and_is_idempotent() -> None:
-    dev = FakeDevice(MiB, paused=True)
+    dev = FakeGpu(MiB, paused=True)
     out = bytearray(2)
     dev.submit(CopyIn(0, b"ab", 2))
     last = dev.submit(CopyOut(0, out, 2))

@@ -1,5 +1,5 @@
-"""Request and reply structs of the device ops (execbuffer, busy/wait, domains, tiling,
-caching, suspend); same rules as wire/structs.py, split off to keep modules small."""
+"""Request and reply structs of the GPU timeline ops (execbuffer, busy/wait, wait_fence);
+same rules as wire/structs.py. Suspend and resume carry no payload (structs.Empty)."""
 
 from __future__ import annotations
 
@@ -10,10 +10,7 @@ from .commands import RECORD
 from .frames import MAX_PAYLOAD
 from .structs import Struct
 
-__all__ = [
-    "MAX_COMMANDS", "BusyReply", "CachingReply", "CachingReq", "ExecbufferReq", "FenceReply", "SetDomainReq",
-    "TilingReply", "TilingReq", "WaitFenceReq", "WaitReply", "WaitReq",
-]
+__all__ = ["MAX_COMMANDS", "BusyReply", "ExecbufferReq", "FenceReply", "WaitFenceReq", "WaitReply", "WaitReq"]
 
 
 @dataclass(slots=True)
@@ -63,42 +60,3 @@ class WaitFenceReq(Struct):
 class WaitReply(Struct):
     LAYOUT = (("remaining_ns", "q"),)
     remaining_ns: int = 0
-
-
-@dataclass(slots=True)
-class SetDomainReq(Struct):
-    LAYOUT = (("handle", "I"), ("read_domains", "I"), ("write_domain", "I"), ("pad", "I"))
-    handle: int = 0
-    read_domains: int = 0
-    write_domain: int = 0
-    pad: int = 0
-
-
-@dataclass(slots=True)
-class TilingReq(Struct):
-    LAYOUT = (("handle", "I"), ("mode", "I"), ("stride", "I"), ("pad", "I"))
-    handle: int = 0
-    mode: int = 0
-    stride: int = 0
-    pad: int = 0
-
-
-@dataclass(slots=True)
-class TilingReply(Struct):
-    LAYOUT = (("mode", "I"), ("stride", "I"))
-    mode: int = 0
-    stride: int = 0
-
-
-@dataclass(slots=True)
-class CachingReq(Struct):
-    LAYOUT = (("handle", "I"), ("level", "I"))
-    handle: int = 0
-    level: int = 0
-
-
-@dataclass(slots=True)
-class CachingReply(Struct):
-    LAYOUT = (("level", "I"), ("pad", "I"))
-    level: int = 0
-    pad: int = 0

@@ -1,4 +1,4 @@
-"""SimDevice: the simulated device (SPEC §3 "vram", "device commands"), a `DeviceBackend`.
+"""SimGpu: the simulated GPU (SPEC §3 "vram", "device commands"), a `GpuBackend`.
 
 Device memory is one anonymous shared mapping of `vram_size` bytes. The kernel backs it
 lazily (a 1 GiB device costs nothing until its pages are touched) and MAP_NORESERVE keeps
@@ -57,12 +57,12 @@ import numpy as np
 
 from ..cmd import SemaphoreWait
 from ..constants import PAGE_SIZE as _PAGE
-from .base import CopyIn, CopyOut, DeviceBackend, Execute, Holes, Op, Surface
+from .base import CopyIn, CopyOut, Execute, GpuBackend, GpuOp, Holes, Surface
 from .commands import Hung, Target, execute
 
-__all__ = ["SimDevice", "check_op", "run_op"]
+__all__ = ["SimGpu", "check_op", "run_op"]
 
-log = logging.getLogger("ugem.device")
+log = logging.getLogger("ugem.device")  # the name users filter logs on (and the thread's, ugem-device): kept
 _CHECK_CHUNK = 1 << 20  # bytes of a hole checked for zeros, then copied, at a time (cache-sized)
 
 # Python's mmap module does not export MAP_NORESERVE everywhere; 0x4000 is its value on the
@@ -106,7 +106,7 @@ def _check_holes(holes: Holes, length: int) -> None:
         end = offset + size
 
 
-def check_op(op: Op, vram_size: int) -> None:
+def check_op(op: GpuOp, vram_size: int) -> None:
     """Raise ValueError (TypeError for a non-op) if `op` could not run on this device."""
     if isinstance(op, CopyIn | CopyOut):
         _check_range(op.vram, op.length, vram_size)
@@ -168,7 +168,7 @@ def _execute(memory: memoryview, op: Execute, deadline: float | None, abandon_wa
 
 
 def run_op(
-    memory: memoryview, op: Op, *, deadline: float | None = None, abandon_waits: Callable[[], bool] = _never
+    memory: memoryview, op: GpuOp, *, deadline: float | None = None, abandon_waits: Callable[[], bool] = _never
 ) -> None:
     """Carry out one checked op against `memory` (device memory as a flat byte view).
 
@@ -237,8 +237,8 @@ _STOP = None  # queued by close(): the worker exits after everything queued befo
 
 
 class TimelineQueries:
-    """What every device answers the same way from its completion state (shared by
-    SimDevice and ugem.testing.FakeDevice): completed, error, wait, notify, read_vram."""
+    """What every GPU backend answers the same way from its completion state (shared by
+    SimGpu and ugem.testing.FakeGpu): completed, error, wait, notify, read_vram."""
 
     _completed: int
     _failed: set[int]
@@ -271,8 +271,8 @@ class TimelineQueries:
         return bytes(self._mem[offset:offset + length])
 
 
-class SimDevice(TimelineQueries):
-    """The simulated device: lazily backed device memory and a one-thread timeline."""
+class SimGpu(TimelineQueries):
+    """The simulated GPU: lazily backed device memory and a one-thread timeline."""
 
     def __init__(self, vram_size: int = 1 << 30, hang_timeout: float = 10.0) -> None:
         if vram_size <= 0 or hang_timeout <= 0:
@@ -281,7 +281,7 @@ class SimDevice(TimelineQueries):
         self._hang_timeout = hang_timeout
         self._mem = mmap.mmap(-1, vram_size, flags=mmap.MAP_SHARED | mmap.MAP_ANONYMOUS | _NORESERVE)
         self._memory = memoryview(self._mem)  # the worker's view; released by close()
-        self._queue: queue.SimpleQueue[tuple[int, Op] | None] = queue.SimpleQueue()
+        self._queue: queue.SimpleQueue[tuple[int, GpuOp] | None] = queue.SimpleQueue()
         self._submit_lock = threading.Lock()  # seqno order == queue order
         self._issued = 0
         self._closing = False  # read by the worker (abandon_waits) without a lock: a plain bool flip
@@ -294,7 +294,7 @@ class SimDevice(TimelineQueries):
         self._thread = threading.Thread(target=self._run, name="ugem-device", daemon=True)
         self._thread.start()
 
-    # --- DeviceBackend ---
+    # --- GpuBackend ---
 
     @property
     def vram_size(self) -> int:
@@ -304,18 +304,18 @@ class SimDevice(TimelineQueries):
     def hang_timeout(self) -> float:
         return self._hang_timeout
 
-    def submit(self, op: Op) -> int:
+    def submit(self, op: GpuOp) -> int:
         check_op(op, self._vram_size)
         with self._submit_lock:
             if self._closing:
-                raise RuntimeError("submit() on a closed SimDevice")
+                raise RuntimeError("submit() on a closed SimGpu")
             self._issued += 1
             self._queue.put((self._issued, op))  # SimpleQueue.put never blocks
             return self._issued
 
     def close(self) -> None:
         if threading.current_thread() is self._thread:
-            raise RuntimeError("SimDevice.close() called from its own worker (notify callback)")
+            raise RuntimeError("SimGpu.close() called from its own worker (notify callback)")
         with self._close_lock:
             if self._closed:
                 return
@@ -328,7 +328,7 @@ class SimDevice(TimelineQueries):
                 self._cond.notify_all()
             self._unmap()
 
-    def __enter__(self) -> SimDevice:
+    def __enter__(self) -> SimGpu:
         return self
 
     def __exit__(self, *exc_info: object) -> None:
@@ -343,7 +343,7 @@ class SimDevice(TimelineQueries):
             del item, op  # the core may release host buffers once the seqno completes
             self._complete(seqno, failed)
 
-    def _run_one(self, seqno: int, op: Op) -> bool:
+    def _run_one(self, seqno: int, op: GpuOp) -> bool:
         """Run one op; True if it failed (hung or raised)."""
         deadline = time.monotonic() + self._hang_timeout
         try:
@@ -384,5 +384,5 @@ class SimDevice(TimelineQueries):
 
 
 if TYPE_CHECKING:
-    def _conforms(device: SimDevice) -> DeviceBackend:  # mypy: SimDevice satisfies the protocol
-        return device
+    def _conforms(gpu: SimGpu) -> GpuBackend:  # mypy: SimGpu satisfies the protocol
+        return gpu

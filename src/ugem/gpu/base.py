@@ -1,7 +1,7 @@
-"""The device protocol: what the core needs from a device, and nothing more (TTM's
+"""The GPU backend protocol: what the core needs from a GPU, and nothing more (TTM's
 ttm_device_funcs in spirit). A CUDA backend implements this without touching the core.
 
-Everything a device does happens on its **timeline**, in submission order: each
+Everything a GPU does happens on its **timeline**, in submission order: each
 `submit()` returns a sequence number (seqno), and seqnos complete in order. The core never
 waits on the timeline from its request path: it queues copies behind the work that uses
 an object (pipelined eviction) and learns of completions through `completed()` and the
@@ -37,7 +37,7 @@ from typing import Any, Protocol
 
 from ..cmd import Command
 
-__all__ = ["CopyIn", "CopyOut", "DeviceBackend", "Execute", "Holes", "Op", "Surface"]
+__all__ = ["CopyIn", "CopyOut", "Execute", "GpuBackend", "GpuOp", "Holes", "Surface"]
 
 
 @dataclass(frozen=True, slots=True)
@@ -76,15 +76,15 @@ class Execute:
     surfaces: Mapping[int, Surface]  # handle -> surface
 
 
-Op = CopyIn | CopyOut | Execute
+GpuOp = CopyIn | CopyOut | Execute
 
 
-class DeviceBackend(Protocol):
+class GpuBackend(Protocol):
     @property
     def vram_size(self) -> int:
         """Bytes of device memory."""
 
-    def submit(self, op: Op) -> int:
+    def submit(self, op: GpuOp) -> int:
         """Queue `op` on the timeline; returns its seqno (increasing from 1). Never blocks."""
 
     def completed(self) -> int:

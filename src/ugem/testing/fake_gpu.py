@@ -1,10 +1,10 @@
-"""FakeDevice: a deterministic `DeviceBackend` for core tests (no worker thread, no timing).
+"""FakeGpu: a deterministic `GpuBackend` for core tests (no worker thread, no timing).
 
 Ops run synchronously inside `submit()` (and the notify callback is called before submit
-returns) unless the device is `paused`; then they are held, in order, until `release()`
+returns) unless the fake is `paused`; then they are held, in order, until `release()`
 runs them. So a test can keep an object "busy", look at what the core does meanwhile, and
-finish the work at a moment of its choosing. Ops do the same thing as on the simulated device
-(`ugem.device.sim.run_op`, the real command semantics), on lazily backed device memory.
+finish the work at a moment of its choosing. Ops do the same thing as on the simulated GPU
+(`ugem.gpu.sim.run_op`, the real command semantics), on lazily backed device memory.
 
 Deterministic hangs, no clock: a SemaphoreWait whose value is not already in memory when its
 op runs is cancelled at once as hung (EIO) -- write the value, then `release()`, to have it
@@ -14,7 +14,7 @@ running, as a hang would; `failures` maps each failed seqno to the reason. `hist
 buffers are kept, so host memory is never pinned).
 
 Rules: seqnos complete in order; held ops are run by `release()`, never by `wait()` (with
-the device paused, `wait()` returns at its timeout unless another thread releases; tests
+the fake paused, `wait()` returns at its timeout unless another thread releases; tests
 on one thread poll with timeout 0). A notify callback may submit again (re-entrant lock);
 its exceptions propagate to the caller of submit()/release() -- a fake should fail loudly.
 Must not: sleep, start threads, or keep references to host buffers after an op ran.
@@ -28,10 +28,10 @@ from collections import deque
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
-from ..device.base import CopyIn, CopyOut, DeviceBackend, Op
-from ..device.sim import TimelineQueries, check_op, run_op
+from ..gpu.base import CopyIn, CopyOut, GpuBackend, GpuOp
+from ..gpu.sim import TimelineQueries, check_op, run_op
 
-__all__ = ["FakeDevice"]
+__all__ = ["FakeGpu"]
 
 _KIND = {CopyIn: "copy_in", CopyOut: "copy_out"}
 
@@ -40,8 +40,8 @@ def _always() -> bool:
     return True
 
 
-class FakeDevice(TimelineQueries):
-    """A DeviceBackend that runs ops on submit, or holds them while `paused`."""
+class FakeGpu(TimelineQueries):
+    """A GpuBackend that runs ops on submit, or holds them while `paused`."""
 
     def __init__(self, vram_size: int = 1 << 24, *, paused: bool = False) -> None:
         if vram_size <= 0:
@@ -52,7 +52,7 @@ class FakeDevice(TimelineQueries):
         self.paused = paused
         self.history: list[tuple[int, str]] = []
         self.failures: dict[int, str] = {}  # seqno -> why it completed with EIO
-        self._held: deque[tuple[int, Op]] = deque()
+        self._held: deque[tuple[int, GpuOp]] = deque()
         self._issued = 0
         self._completed = 0
         self._failed: set[int] = set()
@@ -84,17 +84,17 @@ class FakeDevice(TimelineQueries):
                 raise ValueError(f"seqno {seqno} has already completed")
             self._doomed.add(seqno)
 
-    # --- DeviceBackend ---
+    # --- GpuBackend ---
 
     @property
     def vram_size(self) -> int:
         return self._vram_size
 
-    def submit(self, op: Op) -> int:
+    def submit(self, op: GpuOp) -> int:
         check_op(op, self._vram_size)
         with self._cond:
             if self._closed:
-                raise RuntimeError("submit() on a closed FakeDevice")
+                raise RuntimeError("submit() on a closed FakeGpu")
             self._issued += 1
             seqno = self._issued
             self.history.append((seqno, _KIND.get(type(op), "execute")))
@@ -114,7 +114,7 @@ class FakeDevice(TimelineQueries):
             self._memory.release()
             self._mem.close()
 
-    def __enter__(self) -> FakeDevice:
+    def __enter__(self) -> FakeGpu:
         return self
 
     def __exit__(self, *exc_info: Any) -> None:
@@ -131,7 +131,7 @@ class FakeDevice(TimelineQueries):
         else:
             try:
                 run_op(self._memory, op, abandon_waits=_always)
-            except Exception as exc:  # Hung, or a bug (InvalidArgument...): EIO, as on SimDevice
+            except Exception as exc:  # Hung, or a bug (InvalidArgument...): EIO, as on SimGpu
                 self.failures[seqno] = f"{type(exc).__name__}: {exc}"
         del op
         if seqno in self.failures:
@@ -143,5 +143,5 @@ class FakeDevice(TimelineQueries):
 
 
 if TYPE_CHECKING:
-    def _conforms(device: FakeDevice) -> DeviceBackend:  # mypy: FakeDevice satisfies the protocol
-        return device
+    def _conforms(gpu: FakeGpu) -> GpuBackend:  # mypy: FakeGpu satisfies the protocol
+        return gpu

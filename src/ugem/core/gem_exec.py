@@ -1,9 +1,10 @@
-"""Request handlers for the device: execbuffer, busy/wait, domains, tiling, caching, suspend.
+"""Request handlers for the GPU timeline: execbuffer, busy/wait, suspend/resume.
 
 Same rules as gem.py: one signature ``handler(core, client, req) -> reply``, checks in the
 kernel's order, work done through library code (core/gpu.py). A handler that must wait
-(for the device timeline, a memory job, or a resume) raises Pending and is re-run from the
-start once the wait is over; nothing it checked is assumed to still hold.
+(for the GPU timeline, a memory job, or a resume) raises Pending and is re-run from the
+start once the wait is over; nothing it checked is assumed to still hold. How the CPU and
+the GPU see an object (domains, tiling, caching) is gem_domain.py.
 """
 
 from __future__ import annotations
@@ -11,51 +12,34 @@ from __future__ import annotations
 from typing import TYPE_CHECKING
 
 from ..cmd import Command, Copy, Fill, SemaphoreWait
-from ..constants import (
-    CACHING_CACHED,
-    CACHING_DISPLAY,
-    CACHING_NONE,
-    DOMAIN_CPU,
-    DOMAIN_DEVICE,
-    PAGE_SIZE,
-    TILING_NONE,
-    TILING_X,
-    TILING_Y,
-    page_align,
-)
-from ..device import commands
-from ..device.base import Execute
+from ..constants import PAGE_SIZE, page_align
 from ..errors import (
     Busy,
     InvalidArgument,
     IOFailure,
     NoSpace,
-    NoSuchDeviceOrAddress,
     NoSuchObject,
     PermissionDenied,
     TimerExpired,
 )
+from ..gpu import commands
+from ..gpu.base import Execute
 from ..wire import structs as s
-from ..wire import structs_device as sd
+from ..wire import structs_exec as sx
 from ..wire.commands import decode_commands
 from .client import Client
+from .core import Core
 from .jobs import Pending
-from .manager import Core
 from .object import BufferObject, Kind
 from .states import Placement
 
 if TYPE_CHECKING:
     from .call import Call
 
-__all__ = [
-    "gem_busy", "gem_execbuffer", "gem_get_caching", "gem_get_tiling", "gem_set_caching", "gem_set_domain",
-    "gem_set_tiling", "gem_wait", "resume", "suspend", "wait_fence",
-]
-
-_MAX_STRIDE = 256 << 10
+__all__ = ["check_fits", "gem_busy", "gem_execbuffer", "gem_wait", "resume", "suspend", "wait_fence"]
 
 
-def gem_execbuffer(core: Core, client: Client, req: sd.ExecbufferReq) -> sd.FenceReply:
+def gem_execbuffer(core: Core, client: Client, req: sx.ExecbufferReq) -> sx.FenceReply:
     cmds = decode_commands(bytes(req.data))
     if not cmds:
         raise InvalidArgument("execbuffer needs at least one command")
@@ -73,7 +57,7 @@ def gem_execbuffer(core: Core, client: Client, req: sd.ExecbufferReq) -> sd.Fenc
         if handle in client.readonly or entries[handle].readonly:
             raise PermissionDenied(f"command writes to read-only handle {handle}")
     gpu = core.gpu
-    _check_fits(core, objs)  # ENOSPC: the working set can never fit
+    check_fits(core, objs)  # ENOSPC: the working set can never fit
     if gpu.suspended:
         if core.hold_while_suspended:
             raise Pending(resume=True)
@@ -97,10 +81,10 @@ def gem_execbuffer(core: Core, client: Client, req: sd.ExecbufferReq) -> sd.Fenc
         obj.last_fence = obj.last_exec = seq
         if id(obj) in written_objs:
             obj.write_fence = seq
-            obj.dev_dirty = obj.placement == Placement.VRAM
-            if not obj.dev_dirty:  # used in place: the work writes its system pages
+            obj.vram_dirty = obj.placement == Placement.VRAM
+            if not obj.vram_dirty:  # used in place: the work writes its system pages
                 obj.host_fence = seq
-    return sd.FenceReply(fence=seq)
+    return sx.FenceReply(fence=seq)
 
 
 def _pages_written_in_place(core: Core, cmds: list[Command],
@@ -131,7 +115,7 @@ def _pages_written_in_place(core: Core, cmds: list[Command],
     return added
 
 
-def _check_fits(core: Core, objs: list[BufferObject]) -> None:
+def check_fits(core: Core, objs: list[BufferObject]) -> None:
     gpu = core.gpu
     need = sum(o.size for o in objs if not gpu.in_place(o))
     members = {id(o) for o in objs}
@@ -142,103 +126,37 @@ def _check_fits(core: Core, objs: list[BufferObject]) -> None:
                       f"bytes of device memory")
 
 
-def gem_busy(core: Core, client: Client, req: s.HandleReq) -> sd.BusyReply:
+def gem_busy(core: Core, client: Client, req: s.HandleReq) -> sx.BusyReply:
     obj = core.lookup(client, req.handle)
-    return sd.BusyReply(busy=int(core.gpu.busy(obj)))
+    return sx.BusyReply(busy=int(core.gpu.busy(obj)))
 
 
-def _wait(core: Core, fence: int, exec_fence: int, timeout_ns: int, started: float) -> sd.WaitReply:
+def _wait(core: Core, fence: int, exec_fence: int, timeout_ns: int, started: float) -> sx.WaitReply:
     """Kernel timeout semantics: <0 forever (returned unchanged), 0 polls, >0 time left."""
     elapsed_ns = int((core.clock() - started) * 1e9)
     if fence <= core.gpu.completed():
         if exec_fence and core.gpu.backend.error(exec_fence):
             raise IOFailure(f"the work (fence {exec_fence}) was cancelled as hung")
-        return sd.WaitReply(remaining_ns=timeout_ns if timeout_ns <= 0 else max(0, timeout_ns - elapsed_ns))
+        return sx.WaitReply(remaining_ns=timeout_ns if timeout_ns <= 0 else max(0, timeout_ns - elapsed_ns))
     if timeout_ns == 0 or (timeout_ns > 0 and elapsed_ns >= timeout_ns):
         raise TimerExpired(f"fence {fence} still pending after {max(timeout_ns, 0)} ns")
     deadline = None if timeout_ns < 0 else started + timeout_ns / 1e9
     raise Pending(fence=fence, deadline=deadline)
 
 
-def gem_wait(core: Core, call: Call, req: sd.WaitReq) -> sd.WaitReply:
+def gem_wait(core: Core, call: Call, req: sx.WaitReq) -> sx.WaitReply:
     obj = core.lookup(call.client, req.handle)
     if call.started is None:
         call.started = core.clock()
     return _wait(core, obj.last_fence, obj.last_exec, req.timeout_ns, call.started)
 
 
-def wait_fence(core: Core, call: Call, req: sd.WaitFenceReq) -> sd.WaitReply:
+def wait_fence(core: Core, call: Call, req: sx.WaitFenceReq) -> sx.WaitReply:
     if req.fence <= 0 or req.fence > core.gpu.last_seq:
         raise NoSuchObject(f"fence {req.fence} was never issued")
     if call.started is None:
         call.started = core.clock()
     return _wait(core, req.fence, req.fence, req.timeout_ns, call.started)
-
-
-def gem_set_domain(core: Core, client: Client, req: sd.SetDomainReq) -> s.Empty:
-    read, write = req.read_domains, req.write_domain
-    if (read | write) & ~(DOMAIN_CPU | DOMAIN_DEVICE) or read == DOMAIN_CPU | DOMAIN_DEVICE:
-        raise InvalidArgument(f"bad domains read={read:#x} write={write:#x}")
-    if write and write != read:
-        raise InvalidArgument(f"write domain {write:#x} must equal the read domain {read:#x}")
-    if read == 0:
-        return s.Empty()
-    obj = core.lookup(client, req.handle)
-    if obj.kind == Kind.FOREIGN:
-        raise NoSuchDeviceOrAddress(f"handle {req.handle} is foreign memory")
-    core.check_pages(obj)
-    core.memory.ensure_system(obj)
-    if read == DOMAIN_CPU:
-        core.gpu.to_cpu(obj, write=bool(write))
-        return s.Empty()
-    if core.gpu.suspended:
-        if core.hold_while_suspended:
-            raise Pending(resume=True)
-        raise Busy("the device is suspended")
-    _check_fits(core, [obj])
-    core.gpu.make_resident([obj])
-    core.gpu.wait_for(obj.write_fence)  # returns once the device's copy is taken
-    return s.Empty()
-
-
-def gem_set_tiling(core: Core, client: Client, req: sd.TilingReq) -> sd.TilingReply:
-    obj = core.lookup(client, req.handle)
-    if obj.proxy:
-        raise NoSuchDeviceOrAddress(f"handle {req.handle} is {obj.kind.name.lower()} memory: no tiling")
-    if req.mode not in (TILING_NONE, TILING_X, TILING_Y):
-        raise InvalidArgument(f"tiling mode must be NONE, X or Y (0, 1, 2), got {req.mode}")
-    stride = 0
-    if req.mode != TILING_NONE:
-        width = commands.TILE_WIDTH[req.mode]
-        if req.stride == 0 or req.stride % width or req.stride > _MAX_STRIDE:
-            raise InvalidArgument(f"stride {req.stride} must be a nonzero multiple of {width} up to {_MAX_STRIDE}")
-        stride = req.stride
-    obj.tiling, obj.stride = req.mode, stride
-    return sd.TilingReply(mode=obj.tiling, stride=obj.stride)
-
-
-def gem_get_tiling(core: Core, client: Client, req: s.HandleReq) -> sd.TilingReply:
-    obj = core.lookup(client, req.handle)
-    return sd.TilingReply(mode=obj.tiling, stride=obj.stride)
-
-
-def gem_set_caching(core: Core, client: Client, req: sd.CachingReq) -> s.Empty:
-    if req.level not in (CACHING_NONE, CACHING_CACHED, CACHING_DISPLAY):
-        raise InvalidArgument(f"caching level must be NONE, CACHED or DISPLAY (0, 1, 2), got {req.level}")
-    obj = core.lookup(client, req.handle)
-    if obj.proxy:
-        if req.level != CACHING_CACHED:
-            raise NoSuchDeviceOrAddress(f"handle {req.handle} is {obj.kind.name.lower()} memory: only CACHED")
-        return s.Empty()
-    if req.level == CACHING_CACHED and obj.placement == Placement.VRAM:
-        core.gpu.to_cpu(obj, write=True)  # snooped objects live in system memory
-    obj.caching = req.level
-    return s.Empty()
-
-
-def gem_get_caching(core: Core, client: Client, req: s.HandleReq) -> sd.CachingReply:
-    obj = core.lookup(client, req.handle)
-    return sd.CachingReply(level=CACHING_CACHED if obj.proxy else obj.caching)
 
 
 def suspend(core: Core, client: Client, req: s.Empty) -> s.Empty:

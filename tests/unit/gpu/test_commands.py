@@ -1,4 +1,4 @@
-"""ugem.device.commands: validation table, tiled addressing, execution (memmove, tiling, semaphores).
+"""ugem.gpu.commands: validation table, tiled addressing, execution (memmove, tiling, semaphores).
 
 The tile layouts are written out again here (`x_tiled`, `y_tiled`) straight from SPEC §3,
 independently of the module, and tiled blits are checked byte for byte against them.
@@ -21,8 +21,9 @@ from hypothesis import strategies as st
 
 from ugem.cmd import Blit, Copy, Fill, SemaphoreWait
 from ugem.constants import CACHING_CACHED, CACHING_DISPLAY, TILING_NONE, TILING_X, TILING_Y
-from ugem.device import commands
-from ugem.device.commands import (
+from ugem.errors import InvalidArgument, IOFailure
+from ugem.gpu import commands
+from ugem.gpu.commands import (
     Hung,
     ObjView,
     Target,
@@ -34,7 +35,6 @@ from ugem.device.commands import (
     validate,
     writes,
 )
-from ugem.errors import InvalidArgument, IOFailure
 from ugem.testing.data import PROMPT_S
 
 

@@ -1,4 +1,4 @@
-"""Device command semantics (SPEC §3 "device commands", "tiled layouts"): pure functions.
+"""GPU command semantics (SPEC §3 "device commands", "tiled layouts"): pure functions.
 
 - `handles(cmd)`, `reads(cmd)` / `writes(cmd)`: the handles a command names / reads / writes,
   so the core can look them up (ENOENT), refuse writes through read-only handles (EACCES)

@@ -1,1 +1,0 @@
-"""The device: a small protocol (base.py) and the simulated device that implements it."""
