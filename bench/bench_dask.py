@@ -147,7 +147,7 @@ def one_run(method: str, workload: str, size: int, budget: int, spill_dir: str) 
             data = (SpillBuffer, {"spill_directory": spill_dir, "target": budget // 2})
         dev = daemon.connect() if daemon is not None else None
         with dask.config.set(_CONFIG), LocalCluster(n_workers=2, threads_per_worker=1, processes=True,
-                                                     dashboard_address=None, data=data, memory_limit="64G",
+                                                     dashboard_address=":0", data=data, memory_limit="64G",
                                                      silence_logs=logging.ERROR) as cluster, Client(cluster) as c:
             c.run(_start_probes)
             pids = list(c.run(os.getpid).values())

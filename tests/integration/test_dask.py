@@ -145,7 +145,7 @@ def daemon_small() -> Iterator[DaemonProcess]:
 
 
 def _cluster(path: str) -> LocalCluster:
-    return LocalCluster(n_workers=2, threads_per_worker=1, processes=True, dashboard_address=None,
+    return LocalCluster(n_workers=2, threads_per_worker=1, processes=True, dashboard_address=":0",
                         data=(UgemBuffer, {"socket": path}), memory_limit="1G")
 
 
@@ -224,7 +224,7 @@ def test_launcher_starts_ugem_backed_workers(daemon: DaemonProcess) -> None:
     import subprocess
     import sys
 
-    with LocalCluster(n_workers=0, processes=True, dashboard_address=None) as cluster, Client(cluster) as client:
+    with LocalCluster(n_workers=0, processes=True, dashboard_address=":0") as cluster, Client(cluster) as client:
         env = {**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)}
         proc = subprocess.Popen([sys.executable, "-m", "ugem.dask.worker", cluster.scheduler_address,
                                  "--nworkers", "1", "--socket", daemon.path], env=env)
