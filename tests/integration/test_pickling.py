@@ -369,3 +369,25 @@ def test_other_arrays_pickle_by_value_as_before(sender, dumps):
         copy = pickle.loads(dumps(ours))
         copy[0, 0] = 1
         assert ours[0, 0] == 0
+
+
+def test_one_pickle_of_many_arrays_posts_its_shares_together(sender, monkeypatch):
+    """200 arrays in one multiprocessing pickle: their shares go to the daemon in a few writes
+    (at most HOLD_BACK each), all of them before dumps returns; the receiver's claims too."""
+    if sender is None:
+        pytest.skip("embedded arrays travel as fds")
+    from ugem.client.batch import HOLD_BACK
+    from ugem.client.default import default_device
+
+    dev = default_device()
+    arrays = [ugem.zeros(4096, np.uint8) for _ in range(200)]
+    for i, a in enumerate(arrays):
+        a[0] = i % 256
+    writes: list[int] = []
+    real_post = dev._transport.post
+    monkeypatch.setattr(dev._transport, "post", lambda frames: (writes.append(len(frames)), real_post(frames))[1])
+    data = ForkingPickler.dumps(arrays)
+    assert sum(writes) >= 200 and len(writes) <= 200 // HOLD_BACK + 2
+    assert not dev._released  # every share is on its way before the pickle is
+    with multiprocessing.get_context("fork").Pool(1) as pool:
+        assert pool.apply(w.load_and_count_posts, (bytes(data),)) <= 200 // HOLD_BACK + 2

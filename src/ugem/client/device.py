@@ -44,6 +44,7 @@ from ..fd import OwnedFd
 from ..wire import structs as s
 from ..wire.frames import Op
 from .args import flag, i64, ident, index, u32
+from .batch import HOLD_BACK, hold_back
 from .bulk import pread_all, preadv_all, pwritev_all
 from .device_ops import DeviceOps
 from .device_share import ShareOps
@@ -137,8 +138,14 @@ class Device(DeviceOps, ShareOps):
 
     def _post(self, op: Op | None, req: s.Struct | None = None) -> None:
         """Send a request without waiting for its reply (client/device_share.py), after what
-        is queued (releases, claims) in the same write; with no request, just what is queued."""
+        is queued (releases, held-back requests) in the same write; with no request, just what
+        is queued. In a pickling batch (client/batch.py) the request is held back instead."""
         transport = self._live()
+        if req is not None and hold_back(self):
+            self._released.append(req)  # a ShareReq or ClaimMappedReq (releases.py)
+            if len(self._released) < HOLD_BACK:
+                return
+            req = None
         notes = self._releases.requests() if self._released else []
         transport.post(notes if op is None or req is None else [*notes, (op, req)])
 

@@ -42,6 +42,10 @@ Rules:
 - every other array (not ugem memory, empty, or of object dtype) pickles exactly as numpy
   pickles it; arrays that are ugem memory but whose Device is closed or was made by the
   parent of a forked child raise `pickle.PicklingError` naming why;
+- the shares one multiprocessing pickle posts, and the claims one unpickling posts, go out
+  together (client/batch.py: `ForkingPickler.dumps` and `loads` run as a batch, wrapped
+  here where the reducers are registered): a list of 2,000 arrays costs the daemon a few
+  dozen writes, not 2,000;
 - plain `pickle` (not multiprocessing's): arrays are pickled by value as always (no global
   reducer is registered); a daemon client's Buffer travels by flink name and socket path.
   The receiver opens the name through its `default_device()` if that is a client of the same
@@ -66,6 +70,7 @@ import numpy.typing as npt
 
 from ..backing.mapping import map_shared
 from ..errors import NoSuchObject, UgemError
+from .batch import batch
 from .buffer import Buffer
 from .connect import connect
 from .default import default_device
@@ -232,5 +237,22 @@ def _open_by_name(path: str, name: int, size: int, readonly: bool) -> Buffer:
     return Buffer(dev, handle, size, readonly=readonly)
 
 
+_plain_dumps = reduction.ForkingPickler.dumps.__func__  # type: ignore[attr-defined]
+_plain_loads = reduction.ForkingPickler.loads
+
+
+def _dumps(cls: type, obj: Any, protocol: int | None = None) -> memoryview:
+    with batch():  # the shares it posts go out together, before the pickle is returned
+        result: memoryview = _plain_dumps(cls, obj, protocol)
+        return result
+
+
+def _loads(*args: Any, **kwargs: Any) -> Any:
+    with batch():  # the claims it posts go out together
+        return _plain_loads(*args, **kwargs)
+
+
 reduction.ForkingPickler.register(np.ndarray, _reduce_array)
 reduction.ForkingPickler.register(Buffer, _reduce_buffer)
+setattr(reduction.ForkingPickler, "dumps", classmethod(_dumps))  # noqa: B010  (the class multiprocessing uses)
+setattr(reduction.ForkingPickler, "loads", staticmethod(_loads))  # noqa: B010

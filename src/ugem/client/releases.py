@@ -1,7 +1,10 @@
 """Releases: what a Device still has to tell the manager, and the Buffers of each handle.
 
 - `queue`: released mappings (their ids), dropped Buffers (their handle's `Wrapped`
-  record) and shares to use up unmapped (their (owner, token) pair, client/device_share.py).
+  record), shares to use up unmapped (their (owner, token) pair, client/device_share.py),
+  and posted requests held back while pickling (GEM_SHARE and GEM_CLAIM_MAPPED structs,
+  client/batch.py), which go first, in their order (a share needs its mapping tracked, and
+  a claim's mapping must be tracked before it is released).
   Finalizers append to this very deque and do nothing else: a finalizer may run at any
   moment, even in the middle of a request, so it never sends, locks or allocates beyond
   the append. The Device drains the queue before its next request (`drain`) and
@@ -38,10 +41,15 @@ class Wrapped:
         self.closed = False
 
 
+Held = ss.ShareReq | ss.ClaimMappedReq
+Queued = int | Wrapped | tuple[int, int] | Held
+_HELD_OPS: dict[type, Op] = {ss.ShareReq: Op.GEM_SHARE, ss.ClaimMappedReq: Op.GEM_CLAIM_MAPPED}
+
+
 class Releases:
     def __init__(self) -> None:
         # drained in place, never replaced, so a release can never land in a list nobody reads
-        self.queue: collections.deque[int | Wrapped | tuple[int, int]] = collections.deque()
+        self.queue: collections.deque[Queued] = collections.deque()
         self._wrapped: dict[int, Wrapped] = {}  # open handle -> its live Buffers
         self._lock = threading.Lock()
 
@@ -72,8 +80,8 @@ class Releases:
         """Drain the queue into requests, sent ahead of the Device's next one (transport
         `notes`): one frame each, so a batch never fails for its size; shares and mappings
         first (they need no handle)."""
-        ids, handles, drops = self.drain()
-        notes: list[tuple[Op, s.Struct]] = []
+        ids, handles, drops, held = self.drain()
+        notes: list[tuple[Op, s.Struct]] = [(_HELD_OPS[type(req)], req) for req in held]
         for start in range(0, len(drops), ss.MAX_DROPS):  # shares received here, mapped already
             records = b"".join(ss.SHARE_RECORD.pack(*d) for d in drops[start:start + ss.MAX_DROPS])
             notes.append((Op.GEM_DROP_SHARES, ss.DropSharesReq(records=records)))
@@ -85,9 +93,10 @@ class Releases:
             notes.append((Op.GEM_CLOSE_BATCH, s.CloseBatchReq(handles=struct.pack(f"<{len(batch)}I", *batch))))
         return notes
 
-    def drain(self) -> tuple[list[int], list[int], list[tuple[int, int]]]:
-        """Take everything queued: (mapping ids to release, handles to close, shares to drop)."""
-        released: list[int | Wrapped | tuple[int, int]] = []
+    def drain(self) -> tuple[list[int], list[int], list[tuple[int, int]], list[Held]]:
+        """Take everything queued: (mapping ids to release, handles to close, shares to drop,
+        held-back requests)."""
+        released: list[Queued] = []
         try:
             while True:
                 released.append(self.queue.popleft())
@@ -95,6 +104,7 @@ class Releases:
             pass
         ids = [item for item in released if isinstance(item, int)]
         drops = [item for item in released if isinstance(item, tuple)]
+        held = [item for item in released if isinstance(item, (ss.ShareReq, ss.ClaimMappedReq))]
         handles = []
         with self._lock:
             for item in released:
@@ -102,7 +112,7 @@ class Releases:
                     item.count -= 1
                     if item.count == 0 and not item.closed:
                         handles.append(self._retire(item))
-        return ids, handles, drops
+        return ids, handles, drops, held
 
     def after_fork_in_child(self) -> None:
         self._lock = threading.Lock()  # the parent's may have been held at the fork

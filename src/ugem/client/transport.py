@@ -140,6 +140,8 @@ class SocketTransport:
             try:
                 if self._timeout is not None:
                     self._arm(op, req)
+                if self._owed and len(self._owed) + len(notes) > SHARE_AHEAD:  # never more than that unread
+                    self._skip_owed()
                 seqs = self._send_notes(notes, op, pieces, fds) if notes else []
                 self._seq = (self._seq + 1) & 0xFFFFFFFF
                 self._send(op, pieces, fds)
@@ -229,6 +231,8 @@ class SocketTransport:
             try:
                 if self._timeout is not None:
                     self._arm(op, frames[-1][1])
+                if len(self._owed) + len(frames) > SHARE_AHEAD:  # never more than that unread
+                    self._skip_owed()
                 data = bytearray()
                 for op, req in frames:
                     pieces, fds = s.encode(req)

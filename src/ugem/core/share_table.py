@@ -39,8 +39,6 @@ class Share:
 class Watcher(Protocol):
     def watch(self, obj: BufferObject) -> None: ...
 
-    def measure(self, obj: BufferObject) -> None: ...
-
 
 class ShareTable:
     def __init__(self, clients: dict[int, Client], get: Callable[[BufferObject], None],
@@ -59,9 +57,9 @@ class ShareTable:
         self._memory.watch(obj)
 
     def let_go(self, obj: BufferObject) -> None:
-        """A share of `obj` was used up or dropped."""
+        """A share of `obj` was used up or dropped (nothing was written through it: no
+        measuring; Memory.refresh unwatches it once nothing else keeps it volatile)."""
         obj.maps -= 1
-        self._memory.measure(obj)
         self._put(obj)
 
     def find(self, owner_id: int, token: int) -> Share | None:

@@ -16,8 +16,8 @@ from typing import Any
 import numpy as np
 import numpy.typing as npt
 
-__all__ = ["claimed_how", "fd_count", "hold_until_killed", "on_pipe", "on_queue", "receive_many", "resend", "touch",
-           "touch_into"]
+__all__ = ["claimed_how", "fd_count", "hold_until_killed", "load_and_count_posts", "on_pipe", "on_queue",
+           "receive_many", "resend", "touch", "touch_into"]
 
 MARK_IN, MARK_OUT = 5, 42  # the sender writes MARK_IN at [1, 1]; the worker MARK_OUT at [0, 0]
 
@@ -43,6 +43,27 @@ def claimed_how(a: npt.NDArray[Any]) -> dict[str, Any]:
     entry = mapping_of(a)
     assert entry is not None
     return {"no_round_trip": entry.map_id >= CHOSEN_MAP_IDS, "seen": int(a.flat[0])}
+
+
+def load_and_count_posts(data: bytes) -> int:
+    """Unpickle many arrays (claimed with no round trip where allowed); how many writes
+    their claims took, checking each array's first element."""
+    from ..client.default import default_device
+    transport = default_device()._transport
+    assert transport is not None
+    writes: list[int] = []
+    real_post = transport.post
+    def post(frames: Any) -> None:
+        writes.append(len(frames))
+        real_post(frames)
+
+    transport.post = post  # type: ignore[method-assign]
+    try:
+        arrays = ForkingPickler.loads(data)
+    finally:
+        transport.post = real_post  # type: ignore[method-assign]
+    assert [int(a[0]) for a in arrays] == [i % 256 for i in range(len(arrays))]
+    return len(writes)
 
 
 def mark_and_return(a: npt.NDArray[Any]) -> npt.NDArray[Any]:
