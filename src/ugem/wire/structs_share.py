@@ -15,7 +15,11 @@ __all__ = ["CHOSEN_MAP_IDS", "MAX_DROPS", "SHARE_AHEAD", "SHARE_RECORD", "ClaimM
 
 SHARE_RECORD = struct.Struct("<QQ")  # (owner, token)
 MAX_DROPS = MAX_PAYLOAD // SHARE_RECORD.size  # records that fit in one request frame
-SHARE_AHEAD = 64  # shares a client may send before it reads their replies (core/shares.py)
+# requests a client may post before it reads their replies (core/shares.py). Not much more: a
+# small reply takes ~1 KiB of socket buffer (the kernel's per-packet overhead), ~200 fill the
+# daemon's default send buffer, and the daemon stops reading a connection whose replies wait,
+# so a client still writing would deadlock (tried with 1024: it did).
+SHARE_AHEAD = 64
 CHOSEN_MAP_IDS = 1 << 31  # map ids from here up are chosen by the client (GEM_CLAIM_MAPPED); the manager's are below
 
 
