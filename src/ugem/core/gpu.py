@@ -273,7 +273,8 @@ class Gpu:
         if obj.vram_dirty or obj.backing is None:
             self.owner.populate_system(obj)
             holes = self._holes(obj)  # pages of zeros copied into holes would fill them
-            seq = self.submit(CopyOut(offset, self.host_view(obj), obj.size, holes or ()))
+            seq = self.submit(CopyOut(offset, self.host_view(obj), obj.size, holes or (),
+                                      file=self.backing.device_file(obj.backing)))
             self.memory.expect(obj, obj.size, seq)  # at most; measured once it has landed
             tally.bytes_moved += obj.size
             obj.last_fence = obj.write_fence = obj.host_fence = seq

@@ -10,7 +10,9 @@ The timeline is one worker thread that runs ops strictly in submission order:
   queues the op under one lock, so queue order is seqno order. It never waits for the device.
 - CopyIn / CopyOut copy between a host buffer and a slice of device memory, leaving the
   host's holes unread (CopyIn clears them in device memory) and unwritten where device
-  memory holds a page of zeros (CopyOut checks each such page first). Execute gives
+  memory holds a page of zeros (CopyOut checks each such page first). A CopyOut that
+  carries the host memory's `file` writes it with pwritev (no page faults on new pages)
+  and closes it once the op has run, failed or been refused. Execute gives
   each handle a `Target`: VRAM surfaces become memoryview slices of device memory, host
   surfaces (CACHED, userptr, pinned in system memory) are used in place. Its commands run
   one by one through `commands.execute`.
@@ -44,6 +46,7 @@ from __future__ import annotations
 import errno
 import logging
 import mmap
+import os
 import platform
 import queue
 import threading
@@ -57,13 +60,14 @@ import numpy as np
 
 from ..cmd import SemaphoreWait
 from ..constants import PAGE_SIZE as _PAGE
-from .base import CopyIn, CopyOut, Execute, GpuBackend, GpuOp, Holes, Surface
+from .base import CopyIn, CopyOut, Execute, GpuBackend, GpuOp, Holes, Surface, discard
 from .commands import Hung, Target, execute
 
 __all__ = ["SimGpu", "check_op", "run_op"]
 
 log = logging.getLogger("ugem.device")  # the name users filter logs on (and the thread's, ugem-device): kept
 _CHECK_CHUNK = 1 << 20  # bytes of a hole checked for zeros, then copied, at a time (cache-sized)
+_MAX_IO = 1 << 30  # one pwritev moves at most this much (the kernel caps near 2 GiB)
 
 # Python's mmap module does not export MAP_NORESERVE everywhere; 0x4000 is its value on the
 # common Linux ABIs (x86, arm, riscv). Elsewhere we go without (only the accounting differs).
@@ -181,9 +185,13 @@ def run_op(
     elif isinstance(op, CopyIn):  # np.copyto releases the GIL: the daemon loop keeps running
         with _host_view(op.host, op.length) as src, memory[op.vram:op.vram + op.length] as dst:
             _copy_in(np.frombuffer(src, dtype=np.uint8), np.frombuffer(dst, dtype=np.uint8), op.holes)
+    elif isinstance(op, CopyOut) and op.file is not None:  # the write path: no faults on new pages
+        with memory[op.vram:op.vram + op.length] as src:
+            _copy_out(np.frombuffer(src, dtype=np.uint8), _file_writer(op.file.fileno()), op.holes)
     elif isinstance(op, CopyOut):
         with _host_view(op.host, op.length) as dst, memory[op.vram:op.vram + op.length] as src:
-            _copy_out(np.frombuffer(src, dtype=np.uint8), np.frombuffer(dst, dtype=np.uint8), op.holes)
+            _copy_out(np.frombuffer(src, dtype=np.uint8), _buffer_writer(np.frombuffer(dst, dtype=np.uint8)),
+                      op.holes)
     else:
         _execute(memory, op, deadline, abandon_waits)
 
@@ -207,19 +215,41 @@ def _copy_in(host: np.ndarray, vram: np.ndarray, holes: Holes) -> None:
         vram[offset:offset + size].fill(0)
 
 
-def _copy_out(vram: np.ndarray, host: np.ndarray, holes: Holes) -> None:
+Writer = Callable[[np.ndarray, int], None]  # put these bytes of device memory at this host offset
+
+
+def _buffer_writer(host: np.ndarray) -> Writer:
+    def put(src: np.ndarray, offset: int) -> None:
+        np.copyto(host[offset:offset + len(src)], src)
+    return put
+
+
+def _file_writer(fd: int) -> Writer:
+    def put(src: np.ndarray, offset: int) -> None:
+        with src.data as view:
+            done = 0
+            while done < len(view):
+                with view[done:done + _MAX_IO] as part:
+                    n = os.pwritev(fd, [part], offset + done)
+                if n <= 0:
+                    raise OSError(errno.EIO, f"short write to host memory at offset {offset + done}")
+                done += n
+    return put
+
+
+def _copy_out(vram: np.ndarray, put: Writer, holes: Holes) -> None:
     """Device memory -> host; in the host's holes only pages that are not all zeros, in
     runs of consecutive pages (a hole stays a hole where the device left zeros). A hole
     is checked and copied a chunk at a time, so the copy reads what the check just read
     from the cache."""
-    for start, end in _data_ranges(len(host), holes):
-        np.copyto(host[start:end], vram[start:end])
+    for start, end in _data_ranges(len(vram), holes):
+        put(vram[start:end], start)
     for offset, size in holes:
         for chunk in range(offset, offset + size, _CHECK_CHUNK):
-            _copy_nonzero_pages(vram, host, chunk, min(chunk + _CHECK_CHUNK, offset + size))
+            _copy_nonzero_pages(vram, put, chunk, min(chunk + _CHECK_CHUNK, offset + size))
 
 
-def _copy_nonzero_pages(vram: np.ndarray, host: np.ndarray, start: int, end: int) -> None:
+def _copy_nonzero_pages(vram: np.ndarray, put: Writer, start: int, end: int) -> None:
     src = vram[start:end]
     whole = (end - start) // _PAGE * _PAGE
     nonzero = np.zeros(-(-(end - start) // _PAGE), dtype=bool)
@@ -230,7 +260,7 @@ def _copy_nonzero_pages(vram: np.ndarray, host: np.ndarray, start: int, end: int
     edges = np.flatnonzero(np.diff(np.concatenate(([0], nonzero.view(np.int8), [0]))))
     for first, last in zip(edges[::2].tolist(), edges[1::2].tolist(), strict=True):
         a, b = start + first * _PAGE, min(start + last * _PAGE, end)
-        np.copyto(host[a:b], vram[a:b])
+        put(vram[a:b], a)
 
 
 _STOP = None  # queued by close(): the worker exits after everything queued before it
@@ -305,9 +335,14 @@ class SimGpu(TimelineQueries):
         return self._hang_timeout
 
     def submit(self, op: GpuOp) -> int:
-        check_op(op, self._vram_size)
+        try:
+            check_op(op, self._vram_size)
+        except BaseException:
+            discard(op)
+            raise
         with self._submit_lock:
             if self._closing:
+                discard(op)
                 raise RuntimeError("submit() on a closed SimGpu")
             self._issued += 1
             self._queue.put((self._issued, op))  # SimpleQueue.put never blocks
@@ -340,6 +375,7 @@ class SimGpu(TimelineQueries):
         while (item := self._queue.get()) is not _STOP:
             seqno, op = item
             failed = self._run_one(seqno, op)
+            discard(op)
             del item, op  # the core may release host buffers once the seqno completes
             self._complete(seqno, failed)
 

@@ -14,9 +14,11 @@ from collections.abc import Iterator
 import pytest
 
 from ugem.cmd import Copy, Fill, SemaphoreWait
+from ugem.fd import OwnedFd
 from ugem.gpu.base import CopyIn, CopyOut, Execute, Surface
 from ugem.gpu.commands import Hung
 from ugem.gpu.sim import SimGpu, run_op
+from ugem.testing.data import SAFETY_S
 
 MiB = 1 << 20
 
@@ -382,6 +384,57 @@ def test_copy_out_writes_into_holes_only_pages_that_are_not_zeros(dev: SimGpu) -
         assert dev.wait(seq, 5.0)
         assert _allocated(fd) == 3 * PAGE  # page 0 (data), pages 3 and 4 (not zeros)
         assert os.pread(fd, len(vram), 0) == bytes(vram)  # (reading through the mapping would fill holes)
+    finally:
+        host.close()
+        os.close(fd)
+
+
+def test_copy_out_through_the_host_file_writes_data_and_nonzero_pages_then_closes_it(dev: SimGpu) -> None:
+    # the write path (pwritev into the memfd) keeps the mapping path's rules: data ranges
+    # written whole, holes only where device memory is not all zeros; the op owns the file
+    fd, host = _memfd_map(6)
+    try:
+        host[0:PAGE] = b"\x01" * PAGE
+        vram = bytearray(6 * PAGE)
+        vram[7] = 0x66
+        vram[3 * PAGE + 7] = 0x77
+        vram[4 * PAGE:5 * PAGE] = b"\x78" * PAGE
+        dev.submit(CopyIn(0, bytes(vram), len(vram)))
+        file = OwnedFd(os.dup(fd))
+        seq = dev.submit(CopyOut(0, host, len(vram), holes=((PAGE, 5 * PAGE),), file=file))
+        assert dev.wait(seq, 5.0)
+        assert _allocated(fd) == 3 * PAGE  # page 0 (data), pages 3 and 4 (not zeros)
+        assert os.pread(fd, len(vram), 0) == bytes(vram)
+        deadline = time.monotonic() + SAFETY_S
+        while not file.closed and time.monotonic() < deadline:  # closed right after completion
+            time.sleep(0.001)
+        assert file.closed
+    finally:
+        host.close()
+        os.close(fd)
+
+
+def test_copy_out_through_the_file_of_a_fresh_memfd_round_trips_a_large_range() -> None:
+    size = 3 * MiB + PAGE
+    data = os.urandom(size)
+    with SimGpu(vram_size=4 * MiB, hang_timeout=5.0) as dev:
+        fd, host = _memfd_map(size // PAGE)
+        try:
+            dev.submit(CopyIn(0, data, size))
+            assert dev.wait(dev.submit(CopyOut(0, host, size, file=OwnedFd(os.dup(fd)))), 5.0)
+            assert os.pread(fd, size, 0) == data and _allocated(fd) == size
+        finally:
+            host.close()
+            os.close(fd)
+
+
+def test_a_refused_copy_out_closes_its_file(dev: SimGpu) -> None:
+    fd, host = _memfd_map(1)
+    try:
+        file = OwnedFd(os.dup(fd))
+        with pytest.raises(ValueError):
+            dev.submit(CopyOut(2 * MiB, host, PAGE, file=file))  # outside device memory
+        assert file.closed
     finally:
         host.close()
         os.close(fd)
