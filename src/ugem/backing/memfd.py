@@ -16,7 +16,7 @@ Rules:
 - Every object with pages holds one fd here, so their number is bounded by RLIMIT_NOFILE
   (SPEC §7). `open_count` counts the memfds `create`/`adopt` handed out and `release` has
   not closed; `max_open` is the soft limit less a reserve for connections, transfers,
-  device copies out (`device_file`: at most 64 descriptions at once) and the manager's own
+  device copies (`device_file`: at most 64 descriptions at once) and the manager's own
   files. The core keeps `open_count` under `max_open` by spilling (it
   closes the spilled object's memfd); should memfd_create still run out of fds, the error
   is ENOMEM naming the limit.
@@ -48,7 +48,7 @@ __all__ = ["MemfdStore"]
 _SEALS = fcntl.F_SEAL_SHRINK | fcntl.F_SEAL_GROW | fcntl.F_SEAL_SEAL
 _WRITE_SEALS = fcntl.F_SEAL_WRITE | getattr(fcntl, "F_SEAL_FUTURE_WRITE", 0x10)
 _MAX_IO = 1 << 30  # one preadv/pwritev moves at most this much (the kernel caps near 2 GiB)
-_DEVICE_FILE_MIN = 1 << 20  # objects this big get a description for a device copy out ...
+_DEVICE_FILE_MIN = 1 << 20  # objects this big get a description for a device copy ...
 _DEVICE_FILES = 64  # ... at most this many at once (closed by the device as each copy ends)
 
 
@@ -175,8 +175,8 @@ class MemfdStore:
         return memoryview(map_shared(backing.fd, 0, size, writable))
 
     def device_file(self, backing: OwnedFd) -> OwnedFd | None:
-        """The manager's own description, duplicated for one device copy out (pwritev into
-        fresh pages costs no page faults; the copy closes it when done). Only for objects
+        """The manager's own description, duplicated for one device copy in or out (preadv,
+        pwritev: no page faults; the copy closes it when done). Only for objects
         of at least `_DEVICE_FILE_MIN` bytes (below that the faults cost little), and at most
         `_DEVICE_FILES` at once, so that a suspend of thousands of objects cannot run the
         process out of fds: past that, or if dup fails for want of fds, None (the device

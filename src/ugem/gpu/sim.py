@@ -8,11 +8,12 @@ The timeline is one worker thread that runs ops strictly in submission order:
 - `submit()` validates the op (a range outside device memory, a short or read-only host
   buffer is a core bug and raises ValueError at the call site), then takes the next seqno and
   queues the op under one lock, so queue order is seqno order. It never waits for the device.
-- CopyIn / CopyOut copy between a host buffer and a slice of device memory, leaving the
-  host's holes unread (CopyIn clears them in device memory) and unwritten where device
-  memory holds a page of zeros (CopyOut checks each such page first). A CopyOut that
-  carries the host memory's `file` writes it with pwritev (no page faults on new pages)
-  and closes it once the op has run, failed or been refused. Execute gives
+- CopyIn / CopyOut copy between a host buffer and a slice of device memory (gpu/copies.py),
+  leaving the host's holes unread (CopyIn clears them in device memory) and unwritten where
+  device memory holds a page of zeros (CopyOut checks each such page first). A copy that
+  carries the host memory's `file` goes through it with preadv / pwritev (no page faults);
+  the worker closes that file once the op has run or failed, submit() if it refuses the op.
+  Execute gives
   each handle a `Target`: VRAM surfaces become memoryview slices of device memory, host
   surfaces (CACHED, userptr, pinned in system memory) are used in place. Its commands run
   one by one through `commands.execute`.
@@ -46,28 +47,23 @@ from __future__ import annotations
 import errno
 import logging
 import mmap
-import os
 import platform
 import queue
 import threading
 import time
 import traceback
-from collections.abc import Callable, Iterator
-from contextlib import ExitStack, contextmanager
+from collections.abc import Callable
+from contextlib import ExitStack
 from typing import TYPE_CHECKING, Any
 
-import numpy as np
-
 from ..cmd import SemaphoreWait
-from ..constants import PAGE_SIZE as _PAGE
 from .base import CopyIn, CopyOut, Execute, GpuBackend, GpuOp, Holes, Surface, discard
 from .commands import Hung, Target, execute
+from .copies import copy, host_view
 
 __all__ = ["SimGpu", "check_op", "run_op"]
 
 log = logging.getLogger("ugem.device")  # the name users filter logs on (and the thread's, ugem-device): kept
-_CHECK_CHUNK = 1 << 20  # bytes of a hole checked for zeros, then copied, at a time (cache-sized)
-_MAX_IO = 1 << 30  # one pwritev moves at most this much (the kernel caps near 2 GiB)
 
 # Python's mmap module does not export MAP_NORESERVE everywhere; 0x4000 is its value on the
 # common Linux ABIs (x86, arm, riscv). Elsewhere we go without (only the accounting differs).
@@ -126,18 +122,11 @@ def check_op(op: GpuOp, vram_size: int) -> None:
         raise TypeError(f"not a device op: {op!r}")
 
 
-@contextmanager
-def _host_view(buffer: Any, length: int) -> Iterator[memoryview]:
-    """The first `length` bytes of a host buffer as a flat byte view, released on exit."""
-    with memoryview(buffer) as view, view.cast("B") as flat, flat[:length] as part:
-        yield part
-
-
 def _target(views: ExitStack, memory: memoryview, surface: Surface) -> Target:
     if surface.vram is not None:
         buf = views.enter_context(memory[surface.vram:surface.vram + surface.size])
     else:
-        buf = views.enter_context(_host_view(surface.host, surface.size))
+        buf = views.enter_context(host_view(surface.host, surface.size))
     return Target(buf=buf, tiling=surface.tiling, stride=surface.stride)
 
 
@@ -180,87 +169,10 @@ def run_op(
     command starts and a running SemaphoreWait or Blit stops. A SemaphoreWait not satisfied
     when `abandon_waits()` is True is cancelled too (close(); the fake device's instant hang).
     """
-    if isinstance(op, CopyIn) and op.host is None:
-        np.frombuffer(memory, dtype=np.uint8, count=op.length, offset=op.vram).fill(0)
-    elif isinstance(op, CopyIn):  # np.copyto releases the GIL: the daemon loop keeps running
-        with _host_view(op.host, op.length) as src, memory[op.vram:op.vram + op.length] as dst:
-            _copy_in(np.frombuffer(src, dtype=np.uint8), np.frombuffer(dst, dtype=np.uint8), op.holes)
-    elif isinstance(op, CopyOut) and op.file is not None:  # the write path: no faults on new pages
-        with memory[op.vram:op.vram + op.length] as src:
-            _copy_out(np.frombuffer(src, dtype=np.uint8), _file_writer(op.file.fileno()), op.holes)
-    elif isinstance(op, CopyOut):
-        with _host_view(op.host, op.length) as dst, memory[op.vram:op.vram + op.length] as src:
-            _copy_out(np.frombuffer(src, dtype=np.uint8), _buffer_writer(np.frombuffer(dst, dtype=np.uint8)),
-                      op.holes)
+    if isinstance(op, CopyIn | CopyOut):
+        copy(memory, op)
     else:
         _execute(memory, op, deadline, abandon_waits)
-
-
-def _data_ranges(length: int, holes: Holes) -> Iterator[tuple[int, int]]:
-    """The (start, end) ranges of [0, length) between the holes."""
-    pos = 0
-    for offset, size in holes:
-        if offset > pos:
-            yield pos, offset
-        pos = offset + size
-    if pos < length:
-        yield pos, length
-
-
-def _copy_in(host: np.ndarray, vram: np.ndarray, holes: Holes) -> None:
-    """Host -> device memory, never reading the host's holes (device memory cleared there)."""
-    for start, end in _data_ranges(len(host), holes):
-        np.copyto(vram[start:end], host[start:end])
-    for offset, size in holes:
-        vram[offset:offset + size].fill(0)
-
-
-Writer = Callable[[np.ndarray, int], None]  # put these bytes of device memory at this host offset
-
-
-def _buffer_writer(host: np.ndarray) -> Writer:
-    def put(src: np.ndarray, offset: int) -> None:
-        np.copyto(host[offset:offset + len(src)], src)
-    return put
-
-
-def _file_writer(fd: int) -> Writer:
-    def put(src: np.ndarray, offset: int) -> None:
-        with src.data as view:
-            done = 0
-            while done < len(view):
-                with view[done:done + _MAX_IO] as part:
-                    n = os.pwritev(fd, [part], offset + done)
-                if n <= 0:
-                    raise OSError(errno.EIO, f"short write to host memory at offset {offset + done}")
-                done += n
-    return put
-
-
-def _copy_out(vram: np.ndarray, put: Writer, holes: Holes) -> None:
-    """Device memory -> host; in the host's holes only pages that are not all zeros, in
-    runs of consecutive pages (a hole stays a hole where the device left zeros). A hole
-    is checked and copied a chunk at a time, so the copy reads what the check just read
-    from the cache."""
-    for start, end in _data_ranges(len(vram), holes):
-        put(vram[start:end], start)
-    for offset, size in holes:
-        for chunk in range(offset, offset + size, _CHECK_CHUNK):
-            _copy_nonzero_pages(vram, put, chunk, min(chunk + _CHECK_CHUNK, offset + size))
-
-
-def _copy_nonzero_pages(vram: np.ndarray, put: Writer, start: int, end: int) -> None:
-    src = vram[start:end]
-    whole = (end - start) // _PAGE * _PAGE
-    nonzero = np.zeros(-(-(end - start) // _PAGE), dtype=bool)
-    if whole:
-        nonzero[:whole // _PAGE] = src[:whole].view(np.uint64).reshape(-1, _PAGE // 8).any(axis=1)
-    if whole < end - start:
-        nonzero[-1] = bool(src[whole:].any())
-    edges = np.flatnonzero(np.diff(np.concatenate(([0], nonzero.view(np.int8), [0]))))
-    for first, last in zip(edges[::2].tolist(), edges[1::2].tolist(), strict=True):
-        a, b = start + first * _PAGE, min(start + last * _PAGE, end)
-        put(vram[a:b], a)
 
 
 _STOP = None  # queued by close(): the worker exits after everything queued before it

@@ -438,3 +438,40 @@ def test_a_refused_copy_out_closes_its_file(dev: SimGpu) -> None:
     finally:
         host.close()
         os.close(fd)
+
+
+def test_copy_in_through_the_host_file_reads_no_hole_clears_it_and_closes_the_file(dev: SimGpu) -> None:
+    fd, host = _memfd_map(4)
+    try:
+        host[PAGE:2 * PAGE] = b"\x5a" * PAGE
+        dev.submit(CopyIn(0, b"\xff" * (4 * PAGE), 4 * PAGE))
+        file = OwnedFd(os.dup(fd))
+        seq = dev.submit(CopyIn(0, host, 4 * PAGE, holes=((0, PAGE), (2 * PAGE, 2 * PAGE)), file=file))
+        assert dev.wait(seq, 5.0)
+        assert dev.read_vram(0, 4 * PAGE) == bytes(PAGE) + b"\x5a" * PAGE + bytes(2 * PAGE)
+        assert _allocated(fd) == PAGE
+        deadline = time.monotonic() + SAFETY_S
+        while not file.closed and time.monotonic() < deadline:
+            time.sleep(0.001)
+        assert file.closed
+        # with no holes given every page is read, and reading a hole through the file
+        # allocates nothing (through a mapping it would)
+        assert dev.wait(dev.submit(CopyIn(0, host, 4 * PAGE, file=OwnedFd(os.dup(fd)))), 5.0)
+        assert dev.read_vram(0, 4 * PAGE) == bytes(PAGE) + b"\x5a" * PAGE + bytes(2 * PAGE)
+        assert _allocated(fd) == PAGE
+    finally:
+        host.close()
+        os.close(fd)
+
+
+def test_a_copy_in_from_a_file_shorter_than_its_length_fails_with_eio_and_closes_it(dev: SimGpu) -> None:
+    fd, host = _memfd_map(2)
+    try:
+        file = OwnedFd(os.open(f"/proc/self/fd/{fd}", os.O_RDONLY | os.O_CLOEXEC))
+        os.ftruncate(fd, PAGE)  # the file now ends before the copy's length (a core bug)
+        seq = dev.submit(CopyIn(0, host, 2 * PAGE, file=file))
+        assert dev.wait(seq, 5.0) and dev.error(seq) == errno.EIO
+        assert file.closed
+    finally:
+        host.close()
+        os.close(fd)
