@@ -8,6 +8,11 @@ The timeline is one worker thread that runs ops strictly in submission order:
 - `submit()` validates the op (a range outside device memory, a short or read-only host
   buffer is a core bug and raises ValueError at the call site), then takes the next seqno and
   queues the op under one lock, so queue order is seqno order. It never waits for the device.
+  A short command list (`_quick`: at most 16 Fills and Copies writing 64 KiB in all) submitted
+  while every earlier op has completed runs at once on the submitter's thread, still under
+  that lock and so still in seqno order: handing it to the worker would cost a thread wakeup
+  and GIL hand-offs per submission (execbuffer of small Fills through the daemon spent more
+  time there than in its own request). Its notify callback is then called on that thread.
 - CopyIn / CopyOut copy between a host buffer and a slice of device memory (gpu/copies.py),
   leaving the host's holes unread (CopyIn clears them in device memory) and unwritten where
   device memory holds a page of zeros (CopyOut checks each such page first). A copy that
@@ -56,7 +61,7 @@ from collections.abc import Callable
 from contextlib import ExitStack
 from typing import TYPE_CHECKING, Any
 
-from ..cmd import SemaphoreWait
+from ..cmd import Copy, Fill, SemaphoreWait
 from .base import CopyIn, CopyOut, Execute, GpuBackend, GpuOp, Holes, Surface, discard
 from .commands import Hung, Target, execute
 from .copies import copy, host_view
@@ -175,6 +180,22 @@ def run_op(
         _execute(memory, op, deadline, abandon_waits)
 
 
+_QUICK_BYTES = 64 << 10  # a command list writing at most this much may run on the submitter's thread
+
+
+def _quick(op: GpuOp) -> bool:
+    """A short Execute of Fills and Copies (nothing that waits or runs long): cheaper to run
+    at once than to hand to the worker (a thread wakeup and GIL hand-offs per submission)."""
+    if not isinstance(op, Execute) or len(op.commands) > 16:
+        return False
+    total = 0
+    for command in op.commands:
+        if not isinstance(command, Fill | Copy):
+            return False
+        total += command.length
+    return total <= _QUICK_BYTES
+
+
 _STOP = None  # queued by close(): the worker exits after everything queued before it
 
 
@@ -257,8 +278,13 @@ class SimGpu(TimelineQueries):
                 discard(op)
                 raise RuntimeError("submit() on a closed SimGpu")
             self._issued += 1
-            self._queue.put((self._issued, op))  # SimpleQueue.put never blocks
-            return self._issued
+            seqno = self._issued
+            if not (self._completed == seqno - 1 and _quick(op)):
+                self._queue.put((seqno, op))  # SimpleQueue.put never blocks
+                return seqno
+            self._mark(seqno, self._run_one(seqno, op))  # idle timeline: run it here, in order
+        self._call_notify(seqno)  # outside the lock: the callback may submit
+        return seqno
 
     def close(self) -> None:
         if threading.current_thread() is self._thread:
@@ -309,11 +335,17 @@ class SimGpu(TimelineQueries):
         return self._closing
 
     def _complete(self, seqno: int, failed: bool) -> None:
+        self._mark(seqno, failed)
+        self._call_notify(seqno)
+
+    def _mark(self, seqno: int, failed: bool) -> None:
         with self._cond:
             if failed:
                 self._failed.add(seqno)
             self._completed = seqno
             self._cond.notify_all()
+
+    def _call_notify(self, seqno: int) -> None:
         callback = self._notify
         if callback is not None:
             try:

@@ -303,9 +303,9 @@ def test_close_from_the_notify_callback_is_refused(caplog: pytest.LogCaptureFixt
                 errors.append(exc)
 
         dev.set_notify(notify)
-        assert dev.wait(dev.submit(fill(0, 1, 1)), 5.0)
+        assert dev.wait(dev.submit(CopyIn(0, b"1", 1)), 5.0)  # a copy runs on the worker
         dev.set_notify(None)
-        assert dev.wait(dev.submit(fill(0, 1, 1)), 5.0)  # still running
+        assert dev.wait(dev.submit(CopyIn(0, b"1", 1)), 5.0)  # still running
     assert len(errors) == 1
 
 
@@ -475,3 +475,33 @@ def test_a_copy_in_from_a_file_shorter_than_its_length_fails_with_eio_and_closes
     finally:
         host.close()
         os.close(fd)
+
+
+# --- short command lists on an idle timeline run on the submitter's thread ---
+
+
+def test_a_short_command_list_on_an_idle_device_has_completed_when_submit_returns(dev: SimGpu) -> None:
+    seen: list[tuple[int, str]] = []
+    dev.set_notify(lambda seqno: seen.append((seqno, threading.current_thread().name)))
+    seq = dev.submit(fill(4096, 8, 0x3C))
+    assert dev.completed() == seq and dev.error(seq) is None
+    assert seen == [(seq, threading.current_thread().name)]
+    assert dev.read_vram(4096, 8) == b"\x3c" * 8
+    bad = dev.submit(Execute([Fill(dst=1, offset=4000, length=200, byte=1)], {1: Surface(4096, vram=0)}))
+    assert dev.completed() == bad and dev.error(bad) == errno.EIO  # fails as on the worker
+    dev.set_notify(None)
+
+
+def test_a_short_command_list_behind_pending_work_waits_its_turn() -> None:
+    with SimGpu(vram_size=MiB, hang_timeout=30.0) as dev:
+        host = bytearray(4096)
+        held = dev.submit(sem_wait(host, 0, 1))  # the worker waits for the CPU
+        first = dev.submit(fill(0, 4, 0x11))
+        second = dev.submit(fill(0, 4, 0x22))
+        assert dev.completed() < held  # nothing ran ahead of the wait
+        host[0:4] = (1).to_bytes(4, "little")
+        assert dev.wait(second, SAFETY_S)
+        assert dev.error(held) is None and dev.error(first) is None
+        assert dev.read_vram(0, 4) == b"\x22" * 4  # in submission order
+        big = dev.submit(fill(0, 2 * 65536, 0x33, size=2 * 65536))  # not short: the worker runs it
+        assert dev.wait(big, SAFETY_S) and dev.read_vram(0, 4) == b"\x33" * 4
