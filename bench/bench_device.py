@@ -51,9 +51,10 @@ first use pays page faults, later rounds reuse those pages). GB/s = 10**9 bytes/
 
 Baselines (same rounds): memcpy = np.copyto between two warm (pre-faulted) 64 MiB buffers,
 16 times (1 GiB); a copy into *new* pages = 16 x (memfd_create + ftruncate + mmap + np.copyto
-64 MiB), which is what an eviction's copy out does (ugem gives an evicted object a new memfd
-and the device copies into its mapping); and os.pwrite of 64 MiB into a new memfd (new pages
-allocated by the write path, no page faults), a diagnostic for a cheaper copy-out path.
+64 MiB), a mapped copy into fresh pages; and os.pwrite of 64 MiB into a new memfd (new pages
+allocated by the write path, no page faults), which is what an eviction's copy out does (ugem
+gives an evicted object a new memfd and the device writes it with pwritev, for objects of
+1 MiB or more).
 In embedded mode the device ops of the eviction and suspend rounds are timed on the device
 thread (`ugem.gpu.sim.run_op` is wrapped in this process while those rounds run; src/ is
 untouched) and listed in the notes.
@@ -631,8 +632,9 @@ def _notes(notes: list[str], timer: DeviceOpTimer, modes: dict[str, ModeRunners]
                  "'execbuffer 1 x Fill' = its rate / busy() rate; 'crowded' and 'commands/s' rows = their "
                  "rate / the single-Fill rate; p99 column of a rate or GB/s row = the slowest-1% sample")
     notes.append("memcpy baseline copies between the same two warm buffers: no page is allocated; an "
-                 "eviction must write into new pages (a new memfd per evicted object), so the 'new pages' "
-                 "baseline is the like-for-like one on this machine")
+                 "eviction must write into new pages (a new memfd per evicted object, written with pwritev), "
+                 "so the 'new pages' baselines (pwrite into a new memfd above all) are the like-for-like "
+                 "ones on this machine")
     for label in ("evict fresh", "evict with data", "suspend"):
         notes.append(f"embedded device thread, {label}, per round: {timer.describe(label)}")
     for mode, m in modes.items():

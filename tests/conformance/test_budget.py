@@ -102,6 +102,43 @@ def test_a_sparse_object_spills_only_its_data(small):
     assert small.pread(h, 0, 8 * MiB).count(0) == 8 * MiB - 6
 
 
+def test_clients_spilling_and_restoring_at_once_get_every_byte_and_hole_back(make_env):
+    # three clients push each other's objects out and read them back at the same time;
+    # the objects are larger than a copy's pipe (1 MiB), not multiples of it, and sparse
+    env = make_env(system_budget=BUDGET)
+    size = 3 * MiB + 5 * PAGE
+    errors: list[BaseException] = []
+
+    def client(k: int) -> None:
+        try:
+            dev = env.open()
+            objects = {}
+            for i in range(6):  # 6 x 3 clients x ~2.3 MiB of data: more than the budget
+                h = dev.create(size)
+                head, tail = _data(100 * k + i, 2 * MiB + 3 * PAGE), _data(200 * k + i, PAGE)
+                dev.pwrite(h, 0, head)  # then a hole of ~1 MiB, then one page
+                dev.pwrite(h, size - PAGE, tail)
+                objects[h] = (head, tail)
+            for _ in range(2):
+                for h, (head, tail) in objects.items():
+                    got = bytearray(size)
+                    dev.pread_into(h, 0, got)
+                    assert got[:len(head)] == head and got[size - PAGE:] == tail
+                    assert got[len(head):size - PAGE].count(0) == size - PAGE - len(head)
+            dev.close()
+        except BaseException as exc:
+            errors.append(exc)
+
+    threads = [threading.Thread(target=client, args=(k,)) for k in range(3)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert not errors, errors
+    stats = env.open().stats()
+    assert stats["spilled_total"] > 0 and stats["resident_bytes"] <= BUDGET
+
+
 TiB = 1 << 40
 
 

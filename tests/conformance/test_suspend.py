@@ -147,6 +147,31 @@ def test_suspend_saves_every_object_and_empties_vram(make_env):
     assert dev.pread(objs[1][0], 0, 8) == b"\x01" * 8
 
 
+def test_suspend_of_more_large_objects_than_device_files_saves_each_one_exactly(make_env):
+    # objects of 1 MiB and more are copied out with pwritev through a description of their
+    # memfd, at most 64 at once: 72 such objects take both paths; some hold holes
+    dev = make_env(vram="96M").open()
+    objs = [_only_in_vram(dev, MiB, byte=1 + i) for i in range(40)]
+    objs += [_dirty_in_vram(dev, MiB + PAGE, seed=100 + i) for i in range(24)]
+    sparse = []
+    for i in range(8):  # one page written by the device in a 2 MiB object with no other pages
+        h = dev.create(2 * MiB)
+        dev.execbuffer([Fill(dst=h, offset=MiB + i * PAGE, length=PAGE, byte=0x60 + i)])
+        sparse.append((h, MiB + i * PAGE, 0x60 + i))
+    resident = dev.stats()["resident_bytes"]
+    dev.suspend()
+    stats = dev.stats()
+    assert stats["vram_bytes"] == 0
+    # the sparse ones came back with one page each: holes stay holes on the write path too
+    assert stats["resident_bytes"] - resident <= 40 * MiB + 8 * PAGE
+    dev.resume()
+    for h, want in objs:
+        assert dev.pread(h, 0, len(want)) == want
+    for h, offset, byte in sparse:
+        assert dev.pread(h, offset - 8, PAGE + 16) == bytes(8) + bytes([byte]) * PAGE + bytes(8)
+        assert dev.pread(h, 0, 16) == bytes(16)
+
+
 def test_suspend_saves_objects_pinned_in_vram(make_env):
     dev = make_env(vram="8M").open()
     h, data = _dirty_in_vram(dev, MiB, seed=3)

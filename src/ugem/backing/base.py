@@ -83,6 +83,11 @@ class BackingStore(Protocol):
     def map(self, backing: Any) -> Any:
         """A writable buffer over the whole backing, for the device to use in place."""
 
+    def device_file(self, backing: Any) -> OwnedFd | None:
+        """A private description of the backing for one device copy (in or out), which
+        the copy then owns (it reads and writes pages without faulting a mapping in);
+        None: the device goes through `map()` instead."""
+
     def spill_free(self) -> int:
         """Bytes spill storage can still take."""
 

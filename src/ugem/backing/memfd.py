@@ -15,8 +15,9 @@ Rules:
   page-aligned size (SPEC §6); anything else is EINVAL.
 - Every object with pages holds one fd here, so their number is bounded by RLIMIT_NOFILE
   (SPEC §7). `open_count` counts the memfds `create`/`adopt` handed out and `release` has
-  not closed; `max_open` is the soft limit less a reserve for connections, transfers and
-  the manager's own files. The core keeps `open_count` under `max_open` by spilling (it
+  not closed; `max_open` is the soft limit less a reserve for connections, transfers,
+  device copies (`device_file`: at most 64 descriptions at once) and the manager's own
+  files. The core keeps `open_count` under `max_open` by spilling (it
   closes the spilled object's memfd); should memfd_create still run out of fds, the error
   is ENOMEM naming the limit.
 """
@@ -47,6 +48,8 @@ __all__ = ["MemfdStore"]
 _SEALS = fcntl.F_SEAL_SHRINK | fcntl.F_SEAL_GROW | fcntl.F_SEAL_SEAL
 _WRITE_SEALS = fcntl.F_SEAL_WRITE | getattr(fcntl, "F_SEAL_FUTURE_WRITE", 0x10)
 _MAX_IO = 1 << 30  # one preadv/pwritev moves at most this much (the kernel caps near 2 GiB)
+_DEVICE_FILE_MIN = 1 << 20  # objects this big get a description for a device copy ...
+_DEVICE_FILES = 64  # ... at most this many at once (closed by the device as each copy ends)
 
 
 def fd_reserve(limit: int) -> int:
@@ -64,6 +67,7 @@ class MemfdStore:
         if soft == resource.RLIM_INFINITY:
             soft = 1 << 20
         self.open_count = 0
+        self._device_files: list[OwnedFd] = []  # handed to device copies; they close them
         if max_open is None:
             self.max_open = max(soft - fd_reserve(soft), 16)
             self.limit_text = (f"the fd limit (RLIMIT_NOFILE {soft}, less {soft - self.max_open} "
@@ -169,6 +173,27 @@ class MemfdStore:
         size = os.fstat(backing.fd).st_size
         writable = fcntl.fcntl(backing.fd, fcntl.F_GETFL) & os.O_ACCMODE != os.O_RDONLY
         return memoryview(map_shared(backing.fd, 0, size, writable))
+
+    def device_file(self, backing: OwnedFd) -> OwnedFd | None:
+        """The manager's own description, duplicated for one device copy in or out (preadv,
+        pwritev: no page faults; the copy closes it when done). Only for objects
+        of at least `_DEVICE_FILE_MIN` bytes (below that the faults cost little), and at most
+        `_DEVICE_FILES` at once, so that a suspend of thousands of objects cannot run the
+        process out of fds: past that, or if dup fails for want of fds, None (the device
+        writes through the mapping)."""
+        if os.fstat(backing.fd).st_size < _DEVICE_FILE_MIN:
+            return None
+        self._device_files = [f for f in self._device_files if not f.closed]
+        if len(self._device_files) >= _DEVICE_FILES:
+            return None
+        try:
+            file = backing.dup()
+        except OSError as exc:
+            if exc.errno in (errno.EMFILE, errno.ENFILE):
+                return None
+            raise
+        self._device_files.append(file)
+        return file
 
     @staticmethod
     def map_range(fd: OwnedFd, offset: int, length: int, writable: bool) -> memoryview:

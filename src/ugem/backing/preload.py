@@ -5,9 +5,9 @@ Rules:
   missing, unreadable, not a regular file or empty) and measures its data, the bytes not
   in holes (SEEK_DATA/SEEK_HOLE), which is what the copy will add to resident memory;
 - `load_file` is the copy, on a worker thread (a LOAD job, core/preload.py): only the data
-  segments are copied, with sendfile (page cache to page cache), so holes stay holes; it
-  writes through a description of the memfd nobody else uses (sendfile writes at its file
-  position) and closes both fds when it is done, whatever happens;
+  segments are copied, with splice at explicit offsets (page cache to page cache,
+  `spill.copy_ranges`), so holes stay holes; it writes through a description of the
+  memfd of its own and closes both fds when it is done, whatever happens;
 - it copies in chunks of `CHUNK` bytes, checking `stop()` between them (the manager is
   closing: the copy ends with ECANCELED) and logging progress: a line at the start, one
   at each tenth of the data for files of `PROGRESS_FROM` bytes of data or more, one at

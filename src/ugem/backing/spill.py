@@ -15,11 +15,13 @@ Rules:
   directory; a copy that fails leaves the object where it was;
 - the space of a dead or restored object is given back with fallocate(PUNCH_HOLE);
 - `close()` removes the subdirectory and everything in it; the lock and the file are
-  `OwnedFd`s, so a copy racing `close()` fails EBADF rather than touching a reused fd number;
+  `OwnedFd`s, and each copy works on its own dup of the file, so a copy racing `close()`
+  fails EBADF (or finishes into the removed file) rather than touching a reused fd number;
 - at start, subdirectories whose lock nobody holds (their manager died) are removed;
 - extent allocation and freeing happen on the core's thread; the copies (`store`, `load`)
-  are the long part and run on worker threads, each through its own description of the
-  spill file (`writer`) or of the object's fresh memfd.
+  are the long part and run on worker threads, with splice through a private pipe at
+  explicit offsets (`copy_ranges`), so concurrent copies share the spill file's
+  description without sharing a file position.
 """
 
 from __future__ import annotations
@@ -31,18 +33,19 @@ import fcntl
 import os
 import shutil
 import tempfile
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 
 from ..constants import PAGE_SIZE, page_align
 from ..errors import NoSpace, OutOfMemory
-from ..fd import OwnedFd
+from ..fd import OwnedFd, pipe
 from ..mm.range import Node, RangeAllocator
 
-__all__ = ["Extent", "SpillStore", "copy_ranges", "copy_segments", "data_segments", "punch_hole"]
+__all__ = ["Extent", "SpillStore", "copy_ranges", "data_segments", "punch_hole"]
 
 _CAPACITY = 1 << 43  # bytes addressable in the sparse spill file (8 TiB)
-_CHUNK = 1 << 30  # at most this much per sendfile (the kernel caps one call near 2 GiB)
+_PIPE = 1 << 20  # bytes a copy's private pipe holds (at most; see _pipe_size)
+_F_SETPIPE_SZ = getattr(fcntl, "F_SETPIPE_SZ", 1031)
 
 
 @dataclass(eq=False)
@@ -88,35 +91,40 @@ def data_segments(fd: int, start: int, end: int) -> list[tuple[int, int]]:
     return segments
 
 
+def _pipe_size() -> int:
+    """Bytes one private pipe of a copy holds: 1 MiB, or less where the system caps pipes."""
+    try:
+        with open("/proc/sys/fs/pipe-max-size") as f:
+            return max(PAGE_SIZE, min(int(f.read()), _PIPE))
+    except (OSError, ValueError):
+        return 16 * PAGE_SIZE  # the default size of every pipe
+
+
 def copy_ranges(src: int, dst: int, ranges: Iterable[tuple[int, int, int]]) -> int:
     """Copy each `(src offset, dst offset, length)` from `src` to `dst`; returns bytes copied.
-    One sendfile per range (page cache to page cache, nothing to fault in); sendfile writes
-    at dst's file position, so `dst` must be a file description nobody else uses meanwhile
-    (`SpillStore.writer`, a job's fresh memfd)."""
-    moved = 0
-    for src_offset, dst_offset, length in ranges:
-        os.lseek(dst, dst_offset, os.SEEK_SET)
-        done = 0
-        while done < length:
-            n = os.sendfile(dst, src, src_offset + done, min(length - done, _CHUNK))
-            if n <= 0:
-                raise OSError(5, f"short copy at byte {done} of a {length}-byte segment")
-            done += n
-        moved += length
-    return moved
 
-
-def copy_segments(src: int, dst: int, src_base: int, dst_base: int, size: int) -> int:
-    """Copy the data of src[src_base:src_base+size] to dst at dst_base; returns bytes copied.
-
-    One sendfile per data segment: the kernel moves page-cache pages to page-cache pages,
-    with no mapping to fault in (measured 1.1x a mapped copy for spill, 2.2x for restore
-    into a fresh memfd). sendfile writes at dst's file position, so `dst` must be a file
-    description nobody else uses meanwhile (`SpillStore.writer`, a job's fresh memfd).
-    Sparse ranges are skipped and stay holes.
+    splice(2) through a private pipe of up to 1 MiB: page cache to page cache, nothing to
+    fault in, and 16x fewer rounds than sendfile, whose internal pipe holds 64 KiB (each
+    round is a write call into the destination file with its own fixed cost). Both ends
+    take explicit offsets, so no file position is used: any description of `src`/`dst`
+    will do (but never one opened O_APPEND).
     """
-    return copy_ranges(src, dst, ((offset, dst_base + offset - src_base, length)
-                                  for offset, length in data_segments(src, src_base, src_base + size)))
+    moved = 0
+    read_end, write_end = pipe(os.O_CLOEXEC)
+    with read_end, write_end:
+        size = fcntl.fcntl(write_end.fd, _F_SETPIPE_SZ, _pipe_size())
+        for src_offset, dst_offset, length in ranges:
+            done = 0
+            while done < length:
+                n = os.splice(src, write_end.fd, min(length - done, size), offset_src=src_offset + done)
+                if n <= 0:
+                    raise OSError(errno.EIO, f"short copy at byte {done} of a {length}-byte segment")
+                out = 0
+                while out < n:
+                    out += os.splice(read_end.fd, dst, n - out, offset_dst=dst_offset + done + out)
+                done += n
+            moved += length
+    return moved
 
 
 class SpillStore:
@@ -167,8 +175,8 @@ class SpillStore:
             ranges.append((offset, pos, length))
             pos += length
         try:
-            with self.writer() as out:
-                moved = copy_ranges(src, out, ranges)
+            with self._file.dup() as out:  # a close() meanwhile cannot hand its number to another file
+                moved = copy_ranges(src, out.fd, ranges)
         except OSError as exc:
             raise OSError(exc.errno, f"writing {total} bytes to spill storage in {self.directory} failed: "
                                      f"{exc.strerror}") from exc
@@ -181,13 +189,8 @@ class SpillStore:
         for offset, length in extent.segments:
             ranges.append((pos, offset, length))
             pos += length
-        return copy_ranges(self._file.fd, dst, ranges)
-
-    @contextlib.contextmanager
-    def writer(self) -> Iterator[int]:
-        """A private description of the spill file (its own file position), for one copy."""
-        with OwnedFd(os.open(os.path.join(self.directory, "spill-0"), os.O_WRONLY | os.O_CLOEXEC)) as fd:
-            yield fd.fd
+        with self._file.dup() as spill:
+            return copy_ranges(spill.fd, dst, ranges)
 
     def punch(self, extent: Extent) -> None:
         """Give the extent's disk space back now (any thread; the range stays reserved)."""

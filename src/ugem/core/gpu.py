@@ -241,7 +241,8 @@ class Gpu:
             seq = self.submit(CopyIn(offset, None, obj.size))
         else:
             holes = self._holes(obj)
-            seq = self.submit(CopyIn(offset, self.host_view(obj), obj.size, holes or ()))
+            seq = self.submit(CopyIn(offset, self.host_view(obj), obj.size, holes or (),
+                                     file=self.backing.device_file(obj.backing)))
             if holes is None:  # reading every page may fill holes: count them until measured
                 self.memory.expect(obj, obj.size, seq)
             self.totals.bytes_moved += obj.size - sum(n for _, n in holes or ())
@@ -273,7 +274,8 @@ class Gpu:
         if obj.vram_dirty or obj.backing is None:
             self.owner.populate_system(obj)
             holes = self._holes(obj)  # pages of zeros copied into holes would fill them
-            seq = self.submit(CopyOut(offset, self.host_view(obj), obj.size, holes or ()))
+            seq = self.submit(CopyOut(offset, self.host_view(obj), obj.size, holes or (),
+                                      file=self.backing.device_file(obj.backing)))
             self.memory.expect(obj, obj.size, seq)  # at most; measured once it has landed
             tally.bytes_moved += obj.size
             obj.last_fence = obj.write_fence = obj.host_fence = seq

@@ -14,10 +14,15 @@ Memory the device touches is described by `Surface`s, resolved by the core at su
   (the simulated device gets a memoryview; a GPU backend would register/pin it).
 
 Ops:
-- `CopyIn(vram, host, length, holes)`: host -> device memory (making an object resident);
-  `host=None` clears the range instead (an object that never had pages);
-- `CopyOut(vram, host, length, holes)`: device memory -> host (eviction, set_domain(CPU),
-  suspend);
+- `CopyIn(vram, host, length, holes, file)`: host -> device memory (making an object
+  resident); `host=None` clears the range instead (an object that never had pages). `file`,
+  as for CopyOut, is read with preadv instead of loading through `host`;
+- `CopyOut(vram, host, length, holes, file)`: device memory -> host (eviction,
+  set_domain(CPU), suspend). `file`, if set, is a private file description of the same
+  host memory (the object's memfd) that the backend writes with pwritev instead of storing
+  through `host`: the write path allocates new pages without faulting a mapping in (about
+  1.5-2.4x faster into fresh pages; reading with preadv, ~1.4x). The op owns it: the backend closes it once the op has
+  run or failed (`discard`);
 - `holes`: `(offset, length)` ranges of the host buffer, sorted and disjoint, where the
   object's memory holds no pages. Holes must stay holes (reading one through a mapping
   would allocate it, uncounted): CopyIn clears those ranges of device memory instead of
@@ -36,8 +41,9 @@ from dataclasses import dataclass
 from typing import Any, Protocol
 
 from ..cmd import Command
+from ..fd import OwnedFd
 
-__all__ = ["CopyIn", "CopyOut", "Execute", "GpuBackend", "GpuOp", "Holes", "Surface"]
+__all__ = ["CopyIn", "CopyOut", "Execute", "GpuBackend", "GpuOp", "Holes", "Surface", "discard"]
 
 
 @dataclass(frozen=True, slots=True)
@@ -60,6 +66,7 @@ class CopyIn:
     host: Any  # readable buffer of `length` bytes, or None: fill with zeros
     length: int
     holes: Holes = ()  # not read: cleared in device memory
+    file: OwnedFd | None = None  # the host memory's own description, read instead of `host`
 
 
 @dataclass(frozen=True, slots=True)
@@ -68,6 +75,7 @@ class CopyOut:
     host: Any  # writable buffer of `length` bytes
     length: int
     holes: Holes = ()  # only pages that are not all zeros are written there
+    file: OwnedFd | None = None  # the host memory's own description, written instead of `host`
 
 
 @dataclass(frozen=True, slots=True)
@@ -77,6 +85,12 @@ class Execute:
 
 
 GpuOp = CopyIn | CopyOut | Execute
+
+
+def discard(op: GpuOp) -> None:
+    """Close what the op owns (a copy's `file`) once it has run, failed or was refused."""
+    if isinstance(op, CopyIn | CopyOut) and op.file is not None:
+        op.file.close()
 
 
 class GpuBackend(Protocol):

@@ -8,9 +8,17 @@ The timeline is one worker thread that runs ops strictly in submission order:
 - `submit()` validates the op (a range outside device memory, a short or read-only host
   buffer is a core bug and raises ValueError at the call site), then takes the next seqno and
   queues the op under one lock, so queue order is seqno order. It never waits for the device.
-- CopyIn / CopyOut copy between a host buffer and a slice of device memory, leaving the
-  host's holes unread (CopyIn clears them in device memory) and unwritten where device
-  memory holds a page of zeros (CopyOut checks each such page first). Execute gives
+  A short command list (`_quick`: at most 16 Fills and Copies writing 64 KiB in all) submitted
+  while every earlier op has completed runs at once on the submitter's thread, still under
+  that lock and so still in seqno order: handing it to the worker would cost a thread wakeup
+  and GIL hand-offs per submission (execbuffer of small Fills through the daemon spent more
+  time there than in its own request). Its notify callback is then called on that thread.
+- CopyIn / CopyOut copy between a host buffer and a slice of device memory (gpu/copies.py),
+  leaving the host's holes unread (CopyIn clears them in device memory) and unwritten where
+  device memory holds a page of zeros (CopyOut checks each such page first). A copy that
+  carries the host memory's `file` goes through it with preadv / pwritev (no page faults);
+  the worker closes that file once the op has run or failed, submit() if it refuses the op.
+  Execute gives
   each handle a `Target`: VRAM surfaces become memoryview slices of device memory, host
   surfaces (CACHED, userptr, pinned in system memory) are used in place. Its commands run
   one by one through `commands.execute`.
@@ -49,21 +57,18 @@ import queue
 import threading
 import time
 import traceback
-from collections.abc import Callable, Iterator
-from contextlib import ExitStack, contextmanager
+from collections.abc import Callable
+from contextlib import ExitStack
 from typing import TYPE_CHECKING, Any
 
-import numpy as np
-
-from ..cmd import SemaphoreWait
-from ..constants import PAGE_SIZE as _PAGE
-from .base import CopyIn, CopyOut, Execute, GpuBackend, GpuOp, Holes, Surface
+from ..cmd import Copy, Fill, SemaphoreWait
+from .base import CopyIn, CopyOut, Execute, GpuBackend, GpuOp, Holes, Surface, discard
 from .commands import Hung, Target, execute
+from .copies import copy, host_view
 
 __all__ = ["SimGpu", "check_op", "run_op"]
 
 log = logging.getLogger("ugem.device")  # the name users filter logs on (and the thread's, ugem-device): kept
-_CHECK_CHUNK = 1 << 20  # bytes of a hole checked for zeros, then copied, at a time (cache-sized)
 
 # Python's mmap module does not export MAP_NORESERVE everywhere; 0x4000 is its value on the
 # common Linux ABIs (x86, arm, riscv). Elsewhere we go without (only the accounting differs).
@@ -122,18 +127,11 @@ def check_op(op: GpuOp, vram_size: int) -> None:
         raise TypeError(f"not a device op: {op!r}")
 
 
-@contextmanager
-def _host_view(buffer: Any, length: int) -> Iterator[memoryview]:
-    """The first `length` bytes of a host buffer as a flat byte view, released on exit."""
-    with memoryview(buffer) as view, view.cast("B") as flat, flat[:length] as part:
-        yield part
-
-
 def _target(views: ExitStack, memory: memoryview, surface: Surface) -> Target:
     if surface.vram is not None:
         buf = views.enter_context(memory[surface.vram:surface.vram + surface.size])
     else:
-        buf = views.enter_context(_host_view(surface.host, surface.size))
+        buf = views.enter_context(host_view(surface.host, surface.size))
     return Target(buf=buf, tiling=surface.tiling, stride=surface.stride)
 
 
@@ -176,61 +174,26 @@ def run_op(
     command starts and a running SemaphoreWait or Blit stops. A SemaphoreWait not satisfied
     when `abandon_waits()` is True is cancelled too (close(); the fake device's instant hang).
     """
-    if isinstance(op, CopyIn) and op.host is None:
-        np.frombuffer(memory, dtype=np.uint8, count=op.length, offset=op.vram).fill(0)
-    elif isinstance(op, CopyIn):  # np.copyto releases the GIL: the daemon loop keeps running
-        with _host_view(op.host, op.length) as src, memory[op.vram:op.vram + op.length] as dst:
-            _copy_in(np.frombuffer(src, dtype=np.uint8), np.frombuffer(dst, dtype=np.uint8), op.holes)
-    elif isinstance(op, CopyOut):
-        with _host_view(op.host, op.length) as dst, memory[op.vram:op.vram + op.length] as src:
-            _copy_out(np.frombuffer(src, dtype=np.uint8), np.frombuffer(dst, dtype=np.uint8), op.holes)
+    if isinstance(op, CopyIn | CopyOut):
+        copy(memory, op)
     else:
         _execute(memory, op, deadline, abandon_waits)
 
 
-def _data_ranges(length: int, holes: Holes) -> Iterator[tuple[int, int]]:
-    """The (start, end) ranges of [0, length) between the holes."""
-    pos = 0
-    for offset, size in holes:
-        if offset > pos:
-            yield pos, offset
-        pos = offset + size
-    if pos < length:
-        yield pos, length
+_QUICK_BYTES = 64 << 10  # a command list writing at most this much may run on the submitter's thread
 
 
-def _copy_in(host: np.ndarray, vram: np.ndarray, holes: Holes) -> None:
-    """Host -> device memory, never reading the host's holes (device memory cleared there)."""
-    for start, end in _data_ranges(len(host), holes):
-        np.copyto(vram[start:end], host[start:end])
-    for offset, size in holes:
-        vram[offset:offset + size].fill(0)
-
-
-def _copy_out(vram: np.ndarray, host: np.ndarray, holes: Holes) -> None:
-    """Device memory -> host; in the host's holes only pages that are not all zeros, in
-    runs of consecutive pages (a hole stays a hole where the device left zeros). A hole
-    is checked and copied a chunk at a time, so the copy reads what the check just read
-    from the cache."""
-    for start, end in _data_ranges(len(host), holes):
-        np.copyto(host[start:end], vram[start:end])
-    for offset, size in holes:
-        for chunk in range(offset, offset + size, _CHECK_CHUNK):
-            _copy_nonzero_pages(vram, host, chunk, min(chunk + _CHECK_CHUNK, offset + size))
-
-
-def _copy_nonzero_pages(vram: np.ndarray, host: np.ndarray, start: int, end: int) -> None:
-    src = vram[start:end]
-    whole = (end - start) // _PAGE * _PAGE
-    nonzero = np.zeros(-(-(end - start) // _PAGE), dtype=bool)
-    if whole:
-        nonzero[:whole // _PAGE] = src[:whole].view(np.uint64).reshape(-1, _PAGE // 8).any(axis=1)
-    if whole < end - start:
-        nonzero[-1] = bool(src[whole:].any())
-    edges = np.flatnonzero(np.diff(np.concatenate(([0], nonzero.view(np.int8), [0]))))
-    for first, last in zip(edges[::2].tolist(), edges[1::2].tolist(), strict=True):
-        a, b = start + first * _PAGE, min(start + last * _PAGE, end)
-        np.copyto(host[a:b], vram[a:b])
+def _quick(op: GpuOp) -> bool:
+    """A short Execute of Fills and Copies (nothing that waits or runs long): cheaper to run
+    at once than to hand to the worker (a thread wakeup and GIL hand-offs per submission)."""
+    if not isinstance(op, Execute) or len(op.commands) > 16:
+        return False
+    total = 0
+    for command in op.commands:
+        if not isinstance(command, Fill | Copy):
+            return False
+        total += command.length
+    return total <= _QUICK_BYTES
 
 
 _STOP = None  # queued by close(): the worker exits after everything queued before it
@@ -305,13 +268,23 @@ class SimGpu(TimelineQueries):
         return self._hang_timeout
 
     def submit(self, op: GpuOp) -> int:
-        check_op(op, self._vram_size)
+        try:
+            check_op(op, self._vram_size)
+        except BaseException:
+            discard(op)
+            raise
         with self._submit_lock:
             if self._closing:
+                discard(op)
                 raise RuntimeError("submit() on a closed SimGpu")
             self._issued += 1
-            self._queue.put((self._issued, op))  # SimpleQueue.put never blocks
-            return self._issued
+            seqno = self._issued
+            if not (self._completed == seqno - 1 and _quick(op)):
+                self._queue.put((seqno, op))  # SimpleQueue.put never blocks
+                return seqno
+            self._mark(seqno, self._run_one(seqno, op))  # idle timeline: run it here, in order
+        self._call_notify(seqno)  # outside the lock: the callback may submit
+        return seqno
 
     def close(self) -> None:
         if threading.current_thread() is self._thread:
@@ -340,6 +313,7 @@ class SimGpu(TimelineQueries):
         while (item := self._queue.get()) is not _STOP:
             seqno, op = item
             failed = self._run_one(seqno, op)
+            discard(op)
             del item, op  # the core may release host buffers once the seqno completes
             self._complete(seqno, failed)
 
@@ -361,11 +335,17 @@ class SimGpu(TimelineQueries):
         return self._closing
 
     def _complete(self, seqno: int, failed: bool) -> None:
+        self._mark(seqno, failed)
+        self._call_notify(seqno)
+
+    def _mark(self, seqno: int, failed: bool) -> None:
         with self._cond:
             if failed:
                 self._failed.add(seqno)
             self._completed = seqno
             self._cond.notify_all()
+
+    def _call_notify(self, seqno: int) -> None:
         callback = self._notify
         if callback is not None:
             try:

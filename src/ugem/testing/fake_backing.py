@@ -117,6 +117,10 @@ class FakeBackingStore:
     def map(self, backing: FakeBacking) -> memoryview:
         return memoryview(backing.data)
 
+    @staticmethod
+    def device_file(backing: FakeBacking) -> None:
+        return None  # no fd: the device writes through map()
+
     # -- spill storage ---------------------------------------------------------------
 
     def spill_free(self) -> int:

@@ -28,7 +28,7 @@ from collections import deque
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
-from ..gpu.base import CopyIn, CopyOut, GpuBackend, GpuOp
+from ..gpu.base import CopyIn, CopyOut, GpuBackend, GpuOp, discard
 from ..gpu.sim import TimelineQueries, check_op, run_op
 
 __all__ = ["FakeGpu"]
@@ -91,9 +91,14 @@ class FakeGpu(TimelineQueries):
         return self._vram_size
 
     def submit(self, op: GpuOp) -> int:
-        check_op(op, self._vram_size)
+        try:
+            check_op(op, self._vram_size)
+        except BaseException:
+            discard(op)
+            raise
         with self._cond:
             if self._closed:
+                discard(op)
                 raise RuntimeError("submit() on a closed FakeGpu")
             self._issued += 1
             seqno = self._issued
@@ -133,6 +138,7 @@ class FakeGpu(TimelineQueries):
                 run_op(self._memory, op, abandon_waits=_always)
             except Exception as exc:  # Hung, or a bug (InvalidArgument...): EIO, as on SimGpu
                 self.failures[seqno] = f"{type(exc).__name__}: {exc}"
+        discard(op)
         del op
         if seqno in self.failures:
             self._failed.add(seqno)

@@ -20,6 +20,7 @@ from ugem.core.client import Client, Credentials
 from ugem.core.core import Core
 from ugem.core.jobs import Pending
 from ugem.core.requests import BY_OP, dispatch
+from ugem.fd import OwnedFd
 from ugem.testing import FakeGpu
 from ugem.testing.data import random_bytes, write_new
 from ugem.wire import structs as s
@@ -139,3 +140,28 @@ def test_exported_objects_are_not_measured_before_every_request_while_they_canno
         dev.pwrite(big, 0, b"y" * (62 * MiB + MiB // 2))  # ... if the exported objects were full: measure them
         assert len(measured) >= 200
         assert dev.stats()["spilled_total"] == 0  # they were not: it fits
+
+
+def test_device_files_are_private_descriptions_of_large_objects_and_bounded(tmp_path: Any) -> None:
+    store = MemfdStore(str(tmp_path / "spill"))
+    small, large = store.create(64 * 1024), store.create(MiB)
+    files: list[OwnedFd] = []
+    try:
+        assert store.device_file(small) is None  # faults cost little: through the mapping
+        first = store.device_file(large)
+        assert first is not None and store.key(first) == store.key(large) and first.fd != large.fd
+        files.append(first)
+        while (file := store.device_file(large)) is not None:  # at most a bounded number at once
+            files.append(file)
+            assert len(files) <= 1000
+        assert len(files) == 64
+        files.pop().close()  # a copy out that ended makes room for the next one
+        again = store.device_file(large)
+        assert again is not None
+        files.append(again)
+    finally:
+        for f in files:
+            f.close()
+        store.release(small)
+        store.release(large)
+        store.close()

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import errno
+import os
 import struct
 import threading
 
@@ -10,6 +11,7 @@ import pytest
 
 import ugem.testing
 from ugem.cmd import Fill, SemaphoreWait
+from ugem.fd import OwnedFd
 from ugem.gpu.base import CopyIn, CopyOut, Execute, Surface
 from ugem.testing import FakeGpu
 
@@ -152,3 +154,25 @@ def test_close_runs_held_work_and_is_idempotent() -> None:
     with pytest.raises(RuntimeError):
         dev.submit(CopyIn(0, b"x", 1))
     assert not dev.wait(last + 1, None)
+
+
+def test_a_copy_out_closes_its_file_whether_it_ran_failed_or_was_refused() -> None:
+    fd = os.memfd_create("fake-test", os.MFD_CLOEXEC)
+    try:
+        os.ftruncate(fd, 4096)
+        host = bytearray(4096)
+        with FakeGpu(MiB) as dev:
+            dev.submit(CopyIn(0, b"\x09" * 4096, 4096))
+            ran = OwnedFd(os.dup(fd))
+            dev.submit(CopyOut(0, host, 4096, file=ran))
+            assert ran.closed and os.pread(fd, 4, 0) == b"\x09" * 4
+            dev.fail(3)
+            doomed = OwnedFd(os.dup(fd))
+            assert dev.submit(CopyOut(0, host, 4096, file=doomed)) == 3
+            assert doomed.closed and dev.error(3) == errno.EIO
+            refused = OwnedFd(os.dup(fd))
+            with pytest.raises(ValueError):
+                dev.submit(CopyOut(2 * MiB, host, 4096, file=refused))
+            assert refused.closed
+    finally:
+        os.close(fd)

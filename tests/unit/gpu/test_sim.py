@@ -14,9 +14,11 @@ from collections.abc import Iterator
 import pytest
 
 from ugem.cmd import Copy, Fill, SemaphoreWait
+from ugem.fd import OwnedFd
 from ugem.gpu.base import CopyIn, CopyOut, Execute, Surface
 from ugem.gpu.commands import Hung
 from ugem.gpu.sim import SimGpu, run_op
+from ugem.testing.data import SAFETY_S
 
 MiB = 1 << 20
 
@@ -301,9 +303,9 @@ def test_close_from_the_notify_callback_is_refused(caplog: pytest.LogCaptureFixt
                 errors.append(exc)
 
         dev.set_notify(notify)
-        assert dev.wait(dev.submit(fill(0, 1, 1)), 5.0)
+        assert dev.wait(dev.submit(CopyIn(0, b"1", 1)), 5.0)  # a copy runs on the worker
         dev.set_notify(None)
-        assert dev.wait(dev.submit(fill(0, 1, 1)), 5.0)  # still running
+        assert dev.wait(dev.submit(CopyIn(0, b"1", 1)), 5.0)  # still running
     assert len(errors) == 1
 
 
@@ -385,3 +387,121 @@ def test_copy_out_writes_into_holes_only_pages_that_are_not_zeros(dev: SimGpu) -
     finally:
         host.close()
         os.close(fd)
+
+
+def test_copy_out_through_the_host_file_writes_data_and_nonzero_pages_then_closes_it(dev: SimGpu) -> None:
+    # the write path (pwritev into the memfd) keeps the mapping path's rules: data ranges
+    # written whole, holes only where device memory is not all zeros; the op owns the file
+    fd, host = _memfd_map(6)
+    try:
+        host[0:PAGE] = b"\x01" * PAGE
+        vram = bytearray(6 * PAGE)
+        vram[7] = 0x66
+        vram[3 * PAGE + 7] = 0x77
+        vram[4 * PAGE:5 * PAGE] = b"\x78" * PAGE
+        dev.submit(CopyIn(0, bytes(vram), len(vram)))
+        file = OwnedFd(os.dup(fd))
+        seq = dev.submit(CopyOut(0, host, len(vram), holes=((PAGE, 5 * PAGE),), file=file))
+        assert dev.wait(seq, 5.0)
+        assert _allocated(fd) == 3 * PAGE  # page 0 (data), pages 3 and 4 (not zeros)
+        assert os.pread(fd, len(vram), 0) == bytes(vram)
+        deadline = time.monotonic() + SAFETY_S
+        while not file.closed and time.monotonic() < deadline:  # closed right after completion
+            time.sleep(0.001)
+        assert file.closed
+    finally:
+        host.close()
+        os.close(fd)
+
+
+def test_copy_out_through_the_file_of_a_fresh_memfd_round_trips_a_large_range() -> None:
+    size = 3 * MiB + PAGE
+    data = os.urandom(size)
+    with SimGpu(vram_size=4 * MiB, hang_timeout=5.0) as dev:
+        fd, host = _memfd_map(size // PAGE)
+        try:
+            dev.submit(CopyIn(0, data, size))
+            assert dev.wait(dev.submit(CopyOut(0, host, size, file=OwnedFd(os.dup(fd)))), 5.0)
+            assert os.pread(fd, size, 0) == data and _allocated(fd) == size
+        finally:
+            host.close()
+            os.close(fd)
+
+
+def test_a_refused_copy_out_closes_its_file(dev: SimGpu) -> None:
+    fd, host = _memfd_map(1)
+    try:
+        file = OwnedFd(os.dup(fd))
+        with pytest.raises(ValueError):
+            dev.submit(CopyOut(2 * MiB, host, PAGE, file=file))  # outside device memory
+        assert file.closed
+    finally:
+        host.close()
+        os.close(fd)
+
+
+def test_copy_in_through_the_host_file_reads_no_hole_clears_it_and_closes_the_file(dev: SimGpu) -> None:
+    fd, host = _memfd_map(4)
+    try:
+        host[PAGE:2 * PAGE] = b"\x5a" * PAGE
+        dev.submit(CopyIn(0, b"\xff" * (4 * PAGE), 4 * PAGE))
+        file = OwnedFd(os.dup(fd))
+        seq = dev.submit(CopyIn(0, host, 4 * PAGE, holes=((0, PAGE), (2 * PAGE, 2 * PAGE)), file=file))
+        assert dev.wait(seq, 5.0)
+        assert dev.read_vram(0, 4 * PAGE) == bytes(PAGE) + b"\x5a" * PAGE + bytes(2 * PAGE)
+        assert _allocated(fd) == PAGE
+        deadline = time.monotonic() + SAFETY_S
+        while not file.closed and time.monotonic() < deadline:
+            time.sleep(0.001)
+        assert file.closed
+        # with no holes given every page is read, and reading a hole through the file
+        # allocates nothing (through a mapping it would)
+        assert dev.wait(dev.submit(CopyIn(0, host, 4 * PAGE, file=OwnedFd(os.dup(fd)))), 5.0)
+        assert dev.read_vram(0, 4 * PAGE) == bytes(PAGE) + b"\x5a" * PAGE + bytes(2 * PAGE)
+        assert _allocated(fd) == PAGE
+    finally:
+        host.close()
+        os.close(fd)
+
+
+def test_a_copy_in_from_a_file_shorter_than_its_length_fails_with_eio_and_closes_it(dev: SimGpu) -> None:
+    fd, host = _memfd_map(2)
+    try:
+        file = OwnedFd(os.open(f"/proc/self/fd/{fd}", os.O_RDONLY | os.O_CLOEXEC))
+        os.ftruncate(fd, PAGE)  # the file now ends before the copy's length (a core bug)
+        seq = dev.submit(CopyIn(0, host, 2 * PAGE, file=file))
+        assert dev.wait(seq, 5.0) and dev.error(seq) == errno.EIO
+        assert file.closed
+    finally:
+        host.close()
+        os.close(fd)
+
+
+# --- short command lists on an idle timeline run on the submitter's thread ---
+
+
+def test_a_short_command_list_on_an_idle_device_has_completed_when_submit_returns(dev: SimGpu) -> None:
+    seen: list[tuple[int, str]] = []
+    dev.set_notify(lambda seqno: seen.append((seqno, threading.current_thread().name)))
+    seq = dev.submit(fill(4096, 8, 0x3C))
+    assert dev.completed() == seq and dev.error(seq) is None
+    assert seen == [(seq, threading.current_thread().name)]
+    assert dev.read_vram(4096, 8) == b"\x3c" * 8
+    bad = dev.submit(Execute([Fill(dst=1, offset=4000, length=200, byte=1)], {1: Surface(4096, vram=0)}))
+    assert dev.completed() == bad and dev.error(bad) == errno.EIO  # fails as on the worker
+    dev.set_notify(None)
+
+
+def test_a_short_command_list_behind_pending_work_waits_its_turn() -> None:
+    with SimGpu(vram_size=MiB, hang_timeout=30.0) as dev:
+        host = bytearray(4096)
+        held = dev.submit(sem_wait(host, 0, 1))  # the worker waits for the CPU
+        first = dev.submit(fill(0, 4, 0x11))
+        second = dev.submit(fill(0, 4, 0x22))
+        assert dev.completed() < held  # nothing ran ahead of the wait
+        host[0:4] = (1).to_bytes(4, "little")
+        assert dev.wait(second, SAFETY_S)
+        assert dev.error(held) is None and dev.error(first) is None
+        assert dev.read_vram(0, 4) == b"\x22" * 4  # in submission order
+        big = dev.submit(fill(0, 2 * 65536, 0x33, size=2 * 65536))  # not short: the worker runs it
+        assert dev.wait(big, SAFETY_S) and dev.read_vram(0, 4) == b"\x33" * 4
