@@ -17,7 +17,7 @@ pytest.importorskip("distributed")
 import dask.array as da  # noqa: E402
 from distributed import Client, LocalCluster, wait  # noqa: E402
 
-from ugem.dask import UgemArray, UgemBuffer, handoff  # noqa: E402
+from ugem.dask import PendingArray, UgemArray, UgemBuffer, handoff  # noqa: E402
 from ugem.testing import DaemonProcess, run_daemon  # noqa: E402
 from ugem.testing.data import wait_until  # noqa: E402
 
@@ -38,9 +38,17 @@ def test_arrays_round_trip_zero_copy(buffer: UgemBuffer, daemon: DaemonProcess) 
     c = np.arange(MiB // 8, dtype=np.float64)
     f = np.asfortranarray(np.arange(300 * 400, dtype=np.int32).reshape(300, 400))
     strided = np.arange(3 * MiB // 8, dtype=np.float64)[::3]
-    for key, value in [("c", c), ("f", f), ("strided", strided)]:
-        buffer[key] = value
-    # no flush: reading a value the writer thread is still copying waits for it
+    with buffer._lock:  # the writer thread waits for it: every value is still pending
+        for key, value in [("c", c), ("f", f), ("strided", strided)]:
+            buffer[key] = value
+        for key, value in [("c", c), ("f", f), ("strided", strided)]:  # read at once, as they are
+            early = buffer[key]
+            assert type(early) is PendingArray and not early.flags.writeable
+            np.testing.assert_array_equal(early, value)
+            assert handoff.held(early) is None
+        with pytest.raises(ValueError, match="read-only"):
+            early[0] = 1  # type: ignore[index]
+    buffer.flush()
     for key, value in [("c", c), ("f", f), ("strided", strided)]:
         got = buffer[key]
         assert isinstance(got, UgemArray) and got.dtype == value.dtype and got.shape == value.shape
@@ -50,6 +58,29 @@ def test_arrays_round_trip_zero_copy(buffer: UgemBuffer, daemon: DaemonProcess) 
     assert type(buffer["c"] + 1) is np.ndarray  # type: ignore[operator]
     with daemon.connect() as dev:
         assert dev.stats()["objects"] == 3
+
+
+def test_a_pending_array_sent_on_this_host_waits_for_its_copy_and_goes_as_a_reference(buffer: UgemBuffer) -> None:
+    from distributed.protocol.serialize import deserialize, serialize
+
+    here = {"sender": {"address": "tcp://127.0.0.1:1"}, "recipient": {"address": "tcp://127.0.0.1:2"}}
+    value = np.arange(MiB // 8, dtype=np.float64)
+    with buffer._lock:  # still pending when read
+        buffer["v"] = value
+        early = buffer["v"]
+        buffer["gone"] = value + 1
+        gone = buffer["gone"]
+        del buffer["gone"]  # deleted before its copy was made
+    assert type(early) is PendingArray
+    header, frames = serialize(early, serializers=("dask", "pickle"), context=here)
+    assert header["serializer"] == "dask" and "ugem" in header["sub-header"] and frames == []  # waited: a reference
+    got = deserialize(header, frames)
+    assert isinstance(got, UgemArray) and handoff.held(got) is not None
+    np.testing.assert_array_equal(got, value)
+    for by_value in (early[10:20], gone):  # a view of it carries no owner; a deleted value has no object
+        header, frames = serialize(by_value, serializers=("dask", "pickle"), context=here)
+        assert header["serializer"] == "pickle"
+        np.testing.assert_array_equal(deserialize(header, frames), by_value)
 
 
 def test_a_view_a_task_returns_is_adopted_not_copied(buffer: UgemBuffer, daemon: DaemonProcess) -> None:

@@ -7,9 +7,11 @@ connects there to the daemon at `socket` (default: as `ugem.connect()` finds it)
 Rules:
 - a value of at least `min_size` bytes (by Dask's `sizeof`, default 64 KiB) goes into an
   object of its own, copied there by the writer thread (writer.py), never on Dask's event
-  loop, from which Dask stores results. Until then the value is pending: reading it waits
-  for that copy (so what is read back, and sent to other workers, is always the object's
-  view), and `flush()` waits for every pending value. A numpy array is stored raw (its
+  loop, from which Dask stores results. Until then the value is pending: reading a pending
+  array gives a read-only `PendingArray` view of it at once (pending.py: a task never waits
+  for the copy; sent to a worker on this host, it waits for the copy and travels as a
+  reference), reading any other pending value waits for its copy, and `flush()` waits for
+  every pending value. A numpy array is stored raw (its
   dtype, shape and strides kept here; a C- or Fortran-contiguous array is written as is,
   any other is made C-contiguous first), any other value as the bytes of Dask's own
   serialization (`serialize_bytelist`, uncompressed).
@@ -19,7 +21,7 @@ Rules:
   daemon (one received by reference from another worker, or a view or slice a task
   returned) is not copied: the key gets a new handle to that object, which it keeps alive
   whole (a small slice of a large object keeps all of it);
-- reading a key gives a zero-copy `UgemArray` on the object's mapping (other values are
+- reading a stored key gives a zero-copy `UgemArray` on the object's mapping (other values are
   deserialized from the mapping). The values this worker holds mapped are `fast`, least
   recently used first, at most `target` bytes (one value may exceed it). The default is a
   sixteenth of the daemon's system budget, at most 64 MiB: what workers keep mapped the
@@ -58,7 +60,7 @@ import weakref
 from collections import ChainMap
 from collections.abc import Hashable, Iterator, MutableMapping
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, TypeGuard
 
 import numpy as np
 from distributed.protocol.serialize import deserialize_bytes, serialize_bytelist
@@ -70,7 +72,8 @@ from ..client.device import Device
 from ..config import parse_size
 from ..constants import PAGE_SIZE
 from ..errors import NoSpace, OutOfMemory, QuotaExceeded
-from .handoff import as_ugem_array, held, is_held, name_of, register_device, unregister_device
+from .handoff import UgemArray, as_ugem_array, held, is_held, name_of, register_device, unregister_device
+from .pending import pending_view
 from .writer import Writer
 
 __all__ = ["UgemBuffer"]
@@ -91,6 +94,12 @@ class _Stored:
     strides: tuple[int, ...] = ()
     offset: int = 0
     length: int = 0
+    token: object = None  # the pending value's token (its Event) when the writer stored it
+
+
+def _raw(value: object) -> TypeGuard[np.ndarray[Any, Any]]:
+    """Whether `value` is stored as raw array bytes (else through Dask's serialization)."""
+    return isinstance(value, np.ndarray) and not value.dtype.hasobject and value.size > 0
 
 
 def _close(path: str, device: Device, writer: Writer) -> None:
@@ -186,6 +195,7 @@ class UgemBuffer(MutableMapping[Hashable, object]):
         """On the writer thread: copy one pending value into an object (writer.py)."""
         with self._lock:
             value = self._pending.get(key, _MISSING)
+            token = self._done.get(key)
         if value is _MISSING:
             return  # deleted meanwhile
         try:
@@ -210,18 +220,34 @@ class UgemBuffer(MutableMapping[Hashable, object]):
                     if stored is None:
                         self._heap[key] = value
                     else:
+                        stored.token = token
                         self._stored[key] = stored
                         stored = None
             if stored is not None:
                 stored.buf.close()  # deleted or replaced meanwhile
 
     def __getitem__(self, key: Hashable) -> object:
-        while True:  # a pending value is waited for: read back, it is the object's zero-copy view
+        while True:  # a pending array is read as it is, any other pending value waited for (module rules)
             with self._lock:
                 done = self._done.get(key)
                 if done is None:
                     return self._get(key)
+                value = self._pending[key]
+                if _raw(value):
+                    return pending_view(self, key, value, done, UgemBuffer._stored_view)
             done.wait()
+
+    def _stored_view(self, key: Hashable, token: object) -> UgemArray | None:
+        """The stored value's `UgemArray`, once the pending value `token` is stored; None if
+        that value was deleted, replaced or kept in the heap (pending.py)."""
+        assert isinstance(token, threading.Event)
+        token.wait()
+        with self._lock:
+            stored = self._stored.get(key)
+            if stored is None or stored.token is not token or stored.dtype is None:
+                return None
+            value = self._get(key)
+        return value if isinstance(value, UgemArray) else None
 
     def _get(self, key: Hashable) -> object:
         with self._lock:
@@ -285,7 +311,7 @@ class UgemBuffer(MutableMapping[Hashable, object]):
         dtype: np.dtype[Any] | None = None
         shape: tuple[int, ...] = ()
         strides: tuple[int, ...] = ()
-        if isinstance(value, np.ndarray) and not value.dtype.hasobject and value.size > 0:
+        if _raw(value):
             a = value if value.flags.c_contiguous or value.flags.f_contiguous else np.ascontiguousarray(value)
             dtype, shape, strides = a.dtype, a.shape, a.strides
             frames: list[Any] = [(a if a.flags.c_contiguous else a.T).reshape(-1).view(np.uint8)]  # same bytes
