@@ -1,6 +1,6 @@
-"""`Device.sole(handle)`: whether a handle is all that refers to its object besides the
-caller's own mappings (GEM_INFO with INFO_ASK_SOLE), which a client asks before reusing an
-object for new contents (ugem.dask's pool)."""
+"""`Device.sole(handle)`: whether a handle is all that refers to its object (GEM_INFO with
+INFO_ASK_SOLE), which a client asks before reusing an object for new contents (ugem.dask's
+pool)."""
 
 from __future__ import annotations
 
@@ -14,15 +14,16 @@ import ugem
 PAGE = ugem.PAGE_SIZE
 
 
-def test_a_new_object_is_sole_and_stays_so_with_a_name_and_own_mappings(dev):
+def test_a_new_object_is_sole_with_a_name_but_not_while_mapped(dev):
     h = dev.create(4 * PAGE)
     assert dev.sole(h)
-    dev.pwrite(h, 0, b"x" * PAGE)
+    dev.pwrite(h, 0, b"x" * (4 * PAGE))
     dev.flink(h)  # a name holds no reference
-    view = dev.mmap(h)
-    assert dev.sole(h)  # the caller's own mapping
-    del view
     assert dev.sole(h)
+    view = np.frombuffer(dev.mmap(h), dtype=np.uint8)
+    assert not dev.sole(h)  # the caller's own mapping sees the bytes too
+    del view
+    assert dev.sole(h)  # the released mapping is reported with the request
 
 
 def test_another_handle_or_another_clients_mapping_is_not_sole(env):

@@ -41,7 +41,11 @@ Rules:
   `OutOfMemory`;
 - deleting a key closes its handle at once, unless a view of its mapping is still in use
   (then the handle closes once the last view is gone, so a transfer in flight can still
-  open the object by name, see handoff.py); `close()` (or garbage collection) closes the
+  open the object by name, see handoff.py), or the object goes to the buffer's pool
+  (pool.py: an object this buffer made, that only this handle refers to, at most `pool`
+  bytes, default `target`; kept DONTNEED, so the daemon purges it first when it needs
+  room), where the writer thread stores a later value of about its size in it instead of
+  a new object, overwriting every byte; `close()` (or garbage collection) closes the
   connection, which releases every object of this worker; a worker that dies releases them
   too (the daemon frees a dead client's objects). Views already handed out stay valid.
   Dask never calls `close()` itself: a worker process releases everything when it ends;
@@ -53,6 +57,7 @@ Rules:
 
 from __future__ import annotations
 
+import functools
 import logging
 import threading
 import time
@@ -74,6 +79,7 @@ from ..constants import PAGE_SIZE
 from ..errors import NoSpace, OutOfMemory, QuotaExceeded
 from .handoff import UgemArray, as_ugem_array, held, is_held, name_of, register_device, unregister_device
 from .pending import pending_view
+from .pool import Pool
 from .writer import Writer
 
 __all__ = ["UgemBuffer"]
@@ -95,6 +101,17 @@ class _Stored:
     offset: int = 0
     length: int = 0
     token: object = None  # the pending value's token (its Event) when the writer stored it
+    own: bool = False  # made by this buffer's writer (a new or pooled object): may go to the pool
+
+
+def _write(buf: Buffer, frames: list[Any], size: int = 0) -> None:
+    """Write `frames` one after the other from offset 0, then zeros up to `size`."""
+    position = 0
+    for frame in frames:
+        buf.write(frame, position)
+        position += memoryview(frame).nbytes
+    if size > position:
+        buf.write(bytes(size - position), position)
 
 
 def _raw(value: object) -> TypeGuard[np.ndarray[Any, Any]]:
@@ -102,8 +119,9 @@ def _raw(value: object) -> TypeGuard[np.ndarray[Any, Any]]:
     return isinstance(value, np.ndarray) and not value.dtype.hasobject and value.size > 0
 
 
-def _close(path: str, device: Device, writer: Writer) -> None:
+def _close(path: str, device: Device, writer: Writer, pool: Pool) -> None:
     writer.close()
+    pool.clear()
     unregister_device(path, device)
     device.close()
 
@@ -112,7 +130,7 @@ class UgemBuffer(MutableMapping[Hashable, object]):
     """A `distributed` worker data mapping backed by the node's ugem daemon (module rules)."""
 
     def __init__(self, socket: str | None = None, *, target: int | str | None = None,
-                 min_size: int | str = "64K") -> None:
+                 min_size: int | str = "64K", pool: int | str | None = None) -> None:
         self.device = connect(socket)
         self.socket: str = getattr(self.device._transport, "path", "")
         if target is None:
@@ -120,6 +138,7 @@ class UgemBuffer(MutableMapping[Hashable, object]):
         else:
             self.target = parse_size(target, "target") if target != 0 else 0
         self.min_size = parse_size(min_size, "min_size") if min_size != 0 else 0
+        self.pool = Pool(self.target if pool is None else parse_size(pool, "pool") if pool != 0 else 0)
         self._lock = threading.RLock()
         self._local: dict[Hashable, object] = {}  # small values
         self._heap: dict[Hashable, object] = {}  # values the daemon had no room for
@@ -132,7 +151,7 @@ class UgemBuffer(MutableMapping[Hashable, object]):
         self._weak: weakref.WeakValueDictionary[Hashable, Any] = weakref.WeakValueDictionary()
         self._writer = Writer(self.socket, self, UgemBuffer._write_pending)
         register_device(self.socket, self.device)
-        self._finalizer = weakref.finalize(self, _close, self.socket, self.device, self._writer)
+        self._finalizer = weakref.finalize(self, _close, self.socket, self.device, self._writer, self.pool)
 
     # -- Dask's manual eviction protocol -------------------------------------------------
 
@@ -280,7 +299,11 @@ class UgemBuffer(MutableMapping[Hashable, object]):
             if self._heap.pop(key, _MISSING) is not _MISSING:
                 return
             stored = self._stored.pop(key)
-            if not is_held(stored.buf):  # else its last view lets go of it (module rules)
+            if is_held(stored.buf):  # its last view lets go of it (module rules)
+                return
+            if stored.own and self.pool.capacity:
+                self._writer.call(functools.partial(self.pool.admit, stored.buf))  # asks the daemon: off the loop
+            else:
                 stored.buf.close()
 
     def __contains__(self, key: object) -> bool:
@@ -318,16 +341,21 @@ class UgemBuffer(MutableMapping[Hashable, object]):
         else:
             frames = serialize_bytelist(value, compression=False, on_error="raise")
         length = sum(memoryview(f).nbytes for f in frames)
+        pooled = self.pool.take(length) if self.pool.capacity else None
+        if pooled is not None:  # every byte overwritten: the value, then zeros (pool.py)
+            try:
+                _write(pooled.buf, frames, pooled.size)
+            except BaseException:
+                pooled.buf.close()
+                raise
+            return _Stored(pooled.buf, dtype, shape, strides, length=length, own=True)
         own = self._writer.device.new(max(length, PAGE_SIZE))
         try:
-            position = 0
-            for frame in frames:
-                own.write(frame, position)
-                position += memoryview(frame).nbytes
+            _write(own, frames)
             buf = Buffer.open_name(self.device, own.flink())
         finally:
             own.close()
-        return _Stored(buf, dtype, shape, strides, length=length)
+        return _Stored(buf, dtype, shape, strides, length=length, own=True)
 
     def _load_with_room(self, stored: _Stored) -> object:
         """`_load`; with no room, let go of our mappings and try again (module rules)."""
