@@ -9,12 +9,11 @@ Rules:
   object of its own, copied there by the writer thread (writer.py), never on Dask's event
   loop, from which Dask stores results. Until then the value is pending: reading a pending
   array gives a read-only `PendingArray` view of it at once (pending.py: a task never waits
-  for the copy; sent to a worker on this host, it waits for the copy and travels as a
-  reference), reading any other pending value waits for its copy, and `flush()` waits for
-  every pending value. A numpy array is stored raw (its
-  dtype, shape and strides kept here; a C- or Fortran-contiguous array is written as is,
-  any other is made C-contiguous first), any other value as the bytes of Dask's own
-  serialization (`serialize_bytelist`, uncompressed).
+  for the copy; sent to a worker on this host, it travels as a reference once copied: the
+  sending thread makes the copy itself unless the writer thread has started it), reading
+  any other pending value waits for its copy, and `flush()` waits for every pending
+  value. A numpy array is stored raw, any other value as the bytes of Dask's own
+  serialization (stored.py).
   Smaller values stay in this process's heap (an object is at least a page, and a round
   trip to the daemon costs more than they do);
 - an array that already lies in one of this process's held ugem mappings of the same
@@ -64,22 +63,20 @@ import time
 import weakref
 from collections import ChainMap
 from collections.abc import Hashable, Iterator, MutableMapping
-from dataclasses import dataclass
-from typing import Any, TypeGuard
+from typing import Any
 
 import numpy as np
-from distributed.protocol.serialize import deserialize_bytes, serialize_bytelist
 from distributed.sizeof import safe_sizeof
 
 from ..client.buffer import Buffer
 from ..client.connect import connect
 from ..client.device import Device
 from ..config import parse_size
-from ..constants import PAGE_SIZE
 from ..errors import NoSpace, OutOfMemory, QuotaExceeded
-from .handoff import UgemArray, as_ugem_array, held, is_held, name_of, register_device, unregister_device
+from .handoff import UgemArray, held, is_held, name_of, register_device, unregister_device
 from .pending import pending_view
 from .pool import Pool
+from .stored import Stored, load, raw, store
 from .writer import Writer
 
 __all__ = ["UgemBuffer"]
@@ -88,35 +85,6 @@ logger = logging.getLogger("ugem.dask")
 _NO_ROOM = (OutOfMemory, QuotaExceeded, NoSpace)
 _MISSING = object()
 _RETRY_PAUSES = (0.0, 0.05, 0.1, 0.2, 0.4, 0.8, 1.6, 3.2)  # reading back with no room (module rules)
-
-
-@dataclass(slots=True)
-class _Stored:
-    """One key's object: an array (dtype, shape, strides, byte offset) or serialized bytes."""
-
-    buf: Buffer
-    dtype: np.dtype[Any] | None  # None: the object holds `length` bytes of Dask serialization
-    shape: tuple[int, ...] = ()
-    strides: tuple[int, ...] = ()
-    offset: int = 0
-    length: int = 0
-    token: object = None  # the pending value's token (its Event) when the writer stored it
-    own: bool = False  # made by this buffer's writer (a new or pooled object): may go to the pool
-
-
-def _write(buf: Buffer, frames: list[Any], size: int = 0) -> None:
-    """Write `frames` one after the other from offset 0, then zeros up to `size`."""
-    position = 0
-    for frame in frames:
-        buf.write(frame, position)
-        position += memoryview(frame).nbytes
-    if size > position:
-        buf.write(bytes(size - position), position)
-
-
-def _raw(value: object) -> TypeGuard[np.ndarray[Any, Any]]:
-    """Whether `value` is stored as raw array bytes (else through Dask's serialization)."""
-    return isinstance(value, np.ndarray) and not value.dtype.hasobject and value.size > 0
 
 
 def _close(path: str, device: Device, writer: Writer, pool: Pool) -> None:
@@ -143,8 +111,9 @@ class UgemBuffer(MutableMapping[Hashable, object]):
         self._local: dict[Hashable, object] = {}  # small values
         self._heap: dict[Hashable, object] = {}  # values the daemon had no room for
         self._pending: dict[Hashable, object] = {}  # values the writer thread is storing
+        self._writing: set[object] = set()  # tokens of the pending values a thread is copying now
         self._done: dict[Hashable, threading.Event] = {}  # set once a pending key is stored or gone
-        self._stored: dict[Hashable, _Stored] = {}
+        self._stored: dict[Hashable, Stored] = {}
         self._mapped: dict[Hashable, object] = {}  # stored values held mapped, least recently used first
         self._weights: dict[Hashable, int] = {}  # sizeof of every value not in _local
         self._mapped_bytes = 0
@@ -211,20 +180,22 @@ class UgemBuffer(MutableMapping[Hashable, object]):
         self._writer.flush()
 
     def _write_pending(self, key: Hashable) -> None:
-        """On the writer thread: copy one pending value into an object (writer.py)."""
+        """On the writer thread (or one sending the value, `_stored_view`): copy one
+        pending value into an object (writer.py)."""
         with self._lock:
             value = self._pending.get(key, _MISSING)
             token = self._done.get(key)
-        if value is _MISSING:
-            return  # deleted meanwhile
+            if value is _MISSING or token is None or token in self._writing:
+                return  # deleted meanwhile, or another thread is storing it
+            self._writing.add(token)
         try:
             try:
-                stored: _Stored | None = self._store(value)
+                stored: Stored | None = store(value, self._writer.device, self.device, self.pool)
             except _NO_ROOM:
                 with self._lock:
                     self._unmap_all()
                 self.device.stats()  # any request sends the releases just queued
-                stored = self._store(value)
+                stored = store(value, self._writer.device, self.device, self.pool)
         except _NO_ROOM as exc:
             logger.warning("ugem.dask: no room in the daemon for %s, kept in the heap: %s", key, exc)
             stored = None
@@ -233,6 +204,7 @@ class UgemBuffer(MutableMapping[Hashable, object]):
             raise
         finally:
             with self._lock:
+                self._writing.discard(token)
                 if self._pending.get(key, _MISSING) is value:
                     del self._pending[key]
                     self._settled(key)
@@ -252,7 +224,7 @@ class UgemBuffer(MutableMapping[Hashable, object]):
                 if done is None:
                     return self._get(key)
                 value = self._pending[key]
-                if _raw(value):
+                if raw(value):
                     return pending_view(self, key, value, done, UgemBuffer._stored_view)
             done.wait()
 
@@ -260,6 +232,13 @@ class UgemBuffer(MutableMapping[Hashable, object]):
         """The stored value's `UgemArray`, once the pending value `token` is stored; None if
         that value was deleted, replaced or kept in the heap (pending.py)."""
         assert isinstance(token, threading.Event)
+        with self._lock:
+            first = self._done.get(key) is token and token not in self._writing
+        if first:  # not started by the writer thread: store it here, now, rather than wait for its turn
+            try:
+                self._write_pending(key)
+            except Exception:  # as on the writer thread: the value stays in the heap
+                logger.exception("ugem.dask: storing %r failed", key)
         token.wait()
         with self._lock:
             stored = self._stored.get(key)
@@ -319,59 +298,24 @@ class UgemBuffer(MutableMapping[Hashable, object]):
 
     # -- storing and loading ---------------------------------------------------------
 
-    def _adopt(self, a: np.ndarray[Any, Any]) -> _Stored | None:
+    def _adopt(self, a: np.ndarray[Any, Any]) -> Stored | None:
         """A new handle to the held object `a` lies in, if it is one of ours (no copy)."""
         found = held(a)
         if found is None or found[0].device is not self.device:
             return None
         data = int(a.__array_interface__["data"][0])
         buf = Buffer.open_name(self.device, name_of(found[1]))
-        return _Stored(buf, a.dtype, a.shape, a.strides, found[1].offset + data - found[1].address)
+        return Stored(buf, a.dtype, a.shape, a.strides, found[1].offset + data - found[1].address)
 
-    def _store(self, value: object) -> _Stored:
-        """Copy the value into a new object through the writer's connection, then hand the
-        handle over to the main connection (writer.py)."""
-        dtype: np.dtype[Any] | None = None
-        shape: tuple[int, ...] = ()
-        strides: tuple[int, ...] = ()
-        if _raw(value):
-            a = value if value.flags.c_contiguous or value.flags.f_contiguous else np.ascontiguousarray(value)
-            dtype, shape, strides = a.dtype, a.shape, a.strides
-            frames: list[Any] = [(a if a.flags.c_contiguous else a.T).reshape(-1).view(np.uint8)]  # same bytes
-        else:
-            frames = serialize_bytelist(value, compression=False, on_error="raise")
-        length = sum(memoryview(f).nbytes for f in frames)
-        pooled = self.pool.take(length) if self.pool.capacity else None
-        if pooled is not None:  # every byte overwritten: the value, then zeros (pool.py)
-            try:
-                _write(pooled.buf, frames, pooled.size)
-            except BaseException:
-                pooled.buf.close()
-                raise
-            return _Stored(pooled.buf, dtype, shape, strides, length=length, own=True)
-        own = self._writer.device.new(max(length, PAGE_SIZE))
-        try:
-            _write(own, frames)
-            buf = Buffer.open_name(self.device, own.flink())
-        finally:
-            own.close()
-        return _Stored(buf, dtype, shape, strides, length=length, own=True)
-
-    def _load_with_room(self, stored: _Stored) -> object:
+    def _load_with_room(self, stored: Stored) -> object:
         """`_load`; with no room, let go of our mappings and try again (module rules)."""
         for pause in _RETRY_PAUSES:
             try:
-                return self._load(stored)
+                return load(stored)
             except _NO_ROOM:
                 self._unmap_all()
                 time.sleep(pause)
-        return self._load(stored)
-
-    def _load(self, stored: _Stored) -> object:
-        view = stored.buf.map()
-        if stored.dtype is not None:
-            return as_ugem_array(stored.buf, view, stored.dtype, stored.shape, stored.strides, stored.offset)
-        return deserialize_bytes(view[:stored.length])
+        return load(stored)
 
     # -- the mapped set ----------------------------------------------------------------
 

@@ -8,8 +8,11 @@ Rules:
   instead of a half-copied object. Arithmetic on it gives plain arrays, and plain pickle
   and cloudpickle send it by value as a plain `ndarray`, as for `UgemArray` (handoff.py);
 - sent to a worker on the same host (Dask's "dask" serializer family), a `PendingArray`
-  that is the whole value Dask read waits for the copy, then travels as a reference to
-  the object, exactly as the value's `UgemArray` would (handoff.py). Anything else (a
+  that is the whole value Dask read travels as a reference to its object, exactly as the
+  value's `UgemArray` would (handoff.py), once the copy is made: by the sending thread
+  itself (Dask serializes a large message on a thread of its own, a small one on the
+  event loop) unless the writer thread has started it, so a transfer never waits behind
+  the writer's queue. Anything else (a
   slice or view of it, which carries no owner; a value deleted meanwhile, or kept in the
   heap because the daemon had no room; another host) declines, and Dask sends the bytes.
 """
