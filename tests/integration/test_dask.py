@@ -104,6 +104,31 @@ def test_a_pending_array_being_sent_is_copied_by_the_sender_not_after_the_writer
     np.testing.assert_array_equal(buffer["v"], np.arange(MiB // 8, dtype=np.float64))
 
 
+def test_a_pending_value_a_task_returns_or_views_shares_its_object(buffer: UgemBuffer, daemon: DaemonProcess) -> None:
+    source = np.arange(MiB // 8, dtype=np.float64)
+    fortran = np.asfortranarray(np.arange(512 * 256, dtype=np.float64).reshape(512, 256))
+    with buffer._lock:  # still pending when the tasks read them
+        buffer["a"], buffer["f"] = source, fortran
+        a, f = buffer["a"], buffer["f"]
+        buffer["same"] = a  # e.g. Dask's alias tasks return their input as it is
+        buffer["half"] = a[MiB // 16:]  # type: ignore[index]
+        buffer["strided"] = a[::-3]  # type: ignore[index]
+        buffer["columns"] = f[:, 100:200]  # type: ignore[index]
+    del a, f
+    buffer.flush()
+    with daemon.connect() as dev:
+        assert dev.stats()["objects"] == 2  # no copy but the two values'
+    for key, want in [("a", source), ("same", source), ("half", source[MiB // 16:]), ("strided", source[::-3]),
+                      ("columns", fortran[:, 100:200])]:
+        got = buffer[key]
+        assert isinstance(got, UgemArray)
+        np.testing.assert_array_equal(got, want)
+    del buffer["a"], buffer["same"]  # the views keep the object: it is not pooled
+    buffer.flush()
+    assert buffer.pool.bytes == 0
+    np.testing.assert_array_equal(buffer["strided"], source[::-3])
+
+
 def test_a_view_a_task_returns_is_adopted_not_copied(buffer: UgemBuffer, daemon: DaemonProcess) -> None:
     source = np.arange(MiB // 8, dtype=np.float64)
     buffer["a"] = source

@@ -19,7 +19,9 @@ Rules:
 - an array that already lies in one of this process's held ugem mappings of the same
   daemon (one received by reference from another worker, or a view or slice a task
   returned) is not copied: the key gets a new handle to that object, which it keeps alive
-  whole (a small slice of a large object keeps all of it);
+  whole (a small slice of a large object keeps all of it); so does an array that lies in
+  a pending value stored byte for byte (C- or Fortran-contiguous: a `PendingArray` a task
+  returned as it is, or a view of it), once that value's copy is made;
 - reading a stored key gives a zero-copy `UgemArray` on the object's mapping (other values are
   deserialized from the mapping). The values this worker holds mapped are `fast`, least
   recently used first, at most `target` bytes (one value may exceed it). The default is a
@@ -76,7 +78,7 @@ from ..errors import NoSpace, OutOfMemory, QuotaExceeded
 from .handoff import UgemArray, held, is_held, name_of, register_device, unregister_device
 from .pending import pending_view
 from .pool import Pool
-from .stored import Stored, load, raw, store
+from .stored import Stored, extent, load, raw, store
 from .writer import Writer
 
 __all__ = ["UgemBuffer"]
@@ -112,6 +114,7 @@ class UgemBuffer(MutableMapping[Hashable, object]):
         self._heap: dict[Hashable, object] = {}  # values the daemon had no room for
         self._pending: dict[Hashable, object] = {}  # values the writer thread is storing
         self._writing: set[object] = set()  # tokens of the pending values a thread is copying now
+        self._aliases: dict[Hashable, tuple[Hashable, object, int]] = {}  # pending views of pending values
         self._done: dict[Hashable, threading.Event] = {}  # set once a pending key is stored or gone
         self._stored: dict[Hashable, Stored] = {}
         self._mapped: dict[Hashable, object] = {}  # stored values held mapped, least recently used first
@@ -162,7 +165,36 @@ class UgemBuffer(MutableMapping[Hashable, object]):
                 self._stored[key] = adopted
                 self._keep_mapped(key, value)  # no copy: it is mapped already
                 return
+            source = self._pending_source(value) if isinstance(value, np.ndarray) else None
+            if source is not None:  # a view of a pending value: it will share that value's object
+                self._aliases[key] = source
             self._make_pending(key, value)
+
+    def _pending_source(self, a: np.ndarray[Any, Any]) -> tuple[Hashable, object, int] | None:
+        """(key, token, byte offset) of the pending value whose memory `a` lies in, if that
+        value is stored byte for byte as it lies (C- or Fortran-contiguous)."""
+        low, high = extent(a)
+        for key, value in self._pending.items():
+            if raw(value) and (value.flags.c_contiguous or value.flags.f_contiguous):
+                start = int(value.__array_interface__["data"][0])
+                if start <= low and high <= start + value.nbytes and key in self._done:
+                    return key, self._done[key], int(a.__array_interface__["data"][0]) - start
+        return None
+
+    def _shared(self, source: tuple[Hashable, object, int], value: np.ndarray[Any, Any]) -> Stored | None:
+        """A new handle to the object of the pending value `source` (once stored; this
+        thread copies it if no thread has started to), viewed as `value`; None if that value
+        was deleted, replaced or kept in the heap."""
+        key, token, offset = source
+        assert isinstance(token, threading.Event)
+        self._write_pending(key)
+        token.wait()
+        with self._lock:  # not deleted (so not pooled) while a handle is opened by name
+            stored = self._stored.get(key)
+            if stored is None or stored.token is not token or stored.dtype is None:
+                return None
+            buf = Buffer.open_name(self.device, stored.buf.flink())
+        return Stored(buf, value.dtype, value.shape, value.strides, stored.offset + offset)
 
     def _make_pending(self, key: Hashable, value: object) -> None:
         self._pending[key] = value
@@ -188,9 +220,12 @@ class UgemBuffer(MutableMapping[Hashable, object]):
             if value is _MISSING or token is None or token in self._writing:
                 return  # deleted meanwhile, or another thread is storing it
             self._writing.add(token)
+            source = self._aliases.pop(key, None)
         try:
             try:
-                stored: Stored | None = store(value, self._writer.device, self.device, self.pool)
+                stored = None if source is None or not raw(value) else self._shared(source, value)
+                if stored is None:
+                    stored = store(value, self._writer.device, self.device, self.pool)
             except _NO_ROOM:
                 with self._lock:
                     self._unmap_all()
@@ -271,6 +306,7 @@ class UgemBuffer(MutableMapping[Hashable, object]):
             if key in self._mapped:
                 self._unmap(key)
             self._weak.pop(key, None)
+            self._aliases.pop(key, None)
             del self._weights[key]
             if self._pending.pop(key, _MISSING) is not _MISSING:
                 self._settled(key)
@@ -345,7 +381,8 @@ class UgemBuffer(MutableMapping[Hashable, object]):
         with self._lock:
             for key in list(self._done):
                 self._settled(key)
-            for mapping in (self._local, self._heap, self._pending, self._stored, self._mapped, self._weights):
+            for mapping in (self._local, self._heap, self._pending, self._stored, self._mapped, self._weights,
+                            self._aliases):
                 mapping.clear()
             self._mapped_bytes = 0
             self._weak = weakref.WeakValueDictionary()

@@ -26,7 +26,7 @@ from ..constants import PAGE_SIZE
 from .handoff import as_ugem_array
 from .pool import Pool
 
-__all__ = ["Stored", "load", "raw", "store"]
+__all__ = ["Stored", "extent", "load", "raw", "store"]
 
 
 @dataclass(slots=True)
@@ -56,6 +56,16 @@ def _write(buf: Buffer, frames: list[Any], size: int = 0) -> None:
 def raw(value: object) -> TypeGuard[np.ndarray[Any, Any]]:
     """Whether `value` is stored as raw array bytes (else through Dask's serialization)."""
     return isinstance(value, np.ndarray) and not value.dtype.hasobject and value.size > 0
+
+
+def extent(a: np.ndarray[Any, Any]) -> tuple[int, int]:
+    """The addresses [low, high) of the bytes `a` views (any strides)."""
+    start = int(a.__array_interface__["data"][0])
+    if a.size == 0:
+        return start, start
+    low = sum(min(0, (n - 1) * st) for n, st in zip(a.shape, a.strides, strict=True))
+    high = sum(max(0, (n - 1) * st) for n, st in zip(a.shape, a.strides, strict=True)) + a.itemsize
+    return start + low, start + high
 
 
 def store(value: object, writer_device: Device, device: Device, pool: Pool) -> Stored:
