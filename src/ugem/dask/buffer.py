@@ -209,7 +209,11 @@ class UgemBuffer(MutableMapping[Hashable, object]):
 
     def flush(self) -> None:
         """Wait until every value stored so far is in its object (or kept in the heap)."""
+        with self._lock:
+            pending = list(self._done.values())
         self._writer.flush()
+        for done in pending:  # one another thread copies (`_stored_view`) is done when it says so
+            done.wait()
 
     def _write_pending(self, key: Hashable) -> None:
         """On the writer thread (or one sending the value, `_stored_view`): copy one
