@@ -6,7 +6,8 @@ allocated and zeroed first (on the 2-vCPU dev VM, writing 32 MiB into a new obje
 Dask's workers keep producing values of the sizes they just released (the chunks of one
 array), so the pages of a released value are the cheapest place for the next one.
 
-Rules (all on the writer thread, writer.py, except `clear`):
+Rules (`admit` runs on the writer thread, writer.py; `take` on the thread copying a value,
+the writer or one sending it; the entries change under a lock):
 - `admit(buf)`: an object enters the pool only if the buffer made it itself (never one
   received from another worker or adopted), no view of it is in use in this process (the
   buffer checks both), it fits in `capacity`, and the daemon confirms that this handle is
@@ -61,7 +62,7 @@ class Pool:
     def admit(self, buf: Buffer) -> None:
         size = buf.size
         if buf.closed or size > self.capacity or not buf.device.sole(buf.handle):
-            self.counts["refused"] += 1
+            self._count("refused")
             buf.close()
             return
         buf.madvise(DONTNEED)
@@ -72,7 +73,7 @@ class Pool:
             while self._bytes > self.capacity:
                 dropped.append(self._entries.pop(0))
                 self._bytes -= dropped[-1].size
-        self.counts["admitted"] += 1
+            self.counts["admitted"] += 1
         for entry in dropped:
             entry.buf.close()
 
@@ -87,10 +88,14 @@ class Pool:
                 self._entries.remove(entry)
                 self._bytes -= entry.size
             if entry.buf.madvise(WILLNEED):
-                self.counts["reused"] += 1
+                self._count("reused")
                 return entry
-            self.counts["purged"] += 1  # the daemon needed the room: its pages are gone
+            self._count("purged")  # the daemon needed the room: its pages are gone
             entry.buf.close()
+
+    def _count(self, what: str) -> None:
+        with self._lock:
+            self.counts[what] += 1
 
     def clear(self) -> None:
         with self._lock:
