@@ -6,14 +6,14 @@ connects there to the daemon at `socket` (default: as `ugem.connect()` finds it)
 
 Rules:
 - a value of at least `min_size` bytes (by Dask's `sizeof`, default 64 KiB) goes into an
-  object of its own, copied there by the writer thread (writer.py), never on Dask's event
+  object of its own, copied there by the writer thread (writer.py), not on Dask's event
   loop, from which Dask stores results. Until then the value is pending: reading a pending
   array gives a read-only `PendingArray` view of it at once (pending.py: a task never waits
   for the copy; sent to a worker on this host, it travels as a reference once copied: the
-  sending thread makes the copy itself unless the writer thread has started it), reading
-  any other pending value waits for its copy, and `flush()` waits for every pending
-  value. A numpy array is stored raw, any other value as the bytes of Dask's own
-  serialization (stored.py).
+  sending thread, which for a small message is the event loop, makes the copy itself
+  unless the writer thread has started it), reading any other pending value waits for its
+  copy, and `flush()` waits for every pending value. A numpy array is stored raw, any
+  other value as the bytes of Dask's own serialization (stored.py).
   Smaller values stay in this process's heap (an object is at least a page, and a round
   trip to the daemon costs more than they do);
 - an array that already lies in one of this process's held ugem mappings of the same
