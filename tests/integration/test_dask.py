@@ -17,7 +17,7 @@ pytest.importorskip("distributed")
 import dask.array as da  # noqa: E402
 from distributed import Client, LocalCluster, wait  # noqa: E402
 
-from ugem.dask import UgemArray, UgemBuffer, handoff  # noqa: E402
+from ugem.dask import PendingArray, UgemArray, UgemBuffer, handoff  # noqa: E402
 from ugem.testing import DaemonProcess, run_daemon  # noqa: E402
 from ugem.testing.data import wait_until  # noqa: E402
 
@@ -38,9 +38,17 @@ def test_arrays_round_trip_zero_copy(buffer: UgemBuffer, daemon: DaemonProcess) 
     c = np.arange(MiB // 8, dtype=np.float64)
     f = np.asfortranarray(np.arange(300 * 400, dtype=np.int32).reshape(300, 400))
     strided = np.arange(3 * MiB // 8, dtype=np.float64)[::3]
-    for key, value in [("c", c), ("f", f), ("strided", strided)]:
-        buffer[key] = value
-    # no flush: reading a value the writer thread is still copying waits for it
+    with buffer._lock:  # the writer thread waits for it: every value is still pending
+        for key, value in [("c", c), ("f", f), ("strided", strided)]:
+            buffer[key] = value
+        for key, value in [("c", c), ("f", f), ("strided", strided)]:  # read at once, as they are
+            early = buffer[key]
+            assert type(early) is PendingArray and not early.flags.writeable
+            np.testing.assert_array_equal(early, value)
+            assert handoff.held(early) is None
+        with pytest.raises(ValueError, match="read-only"):
+            early[0] = 1  # type: ignore[index]
+    buffer.flush()
     for key, value in [("c", c), ("f", f), ("strided", strided)]:
         got = buffer[key]
         assert isinstance(got, UgemArray) and got.dtype == value.dtype and got.shape == value.shape
@@ -50,6 +58,75 @@ def test_arrays_round_trip_zero_copy(buffer: UgemBuffer, daemon: DaemonProcess) 
     assert type(buffer["c"] + 1) is np.ndarray  # type: ignore[operator]
     with daemon.connect() as dev:
         assert dev.stats()["objects"] == 3
+
+
+def test_a_pending_array_sent_on_this_host_waits_for_its_copy_and_goes_as_a_reference(buffer: UgemBuffer) -> None:
+    from distributed.protocol.serialize import deserialize, serialize
+
+    here = {"sender": {"address": "tcp://127.0.0.1:1"}, "recipient": {"address": "tcp://127.0.0.1:2"}}
+    value = np.arange(MiB // 8, dtype=np.float64)
+    with buffer._lock:  # still pending when read
+        buffer["v"] = value
+        early = buffer["v"]
+        buffer["gone"] = value + 1
+        gone = buffer["gone"]
+        del buffer["gone"]  # deleted before its copy was made
+    assert type(early) is PendingArray
+    header, frames = serialize(early, serializers=("dask", "pickle"), context=here)
+    assert header["serializer"] == "dask" and "ugem" in header["sub-header"] and frames == []  # waited: a reference
+    got = deserialize(header, frames)
+    assert isinstance(got, UgemArray) and handoff.held(got) is not None
+    np.testing.assert_array_equal(got, value)
+    for by_value in (early[10:20], gone):  # a view of it carries no owner; a deleted value has no object
+        header, frames = serialize(by_value, serializers=("dask", "pickle"), context=here)
+        assert header["serializer"] == "pickle"
+        np.testing.assert_array_equal(deserialize(header, frames), by_value)
+
+
+def test_a_pending_array_being_sent_is_copied_by_the_sender_not_after_the_writer_s_queue(buffer: UgemBuffer) -> None:
+    import threading
+
+    from distributed.protocol.serialize import serialize
+
+    here = {"sender": {"address": "tcp://127.0.0.1:1"}, "recipient": {"address": "tcp://127.0.0.1:2"}}
+    busy = threading.Event()
+    buffer._writer.call(busy.wait)  # the writer thread is held up behind this until the end
+    try:
+        buffer["v"] = np.arange(MiB // 8, dtype=np.float64)
+        early = buffer["v"]
+        assert type(early) is PendingArray
+        header, frames = serialize(early, serializers=("dask", "pickle"), context=here)
+        assert "ugem" in header["sub-header"] and frames == []  # copied here: the writer never got to it
+        assert isinstance(buffer["v"], UgemArray)
+    finally:
+        busy.set()
+    buffer.flush()  # the writer finds it stored already
+    np.testing.assert_array_equal(buffer["v"], np.arange(MiB // 8, dtype=np.float64))
+
+
+def test_a_pending_value_a_task_returns_or_views_shares_its_object(buffer: UgemBuffer, daemon: DaemonProcess) -> None:
+    source = np.arange(MiB // 8, dtype=np.float64)
+    fortran = np.asfortranarray(np.arange(512 * 256, dtype=np.float64).reshape(512, 256))
+    with buffer._lock:  # still pending when the tasks read them
+        buffer["a"], buffer["f"] = source, fortran
+        a, f = buffer["a"], buffer["f"]
+        buffer["same"] = a  # e.g. Dask's alias tasks return their input as it is
+        buffer["half"] = a[MiB // 16:]  # type: ignore[index]
+        buffer["strided"] = a[::-3]  # type: ignore[index]
+        buffer["columns"] = f[:, 100:200]  # type: ignore[index]
+    del a, f
+    buffer.flush()
+    with daemon.connect() as dev:
+        assert dev.stats()["objects"] == 2  # no copy but the two values'
+    for key, want in [("a", source), ("same", source), ("half", source[MiB // 16:]), ("strided", source[::-3]),
+                      ("columns", fortran[:, 100:200])]:
+        got = buffer[key]
+        assert isinstance(got, UgemArray)
+        np.testing.assert_array_equal(got, want)
+    del buffer["a"], buffer["same"]  # the views keep the object: it is not pooled
+    buffer.flush()
+    assert buffer.pool.bytes == 0
+    np.testing.assert_array_equal(buffer["strided"], source[::-3])
 
 
 def test_a_view_a_task_returns_is_adopted_not_copied(buffer: UgemBuffer, daemon: DaemonProcess) -> None:
@@ -78,7 +155,10 @@ def test_other_values_small_values_and_delete(buffer: UgemBuffer, daemon: Daemon
         assert dev.stats()["objects"] == 1  # the small value stays in the heap
         del got
         del buffer["d"], buffer["small"]
-        assert dev.stats()["objects"] == 0 and len(buffer) == 0
+        buffer.flush()  # its object went to the pool, for a later value
+        assert len(buffer) == 0 and buffer.pool.counts["admitted"] == 1 and dev.stats()["objects"] == 1
+        buffer.pool.clear()
+        assert dev.stats()["objects"] == 0
         with pytest.raises(KeyError):
             buffer["d"]
 
@@ -130,7 +210,8 @@ def test_no_room_keeps_the_value_in_the_heap_until_evict(daemon_small: DaemonPro
         data["y"] = np.full(MiB, 7.0)
         del data["y"]  # deleted while (or after) the writer stores it: nothing is left of it
         data.flush()
-        wait_until(lambda: data.device.stats()["objects"] == 4, what="3 values and x, nothing of y")
+        pooled = data.pool.bytes // (8 * MiB)  # 0's object, unless y took it
+        wait_until(lambda: data.device.stats()["objects"] == 4 + pooled, what="3 values, x and the pool, nothing of y")
     finally:
         data.close()
 

@@ -1,6 +1,6 @@
 """The device half of the client API (SPEC §2): execbuffer, busy/wait, domains, tiling,
-caching, suspend/resume, and `lookup` of the manager's preloaded objects. A mixin of
-`Device`; same transport, same errno."""
+caching, suspend/resume, `lookup` of the manager's preloaded objects, and `sole` (whether
+a handle is all that refers to its object). A mixin of `Device`; same transport, same errno."""
 
 from __future__ import annotations
 
@@ -23,6 +23,20 @@ __all__ = ["DeviceOps"]
 class DeviceOps:
     def _call(self, op: Op, req: s.Struct) -> Any:
         raise NotImplementedError
+
+    def sole(self, handle: int) -> bool:
+        """Whether `handle` is all that refers to its object: no other handle (in any
+        client, this one's included), no mapping (this client's included: a mapping whose
+        last view is gone counts until it is reported, which this request does first), no
+        transfer, share or device work in flight, never exported. Then nobody else sees the
+        object's bytes (e.g. before reusing it for new contents). A name holds no reference.
+        False from a daemon too old to tell. Unknown handle: ENOENT."""
+        req = s.InfoReq(handle=ident(handle), flags=s.INFO_ASK_SOLE)
+        try:
+            reply: s.InfoReply = self._call(Op.GEM_INFO, req)
+        except InvalidArgument:  # an older daemon refuses the flag
+            return False
+        return bool(reply.flags & s.INFO_SOLE)
 
     def execbuffer(self, commands: Sequence[Command]) -> int:
         """Submit device commands (ugem.cmd); returns their fence. More than MAX_COMMANDS

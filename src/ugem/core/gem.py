@@ -100,9 +100,20 @@ def gem_info(core: Core, client: Client, req: s.InfoReq) -> s.InfoReply:
     flags = ((s.INFO_PINNED if obj.pinned_by else 0) | (s.INFO_BUSY if core.gpu.busy(obj) else 0)
               | (s.INFO_USERPTR if obj.kind == Kind.USERPTR else 0)
              | (s.INFO_READONLY if req.handle in client.readonly else 0)
-             | (s.INFO_FOREIGN if obj.kind == Kind.FOREIGN else 0))
+             | (s.INFO_FOREIGN if obj.kind == Kind.FOREIGN else 0)
+             | (s.INFO_SOLE if req.flags & s.INFO_ASK_SOLE and _sole(obj) else 0))
     return s.InfoReply(size=obj.size, placement=obj.placement, madvise=obj.reported_advice, flags=flags, name=obj.name,
                        tiling=obj.tiling, stride=obj.stride, caching=obj.caching)
+
+
+def _sole(obj: BufferObject) -> bool:
+    """The caller's handle is all that refers to `obj`: no other handle (in any client, the
+    caller's included), no mapping (the caller's included), no transfer, share or job in
+    flight, never exported; so nobody sees its bytes (a client reusing an object for new
+    contents asks this first: INFO_ASK_SOLE)."""
+    if obj.kind != Kind.NORMAL or obj.exported or obj.handle_count != 1 or obj.pinned_by:
+        return False
+    return obj.refcount == 1  # the handles' one reference
 
 
 def _rw_lookup(core: Core, client: Client, handle: int, offset: int, length: int, write: bool) -> BufferObject:

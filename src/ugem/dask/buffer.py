@@ -6,20 +6,23 @@ connects there to the daemon at `socket` (default: as `ugem.connect()` finds it)
 
 Rules:
 - a value of at least `min_size` bytes (by Dask's `sizeof`, default 64 KiB) goes into an
-  object of its own, copied there by the writer thread (writer.py), never on Dask's event
-  loop, from which Dask stores results. Until then the value is pending: reading it waits
-  for that copy (so what is read back, and sent to other workers, is always the object's
-  view), and `flush()` waits for every pending value. A numpy array is stored raw (its
-  dtype, shape and strides kept here; a C- or Fortran-contiguous array is written as is,
-  any other is made C-contiguous first), any other value as the bytes of Dask's own
-  serialization (`serialize_bytelist`, uncompressed).
+  object of its own, copied there by the writer thread (writer.py), not on Dask's event
+  loop, from which Dask stores results. Until then the value is pending: reading a pending
+  array gives a read-only `PendingArray` view of it at once (pending.py: a task never waits
+  for the copy; sent to a worker on this host, it travels as a reference once copied: the
+  sending thread, which for a small message is the event loop, makes the copy itself
+  unless the writer thread has started it), reading any other pending value waits for its
+  copy, and `flush()` waits for every pending value. A numpy array is stored raw, any
+  other value as the bytes of Dask's own serialization (stored.py).
   Smaller values stay in this process's heap (an object is at least a page, and a round
   trip to the daemon costs more than they do);
 - an array that already lies in one of this process's held ugem mappings of the same
   daemon (one received by reference from another worker, or a view or slice a task
   returned) is not copied: the key gets a new handle to that object, which it keeps alive
-  whole (a small slice of a large object keeps all of it);
-- reading a key gives a zero-copy `UgemArray` on the object's mapping (other values are
+  whole (a small slice of a large object keeps all of it); so does an array that lies in
+  a pending value stored byte for byte (C- or Fortran-contiguous: a `PendingArray` a task
+  returned as it is, or a view of it), once that value's copy is made;
+- reading a stored key gives a zero-copy `UgemArray` on the object's mapping (other values are
   deserialized from the mapping). The values this worker holds mapped are `fast`, least
   recently used first, at most `target` bytes (one value may exceed it). The default is a
   sixteenth of the daemon's system budget, at most 64 MiB: what workers keep mapped the
@@ -39,7 +42,11 @@ Rules:
   `OutOfMemory`;
 - deleting a key closes its handle at once, unless a view of its mapping is still in use
   (then the handle closes once the last view is gone, so a transfer in flight can still
-  open the object by name, see handoff.py); `close()` (or garbage collection) closes the
+  open the object by name, see handoff.py), or the object goes to the buffer's pool
+  (pool.py: an object this buffer made, that only this handle refers to, at most `pool`
+  bytes, default `target`; kept DONTNEED, so the daemon purges it first when it needs
+  room), where the writer thread stores a later value of about its size in it instead of
+  a new object, overwriting every byte; `close()` (or garbage collection) closes the
   connection, which releases every object of this worker; a worker that dies releases them
   too (the daemon frees a dead client's objects). Views already handed out stay valid.
   Dask never calls `close()` itself: a worker process releases everything when it ends;
@@ -51,26 +58,27 @@ Rules:
 
 from __future__ import annotations
 
+import functools
 import logging
 import threading
 import time
 import weakref
 from collections import ChainMap
 from collections.abc import Hashable, Iterator, MutableMapping
-from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
-from distributed.protocol.serialize import deserialize_bytes, serialize_bytelist
 from distributed.sizeof import safe_sizeof
 
 from ..client.buffer import Buffer
 from ..client.connect import connect
 from ..client.device import Device
 from ..config import parse_size
-from ..constants import PAGE_SIZE
 from ..errors import NoSpace, OutOfMemory, QuotaExceeded
-from .handoff import as_ugem_array, held, is_held, name_of, register_device, unregister_device
+from .handoff import UgemArray, held, is_held, name_of, register_device, unregister_device
+from .pending import pending_view
+from .pool import Pool
+from .stored import Stored, extent, load, raw, store
 from .writer import Writer
 
 __all__ = ["UgemBuffer"]
@@ -81,20 +89,9 @@ _MISSING = object()
 _RETRY_PAUSES = (0.0, 0.05, 0.1, 0.2, 0.4, 0.8, 1.6, 3.2)  # reading back with no room (module rules)
 
 
-@dataclass(slots=True)
-class _Stored:
-    """One key's object: an array (dtype, shape, strides, byte offset) or serialized bytes."""
-
-    buf: Buffer
-    dtype: np.dtype[Any] | None  # None: the object holds `length` bytes of Dask serialization
-    shape: tuple[int, ...] = ()
-    strides: tuple[int, ...] = ()
-    offset: int = 0
-    length: int = 0
-
-
-def _close(path: str, device: Device, writer: Writer) -> None:
+def _close(path: str, device: Device, writer: Writer, pool: Pool) -> None:
     writer.close()
+    pool.clear()
     unregister_device(path, device)
     device.close()
 
@@ -103,7 +100,7 @@ class UgemBuffer(MutableMapping[Hashable, object]):
     """A `distributed` worker data mapping backed by the node's ugem daemon (module rules)."""
 
     def __init__(self, socket: str | None = None, *, target: int | str | None = None,
-                 min_size: int | str = "64K") -> None:
+                 min_size: int | str = "64K", pool: int | str | None = None) -> None:
         self.device = connect(socket)
         self.socket: str = getattr(self.device._transport, "path", "")
         if target is None:
@@ -111,19 +108,22 @@ class UgemBuffer(MutableMapping[Hashable, object]):
         else:
             self.target = parse_size(target, "target") if target != 0 else 0
         self.min_size = parse_size(min_size, "min_size") if min_size != 0 else 0
+        self.pool = Pool(self.target if pool is None else parse_size(pool, "pool") if pool != 0 else 0)
         self._lock = threading.RLock()
         self._local: dict[Hashable, object] = {}  # small values
         self._heap: dict[Hashable, object] = {}  # values the daemon had no room for
         self._pending: dict[Hashable, object] = {}  # values the writer thread is storing
+        self._writing: set[object] = set()  # tokens of the pending values a thread is copying now
+        self._aliases: dict[Hashable, tuple[Hashable, object, int]] = {}  # pending views of pending values
         self._done: dict[Hashable, threading.Event] = {}  # set once a pending key is stored or gone
-        self._stored: dict[Hashable, _Stored] = {}
+        self._stored: dict[Hashable, Stored] = {}
         self._mapped: dict[Hashable, object] = {}  # stored values held mapped, least recently used first
         self._weights: dict[Hashable, int] = {}  # sizeof of every value not in _local
         self._mapped_bytes = 0
         self._weak: weakref.WeakValueDictionary[Hashable, Any] = weakref.WeakValueDictionary()
         self._writer = Writer(self.socket, self, UgemBuffer._write_pending)
         register_device(self.socket, self.device)
-        self._finalizer = weakref.finalize(self, _close, self.socket, self.device, self._writer)
+        self._finalizer = weakref.finalize(self, _close, self.socket, self.device, self._writer, self.pool)
 
     # -- Dask's manual eviction protocol -------------------------------------------------
 
@@ -165,7 +165,36 @@ class UgemBuffer(MutableMapping[Hashable, object]):
                 self._stored[key] = adopted
                 self._keep_mapped(key, value)  # no copy: it is mapped already
                 return
+            source = self._pending_source(value) if isinstance(value, np.ndarray) else None
+            if source is not None:  # a view of a pending value: it will share that value's object
+                self._aliases[key] = source
             self._make_pending(key, value)
+
+    def _pending_source(self, a: np.ndarray[Any, Any]) -> tuple[Hashable, object, int] | None:
+        """(key, token, byte offset) of the pending value whose memory `a` lies in, if that
+        value is stored byte for byte as it lies (C- or Fortran-contiguous)."""
+        low, high = extent(a)
+        for key, value in self._pending.items():
+            if raw(value) and (value.flags.c_contiguous or value.flags.f_contiguous):
+                start = int(value.__array_interface__["data"][0])
+                if start <= low and high <= start + value.nbytes and key in self._done:
+                    return key, self._done[key], int(a.__array_interface__["data"][0]) - start
+        return None
+
+    def _shared(self, source: tuple[Hashable, object, int], value: np.ndarray[Any, Any]) -> Stored | None:
+        """A new handle to the object of the pending value `source` (once stored; this
+        thread copies it if no thread has started to), viewed as `value`; None if that value
+        was deleted, replaced or kept in the heap."""
+        key, token, offset = source
+        assert isinstance(token, threading.Event)
+        self._write_pending(key)
+        token.wait()
+        with self._lock:  # not deleted (so not pooled) while a handle is opened by name
+            stored = self._stored.get(key)
+            if stored is None or stored.token is not token or stored.dtype is None:
+                return None
+            buf = Buffer.open_name(self.device, stored.buf.flink())
+        return Stored(buf, value.dtype, value.shape, value.strides, stored.offset + offset)
 
     def _make_pending(self, key: Hashable, value: object) -> None:
         self._pending[key] = value
@@ -180,22 +209,32 @@ class UgemBuffer(MutableMapping[Hashable, object]):
 
     def flush(self) -> None:
         """Wait until every value stored so far is in its object (or kept in the heap)."""
+        with self._lock:
+            pending = list(self._done.values())
         self._writer.flush()
+        for done in pending:  # one another thread copies (`_stored_view`) is done when it says so
+            done.wait()
 
     def _write_pending(self, key: Hashable) -> None:
-        """On the writer thread: copy one pending value into an object (writer.py)."""
+        """On the writer thread (or one sending the value, `_stored_view`): copy one
+        pending value into an object (writer.py)."""
         with self._lock:
             value = self._pending.get(key, _MISSING)
-        if value is _MISSING:
-            return  # deleted meanwhile
+            token = self._done.get(key)
+            if value is _MISSING or token is None or token in self._writing:
+                return  # deleted meanwhile, or another thread is storing it
+            self._writing.add(token)
+            source = self._aliases.pop(key, None)
         try:
             try:
-                stored: _Stored | None = self._store(value)
+                stored = None if source is None or not raw(value) else self._shared(source, value)
+                if stored is None:
+                    stored = store(value, self._writer.device, self.device, self.pool)
             except _NO_ROOM:
                 with self._lock:
                     self._unmap_all()
                 self.device.stats()  # any request sends the releases just queued
-                stored = self._store(value)
+                stored = store(value, self._writer.device, self.device, self.pool)
         except _NO_ROOM as exc:
             logger.warning("ugem.dask: no room in the daemon for %s, kept in the heap: %s", key, exc)
             stored = None
@@ -204,24 +243,48 @@ class UgemBuffer(MutableMapping[Hashable, object]):
             raise
         finally:
             with self._lock:
+                self._writing.discard(token)
                 if self._pending.get(key, _MISSING) is value:
                     del self._pending[key]
                     self._settled(key)
                     if stored is None:
                         self._heap[key] = value
                     else:
+                        stored.token = token
                         self._stored[key] = stored
                         stored = None
             if stored is not None:
                 stored.buf.close()  # deleted or replaced meanwhile
 
     def __getitem__(self, key: Hashable) -> object:
-        while True:  # a pending value is waited for: read back, it is the object's zero-copy view
+        while True:  # a pending array is read as it is, any other pending value waited for (module rules)
             with self._lock:
                 done = self._done.get(key)
                 if done is None:
                     return self._get(key)
+                value = self._pending[key]
+                if raw(value):
+                    return pending_view(self, key, value, done, UgemBuffer._stored_view)
             done.wait()
+
+    def _stored_view(self, key: Hashable, token: object) -> UgemArray | None:
+        """The stored value's `UgemArray`, once the pending value `token` is stored; None if
+        that value was deleted, replaced or kept in the heap (pending.py)."""
+        assert isinstance(token, threading.Event)
+        with self._lock:
+            first = self._done.get(key) is token and token not in self._writing
+        if first:  # not started by the writer thread: store it here, now, rather than wait for its turn
+            try:
+                self._write_pending(key)
+            except Exception:  # as on the writer thread: the value stays in the heap
+                logger.exception("ugem.dask: storing %r failed", key)
+        token.wait()
+        with self._lock:
+            stored = self._stored.get(key)
+            if stored is None or stored.token is not token or stored.dtype is None:
+                return None
+            value = self._get(key)
+        return value if isinstance(value, UgemArray) else None
 
     def _get(self, key: Hashable) -> object:
         with self._lock:
@@ -247,6 +310,7 @@ class UgemBuffer(MutableMapping[Hashable, object]):
             if key in self._mapped:
                 self._unmap(key)
             self._weak.pop(key, None)
+            self._aliases.pop(key, None)
             del self._weights[key]
             if self._pending.pop(key, _MISSING) is not _MISSING:
                 self._settled(key)
@@ -254,7 +318,11 @@ class UgemBuffer(MutableMapping[Hashable, object]):
             if self._heap.pop(key, _MISSING) is not _MISSING:
                 return
             stored = self._stored.pop(key)
-            if not is_held(stored.buf):  # else its last view lets go of it (module rules)
+            if is_held(stored.buf):  # its last view lets go of it (module rules)
+                return
+            if stored.own and self.pool.capacity:
+                self._writer.call(functools.partial(self.pool.admit, stored.buf))  # asks the daemon: off the loop
+            else:
                 stored.buf.close()
 
     def __contains__(self, key: object) -> bool:
@@ -270,54 +338,24 @@ class UgemBuffer(MutableMapping[Hashable, object]):
 
     # -- storing and loading ---------------------------------------------------------
 
-    def _adopt(self, a: np.ndarray[Any, Any]) -> _Stored | None:
+    def _adopt(self, a: np.ndarray[Any, Any]) -> Stored | None:
         """A new handle to the held object `a` lies in, if it is one of ours (no copy)."""
         found = held(a)
         if found is None or found[0].device is not self.device:
             return None
         data = int(a.__array_interface__["data"][0])
         buf = Buffer.open_name(self.device, name_of(found[1]))
-        return _Stored(buf, a.dtype, a.shape, a.strides, found[1].offset + data - found[1].address)
+        return Stored(buf, a.dtype, a.shape, a.strides, found[1].offset + data - found[1].address)
 
-    def _store(self, value: object) -> _Stored:
-        """Copy the value into a new object through the writer's connection, then hand the
-        handle over to the main connection (writer.py)."""
-        dtype: np.dtype[Any] | None = None
-        shape: tuple[int, ...] = ()
-        strides: tuple[int, ...] = ()
-        if isinstance(value, np.ndarray) and not value.dtype.hasobject and value.size > 0:
-            a = value if value.flags.c_contiguous or value.flags.f_contiguous else np.ascontiguousarray(value)
-            dtype, shape, strides = a.dtype, a.shape, a.strides
-            frames: list[Any] = [(a if a.flags.c_contiguous else a.T).reshape(-1).view(np.uint8)]  # same bytes
-        else:
-            frames = serialize_bytelist(value, compression=False, on_error="raise")
-        length = sum(memoryview(f).nbytes for f in frames)
-        own = self._writer.device.new(max(length, PAGE_SIZE))
-        try:
-            position = 0
-            for frame in frames:
-                own.write(frame, position)
-                position += memoryview(frame).nbytes
-            buf = Buffer.open_name(self.device, own.flink())
-        finally:
-            own.close()
-        return _Stored(buf, dtype, shape, strides, length=length)
-
-    def _load_with_room(self, stored: _Stored) -> object:
+    def _load_with_room(self, stored: Stored) -> object:
         """`_load`; with no room, let go of our mappings and try again (module rules)."""
         for pause in _RETRY_PAUSES:
             try:
-                return self._load(stored)
+                return load(stored)
             except _NO_ROOM:
                 self._unmap_all()
                 time.sleep(pause)
-        return self._load(stored)
-
-    def _load(self, stored: _Stored) -> object:
-        view = stored.buf.map()
-        if stored.dtype is not None:
-            return as_ugem_array(stored.buf, view, stored.dtype, stored.shape, stored.strides, stored.offset)
-        return deserialize_bytes(view[:stored.length])
+        return load(stored)
 
     # -- the mapped set ----------------------------------------------------------------
 
@@ -347,7 +385,8 @@ class UgemBuffer(MutableMapping[Hashable, object]):
         with self._lock:
             for key in list(self._done):
                 self._settled(key)
-            for mapping in (self._local, self._heap, self._pending, self._stored, self._mapped, self._weights):
+            for mapping in (self._local, self._heap, self._pending, self._stored, self._mapped, self._weights,
+                            self._aliases):
                 mapping.clear()
             self._mapped_bytes = 0
             self._weak = weakref.WeakValueDictionary()

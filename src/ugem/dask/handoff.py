@@ -44,8 +44,8 @@ from ..client.device import Device
 from ..client.registry import Mapping, mapping_of
 from ..errors import NoSuchObject
 
-__all__ = ["UgemArray", "as_ugem_array", "counts", "held", "is_held", "name_of", "register_device",
-           "unregister_device"]
+__all__ = ["UgemArray", "as_ugem_array", "counts", "dumps_reference", "held", "is_held", "loads_reference", "name_of",
+           "register_device", "same_host", "unregister_device"]
 
 #: this process's hand-offs so far: values sent as a reference, and received by mapping
 #: (a ugem-backed worker) or by one copy from the daemon (any other process)
@@ -155,7 +155,7 @@ def _worker_device(path: str) -> Device | None:
     return dev if dev is not None and not dev.closed and not dev._connection_lost() else None
 
 
-def _same_host(context: dict[str, Any] | None) -> bool:
+def same_host(context: dict[str, Any] | None) -> bool:
     if not context:
         return False
     try:
@@ -165,8 +165,8 @@ def _same_host(context: dict[str, Any] | None) -> bool:
         return False
 
 
-def _dumps(x: UgemArray, context: dict[str, Any] | None = None) -> tuple[dict[str, Any], list[Any]]:
-    entry = mapping_of(x) if _same_host(context) and np.dtype(x.dtype.str) == x.dtype else None
+def dumps_reference(x: UgemArray, context: dict[str, Any] | None = None) -> tuple[dict[str, Any], list[Any]]:
+    entry = mapping_of(x) if same_host(context) and np.dtype(x.dtype.str) == x.dtype else None
     found = None if entry is None else _name_of(entry.address)
     if entry is None or found is None:
         raise NotImplementedError("not a same-host ugem reference: send the bytes")
@@ -182,7 +182,7 @@ def _dumps(x: UgemArray, context: dict[str, Any] | None = None) -> tuple[dict[st
     return {"ugem": ref}, []
 
 
-def _loads(header: dict[str, Any], frames: list[Any]) -> npt.NDArray[Any]:
+def loads_reference(header: dict[str, Any], frames: list[Any]) -> npt.NDArray[Any]:
     ref = header["ugem"]
     dtype, shape, strides = np.dtype(ref["dtype"]), tuple(ref["shape"]), tuple(ref["strides"])
     dev = _worker_device(ref["socket"])
@@ -225,6 +225,6 @@ def _copy(path: str, name: int, dtype: np.dtype[Any], shape: tuple[int, ...], st
 
 
 _register: Any = dask_serialize.register  # untyped in distributed
-_register(UgemArray)(_dumps)
+_register(UgemArray)(dumps_reference)
 _register = dask_deserialize.register
-_register(UgemArray)(_loads)
+_register(UgemArray)(loads_reference)

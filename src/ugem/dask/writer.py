@@ -9,7 +9,9 @@ Rules:
 - the thread holds its buffer only weakly between keys, so a buffer nobody references is
   still garbage collected (its finalizer stops the thread); `flush()` waits until every key
   handed over so far is done; `close()` stops the thread and closes its connection (objects
-  it had not handed over yet go with it).
+  it had not handed over yet go with it);
+- `call(fn)` runs `fn()` on the thread, in turn with the keys (the buffer hands the objects
+  of deleted keys to its pool that way, pool.py: asking the daemon is kept off the loop).
 """
 
 from __future__ import annotations
@@ -30,6 +32,13 @@ logger = logging.getLogger("ugem.dask")
 _STOP = object()
 
 
+class _Call:
+    __slots__ = ("fn",)
+
+    def __init__(self, fn: Callable[[], None]) -> None:
+        self.fn = fn
+
+
 class Writer:
     """One thread and one connection; `write(key)` is called on the owner for each key."""
 
@@ -43,6 +52,9 @@ class Writer:
 
     def submit(self, key: Hashable) -> None:
         self._queue.put(key)
+
+    def call(self, fn: Callable[[], None]) -> None:
+        self._queue.put(_Call(fn))
 
     def flush(self) -> None:
         self._queue.join()
@@ -65,7 +77,10 @@ def _run(q: queue.Queue[object], owner_ref: weakref.ref[Any], write: Callable[[A
             if owner is None:
                 return
             try:
-                write(owner, key)
+                if isinstance(key, _Call):
+                    key.fn()
+                else:
+                    write(owner, key)
             except Exception:  # keep serving later keys; the value stays in the heap (buffer.py)
                 logger.exception("ugem.dask: storing %r failed", key)
             del owner

@@ -180,16 +180,17 @@ class CloseReq(Struct):
 
 @dataclass(slots=True)
 class InfoReq(Struct):
-    LAYOUT = (("handle", "I"), ("pad", "I"))
+    LAYOUT = (("handle", "I"), ("flags", "I"))
+    FLAGS = 0x1  # INFO_ASK_SOLE: also report INFO_SOLE (an older daemon refuses it: EINVAL)
     handle: int = 0
-    pad: int = 0
+    flags: int = 0
 
 
 @dataclass(slots=True)
 class InfoReply(Struct):
     LAYOUT = (("size", "Q"), ("placement", "B"), ("madvise", "B"), ("flags", "H"), ("name", "I"),
               ("tiling", "I"), ("stride", "I"), ("caching", "I"), ("pad", "I"))
-    FLAGS = 0x1F
+    FLAGS = 0x3F
     size: int = 0
     placement: int = 0
     madvise: int = 0
@@ -201,7 +202,8 @@ class InfoReply(Struct):
     pad: int = 0
 
 
-INFO_BUSY, INFO_PINNED, INFO_USERPTR, INFO_READONLY, INFO_FOREIGN = 0x1, 0x2, 0x4, 0x8, 0x10
+INFO_BUSY, INFO_PINNED, INFO_USERPTR, INFO_READONLY, INFO_FOREIGN, INFO_SOLE = 0x1, 0x2, 0x4, 0x8, 0x10, 0x20
+INFO_ASK_SOLE = 0x1  # InfoReq.flags
 
 
 @dataclass(slots=True)

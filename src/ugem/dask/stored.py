@@ -1,0 +1,104 @@
+"""One value of a `UgemBuffer` in its object: how it is written there and read back (buffer.py
+has the rules; this is their mechanics).
+
+- `store(value, writer_device, device, pool)`: a numpy array is written raw (a C- or
+  Fortran-contiguous array as is, any other made C-contiguous first; dtype, shape and
+  strides kept in the `Stored` record), any other value as the bytes of Dask's own
+  serialization (uncompressed). The bytes go into an object of the pool (pool.py: its
+  pages are resident; every byte is overwritten, the value then zeros) or else into a new
+  object made through the writer's connection and handed over to the worker's connection
+  by name (writer.py);
+- `load(stored)`: an array is a zero-copy `UgemArray` on the object's mapping; any other
+  value is deserialized from the mapping.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, TypeGuard
+
+import numpy as np
+from distributed.protocol.serialize import deserialize_bytes, serialize_bytelist
+
+from ..client.buffer import Buffer
+from ..client.device import Device
+from ..constants import PAGE_SIZE
+from .handoff import as_ugem_array
+from .pool import Pool
+
+__all__ = ["Stored", "extent", "load", "raw", "store"]
+
+
+@dataclass(slots=True)
+class Stored:
+    """One key's object: an array (dtype, shape, strides, byte offset) or serialized bytes."""
+
+    buf: Buffer
+    dtype: np.dtype[Any] | None  # None: the object holds `length` bytes of Dask serialization
+    shape: tuple[int, ...] = ()
+    strides: tuple[int, ...] = ()
+    offset: int = 0
+    length: int = 0
+    token: object = None  # the pending value's token (its Event) when the writer stored it
+    own: bool = False  # made by this buffer's writer (a new or pooled object): may go to the pool
+
+
+def _write(buf: Buffer, frames: list[Any], size: int = 0) -> None:
+    """Write `frames` one after the other from offset 0, then zeros up to `size`."""
+    position = 0
+    for frame in frames:
+        buf.write(frame, position)
+        position += memoryview(frame).nbytes
+    if size > position:
+        buf.write(bytes(size - position), position)
+
+
+def raw(value: object) -> TypeGuard[np.ndarray[Any, Any]]:
+    """Whether `value` is stored as raw array bytes (else through Dask's serialization)."""
+    return isinstance(value, np.ndarray) and not value.dtype.hasobject and value.size > 0
+
+
+def extent(a: np.ndarray[Any, Any]) -> tuple[int, int]:
+    """The addresses [low, high) of the bytes `a` views (any strides)."""
+    start = int(a.__array_interface__["data"][0])
+    if a.size == 0:
+        return start, start
+    low = sum(min(0, (n - 1) * st) for n, st in zip(a.shape, a.strides, strict=True))
+    high = sum(max(0, (n - 1) * st) for n, st in zip(a.shape, a.strides, strict=True)) + a.itemsize
+    return start + low, start + high
+
+
+def store(value: object, writer_device: Device, device: Device, pool: Pool) -> Stored:
+    """Copy `value` into a pooled or new object; the record's handle is one of `device`."""
+    dtype: np.dtype[Any] | None = None
+    shape: tuple[int, ...] = ()
+    strides: tuple[int, ...] = ()
+    if raw(value):
+        a = value if value.flags.c_contiguous or value.flags.f_contiguous else np.ascontiguousarray(value)
+        dtype, shape, strides = a.dtype, a.shape, a.strides
+        frames: list[Any] = [(a if a.flags.c_contiguous else a.T).reshape(-1).view(np.uint8)]  # same bytes
+    else:
+        frames = serialize_bytelist(value, compression=False, on_error="raise")
+    length = sum(memoryview(f).nbytes for f in frames)
+    pooled = pool.take(length) if pool.capacity else None
+    if pooled is not None:  # every byte overwritten: the value, then zeros (pool.py)
+        try:
+            _write(pooled.buf, frames, pooled.size)
+        except BaseException:
+            pooled.buf.close()
+            raise
+        return Stored(pooled.buf, dtype, shape, strides, length=length, own=True)
+    own = writer_device.new(max(length, PAGE_SIZE))
+    try:
+        _write(own, frames)
+        buf = Buffer.open_name(device, own.flink())
+    finally:
+        own.close()
+    return Stored(buf, dtype, shape, strides, length=length, own=True)
+
+
+def load(stored: Stored) -> object:
+    view = stored.buf.map()
+    if stored.dtype is not None:
+        return as_ugem_array(stored.buf, view, stored.dtype, stored.shape, stored.strides, stored.offset)
+    return deserialize_bytes(view[:stored.length])
