@@ -17,6 +17,11 @@ so the two modes cannot drift:
 - `Call.ready(core, now)` says when the wait is over: every job done, the fence
   completed, the device resumed if it asked for that, or its deadline passed (then the
   handler decides, e.g. ETIME).
+- `Call.abandon()`: a waiting call that will never be stepped again (its client went
+  away, the daemon is shutting down) closes its unclaimed fds and drops its `pending`
+  at once: the Pending's traceback holds the frames of the run that raised it (and the
+  call itself), a cycle that gc.freeze in the daemon could otherwise keep for good. For
+  the same reason nothing on the daemon's loop keeps a Pending in a local variable.
 - `after_request(memory)` is the background reclaim both transports start after serving
   requests: if resident went past the budget (evictions copy back without asking) and no
   spill is in flight (one in flight is already bringing it down: shrinking again would
