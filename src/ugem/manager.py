@@ -25,8 +25,8 @@ from typing import Any
 
 from .backing.memfd import MemfdStore
 from .client.device import Device
+from .client.embedded import EmbeddedTransport
 from .client.fork import track_for_fork
-from .client.transport import EmbeddedTransport
 from .config import Config
 from .core.call import Call, after_request
 from .core.client import Client, Credentials

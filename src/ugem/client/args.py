@@ -32,7 +32,7 @@ def ident(value: Any, what: str = "handle") -> int:
     """A handle or name (u32): out of range goes as 0, which the manager rejects as unknown."""
     if type(value) is not int:
         value = index(value, what)
-    return ints.handle(value)
+    return value if 0 < value < _U32 else 0  # ints.handle, without a call
 
 
 def i64(value: Any, what: str) -> int:

@@ -74,6 +74,12 @@ class ObjectInfo:
     readonly: bool
 
 
+# InfoReply.flags & _INFO_MASK -> ObjectInfo's (busy, pinned, userptr, readonly), looked up per info()
+_INFO_MASK = s.INFO_BUSY | s.INFO_PINNED | s.INFO_USERPTR | s.INFO_READONLY
+_INFO_FLAGS = tuple((bool(f & s.INFO_BUSY), bool(f & s.INFO_PINNED), bool(f & s.INFO_USERPTR),
+                     bool(f & s.INFO_READONLY)) for f in range(_INFO_MASK + 1))
+
+
 class Transport(Protocol):
     embedded: bool
     client_id: int
@@ -124,13 +130,15 @@ class Device(DeviceOps, ShareOps):
         return self._transport
 
     def _call(self, op: Op, req: s.Struct, **local: Any) -> Any:
-        transport = self._live()
+        transport = self._transport
+        if transport is None:
+            raise BadFd(self._closed_why)
         try:
             if self._released:
                 notes = self._releases.requests()
                 if notes:
                     return transport.call(op, req, notes, **local)
-            return transport.call(op, req, **local)
+            return transport.call(op, req, **local) if local else transport.call(op, req)
         except TimedOut:  # the transport closed the connection: so is this Device
             self._transport = None
             self._closed_why = "this Device was closed when a call got no reply within its timeout; connect again"
@@ -198,11 +206,11 @@ class Device(DeviceOps, ShareOps):
         # built without the frozen __init__ (one object.__setattr__ per field: 2 us, a
         # tenth of a daemon round trip); the result is the same frozen dataclass
         info = object.__new__(ObjectInfo)
+        busy, pinned, userptr, readonly = _INFO_FLAGS[r.flags & _INFO_MASK]
         info.__dict__.update(
             size=r.size, placement=PLACEMENT_LABELS[r.placement], madvise=ADVICE_LABELS[r.madvise], name=r.name,
-            tiling=r.tiling, stride=r.stride, caching=r.caching, busy=bool(r.flags & s.INFO_BUSY),
-            pinned=bool(r.flags & s.INFO_PINNED), userptr=bool(r.flags & s.INFO_USERPTR),
-            readonly=bool(r.flags & s.INFO_READONLY))
+            tiling=r.tiling, stride=r.stride, caching=r.caching, busy=busy, pinned=pinned, userptr=userptr,
+            readonly=readonly)
         return info
 
     # -- bulk data -------------------------------------------------------------------

@@ -1,8 +1,11 @@
 """Transports: how a Device's requests reach the dispatcher.
 
-- `EmbeddedTransport`: calls `dispatch()` in this process, under the Manager's lock.
-- `SocketTransport`: one Unix stream socket to `ugem serve`; frames as in wire/frames.py,
-  fds with SCM_RIGHTS, one request in flight at a time (a lock serialises threads).
+- `EmbeddedTransport` (client/embedded.py): calls `dispatch()` in this process, under the
+  Manager's lock.
+- `SocketTransport` (here): one Unix stream socket to `ugem serve`; frames as in
+  wire/frames.py, fds with SCM_RIGHTS, one request in flight at a time (a lock serialises
+  threads). A call of a fixed-size request (no fds, no notes) whose whole reply arrives in
+  one read costs one send and one recv, and its header is checked without a call.
 
 Both take ownership of the fds inside a request struct: they are closed once sent (socket)
 or consumed by the handler (embedded). Exceptions are translated at one seam on the socket
@@ -20,7 +23,7 @@ import struct
 import threading
 import time
 from collections.abc import Sequence
-from typing import TYPE_CHECKING, Any, NoReturn
+from typing import Any, NoReturn
 
 from ..core.requests import REQUESTS
 from ..errors import BadFd, DaemonGone, RemoteProtocolError, TimedOut, TooBig, UgemError, error_from_errno
@@ -39,46 +42,7 @@ from ..wire.frames import (
 )
 from ..wire.structs_share import SHARE_AHEAD
 
-if TYPE_CHECKING:
-    from ..core.client import Client
-    from ..manager import Manager
-
-__all__ = ["EmbeddedTransport", "SocketTransport"]
-
-
-class EmbeddedTransport:
-    embedded = True
-    lost = False  # no daemon to lose
-    inline_limit = XFER_ABOVE  # a larger pread takes the XFER path (its result allocated once accepted)
-
-    def __init__(self, manager: Manager, client: Client) -> None:
-        self.manager = manager
-        self.client = client
-        self.client_id = client.id
-
-    def call(self, op: Op, req: s.Struct, notes: Sequence[tuple[Op, s.Struct]] = (), **local: Any) -> Any:
-        """`local`: the caller's own memory for the request (pread `into`, userptr `buffer`)."""
-        for note_op, note in notes:  # releases: their failures (ids already gone) are nobody's
-            try:
-                self.manager._call(self.client, note_op, note)
-            except UgemError:
-                pass
-        return self.manager._call(self.client, op, req, **local)
-
-    def post(self, frames: Sequence[tuple[Op, s.Struct]]) -> None:
-        """As over a socket: the failures are nobody's here (shares report theirs to their claimer)."""
-        for op, req in frames:
-            try:
-                self.manager._call(self.client, op, req)
-            except UgemError:
-                pass
-
-    def close(self) -> None:
-        self.manager._release(self.client)
-
-    def forsake(self) -> None:
-        """In a forked child: let go without touching the manager (its Manager is dead
-        there too, manager.py)."""
+__all__ = ["SocketTransport"]
 
 
 _FIRST_READ = 65536
@@ -91,6 +55,11 @@ _WAITS = frozenset({Op.GEM_WAIT, Op.WAIT_FENCE})  # calls whose own timeout adds
 _FOREVER = 1e9  # seconds: a longer budget (a wait of decades) is no deadline at all
 _CLOSE_WAIT = 30.0  # seconds close() waits for the daemon to release the client
 _REPLY_TYPES: dict[int, type[s.Struct]] = {Op.HELLO: s.HelloReply, **{d.op: d.reply for d in REQUESTS}}
+_REQUEST = int(FrameKind.REQUEST)
+_HEADER_SIZE = HEADER.size
+_pack_header = HEADER.pack
+_unpack_header = HEADER.unpack_from
+_NO_FDS: tuple[OwnedFd, ...] = ()
 
 
 class SocketTransport:
@@ -130,12 +99,16 @@ class SocketTransport:
         nobody's to see. `local` is never sent: a Device passes the caller's own memory only
         to an embedded transport."""
         reply_type = _REPLY_TYPES[op]
-        pieces, fds = s.encode(req)
-        if len(pieces) > 1 and sum(memoryview(p).nbytes for p in pieces) > MAX_PAYLOAD:
-            for fd in fds:
-                fd.close()
-            raise TooBig(f"{op.name} request of {sum(memoryview(p).nbytes for p in pieces)} bytes does not fit "
-                         f"in one frame (at most {MAX_PAYLOAD}); nothing was sent")
+        if req._plain:  # a fixed struct (most requests): one piece, no fds
+            pieces: list[Any] = [req._codec.pack(*type(req)._values(req))]
+            fds: Sequence[OwnedFd] = _NO_FDS
+        else:
+            pieces, fds = s.encode(req)
+            if len(pieces) > 1 and sum(memoryview(p).nbytes for p in pieces) > MAX_PAYLOAD:
+                for fd in fds:
+                    fd.close()
+                raise TooBig(f"{op.name} request of {sum(memoryview(p).nbytes for p in pieces)} bytes does not "
+                             f"fit in one frame (at most {MAX_PAYLOAD}); nothing was sent")
         with self._lock:
             try:
                 if self._timeout is not None:
@@ -145,9 +118,11 @@ class SocketTransport:
                 seqs = self._send_notes(notes, op, pieces, fds) if notes else []
                 self._seq = (self._seq + 1) & 0xFFFFFFFF
                 self._send(op, pieces, fds)
-                self._skip_owed()
-                for (note_op, _), seq in zip(notes, seqs, strict=True):
-                    self._skip_reply(note_op, seq)
+                if self._owed:
+                    self._skip_owed()
+                if notes:
+                    for (note_op, _), seq in zip(notes, seqs, strict=True):
+                        self._skip_reply(note_op, seq)
                 status, payload, got = self._receive(op, bool(reply_type.FDS))
             except DaemonGone:  # from _abort: the socket is closed already
                 raise
@@ -165,7 +140,7 @@ class SocketTransport:
         if reply_type._plain and len(payload) == reply_type._codec.size:
             return reply_type(*reply_type._codec.unpack(payload))
         try:
-            return s.decode(reply_type, payload, got)
+            return s.decode(reply_type, payload, list(got))
         except BaseException:
             for fd in got:
                 fd.close()
@@ -202,9 +177,9 @@ class SocketTransport:
         return TimedOut(f"no reply from the ugem daemon at {self._path} within {self._armed or 0:g} s "
                         f"({op.name}); the connection is closed: connect again")
 
-    def _send(self, op: int, pieces: list[Any], fds: list[OwnedFd]) -> None:
+    def _send(self, op: int, pieces: list[Any], fds: Sequence[OwnedFd]) -> None:
         if len(pieces) == 1 and not fds:  # a small fixed struct: one plain send
-            data = encode_header(len(pieces[0]), op, 0, FrameKind.REQUEST, self._seq) + pieces[0]
+            data = _pack_header(len(pieces[0]), op, 0, _REQUEST, self._seq, 0) + pieces[0]
             sent = self._sock.send(data)
             if sent < len(data):
                 self._sock.sendall(data[sent:])
@@ -257,7 +232,7 @@ class SocketTransport:
             self._skip_reply(op, seq)
 
     def _send_notes(self, notes: Sequence[tuple[Op, s.Struct]], op: Op, pieces: list[Any],
-                    fds: list[OwnedFd]) -> list[int]:
+                    fds: Sequence[OwnedFd]) -> list[int]:
         """Send the notes' frames; the request's too, in the same write, when it has no fds
         (fds go with a frame's first byte, so such a request is sent on its own, by `_send`).
         Returns the notes' sequence numbers."""
@@ -291,7 +266,7 @@ class SocketTransport:
             buf += data
         return bytes(buf)
 
-    def _receive(self, op: int, with_fds: bool) -> tuple[int, bytes, list[OwnedFd]]:
+    def _receive(self, op: int, with_fds: bool) -> tuple[int, bytes, Sequence[OwnedFd]]:
         # One request is in flight, so nothing but its reply can arrive: read greedily.
         # A reply that carries no fds is read without ancillary space: fds the daemon sent
         # anyway would be discarded (and closed) by the kernel, with MSG_CTRUNC set.
@@ -300,7 +275,12 @@ class SocketTransport:
         fds: list[OwnedFd] = []
         if not with_fds:
             buf = self._sock.recv(_FIRST_READ)
-            if not buf:
+            if len(buf) >= _HEADER_SIZE:  # the common case: the whole reply in one read, checked here
+                length, rop, nfds, kind, seq, status = _unpack_header(buf)
+                if length + _HEADER_SIZE == len(buf) and kind == _REPLY and rop == op and seq == self._seq \
+                        and not nfds:
+                    return status, buf[_HEADER_SIZE:], _NO_FDS
+            elif not buf:
                 self._abort(fds, "")
         while len(buf) < HEADER.size:
             if buf:  # not the call's first read

@@ -17,6 +17,11 @@ so the two modes cannot drift:
 - `Call.ready(core, now)` says when the wait is over: every job done, the fence
   completed, the device resumed if it asked for that, or its deadline passed (then the
   handler decides, e.g. ETIME).
+- `Call.abandon()`: a waiting call that will never be stepped again (its client went
+  away, the daemon is shutting down) closes its unclaimed fds and drops its `pending`
+  at once: the Pending's traceback holds the frames of the run that raised it (and the
+  call itself), a cycle that gc.freeze in the daemon could otherwise keep for good. For
+  the same reason nothing on the daemon's loop keeps a Pending in a local variable.
 - `after_request(memory)` is the background reclaim both transports start after serving
   requests: if resident went past the budget (evictions copy back without asking) and no
   spill is in flight (one in flight is already bringing it down: shrinking again would
@@ -31,7 +36,6 @@ call again when `ready`. Both call `Memory.finish(job)` on the core's thread.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 from .jobs import Job, Pending
@@ -46,19 +50,29 @@ if TYPE_CHECKING:
 __all__ = ["Call", "after_request"]
 
 
-@dataclass(eq=False)
 class Call:
-    client: Client
-    desc: RequestDesc
-    req: Struct
+    """One request's run-until-done context; only `client`, `desc` and `req` (and the
+    embedded caller's `into`/`buffer`) are set at first, the rest keep their class
+    defaults until a handler sets them (a call that is done at once costs no more)."""
+
     into: Any = None  # embedded pread: the caller's buffer, filled in place
     buffer: Any = None  # embedded userptr: the caller's memory
     started: float | None = None  # the first run's clock (timeouts count from it)
     bounce: Any = None  # a copy out of VRAM in flight: (fence, bounce memfd or None, view)
     pending: Pending | None = None  # what the last run waits for
 
+    def __init__(self, client: Client, desc: RequestDesc, req: Struct, into: Any = None, buffer: Any = None) -> None:
+        self.client = client
+        self.desc = desc
+        self.req = req
+        if into is not None:
+            self.into = into
+        if buffer is not None:
+            self.buffer = buffer
+
     def step(self, core: Core) -> Struct | None:
         """Run the request once: its reply, or None (wait for `pending`, then step again)."""
+        req = self.req
         try:
             reply = dispatch(core, self)
         except Pending as pending:
@@ -66,11 +80,21 @@ class Call:
             return None
         except BaseException:
             self.pending = None
-            self.req.close_unclaimed()
+            if req.FDS:
+                req.close_unclaimed()
             raise
+        if self.pending is not None:
+            self.pending = None
+        if req.FDS:
+            req.close_unclaimed()
+        return reply
+
+    def abandon(self) -> None:
+        """It will not be stepped again (its client went away, or the daemon is shutting
+        down): close the request's unclaimed fds and drop what it waited for, whose
+        exception holds the frames of its last run, and their objects, alive."""
         self.pending = None
         self.req.close_unclaimed()
-        return reply
 
     def ready(self, core: Core, now: float) -> bool:
         """The wait is over (or its deadline passed): step again."""
@@ -87,4 +111,4 @@ def after_request(memory: Memory) -> list[Job]:
     """Background jobs to start after requests: back under the budget, spill space punched."""
     if memory.resident > memory.budget and not memory.spilling():
         memory.background += memory.shrink(memory.budget)
-    return memory.take_background()
+    return memory.take_background() if memory.background else []

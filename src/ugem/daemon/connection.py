@@ -71,6 +71,9 @@ _CTRUNC = int(socket.MSG_CTRUNC)  # a plain int: enum flag arithmetic is slow pe
 _REPLY = int(FrameKind.REPLY)
 _REPLY_MORE = int(FrameKind.REPLY_MORE)
 _BURST = 16384  # bytes read at once between frames: bounds the frames served per wake-up
+_NO_FDS: tuple[OwnedFd, ...] = ()
+_monotonic = time.monotonic
+_pack_header = HEADER.pack
 
 
 class Connection:
@@ -106,18 +109,18 @@ class Connection:
         (epoll reports it again if more comes). Raises RemoteProtocolError or
         ConnectionError when the connection must be dropped."""
         parser = self.parser
+        ready = parser.ready
         while not self.outbox and self.parked is None:
-            frame = parser.next_frame()
-            if frame is not None:
-                self._serve(frame)
-                if not parser.has_frames:
+            if ready:
+                self._serve(ready.popleft())
+                if not ready:
                     return  # epoll reports the socket again if more is waiting
                 continue
             try:
                 data, anc, flags, _ = self.sock.recvmsg(parser.bytes_desired(_BURST), ANC_SPACE)
             except (BlockingIOError, InterruptedError):
                 return
-            fds = fds_from_ancillary(anc) if anc else []
+            fds = fds_from_ancillary(anc) if anc else _NO_FDS
             if flags & _CTRUNC:
                 for fd in fds:
                     fd.close()
@@ -133,24 +136,29 @@ class Connection:
     def on_writable(self) -> None:
         """Write queued replies; once they are out, serve frames that were waiting."""
         self.flush()
-        if not self.outbox and self.parser.has_frames:
+        if not self.outbox and self.parser.ready:
             self.on_readable()
 
     def _serve(self, frame: Frame) -> None:
-        self.started = time.monotonic()
+        self.started = _monotonic()
         if not self.greeted:
             self._hello(frame)
             return
         desc = BY_OP.get(frame.op)
+        fds = frame.fds
+        if desc is not None and not fds and desc.req._plain and len(frame.payload) == desc.req._codec.size:
+            req_type = desc.req  # the common case: a fixed struct, whole, no fds
+            self._run(frame, Call(self.client, desc, req_type(*req_type._codec.unpack(frame.payload))))
+            return
         expected = len(desc.req.FDS) if desc is not None else 0
-        if len(frame.fds) != expected:
+        if len(fds) != expected:
             frame.close_fds()
-            raise RemoteProtocolError(f"op {frame.op} carries {len(frame.fds)} fds, expected {expected}")
+            raise RemoteProtocolError(f"op {frame.op} carries {len(fds)} fds, expected {expected}")
         if desc is None:
             self._reply_error(frame, errno.EINVAL, f"unknown op {frame.op}")
             return
         try:
-            req = s.decode(desc.req, frame.payload, frame.fds)
+            req = s.decode(desc.req, frame.payload, fds)
         except InvalidArgument as exc:
             frame.close_fds()
             self._reply_error(frame, exc.errno or errno.EIO, str(exc.strerror))
@@ -184,7 +192,7 @@ class Connection:
         frame, call = self.parked
         self.parked = None
         self._run(frame, call)
-        if not self.outbox and self.parked is None and self.parser.has_frames:
+        if not self.outbox and self.parked is None and self.parser.ready:
             self.on_readable()
 
     def peer_closed(self) -> bool:
@@ -201,7 +209,7 @@ class Connection:
         if self.parked is not None:
             frame, call = self.parked
             self.parked = None
-            call.req.close_unclaimed()
+            call.abandon()
             self._reply_error(frame, code, message)
 
     def _hello(self, frame: Frame) -> None:
@@ -230,16 +238,18 @@ class Connection:
     # -- writing ---------------------------------------------------------------------
 
     def _reply(self, frame: Frame, reply: s.Struct) -> None:
-        self.tally.done(frame.op, 0, time.monotonic() - self.started)
-        pieces, fds = s.encode(reply)
-        if len(pieces) == 1:
-            data = HEADER.pack(len(pieces[0]), frame.op, len(fds), _REPLY, frame.seq, 0) + pieces[0]
+        self.tally.done(frame.op, 0, _monotonic() - self.started)
+        if reply._plain:  # a fixed struct (most replies): one piece, no fds
+            payload = reply._codec.pack(*type(reply)._values(reply))
+            data = _pack_header(len(payload), frame.op, 0, _REPLY, frame.seq, 0) + payload
+            fds: list[OwnedFd] = []
         else:
+            pieces, fds = s.encode(reply)
             length = sum(memoryview(p).nbytes for p in pieces)
             if length > MAX_PAYLOAD:
                 self._reply_in_pieces(frame, b"".join(pieces), fds)
                 return
-            data = b"".join([HEADER.pack(length, frame.op, len(fds), _REPLY, frame.seq, 0), *pieces])
+            data = b"".join([_pack_header(length, frame.op, len(fds), _REPLY, frame.seq, 0), *pieces])
         sent = 0
         if not self.outbox and not fds:  # the common case: one send, nothing queued
             try:
@@ -299,7 +309,7 @@ class Connection:
         self.core.client_release(self.client)
         self.parser.close()
         if self.parked is not None:
-            self.parked[1].req.close_unclaimed()
+            self.parked[1].abandon()
             self.parked = None
         for _, fds in self.outbox:
             for fd in fds:

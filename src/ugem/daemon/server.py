@@ -158,8 +158,9 @@ class Server:
             self._accept_paused_until = 0.0
             self.sel.register(self.listener.fileno(), READ, "listener")
         timeout = self._timeout(now) if self.parked else 1.0
-        if self._idle_since is not None and self.options.exit_idle is not None:
-            timeout = min(timeout, max(0.0, self._idle_since + self.options.exit_idle - now))
+        exit_idle = self.options.exit_idle
+        if exit_idle is not None and self._idle_since is not None:
+            timeout = min(timeout, max(0.0, self._idle_since + exit_idle - now))
         for tag, _events in self.sel.poll(timeout):
             if tag.__class__ is Connection:
                 if not tag.closed:
@@ -178,8 +179,8 @@ class Server:
             self._wake(time.monotonic())
         for job in after_request(self.core.memory):  # the background reclaim both modes share
             self.runner.submit(job)
-        if self._idle_since is not None and self.options.exit_idle is not None:
-            self._check_idle(self.options.exit_idle)
+        if exit_idle is not None and self._idle_since is not None:
+            self._check_idle(exit_idle)
         if now - self._last_stall_check >= 1.0:  # scans over all clients, at most once a second
             self._last_stall_check = now
             self._drop_stalled(now)
@@ -286,8 +287,9 @@ class Server:
             return
         if not greeted and conn.greeted:
             self.lobby.leave(conn)
-        if conn.pending is not None:  # must wait: start its jobs, stop reading it until it resumes
-            for job in conn.pending.jobs:
+        parked = conn.parked  # (no local may hold the Pending: its traceback holds this frame)
+        if parked is not None and parked[1].pending is not None:  # must wait: start its jobs, stop reading it
+            for job in parked[1].pending.jobs:
                 self.runner.submit(job)
             self.parked.add(conn)
         if conn.events != READ or conn.outbox or conn.parked:  # else nothing changes

@@ -43,6 +43,7 @@ from __future__ import annotations
 import enum
 import struct
 from collections import deque
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 from ..errors import RemoteProtocolError
@@ -124,6 +125,11 @@ class Op(enum.IntEnum):
     GEM_CLAIM_MAPPED = 39
 
 
+_HEADER_SIZE = HEADER.size
+_unpack_header = HEADER.unpack_from
+_REQUEST = int(FrameKind.REQUEST)
+
+
 def encode_header(length: int, op: int, nfds: int, kind: int, seq: int, status: int = 0) -> bytes:
     return HEADER.pack(length, op, nfds, kind, seq, status)
 
@@ -151,15 +157,19 @@ class FrameParser:
     not go past its end (`bytes_desired`). Fds received with a chunk belong to the last
     frame that starts in it: the kernel ends a read at the message that carried fds, and a
     sender attaches fds to the sendmsg holding the first bytes of their frame.
+
+    Complete frames wait in `ready` (a deque, oldest first) until taken: `next_frame()`, or
+    `ready.popleft()` where a loop serves them (the daemon's connection).
     """
 
     def __init__(self, expect_kind: FrameKind, max_payload: int = MAX_PAYLOAD) -> None:
         self._expect_kind = expect_kind
+        self._expect = int(expect_kind)  # a plain int: compared per frame
         self._max_payload = max_payload
         self._buf = bytearray()
         self._header: tuple[int, int, int, int, int, int] | None = None
         self._fds: list[OwnedFd] = []  # fds of the frame being assembled
-        self._ready: deque[Frame] = deque()
+        self.ready: deque[Frame] = deque()
 
     def bytes_desired(self, between: int = HEADER.size) -> int:
         """How many bytes to read next: the rest of the current frame, or `between` (at
@@ -174,11 +184,18 @@ class FrameParser:
 
     @property
     def has_frames(self) -> bool:
-        return bool(self._ready)
+        return bool(self.ready)
 
-    def feed(self, data: bytes, fds: list[OwnedFd]) -> None:
+    def feed(self, data: bytes, fds: Sequence[OwnedFd]) -> None:
         """Add bytes read from the peer; raises RemoteProtocolError on any violation."""
-        try:
+        if not fds and self._header is None and not self._buf and len(data) >= _HEADER_SIZE:
+            # the common case, checked here without a call: exactly one whole frame, no fds
+            length, op, nfds, kind, seq, status = _unpack_header(data)
+            if length + _HEADER_SIZE == len(data) and not nfds and length <= self._max_payload \
+                    and kind == self._expect and not (kind == _REQUEST and status):
+                self.ready.append(Frame(op, kind, seq, status, data[_HEADER_SIZE:], []))
+                return
+        try:  # anything else (or a violation: the general path says which and cleans up)
             self._feed(data, fds)
         except RemoteProtocolError:
             for fd in fds:
@@ -186,14 +203,8 @@ class FrameParser:
             self.close()
             raise
 
-    def _feed(self, data: bytes, fds: list[OwnedFd]) -> None:
+    def _feed(self, data: bytes, fds: Sequence[OwnedFd]) -> None:
         fresh = not self.mid_frame  # the chunk starts at a frame boundary
-        if fresh and not fds and len(data) >= HEADER.size:  # fast path: exactly one frame, no fds
-            header = HEADER.unpack_from(data)
-            if header[0] + HEADER.size == len(data) and header[2] == 0:
-                length, op, _nfds, kind, seq, status = self._check(header)
-                self._ready.append(Frame(op, kind, seq, status, data[HEADER.size:], []))
-                return
         if not fresh:
             if len(data) > self.bytes_desired():
                 raise RemoteProtocolError("chunk crosses a frame boundary")
@@ -228,7 +239,7 @@ class FrameParser:
                 raise RemoteProtocolError(f"header announces {nfds} fds, {len(frame.fds)} arrived")
         if self._header is not None and self._header[2] != len(self._fds):
             raise RemoteProtocolError(f"header announces {self._header[2]} fds, {len(self._fds)} arrived")
-        self._ready.extend(frame for frame, _ in done)
+        self.ready.extend(frame for frame, _ in done)
 
     def _check(self, header: tuple[int, int, int, int, int, int]) -> tuple[int, int, int, int, int, int]:
         length, _op, _nfds, kind, _seq, status = header
@@ -241,15 +252,15 @@ class FrameParser:
         return header
 
     def next_frame(self) -> Frame | None:
-        return self._ready.popleft() if self._ready else None
+        return self.ready.popleft() if self.ready else None
 
     def close(self) -> None:
         """Release everything held (fds of a partial frame and of undelivered frames)."""
         for fd in self._fds:
             fd.close()
         self._fds = []
-        for frame in self._ready:
+        for frame in self.ready:
             frame.close_fds()
-        self._ready.clear()
+        self.ready.clear()
         self._buf.clear()
         self._header = None

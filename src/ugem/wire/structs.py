@@ -1,10 +1,8 @@
 """One dataclass per request and reply, with its fixed little-endian layout.
 
-Each struct lists `LAYOUT`, pairs of (field, struct code), in wire order. Fields named
-`pad*` must be zero and fields named `flags` must fit the struct's `FLAGS` mask; a
-violation is EINVAL (an operation error, the connection stays up). A struct may end with
-a variable `TAIL` field (bytes-like: inline pread/pwrite data, JSON for stats) and may
-carry fds in the fields listed in `FDS` (each an OwnedFd, sent with SCM_RIGHTS).
+Each struct is a `Struct` (wire/codec.py: the layout rules, `check()`, `encode`/`decode`,
+re-exported here) listing `LAYOUT`, pairs of (field, struct code), in wire order; `pad*`
+fields must be zero and `flags` must fit `FLAGS`, or the request is EINVAL.
 
 The embedded transport builds the same dataclasses and calls the same `check()`, so the
 embedded manager rejects exactly what the daemon rejects. A struct holds what crosses the
@@ -16,14 +14,11 @@ zero-extended, a longer one is EINVAL; nothing here does I/O.
 
 from __future__ import annotations
 
-import operator
-import struct
-from collections.abc import Callable
 from dataclasses import dataclass, fields
-from typing import Any, ClassVar
+from typing import Any
 
-from ..errors import InvalidArgument
 from ..fd import OwnedFd
+from .codec import Struct, decode, encode
 from .frames import MAX_PAYLOAD, PROTOCOL_VERSION
 
 __all__ = [
@@ -41,78 +36,6 @@ WRITABLE = 0x1  # mmap/export: writable access
 READONLY = 0x1  # import/info replies: the handle is read-only
 HELD = 0x2  # import reply: this client already held that handle (re-import), nothing new to close
 TO_END = 0x2  # mmap: map from offset to the end of the object (length ignored)
-
-
-class Struct:
-    __slots__ = ()
-    LAYOUT: ClassVar[tuple[tuple[str, str], ...]] = ()
-    FLAGS: ClassVar[int] = 0
-    TAIL: ClassVar[str | None] = None
-    FDS: ClassVar[tuple[str, ...]] = ()
-    _codec: ClassVar[struct.Struct]
-    _names: ClassVar[tuple[str, ...]]
-    _pads: ClassVar[tuple[str, ...]]
-    _plain: ClassVar[bool]  # no tail, no fds: decode positionally
-    _values: ClassVar[Callable[[Any], tuple[Any, ...]]]  # the fields of LAYOUT, in order
-
-    def __init_subclass__(cls, **kw: Any) -> None:
-        super().__init_subclass__(**kw)
-        cls._codec = struct.Struct("<" + "".join(code for _, code in cls.LAYOUT))
-        cls._names = tuple(name for name, _ in cls.LAYOUT)
-        cls._pads = tuple(name for name in cls._names if name.startswith("pad"))
-        cls._plain = cls.TAIL is None and not cls.FDS
-        names = cls._names  # attrgetter of one name returns no tuple
-        cls._values = operator.attrgetter(*names) if len(names) > 1 else lambda m: tuple(getattr(m, n) for n in names)
-
-    def close_unclaimed(self) -> None:
-        """Close request fds a handler did not take over (handlers set the field to None)."""
-        for name in self.FDS:
-            fd = getattr(self, name)
-            if isinstance(fd, OwnedFd):
-                fd.close()
-                setattr(self, name, None)
-
-    def check(self) -> None:
-        """Reject nonzero padding and unknown flags with EINVAL (botching-up-ioctls)."""
-        for name in self._pads:
-            if (value := getattr(self, name)) != 0:
-                raise InvalidArgument(f"{type(self).__name__}.{name} must be zero, got {value}")
-        flags = getattr(self, "flags", 0)
-        if flags & ~self.FLAGS:
-            raise InvalidArgument(f"{type(self).__name__}: unknown flags {flags & ~self.FLAGS:#x}")
-
-
-def encode(msg: Struct) -> tuple[list[Any], list[OwnedFd]]:
-    """Return (payload pieces, fds) for a struct; pieces are bytes-like, sent in order."""
-    fixed = msg._codec.pack(*type(msg)._values(msg))
-    if msg._plain:
-        return [fixed], []
-    pieces: list[Any] = [fixed]
-    if msg.TAIL is not None:
-        tail = getattr(msg, msg.TAIL)
-        if tail is not None and len(tail):
-            pieces.append(tail)
-    fds = [getattr(msg, name) for name in msg.FDS if getattr(msg, name) is not None]
-    return pieces, fds
-
-
-def decode(cls: type[Struct], payload: bytes, fds: list[OwnedFd]) -> Any:
-    """Build a struct from a payload; EINVAL on a malformed payload. Takes over `fds`."""
-    size = cls._codec.size
-    if cls._plain and len(payload) == size and not fds:
-        return cls(*cls._codec.unpack(payload))
-    if cls.TAIL is None and len(payload) > size:
-        raise InvalidArgument(f"{cls.__name__}: {len(payload)} payload bytes, layout has {size}")
-    fixed = payload[:size]
-    if len(fixed) < size:
-        fixed = fixed + bytes(size - len(fixed))
-    values = dict(zip(cls._names, cls._codec.unpack(fixed), strict=True))
-    if cls.TAIL is not None:
-        values[cls.TAIL] = payload[size:]
-    if len(fds) > len(cls.FDS):
-        raise InvalidArgument(f"{cls.__name__}: expected at most {len(cls.FDS)} fds, got {len(fds)}")
-    values.update(zip(cls.FDS, fds, strict=False))
-    return cls(**values)
 
 
 # -- handshake ---------------------------------------------------------------------------

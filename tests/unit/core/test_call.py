@@ -5,6 +5,9 @@ background-reclaim rule of both modes."""
 
 from __future__ import annotations
 
+import gc
+import sys
+
 import pytest
 
 from ugem.cmd import Fill
@@ -74,6 +77,25 @@ def test_a_wait_keeps_its_start_in_the_call_and_steps_again_once_ready():
     reply = call.step(core)
     assert isinstance(reply, sx.WaitReply) and reply.remaining_ns == 4_000_000_000
     assert call.pending is None
+
+
+def test_an_abandoned_call_lets_go_of_its_last_runs_frames_at_once():
+    """A parked call whose client goes away: its Pending (whose traceback holds the frames
+    of the run that raised it, and the objects they use) goes with it, by reference
+    counting: the daemon freezes long-lived objects, so a cycle would never be collected."""
+    core, client, gpu, clock = setup()
+    handle = busy_handle(core, client)
+    obj = client.handles[handle]
+    before = sys.getrefcount(obj)
+    gc.disable()
+    try:
+        call = Call(client, BY_OP[Op.GEM_WAIT], sx.WaitReq(handle=handle, timeout_ns=-1))
+        assert call.step(core) is None
+        assert sys.getrefcount(obj) > before  # the handler's frame, held by the Pending
+        call.abandon()
+        assert call.pending is None and sys.getrefcount(obj) == before
+    finally:
+        gc.enable()
 
 
 def test_a_wait_past_its_deadline_is_ready_and_then_times_out():
