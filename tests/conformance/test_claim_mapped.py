@@ -15,7 +15,7 @@ import pytest
 import ugem
 from ugem.backing.mapping import map_shared
 from ugem.client.daemon_fds import DaemonFds, pidfd_getfd
-from ugem.client.registry import find_mapping
+from ugem.client.registry import mapping_of
 from ugem.testing.data import wait_until
 from ugem.wire import structs_share as ss
 from ugem.wire.frames import Op
@@ -25,8 +25,7 @@ CHOSEN = ss.CHOSEN_MAP_IDS
 
 
 def _entry(view: memoryview):
-    address = np.frombuffer(view, np.uint8).__array_interface__["data"][0]
-    entry = find_mapping(address, address + 1)
+    entry = mapping_of(np.frombuffer(view, np.uint8))
     assert entry is not None
     return entry
 

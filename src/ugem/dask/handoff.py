@@ -58,8 +58,9 @@ _devices: dict[str, weakref.ref[Device]] = {}  # socket path -> this process's U
 _connections: dict[str, Device] = {}  # socket path -> a connection of our own, for copies (not a worker)
 
 
-class UgemArray(np.ndarray):
-    """A numpy array on a ugem object's mapping, as `UgemBuffer` returns it (module rules)."""
+class PlainResults(np.ndarray):
+    """An ndarray subclass whose results (ufuncs, reductions) are plain ndarrays and that
+    pickles by value as a plain ndarray: the base of `UgemArray` and `PendingArray`."""
 
     def __array_wrap__(self, obj: Any, context: Any = None, return_scalar: bool = False) -> Any:
         result = np.asarray(obj)
@@ -70,6 +71,10 @@ class UgemArray(np.ndarray):
 
     def __reduce__(self) -> Any:
         return np.asarray(self).__reduce__()
+
+
+class UgemArray(PlainResults):
+    """A numpy array on a ugem object's mapping, as `UgemBuffer` returns it (module rules)."""
 
 
 def _let_go(address: int) -> None:

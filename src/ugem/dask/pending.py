@@ -23,11 +23,10 @@ import weakref
 from collections.abc import Callable, Hashable
 from typing import Any
 
-import numpy as np
 import numpy.typing as npt
 from distributed.protocol.serialize import dask_deserialize, dask_serialize
 
-from .handoff import UgemArray, dumps_reference, loads_reference, same_host
+from .handoff import PlainResults, UgemArray, dumps_reference, loads_reference, same_host
 
 __all__ = ["PendingArray", "pending_view"]
 
@@ -36,20 +35,10 @@ __all__ = ["PendingArray", "pending_view"]
 StoredView = Callable[[Any, Hashable, object], UgemArray | None]
 
 
-class PendingArray(np.ndarray):
+class PendingArray(PlainResults):
     """A read-only view of a value still being copied into its object (module rules)."""
 
     _ugem_source: tuple[weakref.ref[Any], Hashable, object, StoredView] | None = None
-
-    def __array_wrap__(self, obj: Any, context: Any = None, return_scalar: bool = False) -> Any:
-        result = np.asarray(obj)
-        return result[()] if return_scalar else result
-
-    def __reduce_ex__(self, protocol: Any) -> Any:  # by value, as a plain ndarray
-        return np.asarray(self).__reduce_ex__(protocol)
-
-    def __reduce__(self) -> Any:
-        return np.asarray(self).__reduce__()
 
 
 def pending_view(owner: Any, key: Hashable, value: npt.NDArray[Any], token: object,
