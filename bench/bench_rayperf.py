@@ -74,7 +74,7 @@ from _ray import RAY_ENABLE, RayPeer, ray_python, ray_version  # noqa: E402
 from ugem.testing.daemon import run_daemon  # noqa: E402
 
 BENCH = "rayperf"
-DEFAULTS = dict(runs=5, n=20, warmup=3, quick_runs=3, quick_n=6, quick_warmup=1)
+DEFAULTS = dict(runs=3, n=20, warmup=3, quick_runs=2, quick_n=6, quick_warmup=1)
 BATCH = 100  # small calls per sample
 TASKS, PER_TASK = 10, 100  # multi client put calls: 10 tasks x 100 small puts
 MULTI_PUTS = 10  # multi client put gigabytes: 10 tasks x 10 puts of size / 10
