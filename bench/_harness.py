@@ -239,6 +239,29 @@ class Row:
         row._apply(target)
         return row
 
+    @classmethod
+    def rate(cls, bench: str, figure: str, mode: str, s: Series, ops: int, unit: str, *,
+             baseline: Series | None = None, baseline_ops: int | None = None, target: Target | None = None,
+             ratio_note: str = "") -> Row:
+        """A rate: `ops` operations per sample, per second (higher is better; the ratio is this
+        rate / the baseline's, whose samples hold `baseline_ops` operations, default `ops`);
+        p99 column = the rate of the slowest-1% sample."""
+        def per_s(ns: float) -> float:
+            return ops / ns * 1e9 if ns > 0 else float("nan")
+        row = cls(bench, figure, mode, unit, per_s(s.median_ns), per_s(s.p99_ns), len(s.samples),
+                  run_medians=[per_s(m) for m in s.run_medians], error=s.error)
+        if baseline is not None and not s.error and not baseline.error:
+            row.baseline = baseline.label
+            row.ratio = per_s(s.median_ns) / ((baseline_ops or ops) / baseline.median_ns * 1e9)
+            row.ratio_note = ratio_note
+        row._apply(target)
+        return row
+
+    @classmethod
+    def skipped(cls, bench: str, figure: str, unit: str, why: str) -> Row:
+        """A figure that was not measured, with the reason (e.g. an optional peer is missing)."""
+        return cls(bench, figure, "skipped", unit, float("nan"), float("nan"), 0, ratio_note=why)
+
     def _apply(self, target: Target | None) -> None:
         if target is not None:
             self.target = target.describe(self.unit)

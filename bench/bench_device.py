@@ -494,14 +494,8 @@ def headline(row: H.Row, flag: bool = True) -> H.Row:
 def rate_row(figure: str, mode: str, s: H.Series, ops: int, unit: str, *, baseline: H.Series | None = None,
              baseline_ops: int | None = None, ratio_note: str = "", in_summary: bool = False) -> H.Row:
     """A rate (operations/s, higher is better); p99 column = rate of the slowest-1% sample."""
-    def rate(ns: float) -> float:
-        return ops / ns * 1e9 if ns > 0 else float("nan")
-    row = H.Row(BENCH, figure, mode, unit, rate(s.median_ns), rate(s.p99_ns), len(s.samples),
-                run_medians=[rate(m) for m in s.run_medians], error=s.error)
-    if baseline is not None and not s.error and not baseline.error:
-        row.baseline = baseline.label
-        row.ratio = rate(s.median_ns) / ((baseline_ops or ops) / baseline.median_ns * 1e9)
-        row.ratio_note = ratio_note
+    row = H.Row.rate(BENCH, figure, mode, s, ops, unit, baseline=baseline, baseline_ops=baseline_ops,
+                     ratio_note=ratio_note)
     row.headline = in_summary
     return row
 

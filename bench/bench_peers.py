@@ -53,18 +53,14 @@ from __future__ import annotations
 import argparse
 import contextlib
 import functools
-import json
 import os
-import select
 import shutil
-import signal
 import socket
 import subprocess
 import sys
 import tempfile
 from collections.abc import Callable
 from multiprocessing import resource_tracker, shared_memory
-from typing import Any
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
@@ -72,6 +68,7 @@ import numpy as np  # noqa: E402
 
 import _harness as H  # noqa: E402
 import ugem  # noqa: E402
+from _ray import RAY_ENABLE, RayPeer, ray_python, ray_version  # noqa: E402
 from ugem.testing.daemon import run_daemon  # noqa: E402
 
 try:
@@ -84,8 +81,6 @@ DEFAULTS = dict(runs=20, n=40, warmup=10, quick_runs=3, quick_n=15, quick_warmup
 SIZE = H.MiB
 MASK = (1 << 64) - 1
 SA_PREFIX = f"ugem-bench-peers-{os.getpid()}-"
-RAY_ENABLE = "pass --ray-python PY (a Python with ray and numpy, e.g. a venv: python3 -m venv /tmp/rayenv && " \
-             "/tmp/rayenv/bin/pip install ray numpy) or set $UGEM_BENCH_RAY_PYTHON"
 
 
 def pattern() -> np.ndarray:
@@ -453,102 +448,6 @@ ray.shutdown()
 """
 
 
-def ray_version(python: str) -> str | None:
-    """The Ray version `python` can import (with numpy), or None."""
-    try:
-        r = subprocess.run([python, "-c", "import ray, numpy; print(ray.__version__)"], capture_output=True,
-                           text=True, timeout=120, env=_ray_env())
-    except (OSError, subprocess.SubprocessError):
-        return None
-    return r.stdout.strip() if r.returncode == 0 else None
-
-
-def _ray_env() -> dict[str, str]:
-    return dict(os.environ, RAY_USAGE_STATS_ENABLED="0")
-
-
-class RayPeer:
-    """One Ray session in its own process, driven line by line over stdin/stdout."""
-
-    def __init__(self, python: str, workdir: str) -> None:
-        self.errlog = os.path.join(workdir, "ray-driver.log")
-        with open(self.errlog, "wb") as err:
-            self.proc = subprocess.Popen([python, "-c", _RAY_SCRIPT, str(SIZE), os.path.join(workdir, "ray")],
-                                         stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=err,
-                                         start_new_session=True, env=_ray_env())
-        self.pending = b""
-        try:
-            self.version = str(self._reply(timeout=240)["ready"])
-        except BaseException:
-            self.close()
-            raise
-
-    def _reply(self, timeout: float) -> dict[str, Any]:
-        assert self.proc.stdout is not None
-        fd = self.proc.stdout.fileno()
-        deadline = H.clock() + int(timeout * 1e9)
-        while True:
-            while b"\n" in self.pending:
-                line, self.pending = self.pending.split(b"\n", 1)
-                if line.startswith(b"RAY "):
-                    result = dict(json.loads(line[4:]))
-                    if "error" in result:
-                        raise RuntimeError(f"Ray: {result['error']}")
-                    return result
-            left = (deadline - H.clock()) / 1e9
-            if left <= 0 or not select.select([fd], [], [], left)[0]:
-                raise TimeoutError(f"no answer from the Ray process in {timeout:g} s; {self._log_tail()}")
-            chunk = os.read(fd, 65536)
-            if not chunk:
-                raise RuntimeError(f"the Ray process exited ({self.proc.wait()}); {self._log_tail()}")
-            self.pending += chunk
-
-    def _log_tail(self) -> str:
-        with contextlib.suppress(OSError), open(self.errlog, errors="replace") as f:
-            return "stderr: " + f.read()[-400:].strip()
-        return ""
-
-    def ask(self, cmd: str, n: int) -> dict[str, list[int]]:
-        assert self.proc.stdin is not None
-        self.proc.stdin.write(f"{cmd} {n}\n".encode())
-        self.proc.stdin.flush()
-        return {k: [int(x) for x in v] for k, v in self._reply(timeout=120).items()}
-
-    def cpu_seconds(self) -> float:
-        """CPU seconds used so far by the processes of Ray's session (the driver, gcs_server,
-        raylet, workers, agents: all started in the driver's own session)."""
-        tick = os.sysconf("SC_CLK_TCK")
-        total = 0
-        for pid in os.listdir("/proc"):
-            if not pid.isdigit():
-                continue
-            try:
-                with open(f"/proc/{pid}/stat") as f:
-                    fields = f.read().rsplit(")", 1)[1].split()
-            except OSError:
-                continue
-            if int(fields[3]) == self.proc.pid:  # session id
-                total += sum(int(x) for x in fields[11:15])  # utime, stime, cutime, cstime
-        return total / tick
-
-    def close(self) -> None:
-        if self.proc.poll() is None:
-            with contextlib.suppress(OSError, ValueError):
-                assert self.proc.stdin is not None
-                self.proc.stdin.write(b"quit 0\n")
-                self.proc.stdin.flush()
-            try:
-                self.proc.wait(timeout=60)
-            except subprocess.TimeoutExpired:
-                with contextlib.suppress(ProcessLookupError):
-                    os.killpg(self.proc.pid, signal.SIGKILL)  # its own session: the driver and what it started
-                self.proc.wait()
-        for stream in (self.proc.stdin, self.proc.stdout):
-            if stream is not None:
-                with contextlib.suppress(OSError):
-                    stream.close()
-
-
 def putget_runner(dev: ugem.Device, pat: np.ndarray) -> dict[str, H.Runner]:
     src = np.empty(SIZE, dtype=np.uint8)
     fill(src, pat, 12345)  # what the Ray side puts too
@@ -621,7 +520,7 @@ def _sa_version() -> str:
 
 
 def skipped_row(figure: str, why: str) -> H.Row:
-    return H.Row(BENCH, figure, "skipped", "us", float("nan"), float("nan"), 0, ratio_note=why)
+    return H.Row.skipped(BENCH, figure, "us", why)
 
 
 def _ugem_row(figure: str, mode: str, s: H.Series, base: H.Series | None, note: str) -> H.Row:
@@ -634,7 +533,7 @@ def run(opts: H.Options) -> H.Report:
     ns = opts.extra
     report = H.Report(BENCH, "ugem vs shared_memory, SharedArray, Ray: 1 MiB segments",
                       {"runs": opts.runs, "n": opts.n, "warmup": opts.warmup, "size": "1 MiB"})
-    python = getattr(ns, "ray_python", None) or os.environ.get("UGEM_BENCH_RAY_PYTHON") or sys.executable
+    python = ray_python(ns)
     no_ray = bool(getattr(ns, "no_ray", False))
     rayv = None if no_ray else ray_version(python)
     report.params["SharedArray"] = _sa_version()
@@ -684,7 +583,7 @@ def _measure(opts: H.Options, report: H.Report, python: str,
             peer: RayPeer | None = None
             if rayv is not None:
                 try:
-                    peer = RayPeer(python, workdir)
+                    peer = RayPeer(python, workdir, _RAY_SCRIPT, [str(SIZE), os.path.join(workdir, "ray")])
                     stack.callback(peer.close)
                 except Exception as exc:  # optional peer: never fails the bench
                     ray_error = f"{type(exc).__name__}: {str(exc)[:300]}"

@@ -24,6 +24,7 @@ import bench_memory  # noqa: E402
 import bench_mmap_copy  # noqa: E402
 import bench_peers  # noqa: E402
 import bench_pool  # noqa: E402
+import bench_rayperf  # noqa: E402
 import bench_roundtrip  # noqa: E402
 import bench_scale  # noqa: E402
 
@@ -37,6 +38,7 @@ BENCHES = {
     "peers": (bench_peers.run, bench_peers.DEFAULTS),
     "pool": (bench_pool.run, bench_pool.DEFAULTS),
     "dask": (bench_dask.run, bench_dask.DEFAULTS),
+    "rayperf": (bench_rayperf.run, bench_rayperf.DEFAULTS),
 }
 
 
