@@ -179,7 +179,7 @@ def _claim_array(path: str, owner: int, token: int, source: int, key: tuple[int,
     else:
         dev = _device_for(path)
         got = dev._claim_mapped(owner, token, key, source, offset, length) if writable else None
-        view = got if got is not None else dev._claim(owner, token, writable)
+        view = got if got is not None else dev._claim(owner, token, writable, (key, offset, length))
     return _array(view, writable, dtype, shape, strides, start)
 
 

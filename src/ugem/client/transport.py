@@ -210,12 +210,16 @@ class SocketTransport:
                     self._skip_owed()
                 data = bytearray()
                 for op, req in frames:
-                    pieces, fds = s.encode(req)
-                    assert not fds
-                    payload = b"".join(bytes(p) for p in pieces)
-                    self._seq = (self._seq + 1) & 0xFFFFFFFF
-                    data += encode_header(len(payload), op, 0, FrameKind.REQUEST, self._seq) + payload
-                    self._owed.append((op, self._seq))
+                    if req._plain:
+                        payload = req._codec.pack(*type(req)._values(req))
+                    else:
+                        pieces, fds = s.encode(req)
+                        assert not fds
+                        payload = b"".join(bytes(p) for p in pieces)
+                    self._seq = seq = (self._seq + 1) & 0xFFFFFFFF
+                    data += _pack_header(len(payload), op, 0, _REQUEST, seq, 0)
+                    data += payload
+                    self._owed.append((op, seq))
                 self._sock.sendall(data)
                 if len(self._owed) >= SHARE_AHEAD:
                     self._skip_owed()

@@ -65,8 +65,8 @@ __all__ = [
 ]
 
 MAGIC = b"UGEM"
-PROTOCOL_VERSION = 3  # 2: ops 32-38 (close batch, map export, lookup, shares, create mapped); 3: op 39 (claim
-# mapped), MmapReply.server_fd
+PROTOCOL_VERSION = 4  # 2: ops 32-38 (close batch, map export, lookup, shares, create mapped); 3: op 39 (claim
+# mapped), MmapReply.server_fd; 4: ClaimReq names the memory (early claims of shares not yet sent)
 HEADER = struct.Struct("<IHBBIi")
 MAX_INLINE = 1 << 20  # pread/pwrite bytes a frame may carry (HELLO's max_inline); more goes through XFER
 # pread/pwrite larger than this take XFER (shared memory) even where a frame could carry them:
