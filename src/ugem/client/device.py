@@ -36,7 +36,7 @@ from typing import TYPE_CHECKING, Any, Protocol
 
 import numpy as np
 
-from ..backing.mapping import map_shared
+from ..backing.mapping import map_placed
 from ..bufview import flat_bytes
 from ..constants import ADVICE_LABELS, PLACEMENT_LABELS, page_align
 from ..errors import BadFd, InvalidArgument, OutOfMemory, TimedOut, error_from_errno
@@ -290,7 +290,7 @@ class Device(DeviceOps, ShareOps):
         try:
             with reply.fd as fd:
                 key = fd_key(fd.fd)
-                region = map_shared(fd.fd, reply.offset, reply.length, writable)
+                region, address = map_placed(fd.fd, reply.offset, reply.length, writable)
         except OSError as exc:  # e.g. ENOMEM: no room for that much address space
             self._released.append(reply.map_id)
             raise error_from_errno(exc.errno or errno.ENOMEM, f"cannot map {reply.length} bytes of {what} "
@@ -298,7 +298,7 @@ class Device(DeviceOps, ShareOps):
         except BaseException:
             self._released.append(reply.map_id)
             raise
-        return self._enter(region, reply.map_id, reply.offset, writable, key, reply.server_fd)
+        return self._enter(region, reply.map_id, reply.offset, writable, key, reply.server_fd, address)
 
     # -- memory management -----------------------------------------------------------
 

@@ -37,7 +37,7 @@ import time
 import weakref
 from typing import Any
 
-from ..backing.mapping import map_shared
+from ..backing.mapping import map_placed
 from ..errors import TryAgain, UgemError
 from ..wire import structs as s
 from ..wire import structs_share as ss
@@ -137,7 +137,7 @@ class ShareOps:
         if fd is None:
             return None
         with fd:
-            region = map_shared(fd.fd, offset, length, True)
+            region, address = map_placed(fd.fd, offset, length, True)
         with self._share_lock:
             map_id = self._next_chosen
             if map_id > 0xFFFFFFFF:
@@ -150,12 +150,13 @@ class ShareOps:
         except BaseException:
             region.close()
             raise
-        return self._enter(region, map_id, offset, True, key, source)
+        return self._enter(region, map_id, offset, True, key, source, address)
 
     def _enter(self, region: mmap.mmap, map_id: int, offset: int, writable: bool, key: tuple[int, int],
-               source: int) -> memoryview:
+               source: int, address: int = 0) -> memoryview:
         view = memoryview(region)
-        address = register_mapping(region, self, map_id, offset, writable, key, source)  # type: ignore[arg-type]
+        address = register_mapping(region, self, map_id, offset, writable, key, source,  # type: ignore[arg-type]
+                                   address)
         weakref.finalize(region, mapping_gone, self._released, map_id, address)
         return view
 
