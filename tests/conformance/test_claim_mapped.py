@@ -107,7 +107,7 @@ def test_a_mapped_claim_that_comes_before_its_share(env, errno_of):
     owner, last = sender._share(entry.map_id, 0, PAGE, True)
     receiver._drop_share(owner, last)  # (only its token matters here)
     _claim(receiver, owner, last + 1, entry.key, CHOSEN)
-    assert errno_of(_claim, receiver, owner, last + 2 + ss.SHARE_AHEAD, entry.key, CHOSEN + 1) == errno.ENOENT
+    assert errno_of(_claim, receiver, owner, last + 2 + ss.SHARE_LAG, entry.key, CHOSEN + 1) == errno.ENOENT
     assert sender._share(entry.map_id, 0, PAGE, True) == (owner, last + 1)
     assert errno_of(receiver._claim, owner, last + 1, True) == errno.ENOENT  # used up by the early claim
     del view

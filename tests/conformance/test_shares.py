@@ -15,6 +15,7 @@ import pytest
 import ugem
 from ugem.client.registry import find_mapping
 from ugem.testing import NOBODY, in_child
+from ugem.wire import structs_share as ss
 
 PAGE = ugem.PAGE_SIZE
 
@@ -243,3 +244,74 @@ def test_a_claim_that_comes_before_its_share_is_eagain_and_the_client_tries_agai
     assert errno_of(sender._claim, owner, last + 2, True) == errno.ENOENT  # its own future share: never coming
     monkeypatch.setattr("ugem.client.device_share.CLAIM_PATIENCE_S", 0.2)
     assert errno_of(receiver._claim, owner, last + 2, True) == errno.EAGAIN  # never sent: gives up, in time
+
+
+def test_a_claim_naming_its_memory_is_taken_before_its_share_is_sent(env, errno_of):
+    """A pickler holds its shares back (client/batch.py): the receiver's claim names the
+    memory (memfd identity and part), so the manager takes it at once, and the share, when
+    it comes, is used up by it."""
+    sender, receiver = env.open(), env.open()
+    h = sender.create(2 * PAGE)
+    view = sender.mmap(h)
+    entry = _entry(view)
+    owner, last = sender._share(entry.map_id, 0, PAGE, True)
+    receiver._drop_share(owner, last)
+    part = (entry.key, 0, PAGE)
+    got = receiver._claim(owner, last + 1, True, part)  # the share is not sent yet
+    got[0] = 42
+    assert view[0] == 42
+    assert errno_of(receiver._claim, owner, last + 2, True, (entry.key, PAGE, 2 * PAGE)) == errno.EINVAL  # not a part
+    assert errno_of(receiver._claim, owner, last + 2, True, ((0, 1), 0, PAGE)) == errno.ENOENT  # no such memory
+    assert errno_of(receiver._claim, owner, last + 2 + ss.SHARE_LAG, True, part) == errno.ENOENT  # too far
+    assert sender._share(entry.map_id, 0, PAGE, True) == (owner, last + 1)  # now it comes: used up at once
+    assert errno_of(receiver._claim, owner, last + 1, True, part) == errno.ENOENT
+    del view
+    sender.close_handle(h)
+    assert _objects(sender) == 1  # the receiver's mapping holds it, no leftover share
+    del got
+    receiver.stats()
+    assert _objects(sender) == 0
+
+
+def test_a_drop_before_its_share_is_sent_uses_the_share_up_when_it_comes(env):
+    sender, receiver = env.open(), env.open()
+    h = sender.create(PAGE)
+    view = sender.mmap(h)
+    entry = _entry(view)
+    owner, last = sender._share(entry.map_id, 0, PAGE, True)
+    receiver._drop_share(owner, last)
+    receiver._drop_share(owner, last + 1)  # not sent yet
+    receiver.stats()  # (the drops are read by now)
+    assert sender._share(entry.map_id, 0, PAGE, True) == (owner, last + 1)
+    del view
+    sender.close_handle(h)
+    assert _objects(sender) == 0  # the dropped share did not keep it
+
+
+def test_an_early_claim_of_another_uids_memory_is_eacces(mode, make_env, as_user):
+    if mode != "daemon":
+        pytest.skip("clients of an embedded manager all have this process's uid")
+    env = make_env(socket_mode="0666")
+    os.chmod(env.daemon.directory, 0o755)
+    path = env.daemon.path
+    sender = env.open()
+    view = sender.mmap(sender.create(PAGE))
+    entry = _entry(view)
+    owner, last = _share(sender, view)
+
+    def as_nobody():
+        dev = ugem.connect(path)
+        outcome = {}
+        for what, call in (("claim", lambda: dev._claim(owner, last + 1, False, (entry.key, 0, PAGE))),
+                           ("drop", lambda: (dev._drop_share(owner, last + 1), dev.stats()))):
+            try:
+                call()
+                outcome[what] = 0
+            except ugem.UgemError as exc:
+                outcome[what] = exc.errno
+        return outcome
+
+    with as_user(NOBODY, as_nobody) as got:
+        assert got == {"claim": errno.EACCES, "drop": 0}  # the drop is skipped: the share still counts
+    assert _share(sender, view) == (owner, last + 1)
+    assert len(env.open()._claim(owner, last + 1, False)) == PAGE

@@ -347,6 +347,32 @@ def test_a_burst_of_requests_in_one_write_is_served_in_order(daemon: DaemonProce
     kit.assert_healthy(daemon, baseline)
 
 
+def test_posts_are_served_in_order_and_answered_with_nothing(daemon: DaemonProcess, kit: Any) -> None:
+    """POST frames (requests that want no reply, wire/frames.py) are served like requests, in
+    order, failures included, and nothing comes back for them; a HELLO posted is dropped."""
+    baseline = daemon.fd_count()
+    client = kit.raw(daemon.path)
+    client.hello()
+    created = client.call(Op.GEM_CREATE, s.CreateReq(size=4096))
+    handle = s.decode(s.CreateReply, created.payload, []).handle
+    burst = []
+    for i, (op, msg) in enumerate([(Op.GEM_CLOSE, s.CloseReq(handle=handle)), (Op.GEM_INFO, s.InfoReq(handle=99)),
+                                   (999, None), (Op.GEM_CREATE, s.CreateReq(size=8192))], start=100):
+        payload = b"" if msg is None else b"".join(bytes(p) for p in s.encode(msg)[0])
+        burst.append(encode_header(len(payload), op, 0, FrameKind.POST, i, 0) + payload)
+    client.send(b"".join(burst))
+    reply = client.call(Op.GEM_INFO, s.InfoReq(handle=handle))  # the first reply to come is this one's
+    # the posted close and create were served, in order: the new object took the closed number
+    assert reply.status == 0 and s.decode(s.InfoReply, reply.payload, []).size == 8192
+    client.assert_usable()
+    client.close()
+    posted = kit.raw(daemon.path)
+    posted.frame(Op.HELLO, b"".join(bytes(p) for p in s.encode(s.HelloReq())[0]), kind=FrameKind.POST)
+    posted.assert_dropped()
+    posted.close()
+    kit.assert_healthy(daemon, baseline)
+
+
 def test_flooding_client_does_not_starve_others(daemon: DaemonProcess, kit: Any) -> None:
     baseline = daemon.fd_count()
     with kit.raw(daemon.path) as flood, _good_client(kit, daemon) as good:

@@ -18,7 +18,7 @@ import os
 
 import numpy as np
 
-__all__ = ["map_shared"]
+__all__ = ["map_placed", "map_shared"]
 
 _libc = ctypes.CDLL(None, use_errno=True)
 _libc.mmap.restype = ctypes.c_void_p
@@ -29,6 +29,11 @@ _MAP_FAILED = ctypes.c_void_p(-1).value
 
 def map_shared(fd: int, offset: int, length: int, writable: bool) -> mmap.mmap:
     """Map [offset, offset+length) of `fd` shared; the caller may close `fd` right after."""
+    return map_placed(fd, offset, length, writable)[0]
+
+
+def map_placed(fd: int, offset: int, length: int, writable: bool) -> tuple[mmap.mmap, int]:
+    """`map_shared`, and the address the mapping starts at."""
     prot = mmap.PROT_READ | (mmap.PROT_WRITE if writable else 0)
     region = mmap.mmap(-1, length, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS, prot=prot)
     try:
@@ -40,4 +45,4 @@ def map_shared(fd: int, offset: int, length: int, writable: bool) -> mmap.mmap:
     except BaseException:
         region.close()
         raise
-    return region
+    return region, address

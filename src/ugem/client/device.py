@@ -20,8 +20,8 @@ the rules); so do shares this process received but did not need to map (client/d
 Queued releases go out with the next request, pipelined in the same write (GEM_DROP_SHARES,
 GEM_MUNMAP, then GEM_CLOSE_BATCH for the handles no live Buffer wraps any more, in as many
 frames as they need; no round trip of their own), never from a finalizer itself, which may
-run at any moment (even mid-request); `close()` drops the queue, as the manager releases
-everything then.
+run at any moment (even mid-request); `close()` sends the shares it holds back
+(client/batch.py) and drops the rest, as the manager releases everything then.
 """
 
 from __future__ import annotations
@@ -36,7 +36,7 @@ from typing import TYPE_CHECKING, Any, Protocol
 
 import numpy as np
 
-from ..backing.mapping import map_shared
+from ..backing.mapping import map_placed
 from ..bufview import flat_bytes
 from ..constants import ADVICE_LABELS, PLACEMENT_LABELS, page_align
 from ..errors import BadFd, InvalidArgument, OutOfMemory, TimedOut, error_from_errno
@@ -44,7 +44,6 @@ from ..fd import OwnedFd
 from ..wire import structs as s
 from ..wire.frames import Op
 from .args import flag, i64, ident, index, u32
-from .batch import HOLD_BACK, hold_back
 from .bulk import pread_all, preadv_all, pwritev_all
 from .device_ops import DeviceOps
 from .device_share import ShareOps
@@ -112,6 +111,7 @@ class Device(DeviceOps, ShareOps):
         self._closed_why = "this Device is closed"
         self._pid = os.getpid()
         self._share_lock = threading.Lock()  # client/device_share.py
+        self._send_lock = threading.RLock()  # drain the queue and send it as one step
         track_for_fork(self)
 
     # -- plumbing --------------------------------------------------------------------
@@ -134,28 +134,15 @@ class Device(DeviceOps, ShareOps):
         if transport is None:
             raise BadFd(self._closed_why)
         try:
-            if self._released:
-                notes = self._releases.requests()
+            with self._send_lock:  # what is queued goes first, whichever thread sends it
+                notes = self._releases.requests() if self._released or self._releases.claims else None
                 if notes:
                     return transport.call(op, req, notes, **local)
-            return transport.call(op, req, **local) if local else transport.call(op, req)
+                return transport.call(op, req, **local) if local else transport.call(op, req)
         except TimedOut:  # the transport closed the connection: so is this Device
             self._transport = None
             self._closed_why = "this Device was closed when a call got no reply within its timeout; connect again"
             raise
-
-    def _post(self, op: Op | None, req: s.Struct | None = None) -> None:
-        """Send a request without waiting for its reply (client/device_share.py), after what
-        is queued (releases, held-back requests) in the same write; with no request, just what
-        is queued. In a pickling batch (client/batch.py) the request is held back instead."""
-        transport = self._live()
-        if req is not None and hold_back(self):
-            self._released.append(req)  # a ShareReq or ClaimMappedReq (releases.py)
-            if len(self._released) < HOLD_BACK:
-                return
-            req = None
-        notes = self._releases.requests() if self._released else []
-        transport.post(notes if op is None or req is None else [*notes, (op, req)])
 
     def _unwrap(self, record: Wrapped) -> None:
         """A Buffer was closed: close its handle if no other live Buffer wraps it."""
@@ -178,6 +165,7 @@ class Device(DeviceOps, ShareOps):
 
     def close(self) -> None:
         """Release every handle, mapping record and pin of this client; idempotent."""
+        self._send_held()
         transport, self._transport = self._transport, None
         self._close_daemon_fds()
         if transport is not None:
@@ -302,7 +290,7 @@ class Device(DeviceOps, ShareOps):
         try:
             with reply.fd as fd:
                 key = fd_key(fd.fd)
-                region = map_shared(fd.fd, reply.offset, reply.length, writable)
+                region, address = map_placed(fd.fd, reply.offset, reply.length, writable)
         except OSError as exc:  # e.g. ENOMEM: no room for that much address space
             self._released.append(reply.map_id)
             raise error_from_errno(exc.errno or errno.ENOMEM, f"cannot map {reply.length} bytes of {what} "
@@ -310,7 +298,7 @@ class Device(DeviceOps, ShareOps):
         except BaseException:
             self._released.append(reply.map_id)
             raise
-        return self._enter(region, reply.map_id, reply.offset, writable, key, reply.server_fd)
+        return self._enter(region, reply.map_id, reply.offset, writable, key, reply.server_fd, address)
 
     # -- memory management -----------------------------------------------------------
 

@@ -7,10 +7,12 @@ to another process through the daemon (core/shares.py has the manager's rules).
   request is sent without waiting for its reply (`transport.post`): pickling an array costs
   no round trip. A failure comes back to whoever claims it. `_share` is the same, waiting
   for the reply (its failure raised here);
-- `_claim(owner, token, writable)`: map it in this process (a tracked mapping, entered in
-  the registry like any other) and use the share up; a share the daemon has not read yet
-  (EAGAIN: it comes on the sender's connection) is claimed again after a pause, growing
-  from 50 us to 10 ms, for up to CLAIM_PATIENCE_S;
+- `_claim(owner, token, writable, memory)`: map it in this process (a tracked mapping,
+  entered in the registry like any other) and use the share up. With `memory` (the memfd
+  identity and the part shared, as the pickle names them) the manager takes the claim even
+  before the share arrives (an early claim, core/shares.py); without it, a share the daemon
+  has not read yet (EAGAIN: it comes on the sender's connection) is claimed again after a
+  pause, growing from 50 us to 10 ms, for up to CLAIM_PATIENCE_S;
 - `_claim_mapped(owner, token, key, source, offset, length)`: the same claim (writable
   shares only) with no round trip, where the daemon process lets this one copy its fds
   (client/daemon_fds.py: the daemon's uid, or root): take the daemon's own fd `source` of
@@ -35,11 +37,12 @@ import time
 import weakref
 from typing import Any
 
-from ..backing.mapping import map_shared
-from ..errors import TryAgain
+from ..backing.mapping import map_placed
+from ..errors import TryAgain, UgemError
 from ..wire import structs as s
 from ..wire import structs_share as ss
 from ..wire.frames import Op
+from .batch import HOLD_BACK, hold_back
 from .daemon_fds import DaemonFds
 from .registry import mapping_gone, register_mapping
 
@@ -51,6 +54,9 @@ _FIRST_PAUSE, _LAST_PAUSE = 50e-6, 0.01
 
 class ShareOps:
     _released: Any  # the Device's release queue (client/releases.py)
+    _releases: Any  # and its Releases
+    _send_lock: Any  # the Device's: drain and send as one step
+    _transport: Any
     _last_share = 0  # the last token sent
     _share_lock: threading.Lock  # the Device's
     _daemon_fds: DaemonFds | None = None  # made on first use
@@ -67,7 +73,18 @@ class ShareOps:
         raise NotImplementedError
 
     def _post(self, op: Op | None, req: s.Struct | None = None) -> None:
-        raise NotImplementedError
+        """Send a request without waiting for its reply (client/device_share.py), after what
+        is queued (releases, held-back requests) in the same write; with no request, just what
+        is queued. In a pickling batch (client/batch.py) the request is held back instead."""
+        transport = self._live()
+        if req is not None and hold_back(self):
+            self._releases.hold(req)  # a ShareReq or ClaimMappedReq
+            if len(self._released) + len(self._releases.claims) < HOLD_BACK:
+                return
+            req = None
+        with self._send_lock:
+            notes = self._releases.requests() if self._released or self._releases.claims else []
+            transport.post(notes if op is None or req is None else [*notes, (op, req)])
 
     def _map_reply(self, reply: s.MmapReply, writable: bool, what: str) -> memoryview:
         raise NotImplementedError
@@ -90,8 +107,11 @@ class ShareOps:
     def _post_share(self, map_id: int, offset: int, length: int, writable: bool) -> tuple[int, int]:
         return self._share(map_id, offset, length, writable, wait=False)
 
-    def _claim(self, owner: int, token: int, writable: bool) -> memoryview:
-        req = ss.ClaimReq(owner=owner, token=token, flags=s.WRITABLE if writable else 0)
+    def _claim(self, owner: int, token: int, writable: bool,
+               memory: tuple[tuple[int, int], int, int] | None = None) -> memoryview:
+        (dev, ino), offset, length = memory if memory is not None else ((0, 0), 0, 0)
+        req = ss.ClaimReq(owner=owner, token=token, flags=s.WRITABLE if writable else 0, dev=dev, ino=ino,
+                          offset=offset, length=length)
         pause, deadline = _FIRST_PAUSE, time.monotonic() + CLAIM_PATIENCE_S
         while True:
             try:
@@ -117,7 +137,7 @@ class ShareOps:
         if fd is None:
             return None
         with fd:
-            region = map_shared(fd.fd, offset, length, True)
+            region, address = map_placed(fd.fd, offset, length, True)
         with self._share_lock:
             map_id = self._next_chosen
             if map_id > 0xFFFFFFFF:
@@ -130,14 +150,33 @@ class ShareOps:
         except BaseException:
             region.close()
             raise
-        return self._enter(region, map_id, offset, True, key, source)
+        return self._enter(region, map_id, offset, True, key, source, address)
 
     def _enter(self, region: mmap.mmap, map_id: int, offset: int, writable: bool, key: tuple[int, int],
-               source: int) -> memoryview:
+               source: int, address: int = 0) -> memoryview:
         view = memoryview(region)
-        address = register_mapping(region, self, map_id, offset, writable, key, source)  # type: ignore[arg-type]
+        address = register_mapping(region, self, map_id, offset, writable, key, source,  # type: ignore[arg-type]
+                                   address)
         weakref.finalize(region, mapping_gone, self._released, map_id, address)
         return view
+
+    def _send_claims(self) -> None:
+        """Send the claims held back, alone (client/batch.py)."""
+        transport = self._live()
+        with self._send_lock:
+            claims = self._releases.claim_requests()
+            if claims:
+                transport.post(claims)
+
+    def _send_held(self) -> None:
+        """Before closing: send what is queued, the shares held back above all (their
+        receivers may still claim them); whatever fails, the manager releases the rest."""
+        if (self._released or self._releases.claims) and self._transport is not None \
+                and not self._transport.embedded:
+            try:
+                self._post(None)
+            except (UgemError, OSError):  # the daemon is gone, or this is a forked child
+                pass
 
     def _close_daemon_fds(self) -> None:
         if self._daemon_fds is not None:

@@ -102,7 +102,7 @@ def _reduce_array(a: npt.NDArray[Any]) -> tuple[Any, ...]:
         return reduced
     writable = bool(a.flags.writeable) and entry.writable
     start = int(a.__array_interface__["data"][0]) - entry.address
-    layout = (entry.key, entry.offset, entry.length, writable, a.dtype, a.shape, a.strides, start)
+    layout = (entry.key, entry.offset, entry.length, writable, _dtype_name(a.dtype), a.shape, a.strides, start)
     if entry.device is None:  # mapped straight from a received fd: it can only go back
         return _return_array, layout
     dev = entry.device()
@@ -120,6 +120,19 @@ def _reduce_array(a: npt.NDArray[Any]) -> tuple[Any, ...]:
     return _rebuild_array, (_send_fd(fd), *layout)
 
 
+_dtype_names: dict[np.dtype[Any], np.dtype[Any] | str] = {}
+
+
+def _dtype_name(dt: np.dtype[Any]) -> np.dtype[Any] | str:
+    """What a pickle carries of a dtype: its string (`dt.str`, one small string to pickle
+    and parse) where that names exactly it, else the dtype itself."""
+    name = _dtype_names.get(dt)
+    if name is None:
+        plain = dt.fields is None and dt.subdtype is None and dt.metadata is None and np.dtype(dt.str) == dt
+        name = _dtype_names[dt] = dt.str if plain else dt
+    return name
+
+
 def _map_fd(fd: int, key: tuple[int, int], offset: int, length: int, writable: bool) -> memoryview:
     dev = default_device()
     if dev._live().embedded:
@@ -135,7 +148,7 @@ def _map_fd(fd: int, key: tuple[int, int], offset: int, length: int, writable: b
             dev.close_handle(handle)
 
 
-def _array(view: memoryview, writable: bool, dtype: np.dtype[Any], shape: tuple[int, ...],
+def _array(view: memoryview, writable: bool, dtype: np.dtype[Any] | str, shape: tuple[int, ...],
            strides: tuple[int, ...], start: int) -> npt.NDArray[Any]:
     a: npt.NDArray[Any] = np.ndarray(shape, dtype, buffer=view, offset=start, strides=strides)
     if not writable and a.flags.writeable:  # received read-only, mapped writable here already
@@ -144,7 +157,7 @@ def _array(view: memoryview, writable: bool, dtype: np.dtype[Any], shape: tuple[
 
 
 def _rebuild_array(wrapped: Any, key: tuple[int, int], offset: int, length: int, writable: bool,
-                   dtype: np.dtype[Any], shape: tuple[int, ...], strides: tuple[int, ...],
+                   dtype: np.dtype[Any] | str, shape: tuple[int, ...], strides: tuple[int, ...],
                    start: int) -> npt.NDArray[Any]:
     fd = wrapped.detach()
     try:
@@ -155,7 +168,7 @@ def _rebuild_array(wrapped: Any, key: tuple[int, int], offset: int, length: int,
     return _array(view, writable, dtype, shape, strides, start)
 
 
-def _return_array(key: tuple[int, int], offset: int, length: int, writable: bool, dtype: np.dtype[Any],
+def _return_array(key: tuple[int, int], offset: int, length: int, writable: bool, dtype: np.dtype[Any] | str,
                   shape: tuple[int, ...], strides: tuple[int, ...], start: int) -> npt.NDArray[Any]:
     found = find_by_key(key, offset, length, writable)
     if found is None:
@@ -167,7 +180,7 @@ def _return_array(key: tuple[int, int], offset: int, length: int, writable: bool
 
 
 def _claim_array(path: str, owner: int, token: int, source: int, key: tuple[int, int], offset: int, length: int,
-                 writable: bool, dtype: np.dtype[Any], shape: tuple[int, ...], strides: tuple[int, ...],
+                 writable: bool, dtype: np.dtype[Any] | str, shape: tuple[int, ...], strides: tuple[int, ...],
                  start: int) -> npt.NDArray[Any]:
     found = find_by_key(key, offset, length, writable)
     if found is not None:  # mapped here already (e.g. the array comes back): use the share up unmapped
@@ -179,7 +192,7 @@ def _claim_array(path: str, owner: int, token: int, source: int, key: tuple[int,
     else:
         dev = _device_for(path)
         got = dev._claim_mapped(owner, token, key, source, offset, length) if writable else None
-        view = got if got is not None else dev._claim(owner, token, writable)
+        view = got if got is not None else dev._claim(owner, token, writable, (key, offset, length))
     return _array(view, writable, dtype, shape, strides, start)
 
 

@@ -60,9 +60,11 @@ def fd_key(fd: int) -> tuple[int, int]:
 
 
 def register_mapping(region: mmap.mmap, device: Device | None, map_id: int, offset: int, writable: bool,
-                     key: tuple[int, int], source: int = -1) -> int:
-    """Enter a live mapping; returns its address (the key to forget it by)."""
-    address = int(np.frombuffer(region, dtype=np.uint8).__array_interface__["data"][0])
+                     key: tuple[int, int], source: int = -1, address: int = 0) -> int:
+    """Enter a live mapping (at `address`, if the caller knows it); returns its address (the
+    key to forget it by)."""
+    if not address:
+        address = int(np.frombuffer(region, dtype=np.uint8).__array_interface__["data"][0])
     entry = Mapping(address, len(region), None if device is None else weakref.ref(device), map_id, offset, writable,
                     key, weakref.ref(region), source)
     old = _by_start.get(address)
@@ -119,6 +121,8 @@ def mapping_of(a: npt.NDArray[Any]) -> Mapping | None:
     if a.size == 0 or a.dtype.hasobject:
         return None
     data = int(a.__array_interface__["data"][0])
+    if a.flags.c_contiguous:  # the common case: no strides to walk
+        return find_mapping(data, data + a.nbytes)
     low = data + sum(min(0, (n - 1) * st) for n, st in zip(a.shape, a.strides, strict=True))
     high = data + sum(max(0, (n - 1) * st) for n, st in zip(a.shape, a.strides, strict=True)) + a.itemsize
     return find_mapping(low, high)

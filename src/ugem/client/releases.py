@@ -2,9 +2,10 @@
 
 - `queue`: released mappings (their ids), dropped Buffers (their handle's `Wrapped`
   record), shares to use up unmapped (their (owner, token) pair, client/device_share.py),
-  and posted requests held back while pickling (GEM_SHARE and GEM_CLAIM_MAPPED structs,
-  client/batch.py), which go first, in their order (a share needs its mapping tracked, and
-  a claim's mapping must be tracked before it is released).
+  and shares held back while pickling (GEM_SHARE structs, client/batch.py), which go
+  first, in their order (a share needs its mapping tracked). Claims held back while
+  unpickling (GEM_CLAIM_MAPPED) wait in `claims`, sent before all of it (a claim's mapping
+  must be tracked before it is released or shared) and on their own when the batch ends.
   Finalizers append to this very deque and do nothing else: a finalizer may run at any
   moment, even in the middle of a request, so it never sends, locks or allocates beyond
   the append. The Device drains the queue before its next request (`drain`) and
@@ -52,6 +53,19 @@ class Releases:
         self.queue: collections.deque[Queued] = collections.deque()
         self._wrapped: dict[int, Wrapped] = {}  # open handle -> its live Buffers
         self._lock = threading.Lock()
+        self.claims: list[ss.ClaimMappedReq] = []  # held back apart: sent first, and when a batch ends
+
+    def hold(self, req: Held) -> None:
+        """Hold a posted request back (client/batch.py), to be sent with what is queued."""
+        if isinstance(req, ss.ClaimMappedReq):
+            self.claims.append(req)
+        else:
+            self.queue.append(req)
+
+    def claim_requests(self) -> list[tuple[Op, s.Struct]]:
+        """Take the held claims, as requests."""
+        claims, self.claims = self.claims, []
+        return [(Op.GEM_CLAIM_MAPPED, req) for req in claims]
 
     def adopt(self, handle: int) -> Wrapped:
         """A new Buffer wraps `handle`: count it."""
@@ -78,10 +92,12 @@ class Releases:
 
     def requests(self) -> list[tuple[Op, s.Struct]]:
         """Drain the queue into requests, sent ahead of the Device's next one (transport
-        `notes`): one frame each, so a batch never fails for its size; shares and mappings
-        first (they need no handle)."""
+        `notes`): one frame each, so a batch never fails for its size; held claims first
+        (nothing queued before a claim names its mapping, and what names it comes after),
+        then shares and mappings (they need no handle)."""
+        notes = self.claim_requests() if self.claims else []
         ids, handles, drops, held = self.drain()
-        notes: list[tuple[Op, s.Struct]] = [(_HELD_OPS[type(req)], req) for req in held]
+        notes += [(_HELD_OPS[type(req)], req) for req in held]
         for start in range(0, len(drops), ss.MAX_DROPS):  # shares received here, mapped already
             records = b"".join(ss.SHARE_RECORD.pack(*d) for d in drops[start:start + ss.MAX_DROPS])
             notes.append((Op.GEM_DROP_SHARES, ss.DropSharesReq(records=records)))

@@ -56,6 +56,7 @@ _FOREVER = 1e9  # seconds: a longer budget (a wait of decades) is no deadline at
 _CLOSE_WAIT = 30.0  # seconds close() waits for the daemon to release the client
 _REPLY_TYPES: dict[int, type[s.Struct]] = {Op.HELLO: s.HelloReply, **{d.op: d.reply for d in REQUESTS}}
 _REQUEST = int(FrameKind.REQUEST)
+_POST = int(FrameKind.POST)
 _HEADER_SIZE = HEADER.size
 _pack_header = HEADER.pack
 _unpack_header = HEADER.unpack_from
@@ -84,6 +85,7 @@ class SocketTransport:
         self._deadline = 0.0
         self._timed_out = False
         self._owed: list[tuple[int, int]] = []  # (op, seq) of posted requests whose replies are unread
+        self._unread = 0  # frames sent since the last reply read (the daemon may not have served them)
         hello: s.HelloReply = self.call(Op.HELLO, s.HelloReq(magic=MAGIC, version=PROTOCOL_VERSION))
         if hello.magic != MAGIC or hello.version != PROTOCOL_VERSION:
             raise RemoteProtocolError(f"daemon speaks {hello.magic!r} version {hello.version}")
@@ -93,9 +95,9 @@ class SocketTransport:
         self.inline_limit = min(XFER_ABOVE, hello.max_inline)  # what the daemon takes inline, at most
 
     def call(self, op: Op, req: s.Struct, notes: Sequence[tuple[Op, s.Struct]] = (), **local: Any) -> Any:
-        """One request and its reply. `notes` (releases: no fds, each fits a frame) go first
-        in the same write, pipelined: their replies are read and dropped before this one's,
-        so they cost no round trip of their own; their failures (ids already gone) are
+        """One request and its reply. `notes` (releases: no fds, each fits a frame) go first,
+        as POST frames (wire/frames.py), in the same write when the request has no fds: they
+        cost no round trip and no reply of their own; their failures (ids already gone) are
         nobody's to see. `local` is never sent: a Device passes the caller's own memory only
         to an embedded transport."""
         reply_type = _REPLY_TYPES[op]
@@ -113,16 +115,17 @@ class SocketTransport:
             try:
                 if self._timeout is not None:
                     self._arm(op, req)
-                if self._owed and len(self._owed) + len(notes) > SHARE_AHEAD:  # never more than that unread
-                    self._skip_owed()
-                seqs = self._send_notes(notes, op, pieces, fds) if notes else []
-                self._seq = (self._seq + 1) & 0xFFFFFFFF
-                self._send(op, pieces, fds)
+                if notes and len(pieces) == 1 and not fds:  # one write: the posts, then the request
+                    self._send_posts([*notes, (op, req)], last_wants_reply=True, encoded=pieces[0])
+                    self._owed.pop()  # (its reply is read here, not skipped)
+                else:
+                    if notes:
+                        self._send_posts(notes)
+                    self._seq = (self._seq + 1) & 0xFFFFFFFF
+                    self._send(op, pieces, fds)
                 if self._owed:
                     self._skip_owed()
-                if notes:
-                    for (note_op, _), seq in zip(notes, seqs, strict=True):
-                        self._skip_reply(note_op, seq)
+                self._unread = 0  # this reply comes after everything sent before it is served
                 status, payload, got = self._receive(op, bool(reply_type.FDS))
             except DaemonGone:  # from _abort: the socket is closed already
                 raise
@@ -194,31 +197,22 @@ class SocketTransport:
             self._sock.sendall(data[sent:])
 
     def post(self, frames: Sequence[tuple[Op, s.Struct]]) -> None:
-        """Send requests (no fds), in one write, without waiting for their replies, which are
-        read and dropped before the next call's (their failures are nobody's here: shares
-        report theirs to their claimer, core/shares.py); past SHARE_AHEAD unread replies,
-        read them now, so that the daemon never has to hold replies for a client that is not
-        reading."""
+        """Send requests (no fds), in one write, without waiting for their replies: POST
+        frames, the last one a REQUEST whose reply is read and dropped before the next
+        call's (wire/frames.py; failures are nobody's here: shares report theirs to their
+        claimer, core/shares.py). Never more than SHARE_AHEAD frames past the last reply
+        read: past that, read the replies owed first, so the daemon never lags further
+        behind (early claims count on it) nor holds replies for a client that is not reading."""
         if not frames:
             return
         with self._lock:
-            op = frames[-1][0]
+            op, req = frames[-1]
             try:
                 if self._timeout is not None:
-                    self._arm(op, frames[-1][1])
-                if len(self._owed) + len(frames) > SHARE_AHEAD:  # never more than that unread
+                    self._arm(op, req)
+                if self._owed and self._unread + len(frames) > SHARE_AHEAD:
                     self._skip_owed()
-                data = bytearray()
-                for op, req in frames:
-                    pieces, fds = s.encode(req)
-                    assert not fds
-                    payload = b"".join(bytes(p) for p in pieces)
-                    self._seq = (self._seq + 1) & 0xFFFFFFFF
-                    data += encode_header(len(payload), op, 0, FrameKind.REQUEST, self._seq) + payload
-                    self._owed.append((op, self._seq))
-                self._sock.sendall(data)
-                if len(self._owed) >= SHARE_AHEAD:
-                    self._skip_owed()
+                self._send_posts(frames, last_wants_reply=True)
             except DaemonGone:
                 raise
             except TimeoutError as exc:
@@ -226,26 +220,35 @@ class SocketTransport:
             except OSError as exc:
                 raise self._lost(exc) from exc
 
+    def _send_posts(self, frames: Sequence[tuple[Op, s.Struct]], last_wants_reply: bool = False,
+                    encoded: Any = None) -> None:
+        """Write `frames` (no fds) in one write, as POSTs (the last as a REQUEST, its reply
+        owed, if asked; `encoded`: the last one's payload, encoded already)."""
+        data = bytearray()
+        last = len(frames) - 1
+        for i, (op, req) in enumerate(frames):
+            if i == last and encoded is not None:
+                payload = encoded
+            elif req._plain:
+                payload = req._codec.pack(*type(req)._values(req))
+            else:
+                pieces, fds = s.encode(req)
+                assert not fds
+                payload = b"".join(bytes(p) for p in pieces)
+            self._seq = seq = (self._seq + 1) & 0xFFFFFFFF
+            kind = _REQUEST if last_wants_reply and i == last else _POST
+            data += _pack_header(len(payload), op, 0, kind, seq, 0)
+            data += payload
+            if kind == _REQUEST:
+                self._owed.append((op, seq))
+        self._unread += len(frames)
+        self._sock.sendall(data)
+
     def _skip_owed(self) -> None:
         owed, self._owed = self._owed, []
         for op, seq in owed:
             self._skip_reply(op, seq)
-
-    def _send_notes(self, notes: Sequence[tuple[Op, s.Struct]], op: Op, pieces: list[Any],
-                    fds: Sequence[OwnedFd]) -> list[int]:
-        """Send the notes' frames; the request's too, in the same write, when it has no fds
-        (fds go with a frame's first byte, so such a request is sent on its own, by `_send`).
-        Returns the notes' sequence numbers."""
-        data, seqs = bytearray(), []
-        for note_op, note in notes:
-            note_pieces, note_fds = s.encode(note)
-            assert not note_fds
-            payload = b"".join(bytes(p) for p in note_pieces)
-            self._seq = (self._seq + 1) & 0xFFFFFFFF
-            seqs.append(self._seq)
-            data += encode_header(len(payload), note_op, 0, FrameKind.REQUEST, self._seq) + payload
-        self._sock.sendall(data)
-        return seqs
+        self._unread = 0
 
     def _skip_reply(self, op: int, seq: int) -> None:
         """Read one note's reply exactly (never a byte of the next) and drop it."""

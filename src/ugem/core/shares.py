@@ -13,19 +13,29 @@ Rules:
   sending it, as with an fd in flight. Writable
   only through a writable mapping (EACCES).
 - Shares are named by (owner client id, token). The client picks the token, its previous
-  one plus one (else EINVAL), so that it can send the pickle without waiting for the reply
-  (client/device_share.py; it reads the replies later, at most SHARE_AHEAD unread); client
-  ids are never reused, so a stale pair names nothing (ENOENT), never another object. A
-  share that fails (e.g. EDQUOT: a client holds at most `client_max_objects` unclaimed
-  shares) still uses its token up, and its error is kept (the latest SHARE_AHEAD) for its
-  claimer, who gets that errno.
-- A claim may reach the daemon before the share it names: the sender wrote the share
-  before the pickle, but on another connection, which the daemon may read later. A claim
-  of another client's token at most SHARE_AHEAD past its last is EAGAIN (the claimer tries
-  again: client/device_share.py), the daemon keeping no state for it; nothing holds the
-  share back for long (a sender never has a request parked while its share is unread).
-  Further ahead, or the claimer's own future token, is ENOENT. Embedded managers serve
-  every request at once: never EAGAIN.
+  one plus one (else EINVAL), so that it can send the pickle without waiting for the reply,
+  or before sending the share at all (client/device_share.py, client/batch.py: a pickler
+  holds its shares back and sends them with its next request); client ids are never
+  reused, so a stale pair names nothing (ENOENT), never another object. A share that fails
+  (e.g. EDQUOT: a client holds at most `client_max_objects` unclaimed shares) still uses
+  its token up, and its error is kept (the latest SHARE_AHEAD) for its claimer, who gets
+  that errno.
+- Early claims: a claim (or drop) may reach the manager before the share it names, which
+  comes on another connection, later or not yet sent. When the claim names the memory (the
+  memfd identity (dev, ino) in the pickle: GEM_CLAIM_MAPPED always, GEM_CLAIM when its
+  dev/ino are set), the owner client is connected, the token is at most SHARE_LAG past its
+  last, and a live object has that memory, the claim is taken at once on that object
+  (the owner's uid rule as below; the part claimed must lie in it, else EINVAL) and the
+  token noted in the owner's `claimed_early` (at most SHARE_LAG: else EINVAL): when its
+  GEM_SHARE arrives it is used up at once. That is safe because a sender's share is sent
+  before its release of the mapping it names (one queue, in order): while the share is
+  unsent, the sender's mapping holds the object. A drop of a share not yet sent is noted
+  the same way (GEM_DROP_SHARES). Within one uid no boundary is drawn between clients (a
+  process may ptrace another of its uid): naming a memory and a token is enough.
+  Without the memory named (a plain GEM_CLAIM), a claim of another client's token at most
+  SHARE_LAG past its last is EAGAIN (the claimer tries again: client/device_share.py), the
+  daemon keeping no state for it. Further ahead, or the claimer's own future token, is
+  ENOENT. Embedded managers serve every request at once: never EAGAIN.
 - GEM_CLAIM maps the shared part for the caller exactly as GEM_MMAP maps a handle's (same
   checks and waits; nothing changes before it could wait) and uses the share up. Only a
   client of the owner's uid, or root, may claim (as for names: EACCES); a writable claim
@@ -37,13 +47,10 @@ Rules:
   and mapped it; it sends this without waiting for the reply. The manager tracks that
   mapping under the id the client chose (CHOSEN_MAP_IDS and up, not in use: else EINVAL)
   as GEM_CLAIM would have (same preparation for CPU access; same uid rule), on the object
-  whose memory has that identity (none: ENOENT; not the share's: EINVAL). If the share has
-  not been read yet (SHARE_AHEAD rule above), the claim is taken now, the object found by
-  its identity and the uid checked against the sending client's, and the token noted in
-  the sender's `claimed_early`: when its GEM_SHARE arrives it is used up at once. A claim
-  that fails leaves the receiver with memory it maps untracked, which stays its own (the
-  memfd lives while mapped) and is never another object's (the identity was checked);
-  the release of its id then fails harmlessly (EINVAL, a note nobody reads).
+  whose memory has that identity (none: ENOENT; not the share's: EINVAL). A claim that
+  fails leaves the receiver with memory it maps untracked, which stays its own (the memfd
+  lives while mapped) and is never another object's (the identity was checked); the
+  release of its id then fails harmlessly (EINVAL, a note nobody reads).
 - GEM_DROP_SHARES uses shares up without mapping (the receiver already maps that memory);
   unknown ones, and other uids' (unless root), are skipped.
 - Where shares live, and what becomes of them when their sender's client goes away (they
@@ -67,6 +74,7 @@ from ..wire import structs_share as ss
 from .client import Client
 from .core import Core
 from .gem import cpu_mapping, map_object, track_mapping
+from .object import BufferObject
 from .share_table import Share
 
 __all__ = ["gem_claim", "gem_claim_mapped", "gem_drop_shares", "gem_share"]
@@ -109,36 +117,75 @@ def _new_share(core: Core, client: Client, req: ss.ShareReq) -> Share:
     return Share(obj, req.offset, req.length, writable, client.creds.uid)
 
 
-def _find(core: Core, client: Client, owner_id: int, token: int) -> Share:
+def _find(core: Core, client: Client, owner_id: int, token: int, may_lag: bool = True) -> Share:
     share = core.shares.find(owner_id, token)
     owner = core.clients.get(owner_id)
     if share is None and owner is not None:
         failed = owner.failed_shares.get(token)
         if failed is not None:
             raise error_from_errno(failed.errno, f"share {token} of client {owner_id} failed: {failed.strerror}")
-        ahead = owner.last_share < token <= owner.last_share + ss.SHARE_AHEAD
-        if core.shares_may_lag and owner is not client and ahead:
+        if may_lag and core.shares_may_lag and owner is not client and _ahead(owner, token):
             raise TryAgain(f"share {token} of client {owner_id} has not reached the daemon yet (its last is "
                            f"{owner.last_share}); claim it again")
     if share is None:
         raise NoSuchObject(f"share {token} of client {owner_id} is not held: it was claimed already, or its "
                            f"sender is gone")
-    uid = client.creds.uid
-    if uid != 0 and uid != share.uid:
-        raise PermissionDenied(f"share {token} of client {owner_id} belongs to uid {share.uid}, caller is "
-                               f"uid {uid}")
+    _check_uid(client, share.uid, owner_id, token)
     return share
 
 
+def _ahead(owner: Client, token: int) -> bool:
+    """Whether `token` may be a share of `owner` not read yet."""
+    return owner.last_share < token <= owner.last_share + ss.SHARE_LAG and token not in owner.failed_shares
+
+
+def _check_uid(client: Client, uid: int, owner_id: int, token: int) -> None:
+    if client.creds.uid not in (0, uid):
+        raise PermissionDenied(f"share {token} of client {owner_id} belongs to uid {uid}, caller is "
+                               f"uid {client.creds.uid}")
+
+
+def _early(core: Core, client: Client, owner_id: int, token: int,
+           key: tuple[int, int]) -> tuple[Client, BufferObject] | None:
+    """The owner and the object of a share that has not arrived yet, claimed (or dropped)
+    early by the memory it names (the rules above), or None if that is not the case."""
+    owner = core.clients.get(owner_id)
+    if owner is None or owner is client or not key[1] or core.shares.find(owner_id, token) is not None \
+            or not _ahead(owner, token):
+        return None
+    obj = core.by_key.get(key)
+    if obj is None:
+        return None
+    _check_uid(client, owner.creds.uid, owner_id, token)
+    if len(owner.claimed_early) >= ss.SHARE_LAG:
+        raise InvalidArgument(f"share {token} of client {owner_id}: it has {ss.SHARE_LAG} shares claimed before "
+                              f"they were sent")
+    return owner, obj
+
+
+def _check_part(obj: BufferObject, offset: int, length: int, what: str) -> None:
+    if offset < 0 or offset % PAGE_SIZE or length <= 0 or offset + length > obj.size:
+        raise InvalidArgument(f"{what}: offset {offset} length {length} is not a part of its object (size "
+                              f"{obj.size}, offsets page-aligned)")
+
+
 def gem_claim(core: Core, client: Client, req: ss.ClaimReq) -> s.MmapReply:
-    share = _find(core, client, req.owner, req.token)
     writable = bool(req.flags & s.WRITABLE)
+    what = f"the object of share {req.token}"
+    early = _early(core, client, req.owner, req.token, (req.dev, req.ino))
+    if early is not None:
+        owner, obj = early
+        _check_part(obj, req.offset, req.length, f"share {req.token} of client {req.owner}")
+        core.check_pages(obj)
+        reply = map_object(core, client, obj, req.offset, req.length, writable, what)
+        owner.claimed_early.add(req.token)  # only now: map_object may have raised Pending
+        return reply
+    share = _find(core, client, req.owner, req.token, may_lag=not req.ino)  # named memory that is gone: ENOENT
     if writable and not share.writable:
         raise PermissionDenied(f"share {req.token} of client {req.owner} is read-only; claim it with "
                                f"writable=False")
     core.check_pages(share.obj)
-    reply = map_object(core, client, share.obj, share.offset, share.length, writable,
-                       f"the object of share {req.token}")
+    reply = map_object(core, client, share.obj, share.offset, share.length, writable, what)
     core.shares.take(req.owner, req.token)  # only now: map_object may have raised Pending
     core.shares.let_go(share.obj)
     return reply
@@ -147,30 +194,22 @@ def gem_claim(core: Core, client: Client, req: ss.ClaimReq) -> s.MmapReply:
 def gem_claim_mapped(core: Core, client: Client, req: ss.ClaimMappedReq) -> s.Empty:
     if req.map_id < ss.CHOSEN_MAP_IDS or req.map_id in client.mappings:
         raise InvalidArgument(f"mapping id {req.map_id} is in use or below {ss.CHOSEN_MAP_IDS} (the manager's)")
-    obj = core.by_key.get((req.dev, req.ino))
     writable = bool(req.flags & s.WRITABLE)
     what = f"share {req.token} of client {req.owner}"
-    share = core.shares.find(req.owner, req.token)
-    owner = core.clients.get(req.owner)
-    if share is None and owner is not None and owner is not client and obj is not None \
-            and req.token not in owner.failed_shares \
-            and owner.last_share < req.token <= owner.last_share + ss.SHARE_AHEAD:
-        uid = client.creds.uid
-        if uid != 0 and uid != owner.creds.uid:
-            raise PermissionDenied(f"{what} belongs to uid {owner.creds.uid}, caller is uid {uid}")
-        if len(owner.claimed_early) >= ss.SHARE_AHEAD:
-            raise InvalidArgument(f"{what}: client {req.owner} has {ss.SHARE_AHEAD} shares claimed before sent")
+    early = _early(core, client, req.owner, req.token, (req.dev, req.ino))
+    if early is not None:
+        owner, obj = early
         cpu_mapping(core, obj, writable, what)
         track_mapping(core, client, obj, writable, req.map_id)
         owner.claimed_early.add(req.token)
         return s.Empty()
-    share = _find(core, client, req.owner, req.token)  # raises what GEM_CLAIM would
-    if obj is not share.obj:
+    share = _find(core, client, req.owner, req.token, may_lag=False)  # as GEM_CLAIM naming it
+    if core.by_key.get((req.dev, req.ino)) is not share.obj:
         raise InvalidArgument(f"memory ({req.dev}, {req.ino}) is not the memory of {what}")
     if writable and not share.writable:
         raise PermissionDenied(f"{what} is read-only; claim it with writable=False")
-    cpu_mapping(core, obj, writable, what)
-    track_mapping(core, client, obj, writable, req.map_id)
+    cpu_mapping(core, share.obj, writable, what)
+    track_mapping(core, client, share.obj, writable, req.map_id)
     core.shares.take(req.owner, req.token)
     core.shares.let_go(share.obj)
     return s.Empty()
@@ -179,9 +218,16 @@ def gem_claim_mapped(core: Core, client: Client, req: ss.ClaimMappedReq) -> s.Em
 def gem_drop_shares(core: Core, client: Client, req: ss.DropSharesReq) -> s.Empty:
     if len(req.records) % ss.SHARE_RECORD.size:
         raise InvalidArgument(f"share list of {len(req.records)} bytes is not a list of (u64, u64) records")
+    uid = client.creds.uid
     for owner_id, token in ss.SHARE_RECORD.iter_unpack(req.records):
         share = core.shares.find(owner_id, token)
-        if share is not None and client.creds.uid in (0, share.uid):
-            core.shares.take(owner_id, token)
-            core.shares.let_go(share.obj)
+        if share is not None:
+            if uid in (0, share.uid):
+                core.shares.take(owner_id, token)
+                core.shares.let_go(share.obj)
+            continue
+        owner = core.clients.get(owner_id)  # not sent yet: used up when it comes
+        if owner is not None and owner is not client and uid in (0, owner.creds.uid) and _ahead(owner, token) \
+                and len(owner.claimed_early) < ss.SHARE_LAG:
+            owner.claimed_early.add(token)
     return s.Empty()

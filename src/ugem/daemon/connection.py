@@ -70,6 +70,7 @@ log = logging.getLogger("ugem.daemon")
 _CTRUNC = int(socket.MSG_CTRUNC)  # a plain int: enum flag arithmetic is slow per request
 _REPLY = int(FrameKind.REPLY)
 _REPLY_MORE = int(FrameKind.REPLY_MORE)
+_POST = int(FrameKind.POST)
 _BURST = 16384  # bytes read at once between frames: bounds the frames served per wake-up
 _NO_FDS: tuple[OwnedFd, ...] = ()
 _monotonic = time.monotonic
@@ -213,9 +214,9 @@ class Connection:
             self._reply_error(frame, code, message)
 
     def _hello(self, frame: Frame) -> None:
-        if frame.op != Op.HELLO or frame.fds:
+        if frame.op != Op.HELLO or frame.fds or frame.kind == _POST:
             frame.close_fds()
-            raise RemoteProtocolError("the first frame must be HELLO without fds")
+            raise RemoteProtocolError("the first frame must be a HELLO request without fds")
         try:
             hello = s.decode(s.HelloReq, frame.payload, [])
             hello.check()
@@ -239,6 +240,11 @@ class Connection:
 
     def _reply(self, frame: Frame, reply: s.Struct) -> None:
         self.tally.done(frame.op, 0, _monotonic() - self.started)
+        if frame.kind == _POST:  # nobody reads it (wire/frames.py)
+            if not reply._plain:
+                for fd in s.encode(reply)[1]:
+                    fd.close()
+            return
         if reply._plain:  # a fixed struct (most replies): one piece, no fds
             payload = reply._codec.pack(*type(reply)._values(reply))
             data = _pack_header(len(payload), frame.op, 0, _REPLY, frame.seq, 0) + payload
@@ -279,6 +285,8 @@ class Connection:
         self.tally.done(frame.op, code, now - self.started)
         if code == errno.EDQUOT:
             self.tally.refused(self.client, frame.op, message, now)
+        if frame.kind == _POST:
+            return
         body = message.encode("utf-8", "replace")[:4096]
         header = encode_header(len(body), frame.op, 0, FrameKind.REPLY, frame.seq, code)
         self.outbox.append((memoryview(header + body), []))

@@ -6,7 +6,8 @@ Every frame, in both directions, is a 16-byte little-endian header and a payload
     0       4     length   payload bytes after the header (<= MAX_PAYLOAD, checked first)
     4       2     op       Op number (requests and their replies carry the same op)
     6       1     nfds     fds attached to this frame with SCM_RIGHTS
-    7       1     kind     0 = request, 1 = reply, 2 = piece of a reply that continues
+    7       1     kind     0 = request, 1 = reply, 2 = piece of a reply that continues,
+                           3 = post (a request that wants no reply)
     8       4     seq      request serial, echoed by the reply
     12      4     status   replies: 0 or a positive errno (payload = utf-8 message); requests: 0
 
@@ -31,9 +32,13 @@ Rules:
   client reassembles the pieces (nothing else can arrive in between: the daemon answers a
   connection's requests one at a time, in order); the daemon's request parser rejects kind
   REPLY_MORE.
-- A client may send requests before reading earlier replies (releases pipelined ahead of a
-  request, posted shares: client/transport.py); replies come back in request order, so it
-  reads them in that order, and never lets more than SHARE_AHEAD posted ones go unread.
+- A client may send requests before reading earlier replies; replies come back in request
+  order, so it reads them in that order. A POST is a request whose reply nobody reads
+  (releases pipelined ahead of a request, posted shares and claims: client/transport.py):
+  the daemon serves it exactly as a REQUEST, in order, and sends nothing back, not even
+  an error. A client that posts ends each write of posts with a REQUEST (whose reply it
+  reads later, dropping it) and never has more than SHARE_AHEAD posted frames past the
+  last such reply it read: that bounds how far the daemon may lag behind it.
 - Op numbers are never reused; a retired op keeps its number. PROTOCOL_VERSION (checked at
   HELLO) changes when a client may send what an older daemon would not understand.
 """
@@ -65,8 +70,8 @@ __all__ = [
 ]
 
 MAGIC = b"UGEM"
-PROTOCOL_VERSION = 3  # 2: ops 32-38 (close batch, map export, lookup, shares, create mapped); 3: op 39 (claim
-# mapped), MmapReply.server_fd
+PROTOCOL_VERSION = 4  # 2: ops 32-38 (close batch, map export, lookup, shares, create mapped); 3: op 39 (claim
+# mapped), MmapReply.server_fd; 4: ClaimReq names the memory (early claims of shares not yet sent), POST frames
 HEADER = struct.Struct("<IHBBIi")
 MAX_INLINE = 1 << 20  # pread/pwrite bytes a frame may carry (HELLO's max_inline); more goes through XFER
 # pread/pwrite larger than this take XFER (shared memory) even where a frame could carry them:
@@ -80,6 +85,7 @@ class FrameKind(enum.IntEnum):
     REQUEST = 0
     REPLY = 1
     REPLY_MORE = 2  # a piece of a reply too big for one frame; the rest follows
+    POST = 3  # a request that wants no reply (served as a REQUEST)
 
 
 class Op(enum.IntEnum):
@@ -128,6 +134,8 @@ class Op(enum.IntEnum):
 _HEADER_SIZE = HEADER.size
 _unpack_header = HEADER.unpack_from
 _REQUEST = int(FrameKind.REQUEST)
+_POST = int(FrameKind.POST)
+_REPLY = int(FrameKind.REPLY)
 
 
 def encode_header(length: int, op: int, nfds: int, kind: int, seq: int, status: int = 0) -> bytes:
@@ -165,6 +173,7 @@ class FrameParser:
     def __init__(self, expect_kind: FrameKind, max_payload: int = MAX_PAYLOAD) -> None:
         self._expect_kind = expect_kind
         self._expect = int(expect_kind)  # a plain int: compared per frame
+        self._also = _POST if expect_kind == FrameKind.REQUEST else -1  # a request parser takes posts too
         self._max_payload = max_payload
         self._buf = bytearray()
         self._header: tuple[int, int, int, int, int, int] | None = None
@@ -192,7 +201,7 @@ class FrameParser:
             # the common case, checked here without a call: exactly one whole frame, no fds
             length, op, nfds, kind, seq, status = _unpack_header(data)
             if length + _HEADER_SIZE == len(data) and not nfds and length <= self._max_payload \
-                    and kind == self._expect and not (kind == _REQUEST and status):
+                    and (kind == self._expect or kind == self._also) and not (kind != _REPLY and status):
                 self.ready.append(Frame(op, kind, seq, status, data[_HEADER_SIZE:], []))
                 return
         try:  # anything else (or a violation: the general path says which and cleans up)
@@ -245,9 +254,9 @@ class FrameParser:
         length, _op, _nfds, kind, _seq, status = header
         if length > self._max_payload:
             raise RemoteProtocolError(f"frame length {length} exceeds {self._max_payload}")
-        if kind != self._expect_kind:
+        if kind != self._expect and kind != self._also:
             raise RemoteProtocolError(f"unexpected frame kind {kind}")
-        if kind == FrameKind.REQUEST and status != 0:
+        if kind in (_REQUEST, _POST) and status != 0:
             raise RemoteProtocolError(f"nonzero status {status} in a request")
         return header
 

@@ -10,8 +10,8 @@ from dataclasses import dataclass
 from .frames import MAX_PAYLOAD
 from .structs import WRITABLE, Struct
 
-__all__ = ["CHOSEN_MAP_IDS", "MAX_DROPS", "SHARE_AHEAD", "SHARE_RECORD", "ClaimMappedReq", "ClaimReq", "DropSharesReq",
-           "ShareReq"]
+__all__ = ["CHOSEN_MAP_IDS", "MAX_DROPS", "SHARE_AHEAD", "SHARE_LAG", "SHARE_RECORD", "ClaimMappedReq", "ClaimReq",
+           "DropSharesReq", "ShareReq"]
 
 SHARE_RECORD = struct.Struct("<QQ")  # (owner, token)
 MAX_DROPS = MAX_PAYLOAD // SHARE_RECORD.size  # records that fit in one request frame
@@ -20,6 +20,9 @@ MAX_DROPS = MAX_PAYLOAD // SHARE_RECORD.size  # records that fit in one request 
 # daemon's default send buffer, and the daemon stops reading a connection whose replies wait,
 # so a client still writing would deadlock (tried with 1024: it did).
 SHARE_AHEAD = 64
+# how far a client's shares may lag behind their claims (core/shares.py): the SHARE_AHEAD it may
+# have unread, and those its pickler holds back unsent (client/batch.py: HOLD_BACK), with room
+SHARE_LAG = 2 * SHARE_AHEAD
 CHOSEN_MAP_IDS = 1 << 31  # map ids from here up are chosen by the client (GEM_CLAIM_MAPPED); the manager's are below
 
 
@@ -39,14 +42,21 @@ class ShareReq(Struct):
 
 @dataclass(slots=True)
 class ClaimReq(Struct):
-    """GEM_CLAIM: map what a share refers to (reply: MmapReply) and use the share up."""
+    """GEM_CLAIM: map what a share refers to (reply: MmapReply) and use the share up. The
+    memory it names, (dev, ino) of its memfd and the part shared, lets the manager take a
+    claim that comes before its share (core/shares.py); zeros: the share must be there."""
 
-    LAYOUT = (("owner", "Q"), ("token", "Q"), ("flags", "I"), ("pad", "I"))
+    LAYOUT = (("owner", "Q"), ("token", "Q"), ("flags", "I"), ("pad", "I"), ("dev", "Q"), ("ino", "Q"),
+              ("offset", "q"), ("length", "q"))
     FLAGS = WRITABLE
     owner: int = 0
     token: int = 0
     flags: int = 0
     pad: int = 0
+    dev: int = 0
+    ino: int = 0
+    offset: int = 0
+    length: int = 0
 
 
 @dataclass(slots=True)
@@ -69,7 +79,8 @@ class ClaimMappedReq(Struct):
 @dataclass(slots=True)
 class DropSharesReq(Struct):
     """GEM_DROP_SHARES: use shares up without mapping them (the receiver maps that memory
-    already); unknown ones are skipped. At most MAX_DROPS records per request."""
+    already); one not sent yet is used up when it comes; unknown ones are skipped. At most
+    MAX_DROPS records per request."""
 
     LAYOUT = ()
     TAIL = "records"

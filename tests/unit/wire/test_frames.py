@@ -66,6 +66,16 @@ def test_request_with_status_and_wrong_kind():
         FrameParser(FrameKind.REQUEST).feed(encode_header(0, 1, 0, FrameKind.REPLY, 1), [])
 
 
+def test_a_request_parser_takes_posts_and_a_reply_parser_does_not():
+    p = FrameParser(FrameKind.REQUEST)
+    _feed_all(p, encode_header(0, 1, 0, FrameKind.POST, 1) + encode_header(0, 1, 0, FrameKind.REQUEST, 2))
+    assert [(f.kind, f.seq) for f in p.ready] == [(FrameKind.POST, 1), (FrameKind.REQUEST, 2)]
+    with pytest.raises(RemoteProtocolError):
+        FrameParser(FrameKind.REQUEST).feed(encode_header(0, 1, 0, FrameKind.POST, 1, status=5), [])
+    with pytest.raises(RemoteProtocolError):
+        FrameParser(FrameKind.REPLY).feed(encode_header(0, 1, 0, FrameKind.POST, 1), [])
+
+
 def test_chunk_starting_inside_a_frame_must_not_cross_its_end():
     p = FrameParser(FrameKind.REQUEST)
     p.feed(encode_header(4, 1, 0, FrameKind.REQUEST, 1)[:10], [])
