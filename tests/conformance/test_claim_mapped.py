@@ -17,6 +17,7 @@ from ugem.backing.mapping import map_shared
 from ugem.client.daemon_fds import DaemonFds, pidfd_getfd
 from ugem.client.registry import mapping_of
 from ugem.testing.data import wait_until
+from ugem.wire import structs as s
 from ugem.wire import structs_share as ss
 from ugem.wire.frames import Op
 
@@ -204,3 +205,45 @@ def test_a_posted_request_carries_the_queued_releases(env):
     dev._post_share(entry.map_id, 0, PAGE, True)
     assert not dev._released
     wait_until(lambda: observer.stats()["objects"] == 1)  # the dropped mapping's object is gone (posted: soon)
+
+
+def test_a_writable_mapping_comes_without_an_fd_where_the_client_takes_the_daemons(mode, env, monkeypatch):
+    """TAKES_FD: where this process may copy the daemon's fds, mmap and ugem.empty get no fd
+    in the reply (the client copies the daemon's own, checked against the memory the reply
+    names); if that copy fails (the memory changed meanwhile), the client asks again for an
+    fd; read-only mappings always come with an fd."""
+    if mode != "daemon":
+        pytest.skip("an embedded manager's memory is this process's: there is no daemon to take it from")
+    dev = env.open()
+    h = dev.create(2 * PAGE)
+    dev.pwrite(h, 0, b"taken")
+    replies = []
+    real_call = dev._call
+
+    def call(op, req, **local):
+        reply = real_call(op, req, **local)
+        replies.append((op, req.flags, reply.fd is None if isinstance(reply, s.MmapReply) else None))
+        return reply
+
+    monkeypatch.setattr(dev, "_call", call)
+    view = dev.mmap(h)
+    assert bytes(view[:5]) == b"taken"
+    assert replies == [(Op.GEM_MMAP, s.WRITABLE | s.TO_END | s.TAKES_FD, True)]
+    a = ugem.empty(100, np.uint8, device=dev)
+    a[:] = 7
+    assert replies[-1] == (Op.GEM_CREATE_MAPPED, s.TAKES_FD, True)
+    replies.clear()
+    assert bytes(dev.mmap(h, writable=False)[:5]) == b"taken"
+    assert replies == [(Op.GEM_MMAP, s.TO_END, False)]
+    replies.clear()
+    monkeypatch.setattr(DaemonFds, "take", lambda self, number, key: None)  # as if the fd changed hands
+    again = dev.mmap(h)
+    again[5:7] = b"!!"
+    assert bytes(view[:7]) == b"taken!!"
+    assert [(op, flags & s.TAKES_FD, no_fd) for op, flags, no_fd in replies] == [
+        (Op.GEM_MMAP, s.TAKES_FD, True), (Op.GEM_MMAP, 0, False)]
+    monkeypatch.undo()
+    del view, again, a
+    gc.collect()
+    dev.close_handle(h)
+    assert _objects(dev) == 0  # the mapping given up was released too

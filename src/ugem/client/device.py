@@ -279,10 +279,15 @@ class Device(DeviceOps, ShareOps):
 
     def mmap(self, handle: int, *, offset: int = 0, length: int | None = None, writable: bool = True) -> memoryview:
         writable = flag(writable, "writable")
-        flags = (s.WRITABLE if writable else 0) | (s.TO_END if length is None else 0)
+        flags = (s.WRITABLE if writable else 0) | (s.TO_END if length is None else 0) | self._take_flag(writable)
         req = s.MmapReq(handle=ident(handle), flags=flags, offset=i64(offset, "offset"),
                         length=0 if length is None else i64(length, "length"))
-        return self._map_reply(self._call(Op.GEM_MMAP, req), writable, f"handle {req.handle}")
+        reply = self._call(Op.GEM_MMAP, req)
+        if not self._take(reply):  # (rare) its memory changed meanwhile: ask again for an fd
+            self._released.append(reply.map_id)
+            req.flags &= ~s.TAKES_FD
+            reply = self._call(Op.GEM_MMAP, req)
+        return self._map_reply(reply, writable, f"handle {req.handle}")
 
     def _map_reply(self, reply: s.MmapReply, writable: bool, what: str) -> memoryview:
         """Map what a GEM_MMAP (or GEM_CLAIM) reply describes; track it until its last view dies."""

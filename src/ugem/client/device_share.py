@@ -126,11 +126,7 @@ class ShareOps:
 
     def _claim_mapped(self, owner: int, token: int, key: tuple[int, int], source: int, offset: int,
                       length: int) -> memoryview | None:
-        fds = self._daemon_fds
-        if fds is None:
-            transport = self._live()
-            peer = getattr(transport, "peer", None)
-            fds = self._daemon_fds = DaemonFds(peer() if peer is not None else None)
+        fds = self._fds()
         if not fds.usable:
             return None
         fd = fds.take(source, key)
@@ -151,6 +147,34 @@ class ShareOps:
             region.close()
             raise
         return self._enter(region, map_id, offset, True, key, source, address)
+
+    def _fds(self) -> DaemonFds:
+        """This Device's way to copy the daemon's fds (made on first use)."""
+        fds = self._daemon_fds
+        if fds is None:
+            transport = self._live()
+            peer = getattr(transport, "peer", None)
+            fds = self._daemon_fds = DaemonFds(peer() if peer is not None else None)
+        return fds
+
+    def _take_flag(self, writable: bool) -> int:
+        """TAKES_FD for a writable mapping where this process may copy the daemon's fds."""
+        transport = self._transport
+        if not writable or transport is None or transport.embedded:
+            return 0
+        return s.TAKES_FD if self._fds().usable else 0
+
+    def _take(self, reply: s.MmapReply) -> bool:
+        """Give a reply that came without an fd (TAKES_FD) a copy of the daemon's own, if that
+        is still the memory the reply names; False if not (purged and closed meanwhile, or
+        the kernel refuses now): the caller releases the mapping and asks again without."""
+        if reply.fd is not None:
+            return True
+        fd = self._fds().take(reply.server_fd, (reply.dev, reply.ino))
+        if fd is None:
+            return False
+        reply.fd = fd
+        return True
 
     def _enter(self, region: mmap.mmap, map_id: int, offset: int, writable: bool, key: tuple[int, int],
                source: int, address: int = 0) -> memoryview:
@@ -185,7 +209,11 @@ class ShareOps:
     def _new_mapping(self, size: int) -> memoryview:
         """A new object of `size` bytes mapped whole and writable, in one round trip, with no
         handle (GEM_CREATE_MAPPED): the mapping is all that keeps it (ugem.empty)."""
-        reply: s.MmapReply = self._call(Op.GEM_CREATE_MAPPED, s.CreateReq(size=size))
+        req = s.CreateReq(size=size, flags=self._take_flag(True))
+        reply: s.MmapReply = self._call(Op.GEM_CREATE_MAPPED, req)
+        if not self._take(reply):  # (rare) the object is dropped with its mapping: make another
+            self._released.append(reply.map_id)
+            reply = self._call(Op.GEM_CREATE_MAPPED, s.CreateReq(size=size))
         return self._map_reply(reply, True, "a new object")
 
     def _drop_share(self, owner: int, token: int) -> None:

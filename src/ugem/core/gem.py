@@ -45,6 +45,8 @@ __all__ = [
 ]
 
 def gem_create(core: Core, client: Client, req: s.CreateReq) -> s.CreateReply:
+    if req.flags:
+        raise InvalidArgument(f"GEM_CREATE takes no flags, got {req.flags:#x}")
     if req.size <= 0:
         raise InvalidArgument(f"object size must be positive, got {req.size}")
     if req.size > MAX_OBJECT_SIZE:
@@ -71,7 +73,7 @@ def gem_create_mapped(core: Core, client: Client, req: s.CreateReq) -> s.MmapRep
     size = page_align(req.size)
     obj = core.object_new(client, size)
     try:
-        return map_object(core, client, obj, 0, size, True, "the new object")
+        return map_object(core, client, obj, 0, size, True, "the new object", bool(req.flags & s.TAKES_FD))
     except BaseException:  # Pending included: the request runs again from the start
         core.discard_unpublished(obj)
         raise
@@ -213,17 +215,22 @@ def gem_mmap(core: Core, client: Client, req: s.MmapReq) -> s.MmapReply:
     writable = bool(req.flags & s.WRITABLE)
     if writable and req.handle in client.readonly:
         raise PermissionDenied(f"handle {req.handle} is read-only; map it with writable=False")
-    return map_object(core, client, obj, req.offset, length, writable, f"object {req.handle}")
+    return map_object(core, client, obj, req.offset, length, writable, f"object {req.handle}",
+                      bool(req.flags & s.TAKES_FD))
 
 
 def map_object(core: Core, client: Client, obj: BufferObject, offset: int, length: int, writable: bool,
-               what: str) -> s.MmapReply:
-    """A tracked mapping of `obj` for `client` (its checks done): GEM_MMAP, and GEM_CLAIM."""
+               what: str, takes_fd: bool = False) -> s.MmapReply:
+    """A tracked mapping of `obj` for `client` (its checks done): GEM_MMAP, GEM_CREATE_MAPPED
+    and GEM_CLAIM. With `takes_fd` (TAKES_FD) a writable mapping of a memfd we hold comes
+    with no fd: the client copies ours (`server_fd`), which stays open and the same memory
+    while the mapping is tracked (a mapped object is never spilled or freed)."""
     backing = cpu_mapping(core, obj, writable, what)
-    fd = core.backing.open_description(backing, writable)
-    map_id = track_mapping(core, client, obj, writable)
     server_fd = backing.fd if isinstance(backing, OwnedFd) else -1
-    return s.MmapReply(map_id=map_id, offset=offset, length=length, server_fd=server_fd, fd=fd)
+    fd = None if takes_fd and writable and server_fd >= 0 else core.backing.open_description(backing, writable)
+    map_id = track_mapping(core, client, obj, writable)
+    dev, ino = obj.key or (0, 0)
+    return s.MmapReply(map_id=map_id, offset=offset, length=length, server_fd=server_fd, dev=dev, ino=ino, fd=fd)
 
 
 def cpu_mapping(core: Core, obj: BufferObject, writable: bool, what: str) -> Any:

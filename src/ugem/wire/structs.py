@@ -27,7 +27,7 @@ __all__ = [
     "ImportReq", "InfoReply", "InfoReq", "JsonReply", "MapExportReq", "MmapReply", "MmapReq", "MunmapReq",
     "OpenReply", "OpenReq",
     "PreadReply", "PreadReq", "PwriteReply", "PwriteReq", "Struct", "UserptrReq", "XferDoneReq", "XFER", "READONLY",
-    "TO_END", "WRITABLE", "HELD", "decode", "encode",
+    "TAKES_FD", "TO_END", "WRITABLE", "HELD", "decode", "encode",
 ]
 
 # flag bits
@@ -36,6 +36,10 @@ WRITABLE = 0x1  # mmap/export: writable access
 READONLY = 0x1  # import/info replies: the handle is read-only
 HELD = 0x2  # import reply: this client already held that handle (re-import), nothing new to close
 TO_END = 0x2  # mmap: map from offset to the end of the object (length ignored)
+# mmap, create_mapped: the client takes the daemon's own fd of the memory (`server_fd`) itself
+# (pidfd_getfd, client/daemon_fds.py): no fd in the reply. Honoured for writable mappings of
+# memory the daemon holds as an fd; otherwise the reply carries an fd as usual.
+TAKES_FD = 0x4
 
 
 # -- handshake ---------------------------------------------------------------------------
@@ -81,6 +85,7 @@ class JsonReply(Struct):
 @dataclass(slots=True)
 class CreateReq(Struct):
     LAYOUT = (("size", "q"), ("flags", "I"), ("pad", "I"))
+    FLAGS = TAKES_FD  # GEM_CREATE_MAPPED only
     size: int = 0
     flags: int = 0
     pad: int = 0
@@ -185,7 +190,7 @@ class XferDoneReq(Struct):
 @dataclass(slots=True)
 class MmapReq(Struct):
     LAYOUT = (("handle", "I"), ("flags", "I"), ("offset", "q"), ("length", "q"))
-    FLAGS = WRITABLE | TO_END
+    FLAGS = WRITABLE | TO_END | TAKES_FD
     handle: int = 0
     flags: int = 0
     offset: int = 0
@@ -194,14 +199,18 @@ class MmapReq(Struct):
 
 @dataclass(slots=True)
 class MmapReply(Struct):
-    LAYOUT = (("map_id", "I"), ("pad", "I"), ("offset", "Q"), ("length", "Q"), ("server_fd", "i"))
+    LAYOUT = (("map_id", "I"), ("pad", "I"), ("offset", "Q"), ("length", "Q"), ("server_fd", "i"), ("pad2", "I"),
+              ("dev", "Q"), ("ino", "Q"))
     FDS = ("fd",)
     map_id: int = 0
     pad: int = 0
     offset: int = 0
     length: int = 0
-    server_fd: int = -1  # the daemon's own fd of that memory (-1: none): core/shares.py GEM_CLAIM_MAPPED
-    fd: OwnedFd | None = None
+    server_fd: int = -1  # the daemon's own fd of that memory (-1: none): core/shares.py GEM_CLAIM_MAPPED, TAKES_FD
+    pad2: int = 0
+    dev: int = 0  # that memory's identity (st_dev, st_ino), for a client that takes `server_fd` to check
+    ino: int = 0
+    fd: OwnedFd | None = None  # none with TAKES_FD where honoured
 
 
 @dataclass(slots=True)
