@@ -1,4 +1,5 @@
-"""Shared harness for the bench/ scripts (SPEC §7). Not a test module: run the scripts directly.
+"""Shared harness for the bench/ scripts (the performance targets of docs/REFERENCE.md). Not a test
+module: run the scripts directly.
 
 What it gives every script:
 
@@ -333,7 +334,7 @@ def print_summary(reports: list[Report], out: Any = None) -> None:
     """One line per targeted figure: target, measured, pass/fail."""
     out = out or sys.stdout
     env = environment()
-    print(f"\n== summary (SPEC §7 targets); code {env['source']}, Python {env['python']}, {env['cpus']} CPUs, "
+    print(f"\n== summary (performance targets); code {env['source']}, Python {env['python']}, {env['cpus']} CPUs, "
           f"kernel {env['kernel']}", file=out)
     headers = ("bench", "figure", "mode", "target", "measured", "result")
     table = []
@@ -360,7 +361,7 @@ def print_summary(reports: list[Report], out: Any = None) -> None:
     print(f"  {total - failed}/{total} targets met", file=out)
     info = [(rep.bench, r) for rep in reports for r in rep.rows if r.headline and r.target is None]
     if info:
-        print("\n  figures without a SPEC §7 target (informational):", file=out)
+        print("\n  figures without a target (informational):", file=out)
         rows = []
         for bench, r in info:
             measured = (f"not measured: {r.error[:70]}" if r.error else f"median {_num(r.median)} {r.unit}"

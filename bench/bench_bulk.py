@@ -1,4 +1,4 @@
-"""Bulk data (SPEC §7): 64 MiB pread_into/pwrite vs os.preadv/os.pwrite on a plain memfd.
+"""Bulk data: 64 MiB pread_into/pwrite vs os.preadv/os.pwrite on a plain memfd.
 
     python bench/bench_bulk.py [--quick] [--runs N] [--size MIB] [--json [PATH]]
 
@@ -9,7 +9,7 @@ samples per figure, rounds interleaved with the baseline. GB/s = 10**9 bytes/s.
 - warm pwrite / pread_into: the object's pages already exist (written once before);
 - cold pwrite: the first write into a fresh object (create + pwrite) vs the first write into
   a fresh memfd (memfd_create + ftruncate + pwrite); closing happens outside the timing;
-- cold pread_into (no target): reading a never-written object (zeros, SPEC §2: not
+- cold pread_into (no target): reading a never-written object (zeros: not
   populated) vs preadv of a fresh, never-written memfd.
 
 Targets: ugem/baseline >= 0.85 embedded, >= 0.70 through the daemon.

@@ -1,4 +1,4 @@
-"""The device (SPEC §2 execbuffer/suspend, §3 vram, device commands, suspend): VRAM eviction,
+"""The device (execbuffer, VRAM placement, device commands, suspend): VRAM eviction,
 suspend, and command submission rates, embedded and through the daemon.
 
     python bench/bench_device.py [--quick] [--runs N] [--warmup N] [--json [PATH]] [--wait-idle S]
@@ -42,7 +42,7 @@ first use pays page faults, later rounds reuse those pages). GB/s = 10**9 bytes/
    Per-call latency of the single-Fill execbuffer is listed too. References in the same
    rounds: 10,000 `busy(h)` calls (the control round trip of that mode: the floor for any
    request), and the work itself (10,000 numpy fills of 4 KiB in this process).
-4. latency while evicting (SPEC §7: one client moving 1 GiB, eviction included, must not stall
+4. latency while evicting (the target: one client moving 1 GiB, eviction included, must not stall
    others; target p99 <= 10 ms): client B (another client of the same manager, in a thread of
    this process) loops on busy(h) and a 4 KiB pread of a small object of its own while client A
    runs the eviction of 1 (fresh variant, untimed setup as in 1). B's latencies during A's
@@ -96,7 +96,7 @@ SINGLES = 10_000  # execbuffers of one Fill
 BATCHES, PER_BATCH = 100, 100  # execbuffers of 100 Fills
 CROWD = 10_000  # idle objects held by another client
 LATENCY_IDLE = 0.5  # seconds of client B on an idle manager before each eviction episode
-LATENCY_MS = 10.0  # SPEC §7: one client moving 1 GiB (eviction) leaves others' small requests p99 <= 10 ms
+LATENCY_MS = 10.0  # target: one client moving 1 GiB (eviction) leaves others' small requests p99 <= 10 ms
 CONFIG = dict(vram="1G", system_budget="8G", hang_timeout=60)
 MODES = ("embedded", "daemon")
 
@@ -486,7 +486,7 @@ def baseline_runners(src: np.ndarray) -> dict[str, H.Runner]:
 
 
 def headline(row: H.Row, flag: bool = True) -> H.Row:
-    """Mark a figure without a SPEC §7 target for the run_all summary's informational list."""
+    """Mark a figure without a target for the run_all summary's informational list."""
     row.headline = flag
     return row
 

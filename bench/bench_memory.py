@@ -1,5 +1,5 @@
-"""Memory under a budget (SPEC §3, §7): spill, restore, purge, a peer workload, and other
-clients' latency while one client spills. Daemon mode throughout.
+"""Memory under a budget (the performance targets of docs/REFERENCE.md): spill, restore, purge, a peer
+workload, and other clients' latency while one client spills. Daemon mode throughout.
 
     python bench/bench_memory.py [--quick] [--runs N] [--warmup N] [--json [PATH]] [--wait-idle S]
                                  [--spill-root DIR] [--ray-python PYTHON | --no-ray]

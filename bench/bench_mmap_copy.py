@@ -1,4 +1,4 @@
-"""numpy copies through ugem mappings (SPEC §7) vs np.copyto between two plain memfd mappings.
+"""numpy copies through ugem mappings vs np.copyto between two plain memfd mappings.
 
     python bench/bench_mmap_copy.py [--quick] [--runs N] [--size MIB] [--json [PATH]]
 

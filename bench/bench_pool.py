@@ -66,7 +66,7 @@ BENCH = "pool"
 DEFAULTS = dict(runs=10, n=20, warmup=3, quick_runs=3, quick_n=6, quick_warmup=1)
 SIZES = {"1 MiB": H.MiB, "64 MiB": 64 * H.MiB, "1 GiB": 1024 * H.MiB}
 MANY, SMALL = 2000, 4096
-FD_SLACK = 16  # SPEC: a receiver holds at most this many more fds
+FD_SLACK = 16  # target: a receiver holds at most this many more fds
 SPEED_VS_VALUE = 0.1  # ugem / by value at 64 MiB
 WITHIN_SHM = 1.2  # ugem / shared_memory, every size
 METHODS = ("ugem", "by value", "shared_memory")  # always measured

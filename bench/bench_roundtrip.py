@@ -1,4 +1,4 @@
-"""Control-path latency (SPEC §7): daemon round trips vs a bare Python Unix-socket round trip,
+"""Control-path latency: daemon round trips vs a bare Python Unix-socket round trip,
 and embedded create+close_handle vs a `multiprocessing.shared_memory` segment's life.
 
     python bench/bench_roundtrip.py [--quick] [--runs N] [--n N] [--json [PATH]] [--placement any|same|split]

@@ -1,4 +1,4 @@
-"""Scale (SPEC §7): 1,000,000 live objects across 100 clients in one daemon.
+"""Scale (a performance target, docs/REFERENCE.md): 1,000,000 live objects across 100 clients in one daemon.
 
     python bench/bench_scale.py [--quick] [--objects N] [--clients C] [--workers W] [--runs N] [--n N]
                                 [--no-embedded] [--gc-log] [--json [PATH]]
@@ -19,7 +19,7 @@ daemons:
   1k point the ratio shows what the method itself gives: ~1.0); the ratio against the same
   daemon before the fill (measured apart) is in the notes;
 - `create`+`close_handle` pairs, and `create` alone (handles kept, closed after each run):
-  target median at N <= 2 x at 1k (SPEC §7); the daemons' CPU time per operation (notes);
+  target median at N <= 2 x at 1k; the daemons' CPU time per operation (notes);
 - lookup: `info(h)` on random handles among the probe's own (1k at 1k, N/C at N);
 - names: `flink` of a new object (create and close untimed), `open_name` + `close_handle` of
   random names (1k names, vs ~N/10 at N).
@@ -35,7 +35,7 @@ collections per phase (diagnostics).
 Embedded mode (in a spawned child process, so that its RSS is the manager's): `ugem.Manager` with
 C `open()` clients, same N, RSS delta per object of that process, create/info/flink latency at
 1k vs N against a second Manager holding 1k objects in the same rounds, fill and teardown time.
-Informational (the SPEC target is on the daemon).
+Informational (the target is on the daemon).
 """
 
 from __future__ import annotations

@@ -1,4 +1,4 @@
-"""Run every bench/ script (SPEC §7) and print one summary table: target, measured, pass/fail.
+"""Run every bench/ script and print one summary table: target, measured, pass/fail.
 
     python bench/run_all.py [--quick] [--json [PATH]] [--only NAME ...]
     python -m bench [same options]          (from the repository root)
