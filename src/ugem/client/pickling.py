@@ -8,8 +8,10 @@ Rules:
   and slices, reshapes, transposes and views of them) travels by reference, without its
   bytes: the receiver gets an array on the same memory with the same dtype, shape, strides
   and offset, writable iff the source was (and its mapping is);
-- a daemon client's array travels as a share (core/shares.py: GEM_SHARE on the mapping, sent
-  without waiting for its reply; the share keeps the object alive until it is claimed, even
+- a daemon client's array travels as a share (core/shares.py: GEM_SHARE on the mapping, held
+  back and sent with the Device's next request (client/batch.py), which the receiver does not
+  wait for: its claim names the memory, and the manager takes it early; until the share is
+  sent, the sender's mapping holds the object; once sent, the share keeps the object alive until it is claimed, even
   if the sender drops the array at once, or closes its Device: the share passes to another
   client of the same process, so the sending process keeps one (its `default_device()` if
   that is a client of the same socket, else one connection of its own per socket path, the
@@ -42,10 +44,10 @@ Rules:
 - every other array (not ugem memory, empty, or of object dtype) pickles exactly as numpy
   pickles it; arrays that are ugem memory but whose Device is closed or was made by the
   parent of a forked child raise `pickle.PicklingError` naming why;
-- the shares one multiprocessing pickle posts, and the claims one unpickling posts, go out
+- the shares one multiprocessing pickle makes, and the claims one unpickling makes, go out
   together (client/batch.py: `ForkingPickler.dumps` and `loads` run as a batch, wrapped
   here where the reducers are registered): a list of 2,000 arrays costs the daemon a few
-  dozen writes, not 2,000;
+  dozen writes, not 2,000; an array sent to a worker and back, none from the sender;
 - plain `pickle` (not multiprocessing's): arrays are pickled by value as always (no global
   reducer is registered); a daemon client's Buffer travels by flink name and socket path.
   The receiver opens the name through its `default_device()` if that is a client of the same
@@ -255,7 +257,7 @@ _plain_loads = reduction.ForkingPickler.loads
 
 
 def _dumps(cls: type, obj: Any, protocol: int | None = None) -> memoryview:
-    with batch():  # the shares it posts go out together, before the pickle is returned
+    with batch():  # the shares it makes are held back (sent late: client/batch.py)
         result: memoryview = _plain_dumps(cls, obj, protocol)
         return result
 
