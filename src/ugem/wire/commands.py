@@ -31,7 +31,6 @@ __all__ = ["RECORD", "decode_commands", "encode_commands"]
 RECORD = struct.Struct("<IIII9q")
 _pack = RECORD.pack
 _TYPES: dict[type, int] = {Fill: 1, Copy: 2, Blit: 3, SemaphoreWait: 4}
-_CLASSES = {code: cls for cls, code in _TYPES.items()}
 # per type: (handle fields, int fields)
 _FIELDS: dict[type, tuple[tuple[str, ...], tuple[str, ...]]] = {
     Fill: (("dst",), ("offset", "length", "byte")),
