@@ -46,10 +46,11 @@ def gem_execbuffer(core: Core, client: Client, req: sx.ExecbufferReq) -> sx.Fenc
     entries: dict[int, BufferObject] = {}
     for cmd in cmds:  # ENOENT, over the whole list
         for handle in commands.handles(cmd):
-            entries[handle] = core.lookup(client, handle)
-    for cmd in cmds:  # EINVAL
-        commands.validate(cmd, lambda h: commands.ObjView.of(entries[h]))
-    objs = list({id(o): o for o in entries.values()}.values())
+            if handle not in entries:
+                entries[handle] = core.lookup(client, handle)
+    for cmd in cmds:  # EINVAL (validate only reads the objects: no snapshot needed)
+        commands.validate(cmd, entries.__getitem__)
+    objs = list(dict.fromkeys(entries.values()))  # each object once (two handles may name it)
     for obj in objs:  # EFAULT
         core.check_pages(obj)
     written = {h for cmd in cmds for h in commands.writes(cmd)}
@@ -118,6 +119,8 @@ def _pages_written_in_place(core: Core, cmds: list[Command],
 def check_fits(core: Core, objs: list[BufferObject]) -> None:
     gpu = core.gpu
     need = sum(o.size for o in objs if not gpu.in_place(o))
+    if need + gpu.vram_bytes <= gpu.backend.vram_size:  # pinned objects are a part of vram_bytes
+        return
     members = {id(o) for o in objs}
     pinned = sum(n.size * PAGE_SIZE for n in gpu.space  # objects in VRAM only, not every object
                  if n.owner is not None and n.owner.pinned_by and id(n.owner) not in members)

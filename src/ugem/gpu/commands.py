@@ -13,8 +13,9 @@ Rules:
 - No threads, sockets or fds. The only blocking is SemaphoreWait's poll loop, which sleeps
   between polls (20 µs backing off to 1 ms) and raises `Hung` (EIO) once `cancelled()` is true.
 - Checks within one command run in a fixed order (see `validate`), so a command with one
-  bad field fails with one predictable message naming the field and its value. Fields
-  must be ints (not bool); numpy integers are accepted and converted.
+  bad field fails with one predictable message naming the field and its value (a valid Fill
+  or Copy of plain ints passes a shortcut that formats no message: it runs per command).
+  Fields must be ints (not bool); numpy integers are accepted and converted.
 - Fill and Copy address raw bytes (no detiling), like pread/pwrite; only Blit goes through
   the tiling. Copy and Blit behave like memmove: a Blit gathers every source byte into a
   temporary before it writes any destination byte, so src == dst with overlapping
@@ -118,7 +119,14 @@ class Target:
 
 def handles(cmd: Command) -> list[int]:
     """Every handle `cmd` names, each once, in field order (for the ENOENT pass)."""
-    return list(dict.fromkeys([*reads(cmd), *writes(cmd)]))
+    match cmd:  # reads(cmd) then writes(cmd), without repeats
+        case Fill():
+            return [cmd.dst]
+        case Copy() | Blit():
+            return [cmd.src] if cmd.src == cmd.dst else [cmd.src, cmd.dst]
+        case SemaphoreWait():
+            return [cmd.obj]
+    raise _unknown(cmd)
 
 
 def reads(cmd: Command) -> list[int]:
@@ -194,9 +202,17 @@ def addresses(tiling: int, pitch: int, x0_bytes: int, y0: int, width_bytes: int,
 # ---------------------------------------------------------------------------- validation
 
 
+_FIELD_NAMES = {cls: tuple(f.name for f in fields(cls)) for cls in (Fill, Copy, Blit, SemaphoreWait)}
+
+
 def _ints(cmd: Command) -> dict[str, int]:
     """Every field of `cmd` as a Python int; EINVAL naming the first field that is not one."""
-    return {f.name: integer(getattr(cmd, f.name), f"{type(cmd).__name__}.{f.name}") for f in fields(cmd)}
+    names = _FIELD_NAMES.get(type(cmd)) or tuple(f.name for f in fields(cmd))  # (a subclass)
+    v: dict[str, int] = {}
+    for name in names:
+        value = getattr(cmd, name)
+        v[name] = value if type(value) is int else integer(value, f"{type(cmd).__name__}.{name}")
+    return v
 
 
 def _need(ok: bool, message: str) -> None:
@@ -230,6 +246,8 @@ def validate(cmd: Command, obj: Callable[[int], ObjectLike]) -> None:
     SemaphoreWait: offset >= 0, value in u32, object CACHED or proxy, offset 4-aligned,
     offset + 4 <= size.
     """
+    if _plainly_valid(cmd, lambda handle: obj(handle).size):
+        return
     if not isinstance(cmd, Fill | Copy | Blit | SemaphoreWait):
         raise _unknown(cmd)
     v = _ints(cmd)
@@ -259,6 +277,22 @@ def validate(cmd: Command, obj: Callable[[int], ObjectLike]) -> None:
             )
             _need(v["offset"] % 4 == 0, f"SemaphoreWait.offset must be 4-aligned, got {v['offset']}")
             _in_object("SemaphoreWait", v["obj"], v["offset"], 4, view)
+
+
+def _plainly_valid(cmd: Command, size: Callable[[int], int]) -> bool:
+    """`validate`'s checks of a Fill or Copy of plain ints, naming nothing (`size(handle)`: its
+    object's size): True if all pass, else `validate` runs them in order for its message.
+    Asks for a size only where `validate` would look at that object (the same ones)."""
+    if type(cmd) is Fill:
+        dst, offset, length, byte = cmd.dst, cmd.offset, cmd.length, cmd.byte
+        return (type(dst) is int and type(offset) is int and type(length) is int and type(byte) is int
+                and length > 0 and offset >= 0 and 0 <= byte <= 255 and offset + length <= size(dst))
+    if type(cmd) is Copy:
+        src, dst, src_offset, dst_offset, length = cmd.src, cmd.dst, cmd.src_offset, cmd.dst_offset, cmd.length
+        return (type(src) is int and type(dst) is int and type(src_offset) is int and type(dst_offset) is int
+                and type(length) is int and length > 0 and src_offset >= 0 and dst_offset >= 0
+                and src_offset + length <= size(src) and dst_offset + length <= size(dst))
+    return False
 
 
 def _check_blit_side(side: str, v: dict[str, int], view: ObjectLike) -> None:
@@ -308,7 +342,8 @@ def execute(
         t = targets[handle]
         return ObjView(size=arrays[handle].size, tiling=t.tiling, stride=t.stride, caching=CACHING_CACHED)
 
-    validate(cmd, view)
+    if not _plainly_valid(cmd, lambda handle: int(arrays[handle].size)):
+        validate(cmd, view)
     match cmd:
         case Fill():
             arrays[cmd.dst][cmd.offset : cmd.offset + cmd.length].fill(cmd.byte)

@@ -29,8 +29,8 @@ from ..errors import InvalidArgument
 __all__ = ["RECORD", "decode_commands", "encode_commands"]
 
 RECORD = struct.Struct("<IIII9q")
+_pack = RECORD.pack
 _TYPES: dict[type, int] = {Fill: 1, Copy: 2, Blit: 3, SemaphoreWait: 4}
-_CLASSES = {code: cls for cls, code in _TYPES.items()}
 # per type: (handle fields, int fields)
 _FIELDS: dict[type, tuple[tuple[str, ...], tuple[str, ...]]] = {
     Fill: (("dst",), ("offset", "length", "byte")),
@@ -49,6 +49,13 @@ def _int(cmd: Command, name: str, index: int) -> int:
 def encode_commands(commands: Sequence[Command]) -> bytes:
     out = bytearray()
     for index, cmd in enumerate(commands):
+        if type(cmd) is Fill:  # the common case, when no field needs converting or saturating
+            dst, offset, length, byte = cmd.dst, cmd.offset, cmd.length, cmd.byte
+            if (type(dst) is int and type(offset) is int and type(length) is int and type(byte) is int
+                    and 0 < dst < ints.U32_LIMIT and ints.S64_MIN <= offset <= ints.S64_MAX
+                    and ints.S64_MIN <= length <= ints.S64_MAX and ints.S64_MIN <= byte <= ints.S64_MAX):
+                out += _pack(1, 0, dst, 0, offset, length, byte, 0, 0, 0, 0, 0, 0)
+                continue
         code = _TYPES.get(type(cmd))
         if code is None:
             raise InvalidArgument(f"command {index}: not a device command: {cmd!r}")
@@ -59,21 +66,27 @@ def encode_commands(commands: Sequence[Command]) -> bytes:
     return bytes(out)
 
 
+# per type code: (class, every field name in record order: handles then ints, handle count)
+_LAYOUTS = {code: (cls, _FIELDS[cls][0] + _FIELDS[cls][1], len(_FIELDS[cls][0])) for cls, code in _TYPES.items()}
+
+
 def decode_commands(data: bytes) -> list[Command]:
     """Records back to commands; EINVAL for a torn record, unknown type or nonzero padding."""
     if len(data) % RECORD.size:
         raise InvalidArgument(f"command list of {len(data)} bytes is not a whole number of "
                               f"{RECORD.size}-byte records")
     commands: list[Command] = []
-    for index, (code, pad, h1, h2, *ps) in enumerate(RECORD.iter_unpack(data)):
-        cls = _CLASSES.get(code)
-        if cls is None:
-            raise InvalidArgument(f"command {index}: unknown command type {code}")
-        handles, params = _FIELDS[cls]
-        unused = ([h2] if len(handles) == 1 else []) + ps[len(params):]
-        if pad or any(unused):
+    for index, record in enumerate(RECORD.iter_unpack(data)):
+        if record[0] == 1 and not (record[1] or record[3] or any(record[7:])):  # a Fill: the common case
+            commands.append(Fill(dst=record[2], offset=record[4], length=record[5], byte=record[6]))
+            continue
+        layout = _LAYOUTS.get(record[0])
+        if layout is None:
+            raise InvalidArgument(f"command {index}: unknown command type {record[0]}")
+        cls, names, nhandles = layout
+        # the used fields: the handles (h1, h2 from record[2]), then the ints (p0.. from record[4])
+        values = record[2:2 + nhandles] + record[4:4 + len(names) - nhandles]
+        if record[1] or (nhandles == 1 and record[3]) or any(record[4 + len(names) - nhandles:]):
             raise InvalidArgument(f"command {index}: nonzero padding or unused fields")
-        values = dict(zip(handles, (h1, h2), strict=False))
-        values.update(zip(params, ps, strict=False))
-        commands.append(cls(**values))
+        commands.append(cls(**dict(zip(names, values, strict=True))))
     return commands
