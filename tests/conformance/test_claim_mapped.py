@@ -207,11 +207,11 @@ def test_a_posted_request_carries_the_queued_releases(env):
     wait_until(lambda: observer.stats()["objects"] == 1)  # the dropped mapping's object is gone (posted: soon)
 
 
-def test_a_writable_mapping_comes_without_an_fd_where_the_client_takes_the_daemons(mode, env, monkeypatch):
+def test_a_mapping_comes_without_an_fd_where_the_client_takes_the_daemons(mode, env, monkeypatch):
     """TAKES_FD: where this process may copy the daemon's fds, mmap and ugem.empty get no fd
     in the reply (the client copies the daemon's own, checked against the memory the reply
-    names); if that copy fails (the memory changed meanwhile), the client asks again for an
-    fd; read-only mappings always come with an fd."""
+    names, and maps it read-only if asked so); if that copy fails (the memory changed
+    meanwhile), the client asks again for an fd."""
     if mode != "daemon":
         pytest.skip("an embedded manager's memory is this process's: there is no daemon to take it from")
     dev = env.open()
@@ -233,8 +233,10 @@ def test_a_writable_mapping_comes_without_an_fd_where_the_client_takes_the_daemo
     a[:] = 7
     assert replies[-1] == (Op.GEM_CREATE_MAPPED, s.TAKES_FD, True)
     replies.clear()
-    assert bytes(dev.mmap(h, writable=False)[:5]) == b"taken"
-    assert replies == [(Op.GEM_MMAP, s.TO_END, False)]
+    ro = dev.mmap(h, writable=False)
+    assert bytes(ro[:5]) == b"taken" and ro.readonly
+    assert replies == [(Op.GEM_MMAP, s.TO_END | s.TAKES_FD, True)]
+    del ro
     replies.clear()
     monkeypatch.setattr(DaemonFds, "take", lambda self, number, key: None)  # as if the fd changed hands
     again = dev.mmap(h)

@@ -279,7 +279,7 @@ class Device(DeviceOps, ShareOps):
 
     def mmap(self, handle: int, *, offset: int = 0, length: int | None = None, writable: bool = True) -> memoryview:
         writable = flag(writable, "writable")
-        flags = (s.WRITABLE if writable else 0) | (s.TO_END if length is None else 0) | self._take_flag(writable)
+        flags = (s.WRITABLE if writable else 0) | (s.TO_END if length is None else 0) | self._take_flag()
         req = s.MmapReq(handle=ident(handle), flags=flags, offset=i64(offset, "offset"),
                         length=0 if length is None else i64(length, "length"))
         reply = self._call(Op.GEM_MMAP, req)

@@ -157,10 +157,10 @@ class ShareOps:
             fds = self._daemon_fds = DaemonFds(peer() if peer is not None else None)
         return fds
 
-    def _take_flag(self, writable: bool) -> int:
-        """TAKES_FD for a writable mapping where this process may copy the daemon's fds."""
+    def _take_flag(self) -> int:
+        """TAKES_FD where this process may copy the daemon's fds."""
         transport = self._transport
-        if not writable or transport is None or transport.embedded:
+        if transport is None or transport.embedded:
             return 0
         return s.TAKES_FD if self._fds().usable else 0
 
@@ -209,7 +209,7 @@ class ShareOps:
     def _new_mapping(self, size: int) -> memoryview:
         """A new object of `size` bytes mapped whole and writable, in one round trip, with no
         handle (GEM_CREATE_MAPPED): the mapping is all that keeps it (ugem.empty)."""
-        req = s.CreateReq(size=size, flags=self._take_flag(True))
+        req = s.CreateReq(size=size, flags=self._take_flag())
         reply: s.MmapReply = self._call(Op.GEM_CREATE_MAPPED, req)
         if not self._take(reply):  # (rare) the object is dropped with its mapping: make another
             self._released.append(reply.map_id)

@@ -222,12 +222,13 @@ def gem_mmap(core: Core, client: Client, req: s.MmapReq) -> s.MmapReply:
 def map_object(core: Core, client: Client, obj: BufferObject, offset: int, length: int, writable: bool,
                what: str, takes_fd: bool = False) -> s.MmapReply:
     """A tracked mapping of `obj` for `client` (its checks done): GEM_MMAP, GEM_CREATE_MAPPED
-    and GEM_CLAIM. With `takes_fd` (TAKES_FD) a writable mapping of a memfd we hold comes
-    with no fd: the client copies ours (`server_fd`), which stays open and the same memory
-    while the mapping is tracked (a mapped object is never spilled or freed)."""
+    and GEM_CLAIM. With `takes_fd` (TAKES_FD) a mapping of memory we hold as an fd comes with
+    no fd: the client copies ours (`server_fd`) and maps it (read-only if asked so), checking
+    it is the memory the reply names (a purge may close it meanwhile). A process allowed to
+    copy our fds could take that one any time, so this gives it nothing new."""
     backing = cpu_mapping(core, obj, writable, what)
     server_fd = backing.fd if isinstance(backing, OwnedFd) else -1
-    fd = None if takes_fd and writable and server_fd >= 0 else core.backing.open_description(backing, writable)
+    fd = None if takes_fd and server_fd >= 0 else core.backing.open_description(backing, writable)
     map_id = track_mapping(core, client, obj, writable)
     dev, ino = obj.key or (0, 0)
     return s.MmapReply(map_id=map_id, offset=offset, length=length, server_fd=server_fd, dev=dev, ino=ino, fd=fd)

@@ -37,8 +37,8 @@ READONLY = 0x1  # import/info replies: the handle is read-only
 HELD = 0x2  # import reply: this client already held that handle (re-import), nothing new to close
 TO_END = 0x2  # mmap: map from offset to the end of the object (length ignored)
 # mmap, create_mapped: the client takes the daemon's own fd of the memory (`server_fd`) itself
-# (pidfd_getfd, client/daemon_fds.py): no fd in the reply. Honoured for writable mappings of
-# memory the daemon holds as an fd; otherwise the reply carries an fd as usual.
+# (pidfd_getfd, client/daemon_fds.py): no fd in the reply. Honoured for memory the daemon
+# holds as an fd; otherwise the reply carries an fd as usual.
 TAKES_FD = 0x4
 
 
