@@ -776,7 +776,10 @@ def _check_success(conn: Conn, h: Hostile, reply: Any) -> None:
     else:
         assert len(reply.payload) >= size, (h.why, reply)
     assert reply.nfds <= len(cls.FDS), (h.why, reply)
-    if h.op in (Op.GEM_MMAP, Op.PRIME_HANDLE_TO_FD, Op.PRIME_MAP_TO_FD, Op.GEM_CLAIM, Op.GEM_CREATE_MAPPED):
+    if h.op in (Op.GEM_MMAP, Op.GEM_CREATE_MAPPED) and h.values.get("flags", 0) & s.TAKES_FD:
+        assert reply.nfds == 0, (h.why, reply)  # the client takes the daemon's own fd (server_fd)
+        assert struct.unpack_from("<i", reply.payload, 24)[0] >= 0, (h.why, reply)
+    elif h.op in (Op.GEM_MMAP, Op.PRIME_HANDLE_TO_FD, Op.PRIME_MAP_TO_FD, Op.GEM_CLAIM, Op.GEM_CREATE_MAPPED):
         assert reply.nfds == 1, (h.why, reply)
     if h.op in NEW_HANDLE_OPS:
         handle = struct.unpack_from("<I", reply.payload)[0]
