@@ -63,5 +63,5 @@ def batch() -> Iterator[None]:
         if not _state.depth and _state.devices:
             devices, _state.devices = _state.devices, None
             for device in devices.values():
-                if not device.closed and device._releases.claims:
+                if not device.closed:
                     device._send_claims()

@@ -73,9 +73,9 @@ class ShareOps:
         raise NotImplementedError
 
     def _post(self, op: Op | None, req: s.Struct | None = None) -> None:
-        """Send a request without waiting for its reply (client/device_share.py), after what
-        is queued (releases, held-back requests) in the same write; with no request, just what
-        is queued. In a pickling batch (client/batch.py) the request is held back instead."""
+        """Send a request without waiting for its reply, after what is queued (held claims,
+        releases, held shares) in the same write; with no request, just what is queued. In a
+        pickling batch (client/batch.py) the request is held back instead."""
         transport = self._live()
         if req is not None and hold_back(self):
             self._releases.hold(req)  # a ShareReq or ClaimMappedReq
@@ -185,12 +185,13 @@ class ShareOps:
         return view
 
     def _send_claims(self) -> None:
-        """Send the claims held back, alone (client/batch.py)."""
-        transport = self._live()
-        with self._send_lock:
-            claims = self._releases.claim_requests()
-            if claims:
-                transport.post(claims)
+        """Send the claims held back, if any, alone (client/batch.py)."""
+        if self._releases.claims:
+            transport = self._live()
+            with self._send_lock:
+                claims = self._releases.claim_requests()
+                if claims:
+                    transport.post(claims)
 
     def _send_held(self) -> None:
         """Before closing: send what is queued, the shares held back above all (their

@@ -42,9 +42,7 @@ class Wrapped:
         self.closed = False
 
 
-Held = ss.ShareReq | ss.ClaimMappedReq
-Queued = int | Wrapped | tuple[int, int] | Held
-_HELD_OPS: dict[type, Op] = {ss.ShareReq: Op.GEM_SHARE, ss.ClaimMappedReq: Op.GEM_CLAIM_MAPPED}
+Queued = int | Wrapped | tuple[int, int] | ss.ShareReq
 
 
 class Releases:
@@ -55,7 +53,7 @@ class Releases:
         self._lock = threading.Lock()
         self.claims: list[ss.ClaimMappedReq] = []  # held back apart: sent first, and when a batch ends
 
-    def hold(self, req: Held) -> None:
+    def hold(self, req: ss.ShareReq | ss.ClaimMappedReq) -> None:
         """Hold a posted request back (client/batch.py), to be sent with what is queued."""
         if isinstance(req, ss.ClaimMappedReq):
             self.claims.append(req)
@@ -97,7 +95,7 @@ class Releases:
         then shares and mappings (they need no handle)."""
         notes = self.claim_requests() if self.claims else []
         ids, handles, drops, held = self.drain()
-        notes += [(_HELD_OPS[type(req)], req) for req in held]
+        notes += [(Op.GEM_SHARE, req) for req in held]
         for start in range(0, len(drops), ss.MAX_DROPS):  # shares received here, mapped already
             records = b"".join(ss.SHARE_RECORD.pack(*d) for d in drops[start:start + ss.MAX_DROPS])
             notes.append((Op.GEM_DROP_SHARES, ss.DropSharesReq(records=records)))
@@ -109,9 +107,9 @@ class Releases:
             notes.append((Op.GEM_CLOSE_BATCH, s.CloseBatchReq(handles=struct.pack(f"<{len(batch)}I", *batch))))
         return notes
 
-    def drain(self) -> tuple[list[int], list[int], list[tuple[int, int]], list[Held]]:
+    def drain(self) -> tuple[list[int], list[int], list[tuple[int, int]], list[ss.ShareReq]]:
         """Take everything queued: (mapping ids to release, handles to close, shares to drop,
-        held-back requests)."""
+        held-back shares)."""
         released: list[Queued] = []
         try:
             while True:
@@ -120,7 +118,7 @@ class Releases:
             pass
         ids = [item for item in released if isinstance(item, int)]
         drops = [item for item in released if isinstance(item, tuple)]
-        held = [item for item in released if isinstance(item, (ss.ShareReq, ss.ClaimMappedReq))]
+        held = [item for item in released if isinstance(item, ss.ShareReq)]
         handles = []
         with self._lock:
             for item in released:
