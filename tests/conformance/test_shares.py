@@ -157,33 +157,6 @@ def test_unclaimed_shares_are_bounded_by_the_handle_limit(make_env, errno_of):
     assert errno_of(_share, sender, view) == errno.EDQUOT
 
 
-def test_another_uids_share_cannot_be_claimed(mode, make_env, as_user):
-    if mode != "daemon":
-        pytest.skip("clients of an embedded manager all have this process's uid")
-    env = make_env(socket_mode="0666")
-    os.chmod(env.daemon.directory, 0o755)
-    path = env.daemon.path
-    sender = env.open()
-    view = sender.mmap(sender.create(PAGE))
-    owner, token = _share(sender, view)
-
-    def as_nobody():
-        dev = ugem.connect(path)
-        outcome = {}
-        for what, call in (("claim", lambda: dev._claim(owner, token, False)),
-                           ("drop", lambda: (dev._drop_share(owner, token), dev.stats()))):
-            try:
-                call()
-                outcome[what] = 0
-            except ugem.UgemError as exc:
-                outcome[what] = exc.errno
-        return outcome
-
-    with as_user(NOBODY, as_nobody) as got:
-        assert got == {"claim": errno.EACCES, "drop": 0}  # a drop of another uid's share is skipped
-    assert len(env.open()._claim(owner, token, False)) == PAGE  # root may claim it, and it was not dropped
-
-
 def test_a_posted_share_costs_no_round_trip_and_its_failure_goes_to_the_claimer(env, errno_of):
     sender, receiver = env.open(), env.open()
     view = sender.mmap(sender.create(2 * PAGE))
@@ -288,7 +261,10 @@ def test_a_drop_before_its_share_is_sent_uses_the_share_up_when_it_comes(env):
     assert _objects(sender) == 0  # the dropped share did not keep it
 
 
-def test_an_early_claim_of_another_uids_memory_is_eacces(mode, make_env, as_user):
+@pytest.mark.parametrize("early", [False, True], ids=["sent", "not sent yet"])
+def test_another_uids_share_cannot_be_claimed(mode, make_env, as_user, early):
+    """Another uid's claim is EACCES and its drop is skipped, whether the share was sent or
+    is claimed early by the memory it names (not sent yet); root may claim it after."""
     if mode != "daemon":
         pytest.skip("clients of an embedded manager all have this process's uid")
     env = make_env(socket_mode="0666")
@@ -297,13 +273,14 @@ def test_an_early_claim_of_another_uids_memory_is_eacces(mode, make_env, as_user
     sender = env.open()
     view = sender.mmap(sender.create(PAGE))
     entry = _entry(view)
-    owner, last = _share(sender, view)
+    owner, token = _share(sender, view)
+    token, memory = (token + 1, (entry.key, 0, PAGE)) if early else (token, None)
 
     def as_nobody():
         dev = ugem.connect(path)
         outcome = {}
-        for what, call in (("claim", lambda: dev._claim(owner, last + 1, False, (entry.key, 0, PAGE))),
-                           ("drop", lambda: (dev._drop_share(owner, last + 1), dev.stats()))):
+        for what, call in (("claim", lambda: dev._claim(owner, token, False, memory)),
+                           ("drop", lambda: (dev._drop_share(owner, token), dev.stats()))):
             try:
                 call()
                 outcome[what] = 0
@@ -312,6 +289,7 @@ def test_an_early_claim_of_another_uids_memory_is_eacces(mode, make_env, as_user
         return outcome
 
     with as_user(NOBODY, as_nobody) as got:
-        assert got == {"claim": errno.EACCES, "drop": 0}  # the drop is skipped: the share still counts
-    assert _share(sender, view) == (owner, last + 1)
-    assert len(env.open()._claim(owner, last + 1, False)) == PAGE
+        assert got == {"claim": errno.EACCES, "drop": 0}  # a drop of another uid's share is skipped
+    if early:
+        assert _share(sender, view) == (owner, token)  # now it is sent, and the drop did not use it up
+    assert len(env.open()._claim(owner, token, False)) == PAGE  # root may claim it
