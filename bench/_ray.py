@@ -34,6 +34,12 @@ RAY_ENABLE = "pass --ray-python PY (a Python with ray and numpy, e.g. a venv: py
              "/tmp/rayenv/bin/pip install ray numpy) or set $UGEM_BENCH_RAY_PYTHON"
 
 
+def add_ray_options(parser: argparse.ArgumentParser) -> None:
+    """The --ray-python and --no-ray options every bench that measures Ray takes."""
+    parser.add_argument("--ray-python", help="a Python that can import ray and numpy, to measure Ray (optional)")
+    parser.add_argument("--no-ray", action="store_true", help="do not try to measure Ray")
+
+
 def ray_python(ns: argparse.Namespace) -> str:
     """`--ray-python`, else $UGEM_BENCH_RAY_PYTHON, else this interpreter."""
     return getattr(ns, "ray_python", None) or os.environ.get("UGEM_BENCH_RAY_PYTHON") or sys.executable

@@ -81,6 +81,7 @@ import numpy as np  # noqa: E402
 import _harness as H  # noqa: E402
 import ugem  # noqa: E402
 import ugem.client.device as _client_device  # noqa: E402
+from _ray import add_ray_options, ray_python, ray_version  # noqa: E402
 from ugem.testing.daemon import run_daemon  # noqa: E402
 
 BENCH = "memory"
@@ -615,16 +616,6 @@ print("RAYRESULT " + json.dumps(result), flush=True)
 """
 
 
-def ray_python_ok(python: str) -> str | None:
-    """The Ray version importable by `python`, or None."""
-    try:
-        r = subprocess.run([python, "-c", "import ray, numpy; print(ray.__version__)"], capture_output=True,
-                           text=True, timeout=120)
-    except (OSError, subprocess.SubprocessError):
-        return None
-    return r.stdout.strip() if r.returncode == 0 else None
-
-
 def peer_ray(python: str, spill_dir: str) -> dict[str, Any]:
     """One fresh Ray session (own process): put the arrays, get them back (copied out)."""
     r = subprocess.run([python, "-c", _RAY_SCRIPT, str(PEER_N), str(PEER_SIZE), str(512 * MiB), spill_dir],
@@ -808,15 +799,15 @@ def _peer(report: H.Report, opts: H.Options, workdir: str, ns: argparse.Namespac
     arrays = peer_arrays()
     outs = [np.zeros_like(a) for a in arrays]
     runs = 1 if opts.quick else 3
-    python = getattr(ns, "ray_python", None) or os.environ.get("UGEM_BENCH_RAY_PYTHON") or sys.executable
-    ray_version = None if getattr(ns, "no_ray", False) else ray_python_ok(python)
+    python = ray_python(ns)
+    version = None if getattr(ns, "no_ray", False) else ray_version(python)
     results: list[dict[str, Any]] = []
     ray_runs: list[dict[str, Any]] = []
     ray_errors: list[str] = []
     for i in range(runs):
         with run_daemon(system_budget=PEER_BUDGET, spill_dir=os.path.join(workdir, f"peer-spill-{i}")) as daemon:
             results.append(peer_ugem(daemon.path, arrays, outs))
-        if ray_version is not None:
+        if version is not None:
             try:
                 ray_runs.append(peer_ray(python, os.path.join(workdir, f"ray-spill-{i}")))
             except Exception as exc:  # optional extra: never fails the bench
@@ -828,7 +819,7 @@ def _peer(report: H.Report, opts: H.Options, workdir: str, ns: argparse.Namespac
                                        quoted=RAY_QUOTED[key]))
         if ray_runs:
             ray_values = [r[key] for r in ray_runs]
-            report.rows.append(seconds_row(f"peer: {key}, Ray {ray_version} measured here", "ray", ray_values))
+            report.rows.append(seconds_row(f"peer: {key}, Ray {version} measured here", "ray", ray_values))
             report.rows.append(seconds_row(f"peer: {key}, ugem vs Ray measured here", "daemon", values,
                                            measured_peer=ray_values, peer_label="Ray measured"))
     for i, r in enumerate(results):
@@ -840,7 +831,7 @@ def _peer(report: H.Report, opts: H.Options, workdir: str, ns: argparse.Namespac
                         "quoted from its published numbers for this kind of machine, not measured here")
     if getattr(ns, "no_ray", False):
         report.notes.append("Ray: not measured (--no-ray)")
-    elif ray_version is None:
+    elif version is None:
         report.notes.append(f"Ray: not measured ({python} cannot import ray; pass --ray-python)")
     for i, r in enumerate(ray_runs):
         report.notes.append(f"Ray {r['version']} run {i + 1} (fresh session, {python}): put {r['put']:.3f} s, "
@@ -865,8 +856,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     H.add_common(parser)
     parser.add_argument("--spill-root", help="parent of the spill directory (default: the system temp dir)")
-    parser.add_argument("--ray-python", help="a Python that can import ray, to measure Ray too (optional)")
-    parser.add_argument("--no-ray", action="store_true", help="do not try to measure Ray")
+    add_ray_options(parser)
     ns = parser.parse_args(argv)
     opts = H.options(ns, **DEFAULTS)
     return H.emit([H.monitored(run, opts)], opts)

@@ -68,7 +68,7 @@ import numpy as np  # noqa: E402
 
 import _harness as H  # noqa: E402
 import ugem  # noqa: E402
-from _ray import RAY_ENABLE, RayPeer, ray_python, ray_version  # noqa: E402
+from _ray import RAY_ENABLE, RayPeer, add_ray_options, ray_python, ray_version  # noqa: E402
 from ugem.testing.daemon import run_daemon  # noqa: E402
 
 try:
@@ -717,8 +717,7 @@ def _notes(report: H.Report, life: H.Results, share: H.Results, third: H.Results
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     H.add_common(parser)
-    parser.add_argument("--ray-python", help="a Python that can import ray and numpy, to measure Ray (optional)")
-    parser.add_argument("--no-ray", action="store_true", help="do not try to measure Ray")
+    add_ray_options(parser)
     ns = parser.parse_args(argv)
     opts = H.options(ns, **DEFAULTS)
     return H.emit([H.monitored(run, opts)], opts)
