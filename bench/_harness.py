@@ -489,9 +489,13 @@ def options(ns: argparse.Namespace, *, runs: int, n: int, warmup: int, quick_run
     )
 
 
-def parse_args(description: str, argv: list[str] | None = None, **defaults: int) -> Options:
+def parse_args(description: str, argv: list[str] | None = None,
+               add: Callable[[argparse.ArgumentParser], None] | None = None, **defaults: int) -> Options:
+    """The common options, and the bench's own (`add`), parsed; its own are in `opts.extra`."""
     parser = argparse.ArgumentParser(description=description)
     add_common(parser)
+    if add is not None:
+        add(parser)
     return options(parser.parse_args(argv), **defaults)
 
 

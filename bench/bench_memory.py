@@ -852,13 +852,13 @@ def _fs_type(path: str) -> str:
     return kind
 
 
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    H.add_common(parser)
+def _options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--spill-root", help="parent of the spill directory (default: the system temp dir)")
     add_ray_options(parser)
-    ns = parser.parse_args(argv)
-    opts = H.options(ns, **DEFAULTS)
+
+
+def main(argv: list[str] | None = None) -> int:
+    opts = H.parse_args(__doc__.splitlines()[0], argv, _options, **DEFAULTS)
     return H.emit([H.monitored(run, opts)], opts)
 
 

@@ -50,7 +50,6 @@ Cleanup: every segment this bench creates is destroyed (a last sweep removes any
 
 from __future__ import annotations
 
-import argparse
 import contextlib
 import functools
 import os
@@ -715,11 +714,7 @@ def _notes(report: H.Report, life: H.Results, share: H.Results, third: H.Results
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    H.add_common(parser)
-    add_ray_options(parser)
-    ns = parser.parse_args(argv)
-    opts = H.options(ns, **DEFAULTS)
+    opts = H.parse_args(__doc__.splitlines()[0], argv, add_ray_options, **DEFAULTS)
     return H.emit([H.monitored(run, opts)], opts)
 
 

@@ -507,13 +507,13 @@ def _notes(report: H.Report, res: dict[str, H.Results], ray_side: RaySide | None
                  "(chunksize 1), as Ray runs 10 tasks; embedded mode has no multi-client rows (one process's manager)")
 
 
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    H.add_common(parser)
+def _options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--size", type=int, metavar="MiB", help="the large array (default 800, as ray_perf's)")
     add_ray_options(parser)
-    ns = parser.parse_args(argv)
-    opts = H.options(ns, **DEFAULTS)
+
+
+def main(argv: list[str] | None = None) -> int:
+    opts = H.parse_args(__doc__.splitlines()[0], argv, _options, **DEFAULTS)
     return H.emit([H.monitored(run, opts)], opts)
 
 
