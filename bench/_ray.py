@@ -12,7 +12,8 @@ as skipped (with the reason) when there is none.
   script's protocol on stdout: `RAY {"ready": version}` once set up; then for every stdin
   line `CMD N`, one line `RAY {json}` with samples (ns) by label, or `{"error": "..."}`; the
   line `quit 0` makes it shut Ray down and exit. Its stderr goes to `workdir/ray-driver.log`,
-  whose tail is quoted when it fails.
+  whose tail is quoted when it fails. `SERVE` is that loop, the end of every such script:
+  the script defines `answer(cmd, n)` (the result dict of one command) before it.
 """
 
 from __future__ import annotations
@@ -32,6 +33,21 @@ import _harness as H
 
 RAY_ENABLE = "pass --ray-python PY (a Python with ray and numpy, e.g. a venv: python3 -m venv /tmp/rayenv && " \
              "/tmp/rayenv/bin/pip install ray numpy) or set $UGEM_BENCH_RAY_PYTHON"
+
+
+SERVE = r"""
+print("RAY " + json.dumps({"ready": ray.__version__}), flush=True)
+for line in sys.stdin:
+    cmd, n = line.split()
+    if cmd == "quit":
+        break
+    try:
+        result = answer(cmd, int(n))
+    except Exception as exc:
+        result = {"error": f"{type(exc).__name__}: {exc}"}
+    print("RAY " + json.dumps(result), flush=True)
+ray.shutdown()
+"""
 
 
 def add_ray_options(parser: argparse.ArgumentParser) -> None:

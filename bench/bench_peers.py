@@ -67,7 +67,7 @@ import numpy as np  # noqa: E402
 
 import _harness as H  # noqa: E402
 import ugem  # noqa: E402
-from _ray import RAY_ENABLE, RayPeer, add_ray_options, ray_python, ray_version  # noqa: E402
+from _ray import RAY_ENABLE, SERVE, RayPeer, add_ray_options, ray_python, ray_version  # noqa: E402
 from ugem.testing.daemon import run_daemon  # noqa: E402
 
 try:
@@ -433,18 +433,11 @@ def putget(n):
 
 share(3)
 putget(3)
-print("RAY " + json.dumps({"ready": ray.__version__}), flush=True)
-for line in sys.stdin:
-    cmd, n = line.split()
-    if cmd == "quit":
-        break
-    try:
-        result = {"share": share, "putget": putget}[cmd](int(n))
-    except Exception as exc:
-        result = {"error": f"{type(exc).__name__}: {exc}"}
-    print("RAY " + json.dumps(result), flush=True)
-ray.shutdown()
-"""
+
+
+def answer(cmd, n):
+    return {"share": share, "putget": putget}[cmd](n)
+""" + SERVE
 
 
 def putget_runner(dev: ugem.Device, pat: np.ndarray) -> dict[str, H.Runner]:

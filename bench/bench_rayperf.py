@@ -70,7 +70,7 @@ import numpy as np  # noqa: E402
 
 import _harness as H  # noqa: E402
 import ugem  # noqa: E402
-from _ray import RAY_ENABLE, RayPeer, add_ray_options, ray_python, ray_version  # noqa: E402
+from _ray import RAY_ENABLE, SERVE, RayPeer, add_ray_options, ray_python, ray_version  # noqa: E402
 from ugem.testing.daemon import run_daemon  # noqa: E402
 
 BENCH = "rayperf"
@@ -176,23 +176,16 @@ ops = {"get_small": get_small, "put_small": put_small, "put_multi_small": put_mu
        "put_large": put_large, "put_multi": put_multi}
 if ray.get(value) != 0 or int(ray.get(ray.put(large))[-1]) != large_items - 1:
     raise RuntimeError("ray.get returned other data")
-print("RAY " + json.dumps({"ready": ray.__version__}), flush=True)
-for line in sys.stdin:
-    cmd, n = line.split()
-    if cmd == "quit":
-        break
-    try:
-        samples = []
-        for _ in range(int(n)):
-            t0 = clock()
-            ops[cmd]()
-            samples.append(clock() - t0)
-        result = {cmd: samples}
-    except Exception as exc:
-        result = {"error": f"{type(exc).__name__}: {exc}"}
-    print("RAY " + json.dumps(result), flush=True)
-ray.shutdown()
-"""
+
+
+def answer(cmd, n):
+    samples = []
+    for _ in range(n):
+        t0 = clock()
+        ops[cmd]()
+        samples.append(clock() - t0)
+    return {cmd: samples}
+""" + SERVE
 
 
 class RaySide:
