@@ -26,15 +26,21 @@ to another process through the daemon (core/shares.py has the manager's rules).
   read-only keeps the receiver from writing;
 - `_drop_share(owner, token)`: use it up without mapping (this process maps that memory
   already); queued with the releases and sent before the next request, never from here;
-- `_enter(region, ...)`: enter a new mapping in the registry, released when its last view dies.
+- `_enter(region, ...)`: enter a new mapping in the registry, released when its last view dies;
+- `_mapping()`: around every request that makes a mapping (here and `Device.mmap`): the
+  Device tells its manager before a fork that it maps memory (client/fork.py) if it has a
+  live mapping or is making one (`_before_fork`).
 """
 
 from __future__ import annotations
 
 import mmap
+import os
 import threading
 import time
 import weakref
+from collections.abc import Iterator
+from contextlib import contextmanager
 from typing import Any
 
 from ..backing.mapping import map_placed
@@ -44,6 +50,7 @@ from ..wire import structs_share as ss
 from ..wire.frames import Op
 from .batch import HOLD_BACK, hold_back
 from .daemon_fds import DaemonFds
+from .fork import track_mappings
 from .registry import mapping_gone, register_mapping
 
 __all__ = ["CLAIM_PATIENCE_S", "ShareOps"]
@@ -61,6 +68,8 @@ class ShareOps:
     _share_lock: threading.Lock  # the Device's
     _daemon_fds: DaemonFds | None = None  # made on first use
     _next_chosen = ss.CHOSEN_MAP_IDS  # the next map id of a GEM_CLAIM_MAPPED
+    _mapping_threads: set[int]  # the Device's: threads making a mapping now
+    _pid: int
 
     def _live(self) -> Any:
         raise NotImplementedError
@@ -107,8 +116,36 @@ class ShareOps:
     def _post_share(self, map_id: int, offset: int, length: int, writable: bool) -> tuple[int, int]:
         return self._share(map_id, offset, length, writable, wait=False)
 
+    @contextmanager
+    def _mapping(self) -> Iterator[None]:
+        """Around a request that makes a mapping, until the mapping is in the registry."""
+        track_mappings(self)
+        me = threading.get_ident()
+        self._mapping_threads.add(me)
+        try:
+            yield
+        finally:
+            self._mapping_threads.discard(me)
+
+    def _before_fork(self, mapping: set[int]) -> None:
+        """This process forks (client/fork.py): if this Device maps something (`mapping`: the
+        ids of the Devices that do) or is making a mapping, its manager must never recycle
+        that memory: MAPPINGS_FORKED. A manager that is gone recycles nothing."""
+        if self._transport is None or self._pid != os.getpid() \
+                or (id(self) not in mapping and not self._mapping_threads):
+            return
+        try:
+            self._call(Op.MAPPINGS_FORKED, s.Empty())
+        except (UgemError, OSError):
+            pass
+
     def _claim(self, owner: int, token: int, writable: bool,
                memory: tuple[tuple[int, int], int, int] | None = None) -> memoryview:
+        with self._mapping():
+            return self._claim_once(owner, token, writable, memory)
+
+    def _claim_once(self, owner: int, token: int, writable: bool,
+                    memory: tuple[tuple[int, int], int, int] | None) -> memoryview:
         (dev, ino), offset, length = memory if memory is not None else ((0, 0), 0, 0)
         req = ss.ClaimReq(owner=owner, token=token, flags=s.WRITABLE if writable else 0, dev=dev, ino=ino,
                           offset=offset, length=length)
@@ -129,6 +166,11 @@ class ShareOps:
         fds = self._fds()
         if not fds.usable:
             return None
+        with self._mapping():
+            return self._claim_mapped_taken(fds, owner, token, key, source, offset, length)
+
+    def _claim_mapped_taken(self, fds: DaemonFds, owner: int, token: int, key: tuple[int, int], source: int,
+                            offset: int, length: int) -> memoryview | None:
         fd = fds.take(source, key)
         if fd is None:
             return None
@@ -211,11 +253,12 @@ class ShareOps:
         """A new object of `size` bytes mapped whole and writable, in one round trip, with no
         handle (GEM_CREATE_MAPPED): the mapping is all that keeps it (ugem.empty)."""
         req = s.CreateReq(size=size, flags=self._take_flag())
-        reply: s.MmapReply = self._call(Op.GEM_CREATE_MAPPED, req)
-        if not self._take(reply):  # (rare) the object is dropped with its mapping: make another
-            self._released.append(reply.map_id)
-            reply = self._call(Op.GEM_CREATE_MAPPED, s.CreateReq(size=size))
-        return self._map_reply(reply, True, "a new object")
+        with self._mapping():
+            reply: s.MmapReply = self._call(Op.GEM_CREATE_MAPPED, req)
+            if not self._take(reply):  # (rare) the object is dropped with its mapping: make another
+                self._released.append(reply.map_id)
+                reply = self._call(Op.GEM_CREATE_MAPPED, s.CreateReq(size=size))
+            return self._map_reply(reply, True, "a new object")
 
     def _drop_share(self, owner: int, token: int) -> None:
         self._released.append((owner, token))

@@ -16,7 +16,7 @@ are not fstat'ed before every request).
 
 Before a request adds `need` bytes, `make_room(need)` frees enough that
 resident + reserved + need <= budget. What to free is decided by the reclaim engine
-(`reclaim.py`: the candidate filters, the passes purge -> spare -> spill over the LRU,
+(`reclaim.py`: the candidate filters, the passes pool -> purge -> spare -> spill,
 oldest first, and the rules below); this class keeps the state (the LRU, the totals, the
 jobs) and does the moves (`purge`, `drop_spare`, `plan_spill`), and its `make_room`,
 `make_fd_room`, `shrink`, `settle` and `check_capacity` are one-line calls into the engine.
@@ -47,6 +47,13 @@ Each object with system pages holds one fd (a memfd): `make_fd_room` keeps the s
 `open_count` under `max_open` with the same passes counted in objects (a spill closes the
 memfd when it lands); if nothing can be freed, ENOMEM names the fd limit.
 
+Freed objects' memfds may be kept for reuse (backing/recycle.py; which ones, core/recycle.py):
+`close_backing` pools them, each cleared by a background ZERO job before it is handed out.
+Pooled pages count against the budget: `held` (resident plus pooled) is what the budget
+bounds, the pool takes at most an eighth of the budget and only what fits under it
+(`pool_room`), and every reclaim drops pooled memfds first (reclaim.py). Pooled memfds
+count against the fd limit the same way.
+
 Moves record what they did (purges, evictions, spills, bytes moved) into a `Tally`: the
 reclaim run's, which is added to `totals` (the STATS counters) when the run ends, or
 `totals` itself for moves outside a run.
@@ -68,6 +75,7 @@ from . import reclaim
 from .jobs import Job, JobKind, Pending
 from .object import BufferObject, Kind
 from .reclaim import ReclaimCtx, Tally
+from .recycle import recyclable
 from .spill_jobs import SpillJobs
 from .states import Event, Placement
 
@@ -138,6 +146,25 @@ class Memory(SpillJobs):
             self.headroom += self._room(obj)
         else:
             obj.resident = now
+
+    @property
+    def held(self) -> int:
+        """Bytes of system memory the budget bounds: objects' resident pages and pooled ones."""
+        return self.resident + self.backing.pooled_bytes
+
+    def pool_room(self) -> int:
+        """Bytes the pool may take now: an eighth of the budget, within the budget."""
+        return min(self.budget // 8, self.budget - self.resident - self.reserved) - self.backing.pooled_bytes
+
+    def close_backing(self, obj: BufferObject, freed: bool) -> None:
+        """Close `obj`'s memfd; a `freed` one nobody else may see (core/recycle.py) may be
+        pooled instead, then cleared off the request path (a background ZERO job)."""
+        if not (freed and recyclable(obj, self.busy(obj))):
+            self.backing.release(obj.backing)
+            return
+        entry = self.backing.release(obj.backing, obj.creator_uid, self.pool_room())
+        if entry is not None:
+            self.background.append(Job(JobKind.ZERO, obj, lambda: self.backing.clear(entry), 0, backing=entry))
 
     @staticmethod
     def _room(obj: BufferObject) -> int:
@@ -225,7 +252,7 @@ class Memory(SpillJobs):
         failures = {str(e) for o, e in self.failed.items() if o.placement != Placement.SPILLED}
         self.failed = {o: e for o, e in self.failed.items() if o.placement == Placement.SPILLED}
         return OutOfMemory(f"cannot free {deficit} bytes under the system budget of {self.budget} "
-                           f"(resident {self.resident}, reclaimable {available})"
+                           f"(resident {self.resident}, pooled {self.backing.pooled_bytes}, reclaimable {available})"
                            + (f"; spilling failed: {'; '.join(sorted(failures))}" if failures else ""))
 
     def drop_spare(self, obj: BufferObject) -> None:
@@ -292,4 +319,6 @@ class Memory(SpillJobs):
         for obj in list(self.lru):  # exact figures: measure everything, not just the volatile
             self.measure(obj)
         purgeable = sum(o.resident for o in self.lru if o.madvise == DONTNEED)
-        return {"resident_bytes": self.resident, "spilled_bytes": self.spilled, "purgeable_bytes": purgeable}
+        store = self.backing
+        return {"resident_bytes": self.resident, "spilled_bytes": self.spilled, "purgeable_bytes": purgeable,
+                "pooled_bytes": store.pooled_bytes, "pooled_memfds": store.pooled_fds, "recycled_total": store.recycled}

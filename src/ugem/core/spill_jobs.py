@@ -77,7 +77,7 @@ class SpillJobs:
 
     def plan_restore(self: _Memory, obj: BufferObject) -> Job:
         """Bring a spilled object back; the caller has made room for its data."""
-        backing = self.backing.create(obj.size)
+        backing = self.backing.create(obj.size, obj.creator_uid)
         extent = obj.extent
         job = Job(JobKind.RESTORE, obj, lambda: self.backing.spill_in(extent, backing, obj.size),
                   nbytes=obj.spilled, extent=extent, backing=backing)
@@ -111,6 +111,10 @@ class SpillJobs:
         if job.kind is JobKind.PUNCH:  # now the range may be handed out again
             job.done = True
             self.backing.spill_release(job.extent)
+            return
+        if job.kind is JobKind.ZERO:  # a pooled memfd (of a freed object) may be handed out now
+            job.done = True
+            self.backing.zeroed(job.backing, job.error)
             return
         obj = job.obj
         self.jobs.remove(job)
