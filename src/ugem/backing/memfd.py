@@ -143,8 +143,12 @@ class MemfdStore:
         if uid is not None:
             st = os.fstat(backing.fd)
             if self.pool.accepts(st.st_size, st.st_blocks * 512, room):
-                if view is None:
-                    view = map_shared(backing.fd, 0, st.st_size, True)
+                try:
+                    if view is None:
+                        view = map_shared(backing.fd, 0, st.st_size, True)
+                except OSError:  # no address space for it: not worth keeping
+                    backing.close()
+                    return None
                 segments = tuple(data_segments(backing.fd, 0, st.st_size))
                 return self.pool.put(backing, st.st_size, uid, st.st_blocks * 512, view, segments)
         backing.close()

@@ -18,9 +18,9 @@ Rules:
   faults page tables in. `take` hands out only entries `zeroed` (on the core's thread)
   marked done: never one whose zeroing has not finished or failed;
 - bounds: only memfds of at least MIN_SIZE bytes holding pages are pooled, at most `max_fds`
-  of them (64, and an eighth of the memfd limit) and at most the bytes the core allows
-  (`room`: an eighth of the system budget, within the budget, core/memory.py); else the
-  memfd is closed as before. Entries unused for IDLE_S seconds are closed (`expire`), so
+  of them (64, and an eighth of the memfd limit) and only if their whole size fits in the
+  bytes the core allows (`room`: an eighth of the system budget, within the budget,
+  core/memory.py); else the memfd is closed as before (also if it cannot be mapped). Entries unused for IDLE_S seconds are closed (`expire`), so
   an idle manager gives its memory back;
 - `drop` closes entries oldest first (the reclaim engine's first pass, before anything is
   purged or spilled). An entry may go while its zeroing runs: the job holds its own
@@ -75,7 +75,9 @@ class MemfdPool:
         return len(self._entries)
 
     def accepts(self, size: int, nbytes: int, room: int) -> bool:
-        return size >= MIN_SIZE and 0 < nbytes <= room and len(self._entries) < self.max_fds
+        """Whether a memfd of `size` bytes holding `nbytes` may be pooled within `room` bytes:
+        all of its size must fit (a huge sparse one is not worth mapping for its few pages)."""
+        return MIN_SIZE <= size <= room and nbytes > 0 and len(self._entries) < self.max_fds
 
     def put(self, fd: OwnedFd, size: int, uid: int, nbytes: int, view: Any,
             segments: tuple[tuple[int, int], ...]) -> Pooled:
