@@ -20,8 +20,9 @@ Rules:
 - bounds: only memfds of at least MIN_SIZE bytes holding pages are pooled, at most `max_fds`
   of them (64, and an eighth of the memfd limit) and only if their whole size fits in the
   bytes the core allows (`room`: an eighth of the system budget, within the budget,
-  core/memory.py); else the memfd is closed as before (also if it cannot be mapped). Entries unused for IDLE_S seconds are closed (`expire`), so
-  an idle manager gives its memory back;
+  core/memory.py); else the memfd is closed as before (also if it cannot be mapped).
+  Entries unused for IDLE_S seconds are closed (`expire`), so an idle manager gives its
+  memory back;
 - `drop` closes entries oldest first (the reclaim engine's first pass, before anything is
   purged or spilled). An entry may go while its zeroing runs: the job holds its own
   reference to the mapping, which is unmapped only when the last reference goes, so the
