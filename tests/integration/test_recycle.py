@@ -58,9 +58,11 @@ def _pooled_after_close(dev: ugem.Device, h: int) -> int:
 
 def _reuse(dev: ugem.Device, size: int = SIZE) -> tuple[int, np.ndarray, tuple[int, int]]:
     """Objects of `size` mapped until one comes from the pool (its clearing runs on a worker:
-    until it is done, new objects get fresh memfds); returns it, its pages and identity."""
+    until it is done, new objects get fresh memfds, held meanwhile so that the pool holds
+    nothing else); returns it, its pages and identity."""
     before = dev.stats()["recycled_total"]
     found: list[Any] = []
+    fresh: list[int] = []
 
     def one() -> bool:
         h = dev.create(size)
@@ -70,11 +72,12 @@ def _reuse(dev: ugem.Device, size: int = SIZE) -> tuple[int, np.ndarray, tuple[i
             assert entry is not None
             found[:] = [h, pages, entry.key]
             return True
-        del pages
-        dev.close_handle(h)
+        fresh.append(h)
         return False
 
     wait_until(one, SAFETY, what="a pooled memfd reused")
+    for h in fresh:
+        dev.close_handle(h)
     return found[0], found[1], found[2]
 
 
@@ -88,8 +91,7 @@ def test_a_freed_memfd_backs_the_next_object_and_reads_zeros(served: tuple[Daemo
     assert key2 == key  # the very memfd
     assert not pages.any()  # cleared: GEM hands out zeroed objects
     assert dev.pread(h2, SIZE - 4096, 4096) == bytes(4096)
-    stats = dev.stats()
-    assert stats["resident_bytes"] == SIZE and stats["pooled_memfds"] == 0, stats  # its pages came along
+    assert dev.stats()["resident_bytes"] >= SIZE  # its pages came along
     del pages
     dev.close_handle(h2)
 
