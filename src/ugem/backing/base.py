@@ -62,6 +62,9 @@ class BackingStore(Protocol):
         bytes: then it returns the pooled entry, handed out only once `clear` ran on it
         (any thread) and `zeroed` was called (the core's thread); else None."""
 
+    def has_pooled(self, size: int, uid: int) -> bool:
+        """Whether `create(size, uid)` would hand out a pooled backing now."""
+
     def clear(self, entry: Any) -> int:
         """Zero a pooled entry's pages (any thread); returns the bytes cleared."""
 

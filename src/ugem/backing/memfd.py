@@ -143,6 +143,7 @@ class MemfdStore:
         if uid is not None:
             st = os.fstat(backing.fd)
             if self.pool.accepts(st.st_size, st.st_blocks * 512, room):
+                cold = view is None
                 try:
                     if view is None:
                         view = map_shared(backing.fd, 0, st.st_size, True)
@@ -150,11 +151,14 @@ class MemfdStore:
                     backing.close()
                     return None
                 segments = tuple(data_segments(backing.fd, 0, st.st_size))
-                return self.pool.put(backing, st.st_size, uid, st.st_blocks * 512, view, segments)
+                return self.pool.put(backing, st.st_size, uid, st.st_blocks * 512, view, segments, cold)
         backing.close()
         return None
 
     clear = staticmethod(MemfdPool.clear)  # the zeroing job's work (any thread)
+
+    def has_pooled(self, size: int, uid: int) -> bool:
+        return self.pool.ready(size, uid)
 
     def zeroed(self, entry: Pooled, error: OSError | None) -> None:
         self.pool.zeroed(entry, error)

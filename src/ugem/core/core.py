@@ -312,7 +312,7 @@ class Core:
             if obj.madvise == DONTNEED:
                 raise BadAddress(f"object {obj.id} is DONTNEED and has no pages")
             self.memory.make_fd_room(keep=(obj,), wait=wait)
-            obj.backing = self.backing.create(obj.size, obj.creator_uid)
+            obj.backing = self.memory.new_backing(obj, wait)
             obj.transition(Event.POPULATE)
             self.memory.track(obj)
         return obj.backing

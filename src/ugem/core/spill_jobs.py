@@ -20,7 +20,7 @@ Rules:
 from __future__ import annotations
 
 from collections.abc import Callable
-from typing import TYPE_CHECKING, Protocol
+from typing import TYPE_CHECKING, Any, Protocol
 
 from ..constants import DONTNEED
 from ..errors import OutOfMemory
@@ -45,6 +45,7 @@ class _Memory(Protocol):
     jobs: list[Job]
     background: list[Job]
     failed: dict[BufferObject, OSError]
+    clearing: dict[Any, Job]
     reserved: int
     spilled: int
 
@@ -114,6 +115,7 @@ class SpillJobs:
             return
         if job.kind is JobKind.ZERO:  # a pooled memfd (of a freed object) may be handed out now
             job.done = True
+            self.clearing.pop(job.backing, None)
             self.backing.zeroed(job.backing, job.error)
             return
         obj = job.obj

@@ -78,6 +78,9 @@ class FakeBackingStore:
     def release(self, backing: FakeBacking, uid: int | None = None, room: int = 0) -> None:
         self.open_count -= 1
 
+    def has_pooled(self, size: int, uid: int) -> bool:
+        return False
+
     def clear(self, entry: Any) -> int:
         raise AssertionError("FakeBackingStore pools nothing")
 
