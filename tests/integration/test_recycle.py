@@ -168,6 +168,27 @@ def test_not_pooled_after_a_fork_with_a_live_mapping(served: tuple[DaemonProcess
     assert _pooled_after_close(dev, unmapped) == 1  # unmapped when the process forked
 
 
+def test_not_pooled_when_its_client_closes_with_the_mapping_alive(served: tuple[DaemonProcess, ugem.Device]) -> None:
+    daemon, dev = served
+    other = daemon.connect()
+    h, _ = _fill(other)
+    pages = np.frombuffer(other.mmap(h), dtype=np.uint8)
+    other.close()  # arrays outlive their Device: this process still maps the memory
+    wait_until(lambda: dev.stats()["objects"] == 0, SAFETY, what="the closed client's object freed")
+    assert dev.stats()["pooled_memfds"] == 0
+    pages[:] = 1
+    del pages
+
+
+def test_releases_sent_at_close_leave_the_memfd_recyclable(served: tuple[DaemonProcess, ugem.Device]) -> None:
+    daemon, dev = served
+    other = daemon.connect()
+    _fill(other)  # its mapping released, the release queued
+    other.close()
+    wait_until(lambda: dev.stats()["objects"] == 0, SAFETY, what="the closed client's object freed")
+    assert dev.stats()["pooled_memfds"] == 1
+
+
 def _share_and_leave(channel: Connection, path: str) -> None:
     """Share a mapped object, then drop it and go away without anyone claiming the share."""
     with ugem.connect(path) as dev:

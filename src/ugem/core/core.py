@@ -36,6 +36,7 @@ from .ids import IdAllocator
 from .memory import Memory
 from .object import BufferObject, Kind
 from .preload import Preloads
+from .recycle import escape_held
 from .share_table import ShareTable
 from .states import Event, Placement
 
@@ -90,6 +91,7 @@ class Core:
         client.closed = True
         for handle in sorted(client.handles):
             self.handle_delete(client, handle)
+        escape_held(client)  # its process may still map them (recycle.py)
         for map_id in list(client.mappings):
             self.map_release(client, map_id)
         self.shares.drop_client(client)  # unclaimed shares pass to its process's other client, or die
@@ -189,8 +191,7 @@ class Core:
         del self.objects[obj.id]
 
     def charge_resident(self, obj: BufferObject, delta: int) -> None:
-        """`obj`'s resident bytes changed by `delta` (Memory measured them): its creator's share
-        (`stats()` per-client `resident_bytes`) follows while that client lives."""
+        """`obj`'s resident bytes changed by `delta`: its creator's share follows while that client lives."""
         creator = self.clients.get(obj.creator)
         if creator is not None:
             creator.resident_bytes += delta
@@ -407,10 +408,9 @@ class Core:
         }
 
     def list_objects(self) -> list[dict[str, Any]]:
-        """One row per object (`ugem ls --json`): `name` 0 when it has none, `owner_pid` 0
-        once its creator is gone, `pinned` by any client, `mapped` the live mappings
-        counted by the manager, `label` its preload label (None unless preloaded, and then
-        the owner is the manager's own process)."""
+        """One row per object (`ugem ls --json`): `name` 0 when it has none, `owner_pid` 0 once its creator
+        is gone, `pinned` by any client, `mapped` the live mappings counted by the manager, `label` its
+        preload label (None unless preloaded, and then the owner is the manager's own process)."""
         owners = {0: self.preloads.pid, **{c.id: c.creds.pid for c in self.clients.values()}}
         return [
             {"id": o.id, "size": o.size, "placement": o.placement.label, "madvise": ADVICE_LABELS[o.reported_advice],

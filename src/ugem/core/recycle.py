@@ -20,6 +20,10 @@ freed object's memfd is recycled only if all of these hold when it is freed (`re
     the client library before every fork of a process holding mappings, client/fork.py):
     the child inherits mappings (and fds) the manager does not track. Embedded clients
     send it too: the manager lives on in the parent;
+  - a client that maps it (or has a transfer of it open) is closed or goes away: its
+    process may live on and keep the mapping (arrays outlive their Device, or the
+    connection was lost); mappings it reported released before closing do not count
+    (Device.close sends its queued releases first);
 - no device work still uses it (a queued copy may still write through the manager's own
   mapping or a dup of its description).
 
@@ -48,7 +52,7 @@ if TYPE_CHECKING:
     from .client import Client
     from .core import Core
 
-__all__ = ["describe", "mappings_forked", "recyclable"]
+__all__ = ["describe", "escape_held", "mappings_forked", "recyclable"]
 
 
 def recyclable(obj: BufferObject, busy: bool) -> bool:
@@ -67,11 +71,15 @@ def describe(core: Core, obj: BufferObject, backing: object, writable: bool) -> 
     return fd
 
 
-def mappings_forked(core: Core, client: Client, req: s.Empty) -> s.Empty:
-    """MAPPINGS_FORKED: the client's process forks; every object it maps (or has a transfer
-    of open) escapes."""
+def escape_held(client: Client) -> None:
+    """Every object `client` maps (or has a transfer of open) escapes."""
     for obj in client.mappings.values():
         obj.escaped = True
     for obj, _, _ in client.transfers.values():
         obj.escaped = True
+
+
+def mappings_forked(core: Core, client: Client, req: s.Empty) -> s.Empty:
+    """MAPPINGS_FORKED: the client's process forks; what it maps escapes."""
+    escape_held(client)
     return s.Empty()
