@@ -10,7 +10,7 @@ request (mapped, exported, or with a bulk transfer open) are *volatile*: the cor
 `watch()` when one becomes so, and `refresh(limit)` re-measures the watched ones before any
 decision that depends on the total, `make_room`'s first check included, unless the decision
 cannot change: `headroom` is what the watched objects could still grow by (their sizes less
-what they hold), and while resident + headroom stays within `limit` even full ones would
+what they hold), and while `held` + headroom stays within `limit` even full ones would
 fit, so nothing is measured (sending thousands of arrays exports thousands of objects; they
 are not fstat'ed before every request).
 
@@ -221,7 +221,7 @@ class Memory(SpillJobs):
             if fence <= done:
                 del self.landing[obj]
                 self.measure(obj)
-        if limit is not None and self.resident + self.headroom <= limit:
+        if limit is not None and self.held + self.headroom <= limit:
             return  # even if every watched object filled up, the decision would be the same
         for obj in list(self.watched):
             self.measure(obj)
