@@ -96,6 +96,19 @@ def test_a_freed_memfd_backs_the_next_object_and_reads_zeros(served: tuple[Daemo
     dev.close_handle(h2)
 
 
+def test_ugem_empty_reuses_a_freed_memfd_and_reads_zeros(served: tuple[DaemonProcess, ugem.Device]) -> None:
+    _, dev = served
+    a = ugem.empty(SIZE, np.uint8, device=dev)
+    a[:] = 9
+    key = mapping_of(a).key  # type: ignore[union-attr]
+    del a  # released with the next request, which waits for the memfd's clearing (Memory.new_backing)
+    b = ugem.empty(SIZE, np.uint8, device=dev)
+    assert mapping_of(b).key == key and dev.stats()["recycled_total"] == 1  # type: ignore[union-attr]
+    assert not b.any()  # its page tables filled in advance (MADV_POPULATE_WRITE): the same zeros
+    b[:] = 3
+    assert (b == 3).all()
+
+
 def test_other_sizes_get_fresh_memfds(served: tuple[DaemonProcess, ugem.Device]) -> None:
     _, dev = served
     h, _ = _fill(dev)

@@ -55,6 +55,17 @@ from .registry import mapping_gone, register_mapping
 
 __all__ = ["CLAIM_PATIENCE_S", "ShareOps"]
 
+_MADV_POPULATE_WRITE = getattr(mmap, "MADV_POPULATE_WRITE", 23)
+
+
+def _populate_write(view: memoryview) -> None:
+    region = view.obj
+    if isinstance(region, mmap.mmap):
+        try:
+            region.madvise(_MADV_POPULATE_WRITE)
+        except OSError:  # a kernel before 5.14: the writes fault them in
+            pass
+
 CLAIM_PATIENCE_S = 60.0  # a share that has not arrived by then is not coming
 _FIRST_PAUSE, _LAST_PAUSE = 50e-6, 0.01
 
@@ -251,14 +262,22 @@ class ShareOps:
 
     def _new_mapping(self, size: int) -> memoryview:
         """A new object of `size` bytes mapped whole and writable, in one round trip, with no
-        handle (GEM_CREATE_MAPPED): the mapping is all that keeps it (ugem.empty)."""
+        handle (GEM_CREATE_MAPPED): the mapping is all that keeps it (ugem.empty). When it
+        came with all its pages (a recycled memfd, backing/recycle.py) its page tables are
+        filled at once (MADV_POPULATE_WRITE: it allocates nothing then, and the caller is
+        about to write it)."""
         req = s.CreateReq(size=size, flags=self._take_flag())
         with self._mapping():
             reply: s.MmapReply = self._call(Op.GEM_CREATE_MAPPED, req)
             if not self._take(reply):  # (rare) the object is dropped with its mapping: make another
                 self._released.append(reply.map_id)
                 reply = self._call(Op.GEM_CREATE_MAPPED, s.CreateReq(size=size))
-            return self._map_reply(reply, True, "a new object")
+            assert reply.fd is not None
+            recycled = os.fstat(reply.fd.fd).st_blocks * 512 >= reply.length  # all its pages there already
+            view = self._map_reply(reply, True, "a new object")
+        if recycled:  # fill the page tables in one call, as it will be written: twice as fast as faulting
+            _populate_write(view)
+        return view
 
     def _drop_share(self, owner: int, token: int) -> None:
         self._released.append((owner, token))
