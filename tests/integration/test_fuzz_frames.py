@@ -109,6 +109,7 @@ ALLOWED: dict[int, set[int]] = {
     Op.GEM_DROP_SHARES: {E.EINVAL},
     Op.GEM_CREATE_MAPPED: {E.EINVAL, E.E2BIG, E.EDQUOT, E.ENOMEM},
     Op.LOOKUP: {E.EINVAL, E.ENOENT, E.EIO},
+    Op.MAPPINGS_FORKED: {E.EINVAL},
 }
 REQ: dict[int, type[s.Struct]] = {
     Op.GEM_CREATE: s.CreateReq, Op.GEM_CLOSE: s.CloseReq, Op.GEM_CLOSE_BATCH: s.CloseBatchReq,
@@ -124,7 +125,7 @@ REQ: dict[int, type[s.Struct]] = {
     Op.STATS: s.Empty, Op.LIST_OBJECTS: s.Empty, Op.LIST_CLIENTS: s.Empty, Op.DEBUG_OPEN: s.HandleReq,
     Op.GEM_SHARE: ss.ShareReq, Op.GEM_CLAIM: ss.ClaimReq, Op.GEM_DROP_SHARES: ss.DropSharesReq,
     Op.GEM_CREATE_MAPPED: s.CreateReq, Op.GEM_CLAIM_MAPPED: ss.ClaimMappedReq,
-    Op.LOOKUP: LookupReq,
+    Op.LOOKUP: LookupReq, Op.MAPPINGS_FORKED: s.Empty,
 }
 REPLY: dict[int, type[s.Struct]] = {
     Op.GEM_CREATE: s.CreateReply, Op.GEM_INFO: s.InfoReply, Op.GEM_PREAD: s.PreadReply, Op.GEM_PWRITE: s.PwriteReply,

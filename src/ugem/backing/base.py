@@ -36,14 +36,47 @@ class BackingStore(Protocol):
     max_open: int  # how many may be open at once (memfds: the fd limit less a reserve)
     limit_text: str  # what bounds max_open, for error messages
 
-    def create(self, size: int) -> Any:
-        """New, empty backing of `size` bytes (no pages allocated); counted in open_count."""
+    @property
+    def pooled_bytes(self) -> int:
+        """Resident bytes of freed backings kept for reuse (backing/recycle.py) ..."""
+
+    @property
+    def pooled_fds(self) -> int:
+        """... and how many they are (not in open_count)."""
+
+    @property
+    def recycled(self) -> int:
+        """Backings handed out again since start."""
+
+    def create(self, size: int, uid: int | None = None) -> Any:
+        """New backing of `size` bytes reading as zeros, counted in open_count: with a `uid`,
+        a pooled one of that uid and size if one is zeroed (its pages allocated), else an
+        empty one (no pages allocated)."""
 
     def scratch(self, size: int) -> OwnedFd:
         """A transient, uncounted buffer of `size` bytes that the caller closes itself."""
 
-    def release(self, backing: Any) -> None:
-        """Drop the manager's hold on the memory (close its own description)."""
+    def release(self, backing: Any, uid: int | None = None, room: int = 0) -> Any:
+        """Drop the manager's hold on the memory (close its own description); with a `uid`
+        (nobody else can see it), the store may keep it for reuse if it holds at most `room`
+        bytes: then it returns the pooled entry, handed out only once `clear` ran on it
+        (any thread) and `zeroed` was called (the core's thread); else None."""
+
+    def has_pooled(self, size: int, uid: int) -> bool:
+        """Whether `create(size, uid)` would hand out a pooled backing now."""
+
+    def clear(self, entry: Any) -> int:
+        """Zero a pooled entry's pages (any thread); returns the bytes cleared."""
+
+    def zeroed(self, entry: Any, error: OSError | None) -> None:
+        """`clear` of `entry` finished (with `error` if it failed: the entry is closed)."""
+
+    def drop_pooled(self, nbytes: int = 0, fds: int = 0) -> tuple[int, int]:
+        """Close pooled backings, oldest first, until `nbytes` bytes or `fds` are freed;
+        returns (fds, bytes) freed."""
+
+    def expire_pooled(self) -> None:
+        """Close pooled backings unused for a few seconds."""
 
     def key(self, backing: Any) -> tuple[int, int]:
         """Identity of the memory, equal for every fd to it."""

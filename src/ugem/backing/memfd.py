@@ -20,6 +20,12 @@ Rules:
   files. The core keeps `open_count` under `max_open` by spilling (it
   closes the spilled object's memfd); should memfd_create still run out of fds, the error
   is ENOMEM naming the limit.
+- Freed objects' memfds may be kept for reuse instead of closed (`release` with a uid:
+  the pool of recycle.py, its rules there); `create` with a uid takes a zeroed one of
+  exactly that size and uid first. Pooled memfds are not in `open_count`: `pooled_fds`
+  counts them, and the core keeps `open_count + pooled_fds` under `max_open` (it drops
+  pooled ones first). A memfd that has been pooled keeps the store's mapping of it (for
+  the next zeroing) until it is closed.
 """
 
 from __future__ import annotations
@@ -41,6 +47,7 @@ from ..fd import OwnedFd
 from .base import FdKind, Inspection
 from .mapping import map_shared
 from .preload import load_file, open_source
+from .recycle import MAX_FDS, MemfdPool, Pooled
 from .spill import Extent, SpillStore, data_segments, punch_hole
 
 __all__ = ["MemfdStore"]
@@ -75,9 +82,25 @@ class MemfdStore:
         else:
             self.max_open = max_open
             self.limit_text = f"the limit of {max_open} object memfds"
+        self.pool = MemfdPool(min(MAX_FDS, self.max_open // 8))
+        self._views: dict[OwnedFd, Any] = {}  # memfds that were pooled -> the store's mapping of each
+
+    @property
+    def pooled_bytes(self) -> int:
+        return self.pool.bytes
+
+    @property
+    def pooled_fds(self) -> int:
+        return self.pool.count
+
+    @property
+    def recycled(self) -> int:
+        return self.pool.recycled
 
     def close(self) -> None:
-        """Remove spill storage (objects must have been released first)."""
+        """Close the pool and remove spill storage (objects must have been released first)."""
+        self.pool.close()
+        self._views.clear()
         self.spill.close()
 
     open_source = staticmethod(open_source)  # preloaded objects (preload.py)
@@ -85,8 +108,13 @@ class MemfdStore:
 
     # -- lifetime --------------------------------------------------------------------
 
-    def create(self, size: int) -> OwnedFd:
-        fd = self.scratch(size)
+    def create(self, size: int, uid: int | None = None) -> OwnedFd:
+        entry = None if uid is None else self.pool.take(size, uid)
+        if entry is None:
+            fd = self.scratch(size)
+        else:
+            fd = entry.fd
+            self._views[fd] = entry.view
         self.open_count += 1
         return fd
 
@@ -107,9 +135,39 @@ class MemfdStore:
             raise
         return fd
 
-    def release(self, backing: OwnedFd) -> None:
+    def release(self, backing: OwnedFd, uid: int | None = None, room: int = 0) -> Pooled | None:
+        """Close our memfd; with a `uid`, pool it instead if it may take `room` more bytes
+        (recycle.py): the entry then returned is handed out once `clear` and `zeroed` ran."""
         self.open_count -= 1
+        view = self._views.pop(backing, None)
+        if uid is not None:
+            st = os.fstat(backing.fd)
+            if self.pool.accepts(st.st_size, st.st_blocks * 512, room):
+                cold = view is None
+                try:
+                    if view is None:
+                        view = map_shared(backing.fd, 0, st.st_size, True)
+                except OSError:  # no address space for it: not worth keeping
+                    backing.close()
+                    return None
+                segments = tuple(data_segments(backing.fd, 0, st.st_size))
+                return self.pool.put(backing, st.st_size, uid, st.st_blocks * 512, view, segments, cold)
         backing.close()
+        return None
+
+    clear = staticmethod(MemfdPool.clear)  # the zeroing job's work (any thread)
+
+    def has_pooled(self, size: int, uid: int) -> bool:
+        return self.pool.ready(size, uid)
+
+    def zeroed(self, entry: Pooled, error: OSError | None) -> None:
+        self.pool.zeroed(entry, error)
+
+    def drop_pooled(self, nbytes: int = 0, fds: int = 0) -> tuple[int, int]:
+        return self.pool.drop(nbytes, fds)
+
+    def expire_pooled(self) -> None:
+        self.pool.expire()
 
     def key(self, backing: OwnedFd) -> tuple[int, int]:
         st = os.fstat(backing.fd)

@@ -112,6 +112,7 @@ class Device(DeviceOps, ShareOps):
         self._pid = os.getpid()
         self._share_lock = threading.Lock()  # client/device_share.py
         self._send_lock = threading.RLock()  # drain the queue and send it as one step
+        self._mapping_threads: set[int] = set()  # threads making a mapping now (client/fork.py)
         track_for_fork(self)
 
     # -- plumbing --------------------------------------------------------------------
@@ -282,12 +283,13 @@ class Device(DeviceOps, ShareOps):
         flags = (s.WRITABLE if writable else 0) | (s.TO_END if length is None else 0) | self._take_flag()
         req = s.MmapReq(handle=ident(handle), flags=flags, offset=i64(offset, "offset"),
                         length=0 if length is None else i64(length, "length"))
-        reply = self._call(Op.GEM_MMAP, req)
-        if not self._take(reply):  # (rare) its memory changed meanwhile: ask again for an fd
-            self._released.append(reply.map_id)
-            req.flags &= ~s.TAKES_FD
+        with self._mapping():  # (client/fork.py)
             reply = self._call(Op.GEM_MMAP, req)
-        return self._map_reply(reply, writable, f"handle {req.handle}")
+            if not self._take(reply):  # (rare) its memory changed meanwhile: ask again for an fd
+                self._released.append(reply.map_id)
+                req.flags &= ~s.TAKES_FD
+                reply = self._call(Op.GEM_MMAP, req)
+            return self._map_reply(reply, writable, f"handle {req.handle}")
 
     def _map_reply(self, reply: s.MmapReply, writable: bool, what: str) -> memoryview:
         """Map what a GEM_MMAP (or GEM_CLAIM) reply describes; track it until its last view dies."""

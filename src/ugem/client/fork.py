@@ -5,6 +5,15 @@ transport for a `ForkedTransport` whose every call is EBADF telling to connect a
 child closes its copy of the socket fd (a plain close, never shutdown: the parent's
 connection is untouched) and never sends, reads or waits on it; finalizers there (mapping
 and Buffer release) only queue, and nothing is ever flushed. No cost per call.
+
+Before the fork, in the parent: the child inherits this process's mappings, which the
+manager does not know of, so it must never recycle the memory behind them for another
+object (core/recycle.py). Each Device that ever mapped (`track_mappings`) and maps
+something now (or is making a mapping) tells its manager so with MAPPINGS_FORKED, waiting
+for the reply, so that it is served before any later release of those mappings, even if
+the parent dies right after the fork (client/device_share.py `_before_fork`). A fork then
+waits for a call another thread has in flight on that Device. A process that maps
+nothing pays nothing.
 """
 
 from __future__ import annotations
@@ -18,8 +27,9 @@ from ..errors import BadFd
 from ..fd import OwnedFd
 from ..wire import structs as s
 from ..wire.frames import XFER_ABOVE, Op
+from .registry import mapping_devices
 
-__all__ = ["ForkedTransport", "track_for_fork"]
+__all__ = ["ForkedTransport", "track_for_fork", "track_mappings"]
 
 
 class ForkedTransport:
@@ -70,6 +80,25 @@ def _after_fork_in_child() -> None:
         obj._after_fork_in_child()
 
 
-os.register_at_fork(after_in_child=_after_fork_in_child)
+class _Mapper(Protocol):
+    def _before_fork(self, mapping: set[int]) -> None: ...
+
+
+_MAPPERS: weakref.WeakSet[_Mapper] = weakref.WeakSet()
+
+
+def track_mappings(device: _Mapper) -> None:
+    """Call `device._before_fork(ids of the Devices mapping something)` before every fork while it lives."""
+    _MAPPERS.add(device)
+
+
+def _before_fork() -> None:
+    if _MAPPERS:
+        mapping = mapping_devices()
+        for device in list(_MAPPERS):
+            device._before_fork(mapping)
+
+
+os.register_at_fork(before=_before_fork, after_in_child=_after_fork_in_child)
 
 

@@ -31,8 +31,8 @@ import numpy.typing as npt
 if TYPE_CHECKING:
     from .device import Device
 
-__all__ = ["Mapping", "fd_key", "find_by_key", "find_mapping", "forget_mapping", "mapping_gone", "mapping_of",
-           "register_mapping"]
+__all__ = ["Mapping", "fd_key", "find_by_key", "find_mapping", "forget_mapping", "mapping_devices", "mapping_gone",
+           "mapping_of", "register_mapping"]
 
 
 @dataclass(frozen=True, slots=True)
@@ -114,6 +114,16 @@ def find_by_key(key: tuple[int, int], offset: int, length: int, writable: bool) 
             start = offset - entry.offset
             return memoryview(region)[start:start + length], entry
     return None
+
+
+def mapping_devices() -> set[int]:
+    """The ids of the Devices with a live mapping in this process."""
+    found = set()
+    for entry in list(_by_start.values()):
+        device = entry.device() if entry.device is not None else None
+        if device is not None:
+            found.add(id(device))
+    return found
 
 
 def mapping_of(a: npt.NDArray[Any]) -> Mapping | None:

@@ -26,7 +26,9 @@ so the two modes cannot drift:
   requests: if resident went past the budget (evictions copy back without asking) and no
   spill is in flight (one in flight is already bringing it down: shrinking again would
   spill more than needed), shrink to the budget; plus the jobs nobody waits for (spill
-  space of restored objects to punch).
+  space of restored objects to punch, pooled memfds to clear); and pooled memfds unused
+  for a few seconds are closed (the daemon runs it at least once a second, so an idle
+  daemon gives that memory back; an embedded manager at its next request).
 
 What stays with each transport is only how: the embedded manager runs jobs inline in the
 caller's thread and waits for the device without its lock; the daemon runs jobs on worker
@@ -108,7 +110,9 @@ class Call:
 
 
 def after_request(memory: Memory) -> list[Job]:
-    """Background jobs to start after requests: back under the budget, spill space punched."""
-    if memory.resident > memory.budget and not memory.spilling():
+    """Background jobs to start after requests: back under the budget, spill space punched,
+    freed memfds kept for reuse cleared (those kept unused for a while are closed now)."""
+    memory.backing.expire_pooled()
+    if memory.held > memory.budget and not memory.spilling():
         memory.background += memory.shrink(memory.budget)
     return memory.take_background() if memory.background else []

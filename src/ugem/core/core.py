@@ -36,6 +36,7 @@ from .ids import IdAllocator
 from .memory import Memory
 from .object import BufferObject, Kind
 from .preload import Preloads
+from .recycle import escape_held
 from .share_table import ShareTable
 from .states import Event, Placement
 
@@ -50,6 +51,7 @@ class Core:
         self.clock = clock
         self.hold_while_suspended = False  # the daemon holds device work while suspended
         self.shares_may_lag = False  # the daemon: a share may be claimed before its request is read
+        self.descriptions_leave = False  # the daemon: descriptions made for clients leave this process (recycle.py)
         self.objects: dict[int, BufferObject] = {}
         self.by_key: dict[tuple[int, int], BufferObject] = {}
         self.names: dict[int, BufferObject] = {}
@@ -89,6 +91,7 @@ class Core:
         client.closed = True
         for handle in sorted(client.handles):
             self.handle_delete(client, handle)
+        escape_held(client)  # its process may still map them (recycle.py)
         for map_id in list(client.mappings):
             self.map_release(client, map_id)
         self.shares.drop_client(client)  # unclaimed shares pass to its process's other client, or die
@@ -176,7 +179,7 @@ class Core:
         assert obj.handle_count == 0 and obj.name == 0 and obj.job is None, obj
         self.memory.release(obj)
         self.gpu.release(obj)
-        self.release_backing(obj)
+        self.release_backing(obj, freed=True)
         if obj.key is not None:
             self.by_key.pop(obj.key, None)
         obj.transition(Event.FREE)
@@ -188,8 +191,7 @@ class Core:
         del self.objects[obj.id]
 
     def charge_resident(self, obj: BufferObject, delta: int) -> None:
-        """`obj`'s resident bytes changed by `delta` (Memory measured them): its creator's share
-        (`stats()` per-client `resident_bytes`) follows while that client lives."""
+        """`obj`'s resident bytes changed by `delta`: its creator's share follows while that client lives."""
         creator = self.clients.get(obj.creator)
         if creator is not None:
             creator.resident_bytes += delta
@@ -311,7 +313,7 @@ class Core:
             if obj.madvise == DONTNEED:
                 raise BadAddress(f"object {obj.id} is DONTNEED and has no pages")
             self.memory.make_fd_room(keep=(obj,), wait=wait)
-            obj.backing = self.backing.create(obj.size)
+            obj.backing = self.memory.new_backing(obj, wait)
             obj.transition(Event.POPULATE)
             self.memory.track(obj)
         return obj.backing
@@ -321,15 +323,16 @@ class Core:
         shrinker makes room afterwards), whatever the placement says now."""
         if obj.backing is None:
             self.memory.make_fd_room(keep=(obj,), wait=False)
-            obj.backing = self.backing.create(obj.size)
+            obj.backing = self.backing.create(obj.size, obj.creator_uid)
             self.memory.track(obj)
         return obj.backing
 
-    def release_backing(self, obj: BufferObject) -> None:
-        """Close the manager's hold on the object's system pages (and its device view)."""
+    def release_backing(self, obj: BufferObject, freed: bool = False) -> None:
+        """Close the manager's hold on the object's system pages (and its device view); a
+        `freed` object's may be kept to back a new object instead (Memory.close_backing)."""
         if obj.backing is not None:
             obj.host_view = None  # the mapping goes once queued device work drops it too
-            self.backing.release(obj.backing)
+            self.memory.close_backing(obj, freed)
             obj.backing = None
             if obj.key is not None:  # new pages come with a new identity (index_key again)
                 self.by_key.pop(obj.key, None)
@@ -391,8 +394,7 @@ class Core:
         return {
             "objects": len(self.objects), "clients": len(self.clients),
             "handles": sum(len(c.handles) for c in self.clients.values()), "names": len(self.names),
-            "vram_bytes": self.gpu.vram_bytes,
-            "suspended": self.gpu.suspended,
+            "vram_bytes": self.gpu.vram_bytes, "suspended": self.gpu.suspended,
             "system_budget": self.config.system_budget, "vram_size": self.gpu.backend.vram_size,
             "pinned_bytes": self.pinned_bytes,
             "memfds": self.backing.open_count, "memfd_limit": self.backing.max_open,  # object pages held open
@@ -406,14 +408,12 @@ class Core:
         }
 
     def list_objects(self) -> list[dict[str, Any]]:
-        """One row per object (`ugem ls --json`): `name` 0 when it has none, `owner_pid` 0
-        once its creator is gone, `pinned` by any client, `mapped` the live mappings
-        counted by the manager, `label` its preload label (None unless preloaded, and then
-        the owner is the manager's own process)."""
+        """One row per object (`ugem ls --json`): `name` 0 when it has none, `owner_pid` 0 once its creator
+        is gone, `pinned` by any client, `mapped` the live mappings counted by the manager, `label` its
+        preload label (None unless preloaded, and then the owner is the manager's own process)."""
         owners = {0: self.preloads.pid, **{c.id: c.creds.pid for c in self.clients.values()}}
         return [
-            {"id": o.id, "size": o.size, "placement": o.placement.label,
-             "madvise": ADVICE_LABELS[o.reported_advice],
+            {"id": o.id, "size": o.size, "placement": o.placement.label, "madvise": ADVICE_LABELS[o.reported_advice],
              "name": o.name, "handles": o.handle_count, "owner_pid": owners.get(o.creator, 0),
              "pinned": bool(o.pinned_by), "mapped": o.maps, "label": o.label}
             for o in self.objects.values()

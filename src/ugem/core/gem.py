@@ -33,6 +33,7 @@ from .client import Client
 from .core import Core
 from .cpu_access import pinned_in_vram, pread_vram, prepare_cpu, pwrite_vram
 from .object import BufferObject, Kind
+from .recycle import describe
 from .states import Placement
 
 if TYPE_CHECKING:
@@ -145,8 +146,7 @@ def gem_pread(core: Core, call: Call, req: s.PreadReq) -> s.PreadReply:
     if req.flags & s.XFER:
         if obj.backing is None:
             return s.PreadReply()  # no pages: the client reads zeros without populating
-        fd = core.backing.open_description(obj.backing, writable=False)
-        core.index_key(obj)
+        fd = describe(core, obj, obj.backing, writable=False)
         return s.PreadReply(xfer_id=core.xfer_add(client, obj), fd=fd)
     if call.into is None and req.length > MAX_INLINE:  # the frame limit binds only replies sent inline
         raise InvalidArgument(f"inline pread of {req.length} bytes exceeds {MAX_INLINE}; use XFER")
@@ -183,8 +183,7 @@ def gem_pwrite(core: Core, client: Client, req: s.PwriteReq) -> s.PwriteReply:
     core.memory.make_room(need, keep=(obj,))  # throttles this caller (Pending) or ENOMEM
     backing = core.populate(obj)
     if req.flags & s.XFER:
-        fd = core.backing.open_description(backing, writable=True)
-        core.index_key(obj)
+        fd = describe(core, obj, backing, writable=True)
         return s.PwriteReply(xfer_id=core.xfer_add(client, obj, reserve=need), fd=fd)
     core.backing.write(backing, req.offset, req.data)
     core.memory.measure(obj)
@@ -228,7 +227,7 @@ def map_object(core: Core, client: Client, obj: BufferObject, offset: int, lengt
     copy our fds could take that one any time, so this gives it nothing new."""
     backing = cpu_mapping(core, obj, writable, what)
     server_fd = backing.fd if isinstance(backing, OwnedFd) else -1
-    fd = None if takes_fd and server_fd >= 0 else core.backing.open_description(backing, writable)
+    fd = None if takes_fd and server_fd >= 0 else describe(core, obj, backing, writable)
     map_id = track_mapping(core, client, obj, writable)
     dev, ino = obj.key or (0, 0)
     return s.MmapReply(map_id=map_id, offset=offset, length=length, server_fd=server_fd, dev=dev, ino=ino, fd=fd)
@@ -309,9 +308,7 @@ def _export(core: Core, obj: BufferObject, what: str, writable: bool, readonly: 
     backing = core.populate(obj)
     obj.exported = True  # from now on never spilled or purged: others may hold its pages
     core.memory.watch(obj)  # and its pages may grow through their fds
-    fd = core.backing.open_description(backing, writable)
-    core.index_key(obj)
-    return s.ExportReply(fd=fd)
+    return s.ExportReply(fd=describe(core, obj, backing, writable))
 
 
 def prime_fd_to_handle(core: Core, client: Client, req: s.ImportReq) -> s.ImportReply:

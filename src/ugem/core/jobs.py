@@ -1,4 +1,4 @@
-"""Jobs: long copies (spill, restore, preload) that run off the request path, and `Pending`.
+"""Jobs: long copies (spill, restore, preload, zeroing) that run off the request path, and `Pending`.
 
 A handler that needs a long copy before it can finish (room under the budget, a spilled
 object brought back) does not copy: it raises `Pending(jobs)`. The transport then runs
@@ -32,6 +32,7 @@ class JobKind(enum.Enum):
     RESTORE = "restore"
     PUNCH = "punch"  # background: give a restored object's spill space back, after the reply
     LOAD = "load"  # background: copy a preloaded object's file in (preload.py)
+    ZERO = "zero"  # background: clear a freed object's memfd kept for reuse (`backing` the pool entry, memory.py)
 
 
 @dataclass(eq=False)

@@ -10,13 +10,13 @@ request (mapped, exported, or with a bulk transfer open) are *volatile*: the cor
 `watch()` when one becomes so, and `refresh(limit)` re-measures the watched ones before any
 decision that depends on the total, `make_room`'s first check included, unless the decision
 cannot change: `headroom` is what the watched objects could still grow by (their sizes less
-what they hold), and while resident + headroom stays within `limit` even full ones would
+what they hold), and while `held` + headroom stays within `limit` even full ones would
 fit, so nothing is measured (sending thousands of arrays exports thousands of objects; they
 are not fstat'ed before every request).
 
 Before a request adds `need` bytes, `make_room(need)` frees enough that
 resident + reserved + need <= budget. What to free is decided by the reclaim engine
-(`reclaim.py`: the candidate filters, the passes purge -> spare -> spill over the LRU,
+(`reclaim.py`: the candidate filters, the passes pool -> purge -> spare -> spill,
 oldest first, and the rules below); this class keeps the state (the LRU, the totals, the
 jobs) and does the moves (`purge`, `drop_spare`, `plan_spill`), and its `make_room`,
 `make_fd_room`, `shrink`, `settle` and `check_capacity` are one-line calls into the engine.
@@ -47,6 +47,13 @@ Each object with system pages holds one fd (a memfd): `make_fd_room` keeps the s
 `open_count` under `max_open` with the same passes counted in objects (a spill closes the
 memfd when it lands); if nothing can be freed, ENOMEM names the fd limit.
 
+Freed objects' memfds may be kept for reuse (backing/recycle.py; which ones, core/recycle.py):
+`close_backing` pools them, each cleared by a background ZERO job before it is handed out.
+Pooled pages count against the budget: `held` (resident plus pooled) is what the budget
+bounds, the pool takes at most an eighth of the budget and only what fits under it
+(`pool_room`), and every reclaim drops pooled memfds first (reclaim.py). Pooled memfds
+count against the fd limit the same way.
+
 Moves record what they did (purges, evictions, spills, bytes moved) into a `Tally`: the
 reclaim run's, which is added to `totals` (the STATS counters) when the run ends, or
 `totals` itself for moves outside a run.
@@ -68,6 +75,7 @@ from . import reclaim
 from .jobs import Job, JobKind, Pending
 from .object import BufferObject, Kind
 from .reclaim import ReclaimCtx, Tally
+from .recycle import recyclable
 from .spill_jobs import SpillJobs
 from .states import Event, Placement
 
@@ -112,6 +120,7 @@ class Memory(SpillJobs):
         self.headroom = 0  # what the watched objects could still grow by: sum of _room(obj)
         self.landing: dict[BufferObject, int] = {}  # charged ahead of a device op (fence) writing them
         self.failed: dict[BufferObject, OSError] = {}  # its last spill/restore failed
+        self.clearing: dict[Any, Job] = {}  # pooled backing (the store's entry) -> its ZERO job in flight
 
     # -- accounting ------------------------------------------------------------------
 
@@ -138,6 +147,39 @@ class Memory(SpillJobs):
             self.headroom += self._room(obj)
         else:
             obj.resident = now
+
+    @property
+    def held(self) -> int:
+        """Bytes of system memory the budget bounds: objects' resident pages and pooled ones."""
+        return self.resident + self.backing.pooled_bytes
+
+    def pool_room(self) -> int:
+        """Bytes the pool may take now: an eighth of the budget, within the budget."""
+        return min(self.budget // 8, self.budget - self.resident - self.reserved) - self.backing.pooled_bytes
+
+    def new_backing(self, obj: BufferObject, wait: bool = True) -> Any:
+        """A new backing for `obj`: a pooled one of its uid and size if one is cleared; if one
+        is still being cleared (the request that freed it came just before), Pending for that
+        clearing unless `wait` is False (a memset of pages mapped before runs ~10x faster than
+        the kernel makes fresh ones)."""
+        if wait and self.clearing:
+            size, uid = obj.size, obj.creator_uid
+            jobs = [j for j in self.clearing.values() if j.obj.size == size and j.obj.creator_uid == uid]
+            if jobs and not self.backing.has_pooled(size, uid):
+                raise Pending(jobs[:1])
+        return self.backing.create(obj.size, obj.creator_uid)
+
+    def close_backing(self, obj: BufferObject, freed: bool) -> None:
+        """Close `obj`'s memfd; a `freed` one nobody else may see (core/recycle.py) may be
+        pooled instead, then cleared off the request path (a background ZERO job)."""
+        if not (freed and recyclable(obj, self.busy(obj))):
+            self.backing.release(obj.backing)
+            return
+        entry = self.backing.release(obj.backing, obj.creator_uid, self.pool_room())
+        if entry is not None:
+            job = Job(JobKind.ZERO, obj, lambda: self.backing.clear(entry), 0, backing=entry)
+            self.clearing[entry] = job
+            self.background.append(job)
 
     @staticmethod
     def _room(obj: BufferObject) -> int:
@@ -179,7 +221,7 @@ class Memory(SpillJobs):
             if fence <= done:
                 del self.landing[obj]
                 self.measure(obj)
-        if limit is not None and self.resident + self.headroom <= limit:
+        if limit is not None and self.held + self.headroom <= limit:
             return  # even if every watched object filled up, the decision would be the same
         for obj in list(self.watched):
             self.measure(obj)
@@ -225,7 +267,7 @@ class Memory(SpillJobs):
         failures = {str(e) for o, e in self.failed.items() if o.placement != Placement.SPILLED}
         self.failed = {o: e for o, e in self.failed.items() if o.placement == Placement.SPILLED}
         return OutOfMemory(f"cannot free {deficit} bytes under the system budget of {self.budget} "
-                           f"(resident {self.resident}, reclaimable {available})"
+                           f"(resident {self.resident}, pooled {self.backing.pooled_bytes}, reclaimable {available})"
                            + (f"; spilling failed: {'; '.join(sorted(failures))}" if failures else ""))
 
     def drop_spare(self, obj: BufferObject) -> None:
@@ -292,4 +334,6 @@ class Memory(SpillJobs):
         for obj in list(self.lru):  # exact figures: measure everything, not just the volatile
             self.measure(obj)
         purgeable = sum(o.resident for o in self.lru if o.madvise == DONTNEED)
-        return {"resident_bytes": self.resident, "spilled_bytes": self.spilled, "purgeable_bytes": purgeable}
+        store = self.backing
+        return {"resident_bytes": self.resident, "spilled_bytes": self.spilled, "purgeable_bytes": purgeable,
+                "pooled_bytes": store.pooled_bytes, "pooled_memfds": store.pooled_fds, "recycled_total": store.recycled}

@@ -21,6 +21,11 @@ the manager's accounting when the object is freed, and `import_fd` adopts it aga
 
 Closing a client releases all its handles, mappings and transfers in one sweep, exactly as
 closing a DRM fd does (drm_gem_release).
+
+A freed object's memfd may back a later object of its creator's uid (backing/recycle.py):
+only if no process but the manager can still see its pages. `escaped` records that one
+might (a description of it left the manager, a share of it died unclaimed, a client that
+maps it forked); core/recycle.py has the rules.
 """
 
 from __future__ import annotations
@@ -44,9 +49,9 @@ class BufferObject:
     __slots__ = (
         "id", "size", "kind", "backing", "key", "placement", "madvise", "refcount",
         "handle_count", "name", "creator", "creator_uid", "tiling", "stride", "caching",
-        "pinned_by", "readonly", "label", "resident", "maps", "xfers", "exported", "job", "extent", "spilled",
-        "vram", "last_fence", "write_fence", "host_fence", "last_exec", "sem_fence", "vram_dirty", "host_view",
-        "__weakref__",
+        "pinned_by", "readonly", "label", "resident", "maps", "xfers", "exported", "escaped", "job", "extent",
+        "spilled", "vram", "last_fence", "write_fence", "host_fence", "last_exec", "sem_fence", "vram_dirty",
+        "host_view", "__weakref__",
     )
 
     def __init__(self, ident: int, size: int, kind: Kind, creator: int, creator_uid: int) -> None:
@@ -72,6 +77,7 @@ class BufferObject:
         self.maps = 0  # tracked mappings
         self.xfers = 0  # open bulk transfers
         self.exported = False  # an fd to its memory was exported: never spilled or purged
+        self.escaped = False  # a process the manager does not track may see its pages: never recycled
         self.job: Any = None  # spill/restore job in flight (core/jobs.py)
         self.extent: Any = None  # where its data lives in spill storage
         self.spilled = 0  # data bytes in spill storage

@@ -14,24 +14,27 @@ dropped, spills started, evictions) and carries a `Tally` of the moves, which is
 the core's totals once, when the run ends (`Tally.add`; moves outside a run record into
 the totals directly).
 
-The passes, in order, each a walk over the memory LRU from its head (least recently used
-first) with `Lru.scan(rotate=False)`, so a pass never ages what it refuses:
+The passes, in order, each but the first two a walk over the memory LRU from its head
+(least recently used first) with `Lru.scan(rotate=False)`, so a pass never ages what it refuses:
 
 0. evict (suspend only): every object out of VRAM (`ctx.evict`, the device's hook);
-1. purge: DONTNEED objects (mapped ones too), never exported, pinned, foreign or busy with
+1. pool: memfds of freed objects kept for reuse (backing/recycle.py), oldest first: they
+   hold nobody's data, so they go before anything else;
+2. purge: DONTNEED objects (mapped ones too), never exported, pinned, foreign or busy with
    a job; hole punching is immediate. The callback takes the object off the LRU (the
    scan's asserted contract);
-2. spare: system pages of objects whose contents live in VRAM, nobody else sees them and
+3. spare: system pages of objects whose contents live in VRAM, nobody else sees them and
    no device work uses them; dropped at once (an eviction later copies VRAM back);
-3. spill: idle, private WILLNEED objects in system memory, not left out after a failed
+4. spill: idle, private WILLNEED objects in system memory, not left out after a failed
    spill; a job copies each to spill storage off the request path (the object stays on
    the LRU, holding its pages, until the job lands: the callback refuses it and the
    context counts the bytes the job will free). Only with `wait`.
 
-A bytes run stops once `remaining` (what is still to free) reaches 0; each purge or spare
-counts the object's resident bytes, each spill the bytes its job will free. An fds run
-counts one per object; its spill pass takes at most `remaining` objects, and plans none
-unless that many can be found or spills are already in flight.
+A bytes run stops once `remaining` (what is still to free) reaches 0; each pooled memfd
+dropped counts its bytes (one fd in an fds run), each purge or spare the object's resident
+bytes, each spill the bytes its job will free. An fds run counts one per object; its spill
+pass takes at most `remaining` objects, and plans none unless that many can be found or
+spills are already in flight.
 
 The policies built on the engine are here too (Memory's methods call them): `make_room`
 is all or nothing (if all passes together, plus the spills in flight, cannot free enough
@@ -72,12 +75,13 @@ class Unit(enum.Enum):
 
 class Pass(enum.Enum):
     EVICT = "evict"
+    POOL = "pool"
     PURGE = "purge"
     SPARE = "spare"
     SPILL = "spill"
 
 
-ALL_PASSES = (Pass.PURGE, Pass.SPARE, Pass.SPILL)
+ALL_PASSES = (Pass.POOL, Pass.PURGE, Pass.SPARE, Pass.SPILL)
 
 
 @dataclass
@@ -113,6 +117,8 @@ class ReclaimCtx:
     passes: tuple[Pass, ...] = ALL_PASSES
     evict: Callable[[Tally], None] | None = None  # Pass.EVICT: the device's "everything out"
     remaining: int = field(init=False)  # still to free
+    pooled: int = 0  # pooled memfds closed by this run ...
+    pooled_bytes: int = 0  # ... and the bytes they held
     purged: int = 0  # objects purged by this run ...
     purged_bytes: int = 0  # ... and the resident bytes they held
     spared: int = 0  # spare system copies dropped ...
@@ -188,11 +194,21 @@ def reclaim(memory: Memory, ctx: ReclaimCtx) -> ReclaimCtx:
             if step is Pass.EVICT:
                 assert ctx.evict is not None
                 ctx.evict(ctx.tally)
+            elif step is Pass.POOL:
+                _drop_pooled(memory, ctx)
             elif ctx.remaining > 0 and (step is not Pass.SPILL or ctx.wait):
                 _scan(memory, ctx, step)
     finally:
         memory.totals.add(ctx.tally)
     return ctx
+
+
+def _drop_pooled(memory: Memory, ctx: ReclaimCtx) -> None:
+    if ctx.remaining > 0:
+        in_bytes = ctx.unit is Unit.BYTES
+        fds, nbytes = memory.backing.drop_pooled(ctx.remaining if in_bytes else 0, 0 if in_bytes else ctx.remaining)
+        ctx.pooled, ctx.pooled_bytes = ctx.pooled + fds, ctx.pooled_bytes + nbytes
+        ctx.remaining -= nbytes if ctx.unit is Unit.BYTES else fds
 
 
 def _scan(memory: Memory, ctx: ReclaimCtx, step: Pass) -> None:
@@ -237,8 +253,10 @@ def _scan(memory: Memory, ctx: ReclaimCtx, step: Pass) -> None:
 def available(memory: Memory, ctx: ReclaimCtx) -> int:
     """What the passes of `ctx` could free now: each object counted once (a DONTNEED
     object in VRAM is a candidate of purge and spare, and purged once)."""
-    candidates = [_candidate(memory, ctx, step) for step in ctx.passes if step is not Pass.EVICT]
-    return sum(_cost(ctx, o) for o in memory.lru if any(c(o) for c in candidates))
+    candidates = [_candidate(memory, ctx, step) for step in ctx.passes if step not in (Pass.EVICT, Pass.POOL)]
+    store = memory.backing
+    pooled = (store.pooled_bytes if ctx.unit is Unit.BYTES else store.pooled_fds) if Pass.POOL in ctx.passes else 0
+    return pooled + sum(_cost(ctx, o) for o in memory.lru if any(c(o) for c in candidates))
 
 
 def _fence_to_wait_for(memory: Memory, short: int, keep: Collection[BufferObject]) -> int:
@@ -258,7 +276,7 @@ def make_room(memory: Memory, need: int, keep: Collection[BufferObject]) -> None
     """Once `need` more bytes fit under the budget (none taken from `keep`) return; else
     Pending (spills started or in flight, or a fence) or ENOMEM, changing nothing."""
     memory.refresh(memory.budget - memory.reserved - need)  # pages written through mappings count from here
-    deficit = memory.resident + memory.reserved + need - memory.budget
+    deficit = memory.held + memory.reserved + need - memory.budget
     if deficit <= 0:
         return
     spilling = memory.spilling()
@@ -274,7 +292,7 @@ def make_room(memory: Memory, need: int, keep: Collection[BufferObject]) -> None
             raise memory.no_room(deficit, can)
     reclaim(memory, ctx)
     if ctx.remaining <= 0 and not ctx.jobs:
-        return  # purges and spares were enough
+        return  # the pool, purges and spares were enough
     jobs = ctx.jobs + [j for j in spilling if j not in ctx.jobs]
     if not jobs and not fence:  # spill storage had no room for any of them
         raise memory.no_room(ctx.remaining, 0)
@@ -286,7 +304,7 @@ def make_fd_room(memory: Memory, keep: Collection[BufferObject], wait: bool) -> 
     spares at once, and spill (Pending) or fail with ENOMEM. With `wait` False only the
     immediate passes run, never Pending or ENOMEM (the store's reserve absorbs the excess)."""
     store = memory.backing
-    excess = store.open_count + 1 - store.max_open
+    excess = store.open_count + store.pooled_fds + 1 - store.max_open
     spilling = memory.spilling()
     if excess <= len(spilling):
         if excess > 0 and wait:
@@ -294,9 +312,10 @@ def make_fd_room(memory: Memory, keep: Collection[BufferObject], wait: bool) -> 
         return
     want = excess - len(spilling)
     ctx = reclaim(memory, ReclaimCtx(want, Unit.FDS, keep=keep, wait=wait))
-    if ctx.purged + ctx.spared >= want or not wait:
+    freed = ctx.pooled + ctx.purged + ctx.spared
+    if freed >= want or not wait:
         return
-    if len(ctx.jobs) < want - ctx.purged - ctx.spared and not spilling:
+    if len(ctx.jobs) < want - freed and not spilling:
         failures = {str(memory.failed[o]) for o in ctx.failed}
         raise OutOfMemory(f"no fd left for object pages: {store.open_count} object memfds open, at "
                           f"{store.limit_text}, and none of them can be spilled (mapped, pinned, "
@@ -309,7 +328,7 @@ def shrink(memory: Memory, target: int, keep: Collection[BufferObject] = ()) -> 
     """Background reclaim (memory pressure, after a reply): bring resident down toward
     `target` as far as anything can be freed; returns the spills started."""
     memory.refresh(target)
-    return reclaim(memory, ReclaimCtx(memory.resident - target, keep=keep)).jobs
+    return reclaim(memory, ReclaimCtx(memory.held - target, keep=keep)).jobs
 
 
 def settle(memory: Memory, keep: Collection[BufferObject]) -> None:
@@ -317,7 +336,7 @@ def settle(memory: Memory, keep: Collection[BufferObject]) -> None:
     anything can be freed; Pending for the spills started and in flight, never ENOMEM."""
     spilling = memory.spilling()
     started = shrink(memory, memory.budget - memory.reserved + sum(j.nbytes for j in spilling), keep)
-    if memory.resident + memory.reserved > memory.budget and started + spilling:
+    if memory.held + memory.reserved > memory.budget and started + spilling:
         # wait for the spills in flight too: counting on them without waiting would let
         # every mapper that comes meanwhile count on the same bytes
         raise Pending(started + spilling)
@@ -330,7 +349,7 @@ def check_capacity(memory: Memory, need: int) -> None:
     space as spilling new data: spillable bytes are not extra capacity), and enough
     spillable data, the new bytes included, to spill."""
     memory.refresh(memory.budget - memory.reserved - need)
-    room = memory.budget - memory.resident - memory.reserved
+    room = memory.budget - memory.resident - memory.reserved  # pooled memfds are room: they go first
     purge = sum(o.resident for o in memory.lru if purgeable(o))
     overflow = need - room - purge  # bytes that must end up in spill storage
     if overflow <= 0:

@@ -34,6 +34,7 @@ from .client import Client
 from .core import Core
 from .gem_userptr import gem_userptr
 from .preload import lookup
+from .recycle import mappings_forked
 
 if TYPE_CHECKING:
     from .call import Call
@@ -105,6 +106,8 @@ REQUESTS: tuple[RequestDesc, ...] = (
     RequestDesc(Op.DEBUG_OPEN, gem.debug_open, s.HandleReq, s.OpenReply, Perm.PRIVILEGED,
                 doc="read-only handle by object id"),
     RequestDesc(Op.LOOKUP, lookup, LookupReq, s.FlinkReply, doc="name of a preloaded object, by label"),
+    RequestDesc(Op.MAPPINGS_FORKED, mappings_forked, s.Empty, s.Empty,
+                doc="the caller forks: never recycle the memory it maps"),
 )
 
 BY_OP: dict[int, RequestDesc] = {desc.op: desc for desc in REQUESTS}

@@ -10,7 +10,8 @@ Rules:
   same process (same pid and uid), its *heir*, if there is one: a process that closed the
   Device it sent from still holds what it sent, as it would an fd in flight, until it ends.
   They keep their name (owner id, token) and are found in `orphans`. With no heir they are
-  dropped; an heir going away passes them on the same way;
+  dropped, and their objects' memfds are never recycled (a receiver may have mapped one
+  already, untracked: core/recycle.py); an heir going away passes them on the same way;
 - `find`, `take` and `drop_client` are the only ways in and out: nothing else touches
   `orphans` or a client's `shares`.
 """
@@ -92,6 +93,7 @@ class ShareTable:
                      and c.creds.pid == client.creds.pid and c.creds.uid == client.creds.uid), None)
         for key, share in held:
             if heir is None:
+                share.obj.escaped = True  # a receiver may map it already, untracked (core/recycle.py)
                 self.let_go(share.obj)
             else:
                 self.orphans[key] = (share, heir.id)

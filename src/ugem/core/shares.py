@@ -49,8 +49,9 @@ Rules:
   as GEM_CLAIM would have (same preparation for CPU access; same uid rule), on the object
   whose memory has that identity (none: ENOENT; not the share's: EINVAL). A claim that
   fails leaves the receiver with memory it maps untracked, which stays its own (the memfd
-  lives while mapped) and is never another object's (the identity was checked); the
-  release of its id then fails harmlessly (EINVAL, a note nobody reads).
+  lives while mapped) and is never another object's (the identity was checked, and the
+  object it names, if still alive, is never recycled: core/recycle.py); the release of its
+  id then fails harmlessly (EINVAL, a note nobody reads).
 - GEM_DROP_SHARES uses shares up without mapping (the receiver already maps that memory);
   unknown ones, and other uids' (unless root), are skipped.
 - Where shares live, and what becomes of them when their sender's client goes away (they
@@ -192,6 +193,16 @@ def gem_claim(core: Core, client: Client, req: ss.ClaimReq) -> s.MmapReply:
 
 
 def gem_claim_mapped(core: Core, client: Client, req: ss.ClaimMappedReq) -> s.Empty:
+    try:
+        return _claim_mapped(core, client, req)
+    except UgemError:  # its receiver maps that memory untracked: never recycle it (core/recycle.py)
+        obj = core.by_key.get((req.dev, req.ino))
+        if obj is not None:
+            obj.escaped = True
+        raise
+
+
+def _claim_mapped(core: Core, client: Client, req: ss.ClaimMappedReq) -> s.Empty:
     if req.map_id < ss.CHOSEN_MAP_IDS or req.map_id in client.mappings:
         raise InvalidArgument(f"mapping id {req.map_id} is in use or below {ss.CHOSEN_MAP_IDS} (the manager's)")
     writable = bool(req.flags & s.WRITABLE)

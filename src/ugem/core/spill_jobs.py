@@ -20,7 +20,7 @@ Rules:
 from __future__ import annotations
 
 from collections.abc import Callable
-from typing import TYPE_CHECKING, Protocol
+from typing import TYPE_CHECKING, Any, Protocol
 
 from ..constants import DONTNEED
 from ..errors import OutOfMemory
@@ -45,6 +45,7 @@ class _Memory(Protocol):
     jobs: list[Job]
     background: list[Job]
     failed: dict[BufferObject, OSError]
+    clearing: dict[Any, Job]
     reserved: int
     spilled: int
 
@@ -77,7 +78,7 @@ class SpillJobs:
 
     def plan_restore(self: _Memory, obj: BufferObject) -> Job:
         """Bring a spilled object back; the caller has made room for its data."""
-        backing = self.backing.create(obj.size)
+        backing = self.backing.create(obj.size, obj.creator_uid)
         extent = obj.extent
         job = Job(JobKind.RESTORE, obj, lambda: self.backing.spill_in(extent, backing, obj.size),
                   nbytes=obj.spilled, extent=extent, backing=backing)
@@ -111,6 +112,11 @@ class SpillJobs:
         if job.kind is JobKind.PUNCH:  # now the range may be handed out again
             job.done = True
             self.backing.spill_release(job.extent)
+            return
+        if job.kind is JobKind.ZERO:  # a pooled memfd (of a freed object) may be handed out now
+            job.done = True
+            self.clearing.pop(job.backing, None)
+            self.backing.zeroed(job.backing, job.error)
             return
         obj = job.obj
         self.jobs.remove(job)

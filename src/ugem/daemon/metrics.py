@@ -63,6 +63,8 @@ GAUGES = (  # stats() key, metric name, help
     ("purgeable_bytes", "ugem_purgeable_bytes", "Resident bytes of DONTNEED objects"),
     ("memfds", "ugem_memfds", "Object memfds open"),
     ("memfd_limit", "ugem_memfd_limit", "Object memfds the fd limit allows"),
+    ("pooled_bytes", "ugem_pooled_bytes", "Pages of freed objects' memfds kept for reuse"),
+    ("pooled_memfds", "ugem_pooled_memfds", "Freed objects' memfds kept for reuse"),
     ("system_budget", "ugem_system_budget_bytes", "Resident memory budget"),
     ("vram_size", "ugem_vram_size_bytes", "Device memory size"),
     ("suspended", "ugem_suspended", "1 while the device is suspended"),
@@ -73,6 +75,7 @@ COUNTERS = (
     ("restored_total", "ugem_restored", "Objects restored from disk"),
     ("evicted_total", "ugem_evicted", "Objects evicted from device memory"),
     ("bytes_moved_total", "ugem_bytes_moved", "Bytes copied between device memory, system memory and disk"),
+    ("recycled_total", "ugem_recycled", "Freed objects' memfds handed out again"),
 )
 COLLECTED = ([name for _, name, _ in GAUGES] + [name + "_total" for _, name, _ in COUNTERS]
              + ["ugem_requests_total", "ugem_errors_total", "ugem_request_duration_seconds"])

@@ -92,7 +92,7 @@ class Server:
         self.options = options
         self.service = service if service is not None else Service()
         self.gpu, self.core = open_core(config)
-        self.core.hold_while_suspended = self.core.shares_may_lag = True  # the daemon's ways (core/core.py)
+        self.core.hold_while_suspended = self.core.shares_may_lag = self.core.descriptions_leave = True  # (core.py)
         self.sel = Poller()
         self.listener: Listener | None = None
         self.connections: dict[int, Connection] = {}
@@ -335,7 +335,7 @@ class Server:
         return max(0.0, min([1.0, *(d - now for d in deadlines)]))
 
     def _check_pressure(self) -> None:
-        target = self.pressure.check(self.core.memory.resident)
+        target = self.pressure.check(self.core.memory.held)
         if target is not None:
             jobs = self.core.memory.shrink(target)
             event(log, logging.INFO, "memory_pressure", "memory pressure: shrinking to %d bytes (%d spills)", target,

@@ -6,6 +6,7 @@ import contextlib
 import os
 import select
 import signal
+import stat
 import subprocess
 import sys
 import tempfile
@@ -38,7 +39,27 @@ class DaemonProcess:
         return connect(self.path)
 
     def fd_count(self) -> int:
-        return len(os.listdir(f"/proc/{self.pid}/fd"))
+        """The daemon's open fds, less the memfds it keeps for reuse (`pooled_fds`): those are
+        not held by anything a test made, and stats() counts them."""
+        total, pooled = self._fds()
+        return total - pooled
+
+    def pooled_fds(self) -> int:
+        """The daemon's pooled memfds (backing/recycle.py: they alone are mode 0000), read
+        from /proc without asking the daemon (which would open a connection)."""
+        return self._fds()[1]
+
+    def _fds(self) -> tuple[int, int]:
+        total = pooled = 0
+        for name in os.listdir(f"/proc/{self.pid}/fd"):
+            path = f"/proc/{self.pid}/fd/{name}"
+            try:
+                if os.readlink(path).startswith("/memfd:ugem:") and stat.S_IMODE(os.stat(path).st_mode) == 0:
+                    pooled += 1
+            except FileNotFoundError:  # closed meanwhile: not counted
+                continue
+            total += 1
+        return total, pooled
 
     def stderr_text(self) -> str:
         """Everything the daemon has logged so far (stderr is drained continuously)."""

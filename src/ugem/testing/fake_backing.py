@@ -10,6 +10,8 @@ Rules (the parts of the memfd store's behaviour the core's policy depends on):
   allocated once they hold a nonzero byte, when next measured;
 - `open_count` counts backings created and not released; `max_open` (default: no limit
   that a test would reach) bounds them, as the fd limit bounds memfds;
+- nothing is pooled for reuse (`release` always frees; the pool needs real memfds, so
+  tests of recycling use the MemfdStore);
 - spill storage holds `spill_capacity` bytes; an extent is reserved for the data an
   object holds; `spill_out`/`spill_in` copy the allocated pages only (holes stay holes)
   and return the bytes copied; `fail_spills` makes the next copies fail with that OSError.
@@ -60,6 +62,7 @@ class FakeExtent:
 class FakeBackingStore:
     def __init__(self, *, max_open: int = 1 << 20, spill_capacity: int = 1 << 40) -> None:
         self.open_count = 0
+        self.pooled_bytes = self.pooled_fds = self.recycled = 0
         self.max_open = max_open
         self.limit_text = f"the limit of {max_open} object memfds"
         self.spill_capacity = spill_capacity
@@ -68,12 +71,27 @@ class FakeBackingStore:
 
     # -- lifetime and I/O ------------------------------------------------------------
 
-    def create(self, size: int) -> FakeBacking:
+    def create(self, size: int, uid: int | None = None) -> FakeBacking:
         self.open_count += 1
         return FakeBacking(size)
 
-    def release(self, backing: FakeBacking) -> None:
+    def release(self, backing: FakeBacking, uid: int | None = None, room: int = 0) -> None:
         self.open_count -= 1
+
+    def has_pooled(self, size: int, uid: int) -> bool:
+        return False
+
+    def clear(self, entry: Any) -> int:
+        raise AssertionError("FakeBackingStore pools nothing")
+
+    def zeroed(self, entry: Any, error: OSError | None) -> None:
+        raise AssertionError("FakeBackingStore pools nothing")
+
+    def drop_pooled(self, nbytes: int = 0, fds: int = 0) -> tuple[int, int]:
+        return 0, 0
+
+    def expire_pooled(self) -> None:
+        pass
 
     def key(self, backing: FakeBacking) -> tuple[int, int]:
         return (0, backing.ident)

@@ -1,0 +1,153 @@
+"""MemfdPool and the MemfdStore's pooling (backing/recycle.py), on real memfds: what is
+accepted, per (uid, size) reuse of cleared memfds only, clearing data segments only (holes
+stay holes), oldest-first drops, idle expiry, and a drop while a clearing is in flight."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterator
+
+import numpy as np
+import pytest
+
+from ugem.backing.memfd import MemfdStore
+from ugem.backing.recycle import IDLE_S, MIN_SIZE, MemfdPool, Pooled
+from ugem.fd import OwnedFd
+
+MIB = 1 << 20
+ROOM = 64 * MIB
+
+
+class Clock:
+    def __init__(self) -> None:
+        self.now = 100.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+@pytest.fixture
+def store(tmp_path: os.PathLike[str]) -> Iterator[MemfdStore]:
+    store = MemfdStore(str(tmp_path))
+    store.pool = MemfdPool(8, Clock())
+    try:
+        yield store
+    finally:
+        store.close()
+
+
+def _written(store: MemfdStore, size: int = MIN_SIZE, length: int | None = None, uid: int = 1) -> OwnedFd:
+    """A new memfd (of the pool of `uid`, if one is ready) holding `length` bytes of data."""
+    fd = store.create(size, uid)
+    store.write(fd, 0, b"\x07" * (size if length is None else length))
+    return fd
+
+
+def _pool(store: MemfdStore, fd: OwnedFd, uid: int = 1, room: int = ROOM) -> Pooled:
+    entry = store.release(fd, uid, room)
+    assert entry is not None
+    store.clear(entry)
+    store.zeroed(entry, None)
+    return entry
+
+
+def test_a_cleared_memfd_comes_back_for_its_uid_and_size_reading_zeros(store: MemfdStore) -> None:
+    fd = _written(store)
+    key = store.key(fd)
+    _pool(store, fd)
+    assert (store.pooled_fds, store.pooled_bytes, store.open_count) == (1, MIN_SIZE, 0)
+    assert os.fstat(fd.fileno()).st_mode & 0o777 == 0
+    for size, uid in ((MIN_SIZE, 2), (2 * MIN_SIZE, 1)):  # another uid, another size: a fresh one
+        other = store.create(size, uid)
+        assert other is not fd
+        store.release(other)
+    again = store.create(MIN_SIZE, uid=1)
+    assert again is fd and store.key(again) == key and store.recycled == 1
+    assert os.fstat(again.fileno()).st_mode & 0o777 == 0o400
+    out = bytearray(MIN_SIZE)
+    store.read(again, 0, memoryview(out))
+    assert not any(out)
+    assert store.resident_bytes(again) == MIN_SIZE  # its pages came along
+    store.release(again)
+
+
+def test_an_entry_is_handed_out_only_once_zeroed(store: MemfdStore) -> None:
+    entry = store.release(_written(store), 1, ROOM)
+    assert entry is not None
+    fresh = [store.create(MIN_SIZE, uid=1)]
+    store.clear(entry)
+    fresh.append(store.create(MIN_SIZE, uid=1))  # cleared, but not yet marked so
+    assert all(fd is not entry.fd for fd in fresh)
+    store.zeroed(entry, None)
+    fresh.append(store.create(MIN_SIZE, uid=1))
+    assert fresh[-1] is entry.fd
+    for fd in fresh:
+        store.release(fd)
+
+
+def test_a_failed_clearing_closes_the_entry(store: MemfdStore) -> None:
+    entry = store.release(_written(store), 1, ROOM)
+    assert entry is not None
+    store.zeroed(entry, OSError(5, "EIO"))
+    assert store.pooled_fds == 0 and entry.fd.closed
+
+
+def test_holes_stay_holes(store: MemfdStore) -> None:
+    fd = _written(store, 4 * MIN_SIZE, length=4096)
+    _pool(store, fd)
+    assert store.pooled_bytes == 4096
+    again = store.create(4 * MIN_SIZE, uid=1)
+    assert again is fd and store.resident_bytes(again) == 4096  # clearing did not fill the holes in
+    out = bytearray(8192)
+    store.read(again, 0, memoryview(out))
+    assert not any(out)
+    store.release(again)
+
+
+@pytest.mark.parametrize("size, room, written", [
+    (MIN_SIZE // 2, ROOM, True),  # too small to be worth it
+    (MIN_SIZE, MIN_SIZE - 4096, True),  # its size does not fit the room
+    (MIN_SIZE, ROOM, False),  # no pages: nothing to save
+])
+def test_what_is_not_pooled(store: MemfdStore, size: int, room: int, written: bool) -> None:
+    fd = _written(store, size) if written else store.create(size, uid=1)
+    assert store.release(fd, 1, room) is None
+    assert store.pooled_fds == 0 and fd.closed
+
+
+def test_at_most_max_fds(store: MemfdStore) -> None:
+    fds = [_written(store) for _ in range(9)]
+    entries = [store.release(fd, 1, ROOM) for fd in fds]
+    assert sum(e is not None for e in entries) == 8 and store.pooled_fds == 8
+
+
+def test_drops_go_oldest_first_in_bytes_or_fds(store: MemfdStore) -> None:
+    first, second, third = (_pool(store, _written(store, (i + 1) * MIN_SIZE)) for i in range(3))
+    assert store.drop_pooled(nbytes=1) == (1, MIN_SIZE)
+    assert first.fd.closed and not second.fd.closed
+    assert store.drop_pooled(fds=1) == (1, 2 * MIN_SIZE)
+    assert store.drop_pooled() == (0, 0)
+    assert store.pooled_fds == 1 and not third.fd.closed
+
+
+def test_idle_entries_expire(store: MemfdStore) -> None:
+    clock = store.pool.clock
+    assert isinstance(clock, Clock)
+    old = _pool(store, _written(store))
+    clock.now += IDLE_S / 2
+    young = _pool(store, _written(store, uid=2))  # (uid 1's would be `old` again)
+    clock.now += IDLE_S / 2
+    store.expire_pooled()
+    assert old.fd.closed and not young.fd.closed
+
+
+def test_a_drop_while_clearing_leaves_the_mapping_to_the_clearing(store: MemfdStore) -> None:
+    entry = store.release(_written(store), 1, ROOM)
+    assert entry is not None
+    view = entry.view  # the clearing job's own reference, taken when it starts
+    store.drop_pooled(fds=1)
+    assert entry.fd.closed and entry.view is None
+    pages = np.frombuffer(view, dtype=np.uint8)
+    pages[:] = 0  # still mapped: the memory lives until the clearing lets go
+    assert not pages.any()
+    assert store.clear(entry) == 0  # a clearing that starts after the drop does nothing
