@@ -100,10 +100,15 @@ def test_ugem_empty_reuses_a_freed_memfd_and_reads_zeros(served: tuple[DaemonPro
     _, dev = served
     a = ugem.empty(SIZE, np.uint8, device=dev)
     a[:] = 9
-    key = mapping_of(a).key  # type: ignore[union-attr]
-    del a  # released with the next request, which waits for the memfd's clearing (Memory.new_backing)
+    first = mapping_of(a)
+    assert first is not None and first.source >= 0
+    key, number = first.key, first.source
+    del a, first  # released with the next request, which waits for the memfd's clearing (Memory.new_backing)
     b = ugem.empty(SIZE, np.uint8, device=dev)
-    assert mapping_of(b).key == key and dev.stats()["recycled_total"] == 1  # type: ignore[union-attr]
+    again = mapping_of(b)
+    assert again is not None and again.key == key and dev.stats()["recycled_total"] == 1
+    # under another fd number: a late claim by the old one cannot reach the memory (MemfdStore._renumbered)
+    assert again.source >= 0 and again.source != number
     assert not b.any()  # its page tables filled in advance (MADV_POPULATE_WRITE): the same zeros
     b[:] = 3
     assert (b == 3).all()

@@ -110,12 +110,21 @@ class MemfdStore:
 
     def create(self, size: int, uid: int | None = None) -> OwnedFd:
         entry = None if uid is None else self.pool.take(size, uid)
-        if entry is None:
-            fd = self.scratch(size)
-        else:
-            fd = entry.fd
-            self._views[fd] = entry.view
+        fd = self.scratch(size) if entry is None else self._renumbered(entry)
         self.open_count += 1
+        return fd
+
+    def _renumbered(self, entry: Pooled) -> OwnedFd:
+        """A pooled memfd under a new fd number: a late receiver of a pickle of the object it
+        backed before (pidfd_getfd of the old `server_fd`, checked by memfd identity: GEM_CLAIM_MAPPED)
+        must not find the same memory, now another object's, under the number it was told."""
+        try:
+            fd = entry.fd.dup()
+        except OSError:  # no fd for the copy: a fresh memfd instead (ENOMEM naming the limit if none)
+            entry.fd.close()
+            return self.scratch(entry.size)
+        entry.fd.close()
+        self._views[fd] = entry.view
         return fd
 
     def scratch(self, size: int) -> OwnedFd:

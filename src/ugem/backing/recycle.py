@@ -29,6 +29,9 @@ Rules:
   purged or spilled). An entry may go while its zeroing runs: the job holds its own
   reference to the mapping, which is unmapped only when the last reference goes, so the
   memset never touches an unmapped page (the pages themselves go with it);
+- a memfd handed out again gets a new fd number (MemfdStore `create`): a process told the
+  old number for the object it backed before (a pickle's `server_fd`) cannot take the same
+  memory, now another object's, by that number;
 - a pooled memfd is mode 0000 (an object's is 0400): nobody opens it through /proc while
   it waits, and ugem.testing tells pooled fds from leaked ones by it.
 """

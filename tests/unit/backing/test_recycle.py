@@ -53,7 +53,7 @@ def _pool(store: MemfdStore, fd: OwnedFd, uid: int = 1, room: int = ROOM) -> Poo
 
 def test_a_cleared_memfd_comes_back_for_its_uid_and_size_reading_zeros(store: MemfdStore) -> None:
     fd = _written(store)
-    key = store.key(fd)
+    key, number = store.key(fd), fd.fd
     _pool(store, fd)
     assert (store.pooled_fds, store.pooled_bytes, store.open_count) == (1, MIN_SIZE, 0)
     assert os.fstat(fd.fileno()).st_mode & 0o777 == 0
@@ -62,7 +62,8 @@ def test_a_cleared_memfd_comes_back_for_its_uid_and_size_reading_zeros(store: Me
         assert other is not fd
         store.release(other)
     again = store.create(MIN_SIZE, uid=1)
-    assert again is fd and store.key(again) == key and store.recycled == 1
+    assert store.key(again) == key and store.recycled == 1
+    assert fd.closed and again.fd != number  # the same memory under a new fd number (MemfdStore._renumbered)
     assert os.fstat(again.fileno()).st_mode & 0o777 == 0o400
     out = bytearray(MIN_SIZE)
     store.read(again, 0, memoryview(out))
@@ -74,13 +75,14 @@ def test_a_cleared_memfd_comes_back_for_its_uid_and_size_reading_zeros(store: Me
 def test_an_entry_is_handed_out_only_once_zeroed(store: MemfdStore) -> None:
     entry = store.release(_written(store), 1, ROOM)
     assert entry is not None
+    key = store.key(entry.fd)
     fresh = [store.create(MIN_SIZE, uid=1)]
     store.clear(entry)
     fresh.append(store.create(MIN_SIZE, uid=1))  # cleared, but not yet marked so
-    assert all(fd is not entry.fd for fd in fresh)
+    assert all(store.key(fd) != key for fd in fresh)
     store.zeroed(entry, None)
     fresh.append(store.create(MIN_SIZE, uid=1))
-    assert fresh[-1] is entry.fd
+    assert store.key(fresh[-1]) == key
     for fd in fresh:
         store.release(fd)
 
@@ -94,10 +96,11 @@ def test_a_failed_clearing_closes_the_entry(store: MemfdStore) -> None:
 
 def test_holes_stay_holes(store: MemfdStore) -> None:
     fd = _written(store, 4 * MIN_SIZE, length=4096)
+    key = store.key(fd)
     _pool(store, fd)
     assert store.pooled_bytes == 4096
     again = store.create(4 * MIN_SIZE, uid=1)
-    assert again is fd and store.resident_bytes(again) == 4096  # clearing did not fill the holes in
+    assert store.key(again) == key and store.resident_bytes(again) == 4096  # clearing did not fill the holes in
     out = bytearray(8192)
     store.read(again, 0, memoryview(out))
     assert not any(out)
