@@ -85,10 +85,12 @@ async def _start_probes(dask_worker: Any) -> None:
     dask_worker._bench_ticker = asyncio.ensure_future(tick())
 
 
-def _flush(dask_worker: Any) -> None:
-    flush = getattr(dask_worker.data, "flush", None)  # UgemBuffer's; SpillBuffer has none
+async def _flush(dask_worker: Any) -> None:
+    """UgemBuffer's flush() (SpillBuffer has none), on a thread: not on the event loop, which
+    the probes watch (a sync function given to client.run runs on it)."""
+    flush = getattr(dask_worker.data, "flush", None)
     if flush is not None:
-        flush()
+        await asyncio.get_running_loop().run_in_executor(None, flush)
 
 
 def _reset_probes(dask_worker: Any) -> None:
