@@ -330,9 +330,10 @@ def test_cluster_rechunk_copies_only_what_leaves_the_worker_or_stays(daemon: Dae
     size = 64 * MiB
     during, after = _rechunk_copies(daemon.path, defer="256M")
     # what goes to the other worker is copied (then sent by reference: 0.6-1.0x the array
-    # here), the results at flush() (1x); the pieces and merged blocks used where they were
-    # made and then deleted are never copied (with defer=0, 3.7-4.0x the array was copied)
-    assert during <= 1.5 * size and after <= 2.5 * size, (during / size, after / size)
+    # here, more if Dask moves tasks around), the results at flush() (1x); the pieces and
+    # merged blocks used where they were made and then deleted are never copied (with
+    # defer=0, 3.7-4.0x the array was copied before the flush)
+    assert during <= 2 * size and after <= 3 * size, (during / size, after / size)
 
 
 def _slow_double(block: np.ndarray) -> np.ndarray:
