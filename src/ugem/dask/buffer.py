@@ -12,9 +12,9 @@ Rules:
   of the daemon's system budget), and one goes to the writer thread when newer ones push
   it out, when `evict()` picks it, or at `flush()`, so an array deleted before then
   (Dask's intermediates, e.g. a rechunk's pieces and merged blocks) is never copied.
-  Until its copy is made the value is pending: reading a pending
-  array gives a read-only `PendingArray` view of it at once (pending.py: a task never waits
-  for the copy; sent to a worker on this host, it travels as a reference once copied: the
+  Until its copy is made the value is pending: reading a pending array gives a read-only
+  `PendingArray` view of it at once (pending.py: a task never waits for the copy; sent
+  to a worker on this host, it travels as a reference once copied: the
   sending thread, which for a small message is the event loop, makes the copy itself
   unless the writer thread has started it), reading any other pending value waits for its
   copy, and `flush()` waits for every pending value. A numpy array is stored raw, any
@@ -37,9 +37,9 @@ Rules:
   Dask's `spill` threshold) lets go of this worker's mapping of the least recently used
   value and returns its size: its pages leave the worker's memory, and the object becomes
   one the daemon may spill to disk when the node's budget needs room (with nothing mapped
-  or kept in the heap, it hands the oldest deferred array to the writer thread). The daemon does the
-  writing, on its own threads: nothing is written from Dask's event loop. A value that
-  is in use elsewhere stays mapped until that use ends;
+  or kept in the heap, it hands the oldest deferred array to the writer thread). The
+  daemon does the writing, on its own threads: nothing is written from Dask's event loop.
+  A value that is in use elsewhere stays mapped until that use ends;
 - if the daemon has no room (ENOMEM, EDQUOT, ENOSPC) to store a value even after this
   worker let go of every mapping it holds, the value stays in the heap (correct, just not
   in ugem) and is `fast` too: `evict()` hands it to the writer again (and returns its
@@ -60,8 +60,8 @@ Rules:
   must hold the working set of the tasks running at once on all the node's workers (else
   they fail with `OutOfMemory`); deferred arrays are outside that budget: the node must
   also hold each worker's `defer` bytes (pass `defer=0` to copy every value at once).
-  Reading a value back (mapping it, or waiting for a pending
-  one) and adopting one happen on Dask's event loop; other copying and waiting for room do not.
+  Reading a value back (mapping it, or waiting for a pending one) and adopting one happen
+  on Dask's event loop; other copying and waiting for room do not.
 """
 
 from __future__ import annotations
