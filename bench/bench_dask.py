@@ -25,9 +25,11 @@ sampled every 50 ms); for ugem, the time after the wall until the worker's write
 had copied the last results into their objects (Dask reports a task done once its result
 is in the worker's data mapping, which for ugem may still be copying it); bytes spilled
 (default: SpillBuffer's disk writes; ugem: the daemon's bytes_moved_total, which counts
-spilling and restoring); event-loop blocked time (a ticker on each worker's event loop
-every 10 ms; the sum of its lateness beyond 50 ms) and Dask's "Event loop was
-unresponsive" warnings (Dask's default limit, 3 s); all of them over the timed part only.
+spilling and restoring); CPU time of the workers and the daemon (user + system, from
+/proc: less disturbed than the wall by other load on the machine); event-loop blocked
+time (a ticker on each worker's event loop every 10 ms; the sum of its lateness beyond
+50 ms) and Dask's "Event loop was unresponsive" warnings (Dask's default limit, 3 s); all
+of them over the timed part only.
 
 Targets (issue 13): transfer-heavy >= 2x faster (ratio <= 0.5) with >= 90 % fewer bytes over
 TCP; spill-heavy no slower (ratio <= 1.0) with no unresponsive-event-loop warnings.
@@ -83,10 +85,12 @@ async def _start_probes(dask_worker: Any) -> None:
     dask_worker._bench_ticker = asyncio.ensure_future(tick())
 
 
-def _flush(dask_worker: Any) -> None:
-    flush = getattr(dask_worker.data, "flush", None)  # UgemBuffer's; SpillBuffer has none
+async def _flush(dask_worker: Any) -> None:
+    """UgemBuffer's flush() (SpillBuffer has none), on a thread: not on the event loop, which
+    the probes watch (a sync function given to client.run runs on it)."""
+    flush = getattr(dask_worker.data, "flush", None)
     if flush is not None:
-        flush()
+        await asyncio.get_running_loop().run_in_executor(None, flush)
 
 
 def _reset_probes(dask_worker: Any) -> None:
@@ -141,6 +145,19 @@ def _private(pid: int) -> int:
     return fields.get("VmRSS", 0) - fields.get("RssShmem", 0)
 
 
+def _cpu(pids: list[int]) -> float:
+    """CPU seconds (user + system) the processes `pids` used so far."""
+    ticks = 0
+    for pid in pids:
+        try:
+            with open(f"/proc/{pid}/stat") as f:
+                fields = f.read().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        ticks += int(fields[11]) + int(fields[12])  # utime, stime
+    return ticks / os.sysconf("SC_CLK_TCK")
+
+
 def one_run(method: str, workload: str, size: int, budget: int, spill_dir: str) -> dict[str, float]:
     import dask
     import dask.array as da
@@ -171,10 +188,10 @@ def one_run(method: str, workload: str, size: int, budget: int, spill_dir: str) 
                 c.run(_flush)  # the untimed setup is over once every block is in its object
                 c.run(_reset_probes)
                 peak = Peak(pids, dev)
-                t0 = time.perf_counter()
+                cpu0, t0 = _cpu(pids), time.perf_counter()
                 y = x.rechunk((n, n // 8)).persist()
                 wait(y)
-                wall = time.perf_counter() - t0
+                wall, cpu = time.perf_counter() - t0, _cpu(pids) - cpu0
                 check = float(y[:, -1].sum().compute()) - float(x[:, -1].sum().compute())
             else:
                 blocks = 32
@@ -182,11 +199,11 @@ def one_run(method: str, workload: str, size: int, budget: int, spill_dir: str) 
                 x = da.arange(per * blocks, chunks=per, dtype=np.float64)
                 c.run(_reset_probes)
                 peak = Peak(pids, dev)
-                t0 = time.perf_counter()
+                cpu0, t0 = _cpu(pids), time.perf_counter()
                 y = x.map_blocks(lambda b: b * 2.0).persist()
                 wait(y)
                 total = float(y.sum().compute())
-                wall = time.perf_counter() - t0
+                wall, cpu = time.perf_counter() - t0, _cpu(pids) - cpu0
                 count = per * blocks
                 check = total - (count - 1) * count
             t1 = time.perf_counter()
@@ -203,7 +220,7 @@ def one_run(method: str, workload: str, size: int, budget: int, spill_dir: str) 
             daemon_ctx.__exit__(None, None, None)
     if abs(check) > 1e-6 * max(1.0, abs(check)):
         raise AssertionError(f"{method} {workload}: wrong result (off by {check})")
-    return {"wall": wall, "settle": settle, "tcp": sum(p["tcp"] for p in probes), "peak": float(node_peak),
+    return {"wall": wall, "cpu": cpu, "settle": settle, "tcp": sum(p["tcp"] for p in probes), "peak": float(node_peak),
             "spilled": moved if method == "ugem" else sum(p["disk"] for p in probes),
             "blocked": sum(p["blocked"] for p in probes), "warnings": sum(p["warnings"] for p in probes)}
 
@@ -240,7 +257,8 @@ def run(opts: H.Options) -> H.Report:
                           text="ratio <= 0.5 (>= 2x faster)" if workload == "transfer" else "ratio <= 1.0")
         report.rows.append(_seconds(H.Row.latency(BENCH, f"{title}: wall", "ugem", walls["ugem"],
                                                   baseline=walls["default"], target=target)))
-        for key, unit, label in (("settle", "s", "results still being copied after the wall"),
+        for key, unit, label in (("cpu", "s", "CPU time of workers and daemon"),
+                                 ("settle", "s", "results still being copied after the wall"),
                                  ("tcp", "MiB", "bytes over TCP between workers"), ("peak", "MiB", "node peak memory"),
                                  ("spilled", "MiB", "bytes spilled"), ("blocked", "s", "event loop blocked"),
                                  ("warnings", "count", "unresponsive-loop warnings")):

@@ -7,9 +7,14 @@ connects there to the daemon at `socket` (default: as `ugem.connect()` finds it)
 Rules:
 - a value of at least `min_size` bytes (by Dask's `sizeof`, default 64 KiB) goes into an
   object of its own, copied there by the writer thread (writer.py), not on Dask's event
-  loop, from which Dask stores results. Until then the value is pending: reading a pending
-  array gives a read-only `PendingArray` view of it at once (pending.py: a task never waits
-  for the copy; sent to a worker on this host, it travels as a reference once copied: the
+  loop, from which Dask stores results. An array is deferred first: the arrays not copied
+  yet wait in this process's heap, oldest first, up to `defer` bytes (default a sixteenth
+  of the daemon's system budget), and one goes to the writer thread when newer ones push
+  it out, when `evict()` picks it, or at `flush()`, so an array deleted before then
+  (Dask's intermediates, e.g. a rechunk's pieces and merged blocks) is never copied.
+  Until its copy is made the value is pending: reading a pending array gives a read-only
+  `PendingArray` view of it at once (pending.py: a task never waits for the copy; sent
+  to a worker on this host, it travels as a reference once copied: the
   sending thread, which for a small message is the event loop, makes the copy itself
   unless the writer thread has started it), reading any other pending value waits for its
   copy, and `flush()` waits for every pending value. A numpy array is stored raw, any
@@ -31,9 +36,10 @@ Rules:
 - `evict()` (Dask's manual eviction protocol, called when the worker's memory passes
   Dask's `spill` threshold) lets go of this worker's mapping of the least recently used
   value and returns its size: its pages leave the worker's memory, and the object becomes
-  one the daemon may spill to disk when the node's budget needs room. The daemon does the
-  writing, on its own threads: nothing is written from Dask's event loop. A value that
-  is in use elsewhere stays mapped until that use ends;
+  one the daemon may spill to disk when the node's budget needs room (with nothing mapped
+  or kept in the heap, it hands the oldest deferred array to the writer thread). The
+  daemon does the writing, on its own threads: nothing is written from Dask's event loop.
+  A value that is in use elsewhere stays mapped until that use ends;
 - if the daemon has no room (ENOMEM, EDQUOT, ENOSPC) to store a value even after this
   worker let go of every mapping it holds, the value stays in the heap (correct, just not
   in ugem) and is `fast` too: `evict()` hands it to the writer again (and returns its
@@ -52,8 +58,10 @@ Rules:
   Dask never calls `close()` itself: a worker process releases everything when it ends;
 - limits: what tasks use at once is mapped and cannot be spilled, so the daemon's budget
   must hold the working set of the tasks running at once on all the node's workers (else
-  they fail with `OutOfMemory`). Reading a value back (mapping it, or waiting for a pending
-  one) and adopting one happen on Dask's event loop; other copying and waiting for room do not.
+  they fail with `OutOfMemory`); deferred arrays are outside that budget: the node must
+  also hold each worker's `defer` bytes (pass `defer=0` to copy every value at once).
+  Reading a value back (mapping it, or waiting for a pending one) and adopting one happen
+  on Dask's event loop; other copying and waiting for room do not.
 """
 
 from __future__ import annotations
@@ -65,7 +73,7 @@ import time
 import weakref
 from collections import ChainMap
 from collections.abc import Hashable, Iterator, MutableMapping
-from typing import Any
+from typing import Any, cast
 
 import numpy as np
 from distributed.sizeof import safe_sizeof
@@ -78,7 +86,7 @@ from ..errors import NoSpace, OutOfMemory, QuotaExceeded
 from .handoff import UgemArray, held, is_held, name_of, register_device, unregister_device
 from .pending import pending_view
 from .pool import Pool
-from .stored import Stored, extent, load, raw, store
+from .stored import Stored, load, pending_source, raw, store
 from .writer import Writer
 
 __all__ = ["UgemBuffer"]
@@ -87,6 +95,10 @@ logger = logging.getLogger("ugem.dask")
 _NO_ROOM = (OutOfMemory, QuotaExceeded, NoSpace)
 _MISSING = object()
 _RETRY_PAUSES = (0.0, 0.05, 0.1, 0.2, 0.4, 0.8, 1.6, 3.2)  # reading back with no room (module rules)
+
+
+def _size(value: int | str, what: str) -> int:
+    return 0 if value in (0, "0") else parse_size(value, what)
 
 
 def _close(path: str, device: Device, writer: Writer, pool: Pool) -> None:
@@ -100,15 +112,16 @@ class UgemBuffer(MutableMapping[Hashable, object]):
     """A `distributed` worker data mapping backed by the node's ugem daemon (module rules)."""
 
     def __init__(self, socket: str | None = None, *, target: int | str | None = None,
-                 min_size: int | str = "64K", pool: int | str | None = None) -> None:
+                 min_size: int | str = "64K", pool: int | str | None = None, defer: int | str | None = None) -> None:
         self.device = connect(socket)
         self.socket: str = getattr(self.device._transport, "path", "")
-        if target is None:
-            self.target = min(64 << 20, int(self.device.stats()["system_budget"]) // 16)
-        else:
-            self.target = parse_size(target, "target") if target != 0 else 0
-        self.min_size = parse_size(min_size, "min_size") if min_size != 0 else 0
-        self.pool = Pool(self.target if pool is None else parse_size(pool, "pool") if pool != 0 else 0)
+        budget = int(self.device.stats()["system_budget"])
+        self.target = min(64 << 20, budget // 16) if target is None else _size(target, "target")
+        self.defer = budget // 16 if defer is None else _size(defer, "defer")
+        self.min_size = _size(min_size, "min_size")
+        self.pool = Pool(self.target if pool is None else _size(pool, "pool"))
+        #: values copied into objects so far (new or pooled ones; not adopted or shared), and their bytes
+        self.counts = {"copies": 0, "copied_bytes": 0}
         self._lock = threading.RLock()
         self._local: dict[Hashable, object] = {}  # small values
         self._heap: dict[Hashable, object] = {}  # values the daemon had no room for
@@ -121,7 +134,7 @@ class UgemBuffer(MutableMapping[Hashable, object]):
         self._weights: dict[Hashable, int] = {}  # sizeof of every value not in _local
         self._mapped_bytes = 0
         self._weak: weakref.WeakValueDictionary[Hashable, Any] = weakref.WeakValueDictionary()
-        self._writer = Writer(self.socket, self, UgemBuffer._write_pending)
+        self._writer = Writer(self.socket, self, UgemBuffer._write_pending, self.defer)
         register_device(self.socket, self.device)
         self._finalizer = weakref.finalize(self, _close, self.socket, self.device, self._writer, self.pool)
 
@@ -129,9 +142,9 @@ class UgemBuffer(MutableMapping[Hashable, object]):
 
     @property
     def fast(self) -> ChainMap[Hashable, object]:
-        """The values in this process's memory that `evict()` can act on: mapped ones, then
-        heap ones the daemon had no room for."""
-        return ChainMap(self._mapped, self._heap)
+        """The values in this process's memory that `evict()` can act on: mapped ones, heap
+        ones the daemon had no room for, then deferred ones (keys only: not copied yet)."""
+        return ChainMap(self._mapped, self._heap, cast("dict[Hashable, object]", self._writer.deferred))
 
     def evict(self) -> int:
         """Let go of one value from this process's memory; its size, or -1 (never raises)."""
@@ -143,8 +156,9 @@ class UgemBuffer(MutableMapping[Hashable, object]):
                     return self._weights[key]
                 for key, value in self._heap.items():  # the daemon had no room then: try again
                     del self._heap[key]
-                    self._make_pending(key, value)
+                    self._make_pending(key, value, defer=False)
                     return self._weights[key]
+                return self._writer.queue_oldest()  # copied now, rather than when pushed out
             except Exception:
                 logger.exception("ugem.dask: eviction failed")
             return -1
@@ -165,21 +179,10 @@ class UgemBuffer(MutableMapping[Hashable, object]):
                 self._stored[key] = adopted
                 self._keep_mapped(key, value)  # no copy: it is mapped already
                 return
-            source = self._pending_source(value) if isinstance(value, np.ndarray) else None
+            source = pending_source(value, self._pending, self._done) if isinstance(value, np.ndarray) else None
             if source is not None:  # a view of a pending value: it will share that value's object
                 self._aliases[key] = source
-            self._make_pending(key, value)
-
-    def _pending_source(self, a: np.ndarray[Any, Any]) -> tuple[Hashable, object, int] | None:
-        """(key, token, byte offset) of the pending value whose memory `a` lies in, if that
-        value is stored byte for byte as it lies (C- or Fortran-contiguous)."""
-        low, high = extent(a)
-        for key, value in self._pending.items():
-            if raw(value) and (value.flags.c_contiguous or value.flags.f_contiguous):
-                start = int(value.__array_interface__["data"][0])
-                if start <= low and high <= start + value.nbytes and key in self._done:
-                    return key, self._done[key], int(a.__array_interface__["data"][0]) - start
-        return None
+            self._make_pending(key, value, defer=raw(value))
 
     def _shared(self, source: tuple[Hashable, object, int], value: np.ndarray[Any, Any]) -> Stored | None:
         """A new handle to the object of the pending value `source` (once stored; this
@@ -196,10 +199,10 @@ class UgemBuffer(MutableMapping[Hashable, object]):
             buf = Buffer.open_name(self.device, stored.buf.flink())
         return Stored(buf, value.dtype, value.shape, value.strides, stored.offset + offset)
 
-    def _make_pending(self, key: Hashable, value: object) -> None:
+    def _make_pending(self, key: Hashable, value: object, defer: bool) -> None:
         self._pending[key] = value
         self._done[key] = threading.Event()
-        self._writer.submit(key)
+        self._writer.submit(key, self._weights[key] if defer else None)
 
     def _settled(self, key: Hashable) -> None:
         """A pending key was stored, kept in the heap, or deleted: wake who waits for it."""
@@ -224,17 +227,18 @@ class UgemBuffer(MutableMapping[Hashable, object]):
             if value is _MISSING or token is None or token in self._writing:
                 return  # deleted meanwhile, or another thread is storing it
             self._writing.add(token)
+            self._writer.undefer(key)
             source = self._aliases.pop(key, None)
         try:
             try:
                 stored = None if source is None or not raw(value) else self._shared(source, value)
                 if stored is None:
-                    stored = store(value, self._writer.device, self.device, self.pool)
+                    stored = self._copy(value)
             except _NO_ROOM:
                 with self._lock:
                     self._unmap_all()
                 self.device.stats()  # any request sends the releases just queued
-                stored = store(value, self._writer.device, self.device, self.pool)
+                stored = self._copy(value)
         except _NO_ROOM as exc:
             logger.warning("ugem.dask: no room in the daemon for %s, kept in the heap: %s", key, exc)
             stored = None
@@ -255,6 +259,13 @@ class UgemBuffer(MutableMapping[Hashable, object]):
                         stored = None
             if stored is not None:
                 stored.buf.close()  # deleted or replaced meanwhile
+
+    def _copy(self, value: object) -> Stored:
+        stored = store(value, self._writer.device, self.device, self.pool)
+        with self._lock:
+            self.counts["copies"] += 1
+            self.counts["copied_bytes"] += stored.length
+        return stored
 
     def __getitem__(self, key: Hashable) -> object:
         while True:  # a pending array is read as it is, any other pending value waited for (module rules)
@@ -313,6 +324,7 @@ class UgemBuffer(MutableMapping[Hashable, object]):
             self._aliases.pop(key, None)
             del self._weights[key]
             if self._pending.pop(key, _MISSING) is not _MISSING:
+                self._writer.undefer(key)  # never copied, if still deferred
                 self._settled(key)
                 return
             if self._heap.pop(key, _MISSING) is not _MISSING:

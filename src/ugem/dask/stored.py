@@ -8,12 +8,15 @@ has the rules; this is their mechanics).
   pages are resident; every byte is overwritten, the value then zeros) or else into a new
   object made through the writer's connection and handed over to the worker's connection
   by name (writer.py);
+- `pending_source(a, ...)`: the pending value an array a task returned lies in (a view of
+  it), which the array then shares the object of (buffer.py);
 - `load(stored)`: an array is a zero-copy `UgemArray` on the object's mapping; any other
   value is deserialized from the mapping.
 """
 
 from __future__ import annotations
 
+from collections.abc import Hashable, Mapping
 from dataclasses import dataclass
 from typing import Any, TypeGuard
 
@@ -26,7 +29,7 @@ from ..constants import PAGE_SIZE
 from .handoff import as_ugem_array
 from .pool import Pool
 
-__all__ = ["Stored", "extent", "load", "raw", "store"]
+__all__ = ["Stored", "extent", "load", "pending_source", "raw", "store"]
 
 
 @dataclass(slots=True)
@@ -66,6 +69,22 @@ def extent(a: np.ndarray[Any, Any]) -> tuple[int, int]:
     low = sum(min(0, (n - 1) * st) for n, st in zip(a.shape, a.strides, strict=True))
     high = sum(max(0, (n - 1) * st) for n, st in zip(a.shape, a.strides, strict=True)) + a.itemsize
     return start + low, start + high
+
+
+def pending_source(a: np.ndarray[Any, Any], pending: Mapping[Hashable, object],
+                   done: Mapping[Hashable, object]) -> tuple[Hashable, object, int] | None:
+    """(key, token, byte offset) of the pending value (`pending`, their tokens `done`) whose
+    memory `a` lies in, if that value is stored byte for byte as it lies (C- or
+    Fortran-contiguous)."""
+    if a.base is None:  # owns its memory: in no other value's
+        return None
+    low, high = extent(a)
+    for key, value in pending.items():
+        if raw(value) and (value.flags.c_contiguous or value.flags.f_contiguous):
+            start = int(value.__array_interface__["data"][0])
+            if start <= low and high <= start + value.nbytes and key in done:
+                return key, done[key], int(a.__array_interface__["data"][0]) - start
+    return None
 
 
 def store(value: object, writer_device: Device, device: Device, pool: Pool) -> Stored:
