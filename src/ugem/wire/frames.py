@@ -70,8 +70,9 @@ __all__ = [
 ]
 
 MAGIC = b"UGEM"
-PROTOCOL_VERSION = 4  # 2: ops 32-38 (close batch, map export, lookup, shares, create mapped); 3: op 39 (claim
-# mapped), MmapReply.server_fd; 4: ClaimReq names the memory (early claims of shares not yet sent), POST frames
+PROTOCOL_VERSION = 5  # 2: ops 32-38 (close batch, map export, lookup, shares, create mapped); 3: op 39 (claim
+# mapped), MmapReply.server_fd; 4: ClaimReq names the memory (early claims of shares not yet sent), POST frames;
+# 5: ops 40-41 (share batch, claim mapped batch)
 HEADER = struct.Struct("<IHBBIi")
 MAX_INLINE = 1 << 20  # pread/pwrite bytes a frame may carry (HELLO's max_inline); more goes through XFER
 # pread/pwrite larger than this take XFER (shared memory) even where a frame could carry them:
@@ -129,6 +130,8 @@ class Op(enum.IntEnum):
     GEM_DROP_SHARES = 37
     GEM_CREATE_MAPPED = 38
     GEM_CLAIM_MAPPED = 39
+    GEM_SHARE_BATCH = 40
+    GEM_CLAIM_MAPPED_BATCH = 41
 
 
 _HEADER_SIZE = HEADER.size
