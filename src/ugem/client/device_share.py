@@ -92,7 +92,7 @@ class ShareOps:
         releases = self._releases
         if hold_back(self):
             releases.hold(record, claim)
-            if len(self._released) + len(releases.claims) >= HOLD_BACK:
+            if not claim and len(self._released) >= HOLD_BACK:
                 self._post(None)
         elif claim:
             self._post(Op.GEM_CLAIM_MAPPED_BATCH, ss.ClaimMappedBatchReq(records=record))

@@ -40,7 +40,7 @@ from ..wire.frames import (
     Op,
     encode_header,
 )
-from ..wire.structs_share import SHARE_AHEAD, SHARE_BATCH_RECORD, ShareBatchReq
+from ..wire.structs_share import REPLIES_AHEAD, SHARE_AHEAD, SHARE_BATCH_RECORD, ShareBatchReq
 
 __all__ = ["SocketTransport"]
 
@@ -206,10 +206,10 @@ class SocketTransport:
         """Send requests (no fds), in one write, without waiting for their replies: POST
         frames, the last one a REQUEST whose reply is read and dropped before the next
         call's (wire/frames.py; failures are nobody's here: shares report theirs to their
-        claimer, core/shares.py). Never more than SHARE_AHEAD frames past the last reply
-        read (each share of a GEM_SHARE_BATCH counting as a frame): past that, read the replies
-        owed first, so the daemon never lags further behind (early claims count on it) nor
-        holds replies for a client that is not reading."""
+        claimer, core/shares.py). Never more than SHARE_AHEAD frames (each share of a
+        GEM_SHARE_BATCH counting as one), nor REPLIES_AHEAD replies, past the last reply read:
+        past that, read the replies owed first, so the daemon never lags further behind
+        (early claims count on it) nor holds replies for a client that is not reading."""
         if not frames:
             return
         with self._lock:
@@ -217,7 +217,7 @@ class SocketTransport:
             try:
                 if self._timeout is not None:
                     self._arm(op, req)
-                if self._owed and self._unread + _ahead(frames) > SHARE_AHEAD:
+                if self._owed and (self._unread + _ahead(frames) > SHARE_AHEAD or len(self._owed) >= REPLIES_AHEAD):
                     self._skip_owed()
                 self._send_posts(frames, last_wants_reply=True)
             except DaemonGone:

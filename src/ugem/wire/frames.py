@@ -37,7 +37,8 @@ Rules:
   (releases pipelined ahead of a request, posted shares and claims: client/transport.py):
   the daemon serves it exactly as a REQUEST, in order, and sends nothing back, not even
   an error. A client that posts ends each write of posts with a REQUEST (whose reply it
-  reads later, dropping it) and never has more than SHARE_AHEAD posted frames past the
+  reads later, dropping it) and never has more than SHARE_AHEAD posted frames (each share
+  of a GEM_SHARE_BATCH counting as one), nor REPLIES_AHEAD such replies unread, past the
   last such reply it read: that bounds how far the daemon may lag behind it.
 - Op numbers are never reused; a retired op keeps its number. PROTOCOL_VERSION (checked at
   HELLO) changes when a client may send what an older daemon would not understand.

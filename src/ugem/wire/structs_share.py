@@ -12,7 +12,8 @@ from dataclasses import dataclass
 from .frames import MAX_PAYLOAD
 from .structs import WRITABLE, Struct
 
-__all__ = ["CHOSEN_MAP_IDS", "CLAIM_BATCH_RECORD", "MAX_CLAIM_BATCH", "MAX_DROPS", "MAX_SHARE_BATCH", "SHARE_AHEAD",
+__all__ = ["CHOSEN_MAP_IDS", "CLAIM_BATCH_RECORD", "MAX_CLAIM_BATCH", "MAX_DROPS", "MAX_SHARE_BATCH", "REPLIES_AHEAD",
+           "SHARE_AHEAD",
            "SHARE_BATCH_RECORD", "SHARE_LAG", "SHARE_RECORD", "ClaimMappedBatchReq", "ClaimMappedReq", "ClaimReq",
            "DropSharesReq", "ShareBatchReq", "ShareReq"]
 
@@ -22,12 +23,14 @@ SHARE_BATCH_RECORD = struct.Struct("<IIqqQ")  # ShareReq's layout: (map_id, flag
 CLAIM_BATCH_RECORD = struct.Struct("<QQIIQQ")  # ClaimMappedReq's layout: (owner, token, flags, map_id, dev, ino)
 MAX_SHARE_BATCH = MAX_PAYLOAD // SHARE_BATCH_RECORD.size
 MAX_CLAIM_BATCH = MAX_PAYLOAD // CLAIM_BATCH_RECORD.size
-# requests a client may post before it reads their replies, counting each record of a batch
-# request as one (core/shares.py: the daemon's lag in tokens). Not much more: a small reply
-# takes ~1 KiB of socket buffer (the kernel's per-packet overhead), ~200 fill the daemon's
-# default send buffer, and the daemon stops reading a connection whose replies wait, so a
-# client still writing would deadlock (tried with 1024: it did).
-SHARE_AHEAD = 64
+# replies a client may leave unread (one per write of posted requests: client/transport.py). Not
+# much more: a small reply takes ~1 KiB of socket buffer (the kernel's per-packet overhead), ~200
+# fill the daemon's default send buffer, and the daemon stops reading a connection whose replies
+# wait, so a client still writing would deadlock (tried with 1024: it did).
+REPLIES_AHEAD = 64
+# requests a client may post before it reads a reply sent after them, counting each share of a
+# GEM_SHARE_BATCH as one: how far the daemon may lag behind it in share tokens (core/shares.py)
+SHARE_AHEAD = 256
 # how far a client's shares may lag behind their claims (core/shares.py): the SHARE_AHEAD it may
 # have unread, and those its pickler holds back unsent (client/batch.py: HOLD_BACK), with room
 SHARE_LAG = 2 * SHARE_AHEAD
