@@ -36,7 +36,6 @@ from __future__ import annotations
 import mmap
 import threading
 import time
-import weakref
 from typing import Any
 
 from ..backing.mapping import map_placed
@@ -46,7 +45,7 @@ from ..wire import structs_share as ss
 from ..wire.frames import Op
 from .batch import HOLD_BACK, hold_back
 from .daemon_fds import DaemonFds
-from .registry import mapping_gone, register_mapping
+from .registry import register_mapping
 
 __all__ = ["CLAIM_PATIENCE_S", "ShareOps"]
 
@@ -191,9 +190,8 @@ class ShareOps:
     def _enter(self, region: mmap.mmap, map_id: int, offset: int, writable: bool, key: tuple[int, int],
                source: int, address: int = 0) -> memoryview:
         view = memoryview(region)
-        address = register_mapping(region, self, map_id, offset, writable, key, source,  # type: ignore[arg-type]
-                                   address)
-        weakref.finalize(region, mapping_gone, self._released, map_id, address)
+        register_mapping(region, self, map_id, offset, writable, key, source, address,  # type: ignore[arg-type]
+                         self._released)
         return view
 
     def _send_claims(self) -> None:

@@ -78,7 +78,7 @@ from .buffer import Buffer
 from .connect import connect
 from .default import default_device
 from .device import Device
-from .registry import array_mapping, find_by_key, forget_mapping, register_mapping
+from .registry import array_mapping, find_by_key, register_mapping
 
 __all__ = ["reduce_buffer_by_name"]
 
@@ -141,8 +141,7 @@ def _map_fd(fd: int, key: tuple[int, int], offset: int, length: int, writable: b
     dev = default_device()
     if dev._live().embedded:
         region = map_shared(fd, offset, length, writable)
-        address = register_mapping(region, None, 0, offset, writable, key)
-        weakref.finalize(region, forget_mapping, address)
+        register_mapping(region, None, 0, offset, writable, key)
         return memoryview(region)
     handle, held = dev._import_fd(fd)
     try:

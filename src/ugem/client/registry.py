@@ -4,12 +4,13 @@ Pickling by reference (client/pickling.py) finds whether an array's memory is ug
 from its data pointer. Every mapping a Device makes is entered here (address range -> the
 Device, weakly, its map_id, the object offset the mapping starts at, its length, whether it
 is writable, the identity of the memfd it maps, and the mapping itself, weakly) and removed
-by the finalizer that releases it. A process that receives memory it already maps (an array
-sent to a worker and returned) finds that mapping by the memfd's identity (`find_by_key`)
-and uses it again instead of mapping the object once more: a live mapping pins its memfd,
-so the identity cannot meanwhile name another object. A mapping received in a process
-whose default device is embedded is mapped straight from its fd (no Device, no map_id): it
-is entered with `device=None`, which pickling reports as unable to travel onward.
+when the mapping dies (a callback of that weak reference, which also queues its release).
+A process that receives memory it already maps (an array sent to a worker and returned)
+finds that mapping by the memfd's identity (`find_by_key`) and uses it again instead of
+mapping the object once more: a live mapping pins its memfd, so the identity cannot
+meanwhile name another object. A mapping received in a process whose default device is
+embedded is mapped straight from its fd (no Device, no map_id): it is entered with
+`device=None`, which pickling reports as unable to travel onward.
 
 Entries are inherited by a forked child, as the mappings are; their Device is then the
 parent's, which the child cannot use (transport.py), and pickling says so.
@@ -30,8 +31,8 @@ import numpy.typing as npt
 if TYPE_CHECKING:
     from .device import Device
 
-__all__ = ["Mapping", "array_mapping", "fd_key", "find_by_key", "find_mapping", "forget_mapping", "mapping_gone",
-           "mapping_of", "register_mapping"]
+__all__ = ["Mapping", "array_mapping", "fd_key", "find_by_key", "find_mapping", "forget_mapping", "mapping_of",
+           "register_mapping"]
 
 
 class Mapping(NamedTuple):  # immutable, and made in a quarter of a microsecond (a frozen dataclass: 2 us)
@@ -58,13 +59,22 @@ def fd_key(fd: int) -> tuple[int, int]:
 
 
 def register_mapping(region: mmap.mmap, device: Device | None, map_id: int, offset: int, writable: bool,
-                     key: tuple[int, int], source: int = -1, address: int = 0) -> int:
-    """Enter a live mapping (at `address`, if the caller knows it); returns its address (the
-    key to forget it by)."""
+                     key: tuple[int, int], source: int = -1, address: int = 0,
+                     released: deque[Any] | None = None) -> int:
+    """Enter a live mapping (at `address`, if the caller knows it); returns its address. It is
+    forgotten when `region` dies, and its id then queued in `released` (a Device's release
+    queue, client/releases.py), if given: a weak reference's callback, which does only that
+    (it may run at any moment), kept in the entry (a `weakref.finalize` costs 5x more)."""
     if not address:
         address = int(np.frombuffer(region, dtype=np.uint8).__array_interface__["data"][0])
+
+    def gone(_: Any) -> None:
+        forget_mapping(address)
+        if released is not None:
+            released.append(map_id)
+
     entry = Mapping(address, len(region), None if device is None else weakref.ref(device), map_id, offset, writable,
-                    key, weakref.ref(region), source)
+                    key, weakref.ref(region, gone), source)
     old = _by_start.get(address)
     if old is None:
         bisect.insort(_starts, address)
@@ -87,13 +97,6 @@ def forget_mapping(address: int) -> None:
     if entry is not None:
         del _starts[bisect.bisect_left(_starts, address)]
         _unkey(entry)
-
-
-def mapping_gone(released: deque[Any], map_id: int, address: int) -> None:
-    """A Device's mapping lost its last view: forget it here and queue its release for the
-    manager (the Device's release queue, client/releases.py)."""
-    forget_mapping(address)
-    released.append(map_id)
 
 
 def find_by_key(key: tuple[int, int], offset: int, length: int, writable: bool) -> tuple[memoryview, Mapping] | None:

@@ -30,7 +30,7 @@ MAX_CLAIM_BATCH = MAX_PAYLOAD // CLAIM_BATCH_RECORD.size
 REPLIES_AHEAD = 64
 # requests a client may post before it reads a reply sent after them, counting each share of a
 # GEM_SHARE_BATCH as one: how far the daemon may lag behind it in share tokens (core/shares.py)
-SHARE_AHEAD = 256
+SHARE_AHEAD = 1024
 # how far a client's shares may lag behind their claims (core/shares.py): the SHARE_AHEAD it may
 # have unread, and those its pickler holds back unsent (client/batch.py: HOLD_BACK), with room
 SHARE_LAG = 2 * SHARE_AHEAD
