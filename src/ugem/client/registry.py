@@ -31,7 +31,7 @@ import numpy.typing as npt
 if TYPE_CHECKING:
     from .device import Device
 
-__all__ = ["Mapping", "array_mapping", "fd_key", "find_by_key", "find_mapping", "forget_mapping", "mapping_of",
+__all__ = ["Mapping", "array_mapping", "fd_key", "find_by_key", "find_mapping", "mapping_of",
            "register_mapping"]
 
 
@@ -50,6 +50,7 @@ class Mapping(NamedTuple):  # immutable, and made in a quarter of a microsecond 
 _starts: list[int] = []  # sorted start addresses
 _by_start: dict[int, Mapping] = {}
 _by_key: dict[tuple[int, int], list[int]] = {}  # memfd identity -> start addresses
+_callbacks: dict[int, weakref.ref[mmap.mmap]] = {}  # id -> the weak reference of each mapping, until it fires
 
 
 def fd_key(fd: int) -> tuple[int, int]:
@@ -61,24 +62,34 @@ def fd_key(fd: int) -> tuple[int, int]:
 def register_mapping(region: mmap.mmap, device: Device | None, map_id: int, offset: int, writable: bool,
                      key: tuple[int, int], source: int = -1, address: int = 0,
                      released: deque[Any] | None = None) -> int:
-    """Enter a live mapping (at `address`, if the caller knows it); returns its address. It is
-    forgotten when `region` dies, and its id then queued in `released` (a Device's release
+    """Enter a live mapping (at `address`, if the caller knows it); returns its address. When
+    `region` dies its entry is forgotten and its id queued in `released` (a Device's release
     queue, client/releases.py), if given: a weak reference's callback, which does only that
-    (it may run at any moment), kept in the entry (a `weakref.finalize` costs 5x more)."""
+    (it may run at any moment). The reference is kept in `_callbacks` until it fires, not
+    only in the entry: a new mapping may take the address (and the entry's place) between
+    the munmap and the callback (another thread runs meanwhile), and the release must still
+    be queued; the callback forgets its own entry only. (A `weakref.finalize` costs 5x more.)"""
     if not address:
         address = int(np.frombuffer(region, dtype=np.uint8).__array_interface__["data"][0])
 
-    def gone(_: Any) -> None:
-        forget_mapping(address)
+    def gone(ref: weakref.ref[mmap.mmap]) -> None:
+        del _callbacks[id(ref)]
+        entry = _by_start.get(address)
+        if entry is not None and entry.region is ref:
+            del _by_start[address]
+            del _starts[bisect.bisect_left(_starts, address)]
+            _unkey(entry)
         if released is not None:
             released.append(map_id)
 
+    ref = weakref.ref(region, gone)
+    _callbacks[id(ref)] = ref
     entry = Mapping(address, len(region), None if device is None else weakref.ref(device), map_id, offset, writable,
-                    key, weakref.ref(region, gone), source)
+                    key, ref, source)
     old = _by_start.get(address)
     if old is None:
         bisect.insort(_starts, address)
-    else:
+    else:  # its region is gone, its callback not run yet
         _unkey(old)
     _by_start[address] = entry
     _by_key.setdefault(key, []).append(address)
@@ -90,13 +101,6 @@ def _unkey(entry: Mapping) -> None:
     starts.remove(entry.address)
     if not starts:
         del _by_key[entry.key]
-
-
-def forget_mapping(address: int) -> None:
-    entry = _by_start.pop(address, None)
-    if entry is not None:
-        del _starts[bisect.bisect_left(_starts, address)]
-        _unkey(entry)
 
 
 def find_by_key(key: tuple[int, int], offset: int, length: int, writable: bool) -> tuple[memoryview, Mapping] | None:
