@@ -35,7 +35,7 @@ from typing import Any
 
 __all__ = ["HOLD_BACK", "batch", "hold_back"]
 
-HOLD_BACK = 256  # posted requests a Device holds back at most (half of SHARE_AHEAD)
+HOLD_BACK = 256  # queued items (held shares, releases) a Device holds back at most (within SHARE_LAG)
 
 
 class _State(threading.local):
