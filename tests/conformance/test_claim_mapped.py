@@ -86,7 +86,7 @@ def test_bad_mapped_claims(env, errno_of):
     owner, token = sender._share(entry.map_id, 0, PAGE, True)
     assert errno_of(_claim, receiver, owner, token, entry.key, 5) == errno.EINVAL  # the manager's id range
     assert errno_of(_claim, receiver, owner, token, other.key, CHOSEN) == errno.EINVAL  # not that share's memory
-    assert errno_of(_claim, receiver, owner, token + 999, entry.key, CHOSEN) == errno.ENOENT
+    assert errno_of(_claim, receiver, owner, token + 1 + ss.SHARE_LAG, entry.key, CHOSEN) == errno.ENOENT
     assert errno_of(_claim, receiver, 10 ** 6, 1, entry.key, CHOSEN) == errno.ENOENT
     _claim(receiver, owner, token, entry.key, CHOSEN)
     owner, token = sender._share(entry.map_id, 0, PAGE, True)

@@ -213,7 +213,7 @@ def test_a_claim_that_comes_before_its_share_is_eagain_and_the_client_tries_agai
     assert len(receiver._claim(owner, last + 1, True)) == PAGE
     assert len(tries) == 2
     monkeypatch.undo()
-    assert errno_of(receiver._claim, owner, last + 1 + 1000, True) == errno.ENOENT  # too far ahead: no
+    assert errno_of(receiver._claim, owner, last + 2 + ss.SHARE_LAG, True) == errno.ENOENT  # too far ahead: no
     assert errno_of(sender._claim, owner, last + 2, True) == errno.ENOENT  # its own future share: never coming
     monkeypatch.setattr("ugem.client.device_share.CLAIM_PATIENCE_S", 0.2)
     assert errno_of(receiver._claim, owner, last + 2, True) == errno.EAGAIN  # never sent: gives up, in time

@@ -9,6 +9,7 @@ resident memory and exactly the fds it started with.
 
 from __future__ import annotations
 
+import gc
 import json
 import os
 import signal
@@ -17,10 +18,16 @@ import sys
 import time
 from typing import Any
 
+import numpy as np
 import pytest
 
 import ugem
+from ugem.client.registry import mapping_of
 from ugem.testing import DaemonProcess
+from ugem.wire import structs_share as ss
+from ugem.wire.frames import FrameKind, Op, encode_header
+
+from .conftest import RawClient
 
 # The client group. argv: socket path. Prints one JSON line per connected process, then sleeps.
 HOLDER = r"""
@@ -216,3 +223,31 @@ def test_close_returns_only_after_release(daemon: DaemonProcess, kit: Any) -> No
                 os.close(fd)
             del maps
     kit.wait_fd_count(daemon, baseline)
+
+
+def test_what_a_client_sent_before_it_went_away_is_served(daemon: DaemonProcess) -> None:
+    """Frames still unread when their client goes away are served all the same, unanswered:
+    a reply that cannot be written (EPIPE) does not drop the frames behind it. Here a drop
+    of another client's share, behind requests whose replies nobody reads, as a Pool worker's
+    last claims may be when it is terminated."""
+    with daemon.connect() as sender:
+        h = sender.create(4096)
+        view = sender.mmap(h)
+        entry = mapping_of(np.frombuffer(view, np.uint8))
+        assert entry is not None
+        owner, token = sender._share(entry.map_id, 0, 4096, True)
+        del view, entry
+        gc.collect()
+        sender.close_handle(h)
+        assert sender.stats()["objects"] == 1  # the share holds it
+        raw = RawClient(daemon.path)
+        raw.hello()
+        drop = ss.SHARE_RECORD.pack(owner, token)
+        raw.send(b"".join(encode_header(0, Op.STATS, 0, FrameKind.REQUEST, seq) for seq in range(2, 50))
+                 + encode_header(len(drop), Op.GEM_DROP_SHARES, 0, FrameKind.POST, 50) + drop)
+        raw.sock.close()  # gone before the daemon read them (most likely), or while it answers them
+        deadline = time.monotonic() + 60
+        while sender.stats()["objects"] and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert sender.stats()["objects"] == 0, "the drop sent before the client went away was lost"
+

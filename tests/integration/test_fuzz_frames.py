@@ -107,6 +107,8 @@ ALLOWED: dict[int, set[int]] = {
     Op.GEM_CLAIM: {E.EINVAL, E.ENOENT, E.EAGAIN, E.EACCES, E.EFAULT, E.EBUSY, E.ENOMEM, E.EDQUOT},
     Op.GEM_CLAIM_MAPPED: {E.EINVAL, E.ENOENT, E.EAGAIN, E.EACCES, E.EFAULT, E.EBUSY, E.ENOMEM, E.EDQUOT},
     Op.GEM_DROP_SHARES: {E.EINVAL},
+    Op.GEM_SHARE_BATCH: {E.EINVAL},  # a malformed list; a record's own errors are its claimer's
+    Op.GEM_CLAIM_MAPPED_BATCH: {E.EINVAL},
     Op.GEM_CREATE_MAPPED: {E.EINVAL, E.E2BIG, E.EDQUOT, E.ENOMEM},
     Op.LOOKUP: {E.EINVAL, E.ENOENT, E.EIO},
     Op.MAPPINGS_FORKED: {E.EINVAL},
@@ -125,6 +127,7 @@ REQ: dict[int, type[s.Struct]] = {
     Op.STATS: s.Empty, Op.LIST_OBJECTS: s.Empty, Op.LIST_CLIENTS: s.Empty, Op.DEBUG_OPEN: s.HandleReq,
     Op.GEM_SHARE: ss.ShareReq, Op.GEM_CLAIM: ss.ClaimReq, Op.GEM_DROP_SHARES: ss.DropSharesReq,
     Op.GEM_CREATE_MAPPED: s.CreateReq, Op.GEM_CLAIM_MAPPED: ss.ClaimMappedReq,
+    Op.GEM_SHARE_BATCH: ss.ShareBatchReq, Op.GEM_CLAIM_MAPPED_BATCH: ss.ClaimMappedBatchReq,
     Op.LOOKUP: LookupReq, Op.MAPPINGS_FORKED: s.Empty,
 }
 REPLY: dict[int, type[s.Struct]] = {
@@ -728,6 +731,8 @@ def hostile_frames(draw: st.DrawFn, conn: Conn, world: World, stack: ExitStack) 
             lambda ids: struct.pack(f"<{len(ids)}I", *ids)), st.binary(max_size=10)))
     elif cls is sx.ExecbufferReq:
         tail = draw(_commands(conn, world))
+    elif cls in (ss.ShareBatchReq, ss.ClaimMappedBatchReq):
+        tail = draw(_batch_records(cls))
     payload = _layout(cls).pack(*values.values()) + tail
     if mutation == "short" and payload:
         payload = payload[:draw(st.integers(0, len(payload) - 1))]
@@ -742,6 +747,24 @@ def hostile_frames(draw: st.DrawFn, conn: Conn, world: World, stack: ExitStack) 
     if hostile.exact is None and fds:
         hostile.exact = _fd_outcome(cls, effective, fds[0])
     return hostile
+
+
+def _batch_records(cls: type[s.Struct]) -> st.SearchStrategy[bytes]:
+    """Records of a share or claim batch with hostile fields (mostly known flags, so that
+    most lists reach the records), or bytes that are no whole number of records."""
+    ids, u64s = st.sampled_from([0, 1, 2, ss.CHOSEN_MAP_IDS, ss.CHOSEN_MAP_IDS + 1, U32]), st.sampled_from(
+        [0, 1, 2, 3, 2**63 - 1, 2**64 - 1])
+    flags = st.sampled_from([0, 1, 1, 0, 2, 0x100, U32])
+    if cls is ss.ShareBatchReq:
+        offsets = st.sampled_from([0, 4096, -4096, 1, 2**62])
+        record = st.tuples(ids, flags, offsets, st.sampled_from([4096, 0, -1, 8192, 2**62]), u64s).map(
+            lambda r: ss.SHARE_BATCH_RECORD.pack(*r))
+        size = ss.SHARE_BATCH_RECORD.size
+    else:
+        record = st.tuples(u64s, u64s, flags, ids, u64s, u64s).map(lambda r: ss.CLAIM_BATCH_RECORD.pack(*r))
+        size = ss.CLAIM_BATCH_RECORD.size
+    return st.one_of(st.lists(record, max_size=4).map(b"".join),
+                     st.binary(max_size=2 * size).filter(lambda b: len(b) % size != 0))
 
 
 def _fd_outcome(cls: type[s.Struct], values: dict[str, Any], made: MadeFd) -> int | None:

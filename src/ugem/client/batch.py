@@ -1,11 +1,12 @@
 """Batches: the shares and claims pickling posts go out together, and shares go out late.
 
 Pickling a list of 2,000 arrays posts 2,000 shares, and unpickling it 2,000 claims; one
-write each wakes the daemon 2,000 times. While multiprocessing's pickler runs (`batch()`
-around `ForkingPickler.dumps` and `loads`, client/pickling.py), a Device holds its posted
-requests back in its release queue (client/releases.py) and sends them with its next
-request, or once HOLD_BACK are queued, or when the outermost batch ends if it holds a
-claim, whichever is first.
+write and one request each would cost the daemon 4,000 wake-ups and dispatches. While
+multiprocessing's pickler runs (`batch()` around `ForkingPickler.dumps` and `loads`,
+client/pickling.py), a Device holds its posted shares and claims back (client/releases.py)
+and sends them, as a few batch requests (GEM_SHARE_BATCH, GEM_CLAIM_MAPPED_BATCH:
+core/shares.py), with its next request, or (shares) once HOLD_BACK items are queued, or
+(claims) when the outermost batch ends, whichever is first.
 
 Rules:
 - shares are not sent when a batch ends: a receiver claims them by the memory they name
@@ -15,10 +16,12 @@ Rules:
   way; the held shares go with the Device's next request, the HOLD_BACK-th queued item, or
   `Device.close()`, which sends them first (a sender may close its Device right after
   sending, as with an fd in flight);
-- claims are sent when the outermost batch ends, on their own (`loads` returns only once
-  the claims of the arrays it made are on their way; what else is queued waits): a claim
-  sent late would leave the sender's share held, once sent, for as long as the sender
-  lives should the receiver end meanwhile;
+- claims are sent when the outermost batch ends, all of them, on their own (`loads` returns
+  only once the claims of the arrays it made are on their way; what else is queued waits):
+  a claim sent late would leave the sender's share held, once sent, for as long as the
+  sender lives should the receiver end meanwhile. Holding them all to the end costs only
+  when a receiver is killed in the middle of unpickling: that pickle's shares stay held
+  (as those of the arrays it had not reached would anyway);
 - held-back requests keep their order, and go before anything queued after them;
 - batches are per thread; nesting counts (a pickle inside a pickle ends with the outer).
 """
@@ -32,7 +35,7 @@ from typing import Any
 
 __all__ = ["HOLD_BACK", "batch", "hold_back"]
 
-HOLD_BACK = 32  # posted requests a Device holds back at most (half of SHARE_AHEAD)
+HOLD_BACK = 256  # queued items (held shares, releases) a Device holds back at most (within SHARE_LAG)
 
 
 class _State(threading.local):

@@ -5,8 +5,9 @@ to another process through the daemon (core/shares.py has the manager's rules).
   mappings, named by (this client's id, token). The token is this client's previous one
   plus one (chosen here, under `_share_lock`, in the order the requests are sent), so the
   request is sent without waiting for its reply (`transport.post`): pickling an array costs
-  no round trip. A failure comes back to whoever claims it. `_share` is the same, waiting
-  for the reply (its failure raised here);
+  no round trip. It goes as a record of a GEM_SHARE_BATCH (held back with others while
+  pickling, client/batch.py). A failure comes back to whoever claims it. `_share` is the
+  same as a GEM_SHARE, waiting for the reply (its failure raised here);
 - `_claim(owner, token, writable, memory)`: map it in this process (a tracked mapping,
   entered in the registry like any other) and use the share up. With `memory` (the memfd
   identity and the part shared, as the pickle names them) the manager takes the claim even
@@ -16,11 +17,12 @@ to another process through the daemon (core/shares.py has the manager's rules).
 - `_claim_mapped(owner, token, key, source, offset, length)`: the same claim (writable
   shares only) with no round trip, where the daemon process lets this one copy its fds
   (client/daemon_fds.py: the daemon's uid, or root): take the daemon's own fd `source` of
-  the memfd `key`, map it, and tell the manager with GEM_CLAIM_MAPPED (core/shares.py),
-  sent at once without waiting for its reply, under a map id chosen here (CHOSEN_MAP_IDS
-  and up, never reused by this Device). It is not held back to be batched: until it is
-  read, the sender's share holds the object, and a receiver that ended without sending it
-  would leave that share held for as long as the sending process lives. None when that is
+  the memfd `key`, map it, and tell the manager with a GEM_CLAIM_MAPPED record (core/shares.py:
+  GEM_CLAIM_MAPPED_BATCH) without waiting for its reply, under a map id chosen here
+  (CHOSEN_MAP_IDS and up, never reused by this Device). It is held back no longer than the
+  unpickling batch (client/batch.py): until it is read, the sender's share holds the
+  object, and a receiver that ended without sending it would leave that share held for as
+  long as the sending process lives. None when that is
   not possible (the caller then claims with the round trip). A read-only share always
   takes the round trip: the daemon's fd is writable, and only a description opened
   read-only keeps the receiver from writing;
@@ -38,7 +40,6 @@ import mmap
 import os
 import threading
 import time
-import weakref
 from collections.abc import Iterator
 from contextlib import contextmanager
 from typing import Any
@@ -51,7 +52,7 @@ from ..wire.frames import Op
 from .batch import HOLD_BACK, hold_back
 from .daemon_fds import DaemonFds
 from .fork import track_mappings
-from .registry import mapping_gone, register_mapping
+from .registry import register_mapping
 
 __all__ = ["CLAIM_PATIENCE_S", "ShareOps"]
 
@@ -68,6 +69,8 @@ def _populate_write(view: memoryview) -> None:
 
 CLAIM_PATIENCE_S = 60.0  # a share that has not arrived by then is not coming
 _FIRST_PAUSE, _LAST_PAUSE = 50e-6, 0.01
+_SHARE_RECORD = ss.SHARE_BATCH_RECORD.pack
+_CLAIM_RECORD = ss.CLAIM_BATCH_RECORD.pack
 
 
 class ShareOps:
@@ -94,32 +97,41 @@ class ShareOps:
 
     def _post(self, op: Op | None, req: s.Struct | None = None) -> None:
         """Send a request without waiting for its reply, after what is queued (held claims,
-        releases, held shares) in the same write; with no request, just what is queued. In a
-        pickling batch (client/batch.py) the request is held back instead."""
+        releases, held shares) in the same write; with no request, just what is queued."""
         transport = self._live()
-        if req is not None and hold_back(self):
-            self._releases.hold(req)  # a ShareReq or ClaimMappedReq
-            if len(self._released) + len(self._releases.claims) < HOLD_BACK:
-                return
-            req = None
         with self._send_lock:
             notes = self._releases.requests() if self._released or self._releases.claims else []
             transport.post(notes if op is None or req is None else [*notes, (op, req)])
+
+    def _post_record(self, record: bytes, claim: bool) -> None:
+        """Post one GEM_SHARE or GEM_CLAIM_MAPPED (`claim`) record: in a pickling batch
+        (client/batch.py) held back, and sent with what is queued once HOLD_BACK are (as
+        batch requests: releases.py); else at once, as a batch request of one."""
+        self._live()
+        releases = self._releases
+        if hold_back(self):
+            releases.hold(record, claim)
+            if not claim and len(self._released) >= HOLD_BACK:
+                self._post(None)
+        elif claim:
+            self._post(Op.GEM_CLAIM_MAPPED_BATCH, ss.ClaimMappedBatchReq(records=record))
+        else:
+            self._post(Op.GEM_SHARE_BATCH, ss.ShareBatchReq(records=record))
 
     def _map_reply(self, reply: s.MmapReply, writable: bool, what: str) -> memoryview:
         raise NotImplementedError
 
     def _share(self, map_id: int, offset: int, length: int, writable: bool, wait: bool = True) -> tuple[int, int]:
         owner = self.client_id
+        flags = s.WRITABLE if writable else 0
         with self._share_lock:
             token = self._last_share + 1
-            req = ss.ShareReq(map_id=map_id, flags=s.WRITABLE if writable else 0, offset=offset, length=length,
-                              token=token)
             try:
                 if wait:
-                    self._call(Op.GEM_SHARE, req)
+                    self._call(Op.GEM_SHARE, ss.ShareReq(map_id=map_id, flags=flags, offset=offset, length=length,
+                                                         token=token))
                 else:
-                    self._post(Op.GEM_SHARE, req)
+                    self._post_record(_SHARE_RECORD(map_id, flags, offset, length, token), False)
             finally:
                 self._last_share = token  # failed or not, the manager used it up (a lost connection: no matter)
         return owner, token
@@ -194,8 +206,7 @@ class ShareOps:
                 return None
             self._next_chosen = map_id + 1
         try:
-            self._post(Op.GEM_CLAIM_MAPPED, ss.ClaimMappedReq(owner=owner, token=token, flags=s.WRITABLE,
-                                                              map_id=map_id, dev=key[0], ino=key[1]))
+            self._post_record(_CLAIM_RECORD(owner, token, s.WRITABLE, map_id, key[0], key[1]), True)
         except BaseException:
             region.close()
             raise
@@ -232,9 +243,8 @@ class ShareOps:
     def _enter(self, region: mmap.mmap, map_id: int, offset: int, writable: bool, key: tuple[int, int],
                source: int, address: int = 0) -> memoryview:
         view = memoryview(region)
-        address = register_mapping(region, self, map_id, offset, writable, key, source,  # type: ignore[arg-type]
-                                   address)
-        weakref.finalize(region, mapping_gone, self._released, map_id, address)
+        register_mapping(region, self, map_id, offset, writable, key, source, address,  # type: ignore[arg-type]
+                         self._released)
         return view
 
     def _send_claims(self) -> None:

@@ -46,8 +46,9 @@ Rules:
   parent of a forked child raise `pickle.PicklingError` naming why;
 - the shares one multiprocessing pickle makes, and the claims one unpickling makes, go out
   together (client/batch.py: `ForkingPickler.dumps` and `loads` run as a batch, wrapped
-  here where the reducers are registered): a list of 2,000 arrays costs the daemon a few
-  dozen writes, not 2,000; an array sent to a worker and back, none from the sender;
+  here where the reducers are registered), as batch requests (GEM_SHARE_BATCH,
+  GEM_CLAIM_MAPPED_BATCH): a list of 2,000 arrays costs the daemon a few dozen requests,
+  not 2,000; an array sent to a worker and back, none from the sender;
 - plain `pickle` (not multiprocessing's): arrays are pickled by value as always (no global
   reducer is registered); a daemon client's Buffer travels by flink name and socket path.
   The receiver opens the name through its `default_device()` if that is a client of the same
@@ -77,7 +78,7 @@ from .buffer import Buffer
 from .connect import connect
 from .default import default_device
 from .device import Device
-from .registry import find_by_key, forget_mapping, mapping_of, register_mapping
+from .registry import array_mapping, find_by_key, register_mapping
 
 __all__ = ["reduce_buffer_by_name"]
 
@@ -97,13 +98,14 @@ def _send_fd(fd: int) -> Any:
 
 
 def _reduce_array(a: npt.NDArray[Any]) -> tuple[Any, ...]:
-    entry = mapping_of(a)
-    if entry is None:
+    found = array_mapping(a)
+    if found is None:
         reduced = a.__reduce_ex__(pickle.DEFAULT_PROTOCOL)  # multiprocessing pickles at this protocol
         assert isinstance(reduced, tuple)
         return reduced
+    entry, data = found
     writable = bool(a.flags.writeable) and entry.writable
-    start = int(a.__array_interface__["data"][0]) - entry.address
+    start = data - entry.address
     layout = (entry.key, entry.offset, entry.length, writable, _dtype_name(a.dtype), a.shape, a.strides, start)
     if entry.device is None:  # mapped straight from a received fd: it can only go back
         return _return_array, layout
@@ -139,8 +141,7 @@ def _map_fd(fd: int, key: tuple[int, int], offset: int, length: int, writable: b
     dev = default_device()
     if dev._live().embedded:
         region = map_shared(fd, offset, length, writable)
-        address = register_mapping(region, None, 0, offset, writable, key)
-        weakref.finalize(region, forget_mapping, address)
+        register_mapping(region, None, 0, offset, writable, key)
         return memoryview(region)
     handle, held = dev._import_fd(fd)
     try:

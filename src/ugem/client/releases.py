@@ -2,10 +2,11 @@
 
 - `queue`: released mappings (their ids), dropped Buffers (their handle's `Wrapped`
   record), shares to use up unmapped (their (owner, token) pair, client/device_share.py),
-  and shares held back while pickling (GEM_SHARE structs, client/batch.py), which go
-  first, in their order (a share needs its mapping tracked). Claims held back while
-  unpickling (GEM_CLAIM_MAPPED) wait in `claims`, sent before all of it (a claim's mapping
-  must be tracked before it is released or shared) and on their own when the batch ends.
+  and shares held back while pickling (GEM_SHARE records, bytes, client/batch.py), which
+  go first, in their order, as GEM_SHARE_BATCH requests (a share needs its mapping
+  tracked). Claims held back while unpickling (GEM_CLAIM_MAPPED records) wait in `claims`,
+  sent as GEM_CLAIM_MAPPED_BATCH requests before all of it (a claim's mapping must be
+  tracked before it is released or shared) and on their own when the batch ends.
   Finalizers append to this very deque and do nothing else: a finalizer may run at any
   moment, even in the middle of a request, so it never sends, locks or allocates beyond
   the append. The Device drains the queue before its next request (`drain`) and
@@ -42,7 +43,7 @@ class Wrapped:
         self.closed = False
 
 
-Queued = int | Wrapped | tuple[int, int] | ss.ShareReq
+Queued = int | Wrapped | tuple[int, int] | bytes
 
 
 class Releases:
@@ -51,19 +52,22 @@ class Releases:
         self.queue: collections.deque[Queued] = collections.deque()
         self._wrapped: dict[int, Wrapped] = {}  # open handle -> its live Buffers
         self._lock = threading.Lock()
-        self.claims: list[ss.ClaimMappedReq] = []  # held back apart: sent first, and when a batch ends
+        self.claims: list[bytes] = []  # held back apart: sent first, and when a batch ends
 
-    def hold(self, req: ss.ShareReq | ss.ClaimMappedReq) -> None:
-        """Hold a posted request back (client/batch.py), to be sent with what is queued."""
-        if isinstance(req, ss.ClaimMappedReq):
-            self.claims.append(req)
+    def hold(self, record: bytes, claim: bool) -> None:
+        """Hold a posted share or claim record back (client/batch.py), to be sent with what is
+        queued."""
+        if claim:
+            self.claims.append(record)
         else:
-            self.queue.append(req)
+            self.queue.append(record)
 
     def claim_requests(self) -> list[tuple[Op, s.Struct]]:
         """Take the held claims, as requests."""
         claims, self.claims = self.claims, []
-        return [(Op.GEM_CLAIM_MAPPED, req) for req in claims]
+        step = ss.MAX_CLAIM_BATCH
+        return [(Op.GEM_CLAIM_MAPPED_BATCH, ss.ClaimMappedBatchReq(records=b"".join(claims[i:i + step])))
+                for i in range(0, len(claims), step)]
 
     def adopt(self, handle: int) -> Wrapped:
         """A new Buffer wraps `handle`: count it."""
@@ -90,12 +94,13 @@ class Releases:
 
     def requests(self) -> list[tuple[Op, s.Struct]]:
         """Drain the queue into requests, sent ahead of the Device's next one (transport
-        `notes`): one frame each, so a batch never fails for its size; held claims first
+        `notes`): each fits a frame, so a batch never fails for its size; held claims first
         (nothing queued before a claim names its mapping, and what names it comes after),
         then shares and mappings (they need no handle)."""
         notes = self.claim_requests() if self.claims else []
         ids, handles, drops, held = self.drain()
-        notes += [(Op.GEM_SHARE, req) for req in held]
+        notes += [(Op.GEM_SHARE_BATCH, ss.ShareBatchReq(records=b"".join(held[i:i + ss.MAX_SHARE_BATCH])))
+                  for i in range(0, len(held), ss.MAX_SHARE_BATCH)]
         for start in range(0, len(drops), ss.MAX_DROPS):  # shares received here, mapped already
             records = b"".join(ss.SHARE_RECORD.pack(*d) for d in drops[start:start + ss.MAX_DROPS])
             notes.append((Op.GEM_DROP_SHARES, ss.DropSharesReq(records=records)))
@@ -107,7 +112,7 @@ class Releases:
             notes.append((Op.GEM_CLOSE_BATCH, s.CloseBatchReq(handles=struct.pack(f"<{len(batch)}I", *batch))))
         return notes
 
-    def drain(self) -> tuple[list[int], list[int], list[tuple[int, int]], list[ss.ShareReq]]:
+    def drain(self) -> tuple[list[int], list[int], list[tuple[int, int]], list[bytes]]:
         """Take everything queued: (mapping ids to release, handles to close, shares to drop,
         held-back shares)."""
         released: list[Queued] = []
@@ -118,7 +123,7 @@ class Releases:
             pass
         ids = [item for item in released if isinstance(item, int)]
         drops = [item for item in released if isinstance(item, tuple)]
-        held = [item for item in released if isinstance(item, ss.ShareReq)]
+        held = [item for item in released if isinstance(item, bytes)]
         handles = []
         with self._lock:
             for item in released:

@@ -40,7 +40,7 @@ from ..wire.frames import (
     Op,
     encode_header,
 )
-from ..wire.structs_share import SHARE_AHEAD
+from ..wire.structs_share import REPLIES_AHEAD, SHARE_AHEAD, SHARE_BATCH_RECORD, ShareBatchReq
 
 __all__ = ["SocketTransport"]
 
@@ -61,6 +61,12 @@ _HEADER_SIZE = HEADER.size
 _pack_header = HEADER.pack
 _unpack_header = HEADER.unpack_from
 _NO_FDS: tuple[OwnedFd, ...] = ()
+_SHARE_SIZE = SHARE_BATCH_RECORD.size
+
+
+def _ahead(frames: Sequence[tuple[Op, s.Struct]]) -> int:
+    """How many requests `frames` stand for: one a frame, a share batch one a share."""
+    return sum(len(req.records) // _SHARE_SIZE if type(req) is ShareBatchReq else 1 for _, req in frames)
 
 
 class SocketTransport:
@@ -85,7 +91,7 @@ class SocketTransport:
         self._deadline = 0.0
         self._timed_out = False
         self._owed: list[tuple[int, int]] = []  # (op, seq) of posted requests whose replies are unread
-        self._unread = 0  # frames sent since the last reply read (the daemon may not have served them)
+        self._unread = 0  # frames (a share batch's shares) sent since the last reply read, maybe not served
         hello: s.HelloReply = self.call(Op.HELLO, s.HelloReq(magic=MAGIC, version=PROTOCOL_VERSION))
         if hello.magic != MAGIC or hello.version != PROTOCOL_VERSION:
             raise RemoteProtocolError(f"daemon speaks {hello.magic!r} version {hello.version}")
@@ -200,9 +206,10 @@ class SocketTransport:
         """Send requests (no fds), in one write, without waiting for their replies: POST
         frames, the last one a REQUEST whose reply is read and dropped before the next
         call's (wire/frames.py; failures are nobody's here: shares report theirs to their
-        claimer, core/shares.py). Never more than SHARE_AHEAD frames past the last reply
-        read: past that, read the replies owed first, so the daemon never lags further
-        behind (early claims count on it) nor holds replies for a client that is not reading."""
+        claimer, core/shares.py). Never more than SHARE_AHEAD frames (each share of a
+        GEM_SHARE_BATCH counting as one), nor REPLIES_AHEAD replies, past the last reply read:
+        past that, read the replies owed first, so the daemon never lags further behind
+        (early claims count on it) nor holds replies for a client that is not reading."""
         if not frames:
             return
         with self._lock:
@@ -210,7 +217,7 @@ class SocketTransport:
             try:
                 if self._timeout is not None:
                     self._arm(op, req)
-                if self._owed and self._unread + len(frames) > SHARE_AHEAD:
+                if self._owed and (self._unread + _ahead(frames) > SHARE_AHEAD or len(self._owed) >= REPLIES_AHEAD):
                     self._skip_owed()
                 self._send_posts(frames, last_wants_reply=True)
             except DaemonGone:
@@ -241,7 +248,7 @@ class SocketTransport:
             data += payload
             if kind == _REQUEST:
                 self._owed.append((op, seq))
-        self._unread += len(frames)
+        self._unread += _ahead(frames)
         self._sock.sendall(data)
 
     def _skip_owed(self) -> None:

@@ -8,7 +8,8 @@ so the two modes cannot drift:
 - `Call` is the loop's context: the client, the request struct and its table row, and the
   state a handler keeps across runs: `started` (the first run's clock: GEM_WAIT and
   WAIT_FENCE time out from it), `bounce` (a copy out of VRAM in flight, for a pread of an
-  object pinned there), and the embedded caller's in-process inputs, which never cross the
+  object pinned there), `done` (the records of a batch request served before it waited),
+  and the embedded caller's in-process inputs, which never cross the
   wire: `into` (pread's destination buffer) and `buffer` (userptr's memory). Request
   structs carry only what is on the wire.
 - `Call.step(core)` runs the request once: the reply, or None with `pending` set to what
@@ -62,6 +63,7 @@ class Call:
     started: float | None = None  # the first run's clock (timeouts count from it)
     bounce: Any = None  # a copy out of VRAM in flight: (fence, bounce memfd or None, view)
     pending: Pending | None = None  # what the last run waits for
+    done = 0  # records of a batch request served (core/shares.py): a run after a wait starts past them
 
     def __init__(self, client: Client, desc: RequestDesc, req: Struct, into: Any = None, buffer: Any = None) -> None:
         self.client = client

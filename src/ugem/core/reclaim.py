@@ -328,6 +328,8 @@ def shrink(memory: Memory, target: int, keep: Collection[BufferObject] = ()) -> 
     """Background reclaim (memory pressure, after a reply): bring resident down toward
     `target` as far as anything can be freed; returns the spills started."""
     memory.refresh(target)
+    if memory.held <= target:  # nothing to free: no pass would run (the common case, after every request)
+        return []
     return reclaim(memory, ReclaimCtx(memory.held - target, keep=keep)).jobs
 
 

@@ -54,11 +54,23 @@ Rules:
   id then fails harmlessly (EINVAL, a note nobody reads).
 - GEM_DROP_SHARES uses shares up without mapping (the receiver already maps that memory);
   unknown ones, and other uids' (unless root), are skipped.
+- GEM_SHARE_BATCH and GEM_CLAIM_MAPPED_BATCH carry many GEM_SHARE and GEM_CLAIM_MAPPED
+  requests as records (a pickler's shares and an unpickler's claims: one frame, one dispatch
+  for dozens of arrays). The records are checked as a whole first (a whole number of them,
+  every flag known: else EINVAL, nothing done); then each is served in order exactly as the
+  single request it stands for, with every rule above, and one that fails fails alone, as
+  a posted single request would: a share's error is kept for its claimer, a claim's is
+  nobody's (the receiver's mapping stays its own), and the request as a whole succeeds. A
+  claim that must wait (Pending) waits; the run after the wait starts at that record
+  (`Call.done`), never serving one twice.
 - Where shares live, and what becomes of them when their sender's client goes away (they
   pass to another client of the same process, if any): core/share_table.py.
 """
 
 from __future__ import annotations
+
+import struct
+from typing import TYPE_CHECKING
 
 from ..constants import PAGE_SIZE
 from ..errors import (
@@ -72,50 +84,59 @@ from ..errors import (
 )
 from ..wire import structs as s
 from ..wire import structs_share as ss
+from ..wire.frames import MAX_PAYLOAD
 from .client import Client
 from .core import Core
 from .gem import cpu_mapping, map_object, track_mapping
 from .object import BufferObject
 from .share_table import Share
 
-__all__ = ["gem_claim", "gem_claim_mapped", "gem_drop_shares", "gem_share"]
+if TYPE_CHECKING:
+    from .call import Call
+
+__all__ = ["gem_claim", "gem_claim_mapped", "gem_claim_mapped_batch", "gem_drop_shares", "gem_share",
+           "gem_share_batch"]
 
 
 def gem_share(core: Core, client: Client, req: ss.ShareReq) -> s.Empty:
-    if req.token != client.last_share + 1:
-        raise InvalidArgument(f"share token {req.token} of client {client.id} is not its previous one "
+    _share(core, client, req.map_id, req.flags, req.offset, req.length, req.token)
+    return s.Empty()
+
+
+def _share(core: Core, client: Client, map_id: int, flags: int, offset: int, length: int, token: int) -> None:
+    if token != client.last_share + 1:
+        raise InvalidArgument(f"share token {token} of client {client.id} is not its previous one "
                               f"({client.last_share}) plus one")
-    client.last_share = req.token
-    if req.token in client.claimed_early:  # its receiver maps it already (GEM_CLAIM_MAPPED)
-        client.claimed_early.discard(req.token)
-        return s.Empty()
+    client.last_share = token
+    if token in client.claimed_early:  # its receiver maps it already (GEM_CLAIM_MAPPED)
+        client.claimed_early.discard(token)
+        return
     try:
-        share = _new_share(core, client, req)
+        share = _new_share(core, client, map_id, flags, offset, length)
     except UgemError as exc:
-        client.failed_shares[req.token] = exc
+        client.failed_shares[token] = exc
         if len(client.failed_shares) > ss.SHARE_AHEAD:
             del client.failed_shares[next(iter(client.failed_shares))]
         raise
     core.shares.hold(share.obj)
-    client.shares[req.token] = share
-    return s.Empty()
+    client.shares[token] = share
 
 
-def _new_share(core: Core, client: Client, req: ss.ShareReq) -> Share:
-    obj = client.mappings.get(req.map_id)
+def _new_share(core: Core, client: Client, map_id: int, flags: int, offset: int, length: int) -> Share:
+    obj = client.mappings.get(map_id)
     if obj is None:
-        raise InvalidArgument(f"mapping {req.map_id} is not tracked for client {client.id}")
-    if req.offset < 0 or req.offset % PAGE_SIZE or req.length <= 0 or req.offset + req.length > obj.size:
-        raise InvalidArgument(f"cannot share offset {req.offset} length {req.length} of the object of mapping "
-                              f"{req.map_id} (size {obj.size}, offsets page-aligned)")
-    writable = bool(req.flags & s.WRITABLE)
-    if writable and req.map_id in client.readonly_maps:
-        raise PermissionDenied(f"mapping {req.map_id} is read-only; share it with writable=False")
+        raise InvalidArgument(f"mapping {map_id} is not tracked for client {client.id}")
+    if offset < 0 or offset % PAGE_SIZE or length <= 0 or offset + length > obj.size:
+        raise InvalidArgument(f"cannot share offset {offset} length {length} of the object of mapping "
+                              f"{map_id} (size {obj.size}, offsets page-aligned)")
+    writable = bool(flags & s.WRITABLE)
+    if writable and map_id in client.readonly_maps:
+        raise PermissionDenied(f"mapping {map_id} is read-only; share it with writable=False")
     limit = core.config.client_max_objects
     if len(client.shares) >= limit:
         raise QuotaExceeded(f"client {client.id} holds {len(client.shares)} shares nobody claimed, the limit is "
                             f"{limit}")
-    return Share(obj, req.offset, req.length, writable, client.creds.uid)
+    return Share(obj, offset, length, writable, client.creds.uid)
 
 
 def _find(core: Core, client: Client, owner_id: int, token: int, may_lag: bool = True) -> Share:
@@ -193,37 +214,45 @@ def gem_claim(core: Core, client: Client, req: ss.ClaimReq) -> s.MmapReply:
 
 
 def gem_claim_mapped(core: Core, client: Client, req: ss.ClaimMappedReq) -> s.Empty:
+    _claim_mapped(core, client, req.owner, req.token, req.flags, req.map_id, req.dev, req.ino)
+    return s.Empty()
+
+
+def _claim_mapped(core: Core, client: Client, owner_id: int, token: int, flags: int, map_id: int, dev: int,
+                  ino: int) -> None:
+    """One GEM_CLAIM_MAPPED (or record of a batch). One that fails leaves its receiver mapping that
+    memory untracked: the object with that memory is never recycled (core/recycle.py)."""
     try:
-        return _claim_mapped(core, client, req)
-    except UgemError:  # its receiver maps that memory untracked: never recycle it (core/recycle.py)
-        obj = core.by_key.get((req.dev, req.ino))
+        _take_claim(core, client, owner_id, token, flags, map_id, dev, ino)
+    except UgemError:
+        obj = core.by_key.get((dev, ino))
         if obj is not None:
             obj.escaped = True
         raise
 
 
-def _claim_mapped(core: Core, client: Client, req: ss.ClaimMappedReq) -> s.Empty:
-    if req.map_id < ss.CHOSEN_MAP_IDS or req.map_id in client.mappings:
-        raise InvalidArgument(f"mapping id {req.map_id} is in use or below {ss.CHOSEN_MAP_IDS} (the manager's)")
-    writable = bool(req.flags & s.WRITABLE)
-    what = f"share {req.token} of client {req.owner}"
-    early = _early(core, client, req.owner, req.token, (req.dev, req.ino))
+def _take_claim(core: Core, client: Client, owner_id: int, token: int, flags: int, map_id: int, dev: int,
+                ino: int) -> None:
+    if map_id < ss.CHOSEN_MAP_IDS or map_id in client.mappings:
+        raise InvalidArgument(f"mapping id {map_id} is in use or below {ss.CHOSEN_MAP_IDS} (the manager's)")
+    writable = bool(flags & s.WRITABLE)
+    what = f"share {token} of client {owner_id}"
+    early = _early(core, client, owner_id, token, (dev, ino))
     if early is not None:
         owner, obj = early
         cpu_mapping(core, obj, writable, what)
-        track_mapping(core, client, obj, writable, req.map_id)
-        owner.claimed_early.add(req.token)
-        return s.Empty()
-    share = _find(core, client, req.owner, req.token, may_lag=False)  # as GEM_CLAIM naming it
-    if core.by_key.get((req.dev, req.ino)) is not share.obj:
-        raise InvalidArgument(f"memory ({req.dev}, {req.ino}) is not the memory of {what}")
+        track_mapping(core, client, obj, writable, map_id)
+        owner.claimed_early.add(token)
+        return
+    share = _find(core, client, owner_id, token, may_lag=False)  # as GEM_CLAIM naming it
+    if core.by_key.get((dev, ino)) is not share.obj:
+        raise InvalidArgument(f"memory ({dev}, {ino}) is not the memory of {what}")
     if writable and not share.writable:
         raise PermissionDenied(f"{what} is read-only; claim it with writable=False")
     cpu_mapping(core, share.obj, writable, what)
-    track_mapping(core, client, share.obj, writable, req.map_id)
-    core.shares.take(req.owner, req.token)
+    track_mapping(core, client, share.obj, writable, map_id)
+    core.shares.take(owner_id, token)
     core.shares.let_go(share.obj)
-    return s.Empty()
 
 
 def gem_drop_shares(core: Core, client: Client, req: ss.DropSharesReq) -> s.Empty:
@@ -242,3 +271,36 @@ def gem_drop_shares(core: Core, client: Client, req: ss.DropSharesReq) -> s.Empt
                 and len(owner.claimed_early) < ss.SHARE_LAG:
             owner.claimed_early.add(token)
     return s.Empty()
+
+
+def gem_share_batch(core: Core, client: Client, req: ss.ShareBatchReq) -> s.Empty:
+    for map_id, flags, offset, length, token in _records(req.records, ss.SHARE_BATCH_RECORD, 1, "share"):
+        try:
+            _share(core, client, map_id, flags, offset, length, token)
+        except UgemError:  # that share failed as its GEM_SHARE would (its error kept for its claimer)
+            continue
+    return s.Empty()
+
+
+def gem_claim_mapped_batch(core: Core, call: Call, req: ss.ClaimMappedBatchReq) -> s.Empty:
+    records = _records(req.records, ss.CLAIM_BATCH_RECORD, 2, "claim")
+    for i in range(call.done, len(records)):  # run again after a wait: from the record that waited
+        try:
+            _claim_mapped(core, call.client, *records[i])
+        except UgemError:  # that claim failed as its GEM_CLAIM_MAPPED would (nobody reads it)
+            pass
+        call.done = i + 1
+    return s.Empty()
+
+
+def _records(data: bytes, record: struct.Struct, flags_at: int, what: str) -> list[tuple[int, ...]]:
+    """The records of a batch request, checked as a whole before any is served: a whole
+    number of them, at most a frame's worth, every one's flags known (else EINVAL)."""
+    if len(data) % record.size or len(data) > MAX_PAYLOAD:
+        raise InvalidArgument(f"{what} batch of {len(data)} bytes is not a list of at most "
+                              f"{MAX_PAYLOAD // record.size} records of {record.size} bytes")
+    records = list(record.iter_unpack(data))
+    for i, fields in enumerate(records):
+        if fields[flags_at] & ~s.WRITABLE:
+            raise InvalidArgument(f"{what} record {i} has unknown flags {fields[flags_at]:#x}; nothing was done")
+    return records

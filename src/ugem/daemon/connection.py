@@ -20,6 +20,9 @@ Rules:
   manager uses too); one that must wait (Pending: memory jobs, a fence, a resume) is
   parked with its call, and the connection is not read until the server steps it again
   (`resume`, once `Call.ready`): that client is throttled, others are served meanwhile;
+- a client that went away while requests it sent were still unread (a reply's write fails:
+  EPIPE) has them served all the same, unanswered, until its data ends: a worker killed
+  right after sending its claims must not leave the sender's shares held (core/shares.py);
 - fds in replies are closed by the daemon once sent; fds of a dropped connection are
   closed with it;
 - every reply, success or error, is counted in the server's RequestTally (tally.py) with
@@ -88,6 +91,7 @@ class Connection:
         self.outbox: deque[tuple[memoryview, list[OwnedFd]]] = deque()
         self.greeted = False
         self.closed = False
+        self.deaf = False  # the client went away: what it sent is served, unanswered (`_deafen`)
         self.accepted = self.last_progress = time.monotonic()
         self.parked: tuple[Frame, Call] | None = None  # a request that must wait
         self.events = READ  # what the server's poller watches (0: nothing)
@@ -240,7 +244,7 @@ class Connection:
 
     def _reply(self, frame: Frame, reply: s.Struct) -> None:
         self.tally.done(frame.op, 0, _monotonic() - self.started)
-        if frame.kind == _POST:  # nobody reads it (wire/frames.py)
+        if frame.kind == _POST or self.deaf:  # nobody reads it (wire/frames.py)
             if not reply._plain:
                 for fd in s.encode(reply)[1]:
                     fd.close()
@@ -262,6 +266,9 @@ class Connection:
                 sent = self.sock.send(data)
             except (BlockingIOError, InterruptedError):
                 pass
+            except (BrokenPipeError, ConnectionResetError):
+                self._deafen()
+                return
             if sent == len(data):
                 return
         self.outbox.append((memoryview(data)[sent:], fds))
@@ -285,7 +292,7 @@ class Connection:
         self.tally.done(frame.op, code, now - self.started)
         if code == errno.EDQUOT:
             self.tally.refused(self.client, frame.op, message, now)
-        if frame.kind == _POST:
+        if frame.kind == _POST or self.deaf:
             return
         body = message.encode("utf-8", "replace")[:4096]
         header = encode_header(len(body), frame.op, 0, FrameKind.REPLY, frame.seq, code)
@@ -300,12 +307,25 @@ class Connection:
                 sent = self.sock.sendmsg([data], rights(fds))
             except (BlockingIOError, InterruptedError):
                 return
+            except (BrokenPipeError, ConnectionResetError):
+                self._deafen()
+                return
             for fd in fds:  # they went with the first byte
                 fd.close()
             if sent < len(data):
                 self.outbox[0] = (data[sent:], [])
                 continue
             self.outbox.popleft()
+
+    def _deafen(self) -> None:
+        """The client went away (a reply's write failed): drop the replies queued and answer
+        nothing more, but serve what it sent before it went, until its data ends (then the
+        read sees the end and the connection is dropped)."""
+        self.deaf = True
+        for _, fds in self.outbox:
+            for fd in fds:
+                fd.close()
+        self.outbox.clear()
 
     # -- teardown --------------------------------------------------------------------
 

@@ -37,7 +37,8 @@ Rules:
   (releases pipelined ahead of a request, posted shares and claims: client/transport.py):
   the daemon serves it exactly as a REQUEST, in order, and sends nothing back, not even
   an error. A client that posts ends each write of posts with a REQUEST (whose reply it
-  reads later, dropping it) and never has more than SHARE_AHEAD posted frames past the
+  reads later, dropping it) and never has more than SHARE_AHEAD posted frames (each share
+  of a GEM_SHARE_BATCH counting as one), nor REPLIES_AHEAD such replies unread, past the
   last such reply it read: that bounds how far the daemon may lag behind it.
 - Op numbers are never reused; a retired op keeps its number. PROTOCOL_VERSION (checked at
   HELLO) changes when a client may send what an older daemon would not understand.
@@ -72,7 +73,7 @@ __all__ = [
 MAGIC = b"UGEM"
 PROTOCOL_VERSION = 5  # 2: ops 32-38 (close batch, map export, lookup, shares, create mapped); 3: op 39 (claim
 # mapped), MmapReply.server_fd; 4: ClaimReq names the memory (early claims of shares not yet sent), POST frames;
-# 5: op 40 (mappings forked)
+# 5: ops 40-42 (mappings forked, share batch, claim mapped batch)
 HEADER = struct.Struct("<IHBBIi")
 MAX_INLINE = 1 << 20  # pread/pwrite bytes a frame may carry (HELLO's max_inline); more goes through XFER
 # pread/pwrite larger than this take XFER (shared memory) even where a frame could carry them:
@@ -131,6 +132,8 @@ class Op(enum.IntEnum):
     GEM_CREATE_MAPPED = 38
     GEM_CLAIM_MAPPED = 39
     MAPPINGS_FORKED = 40
+    GEM_SHARE_BATCH = 41
+    GEM_CLAIM_MAPPED_BATCH = 42
 
 
 _HEADER_SIZE = HEADER.size
