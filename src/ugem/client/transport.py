@@ -101,9 +101,9 @@ class SocketTransport:
         nobody's to see. `local` is never sent: a Device passes the caller's own memory only
         to an embedded transport."""
         reply_type = _REPLY_TYPES[op]
-        if req._plain:  # a fixed struct (most requests): one piece, no fds
-            pieces: list[Any] = [req._codec.pack(*type(req)._values(req))]
-            fds: Sequence[OwnedFd] = _NO_FDS
+        fds: Sequence[OwnedFd] = _NO_FDS
+        if req._plain:  # a fixed struct (most requests): no fds, its frame packed whole below
+            pieces: list[Any] = []
         else:
             pieces, fds = s.encode(req)
             if len(pieces) > 1 and sum(memoryview(p).nbytes for p in pieces) > MAX_PAYLOAD:
@@ -115,18 +115,35 @@ class SocketTransport:
             try:
                 if self._timeout is not None:
                     self._arm(op, req)
-                if notes and len(pieces) == 1 and not fds:  # one write: the posts, then the request
-                    self._send_posts([*notes, (op, req)], last_wants_reply=True, encoded=pieces[0])
+                if notes and len(pieces) <= 1 and not fds:  # one write: the posts, then the request
+                    self._send_posts([*notes, (op, req)], last_wants_reply=True, encoded=pieces[0] if pieces else None)
                     self._owed.pop()  # (its reply is read here, not skipped)
                 else:
                     if notes:
                         self._send_posts(notes)
                     self._seq = (self._seq + 1) & 0xFFFFFFFF
-                    self._send(op, pieces, fds)
+                    if pieces:
+                        self._send(op, pieces, fds)
+                    else:  # header and fields in one pack, one send
+                        cls = req.__class__
+                        data = cls._framed.pack(cls._codec.size, op, 0, _REQUEST, self._seq, 0, *cls._values(req))
+                        sent = self._sock.send(data)
+                        if sent < len(data):
+                            self._sock.sendall(data[sent:])
                 if self._owed:
                     self._skip_owed()
                 self._unread = 0  # this reply comes after everything sent before it is served
-                status, payload, got = self._receive(op, bool(reply_type.FDS))
+                if reply_type.FDS:
+                    status, payload, got = self._receive(op, True, b"")
+                else:
+                    buf = self._sock.recv(_FIRST_READ)
+                    if reply_type._plain and len(buf) == reply_type._framed.size:
+                        # the common case: the whole reply of a fixed struct in one read, unpacked in one call
+                        values = reply_type._framed.unpack(buf)
+                        if values[4] == self._seq and values[1] == op and values[3] == _REPLY \
+                                and not values[2] and not values[5] and values[0] == reply_type._codec.size:
+                            return reply_type(*values[6:])
+                    status, payload, got = self._receive(op, False, buf)
             except DaemonGone:  # from _abort: the socket is closed already
                 raise
             except TimeoutError as exc:  # socket.timeout: only with a timeout
@@ -269,15 +286,14 @@ class SocketTransport:
             buf += data
         return bytes(buf)
 
-    def _receive(self, op: int, with_fds: bool) -> tuple[int, bytes, Sequence[OwnedFd]]:
+    def _receive(self, op: int, with_fds: bool, buf: bytes) -> tuple[int, bytes, Sequence[OwnedFd]]:
         # One request is in flight, so nothing but its reply can arrive: read greedily.
-        # A reply that carries no fds is read without ancillary space: fds the daemon sent
-        # anyway would be discarded (and closed) by the kernel, with MSG_CTRUNC set.
+        # A reply that carries no fds is read without ancillary space (`buf`: the caller's
+        # first read of it): fds the daemon sent anyway would be discarded (and closed) by
+        # the kernel, with MSG_CTRUNC set. A reply that may carry fds starts with `buf` empty.
         # MSG_CMSG_CLOEXEC: fds handed to the caller (export) are O_CLOEXEC, as in embedded mode.
-        buf = b""
         fds: list[OwnedFd] = []
         if not with_fds:
-            buf = self._sock.recv(_FIRST_READ)
             if len(buf) >= _HEADER_SIZE:  # the common case: the whole reply in one read, checked here
                 length, rop, nfds, kind, seq, status = _unpack_header(buf)
                 if length + _HEADER_SIZE == len(buf) and kind == _REPLY and rop == op and seq == self._seq \
