@@ -4,8 +4,8 @@
   Manager's lock.
 - `SocketTransport` (here): one Unix stream socket to `ugem serve`; frames as in
   wire/frames.py, fds with SCM_RIGHTS, one request in flight at a time (a lock serialises
-  threads). A call of a fixed-size request (no fds, no notes) whose whole reply arrives in
-  one read costs one send and one recv, and its header is checked without a call.
+  threads). A call of a fixed-size request (no fds, no notes) costs one send and one recv
+  when its whole reply arrives in one read, and one pack and one unpack (`Struct._framed`).
 
 Both take ownership of the fds inside a request struct: they are closed once sent (socket)
 or consumed by the handler (embedded). Exceptions are translated at one seam on the socket
@@ -102,9 +102,8 @@ class SocketTransport:
         to an embedded transport."""
         reply_type = _REPLY_TYPES[op]
         fds: Sequence[OwnedFd] = _NO_FDS
-        if req._plain:  # a fixed struct (most requests): no fds, its frame packed whole below
-            pieces: list[Any] = []
-        else:
+        pieces: list[Any] = []  # none for a fixed struct (most requests): its frame is packed whole below
+        if not req._plain:
             pieces, fds = s.encode(req)
             if len(pieces) > 1 and sum(memoryview(p).nbytes for p in pieces) > MAX_PAYLOAD:
                 for fd in fds:
