@@ -21,7 +21,6 @@ from __future__ import annotations
 import os
 import threading
 import time
-from collections.abc import Sequence
 from typing import Any
 
 from .backing.memfd import MemfdStore
@@ -104,7 +103,7 @@ class Manager:
                 self._gpu.wait(pending.fence, timeout)
 
     @staticmethod
-    def _run(core: Core, jobs: Sequence[Job]) -> None:
+    def _run(core: Core, jobs: list[Job]) -> None:
         """Run memory jobs inline, in the caller's thread (under the lock)."""
         for job in jobs:
             if not job.done:

@@ -36,7 +36,6 @@ call again when `ready`. Both call `Memory.finish(job)` on the core's thread.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any
 
 from .jobs import Job, Pending
@@ -108,8 +107,8 @@ class Call:
                 and not (pending.resume and core.gpu.suspended))
 
 
-def after_request(memory: Memory) -> Sequence[Job]:
+def after_request(memory: Memory) -> list[Job]:
     """Background jobs to start after requests: back under the budget, spill space punched."""
     if memory.resident > memory.budget and not memory.spilling():
         memory.background += memory.shrink(memory.budget)
-    return memory.take_background() if memory.background else ()
+    return memory.take_background() if memory.background else []

@@ -143,9 +143,9 @@ def test_after_request_shrinks_over_the_budget_only_with_no_spill_in_flight():
     first, second = written(), written()  # over the budget, as evictions may leave it
     in_flight = core.memory.plan_spill(second)
     assert in_flight is not None
-    assert not after_request(core.memory)  # a spill in flight is already bringing resident down
+    assert after_request(core.memory) == []  # a spill in flight is already bringing resident down
     in_flight.run()
     core.memory.finish(in_flight)
-    assert not after_request(core.memory)  # at the budget
+    assert after_request(core.memory) == []  # at the budget
     written()
     assert [j.obj for j in after_request(core.memory)] == [first]  # the least recently used
