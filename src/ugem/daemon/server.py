@@ -178,10 +178,8 @@ class Server:
                 tag(_events)
         if self.parked:
             self._wake(_monotonic())
-        jobs = after_request(self.core.memory)  # the background reclaim both modes share
-        if jobs:
-            for job in jobs:
-                self.runner.submit(job)
+        for job in after_request(self.core.memory):  # the background reclaim both modes share
+            self.runner.submit(job)
         if exit_idle is not None and self._idle_since is not None:
             self._check_idle(exit_idle)
         if now - self._last_stall_check >= 1.0:  # scans over all clients, at most once a second
