@@ -19,6 +19,8 @@ from .args import i64, ident, u32, u64
 
 __all__ = ["DeviceOps"]
 
+_BUSY = Op.GEM_BUSY  # (looked up once: each `Op.X` costs 0.1 us on Python 3.11)
+
 
 class DeviceOps:
     def _call(self, op: Op, req: s.Struct) -> Any:
@@ -53,7 +55,7 @@ class DeviceOps:
         return int(r.fence)
 
     def busy(self, handle: int) -> bool:
-        r: sx.BusyReply = self._call(Op.GEM_BUSY, s.HandleReq(handle=ident(handle)))
+        r: sx.BusyReply = self._call(_BUSY, s.HandleReq(ident(handle)))  # (positional: handle)
         return bool(r.busy)
 
     def wait(self, handle: int, timeout_ns: int) -> int:

@@ -4,8 +4,8 @@
   Manager's lock.
 - `SocketTransport` (here): one Unix stream socket to `ugem serve`; frames as in
   wire/frames.py, fds with SCM_RIGHTS, one request in flight at a time (a lock serialises
-  threads). A call of a fixed-size request (no fds, no notes) whose whole reply arrives in
-  one read costs one send and one recv, and its header is checked without a call.
+  threads). A call of a fixed-size request (no fds, no notes) costs one send and one recv
+  when its whole reply arrives in one read, and one pack and one unpack (`Struct._framed`).
 
 Both take ownership of the fds inside a request struct: they are closed once sent (socket)
 or consumed by the handler (embedded). Exceptions are translated at one seam on the socket
@@ -30,16 +30,7 @@ from ..errors import BadFd, DaemonGone, RemoteProtocolError, TimedOut, TooBig, U
 from ..fd import OwnedFd
 from ..scm import ANC_SPACE, fds_from_ancillary, rights
 from ..wire import structs as s
-from ..wire.frames import (
-    HEADER,
-    MAGIC,
-    MAX_PAYLOAD,
-    PROTOCOL_VERSION,
-    XFER_ABOVE,
-    FrameKind,
-    Op,
-    encode_header,
-)
+from ..wire.frames import HEADER, MAGIC, MAX_PAYLOAD, PROTOCOL_VERSION, XFER_ABOVE, FrameKind, Op, encode_header
 from ..wire.structs_share import REPLIES_AHEAD, SHARE_AHEAD, SHARE_BATCH_RECORD, ShareBatchReq
 
 __all__ = ["SocketTransport"]
@@ -107,10 +98,9 @@ class SocketTransport:
         nobody's to see. `local` is never sent: a Device passes the caller's own memory only
         to an embedded transport."""
         reply_type = _REPLY_TYPES[op]
-        if req._plain:  # a fixed struct (most requests): one piece, no fds
-            pieces: list[Any] = [req._codec.pack(*type(req)._values(req))]
-            fds: Sequence[OwnedFd] = _NO_FDS
-        else:
+        fds: Sequence[OwnedFd] = _NO_FDS
+        pieces: list[Any] = []  # none for a fixed struct (most requests): its frame is packed whole below
+        if not req._plain:
             pieces, fds = s.encode(req)
             if len(pieces) > 1 and sum(memoryview(p).nbytes for p in pieces) > MAX_PAYLOAD:
                 for fd in fds:
@@ -121,18 +111,35 @@ class SocketTransport:
             try:
                 if self._timeout is not None:
                     self._arm(op, req)
-                if notes and len(pieces) == 1 and not fds:  # one write: the posts, then the request
-                    self._send_posts([*notes, (op, req)], last_wants_reply=True, encoded=pieces[0])
+                if notes and len(pieces) <= 1 and not fds:  # one write: the posts, then the request
+                    self._send_posts([*notes, (op, req)], last_wants_reply=True, encoded=pieces[0] if pieces else None)
                     self._owed.pop()  # (its reply is read here, not skipped)
                 else:
                     if notes:
                         self._send_posts(notes)
                     self._seq = (self._seq + 1) & 0xFFFFFFFF
-                    self._send(op, pieces, fds)
+                    if pieces:
+                        self._send(op, pieces, fds)
+                    else:  # header and fields in one pack, one send
+                        cls = req.__class__
+                        data = cls._framed.pack(cls._codec.size, op, 0, _REQUEST, self._seq, 0, *cls._values(req))
+                        sent = self._sock.send(data)
+                        if sent < len(data):
+                            self._sock.sendall(data[sent:])
                 if self._owed:
                     self._skip_owed()
                 self._unread = 0  # this reply comes after everything sent before it is served
-                status, payload, got = self._receive(op, bool(reply_type.FDS))
+                if reply_type.FDS:
+                    status, payload, got = self._receive(op, True, b"")
+                else:
+                    buf = self._sock.recv(_FIRST_READ)
+                    if reply_type._plain and len(buf) == reply_type._framed.size:
+                        # the common case: the whole reply of a fixed struct in one read, unpacked in one call
+                        values = reply_type._framed.unpack(buf)
+                        if values[4] == self._seq and values[1] == op and values[3] == _REPLY \
+                                and not values[2] and not values[5] and values[0] == reply_type._codec.size:
+                            return reply_type(*values[6:])
+                    status, payload, got = self._receive(op, False, buf)
             except DaemonGone:  # from _abort: the socket is closed already
                 raise
             except TimeoutError as exc:  # socket.timeout: only with a timeout
@@ -276,15 +283,14 @@ class SocketTransport:
             buf += data
         return bytes(buf)
 
-    def _receive(self, op: int, with_fds: bool) -> tuple[int, bytes, Sequence[OwnedFd]]:
+    def _receive(self, op: int, with_fds: bool, buf: bytes) -> tuple[int, bytes, Sequence[OwnedFd]]:
         # One request is in flight, so nothing but its reply can arrive: read greedily.
-        # A reply that carries no fds is read without ancillary space: fds the daemon sent
-        # anyway would be discarded (and closed) by the kernel, with MSG_CTRUNC set.
+        # A reply that carries no fds is read without ancillary space (`buf`: the caller's
+        # first read of it): fds the daemon sent anyway would be discarded (and closed) by
+        # the kernel, with MSG_CTRUNC set. A reply that may carry fds starts with `buf` empty.
         # MSG_CMSG_CLOEXEC: fds handed to the caller (export) are O_CLOEXEC, as in embedded mode.
-        buf = b""
         fds: list[OwnedFd] = []
         if not with_fds:
-            buf = self._sock.recv(_FIRST_READ)
             if len(buf) >= _HEADER_SIZE:  # the common case: the whole reply in one read, checked here
                 length, rop, nfds, kind, seq, status = _unpack_header(buf)
                 if length + _HEADER_SIZE == len(buf) and kind == _REPLY and rop == op and seq == self._seq \

@@ -59,7 +59,7 @@ def gem_create(core: Core, client: Client, req: s.CreateReq) -> s.CreateReply:
     except BaseException:
         core.discard_unpublished(obj)
         raise
-    return s.CreateReply(handle=handle, size=size)
+    return s.CreateReply(handle, 0, size)  # positionally (LAYOUT: handle, pad, size): keywords cost 0.2 us
 
 
 def gem_create_mapped(core: Core, client: Client, req: s.CreateReq) -> s.MmapReply:
@@ -98,15 +98,25 @@ def gem_close_batch(core: Core, client: Client, req: s.CloseBatchReq) -> s.Empty
     return s.Empty()
 
 
+# InfoReply.flags of an object's kind (an enum member lookup costs 0.1 us on Python 3.11)
+_KIND_INFO = {Kind.NORMAL: 0, Kind.USERPTR: s.INFO_USERPTR, Kind.FOREIGN: s.INFO_FOREIGN}
+
+
 def gem_info(core: Core, client: Client, req: s.InfoReq) -> s.InfoReply:
     obj = core.lookup(client, req.handle)
-    flags = ((s.INFO_PINNED if obj.pinned_by else 0) | (s.INFO_BUSY if core.gpu.busy(obj) else 0)
-              | (s.INFO_USERPTR if obj.kind == Kind.USERPTR else 0)
-             | (s.INFO_READONLY if req.handle in client.readonly else 0)
-             | (s.INFO_FOREIGN if obj.kind == Kind.FOREIGN else 0)
-             | (s.INFO_SOLE if req.flags & s.INFO_ASK_SOLE and _sole(obj) else 0))
-    return s.InfoReply(size=obj.size, placement=obj.placement, madvise=obj.reported_advice, flags=flags, name=obj.name,
-                       tiling=obj.tiling, stride=obj.stride, caching=obj.caching)
+    flags = _KIND_INFO[obj.kind]
+    if obj.pinned_by:
+        flags |= s.INFO_PINNED
+    if core.gpu.busy(obj):
+        flags |= s.INFO_BUSY
+    if req.handle in client.readonly:
+        flags |= s.INFO_READONLY
+    if req.flags and req.flags & s.INFO_ASK_SOLE and _sole(obj):
+        flags |= s.INFO_SOLE
+    # positionally, in InfoReply's LAYOUT order (keywords cost 0.3 us): size, placement, madvise, flags,
+    # name, tiling, stride, caching
+    return s.InfoReply(obj.size, obj.placement, obj.reported_advice, flags, obj.name, obj.tiling, obj.stride,
+                       obj.caching)
 
 
 def _sole(obj: BufferObject) -> bool:

@@ -131,7 +131,7 @@ def check_fits(core: Core, objs: list[BufferObject]) -> None:
 
 def gem_busy(core: Core, client: Client, req: s.HandleReq) -> sx.BusyReply:
     obj = core.lookup(client, req.handle)
-    return sx.BusyReply(busy=int(core.gpu.busy(obj)))
+    return sx.BusyReply(1 if core.gpu.busy(obj) else 0)  # (LAYOUT: busy, pad)
 
 
 def _wait(core: Core, fence: int, exec_fence: int, timeout_ns: int, started: float) -> sx.WaitReply:

@@ -45,6 +45,10 @@ class Kind(enum.IntEnum):
     USERPTR = 2  # wraps existing user memory
 
 
+# members looked up once, for the per-request paths (each `Placement.X` costs 0.1 us on Python 3.11)
+_NONE, _PURGED = Placement.NONE, Placement.PURGED
+
+
 class BufferObject:
     __slots__ = (
         "id", "size", "kind", "backing", "key", "placement", "madvise", "refcount",
@@ -60,7 +64,7 @@ class BufferObject:
         self.kind = kind
         self.backing: Any = None  # opaque to the core: the BackingStore's handle (an OwnedFd)
         self.key: tuple[int, int] | None = None  # identity of the backing memory (dev, inode)
-        self.placement = Placement.NONE
+        self.placement = _NONE
         self.madvise = WILLNEED
         self.refcount = 0
         self.handle_count = 0
@@ -101,7 +105,7 @@ class BufferObject:
     @property
     def reported_advice(self) -> int:
         """The advice info() and `ugem ls` report: ADVICE_PURGED once the contents are gone."""
-        return ADVICE_PURGED if self.placement == Placement.PURGED else self.madvise
+        return ADVICE_PURGED if self.placement == _PURGED else self.madvise
 
     def __repr__(self) -> str:
         return (f"<BufferObject {self.id} size={self.size} {self.placement.label} "

@@ -123,10 +123,15 @@ def check_permission(perm: Perm, client: Client) -> None:
                                f"client {client.id} has uid {client.creds.uid}")
 
 
+_ANYONE = Perm.NONE  # (a member looked up once: each `Perm.NONE` costs 0.1 us on Python 3.11)
+
+
 def dispatch(core: Core, call: Call) -> s.Struct:
     """Run one request once. Raises UgemError for operation failures, Pending to wait."""
     desc, req = call.desc, call.req
-    if desc.perm is not Perm.NONE:
+    if desc.perm is not _ANYONE:
         check_permission(desc.perm, call.client)
-    req.check()
+    checked = req._checked
+    if checked is not None and checked(req) != req._clean:  # (check()'s own test, without its call)
+        req.check()
     return desc.handler(core, call if desc.takes_call else call.client, req)

@@ -38,11 +38,12 @@ import os
 import socket
 import time
 from collections import deque
-from typing import TYPE_CHECKING
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Any
 
 from ..core.call import Call
 from ..core.jobs import Pending
-from ..core.requests import BY_OP
+from ..core.requests import BY_OP, RequestDesc
 from ..errors import InvalidArgument, QuotaExceeded, RemoteProtocolError, UgemError
 from ..fd import OwnedFd
 from ..scm import ANC_SPACE, fds_from_ancillary, rights
@@ -78,6 +79,11 @@ _BURST = 16384  # bytes read at once between frames: bounds the frames served pe
 _NO_FDS: tuple[OwnedFd, ...] = ()
 _monotonic = time.monotonic
 _pack_header = HEADER.pack
+# op -> (row, request struct, payload size, unpack) for requests that are a fixed struct (no tail,
+# no fds): decoded positionally in one call (the request table's rows, looked up once)
+_FIXED: dict[int, tuple[RequestDesc, type[s.Struct], int, Callable[[bytes], tuple[Any, ...]]]] = {
+    desc.op: (desc, desc.req, desc.req._codec.size, desc.req._codec.unpack) for desc in BY_OP.values()
+    if desc.req._plain}
 
 
 class Connection:
@@ -86,6 +92,7 @@ class Connection:
         self.core = core
         self.client = client
         self.tally = tally if tally is not None else RequestTally()
+        self._done = self.tally.done  # (bound once: called per reply)
         self.started = 0.0  # when the frame being served was complete (its reply is timed from then)
         self.parser = FrameParser(FrameKind.REQUEST)
         self.outbox: deque[tuple[memoryview, list[OwnedFd]]] = deque()
@@ -134,9 +141,8 @@ class Connection:
                 for fd in fds:
                     fd.close()
                 raise ConnectionResetError("client closed the connection")
-            parser.feed(data, fds)
-            if parser.mid_frame:
-                self.last_progress = time.monotonic()  # a partial frame is making progress
+            if parser.feed(data, fds):  # a partial frame is making progress
+                self.last_progress = _monotonic()
 
     def on_writable(self) -> None:
         """Write queued replies; once they are out, serve frames that were waiting."""
@@ -149,12 +155,13 @@ class Connection:
         if not self.greeted:
             self._hello(frame)
             return
+        fixed = _FIXED.get(frame.op)
+        if fixed is not None and not frame.fds and len(frame.payload) == fixed[2]:
+            row, req_type, _, unpack = fixed  # the common case: a fixed struct, whole, no fds
+            self._run(frame, Call(self.client, row, req_type(*unpack(frame.payload))))
+            return
         desc = BY_OP.get(frame.op)
         fds = frame.fds
-        if desc is not None and not fds and desc.req._plain and len(frame.payload) == desc.req._codec.size:
-            req_type = desc.req  # the common case: a fixed struct, whole, no fds
-            self._run(frame, Call(self.client, desc, req_type(*req_type._codec.unpack(frame.payload))))
-            return
         expected = len(desc.req.FDS) if desc is not None else 0
         if len(fds) != expected:
             frame.close_fds()
@@ -243,15 +250,15 @@ class Connection:
     # -- writing ---------------------------------------------------------------------
 
     def _reply(self, frame: Frame, reply: s.Struct) -> None:
-        self.tally.done(frame.op, 0, _monotonic() - self.started)
+        self._done(frame.op, 0, _monotonic() - self.started)
         if frame.kind == _POST or self.deaf:  # nobody reads it (wire/frames.py)
             if not reply._plain:
                 for fd in s.encode(reply)[1]:
                     fd.close()
             return
-        if reply._plain:  # a fixed struct (most replies): one piece, no fds
-            payload = reply._codec.pack(*type(reply)._values(reply))
-            data = _pack_header(len(payload), frame.op, 0, _REPLY, frame.seq, 0) + payload
+        if reply._plain:  # a fixed struct (most replies): its whole frame in one pack, no fds
+            cls = reply.__class__
+            data = cls._framed.pack(cls._codec.size, frame.op, 0, _REPLY, frame.seq, 0, *cls._values(reply))
             fds: list[OwnedFd] = []
         else:
             pieces, fds = s.encode(reply)

@@ -71,6 +71,7 @@ __all__ = ["FD_ROOM", "Server", "ServerOptions"]
 
 log = logging.getLogger("ugem.daemon")
 SIGNALS = (signal.SIGTERM, signal.SIGINT)
+_monotonic = time.monotonic
 FD_ROOM = 16  # fds kept free by dropping connections that have not completed HELLO
 
 
@@ -153,7 +154,7 @@ class Server:
             self.shutdown()
 
     def _step(self) -> None:
-        now = time.monotonic()
+        now = _monotonic()
         if self._accept_paused_until and now >= self._accept_paused_until and self.listener is not None:
             self._accept_paused_until = 0.0
             self.sel.register(self.listener.fileno(), READ, "listener")
@@ -176,7 +177,7 @@ class Server:
             else:  # the service's own fds (metrics endpoint) carry their handler as the tag
                 tag(_events)
         if self.parked:
-            self._wake(time.monotonic())
+            self._wake(_monotonic())
         for job in after_request(self.core.memory):  # the background reclaim both modes share
             self.runner.submit(job)
         if exit_idle is not None and self._idle_since is not None:

@@ -7,9 +7,10 @@ connection stays up), found by `check()` (one C call when all is zero, the commo
 A struct may end with a variable `TAIL` field (bytes-like: inline pread/pwrite data, JSON
 for stats) and may carry fds in the fields listed in `FDS` (each an OwnedFd, sent with
 SCM_RIGHTS). A struct with neither is `_plain`: it is packed and unpacked positionally in
-one call (`_codec`, `_values`), which the transports do inline on their hot paths. Rules:
-a short payload is zero-extended, a longer one (without a TAIL) is EINVAL; nothing here
-does I/O.
+one call (`_codec`, `_values`), and `_framed` (the frame header of wire/frames.py, then the
+fixed part) packs or unpacks a whole frame of it in one call: the transports do that inline
+on their hot paths. Rules: a short payload is zero-extended, a longer one (without a TAIL)
+is EINVAL; nothing here does I/O.
 """
 
 from __future__ import annotations
@@ -21,6 +22,7 @@ from typing import Any, ClassVar
 
 from ..errors import InvalidArgument
 from ..fd import OwnedFd
+from .frames import HEADER
 
 __all__ = ["Struct", "decode", "encode"]
 
@@ -32,6 +34,7 @@ class Struct:
     TAIL: ClassVar[str | None] = None
     FDS: ClassVar[tuple[str, ...]] = ()
     _codec: ClassVar[struct.Struct]
+    _framed: ClassVar[struct.Struct]  # HEADER's fields, then LAYOUT's: a frame of a plain struct
     _names: ClassVar[tuple[str, ...]]
     _pads: ClassVar[tuple[str, ...]]
     _plain: ClassVar[bool]  # no tail, no fds: decode positionally
@@ -41,7 +44,9 @@ class Struct:
 
     def __init_subclass__(cls, **kw: Any) -> None:
         super().__init_subclass__(**kw)
-        cls._codec = struct.Struct("<" + "".join(code for _, code in cls.LAYOUT))
+        codes = "".join(code for _, code in cls.LAYOUT)
+        cls._codec = struct.Struct("<" + codes)
+        cls._framed = struct.Struct(HEADER.format + codes)
         cls._names = tuple(name for name, _ in cls.LAYOUT)
         cls._pads = tuple(name for name in cls._names if name.startswith("pad"))
         cls._plain = cls.TAIL is None and not cls.FDS

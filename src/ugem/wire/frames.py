@@ -189,7 +189,9 @@ class FrameParser:
         """How many bytes to read next: the rest of the current frame, or `between` (at
         least a header) when no frame is in progress."""
         if self._header is None:
-            return max(between, HEADER.size) if not self._buf else HEADER.size - len(self._buf)
+            if not self._buf:
+                return between if between > _HEADER_SIZE else _HEADER_SIZE
+            return _HEADER_SIZE - len(self._buf)
         return self._header[0] - len(self._buf)
 
     @property
@@ -200,15 +202,16 @@ class FrameParser:
     def has_frames(self) -> bool:
         return bool(self.ready)
 
-    def feed(self, data: bytes, fds: Sequence[OwnedFd]) -> None:
-        """Add bytes read from the peer; raises RemoteProtocolError on any violation."""
+    def feed(self, data: bytes, fds: Sequence[OwnedFd]) -> bool:
+        """Add bytes read from the peer; returns `mid_frame` (a frame is left partial).
+        Raises RemoteProtocolError on any violation."""
         if not fds and self._header is None and not self._buf and len(data) >= _HEADER_SIZE:
             # the common case, checked here without a call: exactly one whole frame, no fds
             length, op, nfds, kind, seq, status = _unpack_header(data)
             if length + _HEADER_SIZE == len(data) and not nfds and length <= self._max_payload \
                     and (kind == self._expect or kind == self._also) and not (kind != _REPLY and status):
                 self.ready.append(Frame(op, kind, seq, status, data[_HEADER_SIZE:], []))
-                return
+                return False
         try:  # anything else (or a violation: the general path says which and cleans up)
             self._feed(data, fds)
         except RemoteProtocolError:
@@ -216,6 +219,7 @@ class FrameParser:
                 fd.close()
             self.close()
             raise
+        return self.mid_frame
 
     def _feed(self, data: bytes, fds: Sequence[OwnedFd]) -> None:
         fresh = not self.mid_frame  # the chunk starts at a frame boundary

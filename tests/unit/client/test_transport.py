@@ -17,6 +17,7 @@ import ugem
 from ugem.client.device import Device
 from ugem.client.transport import SocketTransport
 from ugem.wire import structs as s
+from ugem.wire import structs_exec as sx
 from ugem.wire.frames import MAX_PAYLOAD, XFER_ABOVE, Frame, FrameKind, FrameParser, Op, encode_header
 
 Script = Callable[[socket.socket, Callable[[], Frame]], None]
@@ -100,6 +101,29 @@ def test_a_malformed_reply_loses_the_connection_and_every_later_call_is_daemon_g
     dev.close()  # still fine
     with pytest.raises(ugem.BadFd):
         dev.busy(1)
+
+
+@pytest.mark.parametrize("case", ["error", "other seq", "other op", "fds announced", "reply"])
+def test_a_reply_the_size_of_a_fixed_reply_is_taken_at_once_only_when_it_answers_this_call(peer, case):
+    """The one-unpack path (header and fields of a fixed reply) checks what the general one does."""
+    def script(sock: socket.socket, next_request: Callable[[], Frame]) -> None:
+        frame = next_request()
+        payload = _fixed(sx.BusyReply(busy=1)) if case == "reply" else b"gone bye"  # 8 bytes, as BusyReply
+        seq, op = frame.seq + (case == "other seq"), frame.op + (case == "other op")
+        sock.sendall(encode_header(len(payload), op, case == "fds announced", FrameKind.REPLY, seq,
+                                   errno.ENOENT if case == "error" else 0) + payload)
+        next_request()
+
+    dev = peer(script)
+    if case == "reply":
+        assert dev.busy(1) is True
+    elif case == "error":
+        with pytest.raises(ugem.UgemError, match="gone bye") as exc:
+            dev.busy(1)
+        assert exc.value.errno == errno.ENOENT
+    else:
+        with pytest.raises(ugem.DaemonGone, match="malformed reply header"):
+            dev.busy(1)
 
 
 def test_a_daemon_that_hangs_up_makes_every_later_call_daemon_gone(peer):

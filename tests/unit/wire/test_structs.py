@@ -48,3 +48,16 @@ def test_layout_fields_come_first_in_every_struct():
     for cls in s.Struct.__subclasses__():
         names = [f.name for f in dataclasses.fields(cls)]
         assert names[: len(cls.LAYOUT)] == [n for n, _ in cls.LAYOUT], cls.__name__
+
+
+def test_framed_is_the_header_then_the_fixed_part():
+    """Transports pack (and unpack) a fixed struct's whole frame in one call: the same bytes."""
+    from ugem.wire.frames import HEADER
+
+    for cls in s.Struct.__subclasses__():
+        msg = cls()
+        values = cls._codec.unpack(cls._codec.pack(*cls._values(msg)))
+        header = (cls._codec.size, 3, 0, 1, 7, 0)
+        framed = cls._framed.pack(*header, *values)
+        assert framed == HEADER.pack(*header) + cls._codec.pack(*values), cls.__name__
+        assert cls._framed.unpack(framed) == (*header, *values)
