@@ -15,7 +15,10 @@ Rules:
   a plain type string, the message carries only a reference: socket path, flink name, byte
   offset in the object, dtype, shape, strides (a few hundred bytes, whatever the size).
   Otherwise the serializer declines, and Dask's next family ("pickle") sends the bytes as
-  a plain `ndarray`, so a receiver on another machine needs no ugem.
+  a plain `ndarray`, so a receiver on another machine needs no ugem. It declines too when
+  making the reference fails (any OSError, so any UgemError: e.g. OutOfMemory, or the
+  daemon gone), logged: Dask fails a transfer whose serializer raises anything else, and
+  the tasks waiting for that value would never run (`or_bytes`).
 - A receiver with a `UgemBuffer` on that socket (a ugem-backed worker) opens the name
   through it, maps it and holds that handle while the view lives; its `UgemBuffer` then
   adopts the object when Dask stores the value (no copy at all). Any other receiver (the
@@ -28,9 +31,12 @@ Rules:
 
 from __future__ import annotations
 
+import functools
+import logging
 import os
 import threading
 import weakref
+from collections.abc import Callable
 from typing import Any
 
 import numpy as np
@@ -45,7 +51,10 @@ from ..client.registry import Mapping, mapping_of
 from ..errors import NoSuchObject
 
 __all__ = ["UgemArray", "as_ugem_array", "counts", "dumps_reference", "held", "is_held", "loads_reference", "name_of",
-           "register_device", "same_host", "unregister_device"]
+           "or_bytes", "register_device", "same_host", "unregister_device"]
+
+logger = logging.getLogger("ugem.dask")
+Dumps = Callable[[Any, "dict[str, Any] | None"], tuple[dict[str, Any], list[Any]]]
 
 #: this process's hand-offs so far: values sent as a reference, and received by mapping
 #: (a ugem-backed worker) or by one copy from the daemon (any other process)
@@ -170,6 +179,23 @@ def same_host(context: dict[str, Any] | None) -> bool:
         return False
 
 
+def or_bytes(dumps: Dumps) -> Dumps:
+    """`dumps`, declining (NotImplementedError: Dask sends the bytes) where it fails with an
+    OSError (module rules)."""
+
+    @functools.wraps(dumps)
+    def wrapper(x: Any, context: dict[str, Any] | None = None) -> tuple[dict[str, Any], list[Any]]:
+        try:
+            return dumps(x, context)
+        except OSError as exc:
+            logger.warning("ugem.dask: sending the bytes of a %s value: no reference to its object (%s)",
+                           type(x).__name__, exc)
+            raise NotImplementedError(f"no same-host ugem reference ({exc}): send the bytes") from exc
+
+    return wrapper
+
+
+@or_bytes
 def dumps_reference(x: UgemArray, context: dict[str, Any] | None = None) -> tuple[dict[str, Any], list[Any]]:
     entry = mapping_of(x) if same_host(context) and np.dtype(x.dtype.str) == x.dtype else None
     found = None if entry is None else _name_of(entry.address)
