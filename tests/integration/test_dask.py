@@ -130,6 +130,29 @@ def test_a_pending_value_a_task_returns_or_views_shares_its_object(buffer: UgemB
     np.testing.assert_array_equal(buffer["strided"], source[::-3])
 
 
+@pytest.mark.parametrize("taken", [True, False], ids=["daemon-fd", "mapping"])
+def test_values_are_written_so_that_their_memfds_are_recycled(buffer: UgemBuffer, daemon: DaemonProcess,
+                                                              monkeypatch: pytest.MonkeyPatch, taken: bool) -> None:
+    if not taken:  # as a process that may not copy the daemon's fds: through a mapping
+        monkeypatch.setattr(buffer._writer.device, "_take_flag", lambda: 0)
+    elif not buffer._writer.device._fds().usable:
+        pytest.skip("this process may not copy the daemon's fds (TAKES_FD)")
+    buffer["a"] = np.arange(MiB // 4, dtype=np.float64)  # 2 MiB: the daemon pools memfds of 1 MiB or more
+    buffer["d"] = {"text": "x" * MiB}
+    buffer.flush()
+    np.testing.assert_array_equal(buffer["a"], np.arange(MiB // 4, dtype=np.float64))
+    assert buffer["d"] == {"text": "x" * MiB}
+    with daemon.connect() as dev:
+        del buffer["a"]
+        wait_until(lambda: dev.stats()["pooled_memfds"] >= 1 if taken else dev.stats()["objects"] == 1,
+                   what="the freed object's memfd pooled")
+        buffer["b"] = np.full(MiB // 4, 7.0)  # the same size: the pooled memfd, zeroed, then written
+        buffer.flush()
+        assert float(np.asarray(buffer["b"]).min()) == 7.0
+        if taken:
+            assert dev.stats()["recycled_total"] >= 1
+
+
 def test_a_view_a_task_returns_is_adopted_not_copied(buffer: UgemBuffer, daemon: DaemonProcess) -> None:
     source = np.arange(MiB // 8, dtype=np.float64)
     buffer["a"] = source
