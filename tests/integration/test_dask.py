@@ -153,6 +153,37 @@ def test_values_are_written_so_that_their_memfds_are_recycled(buffer: UgemBuffer
             assert dev.stats()["recycled_total"] >= 1
 
 
+def test_a_stale_held_entry_at_a_reused_address_is_never_answered(buffer: UgemBuffer) -> None:
+    """A mapping is unmapped before its finalizer runs: another thread may map at the same
+    address meanwhile. The entry left by the dead mapping must not name the new one's object
+    (a reference to it would carry the old object's name), and its late finalizer must not
+    drop the new entry."""
+    import weakref
+
+    class Gone:
+        pass
+
+    old, new = buffer.device.new(MiB), buffer.device.new(MiB)
+    view = new.map()
+    address = int(np.frombuffer(view, np.uint8).__array_interface__["data"][0])
+    gone = Gone()
+    dead = weakref.ref(gone)
+    del gone
+    with handoff._lock:  # as if a mapping of `old` had been at this address
+        handoff._held[address] = (old, old.flink(), dead)
+        handoff._held_ids[id(old)] = 1
+    plain = np.frombuffer(view, np.float64)
+    assert handoff.held(plain) is None  # stale: not answered
+    arr = handoff.as_ugem_array(new, view, np.dtype(np.float64), (MiB // 8,), (8,), 0)
+    found = handoff.held(arr)
+    assert found is not None and found[0] is new and not handoff.is_held(old)
+    handoff._let_go(address, dead)  # the dead mapping's finalizer, late
+    found = handoff.held(arr)
+    assert found is not None and found[0] is new and handoff.name_of(found[1]) == new.flink()
+    del arr, found, plain, view
+    old.close()
+
+
 def test_a_view_a_task_returns_is_adopted_not_copied(buffer: UgemBuffer, daemon: DaemonProcess) -> None:
     source = np.arange(MiB // 8, dtype=np.float64)
     buffer["a"] = source
