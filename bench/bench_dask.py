@@ -8,7 +8,9 @@ method, methods alternating run by run (same machine, same data, same run):
 - transfer-heavy: a (n, n) float64 array made in row blocks spread over both workers
   (persisted, untimed), then rechunked to column blocks (task-based rechunk, so results move
   between workers through Dask's get_data) and persisted: the timed part. The budget is 8x
-  the array here (ugem: the daemon's; default: SpillBuffer targets), so nothing spills
+  the array here (ugem: the daemon's; default: SpillBuffer targets), so nothing spills, but
+  at most 3/4 of the machine's MemAvailable when the bench starts (printed and in the
+  report's parameters; a smaller one may spill)
   (at 4x, a SpillBuffer target of 2x the array per worker, the default spilled now and
   then: one worker holds its half of the input, a merged block of half the array and
   pieces);
@@ -211,7 +213,9 @@ def one_run(method: str, workload: str, size: int, budget: int, spill_dir: str) 
             settle = time.perf_counter() - t1 if method == "ugem" else 0.0
             node_peak = peak.stop()
             probes = list(c.run(_probe).values())
-            moved = float(dev.stats()["bytes_moved_total"]) if dev is not None else 0.0
+            stats = dev.stats() if dev is not None else {}
+            moved = float(stats.get("bytes_moved_total", 0.0))
+            recycled = float(stats.get("recycled_total", 0.0))  # freed objects' memfds handed out again
             del x, y
         if dev is not None:
             dev.close()
@@ -222,10 +226,20 @@ def one_run(method: str, workload: str, size: int, budget: int, spill_dir: str) 
         raise AssertionError(f"{method} {workload}: wrong result (off by {check})")
     return {"wall": wall, "cpu": cpu, "settle": settle, "tcp": sum(p["tcp"] for p in probes), "peak": float(node_peak),
             "spilled": moved if method == "ugem" else sum(p["disk"] for p in probes),
-            "blocked": sum(p["blocked"] for p in probes), "warnings": sum(p["warnings"] for p in probes)}
+            "blocked": sum(p["blocked"] for p in probes), "warnings": sum(p["warnings"] for p in probes),
+            "recycled": recycled}
 
 
 # -- the report -----------------------------------------------------------------------------------
+
+
+def _mem_available() -> int:
+    """MemAvailable of /proc/meminfo, in bytes."""
+    with open("/proc/meminfo") as f:
+        for line in f:
+            if line.startswith("MemAvailable:"):
+                return int(line.split()[1]) * 1024
+    raise RuntimeError("no MemAvailable in /proc/meminfo")
 
 
 def _median(values: list[float]) -> float:
@@ -236,14 +250,18 @@ def run(opts: H.Options) -> H.Report:
     size_mib = getattr(opts.extra, "size", None) or (256 if opts.quick else 1024)
     size = size_mib * H.MiB
     budget = size // 2  # the spill-heavy working set is twice this
+    roomy = min(8 * size, _mem_available() * 3 // 4)  # transfer-heavy: no spilling, within the machine
+    print(f"bench_dask: transfer-heavy budget {roomy // H.MiB} MiB (8x the array: {8 * size_mib} MiB, at most 3/4 of "
+          f"MemAvailable); spill-heavy budget {budget // H.MiB} MiB", file=sys.stderr)
     report = H.Report(BENCH, "Dask workers: UgemBuffer vs the default SpillBuffer (2 worker processes)",
-                      {"runs": opts.runs, "array_MiB": size_mib, "budget_MiB": budget // H.MiB})
+                      {"runs": opts.runs, "array_MiB": size_mib, "budget_MiB": budget // H.MiB,
+                       "transfer_budget_MiB": roomy // H.MiB})
     got: dict[tuple[str, str], list[dict[str, float]]] = {}
     with tempfile.TemporaryDirectory(prefix="bench-dask-") as spill_dir:
         for workload in ("transfer", "spill"):
             for r in range(opts.runs):
                 for method in (METHODS if r % 2 == 0 else METHODS[::-1]):
-                    room = budget if workload == "spill" else 8 * size  # transfer-heavy: no spilling, either method
+                    room = budget if workload == "spill" else roomy
                     got.setdefault((workload, method), []).append(one_run(method, workload, size, room, spill_dir))
     for workload, title in (("transfer", f"rechunk {size_mib} MiB rows->columns"),
                             ("spill", f"map_blocks {size_mib} MiB, budget {budget // H.MiB} MiB")):
@@ -261,9 +279,10 @@ def run(opts: H.Options) -> H.Report:
                                  ("settle", "s", "results still being copied after the wall"),
                                  ("tcp", "MiB", "bytes over TCP between workers"), ("peak", "MiB", "node peak memory"),
                                  ("spilled", "MiB", "bytes spilled"), ("blocked", "s", "event loop blocked"),
-                                 ("warnings", "count", "unresponsive-loop warnings")):
+                                 ("warnings", "count", "unresponsive-loop warnings"),
+                                 ("recycled", "count", "freed objects' memfds reused (daemon)")):
             scale = H.MiB if unit == "MiB" else 1
-            for m in METHODS:
+            for m in METHODS if key != "recycled" else ("ugem",):
                 row = H.Row(BENCH, f"{title}: {label}", m, unit, figures[m][key] / scale, figures[m][key] / scale,
                             len(got[(workload, m)]))
                 if m == "ugem" and key == "tcp" and workload == "transfer" and d["tcp"] > 0:
@@ -277,7 +296,8 @@ def run(opts: H.Options) -> H.Report:
     report.notes.append("bytes over TCP: the sum of what comm.write reported for get_data replies (worker to "
                         "worker); node peak memory: the processes' resident memory but shared memory (workers, "
                         "daemon) + the daemon's resident object bytes (ugem), sampled every 50 ms; transfer-heavy "
-                        "runs get a budget of 8x the array (nothing spills)")
+                        f"runs get a budget of 8x the array (nothing spills), at most 3/4 of MemAvailable: "
+                        f"{roomy // H.MiB} MiB")
     report.notes.append("bytes spilled: default = SpillBuffer disk writes; ugem = daemon bytes_moved_total (spill and "
                         "restore both counted)")
     return report

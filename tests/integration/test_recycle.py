@@ -165,6 +165,32 @@ def test_inline_transfers_do_not_escape(served: tuple[DaemonProcess, ugem.Device
     assert _pooled_after_close(dev, h) == 1
 
 
+def test_write_taken_writes_the_daemon_s_fd_and_leaves_the_memfd_recyclable(
+        served: tuple[DaemonProcess, ugem.Device]) -> None:
+    _, dev = served
+    h = dev.create(SIZE)
+    head, body = b"head", np.arange(SIZE // 8 - 1, dtype=np.int64)
+    assert dev.write_taken(h, [head, body])  # frames one after another from offset 0
+    assert dev.pread(h, 0, 4) == head and dev.pread(h, 4, 64) == body[:8].tobytes()
+    assert dev.pread(h, 4 + body.nbytes, 4) == bytes(4)  # the rest still zeros
+    with pytest.raises(ugem.InvalidArgument, match="write_taken of"):
+        dev.write_taken(h, [bytes(SIZE + 1)])
+    assert _pooled_after_close(dev, h) == 1  # no description left the daemon
+    h2, pages, _ = _reuse(dev)
+    assert dev.write_taken(h2, [b"\x07" * SIZE]) and (pages == 7).all()  # the very memory that is mapped
+    del pages
+    dev.close_handle(h2)
+
+
+def test_write_taken_declines_where_the_daemon_s_fds_cannot_be_copied(
+        served: tuple[DaemonProcess, ugem.Device], monkeypatch: pytest.MonkeyPatch) -> None:
+    _, dev = served
+    monkeypatch.setattr(dev, "_take_flag", lambda: 0)
+    h = dev.create(SIZE)
+    assert not dev.write_taken(h, [b"x"])
+    assert dev.pread(h, 0, 1) == b"\0"
+
+
 def test_not_pooled_after_an_export(served: tuple[DaemonProcess, ugem.Device]) -> None:
     _, dev = served
     h, _ = _fill(dev)

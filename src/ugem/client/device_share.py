@@ -31,7 +31,14 @@ to another process through the daemon (core/shares.py has the manager's rules).
 - `_enter(region, ...)`: enter a new mapping in the registry, released when its last view dies;
 - `_mapping()`: around every request that makes a mapping (here and `Device.mmap`): the
   Device tells its manager before a fork that it maps memory (client/fork.py) if it has a
-  live mapping or is making one (`_before_fork`).
+  live mapping or is making one (`_before_fork`);
+- `write_taken(handle, frames)`: write straight into the daemon's own memfd of an object,
+  copied as for a TAKES_FD mapping (a tracked mapping asked for, never mapped, released
+  once written, all under `_mapping()`): unlike a bulk pwrite (XFER), whose description
+  the daemon must assume kept, this leaves the object's memfd recyclable
+  (core/recycle.py), and unlike a mapping it fills no page tables: the kernel writes into
+  the pages a recycled memfd holds, or allocates new ones without zeroing them first.
+  False, with nothing written, where this process may not copy the daemon's fds.
 """
 
 from __future__ import annotations
@@ -40,26 +47,31 @@ import mmap
 import os
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from typing import Any
 
 from ..backing.mapping import map_placed
-from ..errors import TryAgain, UgemError
+from ..bufview import flat_bytes
+from ..errors import InvalidArgument, TryAgain, UgemError
 from ..wire import structs as s
 from ..wire import structs_share as ss
 from ..wire.frames import Op
+from .args import ident
 from .batch import HOLD_BACK, hold_back
+from .bulk import pwritev_all
 from .daemon_fds import DaemonFds
 from .fork import track_mappings
 from .registry import register_mapping
 
-__all__ = ["CLAIM_PATIENCE_S", "ShareOps"]
+__all__ = ["CLAIM_PATIENCE_S", "ShareOps", "populate_write"]
 
 _MADV_POPULATE_WRITE = getattr(mmap, "MADV_POPULATE_WRITE", 23)
 
 
-def _populate_write(view: memoryview) -> None:
+def populate_write(view: memoryview) -> None:
+    """Fill the page tables of the mapping `view` views, writable, in one call (MADV_POPULATE_WRITE),
+    before writing all of it: faster than faulting them in."""
     region = view.obj
     if isinstance(region, mmap.mmap):
         try:
@@ -286,8 +298,35 @@ class ShareOps:
             recycled = os.fstat(reply.fd.fd).st_blocks * 512 >= reply.length  # all its pages there already
             view = self._map_reply(reply, True, "a new object")
         if recycled:  # fill the page tables in one call, as it will be written: twice as fast as faulting
-            _populate_write(view)
+            populate_write(view)
         return view
+
+    def write_taken(self, handle: int, frames: Sequence[Any]) -> bool:
+        """Write the contiguous buffers `frames` one after another from offset 0 of object
+        `handle`, through the daemon's own fd of its memory (module rules); False if this
+        process may not copy the daemon's fds (nothing written: write it another way)."""
+        views = [flat_bytes(f, writable=False, what="write_taken data") for f in frames]
+        req = s.MmapReq(handle=ident(handle), flags=s.WRITABLE | s.TO_END | self._take_flag())
+        if not req.flags & s.TAKES_FD:
+            return False
+        with self._mapping():
+            reply: s.MmapReply = self._call(Op.GEM_MMAP, req)
+            try:
+                if not self._take(reply):
+                    return False
+                assert reply.fd is not None
+                with reply.fd as fd:
+                    length = sum(len(v) for v in views)
+                    if length > reply.length:
+                        raise InvalidArgument(f"write_taken of {length} bytes into handle {req.handle} of "
+                                              f"{reply.length} bytes")
+                    position = reply.offset
+                    for view in views:
+                        pwritev_all(fd, view, position)
+                        position += len(view)
+            finally:
+                self._released.append(reply.map_id)
+        return True
 
     def _drop_share(self, owner: int, token: int) -> None:
         self._released.append((owner, token))

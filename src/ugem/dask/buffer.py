@@ -40,7 +40,10 @@ Rules:
   or kept in the heap, it hands the oldest deferred array to the writer thread). The
   daemon does the writing, on its own threads: nothing is written from Dask's event loop.
   A value that is in use elsewhere stays mapped until that use ends;
-- if the daemon has no room (ENOMEM, EDQUOT, ENOSPC) to store a value even after this
+- a value's pages are accounted for once written (as through any mapping, stored.py): the
+  daemon spills others, or the value itself, to bring the node back under its budget,
+  throttling the writer's next value meanwhile. If the daemon refuses to store a value
+  (ENOMEM, EDQUOT, ENOSPC: a quota, no room for its fd or for earlier writes) even after this
   worker let go of every mapping it holds, the value stays in the heap (correct, just not
   in ugem) and is `fast` too: `evict()` hands it to the writer again (and returns its
   size). Reading a value back with no room lets go of every mapping too, then tries again
@@ -48,11 +51,9 @@ Rules:
   `OutOfMemory`;
 - deleting a key closes its handle at once, unless a view of its mapping is still in use
   (then the handle closes once the last view is gone, so a transfer in flight can still
-  open the object by name, see handoff.py), or the object goes to the buffer's pool
-  (pool.py: an object this buffer made, that only this handle refers to, at most `pool`
-  bytes, default `target`; kept DONTNEED, so the daemon purges it first when it needs
-  room), where the writer thread stores a later value of about its size in it instead of
-  a new object, overwriting every byte; `close()` (or garbage collection) closes the
+  open the object by name, see handoff.py). Once nothing refers to it, the daemon keeps
+  its memory (at least 1 MiB) to back the next object of its size, zeroed (stored.py
+  writes values so that it may); `close()` (or garbage collection) closes the
   connection, which releases every object of this worker; a worker that dies releases them
   too (the daemon frees a dead client's objects). Views already handed out stay valid.
   Dask never calls `close()` itself: a worker process releases everything when it ends;
@@ -66,7 +67,6 @@ Rules:
 
 from __future__ import annotations
 
-import functools
 import logging
 import threading
 import time
@@ -85,7 +85,6 @@ from ..config import parse_size
 from ..errors import NoSpace, OutOfMemory, QuotaExceeded
 from .handoff import UgemArray, held, is_held, name_of, register_device, unregister_device
 from .pending import pending_view
-from .pool import Pool
 from .stored import Stored, load, pending_source, raw, store
 from .writer import Writer
 
@@ -101,9 +100,8 @@ def _size(value: int | str, what: str) -> int:
     return 0 if value in (0, "0") else parse_size(value, what)
 
 
-def _close(path: str, device: Device, writer: Writer, pool: Pool) -> None:
+def _close(path: str, device: Device, writer: Writer) -> None:
     writer.close()
-    pool.clear()
     unregister_device(path, device)
     device.close()
 
@@ -112,15 +110,14 @@ class UgemBuffer(MutableMapping[Hashable, object]):
     """A `distributed` worker data mapping backed by the node's ugem daemon (module rules)."""
 
     def __init__(self, socket: str | None = None, *, target: int | str | None = None,
-                 min_size: int | str = "64K", pool: int | str | None = None, defer: int | str | None = None) -> None:
+                 min_size: int | str = "64K", defer: int | str | None = None) -> None:
         self.device = connect(socket)
         self.socket: str = getattr(self.device._transport, "path", "")
         budget = int(self.device.stats()["system_budget"])
         self.target = min(64 << 20, budget // 16) if target is None else _size(target, "target")
         self.defer = budget // 16 if defer is None else _size(defer, "defer")
         self.min_size = _size(min_size, "min_size")
-        self.pool = Pool(self.target if pool is None else _size(pool, "pool"))
-        #: values copied into objects so far (new or pooled ones; not adopted or shared), and their bytes
+        #: values copied into objects so far (not adopted or shared), and their bytes
         self.counts = {"copies": 0, "copied_bytes": 0}
         self._lock = threading.RLock()
         self._local: dict[Hashable, object] = {}  # small values
@@ -136,7 +133,7 @@ class UgemBuffer(MutableMapping[Hashable, object]):
         self._weak: weakref.WeakValueDictionary[Hashable, Any] = weakref.WeakValueDictionary()
         self._writer = Writer(self.socket, self, UgemBuffer._write_pending, self.defer)
         register_device(self.socket, self.device)
-        self._finalizer = weakref.finalize(self, _close, self.socket, self.device, self._writer, self.pool)
+        self._finalizer = weakref.finalize(self, _close, self.socket, self.device, self._writer)
 
     # -- Dask's manual eviction protocol -------------------------------------------------
 
@@ -192,7 +189,7 @@ class UgemBuffer(MutableMapping[Hashable, object]):
         assert isinstance(token, threading.Event)
         self._write_pending(key)
         token.wait()
-        with self._lock:  # not deleted (so not pooled) while a handle is opened by name
+        with self._lock:  # not deleted while a handle is opened by name
             stored = self._stored.get(key)
             if stored is None or stored.token is not token or stored.dtype is None:
                 return None
@@ -261,7 +258,7 @@ class UgemBuffer(MutableMapping[Hashable, object]):
                 stored.buf.close()  # deleted or replaced meanwhile
 
     def _copy(self, value: object) -> Stored:
-        stored = store(value, self._writer.device, self.device, self.pool)
+        stored = store(value, self._writer.device, self.device)
         with self._lock:
             self.counts["copies"] += 1
             self.counts["copied_bytes"] += stored.length
@@ -332,10 +329,7 @@ class UgemBuffer(MutableMapping[Hashable, object]):
             stored = self._stored.pop(key)
             if is_held(stored.buf):  # its last view lets go of it (module rules)
                 return
-            if stored.own and self.pool.capacity:
-                self._writer.call(functools.partial(self.pool.admit, stored.buf))  # asks the daemon: off the loop
-            else:
-                stored.buf.close()
+            stored.buf.close()
 
     def __contains__(self, key: object) -> bool:
         return key in self._local or key in self._stored or key in self._heap or key in self._pending

@@ -15,7 +15,10 @@ Rules:
   a plain type string, the message carries only a reference: socket path, flink name, byte
   offset in the object, dtype, shape, strides (a few hundred bytes, whatever the size).
   Otherwise the serializer declines, and Dask's next family ("pickle") sends the bytes as
-  a plain `ndarray`, so a receiver on another machine needs no ugem.
+  a plain `ndarray`, so a receiver on another machine needs no ugem. It declines too when
+  making the reference fails (any OSError, so any UgemError: e.g. OutOfMemory, or the
+  daemon gone), logged: Dask fails a transfer whose serializer raises anything else, and
+  the tasks waiting for that value would never run (`or_bytes`).
 - A receiver with a `UgemBuffer` on that socket (a ugem-backed worker) opens the name
   through it, maps it and holds that handle while the view lives; its `UgemBuffer` then
   adopts the object when Dask stores the value (no copy at all). Any other receiver (the
@@ -28,9 +31,12 @@ Rules:
 
 from __future__ import annotations
 
+import functools
+import logging
 import os
 import threading
 import weakref
+from collections.abc import Callable
 from typing import Any
 
 import numpy as np
@@ -45,14 +51,20 @@ from ..client.registry import Mapping, mapping_of
 from ..errors import NoSuchObject
 
 __all__ = ["UgemArray", "as_ugem_array", "counts", "dumps_reference", "held", "is_held", "loads_reference", "name_of",
-           "register_device", "same_host", "unregister_device"]
+           "or_bytes", "register_device", "same_host", "unregister_device"]
+
+logger = logging.getLogger("ugem.dask")
+Dumps = Callable[[Any, "dict[str, Any] | None"], tuple[dict[str, Any], list[Any]]]
 
 #: this process's hand-offs so far: values sent as a reference, and received by mapping
 #: (a ugem-backed worker) or by one copy from the daemon (any other process)
 counts = {"sent": 0, "mapped": 0, "copied": 0}
 
 _lock = threading.Lock()
-_held: dict[int, tuple[Buffer, int]] = {}  # mapping address -> (Buffer keeping the object, its flink name or 0)
+#: mapping address -> (Buffer keeping the object, its flink name or 0, the mapping). A mapping
+#: is unmapped before its finalizer runs, and another thread may map something else at the
+#: same address meanwhile: an entry whose mapping is dead is stale, never answered, replaced
+_held: dict[int, tuple[Buffer, int, weakref.ref[Any]]] = {}
 _held_ids: dict[int, int] = {}  # id(Buffer) -> how many held mappings it keeps
 _devices: dict[str, weakref.ref[Device]] = {}  # socket path -> this process's UgemBuffer connection
 _connections: dict[str, Device] = {}  # socket path -> a connection of our own, for copies (not a worker)
@@ -77,13 +89,24 @@ class UgemArray(PlainResults):
     """A numpy array on a ugem object's mapping, as `UgemBuffer` returns it (module rules)."""
 
 
-def _let_go(address: int) -> None:
+def _let_go(address: int, region: weakref.ref[Any]) -> None:
     with _lock:  # dropping the Buffer queues its handle's close (client/buffer.py)
-        found = _held.pop(address, None)
-        if found is not None:
-            count = _held_ids.pop(id(found[0])) - 1
-            if count:
-                _held_ids[id(found[0])] = count
+        found = _held.get(address)
+        if found is not None and found[2] is region:  # not a later mapping's at that address
+            _forget(address, found[0])
+
+
+def _forget(address: int, buf: Buffer) -> None:
+    del _held[address]
+    count = _held_ids.pop(id(buf)) - 1
+    if count:
+        _held_ids[id(buf)] = count
+
+
+def _live(address: int) -> tuple[Buffer, int, weakref.ref[Any]] | None:
+    """The held entry at `address`, unless it is stale (see `_held`); under `_lock`."""
+    found = _held.get(address)
+    return found if found is not None and found[2]() is not None else None
 
 
 def as_ugem_array(buf: Buffer, view: memoryview, dtype: np.dtype[Any], shape: tuple[int, ...],
@@ -94,10 +117,14 @@ def as_ugem_array(buf: Buffer, view: memoryview, dtype: np.dtype[Any], shape: tu
     region = view.obj
     address = int(np.frombuffer(view, dtype=np.uint8).__array_interface__["data"][0])
     with _lock:
-        if address not in _held:
-            _held[address] = (buf, name)
+        found = _held.get(address)
+        if found is None or found[2]() is not region:
+            if found is not None:  # stale: that mapping is gone, its finalizer not run yet
+                _forget(address, found[0])
+            ref = weakref.ref(region)
+            _held[address] = (buf, name, ref)
             _held_ids[id(buf)] = _held_ids.get(id(buf), 0) + 1
-            weakref.finalize(region, _let_go, address)
+            weakref.finalize(region, _let_go, address, ref)
     return arr
 
 
@@ -113,7 +140,7 @@ def held(a: npt.NDArray[Any]) -> tuple[Buffer, Mapping] | None:
     if entry is None:
         return None
     with _lock:
-        found = _held.get(entry.address)
+        found = _live(entry.address)
     return None if found is None else (found[0], entry)
 
 
@@ -128,15 +155,15 @@ def name_of(entry: Mapping) -> int:
 def _name_of(address: int) -> tuple[Buffer, int] | None:
     """The held Buffer at `address` and its flink name (asked once, then remembered)."""
     with _lock:
-        found = _held.get(address)
+        found = _live(address)
     if found is None:
         return None
-    buf, name = found
+    buf, name, ref = found
     if name == 0:
         name = buf.flink()
         with _lock:
-            if address in _held:
-                _held[address] = (buf, name)
+            if _held.get(address) is found:
+                _held[address] = (buf, name, ref)
     return buf, name
 
 
@@ -170,6 +197,23 @@ def same_host(context: dict[str, Any] | None) -> bool:
         return False
 
 
+def or_bytes(dumps: Dumps) -> Dumps:
+    """`dumps`, declining (NotImplementedError: Dask sends the bytes) where it fails with an
+    OSError (module rules)."""
+
+    @functools.wraps(dumps)
+    def wrapper(x: Any, context: dict[str, Any] | None = None) -> tuple[dict[str, Any], list[Any]]:
+        try:
+            return dumps(x, context)
+        except OSError as exc:
+            logger.warning("ugem.dask: sending the bytes of a %s value: no reference to its object (%s)",
+                           type(x).__name__, exc)
+            raise NotImplementedError(f"no same-host ugem reference ({exc}): send the bytes") from exc
+
+    return wrapper
+
+
+@or_bytes
 def dumps_reference(x: UgemArray, context: dict[str, Any] | None = None) -> tuple[dict[str, Any], list[Any]]:
     entry = mapping_of(x) if same_host(context) and np.dtype(x.dtype.str) == x.dtype else None
     found = None if entry is None else _name_of(entry.address)

@@ -14,7 +14,8 @@ Rules:
   event loop) unless the writer thread has started it, so a transfer never waits behind
   the writer's queue. Anything else (a
   slice or view of it, which carries no owner; a value deleted meanwhile, or kept in the
-  heap because the daemon had no room; another host) declines, and Dask sends the bytes.
+  heap because the daemon had no room; another host) declines, and Dask sends the bytes;
+  so does a value whose copy or reference fails (any OSError, handoff.py `or_bytes`).
 """
 
 from __future__ import annotations
@@ -26,7 +27,7 @@ from typing import Any
 import numpy.typing as npt
 from distributed.protocol.serialize import dask_deserialize, dask_serialize
 
-from .handoff import PlainResults, UgemArray, dumps_reference, loads_reference, same_host
+from .handoff import PlainResults, UgemArray, dumps_reference, loads_reference, or_bytes, same_host
 
 __all__ = ["PendingArray", "pending_view"]
 
@@ -51,6 +52,7 @@ def pending_view(owner: Any, key: Hashable, value: npt.NDArray[Any], token: obje
     return view
 
 
+@or_bytes
 def _dumps(x: PendingArray, context: dict[str, Any] | None = None) -> tuple[dict[str, Any], list[Any]]:
     source = x.__dict__.get("_ugem_source")  # set on the view pending_view made, not on views of it
     owner = None if source is None or not same_host(context) else source[0]()

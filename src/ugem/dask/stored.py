@@ -1,13 +1,20 @@
 """One value of a `UgemBuffer` in its object: how it is written there and read back (buffer.py
 has the rules; this is their mechanics).
 
-- `store(value, writer_device, device, pool)`: a numpy array is written raw (a C- or
+- `store(value, writer_device, device)`: a numpy array is written raw (a C- or
   Fortran-contiguous array as is, any other made C-contiguous first; dtype, shape and
   strides kept in the `Stored` record), any other value as the bytes of Dask's own
-  serialization (uncompressed). The bytes go into an object of the pool (pool.py: its
-  pages are resident; every byte is overwritten, the value then zeros) or else into a new
-  object made through the writer's connection and handed over to the worker's connection
-  by name (writer.py);
+  serialization (uncompressed). The bytes go into a new object made through the writer's
+  connection and handed over to the worker's connection by name (writer.py);
+- they are written straight into the daemon's own fd of the object's memory
+  (`Device.write_taken`), or where this process may not copy it, through a mapping of
+  the object; never by a bulk pwrite, which hands this process a description of the
+  object's memfd, after which the daemon never recycles it (core/recycle.py). So a freed
+  object's memfd backs the next object of its size, with its pages already there
+  (backing/recycle.py): writing one runs about twice as fast as writing new pages. A
+  mapping's page tables are filled first in one call (MADV_POPULATE_WRITE: faster than
+  faulting them in), and it is unmapped before the writer's handle is closed, so its
+  release goes with that close;
 - `pending_source(a, ...)`: the pending value an array a task returned lies in (a view of
   it), which the array then shares the object of (buffer.py);
 - `load(stored)`: an array is a zero-copy `UgemArray` on the object's mapping; any other
@@ -25,9 +32,9 @@ from distributed.protocol.serialize import deserialize_bytes, serialize_bytelist
 
 from ..client.buffer import Buffer
 from ..client.device import Device
+from ..client.device_share import populate_write
 from ..constants import PAGE_SIZE
 from .handoff import as_ugem_array
-from .pool import Pool
 
 __all__ = ["Stored", "extent", "load", "pending_source", "raw", "store"]
 
@@ -43,17 +50,22 @@ class Stored:
     offset: int = 0
     length: int = 0
     token: object = None  # the pending value's token (its Event) when the writer stored it
-    own: bool = False  # made by this buffer's writer (a new or pooled object): may go to the pool
 
 
-def _write(buf: Buffer, frames: list[Any], size: int = 0) -> None:
-    """Write `frames` one after the other from offset 0, then zeros up to `size`."""
+def _write(buf: Buffer, frames: list[Any]) -> None:
+    """Write `frames` one after the other from offset 0 (module rules); the rest of a new
+    object reads as zeros already."""
+    if buf.device.write_taken(buf.handle, frames):
+        return
+    view = buf.map()
+    populate_write(view)
+    target = np.frombuffer(view, np.uint8)
     position = 0
     for frame in frames:
-        buf.write(frame, position)
-        position += memoryview(frame).nbytes
-    if size > position:
-        buf.write(bytes(size - position), position)
+        source = np.frombuffer(memoryview(frame).cast("B"), np.uint8)
+        target[position:position + source.size] = source
+        position += source.size
+    del target, view  # the last views of the region: unmapped now, its release queued
 
 
 def raw(value: object) -> TypeGuard[np.ndarray[Any, Any]]:
@@ -87,8 +99,8 @@ def pending_source(a: np.ndarray[Any, Any], pending: Mapping[Hashable, object],
     return None
 
 
-def store(value: object, writer_device: Device, device: Device, pool: Pool) -> Stored:
-    """Copy `value` into a pooled or new object; the record's handle is one of `device`."""
+def store(value: object, writer_device: Device, device: Device) -> Stored:
+    """Copy `value` into a new object; the record's handle is one of `device`."""
     dtype: np.dtype[Any] | None = None
     shape: tuple[int, ...] = ()
     strides: tuple[int, ...] = ()
@@ -99,21 +111,13 @@ def store(value: object, writer_device: Device, device: Device, pool: Pool) -> S
     else:
         frames = serialize_bytelist(value, compression=False, on_error="raise")
     length = sum(memoryview(f).nbytes for f in frames)
-    pooled = pool.take(length) if pool.capacity else None
-    if pooled is not None:  # every byte overwritten: the value, then zeros (pool.py)
-        try:
-            _write(pooled.buf, frames, pooled.size)
-        except BaseException:
-            pooled.buf.close()
-            raise
-        return Stored(pooled.buf, dtype, shape, strides, length=length, own=True)
     own = writer_device.new(max(length, PAGE_SIZE))
     try:
         _write(own, frames)
         buf = Buffer.open_name(device, own.flink())
     finally:
         own.close()
-    return Stored(buf, dtype, shape, strides, length=length, own=True)
+    return Stored(buf, dtype, shape, strides, length=length)
 
 
 def load(stored: Stored) -> object:

@@ -32,8 +32,6 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--target", default=None, help="bytes each worker keeps mapped (default: a sixteenth of the "
                    "daemon's budget, at most 64M)")
     p.add_argument("--min-size", default="64K", help="smaller values stay in the worker's heap")
-    p.add_argument("--pool", default=None, help="bytes of released objects each worker keeps to store new values in "
-                   "(default: --target's)")
     p.add_argument("--defer", default=None, help="bytes of new arrays each worker keeps in its heap before copying "
                    "them into objects (default: a sixteenth of the daemon's budget)")
     p.add_argument("--name", default=None, help="worker name prefix (default: Dask's)")
@@ -42,7 +40,7 @@ def _parser() -> argparse.ArgumentParser:
 
 async def _run(args: argparse.Namespace) -> None:
     data: dict[str, Any] = {"socket": args.socket, "target": args.target, "min_size": args.min_size,
-                            "pool": args.pool, "defer": args.defer}
+                            "defer": args.defer}
     nannies = [Nanny(args.scheduler, nthreads=args.nthreads, memory_limit=args.memory_limit,
                      data=(UgemBuffer, data), name=None if args.name is None else f"{args.name}-{i}")
                for i in range(args.nworkers)]

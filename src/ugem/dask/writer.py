@@ -15,8 +15,8 @@ Rules:
   still garbage collected (its finalizer stops the thread); `flush()` queues every deferred
   key and waits until every key handed over so far is done; `close()` stops the thread and
   closes its connection (objects it had not handed over yet go with it);
-- `call(fn)` runs `fn()` on the thread, in turn with the keys (the buffer hands the objects
-  of deleted keys to its pool that way, pool.py: asking the daemon is kept off the loop).
+- `call(fn)` runs `fn()` on the thread, in turn with the keys (work that must wait for
+  the keys queued before it).
 """
 
 from __future__ import annotations
