@@ -6,7 +6,9 @@
 - `sealed_memfd(size, seals=..., data=b"")`: a memfd to offer to `import_fd` (SPEC §6);
 - `as_user(uid, fn)`: run `fn` in a forked child that dropped to `uid`, with the result
   (JSON) handed back; the child stays alive until the `with` block ends, so its client
-  connection (and the objects it holds) lives that long.
+  connection (and the objects it holds) lives that long;
+- `open_to_all`: a daemon whose socket any uid may reach (mode 0666 in a 0755 directory), for
+  tests of the uid rules; skipped in embedded mode (every client there is this process's uid).
 """
 
 from __future__ import annotations
@@ -90,6 +92,15 @@ def _as_user(uid: int, fn: Callable[[], Any]) -> Iterator[Any]:
         assert child.join() == 0
     finally:
         child.close()
+
+
+@pytest.fixture
+def open_to_all(mode: str, make_env: Callable[..., Any]) -> Any:
+    if mode != "daemon":
+        pytest.skip("clients of an embedded manager all have this process's uid")
+    env = make_env(socket_mode="0666")
+    os.chmod(env.daemon.directory, 0o755)
+    return env
 
 
 @pytest.fixture

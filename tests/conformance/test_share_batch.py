@@ -195,13 +195,10 @@ def test_a_claim_that_waits_in_a_batch_is_served_once_and_the_rest_after_it(mode
     assert _objects(receiver) == 1  # the semaphore: each record tracked one mapping, released once
 
 
-def test_another_uids_records_fail_alone(mode, make_env, as_user):
+def test_another_uids_records_fail_alone(open_to_all, as_user):
     """Another uid's claims in a batch are EACCES each (the share is left for its uid), the
     batch succeeds."""
-    if mode != "daemon":
-        pytest.skip("clients of an embedded manager all have this process's uid")
-    env = make_env(socket_mode="0666")
-    os.chmod(env.daemon.directory, 0o755)
+    env = open_to_all
     path = env.daemon.path
     sender = env.open()
     view = sender.mmap(sender.create(PAGE))

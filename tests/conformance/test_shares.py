@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import errno
 import gc
-import os
 
 import numpy as np
 import pytest
@@ -262,13 +261,10 @@ def test_a_drop_before_its_share_is_sent_uses_the_share_up_when_it_comes(env):
 
 
 @pytest.mark.parametrize("early", [False, True], ids=["sent", "not sent yet"])
-def test_another_uids_share_cannot_be_claimed(mode, make_env, as_user, early):
+def test_another_uids_share_cannot_be_claimed(open_to_all, as_user, early):
     """Another uid's claim is EACCES and its drop is skipped, whether the share was sent or
     is claimed early by the memory it names (not sent yet); root may claim it after."""
-    if mode != "daemon":
-        pytest.skip("clients of an embedded manager all have this process's uid")
-    env = make_env(socket_mode="0666")
-    os.chmod(env.daemon.directory, 0o755)
+    env = open_to_all
     path = env.daemon.path
     sender = env.open()
     view = sender.mmap(sender.create(PAGE))
