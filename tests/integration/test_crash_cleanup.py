@@ -24,6 +24,7 @@ import pytest
 import ugem
 from ugem.client.registry import mapping_of
 from ugem.testing import DaemonProcess
+from ugem.testing.data import wait_until
 from ugem.wire import structs_share as ss
 from ugem.wire.frames import FrameKind, Op, encode_header
 
@@ -246,8 +247,6 @@ def test_what_a_client_sent_before_it_went_away_is_served(daemon: DaemonProcess)
         raw.send(b"".join(encode_header(0, Op.STATS, 0, FrameKind.REQUEST, seq) for seq in range(2, 50))
                  + encode_header(len(drop), Op.GEM_DROP_SHARES, 0, FrameKind.POST, 50) + drop)
         raw.sock.close()  # gone before the daemon read them (most likely), or while it answers them
-        deadline = time.monotonic() + 60
-        while sender.stats()["objects"] and time.monotonic() < deadline:
-            time.sleep(0.05)
-        assert sender.stats()["objects"] == 0, "the drop sent before the client went away was lost"
+        wait_until(lambda: sender.stats()["objects"] == 0,
+                   what="the drop sent before the client went away served (it was lost if this fails)")
 
