@@ -86,22 +86,17 @@ def test_a_pending_array_sent_on_this_host_waits_for_its_copy_and_goes_as_a_refe
 
 
 def test_a_pending_array_being_sent_is_copied_by_the_sender_not_after_the_writer_s_queue(buffer: UgemBuffer) -> None:
-    import threading
 
     from distributed.protocol.serialize import serialize
 
     here = {"sender": {"address": "tcp://127.0.0.1:1"}, "recipient": {"address": "tcp://127.0.0.1:2"}}
-    busy = threading.Event()
-    buffer._writer.call(busy.wait)  # the writer thread is held up behind this until the end
-    try:
+    with buffer._lock:  # the writer thread waits for it to store anything (this thread may: it holds it)
         buffer["v"] = np.arange(MiB // 8, dtype=np.float64)
         early = buffer["v"]
         assert type(early) is PendingArray
         header, frames = serialize(early, serializers=("dask", "pickle"), context=here)
         assert "ugem" in header["sub-header"] and frames == []  # copied here: the writer never got to it
         assert isinstance(buffer["v"], UgemArray)
-    finally:
-        busy.set()
     buffer.flush()  # the writer finds it stored already
     np.testing.assert_array_equal(buffer["v"], np.arange(MiB // 8, dtype=np.float64))
 

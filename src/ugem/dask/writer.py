@@ -14,9 +14,7 @@ Rules:
 - the thread holds its buffer only weakly between keys, so a buffer nobody references is
   still garbage collected (its finalizer stops the thread); `flush()` queues every deferred
   key and waits until every key handed over so far is done; `close()` stops the thread and
-  closes its connection (objects it had not handed over yet go with it);
-- `call(fn)` runs `fn()` on the thread, in turn with the keys (work that must wait for
-  the keys queued before it).
+  closes its connection (objects it had not handed over yet go with it).
 """
 
 from __future__ import annotations
@@ -35,13 +33,6 @@ __all__ = ["Writer"]
 
 logger = logging.getLogger("ugem.dask")
 _STOP = object()
-
-
-class _Call:
-    __slots__ = ("fn",)
-
-    def __init__(self, fn: Callable[[], None]) -> None:
-        self.fn = fn
 
 
 class Writer:
@@ -95,9 +86,6 @@ class Writer:
         self._queue.put(key)
         return size
 
-    def call(self, fn: Callable[[], None]) -> None:
-        self._queue.put(_Call(fn))
-
     def flush(self) -> None:
         with self._lock:
             due = self._due(0)
@@ -123,10 +111,7 @@ def _run(q: queue.Queue[object], owner_ref: weakref.ref[Any], write: Callable[[A
             if owner is None:
                 return
             try:
-                if isinstance(key, _Call):
-                    key.fn()
-                else:
-                    write(owner, key)
+                write(owner, key)
             except Exception:  # keep serving later keys; the value stays in the heap (buffer.py)
                 logger.exception("ugem.dask: storing %r failed", key)
             del owner
