@@ -297,8 +297,8 @@ class Device(DeviceOps, ShareOps):
                 reply = self._call(Op.GEM_MMAP, req)
             return self._map_reply(reply, writable, f"handle {req.handle}")
 
-    def _map_reply(self, reply: s.MmapReply, writable: bool, what: str) -> memoryview:
-        """Map what a GEM_MMAP (or GEM_CLAIM) reply describes; track it until its last view dies."""
+    def _map_reply(self, reply: s.MmapReply, writable: bool, what: str, linger: bool = False) -> memoryview:
+        """Map what a GEM_MMAP (or GEM_CLAIM: `linger`) reply describes; track it until its last view dies."""
         assert reply.fd is not None
         try:
             with reply.fd as fd:
@@ -311,7 +311,7 @@ class Device(DeviceOps, ShareOps):
         except BaseException:
             self._released.append(reply.map_id)
             raise
-        return self._enter(region, reply.map_id, reply.offset, writable, key, reply.server_fd, address)
+        return self._enter(region, reply.map_id, reply.offset, writable, key, reply.server_fd, address, linger)
 
     # -- memory management -----------------------------------------------------------
 

@@ -130,7 +130,7 @@ class ShareOps:
         else:
             self._post(Op.GEM_SHARE_BATCH, ss.ShareBatchReq(records=record))
 
-    def _map_reply(self, reply: s.MmapReply, writable: bool, what: str) -> memoryview:
+    def _map_reply(self, reply: s.MmapReply, writable: bool, what: str, linger: bool = False) -> memoryview:
         raise NotImplementedError
 
     def _share(self, map_id: int, offset: int, length: int, writable: bool, wait: bool = True) -> tuple[int, int]:
@@ -165,9 +165,11 @@ class ShareOps:
     def _before_fork(self, mapping: set[int]) -> None:
         """This process forks (client/fork.py): if this Device maps something (`mapping`: the
         ids of the Devices that do) or is making a mapping, its manager must never recycle
-        that memory: MAPPINGS_FORKED. A manager that is gone recycles nothing."""
+        that memory: MAPPINGS_FORKED. A manager that is gone recycles nothing. Lingering
+        mappings (client/linger.py) make it call too: the call sends the queue first, which
+        unmaps and releases them, so the child inherits none."""
         if self._transport is None or self._pid != os.getpid() \
-                or (id(self) not in mapping and not self._mapping_threads):
+                or (id(self) not in mapping and not self._mapping_threads and not self._releases.linger):
             return
         try:
             self._call(Op.MAPPINGS_FORKED, s.Empty())
@@ -194,7 +196,7 @@ class ShareOps:
                     raise
                 time.sleep(pause)
                 pause = min(2 * pause, _LAST_PAUSE)
-        return self._map_reply(reply, writable, f"share {token} of client {owner}")
+        return self._map_reply(reply, writable, f"share {token} of client {owner}", linger=True)
 
     def _claim_mapped(self, owner: int, token: int, key: tuple[int, int], source: int, offset: int,
                       length: int) -> memoryview | None:
@@ -222,7 +224,7 @@ class ShareOps:
         except BaseException:
             region.close()
             raise
-        return self._enter(region, map_id, offset, True, key, source, address)
+        return self._enter(region, map_id, offset, True, key, source, address, linger=True)
 
     def _fds(self) -> DaemonFds:
         """This Device's way to copy the daemon's fds (made on first use)."""
@@ -253,11 +255,26 @@ class ShareOps:
         return True
 
     def _enter(self, region: mmap.mmap, map_id: int, offset: int, writable: bool, key: tuple[int, int],
-               source: int, address: int = 0) -> memoryview:
-        view = memoryview(region)
-        register_mapping(region, self, map_id, offset, writable, key, source, address,  # type: ignore[arg-type]
-                         self._released)
-        return view
+               source: int, address: int = 0, linger: bool = False) -> memoryview:
+        return memoryview(register_mapping(region, self, map_id, offset, writable, key,  # type: ignore[arg-type]
+                                           source, address, self._released,
+                                           self._releases.linger if linger else None))
+
+    def _revive(self, key: tuple[int, int], offset: int, length: int, writable: bool) -> memoryview | None:
+        """A view of bytes [offset, offset + length) of the memfd `key` through a mapping of this
+        Device that lingers (client/linger.py), entered again; None if there is none."""
+        linger = self._releases.linger
+        if not linger or self._pid != os.getpid():
+            return None
+        with self._send_lock:
+            item = linger.take(key, offset, length, writable)
+            if item is None:
+                return None
+            e = item.entry
+            watched = register_mapping(item.region, self, e.map_id, e.offset, e.writable,  # type: ignore[arg-type]
+                                       e.key, e.source, e.address, self._released, linger)
+        start = offset - e.offset
+        return memoryview(watched)[start:start + length]
 
     def _send_claims(self) -> None:
         """Send the claims held back, if any, alone (client/batch.py)."""
@@ -270,13 +287,16 @@ class ShareOps:
 
     def _send_held(self) -> None:
         """Before closing: send what is queued, the shares held back above all (their
-        receivers may still claim them); whatever fails, the manager releases the rest."""
+        receivers may still claim them), and lingering mappings (client/linger.py), then
+        linger no more; whatever fails, the manager releases the rest."""
         if (self._released or self._releases.claims) and self._transport is not None \
                 and not self._transport.embedded:
             try:
                 self._post(None)
             except (UgemError, OSError):  # the daemon is gone, or this is a forked child
                 pass
+        with self._send_lock:
+            self._releases.linger.close()
 
     def _close_daemon_fds(self) -> None:
         if self._daemon_fds is not None:
@@ -330,3 +350,15 @@ class ShareOps:
 
     def _drop_share(self, owner: int, token: int) -> None:
         self._released.append((owner, token))
+
+    def _drop_revived(self, owner: int, token: int) -> None:
+        """Use up a share whose memory a lingering mapping took back (`_revive`): sent as a claim
+        would have been (with the claims, when the unpickling batch ends; alone outside one), not
+        queued: until it is read, its sender's share holds the object."""
+        if hold_back(self):
+            self._releases.claims.append((owner, token))
+            return
+        transport = self._live()
+        with self._send_lock:
+            self._releases.claims.append((owner, token))
+            transport.post(self._releases.claim_requests())

@@ -9,7 +9,8 @@ and Buffer release) only queue, and nothing is ever flushed. No cost per call.
 Before the fork, in the parent: the child inherits this process's mappings, which the
 manager does not know of, so it must never recycle the memory behind them for another
 object (core/recycle.py). Each Device that ever mapped (`track_mappings`) and maps
-something now (or is making a mapping) tells its manager so with MAPPINGS_FORKED, waiting
+something now (or is making a mapping, or has mappings lingering: client/linger.py, which
+the call's queue releases first) tells its manager so with MAPPINGS_FORKED, waiting
 for the reply, so that it is served before any later release of those mappings, even if
 the parent dies right after the fork (client/device_share.py `_before_fork`). A fork then
 waits for a call another thread has in flight on that Device. A process that maps

@@ -37,7 +37,9 @@ Rules:
   `pickle.UnpicklingError` saying why;
 - a receiver that maps that memory already (an array sent to a worker and returned: the
   same memfd, found by its identity in the registry) uses its mapping again, and only
-  drops the share (queued, sent with its next request): no round trip;
+  drops the share (queued, sent with its next request): no round trip; one whose mapping
+  of it lingers (client/linger.py: received a moment ago, its arrays dead since) takes that
+  mapping back, and drops the share as a claim would be sent (when the unpickling ends);
 - a `Buffer` travels as an fd from `export` (read-only when the Buffer is) and becomes a
   Buffer of the receiver's `default_device()` (import_fd; it closes its handle when dropped).
   Either way the receiver keeps no fd per array or Buffer;
@@ -194,7 +196,11 @@ def _claim_array(path: str, owner: int, token: int, source: int, key: tuple[int,
         mapper._drop_share(owner, token)
     else:
         dev = _device_for(path)
-        got = dev._claim_mapped(owner, token, key, source, offset, length) if writable else None
+        got = dev._revive(key, offset, length, writable)  # mapped here a moment ago (client/linger.py)
+        if got is not None:
+            dev._drop_revived(owner, token)
+        elif writable:
+            got = dev._claim_mapped(owner, token, key, source, offset, length)
         view = got if got is not None else dev._claim(owner, token, writable, (key, offset, length))
     return _array(view, writable, dtype, shape, strides, start)
 

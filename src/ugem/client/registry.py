@@ -12,6 +12,11 @@ meanwhile name another object. A mapping received in a process whose default dev
 embedded is mapped straight from its fd (no Device, no map_id): it is entered with
 `device=None`, which pickling reports as unable to travel onward.
 
+A mapping that may linger (client/linger.py: one a claim made) is viewed through an array
+over it (its exporter) rather than directly: the registry watches the exporter, so the
+mapping outlives its last view and can be entered again (`register_mapping` once more,
+under the same id and address) when the same memory is received again.
+
 Entries are inherited by a forked child, as the mappings are; their Device is then the
 parent's, which the child cannot use (transport.py), and pickling says so.
 """
@@ -28,8 +33,11 @@ from typing import TYPE_CHECKING, Any, NamedTuple
 import numpy as np
 import numpy.typing as npt
 
+from .linger import Lingering
+
 if TYPE_CHECKING:
     from .device import Device
+    from .linger import Linger
 
 __all__ = ["Mapping", "array_mapping", "fd_key", "find_by_key", "find_mapping", "mapping_devices", "mapping_of",
            "register_mapping"]
@@ -43,14 +51,14 @@ class Mapping(NamedTuple):  # immutable, and made in a quarter of a microsecond 
     offset: int  # where in the object the mapping starts
     writable: bool
     key: tuple[int, int]  # the memfd's (st_dev, st_ino)
-    region: weakref.ref[mmap.mmap]
+    region: weakref.ref[Any]  # what views are made from: the mmap, or its exporter (lingering)
     source: int = -1  # the daemon's own fd of that memfd (client/daemon_fds.py), -1: none known
 
 
 _starts: list[int] = []  # sorted start addresses
 _by_start: dict[int, Mapping] = {}
 _by_key: dict[tuple[int, int], list[int]] = {}  # memfd identity -> start addresses
-_callbacks: dict[int, weakref.ref[mmap.mmap]] = {}  # id -> the weak reference of each mapping, until it fires
+_callbacks: dict[int, weakref.ref[Any]] = {}  # id -> the weak reference of each mapping, until it fires
 
 
 def fd_key(fd: int) -> tuple[int, int]:
@@ -61,31 +69,39 @@ def fd_key(fd: int) -> tuple[int, int]:
 
 def register_mapping(region: mmap.mmap, device: Device | None, map_id: int, offset: int, writable: bool,
                      key: tuple[int, int], source: int = -1, address: int = 0,
-                     released: deque[Any] | None = None) -> int:
-    """Enter a live mapping (at `address`, if the caller knows it); returns its address. When
-    `region` dies its entry is forgotten and its id queued in `released` (a Device's release
-    queue, client/releases.py), if given: a weak reference's callback, which does only that
-    (it may run at any moment). The reference is kept in `_callbacks` until it fires, not
-    only in the entry: a new mapping may take the address (and the entry's place) between
-    the munmap and the callback (another thread runs meanwhile), and the release must still
-    be queued; the callback forgets its own entry only. (A `weakref.finalize` costs 5x more.)"""
+                     released: deque[Any] | None = None, linger: Linger | None = None) -> Any:
+    """Enter a live mapping (at `address`, if the caller knows it); returns what to make its
+    views from (`region`, or with `linger` its exporter). When that dies its entry is
+    forgotten and its id queued in `released` (a Device's release queue, client/releases.py),
+    if given, or with `linger` (if it has room) the mapping handed to it, and a marker queued:
+    a weak reference's callback, which does only that (it may run at any moment). The
+    reference is kept in `_callbacks` until it fires, not only in the entry: a new mapping may
+    take the address (and the entry's place) between the munmap and the callback (another
+    thread runs meanwhile), and the release must still be queued; the callback forgets its
+    own entry only. (A `weakref.finalize` costs 5x more.)"""
     if not address:
         address = int(np.frombuffer(region, dtype=np.uint8).__array_interface__["data"][0])
+    watched: Any = region if linger is None else np.frombuffer(region, dtype=np.uint8)
+    kept = None if linger is None else region  # (the callback must not hold a region it watches)
 
-    def gone(ref: weakref.ref[mmap.mmap]) -> None:
+    def gone(ref: weakref.ref[Any]) -> None:
         del _callbacks[id(ref)]
         entry = _by_start.get(address)
         if entry is not None and entry.region is ref:
             del _by_start[address]
             del _starts[bisect.bisect_left(_starts, address)]
             _unkey(entry)
-        if released is not None:
+        if kept is not None and linger is not None and released is not None and linger.room():
+            if not linger.arrived:
+                released.append(None)  # the next send releases it (client/linger.py)
+            linger.arrived.append(Lingering(mine, kept))
+        elif released is not None:
             released.append(map_id)
 
-    ref = weakref.ref(region, gone)
+    ref = weakref.ref(watched, gone)
     _callbacks[id(ref)] = ref
-    entry = Mapping(address, len(region), None if device is None else weakref.ref(device), map_id, offset, writable,
-                    key, ref, source)
+    mine = entry = Mapping(address, len(region), None if device is None else weakref.ref(device), map_id, offset,
+                           writable, key, ref, source)
     old = _by_start.get(address)
     if old is None:
         bisect.insort(_starts, address)
@@ -93,7 +109,7 @@ def register_mapping(region: mmap.mmap, device: Device | None, map_id: int, offs
         _unkey(old)
     _by_start[address] = entry
     _by_key.setdefault(key, []).append(address)
-    return address
+    return watched
 
 
 def _unkey(entry: Mapping) -> None:

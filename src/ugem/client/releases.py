@@ -9,8 +9,10 @@
   tracked before it is released or shared) and on their own when the batch ends.
   Finalizers append to this very deque and do nothing else: a finalizer may run at any
   moment, even in the middle of a request, so it never sends, locks or allocates beyond
-  the append. The Device drains the queue before its next request (`drain`) and
-  sends what it yields; `Device.close()` just drops it (the manager releases everything).
+  the append. A mapping that lingers (client/linger.py, `linger`) queues a marker (None)
+  instead of its id: sending the queue releases every lingering mapping. The Device
+  drains the queue before its next request (`drain`) and sends what it yields;
+  `Device.close()` just drops it (the manager releases everything).
 - `Wrapped`: the live Buffers of one handle. Two Buffers can share a handle (import_fd
   returns a handle the client already holds), so they are counted, and the handle is
   closed once the last of them is closed or dropped. A record dies when its handle is
@@ -28,6 +30,7 @@ import threading
 from ..wire import structs as s
 from ..wire import structs_share as ss
 from ..wire.frames import Op
+from .linger import Linger
 
 __all__ = ["Releases", "Wrapped"]
 
@@ -43,7 +46,7 @@ class Wrapped:
         self.closed = False
 
 
-Queued = int | Wrapped | tuple[int, int] | bytes
+Queued = int | Wrapped | tuple[int, int] | bytes | None
 
 
 class Releases:
@@ -52,7 +55,8 @@ class Releases:
         self.queue: collections.deque[Queued] = collections.deque()
         self._wrapped: dict[int, Wrapped] = {}  # open handle -> its live Buffers
         self._lock = threading.Lock()
-        self.claims: list[bytes] = []  # held back apart: sent first, and when a batch ends
+        self.claims: list[bytes | tuple[int, int]] = []  # held back apart: sent first, and when a batch ends
+        self.linger = Linger()
 
     def hold(self, record: bytes, claim: bool) -> None:
         """Hold a posted share or claim record back (client/batch.py), to be sent with what is
@@ -63,11 +67,17 @@ class Releases:
             self.queue.append(record)
 
     def claim_requests(self) -> list[tuple[Op, s.Struct]]:
-        """Take the held claims, as requests."""
-        claims, self.claims = self.claims, []
+        """Take the held claims (and shares used up by a lingering mapping, client/linger.py: a
+        claim of sorts), as requests."""
+        held, self.claims = self.claims, []
+        claims = [item for item in held if isinstance(item, bytes)]
         step = ss.MAX_CLAIM_BATCH
-        return [(Op.GEM_CLAIM_MAPPED_BATCH, ss.ClaimMappedBatchReq(records=b"".join(claims[i:i + step])))
-                for i in range(0, len(claims), step)]
+        notes: list[tuple[Op, s.Struct]] = [
+            (Op.GEM_CLAIM_MAPPED_BATCH, ss.ClaimMappedBatchReq(records=b"".join(claims[i:i + step])))
+            for i in range(0, len(claims), step)]
+        if len(claims) < len(held):
+            notes += _drop_requests([item for item in held if isinstance(item, tuple)])
+        return notes
 
     def adopt(self, handle: int) -> Wrapped:
         """A new Buffer wraps `handle`: count it."""
@@ -101,9 +111,7 @@ class Releases:
         ids, handles, drops, held = self.drain()
         notes += [(Op.GEM_SHARE_BATCH, ss.ShareBatchReq(records=b"".join(held[i:i + ss.MAX_SHARE_BATCH])))
                   for i in range(0, len(held), ss.MAX_SHARE_BATCH)]
-        for start in range(0, len(drops), ss.MAX_DROPS):  # shares received here, mapped already
-            records = b"".join(ss.SHARE_RECORD.pack(*d) for d in drops[start:start + ss.MAX_DROPS])
-            notes.append((Op.GEM_DROP_SHARES, ss.DropSharesReq(records=records)))
+        notes += _drop_requests(drops)  # shares received here, mapped already
         for start in range(0, len(ids), s.MAX_IDS):
             batch = ids[start:start + s.MAX_IDS]
             notes.append((Op.GEM_MUNMAP, s.MunmapReq(ids=struct.pack(f"<{len(batch)}I", *batch))))
@@ -121,7 +129,7 @@ class Releases:
                 released.append(self.queue.popleft())
         except IndexError:  # drained (perhaps by another thread at the same time)
             pass
-        ids = [item for item in released if isinstance(item, int)]
+        ids = [item for item in released if isinstance(item, int)] + self.linger.release_all()
         drops = [item for item in released if isinstance(item, tuple)]
         held = [item for item in released if isinstance(item, bytes)]
         handles = []
@@ -142,3 +150,9 @@ class Releases:
         if self._wrapped.get(record.handle) is record:
             del self._wrapped[record.handle]
         return record.handle
+
+
+def _drop_requests(drops: list[tuple[int, int]]) -> list[tuple[Op, s.Struct]]:
+    return [(Op.GEM_DROP_SHARES, ss.DropSharesReq(records=b"".join(ss.SHARE_RECORD.pack(*d)
+                                                               for d in drops[i:i + ss.MAX_DROPS])))
+            for i in range(0, len(drops), ss.MAX_DROPS)]

@@ -5,6 +5,7 @@ them by name (a test module loaded with --import-mode=importlib cannot be import
 
 from __future__ import annotations
 
+import gc
 import multiprocessing
 import os
 import pickle
@@ -16,8 +17,8 @@ from typing import Any
 import numpy as np
 import numpy.typing as npt
 
-__all__ = ["claimed_how", "fd_count", "hold_until_killed", "load_and_count_posts", "on_pipe", "on_queue",
-           "receive_many", "resend", "touch", "touch_into"]
+__all__ = ["claimed_how", "fd_count", "hold_until_killed", "load_and_count_posts", "map_id_of", "on_pipe",
+           "on_queue", "receive_many", "receive_twice_until_killed", "resend", "then", "touch", "touch_into"]
 
 MARK_IN, MARK_OUT = 5, 42  # the sender writes MARK_IN at [1, 1]; the worker MARK_OUT at [0, 0]
 
@@ -157,3 +158,35 @@ def load_bytes(conn: Connection, data: bytes) -> None:
         conn.send(f"{type(exc).__name__}: {exc}")
     else:
         conn.send("")
+
+
+def map_id_of(a: npt.NDArray[Any]) -> int:
+    """Mark [0] with MARK_OUT; the id of the mapping the received array lies in."""
+    from ..client.registry import mapping_of
+    entry = mapping_of(a)
+    assert entry is not None
+    a.flat[0] = MARK_OUT
+    return entry.map_id
+
+
+def then(what: str) -> int:
+    """After a task whose arrays died: "request" makes a request (it sends what is queued);
+    "fork" forks a child that exits at once, with the number of memfd mappings it inherited
+    (as its status), returned."""
+    from ..client.default import default_device
+    gc.collect()
+    if what == "request":
+        default_device().stats()
+        return 0
+    pid = os.fork()
+    if pid == 0:
+        with open("/proc/self/maps") as maps:
+            os._exit(min(255, sum("/memfd:" in line for line in maps)))
+    return os.waitstatus_to_exitcode(os.waitpid(pid, 0)[1])
+
+
+def receive_twice_until_killed(conn: Connection) -> None:
+    """Receive an array, drop it, receive it again; send both mapping ids; wait to be SIGKILLed."""
+    first = map_id_of(conn.recv())  # (the array dies here)
+    conn.send((first, map_id_of(conn.recv())))
+    threading.Event().wait()

@@ -1,5 +1,6 @@
 """The registry of live mappings (client/registry.py): an entry is forgotten, and its release
-queued, when its mapping dies, even if a new mapping took its address first."""
+queued, when its mapping dies, even if a new mapping took its address first; a mapping that
+may linger (client/linger.py) outlives its last view, and is released when the queue is sent."""
 
 from __future__ import annotations
 
@@ -7,6 +8,10 @@ import collections
 import gc
 import mmap
 
+import numpy as np
+import pytest
+
+from ugem.client import linger as L
 from ugem.client import registry
 
 
@@ -14,10 +19,15 @@ def _region() -> mmap.mmap:
     return mmap.mmap(-1, mmap.PAGESIZE)
 
 
+def _address(region: mmap.mmap) -> int:
+    return int(np.frombuffer(region, dtype=np.uint8).__array_interface__["data"][0])
+
+
 def test_a_dead_mapping_is_forgotten_and_its_release_queued():
     released: collections.deque[int] = collections.deque()
     region = _region()
-    address = registry.register_mapping(region, None, 7, 0, True, (1, 2), released=released)
+    address = _address(region)
+    assert registry.register_mapping(region, None, 7, 0, True, (1, 2), released=released) is region
     assert registry.find_mapping(address, address + 1) is not None
     del region
     gc.collect()
@@ -31,7 +41,8 @@ def test_a_mapping_whose_address_was_taken_first_still_queues_its_release():
     not forget the new entry."""
     released: collections.deque[int] = collections.deque()
     old, new = _region(), _region()
-    address = registry.register_mapping(old, None, 1, 0, True, (3, 4), released=released)
+    address = _address(old)
+    registry.register_mapping(old, None, 1, 0, True, (3, 4), released=released)
     registry.register_mapping(new, None, 2, 0, True, (5, 6), address=address, released=released)  # (as if)
     del old
     gc.collect()
@@ -41,3 +52,60 @@ def test_a_mapping_whose_address_was_taken_first_still_queues_its_release():
     del new, entry
     gc.collect()
     assert list(released) == [1, 2] and registry.find_mapping(address, address + 1) is None
+
+
+def _lingering(linger: L.Linger, released: collections.deque[int | None], map_id: int,
+               key: tuple[int, int]) -> tuple[mmap.mmap, int]:
+    """Register a mapping that may linger, drop its only view: the mapping and its address."""
+    region = _region()
+    address = _address(region)
+    view = memoryview(registry.register_mapping(region, None, map_id, 0, True, key, released=released,
+                                                linger=linger))
+    view[0] = 9
+    assert registry.find_by_key(key, 0, 1, True) is not None
+    del view
+    gc.collect()
+    return region, address
+
+
+def test_a_mapping_that_may_linger_outlives_its_last_view_until_released():
+    linger, released = L.Linger(), collections.deque[int | None]()
+    region, address = _lingering(linger, released, 7, (1, 2))
+    assert registry.find_mapping(address, address + 1) is None and registry.find_by_key((1, 2), 0, 1, True) is None
+    assert list(released) == [None] and linger and not region.closed  # a marker, not its id: still mapped
+    assert region[0] == 9
+    item = linger.take((1, 2), 0, mmap.PAGESIZE, True)
+    assert item is not None and item.region is region and item.entry.map_id == 7 and not linger
+    again = memoryview(registry.register_mapping(region, None, 7, 0, True, (1, 2), address=address,
+                                                 released=released, linger=linger))  # entered again
+    assert again[0] == 9 and registry.find_mapping(address, address + 1).map_id == 7  # type: ignore[union-attr]
+    del again, item
+    gc.collect()
+    assert linger and linger.release_all() == [7] and region.closed and not linger
+
+
+def test_take_matches_memory_part_and_writability():
+    linger, released = L.Linger(), collections.deque[int | None]()
+    region, _ = _lingering(linger, released, 3, (5, 6))
+    assert linger.take((5, 7), 0, 1, False) is None  # another memfd
+    assert linger.take((5, 6), 0, mmap.PAGESIZE + 1, False) is None  # more than the mapping holds
+    assert list(released) == [None]
+    item = linger.take((5, 6), 0, 1, False)
+    assert item is not None and item.region is region
+
+
+def test_at_most_linger_max_linger_then_mappings_are_released_as_before(monkeypatch: pytest.MonkeyPatch):
+    monkeypatch.setattr(L, "LINGER_MAX", 2)
+    linger, released = L.Linger(), collections.deque[int | None]()
+    regions = [_lingering(linger, released, i, (9, i))[0] for i in (1, 2, 3)]
+    assert list(released) == [None, 3]  # one marker; the third's id at once
+    assert linger.release_all() == [1, 2] and all(r.closed for r in regions[:2])
+
+
+def test_a_closed_linger_keeps_nothing():
+    linger, released = L.Linger(), collections.deque[int | None]()
+    region, _ = _lingering(linger, released, 1, (4, 4))
+    linger.close()
+    assert region.closed and not linger
+    _lingering(linger, released, 2, (4, 5))
+    assert list(released) == [None, 2] and not linger

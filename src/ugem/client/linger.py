@@ -1,0 +1,111 @@
+"""Lingering mappings: received memory kept mapped after its last array dies, for the next time.
+
+A worker that is sent the same memory again and again (a Pool task's input, a model's weights
+with every request, an array sent and returned) would otherwise claim it each time: copy the
+daemon's fd, map it, tell the manager, and unmap it and tell the manager again when the task
+ends, which costs a worker more than all the rest of a Pool round trip. Instead, a mapping
+made by a claim (client/pickling.py: an array received by reference) lingers when its last
+view dies: still mapped and still tracked by the manager, and a later claim of that memory
+in this process (the same memfd, by its identity, a part of what the mapping covers, writable
+if the claim is) takes the mapping back and only drops its share, with no round trip and no
+request of its own (client/device_share.py `_revive`).
+
+Rules:
+- a lingering mapping holds its object exactly as long as its release would have waited in
+  the Device's queue anyway (client/releases.py): it is released (unmapped, its id queued)
+  whenever the queue is sent (the Device's next request, a post, the HOLD_BACK-th queued
+  item, `close()`), only claims sent alone at the end of an unpickling leave it lingering.
+  So what a process does not use again is released no later than before, and a process
+  that only receives arrays releases them as it did, every HOLD_BACK queued items;
+- at most LINGER_MAX mappings linger per Device: a mapping whose last view dies when that
+  many linger already is released as any other (unmapped, its id queued);
+- the mapping is unmapped before its release is queued (nothing in this process can see the
+  memory once the manager may reuse it), and a forked child of a process with lingering
+  mappings inherits them as it inherits live ones (client/fork.py tells the manager);
+- weak-reference callbacks (which run at any moment, in any thread) only append to
+  `arrived` (and, when it was empty, a marker to the Device's queue, so that the next send
+  releases it); the Device files and releases them under its send lock (`take`,
+  `release_all`).
+"""
+
+from __future__ import annotations
+
+import collections
+import mmap
+from collections import deque
+from typing import Any, NamedTuple
+
+__all__ = ["LINGER_MAX", "Linger", "Lingering"]
+
+LINGER_MAX = 64  # lingering mappings per Device at most
+
+
+class Lingering(NamedTuple):
+    """A mapping whose last view died: its registry entry (client/registry.py `Mapping`) and the
+    mapping itself."""
+
+    entry: Any
+    region: mmap.mmap
+
+
+class Linger:
+    """The lingering mappings of one Device."""
+
+    def __init__(self) -> None:
+        self.arrived: deque[Lingering] = deque()  # appended by callbacks only
+        self.open = True  # False once the Device closes: mappings dying then just go
+        self._filed: collections.OrderedDict[int, Lingering] = collections.OrderedDict()  # by address, oldest first
+        self._by_key: dict[tuple[int, int], list[int]] = {}  # memfd identity -> addresses
+
+    def __bool__(self) -> bool:
+        return bool(self.arrived or self._filed)
+
+    def room(self) -> bool:
+        """Whether one more mapping may linger (asked by callbacks: reads only)."""
+        return self.open and len(self.arrived) + len(self._filed) < LINGER_MAX
+
+    def take(self, key: tuple[int, int], offset: int, length: int, writable: bool) -> Lingering | None:
+        """Take back a lingering mapping of bytes [offset, offset + length) of the memfd `key`
+        (writable if asked), if there is one (the caller holds the send lock)."""
+        self._file()
+        for address in self._by_key.get(key, ()):
+            entry = self._filed[address].entry
+            if entry.offset <= offset and offset + length <= entry.offset + entry.length \
+                    and (entry.writable or not writable):
+                return self._pop(address)
+        return None
+
+    def release_all(self) -> list[int]:
+        """Unmap every lingering mapping; their ids, to release (the caller holds the send lock)."""
+        self._file()
+        items = list(self._filed.values())
+        self._filed.clear()
+        self._by_key.clear()
+        return [_unmap(item) for item in items]
+
+    def close(self) -> None:
+        """The Device closes (its manager releases everything): unmap them all, linger no more."""
+        self.open = False
+        self.release_all()
+
+    def _file(self) -> None:
+        try:
+            while True:
+                item = self.arrived.popleft()
+                self._filed[item.entry.address] = item
+                self._by_key.setdefault(item.entry.key, []).append(item.entry.address)
+        except IndexError:
+            pass
+
+    def _pop(self, address: int) -> Lingering:
+        item = self._filed.pop(address)
+        addresses = self._by_key[item.entry.key]
+        addresses.remove(address)
+        if not addresses:
+            del self._by_key[item.entry.key]
+        return item
+
+
+def _unmap(item: Lingering) -> int:
+    item.region.close()  # no view of it is left: its last one died before it lingered
+    return int(item.entry.map_id)

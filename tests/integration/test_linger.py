@@ -1,0 +1,99 @@
+"""Lingering mappings (client/linger.py), with real worker processes and a real daemon: a
+process sent the same memory again takes its mapping back (the same mapping id, no new
+claim); a lingering mapping holds its object no longer than the process's next request,
+nothing is left when a worker that took one back is killed, and a fork releases them first."""
+
+from __future__ import annotations
+
+import gc
+import multiprocessing
+import os
+import signal
+from collections.abc import Iterator
+
+import numpy as np
+import pytest
+
+import ugem
+from ugem.client.default import reset
+from ugem.testing import DaemonProcess, run_daemon
+from ugem.testing import workers as w
+from ugem.testing.data import SAFETY_S, wait_until
+
+SIZE = 4 << 20
+
+
+@pytest.fixture
+def daemon(monkeypatch: pytest.MonkeyPatch) -> Iterator[DaemonProcess]:
+    reset()
+    with run_daemon() as d:
+        monkeypatch.setenv("UGEM_SOCKET", d.path)
+        try:
+            yield d
+        finally:
+            reset()
+
+
+def _objects() -> int:
+    return int(ugem.default_device().stats()["objects"])
+
+
+def test_memory_received_again_takes_its_lingering_mapping_back(daemon: DaemonProcess) -> None:
+    a, b = ugem.empty(SIZE, np.uint8), ugem.empty(SIZE, np.uint8)
+    with multiprocessing.get_context("fork").Pool(1) as pool:
+        first, again = pool.apply(w.map_id_of, (a,)), pool.apply(w.map_id_of, (a,))
+        other = pool.apply(w.map_id_of, (b,))
+        a[0] = 0
+        assert pool.apply(w.map_id_of, (a[:100],)) == first  # a part of what it maps
+    assert first == again != other
+    assert a[0] == b[0] == w.MARK_OUT  # the worker wrote through the mapping it took back
+
+
+def test_a_lingering_mapping_holds_its_object_only_until_the_next_request(daemon: DaemonProcess) -> None:
+    a = ugem.empty(SIZE, np.uint8)
+    with multiprocessing.get_context("fork").Pool(1) as pool:
+        pool.apply(w.map_id_of, (a,))
+        pool.apply(w.map_id_of, (a,))  # taken back, and dropped when the task ends
+        pool.apply(w.then, ("request",))
+        del a
+        gc.collect()
+        wait_until(lambda: _objects() == 0, what="the object freed while the worker lives")
+
+
+def test_a_worker_killed_after_taking_a_mapping_back_leaves_nothing(daemon: DaemonProcess) -> None:
+    ctx = multiprocessing.get_context("fork")
+    a = ugem.empty(SIZE, np.uint8)
+    mine, theirs = ctx.Pipe()
+    proc = ctx.Process(target=w.receive_twice_until_killed, args=(theirs,))
+    proc.start()
+    mine.send(a)
+    mine.send(a)
+    assert mine.poll(SAFETY_S)
+    first, again = mine.recv()
+    assert first == again
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.join(SAFETY_S)
+    del a
+    gc.collect()
+    wait_until(lambda: _objects() == 0, what="every object released")
+
+
+def test_a_fork_releases_lingering_mappings_first(daemon: DaemonProcess) -> None:
+    """The child would inherit them, which the daemon does not know of: the Device tells its
+    daemon of the fork (MAPPINGS_FORKED), which sends its queue first, lingering mappings
+    unmapped and released; the child inherits none, and the memory stays recyclable."""
+    dev = ugem.default_device()
+    if not dev._fds().usable:
+        pytest.skip("this process may not copy the daemon's fds: its mappings carry fds, never recycled")
+    with multiprocessing.get_context("fork").Pool(1) as pool:
+        h = dev.create(SIZE)
+        view = dev.mmap(h)
+        a = np.frombuffer(view, dtype=np.uint8)
+        a[:] = 1
+        pool.apply(w.map_id_of, (a,))  # the worker's mapping lingers once the task ends
+        assert pool.apply(w.then, ("fork",)) == 0  # memfd mappings the child inherited
+        del a, view
+        gc.collect()
+        dev.close_handle(h)
+        wait_until(lambda: dev.stats()["objects"] == 0, what="the object freed")
+        assert dev.stats()["pooled_memfds"] == 1
