@@ -8,7 +8,9 @@ same bytes for every method), the worker writes one element (a value new each ti
 returns the array, the parent checks that element. Sizes: 1 MiB, 64 MiB, 1 GiB (not with
 --quick; skipped with a note when MemAvailable is short), and 2,000 arrays of 4 KiB in one
 call (a list; the worker writes one element of each). Methods, each with its own persistent
-one-worker pool (started once, warmed up first; the rounds of all methods interleave):
+one-worker pool (started once, warmed up first; the rounds of all methods interleave). Every
+method takes --n samples per round of one array, but by value at 64 MiB (a quarter: each
+copies 128 MiB) and 1 GiB (one: each copies 2 GiB); every method --n/6 of the 2,000 arrays:
 
 - ugem: arrays from `ugem.empty(...)` on a client of a daemon started for the bench
   (`$UGEM_SOCKET` names it, so that `default_device()` in the workers is a client of it);
@@ -239,9 +241,10 @@ def one_trip(pool: multiprocessing.pool.Pool, method: str, data: Data, key: tupl
     return trip
 
 
-def timed(label: str, op: Callable[[], None]) -> H.Runner:
+def timed(label: str, op: Callable[[], None], cap: int = 0) -> H.Runner:
+    """A runner of `op`: the samples a round (or warm-up) asks for, at most `cap` if given."""
     def run(n: int) -> dict[str, list[int]]:
-        return {label: H.time_each(op, n)}
+        return {label: H.time_each(op, min(n, cap) if cap else n)}
     return run
 
 
@@ -345,13 +348,13 @@ def _start_pools(pools: dict[str, multiprocessing.pool.Pool], start: str, torch_
 def _rounds(opts: H.Options, pools: dict[str, multiprocessing.pool.Pool], data: Data, label: str, size: int,
             counter: Counter, skip: dict[str, str]) -> H.Results:
     """The interleaved rounds of every method (but those in `skip`: method -> why) for one size label."""
-    n = opts.n if size <= H.MiB else (max(1, opts.n // 4) if size <= 64 * H.MiB else 1)
-    if label == "many":
-        n = max(1, opts.n // 6)
+    by_value = opts.n if size <= H.MiB else (max(1, opts.n // 4) if size <= 64 * H.MiB else 1)
+    n = max(1, opts.n // 6) if label == "many" else opts.n  # (by reference a trip costs the same at every size)
     runners: dict[str, H.Runner] = {}
     for m in pools:
         if m not in skip:
-            runners[m] = timed(m, one_trip(pools[m], m, data, (m, label), counter))
+            cap = by_value if m == "by value" and label != "many" else 0
+            runners[m] = timed(m, one_trip(pools[m], m, data, (m, label), counter), cap)
     warmup = opts.warmup if size <= 64 * H.MiB else min(1, opts.warmup)
     results = H.interleaved(runners, runs=opts.runs, n=n, warmup=warmup)
     for m, why in skip.items():
@@ -449,7 +452,7 @@ def _notes(report: H.Report, measured: Measured, start: str, torch_mp: ModuleTyp
                         "each time), returns the array (shared_memory: attaches by name, writes, closes, returns the "
                         "name), the parent checks the element (ugem, torch: in its own array too); data made and "
                         "filled once per method (untimed); one persistent one-worker pool per method, warmed up; "
-                        "rounds of all methods interleaved")
+                        "rounds of all methods interleaved; by value takes fewer samples at 64 MiB and 1 GiB")
     report.notes.append("ratio = ugem median / baseline median in the same run (lower is better for ugem); the ugem "
                         "rows compare against shared_memory (target <= 1.2), by value (target <= 0.1 at 64 MiB) "
                         "and torch.multiprocessing (no target)")
