@@ -20,8 +20,10 @@ Rules:
 - at most LINGER_MAX mappings linger per Device: a mapping whose last view dies when that
   many linger already is released as any other (unmapped, its id queued);
 - the mapping is unmapped before its release is queued (nothing in this process can see the
-  memory once the manager may reuse it), and a forked child of a process with lingering
-  mappings inherits them as it inherits live ones (client/fork.py tells the manager);
+  memory once the manager may reuse it); a process with lingering mappings that forks
+  releases them first (client/fork.py: its MAPPINGS_FORKED call sends the queue), and in a
+  forked child (whose Device cannot send) nothing lingers: what it inherited is unmapped
+  and its arrays' mappings die with them, as before;
 - weak-reference callbacks (which run at any moment, in any thread) only append to
   `arrived` (and, when it was empty, a marker to the Device's queue, so that the next send
   releases it); the Device files and releases them under its send lock (`take`,

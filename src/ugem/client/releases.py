@@ -143,6 +143,7 @@ class Releases:
 
     def after_fork_in_child(self) -> None:
         self._lock = threading.Lock()  # the parent's may have been held at the fork
+        self.linger.close()  # nothing may linger in a child that cannot send (client/linger.py)
 
     def _retire(self, record: Wrapped) -> int:
         """Mark a record's handle closed (the caller holds the lock and closes it)."""

@@ -109,3 +109,13 @@ def test_a_closed_linger_keeps_nothing():
     assert region.closed and not linger
     _lingering(linger, released, 2, (4, 5))
     assert list(released) == [None, 2] and not linger
+
+
+def test_nothing_lingers_in_a_forked_child():
+    from ugem.client.releases import Releases
+    releases = Releases()
+    region, _ = _lingering(releases.linger, releases.queue, 1, (8, 1))  # type: ignore[arg-type]
+    releases.after_fork_in_child()
+    assert region.closed and not releases.linger
+    _lingering(releases.linger, releases.queue, 2, (8, 2))  # type: ignore[arg-type]
+    assert list(releases.queue) == [None, 2] and not releases.linger
