@@ -10,6 +10,7 @@ import multiprocessing
 import os
 import signal
 from collections.abc import Iterator
+from multiprocessing.reduction import ForkingPickler
 
 import numpy as np
 import pytest
@@ -58,6 +59,17 @@ def test_a_lingering_mapping_holds_its_object_only_until_the_next_request(daemon
         del a
         gc.collect()
         wait_until(lambda: _objects() == 0, what="the object freed while the worker lives")
+
+
+def test_taken_back_outside_a_pickling_batch_its_share_is_used_up_at_once(daemon: DaemonProcess) -> None:
+    a = ugem.empty(SIZE, np.uint8)
+    first, second = bytes(ForkingPickler.dumps(a)), bytes(ForkingPickler.dumps(a))  # two shares
+    with multiprocessing.get_context("fork").Pool(1) as pool:
+        ids = pool.apply(w.load_plain_twice, (first, second))
+    assert ids[0] == ids[1]  # (the worker is SIGTERMed on leaving the block: it makes no request after)
+    del a
+    gc.collect()
+    wait_until(lambda: _objects() == 0, what="the object freed: neither share left held")
 
 
 def test_a_worker_killed_after_taking_a_mapping_back_leaves_nothing(daemon: DaemonProcess) -> None:

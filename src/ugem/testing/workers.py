@@ -18,7 +18,8 @@ import numpy as np
 import numpy.typing as npt
 
 __all__ = ["claimed_how", "fd_count", "hold_until_killed", "load_and_count_posts", "map_id_of", "on_pipe",
-           "on_queue", "receive_many", "receive_twice_until_killed", "resend", "then", "touch", "touch_into"]
+           "load_plain_twice", "on_queue", "receive_many", "receive_twice_until_killed", "resend", "then", "touch",
+           "touch_into"]
 
 MARK_IN, MARK_OUT = 5, 42  # the sender writes MARK_IN at [1, 1]; the worker MARK_OUT at [0, 0]
 
@@ -183,6 +184,14 @@ def then(what: str) -> int:
         with open("/proc/self/maps") as maps:
             os._exit(min(255, sum("/memfd:" in line for line in maps)))
     return os.waitstatus_to_exitcode(os.waitpid(pid, 0)[1])
+
+
+def load_plain_twice(first: bytes, second: bytes) -> tuple[int, int]:
+    """Load two multiprocessing pickles of the same memory with plain `pickle.loads` (outside
+    multiprocessing's batches: each claim, or drop, is sent at once), dropping the first array
+    before loading the second; both mapping ids."""
+    ids = [map_id_of(pickle.loads(data)) for data in (first, second)]  # (each array dies at once)
+    return ids[0], ids[1]
 
 
 def receive_twice_until_killed(conn: Connection) -> None:
