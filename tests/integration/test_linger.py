@@ -72,6 +72,26 @@ def test_taken_back_outside_a_pickling_batch_its_share_is_used_up_at_once(daemon
     wait_until(lambda: _objects() == 0, what="the object freed: neither share left held")
 
 
+def test_threads_receiving_the_same_memory_at_once(daemon: DaemonProcess) -> None:
+    """Mappings die and linger in one thread while others take them back (the callbacks only
+    append; the Device files them under its send lock): every array arrives right, the
+    sender sees every thread's writes, few mappings are made, and nothing is left."""
+    arrays = [ugem.empty(1 << 16, np.uint8) for _ in range(8)]
+    for a in arrays:
+        a[5] = a[4096 + 5] = w.MARK_IN  # (each pickle: an array, and a part of another from 4096 on)
+    threads, per_thread = 4, 150
+    pickles = [[bytes(ForkingPickler.dumps([arrays[(t + i) % 8], arrays[(3 * t + i) % 8][4096:]]))
+                for i in range(per_thread)] for t in range(threads)]
+    with multiprocessing.get_context("fork").Pool(1) as pool:
+        errors, mappings = pool.apply(w.load_in_threads, (pickles,))
+    assert errors == []
+    assert all(a[10 + t] == a[4096 + 10 + t] == 1 for a in arrays for t in range(threads))
+    assert mappings < threads * per_thread  # (2 arrays a pickle: 1,200 received)
+    del arrays, pickles, a
+    gc.collect()
+    wait_until(lambda: _objects() == 0, what="every object freed")
+
+
 def test_a_worker_killed_after_taking_a_mapping_back_leaves_nothing(daemon: DaemonProcess) -> None:
     ctx = multiprocessing.get_context("fork")
     a = ugem.empty(SIZE, np.uint8)

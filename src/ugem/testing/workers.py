@@ -17,9 +17,9 @@ from typing import Any
 import numpy as np
 import numpy.typing as npt
 
-__all__ = ["claimed_how", "fd_count", "hold_until_killed", "load_and_count_posts", "map_id_of", "on_pipe",
-           "load_plain_twice", "on_queue", "receive_many", "receive_twice_until_killed", "resend", "then", "touch",
-           "touch_into"]
+__all__ = ["claimed_how", "fd_count", "hold_until_killed", "load_and_count_posts", "load_in_threads",
+           "load_plain_twice", "map_id_of", "on_pipe", "on_queue", "receive_many", "receive_twice_until_killed",
+           "resend", "then", "touch", "touch_into"]
 
 MARK_IN, MARK_OUT = 5, 42  # the sender writes MARK_IN at [1, 1]; the worker MARK_OUT at [0, 0]
 
@@ -192,6 +192,38 @@ def load_plain_twice(first: bytes, second: bytes) -> tuple[int, int]:
     before loading the second; both mapping ids."""
     ids = [map_id_of(pickle.loads(data)) for data in (first, second)]  # (each array dies at once)
     return ids[0], ids[1]
+
+
+def load_in_threads(pickles: list[list[bytes]]) -> tuple[list[str], int]:
+    """One thread per list: unpickle each of its multiprocessing pickles (lists of arrays), check
+    [5] == MARK_IN, write 1 at [10 + thread number], drop them. What went wrong, and how many
+    distinct mappings the arrays lay in (memory received again takes a lingering one back)."""
+    from ..client.default import default_device
+    from ..client.registry import mapping_of
+    errors: list[str] = []
+    ids: set[int] = set()
+
+    def run(number: int, blobs: list[bytes]) -> None:
+        try:
+            for blob in blobs:
+                for a in ForkingPickler.loads(blob):
+                    entry = mapping_of(a)
+                    if entry is None or int(a[5]) != MARK_IN:
+                        errors.append(f"thread {number}: {entry}, [5] = {int(a[5])}")
+                    else:
+                        ids.add(entry.map_id)
+                    a[10 + number] = 1
+        except Exception as exc:  # reported to the test
+            errors.append(f"thread {number}: {type(exc).__name__}: {exc}")
+
+    threads = [threading.Thread(target=run, args=(i, blobs)) for i, blobs in enumerate(pickles)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    gc.collect()
+    default_device().stats()  # a request: what lingers is released
+    return errors, len(ids)
 
 
 def receive_twice_until_killed(conn: Connection) -> None:
