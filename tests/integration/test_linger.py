@@ -1,7 +1,9 @@
 """Lingering mappings (client/linger.py), with real worker processes and a real daemon: a
 process sent the same memory again takes its mapping back (the same mapping id, no new
-claim); a lingering mapping holds its object no longer than the process's next request,
-nothing is left when a worker that took one back is killed, and a fork releases them first."""
+claim), in one thread or several at once; a lingering mapping holds its object no longer
+than the process's next request, the share a mapping taken back uses up is dropped at once
+(with the claims when unpickling ends; outside a batch, on the spot), nothing is left when a
+worker that took one back is killed, and a fork releases them first."""
 
 from __future__ import annotations
 
