@@ -5,6 +5,8 @@ module, so the helpers reach them through fixtures:
 
 - `daemon`: a fresh `ugem serve` (run_daemon) for one test, run with ResourceWarnings
   shown, so an OwnedFd the daemon leaves to the garbage collector appears in its log;
+- `default_daemon`: that daemon as the default one of this process and of its children
+  (`$UGEM_SOCKET`; `default_device()` made anew before and after);
 - `kit`: polling with deadlines (`wait_until`, `wait_fd_count`), `assert_healthy(daemon,
   baseline)` (alive, serves a fresh client, fd count back at `baseline`, no leak warning
   in its log), and factories for `RawClient` (speaks the wire protocol by hand, from
@@ -302,3 +304,15 @@ def daemon() -> Iterator[DaemonProcess]:
     """A fresh daemon whose leaked-fd warnings show up in its log (checked by assert_healthy)."""
     with run_daemon(env={**os.environ, **WARNINGS_ENV}) as d:
         yield d
+
+
+@pytest.fixture
+def default_daemon(daemon: DaemonProcess, monkeypatch: pytest.MonkeyPatch) -> Iterator[DaemonProcess]:
+    """`daemon`, the default of this process (`default_device()`) and of the children it starts."""
+    from ugem.client.default import reset
+    reset()
+    monkeypatch.setenv("UGEM_SOCKET", daemon.path)
+    try:
+        yield daemon
+    finally:
+        reset()

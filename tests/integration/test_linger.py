@@ -11,37 +11,24 @@ import gc
 import multiprocessing
 import os
 import signal
-from collections.abc import Iterator
 from multiprocessing.reduction import ForkingPickler
 
 import numpy as np
 import pytest
 
 import ugem
-from ugem.client.default import reset
-from ugem.testing import DaemonProcess, run_daemon
+from ugem.testing import DaemonProcess
 from ugem.testing import workers as w
 from ugem.testing.data import SAFETY_S, wait_until
 
 SIZE = 4 << 20
 
 
-@pytest.fixture
-def daemon(monkeypatch: pytest.MonkeyPatch) -> Iterator[DaemonProcess]:
-    reset()
-    with run_daemon() as d:
-        monkeypatch.setenv("UGEM_SOCKET", d.path)
-        try:
-            yield d
-        finally:
-            reset()
-
-
 def _objects() -> int:
     return int(ugem.default_device().stats()["objects"])
 
 
-def test_memory_received_again_takes_its_lingering_mapping_back(daemon: DaemonProcess) -> None:
+def test_memory_received_again_takes_its_lingering_mapping_back(default_daemon: DaemonProcess) -> None:
     a, b = ugem.empty(SIZE, np.uint8), ugem.empty(SIZE, np.uint8)
     with multiprocessing.get_context("fork").Pool(1) as pool:
         first, again = pool.apply(w.map_id_of, (a,)), pool.apply(w.map_id_of, (a,))
@@ -52,7 +39,7 @@ def test_memory_received_again_takes_its_lingering_mapping_back(daemon: DaemonPr
     assert a[0] == b[0] == w.MARK_OUT  # the worker wrote through the mapping it took back
 
 
-def test_a_lingering_mapping_holds_its_object_only_until_the_next_request(daemon: DaemonProcess) -> None:
+def test_a_lingering_mapping_holds_its_object_only_until_the_next_request(default_daemon: DaemonProcess) -> None:
     a = ugem.empty(SIZE, np.uint8)
     with multiprocessing.get_context("fork").Pool(1) as pool:
         pool.apply(w.map_id_of, (a,))
@@ -63,7 +50,7 @@ def test_a_lingering_mapping_holds_its_object_only_until_the_next_request(daemon
         wait_until(lambda: _objects() == 0, what="the object freed while the worker lives")
 
 
-def test_taken_back_outside_a_pickling_batch_its_share_is_used_up_at_once(daemon: DaemonProcess) -> None:
+def test_taken_back_outside_a_pickling_batch_its_share_is_used_up_at_once(default_daemon: DaemonProcess) -> None:
     a = ugem.empty(SIZE, np.uint8)
     first, second = bytes(ForkingPickler.dumps(a)), bytes(ForkingPickler.dumps(a))  # two shares
     with multiprocessing.get_context("fork").Pool(1) as pool:
@@ -74,7 +61,7 @@ def test_taken_back_outside_a_pickling_batch_its_share_is_used_up_at_once(daemon
     wait_until(lambda: _objects() == 0, what="the object freed: neither share left held")
 
 
-def test_threads_receiving_the_same_memory_at_once(daemon: DaemonProcess) -> None:
+def test_threads_receiving_the_same_memory_at_once(default_daemon: DaemonProcess) -> None:
     """Mappings die and linger in one thread while others take them back (the callbacks only
     append; the Device files them under its send lock): every array arrives right, the
     sender sees every thread's writes, few mappings are made, and nothing is left."""
@@ -94,7 +81,7 @@ def test_threads_receiving_the_same_memory_at_once(daemon: DaemonProcess) -> Non
     wait_until(lambda: _objects() == 0, what="every object freed")
 
 
-def test_a_worker_killed_after_taking_a_mapping_back_leaves_nothing(daemon: DaemonProcess) -> None:
+def test_a_worker_killed_after_taking_a_mapping_back_leaves_nothing(default_daemon: DaemonProcess) -> None:
     ctx = multiprocessing.get_context("fork")
     a = ugem.empty(SIZE, np.uint8)
     mine, theirs = ctx.Pipe()
@@ -112,7 +99,7 @@ def test_a_worker_killed_after_taking_a_mapping_back_leaves_nothing(daemon: Daem
     wait_until(lambda: _objects() == 0, what="every object released")
 
 
-def test_a_fork_releases_lingering_mappings_first(daemon: DaemonProcess) -> None:
+def test_a_fork_releases_lingering_mappings_first(default_daemon: DaemonProcess) -> None:
     """The child would inherit them, which the daemon does not know of: the Device tells its
     daemon of the fork (MAPPINGS_FORKED), which sends its queue first, lingering mappings
     unmapped and released; the child inherits none, and the memory stays recyclable."""

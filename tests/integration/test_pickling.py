@@ -45,12 +45,7 @@ def sender(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch, tmp_
             monkeypatch.setenv("UGEM_SOCKET", str(tmp_path / "nobody-listens.sock"))
             yield None
         else:
-            with run_daemon() as daemon:
-                monkeypatch.setenv("UGEM_SOCKET", daemon.path)
-                try:
-                    yield daemon
-                finally:
-                    reset()
+            yield request.getfixturevalue("default_daemon")
     finally:
         reset()
         multiprocessing.forkserver._forkserver._stop()  # type: ignore[attr-defined]  # next one: this env

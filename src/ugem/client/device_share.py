@@ -355,10 +355,7 @@ class ShareOps:
         """Use up a share whose memory a lingering mapping took back (`_revive`): sent as a claim
         would have been (with the claims, when the unpickling batch ends; alone outside one), not
         queued: until it is read, its sender's share holds the object."""
-        if hold_back(self):
-            self._releases.claims.append((owner, token))
-            return
-        transport = self._live()
-        with self._send_lock:
-            self._releases.claims.append((owner, token))
-            transport.post(self._releases.claim_requests())
+        held = hold_back(self)
+        self._releases.claims.append((owner, token))
+        if not held:
+            self._send_claims()

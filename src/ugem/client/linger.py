@@ -35,7 +35,10 @@ from __future__ import annotations
 import collections
 import mmap
 from collections import deque
-from typing import Any, NamedTuple
+from typing import TYPE_CHECKING, NamedTuple
+
+if TYPE_CHECKING:
+    from .registry import Mapping
 
 __all__ = ["LINGER_MAX", "Linger", "Lingering"]
 
@@ -46,7 +49,7 @@ class Lingering(NamedTuple):
     """A mapping whose last view died: its registry entry (client/registry.py `Mapping`) and the
     mapping itself."""
 
-    entry: Any
+    entry: Mapping
     region: mmap.mmap
 
 
@@ -110,4 +113,4 @@ class Linger:
 
 def _unmap(item: Lingering) -> int:
     item.region.close()  # no view of it is left: its last one died before it lingered
-    return int(item.entry.map_id)
+    return item.entry.map_id

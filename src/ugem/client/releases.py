@@ -129,7 +129,9 @@ class Releases:
                 released.append(self.queue.popleft())
         except IndexError:  # drained (perhaps by another thread at the same time)
             pass
-        ids = [item for item in released if isinstance(item, int)] + self.linger.release_all()
+        ids = [item for item in released if isinstance(item, int)]
+        if self.linger:
+            ids += self.linger.release_all()
         drops = [item for item in released if isinstance(item, tuple)]
         held = [item for item in released if isinstance(item, bytes)]
         handles = []
