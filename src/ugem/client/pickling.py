@@ -46,6 +46,13 @@ Rules:
 - every other array (not ugem memory, empty, or of object dtype) pickles exactly as numpy
   pickles it; arrays that are ugem memory but whose Device is closed or was made by the
   parent of a forked child raise `pickle.PicklingError` naming why;
+- one reference per mapping per pickle: every array of one `ForkingPickler.dumps` that
+  lies in the same mapping (and asks the same writability) names one reference object
+  (`_Ref`: the share, the fd, or the memfd identity), which pickle writes once and then
+  refers to by its memo; the receiver resolves it once (one claim, one mapping, one fd)
+  and makes each array a view of what it gave. A list of 2,000 slices of one array costs
+  one share and one claim, not 2,000. Each pickle has its own references (a pickle inside
+  a pickle too), so no share is named in two pickles;
 - the shares one multiprocessing pickle makes, and the claims one unpickling makes, go out
   together (client/batch.py: `ForkingPickler.dumps` and `loads` run as a batch, wrapped
   here where the reducers are registered), as batch requests (GEM_SHARE_BATCH,
@@ -63,6 +70,7 @@ Rules:
 
 from __future__ import annotations
 
+import operator
 import os
 import pickle
 import threading
@@ -80,7 +88,7 @@ from .buffer import Buffer
 from .connect import connect
 from .default import default_device
 from .device import Device
-from .registry import array_mapping, find_by_key, register_mapping
+from .registry import Mapping, array_mapping, find_by_key, register_mapping
 
 __all__ = ["reduce_buffer_by_name"]
 
@@ -99,6 +107,26 @@ def _send_fd(fd: int) -> Any:
     return wrapped
 
 
+class _Ref:
+    """What a pickle carries of one mapping (module rules): `reduced` is the call that gives
+    the receiver a view of the whole mapping; pickle saves it once, then by memo."""
+
+    __slots__ = ("reduced",)
+
+    def __init__(self, *reduced: Any) -> None:
+        self.reduced = reduced
+
+
+class _Pickles(threading.local):
+    refs: list[dict[Any, Any]]  # per `dumps` running in this thread, innermost last: key -> _Ref, and socket paths
+
+    def __init__(self) -> None:
+        self.refs = []
+
+
+_pickles = _Pickles()
+
+
 def _reduce_array(a: npt.NDArray[Any]) -> tuple[Any, ...]:
     found = array_mapping(a)
     if found is None:
@@ -107,23 +135,34 @@ def _reduce_array(a: npt.NDArray[Any]) -> tuple[Any, ...]:
         return reduced
     entry, data = found
     writable = bool(a.flags.writeable) and entry.writable
-    start = data - entry.address
-    layout = (entry.key, entry.offset, entry.length, writable, _dtype_name(a.dtype), a.shape, a.strides, start)
+    stack = _pickles.refs
+    refs = stack[-1] if stack else {}
+    key = entry.address + writable  # (a mapping starts on a page: the low bit is free)
+    ref = refs.get(key)
+    if ref is None:
+        ref = refs[key] = _ref(entry, writable, refs)
+    return _array, (ref, writable, _dtype_name(a.dtype), a.shape, a.strides, data - entry.address)
+
+
+def _ref(entry: Mapping, writable: bool, refs: dict[Any, Any]) -> _Ref:
+    """The reference to the mapping `entry` for the pickle whose references are `refs` (module rules)."""
+    part = (entry.key, entry.offset, entry.length, writable)
     if entry.device is None:  # mapped straight from a received fd: it can only go back
-        return _return_array, layout
+        return _Ref(_returned, part)
     dev = entry.device()
     if dev is None:
         raise pickle.PicklingError("this ugem array's Device is gone: it cannot be sent by reference")
     path = getattr(dev._transport, "path", "")
     try:
         if path:  # a daemon client: a share, claimed by the receiver through the same daemon
-            _device_for(path)  # a client there that lives as long as the process: it inherits the share if `dev` closes
+            if path not in refs:  # a client there that lives as long as the process: it inherits the share if `dev`
+                refs[path] = _device_for(path)  # closes (once per pickle)
             owner, token = dev._post_share(entry.map_id, entry.offset, entry.length, writable)
-            return _claim_array, (path, owner, token, entry.source, *layout)
+            return _Ref(_claimed, (path, owner, token, entry.source, *part))
         fd = dev._export_mapping(entry.map_id, writable)
     except UgemError as exc:
         raise pickle.PicklingError(f"cannot send this ugem array by reference: {exc}") from exc
-    return _rebuild_array, (_send_fd(fd), *layout)
+    return _Ref(_received, (_send_fd(fd), *part))
 
 
 _dtype_names: dict[np.dtype[Any], np.dtype[Any] | str] = {}
@@ -161,32 +200,30 @@ def _array(view: memoryview, writable: bool, dtype: np.dtype[Any] | str, shape: 
     return a
 
 
-def _rebuild_array(wrapped: Any, key: tuple[int, int], offset: int, length: int, writable: bool,
-                   dtype: np.dtype[Any] | str, shape: tuple[int, ...], strides: tuple[int, ...],
-                   start: int) -> npt.NDArray[Any]:
+def _received(wrapped: Any, key: tuple[int, int], offset: int, length: int, writable: bool) -> memoryview:
+    """A view of the mapping an embedded sender passed as an fd."""
     fd = wrapped.detach()
     try:
         found = find_by_key(key, offset, length, writable)
-        view = found[0] if found is not None else _map_fd(fd, key, offset, length, writable)
+        return found[0] if found is not None else _map_fd(fd, key, offset, length, writable)
     finally:
         os.close(fd)
-    return _array(view, writable, dtype, shape, strides, start)
 
 
-def _return_array(key: tuple[int, int], offset: int, length: int, writable: bool, dtype: np.dtype[Any] | str,
-                  shape: tuple[int, ...], strides: tuple[int, ...], start: int) -> npt.NDArray[Any]:
+def _returned(key: tuple[int, int], offset: int, length: int, writable: bool) -> memoryview:
+    """A view of a mapping this process must map already (module rules: embedded receivers)."""
     found = find_by_key(key, offset, length, writable)
     if found is None:
         raise pickle.UnpicklingError(
             "this ugem array was received by a process whose default device is embedded, which maps it with no "
             "Device: it can only be sent back to a process that still maps its memory (the sender's, while it "
             "holds the array), and this one does not; run a ugem daemon so that arrays can travel anywhere")
-    return _array(found[0], writable, dtype, shape, strides, start)
+    return found[0]
 
 
-def _claim_array(path: str, owner: int, token: int, source: int, key: tuple[int, int], offset: int, length: int,
-                 writable: bool, dtype: np.dtype[Any] | str, shape: tuple[int, ...], strides: tuple[int, ...],
-                 start: int) -> npt.NDArray[Any]:
+def _claimed(path: str, owner: int, token: int, source: int, key: tuple[int, int], offset: int, length: int,
+             writable: bool) -> memoryview:
+    """A view of the mapping a daemon client shared: this process's own, a lingering one, or a claimed one."""
     found = find_by_key(key, offset, length, writable)
     if found is not None:  # mapped here already (e.g. the array comes back): use the share up unmapped
         view, entry = found
@@ -194,15 +231,14 @@ def _claim_array(path: str, owner: int, token: int, source: int, key: tuple[int,
         if mapper is None or mapper.closed or getattr(mapper._transport, "path", None) != path:
             mapper = _device_for(path)
         mapper._drop_share(owner, token)
-    else:
-        dev = _device_for(path)
-        got = dev._revive(key, offset, length, writable)  # mapped here a moment ago (client/linger.py)
-        if got is not None:
-            dev._drop_revived(owner, token)
-        elif writable:
-            got = dev._claim_mapped(owner, token, key, source, offset, length)
-        view = got if got is not None else dev._claim(owner, token, writable, (key, offset, length))
-    return _array(view, writable, dtype, shape, strides, start)
+        return view
+    dev = _device_for(path)
+    got = dev._revive(key, offset, length, writable)  # mapped here a moment ago (client/linger.py)
+    if got is not None:
+        dev._drop_revived(owner, token)
+    elif writable:
+        got = dev._claim_mapped(owner, token, key, source, offset, length)
+    return got if got is not None else dev._claim(owner, token, writable, (key, offset, length))
 
 
 def _reduce_buffer(buf: Buffer) -> tuple[Any, ...]:
@@ -264,9 +300,14 @@ _plain_loads = reduction.ForkingPickler.loads
 
 
 def _dumps(cls: type, obj: Any, protocol: int | None = None) -> memoryview:
-    with batch():  # the shares it makes are held back (sent late: client/batch.py)
-        result: memoryview = _plain_dumps(cls, obj, protocol)
-        return result
+    stack = _pickles.refs
+    stack.append({})  # this pickle's references (module rules)
+    try:
+        with batch():  # the shares it makes are held back (sent late: client/batch.py)
+            result: memoryview = _plain_dumps(cls, obj, protocol)
+            return result
+    finally:
+        stack.pop()
 
 
 def _loads(*args: Any, **kwargs: Any) -> Any:
@@ -276,5 +317,6 @@ def _loads(*args: Any, **kwargs: Any) -> Any:
 
 reduction.ForkingPickler.register(np.ndarray, _reduce_array)
 reduction.ForkingPickler.register(Buffer, _reduce_buffer)
+reduction.ForkingPickler.register(_Ref, operator.attrgetter("reduced"))
 setattr(reduction.ForkingPickler, "dumps", classmethod(_dumps))  # noqa: B010  (the class multiprocessing uses)
 setattr(reduction.ForkingPickler, "loads", staticmethod(_loads))  # noqa: B010

@@ -19,7 +19,7 @@ import numpy.typing as npt
 
 __all__ = ["claimed_how", "fd_count", "hold_until_killed", "load_and_count_posts", "load_in_threads",
            "load_plain_twice", "map_id_of", "on_pipe", "on_queue", "receive_many", "receive_twice_until_killed",
-           "resend", "then", "touch", "touch_into"]
+           "load_nested", "receive_views", "resend", "then", "touch", "touch_into"]
 
 MARK_IN, MARK_OUT = 5, 42  # the sender writes MARK_IN at [1, 1]; the worker MARK_OUT at [0, 0]
 
@@ -231,3 +231,53 @@ def receive_twice_until_killed(conn: Connection) -> None:
     first = map_id_of(conn.recv())  # (the array dies here)
     conn.send((first, map_id_of(conn.recv())))
     threading.Event().wait()
+
+
+def receive_views(data: bytes) -> tuple[list[int], list[bool], int, int]:
+    """Unpickle a multiprocessing pickle of a list of arrays (views of ugem memory); write -[0]
+    at [1] of each writable one. What each holds at [0], whether each is writable, how many
+    distinct mappings they lie in, and how many claims and drops this process sent for them
+    (records of GEM_CLAIM_MAPPED_BATCH posts, GEM_CLAIM calls, queued share drops)."""
+    from ..client.default import default_device
+    from ..client.registry import mapping_of
+    from ..wire.frames import Op
+    from ..wire.structs_share import CLAIM_BATCH_RECORD
+    dev = default_device()
+    transport = dev._transport
+    assert transport is not None
+    sent = 0
+    real_post, real_call = transport.post, transport.call
+
+    def post(frames: Any) -> None:
+        nonlocal sent
+        sent += sum(len(req.records) // CLAIM_BATCH_RECORD.size for op, req in frames
+                    if op == Op.GEM_CLAIM_MAPPED_BATCH)
+        real_post(frames)
+
+    def call(op: Any, req: Any, *args: Any, **kwargs: Any) -> Any:
+        nonlocal sent
+        sent += op == Op.GEM_CLAIM
+        return real_call(op, req, *args, **kwargs)
+
+    queued = len(dev._released)
+    transport.post, transport.call = post, call  # type: ignore[method-assign]
+    try:
+        arrays = ForkingPickler.loads(data)
+    finally:
+        transport.post, transport.call = real_post, real_call  # type: ignore[method-assign]
+    drops = sum(isinstance(item, tuple) for item in list(dev._released)[queued:])
+    maps = set()
+    for a in arrays:
+        entry = mapping_of(a)
+        assert entry is not None
+        maps.add(entry.address)
+        if a.flags.writeable:
+            a[1] = -a[0]
+    return [int(a[0]) for a in arrays], [bool(a.flags.writeable) for a in arrays], len(maps), sent + drops
+
+
+def load_nested(data: bytes) -> list[Any]:
+    """Unpickle a multiprocessing pickle of arrays and lists of arrays; what each holds at [0]."""
+    def first(x: Any) -> Any:
+        return [first(y) for y in x] if isinstance(x, list) else int(x[0])
+    return [first(x) for x in ForkingPickler.loads(data)]
