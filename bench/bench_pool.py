@@ -486,10 +486,11 @@ def _notes(report: H.Report, measured: Measured, start: str, torch_mp: ModuleTyp
     report.notes.append("ratio = ugem median / baseline median in the same run (lower is better for ugem); the ugem "
                         "rows compare against shared_memory (target <= 1.2), by value (target <= 0.1 at 64 MiB) "
                         "and torch.multiprocessing (no target)")
-    report.notes.append(f"{MANY} x {SMALL // 1024} KiB rows of one array (a diagnostic, no target): ugem sends the rows "
-                        "of one ugem.empty, which travel as one reference (one share, one claim); shared_memory sends "
-                        "one name, and its worker attaches once and makes a view of each row (nothing pickled either "
-                        "way but the name: what is left of ugem's time is pickling 2,000 arrays each way)")
+    report.notes.append(f"{MANY} x {SMALL // 1024} KiB rows of one array (a diagnostic, no target): ugem sends "
+                        "the rows of one ugem.empty, which travel as one reference (one share, one claim); "
+                        "shared_memory sends one name, and its worker attaches once and makes a view of each row "
+                        "(nothing pickled either way but the name: what is left of ugem's time is pickling 2,000 "
+                        "arrays each way)")
     report.notes.append(f"fds: worker's /proc/self/fd count while it holds the {MANY} received arrays (shared_memory: "
                         "all segments attached at once) minus its count just before that call")
 
