@@ -29,8 +29,6 @@ Rules:
 from __future__ import annotations
 
 import threading
-from collections.abc import Iterator
-from contextlib import contextmanager
 from typing import Any
 
 __all__ = ["HOLD_BACK", "batch", "hold_back"]
@@ -56,15 +54,28 @@ def hold_back(device: Any) -> bool:
     return True
 
 
-@contextmanager
-def batch() -> Iterator[None]:
-    _state.depth += 1
-    try:
-        yield
-    finally:
-        _state.depth -= 1
-        if not _state.depth and _state.devices:
-            devices, _state.devices = _state.devices, None
+class _Batch:
+    """`with batch():` (a class, not a generator: pickling enters one per message, and a
+    generator-based context costs several times more)."""
+
+    __slots__ = ()
+
+    def __enter__(self) -> None:
+        _state.depth += 1
+
+    def __exit__(self, *exc: object) -> None:
+        state = _state
+        state.depth -= 1
+        if not state.depth and state.devices:
+            devices, state.devices = state.devices, None
             for device in devices.values():
                 if not device.closed:
                     device._send_claims()
+
+
+_BATCH = _Batch()
+
+
+def batch() -> _Batch:
+    """A batch for the thread that enters it (module rules); nesting counts."""
+    return _BATCH

@@ -283,7 +283,7 @@ class ShareOps:
             with self._send_lock:
                 claims = self._releases.claim_requests()
                 if claims:
-                    transport.post(claims)
+                    transport.post_lazy(claims)  # read by the daemon later, never lost (client/lazy.py)
 
     def _send_held(self) -> None:
         """Before closing: send what is queued, the shares held back above all (their

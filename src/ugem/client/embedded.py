@@ -49,6 +49,8 @@ class EmbeddedTransport:
             except UgemError:
                 pass
 
+    post_lazy = post  # (no lazy channel: client/lazy.py)
+
     def close(self) -> None:
         self.manager._release(self.client)
 

@@ -57,6 +57,8 @@ class ForkedTransport:
     def post(self, frames: Sequence[tuple[Op, s.Struct]]) -> None:
         raise BadFd(self._message)
 
+    post_lazy = post  # (no lazy channel: client/lazy.py)
+
     def close(self) -> None:
         pass
 

@@ -32,6 +32,7 @@ from ..scm import ANC_SPACE, fds_from_ancillary, rights
 from ..wire import structs as s
 from ..wire.frames import HEADER, MAGIC, MAX_PAYLOAD, PROTOCOL_VERSION, XFER_ABOVE, FrameKind, Op, encode_header
 from ..wire.structs_share import REPLIES_AHEAD, SHARE_AHEAD, SHARE_BATCH_RECORD, ShareBatchReq
+from .lazy import LazyEnd
 
 __all__ = ["SocketTransport"]
 
@@ -45,7 +46,8 @@ _PIECE_READ = 1 << 20
 _WAITS = frozenset({Op.GEM_WAIT, Op.WAIT_FENCE})  # calls whose own timeout adds to the budget
 _FOREVER = 1e9  # seconds: a longer budget (a wait of decades) is no deadline at all
 _CLOSE_WAIT = 30.0  # seconds close() waits for the daemon to release the client
-_REPLY_TYPES: dict[int, type[s.Struct]] = {Op.HELLO: s.HelloReply, **{d.op: d.reply for d in REQUESTS}}
+_REPLY_TYPES: dict[int, type[s.Struct]] = {Op.HELLO: s.HelloReply, Op.LAZY_CHANNEL: s.Empty,
+                                         **{d.op: d.reply for d in REQUESTS}}
 _REQUEST = int(FrameKind.REQUEST)
 _POST = int(FrameKind.POST)
 _HEADER_SIZE = HEADER.size
@@ -83,6 +85,8 @@ class SocketTransport:
         self._timed_out = False
         self._owed: list[tuple[int, int]] = []  # (op, seq) of posted requests whose replies are unread
         self._unread = 0  # frames (a share batch's shares) sent since the last reply read, maybe not served
+        self._lazy: LazyEnd | None = None  # the lazy channel (client/lazy.py), once open
+        self._lazy_tried = False
         hello: s.HelloReply = self.call(Op.HELLO, s.HelloReq(magic=MAGIC, version=PROTOCOL_VERSION))
         if hello.magic != MAGIC or hello.version != PROTOCOL_VERSION:
             raise RemoteProtocolError(f"daemon speaks {hello.magic!r} version {hello.version}")
@@ -234,10 +238,49 @@ class SocketTransport:
             except OSError as exc:
                 raise self._lost(exc) from exc
 
+    def post_lazy(self, frames: Sequence[tuple[Op, s.Struct]]) -> None:
+        """Send posts (no fds) on the lazy channel (client/lazy.py), opened on first use;
+        on the connection, as `post`, where there is none or they do not fit."""
+        if not frames:
+            return
+        if not self._lazy_tried:
+            self._open_lazy()
+        with self._lock:
+            lazy = self._lazy
+            if lazy is not None and not lazy.broken:
+                try:
+                    if lazy.send(self._encode_posts(frames)):
+                        return
+                except OSError as exc:
+                    raise self._lost(exc) from exc
+        self.post(frames)  # (the numbers the lazy attempt took are skipped: only their order counts)
+
+    def _open_lazy(self) -> None:
+        with self._lock:
+            if self._lazy_tried:
+                return
+            self._lazy_tried = True
+        mine, theirs = LazyEnd.pair()
+        try:
+            self.call(Op.LAZY_CHANNEL, s.LazyChannelReq(fd=OwnedFd(theirs.detach())))
+        except UgemError as exc:
+            mine.close()
+            if isinstance(exc, DaemonGone):
+                raise
+            return  # a daemon without lazy channels: the connection it is
+        with self._lock:
+            self._lazy = mine
+
     def _send_posts(self, frames: Sequence[tuple[Op, s.Struct]], last_wants_reply: bool = False,
                     encoded: Any = None) -> None:
         """Write `frames` (no fds) in one write, as POSTs (the last as a REQUEST, its reply
         owed, if asked; `encoded`: the last one's payload, encoded already)."""
+        self._unread += _ahead(frames)
+        self._sock.sendall(self._encode_posts(frames, last_wants_reply, encoded))
+
+    def _encode_posts(self, frames: Sequence[tuple[Op, s.Struct]], last_wants_reply: bool = False,
+                      encoded: Any = None) -> bytearray:
+        """`frames` as POST frames (module `_send_posts`), numbered."""
         data = bytearray()
         last = len(frames) - 1
         for i, (op, req) in enumerate(frames):
@@ -255,8 +298,7 @@ class SocketTransport:
             data += payload
             if kind == _REQUEST:
                 self._owed.append((op, seq))
-        self._unread += _ahead(frames)
-        self._sock.sendall(data)
+        return data
 
     def _skip_owed(self) -> None:
         owed, self._owed = self._owed, []
@@ -390,6 +432,8 @@ class SocketTransport:
         """In a forked child: close this process's copy of the socket, nothing else (no
         shutdown, which would end the parent's connection; its lock may be held forever)."""
         self._sock.close()
+        if self._lazy is not None:
+            self._lazy.close()
 
     def peer(self) -> tuple[int, int]:
         """(pid, uid) of the daemon process, as the kernel saw it connect (SO_PEERCRED)."""
@@ -414,3 +458,5 @@ class SocketTransport:
                 pass  # the daemon is already gone: nothing left to release
             finally:
                 self._sock.close()
+                if self._lazy is not None:
+                    self._lazy.close()

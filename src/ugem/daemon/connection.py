@@ -25,6 +25,10 @@ Rules:
   right after sending its claims must not leave the sender's shares held (core/shares.py);
 - fds in replies are closed by the daemon once sent; fds of a dropped connection are
   closed with it;
+- a lazy channel (lazy.py: LAZY_CHANNEL, once per connection) is read before each frame is
+  served, and its frames numbered before that one are served first; once a second
+  (`tick_lazy`) when nothing else of the connection is waiting; and at the connection's
+  end, before its client is released;
 - every reply, success or error, is counted in the server's RequestTally (tally.py) with
   its op, errno and the seconds since its frame was complete; an EDQUOT reply is also
   logged there (throttled per client).
@@ -60,6 +64,7 @@ from ..wire.frames import (
     Op,
     encode_header,
 )
+from .lazy import LazyChannel, before
 from .logs import event
 from .poller import READ
 from .tally import RequestTally
@@ -75,6 +80,7 @@ _CTRUNC = int(socket.MSG_CTRUNC)  # a plain int: enum flag arithmetic is slow pe
 _REPLY = int(FrameKind.REPLY)
 _REPLY_MORE = int(FrameKind.REPLY_MORE)
 _POST = int(FrameKind.POST)
+_LAZY = int(Op.LAZY_CHANNEL)
 _BURST = 16384  # bytes read at once between frames: bounds the frames served per wake-up
 _NO_FDS: tuple[OwnedFd, ...] = ()
 _monotonic = time.monotonic
@@ -102,6 +108,7 @@ class Connection:
         self.accepted = self.last_progress = time.monotonic()
         self.parked: tuple[Frame, Call] | None = None  # a request that must wait
         self.events = READ  # what the server's poller watches (0: nothing)
+        self.lazy: LazyChannel | None = None  # its lazy channel, once handed over (lazy.py)
 
     @property
     def pending(self) -> Pending | None:
@@ -124,6 +131,8 @@ class Connection:
         ready = parser.ready
         while not self.outbox and self.parked is None:
             if ready:
+                if self.lazy is not None and self._serve_lazy_before(ready[0].seq):
+                    continue
                 self._serve(ready.popleft())
                 if not ready:
                     return  # epoll reports the socket again if more is waiting
@@ -140,6 +149,8 @@ class Connection:
             if not data:
                 for fd in fds:
                     fd.close()
+                if self.lazy is not None and self._lazy_at_end():
+                    continue  # its lazy frames first, then the end
                 raise ConnectionResetError("client closed the connection")
             if parser.feed(data, fds):  # a partial frame is making progress
                 self.last_progress = _monotonic()
@@ -150,10 +161,57 @@ class Connection:
         if not self.outbox and self.parser.ready:
             self.on_readable()
 
+    def _serve_lazy_before(self, seq: int) -> bool:
+        """Serve the next lazy frame if it was written before frame `seq`; False if none was."""
+        lazy = self.lazy
+        assert lazy is not None
+        frames = lazy.frames
+        if not frames or before(frames[-1].seq, seq):  # more may have come
+            lazy.read()
+        if frames and before(frames[0].seq, seq):
+            self._serve(frames.popleft())
+            return True
+        return False
+
+    def _lazy_at_end(self) -> bool:
+        """The connection ended: queue what its lazy channel holds to be served, then forget
+        the channel; False if it held nothing."""
+        lazy = self.lazy
+        assert lazy is not None
+        lazy.read()
+        self.lazy = None
+        self.parser.ready.extend(lazy.frames)
+        held = bool(lazy.frames)
+        lazy.frames.clear()
+        lazy.close()
+        return held
+
+    def tick_lazy(self) -> None:
+        """Once a second: serve what the lazy channel holds, if nothing of the connection
+        written before it is unread or waiting (its frames are read first, then the
+        connection's, which takes every frame written before them)."""
+        lazy = self.lazy
+        if lazy is None or self.outbox or self.parked is not None:
+            return
+        lazy.read()
+        if not lazy.frames:
+            if lazy.sock is None:
+                lazy.close()
+                self.lazy = None
+            return
+        self.on_readable()
+        frames = lazy.frames
+        while frames and not self.outbox and self.parked is None and not self.parser.ready \
+                and not self.parser.mid_frame:
+            self._serve(frames.popleft())
+
     def _serve(self, frame: Frame) -> None:
         self.started = _monotonic()
         if not self.greeted:
             self._hello(frame)
+            return
+        if frame.op == _LAZY:
+            self._open_lazy(frame)
             return
         fixed = _FIXED.get(frame.op)
         if fixed is not None and not frame.fds and len(frame.payload) == fixed[2]:
@@ -246,6 +304,29 @@ class Connection:
         self.greeted = True
         self._reply(frame, s.HelloReply(version=PROTOCOL_VERSION, client_id=self.client.id, server_pid=os.getpid(),
                                         max_payload=MAX_PAYLOAD, max_inline=MAX_INLINE))
+
+    def _open_lazy(self, frame: Frame) -> None:
+        """LAZY_CHANNEL (lazy.py), checked as a request of the table would be."""
+        if len(frame.fds) != 1:
+            frame.close_fds()
+            raise RemoteProtocolError(f"op {frame.op} carries {len(frame.fds)} fds, expected 1")
+        try:
+            req = s.decode(s.LazyChannelReq, frame.payload, frame.fds)
+        except InvalidArgument as exc:
+            frame.close_fds()
+            self._reply_error(frame, exc.errno or errno.EINVAL, str(exc.strerror))
+            return
+        assert req.fd is not None
+        if self.lazy is not None:
+            req.fd.close()
+            self._reply_error(frame, errno.EINVAL, "this connection has a lazy channel already")
+            return
+        try:
+            self.lazy = LazyChannel.adopt(req.fd)
+        except ValueError as exc:
+            self._reply_error(frame, errno.EINVAL, f"LAZY_CHANNEL: {exc}")
+            return
+        self._reply(frame, s.Empty())
 
     # -- writing ---------------------------------------------------------------------
 
@@ -350,5 +431,8 @@ class Connection:
             for fd in fds:
                 fd.close()
         self.outbox.clear()
+        if self.lazy is not None:
+            self.lazy.close()
+            self.lazy = None
         self.sock.close()
 

@@ -25,6 +25,7 @@ Rules:
   survived is frozen (`gc.freeze`): a full collection over a million objects stalls
   every client for 0.3 s, a collection over one second's worth does not. Frozen objects
   are still freed by reference counting; only a cycle formed after freezing would stay;
+- once a second each connection's lazy channel (lazy.py) is served (`tick_lazy`);
 - parked requests (connection.py) are stepped again once `Call.ready` (core/call.py);
   after each turn of the loop the background reclaim both modes share (`after_request`)
   starts its jobs on the worker threads, and real memory pressure (pressure.py) shrinks;
@@ -185,6 +186,8 @@ class Server:
         if now - self._last_stall_check >= 1.0:  # scans over all clients, at most once a second
             self._last_stall_check = now
             self._drop_stalled(now)
+            for conn in [c for c in self.connections.values() if c.lazy is not None]:
+                self._guard(conn, conn.tick_lazy)  # (lazy.py)
             self._check_pressure()
             self.service.tick(now)
             gc.collect()  # only the objects not frozen yet: about one second's worth

@@ -19,7 +19,8 @@ import numpy.typing as npt
 
 __all__ = ["claimed_how", "fd_count", "hold_until_killed", "load_and_count_posts", "load_in_threads",
            "load_plain_twice", "map_id_of", "on_pipe", "on_queue", "receive_many", "receive_twice_until_killed",
-           "load_nested", "receive_views", "resend", "then", "touch", "touch_into"]
+           "count_channel_writes", "load_nested", "receive_views", "resend", "then", "touch",
+           "touch_into"]
 
 MARK_IN, MARK_OUT = 5, 42  # the sender writes MARK_IN at [1, 1]; the worker MARK_OUT at [0, 0]
 
@@ -49,21 +50,33 @@ def claimed_how(a: npt.NDArray[Any]) -> dict[str, Any]:
 
 def load_and_count_posts(data: bytes) -> int:
     """Unpickle many arrays (claimed with no round trip where allowed); how many writes
-    their claims took, checking each array's first element."""
+    their claims took (on the connection or its lazy channel), checking each array's first
+    element."""
     from ..client.default import default_device
     transport = default_device()._transport
     assert transport is not None
     writes: list[int] = []
-    real_post = transport.post
+    real_post, real_lazy = transport.post, transport.post_lazy
+    lazy = [False]  # inside post_lazy (which may post on the connection instead)
+
     def post(frames: Any) -> None:
-        writes.append(len(frames))
+        if not lazy[0]:
+            writes.append(len(frames))
         real_post(frames)
 
-    transport.post = post  # type: ignore[method-assign]
+    def post_lazy(frames: Any) -> None:
+        writes.append(len(frames))
+        lazy[0] = True
+        try:
+            real_lazy(frames)
+        finally:
+            lazy[0] = False
+
+    transport.post, transport.post_lazy = post, post_lazy  # type: ignore[method-assign]
     try:
         arrays = ForkingPickler.loads(data)
     finally:
-        transport.post = real_post  # type: ignore[method-assign]
+        transport.post, transport.post_lazy = real_post, real_lazy  # type: ignore[method-assign]
     assert [int(a[0]) for a in arrays] == [i % 256 for i in range(len(arrays))]
     return len(writes)
 
@@ -246,13 +259,24 @@ def receive_views(data: bytes) -> tuple[list[int], list[bool], int, int]:
     transport = dev._transport
     assert transport is not None
     sent = 0
-    real_post, real_call = transport.post, transport.call
+    real_post, real_lazy, real_call = transport.post, transport.post_lazy, transport.call
 
-    def post(frames: Any) -> None:
+    def count(frames: Any) -> None:
         nonlocal sent
         sent += sum(len(req.records) // CLAIM_BATCH_RECORD.size for op, req in frames
                     if op == Op.GEM_CLAIM_MAPPED_BATCH)
+
+    def post(frames: Any) -> None:
+        count(frames)
         real_post(frames)
+
+    def post_lazy(frames: Any) -> None:
+        count(frames)
+        transport.post = real_post  # type: ignore[method-assign]  # (a lazy post may go on the connection)
+        try:
+            real_lazy(frames)
+        finally:
+            transport.post = post  # type: ignore[method-assign]
 
     def call(op: Any, req: Any, *args: Any, **kwargs: Any) -> Any:
         nonlocal sent
@@ -260,11 +284,11 @@ def receive_views(data: bytes) -> tuple[list[int], list[bool], int, int]:
         return real_call(op, req, *args, **kwargs)
 
     queued = len(dev._released)
-    transport.post, transport.call = post, call  # type: ignore[method-assign]
+    transport.post, transport.post_lazy, transport.call = post, post_lazy, call  # type: ignore[method-assign]
     try:
         arrays = ForkingPickler.loads(data)
     finally:
-        transport.post, transport.call = real_post, real_call  # type: ignore[method-assign]
+        transport.post, transport.post_lazy, transport.call = real_post, real_lazy, real_call  # type: ignore
     drops = sum(isinstance(item, tuple) for item in list(dev._released)[queued:])
     maps = set()
     for a in arrays:
@@ -281,3 +305,39 @@ def load_nested(data: bytes) -> list[Any]:
     def first(x: Any) -> Any:
         return [first(y) for y in x] if isinstance(x, list) else int(x[0])
     return [first(x) for x in ForkingPickler.loads(data)]
+
+
+_counts: dict[str, int] = {}
+
+
+def count_channel_writes(start: bool) -> dict[str, int]:
+    """In a Pool worker: with `start`, count from now the posts this process's default device
+    sends on its lazy channel and its other writes to the daemon; without, stop and return
+    the counts."""
+    from ..client.default import default_device
+    transport: Any = default_device()._transport
+    if not start:
+        for name in ("post", "post_lazy", "call"):
+            delattr(transport, name)  # (the instance attributes set below: the methods again)
+        return dict(_counts)
+    _counts.update(lazy=0, connection=0)
+    real_lazy, real_post, real_call = transport.post_lazy, transport.post, transport.call
+
+    def post_lazy(frames: Any) -> None:
+        _counts["lazy"] += 1
+        transport.post = real_post  # (a lazy post that does not fit goes on the connection: counted as lazy)
+        try:
+            real_lazy(frames)
+        finally:
+            transport.post = post
+
+    def post(*args: Any, **kwargs: Any) -> Any:
+        _counts["connection"] += 1
+        return real_post(*args, **kwargs)
+
+    def call(*args: Any, **kwargs: Any) -> Any:
+        _counts["connection"] += 1
+        return real_call(*args, **kwargs)
+
+    transport.post_lazy, transport.post, transport.call = post_lazy, post, call
+    return {}

@@ -134,6 +134,7 @@ class Op(enum.IntEnum):
     MAPPINGS_FORKED = 40
     GEM_SHARE_BATCH = 41
     GEM_CLAIM_MAPPED_BATCH = 42
+    LAZY_CHANNEL = 43  # connection-level, as HELLO: the client's lazy channel (daemon/lazy.py)
 
 
 _HEADER_SIZE = HEADER.size

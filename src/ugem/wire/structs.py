@@ -24,7 +24,8 @@ from .frames import MAX_PAYLOAD, PROTOCOL_VERSION
 __all__ = [
     "MAX_IDS", "CloseBatchReq", "CloseReq", "CreateReply", "CreateReq", "Empty", "ExportReply", "ExportReq",
     "FlinkReply", "FlinkReq", "HandleReq", "MadviseReply", "MadviseReq", "HelloReply", "HelloReq", "ImportReply",
-    "ImportReq", "InfoReply", "InfoReq", "JsonReply", "MapExportReq", "MmapReply", "MmapReq", "MunmapReq",
+    "ImportReq", "InfoReply", "InfoReq", "JsonReply", "LazyChannelReq", "MapExportReq", "MmapReply", "MmapReq",
+    "MunmapReq",
     "OpenReply", "OpenReq",
     "PreadReply", "PreadReq", "PwriteReply", "PwriteReq", "Struct", "UserptrReq", "XferDoneReq", "XFER", "READONLY",
     "TAKES_FD", "TO_END", "WRITABLE", "HELD", "decode", "encode",
@@ -67,6 +68,15 @@ class HelloReply(Struct):
 
 
 # -- generic -----------------------------------------------------------------------------
+
+@dataclass(slots=True)
+class LazyChannelReq(Struct):
+    """LAZY_CHANNEL: the daemon's end of the client's lazy channel (a connected Unix stream
+    socket; daemon/lazy.py, client/lazy.py). Reply: Empty."""
+    LAYOUT = ()
+    FDS = ("fd",)
+    fd: OwnedFd | None = None
+
 
 @dataclass(slots=True)
 class Empty(Struct):

@@ -1,0 +1,106 @@
+"""A connection's lazy channel, the daemon's end: posts that need no prompt service, read
+without being woken (client/lazy.py says what goes there and why).
+
+Rules:
+- a client hands its end over with LAZY_CHANNEL (connection-level, as HELLO: a REQUEST
+  after HELLO carrying one fd, no payload), once per connection; the fd must be a
+  connected Unix stream socket (else EINVAL, the fd closed, the connection kept), and a
+  second one is EINVAL;
+- the daemon never polls it. It reads it (non-blocking, at most READ_LIMIT bytes a time)
+  only: before serving each frame of the connection, whose frames numbered before that
+  frame's are served first; once a second (`Connection.tick_lazy`), where its frames are
+  served once the connection has nothing unread or waiting; and when the connection ends,
+  where what had arrived is served (unanswered) before the client is released: a worker
+  killed right after writing its claims leaves no share held;
+- frame numbers (`seq`) come from one counter per client across both channels, in the
+  order the client wrote them, so serving the lower first keeps the client's order
+  (compared modulo 2**32);
+- what may come on it: POST frames without fds, of any op but HELLO and LAZY_CHANNEL,
+  served exactly as on the connection (same table, same checks, no reply). A REQUEST
+  frame, an fd (the read has no room for one: the kernel sets MSG_CTRUNC), a bad header
+  or an oversized frame drops the connection, as on the connection itself. Its end of
+  file or a read error ends the channel only (what had arrived is still served).
+"""
+
+from __future__ import annotations
+
+import socket
+from collections import deque
+
+from ..errors import RemoteProtocolError
+from ..fd import OwnedFd
+from ..wire.frames import Frame, FrameKind, FrameParser, Op
+
+__all__ = ["READ_LIMIT", "LazyChannel", "before"]
+
+READ_LIMIT = 1 << 20  # bytes one `read` takes at most (a client writing without end cannot hold the loop)
+_BURST = 65536
+_CTRUNC = int(socket.MSG_CTRUNC)
+_POST = int(FrameKind.POST)
+_BANNED = frozenset({int(Op.HELLO), int(Op.LAZY_CHANNEL)})
+
+
+def before(a: int, b: int) -> bool:
+    """Frame number `a` was written before `b` (32-bit numbers that wrap)."""
+    return a != b and (b - a) & 0xFFFFFFFF < 0x80000000
+
+
+class LazyChannel:
+    @classmethod
+    def adopt(cls, fd: OwnedFd) -> LazyChannel:
+        """The channel over the socket `fd` (taken: closed on failure); ValueError naming
+        why it cannot be one."""
+        try:
+            sock = socket.socket(fileno=fd.fd)
+        except OSError as exc:
+            fd.close()
+            raise ValueError(f"fd {fd.fd} is not a socket ({exc.strerror})") from None
+        fd.detach()
+        if sock.family != socket.AF_UNIX or sock.type != socket.SOCK_STREAM:
+            sock.close()
+            raise ValueError("the fd is not a Unix stream socket")
+        return cls(sock)
+
+    def __init__(self, sock: socket.socket) -> None:
+        sock.setblocking(False)
+        self.sock: socket.socket | None = sock
+        self._parser = FrameParser(FrameKind.REQUEST)
+        self.frames: deque[Frame] = deque()  # arrived, checked, not served yet, in order
+
+    def read(self) -> None:
+        """Take what has arrived, up to READ_LIMIT bytes. RemoteProtocolError for a frame
+        that may not come here (module rules)."""
+        taken = 0
+        parser = self._parser
+        while self.sock is not None and taken < READ_LIMIT:
+            try:
+                data, _, flags, _ = self.sock.recvmsg(parser.bytes_desired(_BURST))
+            except (BlockingIOError, InterruptedError):
+                break
+            except OSError:
+                self.end()
+                break
+            if flags & _CTRUNC:
+                raise RemoteProtocolError("fds sent on the lazy channel")
+            if not data:
+                self.end()
+                break
+            taken += len(data)
+            parser.feed(data, ())
+        ready = parser.ready
+        while ready:
+            frame = ready.popleft()
+            if frame.kind != _POST or frame.op in _BANNED:
+                raise RemoteProtocolError(f"op {frame.op} of kind {frame.kind} on the lazy channel (only posts)")
+            self.frames.append(frame)
+
+    def end(self) -> None:
+        """No more will come: close the socket (what arrived stays in `frames`)."""
+        if self.sock is not None:
+            self.sock.close()
+            self.sock = None
+
+    def close(self) -> None:
+        self.end()
+        self._parser.close()
+        self.frames.clear()
