@@ -769,7 +769,10 @@ def _batch_records(cls: type[s.Struct]) -> st.SearchStrategy[bytes]:
 
 
 def _fd_outcome(cls: type[s.Struct], values: dict[str, Any], made: MadeFd) -> int | None:
-    """The exact result of an import or userptr with valid fields (SPEC §2, §6); 0 = success."""
+    """The exact result of an import or userptr with valid fields (SPEC §2, §6); 0 = success.
+    (A lazy channel: None, success or EINVAL: a socket of the wrong kind, or a second one.)"""
+    if cls is s.LazyChannelReq:
+        return None
     if cls is s.ImportReq:
         return 0 if made.acceptable else errno.EINVAL
     offset, length = values["offset"], values["length"]

@@ -6,6 +6,8 @@
   wire/frames.py, fds with SCM_RIGHTS, one request in flight at a time (a lock serialises
   threads). A call of a fixed-size request (no fds, no notes) costs one send and one recv
   when its whole reply arrives in one read, and one pack and one unpack (`Struct._framed`).
+  Requests posted without waiting for their replies, on the socket or on its lazy channel:
+  client/posting.py.
 
 Both take ownership of the fds inside a request struct: they are closed once sent (socket)
 or consumed by the handler (embedded). Exceptions are translated at one seam on the socket
@@ -31,8 +33,9 @@ from ..fd import OwnedFd
 from ..scm import ANC_SPACE, fds_from_ancillary, rights
 from ..wire import structs as s
 from ..wire.frames import HEADER, MAGIC, MAX_PAYLOAD, PROTOCOL_VERSION, XFER_ABOVE, FrameKind, Op, encode_header
-from ..wire.structs_share import REPLIES_AHEAD, SHARE_AHEAD, SHARE_BATCH_RECORD, ShareBatchReq
+from ..wire.structs_share import SHARE_BATCH_RECORD
 from .lazy import LazyEnd
+from .posting import Posting
 
 __all__ = ["SocketTransport"]
 
@@ -57,12 +60,7 @@ _NO_FDS: tuple[OwnedFd, ...] = ()
 _SHARE_SIZE = SHARE_BATCH_RECORD.size
 
 
-def _ahead(frames: Sequence[tuple[Op, s.Struct]]) -> int:
-    """How many requests `frames` stand for: one a frame, a share batch one a share."""
-    return sum(len(req.records) // _SHARE_SIZE if type(req) is ShareBatchReq else 1 for _, req in frames)
-
-
-class SocketTransport:
+class SocketTransport(Posting):
     """One connection to the daemon. `timeout` (seconds, or None to wait like an ioctl):
     a call whose reply has not arrived that long after it started (plus the call's own
     timeout for GEM_WAIT/WAIT_FENCE; a negative one waits for ever) raises TimedOut and
@@ -212,107 +210,6 @@ class SocketTransport:
         if sent < total:  # the rest without the fds (they went with the first byte)
             data = b"".join(bytes(b) for b in buffers)
             self._sock.sendall(data[sent:])
-
-    def post(self, frames: Sequence[tuple[Op, s.Struct]]) -> None:
-        """Send requests (no fds), in one write, without waiting for their replies: POST
-        frames, the last one a REQUEST whose reply is read and dropped before the next
-        call's (wire/frames.py; failures are nobody's here: shares report theirs to their
-        claimer, core/shares.py). Never more than SHARE_AHEAD frames (each share of a
-        GEM_SHARE_BATCH counting as one), nor REPLIES_AHEAD replies, past the last reply read:
-        past that, read the replies owed first, so the daemon never lags further behind
-        (early claims count on it) nor holds replies for a client that is not reading."""
-        if not frames:
-            return
-        with self._lock:
-            op, req = frames[-1]
-            try:
-                if self._timeout is not None:
-                    self._arm(op, req)
-                if self._owed and (self._unread + _ahead(frames) > SHARE_AHEAD or len(self._owed) >= REPLIES_AHEAD):
-                    self._skip_owed()
-                self._send_posts(frames, last_wants_reply=True)
-            except DaemonGone:
-                raise
-            except TimeoutError as exc:
-                raise self._expired(op) from exc
-            except OSError as exc:
-                raise self._lost(exc) from exc
-
-    def post_lazy(self, frames: Sequence[tuple[Op, s.Struct]]) -> None:
-        """Send posts (no fds) on the lazy channel (client/lazy.py), opened on first use;
-        on the connection, as `post`, where there is none or they do not fit."""
-        if not frames:
-            return
-        if not self._lazy_tried:
-            self._open_lazy()
-        with self._lock:
-            lazy = self._lazy
-            if lazy is not None and not lazy.broken:
-                try:
-                    if lazy.send(self._encode_posts(frames)):
-                        return
-                except OSError as exc:
-                    raise self._lost(exc) from exc
-        self.post(frames)  # (the numbers the lazy attempt took are skipped: only their order counts)
-
-    def _open_lazy(self) -> None:
-        with self._lock:
-            if self._lazy_tried:
-                return
-            self._lazy_tried = True
-        mine, theirs = LazyEnd.pair()
-        try:
-            self.call(Op.LAZY_CHANNEL, s.LazyChannelReq(fd=OwnedFd(theirs.detach())))
-        except UgemError as exc:
-            mine.close()
-            if isinstance(exc, DaemonGone):
-                raise
-            return  # a daemon without lazy channels: the connection it is
-        with self._lock:
-            self._lazy = mine
-
-    def _send_posts(self, frames: Sequence[tuple[Op, s.Struct]], last_wants_reply: bool = False,
-                    encoded: Any = None) -> None:
-        """Write `frames` (no fds) in one write, as POSTs (the last as a REQUEST, its reply
-        owed, if asked; `encoded`: the last one's payload, encoded already)."""
-        self._unread += _ahead(frames)
-        self._sock.sendall(self._encode_posts(frames, last_wants_reply, encoded))
-
-    def _encode_posts(self, frames: Sequence[tuple[Op, s.Struct]], last_wants_reply: bool = False,
-                      encoded: Any = None) -> bytearray:
-        """`frames` as POST frames (module `_send_posts`), numbered."""
-        data = bytearray()
-        last = len(frames) - 1
-        for i, (op, req) in enumerate(frames):
-            if i == last and encoded is not None:
-                payload = encoded
-            elif req._plain:
-                payload = req._codec.pack(*type(req)._values(req))
-            else:
-                pieces, fds = s.encode(req)
-                assert not fds
-                payload = b"".join(bytes(p) for p in pieces)
-            self._seq = seq = (self._seq + 1) & 0xFFFFFFFF
-            kind = _REQUEST if last_wants_reply and i == last else _POST
-            data += _pack_header(len(payload), op, 0, kind, seq, 0)
-            data += payload
-            if kind == _REQUEST:
-                self._owed.append((op, seq))
-        return data
-
-    def _skip_owed(self) -> None:
-        owed, self._owed = self._owed, []
-        for op, seq in owed:
-            self._skip_reply(op, seq)
-        self._unread = 0
-
-    def _skip_reply(self, op: int, seq: int) -> None:
-        """Read one note's reply exactly (never a byte of the next) and drop it."""
-        header = self._read_exactly(HEADER.size)
-        length, rop, nfds, kind, rseq, _ = HEADER.unpack(header)
-        if kind != _REPLY or rop != op or rseq != seq or nfds or length > MAX_PAYLOAD:
-            self._abort([], f"malformed reply header from the daemon: {HEADER.unpack(header)}")
-        self._read_exactly(length)
 
     def _read_exactly(self, n: int) -> bytes:
         buf = bytearray()

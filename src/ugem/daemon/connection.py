@@ -64,7 +64,7 @@ from ..wire.frames import (
     Op,
     encode_header,
 )
-from .lazy import LazyChannel, before
+from .lazy import LazyChannel, LazyServing
 from .logs import event
 from .poller import READ
 from .tally import RequestTally
@@ -92,7 +92,7 @@ _FIXED: dict[int, tuple[RequestDesc, type[s.Struct], int, Callable[[bytes], tupl
     if desc.req._plain}
 
 
-class Connection:
+class Connection(LazyServing):
     def __init__(self, sock: socket.socket, core: Core, client: Client, tally: RequestTally | None = None) -> None:
         self.sock = sock
         self.core = core
@@ -160,50 +160,6 @@ class Connection:
         self.flush()
         if not self.outbox and self.parser.ready:
             self.on_readable()
-
-    def _serve_lazy_before(self, seq: int) -> bool:
-        """Serve the next lazy frame if it was written before frame `seq`; False if none was."""
-        lazy = self.lazy
-        assert lazy is not None
-        frames = lazy.frames
-        if not frames or before(frames[-1].seq, seq):  # more may have come
-            lazy.read()
-        if frames and before(frames[0].seq, seq):
-            self._serve(frames.popleft())
-            return True
-        return False
-
-    def _lazy_at_end(self) -> bool:
-        """The connection ended: queue what its lazy channel holds to be served, then forget
-        the channel; False if it held nothing."""
-        lazy = self.lazy
-        assert lazy is not None
-        lazy.read()
-        self.lazy = None
-        self.parser.ready.extend(lazy.frames)
-        held = bool(lazy.frames)
-        lazy.frames.clear()
-        lazy.close()
-        return held
-
-    def tick_lazy(self) -> None:
-        """Once a second: serve what the lazy channel holds, if nothing of the connection
-        written before it is unread or waiting (its frames are read first, then the
-        connection's, which takes every frame written before them)."""
-        lazy = self.lazy
-        if lazy is None or self.outbox or self.parked is not None:
-            return
-        lazy.read()
-        if not lazy.frames:
-            if lazy.sock is None:
-                lazy.close()
-                self.lazy = None
-            return
-        self.on_readable()
-        frames = lazy.frames
-        while frames and not self.outbox and self.parked is None and not self.parser.ready \
-                and not self.parser.mid_frame:
-            self._serve(frames.popleft())
 
     def _serve(self, frame: Frame) -> None:
         self.started = _monotonic()
@@ -304,29 +260,6 @@ class Connection:
         self.greeted = True
         self._reply(frame, s.HelloReply(version=PROTOCOL_VERSION, client_id=self.client.id, server_pid=os.getpid(),
                                         max_payload=MAX_PAYLOAD, max_inline=MAX_INLINE))
-
-    def _open_lazy(self, frame: Frame) -> None:
-        """LAZY_CHANNEL (lazy.py), checked as a request of the table would be."""
-        if len(frame.fds) != 1:
-            frame.close_fds()
-            raise RemoteProtocolError(f"op {frame.op} carries {len(frame.fds)} fds, expected 1")
-        try:
-            req = s.decode(s.LazyChannelReq, frame.payload, frame.fds)
-        except InvalidArgument as exc:
-            frame.close_fds()
-            self._reply_error(frame, exc.errno or errno.EINVAL, str(exc.strerror))
-            return
-        assert req.fd is not None
-        if self.lazy is not None:
-            req.fd.close()
-            self._reply_error(frame, errno.EINVAL, "this connection has a lazy channel already")
-            return
-        try:
-            self.lazy = LazyChannel.adopt(req.fd)
-        except ValueError as exc:
-            self._reply_error(frame, errno.EINVAL, f"LAZY_CHANNEL: {exc}")
-            return
-        self._reply(frame, s.Empty())
 
     # -- writing ---------------------------------------------------------------------
 

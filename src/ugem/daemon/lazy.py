@@ -24,14 +24,17 @@ Rules:
 
 from __future__ import annotations
 
+import errno
 import socket
 from collections import deque
+from typing import Any
 
-from ..errors import RemoteProtocolError
+from ..errors import InvalidArgument, RemoteProtocolError
 from ..fd import OwnedFd
+from ..wire import structs as s
 from ..wire.frames import Frame, FrameKind, FrameParser, Op
 
-__all__ = ["READ_LIMIT", "LazyChannel", "before"]
+__all__ = ["READ_LIMIT", "LazyChannel", "LazyServing", "before"]
 
 READ_LIMIT = 1 << 20  # bytes one `read` takes at most (a client writing without end cannot hold the loop)
 _BURST = 65536
@@ -104,3 +107,91 @@ class LazyChannel:
         self.end()
         self._parser.close()
         self.frames.clear()
+
+
+class LazyServing:
+    """How a Connection (connection.py) serves its lazy channel (module rules)."""
+
+    lazy: LazyChannel | None
+    parser: FrameParser
+    outbox: Any
+    parked: Any
+
+    def _serve(self, frame: Frame) -> None:
+        raise NotImplementedError
+
+    def on_readable(self) -> None:
+        raise NotImplementedError
+
+    def _reply(self, frame: Frame, reply: s.Struct) -> None:
+        raise NotImplementedError
+
+    def _reply_error(self, frame: Frame, code: int, message: str) -> None:
+        raise NotImplementedError
+
+    def _serve_lazy_before(self, seq: int) -> bool:
+        """Serve the next lazy frame if it was written before frame `seq`; False if none was."""
+        lazy = self.lazy
+        assert lazy is not None
+        frames = lazy.frames
+        if not frames or before(frames[-1].seq, seq):  # more may have come
+            lazy.read()
+        if frames and before(frames[0].seq, seq):
+            self._serve(frames.popleft())
+            return True
+        return False
+
+    def _lazy_at_end(self) -> bool:
+        """The connection ended: queue what its lazy channel holds to be served, then forget
+        the channel; False if it held nothing."""
+        lazy = self.lazy
+        assert lazy is not None
+        lazy.read()
+        self.lazy = None
+        self.parser.ready.extend(lazy.frames)
+        held = bool(lazy.frames)
+        lazy.frames.clear()
+        lazy.close()
+        return held
+
+    def tick_lazy(self) -> None:
+        """Once a second: serve what the lazy channel holds, if nothing of the connection
+        written before it is unread or waiting (its frames are read first, then the
+        connection's, which takes every frame written before them)."""
+        lazy = self.lazy
+        if lazy is None or self.outbox or self.parked is not None:
+            return
+        lazy.read()
+        if not lazy.frames:
+            if lazy.sock is None:
+                lazy.close()
+                self.lazy = None
+            return
+        self.on_readable()
+        frames = lazy.frames
+        while frames and not self.outbox and self.parked is None and not self.parser.ready \
+                and not self.parser.mid_frame:
+            self._serve(frames.popleft())
+
+    def _open_lazy(self, frame: Frame) -> None:
+        """LAZY_CHANNEL (module rules), checked as a request of the table would be."""
+        if len(frame.fds) != 1:
+            frame.close_fds()
+            raise RemoteProtocolError(f"op {frame.op} carries {len(frame.fds)} fds, expected 1")
+        try:
+            req = s.decode(s.LazyChannelReq, frame.payload, frame.fds)
+        except InvalidArgument as exc:
+            frame.close_fds()
+            self._reply_error(frame, exc.errno or errno.EINVAL, str(exc.strerror))
+            return
+        assert req.fd is not None
+        if self.lazy is not None:
+            req.fd.close()
+            self._reply_error(frame, errno.EINVAL, "this connection has a lazy channel already")
+            return
+        try:
+            self.lazy = LazyChannel.adopt(req.fd)
+        except ValueError as exc:
+            self._reply_error(frame, errno.EINVAL, f"LAZY_CHANNEL: {exc}")
+            return
+        self._reply(frame, s.Empty())
