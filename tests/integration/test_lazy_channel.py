@@ -203,3 +203,38 @@ def test_a_lazy_channel_that_cannot_be_one_is_einval_and_the_connection_stays(da
             lazy.close()
     raw.close()
     kit.assert_healthy(daemon, baseline)
+
+
+def test_a_client_flooding_its_lazy_channel_does_not_hold_up_others(daemon, kit):
+    """One client fills its lazy channel with posts (STATS, thousands of them: as many as
+    its socket holds), then sends a request numbered after them, which must wait for all of
+    them; another client's request, sent just after, is answered before that one: the
+    daemon serves a turn of lazy frames (LAZY_BURST), then the others, then the next turn."""
+    import select
+
+    flooder = _Lazy(kit.raw(daemon.path))
+    bystander = kit.raw(daemon.path)
+    bystander.hello()
+    first = flooder.raw.seq + 1
+    batch = 256
+    flooder.mine.setblocking(False)
+    written = 0
+    try:
+        while True:  # whole batches (each one kernel buffer: written whole or not at all)
+            chunk = b"".join(encode_header(0, Op.STATS, 0, FrameKind.POST, (first + written + i) & 0xFFFFFFFF, 0)
+                             for i in range(batch))
+            try:
+                flooder.mine.send(chunk)
+            except BlockingIOError:
+                break
+            written += batch
+        assert written >= 4 * batch, written
+        flooder.raw.seq = first + written
+        seq = flooder.raw.frame(Op.STATS)  # numbered after the flood: served once all of it is
+        bystander.assert_usable()
+        readable, _, _ = select.select([flooder.raw.sock], [], [], 0)
+        assert not readable, f"the bystander waited for all {written} lazy frames of another client"
+        reply = flooder.raw.reply()
+        assert (reply.seq, reply.status) == (seq, 0), reply
+    finally:
+        flooder.close()

@@ -129,10 +129,15 @@ class Connection(LazyServing):
         ConnectionError when the connection must be dropped."""
         parser = self.parser
         ready = parser.ready
+        self.lazy_turn = 0
         while not self.outbox and self.parked is None:
             if ready:
-                if self.lazy is not None and self._serve_lazy_before(ready[0].seq):
-                    continue
+                if self.lazy is not None:
+                    earlier = self._serve_lazy_before(ready[0].seq)
+                    if earlier is None:
+                        return  # its turn is over: `behind`, the server comes back (lazy.py)
+                    if earlier:
+                        continue
                 self._serve(ready.popleft())
                 if not ready:
                     return  # epoll reports the socket again if more is waiting
@@ -150,7 +155,7 @@ class Connection(LazyServing):
                 for fd in fds:
                     fd.close()
                 if self.lazy is not None and self._lazy_at_end():
-                    continue  # its lazy frames first, then the end
+                    return  # its lazy frames first (this turn's), then the end
                 raise ConnectionResetError("client closed the connection")
             if parser.feed(data, fds):  # a partial frame is making progress
                 self.last_progress = _monotonic()

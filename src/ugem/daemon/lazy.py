@@ -6,12 +6,16 @@ Rules:
   after HELLO carrying one fd, no payload), once per connection; the fd must be a
   connected Unix stream socket (else EINVAL, the fd closed, the connection kept), and a
   second one is EINVAL;
-- the daemon never polls it. It reads it (non-blocking, at most READ_LIMIT bytes a time)
-  only: before serving each frame of the connection, whose frames numbered before that
-  frame's are served first; once a second (`Connection.tick_lazy`), where its frames are
-  served once the connection has nothing unread or waiting; and when the connection ends,
-  where what had arrived is served (unanswered) before the client is released: a worker
-  killed right after writing its claims leaves no share held;
+- the daemon never polls it. It reads it (non-blocking, at most READ_LIMIT bytes a time,
+  and only while fewer than LAZY_BURST of its frames wait) only: before serving each frame
+  of the connection, whose frames numbered before that frame's are served first; once a
+  second (`serve_lazy`), where its frames are served once the connection has nothing
+  unread or waiting; and when the connection ends, where what had arrived is served
+  (unanswered) before the client is released: a worker killed right after writing its
+  claims leaves no share held;
+- fairness: a connection serves at most LAZY_BURST lazy frames a turn; past that it is
+  `behind`, and the server comes back to it (`serve_lazy`) after one turn of the others,
+  as a connection's own frames are read at most _BURST bytes a wake-up;
 - frame numbers (`seq`) come from one counter per client across both channels, in the
   order the client wrote them, so serving the lower first keeps the client's order
   (compared modulo 2**32);
@@ -34,9 +38,10 @@ from ..fd import OwnedFd
 from ..wire import structs as s
 from ..wire.frames import Frame, FrameKind, FrameParser, Op
 
-__all__ = ["READ_LIMIT", "LazyChannel", "LazyServing", "before"]
+__all__ = ["LAZY_BURST", "READ_LIMIT", "LazyChannel", "LazyServing", "before"]
 
-READ_LIMIT = 1 << 20  # bytes one `read` takes at most (a client writing without end cannot hold the loop)
+READ_LIMIT = 1 << 18  # bytes one `read` takes at most (above a socket's default send buffer, 208 KiB)
+LAZY_BURST = 256  # lazy frames a connection serves a turn
 _BURST = 65536
 _CTRUNC = int(socket.MSG_CTRUNC)
 _POST = int(FrameKind.POST)
@@ -70,9 +75,9 @@ class LazyChannel:
         self._parser = FrameParser(FrameKind.REQUEST)
         self.frames: deque[Frame] = deque()  # arrived, checked, not served yet, in order
 
-    def read(self) -> None:
-        """Take what has arrived, up to READ_LIMIT bytes. RemoteProtocolError for a frame
-        that may not come here (module rules)."""
+    def read(self) -> bool:
+        """Take what has arrived, up to READ_LIMIT bytes; True if it stopped there (more
+        may wait). RemoteProtocolError for a frame that may not come here (module rules)."""
         taken = 0
         parser = self._parser
         while self.sock is not None and taken < READ_LIMIT:
@@ -96,6 +101,7 @@ class LazyChannel:
             if frame.kind != _POST or frame.op in _BANNED:
                 raise RemoteProtocolError(f"op {frame.op} of kind {frame.kind} on the lazy channel (only posts)")
             self.frames.append(frame)
+        return taken >= READ_LIMIT
 
     def end(self) -> None:
         """No more will come: close the socket (what arrived stays in `frames`)."""
@@ -113,6 +119,8 @@ class LazyServing:
     """How a Connection (connection.py) serves its lazy channel (module rules)."""
 
     lazy: LazyChannel | None
+    lazy_turn = 0  # lazy frames served this turn
+    behind = False  # served LAZY_BURST this turn, with more waiting: the server comes back
     parser: FrameParser
     outbox: Any
     parked: Any
@@ -129,48 +137,73 @@ class LazyServing:
     def _reply_error(self, frame: Frame, code: int, message: str) -> None:
         raise NotImplementedError
 
-    def _serve_lazy_before(self, seq: int) -> bool:
-        """Serve the next lazy frame if it was written before frame `seq`; False if none was."""
+    def _serve_lazy_before(self, seq: int) -> bool | None:
+        """Serve the next lazy frame if it was written before frame `seq` (True); False if
+        none was; None if this turn's LAZY_BURST are served (then `behind`)."""
         lazy = self.lazy
         assert lazy is not None
         frames = lazy.frames
-        if not frames or before(frames[-1].seq, seq):  # more may have come
+        if len(frames) < LAZY_BURST and (not frames or before(frames[-1].seq, seq)):  # more may have come
             lazy.read()
-        if frames and before(frames[0].seq, seq):
-            self._serve(frames.popleft())
-            return True
-        return False
+        if not frames or not before(frames[0].seq, seq):
+            return False
+        if self.lazy_turn >= LAZY_BURST:
+            self.behind = True
+            return None
+        self.lazy_turn += 1
+        self._serve(frames.popleft())
+        return True
 
     def _lazy_at_end(self) -> bool:
-        """The connection ended: queue what its lazy channel holds to be served, then forget
-        the channel; False if it held nothing."""
+        """The connection ended: serve what its lazy channel holds (unanswered), LAZY_BURST a
+        turn; False once nothing is left (the channel closed and forgotten)."""
         lazy = self.lazy
         assert lazy is not None
-        lazy.read()
-        self.lazy = None
-        self.parser.ready.extend(lazy.frames)
-        held = bool(lazy.frames)
-        lazy.frames.clear()
+        more = lazy.read() if len(lazy.frames) < LAZY_BURST else True
+        frames = lazy.frames
+        while frames:
+            if self.outbox or self.parked is not None:
+                return True  # (the server steps it again, then reads the end once more)
+            if self.lazy_turn >= LAZY_BURST:
+                self.behind = True
+                return True
+            self.lazy_turn += 1
+            self._serve(frames.popleft())
+        if more:
+            self.behind = True
+            return True
         lazy.close()
-        return held
+        self.lazy = None
+        return False
 
-    def tick_lazy(self) -> None:
-        """Once a second: serve what the lazy channel holds, if nothing of the connection
-        written before it is unread or waiting (its frames are read first, then the
-        connection's, which takes every frame written before them)."""
+    def serve_lazy(self) -> None:
+        """Once a second, and when the connection is `behind`: serve what the lazy channel
+        holds, if nothing of the connection written before it is unread or waiting (its
+        frames are read first, then the connection's, which takes every frame written before
+        them), LAZY_BURST a turn."""
+        self.behind = False
         lazy = self.lazy
         if lazy is None or self.outbox or self.parked is not None:
             return
-        lazy.read()
-        if not lazy.frames:
-            if lazy.sock is None:
-                lazy.close()
-                self.lazy = None
+        if len(lazy.frames) < LAZY_BURST:
+            lazy.read()
+        if not lazy.frames and lazy.sock is not None:
             return
         self.on_readable()
+        lazy = self.lazy  # (gone if the connection ended meanwhile)
+        if lazy is None or self.behind:
+            return
         frames = lazy.frames
+        if not frames and lazy.sock is None:  # its client closed it: what it sent is served
+            lazy.close()
+            self.lazy = None
+            return
         while frames and not self.outbox and self.parked is None and not self.parser.ready \
                 and not self.parser.mid_frame:
+            if self.lazy_turn >= LAZY_BURST:
+                self.behind = True
+                return
+            self.lazy_turn += 1
             self._serve(frames.popleft())
 
     def _open_lazy(self, frame: Frame) -> None:

@@ -25,7 +25,9 @@ Rules:
   survived is frozen (`gc.freeze`): a full collection over a million objects stalls
   every client for 0.3 s, a collection over one second's worth does not. Frozen objects
   are still freed by reference counting; only a cycle formed after freezing would stay;
-- once a second each connection's lazy channel (lazy.py) is served (`tick_lazy`);
+- once a second each connection's lazy channel (lazy.py) is served (`serve_lazy`), and a
+  connection `behind` on it is served again after each turn of the loop (polled without
+  waiting meanwhile);
 - parked requests (connection.py) are stepped again once `Call.ready` (core/call.py);
   after each turn of the loop the background reclaim both modes share (`after_request`)
   starts its jobs on the worker threads, and real memory pressure (pressure.py) shrinks;
@@ -111,6 +113,7 @@ class Server:
             self.runner.submit(job)
         self.sel.register(self.runner.fileno(), READ, "jobs")
         self.parked: set[Connection] = set()  # requests waiting for jobs, fences, deadlines or resume
+        self.behind: set[Connection] = set()  # connections with lazy frames left for their next turn (lazy.py)
         self._gpu_r, self._gpu_w = pipe(os.O_NONBLOCK | os.O_CLOEXEC)  # GPU thread -> loop
         self.sel.register(self._gpu_r.fd, READ, "gpu")
         self.gpu.set_notify(self._gpu_notify)
@@ -159,7 +162,7 @@ class Server:
         if self._accept_paused_until and now >= self._accept_paused_until and self.listener is not None:
             self._accept_paused_until = 0.0
             self.sel.register(self.listener.fileno(), READ, "listener")
-        timeout = self._timeout(now) if self.parked else 1.0
+        timeout = 0.0 if self.behind else self._timeout(now) if self.parked else 1.0
         exit_idle = self.options.exit_idle
         if exit_idle is not None and self._idle_since is not None:
             timeout = min(timeout, max(0.0, self._idle_since + exit_idle - now))
@@ -179,6 +182,10 @@ class Server:
                 tag(_events)
         if self.parked:
             self._wake(_monotonic())
+        for conn in list(self.behind):  # their lazy frames' next turn (lazy.py)
+            self.behind.discard(conn)
+            if not conn.closed:
+                self._guard(conn, conn.serve_lazy)
         for job in after_request(self.core.memory):  # the background reclaim both modes share
             self.runner.submit(job)
         if exit_idle is not None and self._idle_since is not None:
@@ -187,7 +194,7 @@ class Server:
             self._last_stall_check = now
             self._drop_stalled(now)
             for conn in [c for c in self.connections.values() if c.lazy is not None]:
-                self._guard(conn, conn.tick_lazy)  # (lazy.py)
+                self._guard(conn, conn.serve_lazy)  # (lazy.py)
             self._check_pressure()
             self.service.tick(now)
             gc.collect()  # only the objects not frozen yet: about one second's worth
@@ -291,6 +298,8 @@ class Server:
             return
         if not greeted and conn.greeted:
             self.lobby.leave(conn)
+        if conn.behind:
+            self.behind.add(conn)
         parked = conn.parked  # (no local may hold the Pending: its traceback holds this frame)
         if parked is not None and parked[1].pending is not None:  # must wait: start its jobs, stop reading it
             for job in parked[1].pending.jobs:
