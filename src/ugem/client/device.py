@@ -1,8 +1,8 @@
 """Device: the public handle-layer API of SPEC §2, identical over both transports.
 
-A Device is one client. Its methods check their arguments (client/args.py: anything but
-an integer where one is expected is EINVAL naming it, in both modes) and build request
-structs sent through its transport; the only mode-specific code is how bulk data moves:
+A Device is one client. Its methods check their arguments (client/args.py: anything but an integer where one
+is expected is EINVAL naming it, in both modes) and build request structs sent through its transport; the only
+mode-specific code is how bulk data moves:
 
 - embedded: the handler copies straight between the caller's buffer and the object
   (a `pread` beyond the transport's `inline_limit` takes the XFER path below in both modes,
@@ -12,16 +12,15 @@ structs sent through its transport; the only mode-specific code is how bulk data
   over a private file description of the object (XFER) and this process does the one copy
   with preadv/pwritev, then reports XFER_DONE.
 
-Mappings hold no fd (backing/mapping.py); each is entered in this process's registry of ugem
-mappings (client/registry.py), which pickling by reference consults. When the last view of a
-mapping dies, a finalizer removes it from the registry and queues its id; when a Buffer is
-dropped without `close()`, its finalizer queues its handle's record (client/releases.py has
-the rules); so do shares this process received but did not need to map (client/device_share.py).
-Queued releases go out with the next request, pipelined in the same write (GEM_DROP_SHARES,
-GEM_MUNMAP, then GEM_CLOSE_BATCH for the handles no live Buffer wraps any more, in as many
-frames as they need; no round trip of their own), never from a finalizer itself, which may
-run at any moment (even mid-request); `close()` sends the shares it holds back
-(client/batch.py) and drops the rest, as the manager releases everything then.
+Mappings hold no fd (backing/mapping.py); each is entered in this process's registry of ugem mappings
+(client/registry.py), which pickling by reference consults. When the last view of a mapping dies, a finalizer
+removes it from the registry and queues its id; when a Buffer is dropped without `close()`, its finalizer
+queues its handle's record (client/releases.py has the rules); so do shares this process received but did not
+need to map (client/device_share.py). Queued releases go out with the next request, pipelined in the same
+write (GEM_DROP_SHARES, GEM_MUNMAP, then GEM_CLOSE_BATCH for the handles no live Buffer wraps any more, in as
+many frames as they need; no round trip of their own), never from a finalizer itself, which may run at any
+moment (even mid-request); `close()` sends the shares it holds back (client/batch.py) and drops the rest, as
+the manager releases everything then.
 """
 
 from __future__ import annotations
@@ -397,9 +396,8 @@ class Device(DeviceOps, ShareOps):
         return int(r.handle)
 
     def hangup_fd(self) -> int | None:
-        """A new fd (the caller closes it, before this Device) on the connection to the
-        daemon, to poll for POLLRDHUP/POLLHUP: the daemon closed it or died. Never read
-        from it. None for an embedded Device (no daemon to lose)."""
+        """A new fd (the caller closes it, before this Device) on the connection to the daemon, to poll for
+        POLLRDHUP/POLLHUP: the daemon closed it or died. Never read from it. None if embedded (no daemon to lose)."""
         fileno = getattr(self._live(), "fileno", None)
         return None if fileno is None else os.dup(fileno())
 
