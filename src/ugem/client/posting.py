@@ -119,6 +119,9 @@ class Posting:
             if isinstance(exc, DaemonGone):
                 raise
             return  # a daemon without lazy channels: the connection it is
+        except BaseException:
+            mine.close()
+            raise
         with self._lock:
             self._lazy = mine
 

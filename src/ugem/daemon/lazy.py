@@ -3,9 +3,10 @@ without being woken (client/lazy.py says what goes there and why).
 
 Rules:
 - a client hands its end over with LAZY_CHANNEL (connection-level, as HELLO: a REQUEST
-  after HELLO carrying one fd, no payload), once per connection; the fd must be a
-  connected Unix stream socket (else EINVAL, the fd closed, the connection kept), and a
-  second one is EINVAL;
+  after HELLO carrying one fd, no payload), once per connection; the fd must be a Unix
+  stream socket (else EINVAL, the fd closed, the connection kept; one not connected ends
+  at its first read), and a second one is EINVAL. It costs the daemon one fd while the
+  connection lasts;
 - the daemon never polls it. It reads it (non-blocking, at most READ_LIMIT bytes a time,
   and only while fewer than LAZY_BURST of its frames wait) only: before serving each frame
   of the connection, whose frames numbered before that frame's are served first; once a
@@ -62,7 +63,7 @@ class LazyChannel:
             sock = socket.socket(fileno=fd.fd)
         except OSError as exc:
             fd.close()
-            raise ValueError(f"fd {fd.fd} is not a socket ({exc.strerror})") from None
+            raise ValueError(f"the fd is not a socket ({exc.strerror})") from None
         fd.detach()
         if sock.family != socket.AF_UNIX or sock.type != socket.SOCK_STREAM:
             sock.close()
