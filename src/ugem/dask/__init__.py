@@ -1,7 +1,7 @@
 """ugem as the node's memory for Dask workers (the `dask` extra: `pip install 'ugem[dask]'`).
 
-`UgemBuffer` (buffer.py; its writer thread: writer.py; one value in its object: stored.py;
-the objects it reuses: pool.py) is a worker data mapping for
+`UgemBuffer` (buffer.py; its writer thread: writer.py; one value in its object: stored.py)
+is a worker data mapping for
 `distributed`'s `data=` parameter; `UgemArray` (handoff.py) is the array type it returns,
 which workers on one machine pass to each other by reference, and `PendingArray`
 (pending.py) the read-only view it returns of an array still being copied into its object;
