@@ -27,8 +27,8 @@ Rules:
   closed with it;
 - a lazy channel (lazy.py: LAZY_CHANNEL, once per connection) is read before each frame is
   served, and its frames numbered before that one are served first; once a second
-  (`tick_lazy`) when nothing else of the connection is waiting; and at the connection's
-  end, before its client is released;
+  (`serve_lazy`) when nothing else of the connection is waiting; and at the connection's
+  end, before its client is released (at most LAZY_BURST of them a turn);
 - every reply, success or error, is counted in the server's RequestTally (tally.py) with
   its op, errno and the seconds since its frame was complete; an EDQUOT reply is also
   logged there (throttled per client).

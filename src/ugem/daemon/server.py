@@ -182,10 +182,11 @@ class Server:
                 tag(_events)
         if self.parked:
             self._wake(_monotonic())
-        for conn in list(self.behind):  # their lazy frames' next turn (lazy.py)
-            self.behind.discard(conn)
-            if not conn.closed:
-                self._guard(conn, conn.serve_lazy)
+        if self.behind:  # their lazy frames' next turn (lazy.py)
+            behind, self.behind = self.behind, set()
+            for conn in behind:
+                if not conn.closed:
+                    self._guard(conn, conn.serve_lazy)
         for job in after_request(self.core.memory):  # the background reclaim both modes share
             self.runner.submit(job)
         if exit_idle is not None and self._idle_since is not None:
