@@ -206,35 +206,39 @@ def test_a_lazy_channel_that_cannot_be_one_is_einval_and_the_connection_stays(da
 
 
 def test_a_client_flooding_its_lazy_channel_does_not_hold_up_others(daemon, kit):
-    """One client fills its lazy channel with posts (STATS, thousands of them: as many as
-    its socket holds), then sends a request numbered after them, which must wait for all of
-    them; another client's request, sent just after, is answered before that one: the
+    """One client fills its lazy channel with posted creates (up to 16,384: as many as its
+    socket holds), then sends a request numbered after them, which must wait for all of
+    them; another client's STATS, sent just after, is served before all of them are: the
     daemon serves a turn of lazy frames (LAZY_BURST), then the others, then the next turn."""
-    import select
+    import json
 
     flooder = _Lazy(kit.raw(daemon.path))
     bystander = kit.raw(daemon.path)
     bystander.hello()
+    flooder.mine.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 1 << 22)  # (the kernel caps it)
+    create = b"".join(bytes(p) for p in s.encode(s.CreateReq(size=4096))[0])
     first = flooder.raw.seq + 1
-    batch = 256
+    batch = 64
     flooder.mine.setblocking(False)
     written = 0
     try:
-        while True:  # whole batches (each one kernel buffer: written whole or not at all)
-            chunk = b"".join(encode_header(0, Op.STATS, 0, FrameKind.POST, (first + written + i) & 0xFFFFFFFF, 0)
-                             for i in range(batch))
+        while written < 16384:  # whole batches (each one kernel buffer: written whole or not at all)
+            chunk = b"".join(encode_header(len(create), Op.GEM_CREATE, 0, FrameKind.POST,
+                                           (first + written + i) & 0xFFFFFFFF, 0) + create for i in range(batch))
             try:
                 flooder.mine.send(chunk)
             except BlockingIOError:
                 break
             written += batch
-        assert written >= 4 * batch, written
+        assert written >= 8 * batch, written
         flooder.raw.seq = first + written
         seq = flooder.raw.frame(Op.STATS)  # numbered after the flood: served once all of it is
-        bystander.assert_usable()
-        readable, _, _ = select.select([flooder.raw.sock], [], [], 0)
-        assert not readable, f"the bystander waited for all {written} lazy frames of another client"
+        reply = bystander.call(Op.STATS, s.Empty())
+        assert reply.status == 0, reply
+        seen = json.loads(reply.payload)["objects"]
+        assert seen < written, f"another client's request waited for all {written} lazy frames of this one"
         reply = flooder.raw.reply()
         assert (reply.seq, reply.status) == (seq, 0), reply
+        assert json.loads(reply.payload)["objects"] == written
     finally:
         flooder.close()
