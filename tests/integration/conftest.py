@@ -6,7 +6,8 @@ module, so the helpers reach them through fixtures:
 - `daemon`: a fresh `ugem serve` (run_daemon) for one test, run with ResourceWarnings
   shown, so an OwnedFd the daemon leaves to the garbage collector appears in its log;
 - `default_daemon`: that daemon as the default one of this process and of its children
-  (`$UGEM_SOCKET`; `default_device()` made anew before and after);
+  (`$UGEM_SOCKET`; `default_device()` made anew before and after); `sender`: the pickling
+  tests' two modes (that, or embedded);
 - `kit`: polling with deadlines (`wait_until`, `wait_fd_count`), `assert_healthy(daemon,
   baseline)` (alive, serves a fresh client, fd count back at `baseline`, no leak warning
   in its log), and factories for `RawClient` (speaks the wire protocol by hand, from
@@ -316,3 +317,24 @@ def default_daemon(daemon: DaemonProcess, monkeypatch: pytest.MonkeyPatch) -> It
         yield daemon
     finally:
         reset()
+
+
+@pytest.fixture(params=["embedded", "daemon"])
+def sender(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch, tmp_path: Any
+           ) -> Iterator[DaemonProcess | None]:
+    """The default device of this process and of its children, for the pickling tests: a
+    daemon's client (`default_daemon`), or embedded (nobody listens at $UGEM_SOCKET)."""
+    import multiprocessing.forkserver
+
+    from ugem.client.default import reset
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
+    reset()
+    try:
+        if request.param == "embedded":
+            monkeypatch.setenv("UGEM_SOCKET", str(tmp_path / "nobody-listens.sock"))
+            yield None
+        else:
+            yield request.getfixturevalue("default_daemon")
+    finally:
+        reset()
+        multiprocessing.forkserver._forkserver._stop()  # type: ignore[attr-defined]  # next one: this env

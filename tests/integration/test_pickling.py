@@ -15,7 +15,6 @@ import multiprocessing.forkserver
 import os
 import pickle
 import signal
-from collections.abc import Iterator
 from multiprocessing.reduction import ForkingPickler
 from typing import Any
 
@@ -32,23 +31,6 @@ from ugem.wire.frames import Op
 
 METHODS = ["fork", "spawn", "forkserver"]
 CHANNELS = ["process", "queue", "pipe", "pool", "executor"]
-
-
-@pytest.fixture(params=["embedded", "daemon"])
-def sender(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch, tmp_path: Any
-           ) -> Iterator[DaemonProcess | None]:
-    """The default device of this process and of its children: a daemon's client, or embedded."""
-    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
-    reset()
-    try:
-        if request.param == "embedded":
-            monkeypatch.setenv("UGEM_SOCKET", str(tmp_path / "nobody-listens.sock"))
-            yield None
-        else:
-            yield request.getfixturevalue("default_daemon")
-    finally:
-        reset()
-        multiprocessing.forkserver._forkserver._stop()  # type: ignore[attr-defined]  # next one: this env
 
 
 def _marked() -> tuple[np.ndarray, np.ndarray]:

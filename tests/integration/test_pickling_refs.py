@@ -9,7 +9,6 @@ from __future__ import annotations
 import gc
 import multiprocessing
 import multiprocessing.forkserver
-from collections.abc import Iterator
 from multiprocessing.reduction import ForkingPickler
 from typing import Any
 
@@ -18,7 +17,7 @@ import pytest
 
 import ugem
 from ugem.client import pickling
-from ugem.client.default import default_device, reset
+from ugem.client.default import default_device
 from ugem.testing import DaemonProcess
 from ugem.testing import workers as w
 from ugem.testing.data import wait_until
@@ -26,21 +25,6 @@ from ugem.wire import structs_share as ss
 from ugem.wire.frames import Op
 
 ROWS = 600
-
-
-@pytest.fixture(params=["embedded", "daemon"])
-def sender(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch, tmp_path: Any
-           ) -> Iterator[DaemonProcess | None]:
-    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
-    reset()
-    try:
-        if request.param == "embedded":
-            monkeypatch.setenv("UGEM_SOCKET", str(tmp_path / "nobody-listens.sock"))
-            yield None
-        else:
-            yield request.getfixturevalue("default_daemon")
-    finally:
-        reset()
 
 
 def _references(monkeypatch: pytest.MonkeyPatch, sender: DaemonProcess | None) -> list[int]:
