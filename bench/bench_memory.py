@@ -203,11 +203,12 @@ class ReplyMarks:
         return t
 
 
-def spill_file(spill_dir: str) -> str:
-    found = glob.glob(os.path.join(spill_dir, "ugem-*", "spill-*"))
-    if len(found) != 1:
-        raise RuntimeError(f"expected one spill file under {spill_dir}, found {found}")
-    return found[0]
+def spill_files(spill_dir: str) -> list[str]:
+    """The daemon's spill files (one private subdirectory: spill-0, spill-1)."""
+    found = sorted(glob.glob(os.path.join(spill_dir, "ugem-*", "spill-*")))
+    if len({os.path.dirname(f) for f in found}) != 1:
+        raise RuntimeError(f"expected one daemon's spill files under {spill_dir}, found {found}")
+    return found
 
 
 def delta(before: dict[str, Any], after: dict[str, Any], key: str) -> int:
@@ -316,7 +317,7 @@ class Cycles:
         """Read the spilled objects back (restores), paired with reads of the baseline file
         `path` (open as `fd`): WARM with both files in the page cache, the rest after dropping it."""
         dev = self.dev
-        spath = spill_file(self.spill_dir)
+        spaths = spill_files(self.spill_dir)
 
         def restore_one(label: str, h: int, check: bool) -> None:
             self.out.fill(0)
@@ -343,9 +344,10 @@ class Cycles:
         before = dev.stats()
         for label, first in (("warm", 0), ("cold", WARM)):
             if label == "cold":
-                drop_cache(spath)
+                for spath in spaths:
+                    drop_cache(spath)
                 drop_cache(path)
-            for key, where in (("spill file", spath), ("baseline file", path)):
+            for key, where in [*((f"spill file {os.path.basename(p)}", p) for p in spaths), ("baseline file", path)]:
                 self.facts[f"{key} before {label} reads (cached/allocated)"].append(cached_bytes(where))
             last = first + (WARM if label == "warm" else PRESSED - WARM)
             for i in range(first, last):

@@ -488,10 +488,11 @@ def _file_size_limit(limit: int):
 
 
 def test_spill_storage_that_cannot_grow_is_enomem_not_a_hang(mode, tmp_path, errno_of):
-    # spill storage takes 4 MiB, then every copy to it fails: the request must fail
+    # spill storage takes 4 MiB (2 MiB in each of its two files: small extents take turns),
+    # then every copy to it fails: the request must fail
     with contextlib.ExitStack() as stack:
         limited = stack.enter_context(contextlib.ExitStack())
-        limited.enter_context(_file_size_limit(4 * MiB))
+        limited.enter_context(_file_size_limit(2 * MiB))
         if mode == "embedded":
             dev = stack.enter_context(ugem.embedded(spill_dir=str(tmp_path), system_budget=BUDGET))
         else:  # the daemon inherits the limit; this process needs it no longer
@@ -525,7 +526,7 @@ def test_mapping_with_spill_storage_that_cannot_grow_does_not_hang(mode, tmp_pat
     # for ever, and mmap itself never fails for it
     with contextlib.ExitStack() as stack:
         limited = stack.enter_context(contextlib.ExitStack())
-        limited.enter_context(_file_size_limit(4 * MiB))
+        limited.enter_context(_file_size_limit(4 * MiB))  # a 4 MiB spill: 2 MiB in each of the two files
         if mode == "embedded":
             dev = stack.enter_context(ugem.embedded(spill_dir=str(tmp_path), system_budget=BUDGET))
         else:
@@ -533,17 +534,17 @@ def test_mapping_with_spill_storage_that_cannot_grow_does_not_hang(mode, tmp_pat
             limited.close()
             dev = stack.enter_context(daemon.connect())
         objects = {}
-        for i in range(8):  # 32 MiB through mappings: 16 MiB fit, 4 MiB can be spilled
+        for i in range(8):  # 32 MiB through mappings: 16 MiB fit, 8 MiB can be spilled
             h = dev.create(4 * MiB)
             view = dev.mmap(h)
             objects[h] = _data(i, 4 * MiB)
             view[:] = objects[h]
             del view
         stats = dev.stats()
-        assert stats["spilled_bytes"] == 4 * MiB
-        assert stats["resident_bytes"] == 28 * MiB  # over the budget: nothing else could go
+        assert stats["spilled_bytes"] == 8 * MiB
+        assert stats["resident_bytes"] == 24 * MiB  # over the budget: nothing else could go
         resident = [h for h in objects if dev.info(h).placement == "system"]
-        assert len(resident) == 7
+        assert len(resident) == 6
         for h in resident:
             assert dev.pread(h, 0, 4 * MiB) == objects[h]
         limited.close()

@@ -731,14 +731,14 @@ class Soak:
 
 
 def _check_spill_dir(spill_dir: str) -> list[str]:
-    """The daemon's private subdirectory with only its lock and spill file, all space given back."""
+    """The daemon's private subdirectory with only its lock and spill files, all space given back."""
     problems = []
     entries = os.listdir(spill_dir)
     if len(entries) != 1 or not entries[0].startswith("ugem-"):
         return [f"spill dir holds {entries}"]
     private = os.path.join(spill_dir, entries[0])
     files = sorted(os.listdir(private))
-    if files != ["lock", "spill-0"]:
+    if files != ["lock", "spill-0", "spill-1"]:
         problems.append(f"{private} holds {files}")
     for name in files:
         st = os.stat(os.path.join(private, name))

@@ -293,12 +293,11 @@ class MemfdStore:
         self.spill.release(extent)
 
     def spill_out(self, backing: OwnedFd, extent: Extent, size: int) -> int:
-        """Copy the object's data to its extent, then free its pages (worker thread: the
-        punch costs as much as the copy and must not stall the request loop). Nobody else
-        sees a spilled object's memfd, so freeing it before the core takes note is safe."""
-        moved = self.spill.store(backing.fd, extent, size)
-        punch_hole(backing.fd, 0, size)
-        return moved
+        """Copy the object's data to its extent, freeing its pages as they are copied (worker
+        thread: the punches cost nearly as much as the copy and must not stall the request
+        loop; backing/spill.py overlaps them). Nobody else sees a spilled object's memfd,
+        so freeing it before the core takes note is safe."""
+        return self.spill.store(backing.fd, extent, size, free_source=True)
 
     def spill_in(self, extent: Extent, backing: OwnedFd, size: int) -> int:
         """Copy an extent back into a fresh memfd (worker thread)."""

@@ -33,7 +33,7 @@ MiB = 1 << 20
 
 
 def test_spill_range_running_out_is_enomem_naming_the_directory_and_loses_nothing(tmp_path, monkeypatch):
-    monkeypatch.setattr(spill, "_CAPACITY", 4 * MiB)
+    monkeypatch.setattr(spill, "_CAPACITY", 2 * MiB)  # each of the two spill files: 4 MiB in all
     with ugem.Manager(system_budget="8M", spill_dir=str(tmp_path)) as manager, manager.open() as dev:
         objects = dict(write_new(dev, MiB, seed=i) for i in range(12))  # 4 MiB spilled: the range is full
         assert dev.stats()["spilled_bytes"] == 4 * MiB
