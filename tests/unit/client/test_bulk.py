@@ -1,0 +1,67 @@
+"""client/bulk.py: the XFER copies, on real memfds (sealed as the daemon seals its own, or not)."""
+
+from __future__ import annotations
+
+import fcntl
+import os
+from collections.abc import Iterator
+
+import numpy as np
+import pytest
+
+from ugem.client import bulk
+from ugem.errors import IOFailure
+from ugem.fd import OwnedFd
+
+MiB = 1 << 20
+
+
+def _memfd(data: bytes, sealed: bool) -> OwnedFd:
+    fd = os.memfd_create("bulk-test", os.MFD_CLOEXEC | os.MFD_ALLOW_SEALING)
+    os.ftruncate(fd, len(data))
+    os.pwrite(fd, data, 0)
+    if sealed:
+        fcntl.fcntl(fd, fcntl.F_ADD_SEALS, fcntl.F_SEAL_SHRINK | fcntl.F_SEAL_GROW)
+    return OwnedFd(fd)
+
+
+@pytest.fixture
+def preadv_calls(monkeypatch: pytest.MonkeyPatch) -> Iterator[list[int]]:
+    calls: list[int] = []
+    real = os.preadv
+
+    def counted(fd: int, buffers: list[memoryview], offset: int) -> int:
+        calls.append(offset)
+        return real(fd, buffers, offset)
+
+    monkeypatch.setattr(bulk.os, "preadv", counted)
+    yield calls
+
+
+def test_a_large_read_of_sealed_memory_copies_through_a_mapping_at_any_offset(preadv_calls: list[int]) -> None:
+    data = np.random.default_rng(1).integers(0, 256, 3 * MiB, dtype=np.uint8).tobytes()
+    with _memfd(data, sealed=True) as fd:
+        for offset, length in ((0, 3 * MiB), (4097, bulk.MAPPED_MIN), (123, 2 * MiB + 5)):
+            out = bytearray(length)
+            bulk.preadv_all(fd, out, offset)
+            assert out == data[offset:offset + length]
+    assert preadv_calls == []
+
+
+def test_unsealed_memory_and_small_reads_take_preadv(preadv_calls: list[int]) -> None:
+    data = os.urandom(MiB)
+    with _memfd(data, sealed=False) as fd:  # its owner may shrink it under a mapping
+        out = bytearray(MiB)
+        bulk.preadv_all(fd, out, 0)
+        assert out == data and preadv_calls == [0]
+    with _memfd(data, sealed=True) as fd:
+        out = bytearray(bulk.MAPPED_MIN - 1)
+        bulk.preadv_all(fd, out, 7)
+        assert out == data[7:7 + len(out)] and preadv_calls == [0, 7]
+
+
+def test_a_read_past_the_end_is_short_never_a_fault(preadv_calls: list[int]) -> None:
+    with _memfd(os.urandom(MiB), sealed=True) as fd:
+        with pytest.raises(IOFailure):
+            bulk.preadv_all(fd, bytearray(MiB), MiB // 2)
+    assert preadv_calls
