@@ -8,17 +8,30 @@ that description at once. The kernel keeps the memory alive through the mapping 
 
 The returned mmap object supports weak references, so the client library attaches a
 finalizer that reports the mapping released once the last view of it is gone.
+
+`read_mapped(fd, view, offset)`: a large read (MAPPED_MIN bytes or more: the client's XFER
+reads, the manager's own) copies from a read-only mapping of the memory made, copied from
+and unmapped at once: the kernel's preadv copies page by page at about half the speed of
+one memcpy from a mapping (1.9 vs 3.2-4.4 GB/s on the dev VM, 1 to 64 MiB). Only where the
+memory is sealed against shrinking (F_SEAL_SHRINK, which every ugem memfd is): a mapping of
+memory that someone truncates meanwhile would fault (SIGBUS) where preadv returns short.
+Anything else, a read past the end, or a mapping that cannot be made: False, nothing
+copied (the caller reads with preadv).
 """
 
 from __future__ import annotations
 
 import ctypes
+import fcntl
 import mmap
 import os
 
 import numpy as np
 
-__all__ = ["map_placed", "map_shared"]
+__all__ = ["MAPPED_MIN", "map_placed", "map_shared", "read_mapped"]
+
+MAPPED_MIN = 256 << 10
+_PAGE = mmap.PAGESIZE
 
 _libc = ctypes.CDLL(None, use_errno=True)
 _libc.mmap.restype = ctypes.c_void_p
@@ -47,3 +60,26 @@ def map_placed(fd: int, offset: int, length: int, writable: bool) -> tuple[mmap.
         region.close()
         raise
     return region, address
+
+
+def read_mapped(fd: int, view: memoryview, offset: int) -> bool:
+    """Copy into `view` (bytes) from `fd` at `offset` through a mapping (module rules);
+    False, with nothing copied, where that may not or cannot be done."""
+    try:
+        if not fcntl.fcntl(fd, fcntl.F_GET_SEALS) & fcntl.F_SEAL_SHRINK:
+            return False
+        if offset + len(view) > os.fstat(fd).st_size:  # (a mapping would fault there: preadv says short)
+            return False
+        start = offset - offset % _PAGE
+        region = map_shared(fd, start, offset - start + len(view), False)
+    except (OSError, ValueError, OverflowError):
+        return False
+    try:
+        source = memoryview(region)
+        try:
+            view[:] = source[offset - start:]
+        finally:
+            source.release()
+    finally:
+        region.close()
+    return True

@@ -45,7 +45,7 @@ from ..constants import PAGE_SIZE, page_align
 from ..errors import InvalidArgument, OutOfMemory
 from ..fd import OwnedFd
 from .base import FdKind, Inspection
-from .mapping import map_shared
+from .mapping import MAPPED_MIN, map_shared, read_mapped
 from .preload import load_file, open_source
 from .recycle import MAX_FDS, MemfdPool, Pooled
 from .spill import Extent, SpillStore, data_segments, punch_hole
@@ -186,6 +186,8 @@ class MemfdStore:
 
     def read(self, backing: OwnedFd, offset: int, into: memoryview) -> None:
         view = memoryview(into).cast("B")
+        if len(view) >= MAPPED_MIN and read_mapped(backing.fd, view, offset):
+            return
         done = 0
         while done < len(view):
             n = os.preadv(backing.fd, [view[done:done + _MAX_IO]], offset + done)

@@ -1,4 +1,6 @@
-"""client/bulk.py: the XFER copies, on real memfds (sealed as the daemon seals its own, or not)."""
+"""Large reads through a mapping (backing/mapping.py `read_mapped`): the client's XFER copies
+(client/bulk.py) and the manager's own reads, on real memfds (sealed as the manager seals its
+own, or not)."""
 
 from __future__ import annotations
 
@@ -9,6 +11,8 @@ from collections.abc import Iterator
 import numpy as np
 import pytest
 
+import ugem
+from ugem.backing.mapping import MAPPED_MIN
 from ugem.client import bulk
 from ugem.errors import IOFailure
 from ugem.fd import OwnedFd
@@ -34,14 +38,14 @@ def preadv_calls(monkeypatch: pytest.MonkeyPatch) -> Iterator[list[int]]:
         calls.append(offset)
         return real(fd, buffers, offset)
 
-    monkeypatch.setattr(bulk.os, "preadv", counted)
+    monkeypatch.setattr(os, "preadv", counted)
     yield calls
 
 
 def test_a_large_read_of_sealed_memory_copies_through_a_mapping_at_any_offset(preadv_calls: list[int]) -> None:
     data = np.random.default_rng(1).integers(0, 256, 3 * MiB, dtype=np.uint8).tobytes()
     with _memfd(data, sealed=True) as fd:
-        for offset, length in ((0, 3 * MiB), (4097, bulk.MAPPED_MIN), (123, 2 * MiB + 5)):
+        for offset, length in ((0, 3 * MiB), (4097, MAPPED_MIN), (123, 2 * MiB + 5)):
             out = bytearray(length)
             bulk.preadv_all(fd, out, offset)
             assert out == data[offset:offset + length]
@@ -55,7 +59,7 @@ def test_unsealed_memory_and_small_reads_take_preadv(preadv_calls: list[int]) ->
         bulk.preadv_all(fd, out, 0)
         assert out == data and preadv_calls == [0]
     with _memfd(data, sealed=True) as fd:
-        out = bytearray(bulk.MAPPED_MIN - 1)
+        out = bytearray(MAPPED_MIN - 1)
         bulk.preadv_all(fd, out, 7)
         assert out == data[7:7 + len(out)] and preadv_calls == [0, 7]
 
@@ -65,3 +69,15 @@ def test_a_read_past_the_end_is_short_never_a_fault(preadv_calls: list[int]) -> 
         with pytest.raises(IOFailure):
             bulk.preadv_all(fd, bytearray(MiB), MiB // 2)
     assert preadv_calls
+
+
+def test_an_embedded_managers_large_read_copies_through_a_mapping(preadv_calls: list[int]) -> None:
+    data = os.urandom(2 * MiB)
+    with ugem.embedded() as dev:
+        h = dev.create(2 * MiB)
+        dev.pwrite(h, 0, data)
+        out = bytearray(MiB + 5)
+        assert dev.pread_into(h, 4093, out) == len(out)
+        assert out == data[4093:4093 + len(out)]
+        assert dev.pread(h, 0, 100) == data[:100]  # (small: preadv)
+    assert preadv_calls == [0]
