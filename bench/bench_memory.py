@@ -29,10 +29,10 @@ Samples are pooled over `--runs` rounds after `--warmup` rounds.
    costs ~0.35 GB/s to write on the dev VM): what a machine without free page reporting sees.
    Same target.
 2. restore. The 12 spilled objects are read back with pread_into (whole call: the daemon
-   restores the object from the spill file into a fresh memfd, replies, and the client
+   restores the object from the spill files into a fresh memfd, replies, and the client
    copies it into its buffer), after closing the 4 resident ones so that no restore needs
-   room. The first 6 are read while the spill file is still in the page cache ("warm"); then
-   the bench fsyncs the daemon's spill file and drops its page cache
+   room. The first 6 are read while the spill files are still in the page cache ("warm"); then
+   the bench fsyncs the daemon's spill files and drops their page cache
    (posix_fadvise DONTNEED), and reads the other 6 ("cold"). Baseline, like with like: the
    baseline file of step 1 read back in 8 MiB preadv calls, its first half from the page
    cache, its second half after fsync + DONTNEED. The fraction of each file in the page cache
