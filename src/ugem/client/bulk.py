@@ -3,9 +3,9 @@ private file description the manager handed over, at most 1 GiB per syscall (the
 moves at most ~2 GiB at once). Nothing here talks to the manager.
 
 Rules:
-- a read of MAPPED_MIN bytes or more into the caller's buffer copies from a read-only
-  mapping of the description where it may (backing/mapping.py `read_mapped`: twice
-  preadv's speed), else with preadv;
+- a read of MAPPED_MIN bytes or more (1.5x the CPU's last-level cache) into the caller's
+  buffer copies from a read-only mapping of the description where it may
+  (backing/mapping.py `read_mapped`: twice preadv's speed at that size), else with preadv;
 - writes go through pwritev: into pages not there yet it allocates them without zeroing
   them first, where a mapping would fault each one in zeroed.
 """

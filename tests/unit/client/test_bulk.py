@@ -12,12 +12,13 @@ import numpy as np
 import pytest
 
 import ugem
-from ugem.backing.mapping import MAPPED_MIN
+from ugem.backing import mapping, memfd
 from ugem.client import bulk
 from ugem.errors import IOFailure
 from ugem.fd import OwnedFd
 
 MiB = 1 << 20
+MAPPED_MIN = 256 << 10  # (the tests' threshold; the real one is 1.5x the CPU's last-level cache)
 
 
 def _memfd(data: bytes, sealed: bool) -> OwnedFd:
@@ -31,6 +32,8 @@ def _memfd(data: bytes, sealed: bool) -> OwnedFd:
 
 @pytest.fixture
 def preadv_calls(monkeypatch: pytest.MonkeyPatch) -> Iterator[list[int]]:
+    monkeypatch.setattr(bulk, "MAPPED_MIN", MAPPED_MIN)
+    monkeypatch.setattr(memfd, "MAPPED_MIN", MAPPED_MIN)
     calls: list[int] = []
     real = os.preadv
 
@@ -81,3 +84,9 @@ def test_an_embedded_managers_large_read_copies_through_a_mapping(preadv_calls: 
         assert out == data[4093:4093 + len(out)]
         assert dev.pread(h, 0, 100) == data[:100]  # (small: preadv)
     assert preadv_calls == [0]
+
+
+def test_the_threshold_is_past_the_last_level_cache() -> None:
+    # below it preadv copies faster (the data stays in the cache); past it a mapping does
+    assert 16 * MiB <= mapping.MAPPED_MIN
+    assert mapping._last_level_cache() * 3 // 2 <= mapping.MAPPED_MIN
