@@ -278,11 +278,9 @@ class SpillStore:
 
     def release(self, extent: Extent) -> None:
         """Give the extent's space back (unless a worker already punched it) and its ranges."""
-        if id(extent) in self._punched:
-            self._punched.discard(id(extent))
-        else:
+        if id(extent) not in self._punched:
             self.punch(extent)
-            self._punched.discard(id(extent))
+        self._punched.discard(id(extent))
         for node, i in zip(extent.nodes, extent.files, strict=True):
             self._spaces[i].remove(node)
 
@@ -333,9 +331,9 @@ def _copy(ends: tuple[int, int], ranges: list[Range], freed: list[Range] | None)
 def write_out(src: int, dst: int, piece: Range) -> None:
     """Write bytes [offset, offset + length) of the memfd `src` at `at` in the file `dst`,
     through a read-only mapping of them (page tables filled in one call): a spill's copy.
-    Not splice: splicing into a file that keeps growing falls to a quarter of its speed
-    once a few hundred MiB of it are dirty (seen on ext4, kernel 6.18), where a write
-    from a mapping keeps its pace."""
+    Not splice: splicing into a file that keeps growing fell to a quarter of its speed
+    after a few hundred MiB had gone into it (ext4, kernel 6.18, the dev VM), where a
+    write from a mapping kept its pace."""
     offset, at, length = piece
     region = map_shared(src, offset, length, False)
     try:
