@@ -85,8 +85,8 @@ def test_store_and_load_round_trip_a_sparse_object_and_keep_its_holes(tmp_path: 
         store.close()
 
 
-def test_concurrent_stores_and_loads_through_one_spill_file_do_not_mix(tmp_path: Path) -> None:
-    # the copies share the spill file's description: explicit offsets, no file position
+def test_concurrent_stores_and_loads_through_the_spill_files_do_not_mix(tmp_path: Path) -> None:
+    # the copies share each spill file's description: explicit offsets, no file position
     store = SpillStore(str(tmp_path))
     objects = []
     try:
