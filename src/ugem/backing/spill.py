@@ -57,7 +57,7 @@ from ..constants import PAGE_SIZE, page_align
 from ..errors import NoSpace, OutOfMemory
 from ..fd import OwnedFd, pipe
 from ..mm.range import Node, RangeAllocator
-from .mapping import map_shared
+from .mapping import map_placed
 
 __all__ = ["Extent", "SpillStore", "copy_ranges", "data_segments", "punch_hole"]
 
@@ -335,10 +335,11 @@ def write_out(src: int, dst: int, piece: Range) -> None:
     after a few hundred MiB had gone into it (ext4, kernel 6.18, the dev VM), where a
     write from a mapping kept its pace."""
     offset, at, length = piece
-    region = map_shared(src, offset, length, False)
+    region, address = map_placed(src, offset, length, False)
     try:
-        with contextlib.suppress(OSError, ValueError):  # (a kernel before 5.14: the copy faults them in)
-            region.madvise(_MADV_POPULATE_READ)
+        # page tables in one call, through libc: mmap.madvise holds the GIL meanwhile, which would
+        # keep the request loop waiting (a kernel before 5.14 refuses: the copy faults them in)
+        _libc.madvise(ctypes.c_void_p(address), ctypes.c_size_t(length), _MADV_POPULATE_READ)
         view = memoryview(region)
         try:
             done = 0
