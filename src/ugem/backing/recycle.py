@@ -38,7 +38,6 @@ Rules:
 
 from __future__ import annotations
 
-import mmap
 import os
 import time
 from collections.abc import Callable
@@ -48,13 +47,13 @@ from typing import Any
 import numpy as np
 
 from ..fd import OwnedFd
+from .mapping import populate
 
 __all__ = ["IDLE_S", "MAX_FDS", "MIN_SIZE", "MemfdPool", "Pooled"]
 
 MIN_SIZE = 1 << 20  # smaller objects cost little to make fresh: the request costs more than their pages
 MAX_FDS = 64
 IDLE_S = 5.0
-_MADV_POPULATE_WRITE = getattr(mmap, "MADV_POPULATE_WRITE", 23)
 
 
 @dataclass(eq=False)
@@ -70,11 +69,6 @@ class Pooled:
     ready: bool = False  # zeroed: may be handed out
 
 
-def _populate(view: mmap.mmap, offset: int, length: int) -> None:
-    try:
-        view.madvise(_MADV_POPULATE_WRITE, offset, length)
-    except OSError:  # a kernel before 5.14: the memset faults them in
-        pass
 
 
 class MemfdPool:
@@ -114,7 +108,7 @@ class MemfdPool:
         pages = np.frombuffer(view, dtype=np.uint8)
         for offset, length in entry.segments:
             if entry.cold:  # fill the page tables in one call: twice as fast as faulting them in
-                _populate(view, offset, length)
+                populate(pages.ctypes.data + offset, length, True)
             pages[offset:offset + length] = 0
         return sum(length for _, length in entry.segments)
 

@@ -57,7 +57,7 @@ from ..constants import PAGE_SIZE, page_align
 from ..errors import NoSpace, OutOfMemory
 from ..fd import OwnedFd, pipe
 from ..mm.range import Node, RangeAllocator
-from .mapping import map_placed
+from .mapping import map_placed, populate
 
 __all__ = ["Extent", "SpillStore", "copy_ranges", "data_segments", "punch_hole"]
 
@@ -67,7 +67,6 @@ STRIPE = 4 << 20  # an extent of at least this many bytes is split across the fi
 CHUNK = 4 << 20  # a spill frees its source this many bytes at a time
 _PIPE = 1 << 20  # bytes a copy's private pipe holds (at most; see _pipe_size)
 _F_SETPIPE_SZ = getattr(fcntl, "F_SETPIPE_SZ", 1031)
-_MADV_POPULATE_READ = 22
 
 
 Range = tuple[int, int, int]  # (source offset, destination offset, length) of one copy
@@ -337,9 +336,7 @@ def write_out(src: int, dst: int, piece: Range) -> None:
     offset, at, length = piece
     region, address = map_placed(src, offset, length, False)
     try:
-        # page tables in one call, through libc: mmap.madvise holds the GIL meanwhile, which would
-        # keep the request loop waiting (a kernel before 5.14 refuses: the copy faults them in)
-        _libc.madvise(ctypes.c_void_p(address), ctypes.c_size_t(length), _MADV_POPULATE_READ)
+        populate(address, length, False)
         view = memoryview(region)
         try:
             done = 0

@@ -51,7 +51,9 @@ from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from typing import Any
 
-from ..backing.mapping import map_placed
+import numpy as np
+
+from ..backing.mapping import map_placed, populate
 from ..bufview import flat_bytes
 from ..errors import InvalidArgument, TryAgain, UgemError
 from ..wire import structs as s
@@ -66,18 +68,12 @@ from .registry import register_mapping
 
 __all__ = ["CLAIM_PATIENCE_S", "ShareOps", "populate_write"]
 
-_MADV_POPULATE_WRITE = getattr(mmap, "MADV_POPULATE_WRITE", 23)
-
-
 def populate_write(view: memoryview) -> None:
-    """Fill the page tables of the mapping `view` views, writable, in one call (MADV_POPULATE_WRITE),
-    before writing all of it: faster than faulting them in."""
+    """Fill the page tables of the mapping `view` views, writable, in one call (backing/mapping.py
+    `populate`: other threads run meanwhile), before writing all of it: faster than faulting them in."""
     region = view.obj
     if isinstance(region, mmap.mmap):
-        try:
-            region.madvise(_MADV_POPULATE_WRITE)
-        except OSError:  # a kernel before 5.14: the writes fault them in
-            pass
+        populate(np.frombuffer(region, dtype=np.uint8).ctypes.data, len(region), True)
 
 CLAIM_PATIENCE_S = 60.0  # a share that has not arrived by then is not coming
 _FIRST_PAUSE, _LAST_PAUSE = 50e-6, 0.01
