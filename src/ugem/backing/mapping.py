@@ -106,12 +106,8 @@ def read_mapped(fd: int, view: memoryview, offset: int) -> bool:
         region = map_shared(fd, start, offset - start + len(view), False)
     except (OSError, ValueError, OverflowError):
         return False
-    try:
-        source = memoryview(region)
-        try:
-            view[:] = source[offset - start:]
-        finally:
-            source.release()
+    try:  # numpy copies with the GIL released; a memoryview slice assignment holds it throughout
+        np.copyto(np.frombuffer(view, dtype=np.uint8), np.frombuffer(region, dtype=np.uint8)[offset - start:])
     finally:
         region.close()
     return True
