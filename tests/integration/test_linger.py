@@ -39,6 +39,20 @@ def test_memory_received_again_takes_its_lingering_mapping_back(default_daemon: 
     assert a[0] == b[0] == w.MARK_OUT  # the worker wrote through the mapping it took back
 
 
+def test_past_linger_any_only_small_mappings_linger(default_daemon: DaemonProcess) -> None:
+    """A worker sent the same 300 small arrays again takes every mapping back; of 100 bigger
+    ones, LINGER_ANY."""
+    from ugem.client.linger import LINGER_ANY, LINGER_SMALL
+    small = [ugem.empty(4096, np.uint8) for _ in range(300)]
+    big = [ugem.empty(LINGER_SMALL + 4096, np.uint8) for _ in range(100)]
+    with multiprocessing.get_context("fork").Pool(1) as pool:
+        first, again = pool.apply(w.map_ids_of, (big,)), pool.apply(w.map_ids_of, (big,))
+        assert len(set(first) & set(again)) == LINGER_ANY
+        first, again = pool.apply(w.map_ids_of, (small,)), pool.apply(w.map_ids_of, (small,))
+        assert first == again and len(set(first)) == 300  # (LINGER_ANY big ones linger too meanwhile)
+    assert all(a[0] == w.MARK_OUT for a in small + big)
+
+
 def test_a_lingering_mapping_holds_its_object_only_until_the_next_request(default_daemon: DaemonProcess) -> None:
     a = ugem.empty(SIZE, np.uint8)
     with multiprocessing.get_context("fork").Pool(1) as pool:

@@ -91,7 +91,7 @@ def register_mapping(region: mmap.mmap, device: Device | None, map_id: int, offs
             del _by_start[address]
             del _starts[bisect.bisect_left(_starts, address)]
             _unkey(entry)
-        if kept is not None and linger is not None and released is not None and linger.room():
+        if kept is not None and linger is not None and released is not None and linger.room(len(kept)):
             if not linger.arrived:
                 released.append(None)  # the next send releases it (client/linger.py)
             linger.arrived.append(Lingering(mine, kept))

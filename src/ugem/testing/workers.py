@@ -183,6 +183,11 @@ def map_id_of(a: npt.NDArray[Any]) -> int:
     return entry.map_id
 
 
+def map_ids_of(arrays: list[npt.NDArray[Any]]) -> list[int]:
+    """`map_id_of` of each."""
+    return [map_id_of(a) for a in arrays]
+
+
 def then(what: str) -> int:
     """After a task whose arrays died: "request" makes a request (it sends what is queued);
     "fork" forks a child that exits at once, with the number of memfd mappings it inherited

@@ -55,9 +55,9 @@ def test_a_mapping_whose_address_was_taken_first_still_queues_its_release():
 
 
 def _lingering(linger: L.Linger, released: collections.deque[int | None], map_id: int,
-               key: tuple[int, int]) -> tuple[mmap.mmap, int]:
-    """Register a mapping that may linger, drop its only view: the mapping and its address."""
-    region = _region()
+               key: tuple[int, int], size: int = mmap.PAGESIZE) -> tuple[mmap.mmap, int]:
+    """Register a mapping (of `size` bytes) that may linger, drop its only view: the mapping and its address."""
+    region = mmap.mmap(-1, size)
     address = _address(region)
     view = memoryview(registry.register_mapping(region, None, map_id, 0, True, key, released=released,
                                                 linger=linger))
@@ -95,11 +95,18 @@ def test_take_matches_memory_part_and_writability():
 
 
 def test_at_most_linger_max_linger_then_mappings_are_released_as_before(monkeypatch: pytest.MonkeyPatch):
-    monkeypatch.setattr(L, "LINGER_MAX", 2)
+    monkeypatch.setattr(L, "LINGER_ANY", 2)
+    monkeypatch.setattr(L, "LINGER_MAX", 4)
     linger, released = L.Linger(), collections.deque[int | None]()
-    regions = [_lingering(linger, released, i, (9, i))[0] for i in (1, 2, 3)]
-    assert list(released) == [None, 3]  # one marker; the third's id at once
-    assert linger.release_all() == [1, 2] and all(r.closed for r in regions[:2])
+    big = L.LINGER_SMALL + mmap.PAGESIZE
+    regions = [_lingering(linger, released, i, (9, i), big)[0] for i in (1, 2, 3)]
+    assert list(released) == [None, 3]  # one marker; past LINGER_ANY a big one's id at once
+    regions += [_lingering(linger, released, i, (9, i), L.LINGER_SMALL)[0] for i in (4, 5, 6)]
+    assert list(released) == [None, 3, 6]  # small ones linger up to LINGER_MAX in all
+    assert sorted(linger.release_all()) == [1, 2, 4, 5]
+    assert [r.closed for r in regions] == [True, True, False, True, True, False]
+    regions[2].close()
+    regions[5].close()
 
 
 def test_a_closed_linger_keeps_nothing():
