@@ -8,7 +8,7 @@ __version__ = "0.1.0"
 
 from . import cmd
 from .client import pickling as _pickling  # noqa: F401  (registers multiprocessing reducers)
-from .client.arrays import empty, zeros
+from .client.arrays import array, empty, zeros
 from .client.buffer import Buffer
 from .client.connect import connect
 from .client.default import default_device
@@ -82,6 +82,7 @@ __all__ = [
     "TooBig",
     "TryAgain",
     "UgemError",
+    "array",
     "cmd",
     "connect",
     "default_device",

@@ -113,6 +113,7 @@ ALLOWED: dict[int, set[int]] = {
     Op.LOOKUP: {E.EINVAL, E.ENOENT, E.EIO},
     Op.MAPPINGS_FORKED: {E.EINVAL},
     Op.LAZY_CHANNEL: {E.EINVAL},  # an fd that is no Unix stream socket, or a second channel
+    Op.GEM_REUSE: {E.EINVAL, E.EACCES, E.EBUSY},
 }
 REQ: dict[int, type[s.Struct]] = {
     Op.GEM_CREATE: s.CreateReq, Op.GEM_CLOSE: s.CloseReq, Op.GEM_CLOSE_BATCH: s.CloseBatchReq,
@@ -129,7 +130,7 @@ REQ: dict[int, type[s.Struct]] = {
     Op.GEM_SHARE: ss.ShareReq, Op.GEM_CLAIM: ss.ClaimReq, Op.GEM_DROP_SHARES: ss.DropSharesReq,
     Op.GEM_CREATE_MAPPED: s.CreateReq, Op.GEM_CLAIM_MAPPED: ss.ClaimMappedReq,
     Op.GEM_SHARE_BATCH: ss.ShareBatchReq, Op.GEM_CLAIM_MAPPED_BATCH: ss.ClaimMappedBatchReq,
-    Op.LOOKUP: LookupReq, Op.MAPPINGS_FORKED: s.Empty, Op.LAZY_CHANNEL: s.LazyChannelReq,
+    Op.LOOKUP: LookupReq, Op.MAPPINGS_FORKED: s.Empty, Op.LAZY_CHANNEL: s.LazyChannelReq, Op.GEM_REUSE: s.ReuseReq,
 }
 REPLY: dict[int, type[s.Struct]] = {
     Op.GEM_CREATE: s.CreateReply, Op.GEM_INFO: s.InfoReply, Op.GEM_PREAD: s.PreadReply, Op.GEM_PWRITE: s.PwriteReply,

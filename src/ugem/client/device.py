@@ -25,7 +25,6 @@ the manager releases everything then.
 
 from __future__ import annotations
 
-import errno
 import json
 import os
 import threading
@@ -35,10 +34,9 @@ from typing import TYPE_CHECKING, Any, Protocol
 
 import numpy as np
 
-from ..backing.mapping import map_placed
 from ..bufview import flat_bytes
 from ..constants import ADVICE_LABELS, PLACEMENT_LABELS, page_align
-from ..errors import BadFd, InvalidArgument, OutOfMemory, TimedOut, error_from_errno
+from ..errors import BadFd, InvalidArgument, OutOfMemory, TimedOut
 from ..fd import OwnedFd
 from ..wire import structs as s
 from ..wire.frames import Op
@@ -47,7 +45,6 @@ from .bulk import pread_all, preadv_all, pwritev_all
 from .device_ops import DeviceOps
 from .device_share import ShareOps
 from .fork import ForkedTransport, track_for_fork
-from .registry import fd_key
 from .releases import Releases, Wrapped
 
 if TYPE_CHECKING:
@@ -297,22 +294,6 @@ class Device(DeviceOps, ShareOps):
                 req.flags &= ~s.TAKES_FD
                 reply = self._call(Op.GEM_MMAP, req)
             return self._map_reply(reply, writable, f"handle {req.handle}")
-
-    def _map_reply(self, reply: s.MmapReply, writable: bool, what: str, linger: bool = False) -> memoryview:
-        """Map what a GEM_MMAP (or GEM_CLAIM: `linger`) reply describes; track it until its last view dies."""
-        assert reply.fd is not None
-        try:
-            with reply.fd as fd:
-                key = fd_key(fd.fd)
-                region, address = map_placed(fd.fd, reply.offset, reply.length, writable)
-        except OSError as exc:  # e.g. ENOMEM: no room for that much address space
-            self._released.append(reply.map_id)
-            raise error_from_errno(exc.errno or errno.ENOMEM, f"cannot map {reply.length} bytes of {what} "
-                                   f"into this process: {exc.strerror}") from None
-        except BaseException:
-            self._released.append(reply.map_id)
-            raise
-        return self._enter(region, reply.map_id, reply.offset, writable, key, reply.server_fd, address, linger)
 
     # -- memory management -----------------------------------------------------------
 

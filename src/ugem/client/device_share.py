@@ -26,6 +26,12 @@ to another process through the daemon (core/shares.py has the manager's rules).
   not possible (the caller then claims with the round trip). A read-only share always
   takes the round trip: the daemon's fd is writable, and only a description opened
   read-only keeps the receiver from writing;
+- `_reused_mapping(size)`: the mapping of an object this Device made for an array (of
+  REUSE_MIN bytes or more) whose last view died a moment ago and still lingers
+  (client/linger.py), taken back if the manager says nothing else holds or sees the object
+  (GEM_REUSE, core/recycle.py), for `ugem.array` to write a new value into: an 800 MiB
+  object's mapping made anew costs its page faults (on the dev VM, filling the page tables
+  of a recycled memfd's 800 MiB took 190 ms, the copy into them 49 ms);
 - `_drop_share(owner, token)`: use it up without mapping (this process maps that memory
   already); queued with the releases and sent before the next request, never from here;
 - `_enter(region, ...)`: enter a new mapping in the registry, released when its last view dies;
@@ -43,6 +49,7 @@ to another process through the daemon (core/shares.py has the manager's rules).
 
 from __future__ import annotations
 
+import errno
 import mmap
 import os
 import threading
@@ -55,7 +62,7 @@ import numpy as np
 
 from ..backing.mapping import map_placed, populate
 from ..bufview import flat_bytes
-from ..errors import InvalidArgument, TryAgain, UgemError
+from ..errors import Busy, InvalidArgument, TryAgain, UgemError, error_from_errno
 from ..wire import structs as s
 from ..wire import structs_share as ss
 from ..wire.frames import Op
@@ -64,7 +71,8 @@ from .batch import HOLD_BACK, hold_back
 from .bulk import pwritev_all
 from .daemon_fds import DaemonFds
 from .fork import track_mappings
-from .registry import register_mapping
+from .linger import Lingering
+from .registry import fd_key, register_mapping
 
 __all__ = ["CLAIM_PATIENCE_S", "ShareOps", "populate_write"]
 
@@ -75,6 +83,7 @@ def populate_write(view: memoryview) -> None:
     if isinstance(region, mmap.mmap):
         populate(np.frombuffer(region, dtype=np.uint8).ctypes.data, len(region), True)
 
+REUSE_MIN = 1 << 20  # objects of this many bytes or more made for arrays may be reused in place (ugem.array)
 CLAIM_PATIENCE_S = 60.0  # a share that has not arrived by then is not coming
 _FIRST_PAUSE, _LAST_PAUSE = 50e-6, 0.01
 _SHARE_RECORD = ss.SHARE_BATCH_RECORD.pack
@@ -126,8 +135,23 @@ class ShareOps:
         else:
             self._post(Op.GEM_SHARE_BATCH, ss.ShareBatchReq(records=record))
 
-    def _map_reply(self, reply: s.MmapReply, writable: bool, what: str, linger: bool = False) -> memoryview:
-        raise NotImplementedError
+    def _map_reply(self, reply: s.MmapReply, writable: bool, what: str, linger: bool = False,
+                   made: bool = False) -> memoryview:
+        """Map what a GEM_MMAP (GEM_CLAIM: `linger`; a `made` object's) reply describes; track it until its last
+        view dies."""
+        assert reply.fd is not None
+        try:
+            with reply.fd as fd:
+                key = fd_key(fd.fd)
+                region, address = map_placed(fd.fd, reply.offset, reply.length, writable)
+        except OSError as exc:  # e.g. ENOMEM: no room for that much address space
+            self._released.append(reply.map_id)
+            raise error_from_errno(exc.errno or errno.ENOMEM, f"cannot map {reply.length} bytes of {what} "
+                                   f"into this process: {exc.strerror}") from None
+        except BaseException:
+            self._released.append(reply.map_id)
+            raise
+        return self._enter(region, reply.map_id, reply.offset, writable, key, reply.server_fd, address, linger, made)
 
     def _share(self, map_id: int, offset: int, length: int, writable: bool, wait: bool = True) -> tuple[int, int]:
         owner = self.client_id
@@ -251,10 +275,10 @@ class ShareOps:
         return True
 
     def _enter(self, region: mmap.mmap, map_id: int, offset: int, writable: bool, key: tuple[int, int],
-               source: int, address: int = 0, linger: bool = False) -> memoryview:
+               source: int, address: int = 0, linger: bool = False, made: bool = False) -> memoryview:
         return memoryview(register_mapping(region, self, map_id, offset, writable, key,  # type: ignore[arg-type]
                                            source, address, self._released,
-                                           self._releases.linger if linger else None))
+                                           self._releases.linger if linger or made else None, made))
 
     def _revive(self, key: tuple[int, int], offset: int, length: int, writable: bool) -> memoryview | None:
         """A view of bytes [offset, offset + length) of the memfd `key` through a mapping of this
@@ -266,11 +290,37 @@ class ShareOps:
             item = linger.take(key, offset, length, writable)
             if item is None:
                 return None
-            e = item.entry
-            watched = register_mapping(item.region, self, e.map_id, e.offset, e.writable,  # type: ignore[arg-type]
-                                       e.key, e.source, e.address, self._released, linger)
-        start = offset - e.offset
+            watched = self._enter_again(item)
+        start = offset - item.entry.offset
         return memoryview(watched)[start:start + length]
+
+    def _enter_again(self, item: Lingering) -> Any:
+        e = item.entry
+        return register_mapping(item.region, self, e.map_id, e.offset, e.writable, e.key,  # type: ignore[arg-type]
+                                e.source, e.address, self._released, self._releases.linger, e.made)
+
+    def _reused_mapping(self, size: int) -> memoryview | None:
+        """The whole mapping of an object of `size` bytes this Device made, whose last view died
+        a moment ago (it lingers: client/linger.py), entered again, if the manager says that it
+        may take new contents in place (GEM_REUSE: nothing else holds or sees it); else None
+        (such a mapping is released as it would have been). Its bytes are the old ones."""
+        linger = self._releases.linger
+        if size < REUSE_MIN or not linger or self._pid != os.getpid():
+            return None
+        with self._send_lock:
+            item = linger.take_whole(size)
+        if item is None:
+            return None
+        try:
+            self._call(Op.GEM_REUSE, s.ReuseReq(map_id=item.entry.map_id))
+        except BaseException as exc:
+            item.region.close()  # (no view of it is left)
+            self._released.append(item.entry.map_id)
+            if isinstance(exc, Busy):
+                return None
+            raise
+        with self._send_lock:
+            return memoryview(self._enter_again(item))
 
     def _send_claims(self) -> None:
         """Send the claims held back, if any, alone (client/batch.py)."""
@@ -312,7 +362,7 @@ class ShareOps:
                 reply = self._call(Op.GEM_CREATE_MAPPED, s.CreateReq(size=size))
             assert reply.fd is not None
             recycled = os.fstat(reply.fd.fd).st_blocks * 512 >= reply.length  # all its pages there already
-            view = self._map_reply(reply, True, "a new object")
+            view = self._map_reply(reply, True, "a new object", made=size >= REUSE_MIN)
         if recycled:  # fill the page tables in one call, as it will be written: twice as fast as faulting
             populate_write(view)
         return view

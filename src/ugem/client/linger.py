@@ -69,6 +69,7 @@ class Linger:
         self.open = True  # False once the Device closes: mappings dying then just go
         self._filed: collections.OrderedDict[int, Lingering] = collections.OrderedDict()  # by address, oldest first
         self._by_key: dict[tuple[int, int], list[int]] = {}  # memfd identity -> addresses
+        self._by_length: dict[int, list[int]] = {}  # whole writable mappings of objects: length -> addresses
 
     def __bool__(self) -> bool:
         return bool(self.arrived or self._filed)
@@ -89,12 +90,21 @@ class Linger:
                 return self._pop(address)
         return None
 
+    def take_whole(self, length: int) -> Lingering | None:
+        """Take back the newest lingering writable mapping of a whole object of `length` bytes
+        (one a Device made: `ugem.array` asks the manager whether it may reuse it), if any (the
+        caller holds the send lock)."""
+        self._file()
+        addresses = self._by_length.get(length)
+        return self._pop(addresses[-1]) if addresses else None
+
     def release_all(self) -> list[int]:
         """Unmap every lingering mapping; their ids, to release (the caller holds the send lock)."""
         self._file()
         items = list(self._filed.values())
         self._filed.clear()
         self._by_key.clear()
+        self._by_length.clear()
         return [_unmap(item) for item in items]
 
     def close(self) -> None:
@@ -106,8 +116,11 @@ class Linger:
         try:
             while True:
                 item = self.arrived.popleft()
-                self._filed[item.entry.address] = item
-                self._by_key.setdefault(item.entry.key, []).append(item.entry.address)
+                entry = item.entry
+                self._filed[entry.address] = item
+                self._by_key.setdefault(entry.key, []).append(entry.address)
+                if _whole(entry):
+                    self._by_length.setdefault(entry.length, []).append(entry.address)
         except IndexError:
             pass
 
@@ -117,7 +130,17 @@ class Linger:
         addresses.remove(address)
         if not addresses:
             del self._by_key[item.entry.key]
+        if _whole(item.entry):
+            same = self._by_length[item.entry.length]
+            same.remove(address)
+            if not same:
+                del self._by_length[item.entry.length]
         return item
+
+
+def _whole(entry: Mapping) -> bool:
+    """The whole mapping of an object its Device made (registry.py `Mapping.made`)."""
+    return entry.made
 
 
 def _unmap(item: Lingering) -> int:

@@ -53,6 +53,7 @@ class Mapping(NamedTuple):  # immutable, and made in a quarter of a microsecond 
     key: tuple[int, int]  # the memfd's (st_dev, st_ino)
     region: weakref.ref[Any]  # what views are made from: the mmap, or its exporter (lingering)
     source: int = -1  # the daemon's own fd of that memfd (client/daemon_fds.py), -1: none known
+    made: bool = False  # the whole, writable mapping of an object its Device made (GEM_CREATE_MAPPED: reusable)
 
 
 _starts: list[int] = []  # sorted start addresses
@@ -104,7 +105,7 @@ def _gone(ref: _Watch) -> None:
 
 def register_mapping(region: mmap.mmap, device: Device | None, map_id: int, offset: int, writable: bool,
                      key: tuple[int, int], source: int = -1, address: int = 0,
-                     released: deque[Any] | None = None, linger: Linger | None = None) -> Any:
+                     released: deque[Any] | None = None, linger: Linger | None = None, made: bool = False) -> Any:
     """Enter a live mapping (at `address`, if the caller knows it); returns what to make its
     views from (`region`, or with `linger` its exporter). When that dies its entry is
     forgotten and its id queued in `released` (a Device's release queue, client/releases.py),
@@ -122,7 +123,7 @@ def register_mapping(region: mmap.mmap, device: Device | None, map_id: int, offs
     ref.kept = None if linger is None else region
     _callbacks[id(ref)] = ref
     ref.entry = entry = Mapping(address, len(region), None if device is None else weakref.ref(device), map_id,
-                                offset, writable, key, ref, source)
+                                offset, writable, key, ref, source, made)
     old = _by_start.get(address)
     if old is None:
         bisect.insort(_starts, address)

@@ -1,4 +1,5 @@
-"""Which freed objects' memfds may back a new object (the pool itself: backing/recycle.py).
+"""Which memory may take new contents: a freed object's memfd backing a new object (the
+pool itself: backing/recycle.py), or a live object reused in place (GEM_REUSE).
 
 A memfd handed to a new object must hold pages no process but the manager can see: a
 stale holder would read the new object's bytes (a leak) or write them (corruption). So a
@@ -35,6 +36,14 @@ which a process could read any of the daemon's memory and fds anyway, pooled or 
 TAKES_FD mapping does not make an object escape. For the same reason GEM_CLAIM_MAPPED
 receivers (who take the daemon's fd the same way) only escape an object whose claim fails.
 
+GEM_REUSE asks the same of a live object whose only reference is the caller's tracked
+mapping `map_id` (no handle, no name, no other mapping, transfer, pin or unclaimed share,
+no job, WILLNEED, not purged or spilled): the client library's `ugem.array` then writes a
+new value into that mapping in place of making a new object (client/device_share.py
+`_reused_mapping`), which saves a mapping's page faults, where a recycled memfd saves
+only the allocation. EBUSY, and nothing changes, when anything else may hold or see it;
+EINVAL for a mapping this client does not track; EACCES for a read-only one.
+
 Purged objects (DONTNEED) lose their pages before the memfd is closed, and spilled ones
 close theirs when the spill lands (no pages either): neither is pooled, since an empty
 memfd saves nothing; a purged object may still be mapped, so its memfd must not be anyway.
@@ -44,15 +53,18 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
+from ..constants import WILLNEED
+from ..errors import Busy, InvalidArgument, PermissionDenied
 from ..fd import OwnedFd
 from ..wire import structs as s
 from .object import BufferObject, Kind
+from .states import Placement
 
 if TYPE_CHECKING:
     from .client import Client
     from .core import Core
 
-__all__ = ["describe", "escape_held", "mappings_forked", "recyclable"]
+__all__ = ["describe", "escape_held", "gem_reuse", "mappings_forked", "recyclable"]
 
 
 def recyclable(obj: BufferObject, busy: bool) -> bool:
@@ -82,4 +94,21 @@ def escape_held(client: Client) -> None:
 def mappings_forked(core: Core, client: Client, req: s.Empty) -> s.Empty:
     """MAPPINGS_FORKED: the client's process forks; what it maps escapes."""
     escape_held(client)
+    return s.Empty()
+
+
+def gem_reuse(core: Core, client: Client, req: s.ReuseReq) -> s.Empty:
+    """GEM_REUSE (module rules): returns if the object behind mapping `map_id` may take new
+    contents in place, else raises."""
+    obj = client.mappings.get(req.map_id)
+    if obj is None:
+        raise InvalidArgument(f"mapping {req.map_id} is not tracked for this client")
+    if req.map_id in client.readonly_maps:
+        raise PermissionDenied(f"mapping {req.map_id} is read-only")
+    alone = (obj.refcount == 1 and obj.maps == 1 and not obj.handle_count and not obj.name and not obj.xfers
+             and not obj.pinned_by and obj.job is None and obj.madvise == WILLNEED
+             and obj.placement in (Placement.NONE, Placement.SYSTEM))
+    if not (alone and recyclable(obj, core.memory.busy(obj))):
+        raise Busy(f"the object of mapping {req.map_id} may be held or seen elsewhere (a handle, a name, another "
+                   f"mapping, a share, an export, a fork): it cannot take new contents in place")
     return s.Empty()

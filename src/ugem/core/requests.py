@@ -34,7 +34,7 @@ from .client import Client
 from .core import Core
 from .gem_userptr import gem_userptr
 from .preload import lookup
-from .recycle import mappings_forked
+from .recycle import gem_reuse, mappings_forked
 
 if TYPE_CHECKING:
     from .call import Call
@@ -111,6 +111,8 @@ REQUESTS: tuple[RequestDesc, ...] = (
     RequestDesc(Op.LOOKUP, lookup, LookupReq, s.FlinkReply, doc="name of a preloaded object, by label"),
     RequestDesc(Op.MAPPINGS_FORKED, mappings_forked, s.Empty, s.Empty,
                 doc="the caller forks: never recycle the memory it maps"),
+    RequestDesc(Op.GEM_REUSE, gem_reuse, s.ReuseReq, s.Empty,
+                doc="may a mapping's object take new contents in place?"),
 )
 
 BY_OP: dict[int, RequestDesc] = {desc.op: desc for desc in REQUESTS}

@@ -135,6 +135,7 @@ class Op(enum.IntEnum):
     GEM_SHARE_BATCH = 41
     GEM_CLAIM_MAPPED_BATCH = 42
     LAZY_CHANNEL = 43  # connection-level, as HELLO: the client's lazy channel (daemon/lazy.py)
+    GEM_REUSE = 44
 
 
 _HEADER_SIZE = HEADER.size

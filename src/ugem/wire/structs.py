@@ -285,6 +285,16 @@ class ExportReq(Struct):
 
 
 @dataclass(slots=True)
+class ReuseReq(Struct):
+    """GEM_REUSE: may the object behind one of this client's tracked mappings take new
+    contents in place (core/recycle.py)?"""
+
+    LAYOUT = (("map_id", "I"), ("pad", "I"))
+    map_id: int = 0
+    pad: int = 0
+
+
+@dataclass(slots=True)
 class MapExportReq(Struct):
     """PRIME_MAP_TO_FD: export the object behind one of this client's tracked mappings."""
 
