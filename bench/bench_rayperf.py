@@ -16,12 +16,17 @@ The rows keep the names, shapes and sizes of Ray's `python/ray/_private/ray_perf
   already touched array (one copy at memory speed), target >= 0.8.
 
 ugem, as a user writes it:
-- put = `out = ugem.empty(value.shape, value.dtype, device=dev); np.copyto(out, value)`: the
-  array API (object and mapping in one request, no handle) and one copy. The array is the
-  object: dropping it (at once, as ray_perf drops each ObjectRef) unmaps and frees it, so a
-  put's time includes that drop. A second, informational put row uses the handle layer's
-  object: `buf = dev.new(8); buf.write(value)` (two requests, no mapping; the dropped Buffer's
-  handle is closed with the next request);
+- put = `out = ugem.array(value, device=dev)`, as `ray.put(value)`: a copy of the value in
+  ugem memory (object and mapping in one request, no handle; one copy). The array is the
+  object: dropping it (at once, as ray_perf drops each ObjectRef) lets its mapping linger
+  until the client's next request, so the next put of the same size (1 MiB or more) reuses
+  that object in place, its mapping ready, once the manager says nothing else holds it (one
+  request), and otherwise releases it: a put's time includes that drop. Informational rows
+  (no target): the same value put in two steps, `out = ugem.empty(value.shape, value.dtype);
+  np.copyto(out, value)` (a new object every time, whose pages the copy faults in: the put
+  of sessions before 2026-12-03), and through the handle layer's object, `buf = dev.new(8);
+  buf.write(value)` (two requests, no mapping; the dropped Buffer's handle is closed with
+  the next request);
 - get = `ref.array(np.int64, 1, writable=False)` of a Buffer holding the value (made once
   with `dev.new` + `write`): map + numpy view, zero-copy, the view dropped at once (so each
   get maps again);
@@ -88,7 +93,12 @@ MODES = ("embedded", "daemon")
 
 
 def put(dev: ugem.Device, value: np.ndarray) -> np.ndarray:
-    """Put: a new array in a new object, holding `value`."""
+    """Put: an array in ugem memory holding a copy of `value` (ugem.array, as ray.put)."""
+    return ugem.array(value, device=dev)
+
+
+def put_empty(dev: ugem.Device, value: np.ndarray) -> np.ndarray:
+    """The same in two steps: a new object (ugem.empty), then np.copyto into it."""
     out = ugem.empty(value.shape, value.dtype, device=dev)
     np.copyto(out, value)
     return out
@@ -280,22 +290,24 @@ def large_runners(devs: dict[str, ugem.Device], src: np.ndarray, dst: np.ndarray
     runners = timed("copyto", copyto, lambda: expect(dst[-1], last, "np.copyto"))
     runners["fresh memfd"] = fresh_memfd
     for mode, dev in devs.items():
-        def run(n: int, mode: str = mode, dev: ugem.Device = dev) -> dict[str, list[int]]:
-            c = H.clock
-            alone, dropped = [], []
-            for _ in range(n):
-                t0 = c()
-                out = put(dev, src)
-                t1 = c()
-                got = int(out[-1])
-                t2 = c()
-                del out
-                t3 = c()
-                alone.append(t1 - t0)
-                dropped.append(t1 - t0 + t3 - t2)
-                expect(got, last, f"put ({mode})")
-            return {f"large put {mode}": alone, f"large put+drop {mode}": dropped}
-        runners[f"large {mode}"] = run
+        for how, putter in (("put", put), ("empty put", put_empty)):
+            def run(n: int, mode: str = mode, dev: ugem.Device = dev, how: str = how,
+                    putter: Any = putter) -> dict[str, list[int]]:
+                c = H.clock
+                alone, dropped = [], []
+                for _ in range(n):
+                    t0 = c()
+                    out = putter(dev, src)
+                    t1 = c()
+                    got = int(out[-1])
+                    t2 = c()
+                    del out
+                    t3 = c()
+                    alone.append(t1 - t0)
+                    dropped.append(t1 - t0 + t3 - t2)
+                    expect(got, last, f"{how} ({mode})")
+                return {f"large {how} {mode}": alone, f"large {how}+drop {mode}": dropped}
+            runners[f"large {how} {mode}"] = run
     return runners
 
 
@@ -378,9 +390,9 @@ def _measure(opts: H.Options, report: H.Report, python: str, rayv: str | None, i
         res["multi small"] = H.interleaved(multi_runners(pool, daemon.path, multi_items)
                                            | ray("put_multi_small", "ray multi small"),
                                            runs=opts.runs, n=max(1, opts.n // 4), warmup=big)
-        large_nbytes = {label: items * 8 for label in ("copyto", "fresh memfd", "ray large", "large put embedded",
-                                                       "large put daemon", "large put+drop embedded",
-                                                       "large put+drop daemon")}
+        large_nbytes = {label: items * 8 for label in ("copyto", "fresh memfd", "ray large")}
+        large_nbytes |= {f"large {how}{drop} {m}": items * 8 for how in ("put", "empty put") for drop in ("", "+drop")
+                         for m in MODES}
         src = np.arange(items, dtype=np.int64)
         dst = np.empty_like(src)
         res["large"] = H.interleaved(large_runners(devs, src, dst) | ray("put_large", "ray large"),
@@ -427,7 +439,7 @@ def _rows(report: H.Report, res: dict[str, H.Results], ray_ran: bool, why: str, 
         for label, mode, fig in ugem:
             rows.append(_row(f"{name}: {fig}", mode, res[section][label], ops, unit, base, target))
 
-    small_fig = "ugem.empty(1, int64) + np.copyto, array dropped"
+    small_fig = "ugem.array(int64 array of 1), array dropped"
     pair("small", "single client get calls (Plasma Store)", "ray get", "ray.get(ref of 0)",
          [(f"get {m}", m, "Buffer.array(int64, 1, writable=False), dropped") for m in MODES], BATCH, "calls/s")
     pair("small", "single client put calls (Plasma Store)", "ray put", "ray.put(0), ref dropped",
@@ -442,19 +454,26 @@ def _rows(report: H.Report, res: dict[str, H.Results], ray_ran: bool, why: str, 
          TASKS * PER_TASK, "calls/s")
     size = f"{nbytes // H.MiB} MiB"
     pair("large", "single client put gigabytes", "ray large", f"ray.put({size} int64), ref dropped",
-         [(f"large put+drop {m}", m, f"ugem.empty + np.copyto {size}, array dropped") for m in MODES], 0, "GB/s")
+         [(f"large put+drop {m}", m, f"ugem.array({size} int64), array dropped") for m in MODES], 0, "GB/s")
+    for m in MODES:
+        base = res["large"]["ray large"] if ray_ran else None
+        rows.append(_row(f"single client put gigabytes: ugem.empty + np.copyto {size}, array dropped", m,
+                         res["large"][f"large empty put+drop {m}"], 0, "GB/s", base, None))
     each = f"{nbytes // MULTI_PUTS // H.MiB} MiB"
     pair("multi large", "multi client put gigabytes", "ray multi large",
          f"{TASKS} tasks x {MULTI_PUTS} ray.put(np.zeros {each})",
-         [("multi large daemon", "daemon", f"{TASKS} Pool tasks x {MULTI_PUTS} puts of np.zeros {each}")],
+         [("multi large daemon", "daemon", f"{TASKS} Pool tasks x {MULTI_PUTS} ugem.array(np.zeros {each})")],
          0, "GB/s")
     copy = res["large"]["copyto"]
     copy.label = "np.copyto"
     fig = f"put {size} vs np.copyto"
     rows.append(H.Row.throughput(BENCH, f"{fig}: np.copyto into a preallocated array", "baseline", copy))
     for m in MODES:
-        rows.append(H.Row.throughput(BENCH, f"{fig}: ugem.empty + np.copyto (put alone)", m,
+        rows.append(H.Row.throughput(BENCH, f"{fig}: ugem.array (put alone)", m,
                                      res["large"][f"large put {m}"], baseline=copy, target=COPYTO))
+    for m in MODES:
+        rows.append(H.Row.throughput(BENCH, f"{fig}: ugem.empty + np.copyto (put alone, no target)", m,
+                                     res["large"][f"large empty put {m}"], baseline=copy))
     rows.append(H.Row.throughput(BENCH, f"{fig}: memfd_create + mmap + np.copyto (diagnostic)", "host",
                                  res["large"]["fresh memfd"], baseline=copy))
 
@@ -490,8 +509,11 @@ def _notes(report: H.Report, res: dict[str, H.Results], ray_side: RaySide | None
                          "x np.copyto into a preallocated array (same rounds)")
     notes.append("ratio = ugem rate / Ray rate (higher is better for ugem; target: ugem ahead, >= 1); copyto rows: "
                  "ratio = put GB/s / np.copyto GB/s (target >= 0.8)")
-    notes.append("put = ugem.empty(shape, dtype) + np.copyto (one request: object and mapping; no handle), the array "
-                 "dropped at once as ray_perf drops each ref (its unmap and free are in the time); get = "
+    notes.append("put = ugem.array(value) (as ray.put: a copy in ugem memory; one request: a new object and its "
+                 "mapping, no handle, or, for 1 MiB or more, the object of the array this client dropped a moment ago "
+                 "reused in place once the manager says nothing else holds it), the array dropped at once as "
+                 "ray_perf drops each ref (its unmap and free are in the time); the 'ugem.empty + np.copyto' rows "
+                 "(no target) make a new object every time and fault its pages in; get = "
                  "Buffer.array of a stored object (one request: map; the view dropped at once); small value = an "
                  "int64 array of one item (Ray: the int 0, as in ray_perf); the put gigabytes source holds np.arange "
                  "data on both sides (ray_perf's is np.zeros, never written)")

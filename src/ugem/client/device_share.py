@@ -77,11 +77,11 @@ from .registry import fd_key, register_mapping
 __all__ = ["CLAIM_PATIENCE_S", "ShareOps", "populate_write"]
 
 def populate_write(view: memoryview) -> None:
-    """Fill the page tables of the mapping `view` views, writable, in one call (backing/mapping.py
-    `populate`: other threads run meanwhile), before writing all of it: faster than faulting them in."""
-    region = view.obj
-    if isinstance(region, mmap.mmap):
-        populate(np.frombuffer(region, dtype=np.uint8).ctypes.data, len(region), True)
+    """Fill the page tables of the memory `view` views (a mapping, or an array over one), writable,
+    in one call (backing/mapping.py `populate`: other threads run meanwhile), before writing all of
+    it: faster than faulting them in."""
+    pages = np.frombuffer(view, dtype=np.uint8)
+    populate(pages.ctypes.data, pages.nbytes, True)
 
 REUSE_MIN = 1 << 20  # objects of this many bytes or more made for arrays may be reused in place (ugem.array)
 CLAIM_PATIENCE_S = 60.0  # a share that has not arrived by then is not coming

@@ -5,6 +5,7 @@ own, or not)."""
 from __future__ import annotations
 
 import fcntl
+import mmap
 import os
 from collections.abc import Iterator
 
@@ -90,3 +91,19 @@ def test_the_threshold_is_past_the_last_level_cache() -> None:
     # below it preadv copies faster (the data stays in the cache); past it a mapping does
     assert 16 * MiB <= mapping.MAPPED_MIN
     assert mapping._last_level_cache() * 3 // 2 <= mapping.MAPPED_MIN
+
+
+def test_populate_write_fills_the_mapping_under_any_view(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A made object's mapping is viewed through an array over it (client/linger.py): its
+    page tables are filled all the same (a recycled memfd's, before ugem.empty's array is written)."""
+    from ugem.client import device_share
+    calls: list[tuple[int, int, bool]] = []
+    monkeypatch.setattr(device_share, "populate", lambda address, length, write: calls.append((address, length, write)))
+    region = mmap.mmap(-1, 4 * mmap.PAGESIZE)
+    pages = np.frombuffer(region, dtype=np.uint8)
+    address = pages.ctypes.data
+    device_share.populate_write(memoryview(region))
+    device_share.populate_write(memoryview(pages))
+    assert calls == [(address, 4 * mmap.PAGESIZE, True)] * 2
+    del pages
+    region.close()
