@@ -303,7 +303,8 @@ class ShareOps:
         """The whole mapping of an object of `size` bytes this Device made, whose last view died
         a moment ago (it lingers: client/linger.py), entered again, if the manager says that it
         may take new contents in place (GEM_REUSE: nothing else holds or sees it); else None
-        (such a mapping is released as it would have been). Its bytes are the old ones."""
+        (such a mapping is released as it would have been; so it is by a daemon that does not
+        know GEM_REUSE, which answers EINVAL). Its bytes are the old ones."""
         linger = self._releases.linger
         if size < REUSE_MIN or not linger or self._pid != os.getpid():
             return None
@@ -316,7 +317,7 @@ class ShareOps:
         except BaseException as exc:
             item.region.close()  # (no view of it is left)
             self._released.append(item.entry.map_id)
-            if isinstance(exc, Busy):
+            if isinstance(exc, Busy | InvalidArgument):  # (EINVAL: a daemon without GEM_REUSE)
                 return None
             raise
         with self._send_lock:
