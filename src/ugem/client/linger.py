@@ -8,7 +8,11 @@ made by a claim (client/pickling.py: an array received by reference) lingers whe
 view dies: still mapped and still tracked by the manager, and a later claim of that memory
 in this process (the same memfd, by its identity, a part of what the mapping covers, writable
 if the claim is) takes the mapping back and only drops its share, with no round trip and no
-request of its own (client/device_share.py `_revive`).
+request of its own (client/device_share.py `_revive`). So does the whole mapping of an
+object a Device made for an array of REUSE_MIN bytes or more (`ugem.empty`, `ugem.array`:
+registry.py `Mapping.made`), which `ugem.array` may take back by its length (`take_whole`)
+to write a new value into, if the manager agrees (GEM_REUSE: client/device_share.py
+`_reused_mapping`).
 
 Rules:
 - a lingering mapping holds its object exactly as long as its release would have waited in
@@ -119,7 +123,7 @@ class Linger:
                 entry = item.entry
                 self._filed[entry.address] = item
                 self._by_key.setdefault(entry.key, []).append(entry.address)
-                if _whole(entry):
+                if entry.made:
                     self._by_length.setdefault(entry.length, []).append(entry.address)
         except IndexError:
             pass
@@ -130,17 +134,12 @@ class Linger:
         addresses.remove(address)
         if not addresses:
             del self._by_key[item.entry.key]
-        if _whole(item.entry):
+        if item.entry.made:
             same = self._by_length[item.entry.length]
             same.remove(address)
             if not same:
                 del self._by_length[item.entry.length]
         return item
-
-
-def _whole(entry: Mapping) -> bool:
-    """The whole mapping of an object its Device made (registry.py `Mapping.made`)."""
-    return entry.made
 
 
 def _unmap(item: Lingering) -> int:
