@@ -472,6 +472,26 @@ def putget_runner(dev: ugem.Device, pat: np.ndarray) -> dict[str, H.Runner]:
     return {"ugem putget": run}
 
 
+def array_put_runner(dev: ugem.Device, pat: np.ndarray) -> dict[str, H.Runner]:
+    """`ugem.array(value)` (the array dropped at once, as a ray ref is): from the second put on,
+    the object of the one before, reused in place."""
+    src = np.empty(SIZE, dtype=np.uint8)
+    fill(src, pat, 12345)
+
+    def run(n: int) -> dict[str, list[int]]:
+        c = H.clock
+        put = []
+        for _ in range(n):
+            t0 = c()
+            a = ugem.array(src, device=dev)
+            put.append(c() - t0)
+            if int(a[-8:].view(np.uint64)[0]) != 12345:
+                raise RuntimeError("ugem.array holds other data")
+            del a
+        return {"ugem array put": put}
+    return {"ugem array put": run}
+
+
 def fresh_pages_runner() -> dict[str, H.Runner]:
     """Host diagnostic: what 1 MiB of new shared pages costs (memfd_create + ftruncate + pwrite)."""
     src = np.ones(SIZE, dtype=np.uint8)
@@ -585,6 +605,7 @@ def _measure(opts: H.Options, report: H.Report, python: str,
                                     "when section 3 began")
             runners = share_runners(segs, dev, consumer, pat, kinds=("flink",), suffix=" with ray")
             runners |= putget_runner(dev, pat)
+            runners |= array_put_runner(dev, pat)
             runners |= fresh_pages_runner()
             if peer is not None:
                 runners |= ray_runners(peer)
@@ -663,6 +684,8 @@ def _ray_rows(report: H.Report, third: H.Results, ray_started: bool, ray_why: st
             report.rows.append(skipped_row(ray_fig, ray_why))
             report.rows.append(_ugem_row(ugem_fig, "daemon", third[ugem_label], None, ""))
 
+    report.rows.append(_ugem_row("put 1 MiB ndarray: ugem.array, array dropped", "daemon", third["ugem array put"],
+                                 third["ray put"] if ray_started else None, ""))
     report.rows.append(H.Row.latency(BENCH, "new pages: memfd_create + ftruncate + pwrite 1 MiB (diagnostic)", "host",
                                      third["fresh pages"]))
 
@@ -700,6 +723,9 @@ def _notes(report: H.Report, life: H.Results, share: H.Results, third: H.Results
     report.notes.append("lifecycle = create + attach + destroy in one process; share = with another process, one "
                         "sample = create + fill 1 MiB through a mapping + send id + consumer attach, check, uint64 "
                         "sum, detach + reply + producer destroy; the consumer is one long-lived process")
+    report.notes.append("put 1 MiB ndarray: ugem.array reuses in place the object of the array dropped just before "
+                        "(ugem.array: 1 MiB or more, the same size, nothing else holding it); create + pwrite "
+                        "makes a new object each time")
     report.notes.append("ugem daemon put (create + pwrite) writes into a new object each time, so its pages are "
                         "allocated per put (the 'new pages' row: what that costs on this machine, in the same "
                         "rounds); Ray's object store reuses its preallocated shared memory. Each put/get sample is one "
