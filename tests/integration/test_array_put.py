@@ -142,6 +142,16 @@ def test_gem_reuse_refuses_what_may_be_held_or_seen_elsewhere(daemon: DaemonProc
             dev._call(Op.GEM_REUSE, s.ReuseReq(map_id=ro_entry.map_id))
         del view, ro, entry, ro_entry
         dev.close_handle(h)
+        h = dev.create(REUSE_MIN)  # purgeable: its mapping alone holds it once the handle is closed
+        dev.pwrite(h, 0, b"x" * 4096)  # (with no pages, DONTNEED would purge it at once)
+        dev.madvise(h, ugem.DONTNEED)
+        view = dev.mmap(h)
+        entry = mapping_of(np.frombuffer(view, dtype=np.uint8))
+        assert entry is not None
+        dev.close_handle(h)
+        with pytest.raises(ugem.Busy, match="cannot take new contents"):
+            dev._call(Op.GEM_REUSE, s.ReuseReq(map_id=entry.map_id))
+        del view, entry
 
 
 def test_bad_values_are_refused_naming_them(daemon: DaemonProcess) -> None:

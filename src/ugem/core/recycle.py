@@ -105,8 +105,9 @@ def gem_reuse(core: Core, client: Client, req: s.ReuseReq) -> s.Empty:
         raise InvalidArgument(f"mapping {req.map_id} is not tracked for this client")
     if req.map_id in client.readonly_maps:
         raise PermissionDenied(f"mapping {req.map_id} is read-only")
-    alone = (obj.refcount == 1 and obj.maps == 1 and not obj.handle_count and not obj.name and not obj.xfers
-             and not obj.pinned_by and obj.job is None and obj.madvise == WILLNEED
+    # the caller's mapping holds one reference: a handle (and so a name), another mapping, a
+    # transfer or an unclaimed share would hold another (core/object.py)
+    alone = (obj.refcount == 1 and not obj.pinned_by and obj.job is None and obj.madvise == WILLNEED
              and obj.placement in (Placement.NONE, Placement.SYSTEM))
     if not (alone and recyclable(obj, core.memory.busy(obj))):
         raise Busy(f"the object of mapping {req.map_id} may be held or seen elsewhere (a handle, a name, another "
