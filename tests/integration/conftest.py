@@ -145,6 +145,7 @@ class RawClient:
             raise
         self.sock.settimeout(timeout)
         self.seq = 0
+        self.client_id = 0  # the daemon's id for this client, once hello() has run
 
     # -- sending ---------------------------------------------------------------------
 
@@ -171,6 +172,7 @@ class RawClient:
         seq = self.struct_frame(Op.HELLO, s.HelloReq())
         reply = self.reply()
         assert (reply.op, reply.seq, reply.status) == (Op.HELLO, seq, 0), reply
+        self.client_id = s.decode(s.HelloReply, reply.payload, []).client_id
 
     # -- receiving -------------------------------------------------------------------
 

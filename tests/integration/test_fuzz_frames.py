@@ -546,6 +546,7 @@ class Conn:
     handles: set[int] = field(default_factory=set)
     sentinel: int = 0
     sentinel_data: bytes = b""
+    share_tokens: int = 0  # at most this many shares made (tokens 1, 2, ...: each is the previous plus one)
 
     def lowest_free(self) -> int:
         h = 1
@@ -826,6 +827,10 @@ def _check_success(conn: Conn, h: Hostile, reply: Any) -> None:
 def run_hostile(conn: Conn, h: Hostile, world: World) -> bool:
     """Send one hostile frame and check the outcome; False when the connection was dropped."""
     before = world.daemon.fd_count() if h.fds else 0
+    if h.op == Op.GEM_SHARE:
+        conn.share_tokens += 1
+    elif h.op == Op.GEM_SHARE_BATCH:
+        conn.share_tokens += len(h.payload) // ss.SHARE_BATCH_RECORD.size
     seq = _send(conn, h)
     for made in h.fds:  # our copy of each fd: the daemon must hold none after answering
         made.close()
@@ -945,6 +950,25 @@ def setup_step(conn: Conn, kind: str, index: int, size: int) -> None:
         assert reply.status == 0, (kind, reply)
 
 
+def drop_shares(world: World, kit: Any, conn: Conn) -> None:
+    """Drop what the fuzzed client shared and nobody claimed. Its shares outlive its
+    connection: they pass to another client of the same process (the victim or the donor
+    here), as an fd in flight outlives the socket it was sent on, until that process drops
+    them or ends (core/share_table.py). The fuzzed client's process lives on (it is this
+    one), so it drops them, from a new connection, as the client library would."""
+    if not conn.share_tokens:
+        return
+    raw = kit.RawClient(world.daemon.path, timeout=10)
+    try:
+        raw.hello()
+        for first in range(1, conn.share_tokens + 1, ss.MAX_DROPS):
+            tokens = range(first, min(conn.share_tokens + 1, first + ss.MAX_DROPS))
+            records = b"".join(ss.SHARE_RECORD.pack(conn.raw.client_id, token) for token in tokens)
+            _call(Conn(raw), Op.GEM_DROP_SHARES, ss.DropSharesReq(records=records))
+    finally:
+        raw.close()
+
+
 def open_conn(world: World, kit: Any, rng: random.Random) -> Conn:
     raw = kit.RawClient(world.daemon.path, timeout=10)
     raw.hello()
@@ -987,9 +1011,28 @@ def test_hostile_frames_mixed_with_valid_requests(world: World, kit: Any) -> Non
                       rng)
             else:
                 probe(conn, "sentinel", rng)
+        drop_shares(world, kit, conn)
         world.check(kit, "a fuzzed connection")
 
     run()
+
+
+def test_a_share_left_by_a_fuzzed_connection_outlives_it_until_dropped(world: World, kit: Any) -> None:
+    """The oracle's one exception to "the daemon holds exactly its fds again once a fuzzed
+    connection is gone": a share nobody claimed passes to the victim or the donor (same
+    process), keeping its object and memfd, until `drop_shares` drops it."""
+    conn = open_conn(world, kit, random.Random(SEED))
+    try:
+        setup_step(conn, "create", 0, 4096)
+        setup_step(conn, "mmap", 0, 4096)
+        conn.share_tokens += 1
+        _call(conn, Op.GEM_SHARE, ss.ShareReq(map_id=1, offset=0, length=4096, token=1))
+    finally:
+        conn.raw.close()
+    kit.wait_until(lambda: world.victim.stats()["clients"] == 2, what="the fuzzed connection is gone")
+    assert world.daemon.fd_count() == world.baseline + 1  # the shared object's memfd, now the heir's
+    drop_shares(world, kit, conn)
+    world.check(kit, "a dropped share")
 
 
 def test_unknown_and_foreign_handles_get_their_exact_errno(world: World, kit: Any) -> None:
