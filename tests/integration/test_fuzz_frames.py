@@ -46,7 +46,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import pytest
-from hypothesis import HealthCheck, given, seed, settings
+from hypothesis import HealthCheck, Phase, given, seed, settings
 from hypothesis import strategies as st
 
 import ugem
@@ -166,9 +166,15 @@ def _report() -> Iterator[None]:
           f"cases per test {dict(CASES)}; hostile frames by outcome {dict(FRAMES.most_common())}")
 
 
-def _fuzz_settings(examples: int) -> Callable[[Any], Any]:
+def _fuzz_settings(examples: int, shrink: bool = True) -> Callable[[Any], Any]:
+    """`shrink` False for the cases against one daemon (`world`): a case that leaves the
+    daemon wrong makes every later case fail too, so shrinking would report the simplest
+    of those (and wait out each one's deadline), not the case that did it."""
+    phases = list(Phase) if shrink else [Phase.explicit, Phase.reuse, Phase.generate]
+
     def wrap(fn: Any) -> Any:
         return seed(SEED)(settings(max_examples=examples, deadline=None, database=None, print_blob=True,
+                                   phases=phases,
                                    suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])(fn))
     return wrap
 
@@ -987,7 +993,7 @@ def test_hostile_frames_mixed_with_valid_requests(world: World, kit: Any) -> Non
     """Up to 3 objects, then up to 12 steps per connection: valid requests that put the client's own objects in every
     state, and hostile frames, each followed by a valid request that must still work."""
 
-    @_fuzz_settings(400)
+    @_fuzz_settings(400, shrink=False)
     @given(data=st.data())
     def run(data: st.DataObject) -> None:
         CASES["daemon: mixed connections"] += 1
@@ -1067,7 +1073,7 @@ def test_unknown_and_foreign_handles_get_their_exact_errno(world: World, kit: An
                 return sx.ExecbufferReq(data=RECORD.pack(2, 0, src, dst, 0, 0, 16, *[0] * 6))
         return REQ[op](handle=handle)
 
-    @_fuzz_settings(250)
+    @_fuzz_settings(250, shrink=False)
     @given(op=st.sampled_from(HANDLE_OPS + [Op.GEM_EXECBUFFER]),
            handle=st.one_of(st.sampled_from([0, U32, 2**31, 2, 3, 8]), st.integers(2, U32)))
     def run(op: int, handle: int) -> None:
@@ -1088,7 +1094,7 @@ def test_fds_of_every_kind(world: World, kit: Any) -> None:
     read-only fd), each refused fd closed at once, and the import usable when it succeeds."""
     rng = random.Random(SEED)
 
-    @_fuzz_settings(90)
+    @_fuzz_settings(90, shrink=False)
     @given(kind=st.sampled_from(FD_KINDS), op=st.sampled_from([Op.PRIME_FD_TO_HANDLE, Op.GEM_USERPTR]),
            readonly=st.booleans(), rng_range=st.sampled_from([(0, 4096), (0, 8192), (4096, 4096), (0, 12288)]))
     def run(kind: str, op: int, readonly: bool, rng_range: tuple[int, int]) -> None:
