@@ -45,6 +45,16 @@ def _cmdline(pid: int) -> bytes:
         return f.read()
 
 
+def _listening(path: str) -> bool:
+    """A socket bound at `path` listens (read from /proc/net/unix, without connecting, which
+    would start the daemon): the launcher binds, then listens, and a connect in between is
+    refused."""
+    with open("/proc/net/unix") as f:
+        next(f)  # Num RefCount Protocol Flags Type St Inode Path
+        return any(len(fields) >= 8 and fields[7] == path and int(fields[3], 16) & 0x10000  # __SO_ACCEPTCON
+                   for fields in map(str.split, f))
+
+
 def _stop(proc: subprocess.Popen[bytes]) -> tuple[int, str]:
     """SIGTERM; (exit status, stderr)."""
     if proc.poll() is None:
@@ -60,7 +70,7 @@ def test_first_connect_starts_the_daemon_on_the_socket_it_is_handed(short_dir: s
     cmd = [LAUNCHER, *PASS_ENV, "--listen", path, *SERVE, "--spill-dir", spill, "--log-format", "json"]
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, start_new_session=True)
     try:
-        wait_until(lambda: os.path.exists(path) or proc.poll() is not None)
+        wait_until(lambda: _listening(path) or proc.poll() is not None)
         assert proc.poll() is None
         assert _cmdline(proc.pid).startswith(LAUNCHER.encode()) and not os.path.exists(spill)  # not started yet
         with ugem.connect(path) as dev:  # this connect starts the daemon
