@@ -23,6 +23,7 @@ import time
 
 from ugem.cmd import Fill
 from ugem.testing import run_daemon
+from ugem.testing.data import SAFETY_S
 
 UGEM = [sys.executable, "-m", "ugem"]
 KiB = 1 << 10
@@ -121,12 +122,15 @@ def test_live_mode_redraws_and_exits_0_on_sigint() -> None:
                     output += chunk
 
         try:
-            deadline = time.monotonic() + 20
+            deadline = time.monotonic() + SAFETY_S
             while b"rates over" not in output and time.monotonic() < deadline and proc.poll() is None:
                 drain(0.1)
             drain(0.5)  # a couple more frames
             proc.send_signal(signal.SIGINT)
-            status = proc.wait(timeout=20)
+            deadline = time.monotonic() + SAFETY_S
+            while proc.poll() is None and time.monotonic() < deadline:
+                drain(0.1)  # read on: a full terminal would block its last redraw, and its exit
+            status = proc.wait(timeout=1)
             drain(0.5)
         finally:
             if proc.poll() is None:
