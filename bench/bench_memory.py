@@ -29,8 +29,11 @@ Samples are pooled over `--runs` rounds after `--warmup` rounds.
    costs ~0.35 GB/s to write on the dev VM): what a machine without free page reporting sees.
    Same target.
 2. restore. The 12 spilled objects are read back with pread_into (whole call: the daemon
-   restores the object from the spill files into a fresh memfd, replies, and the client
-   copies it into its buffer), after closing the 4 resident ones so that no restore needs
+   replies with a pipe it fills from the spill files while the client reads it into its
+   buffer; the object stays spilled: core/stream.py. "until reply" is the part before the
+   reply, "client copy" the rest, the pipe read, which overlaps the daemon's pumping. A
+   daemon that restores instead (STREAM refused) copies into a fresh memfd, replies, and
+   the client copies it out), after closing the 4 resident ones so that no restore needs
    room. The first 6 are read while the spill files are still in the page cache ("warm"); then
    the bench fsyncs the daemon's spill files and drops their page cache
    (posix_fadvise DONTNEED), and reads the other 6 ("cold"). Baseline, like with like: the
@@ -43,7 +46,8 @@ Samples are pooled over `--runs` rounds after `--warmup` rounds.
    64 MiB memfd. Target >= 0.50. The same request without pressure (the 4 fill-up writes) is
    listed so that its fixed cost (create a memfd, pass an fd, one round trip) can be seen.
 4. peer workload: 12 x 80 MiB numpy arrays (960 MiB) put (create + pwrite) into a 512 MiB
-   budget, then all read back (pread_into), in order. Shown next to Ray's published figures
+   budget, then all read back (pread_into: a spilled one straight from spill storage, as in
+   2), in order. Shown next to Ray's published figures
    from this kind of machine (put 2.07 s, restore 5.45 s): quoted, not measured here. With a
    Python that can `import ray` (`--ray-python`, else $UGEM_BENCH_RAY_PYTHON, else this one),
    Ray is also measured in the same run: a fresh Ray session per run (object store 512 MiB,
@@ -186,7 +190,7 @@ class ReplyMarks:
         self._saved: dict[str, Any] = {}
 
     def install(self) -> None:
-        for name in ("pwritev_all", "preadv_all"):  # client/bulk.py's, as client/device.py names them
+        for name in ("pwritev_all", "preadv_all", "read_streamed"):  # client/bulk.py's, as client/device.py names them
             original = getattr(_client_device, name, None)
             if original is None:
                 raise RuntimeError(f"ugem.client.device.{name} is gone: cannot split a call at the reply")
@@ -805,8 +809,10 @@ def _notes(notes: list[str], series: H.Results, cycles: Cycles, end_stats: dict[
                  f"purged_total {end_stats['purged_total']}, "
                  f"bytes_moved_total {end_stats['bytes_moved_total'] / MiB:.0f} MiB")
     notes.append("split at the reply: 'until reply' = request sent .. daemon's XFER reply arrived (room "
-                 "made, object restored); the client's copy through the fd follows; spill/purge rows = the "
-                 "until-reply part of a pwrite that had to make 64 MiB of room")
+                 "made); the client's copy through the fd follows; spill/purge rows = the "
+                 "until-reply part of a pwrite that had to make 64 MiB of room; restore rows: the reply "
+                 "(a pipe the daemon fills from spill storage) comes first, so 'until reply' is one round "
+                 "trip and 'client copy' the whole read, the daemon's pumping included")
     notes.append("ratio = median GB/s / median GB/s of the baseline in the same run; p99 column of GB/s "
                  "rows = GB/s of the slowest-1% sample; neither side fsyncs its writes")
 

@@ -140,6 +140,17 @@ class BackingStore(Protocol):
     def spill_in(self, extent: Any, backing: Any, size: int) -> int:
         """Copy extent -> backing; any thread; returns bytes copied."""
 
+    def spill_read(self, extent: Any, start: int, end: int,
+                   max_runs: int) -> tuple[list[tuple[int, int, int, int]], OwnedFd, Callable[[], int]] | None:
+        """A read of [start, end) straight from an extent (backing/spill_read.py): the runs
+        it holds, (object offset, file, file offset, length) in order, the read end of a
+        pipe, and the work (any thread) that pumps the runs into it; None if that takes
+        more than `max_runs` runs. The extent's release waits until `spill_read_done`.
+        OSError if no pipe can be made."""
+
+    def spill_read_done(self, extent: Any) -> None:
+        """A read of the extent has ended (core's thread)."""
+
     def map_range(self, fd: OwnedFd, offset: int, length: int, writable: bool) -> Any:
         """Map part of a client's memfd for userptr (the mapping holds no fd)."""
 

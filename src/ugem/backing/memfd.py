@@ -36,6 +36,7 @@ import os
 import resource
 import secrets
 import stat
+from collections.abc import Callable
 from typing import Any
 
 import numpy as np
@@ -49,6 +50,7 @@ from .mapping import MAPPED_MIN, map_shared, read_mapped
 from .preload import load_file, open_source
 from .recycle import MAX_FDS, MemfdPool, Pooled
 from .spill import Extent, SpillStore, data_segments, punch_hole
+from .spill_read import Run
 
 __all__ = ["MemfdStore"]
 
@@ -304,6 +306,13 @@ class MemfdStore:
     def spill_in(self, extent: Extent, backing: OwnedFd, size: int) -> int:
         """Copy an extent back into a fresh memfd (worker thread)."""
         return self.spill.load(extent, backing.fd)
+
+    def spill_read(self, extent: Extent, start: int, end: int,
+                   max_runs: int) -> tuple[list[Run], OwnedFd, Callable[[], int]] | None:
+        return self.spill.read(extent, start, end, max_runs)
+
+    def spill_read_done(self, extent: Extent) -> None:
+        self.spill.read_done(extent)
 
     def spill_punch(self, extent: Extent) -> int:
         """Give an extent's disk space back (any thread); `spill_release` then skips it."""

@@ -49,7 +49,7 @@ import fcntl
 import os
 import shutil
 import tempfile
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 
@@ -58,6 +58,7 @@ from ..errors import NoSpace, OutOfMemory
 from ..fd import OwnedFd, pipe
 from ..mm.range import Node, RangeAllocator
 from .mapping import map_placed, populate
+from .spill_read import Run, plan, pump
 
 __all__ = ["Extent", "SpillStore", "copy_ranges", "data_segments", "punch_hole"]
 
@@ -82,6 +83,8 @@ class Extent:
     nodes: list[Node[object]]
     files: list[int]
     segments: list[tuple[int, int]] = field(default_factory=list)
+    readers: int = 0  # reads in flight straight from the extent (spill_read.py): its release waits for them
+    released: bool = False  # released while read: given back when the last read ends
 
     @property
     def capacity(self) -> int:
@@ -270,13 +273,41 @@ class SpillStore:
                 d.close()
 
     def punch(self, extent: Extent) -> None:
-        """Give the extent's disk space back now (any thread; the ranges stay reserved)."""
+        """Give the extent's disk space back now (any thread; the ranges stay reserved),
+        unless it is being read: then `release` does, once the last read has ended (no read
+        can begin after a restore, the one time a punch comes before the release)."""
+        if extent.readers:
+            return
         for node, i in zip(extent.nodes, extent.files, strict=True):
             punch_hole(self._files[i].fd, node.start * PAGE_SIZE, node.size * PAGE_SIZE)
         self._punched.add(id(extent))
 
+    def read(self, extent: Extent, start: int, end: int,
+             max_runs: int) -> tuple[list[Run], OwnedFd, Callable[[], int]] | None:
+        """A read of [start, end) straight from the extent (spill_read.py): its runs, the
+        read end of a new pipe, and the work (worker thread) that pumps the runs into it;
+        None if that takes more than `max_runs` runs. Until `read_done`, the extent's
+        release waits. OSError if no pipe can be made."""
+        runs = plan(extent, start, end)
+        if len(runs) > max_runs:
+            return None
+        read_end, write_end = pipe(os.O_CLOEXEC)
+        with contextlib.suppress(OSError):  # a smaller pipe only costs more wakeups
+            fcntl.fcntl(write_end.fd, _F_SETPIPE_SZ, _pipe_size())
+        extent.readers += 1
+        return runs, read_end, lambda: pump(self._files, runs, write_end)
+
+    def read_done(self, extent: Extent) -> None:
+        extent.readers -= 1
+        if extent.released and not extent.readers:
+            self.release(extent)
+
     def release(self, extent: Extent) -> None:
-        """Give the extent's space back (unless a worker already punched it) and its ranges."""
+        """Give the extent's space back (unless a worker already punched it) and its ranges;
+        once no read of it is in flight."""
+        if extent.readers:
+            extent.released = True
+            return
         if id(extent) not in self._punched:
             self.punch(extent)
         self._punched.discard(id(extent))

@@ -7,7 +7,10 @@ Rules:
   buffer copies from a read-only mapping of the description where it may
   (backing/mapping.py `read_mapped`: twice preadv's speed at that size), else with preadv;
 - writes go through pwritev: into pages not there yet it allocates them without zeroing
-  them first, where a mapping would fault each one in zeroed.
+  them first, where a mapping would fault each one in zeroed;
+- a STREAMED pread (a spilled object read straight from spill storage, core/stream.py)
+  reads the pipe in order into the runs the reply lists and zeroes the rest; a pipe that
+  ends early is EIO (the daemon gave up or went away).
 """
 
 from __future__ import annotations
@@ -15,11 +18,14 @@ from __future__ import annotations
 import os
 from typing import Any
 
+import numpy as np
+
 from ..backing.mapping import MAPPED_MIN, read_mapped
 from ..errors import IOFailure
 from ..fd import OwnedFd
+from ..wire.structs import PIECE
 
-__all__ = ["pread_all", "preadv_all", "pwritev_all"]
+__all__ = ["pread_all", "preadv_all", "pwritev_all", "read_streamed"]
 
 _STEP = 1 << 30
 
@@ -50,3 +56,29 @@ def pwritev_all(fd: OwnedFd, view: memoryview, offset: int) -> None:
     while done < len(view):
         done += os.pwritev(fd.fd, [view[done:done + _STEP]], offset + done)
 
+
+
+def read_streamed(fd: OwnedFd, pieces: bytes, into: Any, offset: int) -> None:
+    """Fill `into` (the range from `offset`) from a STREAMED reply's pipe (module rules)."""
+    view = memoryview(into).cast("B")
+    at = 0  # where in `view` the next run or hole starts
+    for start, length in PIECE.iter_unpack(pieces):
+        start -= offset
+        if not at <= start <= start + length <= len(view):
+            raise IOFailure(f"a streamed read listed bytes {start + offset}-{start + offset + length} outside "
+                            f"the range asked for")
+        _zero(view[at:start])
+        done = 0
+        while done < length:
+            n = os.readv(fd.fd, [view[start + done:start + length]])
+            if n <= 0:
+                raise IOFailure(f"the daemon's stream of object memory ended {length - done} bytes early at offset "
+                                f"{offset + start + done}")
+            done += n
+        at = start + length
+    _zero(view[at:])
+
+
+def _zero(view: memoryview) -> None:
+    if len(view):
+        np.frombuffer(view, dtype=np.uint8).fill(0)

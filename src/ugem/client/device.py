@@ -41,7 +41,7 @@ from ..fd import OwnedFd
 from ..wire import structs as s
 from ..wire.frames import Op
 from .args import flag, i64, ident, index, u32
-from .bulk import pread_all, preadv_all, pwritev_all
+from .bulk import pread_all, preadv_all, pwritev_all, read_streamed
 from .device_ops import DeviceOps
 from .device_share import ShareOps
 from .fork import ForkedTransport, track_for_fork
@@ -113,6 +113,7 @@ class Device(DeviceOps, ShareOps):
         self._share_lock = threading.Lock()  # client/device_share.py
         self._send_lock = threading.RLock()  # drain the queue and send it as one step
         self._mapping_threads: set[int] = set()  # threads making a mapping now (client/fork.py)
+        self._streams = not transport.embedded  # preads into a buffer may ask for STREAM (core/stream.py)
         track_for_fork(self)
 
     # -- plumbing --------------------------------------------------------------------
@@ -239,10 +240,21 @@ class Device(DeviceOps, ShareOps):
             self._pread_xfer(handle, offset, length, into)
 
     def _pread_xfer(self, handle: int, offset: int, length: int, into: Any) -> bytes:
-        reply: s.PreadReply = self._call(Op.GEM_PREAD, s.PreadReq(handle=handle, flags=s.XFER, offset=offset,
-                                                                   length=length))
+        stream = s.STREAM if into is not None and self._streams else 0  # into a buffer: a spilled object may stream
+        try:
+            reply: s.PreadReply = self._call(Op.GEM_PREAD, s.PreadReq(handle=handle, flags=s.XFER | stream,
+                                                                       offset=offset, length=length))
+        except InvalidArgument:
+            if not stream:
+                raise
+            self._streams = False  # a daemon older than STREAM (else the same error again)
+            return self._pread_xfer(handle, offset, length, into)
         data = b""
         try:
+            if reply.flags & s.STREAMED and reply.fd is not None:
+                with reply.fd as fd:
+                    read_streamed(fd, reply.data, into, offset)
+                return b""
             if reply.fd is None:  # no pages yet: zeros, and nothing to release
                 if into is None:
                     return bytes(length)

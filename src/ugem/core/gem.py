@@ -35,6 +35,7 @@ from .cpu_access import pinned_in_vram, pread_vram, prepare_cpu, pwrite_vram
 from .object import BufferObject, Kind
 from .recycle import describe
 from .states import Placement
+from .stream import stream_spilled
 
 if TYPE_CHECKING:
     from .call import Call
@@ -149,6 +150,8 @@ def gem_pread(core: Core, call: Call, req: s.PreadReq) -> s.PreadReply:
     if req.length == 0:
         return s.PreadReply()
     obj = _rw_lookup(core, client, req.handle, req.offset, req.length, write=False)
+    if req.flags == s.XFER | s.STREAM and (streamed := stream_spilled(core, client, obj, req)) is not None:
+        return streamed  # (a spilled object's bytes straight from spill storage)
     core.memory.ensure_system(obj)
     if pinned_in_vram(obj):
         return pread_vram(core, call, obj, req)

@@ -33,6 +33,7 @@ class JobKind(enum.Enum):
     PUNCH = "punch"  # background: give a restored object's spill space back, after the reply
     LOAD = "load"  # background: copy a preloaded object's file in (preload.py)
     ZERO = "zero"  # background: clear a freed object's memfd kept for reuse (`backing` the pool entry, memory.py)
+    STREAM = "stream"  # background: pump a spilled object's bytes into a client's pipe (stream.py)
 
 
 @dataclass(eq=False)

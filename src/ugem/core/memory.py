@@ -121,6 +121,7 @@ class Memory(SpillJobs):
         self.landing: dict[BufferObject, int] = {}  # charged ahead of a device op (fence) writing them
         self.failed: dict[BufferObject, OSError] = {}  # its last spill/restore failed
         self.clearing: dict[Any, Job] = {}  # pooled backing (the store's entry) -> its ZERO job in flight
+        self.streams: dict[int, int] = {}  # uid -> reads straight from spill storage in flight (stream.py)
 
     # -- accounting ------------------------------------------------------------------
 

@@ -113,6 +113,11 @@ class SpillJobs:
             job.done = True
             self.backing.spill_release(job.extent)
             return
+        if job.kind is JobKind.STREAM:  # (stream.py)
+            job.done = True
+            assert job.then is not None
+            job.then(job)
+            return
         if job.kind is JobKind.ZERO:  # a pooled memfd (of a freed object) may be handed out now
             job.done = True
             self.clearing.pop(job.backing, None)

@@ -5,16 +5,21 @@ Rules:
   core; the loop learns of completions through a pipe its epoll watches and applies them
   with `core.memory.finish` on its own thread;
 - a job is submitted once (`job.started`); many parked requests may wait for it;
-- `shutdown()` waits for the jobs in flight, so no copy outlives the daemon's fds.
+- `shutdown()` waits for the jobs in flight, so no copy outlives the daemon's fds; except
+  STREAM jobs (core/stream.py), which run on a daemon thread each, apart from the movers:
+  one waits for a client to read its pipe (up to spill_read.STALL_S), and must neither
+  hold up a spill nor the daemon's exit. They touch only their own dups of the spill
+  files and their pipe.
 """
 
 from __future__ import annotations
 
 import os
 import queue
+import threading
 from concurrent.futures import ThreadPoolExecutor
 
-from ..core.jobs import Job
+from ..core.jobs import Job, JobKind
 from ..fd import drain, pipe
 
 __all__ = ["JobRunner"]
@@ -35,7 +40,10 @@ class JobRunner:
             return
         job.started = True
         self.in_flight += 1
-        self._pool.submit(self._work, job)
+        if job.kind is JobKind.STREAM:
+            threading.Thread(target=self._work, args=(job,), name="ugem-stream", daemon=True).start()
+        else:
+            self._pool.submit(self._work, job)
 
     def _work(self, job: Job) -> None:
         job.run()

@@ -14,6 +14,7 @@ zero-extended, a longer one is EINVAL; nothing here does I/O.
 
 from __future__ import annotations
 
+import struct
 from dataclasses import dataclass, fields
 from typing import Any
 
@@ -28,7 +29,7 @@ __all__ = [
     "MunmapReq",
     "OpenReply", "OpenReq",
     "PreadReply", "PreadReq", "PwriteReply", "PwriteReq", "Struct", "UserptrReq", "XferDoneReq", "XFER", "READONLY",
-    "TAKES_FD", "TO_END", "WRITABLE", "HELD", "decode", "encode",
+    "TAKES_FD", "TO_END", "WRITABLE", "HELD", "STREAM", "STREAMED", "PIECE", "decode", "encode",
 ]
 
 # flag bits
@@ -41,6 +42,11 @@ TO_END = 0x2  # mmap: map from offset to the end of the object (length ignored)
 # (pidfd_getfd, client/daemon_fds.py): no fd in the reply. Honoured for memory the daemon
 # holds as an fd; otherwise the reply carries an fd as usual.
 TAKES_FD = 0x4
+# pread with XFER: the bytes of a spilled object may come through a pipe, straight from spill
+# storage, without bringing the object back (core/stream.py). The reply then says STREAMED.
+STREAM = 0x2
+STREAMED = 0x1  # PreadReply.flags
+PIECE = struct.Struct("<qq")  # a STREAMED reply's data: (offset, length) of each run of bytes the pipe carries
 
 
 # -- handshake ---------------------------------------------------------------------------
@@ -147,7 +153,7 @@ INFO_ASK_SOLE = 0x1  # InfoReq.flags
 @dataclass(slots=True)
 class PreadReq(Struct):
     LAYOUT = (("handle", "I"), ("flags", "I"), ("offset", "q"), ("length", "q"))
-    FLAGS = XFER
+    FLAGS = XFER | STREAM
     handle: int = 0
     flags: int = 0
     offset: int = 0
@@ -158,13 +164,15 @@ class PreadReq(Struct):
 class PreadReply(Struct):
     """Inline: the bytes are `data`. XFER: read `length` bytes at `offset` from `fd`
     (a private read-only description), then send XFER_DONE(xfer_id). `fd` is absent when
-    the object has no pages: the range reads as zeros."""
+    the object has no pages: the range reads as zeros. STREAMED (asked for with STREAM):
+    `fd` is a pipe carrying, in order, the bytes of the runs `data` lists (PIECE records,
+    within the range asked for); the rest of the range reads as zeros; no XFER_DONE."""
 
-    LAYOUT = (("xfer_id", "I"), ("pad", "I"))
+    LAYOUT = (("xfer_id", "I"), ("flags", "I"))
     TAIL = "data"
     FDS = ("fd",)
     xfer_id: int = 0
-    pad: int = 0
+    flags: int = 0
     data: Any = b""
     fd: OwnedFd | None = None
 

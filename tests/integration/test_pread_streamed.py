@@ -1,0 +1,188 @@
+"""pread_into of a spilled object, served straight from spill storage through a pipe
+(core/stream.py, backing/spill_read.py), on a real daemon: the right bytes for any range,
+the object left spilled, nothing restored; the extent outlives a free while it is read;
+a reader that stops early or never reads holds nothing; the limits per uid.
+
+Raw requests (conftest's RawClient) stand for a client that asks for a stream and then
+does not read it, which the client library never does."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterator
+from typing import Any
+
+import numpy as np
+import pytest
+
+import ugem
+from ugem.core.stream import STREAMS_PER_UID
+from ugem.testing import DaemonProcess, run_daemon
+from ugem.wire import structs as s
+from ugem.wire.frames import HEADER, XFER_ABOVE, FrameKind, Op
+
+MiB = 1 << 20
+PAGE = 4096
+SIZE = 16 * MiB
+BUDGET = "64M"
+
+
+@pytest.fixture
+def daemon() -> Iterator[DaemonProcess]:
+    with run_daemon(system_budget=BUDGET) as d:
+        yield d
+
+
+def _push_out(dev: ugem.Device, *targets: int) -> list[int]:
+    """Write new objects until every target is spilled (the budget holds four of SIZE)."""
+    fillers = []
+    while any(dev.info(h).placement != "spilled" for h in targets):
+        assert len(fillers) < 16, [dev.info(h).placement for h in targets]
+        h = dev.create(SIZE)
+        dev.pwrite(h, 0, np.full(SIZE, len(fillers) + 1, np.uint8))
+        fillers.append(h)
+    return fillers
+
+
+def _sparse(dev: ugem.Device, seed: int) -> tuple[int, np.ndarray]:
+    """An object with data in three places (crossing the spill extent's two files) and holes."""
+    rng = np.random.default_rng(seed)
+    expected = np.zeros(SIZE, np.uint8)
+    h = dev.create(SIZE)
+    for offset, length in [(0, MiB + 100), (3 * MiB - 5 * PAGE, 7 * MiB), (SIZE - PAGE, PAGE)]:
+        expected[offset:offset + length] = rng.integers(0, 256, length, dtype=np.uint8)
+        dev.pwrite(h, offset, expected[offset:offset + length])
+    return h, expected
+
+
+def test_pread_into_reads_a_spilled_object_where_it_lies(daemon: DaemonProcess, kit: Any) -> None:
+    with daemon.connect() as dev:
+        baseline = daemon.fd_count()
+        h, expected = _sparse(dev, 1)
+        _push_out(dev, h)
+        before = dev.stats()
+        for offset, length in [(0, SIZE), (7, MiB + 1000), (MiB + 200, MiB), (3 * MiB, 9 * MiB + 1),
+                               (SIZE - XFER_ABOVE - 3, XFER_ABOVE + 3), (11 * MiB, 2 * MiB)]:  # (smaller: inline)
+            out = np.full(length, 0xEE, np.uint8)  # the holes must come out as zeros, not as what was there
+            assert dev.pread_into(h, offset, out) == length
+            assert np.array_equal(out, expected[offset:offset + length]), (offset, length)
+        after = dev.stats()
+        assert dev.info(h).placement == "spilled"  # read where it lies: not brought back
+        assert after["restored_total"] == before["restored_total"]
+        assert after["bytes_moved_total"] == before["bytes_moved_total"]
+        assert after["resident_bytes"] <= before["resident_bytes"]
+        assert np.array_equal(np.frombuffer(dev.pread(h, 0, SIZE), np.uint8), expected)  # pread of bytes restores
+        assert dev.stats()["restored_total"] == before["restored_total"] + 1
+    kit.wait_fd_count(daemon, baseline - 1)  # (less the Device's socket)
+
+
+def _stream(raw: Any, handle: int, offset: int, length: int) -> tuple[s.PreadReply, list[int]]:
+    """A GEM_PREAD asking for a stream, its reply and fds kept open (RawClient closes them)."""
+    seq = raw.struct_frame(Op.GEM_PREAD, s.PreadReq(handle=handle, flags=s.XFER | s.STREAM, offset=offset,
+                                                    length=length))
+    fds: list[int] = []
+    length_, op, nfds, kind, seq_, status = HEADER.unpack(raw._recv_exact(HEADER.size, fds))
+    payload = raw._recv_exact(length_, fds)
+    assert (op, kind, seq_, status, nfds) == (Op.GEM_PREAD, FrameKind.REPLY, seq, 0, len(fds)), (status, fds)
+    return s.decode(s.PreadReply, payload, []), fds
+
+
+def _open(raw: Any, dev: ugem.Device, handle: int) -> int:
+    reply = raw.call(Op.GEM_OPEN, s.OpenReq(name=dev.flink(handle)))
+    assert reply.status == 0, reply
+    return s.decode(s.OpenReply, reply.payload, []).handle
+
+
+def _read_all(fd: int, pieces: bytes, offset: int, length: int) -> np.ndarray:
+    out = np.zeros(length, np.uint8)
+    view = memoryview(out)
+    for at, n in s.PIECE.iter_unpack(pieces):
+        done = 0
+        while done < n:
+            got = os.readv(fd, [view[at - offset + done:at - offset + n]])
+            assert got > 0, "the stream ended early"
+            done += got
+    assert os.read(fd, 1) == b""
+    return out
+
+
+def test_the_bytes_streamed_are_those_of_the_request_even_if_the_object_is_freed(daemon: DaemonProcess,
+                                                                                  kit: Any) -> None:
+    """Freed while its stream waits unread, then its spill space wanted by new spills: the
+    extent is given back only once the read has ended, so the pipe still carries the bytes."""
+    with daemon.connect() as dev, kit.RawClient(daemon.path) as raw:
+        raw.hello()
+        baseline = daemon.fd_count()
+        h, expected = _sparse(dev, 2)
+        theirs = _open(raw, dev, h)
+        fillers = _push_out(dev, h)
+        reply, fds = _stream(raw, theirs, 0, SIZE)
+        assert reply.flags & s.STREAMED and len(fds) == 1
+        try:
+            assert raw.call(Op.GEM_CLOSE, s.CloseReq(handle=theirs)).status == 0
+            dev.close_handle(h)  # the object is gone now
+            for f in fillers:
+                dev.close_handle(f)
+            more = [dev.create(SIZE) for _ in range(8)]  # 128 MiB of other data through a 64 MiB budget
+            for i, m in enumerate(more):
+                dev.pwrite(m, 0, np.full(SIZE, 0xA0 + i, np.uint8))
+            assert dev.stats()["spilled_total"] >= 4
+            assert np.array_equal(_read_all(fds[0], reply.data, 0, SIZE), expected)
+        finally:
+            for fd in fds:
+                os.close(fd)
+        for m in more:
+            dev.close_handle(m)
+        kit.wait_until(lambda: dev.stats()["spilled_bytes"] == 0, what="spill storage given back")
+        kit.wait_fd_count(daemon, baseline)
+
+
+def test_a_reader_that_stops_early_leaves_nothing_behind(daemon: DaemonProcess, kit: Any) -> None:
+    with daemon.connect() as dev, kit.RawClient(daemon.path) as raw:
+        raw.hello()
+        baseline = daemon.fd_count()
+        h, expected = _sparse(dev, 3)
+        theirs = _open(raw, dev, h)
+        fillers = _push_out(dev, h)
+        reply, fds = _stream(raw, theirs, 0, SIZE)
+        first = os.read(fds[0], 4096)
+        assert first == expected[:len(first)].tobytes()
+        os.close(fds[0])  # the pump gives up (EPIPE)
+        out = np.empty(SIZE, np.uint8)
+        dev.pread_into(h, 0, out)  # the next read streams again, whole
+        assert np.array_equal(out, expected)
+        for f in [h, *fillers]:
+            dev.close_handle(f)
+        assert raw.call(Op.GEM_CLOSE, s.CloseReq(handle=theirs)).status == 0
+        kit.wait_fd_count(daemon, baseline)
+
+
+def test_past_the_streams_a_uid_may_hold_a_pread_restores(daemon: DaemonProcess, kit: Any) -> None:
+    """Streams nobody reads each hold a thread: past STREAMS_PER_UID of a uid, its preads
+    restore as before (and so never wait for the others)."""
+    with daemon.connect() as dev, kit.RawClient(daemon.path) as raw:
+        raw.hello()
+        baseline = daemon.fd_count()
+        objs = [_sparse(dev, 10 + i) for i in range(STREAMS_PER_UID + 1)]
+        handles = [_open(raw, dev, h) for h, _ in objs]
+        fillers = _push_out(dev, *(h for h, _ in objs))
+        held: list[int] = []
+        try:
+            for i, theirs in enumerate(handles):
+                reply, fds = _stream(raw, theirs, 0, SIZE)
+                held += fds
+                if i < STREAMS_PER_UID:
+                    assert reply.flags & s.STREAMED, i
+                else:  # restored, and read through a description of its memory as before
+                    assert not reply.flags & s.STREAMED and reply.xfer_id
+                    assert dev.info(objs[i][0]).placement == "system"
+                    assert os.pread(fds[0], SIZE, 0) == objs[i][1].tobytes()
+                    assert raw.call(Op.XFER_DONE, s.XferDoneReq(xfer_id=reply.xfer_id)).status == 0
+        finally:
+            for fd in held:
+                os.close(fd)
+        for h in [*(h for h, _ in objs), *fillers]:
+            dev.close_handle(h)
+        for theirs in handles:
+            assert raw.call(Op.GEM_CLOSE, s.CloseReq(handle=theirs)).status == 0
+        kit.wait_fd_count(daemon, baseline)
