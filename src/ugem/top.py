@@ -23,11 +23,16 @@ Rules:
   how many more there are and what they hold together.
 - `run(dev, interval, once, console)` samples `dev.stats()`: `once` prints one frame and
   returns; otherwise a rich `Live` display redraws every `interval` seconds until Ctrl-C, which
-  returns 0 (the last frame stays on screen). On a non-terminal, rich shows only the last frame.
+  returns 0 (the last frame stays on screen). In the main thread Ctrl-C only sets a flag the
+  loop reads between samples: a KeyboardInterrupt raised inside a request or a redraw could
+  leave the connection or the display's locks half-way, and the exit hung (seen in a
+  loaded test run). On a non-terminal, rich shows only the last frame.
 """
 
 from __future__ import annotations
 
+import signal
+import threading
 import time
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
@@ -219,13 +224,19 @@ def run(dev: StatsSource, interval: float, once: bool, console: Console) -> int:
     if once:
         console.print(render(stats, None, 0.0))
         return 0
+    stop = threading.Event()  # Ctrl-C ends the loop between samples, never inside a request or a redraw
+    handled = threading.current_thread() is threading.main_thread()
+    previous = signal.signal(signal.SIGINT, lambda *_: stop.set()) if handled else None
     try:
         with Live(render(stats, None, 0.0), console=console, auto_refresh=True, refresh_per_second=4,
                   vertical_overflow="crop", redirect_stdout=False, redirect_stderr=False) as live:
-            while True:
-                time.sleep(interval)
+            while not stop.wait(interval):
                 current, now = dev.stats(), time.monotonic()
                 live.update(render(current, stats, now - taken), refresh=True)
                 stats, taken = current, now
-    except KeyboardInterrupt:
-        return 0
+    except KeyboardInterrupt:  # (a Ctrl-C before the handler was set, or a source that raises it)
+        pass
+    finally:
+        if previous is not None:
+            signal.signal(signal.SIGINT, previous)
+    return 0
