@@ -19,7 +19,10 @@ Rules:
   valid (the mapping keeps the object alive). `with dev.new(n) as buf:` closes at once.
 - `map()`, `array()` and `__dlpack__` are views of ONE shared mapping of the whole
   object, made on first use and shared for as long as any view of it lives. The Buffer
-  holds it only weakly: once the last view is gone the mapping is released, so an object
+  holds it only weakly: once the last view is gone the mapping lingers until the Device's
+  next request (client/linger.py; its release would have waited that long anyway) and a
+  view asked for meanwhile takes it back with no request of its own (a get in a loop is
+  then no round trip), as it would reuse a live one; then it is released, so an object
   nobody looks at can be spilled again (a mapped object never is, SPEC §3). Views are
   zero-copy in both directions and outlive `close()` and `Device.close()`, as mappings
   outlive GEM_CLOSE. A read-only request reuses a writable mapping through a read-only
@@ -52,6 +55,7 @@ import numpy.typing as npt
 from ..constants import DOMAIN_CPU
 from ..errors import BadFd, InvalidArgument
 from .args import flag, index
+from .registry import find_mapping
 
 if TYPE_CHECKING:
     from .device import Device, ObjectInfo
@@ -107,8 +111,9 @@ class Buffer:
             raise InvalidArgument(f"handle {self.handle} cannot be valid (handles are 1 to 2**32-1)")
         self._size = None if size is None else index(size, "size")
         self._readonly = None if readonly is None else flag(readonly, "readonly")
-        self._region: weakref.ref[Any] | None = None  # the shared mmap, while any view lives
+        self._region: weakref.ref[Any] | None = None  # the shared mapping, while any view lives
         self._region_writable = False
+        self._key: tuple[int, int] | None = None  # the identity of the memfd it mapped (to take it back)
         self._wrap = device._releases.adopt(handle)
         self._closed = False
 
@@ -178,9 +183,16 @@ class Buffer:
     def _view(self, writable: bool) -> memoryview:
         handle = self._live()
         region = self._region() if self._region is not None else None
-        if region is None or region.closed or (writable and not self._region_writable):
-            view = self.device.mmap(handle, writable=writable)
+        if region is None or getattr(region, "closed", False) or (writable and not self._region_writable):
+            again = None if self._key is None or writable and not self._region_writable else \
+                self.device._revive(self._key, 0, self.size, self._region_writable)  # (lingering: module rules)
+            if again is not None:
+                self._region = weakref.ref(again.obj)
+                return again if writable or not self._region_writable else again.toreadonly()
+            view = self.device._mmap(handle, 0, None, writable, linger=True)
+            entry = find_mapping(*_span(view))
             self._region, self._region_writable = weakref.ref(view.obj), writable
+            self._key = None if entry is None else entry.key
             return view
         view = memoryview(region)
         return view if writable or not self._region_writable else view.toreadonly()
@@ -288,3 +300,9 @@ class Buffer:
         size = "" if self._size is None else f" size={self._size}"
         state = " closed" if self.closed else ""
         return f"<Buffer handle={self.handle}{size}{state}>"
+
+
+def _span(view: memoryview) -> tuple[int, int]:
+    """The address range a view covers."""
+    start = int(np.frombuffer(view, dtype=np.uint8).ctypes.data)
+    return start, start + view.nbytes

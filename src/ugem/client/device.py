@@ -295,7 +295,10 @@ class Device(DeviceOps, ShareOps):
     # -- mappings --------------------------------------------------------------------
 
     def mmap(self, handle: int, *, offset: int = 0, length: int | None = None, writable: bool = True) -> memoryview:
-        writable = flag(writable, "writable")
+        return self._mmap(handle, offset, length, flag(writable, "writable"))
+
+    def _mmap(self, handle: int, offset: int, length: int | None, writable: bool, linger: bool = False) -> memoryview:
+        """`mmap`; with `linger` the mapping lingers once its last view dies (a Buffer's: buffer.py `_view`)."""
         flags = (s.WRITABLE if writable else 0) | (s.TO_END if length is None else 0) | self._take_flag()
         req = s.MmapReq(handle=ident(handle), flags=flags, offset=i64(offset, "offset"),
                         length=0 if length is None else i64(length, "length"))
@@ -305,7 +308,7 @@ class Device(DeviceOps, ShareOps):
                 self._released.append(reply.map_id)
                 req.flags &= ~s.TAKES_FD
                 reply = self._call(Op.GEM_MMAP, req)
-            return self._map_reply(reply, writable, f"handle {req.handle}")
+            return self._map_reply(reply, writable, f"handle {req.handle}", linger)
 
     # -- memory management -----------------------------------------------------------
 

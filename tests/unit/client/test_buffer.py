@@ -162,8 +162,8 @@ def test_array_is_zero_copy_both_ways(dev):
 def test_views_share_one_mapping_while_any_lives(dev, monkeypatch):
     buf = dev.new(4 * PAGE)
     calls = []
-    real = dev.mmap
-    monkeypatch.setattr(dev, "mmap", lambda *a, **k: calls.append(k) or real(*a, **k))
+    real = dev._mmap
+    monkeypatch.setattr(dev, "_mmap", lambda *a, **k: calls.append(k) or real(*a, **k))
     a = buf.array(np.uint8)
     b = buf.array(np.float32, (16, 16))
     c = buf.map()
@@ -174,7 +174,12 @@ def test_views_share_one_mapping_while_any_lives(dev, monkeypatch):
     assert a[:4].tolist() == [1, 2, 3, 4] and d[:4].tolist() == [1, 2, 3, 4]
     del a, b, c, d
     gc.collect()
-    buf.array()  # the last view died: the mapping was released, so this maps again
+    e = buf.array(np.int64, writable=False)  # the last view died: the mapping lingers, taken back (no request)
+    assert len(calls) == 1 and e[0] == 0x04030201 and not e.flags.writeable
+    del e
+    gc.collect()
+    buf.info()  # a request: the lingering mapping is released with it
+    buf.array()  # so this maps again
     assert len(calls) == 2
 
 
