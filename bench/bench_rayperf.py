@@ -28,8 +28,10 @@ ugem, as a user writes it:
   buf.write(value)` (two requests, no mapping; the dropped Buffer's handle is closed with
   the next request);
 - get = `ref.array(np.int64, 1, writable=False)` of a Buffer holding the value (made once
-  with `dev.new` + `write`): map + numpy view, zero-copy, the view dropped at once (so each
-  get maps again);
+  with `dev.new` + `write`): a numpy view of its mapping, zero-copy, the view dropped at once.
+  The first get maps it (one request); a dropped view's mapping lingers until the Device's
+  next request, so each later get of the loop takes it back with no request (as ray.get of
+  an object already in the store is served from the client's mapping of the store);
 - the small value is an int64 array of one item (Ray's is the Python int 0, as in ray_perf);
   the 800 MiB array holds `np.arange` data (ray_perf's is `np.zeros`, never written, whose
   pages are all the one zero page: a copy from it reads no memory), the same array on both
@@ -514,7 +516,8 @@ def _notes(report: H.Report, res: dict[str, H.Results], ray_side: RaySide | None
                  "reused in place once the manager says nothing else holds it), the array dropped at once as "
                  "ray_perf drops each ref (its unmap and free are in the time); the 'ugem.empty + np.copyto' rows "
                  "(no target) make a new object every time and fault its pages in; get = "
-                 "Buffer.array of a stored object (one request: map; the view dropped at once); small value = an "
+                 "Buffer.array of a stored object (the view dropped at once; its mapping lingers until the next "
+                 "request, and the next get takes it back with no request); small value = an "
                  "int64 array of one item (Ray: the int 0, as in ray_perf); the put gigabytes source holds np.arange "
                  "data on both sides (ray_perf's is np.zeros, never written)")
     notes.append(f"multi client: {report.params['workers']} worker processes (a fork Pool, each a client of the "
