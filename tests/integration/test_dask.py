@@ -262,6 +262,27 @@ def test_more_than_the_budget_spills_and_reads_back(daemon_small: DaemonProcess)
         wait_until(lambda: dev.stats()["objects"] == 0, what="objects released by close()")
 
 
+def test_a_spilled_value_is_read_straight_from_spill_storage(daemon_small: DaemonProcess) -> None:
+    """Read back, a value the daemon spilled stays spilled (stored.py `load`): nothing is
+    restored (which would spill something else to make room)."""
+    data = UgemBuffer(daemon_small.path, target="8M")
+    try:
+        for i in range(12):  # 96 MiB through a 32 MiB budget
+            data[i] = np.full(MiB, i, dtype=np.float64)
+        data.flush()
+        with daemon_small.connect() as dev:
+            spilled = [i for i in range(12) if data._stored[i].buf.info().placement == "spilled"]
+            assert len(spilled) >= 6, spilled
+            before = dev.stats()
+            for i in spilled:
+                got = data[i]
+                assert isinstance(got, UgemArray) and got.shape == (MiB,) and float(got.mean()) == i
+                assert data._stored[i].buf.info().placement == "spilled"
+            assert dev.stats()["restored_total"] == before["restored_total"]
+    finally:
+        data.close()
+
+
 def test_no_room_keeps_the_value_in_the_heap_until_evict(daemon_small: DaemonProcess,
                                                          monkeypatch: pytest.MonkeyPatch) -> None:
     data = UgemBuffer(daemon_small.path, target="64M")

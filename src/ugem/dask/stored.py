@@ -18,7 +18,13 @@ has the rules; this is their mechanics).
 - `pending_source(a, ...)`: the pending value an array a task returned lies in (a view of
   it), which the array then shares the object of (buffer.py);
 - `load(stored)`: an array is a zero-copy `UgemArray` on the object's mapping; any other
-  value is deserialized from the mapping.
+  value is deserialized from the mapping. Except a value `store` wrote of STREAM_MIN bytes
+  or more whose object the daemon has spilled: it is read into a new heap buffer (one
+  copy, straight from spill storage: client/bulk.py) and the object stays spilled, where
+  mapping it would bring it back into the budget first, spilling some other value to make
+  room (in a spill-heavy run, half of what moved). The array over that copy is a
+  `UgemArray` all the same, holding the object (a worker on this host it is sent to maps
+  the object itself); writes to it are its own (Dask never writes into a stored value).
 """
 
 from __future__ import annotations
@@ -36,7 +42,7 @@ from ..client.device_share import populate_write
 from ..constants import PAGE_SIZE
 from .handoff import as_ugem_array
 
-__all__ = ["Stored", "extent", "load", "pending_source", "raw", "store"]
+__all__ = ["STREAM_MIN", "Stored", "extent", "load", "pending_source", "raw", "store"]
 
 
 @dataclass(slots=True)
@@ -120,8 +126,16 @@ def store(value: object, writer_device: Device, device: Device) -> Stored:
     return Stored(buf, dtype, shape, strides, length=length)
 
 
+STREAM_MIN = 1 << 20
+
+
 def load(stored: Stored) -> object:
-    view = stored.buf.map()
+    if stored.length >= STREAM_MIN and stored.buf.info().placement == "spilled":  # (module rules)
+        copy = np.empty(stored.length, dtype=np.uint8)
+        stored.buf.device.pread_into(stored.buf.handle, 0, copy)
+        view = memoryview(copy.data)
+    else:
+        view = stored.buf.map()
     if stored.dtype is not None:
         return as_ugem_array(stored.buf, view, stored.dtype, stored.shape, stored.strides, stored.offset)
     return deserialize_bytes(view[:stored.length])
