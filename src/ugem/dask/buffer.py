@@ -28,7 +28,8 @@ Rules:
   a pending value stored byte for byte (C- or Fortran-contiguous: a `PendingArray` a task
   returned as it is, or a view of it), once that value's copy is made;
 - reading a stored key gives a zero-copy `UgemArray` on the object's mapping (other values are
-  deserialized from the mapping). The values this worker holds mapped are `fast`, least
+  deserialized from the mapping); one the daemon spilled is read into the heap from spill
+  storage instead, and stays spilled (stored.py `load`). The values this worker holds mapped are `fast`, least
   recently used first, at most `target` bytes (one value may exceed it). The default is a
   sixteenth of the daemon's system budget, at most 64 MiB: what workers keep mapped the
   daemon cannot spill, so with many workers per node pass a smaller `target`;
