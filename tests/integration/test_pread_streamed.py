@@ -61,6 +61,8 @@ def test_pread_into_reads_a_spilled_object_where_it_lies(daemon: DaemonProcess, 
         h, expected = _sparse(dev, 1)
         _push_out(dev, h)
         before = dev.stats()
+        with pytest.raises(ugem.InvalidArgument):  # past the end: the request's own error (asked again without
+            dev.pread_into(h, SIZE - PAGE, np.empty(XFER_ABOVE + 1, np.uint8))  # STREAM), streams on after it
         for offset, length in [(0, SIZE), (7, MiB + 1000), (MiB + 200, MiB), (3 * MiB, 9 * MiB + 1),
                                (SIZE - XFER_ABOVE - 3, XFER_ABOVE + 3), (11 * MiB, 2 * MiB)]:  # (smaller: inline)
             out = np.full(length, 0xEE, np.uint8)  # the holes must come out as zeros, not as what was there
@@ -93,6 +95,20 @@ def _open(raw: Any, dev: ugem.Device, handle: int) -> int:
     return s.decode(s.OpenReply, reply.payload, []).handle
 
 
+def _streamed_unread(daemon: DaemonProcess, dev: ugem.Device, raw: Any,
+                     seed: int) -> tuple[int, int, np.ndarray, int, list[int], s.PreadReply, list[int]]:
+    """A spilled sparse object of `dev`, opened by `raw` too, whose stream `raw` asked for
+    and has not read: (daemon fds before, handle, bytes, raw's handle, fillers, reply, fds)."""
+    raw.hello()
+    baseline = daemon.fd_count()
+    h, expected = _sparse(dev, seed)
+    theirs = _open(raw, dev, h)
+    fillers = _push_out(dev, h)
+    reply, fds = _stream(raw, theirs, 0, SIZE)
+    assert reply.flags & s.STREAMED and len(fds) == 1
+    return baseline, h, expected, theirs, fillers, reply, fds
+
+
 def _read_all(fd: int, pieces: bytes, offset: int, length: int) -> np.ndarray:
     out = np.zeros(length, np.uint8)
     view = memoryview(out)
@@ -111,13 +127,7 @@ def test_the_bytes_streamed_are_those_of_the_request_even_if_the_object_is_freed
     """Freed while its stream waits unread, then its spill space wanted by new spills: the
     extent is given back only once the read has ended, so the pipe still carries the bytes."""
     with daemon.connect() as dev, kit.RawClient(daemon.path) as raw:
-        raw.hello()
-        baseline = daemon.fd_count()
-        h, expected = _sparse(dev, 2)
-        theirs = _open(raw, dev, h)
-        fillers = _push_out(dev, h)
-        reply, fds = _stream(raw, theirs, 0, SIZE)
-        assert reply.flags & s.STREAMED and len(fds) == 1
+        baseline, h, expected, theirs, fillers, reply, fds = _streamed_unread(daemon, dev, raw, 2)
         try:
             assert raw.call(Op.GEM_CLOSE, s.CloseReq(handle=theirs)).status == 0
             dev.close_handle(h)  # the object is gone now
@@ -139,12 +149,7 @@ def test_the_bytes_streamed_are_those_of_the_request_even_if_the_object_is_freed
 
 def test_a_reader_that_stops_early_leaves_nothing_behind(daemon: DaemonProcess, kit: Any) -> None:
     with daemon.connect() as dev, kit.RawClient(daemon.path) as raw:
-        raw.hello()
-        baseline = daemon.fd_count()
-        h, expected = _sparse(dev, 3)
-        theirs = _open(raw, dev, h)
-        fillers = _push_out(dev, h)
-        reply, fds = _stream(raw, theirs, 0, SIZE)
+        baseline, h, expected, theirs, fillers, _, fds = _streamed_unread(daemon, dev, raw, 3)
         first = os.read(fds[0], 4096)
         assert first == expected[:len(first)].tobytes()
         os.close(fds[0])  # the pump gives up (EPIPE)

@@ -241,14 +241,15 @@ class Device(DeviceOps, ShareOps):
 
     def _pread_xfer(self, handle: int, offset: int, length: int, into: Any) -> bytes:
         stream = s.STREAM if into is not None and self._streams else 0  # into a buffer: a spilled object may stream
+        req = s.PreadReq(handle=handle, flags=s.XFER | stream, offset=offset, length=length)
         try:
-            reply: s.PreadReply = self._call(Op.GEM_PREAD, s.PreadReq(handle=handle, flags=s.XFER | stream,
-                                                                       offset=offset, length=length))
+            reply: s.PreadReply = self._call(Op.GEM_PREAD, req)
         except InvalidArgument:
             if not stream:
                 raise
-            self._streams = False  # a daemon older than STREAM (else the same error again)
-            return self._pread_xfer(handle, offset, length, into)
+            req.flags = s.XFER
+            reply = self._call(Op.GEM_PREAD, req)  # the same error again if it was the request's own
+            self._streams = False  # a daemon older than STREAM
         data = b""
         try:
             if reply.flags & s.STREAMED and reply.fd is not None:
