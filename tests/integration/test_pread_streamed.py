@@ -9,6 +9,8 @@ does not read it, which the client library never does."""
 from __future__ import annotations
 
 import os
+import signal
+import time
 from collections.abc import Iterator
 from typing import Any
 
@@ -16,8 +18,10 @@ import numpy as np
 import pytest
 
 import ugem
+from ugem.backing.spill_read import STALL_S
 from ugem.core.stream import STREAMS_PER_UID
 from ugem.testing import DaemonProcess, run_daemon
+from ugem.testing.data import SAFETY_S
 from ugem.wire import structs as s
 from ugem.wire.frames import HEADER, XFER_ABOVE, FrameKind, Op
 
@@ -191,3 +195,18 @@ def test_past_the_streams_a_uid_may_hold_a_pread_restores(daemon: DaemonProcess,
         for theirs in handles:
             assert raw.call(Op.GEM_CLOSE, s.CloseReq(handle=theirs)).status == 0
         kit.wait_fd_count(daemon, baseline)
+
+
+def test_the_daemon_stops_at_once_with_a_stream_nobody_reads(kit: Any) -> None:
+    """A stream's thread waits up to spill_read.STALL_S for its reader; SIGTERM must not."""
+    with run_daemon(system_budget=BUDGET) as daemon, daemon.connect() as dev, kit.RawClient(daemon.path) as raw:
+        fds = _streamed_unread(daemon, dev, raw, 4)[-1]
+        try:
+            started = time.monotonic()
+            daemon.proc.send_signal(signal.SIGTERM)
+            assert daemon.proc.wait(timeout=SAFETY_S) == 0
+            assert time.monotonic() - started < STALL_S
+            assert "Traceback" not in daemon.stderr_text()
+        finally:
+            for fd in fds:
+                os.close(fd)

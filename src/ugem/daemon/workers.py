@@ -52,6 +52,8 @@ class JobRunner:
             os.write(self._w.fd, b"j")
         except BlockingIOError:
             pass  # the pipe is full of wakeups already; the loop will drain the queue
+        except OSError:  # (closed: a STREAM job ending after shutdown; nobody collects it)
+            pass
 
     def completed(self) -> list[Job]:
         """Jobs finished since the last call (drains the wakeup pipe)."""
