@@ -33,7 +33,8 @@ Rules:
   was written through a view, `set_domain(DOMAIN_DEVICE)`. pread/pwrite need neither.
 - A mapped DONTNEED object can still be purged; its views then read zeros and
   `madvise(WILLNEED)` returns False (SPEC §8). Purged is final: `array()` then fails
-  with EFAULT, like `mmap`.
+  with EFAULT, like `mmap`, once it has to map again (a view taken from the mapping that
+  lives or lingers reads zeros, as the views already out do).
 - `import_fd` (and `open_name` never) may return a handle this client already holds
   (SPEC §2); two Buffers then share one handle, which stays open until both are closed
   or dropped (the Device counts the Buffers of each handle).
