@@ -166,6 +166,12 @@ def _report() -> Iterator[None]:
           f"cases per test {dict(CASES)}; hostile frames by outcome {dict(FRAMES.most_common())}")
 
 
+@pytest.fixture(autouse=True)
+def _say_the_seed() -> None:
+    """On each test's captured output, which pytest shows when it fails (CI's only record)."""
+    print(f"test_fuzz_frames: UGEM_FUZZ_SEED={SEED} replays this run")
+
+
 def _fuzz_settings(examples: int, shrink: bool = True) -> Callable[[Any], Any]:
     """`shrink` False for the cases against one daemon (`world`): a case that leaves the
     daemon wrong makes every later case fail too, so shrinking would report the simplest
@@ -402,11 +408,13 @@ class World:
     tmpdir: str
 
     def check(self, kit: Any, what: str) -> None:
-        assert self.daemon.proc.poll() is None, f"daemon died after {what}:\n{self.daemon.stderr_text()[-4000:]}"
+        replay = f"UGEM_FUZZ_SEED={SEED} replays this run"  # (CI's output must say how to replay it)
+        assert self.daemon.proc.poll() is None, \
+            f"daemon died after {what} ({replay}):\n{self.daemon.stderr_text()[-4000:]}"
         try:
             kit.wait_fd_count(self.daemon, self.baseline)
         except AssertionError as exc:
-            raise AssertionError(f"after {what}: {exc}") from None
+            raise AssertionError(f"after {what} ({replay}): {exc}") from None
         t0 = time.perf_counter()
         stats = self.victim.stats()
         assert time.perf_counter() - t0 < PROMPT_S, f"after {what}: a bystander waited {time.perf_counter() - t0:.2f} s"
