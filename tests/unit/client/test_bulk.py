@@ -7,6 +7,7 @@ from __future__ import annotations
 import fcntl
 import mmap
 import os
+import threading
 from collections.abc import Iterator
 
 import numpy as np
@@ -107,3 +108,53 @@ def test_populate_write_fills_the_mapping_under_any_view(monkeypatch: pytest.Mon
     assert calls == [(address, 4 * mmap.PAGESIZE, True)] * 2
     del pages
     region.close()
+
+
+# -- STREAMED preads (core/stream.py): runs from a pipe, zeros between ------------------------
+
+def _streamed(runs: list[tuple[int, bytes]], close_early: bool = False) -> tuple[OwnedFd, bytes, threading.Thread]:
+    """A pipe a thread fills with the runs' bytes (less the last byte if `close_early`), and the
+    reply's PIECE records."""
+    from ugem.wire.structs import PIECE
+
+    r, w = os.pipe()
+    payload = b"".join(data for _, data in runs)
+    if close_early:
+        payload = payload[:-1]
+
+    def fill() -> None:
+        with os.fdopen(w, "wb") as f:
+            f.write(payload)
+
+    pump = threading.Thread(target=fill)
+    pump.start()
+    return OwnedFd(r), b"".join(PIECE.pack(at, len(data)) for at, data in runs), pump
+
+
+def test_read_streamed_fills_the_runs_and_zeroes_the_rest() -> None:
+    runs = [(4096 + 7, os.urandom(3 * MiB + 5)), (4 * MiB, os.urandom(100)), (5 * MiB - 1, b"z")]
+    fd, pieces, pump = _streamed(runs)
+    out = np.full(5 * MiB - 9, 0xEE, np.uint8)  # the range asked for: [9, 5 MiB)
+    with fd:
+        bulk.read_streamed(fd, pieces, out, 9)
+    pump.join()
+    expected = np.zeros(5 * MiB, np.uint8)
+    for at, data in runs:
+        expected[at:at + len(data)] = np.frombuffer(data, np.uint8)
+    assert np.array_equal(out, expected[9:])
+
+
+def test_a_stream_that_ends_early_is_eio() -> None:
+    fd, pieces, pump = _streamed([(0, os.urandom(MiB))], close_early=True)
+    with fd, pytest.raises(IOFailure, match="ended 1 bytes early"):
+        bulk.read_streamed(fd, pieces, np.empty(MiB, np.uint8), 0)
+    pump.join()
+
+
+def test_runs_outside_the_range_asked_for_are_eio() -> None:
+    fd, pieces, pump = _streamed([(MiB, b"x" * 10)])
+    with fd:
+        with pytest.raises(IOFailure, match="outside the range"):
+            bulk.read_streamed(fd, pieces, np.empty(100, np.uint8), 0)
+        assert os.read(fd.fd, 10) == b"x" * 10  # (nothing was read: the writer can finish)
+    pump.join()
