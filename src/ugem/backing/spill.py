@@ -58,9 +58,9 @@ from ..errors import NoSpace, OutOfMemory
 from ..fd import OwnedFd, pipe
 from ..mm.range import Node, RangeAllocator
 from .mapping import map_placed, populate
-from .spill_read import Run, plan, pump
+from .spill_read import Run, pump
 
-__all__ = ["Extent", "SpillStore", "copy_ranges", "data_segments", "punch_hole"]
+__all__ = ["Extent", "SpillStore", "copy_ranges", "data_segments", "punch_hole", "read_plan"]
 
 _CAPACITY = 1 << 43  # bytes addressable in each sparse spill file (8 TiB)
 FILES = 2  # spill files (module rules)
@@ -288,7 +288,7 @@ class SpillStore:
         read end of a new pipe, and the work (worker thread) that pumps the runs into it;
         None if that takes more than `max_runs` runs. Until `read_done`, the extent's
         release waits. OSError if no pipe can be made."""
-        runs = plan(extent, start, end)
+        runs = read_plan(extent, start, end)
         if len(runs) > max_runs:
             return None
         read_end, write_end = pipe(os.O_CLOEXEC)
@@ -338,6 +338,18 @@ def _split(segments: list[tuple[int, int]], extent: Extent) -> list[list[Range]]
             plans[k].append((offset, start, n))
             offset, start, length, room = offset + n, start + n, length - n, room - n
     return plans
+
+
+def read_plan(extent: Extent, start: int, end: int) -> list[Run]:
+    """The runs of [start, end) the extent holds, (object offset, file, file offset, length)
+    in object order: the spill's own copies (`_split`), cut to the range (spill_read.py)."""
+    runs: list[Run] = []
+    for i, ranges in zip(extent.files, _split(extent.segments, extent), strict=True):
+        for offset, at, length in ranges:
+            lo, hi = max(offset, start), min(offset + length, end)
+            if lo < hi:
+                runs.append((lo, i, at + lo - offset, hi - lo))
+    return runs
 
 
 def _copy(ends: tuple[int, int], ranges: list[Range], freed: list[Range] | None) -> int:

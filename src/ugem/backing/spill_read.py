@@ -8,9 +8,9 @@ copy) -> the client's buffer (its read of the pipe, the one copy), the two ends 
 once. The object stays spilled, and takes no memory under the budget.
 
 Rules:
-- `plan(extent, start, end)` is what of [start, end) the extent holds, in order of object
-  offset: (object offset, spill file, file offset, length) runs; the rest of the range
-  reads as zeros (holes were never copied out);
+- the runs of a read are what of [start, end) the extent holds, in order of object offset:
+  (object offset, spill file, file offset, length), cut from the copy plan of the spill
+  (spill.py `read_plan`); the rest of the range reads as zeros (holes were never copied out);
 - `pump(files, runs, pipe)` (a worker thread) splices those runs into the pipe, whose
   write end it owns and closes when done, failed or given up: the reader sees the end of
   the pipe early then, and fails the read. It works on its own dups of the spill files (a
@@ -26,39 +26,13 @@ from __future__ import annotations
 import errno
 import os
 import select
-from typing import TYPE_CHECKING
 
-from ..constants import PAGE_SIZE
 from ..fd import OwnedFd
 
-if TYPE_CHECKING:
-    from .spill import Extent
-
-__all__ = ["STALL_S", "Run", "plan", "pump"]
+__all__ = ["STALL_S", "Run", "pump"]
 
 STALL_S = 30.0
 Run = tuple[int, int, int, int]  # (object offset, spill file index, file offset, length)
-
-
-def plan(extent: Extent, start: int, end: int) -> list[Run]:
-    """The runs of [start, end) the extent holds, in object order (module rules)."""
-    runs: list[Run] = []
-    k, node = 0, extent.nodes[0]
-    at, room = node.start * PAGE_SIZE, node.size * PAGE_SIZE
-    for offset, length in extent.segments:
-        while length:
-            if not room:
-                k += 1
-                node = extent.nodes[k]
-                at, room = node.start * PAGE_SIZE, node.size * PAGE_SIZE
-            n = min(length, room)
-            lo, hi = max(offset, start), min(offset + n, end)
-            if lo < hi:
-                runs.append((lo, extent.files[k], at + lo - offset, hi - lo))
-            offset, at, length, room = offset + n, at + n, length - n, room - n
-        if offset >= end:
-            break
-    return runs
 
 
 def pump(store_files: list[OwnedFd], runs: list[Run], pipe: OwnedFd) -> int:

@@ -50,10 +50,8 @@ class JobRunner:
         self._done.put(job)
         try:
             os.write(self._w.fd, b"j")
-        except BlockingIOError:
-            pass  # the pipe is full of wakeups already; the loop will drain the queue
-        except OSError:  # (closed: a STREAM job ending after shutdown; nobody collects it)
-            pass
+        except OSError:  # full of wakeups already (the loop drains the queue), or closed (a STREAM
+            pass  # job ending after shutdown: nobody collects it)
 
     def completed(self) -> list[Job]:
         """Jobs finished since the last call (drains the wakeup pipe)."""

@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 
 from ugem.backing import spill_read
-from ugem.backing.spill import STRIPE, Extent, SpillStore
+from ugem.backing.spill import STRIPE, Extent, SpillStore, read_plan
 
 PAGE = 4096
 MiB = 1 << 20
@@ -86,9 +86,9 @@ def test_any_window_reads_the_bytes_and_zeros_of_a_sparse_striped_extent(store: 
 def test_plan_lists_only_the_runs_in_the_window_in_object_order(store: SpillStore) -> None:
     runs = [(PAGE, b"a" * PAGE), (4 * PAGE, b"b" * 2 * PAGE), (10 * PAGE, b"c" * PAGE)]
     extent = _spilled(store, 16 * PAGE, runs)
-    plan = spill_read.plan(extent, PAGE + 10, 5 * PAGE)
+    plan = read_plan(extent, PAGE + 10, 5 * PAGE)
     assert [(at, n) for at, _, _, n in plan] == [(PAGE + 10, PAGE - 10), (4 * PAGE, PAGE)]
-    assert spill_read.plan(extent, 2 * PAGE, 4 * PAGE) == []  # a hole only
+    assert read_plan(extent, 2 * PAGE, 4 * PAGE) == []  # a hole only
     assert store.read(extent, 0, 16 * PAGE, max_runs=2) is None  # three runs: too many
 
 
