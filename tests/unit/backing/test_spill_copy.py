@@ -213,12 +213,12 @@ def test_a_spill_that_fails_half_way_gives_back_what_it_freed(tmp_path: Path, mo
     real = spill.write_out
     calls = {"n": 0}
 
-    def failing(a: int, b: int, piece: tuple[int, int, int]) -> None:
+    def failing(a: int, b: int, piece: tuple[int, int, int], ends: tuple[int, int]) -> None:
         if os.path.samefile(f"/proc/self/fd/{b}", second):
             calls["n"] += 1
             if calls["n"] == 3:
                 raise OSError(errno.EIO, "injected")
-        real(a, b, piece)
+        real(a, b, piece, ends)
 
     monkeypatch.setattr(spill, "write_out", failing)
     try:
