@@ -165,6 +165,9 @@ def _header(data: list[dict[str, Any]], results_link: str | None) -> list[str]:
     return out
 
 
+MISSED_DOC = "PERFORMANCE-MISSED.md"  # the hand-written analysis of missed targets, beside the page
+
+
 def _summary(data: list[dict[str, Any]]) -> list[str]:
     targeted = [(rep.get("bench", "?"), r) for rep in data for r in rep.get("rows", []) if r.get("target")]
     info = [(rep.get("bench", "?"), r) for rep in data for r in rep.get("rows", [])
@@ -172,8 +175,11 @@ def _summary(data: list[dict[str, Any]]) -> list[str]:
     if not targeted:
         return _informational(info)
     met = sum(1 for _, r in targeted if r.get("passed") and not r.get("error"))
-    out = ["", "## Summary", "", f"{met}/{len(targeted)} targets met.", "",
-           "| bench | figure | mode | target | measured | result |", "|---|---|---|---|---|---|"]
+    out = ["", "## Summary", "", f"{met}/{len(targeted)} targets met."]
+    if met < len(targeted):
+        out.append(f"Why each missed target is missed, with the profiles that show it: [{MISSED_DOC}]({MISSED_DOC}) "
+                   "(written by hand, next to this page).")
+    out += ["", "| bench | figure | mode | target | measured | result |", "|---|---|---|---|---|---|"]
     for bench, r in targeted:
         target = str(r["target"])
         unit = r.get("unit", "")

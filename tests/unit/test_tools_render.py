@@ -89,12 +89,21 @@ def test_markdown_rows_header_and_notes(render: ModuleType, tmp_path: Path, monk
     assert "| idle objects | daemon | - | - | us |  |  |  |  |" in text  # NaN median, no error
     assert "- ratio = median / median of the baseline \\| same run" in text
     assert "2/4 targets met." in text
+    assert f"[{render.MISSED_DOC}]({render.MISSED_DOC})" in text  # the hand-written why, once a target is missed
     assert "| other | CPU per info(h) | daemon | median 70.50 us CPU |" in text  # informational (headline)
     assert text.index("## fake: fake bulk copies") < text.index("## other: other figures")
     assert "Parameters: `runs=3`, `size=64 MiB`" in text
     # a function of the JSON only: the same results render to the same page
     assert render.render_markdown(data, plot_note="not requested", results_link="results.json") == text
 
+
+
+def test_the_why_of_missed_targets_is_linked_only_while_one_is_missed(render: ModuleType) -> None:
+    data = fake_results()
+    for rep in data:
+        rep["rows"] = [r for r in rep["rows"] if not r.get("target") or r.get("passed")]
+    text = render.render_markdown(data, plot_note="not requested")
+    assert "2/2 targets met." in text and render.MISSED_DOC not in text
 
 def test_pngs(render: ModuleType, tmp_path: Path) -> None:
     pytest.importorskip("matplotlib")
