@@ -31,6 +31,8 @@ import os
 
 import numpy as np
 
+from ..address import data_address
+
 __all__ = ["MAPPED_MIN", "map_placed", "map_shared", "populate", "read_mapped"]
 
 _PAGE = mmap.PAGESIZE
@@ -74,7 +76,7 @@ def map_placed(fd: int, offset: int, length: int, writable: bool) -> tuple[mmap.
     region = mmap.mmap(-1, length, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS, prot=prot)
     try:
         address = ctypes.addressof(ctypes.c_char.from_buffer(region)) if writable else \
-            np.frombuffer(region, dtype=np.uint8).__array_interface__["data"][0]  # (from_buffer needs a writable one)
+            data_address(np.frombuffer(region, dtype=np.uint8))  # (from_buffer needs a writable one)
         got = _libc.mmap(address, length, prot, mmap.MAP_SHARED | _MAP_FIXED, fd, offset)
         if got == _MAP_FAILED or got != address:
             err = ctypes.get_errno()

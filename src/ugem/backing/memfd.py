@@ -41,6 +41,7 @@ from typing import Any
 
 import numpy as np
 
+from ..address import data_address
 from ..bufview import flat_bytes
 from ..constants import PAGE_SIZE, page_align
 from ..errors import InvalidArgument, OutOfMemory
@@ -278,7 +279,7 @@ class MemfdStore:
         flat = flat_bytes(buffer, what="userptr memory")
         if len(flat) == 0 or len(flat) % PAGE_SIZE:
             raise InvalidArgument(f"userptr length {len(flat)} must be a nonzero multiple of {PAGE_SIZE}")
-        address = np.frombuffer(flat, dtype=np.uint8).__array_interface__["data"][0]
+        address = data_address(np.frombuffer(flat, dtype=np.uint8))
         if address % PAGE_SIZE:
             raise InvalidArgument(f"userptr address {address:#x} is not page-aligned")
         return flat

@@ -46,6 +46,7 @@ from typing import Any
 
 import numpy as np
 
+from ..address import data_address
 from ..fd import OwnedFd
 from .mapping import populate
 
@@ -108,7 +109,7 @@ class MemfdPool:
         pages = np.frombuffer(view, dtype=np.uint8)
         for offset, length in entry.segments:
             if entry.cold:  # fill the page tables in one call: twice as fast as faulting them in
-                populate(pages.ctypes.data + offset, length, True)
+                populate(data_address(pages) + offset, length, True)
             pages[offset:offset + length] = 0
         return sum(length for _, length in entry.segments)
 

@@ -53,6 +53,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 import numpy.typing as npt
 
+from ..address import data_address
 from ..constants import DOMAIN_CPU
 from ..errors import BadFd, InvalidArgument
 from .args import flag, index
@@ -305,5 +306,5 @@ class Buffer:
 
 def _span(view: memoryview) -> tuple[int, int]:
     """The address range a view covers."""
-    start = int(np.frombuffer(view, dtype=np.uint8).ctypes.data)
+    start = data_address(np.frombuffer(view, dtype=np.uint8))
     return start, start + view.nbytes

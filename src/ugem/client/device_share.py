@@ -60,6 +60,7 @@ from typing import Any
 
 import numpy as np
 
+from ..address import data_address
 from ..backing.mapping import map_placed, populate
 from ..bufview import flat_bytes
 from ..errors import Busy, InvalidArgument, TryAgain, UgemError, error_from_errno
@@ -81,7 +82,7 @@ def populate_write(view: memoryview) -> None:
     in one call (backing/mapping.py `populate`: other threads run meanwhile), before writing all of
     it: faster than faulting them in."""
     pages = np.frombuffer(view, dtype=np.uint8)
-    populate(pages.ctypes.data, pages.nbytes, True)
+    populate(data_address(pages), pages.nbytes, True)
 
 REUSE_MIN = 1 << 20  # objects of this many bytes or more made for arrays may be reused in place (ugem.array)
 CLAIM_PATIENCE_S = 60.0  # a share that has not arrived by then is not coming

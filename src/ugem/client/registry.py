@@ -33,6 +33,7 @@ from typing import TYPE_CHECKING, Any, NamedTuple
 import numpy as np
 import numpy.typing as npt
 
+from ..address import data_address
 from .linger import Lingering
 
 if TYPE_CHECKING:
@@ -116,7 +117,7 @@ def register_mapping(region: mmap.mmap, device: Device | None, map_id: int, offs
     thread runs meanwhile), and the release must still be queued; the callback forgets its
     own entry only. (A `weakref.finalize` costs 5x more.)"""
     if not address:
-        address = int(np.frombuffer(region, dtype=np.uint8).__array_interface__["data"][0])
+        address = data_address(np.frombuffer(region, dtype=np.uint8))
     watched: Any = region if linger is None else np.frombuffer(region, dtype=np.uint8)
     ref = _Watch(watched, _gone)
     ref.address, ref.map_id, ref.released, ref.linger = address, map_id, released, linger
@@ -179,7 +180,7 @@ def array_mapping(a: npt.NDArray[Any]) -> tuple[Mapping, int] | None:
     """`mapping_of(a)` and the address of `a`'s first element (pickling needs both)."""
     if a.size == 0 or a.dtype.hasobject:
         return None
-    data = int(a.__array_interface__["data"][0])
+    data = data_address(a)
     if a.flags.c_contiguous:  # the common case: no strides to walk
         entry = find_mapping(data, data + a.nbytes)
     else:

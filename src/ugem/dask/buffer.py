@@ -79,6 +79,7 @@ from typing import Any, cast
 import numpy as np
 from distributed.sizeof import safe_sizeof
 
+from ..address import data_address
 from ..client.buffer import Buffer
 from ..client.connect import connect
 from ..client.device import Device
@@ -350,7 +351,7 @@ class UgemBuffer(MutableMapping[Hashable, object]):
         found = held(a)
         if found is None or found[0].device is not self.device:
             return None
-        data = int(a.__array_interface__["data"][0])
+        data = data_address(a)
         buf = Buffer.open_name(self.device, name_of(found[1]))
         return Stored(buf, a.dtype, a.shape, a.strides, found[1].offset + data - found[1].address)
 

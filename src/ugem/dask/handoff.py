@@ -44,6 +44,7 @@ import numpy.typing as npt
 from distributed.comm.addressing import get_address_host
 from distributed.protocol.serialize import dask_deserialize, dask_serialize
 
+from ..address import data_address
 from ..client.buffer import Buffer
 from ..client.connect import connect
 from ..client.device import Device
@@ -115,7 +116,7 @@ def as_ugem_array(buf: Buffer, view: memoryview, dtype: np.dtype[Any], shape: tu
     `name`: the object's flink name if known (else asked when first needed)."""
     arr = np.ndarray.__new__(UgemArray, shape, dtype, buffer=view, offset=offset, strides=strides)
     region = view.obj
-    address = int(np.frombuffer(view, dtype=np.uint8).__array_interface__["data"][0])
+    address = data_address(np.frombuffer(view, dtype=np.uint8))
     with _lock:
         found = _held.get(address)
         if found is None or found[2]() is not region:
@@ -224,7 +225,7 @@ def dumps_reference(x: UgemArray, context: dict[str, Any] | None = None) -> tupl
     path = getattr(transport, "path", "")
     if transport is None or transport.embedded or not path:
         raise NotImplementedError("an embedded manager's object cannot be opened by another process")
-    data = int(x.__array_interface__["data"][0])
+    data = data_address(x)
     ref = {"socket": path, "name": name, "offset": entry.offset + data - entry.address, "dtype": x.dtype.str,
            "shape": list(x.shape), "strides": list(x.strides), "writeable": bool(x.flags.writeable)}
     counts["sent"] += 1

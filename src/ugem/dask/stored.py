@@ -36,6 +36,7 @@ from typing import Any, TypeGuard
 import numpy as np
 from distributed.protocol.serialize import deserialize_bytes, serialize_bytelist
 
+from ..address import data_address
 from ..client.buffer import Buffer
 from ..client.device import Device
 from ..client.device_share import populate_write
@@ -81,7 +82,7 @@ def raw(value: object) -> TypeGuard[np.ndarray[Any, Any]]:
 
 def extent(a: np.ndarray[Any, Any]) -> tuple[int, int]:
     """The addresses [low, high) of the bytes `a` views (any strides)."""
-    start = int(a.__array_interface__["data"][0])
+    start = data_address(a)
     if a.size == 0:
         return start, start
     low = sum(min(0, (n - 1) * st) for n, st in zip(a.shape, a.strides, strict=True))
@@ -99,9 +100,9 @@ def pending_source(a: np.ndarray[Any, Any], pending: Mapping[Hashable, object],
     low, high = extent(a)
     for key, value in pending.items():
         if raw(value) and (value.flags.c_contiguous or value.flags.f_contiguous):
-            start = int(value.__array_interface__["data"][0])
+            start = data_address(value)
             if start <= low and high <= start + value.nbytes and key in done:
-                return key, done[key], int(a.__array_interface__["data"][0]) - start
+                return key, done[key], data_address(a) - start
     return None
 
 
