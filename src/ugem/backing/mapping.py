@@ -75,8 +75,7 @@ def map_placed(fd: int, offset: int, length: int, writable: bool) -> tuple[mmap.
     prot = mmap.PROT_READ | (mmap.PROT_WRITE if writable else 0)
     region = mmap.mmap(-1, length, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS, prot=prot)
     try:
-        address = ctypes.addressof(ctypes.c_char.from_buffer(region)) if writable else \
-            data_address(np.frombuffer(region, dtype=np.uint8))  # (from_buffer needs a writable one)
+        address = data_address(np.frombuffer(region, dtype=np.uint8))
         got = _libc.mmap(address, length, prot, mmap.MAP_SHARED | _MAP_FIXED, fd, offset)
         if got == _MAP_FAILED or got != address:
             err = ctypes.get_errno()
