@@ -97,7 +97,7 @@ def test_with_two_passed_sockets_the_daemon_serves_the_one_named_ugem(short_dir:
     assert LAUNCHER is not None
     cmd = [LAUNCHER, *PASS_ENV, "--listen", one, "--listen", two, *SERVE, "--spill-dir", spill]
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, start_new_session=True)
-    wait_until(lambda: os.path.exists(two) or proc.poll() is not None)
+    wait_until(lambda: (_listening(one) and _listening(two)) or proc.poll() is not None)
     with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as poke:
         poke.connect(one)  # starts the daemon, which refuses to start
         err = proc.communicate(timeout=SAFETY_S)[1].decode(errors="replace")
@@ -110,7 +110,7 @@ def test_with_two_passed_sockets_the_daemon_serves_the_one_named_ugem(short_dir:
     named = subprocess.Popen([LAUNCHER, "--fdname=other:ugem", *cmd[1:]], stdout=subprocess.PIPE,
                              stderr=subprocess.PIPE, start_new_session=True)
     try:
-        wait_until(lambda: os.path.exists(two) or named.poll() is not None)
+        wait_until(lambda: (_listening(one) and _listening(two)) or named.poll() is not None)
         with ugem.connect(two) as dev:
             assert dev.stats()["clients"] == 1
     finally:
