@@ -33,6 +33,14 @@ time (a ticker on each worker's event loop every 10 ms; the sum of its lateness 
 50 ms) and Dask's "Event loop was unresponsive" warnings (Dask's default limit, 3 s); all
 of them over the timed part only.
 
+Diagnostics for the transfer-heavy workload (no target), run after each pair of cluster runs:
+the same rechunk of the same array on Dask's threaded scheduler in the bench's own process
+(2 threads, results in its heap, no worker processes, no daemon, nothing sent), as is (the
+floor of any store) and with each result that owns its memory copied into a fresh memfd on
+the thread that made it, closed when Dask drops the result (the floor of a store that keeps
+results in shared memory, as UgemBuffer does: each result placed there once), each with its
+ratio to the default.
+
 Targets (issue 13): transfer-heavy >= 2x faster (ratio <= 0.5) with >= 90 % fewer bytes over
 TCP; spill-heavy no slower (ratio <= 1.0) with no unresponsive-event-loop warnings.
 """
@@ -56,6 +64,8 @@ import _harness as H  # noqa: E402
 BENCH = "dask"
 DEFAULTS = dict(runs=3, n=1, warmup=0, quick_runs=1, quick_n=1, quick_warmup=0)
 METHODS = ("ugem", "default")
+FLOOR = "threads, one process"  # the transfer-heavy floors (floor_run)
+FLOOR_SHARED = "threads, results into shared memory"
 TRANSFER_SPEEDUP, TCP_CUT, SPILL_SLOWDOWN = 0.5, 0.1, 1.0
 _CONFIG = {"distributed.worker.memory.spill": False, "distributed.worker.memory.pause": False,
            "distributed.worker.memory.terminate": False, "distributed.worker.memory.target": False,
@@ -230,6 +240,47 @@ def one_run(method: str, workload: str, size: int, budget: int, spill_dir: str) 
             "recycled": recycled}
 
 
+def floor_run(size: int, shared: bool) -> dict[str, float]:
+    """The transfer-heavy rechunk with nothing to transfer: the same array and rechunk on
+    Dask's threaded scheduler in this process (2 threads, results in this heap, no worker
+    processes, no network). With `shared`, each result that owns its memory is also copied,
+    on the thread that computed it, into a fresh memfd (closed when Dask drops the result):
+    what any store that keeps results in shared memory must do at least once per result,
+    with no process, daemon or protocol around it."""
+    import weakref
+
+    import dask
+    import dask.array as da
+    import numpy as np
+
+    placed = [0.0]
+
+    def place(item: Any) -> Any:  # the local scheduler's `dumps`, called on each result where it was computed
+        if shared and isinstance(item, tuple) and len(item) == 2 and isinstance(item[0], np.ndarray) \
+                and item[0].flags.owndata and item[0].nbytes:
+            data = memoryview(np.ascontiguousarray(item[0])).cast("B")
+            fd = os.memfd_create("bench-dask-floor", os.MFD_CLOEXEC)
+            weakref.finalize(item[0], os.close, fd)
+            os.ftruncate(fd, len(data))
+            done = 0
+            while done < len(data):
+                done += os.pwrite(fd, data[done:done + H.MiB * 8], done)
+            placed[0] += len(data)
+        return item
+
+    n = int((size // 8) ** 0.5)
+    with dask.config.set(_CONFIG, scheduler="threads", num_workers=2):
+        x = da.random.default_rng(0).random((n, n), chunks=(n // 8, n)).persist()
+        cpu0, t0 = time.process_time(), time.perf_counter()
+        y = x.rechunk((n, n // 8)).persist(dumps=place)
+        wall, cpu = time.perf_counter() - t0, time.process_time() - cpu0
+        check = float(y[:, -1].sum().compute()) - float(x[:, -1].sum().compute())
+    del x, y
+    if abs(check) > 1e-6 * max(1.0, abs(check)):
+        raise AssertionError(f"threaded floor: wrong result (off by {check})")
+    return {"wall": wall, "cpu": cpu, "placed": placed[0]}
+
+
 # -- the report -----------------------------------------------------------------------------------
 
 
@@ -263,6 +314,9 @@ def run(opts: H.Options) -> H.Report:
                 for method in (METHODS if r % 2 == 0 else METHODS[::-1]):
                     room = budget if workload == "spill" else roomy
                     got.setdefault((workload, method), []).append(one_run(method, workload, size, room, spill_dir))
+                if workload == "transfer":
+                    for floor, shared in ((FLOOR, False), (FLOOR_SHARED, True)):
+                        got.setdefault((workload, floor), []).append(floor_run(size, shared))
     for workload, title in (("transfer", f"rechunk {size_mib} MiB rows->columns"),
                             ("spill", f"map_blocks {size_mib} MiB, budget {budget // H.MiB} MiB")):
         figures = {m: {k: _median([run_[k] for run_ in got[(workload, m)]]) for k in got[(workload, m)][0]}
@@ -275,6 +329,18 @@ def run(opts: H.Options) -> H.Report:
                           text="ratio <= 0.5 (>= 2x faster)" if workload == "transfer" else "ratio <= 1.0")
         report.rows.append(_seconds(H.Row.latency(BENCH, f"{title}: wall", "ugem", walls["ugem"],
                                                   baseline=walls["default"], target=target)))
+        if workload == "transfer":  # diagnostics: what a store could reach at best (no target)
+            for floor in (FLOOR, FLOOR_SHARED):
+                runs = got[(workload, floor)]
+                walls[floor] = H.Series(floor, [int(run_["wall"] * 1e9) for run_ in runs])
+                report.rows.append(_seconds(H.Row.latency(BENCH, f"{title}: wall, no transfers", floor, walls[floor],
+                                                          baseline=walls["default"])))
+                cpus = [run_["cpu"] for run_ in runs]
+                report.rows.append(H.Row(BENCH, f"{title}: CPU time, no transfers", floor, "s", _median(cpus),
+                                         _median(cpus), len(cpus)))
+            placed = _median([run_["placed"] for run_ in got[(workload, FLOOR_SHARED)]]) / H.MiB
+            report.rows.append(H.Row(BENCH, f"{title}: results placed in shared memory, no transfers", FLOOR_SHARED,
+                                     "MiB", placed, placed, len(got[(workload, FLOOR_SHARED)])))
         for key, unit, label in (("cpu", "s", "CPU time of workers and daemon"),
                                  ("settle", "s", "results still being copied after the wall"),
                                  ("tcp", "MiB", "bytes over TCP between workers"), ("peak", "MiB", "node peak memory"),
@@ -300,6 +366,12 @@ def run(opts: H.Options) -> H.Report:
                         f"{roomy // H.MiB} MiB")
     report.notes.append("bytes spilled: default = SpillBuffer disk writes; ugem = daemon bytes_moved_total (spill and "
                         "restore both counted)")
+    report.notes.append(f"'{FLOOR}' and '{FLOOR_SHARED}' (diagnostics, no target): the same rechunk of the same "
+                        "array on Dask's threaded scheduler in the bench's own process (2 threads, results in its "
+                        "heap; the second also copies each result that owns its memory into a fresh memfd on the "
+                        "thread that made it, closed when Dask drops the result): no worker processes, no daemon, "
+                        "nothing sent; run after each pair of cluster runs. The first is the floor of any store; "
+                        "the second that of a store keeping results in shared memory, as UgemBuffer does")
     return report
 
 
