@@ -180,10 +180,10 @@ def test_large_pwrite_of_a_purged_object_is_efault(dev, errno_of):
 
 
 def _purge_during_transfer(monkeypatch, env, victim_size: int, name: str) -> None:
-    """Make the client library's copy of a bulk transfer (`name` in ugem.client.device) first
+    """Make the client library's copy of a bulk transfer (`name` in ugem.client.device_xfer) first
     have another client write enough under the budget that a DONTNEED victim of
     `victim_size` bytes is purged: the purge lands while the transfer is open."""
-    from ugem.client import device as client_device
+    from ugem.client import device_xfer as client_device
 
     other = env.open()
     copy = getattr(client_device, name)

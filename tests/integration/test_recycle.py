@@ -23,7 +23,10 @@ import ugem
 from ugem.client.registry import mapping_of
 from ugem.testing import DaemonProcess, run_daemon
 from ugem.testing.data import wait_until
-from ugem.wire.frames import XFER_ABOVE
+from ugem.client.daemon_fds import DaemonFds
+from ugem.errors import InvalidArgument
+from ugem.wire import structs as s
+from ugem.wire.frames import XFER_ABOVE, Op
 
 MIB = 1 << 20
 SIZE = 4 * MIB
@@ -146,15 +149,81 @@ def test_not_pooled_after_an_mmap_that_carried_an_fd(served: tuple[DaemonProcess
     assert _pooled_after_close(dev, h) == 0
 
 
+def _bulk(dev: ugem.Device, h: int, how: str) -> None:
+    """A bulk pwrite or pread of `h` (past the inline limit: the memory is handed over as an fd)."""
+    if how == "pwrite":
+        dev.pwrite(h, 0, b"x" * (2 * XFER_ABOVE))
+        assert dev.pread(h, 0, 4) == b"xxxx"
+    else:  # into a buffer: it may ask STREAM too (a spilled object's bytes from spill storage)
+        into = bytearray(2 * XFER_ABOVE)
+        assert dev.pread_into(h, 0, into) == len(into) and into == b"\xab" * len(into)
+
+
 @pytest.mark.parametrize("how", ["pwrite", "pread"])
-def test_not_pooled_after_a_bulk_transfer(served: tuple[DaemonProcess, ugem.Device], how: str) -> None:
+def test_not_pooled_after_a_bulk_transfer_that_carried_an_fd(served: tuple[DaemonProcess, ugem.Device], how: str,
+                                                             monkeypatch: pytest.MonkeyPatch) -> None:
     _, dev = served
     h, _ = _fill(dev)
-    if how == "pwrite":
-        dev.pwrite(h, 0, b"x" * (2 * XFER_ABOVE))  # past the inline limit: a description is handed over
-    else:
-        assert dev.pread(h, 0, 2 * XFER_ABOVE) == b"\xab" * (2 * XFER_ABOVE)
+    monkeypatch.setattr(dev, "_take_flag", lambda: 0)  # as a client that may not copy the daemon's fds
+    _bulk(dev, h, how)  # a new description of the memory is handed over
     assert _pooled_after_close(dev, h) == 0
+
+
+@pytest.mark.parametrize("how", ["pwrite", "pread"])
+def test_a_bulk_transfer_that_takes_the_daemons_fd_leaves_the_memfd_recyclable(
+        served: tuple[DaemonProcess, ugem.Device], how: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    _, dev = served
+    h, _ = _fill(dev)
+    replies = []
+    real_call = dev._call
+
+    def call(op: Any, req: Any, **local: Any) -> Any:
+        reply = real_call(op, req, **local)
+        if isinstance(reply, s.PreadReply | s.PwriteReply) and req.flags & s.XFER:
+            replies.append((req.flags & s.TAKES_FD, reply.flags & s.TAKEN, reply.fd is None))
+        return reply
+
+    monkeypatch.setattr(dev, "_call", call)
+    _bulk(dev, h, how)
+    assert replies == [(s.TAKES_FD, s.TAKEN, True)]  # no fd: this process took the daemon's own
+    assert _pooled_after_close(dev, h) == 1
+
+
+@pytest.mark.parametrize("how", ["pwrite", "pread"])
+def test_a_bulk_transfer_whose_taken_fd_fails_its_check_asks_again_for_an_fd(
+        served: tuple[DaemonProcess, ugem.Device], how: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    _, dev = served
+    h, _ = _fill(dev)
+    monkeypatch.setattr(DaemonFds, "take", lambda self, number, key: None)  # as if the fd changed hands
+    _bulk(dev, h, how)  # the first transfer is ended, the second carries a description
+    assert _pooled_after_close(dev, h) == 0
+
+
+@pytest.mark.parametrize("how", ["pwrite", "pread"])
+def test_a_daemon_that_refuses_takes_fd_on_transfers_is_asked_without_it(
+        served: tuple[DaemonProcess, ugem.Device], how: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    """As a daemon older than TAKES_FD on pread/pwrite: EINVAL for the flag; the client asks
+    again without it, and does not ask it again; the request's own EINVAL is still raised."""
+    _, dev = served
+    h, _ = _fill(dev)
+    asked = []
+    real_call = dev._call
+
+    def call(op: Any, req: Any, **local: Any) -> Any:
+        if op in (Op.GEM_PREAD, Op.GEM_PWRITE):
+            asked.append(req.flags & (s.TAKES_FD | s.STREAM))
+            if req.flags & s.TAKES_FD:
+                raise InvalidArgument(f"{type(req).__name__}: unknown flags {s.TAKES_FD:#x}")
+        return real_call(op, req, **local)
+
+    monkeypatch.setattr(dev, "_call", call)
+    _bulk(dev, h, how)
+    _bulk(dev, h, how)
+    first = s.TAKES_FD | (s.STREAM if how == "pread" else 0)
+    assert asked[0] == first and s.TAKES_FD not in {a & s.TAKES_FD for a in asked[1:]}
+    with pytest.raises(InvalidArgument):
+        dev.pread(h, SIZE - 4, 2 * XFER_ABOVE)  # past the end: its own EINVAL, whatever the flags
+    dev.close_handle(h)
 
 
 def test_inline_transfers_do_not_escape(served: tuple[DaemonProcess, ugem.Device]) -> None:
@@ -210,6 +279,34 @@ def test_not_pooled_after_a_fork_with_a_live_mapping(served: tuple[DaemonProcess
     del view
     assert _pooled_after_close(dev, kept) == 0
     assert _pooled_after_close(dev, unmapped) == 1  # unmapped when the process forked
+
+
+@pytest.mark.parametrize("how", ["pwrite", "pread"])
+def test_not_pooled_after_a_fork_during_a_transfer_that_took_the_daemons_fd(
+        served: tuple[DaemonProcess, ugem.Device], how: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The child of a fork made while a transfer holds the daemon's fd inherits that fd: the
+    object escapes (the client library says MAPPINGS_FORKED first, as for a mapping)."""
+    from ugem.client import device_xfer
+
+    _, dev = served
+    h, _ = _fill(dev)
+    name = "pwritev_all" if how == "pwrite" else "preadv_all"
+    copy = getattr(device_xfer, name)
+
+    def fork_then_copy(*args: Any) -> Any:
+        pid = os.fork()  # (as another thread of this process might, mid-transfer)
+        if pid == 0:
+            os._exit(0)
+        assert os.waitpid(pid, 0)[1] == 0
+        return copy(*args)
+
+    monkeypatch.setattr(device_xfer, name, fork_then_copy)
+    _bulk(dev, h, how)
+    monkeypatch.undo()
+    assert _pooled_after_close(dev, h) == 0
+    h, _ = _fill(dev)  # without the fork, the same transfer leaves it recyclable
+    _bulk(dev, h, how)
+    assert _pooled_after_close(dev, h) == 1
 
 
 def test_not_pooled_when_its_client_closes_with_the_mapping_alive(served: tuple[DaemonProcess, ugem.Device]) -> None:

@@ -9,7 +9,8 @@ mode-specific code is how bulk data moves:
   so its result is allocated only after the manager accepted the range);
 - daemon: up to `inline_limit` bytes travel inside the frame (wire.frames.XFER_ABOVE, or
   less if the daemon's HELLO advertises a smaller `max_inline`); beyond that the daemon hands
-  over a private file description of the object (XFER) and this process does the one copy
+  over the object's memory as an fd (XFER: a private description, or its own fd, which this
+  process copies where it may: client/device_xfer.py) and this process does the one copy
   with preadv/pwritev, then reports XFER_DONE.
 
 Mappings hold no fd (backing/mapping.py); each is entered in this process's registry of ugem mappings
@@ -32,18 +33,16 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Protocol
 
-import numpy as np
-
 from ..bufview import flat_bytes
 from ..constants import ADVICE_LABELS, PLACEMENT_LABELS, page_align
-from ..errors import BadFd, InvalidArgument, OutOfMemory, TimedOut
+from ..errors import BadFd, InvalidArgument, TimedOut
 from ..fd import OwnedFd
 from ..wire import structs as s
 from ..wire.frames import Op
 from .args import flag, i64, ident, index, u32
-from .bulk import pread_all, preadv_all, pwritev_all, read_streamed
 from .device_ops import DeviceOps
 from .device_share import ShareOps
+from .device_xfer import TransferOps
 from .fork import ForkedTransport, track_for_fork
 from .releases import Releases, Wrapped
 
@@ -100,7 +99,7 @@ def _byte_view(buffer: Any, writable: bool) -> memoryview:
     return flat_bytes(buffer, writable=writable, what="the pread_into buffer" if writable else "pwrite data")
 
 
-class Device(DeviceOps, ShareOps):
+class Device(DeviceOps, ShareOps, TransferOps):
     """One client of a ugem manager. Use as a context manager; `close()` releases all."""
 
     def __init__(self, transport: Transport) -> None:
@@ -239,42 +238,6 @@ class Device(DeviceOps, ShareOps):
         else:
             self._pread_xfer(handle, offset, length, into)
 
-    def _pread_xfer(self, handle: int, offset: int, length: int, into: Any) -> bytes:
-        stream = s.STREAM if into is not None and self._streams else 0  # into a buffer: a spilled object may stream
-        req = s.PreadReq(handle=handle, flags=s.XFER | stream, offset=offset, length=length)
-        try:
-            reply: s.PreadReply = self._call(Op.GEM_PREAD, req)
-        except InvalidArgument:
-            if not stream:
-                raise
-            req.flags = s.XFER
-            reply = self._call(Op.GEM_PREAD, req)  # the same error again if it was the request's own
-            self._streams = False  # a daemon older than STREAM
-        data = b""
-        try:
-            if reply.flags & s.STREAMED and reply.fd is not None:
-                with reply.fd as fd:
-                    read_streamed(fd, reply.data, into, offset)
-                return b""
-            if reply.fd is None:  # no pages yet: zeros, and nothing to release
-                if into is None:
-                    return bytes(length)
-                np.frombuffer(into, dtype=np.uint8).fill(0)
-                return b""
-            with reply.fd as fd:
-                try:
-                    if into is None:
-                        data = pread_all(fd, length, offset)
-                    else:
-                        preadv_all(fd, into, offset)
-                finally:
-                    self._call(Op.XFER_DONE, s.XferDoneReq(xfer_id=reply.xfer_id))
-        except MemoryError:
-            raise OutOfMemory(f"pread of {length} bytes of handle {handle}: this process cannot hold that "
-                              f"much at once; read it into a buffer of your own with pread_into, in parts, "
-                              f"or map the object") from None
-        return data
-
     def pwrite(self, handle: int, offset: int, data: Any) -> None:
         handle, offset = ident(handle), i64(offset, "offset")
         view = _byte_view(data, writable=False)
@@ -283,15 +246,7 @@ class Device(DeviceOps, ShareOps):
         if transport.embedded or len(view) <= transport.inline_limit:
             self._call(Op.GEM_PWRITE, req)
             return
-        req.flags, req.data = s.XFER, b""
-        reply: s.PwriteReply = self._call(Op.GEM_PWRITE, req)
-        if reply.fd is None:
-            return
-        with reply.fd as fd:
-            try:
-                pwritev_all(fd, view, offset)
-            finally:
-                self._call(Op.XFER_DONE, s.XferDoneReq(xfer_id=reply.xfer_id))
+        self._pwrite_xfer(handle, offset, view)  # (client/device_xfer.py)
 
     # -- mappings --------------------------------------------------------------------
 

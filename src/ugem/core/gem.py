@@ -33,7 +33,7 @@ from .client import Client
 from .core import Core
 from .cpu_access import pinned_in_vram, pread_vram, prepare_cpu, pwrite_vram
 from .object import BufferObject, Kind
-from .recycle import describe
+from .recycle import describe, transfer_fd
 from .states import Placement
 from .stream import stream_spilled
 
@@ -150,7 +150,8 @@ def gem_pread(core: Core, call: Call, req: s.PreadReq) -> s.PreadReply:
     if req.length == 0:
         return s.PreadReply()
     obj = _rw_lookup(core, client, req.handle, req.offset, req.length, write=False)
-    if req.flags == s.XFER | s.STREAM and (streamed := stream_spilled(core, client, obj, req)) is not None:
+    streams = req.flags & (s.XFER | s.STREAM) == s.XFER | s.STREAM  # (with TAKES_FD or not)
+    if streams and (streamed := stream_spilled(core, client, obj, req)) is not None:
         return streamed  # (a spilled object's bytes straight from spill storage)
     core.memory.ensure_system(obj)
     if pinned_in_vram(obj):
@@ -159,8 +160,8 @@ def gem_pread(core: Core, call: Call, req: s.PreadReq) -> s.PreadReply:
     if req.flags & s.XFER:
         if obj.backing is None:
             return s.PreadReply()  # no pages: the client reads zeros without populating
-        fd = describe(core, obj, obj.backing, writable=False)
-        return s.PreadReply(xfer_id=core.xfer_add(client, obj), fd=fd)
+        fd, flags, data = transfer_fd(core, obj, obj.backing, False, bool(req.flags & s.TAKES_FD))
+        return s.PreadReply(xfer_id=core.xfer_add(client, obj), flags=flags, data=data, fd=fd)
     if call.into is None and req.length > MAX_INLINE:  # the frame limit binds only replies sent inline
         raise InvalidArgument(f"inline pread of {req.length} bytes exceeds {MAX_INLINE}; use XFER")
     into = call.into if call.into is not None else bytearray(req.length)
@@ -196,8 +197,8 @@ def gem_pwrite(core: Core, client: Client, req: s.PwriteReq) -> s.PwriteReply:
     core.memory.make_room(need, keep=(obj,))  # throttles this caller (Pending) or ENOMEM
     backing = core.populate(obj)
     if req.flags & s.XFER:
-        fd = describe(core, obj, backing, writable=True)
-        return s.PwriteReply(xfer_id=core.xfer_add(client, obj, reserve=need), fd=fd)
+        fd, flags, data = transfer_fd(core, obj, backing, True, bool(req.flags & s.TAKES_FD))
+        return s.PwriteReply(xfer_id=core.xfer_add(client, obj, reserve=need), flags=flags, data=data, fd=fd)
     core.backing.write(backing, req.offset, req.data)
     core.memory.measure(obj)
     return s.PwriteReply()

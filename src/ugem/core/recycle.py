@@ -33,8 +33,10 @@ all of them are reported released (core/object.py). TAKES_FD replies carry no fd
 copies the daemon's own with pidfd_getfd and closes it once mapped (the mapping is tracked).
 pidfd_getfd needs ptrace-level access to the daemon (its uid or root, Yama permitting), with
 which a process could read any of the daemon's memory and fds anyway, pooled or not: so a
-TAKES_FD mapping does not make an object escape. For the same reason GEM_CLAIM_MAPPED
-receivers (who take the daemon's fd the same way) only escape an object whose claim fails.
+TAKES_FD mapping does not make an object escape, nor does a bulk pread/pwrite asked with
+TAKES_FD (`transfer_fd`: the client copies the daemon's fd for the transfer and closes it
+once done). For the same reason GEM_CLAIM_MAPPED receivers (who take the daemon's fd the
+same way) only escape an object whose claim fails.
 
 GEM_REUSE asks the same of a live object whose only reference is the caller's tracked
 mapping `map_id` (no handle, no name, no other mapping, transfer, pin or unclaimed share,
@@ -64,7 +66,7 @@ if TYPE_CHECKING:
     from .client import Client
     from .core import Core
 
-__all__ = ["describe", "escape_held", "gem_reuse", "mappings_forked", "recyclable"]
+__all__ = ["describe", "escape_held", "gem_reuse", "mappings_forked", "recyclable", "transfer_fd"]
 
 
 def recyclable(obj: BufferObject, busy: bool) -> bool:
@@ -81,6 +83,21 @@ def describe(core: Core, obj: BufferObject, backing: object, writable: bool) -> 
     obj.escaped = obj.escaped or core.descriptions_leave
     core.index_key(obj)
     return fd
+
+
+def transfer_fd(core: Core, obj: BufferObject, backing: object, writable: bool,
+                takes_fd: bool) -> tuple[OwnedFd | None, int, bytes]:
+    """What a bulk transfer's reply (XFER) carries of `obj`'s memory: (fd, flags, data). A new
+    description (`describe`: it escapes), or, asked with TAKES_FD for memory we hold as an
+    fd, none: TAKEN and the TAKEN_FD record naming our own fd and its identity, which the
+    client copies (pidfd_getfd) and checks, as for a TAKES_FD mapping (module rules: it
+    does not escape; a purge may close it meanwhile, and the check then fails)."""
+    server_fd = backing.fd if isinstance(backing, OwnedFd) else -1
+    if not takes_fd or server_fd < 0:
+        return describe(core, obj, backing, writable), 0, b""
+    core.index_key(obj)
+    dev, ino = obj.key or (0, 0)
+    return None, s.TAKEN, s.TAKEN_FD.pack(server_fd, 0, dev, ino)
 
 
 def escape_held(client: Client) -> None:

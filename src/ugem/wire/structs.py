@@ -29,7 +29,7 @@ __all__ = [
     "MunmapReq",
     "OpenReply", "OpenReq",
     "PreadReply", "PreadReq", "PwriteReply", "PwriteReq", "Struct", "UserptrReq", "XferDoneReq", "XFER", "READONLY",
-    "TAKES_FD", "TO_END", "WRITABLE", "HELD", "STREAM", "STREAMED", "PIECE", "decode", "encode",
+    "TAKES_FD", "TO_END", "WRITABLE", "HELD", "STREAM", "STREAMED", "PIECE", "TAKEN", "TAKEN_FD", "decode", "encode",
 ]
 
 # flag bits
@@ -38,10 +38,12 @@ WRITABLE = 0x1  # mmap/export: writable access
 READONLY = 0x1  # import/info replies: the handle is read-only
 HELD = 0x2  # import reply: this client already held that handle (re-import), nothing new to close
 TO_END = 0x2  # mmap: map from offset to the end of the object (length ignored)
-# mmap, create_mapped: the client takes the daemon's own fd of the memory (`server_fd`) itself
-# (pidfd_getfd, client/daemon_fds.py): no fd in the reply. Honoured for memory the daemon
-# holds as an fd; otherwise the reply carries an fd as usual.
+# mmap, create_mapped, pread/pwrite with XFER: the client takes the daemon's own fd of the
+# memory (`server_fd`) itself (pidfd_getfd, client/daemon_fds.py): no fd in the reply.
+# Honoured for memory the daemon holds as an fd; otherwise the reply carries an fd as usual.
 TAKES_FD = 0x4
+TAKEN = 0x2  # PreadReply/PwriteReply.flags: TAKES_FD honoured, `data` is a TAKEN_FD record
+TAKEN_FD = struct.Struct("<iIQQ")  # (server_fd, 0, st_dev, st_ino): the daemon's fd of the memory and its identity
 # pread with XFER: the bytes of a spilled object may come through a pipe, straight from spill
 # storage, without bringing the object back (core/stream.py). The reply then says STREAMED.
 STREAM = 0x2
@@ -153,7 +155,7 @@ INFO_ASK_SOLE = 0x1  # InfoReq.flags
 @dataclass(slots=True)
 class PreadReq(Struct):
     LAYOUT = (("handle", "I"), ("flags", "I"), ("offset", "q"), ("length", "q"))
-    FLAGS = XFER | STREAM
+    FLAGS = XFER | STREAM | TAKES_FD
     handle: int = 0
     flags: int = 0
     offset: int = 0
@@ -163,12 +165,14 @@ class PreadReq(Struct):
 @dataclass(slots=True)
 class PreadReply(Struct):
     """Inline: the bytes are `data`. XFER: read `length` bytes at `offset` from `fd`
-    (a private read-only description), then send XFER_DONE(xfer_id). `fd` is absent when
-    the object has no pages: the range reads as zeros. STREAMED (asked for with STREAM):
+    (a private read-only description), then send XFER_DONE(xfer_id); TAKEN (asked for with
+    TAKES_FD): no `fd`, take the daemon's own that `data` names (TAKEN_FD). No `fd` and not
+    TAKEN: the object has no pages, the range reads as zeros. STREAMED (asked for with STREAM):
     `fd` is a pipe carrying, in order, the bytes of the runs `data` lists (PIECE records,
     within the range asked for); the rest of the range reads as zeros; no XFER_DONE."""
 
     LAYOUT = (("xfer_id", "I"), ("flags", "I"))
+    FLAGS = STREAMED | TAKEN
     TAIL = "data"
     FDS = ("fd",)
     xfer_id: int = 0
@@ -180,7 +184,7 @@ class PreadReply(Struct):
 @dataclass(slots=True)
 class PwriteReq(Struct):
     LAYOUT = (("handle", "I"), ("flags", "I"), ("offset", "q"), ("length", "q"))
-    FLAGS = XFER
+    FLAGS = XFER | TAKES_FD
     TAIL = "data"
     handle: int = 0
     flags: int = 0
@@ -191,10 +195,17 @@ class PwriteReq(Struct):
 
 @dataclass(slots=True)
 class PwriteReply(Struct):
-    LAYOUT = (("xfer_id", "I"), ("pad", "I"))
+    """Inline: nothing. XFER: write at `offset` through `fd` (a private writable
+    description), then send XFER_DONE(xfer_id); TAKEN (asked for with TAKES_FD): no `fd`,
+    take the daemon's own that `data` names (TAKEN_FD)."""
+
+    LAYOUT = (("xfer_id", "I"), ("flags", "I"))
+    FLAGS = TAKEN
+    TAIL = "data"
     FDS = ("fd",)
     xfer_id: int = 0
-    pad: int = 0
+    flags: int = 0
+    data: Any = b""
     fd: OwnedFd | None = None
 
 

@@ -183,7 +183,8 @@ def test_a_malformed_piece_loses_the_connection(peer, bad):
 @pytest.mark.parametrize("max_inline", [4096, MAX_PAYLOAD])
 def test_pread_and_pwrite_inline_only_up_to_what_the_daemon_advertises(peer, max_inline):
     """HELLO's max_inline caps what the client sends inside a frame; beyond it (or beyond
-    XFER_ABOVE, where XFER is faster) pread and pwrite ask for XFER."""
+    XFER_ABOVE, where XFER is faster) pread and pwrite ask for XFER (and TAKES_FD where the
+    client may copy the daemon's fds)."""
     limit = min(max_inline, XFER_ABOVE)
     seen: list[tuple[str, int, int]] = []  # (op, flags, inline bytes)
 
@@ -205,4 +206,6 @@ def test_pread_and_pwrite_inline_only_up_to_what_the_daemon_advertises(peer, max
     dev.pwrite(1, 0, bytes(limit + 1))
     assert dev.pread(1, 0, limit) == bytes(limit)
     assert dev.pread(1, 0, limit + 1) == bytes(limit + 1)  # no pages: zeros without a copy
-    assert seen == [("pwrite", 0, limit), ("pwrite", s.XFER, 0), ("pread", 0, limit), ("pread", s.XFER, limit + 1)]
+    takes = dev._take_flag()  # bulk transfers ask TAKES_FD where this process may copy the peer's fds
+    assert seen == [("pwrite", 0, limit), ("pwrite", s.XFER | takes, 0), ("pread", 0, limit),
+                    ("pread", s.XFER | takes, limit + 1)]

@@ -1,0 +1,141 @@
+"""Bulk pread/pwrite over the daemon (XFER), a mixin of Device (client/device.py).
+
+Beyond the transport's `inline_limit` the bytes do not travel in frames: the daemon hands
+over its object's memory as an fd, this process does the one copy (client/bulk.py), then
+reports XFER_DONE (which fails EFAULT if the object was purged meanwhile: the bytes moved
+were not its contents).
+
+Rules:
+- where this process may copy the daemon's fds (its uid, or root: client/daemon_fds.py) a
+  transfer asks TAKES_FD: the reply (TAKEN) names the daemon's own fd and its memory's
+  identity instead of carrying a new description; this process copies that fd, checks it
+  is that memory, and closes it once the copy is done. No description of the object then
+  leaves the daemon, so a freed object moved this way may back a new one (core/recycle.py:
+  its memfd is pooled) where one whose description left may not. The daemon may still
+  answer with an fd (an object pinned in device memory goes through a bounce buffer);
+- a transfer runs as a mapping is made (client/fork.py `_mapping`): a fork of this process
+  meanwhile, whose child would inherit the daemon's fd, tells the manager first
+  (MAPPINGS_FORKED), so that the object escapes as a forked mapping's does;
+- if the copy of the daemon's fd fails its check (the object was purged and its memfd
+  closed meanwhile, or the kernel refuses now) the transfer is ended (XFER_DONE: EFAULT if
+  purged) and asked again with an fd;
+- a daemon that does not know a flag answers EINVAL: the request is asked again without it
+  (TAKES_FD first, then STREAM) and the flag is not asked again if that succeeds; an
+  EINVAL of the request's own comes back again and is raised;
+- a pread into a buffer may ask STREAM: a spilled object's bytes come through a pipe from
+  spill storage (core/stream.py) and it stays spilled.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+
+from ..errors import InvalidArgument, OutOfMemory
+from ..fd import OwnedFd
+from ..wire import structs as s
+from ..wire.frames import Op
+from .bulk import pread_all, preadv_all, pwritev_all, read_streamed
+
+__all__ = ["TransferOps"]
+
+
+class TransferOps:
+    _streams: bool  # the Device's: preads into a buffer may ask STREAM
+    _xfer_takes = True  # transfers may ask TAKES_FD (until a daemon says EINVAL to it)
+
+    def _call(self, op: Op, req: s.Struct, **local: Any) -> Any:
+        raise NotImplementedError
+
+    def _take_flag(self) -> int:
+        raise NotImplementedError
+
+    def _fds(self) -> Any:
+        raise NotImplementedError
+
+    def _mapping(self) -> Any:
+        raise NotImplementedError
+
+    def _pread_xfer(self, handle: int, offset: int, length: int, into: Any) -> bytes:
+        """Read [offset, offset + length) of `handle` into `into` (or, with None, return it)."""
+        stream = s.STREAM if into is not None and self._streams else 0  # into a buffer: a spilled object may stream
+        req = s.PreadReq(handle=handle, flags=s.XFER | stream, offset=offset, length=length)
+        with self._mapping():  # (module rules: a fork meanwhile)
+            return self._read(req, into)
+
+    def _read(self, req: s.PreadReq, into: Any) -> bytes:
+        handle, offset, length = req.handle, req.offset, req.length
+        reply: s.PreadReply = self._transfer(Op.GEM_PREAD, req)
+        try:
+            if reply.flags & s.STREAMED and reply.fd is not None:
+                with reply.fd as fd:
+                    read_streamed(fd, reply.data, into, offset)
+                return b""
+            if reply.fd is None:  # no pages yet: zeros, and nothing to release
+                if into is None:
+                    return bytes(length)
+                np.frombuffer(into, dtype=np.uint8).fill(0)
+                return b""
+            with reply.fd as fd:
+                try:
+                    if into is None:
+                        return pread_all(fd, length, offset)
+                    preadv_all(fd, into, offset)
+                    return b""
+                finally:
+                    self._call(Op.XFER_DONE, s.XferDoneReq(xfer_id=reply.xfer_id))
+        except MemoryError:
+            raise OutOfMemory(f"pread of {length} bytes of handle {handle}: this process cannot hold that "
+                              f"much at once; read it into a buffer of your own with pread_into, in parts, "
+                              f"or map the object") from None
+
+    def _pwrite_xfer(self, handle: int, offset: int, view: memoryview) -> None:
+        """Write `view` at `offset` of `handle`."""
+        req = s.PwriteReq(handle=handle, flags=s.XFER, offset=offset, length=len(view))
+        with self._mapping():  # (module rules: a fork meanwhile)
+            reply: s.PwriteReply = self._transfer(Op.GEM_PWRITE, req)
+            if reply.fd is None:
+                return
+            with reply.fd as fd:
+                try:
+                    pwritev_all(fd, view, offset)
+                finally:
+                    self._call(Op.XFER_DONE, s.XferDoneReq(xfer_id=reply.xfer_id))
+
+    def _transfer(self, op: Op, req: s.PreadReq | s.PwriteReq) -> Any:
+        """Open the transfer `req` asks (TAKES_FD added where it may be); the reply's `fd` is
+        the memory to copy from or to (module rules), None only where a pread reads zeros."""
+        if self._xfer_takes:
+            req.flags |= self._take_flag()
+        while True:
+            reply = self._call_dropping(op, req)
+            if not reply.flags & s.TAKEN:
+                return reply
+            server_fd, _, dev, ino = s.TAKEN_FD.unpack_from(reply.data)
+            fd: OwnedFd | None = self._fds().take(server_fd, (dev, ino))
+            if fd is not None:
+                reply.fd, reply.data = fd, b""
+                return reply
+            self._call(Op.XFER_DONE, s.XferDoneReq(xfer_id=reply.xfer_id))  # EFAULT if it was purged
+            req.flags &= ~s.TAKES_FD  # (the memory changed hands meanwhile) ask again for an fd
+
+    def _call_dropping(self, op: Op, req: s.PreadReq | s.PwriteReq) -> Any:
+        """`_call`, asked again without the flags an older daemon may not know (module rules)."""
+        try:
+            return self._call(op, req)
+        except InvalidArgument:
+            for bit in (s.TAKES_FD, s.STREAM):
+                if not req.flags & bit:
+                    continue
+                req.flags &= ~bit
+                try:
+                    reply = self._call(op, req)
+                except InvalidArgument:
+                    continue
+                if bit == s.TAKES_FD:
+                    self._xfer_takes = False
+                else:
+                    self._streams = False
+                return reply
+            raise
