@@ -20,11 +20,11 @@ import numpy as np
 import pytest
 
 import ugem
+from ugem.client.daemon_fds import DaemonFds
 from ugem.client.registry import mapping_of
+from ugem.errors import InvalidArgument
 from ugem.testing import DaemonProcess, run_daemon
 from ugem.testing.data import wait_until
-from ugem.client.daemon_fds import DaemonFds
-from ugem.errors import InvalidArgument
 from ugem.wire import structs as s
 from ugem.wire.frames import XFER_ABOVE, Op
 
