@@ -21,7 +21,7 @@ import ugem
 from ugem.backing.spill_read import STALL_S
 from ugem.core.stream import STREAMS_PER_UID
 from ugem.testing import DaemonProcess, run_daemon
-from ugem.testing.data import SAFETY_S
+from ugem.testing.data import SAFETY_S, wait_until
 from ugem.wire import structs as s
 from ugem.wire.frames import HEADER, XFER_ABOVE, FrameKind, Op
 
@@ -48,6 +48,13 @@ def _push_out(dev: ugem.Device, *targets: int) -> list[int]:
     return fillers
 
 
+def _streams_ended(dev: ugem.Device) -> None:
+    """Wait until the daemon has seen every stream end: a read the client has finished counts
+    against STREAMS_PER_UID until then (its pump's end reaches the daemon's loop a moment
+    later), and a pread past that limit restores the object, as it should."""
+    wait_until(lambda: dev.stats()["streams"] == 0, SAFETY_S, what="the daemon to see its streams end")
+
+
 def _sparse(dev: ugem.Device, seed: int) -> tuple[int, np.ndarray]:
     """An object with data in three places (crossing the spill extent's two files) and holes."""
     rng = np.random.default_rng(seed)
@@ -72,6 +79,7 @@ def test_pread_into_reads_a_spilled_object_where_it_lies(daemon: DaemonProcess, 
             out = np.full(length, 0xEE, np.uint8)  # the holes must come out as zeros, not as what was there
             assert dev.pread_into(h, offset, out) == length
             assert np.array_equal(out, expected[offset:offset + length]), (offset, length)
+            _streams_ended(dev)
         after = dev.stats()
         assert dev.info(h).placement == "spilled"  # read where it lies: not brought back
         assert after["restored_total"] == before["restored_total"]

@@ -337,4 +337,5 @@ class Memory(SpillJobs):
         purgeable = sum(o.resident for o in self.lru if o.madvise == DONTNEED)
         store = self.backing
         return {"resident_bytes": self.resident, "spilled_bytes": self.spilled, "purgeable_bytes": purgeable,
-                "pooled_bytes": store.pooled_bytes, "pooled_memfds": store.pooled_fds, "recycled_total": store.recycled}
+                "pooled_bytes": store.pooled_bytes, "pooled_memfds": store.pooled_fds, "recycled_total": store.recycled,
+                "streams": sum(self.streams.values())}  # reads served straight from spill storage, in flight
