@@ -51,7 +51,7 @@ from hypothesis import strategies as st
 
 import ugem
 from ugem.cmd import Fill
-from ugem.errors import InvalidArgument, RemoteProtocolError
+from ugem.errors import Busy, InvalidArgument, RemoteProtocolError
 from ugem.fd import OwnedFd
 from ugem.testing import DaemonProcess, run_daemon
 from ugem.testing.data import PROMPT_S, SAFETY_S
@@ -528,7 +528,13 @@ def _make_fd(kind: str, world: World, stack: ExitStack) -> MadeFd:
             os.close(base)
         return MadeFd(fd, kind, kind == "memfd-rdonly", 8192, readonly=kind == "memfd-rdonly")
     if kind in ("export-rw", "export-ro"):
-        fd = world.donor.export(world.donor_handle, writable=kind == "export-rw")
+        try:
+            fd = world.donor.export(world.donor_handle, writable=kind == "export-rw")
+        except Busy:  # a hostile frame that imported it pinned it in device memory: the donor gives up on it
+            world.donor.close_handle(world.donor_handle)  # (freed with the importer's handle: the fd count holds)
+            world.donor_handle = world.donor.create(8192)
+            world.donor.pwrite(world.donor_handle, 0, b"donor")
+            fd = world.donor.export(world.donor_handle, writable=kind == "export-rw")
         return MadeFd(fd, kind, True, 8192, readonly=kind == "export-ro")
     raise AssertionError(kind)
 
