@@ -13,9 +13,9 @@ Rules:
   leaves the daemon, so a freed object moved this way may back a new one (core/recycle.py:
   its memfd is pooled) where one whose description left may not. The daemon may still
   answer with an fd (an object pinned in device memory goes through a bounce buffer);
-- a transfer runs as a mapping is made (client/fork.py `_mapping`): a fork of this process
-  meanwhile, whose child would inherit the daemon's fd, tells the manager first
-  (MAPPINGS_FORKED), so that the object escapes as a forked mapping's does;
+- a transfer runs as a mapping is made (`_mapping`: client/device_share.py, fork.py): a
+  fork of this process meanwhile, whose child would inherit the daemon's fd, tells the
+  manager first (MAPPINGS_FORKED), so that the object escapes as a forked mapping's does;
 - if the copy of the daemon's fd fails its check (the object was purged and its memfd
   closed meanwhile, or the kernel refuses now) the transfer is ended (XFER_DONE: EFAULT if
   purged) and asked again with an fd;
