@@ -20,7 +20,7 @@ Samples are pooled over `--runs` rounds after `--warmup` rounds.
    (room made = 64 MiB spilled, plus one round trip); the client's own copy into the new
    object comes after the reply and is not spill time (it is listed as "pwrite under
    pressure, whole call"). The split point is taken by wrapping the client library's copy
-   helper (`pwritev_all`, as ugem.client.device calls it) in this process; src/ is untouched.
+   helper (`pwritev_all`, as ugem.client.device_xfer calls it) in this process; src/ is untouched.
    Baseline, alternating with those steps: os.pwrite of the same bytes, 8 MiB chunks, into a
    new file in the same directory, 64 MiB per step. Neither side fsyncs (ugem does not).
    Target >= 0.70. The same pairs again with the page cache prewarmed (before each pair, a
@@ -89,7 +89,7 @@ import numpy as np  # noqa: E402
 
 import _harness as H  # noqa: E402
 import ugem  # noqa: E402
-import ugem.client.device as _client_device  # noqa: E402
+import ugem.client.device_xfer as _client_device  # noqa: E402
 from _ray import add_ray_options, ray_python, ray_version  # noqa: E402
 from ugem.testing.daemon import run_daemon  # noqa: E402
 
@@ -190,10 +190,10 @@ class ReplyMarks:
         self._saved: dict[str, Any] = {}
 
     def install(self) -> None:
-        for name in ("pwritev_all", "preadv_all", "read_streamed"):  # client/bulk.py's, as client/device.py names them
+        for name in ("pwritev_all", "preadv_all", "read_streamed"):  # client/bulk.py's, as device_xfer.py names them
             original = getattr(_client_device, name, None)
             if original is None:
-                raise RuntimeError(f"ugem.client.device.{name} is gone: cannot split a call at the reply")
+                raise RuntimeError(f"ugem.client.device_xfer.{name} is gone: cannot split a call at the reply")
             self._saved[name] = original
 
             def wrapper(*args: Any, _orig: Callable[..., Any] = original, **kwargs: Any) -> Any:
