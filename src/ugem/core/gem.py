@@ -26,14 +26,13 @@ from ..errors import (
     QuotaExceeded,
     TooBig,
 )
-from ..fd import OwnedFd
 from ..wire import structs as s
 from ..wire.frames import MAX_INLINE
 from .client import Client
 from .core import Core
 from .cpu_access import pinned_in_vram, pread_vram, prepare_cpu, pwrite_vram
 from .object import BufferObject, Kind
-from .recycle import describe, transfer_fd
+from .recycle import describe, handed_over, transfer_fd
 from .states import Placement
 from .stream import stream_spilled
 
@@ -240,8 +239,7 @@ def map_object(core: Core, client: Client, obj: BufferObject, offset: int, lengt
     it is the memory the reply names (a purge may close it meanwhile). A process allowed to
     copy our fds could take that one any time, so this gives it nothing new."""
     backing = cpu_mapping(core, obj, writable, what)
-    server_fd = backing.fd if isinstance(backing, OwnedFd) else -1
-    fd = None if takes_fd and server_fd >= 0 else describe(core, obj, backing, writable)
+    fd, server_fd = handed_over(core, obj, backing, writable, takes_fd)
     map_id = track_mapping(core, client, obj, writable)
     dev, ino = obj.key or (0, 0)
     return s.MmapReply(map_id=map_id, offset=offset, length=length, server_fd=server_fd, dev=dev, ino=ino, fd=fd)

@@ -66,7 +66,7 @@ if TYPE_CHECKING:
     from .client import Client
     from .core import Core
 
-__all__ = ["describe", "escape_held", "gem_reuse", "mappings_forked", "recyclable", "transfer_fd"]
+__all__ = ["describe", "escape_held", "gem_reuse", "mappings_forked", "handed_over", "recyclable", "transfer_fd"]
 
 
 def recyclable(obj: BufferObject, busy: bool) -> bool:
@@ -85,17 +85,27 @@ def describe(core: Core, obj: BufferObject, backing: object, writable: bool) -> 
     return fd
 
 
+def handed_over(core: Core, obj: BufferObject, backing: object, writable: bool,
+                takes_fd: bool) -> tuple[OwnedFd | None, int]:
+    """(fd, server_fd) for a reply that hands `obj`'s memory to a client: our own fd number
+    of it (-1: we hold it as no fd) and a new description (`describe`: it escapes), or,
+    asked with TAKES_FD for memory we hold as an fd, none: the client copies ours
+    (pidfd_getfd) and checks it (module rules: it does not escape; a purge may close it
+    meanwhile, and the check then fails). Its identity is indexed either way."""
+    server_fd = backing.fd if isinstance(backing, OwnedFd) else -1
+    if takes_fd and server_fd >= 0:
+        core.index_key(obj)
+        return None, server_fd
+    return describe(core, obj, backing, writable), server_fd
+
+
 def transfer_fd(core: Core, obj: BufferObject, backing: object, writable: bool,
                 takes_fd: bool) -> tuple[OwnedFd | None, int, bytes]:
-    """What a bulk transfer's reply (XFER) carries of `obj`'s memory: (fd, flags, data). A new
-    description (`describe`: it escapes), or, asked with TAKES_FD for memory we hold as an
-    fd, none: TAKEN and the TAKEN_FD record naming our own fd and its identity, which the
-    client copies (pidfd_getfd) and checks, as for a TAKES_FD mapping (module rules: it
-    does not escape; a purge may close it meanwhile, and the check then fails)."""
-    server_fd = backing.fd if isinstance(backing, OwnedFd) else -1
-    if not takes_fd or server_fd < 0:
-        return describe(core, obj, backing, writable), 0, b""
-    core.index_key(obj)
+    """What a bulk transfer's reply (XFER) carries of `obj`'s memory: (fd, flags, data), as
+    `handed_over`; with no fd, TAKEN and the TAKEN_FD record naming ours and its identity."""
+    fd, server_fd = handed_over(core, obj, backing, writable, takes_fd)
+    if fd is not None:
+        return fd, 0, b""
     dev, ino = obj.key or (0, 0)
     return None, s.TAKEN, s.TAKEN_FD.pack(server_fd, 0, dev, ino)
 
