@@ -109,6 +109,7 @@ class Device(DeviceOps, ShareOps, TransferOps):
         self._owned_manager: Manager | None = None
         self._closed_why = "this Device is closed"
         self._pid = os.getpid()
+        self._forked = False  # used in a forked child of the process that made it (no getpid: a system call)
         self._share_lock = threading.Lock()  # client/device_share.py
         self._send_lock = threading.RLock()  # drain the queue and send it as one step
         self._mapping_threads: set[int] = set()  # threads making a mapping now (client/fork.py)
@@ -158,6 +159,7 @@ class Device(DeviceOps, ShareOps, TransferOps):
 
     def _after_fork_in_child(self) -> None:
         """This process is a forked child of the one that made this Device (transport.py)."""
+        self._forked = True
         transport = self._transport
         if transport is not None:
             transport.forsake()

@@ -72,8 +72,7 @@ from .batch import HOLD_BACK, hold_back
 from .bulk import pwritev_all
 from .daemon_fds import DaemonFds
 from .fork import track_mappings
-from .linger import Lingering
-from .registry import fd_key, register_mapping
+from .registry import Lingering, fd_key, register_mapping, rewatch
 
 __all__ = ["CLAIM_PATIENCE_S", "ShareOps", "populate_write"]
 
@@ -101,7 +100,7 @@ class ShareOps:
     _daemon_fds: DaemonFds | None = None  # made on first use
     _next_chosen = ss.CHOSEN_MAP_IDS  # the next map id of a GEM_CLAIM_MAPPED
     _mapping_threads: set[int]  # the Device's: threads making a mapping now
-    _pid: int
+    _forked: bool  # the Device's: used in a forked child of the process that made it
 
     def _live(self) -> Any:
         raise NotImplementedError
@@ -170,7 +169,18 @@ class ShareOps:
         return owner, token
 
     def _post_share(self, map_id: int, offset: int, length: int, writable: bool) -> tuple[int, int]:
-        return self._share(map_id, offset, length, writable, wait=False)
+        """`_share` without waiting; in a pickling batch held back as `_post_record` holds it, in
+        fewer steps (pickling posts one per array)."""
+        transport = self._live()
+        if not hold_back(self):
+            return self._share(map_id, offset, length, writable, wait=False)
+        released = self._released
+        with self._share_lock:
+            token = self._last_share = self._last_share + 1
+            released.append(_SHARE_RECORD(map_id, s.WRITABLE if writable else 0, offset, length, token))
+        if len(released) >= HOLD_BACK:
+            self._post(None)
+        return transport.client_id, token
 
     @contextmanager
     def _mapping(self) -> Iterator[None]:
@@ -189,7 +199,7 @@ class ShareOps:
         that memory: MAPPINGS_FORKED. A manager that is gone recycles nothing. Lingering
         mappings (client/linger.py) make it call too: the call sends the queue first, which
         unmaps and releases them, so the child inherits none."""
-        if self._transport is None or self._pid != os.getpid() \
+        if self._transport is None or self._forked \
                 or (id(self) not in mapping and not self._mapping_threads and not self._releases.linger):
             return
         try:
@@ -285,7 +295,7 @@ class ShareOps:
         """A view of bytes [offset, offset + length) of the memfd `key` through a mapping of this
         Device that lingers (client/linger.py), entered again; None if there is none."""
         linger = self._releases.linger
-        if not linger or self._pid != os.getpid():
+        if not linger or self._forked:
             return None
         with self._send_lock:
             item = linger.take(key, offset, length, writable)
@@ -296,9 +306,7 @@ class ShareOps:
         return memoryview(watched)[start:start + length]
 
     def _enter_again(self, item: Lingering) -> Any:
-        e = item.entry
-        return register_mapping(item.region, self, e.map_id, e.offset, e.writable, e.key,  # type: ignore[arg-type]
-                                e.source, e.address, self._released, self._releases.linger, e.made)
+        return rewatch(item, self._released, self._releases.linger)
 
     def _reused_mapping(self, size: int) -> memoryview | None:
         """The whole mapping of an object of `size` bytes this Device made, whose last view died
@@ -307,7 +315,7 @@ class ShareOps:
         (such a mapping is released as it would have been; so it is by a daemon that does not
         know GEM_REUSE, which answers EINVAL). Its bytes are the old ones."""
         linger = self._releases.linger
-        if size < REUSE_MIN or not linger or self._pid != os.getpid():
+        if size < REUSE_MIN or not linger or self._forked:
             return None
         with self._send_lock:
             item = linger.take_whole(size)

@@ -34,6 +34,10 @@ Rules:
   releases them first (client/fork.py: its MAPPINGS_FORKED call sends the queue), and in a
   forked child (whose Device cannot send) nothing lingers: what it inherited is unmapped
   and its arrays' mappings die with them, as before;
+- a lingering mapping's registry entry stays (client/registry.py): only its Linger finds it
+  (by the memfd's identity), taking it back makes it live again in place, and releasing it
+  forgets it; a Device dropped without `close()` forgets the entries of what lingers with it
+  (its mappings are unmapped as they die);
 - weak-reference callbacks (which run at any moment, in any thread) only append to
   `arrived` (and, when it was empty, a marker to the Device's queue, so that the next send
   releases it); the Device files and releases them under its send lock (`take`,
@@ -42,13 +46,9 @@ Rules:
 
 from __future__ import annotations
 
-import collections
-import mmap
 from collections import deque
-from typing import TYPE_CHECKING, NamedTuple
 
-if TYPE_CHECKING:
-    from .registry import Mapping
+from .registry import Lingering, forget, starts_of
 
 __all__ = ["LINGER_ANY", "LINGER_MAX", "LINGER_SMALL", "Linger", "Lingering"]
 
@@ -57,26 +57,21 @@ LINGER_SMALL = 64 << 10  # past those, only mappings of at most this many bytes
 LINGER_MAX = 4096  # lingering mappings per Device at most
 
 
-class Lingering(NamedTuple):
-    """A mapping whose last view died: its registry entry (client/registry.py `Mapping`) and the
-    mapping itself."""
-
-    entry: Mapping
-    region: mmap.mmap
-
-
 class Linger:
     """The lingering mappings of one Device."""
 
     def __init__(self) -> None:
         self.arrived: deque[Lingering] = deque()  # appended by callbacks only
         self.open = True  # False once the Device closes: mappings dying then just go
-        self._filed: collections.OrderedDict[int, Lingering] = collections.OrderedDict()  # by address, oldest first
-        self._by_key: dict[tuple[int, int], list[int]] = {}  # memfd identity -> addresses
+        self._filed: dict[int, Lingering] = {}  # by address, oldest first
         self._by_length: dict[int, list[int]] = {}  # whole writable mappings of objects: length -> addresses
 
     def __bool__(self) -> bool:
         return bool(self.arrived or self._filed)
+
+    def __del__(self) -> None:  # a Device dropped unclosed: its lingering mappings go with it
+        for item in [*self.arrived, *self._filed.values()]:
+            forget(item.entry)
 
     def room(self, length: int) -> bool:
         """Whether one more mapping, of `length` bytes, may linger (asked by callbacks: reads only)."""
@@ -86,12 +81,16 @@ class Linger:
     def take(self, key: tuple[int, int], offset: int, length: int, writable: bool) -> Lingering | None:
         """Take back a lingering mapping of bytes [offset, offset + length) of the memfd `key`
         (writable if asked), if there is one (the caller holds the send lock)."""
-        self._file()
-        for address in self._by_key.get(key, ()):
-            entry = self._filed[address].entry
-            if entry.offset <= offset and offset + length <= entry.offset + entry.length \
-                    and (entry.writable or not writable):
-                return self._pop(address)
+        if self.arrived:
+            self._file()
+        filed = self._filed
+        for address in starts_of(key):  # (its entry stays in the registry: client/registry.py)
+            item = filed.get(address)
+            if item is not None:
+                entry = item.entry
+                if entry.offset <= offset and offset + length <= entry.offset + entry.length \
+                        and (entry.writable or not writable):
+                    return self._pop(address)
         return None
 
     def take_whole(self, length: int) -> Lingering | None:
@@ -103,11 +102,11 @@ class Linger:
         return self._pop(addresses[-1]) if addresses else None
 
     def release_all(self) -> list[int]:
-        """Unmap every lingering mapping; their ids, to release (the caller holds the send lock)."""
+        """Unmap every lingering mapping and forget its entry; their ids, to release (the caller
+        holds the send lock)."""
         self._file()
         items = list(self._filed.values())
         self._filed.clear()
-        self._by_key.clear()
         self._by_length.clear()
         return [_unmap(item) for item in items]
 
@@ -117,23 +116,16 @@ class Linger:
         self.release_all()
 
     def _file(self) -> None:
-        try:
-            while True:
-                item = self.arrived.popleft()
-                entry = item.entry
-                self._filed[entry.address] = item
-                self._by_key.setdefault(entry.key, []).append(entry.address)
-                if entry.made:
-                    self._by_length.setdefault(entry.length, []).append(entry.address)
-        except IndexError:
-            pass
+        arrived = self.arrived
+        while arrived:
+            item = arrived.popleft()  # (only this thread takes: the caller holds the send lock)
+            entry = item.entry
+            self._filed[entry.address] = item
+            if entry.made:
+                self._by_length.setdefault(entry.length, []).append(entry.address)
 
     def _pop(self, address: int) -> Lingering:
         item = self._filed.pop(address)
-        addresses = self._by_key[item.entry.key]
-        addresses.remove(address)
-        if not addresses:
-            del self._by_key[item.entry.key]
         if item.entry.made:
             same = self._by_length[item.entry.length]
             same.remove(address)
@@ -143,5 +135,6 @@ class Linger:
 
 
 def _unmap(item: Lingering) -> int:
+    forget(item.entry)
     item.region.close()  # no view of it is left: its last one died before it lingered
     return item.entry.map_id

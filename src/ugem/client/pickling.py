@@ -280,7 +280,7 @@ def _device_for(path: str) -> Device:
         return dev
     with _lock:
         mine = _connections.get(path)
-        if mine is None or mine.closed or mine._connection_lost() or mine._pid != os.getpid():
+        if mine is None or mine.closed or mine._connection_lost() or mine._forked:
             mine = _connections[path] = connect(path)
         return mine
 

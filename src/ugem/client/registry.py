@@ -14,8 +14,12 @@ embedded is mapped straight from its fd (no Device, no map_id): it is entered wi
 
 A mapping that may linger (client/linger.py: one a claim made) is viewed through an array
 over it (its exporter) rather than directly: the registry watches the exporter, so the
-mapping outlives its last view and can be entered again (`register_mapping` once more,
-under the same id and address) when the same memory is received again.
+mapping outlives its last view. While it lingers its entry stays where it is, with a dead
+exporter: nothing finds it by address or by key (`find_mapping` and `find_by_key` return
+live mappings only), its Linger finds it by key (`starts_of`), and taking it back makes a
+new exporter and watch in the same place (`rewatch`); releasing it forgets the entry
+(`forget`). (Removing the entry when the last view dies and entering it anew when the memory
+comes back cost a worker sent the same 2,000 arrays with every task a third of its part.)
 
 Entries are inherited by a forked child, as the mappings are; their Device is then the
 parent's, which the child cannot use (transport.py), and pickling says so.
@@ -34,14 +38,13 @@ import numpy as np
 import numpy.typing as npt
 
 from ..address import data_address
-from .linger import Lingering
 
 if TYPE_CHECKING:
     from .device import Device
     from .linger import Linger
 
-__all__ = ["Mapping", "array_mapping", "fd_key", "find_by_key", "find_mapping", "mapping_devices", "mapping_of",
-           "register_mapping"]
+__all__ = ["Lingering", "Mapping", "array_mapping", "fd_key", "find_by_key", "find_mapping", "forget",
+           "mapping_devices", "mapping_of", "register_mapping", "rewatch", "starts_of"]
 
 
 class Mapping(NamedTuple):  # immutable, and made in a quarter of a microsecond (a frozen dataclass: 2 us)
@@ -55,6 +58,14 @@ class Mapping(NamedTuple):  # immutable, and made in a quarter of a microsecond 
     region: weakref.ref[Any]  # what views are made from: the mmap, or its exporter (lingering)
     source: int = -1  # the daemon's own fd of that memfd (client/daemon_fds.py), -1: none known
     made: bool = False  # the whole, writable mapping of an object its Device made (GEM_CREATE_MAPPED: reusable)
+
+
+class Lingering(NamedTuple):
+    """A mapping whose last view died (client/linger.py): its registry entry, which stays
+    (module rules), and the mapping itself."""
+
+    entry: Mapping
+    region: mmap.mmap
 
 
 _starts: list[int] = []  # sorted start addresses
@@ -88,19 +99,18 @@ class _Watch(weakref.ref):  # type: ignore[type-arg]
 def _gone(ref: _Watch) -> None:
     del _callbacks[id(ref)]
     mine, ref.entry = ref.entry, None
-    address = ref.address
-    entry = _by_start.get(address)
-    if entry is not None and entry.region is ref:
-        del _by_start[address]
-        del _starts[bisect.bisect_left(_starts, address)]
-        _unkey(entry)
     kept, linger, released = ref.kept, ref.linger, ref.released
+    ref.kept = ref.linger = ref.released = None  # (its entry, which refers to it, may stay: nothing through it)
     if kept is not None and linger is not None and released is not None and linger.room(len(kept)):
         if not linger.arrived:
             released.append(None)  # the next send releases it (client/linger.py)
         assert mine is not None
-        linger.arrived.append(Lingering(mine, kept))
-    elif released is not None:
+        linger.arrived.append(Lingering(mine, kept))  # its entry stays (module rules)
+        return
+    entry = _by_start.get(ref.address)
+    if entry is not None and entry.region is ref:
+        _remove(entry)
+    if released is not None:
         released.append(ref.map_id)
 
 
@@ -135,6 +145,38 @@ def register_mapping(region: mmap.mmap, device: Device | None, map_id: int, offs
     return watched
 
 
+def rewatch(item: Lingering, released: deque[Any], linger: Linger) -> Any:
+    """Take a lingering mapping back (its Linger, `linger`, gave it up: client/linger.py): what
+    to make its views from, a new exporter watched as the first was (`register_mapping` with
+    `released` and `linger`), its entry the same but for that."""
+    e = item.entry
+    watched = np.frombuffer(item.region, dtype=np.uint8)
+    ref = _Watch(watched, _gone)
+    ref.address, ref.map_id, ref.released, ref.linger, ref.kept = e.address, e.map_id, released, linger, item.region
+    _callbacks[id(ref)] = ref
+    ref.entry = _by_start[e.address] = Mapping(e.address, e.length, e.device, e.map_id, e.offset, e.writable, e.key,
+                                               ref, e.source, e.made)
+    return watched
+
+
+def forget(entry: Mapping) -> None:
+    """A lingering mapping is released (client/linger.py): forget its entry."""
+    if _by_start.get(entry.address) is entry:
+        _remove(entry)
+
+
+def starts_of(key: tuple[int, int]) -> list[int] | tuple[()]:
+    """The addresses of the entries of mappings of the memfd `key`, live or lingering."""
+    return _by_key.get(key, ())
+
+
+def _remove(entry: Mapping) -> None:
+    address = entry.address
+    del _by_start[address]
+    del _starts[bisect.bisect_left(_starts, address)]
+    _unkey(entry)
+
+
 def _unkey(entry: Mapping) -> None:
     starts = _by_key[entry.key]
     starts.remove(entry.address)
@@ -150,7 +192,7 @@ def find_by_key(key: tuple[int, int], offset: int, length: int, writable: bool) 
         entry = _by_start[address]
         if entry.device is not None:  # only a mapping that can travel on: its Device lives, in this process
             dev = entry.device()
-            if dev is None or dev.closed or dev._pid != os.getpid():
+            if dev is None or dev.closed or dev._forked:
                 continue
         region = entry.region()
         if region is not None and entry.offset <= offset and offset + length <= entry.offset + entry.length \
@@ -191,9 +233,10 @@ def array_mapping(a: npt.NDArray[Any]) -> tuple[Mapping, int] | None:
 
 
 def find_mapping(low: int, high: int) -> Mapping | None:
-    """The live mapping that holds every byte of [low, high), if any."""
+    """The live mapping that holds every byte of [low, high), if any (a lingering one holds no
+    view's bytes)."""
     i = bisect.bisect_right(_starts, low) - 1
     if i < 0:
         return None
     entry = _by_start[_starts[i]]
-    return entry if high <= entry.address + entry.length else None
+    return entry if high <= entry.address + entry.length and entry.region() is not None else None

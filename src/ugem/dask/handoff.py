@@ -33,7 +33,6 @@ from __future__ import annotations
 
 import functools
 import logging
-import os
 import threading
 import weakref
 from collections.abc import Callable
@@ -261,7 +260,7 @@ def _copy(path: str, name: int, dtype: np.dtype[Any], shape: tuple[int, ...], st
     copy, no network) and keep nothing open, so no handle waits for a later request."""
     with _lock:
         dev = _connections.get(path)
-        if dev is None or dev.closed or dev._connection_lost() or dev._pid != os.getpid():
+        if dev is None or dev.closed or dev._connection_lost() or dev._forked:
             dev = _connections[path] = connect(path)
     low = sum(min(0, (n - 1) * st) for n, st in zip(shape, strides, strict=True))
     high = sum(max(0, (n - 1) * st) for n, st in zip(shape, strides, strict=True)) + dtype.itemsize

@@ -74,14 +74,26 @@ def test_a_mapping_that_may_linger_outlives_its_last_view_until_released():
     assert registry.find_mapping(address, address + 1) is None and registry.find_by_key((1, 2), 0, 1, True) is None
     assert list(released) == [None] and linger and not region.closed  # a marker, not its id: still mapped
     assert region[0] == 9
+    assert registry.starts_of((1, 2)) == [address]  # its entry stays, for its Linger only
     item = linger.take((1, 2), 0, mmap.PAGESIZE, True)
     assert item is not None and item.region is region and item.entry.map_id == 7 and not linger
-    again = memoryview(registry.register_mapping(region, None, 7, 0, True, (1, 2), address=address,
-                                                 released=released, linger=linger))  # entered again
+    again = memoryview(registry.rewatch(item, released, linger))  # live again, in place
     assert again[0] == 9 and registry.find_mapping(address, address + 1).map_id == 7  # type: ignore[union-attr]
+    assert registry.find_by_key((1, 2), 0, 1, True) is not None
     del again, item
     gc.collect()
+    assert list(released) == [None, None]  # lingers again
     assert linger and linger.release_all() == [7] and region.closed and not linger
+    assert registry.starts_of((1, 2)) == () and registry.find_mapping(address, address + 1) is None
+
+
+def test_a_dropped_linger_forgets_the_entries_of_its_mappings():
+    linger, released = L.Linger(), collections.deque[int | None]()
+    _, address = _lingering(linger, released, 4, (2, 9))
+    assert registry.starts_of((2, 9)) == [address]
+    del linger
+    gc.collect()
+    assert registry.starts_of((2, 9)) == ()
 
 
 def test_take_matches_memory_part_and_writability():
