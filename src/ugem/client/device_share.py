@@ -38,13 +38,6 @@ to another process through the daemon (core/shares.py has the manager's rules).
 - `_mapping()`: around every request that makes a mapping (here and `Device.mmap`): the
   Device tells its manager before a fork that it maps memory (client/fork.py) if it has a
   live mapping or is making one (`_before_fork`);
-- `write_taken(handle, frames)`: write straight into the daemon's own memfd of an object,
-  copied as for a TAKES_FD mapping (a tracked mapping asked for, never mapped, released
-  once written, all under `_mapping()`): unlike a bulk pwrite (XFER), whose description
-  the daemon must assume kept, this leaves the object's memfd recyclable
-  (core/recycle.py), and unlike a mapping it fills no page tables: the kernel writes into
-  the pages a recycled memfd holds, or allocates new ones without zeroing them first.
-  False, with nothing written, where this process may not copy the daemon's fds.
 """
 
 from __future__ import annotations
@@ -54,7 +47,7 @@ import mmap
 import os
 import threading
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator
 from contextlib import contextmanager
 from typing import Any
 
@@ -62,17 +55,14 @@ import numpy as np
 
 from ..address import data_address
 from ..backing.mapping import map_placed, populate
-from ..bufview import flat_bytes
 from ..errors import Busy, InvalidArgument, TryAgain, UgemError, error_from_errno
 from ..wire import structs as s
 from ..wire import structs_share as ss
 from ..wire.frames import Op
-from .args import ident
 from .batch import HOLD_BACK, hold_back
-from .bulk import pwritev_all
 from .daemon_fds import DaemonFds
 from .fork import track_mappings
-from .registry import Lingering, fd_key, register_mapping, rewatch
+from .registry import Lingering, Mapping, fd_key, register_mapping, rewatch
 
 __all__ = ["CLAIM_PATIENCE_S", "ShareOps", "populate_write"]
 
@@ -305,6 +295,17 @@ class ShareOps:
         start = offset - item.entry.offset
         return memoryview(watched)[start:start + length]
 
+    def _revive_entry(self, entry: Mapping, offset: int, length: int) -> memoryview | None:
+        """`_revive` of the lingering mapping of the registry entry `entry` (of this Device), if it
+        still lingers."""
+        with self._send_lock:
+            item = self._releases.linger.take_at(entry.address)
+            if item is None:
+                return None
+            watched = self._enter_again(item)
+        start = offset - entry.offset
+        return memoryview(watched)[start:start + length]
+
     def _enter_again(self, item: Lingering) -> Any:
         return rewatch(item, self._released, self._releases.linger)
 
@@ -376,33 +377,6 @@ class ShareOps:
         if recycled:  # fill the page tables in one call, as it will be written: twice as fast as faulting
             populate_write(view)
         return view
-
-    def write_taken(self, handle: int, frames: Sequence[Any]) -> bool:
-        """Write the contiguous buffers `frames` one after another from offset 0 of object
-        `handle`, through the daemon's own fd of its memory (module rules); False if this
-        process may not copy the daemon's fds (nothing written: write it another way)."""
-        views = [flat_bytes(f, writable=False, what="write_taken data") for f in frames]
-        req = s.MmapReq(handle=ident(handle), flags=s.WRITABLE | s.TO_END | self._take_flag())
-        if not req.flags & s.TAKES_FD:
-            return False
-        with self._mapping():
-            reply: s.MmapReply = self._call(Op.GEM_MMAP, req)
-            try:
-                if not self._take(reply):
-                    return False
-                assert reply.fd is not None
-                with reply.fd as fd:
-                    length = sum(len(v) for v in views)
-                    if length > reply.length:
-                        raise InvalidArgument(f"write_taken of {length} bytes into handle {req.handle} of "
-                                              f"{reply.length} bytes")
-                    position = reply.offset
-                    for view in views:
-                        pwritev_all(fd, view, position)
-                        position += len(view)
-            finally:
-                self._released.append(reply.map_id)
-        return True
 
     def _drop_share(self, owner: int, token: int) -> None:
         self._released.append((owner, token))

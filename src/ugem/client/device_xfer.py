@@ -23,25 +23,36 @@ Rules:
   (TAKES_FD first, then STREAM) and the flag is not asked again if that succeeds; an
   EINVAL of the request's own comes back again and is raised;
 - a pread into a buffer may ask STREAM: a spilled object's bytes come through a pipe from
-  spill storage (core/stream.py) and it stays spilled.
+  spill storage (core/stream.py) and it stays spilled;
+- `write_taken(handle, frames)`: several buffers written one after another from offset 0 in
+  one request, straight into the daemon's own memfd of an object, copied as for a TAKES_FD
+  mapping (a tracked mapping asked for, never mapped, released once written, all under
+  `_mapping()`): like a transfer that takes the daemon's fd it leaves the object's memfd
+  recyclable (core/recycle.py), and unlike a mapping it fills no page tables: the kernel
+  writes into the pages a recycled memfd holds, or allocates new ones without zeroing them
+  first. False, with nothing written, where this process may not copy the daemon's fds.
 """
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import Any
 
 import numpy as np
 
+from ..bufview import flat_bytes
 from ..errors import InvalidArgument, OutOfMemory
 from ..fd import OwnedFd
 from ..wire import structs as s
 from ..wire.frames import Op
+from .args import ident
 from .bulk import pread_all, preadv_all, pwritev_all, read_streamed
 
 __all__ = ["TransferOps"]
 
 
 class TransferOps:
+    _released: Any  # the Device's release queue (client/releases.py)
     _streams: bool  # the Device's: preads into a buffer may ask STREAM
     _xfer_takes = True  # transfers may ask TAKES_FD (until a daemon says EINVAL to it)
 
@@ -55,6 +66,9 @@ class TransferOps:
         raise NotImplementedError
 
     def _mapping(self) -> Any:
+        raise NotImplementedError
+
+    def _take(self, reply: s.MmapReply) -> bool:
         raise NotImplementedError
 
     def _pread_xfer(self, handle: int, offset: int, length: int, into: Any) -> bytes:
@@ -139,3 +153,30 @@ class TransferOps:
                     self._streams = False
                 return reply
             raise
+
+    def write_taken(self, handle: int, frames: Sequence[Any]) -> bool:
+        """Write the contiguous buffers `frames` one after another from offset 0 of object
+        `handle`, through the daemon's own fd of its memory (module rules); False if this
+        process may not copy the daemon's fds (nothing written: write it another way)."""
+        views = [flat_bytes(f, writable=False, what="write_taken data") for f in frames]
+        req = s.MmapReq(handle=ident(handle), flags=s.WRITABLE | s.TO_END | self._take_flag())
+        if not req.flags & s.TAKES_FD:
+            return False
+        with self._mapping():
+            reply: s.MmapReply = self._call(Op.GEM_MMAP, req)
+            try:
+                if not self._take(reply):
+                    return False
+                assert reply.fd is not None
+                with reply.fd as fd:
+                    length = sum(len(v) for v in views)
+                    if length > reply.length:
+                        raise InvalidArgument(f"write_taken of {length} bytes into handle {req.handle} of "
+                                              f"{reply.length} bytes")
+                    position = reply.offset
+                    for view in views:
+                        pwritev_all(fd, view, position)
+                        position += len(view)
+            finally:
+                self._released.append(reply.map_id)
+        return True

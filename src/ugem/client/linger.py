@@ -93,6 +93,12 @@ class Linger:
                     return self._pop(address)
         return None
 
+    def take_at(self, address: int) -> Lingering | None:
+        """Take back the lingering mapping at `address`, if it lingers (the caller holds the send lock)."""
+        if self.arrived:
+            self._file()
+        return self._pop(address) if address in self._filed else None
+
     def take_whole(self, length: int) -> Lingering | None:
         """Take back the newest lingering writable mapping of a whole object of `length` bytes
         (one a Device made: `ugem.array` asks the manager whether it may reuse it), if any (the

@@ -88,7 +88,7 @@ from .buffer import Buffer
 from .connect import connect
 from .default import default_device
 from .device import Device
-from .registry import Mapping, array_mapping, find_by_key, register_mapping
+from .registry import Mapping, array_mapping, find_by_key, lookup, register_mapping
 
 __all__ = ["reduce_buffer_by_name"]
 
@@ -224,16 +224,22 @@ def _returned(key: tuple[int, int], offset: int, length: int, writable: bool) ->
 def _claimed(path: str, owner: int, token: int, source: int, key: tuple[int, int], offset: int, length: int,
              writable: bool) -> memoryview:
     """A view of the mapping a daemon client shared: this process's own, a lingering one, or a claimed one."""
-    found = find_by_key(key, offset, length, writable)
-    if found is not None:  # mapped here already (e.g. the array comes back): use the share up unmapped
+    found = lookup(key, offset, length, writable)
+    if found is not None:
         view, entry = found
         mapper = entry.device() if entry.device is not None else None
         if mapper is None or mapper.closed or getattr(mapper._transport, "path", None) != path:
-            mapper = _device_for(path)
-        mapper._drop_share(owner, token)
-        return view
+            mapper = None
+        if view is not None:  # mapped here already (e.g. the array comes back): use the share up unmapped
+            (mapper or _device_for(path))._drop_share(owner, token)
+            return view
+        if mapper is not None:  # mapped here a moment ago (client/linger.py): take it back
+            view = mapper._revive_entry(entry, offset, length)
+            if view is not None:
+                mapper._drop_revived(owner, token)
+                return view
     dev = _device_for(path)
-    got = dev._revive(key, offset, length, writable)  # mapped here a moment ago (client/linger.py)
+    got = dev._revive(key, offset, length, writable)  # (another mapping of that memory lingers)
     if got is not None:
         dev._drop_revived(owner, token)
     elif writable:

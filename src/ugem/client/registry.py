@@ -43,7 +43,7 @@ if TYPE_CHECKING:
     from .device import Device
     from .linger import Linger
 
-__all__ = ["Lingering", "Mapping", "array_mapping", "fd_key", "find_by_key", "find_mapping", "forget",
+__all__ = ["Lingering", "Mapping", "array_mapping", "fd_key", "find_by_key", "find_mapping", "forget", "lookup",
            "mapping_devices", "mapping_of", "register_mapping", "rewatch", "starts_of"]
 
 
@@ -188,18 +188,29 @@ def find_by_key(key: tuple[int, int], offset: int, length: int, writable: bool) 
     """A view of bytes [offset, offset + length) of the memfd `key` through a live mapping of
     this process (writable if asked), and that mapping's entry, if there is one whose Device
     is open and this process's (not a forked parent's: such an array could not travel on)."""
+    found = lookup(key, offset, length, writable)
+    return None if found is None or found[0] is None else (found[0], found[1])
+
+
+def lookup(key: tuple[int, int], offset: int, length: int, writable: bool) -> tuple[memoryview | None, Mapping] | None:
+    """`find_by_key`, else (None, the entry of a lingering mapping of those bytes: client/linger.py)
+    if there is one, else None."""
+    lingering = None
     for address in _by_key.get(key, ()):
         entry = _by_start[address]
         if entry.device is not None:  # only a mapping that can travel on: its Device lives, in this process
             dev = entry.device()
             if dev is None or dev.closed or dev._forked:
                 continue
-        region = entry.region()
-        if region is not None and entry.offset <= offset and offset + length <= entry.offset + entry.length \
+        if entry.offset <= offset and offset + length <= entry.offset + entry.length \
                 and (entry.writable or not writable):
-            start = offset - entry.offset
-            return memoryview(region)[start:start + length], entry
-    return None
+            region = entry.region()
+            if region is not None:
+                start = offset - entry.offset
+                return memoryview(region)[start:start + length], entry
+            if lingering is None:
+                lingering = entry
+    return None if lingering is None else (None, lingering)
 
 
 def mapping_devices() -> set[int]:
