@@ -295,16 +295,16 @@ class ShareOps:
         start = offset - item.entry.offset
         return memoryview(watched)[start:start + length]
 
-    def _revive_entry(self, entry: Mapping, offset: int, length: int) -> memoryview | None:
+    def _revive_entry(self, entry: Mapping, offset: int, length: int) -> Any:
         """`_revive` of the lingering mapping of the registry entry `entry` (of this Device), if it
-        still lingers."""
+        still lingers: a uint8 array of those bytes (not tracked by the cyclic collector); else None."""
         with self._send_lock:
             item = self._releases.linger.take_at(entry.address)
             if item is None:
                 return None
             watched = self._enter_again(item)
         start = offset - entry.offset
-        return memoryview(watched)[start:start + length]
+        return watched[start:start + length]
 
     def _enter_again(self, item: Lingering) -> Any:
         return rewatch(item, self._released, self._releases.linger)

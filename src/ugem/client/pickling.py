@@ -192,7 +192,7 @@ def _map_fd(fd: int, key: tuple[int, int], offset: int, length: int, writable: b
             dev.close_handle(handle)
 
 
-def _array(view: memoryview, writable: bool, dtype: np.dtype[Any] | str, shape: tuple[int, ...],
+def _array(view: Any, writable: bool, dtype: np.dtype[Any] | str, shape: tuple[int, ...],
            strides: tuple[int, ...], start: int) -> npt.NDArray[Any]:
     a: npt.NDArray[Any] = np.ndarray(shape, dtype, buffer=view, offset=start, strides=strides)
     if not writable and a.flags.writeable:  # received read-only, mapped writable here already
@@ -200,7 +200,7 @@ def _array(view: memoryview, writable: bool, dtype: np.dtype[Any] | str, shape: 
     return a
 
 
-def _received(wrapped: Any, key: tuple[int, int], offset: int, length: int, writable: bool) -> memoryview:
+def _received(wrapped: Any, key: tuple[int, int], offset: int, length: int, writable: bool) -> Any:
     """A view of the mapping an embedded sender passed as an fd."""
     fd = wrapped.detach()
     try:
@@ -210,7 +210,7 @@ def _received(wrapped: Any, key: tuple[int, int], offset: int, length: int, writ
         os.close(fd)
 
 
-def _returned(key: tuple[int, int], offset: int, length: int, writable: bool) -> memoryview:
+def _returned(key: tuple[int, int], offset: int, length: int, writable: bool) -> Any:
     """A view of a mapping this process must map already (module rules: embedded receivers)."""
     found = find_by_key(key, offset, length, writable)
     if found is None:
@@ -222,8 +222,9 @@ def _returned(key: tuple[int, int], offset: int, length: int, writable: bool) ->
 
 
 def _claimed(path: str, owner: int, token: int, source: int, key: tuple[int, int], offset: int, length: int,
-             writable: bool) -> memoryview:
-    """A view of the mapping a daemon client shared: this process's own, a lingering one, or a claimed one."""
+             writable: bool) -> Any:
+    """A view (a memoryview, or a uint8 array) of the mapping a daemon client shared: this
+    process's own, a lingering one, or a claimed one."""
     found = lookup(key, offset, length, writable)
     if found is not None:
         view, entry = found

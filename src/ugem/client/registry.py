@@ -184,15 +184,16 @@ def _unkey(entry: Mapping) -> None:
         del _by_key[entry.key]
 
 
-def find_by_key(key: tuple[int, int], offset: int, length: int, writable: bool) -> tuple[memoryview, Mapping] | None:
-    """A view of bytes [offset, offset + length) of the memfd `key` through a live mapping of
-    this process (writable if asked), and that mapping's entry, if there is one whose Device
-    is open and this process's (not a forked parent's: such an array could not travel on)."""
+def find_by_key(key: tuple[int, int], offset: int, length: int, writable: bool) -> tuple[Any, Mapping] | None:
+    """A view (a memoryview, or a uint8 array) of bytes [offset, offset + length) of the memfd
+    `key` through a live mapping of this process (writable if asked), and that mapping's entry,
+    if there is one whose Device is open and this process's (not a forked parent's: such an
+    array could not travel on)."""
     found = lookup(key, offset, length, writable)
     return None if found is None or found[0] is None else (found[0], found[1])
 
 
-def lookup(key: tuple[int, int], offset: int, length: int, writable: bool) -> tuple[memoryview | None, Mapping] | None:
+def lookup(key: tuple[int, int], offset: int, length: int, writable: bool) -> tuple[Any, Mapping] | None:
     """`find_by_key`, else (None, the entry of a lingering mapping of those bytes: client/linger.py)
     if there is one, else None."""
     lingering = None
@@ -207,10 +208,18 @@ def lookup(key: tuple[int, int], offset: int, length: int, writable: bool) -> tu
             region = entry.region()
             if region is not None:
                 start = offset - entry.offset
-                return memoryview(region)[start:start + length], entry
+                return _part(region, start, length), entry
             if lingering is None:
                 lingering = entry
     return None if lingering is None else (None, lingering)
+
+
+def _part(region: Any, start: int, length: int) -> Any:
+    """Bytes [start, start + length) of a mapping (or its exporter: a slice of that, an array,
+    which the cyclic collector does not track, where a memoryview is tracked)."""
+    if isinstance(region, np.ndarray):
+        return region[start:start + length]
+    return memoryview(region)[start:start + length]
 
 
 def mapping_devices() -> set[int]:
