@@ -114,6 +114,14 @@ def _gone(ref: _Watch) -> None:
         released.append(ref.map_id)
 
 
+def _watch(watched: Any, address: int, map_id: int, released: deque[Any] | None, linger: Linger | None,
+           kept: mmap.mmap | None) -> _Watch:
+    ref = _Watch(watched, _gone)
+    ref.address, ref.map_id, ref.released, ref.linger, ref.kept = address, map_id, released, linger, kept
+    _callbacks[id(ref)] = ref
+    return ref
+
+
 def register_mapping(region: mmap.mmap, device: Device | None, map_id: int, offset: int, writable: bool,
                      key: tuple[int, int], source: int = -1, address: int = 0,
                      released: deque[Any] | None = None, linger: Linger | None = None, made: bool = False) -> Any:
@@ -129,10 +137,7 @@ def register_mapping(region: mmap.mmap, device: Device | None, map_id: int, offs
     if not address:
         address = data_address(np.frombuffer(region, dtype=np.uint8))
     watched: Any = region if linger is None else np.frombuffer(region, dtype=np.uint8)
-    ref = _Watch(watched, _gone)
-    ref.address, ref.map_id, ref.released, ref.linger = address, map_id, released, linger
-    ref.kept = None if linger is None else region
-    _callbacks[id(ref)] = ref
+    ref = _watch(watched, address, map_id, released, linger, None if linger is None else region)
     ref.entry = entry = Mapping(address, len(region), None if device is None else weakref.ref(device), map_id,
                                 offset, writable, key, ref, source, made)
     old = _by_start.get(address)
@@ -151,9 +156,7 @@ def rewatch(item: Lingering, released: deque[Any], linger: Linger) -> Any:
     `released` and `linger`), its entry the same but for that."""
     e = item.entry
     watched = np.frombuffer(item.region, dtype=np.uint8)
-    ref = _Watch(watched, _gone)
-    ref.address, ref.map_id, ref.released, ref.linger, ref.kept = e.address, e.map_id, released, linger, item.region
-    _callbacks[id(ref)] = ref
+    ref = _watch(watched, e.address, e.map_id, released, linger, item.region)
     ref.entry = _by_start[e.address] = Mapping(e.address, e.length, e.device, e.map_id, e.offset, e.writable, e.key,
                                                ref, e.source, e.made)
     return watched
