@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import gc
 import os
 import threading
@@ -58,7 +59,9 @@ def test_left_off_when_it_was_off() -> None:
     assert not gc.isenabled()
 
 
-def test_on_only_when_the_last_thread_leaves() -> None:
+@contextlib.contextmanager
+def _another_thread_in_a_batch() -> Iterator[None]:
+    """Another thread enters a batch and stays in it until the block ends."""
     inside, leave = threading.Event(), threading.Event()
 
     def other() -> None:
@@ -70,12 +73,17 @@ def test_on_only_when_the_last_thread_leaves() -> None:
     thread.start()
     try:
         assert inside.wait(60)
-        with batch():
-            assert not gc.isenabled()
-        assert not gc.isenabled()  # the other thread is still in its batch
+        yield
     finally:
         leave.set()
         thread.join(60)
+
+
+def test_on_only_when_the_last_thread_leaves() -> None:
+    with _another_thread_in_a_batch():
+        with batch():
+            assert not gc.isenabled()
+        assert not gc.isenabled()  # the other thread is still in its batch
     assert gc.isenabled()
 
 
@@ -89,17 +97,7 @@ def test_nested_batches_resume_once() -> None:
 
 @pytest.mark.skipif(not hasattr(os, "fork"), reason="fork only")
 def test_child_forked_while_another_thread_is_in_a_batch_has_it_on() -> None:
-    inside, leave = threading.Event(), threading.Event()
-
-    def other() -> None:
-        with batch():
-            inside.set()
-            leave.wait(60)
-
-    thread = threading.Thread(target=other)
-    thread.start()
-    try:
-        assert inside.wait(60)
+    with _another_thread_in_a_batch():
         read, write = os.pipe()
         pid = os.fork()
         if pid == 0:  # the child: the other thread's batch never ends here
@@ -109,7 +107,4 @@ def test_child_forked_while_another_thread_is_in_a_batch_has_it_on() -> None:
         with os.fdopen(read, "rb") as pipe:
             answer = pipe.read()
         os.waitpid(pid, 0)
-    finally:
-        leave.set()
-        thread.join(60)
     assert answer == b"1"
