@@ -143,33 +143,20 @@ class ShareOps:
             raise
         return self._enter(region, reply.map_id, reply.offset, writable, key, reply.server_fd, address, linger, made)
 
-    def _share(self, map_id: int, offset: int, length: int, writable: bool, wait: bool = True) -> tuple[int, int]:
+    def _share(self, map_id: int, offset: int, length: int, writable: bool) -> tuple[int, int]:
         owner = self.client_id
         flags = s.WRITABLE if writable else 0
         with self._share_lock:
-            token = self._last_share + 1
-            try:
-                if wait:
-                    self._call(Op.GEM_SHARE, ss.ShareReq(map_id=map_id, flags=flags, offset=offset, length=length,
-                                                         token=token))
-                else:
-                    self._post_record(_SHARE_RECORD(map_id, flags, offset, length, token), False)
-            finally:
-                self._last_share = token  # failed or not, the manager used it up (a lost connection: no matter)
+            token = self._last_share = self._last_share + 1  # failed or not, the manager uses it up
+            self._call(Op.GEM_SHARE, ss.ShareReq(map_id=map_id, flags=flags, offset=offset, length=length, token=token))
         return owner, token
 
     def _post_share(self, map_id: int, offset: int, length: int, writable: bool) -> tuple[int, int]:
-        """`_share` without waiting; in a pickling batch held back as `_post_record` holds it, in
-        fewer steps (pickling posts one per array)."""
+        """`_share` without waiting for the reply: a GEM_SHARE_BATCH record (`_post_record`)."""
         transport = self._live()
-        if not hold_back(self):
-            return self._share(map_id, offset, length, writable, wait=False)
-        released = self._released
         with self._share_lock:
             token = self._last_share = self._last_share + 1
-            released.append(_SHARE_RECORD(map_id, s.WRITABLE if writable else 0, offset, length, token))
-        if len(released) >= HOLD_BACK:
-            self._post(None)
+            self._post_record(_SHARE_RECORD(map_id, s.WRITABLE if writable else 0, offset, length, token), False)
         return transport.client_id, token
 
     @contextmanager

@@ -66,7 +66,7 @@ if TYPE_CHECKING:
     from .client import Client
     from .core import Core
 
-__all__ = ["describe", "escape_held", "gem_reuse", "mappings_forked", "handed_over", "recyclable", "transfer_fd"]
+__all__ = ["describe", "escape_held", "gem_reuse", "handed_over", "mappings_forked", "recyclable", "transfer_fd"]
 
 
 def recyclable(obj: BufferObject, busy: bool) -> bool:
