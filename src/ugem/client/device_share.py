@@ -62,7 +62,7 @@ from ..wire.frames import Op
 from .batch import HOLD_BACK, hold_back
 from .daemon_fds import DaemonFds
 from .fork import track_mappings
-from .registry import Lingering, Mapping, fd_key, register_mapping, rewatch
+from .registry import Mapping, fd_key, register_mapping, rewatch
 
 __all__ = ["CLAIM_PATIENCE_S", "ShareOps", "populate_write"]
 
@@ -268,9 +268,11 @@ class ShareOps:
                                            source, address, self._released,
                                            self._releases.linger if linger or made else None, made))
 
-    def _revive(self, key: tuple[int, int], offset: int, length: int, writable: bool) -> memoryview | None:
+    def _revive(self, key: tuple[int, int], offset: int, length: int, writable: bool,
+                share: tuple[int, int] | None = None) -> memoryview | None:
         """A view of bytes [offset, offset + length) of the memfd `key` through a mapping of this
-        Device that lingers (client/linger.py), entered again; None if there is none."""
+        Device that lingers (client/linger.py), entered again, and the received `share` (owner,
+        token) of that memory, if any, used up (`_use_up`); None (the share untouched) if there is none."""
         linger = self._releases.linger
         if not linger or self._forked:
             return None
@@ -278,23 +280,24 @@ class ShareOps:
             item = linger.take(key, offset, length, writable)
             if item is None:
                 return None
-            watched = self._enter_again(item)
+            watched = rewatch(item, self._released, linger)
+        if share is not None:
+            self._use_up(share)
         start = offset - item.entry.offset
         return memoryview(watched)[start:start + length]
 
-    def _revive_entry(self, entry: Mapping, offset: int, length: int) -> Any:
+    def _revive_entry(self, entry: Mapping, offset: int, length: int, share: tuple[int, int]) -> Any:
         """`_revive` of the lingering mapping of the registry entry `entry` (of this Device), if it
         still lingers: a uint8 array of those bytes (not tracked by the cyclic collector); else None."""
+        linger = self._releases.linger
         with self._send_lock:
-            item = self._releases.linger.take_at(entry.address)
+            item = linger.take_at(entry.address)
             if item is None:
                 return None
-            watched = self._enter_again(item)
+            watched = rewatch(item, self._released, linger)
+        self._use_up(share)
         start = offset - entry.offset
         return watched[start:start + length]
-
-    def _enter_again(self, item: Lingering) -> Any:
-        return rewatch(item, self._released, self._releases.linger)
 
     def _reused_mapping(self, size: int) -> memoryview | None:
         """The whole mapping of an object of `size` bytes this Device made, whose last view died
@@ -318,7 +321,7 @@ class ShareOps:
                 return None
             raise
         with self._send_lock:
-            return memoryview(self._enter_again(item))
+            return memoryview(rewatch(item, self._released, linger))
 
     def _send_claims(self) -> None:
         """Send the claims held back, if any, alone (client/batch.py)."""
@@ -368,11 +371,11 @@ class ShareOps:
     def _drop_share(self, owner: int, token: int) -> None:
         self._released.append((owner, token))
 
-    def _drop_revived(self, owner: int, token: int) -> None:
-        """Use up a share whose memory a lingering mapping took back (`_revive`): sent as a claim
-        would have been (with the claims, when the unpickling batch ends; alone outside one), not
-        queued: until it is read, its sender's share holds the object."""
+    def _use_up(self, share: tuple[int, int]) -> None:
+        """Use up a share (owner, token) whose memory a lingering mapping took back (`_revive`):
+        sent as a claim would have been (with the claims, when the unpickling batch ends; alone
+        outside one), not queued: until it is read, its sender's share holds the object."""
         held = hold_back(self)
-        self._releases.claims.append((owner, token))
+        self._releases.claims.append(share)
         if not held:
             self._send_claims()

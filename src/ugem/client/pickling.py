@@ -235,15 +235,12 @@ def _claimed(path: str, owner: int, token: int, source: int, key: tuple[int, int
             (mapper or _device_for(path))._drop_share(owner, token)
             return view
         if mapper is not None:  # mapped here a moment ago (client/linger.py): take it back
-            view = mapper._revive_entry(entry, offset, length)
+            view = mapper._revive_entry(entry, offset, length, (owner, token))
             if view is not None:
-                mapper._drop_revived(owner, token)
                 return view
     dev = _device_for(path)
-    got = dev._revive(key, offset, length, writable)  # (another mapping of that memory lingers)
-    if got is not None:
-        dev._drop_revived(owner, token)
-    elif writable:
+    got = dev._revive(key, offset, length, writable, (owner, token))  # (another mapping of that memory lingers)
+    if got is None and writable:
         got = dev._claim_mapped(owner, token, key, source, offset, length)
     return got if got is not None else dev._claim(owner, token, writable, (key, offset, length))
 

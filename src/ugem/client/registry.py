@@ -22,7 +22,10 @@ new exporter and watch in the same place (`rewatch`); releasing it forgets the e
 comes back cost a worker sent the same 2,000 arrays with every task a third of its part.)
 
 Entries are inherited by a forked child, as the mappings are; their Device is then the
-parent's, which the child cannot use (transport.py), and pickling says so.
+parent's, which the child cannot use (transport.py), and pickling says so. Nothing in the
+child can find such an entry by key, so the first `lookup` that meets one takes it off the
+key's list (its entry stays, for `find_mapping`): a Pool worker forked from a process that
+maps the arrays it is sent would otherwise step over the parent's entry of each, every time.
 """
 
 from __future__ import annotations
@@ -181,7 +184,9 @@ def _remove(entry: Mapping) -> None:
 
 
 def _unkey(entry: Mapping) -> None:
-    starts = _by_key[entry.key]
+    starts = _by_key.get(entry.key)
+    if starts is None or entry.address not in starts:  # a forked parent's, unlisted already (`lookup`)
+        return
     starts.remove(entry.address)
     if not starts:
         del _by_key[entry.key]
@@ -204,8 +209,11 @@ def lookup(key: tuple[int, int], offset: int, length: int, writable: bool) -> tu
         entry = _by_start[address]
         if entry.device is not None:  # only a mapping that can travel on: its Device lives, in this process
             dev = entry.device()
-            if dev is None or dev.closed or dev._forked:
+            if dev is None or dev.closed:
                 continue
+            if dev._forked:  # a forked parent's: never one here, so no longer listed by key (module rules)
+                _unkey(entry)
+                return lookup(key, offset, length, writable)
         if entry.offset <= offset and offset + length <= entry.offset + entry.length \
                 and (entry.writable or not writable):
             region = entry.region()

@@ -123,24 +123,34 @@ class Releases:
     def drain(self) -> tuple[list[int], list[int], list[tuple[int, int]], list[bytes]]:
         """Take everything queued: (mapping ids to release, handles to close, shares to drop,
         held-back shares)."""
-        released: list[Queued] = []
+        ids: list[int] = []
+        drops: list[tuple[int, int]] = []
+        held: list[bytes] = []
+        wrapped: list[Wrapped] = []
+        pop = self.queue.popleft
         try:
-            while True:
-                released.append(self.queue.popleft())
+            while True:  # one pass, sorted by exact type (a marker, None, is none of them)
+                item = pop()
+                kind = type(item)
+                if kind is bytes:
+                    held.append(item)  # type: ignore[arg-type]
+                elif kind is int:
+                    ids.append(item)  # type: ignore[arg-type]
+                elif kind is tuple:
+                    drops.append(item)  # type: ignore[arg-type]
+                elif kind is Wrapped:
+                    wrapped.append(item)  # type: ignore[arg-type]
         except IndexError:  # drained (perhaps by another thread at the same time)
             pass
-        ids = [item for item in released if isinstance(item, int)]
         if self.linger:
             ids += self.linger.release_all()
-        drops = [item for item in released if isinstance(item, tuple)]
-        held = [item for item in released if isinstance(item, bytes)]
         handles = []
-        with self._lock:
-            for item in released:
-                if isinstance(item, Wrapped):
-                    item.count -= 1
-                    if item.count == 0 and not item.closed:
-                        handles.append(self._retire(item))
+        if wrapped:
+            with self._lock:
+                for record in wrapped:
+                    record.count -= 1
+                    if record.count == 0 and not record.closed:
+                        handles.append(self._retire(record))
         return ids, handles, drops, held
 
     def after_fork_in_child(self) -> None:

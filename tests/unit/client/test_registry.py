@@ -138,3 +138,36 @@ def test_nothing_lingers_in_a_forked_child():
     assert region.closed and not releases.linger
     _lingering(releases.linger, releases.queue, 2, (8, 2))  # type: ignore[arg-type]
     assert list(releases.queue) == [None, 2] and not releases.linger
+
+
+class _ForkedParentsDevice:
+    """What a forked child sees of the Device its parent made (client/device.py `_forked`)."""
+
+    closed = False
+    _forked = True
+
+
+def test_a_forked_parents_entry_is_taken_off_its_key_by_the_first_lookup_that_meets_it():
+    """A Pool worker forked from a process that maps the arrays it is sent inherits the
+    parent's entries: the first lookup by key that meets one unlists it (nothing here can use
+    it), finding a mapping of this process's own; found by address it still is, and its
+    release is queued when it dies, as any other's."""
+    released: collections.deque[int] = collections.deque()
+    parents = _ForkedParentsDevice()
+    inherited, own = _region(), _region()
+    inherited_at, own_at = _address(inherited), _address(own)
+    registry.register_mapping(inherited, parents, 1, 0, True, (7, 7), released=released)  # type: ignore[arg-type]
+    registry.register_mapping(own, None, 2, 0, True, (7, 7), released=released)
+    assert registry.starts_of((7, 7)) == [inherited_at, own_at]
+    found = registry.lookup((7, 7), 0, 1, True)
+    assert found is not None and found[1].map_id == 2
+    assert registry.starts_of((7, 7)) == [own_at]  # unlisted by key...
+    entry = registry.find_mapping(inherited_at, inherited_at + 1)
+    assert entry is not None and entry.map_id == 1  # ...not forgotten
+    del found, entry, inherited
+    gc.collect()
+    assert list(released) == [1] and registry.find_mapping(inherited_at, inherited_at + 1) is None
+    assert registry.starts_of((7, 7)) == [own_at]
+    del own
+    gc.collect()
+    assert list(released) == [1, 2] and registry.starts_of((7, 7)) == ()
