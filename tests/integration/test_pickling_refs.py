@@ -113,3 +113,27 @@ def test_a_pickle_inside_a_pickle_has_references_of_its_own(sender, monkeypatch)
     with multiprocessing.get_context("fork").Pool(1) as pool:
         got = pool.apply(w.load_nested, (data,))
     assert got == [0, [1, 2], 3]
+
+
+def test_what_cannot_hold_ugem_memory_is_pickled_outside_a_batch(sender, monkeypatch):
+    """None, bools, numbers, strings and bytes pickle without a batch (a Pool sends None to its
+    own threads with every task), and so load pickles shorter than the module's name, which
+    every reference names: an array's pickle is never that short, and goes in a batch both ways."""
+    entered: list[int] = []
+    real_batch = pickling.batch
+    monkeypatch.setattr(pickling, "batch", lambda: (entered.append(1), real_batch())[1])
+    pickles = [ForkingPickler.dumps(value) for value in (None, True, 7, 2.5, 1j, "text", b"bytes")]
+    assert entered == []
+    short = [data for data in pickles if len(data) < len(pickling.__name__)]
+    assert len(short) >= 4 and [ForkingPickler.loads(data) for data in short][:4] == [None, True, 7, "text"]
+    assert entered == []
+    a = ugem.zeros(8, np.int64)
+    a[3] = 5
+    data = bytes(ForkingPickler.dumps([a]))
+    assert pickling.__name__.encode() in data and len(entered) == 1
+    got = ForkingPickler.loads(data)[0]  # (embedded: the fd's handover pickles too, in batches of its own)
+    assert len(entered) >= 2 and got[3] == 5
+    got[4] = 6
+    assert a[4] == 6  # the same memory: it went by reference
+    del got, a
+    gc.collect()

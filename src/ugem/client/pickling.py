@@ -57,7 +57,10 @@ Rules:
   together (client/batch.py: `ForkingPickler.dumps` and `loads` run as a batch, wrapped
   here where the reducers are registered), as batch requests (GEM_SHARE_BATCH,
   GEM_CLAIM_MAPPED_BATCH): a list of 2,000 arrays costs the daemon a few dozen requests,
-  not 2,000; an array sent to a worker and back, none from the sender;
+  not 2,000; an array sent to a worker and back, none from the sender. What cannot hold
+  ugem memory skips the batch: pickling None, a bool, a number, a string or bytes (a Pool
+  sends None to its own threads with every task), and loading a pickle shorter than this
+  module's name, which every reference names (its functions rebuild what it sent);
 - plain `pickle` (not multiprocessing's): arrays are pickled by value as always (no global
   reducer is registered); a daemon client's Buffer travels by flink name and socket path.
   The receiver opens the name through its `default_device()` if that is a client of the same
@@ -303,7 +306,13 @@ _plain_dumps = reduction.ForkingPickler.dumps.__func__  # type: ignore[attr-defi
 _plain_loads = reduction.ForkingPickler.loads
 
 
+_NO_MEMORY = frozenset({type(None), bool, int, float, complex, str, bytes})  # objects that hold no array
+_SHORTEST = len(__name__)  # a pickle that calls back into this module names it (`_loads`)
+
+
 def _dumps(cls: type, obj: Any, protocol: int | None = None) -> memoryview:
+    if type(obj) in _NO_MEMORY:  # (a Pool sends None with every task it ends: no batch for those)
+        return _plain_dumps(cls, obj, protocol)  # type: ignore[no-any-return]
     stack = _pickles.refs
     stack.append({})  # this pickle's references (module rules)
     try:
@@ -314,9 +323,11 @@ def _dumps(cls: type, obj: Any, protocol: int | None = None) -> memoryview:
         stack.pop()
 
 
-def _loads(*args: Any, **kwargs: Any) -> Any:
+def _loads(data: Any, *args: Any, **kwargs: Any) -> Any:
+    if len(data) < _SHORTEST:  # it names no reference (module rules)
+        return _plain_loads(data, *args, **kwargs)
     with batch():  # the claims it posts go out together
-        return _plain_loads(*args, **kwargs)
+        return _plain_loads(data, *args, **kwargs)
 
 
 reduction.ForkingPickler.register(np.ndarray, _reduce_array)

@@ -70,13 +70,19 @@ class Releases:
         """Take the held claims (and shares used up by a lingering mapping, client/linger.py: a
         claim of sorts), as requests."""
         held, self.claims = self.claims, []
-        claims = [item for item in held if isinstance(item, bytes)]
+        claims: list[bytes] = []
+        drops: list[tuple[int, int]] = []
+        for item in held:
+            if type(item) is bytes:
+                claims.append(item)
+            else:
+                drops.append(item)  # type: ignore[arg-type]
         step = ss.MAX_CLAIM_BATCH
         notes: list[tuple[Op, s.Struct]] = [
             (Op.GEM_CLAIM_MAPPED_BATCH, ss.ClaimMappedBatchReq(records=b"".join(claims[i:i + step])))
             for i in range(0, len(claims), step)]
-        if len(claims) < len(held):
-            notes += _drop_requests([item for item in held if isinstance(item, tuple)])
+        if drops:
+            notes += _drop_requests(drops)
         return notes
 
     def adopt(self, handle: int) -> Wrapped:
