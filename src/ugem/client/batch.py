@@ -49,7 +49,9 @@ HOLD_BACK = 256  # queued items (held shares, releases) a Device holds back at m
 
 class _State(threading.local):
     depth = 0
-    devices: dict[int, Any] | None = None  # id -> Device that held something back
+
+    def __init__(self) -> None:  # (run in each thread that uses it)
+        self.devices: dict[int, Any] = {}  # id -> Device that held something back
 
 
 _state = _State()
@@ -60,11 +62,10 @@ _gc_was_on = False
 
 def hold_back(device: Any) -> bool:
     """Whether `device` should hold a posted request back (a batch is open in this thread)."""
-    if not _state.depth:
+    state = _state
+    if not state.depth:
         return False
-    if _state.devices is None:
-        _state.devices = {}
-    _state.devices[id(device)] = device
+    state.devices[id(device)] = device
     return True
 
 
@@ -86,7 +87,7 @@ class _Batch:
         if not state.depth:
             try:
                 if state.devices:
-                    devices, state.devices = state.devices, None
+                    devices, state.devices = state.devices, {}
                     for device in devices.values():
                         if not device.closed:
                             device._send_claims()

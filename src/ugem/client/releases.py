@@ -26,6 +26,7 @@ from __future__ import annotations
 import collections
 import struct
 import threading
+from typing import Any
 
 from ..wire import structs as s
 from ..wire import structs_share as ss
@@ -133,19 +134,14 @@ class Releases:
         drops: list[tuple[int, int]] = []
         held: list[bytes] = []
         wrapped: list[Wrapped] = []
+        by_type: dict[type, list[Any]] = {bytes: held, int: ids, tuple: drops, Wrapped: wrapped}
         pop = self.queue.popleft
         try:
             while True:  # one pass, sorted by exact type (a marker, None, is none of them)
                 item = pop()
-                kind = type(item)
-                if kind is bytes:
-                    held.append(item)  # type: ignore[arg-type]
-                elif kind is int:
-                    ids.append(item)  # type: ignore[arg-type]
-                elif kind is tuple:
-                    drops.append(item)  # type: ignore[arg-type]
-                elif kind is Wrapped:
-                    wrapped.append(item)  # type: ignore[arg-type]
+                into = by_type.get(type(item))
+                if into is not None:
+                    into.append(item)
         except IndexError:  # drained (perhaps by another thread at the same time)
             pass
         if self.linger:
