@@ -33,7 +33,9 @@ Rules:
 - `close()` removes the subdirectory and everything in it; the lock and the files are
   `OwnedFd`s, and each copy works on its own dup of a file, so a copy racing `close()`
   fails EBADF (or finishes into the removed file) rather than touching a reused fd number;
-- at start, subdirectories whose lock nobody holds (their manager died) are removed;
+- at start, subdirectories whose lock nobody holds (their manager died) are removed. Each is
+  made as ``.ugem-<pid>-<random>``, locked, filled, then renamed ``ugem-<pid>-<random>``, so
+  none is found unlocked while being made; a hidden one goes once the pid in it is gone;
 - extent allocation and freeing happen on the core's thread; the copies (`store`, `load`)
   are the long part and run on worker threads, at explicit offsets, so concurrent copies
   share a spill file's description without sharing a file position: both splice
@@ -181,19 +183,21 @@ class SpillStore:
     def __init__(self, spill_dir: str) -> None:
         os.makedirs(spill_dir, mode=0o700, exist_ok=True)
         _sweep_stale(spill_dir)
-        self.directory = tempfile.mkdtemp(prefix=f"ugem-{os.getpid()}-", dir=spill_dir)
-        self._lock = OwnedFd(os.open(os.path.join(self.directory, "lock"), os.O_RDWR | os.O_CREAT | os.O_CLOEXEC,
-                                     0o600))
+        made = tempfile.mkdtemp(prefix=f".ugem-{os.getpid()}-", dir=spill_dir)  # named once locked (module rules)
+        self._lock = OwnedFd(os.open(os.path.join(made, "lock"), os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600))
         self._files: list[OwnedFd] = []
         try:
             fcntl.flock(self._lock.fd, fcntl.LOCK_EX | fcntl.LOCK_NB)  # held while we live: not stale
             for i in range(FILES):
-                self._files.append(OwnedFd(os.open(os.path.join(self.directory, f"spill-{i}"),
+                self._files.append(OwnedFd(os.open(os.path.join(made, f"spill-{i}"),
                                                    os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)))
+            self.directory = os.path.join(spill_dir, os.path.basename(made)[1:])
+            os.rename(made, self.directory)
         except BaseException:
             for f in self._files:
                 f.close()
             self._lock.close()
+            shutil.rmtree(made, ignore_errors=True)
             raise
         self._spaces: list[RangeAllocator[object]] = [RangeAllocator(0, _CAPACITY // PAGE_SIZE) for _ in range(FILES)]
         self._next = 0  # the file of the next small extent (they take turns)
@@ -384,13 +388,16 @@ def _copy(ends: tuple[int, int], ranges: list[Range], freed: list[Range] | None)
 
 
 def _sweep_stale(spill_dir: str) -> None:
-    """Remove subdirectories of managers that died without cleaning up (their lock is free)."""
+    """Remove subdirectories of managers that died without cleaning up (their lock is free;
+    one still being made: its maker is gone)."""
     for entry in os.scandir(spill_dir):
+        if entry.name.startswith(".ugem-") and entry.is_dir(follow_symlinks=False) \
+                and not _alive(entry.name.split("-")[1]):
+            shutil.rmtree(entry.path, ignore_errors=True)
         if not (entry.name.startswith("ugem-") and entry.is_dir(follow_symlinks=False)):
             continue
-        lock_path = os.path.join(entry.path, "lock")
         try:
-            lock = OwnedFd(os.open(lock_path, os.O_RDWR | os.O_CLOEXEC))
+            lock = OwnedFd(os.open(os.path.join(entry.path, "lock"), os.O_RDWR | os.O_CLOEXEC))
         except FileNotFoundError:
             continue  # being created right now, or not ours
         with lock:
@@ -400,3 +407,12 @@ def _sweep_stale(spill_dir: str) -> None:
                 continue  # a live manager holds it
         with contextlib.suppress(OSError):
             shutil.rmtree(entry.path)
+
+
+def _alive(pid: str) -> bool:
+    """Whether the process `pid` (a directory name's part) lives; anything unreadable: yes."""
+    try:
+        os.kill(int(pid), 0)
+    except (OSError, ValueError) as exc:
+        return not isinstance(exc, ProcessLookupError)
+    return True
