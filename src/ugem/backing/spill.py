@@ -399,7 +399,7 @@ def _sweep_stale(spill_dir: str) -> None:
         try:
             lock = OwnedFd(os.open(os.path.join(entry.path, "lock"), os.O_RDWR | os.O_CLOEXEC))
         except FileNotFoundError:
-            continue  # being created right now, or not ours
+            continue  # not a manager's (theirs are named only once locked)
         with lock:
             try:
                 fcntl.flock(lock.fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
