@@ -56,9 +56,13 @@ submissions/s (issue 15); 4. p99 <= 10 ms. The other rows are informational.
 Baselines (same rounds): memcpy = np.copyto between two warm (pre-faulted) 64 MiB buffers,
 16 times (1 GiB); a copy into *new* pages = 16 x (memfd_create + ftruncate + mmap + np.copyto
 64 MiB), a mapped copy into fresh pages; and os.pwrite of 64 MiB into a new memfd (new pages
-allocated by the write path, no page faults), which is what an eviction's copy out does (ugem
-gives an evicted object a new memfd and the device writes it with pwritev, for objects of
-1 MiB or more).
+allocated by the write path, no page faults), which is what an eviction's copy out does when
+the evicted object gets a new memfd (the device writes it with pwritev, for objects of 1 MiB or
+more). A memfd freed by an object of the same uid and size is recycled instead when the
+manager's pool holds one (zeroed, its pages there, and the manager's mapping of it with its
+page tables filled: the device copies through that mapping); the notes give, per round, how
+many of the 16 evicted objects (and, with data, the 16 B objects) got a recycled memfd: the
+warm-up round finds the pool empty, later rounds find the memfds the previous round freed.
 In embedded mode the device ops of the eviction and suspend rounds are timed on the device
 thread (`ugem.gpu.sim.run_op` is wrapped in this process while those rounds run; src/ is
 untouched) and listed in the notes.
@@ -86,6 +90,7 @@ import _harness as H  # noqa: E402
 import ugem  # noqa: E402
 import ugem.gpu.sim as _sim  # noqa: E402
 from ugem.cmd import Fill  # noqa: E402
+from ugem.gpu import copies  # noqa: E402
 from ugem.gpu.base import CopyIn, CopyOut  # noqa: E402
 from ugem.testing.daemon import run_daemon  # noqa: E402
 
@@ -255,6 +260,7 @@ class ModeRunners:
         self.round["evict"] += 1
         a = fill_vram(dev, r, (self.small,))
         b = [dev.create(OBJ) for _ in range(COUNT)]
+        before_all = dev.stats()
         try:
             if variant == "with data":
                 for h in b:
@@ -277,7 +283,9 @@ class ModeRunners:
             moved = after["bytes_moved_total"] - before["bytes_moved_total"]
             if evicted != COUNT:
                 raise AssertionError(f"{evicted} objects evicted, expected {COUNT}")
-            self.facts[f"evict {variant}: evicted objects / MiB moved"].append(f"{evicted}/{moved // MiB}")
+            recycled = after["recycled_total"] - before_all["recycled_total"]
+            self.facts[f"evict {variant}: evicted objects / MiB moved / recycled memfds"].append(
+                f"{evicted}/{moved // MiB}/{recycled}")
             check_objects(dev, a, r)
             return t2 - t0, t1 - t0
         finally:
@@ -301,10 +309,11 @@ class ModeRunners:
                 dev.resume()
                 if after["vram_bytes"] != 0:
                     raise AssertionError(f"{after['vram_bytes']} bytes still in VRAM after suspend")
-                self.facts["suspend: evicted objects / MiB moved / spilled objects"].append(
+                self.facts["suspend: evicted objects / MiB moved / spilled objects / recycled memfds"].append(
                     f"{after['evicted_total'] - before['evicted_total']}/"
                     f"{(after['bytes_moved_total'] - before['bytes_moved_total']) // MiB}/"
-                    f"{after['spilled_total'] - before['spilled_total']}")
+                    f"{after['spilled_total'] - before['spilled_total']}/"
+                    f"{after['recycled_total'] - before['recycled_total']}")
                 check_objects(dev, objs, r, whole=r % COUNT)
                 dev.wait_fence(dev.execbuffer([Fill(dst=self.small, offset=0, length=SMALL, byte=1)]), -1)
             finally:
@@ -629,9 +638,13 @@ def _notes(notes: list[str], timer: DeviceOpTimer, modes: dict[str, ModeRunners]
                  "'execbuffer 1 x Fill' = its rate / busy() rate; 'crowded' and 'commands/s' rows = their "
                  "rate / the single-Fill rate; p99 column of a rate or GB/s row = the slowest-1% sample")
     notes.append("memcpy baseline copies between the same two warm buffers: no page is allocated; an "
-                 "eviction must write into new pages (a new memfd per evicted object, written with pwritev), "
-                 "so the 'new pages' baselines (pwrite into a new memfd above all) are the like-for-like "
-                 "ones on this machine")
+                 "eviction writes into new pages (a new memfd per evicted object, written with pwritev) "
+                 "unless it gets a recycled memfd (pages there, copied through the manager's mapping), so "
+                 "the 'new pages' baselines (pwrite into a new memfd above all) are the like-for-like ones "
+                 "for a cold pool")
+    notes.append(f"the device moves each data range of {copies.SPLIT_MIN // MiB} MiB or more in parts on "
+                 f"{copies.COPY_THREADS} copy thread(s) at once (ugem/gpu/copies.py); the memcpy baseline is "
+                 "one np.copyto on one thread")
     for label in ("evict fresh", "evict with data", "suspend"):
         notes.append(f"embedded device thread, {label}, per round: {timer.describe(label)}")
     for mode, m in modes.items():

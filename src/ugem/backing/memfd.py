@@ -25,7 +25,9 @@ Rules:
   exactly that size and uid first. Pooled memfds are not in `open_count`: `pooled_fds`
   counts them, and the core keeps `open_count + pooled_fds` under `max_open` (it drops
   pooled ones first). A memfd that has been pooled keeps the store's mapping of it (for
-  the next zeroing) until it is closed.
+  the next zeroing) until it is closed; the device uses that mapping too (`map`), and
+  copies through it rather than with preadv/pwritev (`device_file` None): its page tables
+  are filled, so a copy runs at memcpy speed where pwritev runs at under half of it.
 """
 
 from __future__ import annotations
@@ -241,7 +243,11 @@ class MemfdStore:
         os.posix_fallocate(backing.fd, 0, os.fstat(backing.fd).st_size)
 
     def map(self, backing: OwnedFd) -> memoryview:
-        """A shared writable mapping of the whole memfd for the device (holds no fd)."""
+        """A shared writable mapping of the whole memfd for the device (holds no fd): the
+        store's own for a recycled memfd (its page tables filled by the zeroing)."""
+        view = self._views.get(backing)
+        if view is not None:
+            return memoryview(view)
         size = os.fstat(backing.fd).st_size
         writable = fcntl.fcntl(backing.fd, fcntl.F_GETFL) & os.O_ACCMODE != os.O_RDONLY
         return memoryview(map_shared(backing.fd, 0, size, writable))
@@ -252,8 +258,9 @@ class MemfdStore:
         of at least `_DEVICE_FILE_MIN` bytes (below that the faults cost little), and at most
         `_DEVICE_FILES` at once, so that a suspend of thousands of objects cannot run the
         process out of fds: past that, or if dup fails for want of fds, None (the device
-        writes through the mapping)."""
-        if os.fstat(backing.fd).st_size < _DEVICE_FILE_MIN:
+        writes through the mapping). None too for a recycled memfd: its mapping (`map`) is
+        faster to copy through."""
+        if backing in self._views or os.fstat(backing.fd).st_size < _DEVICE_FILE_MIN:
             return None
         self._device_files = [f for f in self._device_files if not f.closed]
         if len(self._device_files) >= _DEVICE_FILES:

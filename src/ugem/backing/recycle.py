@@ -21,10 +21,14 @@ Rules:
   but for a zeroing in flight waits for it (core/memory.py `new_backing`);
 - bounds: only memfds of at least MIN_SIZE bytes holding pages are pooled, at most `max_fds`
   of them (64, and an eighth of the memfd limit) and only if their whole size fits in the
-  bytes the core allows (`room`: an eighth of the system budget, within the budget,
+  bytes the core allows (`room`: a quarter of the system budget, within the budget,
   core/memory.py); else the memfd is closed as before (also if it cannot be mapped).
-  Entries unused for IDLE_S seconds are closed (`expire`), so an idle manager gives its
-  memory back;
+  As TTM's pool, it gives pages back when memory is wanted (the reclaim engine drops
+  pooled memfds before anything else, and the daemon reclaims under the machine's memory
+  pressure), not on a short clock: an entry lives until it has been unused for IDLE_S
+  seconds (60: longer than a workload's pause between two rounds of the same sizes), then
+  `expire` closes it, one per call, oldest first (closing 64 MiB of pages takes ~12 ms of
+  the caller's thread), so an idle manager still gives its memory back;
 - `drop` closes entries oldest first (the reclaim engine's first pass, before anything is
   purged or spilled). An entry may go while its zeroing runs: the job holds its own
   reference to the mapping, which is unmapped only when the last reference goes, so the
@@ -54,7 +58,7 @@ __all__ = ["IDLE_S", "MAX_FDS", "MIN_SIZE", "MemfdPool", "Pooled"]
 
 MIN_SIZE = 1 << 20  # smaller objects cost little to make fresh: the request costs more than their pages
 MAX_FDS = 64
-IDLE_S = 5.0
+IDLE_S = 60.0
 
 
 @dataclass(eq=False)
@@ -154,12 +158,12 @@ class MemfdPool:
         return closed, freed
 
     def expire(self) -> None:
-        """Close the entries unused for IDLE_S seconds."""
+        """Close the oldest entry if it has been unused for IDLE_S seconds (one per call: the
+        caller's thread pays for freeing its pages)."""
         if self._entries:
-            cutoff = self.clock() - IDLE_S
-            for entry in list(self._entries):
-                if entry.ready and entry.since <= cutoff:
-                    self._close(entry)
+            entry = next(iter(self._entries))
+            if entry.ready and entry.since <= self.clock() - IDLE_S:
+                self._close(entry)
 
     def close(self) -> None:
         for entry in list(self._entries):

@@ -50,7 +50,7 @@ memfd when it lands); if nothing can be freed, ENOMEM names the fd limit.
 Freed objects' memfds may be kept for reuse (backing/recycle.py; which ones, core/recycle.py):
 `close_backing` pools them, each cleared by a background ZERO job before it is handed out.
 Pooled pages count against the budget: `held` (resident plus pooled) is what the budget
-bounds, the pool takes at most an eighth of the budget and only what fits under it
+bounds, the pool takes at most a quarter of the budget and only what fits under it
 (`pool_room`), and every reclaim drops pooled memfds first (reclaim.py). Pooled memfds
 count against the fd limit the same way.
 
@@ -155,8 +155,8 @@ class Memory(SpillJobs):
         return self.resident + self.backing.pooled_bytes
 
     def pool_room(self) -> int:
-        """Bytes the pool may take now: an eighth of the budget, within the budget."""
-        return min(self.budget // 8, self.budget - self.resident - self.reserved) - self.backing.pooled_bytes
+        """Bytes the pool may take now: a quarter of the budget, within the budget."""
+        return min(self.budget // 4, self.budget - self.resident - self.reserved) - self.backing.pooled_bytes
 
     def new_backing(self, obj: BufferObject, wait: bool = True) -> Any:
         """A new backing for `obj`: a pooled one of its uid and size if one is cleared; if one

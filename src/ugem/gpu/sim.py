@@ -13,7 +13,8 @@ The timeline is one worker thread that runs ops strictly in submission order:
   that lock and so still in seqno order: handing it to the worker would cost a thread wakeup
   and GIL hand-offs per submission (execbuffer of small Fills through the daemon spent more
   time there than in its own request). Its notify callback is then called on that thread.
-- CopyIn / CopyOut copy between a host buffer and a slice of device memory (gpu/copies.py),
+- CopyIn / CopyOut copy between a host buffer and a slice of device memory (gpu/copies.py:
+  a large one in parts on copy threads that the op joins before it completes),
   leaving the host's holes unread (CopyIn clears them in device memory) and unwritten where
   device memory holds a page of zeros (CopyOut checks each such page first). A copy that
   carries the host memory's `file` goes through it with preadv / pwritev (no page faults);

@@ -1,6 +1,7 @@
 """MemfdPool and the MemfdStore's pooling (backing/recycle.py), on real memfds: what is
 accepted, per (uid, size) reuse of cleared memfds only, clearing data segments only (holes
-stay holes), oldest-first drops, idle expiry, and a drop while a clearing is in flight."""
+stay holes), oldest-first drops, idle expiry, the device's mapping of a recycled memfd, and a
+drop while a clearing is in flight."""
 
 from __future__ import annotations
 
@@ -10,6 +11,7 @@ from collections.abc import Iterator
 import numpy as np
 import pytest
 
+from ugem.address import data_address
 from ugem.backing.memfd import MemfdStore
 from ugem.backing.recycle import IDLE_S, MIN_SIZE, MemfdPool, Pooled
 from ugem.fd import OwnedFd
@@ -133,15 +135,47 @@ def test_drops_go_oldest_first_in_bytes_or_fds(store: MemfdStore) -> None:
     assert store.pooled_fds == 1 and not third.fd.closed
 
 
-def test_idle_entries_expire(store: MemfdStore) -> None:
+def test_idle_entries_expire_one_per_call_oldest_first(store: MemfdStore) -> None:
     clock = store.pool.clock
     assert isinstance(clock, Clock)
+    assert IDLE_S >= 30  # outlives a pause between two rounds of work (TTM's pool has no clock at all)
     old = _pool(store, _written(store))
+    older_kind = _pool(store, _written(store, uid=3))
     clock.now += IDLE_S / 2
     young = _pool(store, _written(store, uid=2))  # (uid 1's would be `old` again)
+    store.expire_pooled()
+    assert not old.fd.closed  # unused for half of IDLE_S: kept
     clock.now += IDLE_S / 2
     store.expire_pooled()
-    assert old.fd.closed and not young.fd.closed
+    assert old.fd.closed and not older_kind.fd.closed  # one per call: each close frees its pages on the caller's thread
+    store.expire_pooled()
+    assert older_kind.fd.closed and not young.fd.closed
+    store.expire_pooled()
+    assert not young.fd.closed and store.pooled_fds == 1
+
+
+def test_a_recycled_memfd_is_copied_through_the_stores_warm_mapping(store: MemfdStore) -> None:
+    """The device gets the store's mapping of a recycled memfd (page tables filled by the
+    zeroing) and no description to pwritev through: a mapped copy runs at memcpy speed."""
+    size = 4 * MIN_SIZE
+    fresh = _written(store, size)
+    file = store.device_file(fresh)  # a new memfd: the write path, no page faults
+    assert file is not None
+    file.close()  # (the device's copy closes it once done)
+    entry = _pool(store, fresh)
+    again = store.create(size, uid=1)
+    assert store.device_file(again) is None
+    with store.map(again) as view, memoryview(entry.view) as pooled:
+        assert data_address(np.frombuffer(view, np.uint8)) == data_address(np.frombuffer(pooled, np.uint8))
+        assert view.nbytes == size and not view.readonly
+        np.frombuffer(view, np.uint8)[size - 3:] = 9  # what a copy out through the mapping writes
+    assert os.pread(again.fileno(), 4, size - 4) == b"\x00\x09\x09\x09"
+    store.release(again)
+    other = store.create(size, uid=2)  # never pooled: its own mapping, and the write path
+    file = store.device_file(other)
+    assert file is not None
+    file.close()
+    store.release(other)
 
 
 def test_a_drop_while_clearing_leaves_the_mapping_to_the_clearing(store: MemfdStore) -> None:

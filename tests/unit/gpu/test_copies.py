@@ -1,0 +1,129 @@
+"""The simulated device's copies in parts (gpu/copies.py): a data range of at least SPLIT_MIN
+bytes is moved by the copy threads in page-aligned parts, through a mapping or the host
+memory's file, in and out, holes kept; a part that fails fails the copy, once every part
+has stopped. COPY_THREADS is set here (3: parts of unequal count and a short last part),
+so the split runs whatever the machine's CPU count."""
+
+from __future__ import annotations
+
+import errno
+import mmap
+import os
+import threading
+from collections.abc import Iterator
+
+import numpy as np
+import pytest
+
+from ugem.fd import OwnedFd
+from ugem.gpu import copies
+from ugem.gpu.base import CopyIn, CopyOut
+
+PAGE = 4096
+SIZE = copies.SPLIT_MIN + 5 * PAGE  # 3 parts: two of a third (page-rounded), one shorter
+
+
+@pytest.fixture(autouse=True)
+def three_threads(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(copies, "COPY_THREADS", 3)
+
+
+@pytest.fixture
+def host() -> Iterator[tuple[int, mmap.mmap]]:
+    fd = os.memfd_create("copies-test", os.MFD_CLOEXEC)
+    os.ftruncate(fd, SIZE)
+    view = mmap.mmap(fd, SIZE)
+    try:
+        yield fd, view
+    finally:
+        view.close()
+        os.close(fd)
+
+
+def _pattern(seed: int) -> bytes:
+    return np.random.default_rng(seed).integers(0, 256, SIZE, dtype=np.uint8).tobytes()
+
+
+def _threads_seen(monkeypatch: pytest.MonkeyPatch) -> set[str]:
+    """Names of the threads that run np.copyto, preadv or pwritev from now on."""
+    seen: set[str] = set()
+
+    def spy(name: str, real: object) -> object:
+        def call(*args: object, **kwargs: object) -> object:
+            seen.add(threading.current_thread().name)
+            return real(*args, **kwargs)  # type: ignore[operator]
+        return call
+
+    monkeypatch.setattr(copies.np, "copyto", spy("copyto", np.copyto))
+    monkeypatch.setattr(copies.os, "preadv", spy("preadv", os.preadv))
+    monkeypatch.setattr(copies.os, "pwritev", spy("pwritev", os.pwritev))
+    return seen
+
+
+@pytest.mark.parametrize("through", ["mapping", "file"])
+def test_a_large_copy_in_and_out_moves_every_byte_in_parts(host: tuple[int, mmap.mmap], through: str,
+                                                           monkeypatch: pytest.MonkeyPatch) -> None:
+    fd, view = host
+    data = _pattern(1)
+    view[:] = data
+    vram = bytearray(SIZE + 2 * PAGE)
+    seen = _threads_seen(monkeypatch)
+    file = OwnedFd(os.dup(fd)) if through == "file" else None
+    try:
+        copies.copy(memoryview(vram), CopyIn(PAGE, view, SIZE, file=file))
+        assert bytes(vram[PAGE:PAGE + SIZE]) == data and not any(vram[:PAGE]) and not any(vram[-PAGE:])
+        assert seen == {threading.current_thread().name, "ugem-copy"}
+        vram[PAGE:PAGE + SIZE] = _pattern(2)
+        view[:] = bytes(SIZE)
+        out = OwnedFd(os.dup(fd)) if through == "file" else None
+        try:
+            copies.copy(memoryview(vram), CopyOut(PAGE, view, SIZE, file=out))
+        finally:
+            if out is not None:
+                out.close()
+        assert os.pread(fd, SIZE, 0) == _pattern(2)
+    finally:
+        if file is not None:
+            file.close()
+
+
+def test_holes_stay_holes_around_a_range_moved_in_parts(host: tuple[int, mmap.mmap]) -> None:
+    fd, view = host
+    vram = bytearray(_pattern(3))
+    vram[:PAGE] = bytes(PAGE)  # the host's first page is a hole; device memory holds zeros there
+    copies.copy(memoryview(vram), CopyOut(0, view, SIZE, holes=((0, PAGE),), file=None))
+    assert os.pread(fd, SIZE, 0) == bytes(vram)
+    assert os.fstat(fd).st_blocks * 512 == SIZE - PAGE  # the hole was not written
+
+
+def test_a_part_that_fails_fails_the_copy_after_every_part_stopped(host: tuple[int, mmap.mmap],
+                                                                   monkeypatch: pytest.MonkeyPatch) -> None:
+    fd, _ = host
+    stopped: list[int] = []
+    real = os.pwritev
+
+    def pwritev(fd: int, buffers: list[memoryview], offset: int) -> int:
+        if offset > 0 and threading.current_thread().name == "ugem-copy" and not stopped:
+            stopped.append(offset)
+            raise OSError(errno.EIO, "injected")
+        return real(fd, buffers, offset)
+
+    monkeypatch.setattr(copies.os, "pwritev", pwritev)
+    before = threading.active_count()
+    file = OwnedFd(os.dup(fd))
+    try:
+        with pytest.raises(OSError) as failed:
+            copies.copy(memoryview(bytearray(_pattern(4))), CopyOut(0, bytearray(SIZE), SIZE, file=file))
+    finally:
+        file.close()
+    assert failed.value.errno == errno.EIO and stopped
+    assert threading.active_count() == before  # every part's thread was joined
+
+
+def test_a_small_copy_stays_on_the_calling_thread(host: tuple[int, mmap.mmap], monkeypatch: pytest.MonkeyPatch) -> None:
+    fd, view = host
+    seen = _threads_seen(monkeypatch)
+    size = copies.SPLIT_MIN - PAGE
+    copies.copy(memoryview(bytearray(_pattern(5)[:size])), CopyOut(0, view, size))
+    assert seen == {threading.current_thread().name}
+    assert os.pread(fd, size, 0) == _pattern(5)[:size]
