@@ -89,8 +89,8 @@ import numpy as np  # noqa: E402
 import _harness as H  # noqa: E402
 import ugem  # noqa: E402
 import ugem.gpu.sim as _sim  # noqa: E402
+from ugem import parts  # noqa: E402
 from ugem.cmd import Fill  # noqa: E402
-from ugem.gpu import copies  # noqa: E402
 from ugem.gpu.base import CopyIn, CopyOut  # noqa: E402
 from ugem.testing.daemon import run_daemon  # noqa: E402
 
@@ -642,8 +642,8 @@ def _notes(notes: list[str], timer: DeviceOpTimer, modes: dict[str, ModeRunners]
                  "unless it gets a recycled memfd (pages there, copied through the manager's mapping), so "
                  "the 'new pages' baselines (pwrite into a new memfd above all) are the like-for-like ones "
                  "for a cold pool")
-    notes.append(f"the device moves each data range of {copies.SPLIT_MIN // MiB} MiB or more in parts on "
-                 f"{copies.COPY_THREADS} copy thread(s) at once (ugem/gpu/copies.py); the memcpy baseline is "
+    notes.append(f"the device moves each data range of {parts.SPLIT_MIN // MiB} MiB or more in parts on "
+                 f"{parts.COPY_THREADS} copy thread(s) at once (ugem/parts.py); the memcpy baseline is "
                  "one np.copyto on one thread")
     for label in ("evict fresh", "evict with data", "suspend"):
         notes.append(f"embedded device thread, {label}, per round: {timer.describe(label)}")

@@ -78,6 +78,7 @@ import numpy as np  # noqa: E402
 import _harness as H  # noqa: E402
 import ugem  # noqa: E402
 from _ray import RAY_ENABLE, SERVE, RayPeer, add_ray_options, ray_python, ray_version  # noqa: E402
+from ugem import parts  # noqa: E402
 from ugem.testing.daemon import run_daemon  # noqa: E402
 
 BENCH = "rayperf"
@@ -509,6 +510,9 @@ def _notes(report: H.Report, res: dict[str, H.Results], ray_side: RaySide | None
         if not ray_large.error and not copy.error:
             notes.append(f"Ray's put of {nbytes // H.MiB} MiB ran at {ray_large.median_gbps / copy.median_gbps:.2f} "
                          "x np.copyto into a preallocated array (same rounds)")
+    notes.append(f"ugem.array copies a value of {parts.SPLIT_MIN // H.MiB} MiB or more in parts on "
+                 f"{parts.COPY_THREADS} thread(s) at once (ugem/parts.py), as Ray's put copies a large object "
+                 "on several threads; np.copyto is one thread")
     notes.append("ratio = ugem rate / Ray rate (higher is better for ugem; target: ugem ahead, >= 1); copyto rows: "
                  "ratio = put GB/s / np.copyto GB/s (target >= 0.8)")
     notes.append("put = ugem.array(value) (as ray.put: a copy in ugem memory; one request: a new object and its "

@@ -17,7 +17,8 @@ Rules:
   array this Device made that died a moment ago (1 MiB or more, the same size in pages,
   nothing else holding or seeing it: client/device_share.py `_reused_mapping`), whose
   mapping is ready, page tables and all; the rest of its last page is zeroed. So a loop of
-  `a = ugem.array(x)` copies at the speed of a copy into memory already in use;
+  `a = ugem.array(x)` copies at the speed of a copy into memory already in use; a copy of
+  8 MiB or more runs in parts on several threads at once (ugem/parts.py), as Ray's put does;
 - a bad shape, dtype or device raises `InvalidArgument` (EINVAL) naming it, before any
   object is made; more bytes than an object may hold (2**46) is `TooBig` (E2BIG) naming the shape.
 """
@@ -33,6 +34,7 @@ import numpy.typing as npt
 
 from ..constants import MAX_OBJECT_SIZE, PAGE_SIZE
 from ..errors import InvalidArgument, TooBig
+from ..parts import copyto
 from .buffer import shape_dims, view_dtype
 from .default import default_device
 from .device import Device
@@ -71,7 +73,7 @@ def array(value: Any, dtype: npt.DTypeLike | None = None, *, device: Device | No
     else:
         view = dev._new_mapping(size)
     out = np.frombuffer(view, dtype=dt, count=src.size).reshape(src.shape)
-    np.copyto(out, src, casting="no")
+    copyto(out, src)  # a big one in parts on several threads, as Ray's put
     return out
 
 

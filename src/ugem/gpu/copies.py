@@ -8,19 +8,14 @@ Rules (the GpuBackend protocol's, gpu/base.py):
   most 1 GiB per call (no page faults: fresh pages come from the write path, and reading a
   hole allocates nothing); otherwise through a view of `host`, released on exit;
 - np.copyto, preadv and pwritev release the GIL: the daemon's loop keeps running meanwhile;
-- a data range of at least SPLIT_MIN bytes is moved in page-aligned parts, one per copy
-  thread (COPY_THREADS: the CPUs this process may run on, at most 4), as a GPU's copy
-  engines split a transfer: one core's memcpy does not saturate memory (this VM: 8 GB/s on
-  one thread, 11 on two). The parts' threads are made for the copy and joined before it
-  returns (nothing outlives the op, and a forked child inherits no pool), and the first
-  error of any part is raised once all have stopped.
+- a data range of at least SPLIT_MIN bytes is moved in page-aligned parts on several copy
+  threads at once (ugem/parts.py, its rules there), as a GPU's copy engines split a transfer.
 """
 
 from __future__ import annotations
 
 import errno
 import os
-import threading
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from typing import Any
@@ -28,14 +23,13 @@ from typing import Any
 import numpy as np
 
 from ..constants import PAGE_SIZE as _PAGE
+from ..parts import in_parts
 from .base import CopyIn, CopyOut, Holes
 
-__all__ = ["COPY_THREADS", "SPLIT_MIN", "copy", "host_view"]
+__all__ = ["copy", "host_view"]
 
 _CHECK_CHUNK = 1 << 20  # bytes of a hole checked for zeros, then copied, at a time (cache-sized)
 _MAX_IO = 1 << 30  # one preadv/pwritev moves at most this much (the kernel caps near 2 GiB)
-SPLIT_MIN = 8 << 20  # a data range this big is moved in parts, one per copy thread
-COPY_THREADS = min(4, len(os.sched_getaffinity(0)))
 
 
 @contextmanager
@@ -100,28 +94,7 @@ def _file_reader(fd: int) -> Reader:
 
 def _in_parts(move: Callable[[np.ndarray, int], None], region: np.ndarray, offset: int) -> None:
     """`move(region, offset)` (a Reader or a Writer), in parts on the copy threads if big."""
-    n = len(region)
-    if n < SPLIT_MIN or COPY_THREADS < 2:
-        move(region, offset)
-        return
-    step = -(-n // COPY_THREADS // _PAGE) * _PAGE
-    errors: list[BaseException] = []
-
-    def part(start: int) -> None:
-        try:
-            move(region[start:start + step], offset + start)
-        except BaseException as exc:  # raised on the device thread once every part stopped
-            errors.append(exc)
-
-    threads = [threading.Thread(target=part, args=(start,), name="ugem-copy", daemon=True)
-               for start in range(step, n, step)]
-    for thread in threads:
-        thread.start()
-    part(0)
-    for thread in threads:
-        thread.join()
-    if errors:
-        raise errors[0]
+    in_parts(lambda start, end: move(region[start:end], offset + start), len(region))
 
 
 def _copy_in(get: Reader, vram: np.ndarray, holes: Holes) -> None:

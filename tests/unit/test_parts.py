@@ -1,8 +1,9 @@
-"""The simulated device's copies in parts (gpu/copies.py): a data range of at least SPLIT_MIN
-bytes is moved by the copy threads in page-aligned parts, through a mapping or the host
-memory's file, in and out, holes kept; a part that fails fails the copy, once every part
-has stopped. COPY_THREADS is set here (3: parts of unequal count and a short last part),
-so the split runs whatever the machine's CPU count."""
+"""Copies in parts (ugem/parts.py) in the simulated device (gpu/copies.py) and in
+`ugem.array`: a data range of at least SPLIT_MIN bytes is moved by the copy threads in
+page-aligned parts, through a mapping or the host memory's file, in and out, holes kept; a
+part that fails fails the copy, once every part has stopped. COPY_THREADS is set here (3:
+parts of unequal count and a short last part), so the split runs whatever the machine's CPU
+count."""
 
 from __future__ import annotations
 
@@ -15,17 +16,18 @@ from collections.abc import Iterator
 import numpy as np
 import pytest
 
+from ugem import parts
 from ugem.fd import OwnedFd
 from ugem.gpu import copies
 from ugem.gpu.base import CopyIn, CopyOut
 
 PAGE = 4096
-SIZE = copies.SPLIT_MIN + 5 * PAGE  # 3 parts: two of a third (page-rounded), one shorter
+SIZE = parts.SPLIT_MIN + 5 * PAGE  # 3 parts: two of a third (page-rounded), one shorter
 
 
 @pytest.fixture(autouse=True)
 def three_threads(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(copies, "COPY_THREADS", 3)
+    monkeypatch.setattr(parts, "COPY_THREADS", 3)
 
 
 @pytest.fixture
@@ -54,7 +56,7 @@ def _threads_seen(monkeypatch: pytest.MonkeyPatch) -> set[str]:
             return real(*args, **kwargs)  # type: ignore[operator]
         return call
 
-    monkeypatch.setattr(copies.np, "copyto", spy("copyto", np.copyto))
+    monkeypatch.setattr(np, "copyto", spy("copyto", np.copyto))
     monkeypatch.setattr(copies.os, "preadv", spy("preadv", os.preadv))
     monkeypatch.setattr(copies.os, "pwritev", spy("pwritev", os.pwritev))
     return seen
@@ -123,7 +125,24 @@ def test_a_part_that_fails_fails_the_copy_after_every_part_stopped(host: tuple[i
 def test_a_small_copy_stays_on_the_calling_thread(host: tuple[int, mmap.mmap], monkeypatch: pytest.MonkeyPatch) -> None:
     fd, view = host
     seen = _threads_seen(monkeypatch)
-    size = copies.SPLIT_MIN - PAGE
+    size = parts.SPLIT_MIN - PAGE
     copies.copy(memoryview(bytearray(_pattern(5)[:size])), CopyOut(0, view, size))
     assert seen == {threading.current_thread().name}
     assert os.pread(fd, size, 0) == _pattern(5)[:size]
+
+
+@pytest.mark.parametrize("shape, dtype", [((parts.SPLIT_MIN // 8 + 513,), np.float64),
+                                          ((3, parts.SPLIT_MIN // 6 + 7), np.uint16)])
+def test_ugem_array_copies_a_big_value_in_parts(shape: tuple[int, ...], dtype: type,
+                                               monkeypatch: pytest.MonkeyPatch) -> None:
+    import ugem
+
+    value = np.random.default_rng(6).integers(0, 1000, shape).astype(dtype)
+    with ugem.Manager() as manager, manager.open() as dev:
+        seen = _threads_seen(monkeypatch)
+        got = ugem.array(value, device=dev)
+        assert seen == {threading.current_thread().name, "ugem-copy"}
+        assert got.shape == value.shape and got.dtype == value.dtype and np.array_equal(got, value)
+        strided = ugem.array(value[..., ::2], device=dev)  # not contiguous: numpy's own copy, one thread
+        assert np.array_equal(strided, value[..., ::2])
+        del got, strided
