@@ -146,3 +146,26 @@ def test_ugem_array_copies_a_big_value_in_parts(shape: tuple[int, ...], dtype: t
         strided = ugem.array(value[..., ::2], device=dev)  # not contiguous: numpy's own copy, one thread
         assert np.array_equal(strided, value[..., ::2])
         del got, strided
+
+
+def test_a_big_read_through_a_mapping_runs_in_parts(monkeypatch: pytest.MonkeyPatch) -> None:
+    """client/bulk.py reads a sealed memfd through a mapping (backing/mapping.py
+    `read_mapped`), a big one in parts, at any offset."""
+    import fcntl
+
+    from ugem.backing.mapping import MAPPED_MIN
+    from ugem.client.bulk import preadv_all
+
+    size = MAPPED_MIN + 5 * PAGE  # smaller reads use preadv
+    data = (np.arange(size // 8, dtype=np.uint64) * np.uint64(0x9E3779B97F4A7C15)).tobytes()
+    fd = OwnedFd(os.memfd_create("parts-read", os.MFD_CLOEXEC | os.MFD_ALLOW_SEALING))
+    try:
+        os.pwrite(fd.fd, data, 0)
+        fcntl.fcntl(fd.fd, fcntl.F_ADD_SEALS, fcntl.F_SEAL_SHRINK | fcntl.F_SEAL_GROW)
+        seen = _threads_seen(monkeypatch)
+        out = bytearray(size - 3 * PAGE - 5)
+        preadv_all(fd, out, 3 * PAGE + 5)
+        assert seen == {threading.current_thread().name, "ugem-copy"}
+        assert out == data[3 * PAGE + 5:]
+    finally:
+        fd.close()

@@ -32,6 +32,7 @@ import os
 import numpy as np
 
 from ..address import data_address
+from ..parts import in_parts
 
 __all__ = ["MAPPED_MIN", "map_placed", "map_shared", "populate", "read_mapped"]
 
@@ -95,6 +96,15 @@ def populate(address: int, length: int, write: bool) -> None:
     _libc.madvise(address, length, _MADV_POPULATE_WRITE if write else _MADV_POPULATE_READ)
 
 
+def _copy(view: memoryview, region: mmap.mmap, skip: int) -> None:
+    """`view` <- `region[skip:]`. numpy copies with the GIL released (a memoryview slice
+    assignment holds it throughout); a big copy in parts on several threads, which also fill
+    the page tables of their parts at once (parts.py). The arrays die on return, so that
+    the region can be closed."""
+    dst, src = np.frombuffer(view, dtype=np.uint8), np.frombuffer(region, dtype=np.uint8)[skip:]
+    in_parts(lambda a, b: np.copyto(dst[a:b], src[a:b]), len(dst))
+
+
 def read_mapped(fd: int, view: memoryview, offset: int) -> bool:
     """Copy into `view` (bytes) from `fd` at `offset` through a mapping (module rules);
     False, with nothing copied, where that may not or cannot be done."""
@@ -107,8 +117,8 @@ def read_mapped(fd: int, view: memoryview, offset: int) -> bool:
         region = map_shared(fd, start, offset - start + len(view), False)
     except (OSError, ValueError, OverflowError):
         return False
-    try:  # numpy copies with the GIL released; a memoryview slice assignment holds it throughout
-        np.copyto(np.frombuffer(view, dtype=np.uint8), np.frombuffer(region, dtype=np.uint8)[offset - start:])
+    try:
+        _copy(view, region, offset - start)
     finally:
         region.close()
     return True

@@ -8,6 +8,9 @@ Rules:
   (backing/mapping.py `read_mapped`: twice preadv's speed at that size), else with preadv;
 - writes go through pwritev: into pages not there yet it allocates them without zeroing
   them first, where a mapping would fault each one in zeroed;
+- a read through a mapping of 8 MiB or more runs in parts on several threads at once
+  (ugem/parts.py: 1.2-1.4x one thread's speed here); writes do not (pwritev into one shmem
+  file holds its inode lock: parts on threads measured no faster);
 - a STREAMED pread (a spilled object read straight from spill storage, core/stream.py)
   reads the pipe in order into the runs the reply lists and zeroes the rest; a pipe that
   ends early is EIO (the daemon gave up or went away).

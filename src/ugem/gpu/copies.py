@@ -9,7 +9,9 @@ Rules (the GpuBackend protocol's, gpu/base.py):
   hole allocates nothing); otherwise through a view of `host`, released on exit;
 - np.copyto, preadv and pwritev release the GIL: the daemon's loop keeps running meanwhile;
 - a data range of at least SPLIT_MIN bytes is moved in page-aligned parts on several copy
-  threads at once (ugem/parts.py, its rules there), as a GPU's copy engines split a transfer.
+  threads at once (ugem/parts.py, its rules there), as a GPU's copy engines split a transfer
+  (the gain is in copies through mappings and preadv: pwritev parts into one memfd take
+  turns on its inode lock).
 """
 
 from __future__ import annotations
