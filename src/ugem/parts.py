@@ -8,8 +8,9 @@ Rules:
   `length` is at least SPLIT_MIN; else once, on the caller's thread. np.copyto, preadv and
   pwritev release the GIL, so the parts run at once;
 - the parts' threads are made for the call and joined before it returns (nothing outlives
-  it, and a forked child inherits no pool); the caller's thread runs the first part, and the
-  first error of any part is raised once every part has stopped;
+  it, and a forked child inherits no pool); the caller's thread runs the first part (and any
+  part whose thread cannot be started), and the first error of any part is raised once
+  every part has stopped;
 - `copyto(dst, src)` is numpy's `copyto(dst, src, casting="no")`, in parts where both arrays
   are C-contiguous with the same dtype and shape.
 """
@@ -46,10 +47,15 @@ def in_parts(move: Callable[[int, int], None], length: int) -> None:
         except BaseException as exc:  # raised on the caller's thread once every part stopped
             errors.append(exc)
 
-    threads = [threading.Thread(target=part, args=(start,), name="ugem-copy", daemon=True)
-               for start in range(step, length, step)]
-    for thread in threads:
-        thread.start()
+    threads = []
+    for start in range(step, length, step):
+        thread = threading.Thread(target=part, args=(start,), name="ugem-copy", daemon=True)
+        try:
+            thread.start()
+        except RuntimeError:  # no thread to be had (a limit on threads): this part on ours
+            part(start)
+            continue
+        threads.append(thread)
     part(0)
     for thread in threads:
         thread.join()

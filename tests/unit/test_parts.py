@@ -169,3 +169,14 @@ def test_a_big_read_through_a_mapping_runs_in_parts(monkeypatch: pytest.MonkeyPa
         assert out == data[3 * PAGE + 5:]
     finally:
         fd.close()
+
+
+def test_a_part_whose_thread_cannot_start_runs_on_the_callers(monkeypatch: pytest.MonkeyPatch) -> None:
+    def refuse(self: threading.Thread) -> None:
+        raise RuntimeError("can't start new thread")
+
+    monkeypatch.setattr(threading.Thread, "start", refuse)
+    value = np.arange(parts.SPLIT_MIN // 4 + 1000, dtype=np.uint32)
+    out = np.zeros_like(value)
+    parts.copyto(out, value)
+    assert np.array_equal(out, value)
