@@ -32,7 +32,7 @@ import os
 import numpy as np
 
 from ..address import data_address
-from ..parts import in_parts
+from ..parts import copyto
 
 __all__ = ["MAPPED_MIN", "map_placed", "map_shared", "populate", "read_mapped"]
 
@@ -101,8 +101,7 @@ def _copy(view: memoryview, region: mmap.mmap, skip: int) -> None:
     assignment holds it throughout); a big copy in parts on several threads, which also fill
     the page tables of their parts at once (parts.py). The arrays die on return, so that
     the region can be closed."""
-    dst, src = np.frombuffer(view, dtype=np.uint8), np.frombuffer(region, dtype=np.uint8)[skip:]
-    in_parts(lambda a, b: np.copyto(dst[a:b], src[a:b]), len(dst))
+    copyto(np.frombuffer(view, dtype=np.uint8), np.frombuffer(region, dtype=np.uint8)[skip:])
 
 
 def read_mapped(fd: int, view: memoryview, offset: int) -> bool:
