@@ -78,7 +78,7 @@ class Call:
         """Run the request once: its reply, or None (wait for `pending`, then step again)."""
         req = self.req
         try:
-            reply = dispatch(core, self)
+            reply = dispatch(core, self.client, self.desc, req, self)
         except Pending as pending:
             self.pending = pending
             return None
@@ -114,7 +114,10 @@ class Call:
 def after_request(memory: Memory) -> list[Job]:
     """Background jobs to start after requests: back under the budget, spill space punched,
     freed memfds kept for reuse cleared (those kept unused for a while are closed now)."""
-    memory.backing.expire_pooled()
-    if memory.held > memory.budget and not memory.spilling():
+    backing = memory.backing
+    pooled = backing.pooled_bytes  # (`memory.held`, without its call: this runs after every request)
+    if pooled:
+        backing.expire_pooled()
+    if memory.resident + pooled > memory.budget and not memory.spilling():
         memory.background += memory.shrink(memory.budget)
     return memory.take_background() if memory.background else []

@@ -107,7 +107,7 @@ def gem_info(core: Core, client: Client, req: s.InfoReq) -> s.InfoReply:
     flags = _KIND_INFO[obj.kind]
     if obj.pinned_by:
         flags |= s.INFO_PINNED
-    if core.gpu.busy(obj):
+    if obj.last_fence and core.gpu.busy(obj):  # (never used by the device: not busy, without the calls)
         flags |= s.INFO_BUSY
     if req.handle in client.readonly:
         flags |= s.INFO_READONLY

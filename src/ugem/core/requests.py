@@ -2,13 +2,14 @@
 
 Every operation is one `RequestDesc` row: op number, handler, request and reply structs,
 permission flags. The daemon decodes frames into the request struct of the row, the
-embedded transport builds the struct directly; both wrap it in a `Call` (call.py: the
-loop that re-runs it after `Pending`) whose `step` calls `dispatch()`, so both modes check
-exactly the same things. Handlers take ``(core, client, req)``; the few that keep state
-across re-runs or use the embedded caller's own buffers (`takes_call`) take
-``(core, call, req)`` and find the client in ``call.client``. `ugem ops` and the daemon's
-decoder (`BY_OP`) read this table, and tests/unit/test_exports.py checks it has one row per
-`Op`; nobody keeps a second list.
+embedded transport builds the struct directly; both run it through `dispatch()`, so both
+modes check exactly the same things: from a `Call` (call.py: the loop that re-runs it after
+`Pending`, whose `step` calls `dispatch()`), or, in the daemon, a request of a row that is
+not `takes_call` and carries no fds straight, made into a Call only if it must wait.
+Handlers take ``(core, client, req)``; the few that keep state across re-runs or use the
+embedded caller's own buffers (`takes_call`) take ``(core, call, req)`` and find the client
+in ``call.client``. `ugem ops` and the daemon's decoder (`BY_OP`) read this table, and
+tests/unit/test_exports.py checks it has one row per `Op`; nobody keeps a second list.
 
 Permission checks live only in `check_permission()`.
 """
@@ -128,12 +129,14 @@ def check_permission(perm: Perm, client: Client) -> None:
 _ANYONE = Perm.NONE  # (a member looked up once: each `Perm.NONE` costs 0.1 us on Python 3.11)
 
 
-def dispatch(core: Core, call: Call) -> s.Struct:
-    """Run one request once. Raises UgemError for operation failures, Pending to wait."""
-    desc, req = call.desc, call.req
+def dispatch(core: Core, client: Client, desc: RequestDesc, req: s.Struct, call: Call | None = None) -> s.Struct:
+    """Run one request of `client` once (its row `desc`, its struct `req`). Raises UgemError
+    for operation failures, Pending to wait. `call` is the request's Call (call.py), which a
+    `takes_call` row needs; a call of any other row may come without one (the daemon makes
+    it only if the request must wait: its handler keeps nothing across runs)."""
     if desc.perm is not _ANYONE:
-        check_permission(desc.perm, call.client)
+        check_permission(desc.perm, client)
     checked = req._checked
     if checked is not None and checked(req) != req._clean:  # (check()'s own test, without its call)
         req.check()
-    return desc.handler(core, call if desc.takes_call else call.client, req)
+    return desc.handler(core, call if desc.takes_call else client, req)

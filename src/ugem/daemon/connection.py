@@ -17,7 +17,9 @@ Rules:
   the connection is not read (a client that does not read cannot make us buffer more);
   a reply bigger than a frame goes in several frames (wire/frames.py), never refused;
 - each request runs as a `Call` (core/call.py, the run-until-done loop the embedded
-  manager uses too); one that must wait (Pending: memory jobs, a fence, a resume) is
+  manager uses too), but a fixed struct of a row whose handler takes no Call runs through
+  `dispatch()` straight (most requests: a Call costs a tenth of an `info`), and becomes a
+  Call only if it must wait; one that must wait (Pending: memory jobs, a fence, a resume) is
   parked with its call, and the connection is not read until the server steps it again
   (`resume`, once `Call.ready`): that client is throttled, others are served meanwhile;
 - a client that went away while requests it sent were still unread (a reply's write fails:
@@ -47,7 +49,7 @@ from typing import TYPE_CHECKING, Any
 
 from ..core.call import Call
 from ..core.jobs import Pending
-from ..core.requests import BY_OP, RequestDesc
+from ..core.requests import BY_OP, RequestDesc, dispatch
 from ..errors import InvalidArgument, QuotaExceeded, RemoteProtocolError, UgemError
 from ..fd import OwnedFd
 from ..scm import ANC_SPACE, fds_from_ancillary, rights
@@ -177,7 +179,10 @@ class Connection(LazyServing):
         fixed = _FIXED.get(frame.op)
         if fixed is not None and not frame.fds and len(frame.payload) == fixed[2]:
             row, req_type, _, unpack = fixed  # the common case: a fixed struct, whole, no fds
-            self._run(frame, Call(self.client, row, req_type(*unpack(frame.payload))))
+            if row.takes_call:
+                self._run(frame, Call(self.client, row, req_type(*unpack(frame.payload))))
+            else:
+                self._run_plain(frame, row, req_type(*unpack(frame.payload)))
             return
         desc = BY_OP.get(frame.op)
         fds = frame.fds
@@ -205,16 +210,38 @@ class Connection(LazyServing):
             self._reply_error(frame, exc.errno or errno.EIO, str(exc.strerror))
             return
         except Exception:  # a bug in a handler: keep serving everyone, say so loudly
-            creds = self.client.creds
-            op = call.desc.op.name
-            event(log, logging.ERROR, "handler_error", "handler for %s failed (client %d)", op, self.client.id,
-                  exc_info=True, client=self.client.id, pid=creds.pid, uid=creds.uid, op=op)
-            self._reply_error(frame, errno.EIO, f"internal error in {op}; see the daemon log")
+            self._handler_failed(frame, call.desc)
             return
         if reply is None:
             self.parked = (frame, call)
             return
         self._reply(frame, reply)
+
+    def _run_plain(self, frame: Frame, row: RequestDesc, req: s.Struct) -> None:
+        """`_run` of a request whose handler takes no Call and which carries no fds, made
+        into a Call only if it must wait (as `Call.step` would leave it: its `pending` set;
+        stepped again from the start, as every call is)."""
+        try:
+            reply = dispatch(self.core, self.client, row, req)
+        except Pending as pending:
+            call = Call(self.client, row, req)
+            call.pending = pending
+            self.parked = (frame, call)
+            return
+        except UgemError as exc:
+            self._reply_error(frame, exc.errno or errno.EIO, str(exc.strerror))
+            return
+        except Exception:  # a bug in a handler: keep serving everyone, say so loudly
+            self._handler_failed(frame, row)
+            return
+        self._reply(frame, reply)
+
+    def _handler_failed(self, frame: Frame, row: RequestDesc) -> None:
+        creds = self.client.creds
+        op = row.op.name
+        event(log, logging.ERROR, "handler_error", "handler for %s failed (client %d)", op, self.client.id,
+              exc_info=True, client=self.client.id, pid=creds.pid, uid=creds.uid, op=op)
+        self._reply_error(frame, errno.EIO, f"internal error in {op}; see the daemon log")
 
     def resume(self) -> None:
         """What the parked request waited for is over: step it again (then the frames that

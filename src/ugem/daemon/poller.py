@@ -7,7 +7,8 @@ cost. Rules:
   any registration, and `poll` reports them as they come (the connection's next read or
   write sees the error and the connection is dropped);
 - an fd is registered at most once; its tag is replaced by `modify`;
-- `poll` returns (tag, events) pairs for the fds still registered when it returns.
+- `poll` returns epoll's (fd, events) pairs; the caller looks each fd's tag up in `tags`
+  as it serves them, and skips an fd that is no longer there (unregistered by an earlier one).
 """
 
 from __future__ import annotations
@@ -24,28 +25,25 @@ WRITE = select.EPOLLOUT
 class Poller:
     def __init__(self) -> None:
         self._epoll = select.epoll()
-        self._tags: dict[int, Any] = {}
+        self.tags: dict[int, Any] = {}  # fd -> its tag (read-only outside this class)
 
     def register(self, fd: int, events: int, tag: Any) -> None:
         self._epoll.register(fd, events)
-        self._tags[fd] = tag
+        self.tags[fd] = tag
 
     def modify(self, fd: int, events: int, tag: Any) -> None:
         self._epoll.modify(fd, events)
-        self._tags[fd] = tag
+        self.tags[fd] = tag
 
     def unregister(self, fd: int) -> None:
         self._epoll.unregister(fd)
-        del self._tags[fd]
+        del self.tags[fd]
 
-    def poll(self, timeout: float) -> list[tuple[Any, int]]:
-        tags = self._tags
-        ready = []
-        for fd, events in self._epoll.poll(timeout):  # a loop, not a comprehension: one frame less
-            if fd in tags:
-                ready.append((tags[fd], events))
-        return ready
+    def poll(self, timeout: float) -> list[tuple[int, int]]:
+        """The (fd, events) pairs epoll reports; the caller finds each fd's tag in `tags`
+        (one that is not there any more was unregistered meanwhile: skip it)."""
+        return self._epoll.poll(timeout)
 
     def close(self) -> None:
         self._epoll.close()
-        self._tags.clear()
+        self.tags.clear()

@@ -166,7 +166,8 @@ class Server:
         exit_idle = self.options.exit_idle
         if exit_idle is not None and self._idle_since is not None:
             timeout = min(timeout, max(0.0, self._idle_since + exit_idle - now))
-        for tag, _events in self.sel.poll(timeout):
+        for fd, _events in self.sel.poll(timeout):
+            tag = self.sel.tags.get(fd)  # (None: unregistered while an fd before it was served)
             if tag.__class__ is Connection:
                 if not tag.closed:
                     self._guard(tag, tag.on_writable if tag.outbox else tag.on_readable)
@@ -178,7 +179,7 @@ class Server:
                 self._jobs_done()
             elif tag == "gpu":
                 drain(self._gpu_r)
-            else:  # the service's own fds (metrics endpoint) carry their handler as the tag
+            elif tag is not None:  # the service's own fds (metrics endpoint) carry their handler as the tag
                 tag(_events)
         if self.parked:
             self._wake(_monotonic())

@@ -72,7 +72,7 @@ def held(tmp_path: Any) -> Iterator[tuple[Core, Client, FakeGpu]]:
 
 
 def _call(core: Core, client: Client, op: Op, req: s.Struct) -> Any:
-    return dispatch(core, Call(client, BY_OP[op], req))
+    return dispatch(core, client, BY_OP[op], req, Call(client, BY_OP[op], req))
 
 
 def _busy_object(core: Core, client: Client, size: int, caching: int) -> int:

@@ -56,7 +56,7 @@ def made(tmp_path: Any) -> Iterator[tuple[Core, Client, str, bytes]]:
 
 
 def _call(core: Core, client: Client, op: Op, req: s.Struct) -> Any:
-    return dispatch(core, Call(client, BY_OP[op], req))
+    return dispatch(core, client, BY_OP[op], req, Call(client, BY_OP[op], req))
 
 
 def _load_job(core: Core) -> Job:
