@@ -375,7 +375,7 @@ def test_one_pickle_of_many_arrays_posts_its_shares_together(sender, monkeypatch
 
     monkeypatch.setattr(dev._transport, "post", post)
     data = ForkingPickler.dumps(arrays)
-    held = len(dev._released)
+    held = len(dev._releases.shares)
     assert held < HOLD_BACK and sum(writes) + held == n and len(writes) <= n // HOLD_BACK + 1
     with multiprocessing.get_context("fork").Pool(1) as pool:
         assert pool.apply(w.load_and_count_posts, (bytes(data),)) == 1

@@ -110,20 +110,14 @@ class ShareOps:
             notes = self._releases.requests() if self._released or self._releases.claims else []
             transport.post(notes if op is None or req is None else [*notes, (op, req)])
 
-    def _post_record(self, record: bytes, claim: bool) -> None:
-        """Post one GEM_SHARE or GEM_CLAIM_MAPPED (`claim`) record: in a pickling batch
-        (client/batch.py) held back, and sent with what is queued once HOLD_BACK are (as
-        batch requests: releases.py); else at once, as a batch request of one."""
+    def _post_claim(self, record: bytes) -> None:
+        """Post one GEM_CLAIM_MAPPED record: in an unpickling batch (client/batch.py) held
+        back, sent when the batch ends (releases.py); else at once, as a batch request of one."""
         self._live()
-        releases = self._releases
         if hold_back(self):
-            releases.hold(record, claim)
-            if not claim and len(self._released) >= HOLD_BACK:
-                self._post(None)
-        elif claim:
-            self._post(Op.GEM_CLAIM_MAPPED_BATCH, ss.ClaimMappedBatchReq(records=record))
+            self._releases.claims.append(record)
         else:
-            self._post(Op.GEM_SHARE_BATCH, ss.ShareBatchReq(records=record))
+            self._post(Op.GEM_CLAIM_MAPPED_BATCH, ss.ClaimMappedBatchReq(records=record))
 
     def _map_reply(self, reply: s.MmapReply, writable: bool, what: str, linger: bool = False,
                    made: bool = False) -> memoryview:
@@ -152,11 +146,30 @@ class ShareOps:
         return owner, token
 
     def _post_share(self, map_id: int, offset: int, length: int, writable: bool) -> tuple[int, int]:
-        """`_share` without waiting for the reply: a GEM_SHARE_BATCH record (`_post_record`)."""
+        """`_share` without waiting for the reply: a GEM_SHARE_BATCH record, in a pickling
+        batch (client/batch.py) held back (`_hold_share`), else sent at once, as a batch
+        request of one."""
+        if hold_back(self):
+            return self._hold_share(map_id, offset, length, writable)
         transport = self._live()
+        with self._share_lock:  # (sent in the order of the tokens)
+            token = self._last_share = self._last_share + 1
+            record = _SHARE_RECORD(map_id, s.WRITABLE if writable else 0, offset, length, token)
+            self._post(Op.GEM_SHARE_BATCH, ss.ShareBatchReq(records=record))
+        return transport.client_id, token
+
+    def _hold_share(self, map_id: int, offset: int, length: int, writable: bool) -> tuple[int, int]:
+        """`_post_share` held back, for a caller in a pickling batch (client/pickling.py):
+        sent with what is queued, and once HOLD_BACK are held (releases.py)."""
+        transport = self._transport
+        if transport is None:
+            self._live()  # (raises: closed)
         with self._share_lock:
             token = self._last_share = self._last_share + 1
-            self._post_record(_SHARE_RECORD(map_id, s.WRITABLE if writable else 0, offset, length, token), False)
+            held = self._releases.hold_share(_SHARE_RECORD(map_id, s.WRITABLE if writable else 0, offset, length,
+                                                           token))
+        if held >= HOLD_BACK:
+            self._post(None)
         return transport.client_id, token
 
     @contextmanager
@@ -228,7 +241,7 @@ class ShareOps:
                 return None
             self._next_chosen = map_id + 1
         try:
-            self._post_record(_CLAIM_RECORD(owner, token, s.WRITABLE, map_id, key[0], key[1]), True)
+            self._post_claim(_CLAIM_RECORD(owner, token, s.WRITABLE, map_id, key[0], key[1]))
         except BaseException:
             region.close()
             raise
@@ -369,7 +382,7 @@ class ShareOps:
         return view
 
     def _drop_share(self, owner: int, token: int) -> None:
-        self._released.append((owner, token))
+        self._releases.drop(owner, token)
 
     def _use_up(self, share: tuple[int, int]) -> None:
         """Use up a share (owner, token) whose memory a lingering mapping took back (`_revive`):

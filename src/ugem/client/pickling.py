@@ -144,7 +144,10 @@ def _reduce_array(a: npt.NDArray[Any]) -> tuple[Any, ...]:
     ref = refs.get(key)
     if ref is None:
         ref = refs[key] = _ref(entry, writable, refs)
-    return _array, (ref, writable, _dtype_name(a.dtype), a.shape, a.strides, data - entry.address)
+    dtype = _dtype_names.get(a.dtype)
+    if dtype is None:
+        dtype = _dtype_name(a.dtype)
+    return _array, (ref, writable, dtype, a.shape, a.strides, data - entry.address)
 
 
 def _ref(entry: Mapping, writable: bool, refs: dict[Any, Any]) -> _Ref:
@@ -160,7 +163,7 @@ def _ref(entry: Mapping, writable: bool, refs: dict[Any, Any]) -> _Ref:
         if path:  # a daemon client: a share, claimed by the receiver through the same daemon
             if path not in refs:  # a client there that lives as long as the process: it inherits the share if `dev`
                 refs[path] = _device_for(path)  # closes (once per pickle)
-            owner, token = dev._post_share(entry.map_id, entry.offset, entry.length, writable)
+            owner, token = dev._hold_share(entry.map_id, entry.offset, entry.length, writable)
             return _Ref(_claimed, (path, owner, token, entry.source, *part))
         fd = dev._export_mapping(entry.map_id, writable)
     except UgemError as exc:
@@ -232,7 +235,7 @@ def _claimed(path: str, owner: int, token: int, source: int, key: tuple[int, int
     if found is not None:
         view, entry = found
         mapper = entry.device() if entry.device is not None else None
-        if mapper is None or mapper.closed or getattr(mapper._transport, "path", None) != path:
+        if mapper is None or getattr(mapper._transport, "path", None) != path:  # (None: closed)
             mapper = None
         if view is not None:  # mapped here already (e.g. the array comes back): use the share up unmapped
             (mapper or _device_for(path))._drop_share(owner, token)

@@ -209,7 +209,7 @@ def lookup(key: tuple[int, int], offset: int, length: int, writable: bool) -> tu
         entry = _by_start[address]
         if entry.device is not None:  # only a mapping that can travel on: its Device lives, in this process
             dev = entry.device()
-            if dev is None or dev.closed:
+            if dev is None or dev._transport is None:  # (gone, or closed: `closed` without its call)
                 continue
             if dev._forked:  # a forked parent's: never one here, so no longer listed by key (module rules)
                 _unkey(entry)
@@ -219,6 +219,8 @@ def lookup(key: tuple[int, int], offset: int, length: int, writable: bool) -> tu
             region = entry.region()
             if region is not None:
                 start = offset - entry.offset
+                if region.__class__ is np.ndarray:  # (an exporter: module rules; `_part` without its call)
+                    return region[start:start + length], entry
                 return _part(region, start, length), entry
             if lingering is None:
                 lingering = entry

@@ -1,18 +1,23 @@
 """Releases: what a Device still has to tell the manager, and the Buffers of each handle.
 
-- `queue`: released mappings (their ids), dropped Buffers (their handle's `Wrapped`
-  record), shares to use up unmapped (their (owner, token) pair, client/device_share.py),
-  and shares held back while pickling (GEM_SHARE records, bytes, client/batch.py), which
-  go first, in their order, as GEM_SHARE_BATCH requests (a share needs its mapping
-  tracked). Claims held back while unpickling (GEM_CLAIM_MAPPED records) wait in `claims`,
-  sent as GEM_CLAIM_MAPPED_BATCH requests before all of it (a claim's mapping must be
-  tracked before it is released or shared) and on their own when the batch ends.
-  Finalizers append to this very deque and do nothing else: a finalizer may run at any
-  moment, even in the middle of a request, so it never sends, locks or allocates beyond
-  the append. A mapping that lingers (client/linger.py, `linger`) queues a marker (None)
-  instead of its id: sending the queue releases every lingering mapping. The Device
-  drains the queue before its next request (`drain`) and sends what it yields;
+- `queue`: released mappings (their ids) and dropped Buffers (their handle's `Wrapped`
+  record). Finalizers append to this very deque and do nothing else: a finalizer may run
+  at any moment, even in the middle of a request, so it never sends, locks or allocates
+  beyond the append. A mapping that lingers (client/linger.py, `linger`) queues a marker
+  (None) instead of its id: sending the queue releases every lingering mapping. The
+  Device drains the queue before its next request (`drain`) and sends what it yields;
   `Device.close()` just drops it (the manager releases everything).
+- beside it, appended under `_lock` (a thread that pickles, never a finalizer) and taken
+  whole under it when the queue is sent: `shares`, the GEM_SHARE records held back while
+  pickling (client/batch.py), and `drops`, the shares to use up unmapped (their packed
+  (owner, token), client/device_share.py). The first of either queues a marker too, so
+  that what is queued is sent whenever they hold anything. Shares go first, in their
+  order, as GEM_SHARE_BATCH requests (a share needs its mapping tracked); they are taken
+  after the queue is drained, so every share made before a release that is sent goes
+  before it. (Sorting them out of one queue cost a sender five lines of Python per array.)
+  Claims held back while unpickling (GEM_CLAIM_MAPPED records) wait in `claims`, sent as
+  GEM_CLAIM_MAPPED_BATCH requests before all of it (a claim's mapping must be tracked
+  before it is released or shared) and on their own when the batch ends.
 - `Wrapped`: the live Buffers of one handle. Two Buffers can share a handle (import_fd
   returns a handle the client already holds), so they are counted, and the handle is
   closed once the last of them is closed or dropped. A record dies when its handle is
@@ -47,7 +52,7 @@ class Wrapped:
         self.closed = False
 
 
-Queued = int | Wrapped | tuple[int, int] | bytes | None
+Queued = int | Wrapped | None
 
 
 class Releases:
@@ -57,27 +62,38 @@ class Releases:
         self._wrapped: dict[int, Wrapped] = {}  # open handle -> its live Buffers
         self._lock = threading.Lock()
         self.claims: list[bytes | tuple[int, int]] = []  # held back apart: sent first, and when a batch ends
+        self.shares: list[bytes] = []  # GEM_SHARE records held back (under `_lock`)
+        self.drops: list[bytes] = []  # SHARE_RECORDs of shares to use up unmapped (under `_lock`)
         self.linger = Linger()
 
-    def hold(self, record: bytes, claim: bool) -> None:
-        """Hold a posted share or claim record back (client/batch.py), to be sent with what is
-        queued."""
-        if claim:
-            self.claims.append(record)
-        else:
-            self.queue.append(record)
+    def hold_share(self, record: bytes) -> int:
+        """Hold a GEM_SHARE record back (client/batch.py); the number held now."""
+        with self._lock:
+            shares = self.shares
+            if not shares:
+                self.queue.append(None)  # (something is queued: it is sent with the next request)
+            shares.append(record)
+            return len(shares)
+
+    def drop(self, owner: int, token: int) -> None:
+        """Queue the share (owner, token) to be used up unmapped."""
+        with self._lock:
+            drops = self.drops
+            if not drops:
+                self.queue.append(None)
+            drops.append(_PACK_SHARE(owner, token))
 
     def claim_requests(self) -> list[tuple[Op, s.Struct]]:
         """Take the held claims (and shares used up by a lingering mapping, client/linger.py: a
         claim of sorts), as requests."""
         held, self.claims = self.claims, []
         claims: list[bytes] = []
-        drops: list[tuple[int, int]] = []
+        drops: list[bytes] = []
         for item in held:
             if type(item) is bytes:
                 claims.append(item)
             else:
-                drops.append(item)  # type: ignore[arg-type]
+                drops.append(_PACK_SHARE(*item))
         step = ss.MAX_CLAIM_BATCH
         notes: list[tuple[Op, s.Struct]] = [
             (Op.GEM_CLAIM_MAPPED_BATCH, ss.ClaimMappedBatchReq(records=b"".join(claims[i:i + step])))
@@ -115,10 +131,14 @@ class Releases:
         (nothing queued before a claim names its mapping, and what names it comes after),
         then shares and mappings (they need no handle)."""
         notes = self.claim_requests() if self.claims else []
-        ids, handles, drops, held = self.drain()
-        notes += [(Op.GEM_SHARE_BATCH, ss.ShareBatchReq(records=b"".join(held[i:i + ss.MAX_SHARE_BATCH])))
-                  for i in range(0, len(held), ss.MAX_SHARE_BATCH)]
-        notes += _drop_requests(drops)  # shares received here, mapped already
+        ids, handles = self.drain()
+        if self.shares or self.drops:  # (taken after the queue: module rules)
+            with self._lock:
+                held, self.shares = self.shares, []
+                drops, self.drops = self.drops, []
+            notes += [(Op.GEM_SHARE_BATCH, ss.ShareBatchReq(records=b"".join(held[i:i + ss.MAX_SHARE_BATCH])))
+                      for i in range(0, len(held), ss.MAX_SHARE_BATCH)]
+            notes += _drop_requests(drops)  # shares received here, mapped already
         for start in range(0, len(ids), s.MAX_IDS):
             batch = ids[start:start + s.MAX_IDS]
             notes.append((Op.GEM_MUNMAP, s.MunmapReq(ids=struct.pack(f"<{len(batch)}I", *batch))))
@@ -127,14 +147,11 @@ class Releases:
             notes.append((Op.GEM_CLOSE_BATCH, s.CloseBatchReq(handles=struct.pack(f"<{len(batch)}I", *batch))))
         return notes
 
-    def drain(self) -> tuple[list[int], list[int], list[tuple[int, int]], list[bytes]]:
-        """Take everything queued: (mapping ids to release, handles to close, shares to drop,
-        held-back shares)."""
+    def drain(self) -> tuple[list[int], list[int]]:
+        """Take everything queued: (mapping ids to release, handles to close)."""
         ids: list[int] = []
-        drops: list[tuple[int, int]] = []
-        held: list[bytes] = []
         wrapped: list[Wrapped] = []
-        by_type: dict[type, list[Any]] = {bytes: held, int: ids, tuple: drops, Wrapped: wrapped}
+        by_type: dict[type, list[Any]] = {int: ids, Wrapped: wrapped}
         pop = self.queue.popleft
         try:
             while True:  # one pass, sorted by exact type (a marker, None, is none of them)
@@ -153,7 +170,7 @@ class Releases:
                     record.count -= 1
                     if record.count == 0 and not record.closed:
                         handles.append(self._retire(record))
-        return ids, handles, drops, held
+        return ids, handles
 
     def after_fork_in_child(self) -> None:
         self._lock = threading.Lock()  # the parent's may have been held at the fork
@@ -167,7 +184,9 @@ class Releases:
         return record.handle
 
 
-def _drop_requests(drops: list[tuple[int, int]]) -> list[tuple[Op, s.Struct]]:
-    return [(Op.GEM_DROP_SHARES, ss.DropSharesReq(records=b"".join(ss.SHARE_RECORD.pack(*d)
-                                                               for d in drops[i:i + ss.MAX_DROPS])))
+_PACK_SHARE = ss.SHARE_RECORD.pack  # (owner, token)
+
+
+def _drop_requests(drops: list[bytes]) -> list[tuple[Op, s.Struct]]:
+    return [(Op.GEM_DROP_SHARES, ss.DropSharesReq(records=b"".join(drops[i:i + ss.MAX_DROPS])))
             for i in range(0, len(drops), ss.MAX_DROPS)]

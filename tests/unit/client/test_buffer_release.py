@@ -162,7 +162,8 @@ def test_releases_go_out_with_the_next_request_and_their_failures_are_nobodys(de
     fail the request it travels with, and the connection stays in step."""
     h = dev.create(PAGE)
     view = dev.mmap(h)
-    dev._released.extend([9999, (dev.client_id, 12345)])  # an unknown mapping and an unknown share
+    dev._released.append(9999)  # an unknown mapping
+    dev._drop_share(dev.client_id, 12345)  # and an unknown share
     calls = Calls(dev, monkeypatch)
     del view
     gc.collect()

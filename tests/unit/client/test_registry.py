@@ -144,6 +144,7 @@ class _ForkedParentsDevice:
     """What a forked child sees of the Device its parent made (client/device.py `_forked`)."""
 
     closed = False
+    _transport = object()  # (open: the registry reads this, not `closed`)
     _forked = True
 
 
