@@ -97,7 +97,10 @@ class Linger:
         """Take back the lingering mapping at `address`, if it lingers (the caller holds the send lock)."""
         if self.arrived:
             self._file()
-        return self._pop(address) if address in self._filed else None
+        item = self._filed.pop(address, None)
+        if item is not None and item.entry.made:
+            self._unlength(item)
+        return item
 
     def take_whole(self, length: int) -> Lingering | None:
         """Take back the newest lingering writable mapping of a whole object of `length` bytes
@@ -133,11 +136,14 @@ class Linger:
     def _pop(self, address: int) -> Lingering:
         item = self._filed.pop(address)
         if item.entry.made:
-            same = self._by_length[item.entry.length]
-            same.remove(address)
-            if not same:
-                del self._by_length[item.entry.length]
+            self._unlength(item)
         return item
+
+    def _unlength(self, item: Lingering) -> None:
+        same = self._by_length[item.entry.length]
+        same.remove(item.entry.address)
+        if not same:
+            del self._by_length[item.entry.length]
 
 
 def _unmap(item: Lingering) -> int:
