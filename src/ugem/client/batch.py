@@ -5,7 +5,7 @@ write and one request each would cost the daemon 4,000 wake-ups and dispatches. 
 multiprocessing's pickler runs (`batch()` around `ForkingPickler.dumps` and `loads`,
 client/pickling.py), a Device holds its posted shares and claims back (client/releases.py)
 and sends them, as a few batch requests (GEM_SHARE_BATCH, GEM_CLAIM_MAPPED_BATCH:
-core/shares.py), with its next request, or (shares) once HOLD_BACK items are queued, or
+core/shares.py), with its next request, or (shares) once HOLD_BACK shares are held, or
 (claims) when the outermost batch ends, whichever is first.
 
 Rules:
@@ -13,7 +13,7 @@ Rules:
   before they arrive (early claims, core/shares.py), and until a share is sent its
   mapping's release, queued behind it, is not sent either, so the sender's mapping holds
   the object. A pickle sent to a worker and returned thus costs the daemon nothing on the
-  way; the held shares go with the Device's next request, the HOLD_BACK-th queued item, or
+  way; the held shares go with the Device's next request, the HOLD_BACK-th held share, or
   `Device.close()`, which sends them first (a sender may close its Device right after
   sending, as with an fd in flight);
 - claims are sent when the outermost batch ends, all of them, on their own (`loads` returns
@@ -44,7 +44,7 @@ from typing import Any
 
 __all__ = ["HOLD_BACK", "batch", "hold_back"]
 
-HOLD_BACK = 256  # queued items (held shares, releases) a Device holds back at most (within SHARE_LAG)
+HOLD_BACK = 256  # shares a Device holds back at most (within SHARE_LAG)
 
 
 class _State(threading.local):

@@ -17,10 +17,9 @@ to write a new value into, if the manager agrees (GEM_REUSE: client/device_share
 Rules:
 - a lingering mapping holds its object exactly as long as its release would have waited in
   the Device's queue anyway (client/releases.py): it is released (unmapped, its id queued)
-  whenever the queue is sent (the Device's next request, a post, the HOLD_BACK-th queued
-  item, `close()`), only claims sent alone at the end of an unpickling leave it lingering.
-  So what a process does not use again is released no later than before, and a process
-  that only receives arrays releases them as it did, every HOLD_BACK queued items;
+  whenever the queue is sent (the Device's next request, a post, the HOLD_BACK-th share
+  held back, `close()`), only claims sent alone at the end of an unpickling leave it
+  lingering. So what a process does not use again is released no later than before;
 - at most LINGER_ANY mappings of any size linger per Device, and past those only small ones
   (LINGER_SMALL bytes or less) up to LINGER_MAX in all: a mapping whose last view dies when
   there is no room for it is released as any other (unmapped, its id queued). Small arrays
