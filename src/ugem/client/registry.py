@@ -219,20 +219,12 @@ def lookup(key: tuple[int, int], offset: int, length: int, writable: bool) -> tu
             region = entry.region()
             if region is not None:
                 start = offset - entry.offset
-                if region.__class__ is np.ndarray:  # (an exporter: module rules; `_part` without its call)
-                    return region[start:start + length], entry
-                return _part(region, start, length), entry
+                if region.__class__ is np.ndarray:  # an exporter: a slice of it, an array (which the cyclic
+                    return region[start:start + length], entry  # collector does not track, as it does a memoryview)
+                return memoryview(region)[start:start + length], entry
             if lingering is None:
                 lingering = entry
     return None if lingering is None else (None, lingering)
-
-
-def _part(region: Any, start: int, length: int) -> Any:
-    """Bytes [start, start + length) of a mapping (or its exporter: a slice of that, an array,
-    which the cyclic collector does not track, where a memoryview is tracked)."""
-    if isinstance(region, np.ndarray):
-        return region[start:start + length]
-    return memoryview(region)[start:start + length]
 
 
 def mapping_devices() -> set[int]:

@@ -115,7 +115,8 @@ def after_request(memory: Memory) -> list[Job]:
     """Background jobs to start after requests: back under the budget, spill space punched,
     freed memfds kept for reuse cleared (those kept unused for a while are closed now)."""
     backing = memory.backing
-    pooled = backing.pooled_bytes  # (`memory.held`, without its call: this runs after every request)
+    pooled = backing.pooled_bytes  # (`memory.held` without its call: this runs after every request; a pooled
+    # memfd always holds pages, backing/recycle.py, so 0 means nothing is pooled)
     if pooled:
         backing.expire_pooled()
     if memory.resident + pooled > memory.budget and not memory.spilling():
