@@ -91,6 +91,25 @@ def test_a_read_only_view_and_a_writable_one_of_one_mapping_take_a_reference_eac
     assert base[0, 1] == -10 and base[1, 1] == -11 and base[2, 1] == 0 and base[3, 1] == 0
 
 
+def test_later_views_of_a_mapping_arrive_right_in_any_order_and_layout(sender):
+    """The first array of a mapping in a pickle carries the reference and every later one names
+    it: later ones that lie before it, or are strided, transposed, of another dtype or
+    read-only, arrive with their bytes, layout and writability."""
+    base = ugem.zeros((8, 512), np.int32)
+    base[:] = np.arange(8 * 512, dtype=np.int32).reshape(8, 512)
+    frozen = base[6:]
+    frozen.flags.writeable = False
+    sent = [base[5], base[1], base[:, 3], base.T[2:4], base[::2, ::3], base[2].view(np.uint8)[4:12], frozen[1],
+            base[0], frozen[0, 7:]]
+    data = bytes(ForkingPickler.dumps(sent))
+    with multiprocessing.get_context("fork").Pool(1) as pool:
+        got = pool.apply(w.load_copies, (data,))
+    assert len(got) == len(sent)
+    for a, (copy, writable) in zip(sent, got, strict=True):
+        assert copy.dtype == a.dtype and copy.shape == a.shape and (copy == a).all()
+        assert writable == a.flags.writeable
+
+
 class _Inner:
     """Pickles as the multiprocessing pickle of its arrays, loaded again when unpickled: a
     pickle inside a pickle (its references must be its own)."""

@@ -147,5 +147,6 @@ class Linger:
 
 def _unmap(item: Lingering) -> int:
     forget(item.entry)
+    assert item.region is not None  # (a lingering one keeps its mapping)
     item.region.close()  # no view of it is left: its last one died before it lingered
     return item.entry.map_id

@@ -46,13 +46,17 @@ Rules:
 - every other array (not ugem memory, empty, or of object dtype) pickles exactly as numpy
   pickles it; arrays that are ugem memory but whose Device is closed or was made by the
   parent of a forked child raise `pickle.PicklingError` naming why;
-- one reference per mapping per pickle: every array of one `ForkingPickler.dumps` that
-  lies in the same mapping (and asks the same writability) names one reference object
-  (`_Ref`: the share, the fd, or the memfd identity), which pickle writes once and then
-  refers to by its memo; the receiver resolves it once (one claim, one mapping, one fd)
-  and makes each array a view of what it gave. A list of 2,000 slices of one array costs
-  one share and one claim, not 2,000. Each pickle has its own references (a pickle inside
-  a pickle too), so no share is named in two pickles;
+- one reference per mapping per pickle: the first array of one `ForkingPickler.dumps`
+  that lies in a mapping (asking a writability) carries the reference (the share, the fd,
+  or the memfd identity) in the call that rebuilds it (`_claimed`, `_received`,
+  `_returned`: one call per array, where a reference object of its own cost the receiver
+  a call more and the pickle a reduction more); every later one of that mapping names
+  that first array (`_again`: pickle writes it by its memo), whose mapping the receiver
+  finds again by the memfd identity while the first array lives (the unpickler's memo
+  holds it to the end). The receiver thus resolves the reference once (one claim, one
+  mapping, one fd): a list of 2,000 slices of one array costs one share and one claim, not
+  2,000. Each pickle has its own references (a pickle inside a pickle too), so no share is
+  named in two pickles;
 - the shares one multiprocessing pickle makes, and the claims one unpickling makes, go out
   together (client/batch.py: `ForkingPickler.dumps` and `loads` run as a batch, wrapped
   here where the reducers are registered), as batch requests (GEM_SHARE_BATCH,
@@ -73,7 +77,6 @@ Rules:
 
 from __future__ import annotations
 
-import operator
 import os
 import pickle
 import threading
@@ -84,6 +87,7 @@ from typing import Any
 import numpy as np
 import numpy.typing as npt
 
+from ..address import data_address
 from ..backing.mapping import map_shared
 from ..errors import NoSuchObject, UgemError
 from .batch import batch
@@ -110,18 +114,9 @@ def _send_fd(fd: int) -> Any:
     return wrapped
 
 
-class _Ref:
-    """What a pickle carries of one mapping (module rules): `reduced` is the call that gives
-    the receiver a view of the whole mapping; pickle saves it once, then by memo."""
-
-    __slots__ = ("reduced",)
-
-    def __init__(self, *reduced: Any) -> None:
-        self.reduced = reduced
-
-
 class _Pickles(threading.local):
-    refs: list[dict[Any, Any]]  # per `dumps` running in this thread, innermost last: key -> _Ref, and socket paths
+    refs: list[dict[Any, Any]]  # per `dumps` running in this thread, innermost last: key -> the array that
+    # carries the reference to that mapping, and socket paths
 
     def __init__(self) -> None:
         self.refs = []
@@ -137,24 +132,27 @@ def _reduce_array(a: npt.NDArray[Any]) -> tuple[Any, ...]:
         assert isinstance(reduced, tuple)
         return reduced
     entry, data = found
-    writable = bool(a.flags.writeable) and entry.writable
+    writable = entry.writable and bool(a.flags.writeable)
     stack = _pickles.refs
     refs = stack[-1] if stack else {}
     key = entry.address + writable  # (a mapping starts on a page: the low bit is free)
-    ref = refs.get(key)
-    if ref is None:
-        ref = refs[key] = _ref(entry, writable, refs)
     dtype = _dtype_names.get(a.dtype)
     if dtype is None:
         dtype = _dtype_name(a.dtype)
-    return _array, (ref, writable, dtype, a.shape, a.strides, data - entry.address)
+    first = refs.get(key)
+    if first is not None:  # an array before it in this pickle carries the reference (module rules)
+        return _again, (first[0], data - first[1], writable, dtype, a.shape, a.strides)
+    refs[key] = (a, data)
+    rebuild, ref = _reference(entry, writable, refs)
+    return rebuild, (*ref, writable, dtype, a.shape, a.strides, data - entry.address)
 
 
-def _ref(entry: Mapping, writable: bool, refs: dict[Any, Any]) -> _Ref:
-    """The reference to the mapping `entry` for the pickle whose references are `refs` (module rules)."""
-    part = (entry.key, entry.offset, entry.length, writable)
+def _reference(entry: Mapping, writable: bool, refs: dict[Any, Any]) -> tuple[Any, tuple[Any, ...]]:
+    """The reference to the mapping `entry` for the pickle whose references are `refs` (module
+    rules): the function that rebuilds an array on it, and that function's first arguments."""
+    part = (entry.key, entry.offset, entry.length)
     if entry.device is None:  # mapped straight from a received fd: it can only go back
-        return _Ref(_returned, part)
+        return _returned, part
     dev = entry.device()
     if dev is None:
         raise pickle.PicklingError("this ugem array's Device is gone: it cannot be sent by reference")
@@ -164,13 +162,14 @@ def _ref(entry: Mapping, writable: bool, refs: dict[Any, Any]) -> _Ref:
             if path not in refs:  # a client there that lives as long as the process: it inherits the share if `dev`
                 refs[path] = _device_for(path)  # closes (once per pickle)
             owner, token = dev._hold_share(entry.map_id, entry.offset, entry.length, writable)
-            return _Ref(_claimed, (path, owner, token, entry.source, *part))
+            return _claimed, (path, owner, token, entry.source, *part)
         fd = dev._export_mapping(entry.map_id, writable)
     except UgemError as exc:
         raise pickle.PicklingError(f"cannot send this ugem array by reference: {exc}") from exc
-    return _Ref(_received, (_send_fd(fd), *part))
+    return _received, (_send_fd(fd), *part)
 
 
+_BYTE = np.dtype(np.uint8)
 _dtype_names: dict[np.dtype[Any], np.dtype[Any] | str] = {}
 
 
@@ -200,38 +199,57 @@ def _map_fd(fd: int, key: tuple[int, int], offset: int, length: int, writable: b
 
 def _array(view: Any, writable: bool, dtype: np.dtype[Any] | str, shape: tuple[int, ...],
            strides: tuple[int, ...], start: int) -> npt.NDArray[Any]:
-    a: npt.NDArray[Any] = np.ndarray(shape, dtype, buffer=view, offset=start, strides=strides)
+    a: npt.NDArray[Any] = np.ndarray(shape, dtype, view, start, strides)  # (positional: keywords cost 0.3 us)
     if not writable and a.flags.writeable:  # received read-only, mapped writable here already
         a.flags.writeable = False
     return a
 
 
-def _received(wrapped: Any, key: tuple[int, int], offset: int, length: int, writable: bool) -> Any:
-    """A view of the mapping an embedded sender passed as an fd."""
+def _received(wrapped: Any, key: tuple[int, int], offset: int, length: int, writable: bool,
+              *layout: Any) -> npt.NDArray[Any]:
+    """An array on the mapping an embedded sender passed as an fd (`layout`: its dtype, shape,
+    strides and start in the mapping)."""
     fd = wrapped.detach()
     try:
         found = find_by_key(key, offset, length, writable)
-        return found[0] if found is not None else _map_fd(fd, key, offset, length, writable)
+        view = found[0] if found is not None else _map_fd(fd, key, offset, length, writable)
     finally:
         os.close(fd)
+    return _array(view, writable, *layout)
 
 
-def _returned(key: tuple[int, int], offset: int, length: int, writable: bool) -> Any:
-    """A view of a mapping this process must map already (module rules: embedded receivers)."""
+def _returned(key: tuple[int, int], offset: int, length: int, writable: bool, *layout: Any) -> npt.NDArray[Any]:
+    """An array on a mapping this process must map already (module rules: embedded receivers)."""
     found = find_by_key(key, offset, length, writable)
     if found is None:
         raise pickle.UnpicklingError(
             "this ugem array was received by a process whose default device is embedded, which maps it with no "
             "Device: it can only be sent back to a process that still maps its memory (the sender's, while it "
             "holds the array), and this one does not; run a ugem daemon so that arrays can travel anywhere")
-    return found[0]
+    return _array(found[0], writable, *layout)
+
+
+def _again(first: npt.NDArray[Any], delta: int, writable: bool, dtype: np.dtype[Any] | str,
+           shape: tuple[int, ...], strides: tuple[int, ...]) -> npt.NDArray[Any]:
+    """Another array on the mapping of `first`, an array this unpickling made before (module
+    rules), whose first element lies `delta` bytes from `first`'s: a view of what `first` is
+    a view of (numpy's `base`: the mapping, or an array over it), which numpy bounds checks."""
+    base: Any = first.base
+    if base.__class__ is not np.ndarray:  # (the mmap itself, where `first` was made on a memoryview of it)
+        base = np.frombuffer(base, _BYTE)
+    a: npt.NDArray[Any] = np.ndarray(shape, dtype, base, data_address(first) + delta - data_address(base), strides)
+    if not writable and a.flags.writeable:  # received read-only, mapped writable here already
+        a.flags.writeable = False
+    return a
 
 
 def _claimed(path: str, owner: int, token: int, source: int, key: tuple[int, int], offset: int, length: int,
-             writable: bool) -> Any:
-    """A view (a memoryview, or a uint8 array) of the mapping a daemon client shared: this
-    process's own, a lingering one, or a claimed one."""
+             writable: bool, dtype: np.dtype[Any] | str, shape: tuple[int, ...], strides: tuple[int, ...],
+             start: int) -> npt.NDArray[Any]:
+    """An array on the mapping a daemon client shared: this process's own, a lingering one, or
+    a claimed one."""
     found = lookup(key, offset, length, writable)
+    view = None
     if found is not None:
         view, entry = found
         mapper = entry.device() if entry.device is not None else None
@@ -239,16 +257,19 @@ def _claimed(path: str, owner: int, token: int, source: int, key: tuple[int, int
             mapper = None
         if view is not None:  # mapped here already (e.g. the array comes back): use the share up unmapped
             (mapper or _device_for(path))._drop_share(owner, token)
-            return view
-        if mapper is not None:  # mapped here a moment ago (client/linger.py): take it back
+        elif mapper is not None:  # mapped here a moment ago (client/linger.py): take it back
             view = mapper._revive_entry(entry, offset, length, (owner, token))
-            if view is not None:
-                return view
-    dev = _device_for(path)
-    got = dev._revive(key, offset, length, writable, (owner, token))  # (another mapping of that memory lingers)
-    if got is None and writable:
-        got = dev._claim_mapped(owner, token, key, source, offset, length)
-    return got if got is not None else dev._claim(owner, token, writable, (key, offset, length))
+    if view is None:
+        dev = _device_for(path)
+        view = dev._revive(key, offset, length, writable, (owner, token))  # (another mapping of it lingers)
+        if view is None and writable:
+            view = dev._claim_mapped(owner, token, key, source, offset, length)
+        if view is None:
+            view = dev._claim(owner, token, writable, (key, offset, length))
+    a: npt.NDArray[Any] = np.ndarray(shape, dtype, view, start, strides)  # (positional: keywords cost 0.3 us)
+    if not writable and a.flags.writeable:  # received read-only, mapped writable here already
+        a.flags.writeable = False
+    return a
 
 
 def _reduce_buffer(buf: Buffer) -> tuple[Any, ...]:
@@ -335,6 +356,5 @@ def _loads(data: Any, *args: Any, **kwargs: Any) -> Any:
 
 reduction.ForkingPickler.register(np.ndarray, _reduce_array)
 reduction.ForkingPickler.register(Buffer, _reduce_buffer)
-reduction.ForkingPickler.register(_Ref, operator.attrgetter("reduced"))
 setattr(reduction.ForkingPickler, "dumps", classmethod(_dumps))  # noqa: B010  (the class multiprocessing uses)
 setattr(reduction.ForkingPickler, "loads", staticmethod(_loads))  # noqa: B010

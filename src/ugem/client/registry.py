@@ -58,21 +58,14 @@ class Mapping(NamedTuple):  # immutable, and made in a quarter of a microsecond 
     offset: int  # where in the object the mapping starts
     writable: bool
     key: tuple[int, int]  # the memfd's (st_dev, st_ino)
-    region: weakref.ref[Any]  # what views are made from: the mmap, or its exporter (lingering)
     source: int = -1  # the daemon's own fd of that memfd (client/daemon_fds.py), -1: none known
     made: bool = False  # the whole, writable mapping of an object its Device made (GEM_CREATE_MAPPED: reusable)
 
 
-class Lingering(NamedTuple):
-    """A mapping whose last view died (client/linger.py): its registry entry, which stays
-    (module rules), and the mapping itself."""
-
-    entry: Mapping
-    region: mmap.mmap
-
-
+_BYTE = np.dtype(np.uint8)  # (passed positionally: a keyword costs more than the call)
 _starts: list[int] = []  # sorted start addresses
-_by_start: dict[int, Mapping] = {}
+_by_start: dict[int, _Watch] = {}  # start address -> the watch of what views of the mapping there are made from,
+# which carries its entry (one store changes both: a callback may run between two); dead: lingering
 _by_key: dict[tuple[int, int], list[int]] = {}  # memfd identity -> start addresses
 _callbacks: dict[int, weakref.ref[Any]] = {}  # id -> the weak reference of each mapping, until it fires
 
@@ -87,41 +80,46 @@ class _Watch(weakref.ref):  # type: ignore[type-arg]
     """The weak reference that watches a mapping (or its exporter) and carries what its
     callback (`_gone`) needs: one object per mapping where a closure takes eight (the
     function, its tuple of six cells, the cells), which the cyclic collector then walks
-    (2,000 arrays received make 14,000 fewer of them)."""
+    (2,000 arrays received make 14,000 fewer of them). Once it fired, a mapping that lingers
+    is this very object (`Lingering`: its `entry` and the mapping, `region`), so that a
+    view's death allocates nothing."""
 
-    __slots__ = ("address", "map_id", "released", "linger", "kept", "entry")
+    __slots__ = ("address", "map_id", "released", "linger", "region", "entry")
 
     address: int
     map_id: int
     released: deque[Any] | None
     linger: Linger | None
-    kept: mmap.mmap | None  # the mapping itself, when it may linger (the callback must not hold what it watches)
-    entry: Mapping | None  # (its entry refers to it: dropped when it fires, so neither waits for the collector)
+    region: mmap.mmap | None  # the mapping itself, when it may linger (the callback must not hold what it watches)
+    entry: Mapping
+
+
+Lingering = _Watch  # a mapping whose last view died (client/linger.py): `entry` (which stays: module rules), `region`
 
 
 def _gone(ref: _Watch) -> None:
     del _callbacks[id(ref)]
-    mine, ref.entry = ref.entry, None
-    kept, linger, released = ref.kept, ref.linger, ref.released
-    ref.kept = ref.linger = ref.released = None  # (its entry, which refers to it, may stay: nothing through it)
-    if kept is not None and linger is not None and released is not None and linger.room(len(kept)):
+    linger, released = ref.linger, ref.released
+    ref.linger = ref.released = None  # (a lingering one is kept by its Linger: no cycle through it)
+    if ref.region is not None and linger is not None and released is not None and linger.room(len(ref.region)):
         if not linger.arrived:
             released.append(None)  # the next send releases it (client/linger.py)
-        assert mine is not None
-        linger.arrived.append(Lingering(mine, kept))  # its entry stays (module rules)
+        linger.arrived.append(ref)  # its entry stays (module rules): this watch, dead, in `_by_start`
         return
-    entry = _by_start.get(ref.address)
-    if entry is not None and entry.region is ref:
-        _remove(entry)
+    ref.region = None
+    if _by_start.get(ref.address) is ref:  # (not if a new mapping took its address first)
+        _remove(ref.entry)
     if released is not None:
         released.append(ref.map_id)
 
 
-def _watch(watched: Any, address: int, map_id: int, released: deque[Any] | None, linger: Linger | None,
-           kept: mmap.mmap | None) -> _Watch:
+def _watch(watched: Any, entry: Mapping, released: deque[Any] | None, linger: Linger | None,
+           region: mmap.mmap | None) -> _Watch:
     ref = _Watch(watched, _gone)
-    ref.address, ref.map_id, ref.released, ref.linger, ref.kept = address, map_id, released, linger, kept
+    ref.address, ref.map_id, ref.released, ref.linger, ref.region, ref.entry = \
+        entry.address, entry.map_id, released, linger, region, entry
     _callbacks[id(ref)] = ref
+    _by_start[entry.address] = ref  # (a new mapping's, or a lingering one's taken back: the same entry)
     return ref
 
 
@@ -138,17 +136,17 @@ def register_mapping(region: mmap.mmap, device: Device | None, map_id: int, offs
     thread runs meanwhile), and the release must still be queued; the callback forgets its
     own entry only. (A `weakref.finalize` costs 5x more.)"""
     if not address:
-        address = data_address(np.frombuffer(region, dtype=np.uint8))
-    watched: Any = region if linger is None else np.frombuffer(region, dtype=np.uint8)
-    ref = _watch(watched, address, map_id, released, linger, None if linger is None else region)
-    ref.entry = entry = Mapping(address, len(region), None if device is None else weakref.ref(device), map_id,
-                                offset, writable, key, ref, source, made)
+        address = data_address(np.frombuffer(region, _BYTE))
+    entry = Mapping(address, len(region), None if device is None else weakref.ref(device), map_id, offset, writable,
+                    key, source, made)
     old = _by_start.get(address)
-    if old is None:
-        bisect.insort(_starts, address)
-    else:  # its region is gone, its callback not run yet
-        _unkey(old)
-    _by_start[address] = entry
+    watched: Any = region if linger is None else np.frombuffer(region, _BYTE)
+    _watch(watched, entry, released, linger, None if linger is None else region)  # (entered before it is listed)
+    i = bisect.bisect_left(_starts, address)
+    if i == len(_starts) or _starts[i] != address:  # (not there, or its old entry's callback just took it out)
+        _starts.insert(i, address)
+    if old is not None:  # its region is gone, its callback not run yet (or just run)
+        _unkey(old.entry)
     _by_key.setdefault(key, []).append(address)
     return watched
 
@@ -156,18 +154,18 @@ def register_mapping(region: mmap.mmap, device: Device | None, map_id: int, offs
 def rewatch(item: Lingering, released: deque[Any], linger: Linger) -> Any:
     """Take a lingering mapping back (its Linger, `linger`, gave it up: client/linger.py): what
     to make its views from, a new exporter watched as the first was (`register_mapping` with
-    `released` and `linger`), its entry the same but for that."""
-    e = item.entry
-    watched = np.frombuffer(item.region, dtype=np.uint8)
-    ref = _watch(watched, e.address, e.map_id, released, linger, item.region)
-    ref.entry = _by_start[e.address] = Mapping(e.address, e.length, e.device, e.map_id, e.offset, e.writable, e.key,
-                                               ref, e.source, e.made)
+    `released` and `linger`); its entry stays as it is."""
+    region = item.region
+    assert region is not None
+    watched = np.frombuffer(region, _BYTE)
+    _watch(watched, item.entry, released, linger, region)
     return watched
 
 
 def forget(entry: Mapping) -> None:
     """A lingering mapping is released (client/linger.py): forget its entry."""
-    if _by_start.get(entry.address) is entry:
+    ref = _by_start.get(entry.address)
+    if ref is not None and ref.entry is entry:
         _remove(entry)
 
 
@@ -178,9 +176,9 @@ def starts_of(key: tuple[int, int]) -> list[int] | tuple[()]:
 
 def _remove(entry: Mapping) -> None:
     address = entry.address
-    del _by_start[address]
+    _unkey(entry)  # (unlisted before it goes)
     del _starts[bisect.bisect_left(_starts, address)]
-    _unkey(entry)
+    del _by_start[address]
 
 
 def _unkey(entry: Mapping) -> None:
@@ -206,7 +204,8 @@ def lookup(key: tuple[int, int], offset: int, length: int, writable: bool) -> tu
     if there is one, else None."""
     lingering = None
     for address in _by_key.get(key, ()):
-        entry = _by_start[address]
+        ref = _by_start[address]
+        entry = ref.entry
         if entry.device is not None:  # only a mapping that can travel on: its Device lives, in this process
             dev = entry.device()
             if dev is None or dev._transport is None:  # (gone, or closed: `closed` without its call)
@@ -216,7 +215,7 @@ def lookup(key: tuple[int, int], offset: int, length: int, writable: bool) -> tu
                 return lookup(key, offset, length, writable)
         if entry.offset <= offset and offset + length <= entry.offset + entry.length \
                 and (entry.writable or not writable):
-            region = entry.region()
+            region = ref()
             if region is not None:
                 start = offset - entry.offset
                 if region.__class__ is np.ndarray:  # an exporter: a slice of it, an array (which the cyclic
@@ -230,7 +229,8 @@ def lookup(key: tuple[int, int], offset: int, length: int, writable: bool) -> tu
 def mapping_devices() -> set[int]:
     """The ids of the Devices with a live mapping in this process."""
     found = set()
-    for entry in list(_by_start.values()):
+    for ref in list(_by_start.values()):
+        entry = ref.entry
         device = entry.device() if entry.device is not None else None
         if device is not None:
             found.add(id(device))
@@ -263,5 +263,7 @@ def find_mapping(low: int, high: int) -> Mapping | None:
     i = bisect.bisect_right(_starts, low) - 1
     if i < 0:
         return None
-    entry = _by_start[_starts[i]]
-    return entry if high <= entry.address + entry.length and entry.region() is not None else None
+    address = _starts[i]
+    ref = _by_start[address]
+    entry = ref.entry
+    return entry if high <= address + entry.length and ref() is not None else None

@@ -305,6 +305,11 @@ def receive_views(data: bytes) -> tuple[list[int], list[bool], int, int]:
     return [int(a[0]) for a in arrays], [bool(a.flags.writeable) for a in arrays], len(maps), sent + drops
 
 
+def load_copies(data: bytes) -> list[tuple[Any, bool]]:
+    """Unpickle a multiprocessing pickle of a list of arrays: a plain copy of each, and whether it is writable."""
+    return [(np.array(a), bool(a.flags.writeable)) for a in ForkingPickler.loads(data)]
+
+
 def load_nested(data: bytes) -> list[Any]:
     """Unpickle a multiprocessing pickle of arrays and lists of arrays; what each holds at [0]."""
     def first(x: Any) -> Any:
