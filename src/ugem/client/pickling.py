@@ -51,9 +51,9 @@ Rules:
   or the memfd identity) in the call that rebuilds it (`_claimed`, `_received`,
   `_returned`: one call per array, where a reference object of its own cost the receiver
   a call more and the pickle a reduction more); every later one of that mapping names
-  that first array (`_again`: pickle writes it by its memo), whose mapping the receiver
-  finds again by the memfd identity while the first array lives (the unpickler's memo
-  holds it to the end). The receiver thus resolves the reference once (one claim, one
+  that first array (`_again`: pickle writes it by its memo) and the distance from it, and
+  is rebuilt as a view of what the first array views (numpy's `base`, which the unpickler's
+  memo keeps alive to the end). The receiver thus resolves the reference once (one claim, one
   mapping, one fd): a list of 2,000 slices of one array costs one share and one claim, not
   2,000. Each pickle has its own references (a pickle inside a pickle too), so no share is
   named in two pickles;
@@ -115,8 +115,8 @@ def _send_fd(fd: int) -> Any:
 
 
 class _Pickles(threading.local):
-    refs: list[dict[Any, Any]]  # per `dumps` running in this thread, innermost last: key -> the array that
-    # carries the reference to that mapping, and socket paths
+    refs: list[dict[Any, Any]]  # per `dumps` running in this thread, innermost last: key -> (the array that
+    # carries the reference to that mapping, its data address), and socket paths
 
     def __init__(self) -> None:
         self.refs = []
@@ -199,6 +199,8 @@ def _map_fd(fd: int, key: tuple[int, int], offset: int, length: int, writable: b
 
 def _array(view: Any, writable: bool, dtype: np.dtype[Any] | str, shape: tuple[int, ...],
            strides: tuple[int, ...], start: int) -> npt.NDArray[Any]:
+    """The received array on `view` (`_claimed` and `_again`, run once per array, do the same
+    inline: a call less each)."""
     a: npt.NDArray[Any] = np.ndarray(shape, dtype, view, start, strides)  # (positional: keywords cost 0.3 us)
     if not writable and a.flags.writeable:  # received read-only, mapped writable here already
         a.flags.writeable = False

@@ -131,7 +131,7 @@ def register_mapping(region: mmap.mmap, device: Device | None, map_id: int, offs
     forgotten and its id queued in `released` (a Device's release queue, client/releases.py),
     if given, or with `linger` (if it has room) the mapping handed to it, and a marker queued:
     a weak reference's callback (`_gone`), which does only that (it may run at any moment).
-    The reference is kept in `_callbacks` until it fires, not only in the entry: a new mapping
+    The reference is kept in `_callbacks` until it fires, not only in `_by_start`: a new mapping
     may take the address (and the entry's place) between the munmap and the callback (another
     thread runs meanwhile), and the release must still be queued; the callback forgets its
     own entry only. (A `weakref.finalize` costs 5x more.)"""
