@@ -6,6 +6,8 @@
   wire/frames.py, fds with SCM_RIGHTS, one request in flight at a time (a lock serialises
   threads). A call of a fixed-size request (no fds, no notes) costs one send and one recv
   when its whole reply arrives in one read, and one pack and one unpack (`Struct._framed`).
+  While replies come soon, the first read of each checks for a moment before it sleeps
+  (busy polling, ugem/spin.py; not with a timeout armed).
   Requests posted without waiting for their replies, on the socket or on its lazy channel:
   client/posting.py.
 
@@ -25,12 +27,14 @@ import struct
 import threading
 import time
 from collections.abc import Sequence
+from functools import partial
 from typing import Any, NoReturn
 
 from ..core.requests import REQUESTS
 from ..errors import BadFd, DaemonGone, RemoteProtocolError, TimedOut, TooBig, UgemError, error_from_errno
 from ..fd import OwnedFd
 from ..scm import ANC_SPACE, fds_from_ancillary, rights
+from ..spin import BusyPoll
 from ..wire import structs as s
 from ..wire.frames import HEADER, MAGIC, MAX_PAYLOAD, PROTOCOL_VERSION, XFER_ABOVE, FrameKind, Op, encode_header
 from ..wire.structs_share import SHARE_BATCH_RECORD
@@ -41,6 +45,7 @@ __all__ = ["SocketTransport"]
 
 
 _FIRST_READ = 65536
+_DONTWAIT = socket.MSG_DONTWAIT
 _CTRUNC = int(socket.MSG_CTRUNC)  # plain ints: enum flag arithmetic costs ~0.5 us per request
 _CLOEXEC = int(socket.MSG_CMSG_CLOEXEC)
 _REPLY = int(FrameKind.REPLY)
@@ -72,6 +77,8 @@ class SocketTransport(Posting):
     def __init__(self, sock: socket.socket, *, timeout: float | None = None, path: str = "") -> None:
         self._sock = sock
         self._lock = threading.Lock()
+        self.server_pid = 0
+        self._spin = BusyPoll(lambda: self.server_pid or None)
         self._seq = 0
         self._gone = "the ugem daemon closed the connection"  # why, once the connection is lost
         self._path = path or "its socket"
@@ -134,7 +141,7 @@ class SocketTransport(Posting):
                 if reply_type.FDS:
                     status, payload, got = self._receive(op, True, b"")
                 else:
-                    buf = self._sock.recv(_FIRST_READ)
+                    buf = self._first_read()
                     if reply_type._plain and len(buf) == reply_type._framed.size:
                         # the common case: the whole reply of a fixed struct in one read, unpacked in one call
                         values = reply_type._framed.unpack(buf)
@@ -163,6 +170,27 @@ class SocketTransport(Posting):
             for fd in got:
                 fd.close()
             raise
+
+    def _first_read(self) -> bytes:
+        """The first read of a reply: busy polling first (ugem/spin.py), not with a timeout armed."""
+        if self._budget is not None:
+            return self._sock.recv(_FIRST_READ)
+        return self._spin.check(self._try_read) or self._spin.sleep(self._sock.recv, _FIRST_READ)
+
+    def _try_read(self) -> bytes | None:
+        try:
+            return self._sock.recv(_FIRST_READ, _DONTWAIT)
+        except BlockingIOError:
+            return None
+
+    def _recvmsg(self, space: int) -> tuple[bytes, list[Any], int, Any]:
+        return self._sock.recvmsg(_FIRST_READ, space, _CLOEXEC)
+
+    def _try_recvmsg(self, space: int) -> tuple[bytes, list[Any], int, Any] | None:
+        try:
+            return self._sock.recvmsg(_FIRST_READ, space, _CLOEXEC | _DONTWAIT)
+        except BlockingIOError:
+            return None
 
     def _arm(self, op: Op, req: Any) -> None:
         """Start the clock of one call: the socket's timeout is its whole budget."""
@@ -240,8 +268,12 @@ class SocketTransport(Posting):
         while len(buf) < HEADER.size:
             if buf:  # not the call's first read
                 self._rearm()
-            data, anc, flags, _ = self._sock.recvmsg(_FIRST_READ, ANC_SPACE if with_fds and not buf else 0,
-                                                     _CLOEXEC)
+            space = ANC_SPACE if with_fds and not buf else 0
+            if buf or self._budget is not None:
+                data, anc, flags, _ = self._sock.recvmsg(_FIRST_READ, space, _CLOEXEC)
+            else:  # the call's first read: busy polling first (ugem/spin.py)
+                data, anc, flags, _ = self._spin.check(partial(self._try_recvmsg, space)) \
+                    or self._spin.sleep(self._recvmsg, space)
             if anc:
                 fds.extend(fds_from_ancillary(anc))
             if flags & _CTRUNC:

@@ -8,13 +8,19 @@ cost. Rules:
   write sees the error and the connection is dropped);
 - an fd is registered at most once; its tag is replaced by `modify`;
 - `poll` returns epoll's (fd, events) pairs; the caller looks each fd's tag up in `tags`
-  as it serves them, and skips an fd that is no longer there (unregistered by an earlier one).
+  as it serves them, and skips an fd that is no longer there (unregistered by an earlier one);
+- busy polling (ugem/spin.py): while requests come close together, `poll` checks for
+  events without sleeping for a moment before it sleeps in epoll; the peer it may be
+  pinned with is the process behind the first fd of the last events (`peer_of(tag)`).
 """
 
 from __future__ import annotations
 
 import select
+from collections.abc import Callable
 from typing import Any
+
+from ..spin import BusyPoll
 
 __all__ = ["READ", "WRITE", "Poller"]
 
@@ -23,9 +29,12 @@ WRITE = select.EPOLLOUT
 
 
 class Poller:
-    def __init__(self) -> None:
+    def __init__(self, peer_of: Callable[[Any], int | None] = lambda tag: None) -> None:
         self._epoll = select.epoll()
         self.tags: dict[int, Any] = {}  # fd -> its tag (read-only outside this class)
+        self._last_fd = -1  # the first fd of the last events
+        self._spin = BusyPoll(lambda: peer_of(self.tags.get(self._last_fd)))
+        self._check = lambda: self._epoll.poll(0)
 
     def register(self, fd: int, events: int, tag: Any) -> None:
         self._epoll.register(fd, events)
@@ -41,8 +50,15 @@ class Poller:
 
     def poll(self, timeout: float) -> list[tuple[int, int]]:
         """The (fd, events) pairs epoll reports; the caller finds each fd's tag in `tags`
-        (one that is not there any more was unregistered meanwhile: skip it)."""
-        return self._epoll.poll(timeout)
+        (one that is not there any more was unregistered meanwhile: skip it). `timeout`
+        0 checks without waiting; otherwise waits at most that long (busy polling first
+        while hot)."""
+        if timeout <= 0:
+            return self._epoll.poll(0)
+        events = self._spin.check(self._check) or self._spin.sleep(self._epoll.poll, timeout)
+        if events:
+            self._last_fd = events[0][0]
+        return events
 
     def close(self) -> None:
         self._epoll.close()
