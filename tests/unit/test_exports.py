@@ -9,7 +9,7 @@ def test_all_is_sorted_case_insensitively_by_kind_and_complete():
     public = {n for n in vars(ugem) if not n.startswith("_")} - {
         "client", "config", "constants", "errors", "manager", "core", "wire", "backing", "fd", "paths", "daemon",
         "testing", "cli", "mm", "gpu", "top", "fsview", "bufview", "serve_options", "dask", "ints", "scm",
-        "address", "parts"}
+        "address", "parts", "spin"}
     assert public == names
     constants = [n for n in ugem.__all__ if n.isupper()]
     others = [n for n in ugem.__all__ if not n.isupper()]
