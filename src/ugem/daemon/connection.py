@@ -17,9 +17,9 @@ Rules:
   the connection is not read (a client that does not read cannot make us buffer more);
   a reply bigger than a frame goes in several frames (wire/frames.py), never refused;
 - each request runs as a `Call` (core/call.py, the run-until-done loop the embedded
-  manager uses too), but a fixed struct of a row whose handler takes no Call runs through
-  `dispatch()` straight (most requests: a Call costs a tenth of an `info`), and becomes a
-  Call only if it must wait; one that must wait (Pending: memory jobs, a fence, a resume) is
+  manager uses too), but a request without fds of a row whose handler takes no Call runs
+  through `dispatch()` straight (most requests: a Call costs a tenth of an `info`), and
+  becomes a Call only if it must wait; one that must wait (Pending: memory jobs, a fence, a resume) is
   parked with its call, and the connection is not read until the server steps it again
   (`resume`, once `Call.ready`): that client is throttled, others are served meanwhile;
 - a client that went away while requests it sent were still unread (a reply's write fails:
@@ -199,7 +199,10 @@ class Connection(LazyServing):
             frame.close_fds()
             self._reply_error(frame, exc.errno or errno.EIO, str(exc.strerror))
             return
-        self._run(frame, Call(self.client, desc, req))
+        if desc.takes_call or fds:
+            self._run(frame, Call(self.client, desc, req))
+        else:
+            self._run_plain(frame, desc, req)
 
     def _run(self, frame: Frame, call: Call) -> None:
         """Step the call; while it must wait, park it (the server starts its jobs and

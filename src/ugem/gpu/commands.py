@@ -60,6 +60,7 @@ __all__ = [
     "byte_address",
     "execute",
     "handles",
+    "plainly_valid",
     "reads",
     "validate",
     "writes",
@@ -246,7 +247,7 @@ def validate(cmd: Command, obj: Callable[[int], ObjectLike]) -> None:
     SemaphoreWait: offset >= 0, value in u32, object CACHED or proxy, offset 4-aligned,
     offset + 4 <= size.
     """
-    if _plainly_valid(cmd, lambda handle: obj(handle).size):
+    if plainly_valid(cmd, lambda handle: obj(handle).size):
         return
     if not isinstance(cmd, Fill | Copy | Blit | SemaphoreWait):
         raise _unknown(cmd)
@@ -279,7 +280,7 @@ def validate(cmd: Command, obj: Callable[[int], ObjectLike]) -> None:
             _in_object("SemaphoreWait", v["obj"], v["offset"], 4, view)
 
 
-def _plainly_valid(cmd: Command, size: Callable[[int], int]) -> bool:
+def plainly_valid(cmd: Command, size: Callable[[int], int]) -> bool:
     """`validate`'s checks of a Fill or Copy of plain ints, naming nothing (`size(handle)`: its
     object's size): True if all pass, else `validate` runs them in order for its message.
     Asks for a size only where `validate` would look at that object (the same ones)."""
@@ -342,7 +343,7 @@ def execute(
         t = targets[handle]
         return ObjView(size=arrays[handle].size, tiling=t.tiling, stride=t.stride, caching=CACHING_CACHED)
 
-    if not _plainly_valid(cmd, lambda handle: int(arrays[handle].size)):
+    if not plainly_valid(cmd, lambda handle: int(arrays[handle].size)):
         validate(cmd, view)
     match cmd:
         case Fill():

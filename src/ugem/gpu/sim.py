@@ -13,6 +13,9 @@ The timeline is one worker thread that runs ops strictly in submission order:
   that lock and so still in seqno order: handing it to the worker would cost a thread wakeup
   and GIL hand-offs per submission (execbuffer of small Fills through the daemon spent more
   time there than in its own request). Its notify callback is then called on that thread.
+  When all its surfaces are in device memory and every command passes the plain checks
+  (`commands.plainly_valid`), it runs straight on one array over device memory (`_direct`:
+  a slice fill or copy per command, no views or targets to build); else as any other op.
 - CopyIn / CopyOut copy between a host buffer and a slice of device memory (gpu/copies.py:
   a large one in parts on copy threads that the op joins before it completes),
   leaving the host's holes unread (CopyIn clears them in device memory) and unwritten where
@@ -62,9 +65,12 @@ from collections.abc import Callable
 from contextlib import ExitStack
 from typing import TYPE_CHECKING, Any
 
+import numpy as np
+import numpy.typing as npt
+
 from ..cmd import Copy, Fill, SemaphoreWait
 from .base import CopyIn, CopyOut, Execute, GpuBackend, GpuOp, Holes, Surface, discard
-from .commands import Hung, Target, execute
+from .commands import Hung, Target, execute, plainly_valid
 from .copies import copy, host_view
 
 __all__ = ["SimGpu", "check_op", "run_op"]
@@ -197,6 +203,36 @@ def _quick(op: GpuOp) -> bool:
     return total <= _QUICK_BYTES
 
 
+def _direct(device: npt.NDArray[np.uint8], op: GpuOp) -> bool:
+    """Run a short Execute (`_quick`) whose surfaces are all in device memory and whose
+    commands all pass the plain checks, straight on `device`; False (nothing done) if not one."""
+    if not isinstance(op, Execute):
+        return False
+    surfaces = op.surfaces
+    base: dict[int, int] = {}  # handle -> its surface's offset in device memory
+    for handle, surface in surfaces.items():
+        if surface.vram is None:
+            return False
+        base[handle] = surface.vram
+
+    def size(handle: int) -> int:  # (a handle without a surface fails the checks)
+        surface = surfaces.get(handle)
+        return -1 if surface is None else surface.size
+    commands = op.commands
+    for command in commands:
+        if not plainly_valid(command, size):
+            return False
+    for command in commands:
+        if isinstance(command, Fill):
+            start = base[command.dst] + command.offset
+            device[start:start + command.length].fill(command.byte)
+        elif isinstance(command, Copy):  # (np.copyto copies overlapping memory through a temporary: memmove)
+            src = base[command.src] + command.src_offset
+            dst = base[command.dst] + command.dst_offset
+            np.copyto(device[dst:dst + command.length], device[src:src + command.length])
+    return True
+
+
 _STOP = None  # queued by close(): the worker exits after everything queued before it
 
 
@@ -245,6 +281,7 @@ class SimGpu(TimelineQueries):
         self._hang_timeout = hang_timeout
         self._mem = mmap.mmap(-1, vram_size, flags=mmap.MAP_SHARED | mmap.MAP_ANONYMOUS | _NORESERVE)
         self._memory = memoryview(self._mem)  # the worker's view; released by close()
+        self._device: Any = np.frombuffer(self._memory, np.uint8)  # `_direct`'s; dropped by close()
         self._queue: queue.SimpleQueue[tuple[int, GpuOp] | None] = queue.SimpleQueue()
         self._submit_lock = threading.Lock()  # seqno order == queue order
         self._issued = 0
@@ -283,7 +320,8 @@ class SimGpu(TimelineQueries):
             if not (self._completed == seqno - 1 and _quick(op)):
                 self._queue.put((seqno, op))  # SimpleQueue.put never blocks
                 return seqno
-            self._mark(seqno, self._run_one(seqno, op))  # idle timeline: run it here, in order
+            # idle timeline: run it here, in order
+            self._mark(seqno, False if _direct(self._device, op) else self._run_one(seqno, op))
         self._call_notify(seqno)  # outside the lock: the callback may submit
         return seqno
 
@@ -356,6 +394,7 @@ class SimGpu(TimelineQueries):
 
     def _unmap(self) -> None:
         try:
+            self._device = None
             self._memory.release()
             self._mem.close()
         except BufferError:
