@@ -184,3 +184,52 @@ def test_a_part_whose_thread_cannot_start_runs_on_the_callers(monkeypatch: pytes
     out = np.zeros_like(value)
     parts.copyto(out, value)
     assert np.array_equal(out, value)
+
+
+def _filled_memfd(size: int) -> tuple[OwnedFd, bytes]:
+    data = (np.arange(size // 8, dtype=np.uint64) * np.uint64(0x9E3779B97F4A7C15)).tobytes()
+    fd = OwnedFd(os.memfd_create("parts-preadv", os.MFD_CLOEXEC))
+    os.pwrite(fd.fd, data, 0)
+    return fd, data
+
+
+def test_a_big_preadv_below_the_mapping_threshold_runs_in_parts(monkeypatch: pytest.MonkeyPatch) -> None:
+    """client/bulk.py and the manager's own reads (backing/memfd.py) read with preadv in parts
+    where they do not map (below MAPPED_MIN, or unsealed memory), at any offset."""
+    from ugem.backing import memfd
+    from ugem.client import bulk
+
+    monkeypatch.setattr(bulk, "MAPPED_MIN", 1 << 40)
+    monkeypatch.setattr(memfd, "MAPPED_MIN", 1 << 40)
+    fd, data = _filled_memfd(SIZE + PAGE)
+    try:
+        for read in (lambda out: bulk.preadv_all(fd, out, 3 * PAGE + 5),
+                     lambda out: memfd.MemfdStore.read(None, fd, 3 * PAGE + 5, memoryview(out))):  # type: ignore[arg-type]
+            seen = _threads_seen(monkeypatch)
+            out = bytearray(SIZE - 3 * PAGE)
+            read(out)
+            assert seen == {threading.current_thread().name, "ugem-copy"}
+            assert out == data[3 * PAGE + 5:3 * PAGE + 5 + len(out)]
+    finally:
+        fd.close()
+
+
+def test_preadv_into_names_what_the_file_did_not_hold() -> None:
+    from ugem.backing import memfd
+    from ugem.client import bulk
+    from ugem.errors import IOFailure
+
+    fd, data = _filled_memfd(SIZE // 2)  # the file ends inside the second part of three
+    try:
+        out = bytearray(b"\xee" * SIZE)
+        short = parts.preadv_into(fd.fd, memoryview(out), PAGE)
+        assert short and short[0][0] == SIZE // 2 - PAGE
+        assert out[:SIZE // 2 - PAGE] == data[PAGE:]
+        with pytest.raises(IOFailure, match=f"offset {SIZE // 2}"):
+            bulk.preadv_all(fd, bytearray(SIZE), PAGE)
+        out = bytearray(b"\xee" * SIZE)
+        memfd.MemfdStore.read(None, fd, PAGE, memoryview(out))  # type: ignore[arg-type]
+        assert out == data[PAGE:] + bytes(SIZE - len(data) + PAGE)  # the rest zero-filled
+        assert parts.preadv_into(fd.fd, memoryview(bytearray(SIZE // 4)), 0) == []
+    finally:
+        fd.close()

@@ -48,6 +48,7 @@ from ..bufview import flat_bytes
 from ..constants import PAGE_SIZE, page_align
 from ..errors import InvalidArgument, OutOfMemory
 from ..fd import OwnedFd
+from ..parts import preadv_into
 from .base import FdKind, Inspection
 from .mapping import MAPPED_MIN, map_shared, read_mapped
 from .preload import load_file, open_source
@@ -193,13 +194,8 @@ class MemfdStore:
         view = memoryview(into).cast("B")
         if len(view) >= MAPPED_MIN and read_mapped(backing.fd, view, offset):
             return
-        done = 0
-        while done < len(view):
-            n = os.preadv(backing.fd, [view[done:done + _MAX_IO]], offset + done)
-            if n <= 0:  # past the sealed size cannot happen; zero-fill defensively
-                view[done:] = bytes(len(view) - done)
-                return
-            done += n
+        for start, end in preadv_into(backing.fd, view, offset):  # past the sealed size cannot happen:
+            view[start:end] = bytes(end - start)  # zero-fill defensively
 
     def write(self, backing: OwnedFd, offset: int, data: memoryview) -> None:
         view = memoryview(data).cast("B")
