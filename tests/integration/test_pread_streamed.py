@@ -8,6 +8,7 @@ does not read it, which the client library never does."""
 
 from __future__ import annotations
 
+import errno
 import os
 import signal
 import time
@@ -219,3 +220,126 @@ def test_the_daemon_stops_at_once_with_a_stream_nobody_reads(kit: Any) -> None:
         finally:
             for fd in fds:
                 os.close(fd)
+
+
+# -- a client that may copy the daemon's fds reads the spill files itself (STREAM_TAKES) ------
+
+def _spill_disk_bytes(daemon: DaemonProcess) -> int:
+    """Bytes the daemon's spill files hold on disk: an extent given back is punched out."""
+    total = 0
+    for directory, _, files in os.walk(os.path.join(daemon.directory, "spill")):
+        total += sum(os.stat(os.path.join(directory, f)).st_blocks * 512 for f in files)
+    return total
+
+
+def _given_back(daemon: DaemonProcess, dev: ugem.Device, kit: Any, what: str) -> None:
+    kit.wait_until(lambda: dev.stats()["spilled_bytes"] == 0 and _spill_disk_bytes(daemon) == 0, what=what)
+
+
+def _spy(monkeypatch: pytest.MonkeyPatch, name: str) -> list[int]:
+    """Count the calls of client/device_xfer.py's `name` (read_runs or read_streamed)."""
+    from ugem.client import device_xfer
+    calls: list[int] = []
+    real = getattr(device_xfer, name)
+
+    def spy(*args: Any) -> None:
+        calls.append(1)
+        real(*args)
+
+    monkeypatch.setattr(device_xfer, name, spy)
+    return calls
+
+
+def test_pread_into_reads_the_spill_files_themselves(daemon: DaemonProcess, kit: Any,
+                                                     monkeypatch: pytest.MonkeyPatch) -> None:
+    """Through spill files this process copies (pidfd_getfd): the right bytes for any range,
+    holes as zeros, no pipe and no pump, the object left spilled, and each transfer ended."""
+    direct, piped = _spy(monkeypatch, "read_runs"), _spy(monkeypatch, "read_streamed")
+    with daemon.connect() as dev:
+        baseline = daemon.fd_count()
+        h, expected = _sparse(dev, 20)
+        fillers = _push_out(dev, h)
+        before = dev.stats()
+        ranges = [(0, SIZE), (7, MiB + 1000), (3 * MiB, 9 * MiB + 1), (SIZE - XFER_ABOVE - 3, XFER_ABOVE + 3)]
+        for offset, length in ranges:
+            out = np.full(length, 0xEE, np.uint8)
+            assert dev.pread_into(h, offset, out) == length
+            assert np.array_equal(out, expected[offset:offset + length]), (offset, length)
+        after = dev.stats()
+        assert (len(direct), len(piped)) == (len(ranges), 0)
+        assert dev.info(h).placement == "spilled" and after["restored_total"] == before["restored_total"]
+        assert after["streams"] == 0  # (no pump)
+        for f in [h, *fillers]:
+            dev.close_handle(f)
+        _given_back(daemon, dev, kit, "spill storage given back: transfers ended")
+        kit.wait_fd_count(daemon, baseline)
+
+
+def test_where_a_spill_file_cannot_be_copied_the_read_comes_through_a_pipe(daemon: DaemonProcess, kit: Any,
+                                                                          monkeypatch: pytest.MonkeyPatch) -> None:
+    from ugem.client.daemon_fds import DaemonFds
+    direct, piped = _spy(monkeypatch, "read_runs"), _spy(monkeypatch, "read_streamed")
+    monkeypatch.setattr(DaemonFds, "take", lambda self, number, key: None)  # as if every file changed hands
+    with daemon.connect() as dev:
+        h, expected = _sparse(dev, 21)
+        fillers = _push_out(dev, h)
+        out = np.full(SIZE, 0xEE, np.uint8)
+        assert dev.pread_into(h, 0, out) == SIZE
+        assert np.array_equal(out, expected) and (len(direct), len(piped)) == (0, 1)
+        _streams_ended(dev)
+        for f in [h, *fillers]:
+            dev.close_handle(f)
+        _given_back(daemon, dev, kit, "spill storage given back: transfer ended")
+
+
+def _ask_direct(raw: Any, handle: int) -> s.PreadReply:
+    reply = raw.call(Op.GEM_PREAD, s.PreadReq(handle=handle, flags=s.XFER | s.STREAM | s.TAKES_FD | s.STREAM_TAKES,
+                                               offset=0, length=SIZE))
+    assert reply.status == 0 and not reply.nfds, reply
+    got = s.decode(s.PreadReply, reply.payload, [])
+    assert got.flags == s.STREAMED | s.TAKEN and got.xfer_id
+    return got
+
+
+def test_a_direct_read_keeps_its_bytes_until_its_transfer_ends(daemon: DaemonProcess, kit: Any) -> None:
+    """The object freed by its owners and 128 MiB of new spills after the reply: the runs still
+    hold the bytes of the request until XFER_DONE; a client that ends without it gives the
+    extent back all the same."""
+    from ugem.client.daemon_fds import DaemonFds
+    with daemon.connect() as dev, kit.RawClient(daemon.path) as raw:
+        raw.hello()
+        h, expected = _sparse(dev, 22)
+        theirs = _open(raw, dev, h)
+        fillers = _push_out(dev, h)
+        reply = _ask_direct(raw, theirs)
+        assert raw.call(Op.GEM_CLOSE, s.CloseReq(handle=theirs)).status == 0
+        for f in [h, *fillers]:
+            dev.close_handle(f)
+        more = [dev.create(SIZE) for _ in range(8)]
+        for i, m in enumerate(more):
+            dev.pwrite(m, 0, np.full(SIZE, 0xA0 + i, np.uint8))
+        taker = DaemonFds((daemon.pid, os.getuid()))
+        out = np.zeros(SIZE, np.uint8)
+        try:
+            for server_fd, _, st_dev, st_ino, at, offset, n in s.SPILL_RUN.iter_unpack(reply.data):
+                fd = taker.take(server_fd, (st_dev, st_ino))
+                assert fd is not None
+                with fd:
+                    assert os.preadv(fd.fd, [memoryview(out)[offset:offset + n]], at) == n
+        finally:
+            taker.close()
+        assert np.array_equal(out, expected)
+        assert raw.call(Op.XFER_DONE, s.XferDoneReq(xfer_id=reply.xfer_id)).status == 0
+        assert raw.call(Op.XFER_DONE, s.XferDoneReq(xfer_id=reply.xfer_id)).status == errno.EINVAL  # (ended once)
+        for m in more:
+            dev.close_handle(m)
+        _given_back(daemon, dev, kit, "spill storage given back after XFER_DONE")
+        h2, _ = _sparse(dev, 23)
+        fillers = _push_out(dev, h2)
+        reply = _ask_direct(raw, _open(raw, dev, h2))
+    # raw ended without XFER_DONE (and with its handle): once dev's are closed, nothing is held
+    with daemon.connect() as dev2:
+        for f in [h2, *fillers]:
+            with pytest.raises(ugem.NoSuchObject):
+                dev2.info(f)  # (dev's handles went with dev)
+        _given_back(daemon, dev2, kit, "spill storage given back at the client's end")

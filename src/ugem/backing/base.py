@@ -148,6 +148,11 @@ class BackingStore(Protocol):
         more than `max_runs` runs. The extent's release waits until `spill_read_done`.
         OSError if no pipe can be made."""
 
+    def spill_read_direct(self, extent: Any, start: int, end: int, max_runs: int) -> list[tuple[int, ...]] | None:
+        """A read of [start, end) the reader makes from the spill files itself: its runs as
+        (our fd of the file, st_dev, st_ino, file offset, object offset, length) in object
+        order; None if more than `max_runs`. The extent's release waits until `spill_read_done`."""
+
     def spill_read_done(self, extent: Any) -> None:
         """A read of the extent has ended (core's thread)."""
 

@@ -315,6 +315,9 @@ class MemfdStore:
                    max_runs: int) -> tuple[list[Run], OwnedFd, Callable[[], int]] | None:
         return self.spill.read(extent, start, end, max_runs)
 
+    def spill_read_direct(self, extent: Extent, start: int, end: int, max_runs: int) -> list[tuple[int, ...]] | None:
+        return self.spill.read_direct(extent, start, end, max_runs)
+
     def spill_read_done(self, extent: Extent) -> None:
         self.spill.read_done(extent)
 

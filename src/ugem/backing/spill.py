@@ -26,6 +26,9 @@ Rules:
   CHUNK is punched out of the memfd once it is in the file, so freeing overlaps copying.
   If a later chunk then fails (an I/O error), the chunks already freed are copied back
   from the file before the error is raised;
+- a spilled object may be read from the spill files by the reader itself (`read_direct`:
+  a client that may copy the daemon's fds, core/stream.py), or through a pipe this store
+  pumps (`read`); either way the extent's release waits until `read_done`;
 - an extent's ranges are copied at the same time, the first on the calling thread, the
   others on the store's helper threads (`ugem-spill`), which run nothing else; both
   directions (`store`, `load`);
@@ -312,6 +315,18 @@ class SpillStore:
             fcntl.fcntl(write_end.fd, _F_SETPIPE_SZ, _pipe_size())
         extent.readers += 1
         return runs, read_end, lambda: pump(self._files, runs, write_end)
+
+    def read_direct(self, extent: Extent, start: int, end: int, max_runs: int) -> list[tuple[int, ...]] | None:
+        """A read of [start, end) that the reader makes from the spill files themselves
+        (core/stream.py): its runs as (our fd of the file, its st_dev, st_ino, file offset,
+        object offset, length), or None past `max_runs` runs. Until `read_done`, the
+        extent's release waits, as for `read`."""
+        runs = read_plan(extent, start, end)
+        if len(runs) > max_runs:
+            return None
+        keys = [os.fstat(f.fd) for f in self._files]
+        extent.readers += 1
+        return [(self._files[i].fd, keys[i].st_dev, keys[i].st_ino, at, offset, n) for offset, i, at, n in runs]
 
     def read_done(self, extent: Extent) -> None:
         extent.readers -= 1

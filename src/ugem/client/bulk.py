@@ -12,6 +12,8 @@ Rules:
   preadv (ugem/parts.py: 1.2-1.4x one thread's speed through a mapping on the dev VM, 1.5-2x
   with preadv on the 480 MiB-L3 VM); writes do not (pwritev into one shmem
   file holds its inode lock: parts on threads measured no faster);
+- a STREAMED|TAKEN pread reads its runs from the daemon's spill files the same way
+  (`read_runs`: preadv in parts), in order, and zeroes the rest;
 - a STREAMED pread (a spilled object read straight from spill storage, core/stream.py)
   reads the pipe in order into the runs the reply lists and zeroes the rest; a pipe that
   ends early is EIO (the daemon gave up or went away).
@@ -30,7 +32,7 @@ from ..fd import OwnedFd
 from ..parts import preadv_into
 from ..wire.structs import PIECE
 
-__all__ = ["pread_all", "preadv_all", "pwritev_all", "read_streamed"]
+__all__ = ["pread_all", "preadv_all", "pwritev_all", "read_runs", "read_streamed"]
 
 _STEP = 1 << 30
 
@@ -77,6 +79,24 @@ def read_streamed(fd: OwnedFd, pieces: bytes, into: Any, offset: int) -> None:
                 raise IOFailure(f"the daemon's stream of object memory ended {length - done} bytes early at offset "
                                 f"{offset + start + done}")
             done += n
+        at = start + length
+    _zero(view[at:])
+
+
+def read_runs(files: dict[int, OwnedFd], runs: list[tuple[int, ...]], into: Any, offset: int) -> None:
+    """Fill `into` (the range from `offset`) from a STREAMED|TAKEN reply's SPILL_RUN records
+    (server_fd, 0, dev, ino, file offset, object offset, length), read from `files` (the
+    daemon's spill files by its fd number) in parts, and zero the rest (module rules)."""
+    view = memoryview(into).cast("B")
+    at = 0
+    for server_fd, _, _, _, file_offset, start, length in runs:
+        start -= offset
+        if not at <= start <= start + length <= len(view):
+            raise IOFailure(f"a spilled read listed bytes {start + offset}-{start + offset + length} outside "
+                            f"the range asked for")
+        _zero(view[at:start])
+        if preadv_into(files[server_fd].fd, view[start:start + length], file_offset):
+            raise IOFailure(f"spill storage ended early in bytes {start + offset}-{start + offset + length}")
         at = start + length
     _zero(view[at:])
 

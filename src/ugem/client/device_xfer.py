@@ -20,10 +20,14 @@ Rules:
   closed meanwhile, or the kernel refuses now) the transfer is ended (XFER_DONE: EFAULT if
   purged) and asked again with an fd;
 - a daemon that does not know a flag answers EINVAL: the request is asked again without it
-  (TAKES_FD first, then STREAM) and the flag is not asked again if that succeeds; an
-  EINVAL of the request's own comes back again and is raised;
+  (STREAM_TAKES first, then TAKES_FD, then STREAM) and the flag is not asked again if that
+  succeeds; an EINVAL of the request's own comes back again and is raised;
 - a pread into a buffer may ask STREAM: a spilled object's bytes come through a pipe from
-  spill storage (core/stream.py) and it stays spilled;
+  spill storage (core/stream.py) and it stays spilled; with TAKES_FD it asks STREAM_TAKES
+  too, and the daemon may name its spill files instead (STREAMED|TAKEN): this process copies
+  them, checks each is the file named, reads the runs from them in parts on its copy threads
+  (client/bulk.py `read_runs`), closes them and ends the transfer (XFER_DONE). If a copy
+  fails its check, the transfer is ended and asked again without STREAM_TAKES;
 - `write_taken(handle, frames)`: several buffers written one after another from offset 0 in
   one request, straight into the daemon's own memfd of an object, copied as for a TAKES_FD
   mapping (a tracked mapping asked for, never mapped, released once written, all under
@@ -46,7 +50,7 @@ from ..fd import OwnedFd
 from ..wire import structs as s
 from ..wire.frames import Op
 from .args import ident
-from .bulk import pread_all, preadv_all, pwritev_all, read_streamed
+from .bulk import pread_all, preadv_all, pwritev_all, read_runs, read_streamed
 
 __all__ = ["TransferOps"]
 
@@ -55,6 +59,7 @@ class TransferOps:
     _released: Any  # the Device's release queue (client/releases.py)
     _streams: bool  # the Device's: preads into a buffer may ask STREAM
     _xfer_takes = True  # transfers may ask TAKES_FD (until a daemon says EINVAL to it)
+    _stream_takes = True  # streamed preads may ask STREAM_TAKES (likewise)
 
     def _call(self, op: Op, req: s.Struct, **local: Any) -> Any:
         raise NotImplementedError
@@ -73,7 +78,9 @@ class TransferOps:
 
     def _pread_xfer(self, handle: int, offset: int, length: int, into: Any) -> bytes:
         """Read [offset, offset + length) of `handle` into `into` (or, with None, return it)."""
-        stream = s.STREAM if into is not None and self._streams else 0  # into a buffer: a spilled object may stream
+        stream = 0
+        if into is not None and self._streams:  # into a buffer: a spilled object may stream
+            stream = s.STREAM | (s.STREAM_TAKES if self._stream_takes else 0)
         req = s.PreadReq(handle=handle, flags=s.XFER | stream, offset=offset, length=length)
         with self._mapping():  # (module rules: a fork meanwhile)
             return self._read(req, into)
@@ -81,6 +88,11 @@ class TransferOps:
     def _read(self, req: s.PreadReq, into: Any) -> bytes:
         handle, offset, length = req.handle, req.offset, req.length
         reply: s.PreadReply = self._transfer(Op.GEM_PREAD, req)
+        if reply.flags & s.STREAMED and reply.flags & s.TAKEN:
+            if self._read_spilled(reply, into, offset):
+                return b""
+            req.flags &= ~s.STREAM_TAKES  # (a spill file changed hands meanwhile) ask again for a pipe
+            reply = self._transfer(Op.GEM_PREAD, req)
         try:
             if reply.flags & s.STREAMED and reply.fd is not None:
                 with reply.fd as fd:
@@ -104,6 +116,28 @@ class TransferOps:
                               f"much at once; read it into a buffer of your own with pread_into, in parts, "
                               f"or map the object") from None
 
+    def _read_spilled(self, reply: s.PreadReply, into: Any, offset: int) -> bool:
+        """Read a STREAMED|TAKEN reply's runs from the daemon's spill files (module rules);
+        False, with the transfer ended and nothing read, if a file fails its check."""
+        runs = list(s.SPILL_RUN.iter_unpack(reply.data))
+        files: dict[int, OwnedFd] = {}
+        try:
+            for server_fd, _, dev, ino, _, _, _ in runs:
+                if server_fd not in files:
+                    fd = self._fds().take(server_fd, (dev, ino))
+                    if fd is None:
+                        self._call(Op.XFER_DONE, s.XferDoneReq(xfer_id=reply.xfer_id))
+                        return False
+                    files[server_fd] = fd
+            try:
+                read_runs(files, runs, into, offset)
+            finally:
+                self._call(Op.XFER_DONE, s.XferDoneReq(xfer_id=reply.xfer_id))
+            return True
+        finally:
+            for fd in files.values():
+                fd.close()
+
     def _pwrite_xfer(self, handle: int, offset: int, view: memoryview) -> None:
         """Write `view` at `offset` of `handle`."""
         req = s.PwriteReq(handle=handle, flags=s.XFER, offset=offset, length=len(view))
@@ -124,7 +158,7 @@ class TransferOps:
             req.flags |= self._take_flag()
         while True:
             reply = self._call_dropping(op, req)
-            if not reply.flags & s.TAKEN:
+            if not reply.flags & s.TAKEN or reply.flags & s.STREAMED:  # (STREAMED|TAKEN: `_read_spilled`)
                 return reply
             server_fd, _, dev, ino = s.TAKEN_FD.unpack_from(reply.data)
             fd: OwnedFd | None = self._fds().take(server_fd, (dev, ino))
@@ -139,7 +173,7 @@ class TransferOps:
         try:
             return self._call(op, req)
         except InvalidArgument:
-            for bit in (s.TAKES_FD, s.STREAM):
+            for bit in (s.STREAM_TAKES, s.TAKES_FD, s.STREAM):
                 if not req.flags & bit:
                     continue
                 req.flags &= ~bit
@@ -147,7 +181,9 @@ class TransferOps:
                     reply = self._call(op, req)
                 except InvalidArgument:
                     continue
-                if bit == s.TAKES_FD:
+                if bit == s.STREAM_TAKES:
+                    self._stream_takes = False
+                elif bit == s.TAKES_FD:
                     self._xfer_takes = False
                 else:
                     self._streams = False

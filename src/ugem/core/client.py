@@ -60,7 +60,7 @@ class Client:
     mappings: dict[int, BufferObject] = field(default_factory=dict)
     readonly_maps: set[int] = field(default_factory=set)  # map ids of read-only mappings
     map_ids: IdAllocator = field(default_factory=IdAllocator)
-    transfers: dict[int, tuple[BufferObject, int, Any]] = field(default_factory=dict)  # -> (object, reserved, bounce)
+    transfers: dict[int, tuple[BufferObject, int, Any]] = field(default_factory=dict)  # -> (object, reserved, ending)
     xfer_ids: IdAllocator = field(default_factory=IdAllocator)
     shares: dict[int, Share] = field(default_factory=dict)  # token -> not yet claimed (core/share_table.py)
     last_share: int = 0  # the last token it sent

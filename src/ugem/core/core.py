@@ -30,7 +30,6 @@ from ..fd import OwnedFd
 from ..gpu.base import GpuBackend
 from ..wire.structs_share import CHOSEN_MAP_IDS
 from .client import Client, Credentials, UidUsage
-from .cpu_access import finish_vram_write
 from .gpu import Gpu
 from .ids import IdAllocator
 from .memory import Memory
@@ -269,14 +268,17 @@ class Core:
         self.memory.measure(obj)  # pages written through the mapping are counted now
         self.put(obj)
 
-    def xfer_add(self, client: Client, obj: BufferObject, reserve: int = 0, bounce: Any = None) -> int:
-        """A bulk transfer holds a reference and `reserve` bytes of budget until it is done.
-        `bounce`: (memfd, offset, length) the client writes for an object pinned in VRAM."""
+    def xfer_add(self, client: Client, obj: BufferObject, reserve: int = 0, ending: Callable[[], None] | None = None,
+                 watch: bool = True) -> int:
+        """A bulk transfer holds a reference and `reserve` bytes of budget until it is done,
+        then runs `ending`. With `watch` its pages may grow meanwhile (the client holds the
+        object's memory); not for a read from spill storage (core/stream.py)."""
         self.get(obj)
         obj.xfers += 1
-        self.memory.watch(obj)
+        if watch:
+            self.memory.watch(obj)
         xfer_id = client.xfer_ids.alloc()
-        client.transfers[xfer_id] = (obj, reserve, bounce)
+        client.transfers[xfer_id] = (obj, reserve, ending)
         self.memory.reserved += reserve
         return xfer_id
 
@@ -287,11 +289,11 @@ class Core:
         entry = client.transfers.pop(xfer_id, None)
         if entry is None:
             raise InvalidArgument(f"transfer {xfer_id} is not open in client {client.id}")
-        obj, reserve, bounce = entry
+        obj, reserve, ending = entry
         client.xfer_ids.free(xfer_id)
         obj.xfers -= 1
-        if bounce is not None:
-            finish_vram_write(self, obj, *bounce)
+        if ending is not None:
+            ending()
         self.memory.reserved -= reserve
         self.memory.measure(obj)
         purged = obj.placement == Placement.PURGED

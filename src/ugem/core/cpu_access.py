@@ -10,6 +10,7 @@ mmap and export (SPEC §2, §3), and pread/pwrite of objects pinned in VRAM.
 
 from __future__ import annotations
 
+from functools import partial
 from typing import TYPE_CHECKING, Any
 
 from ..constants import PAGE_SIZE, page_align
@@ -67,7 +68,8 @@ def pwrite_vram(core: Core, client: Client, obj: BufferObject, req: s.PwriteReq)
     if req.flags & s.XFER:
         bounce = core.backing.scratch(page_align(req.offset + req.length))
         fd = core.backing.open_description(bounce, writable=True)
-        xfer_id = core.xfer_add(client, obj, bounce=(bounce, req.offset, req.length))
+        ending = partial(finish_vram_write, core, obj, bounce, req.offset, req.length)  # (at XFER_DONE)
+        xfer_id = core.xfer_add(client, obj, ending=ending)
         return s.PwriteReply(xfer_id=xfer_id, fd=fd)
     seq = core.gpu.submit(CopyIn(_vram_offset(obj, req.offset), bytes(req.data), req.length))
     obj.last_fence = obj.write_fence = seq

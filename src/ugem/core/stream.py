@@ -19,11 +19,18 @@ Rules:
 - the pipe carries the object's bytes as they were when the request was served: the
   extent of a spilled object never changes, and one restored, purged or freed meanwhile
   is given back only when the read has ended (SpillStore.read_done, on the core's thread
-  when the job is done). A reader that stops early closes its end; the pump then gives up.
+  when the job is done). A reader that stops early closes its end; the pump then gives up;
+- asked with TAKES_FD and STREAM_TAKES (a client that may copy our fds), the client reads the
+  runs from our spill files itself (taken as TAKES_FD memory is, each checked against the
+  identity the reply gives), in parts on its copy threads: no pipe, no pump, no thread of
+  ours, so none of the limits above. The reply opens a transfer instead (STREAMED|TAKEN,
+  SPILL_RUN records): the extent's release waits until its XFER_DONE or the client's end.
+  Such a client could copy the spill files any time, so this gives it nothing new.
 """
 
 from __future__ import annotations
 
+from functools import partial
 from typing import TYPE_CHECKING
 
 from ..wire import structs as s
@@ -46,10 +53,18 @@ def stream_spilled(core: Core, client: Client, obj: BufferObject, req: s.PreadRe
     """The reply of a pread (range checked) served from spill storage, or None: restore."""
     memory, uid = core.memory, client.creds.uid
     if not (core.descriptions_leave and obj.placement == Placement.SPILLED and obj.kind == Kind.NORMAL
-            and obj.job is None and obj not in memory.failed and memory.streams.get(uid, 0) < STREAMS_PER_UID
-            and sum(memory.streams.values()) < STREAMS_MAX):
+            and obj.job is None and obj not in memory.failed):
         return None
     extent = obj.extent
+    if req.flags & s.STREAM_TAKES and req.flags & s.TAKES_FD:
+        direct = core.backing.spill_read_direct(extent, req.offset, req.offset + req.length, MAX_RUNS)
+        if direct is not None:
+            xfer_id = core.xfer_add(client, obj, ending=partial(core.backing.spill_read_done, extent), watch=False)
+            return s.PreadReply(xfer_id=xfer_id, flags=s.STREAMED | s.TAKEN,
+                                data=b"".join(s.SPILL_RUN.pack(fd, 0, dev, ino, at, offset, n)
+                                              for fd, dev, ino, at, offset, n in direct))
+    if memory.streams.get(uid, 0) >= STREAMS_PER_UID or sum(memory.streams.values()) >= STREAMS_MAX:
+        return None
     try:
         read = core.backing.spill_read(extent, req.offset, req.offset + req.length, MAX_RUNS)
     except OSError:  # no fd for a pipe: restore instead

@@ -29,7 +29,8 @@ __all__ = [
     "MunmapReq",
     "OpenReply", "OpenReq",
     "PreadReply", "PreadReq", "PwriteReply", "PwriteReq", "Struct", "UserptrReq", "XferDoneReq", "XFER", "READONLY",
-    "TAKES_FD", "TO_END", "WRITABLE", "HELD", "STREAM", "STREAMED", "PIECE", "TAKEN", "TAKEN_FD", "decode", "encode",
+    "TAKES_FD", "TO_END", "WRITABLE", "HELD", "STREAM", "STREAMED", "STREAM_TAKES", "PIECE", "SPILL_RUN", "TAKEN",
+    "TAKEN_FD", "decode", "encode",
 ]
 
 # flag bits
@@ -49,6 +50,10 @@ TAKEN_FD = struct.Struct("<iIQQ")  # (server_fd, 0, st_dev, st_ino): the daemon'
 STREAM = 0x2
 STREAMED = 0x1  # PreadReply.flags
 PIECE = struct.Struct("<qq")  # a STREAMED reply's data: (offset, length) of each run of bytes the pipe carries
+# pread with XFER|STREAM|TAKES_FD: the client may instead read the runs from the daemon's own
+# spill files, taken as TAKES_FD memory is (core/stream.py): STREAMED|TAKEN, `data` SPILL_RUN records.
+STREAM_TAKES = 0x8
+SPILL_RUN = struct.Struct("<iIQQqqq")  # (server_fd, 0, st_dev, st_ino, file offset, object offset, length)
 
 
 # -- handshake ---------------------------------------------------------------------------
@@ -155,7 +160,7 @@ INFO_ASK_SOLE = 0x1  # InfoReq.flags
 @dataclass(slots=True)
 class PreadReq(Struct):
     LAYOUT = (("handle", "I"), ("flags", "I"), ("offset", "q"), ("length", "q"))
-    FLAGS = XFER | STREAM | TAKES_FD
+    FLAGS = XFER | STREAM | TAKES_FD | STREAM_TAKES
     handle: int = 0
     flags: int = 0
     offset: int = 0
@@ -169,7 +174,10 @@ class PreadReply(Struct):
     TAKES_FD): no `fd`, take the daemon's own that `data` names (TAKEN_FD). No `fd` and not
     TAKEN: the object has no pages, the range reads as zeros. STREAMED (asked for with STREAM):
     `fd` is a pipe carrying, in order, the bytes of the runs `data` lists (PIECE records,
-    within the range asked for); the rest of the range reads as zeros; no XFER_DONE."""
+    within the range asked for); the rest of the range reads as zeros; no XFER_DONE.
+    STREAMED|TAKEN (asked for with STREAM_TAKES too): no `fd`; `data` lists the runs as
+    SPILL_RUN records, each naming the daemon's spill file to take (as TAKEN_FD names
+    memory) and where in it the run lies; the rest reads as zeros; then XFER_DONE(xfer_id)."""
 
     LAYOUT = (("xfer_id", "I"), ("flags", "I"))
     FLAGS = STREAMED | TAKEN

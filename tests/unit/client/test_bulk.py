@@ -158,3 +158,22 @@ def test_runs_outside_the_range_asked_for_are_eio() -> None:
             bulk.read_streamed(fd, pieces, np.empty(100, np.uint8), 0)
         assert os.read(fd.fd, 10) == b"x" * 10  # (nothing was read: the writer can finish)
     pump.join()
+
+
+# -- STREAMED|TAKEN preads: runs read from the daemon's spill files (client/bulk.py `read_runs`) --
+
+def test_read_runs_reads_each_run_from_its_file_and_zeroes_the_rest() -> None:
+    first, second = os.urandom(3 * MiB), os.urandom(MiB)
+    with _memfd(first, sealed=False) as a, _memfd(second, sealed=False) as b:
+        files = {7: a, 9: b}
+        runs = [(7, 0, 0, 0, 4096, 100, 2 * MiB), (9, 0, 0, 0, 5, 2 * MiB + 4196, MiB - 5)]
+        out = np.full(3 * MiB + 4200, 0xEE, np.uint8)  # the range asked for: [90, 90 + 3 MiB + 4200)
+        bulk.read_runs(files, runs, out, 90)
+        expected = np.zeros(len(out), np.uint8)
+        expected[10:10 + 2 * MiB] = np.frombuffer(first, np.uint8)[4096:4096 + 2 * MiB]
+        expected[2 * MiB + 4106:3 * MiB + 4101] = np.frombuffer(second, np.uint8)[5:]
+        assert np.array_equal(out, expected)
+        with pytest.raises(IOFailure, match="outside the range"):
+            bulk.read_runs(files, [runs[1], runs[0]], out, 90)  # out of order
+        with pytest.raises(IOFailure, match="ended early"):
+            bulk.read_runs(files, [(9, 0, 0, 0, 5, 100, MiB)], out, 90)  # the file holds MiB - 5 from there
