@@ -29,9 +29,12 @@ Samples are pooled over `--runs` rounds after `--warmup` rounds.
    costs ~0.35 GB/s to write on the dev VM): what a machine without free page reporting sees.
    Same target.
 2. restore. The 12 spilled objects are read back with pread_into (whole call: the daemon
-   replies with a pipe it fills from the spill files while the client reads it into its
-   buffer; the object stays spilled: core/stream.py. "until reply" is the part before the
-   reply, "client copy" the rest, the pipe read, which overlaps the daemon's pumping. A
+   names its spill files and where the object's bytes lie in them, and the client, which may
+   copy the daemon's fds, reads them itself, in parts on its copy threads; or, for a client
+   that may not, the daemon replies with a pipe it fills from the spill files while the client
+   reads it into its buffer; the object stays spilled either way: core/stream.py. "until
+   reply" is the part before the reply, "client copy" the rest (the files' read, or the pipe
+   read, which overlaps the daemon's pumping). A
    daemon that restores instead (STREAM refused) copies into a fresh memfd, replies, and
    the client copies it out), after closing the 4 resident ones so that no restore needs
    room. The first 6 are read while the spill files are still in the page cache ("warm"); then
@@ -190,7 +193,7 @@ class ReplyMarks:
         self._saved: dict[str, Any] = {}
 
     def install(self) -> None:
-        for name in ("pwritev_all", "preadv_all", "read_streamed"):  # client/bulk.py's, as device_xfer.py names them
+        for name in ("pwritev_all", "preadv_all", "read_streamed", "read_runs"):  # client/bulk.py's, as device_xfer.py names them
             original = getattr(_client_device, name, None)
             if original is None:
                 raise RuntimeError(f"ugem.client.device_xfer.{name} is gone: cannot split a call at the reply")
