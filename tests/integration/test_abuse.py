@@ -141,7 +141,7 @@ def test_unknown_op_is_einval_and_connection_stays(daemon: DaemonProcess, kit: A
     (Op.GEM_CREATE, s.CreateReq(size=4096, flags=0x80000000)),
     (Op.GEM_CLOSE, s.CloseReq(handle=1, pad=0xFFFFFFFF)),
     (Op.GEM_INFO, s.InfoReq(handle=1, flags=2)),
-    (Op.GEM_PREAD, s.PreadReq(handle=1, flags=0x8, length=8)),
+    (Op.GEM_PREAD, s.PreadReq(handle=1, flags=0x10, length=8)),
     (Op.GEM_PWRITE, s.PwriteReq(handle=1, flags=0x8, length=2, data=b"ab")),
     (Op.GEM_PWRITE, s.PwriteReq(handle=1, flags=0x100, length=2, data=b"ab")),
     (Op.GEM_MMAP, s.MmapReq(handle=1, flags=0x8, length=4096)),

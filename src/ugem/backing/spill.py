@@ -36,9 +36,8 @@ Rules:
 - `close()` removes the subdirectory and everything in it; the lock and the files are
   `OwnedFd`s, and each copy works on its own dup of a file, so a copy racing `close()`
   fails EBADF (or finishes into the removed file) rather than touching a reused fd number;
-- at start, subdirectories whose lock nobody holds (their manager died) are removed. Each is
-  made as ``.ugem-<pid>-<random>``, locked, filled, then renamed ``ugem-<pid>-<random>``, so
-  none is found unlocked while being made; a hidden one goes once the pid in it is gone;
+- at start, the subdirectories of managers that died are removed (spill_dirs.py). Each is
+  made as ``.ugem-<pid>-<random>``, locked, filled, then renamed ``ugem-<pid>-<random>``;
 - extent allocation and freeing happen on the core's thread; the copies (`store`, `load`)
   are the long part and run on worker threads, at explicit offsets, so concurrent copies
   share a spill file's description without sharing a file position: both splice
@@ -62,6 +61,7 @@ from ..constants import PAGE_SIZE, page_align
 from ..errors import NoSpace, OutOfMemory
 from ..fd import OwnedFd, pipe
 from ..mm.range import Node, RangeAllocator
+from .spill_dirs import sweep_stale
 from .spill_read import Run, pump
 
 __all__ = ["Extent", "SpillStore", "copy_ranges", "data_segments", "punch_hole", "read_plan"]
@@ -185,7 +185,7 @@ def write_out(src: int, dst: int, piece: Range, ends: tuple[int, int]) -> None:
 class SpillStore:
     def __init__(self, spill_dir: str) -> None:
         os.makedirs(spill_dir, mode=0o700, exist_ok=True)
-        _sweep_stale(spill_dir)
+        sweep_stale(spill_dir)
         made = tempfile.mkdtemp(prefix=f".ugem-{os.getpid()}-", dir=spill_dir)  # named once locked (module rules)
         self._lock = OwnedFd(os.open(os.path.join(made, "lock"), os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600))
         self._files: list[OwnedFd] = []
@@ -400,34 +400,3 @@ def _copy(ends: tuple[int, int], ranges: list[Range], freed: list[Range] | None)
                 punch_hole(src, piece[0], piece[2])
                 freed.append(piece)
     return sum(n for _, _, n in ranges)
-
-
-def _sweep_stale(spill_dir: str) -> None:
-    """Remove subdirectories of managers that died without cleaning up (their lock is free;
-    one still being made: its maker is gone)."""
-    for entry in os.scandir(spill_dir):
-        if entry.name.startswith(".ugem-") and entry.is_dir(follow_symlinks=False) \
-                and not _alive(entry.name.split("-")[1]):
-            shutil.rmtree(entry.path, ignore_errors=True)
-        if not (entry.name.startswith("ugem-") and entry.is_dir(follow_symlinks=False)):
-            continue
-        try:
-            lock = OwnedFd(os.open(os.path.join(entry.path, "lock"), os.O_RDWR | os.O_CLOEXEC))
-        except FileNotFoundError:
-            continue  # not a manager's (theirs are named only once locked)
-        with lock:
-            try:
-                fcntl.flock(lock.fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-            except BlockingIOError:
-                continue  # a live manager holds it
-        with contextlib.suppress(OSError):
-            shutil.rmtree(entry.path)
-
-
-def _alive(pid: str) -> bool:
-    """Whether the process `pid` (a directory name's part) lives; anything unreadable: yes."""
-    try:
-        os.kill(int(pid), 0)
-    except (OSError, ValueError) as exc:
-        return not isinstance(exc, ProcessLookupError)
-    return True

@@ -78,9 +78,7 @@ class TransferOps:
 
     def _pread_xfer(self, handle: int, offset: int, length: int, into: Any) -> bytes:
         """Read [offset, offset + length) of `handle` into `into` (or, with None, return it)."""
-        stream = 0
-        if into is not None and self._streams:  # into a buffer: a spilled object may stream
-            stream = s.STREAM | (s.STREAM_TAKES if self._stream_takes else 0)
+        stream = s.STREAM if into is not None and self._streams else 0  # into a buffer: a spilled object may stream
         req = s.PreadReq(handle=handle, flags=s.XFER | stream, offset=offset, length=length)
         with self._mapping():  # (module rules: a fork meanwhile)
             return self._read(req, into)
@@ -156,6 +154,8 @@ class TransferOps:
         the memory to copy from or to (module rules), None only where a pread reads zeros."""
         if self._xfer_takes:
             req.flags |= self._take_flag()
+            if req.flags & s.STREAM and req.flags & s.TAKES_FD and self._stream_takes:
+                req.flags |= s.STREAM_TAKES  # (a spilled object's runs may come as spill files to take)
         while True:
             reply = self._call_dropping(op, req)
             if not reply.flags & s.TAKEN or reply.flags & s.STREAMED:  # (STREAMED|TAKEN: `_read_spilled`)

@@ -1,9 +1,8 @@
 """Core: the manager's state (drm_device): objects, names, clients, and their lifetimes.
 
-This module holds the library functions handlers call (drm_gem_handle_create,
-drm_gem_handle_delete, flink/open bookkeeping, reference counting); `object.py` states
-the lifetime rules they implement. The core is single-threaded and sans-IO: memory I/O
-goes through `self.backing` (a BackingStore), nothing here touches sockets or fds.
+This module holds the library functions handlers call (drm_gem_handle_create, drm_gem_handle_delete,
+flink/open bookkeeping, reference counting); `object.py` states the lifetime rules they implement. The
+core is single-threaded and sans-IO: memory I/O goes through `self.backing` (a BackingStore); no sockets here.
 
 Publication order (drm_gem_handle_create_tail): an object is fully set up before a handle
 to it is published; if any step fails, earlier steps are undone in reverse.
@@ -268,11 +267,10 @@ class Core:
         self.memory.measure(obj)  # pages written through the mapping are counted now
         self.put(obj)
 
-    def xfer_add(self, client: Client, obj: BufferObject, reserve: int = 0, ending: Callable[[], None] | None = None,
+    def xfer_add(self, client: Client, obj: BufferObject, reserve: int = 0, ending: Any = None,
                  watch: bool = True) -> int:
-        """A bulk transfer holds a reference and `reserve` bytes of budget until it is done,
-        then runs `ending`. With `watch` its pages may grow meanwhile (the client holds the
-        object's memory); not for a read from spill storage (core/stream.py)."""
+        """A bulk transfer holds a reference and `reserve` bytes of budget until it is done, then runs
+        `ending` (a callable); `watch`: its pages may grow meanwhile (not a read of spill storage)."""
         self.get(obj)
         obj.xfers += 1
         if watch:
