@@ -45,7 +45,7 @@ from typing import Any
 import numpy as np
 
 from ..bufview import flat_bytes
-from ..errors import InvalidArgument, OutOfMemory
+from ..errors import InvalidArgument, IOFailure, OutOfMemory
 from ..fd import OwnedFd
 from ..wire import structs as s
 from ..wire.frames import Op
@@ -89,10 +89,11 @@ class TransferOps:
         if reply.flags & s.STREAMED and reply.flags & s.TAKEN:
             if self._read_spilled(reply, into, offset):
                 return b""
-            req.flags &= ~s.STREAM_TAKES  # (a spill file changed hands meanwhile) ask again for a pipe
-            reply = self._transfer(Op.GEM_PREAD, req)
+            reply = self._transfer(Op.GEM_PREAD, req, spill_files=False)  # (a spill file changed hands) a pipe
         try:
-            if reply.flags & s.STREAMED and reply.fd is not None:
+            if reply.flags & s.STREAMED:
+                if reply.fd is None:  # (never asked for: not zeros)
+                    raise IOFailure(f"pread of handle {handle}: a streamed reply came without its pipe")
                 with reply.fd as fd:
                     read_streamed(fd, reply.data, into, offset)
                 return b""
@@ -149,12 +150,13 @@ class TransferOps:
                 finally:
                     self._call(Op.XFER_DONE, s.XferDoneReq(xfer_id=reply.xfer_id))
 
-    def _transfer(self, op: Op, req: s.PreadReq | s.PwriteReq) -> Any:
+    def _transfer(self, op: Op, req: s.PreadReq | s.PwriteReq, spill_files: bool = True) -> Any:
         """Open the transfer `req` asks (TAKES_FD added where it may be); the reply's `fd` is
         the memory to copy from or to (module rules), None only where a pread reads zeros."""
         if self._xfer_takes:
             req.flags |= self._take_flag()
-            if req.flags & s.STREAM and req.flags & s.TAKES_FD and self._stream_takes:
+            req.flags &= ~s.STREAM_TAKES
+            if req.flags & s.STREAM and req.flags & s.TAKES_FD and self._stream_takes and spill_files:
                 req.flags |= s.STREAM_TAKES  # (a spilled object's runs may come as spill files to take)
         while True:
             reply = self._call_dropping(op, req)
@@ -166,7 +168,7 @@ class TransferOps:
                 reply.fd, reply.data = fd, b""
                 return reply
             self._call(Op.XFER_DONE, s.XferDoneReq(xfer_id=reply.xfer_id))  # EFAULT if it was purged
-            req.flags &= ~s.TAKES_FD  # (the memory changed hands meanwhile) ask again for an fd
+            req.flags &= ~(s.TAKES_FD | s.STREAM_TAKES)  # (the memory changed hands meanwhile) ask again for an fd
 
     def _call_dropping(self, op: Op, req: s.PreadReq | s.PwriteReq) -> Any:
         """`_call`, asked again without the flags an older daemon may not know (module rules)."""
