@@ -206,6 +206,7 @@ class SpillStore:
         self._next = 0  # the file of the next small extent (they take turns)
         self._punched: set[int] = set()  # extents a worker already punched (id of the extent)
         self._helpers = ThreadPoolExecutor(max_workers=FILES, thread_name_prefix="ugem-spill")
+        self._keys = [(st.st_dev, st.st_ino) for st in map(os.fstat, (f.fd for f in self._files))]  # (read_direct)
 
     @property
     def used_bytes(self) -> int:
@@ -324,9 +325,8 @@ class SpillStore:
         runs = read_plan(extent, start, end)
         if len(runs) > max_runs:
             return None
-        keys = [os.fstat(f.fd) for f in self._files]
         extent.readers += 1
-        return [(self._files[i].fd, keys[i].st_dev, keys[i].st_ino, at, offset, n) for offset, i, at, n in runs]
+        return [(self._files[i].fd, *self._keys[i], at, offset, n) for offset, i, at, n in runs]
 
     def read_done(self, extent: Extent) -> None:
         extent.readers -= 1
