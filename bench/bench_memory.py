@@ -193,7 +193,7 @@ class ReplyMarks:
         self._saved: dict[str, Any] = {}
 
     def install(self) -> None:
-        for name in ("pwritev_all", "preadv_all", "read_streamed", "read_runs"):  # client/bulk.py's, as device_xfer.py names them
+        for name in ("pwritev_all", "preadv_all", "read_streamed", "read_runs"):  # client/bulk.py's copies
             original = getattr(_client_device, name, None)
             if original is None:
                 raise RuntimeError(f"ugem.client.device_xfer.{name} is gone: cannot split a call at the reply")
