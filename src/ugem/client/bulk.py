@@ -22,6 +22,7 @@ Rules:
 from __future__ import annotations
 
 import os
+from collections.abc import Callable, Iterable
 from typing import Any
 
 import numpy as np
@@ -64,39 +65,40 @@ def pwritev_all(fd: OwnedFd, view: memoryview, offset: int) -> None:
 
 def read_streamed(fd: OwnedFd, pieces: bytes, into: Any, offset: int) -> None:
     """Fill `into` (the range from `offset`) from a STREAMED reply's pipe (module rules)."""
-    view = memoryview(into).cast("B")
-    at = 0  # where in `view` the next run or hole starts
-    for start, length in PIECE.iter_unpack(pieces):
-        start -= offset
-        if not at <= start <= start + length <= len(view):
-            raise IOFailure(f"a streamed read listed bytes {start + offset}-{start + offset + length} outside "
-                            f"the range asked for")
-        _zero(view[at:start])
+    def read(part: memoryview, at: int, _: object) -> None:
         done = 0
-        while done < length:
-            n = os.readv(fd.fd, [view[start + done:start + length]])
+        while done < len(part):
+            n = os.readv(fd.fd, [part[done:]])
             if n <= 0:
-                raise IOFailure(f"the daemon's stream of object memory ended {length - done} bytes early at offset "
-                                f"{offset + start + done}")
+                raise IOFailure(f"the daemon's stream of object memory ended {len(part) - done} bytes early at "
+                                f"offset {at + done}")
             done += n
-        at = start + length
-    _zero(view[at:])
+    _fill_runs(into, offset, ((start, length, None) for start, length in PIECE.iter_unpack(pieces)), read)
 
 
 def read_runs(files: dict[int, OwnedFd], runs: list[tuple[int, ...]], into: Any, offset: int) -> None:
     """Fill `into` (the range from `offset`) from a STREAMED|TAKEN reply's SPILL_RUN records
     (server_fd, 0, dev, ino, file offset, object offset, length), read from `files` (the
     daemon's spill files by its fd number) in parts, and zero the rest (module rules)."""
+    def read(part: memoryview, at: int, where: tuple[int, int]) -> None:
+        if preadv_into(files[where[0]].fd, part, where[1]):
+            raise IOFailure(f"spill storage ended early in bytes {at}-{at + len(part)}")
+    _fill_runs(into, offset, ((start, n, (fd, at)) for fd, _, _, _, at, start, n in runs), read)
+
+
+def _fill_runs(into: Any, offset: int, runs: Iterable[tuple[int, int, Any]],
+               read: Callable[[memoryview, int, Any], None]) -> None:
+    """`read(part, object offset, how)` each run (object offset, length, how), in order and
+    within the range of `into` that starts at `offset`; zero the holes between and after."""
     view = memoryview(into).cast("B")
-    at = 0
-    for server_fd, _, _, _, file_offset, start, length in runs:
+    at = 0  # where in `view` the next run or hole starts
+    for start, length, how in runs:
         start -= offset
         if not at <= start <= start + length <= len(view):
-            raise IOFailure(f"a spilled read listed bytes {start + offset}-{start + offset + length} outside "
+            raise IOFailure(f"a streamed read listed bytes {start + offset}-{start + offset + length} outside "
                             f"the range asked for")
         _zero(view[at:start])
-        if preadv_into(files[server_fd].fd, view[start:start + length], file_offset):
-            raise IOFailure(f"spill storage ended early in bytes {start + offset}-{start + offset + length}")
+        read(view[start:start + length], start + offset, how)
         at = start + length
     _zero(view[at:])
 
