@@ -343,3 +343,33 @@ def test_a_direct_read_keeps_its_bytes_until_its_transfer_ends(daemon: DaemonPro
             with pytest.raises(ugem.NoSuchObject):
                 dev2.info(f)  # (dev's handles went with dev)
         _given_back(daemon, dev2, kit, "spill storage given back at the client's end")
+
+
+def test_a_direct_read_of_an_object_purged_meanwhile_ends_efault(daemon: DaemonProcess, kit: Any) -> None:
+    """Purged (DONTNEED on a spilled object purges it at once) while a direct read is open:
+    the runs still hold the bytes of the request, never zeros, but XFER_DONE fails EFAULT, as
+    for every transfer of a purged object; the spill space goes back after it."""
+    from ugem.client.daemon_fds import DaemonFds
+    with daemon.connect() as dev, kit.RawClient(daemon.path) as raw:
+        raw.hello()
+        h, expected = _sparse(dev, 24)
+        theirs = _open(raw, dev, h)
+        fillers = _push_out(dev, h)
+        reply = _ask_direct(raw, theirs)
+        assert dev.madvise(h, ugem.DONTNEED) is False and dev.info(h).madvise == "purged"
+        taker = DaemonFds((daemon.pid, os.getuid()))
+        out = np.zeros(SIZE, np.uint8)
+        try:
+            for server_fd, _, st_dev, st_ino, at, offset, n in s.SPILL_RUN.iter_unpack(reply.data):
+                fd = taker.take(server_fd, (st_dev, st_ino))
+                assert fd is not None
+                with fd:
+                    assert os.preadv(fd.fd, [memoryview(out)[offset:offset + n]], at) == n
+        finally:
+            taker.close()
+        assert np.array_equal(out, expected)
+        assert raw.call(Op.XFER_DONE, s.XferDoneReq(xfer_id=reply.xfer_id)).status == errno.EFAULT
+        assert raw.call(Op.GEM_CLOSE, s.CloseReq(handle=theirs)).status == 0
+        for f in [h, *fillers]:
+            dev.close_handle(f)
+        _given_back(daemon, dev, kit, "spill storage given back after the purged read ended")
