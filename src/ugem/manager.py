@@ -31,8 +31,8 @@ from .config import Config
 from .core.call import Call, after_request
 from .core.client import Client, Credentials
 from .core.core import Core
-from .core.jobs import Job
-from .core.requests import BY_OP
+from .core.jobs import Job, Pending
+from .core.requests import BY_OP, dispatch
 from .errors import BadFd
 from .gpu.sim import SimGpu
 from .wire import structs as s
@@ -83,13 +83,35 @@ class Manager:
         return Device(EmbeddedTransport(self, client))
 
     def _call(self, client: Client, op: Op, req: s.Struct, **local: Any) -> Any:
-        """Run one request until done; `local`: the caller's own memory (`into`, `buffer`)."""
-        call = Call(client, BY_OP[op], req, **local)
+        """Run one request until done; `local`: the caller's own memory (`into`, `buffer`).
+        A request whose handler takes no Call and that carries no fds nor memory of the
+        caller's is dispatched straight, made into a Call only if it must wait (as the
+        daemon's `_run_plain`, daemon/connection.py)."""
+        desc = BY_OP[op]
+        if local or desc.takes_call or req.FDS:
+            return self._run_call(Call(client, desc, req, **local))
+        with self._lock:
+            core = self._core
+            if core is None or client.closed:
+                core = self._open_core(client)
+            try:
+                reply = dispatch(core, client, desc, req)
+            except Pending as waiting:
+                call = Call(client, desc, req)
+                call.pending = waiting
+                self._run(core, waiting.jobs)  # embedded: do the copies right here
+            else:
+                self._run(core, after_request(core.memory))
+                return reply
+        self._wait(call.pending)
+        return self._run_call(call)
+
+    def _run_call(self, call: Call) -> Any:
+        """Step `call` until it has its reply: jobs it waits for run inline, fences are
+        waited for without the lock."""
         while True:
             with self._lock:
-                core = self._live_core()
-                if client.closed:
-                    raise BadFd(f"client {client.id} is closed")
+                core = self._open_core(call.client)
                 reply = call.step(core)
                 if reply is not None:
                     self._run(core, after_request(core.memory))
@@ -97,10 +119,20 @@ class Manager:
                 pending = call.pending
                 assert pending is not None
                 self._run(core, pending.jobs)  # embedded: do the copies right here
-            if pending.fence:  # wait for the device without holding the lock
-                deadline = pending.deadline
-                timeout = None if deadline is None else max(0.0, deadline - time.monotonic())
-                self._gpu.wait(pending.fence, timeout)
+            self._wait(pending)
+
+    def _open_core(self, client: Client) -> Core:
+        core = self._live_core()
+        if client.closed:
+            raise BadFd(f"client {client.id} is closed")
+        return core
+
+    def _wait(self, pending: Pending | None) -> None:
+        """Wait for the device's fence of `pending`, if any, without holding the lock."""
+        if pending is not None and pending.fence:
+            deadline = pending.deadline
+            timeout = None if deadline is None else max(0.0, deadline - time.monotonic())
+            self._gpu.wait(pending.fence, timeout)
 
     @staticmethod
     def _run(core: Core, jobs: list[Job]) -> None:
