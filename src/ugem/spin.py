@@ -6,6 +6,11 @@ Why: putting a thread to sleep and waking it costs each side of a round trip abo
 of CPU on a virtual machine (measured: a bare Unix-socket echo between two processes on
 two vCPUs, 25 us of CPU per side and 50-80 us per round trip when both sleep; 12 us per
 side and 13 us per round trip when both check first), more than serving a small request.
+The window is long enough to span a client's copy of about a megabyte between two
+requests (a bulk pwrite/pread moves its bytes between the reply and XFER_DONE, ~100-250 us
+per MiB here): with 100 us windows a loop of create, pwrite, pread_into, mmap and close of
+1 MiB objects slept on nearly every wait and took 2-3x as long (mmap 315 -> 107 us,
+pread_into 700 -> 240 us).
 
 Rules:
 - only while hot: the last wait was caught by its window, or slept and ended within
@@ -34,8 +39,10 @@ from typing import Any, TypeVar
 
 __all__ = ["HOT", "REFRESH", "SHARED", "SPIN", "BusyPoll", "pinned_together"]
 
-SPIN = 100e-6  # seconds of checks before sleeping, while hot
-HOT = 250e-6  # a sleep that ended within this long makes the end hot
+SPIN = 400e-6  # seconds of checks before sleeping, while hot
+HOT = 1e-3  # a sleep that ended within this long makes the end hot
+# (A peer whose messages come every P seconds, SPIN < P < HOT, costs at most one empty
+# window in two waits: SPIN / 2P of a CPU, under half of one.)
 SHARED = 10e-6  # a yield longer than this: another thread ran on this CPU
 REFRESH = 0.1  # seconds between readings of the two CPU affinities
 

@@ -77,6 +77,16 @@ def test_the_window_checks_until_something_comes(fake: FakeTime) -> None:
     assert poll.hot
 
 
+def test_a_window_spans_a_client_copying_a_megabyte(fake: FakeTime) -> None:
+    """A bulk pwrite or pread of 1 MiB keeps the client copying for ~100-250 us between the
+    daemon's reply and its XFER_DONE: the daemon's window waits that out instead of sleeping."""
+    poll = BusyPoll(lambda: None)
+    poll.hot = True
+    calls, probe = probe_after(fake, 300)  # 300 us of checks (1 us each)
+    assert poll.check(probe) == "reply" and calls[0] == 300
+    assert poll.hot
+
+
 def test_an_empty_window_lasts_spin_and_makes_the_next_wait_cold(fake: FakeTime) -> None:
     poll = BusyPoll(lambda: None)
     poll.hot = True
