@@ -3,7 +3,7 @@ ends check before sleeping, and neither end keeps checking once the other goes q
 
 CPU time is read from the kernel (schedstat of every daemon thread; this thread's own
 CPU clock), so the bounds hold however slowly a loaded machine runs the test: a window is
-at most 400 us, and the bounds allow hundreds of them."""
+at most 400 us (the daemon's), and the bounds allow hundreds of them."""
 
 from __future__ import annotations
 

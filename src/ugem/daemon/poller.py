@@ -20,7 +20,7 @@ import select
 from collections.abc import Callable
 from typing import Any
 
-from ..spin import BusyPoll
+from ..spin import DAEMON_HOT, DAEMON_SPIN, BusyPoll
 
 __all__ = ["READ", "WRITE", "Poller"]
 
@@ -33,7 +33,7 @@ class Poller:
         self._epoll = select.epoll()
         self.tags: dict[int, Any] = {}  # fd -> its tag (read-only outside this class)
         self._last_fd = -1  # the first fd of the last events
-        self._spin = BusyPoll(lambda: peer_of(self.tags.get(self._last_fd)))
+        self._spin = BusyPoll(lambda: peer_of(self.tags.get(self._last_fd)), DAEMON_SPIN, DAEMON_HOT)
         self._check = lambda: self._epoll.poll(0)
 
     def register(self, fd: int, events: int, tag: Any) -> None:
