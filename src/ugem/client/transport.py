@@ -46,9 +46,10 @@ __all__ = ["SocketTransport"]
 
 _FIRST_READ = 65536
 _JOINED = 4096  # a request's tail up to this long is joined to its fixed part (one send, not sendmsg)
-_DONTWAIT = socket.MSG_DONTWAIT
+_DONTWAIT = int(socket.MSG_DONTWAIT)
 _CTRUNC = int(socket.MSG_CTRUNC)  # plain ints: enum flag arithmetic costs ~0.5 us per request
 _CLOEXEC = int(socket.MSG_CMSG_CLOEXEC)
+_CLOEXEC_DONTWAIT = _CLOEXEC | _DONTWAIT  # (checked while busy polling: once, not per check)
 _REPLY = int(FrameKind.REPLY)
 _REPLY_MORE = int(FrameKind.REPLY_MORE)
 _PIECE_READ = 1 << 20
@@ -189,7 +190,7 @@ class SocketTransport(Posting):
 
     def _try_recvmsg(self, space: int) -> tuple[bytes, list[Any], int, Any] | None:
         try:
-            return self._sock.recvmsg(_FIRST_READ, space, _CLOEXEC | _DONTWAIT)
+            return self._sock.recvmsg(_FIRST_READ, space, _CLOEXEC_DONTWAIT)
         except BlockingIOError:
             return None
 
