@@ -6,7 +6,9 @@ compiled once, when the class is made. Fields named `pad*` must be zero and fiel
 connection stays up), found by `check()` (one C call when all is zero, the common case).
 A struct may end with a variable `TAIL` field (bytes-like: inline pread/pwrite data, JSON
 for stats) and may carry fds in the fields listed in `FDS` (each an OwnedFd, sent with
-SCM_RIGHTS). A struct with neither is `_plain`: it is packed and unpacked positionally in
+SCM_RIGHTS). A struct with a TAIL declared right after its LAYOUT fields and no fds is
+`_tail_last`: decoded positionally too (the fixed part unpacked, the tail after it). A
+struct with neither is `_plain`: it is packed and unpacked positionally in
 one call (`_codec`, `_values`), and `_framed` (the frame header of wire/frames.py, then the
 fixed part) packs or unpacks a whole frame of it in one call: the transports do that inline
 on their hot paths. Rules: a short payload is zero-extended, a longer one (without a TAIL)
@@ -38,6 +40,7 @@ class Struct:
     _names: ClassVar[tuple[str, ...]]
     _pads: ClassVar[tuple[str, ...]]
     _plain: ClassVar[bool]  # no tail, no fds: decode positionally
+    _tail_last: ClassVar[bool]  # fields: LAYOUT's, then TAIL; no fds: decode positionally, the tail last
     _values: ClassVar[Callable[[Any], tuple[Any, ...]]]  # the fields of LAYOUT, in order
     _checked: ClassVar[operator.attrgetter[Any] | None]  # (pads..., flags) to check, None: nothing to check
     _clean: ClassVar[Any]  # what `_checked` returns when every pad is 0 and flags is 0
@@ -50,6 +53,8 @@ class Struct:
         cls._names = tuple(name for name, _ in cls.LAYOUT)
         cls._pads = tuple(name for name in cls._names if name.startswith("pad"))
         cls._plain = cls.TAIL is None and not cls.FDS
+        fields = tuple(cls.__dict__.get("__annotations__", ()))
+        cls._tail_last = cls.TAIL is not None and not cls.FDS and fields == (*cls._names, cls.TAIL)
         names = cls._names  # attrgetter of one name returns no tuple
         cls._values = operator.attrgetter(*names) if len(names) > 1 else lambda m: tuple(getattr(m, n) for n in names)
         checked = cls._pads + (("flags",) if "flags" in names else ())
@@ -96,6 +101,8 @@ def decode(cls: type[Struct], payload: bytes, fds: list[OwnedFd]) -> Any:
     size = cls._codec.size
     if cls._plain and len(payload) == size and not fds:
         return cls(*cls._codec.unpack(payload))
+    if cls._tail_last and len(payload) >= size and not fds:
+        return cls(*cls._codec.unpack_from(payload), payload[size:])
     if cls.TAIL is None and len(payload) > size:
         raise InvalidArgument(f"{cls.__name__}: {len(payload)} payload bytes, layout has {size}")
     fixed = payload[:size]

@@ -70,6 +70,9 @@ def encode_commands(commands: Sequence[Command]) -> bytes:
 _LAYOUTS = {code: (cls, _FIELDS[cls][0] + _FIELDS[cls][1], len(_FIELDS[cls][0])) for cls, code in _TYPES.items()}
 
 
+_UNUSED_BY_FILL = (0,) * 6  # a Fill record's fields past `byte` (one tuple compare, not a generator)
+
+
 def decode_commands(data: bytes) -> list[Command]:
     """Records back to commands; EINVAL for a torn record, unknown type or nonzero padding."""
     if len(data) % RECORD.size:
@@ -77,7 +80,7 @@ def decode_commands(data: bytes) -> list[Command]:
                               f"{RECORD.size}-byte records")
     commands: list[Command] = []
     for index, record in enumerate(RECORD.iter_unpack(data)):
-        if record[0] == 1 and not (record[1] or record[3] or any(record[7:])):  # a Fill: the common case
+        if record[0] == 1 and not (record[1] or record[3]) and record[7:] == _UNUSED_BY_FILL:  # a Fill: the common case
             commands.append(Fill(dst=record[2], offset=record[4], length=record[5], byte=record[6]))
             continue
         layout = _LAYOUTS.get(record[0])

@@ -61,3 +61,29 @@ def test_framed_is_the_header_then_the_fixed_part():
         framed = cls._framed.pack(*header, *values)
         assert framed == HEADER.pack(*header) + cls._codec.pack(*values), cls.__name__
         assert cls._framed.unpack(framed) == (*header, *values)
+
+
+def test_a_tail_after_the_layout_decodes_positionally_to_the_same_struct():
+    """Structs whose fields are LAYOUT's then TAIL, without fds, skip the keyword decode
+    (`_tail_last`); every such struct comes back field for field, a short fixed part
+    zero-extended as before. A struct with fds never takes that path."""
+    import dataclasses
+
+    from ugem.wire import structs_exec as sx
+    from ugem.wire import structs_share as ss
+
+    structs = [c for m in (s, sx, ss) for c in vars(m).values()
+               if isinstance(c, type) and issubclass(c, s.Struct) and c.TAIL is not None]
+    tail_last = [c for c in structs if c._tail_last]
+    assert {s.PwriteReq, sx.ExecbufferReq, s.CloseBatchReq} <= set(tail_last)
+    assert s.PreadReply in structs and not s.PreadReply._tail_last  # (fds)
+    for cls in tail_last:
+        names = [f.name for f in dataclasses.fields(cls)]
+        assert names == [*cls._names, cls.TAIL], cls.__name__
+        values = tuple(range(1, len(cls._names) + 1))
+        payload = cls._codec.pack(*values) + b"tail bytes"
+        back = s.decode(cls, payload, [])
+        assert back == cls(**dict(zip(cls._names, values, strict=True)), **{cls.TAIL: b"tail bytes"}), cls.__name__
+        if cls._codec.size:
+            short = s.decode(cls, payload[:1], [])
+            assert getattr(short, cls.TAIL) == b"" and cls._values(short)[0] == 1, cls.__name__
