@@ -76,7 +76,11 @@ class BackingStore(Protocol):
         returns (fds, bytes) freed."""
 
     def expire_pooled(self) -> None:
-        """Close pooled backings unused for a few seconds."""
+        """Close pooled backings unused for a while."""
+
+    def close_later(self, later: Callable[[Callable[[], None]], None]) -> None:
+        """From now on run those closes through `later` (the daemon's mover threads), not
+        on the caller's thread."""
 
     def key(self, backing: Any) -> tuple[int, int]:
         """Identity of the memory, equal for every fd to it."""

@@ -184,6 +184,9 @@ class MemfdStore:
     def expire_pooled(self) -> None:
         self.pool.expire()
 
+    def close_later(self, later: Callable[[Callable[[], None]], None]) -> None:
+        self.pool.later = later
+
     def key(self, backing: OwnedFd) -> tuple[int, int]:
         st = os.fstat(backing.fd)
         return (st.st_dev, st.st_ino)

@@ -27,8 +27,11 @@ Rules:
   pooled memfds before anything else, and the daemon reclaims under the machine's memory
   pressure), not on a short clock: an entry lives until it has been unused for IDLE_S
   seconds (60: longer than a workload's pause between two rounds of the same sizes), then
-  `expire` closes it, one per call, oldest first (closing 64 MiB of pages takes ~12 ms of
-  the caller's thread), so an idle manager still gives its memory back;
+  `expire` takes it out, one per call, oldest first, so an idle manager still gives its
+  memory back. Closing 64 MiB of pages takes ~12 ms: with `later` set (the daemon's mover
+  threads), the close runs there, not on the request loop (a daemon that had pooled 32
+  memfds stalled its next 32 requests after an idle minute, 12 ms each); else on the
+  caller's thread (embedded);
 - `drop` closes entries oldest first (the reclaim engine's first pass, before anything is
   purged or spilled). An entry may go while its zeroing runs: the job holds its own
   reference to the mapping, which is unmapped only when the last reference goes, so the
@@ -42,6 +45,7 @@ Rules:
 
 from __future__ import annotations
 
+import functools
 import os
 import time
 from collections.abc import Callable
@@ -83,6 +87,7 @@ class MemfdPool:
         self.bytes = 0
         self.recycled = 0  # memfds handed out again since start
         self._entries: dict[Pooled, None] = {}  # oldest first
+        self.later: Callable[[Callable[[], None]], None] | None = None  # runs an expired entry's close
         self._by_kind: dict[tuple[int, int], list[Pooled]] = {}  # (uid, size) -> entries, newest last
 
     @property
@@ -158,12 +163,16 @@ class MemfdPool:
         return closed, freed
 
     def expire(self) -> None:
-        """Close the oldest entry if it has been unused for IDLE_S seconds (one per call: the
-        caller's thread pays for freeing its pages)."""
+        """Close the oldest entry if it has been unused for IDLE_S seconds (one per call;
+        through `later` if set)."""
         if self._entries:
             entry = next(iter(self._entries))
-            if entry.ready and entry.since <= self.clock() - IDLE_S:
-                self._close(entry)
+            if entry.ready and entry.since <= self.clock() - IDLE_S:  # (ready: no zeroing holds it)
+                self._remove(entry)
+                if self.later is None:
+                    self._release(entry)
+                else:
+                    self.later(functools.partial(self._release, entry))
 
     def close(self) -> None:
         for entry in list(self._entries):
@@ -179,5 +188,10 @@ class MemfdPool:
 
     def _close(self, entry: Pooled) -> None:
         self._remove(entry)
+        self._release(entry)
+
+    @staticmethod
+    def _release(entry: Pooled) -> None:
+        """Free an entry out of the pool (any thread): its mapping, then its pages."""
         entry.view = None  # unmapped once a zeroing in flight lets go of it too
         entry.fd.close()

@@ -102,13 +102,13 @@ class Server:
         self.connections: dict[int, Connection] = {}
         self.lobby = Lobby(self.core)  # connections that have not completed HELLO
         self.fd_limit = resource.getrlimit(resource.RLIMIT_NOFILE)[0]
-        self._stop = False
-        self._signals_installed = False
+        self._stop = self._signals_installed = False
         self._accept_paused_until = 0.0
         self._last_stall_check = 0.0
         self._idle_since: float | None = time.monotonic()  # no connection open since then
         self._wakeup_r, self._wakeup_w = pipe(os.O_NONBLOCK | os.O_CLOEXEC)  # signals -> loop
         self.runner = JobRunner()
+        self.core.backing.close_later(self.runner.call_soon)  # expired pooled memfds: freed off the loop
         for job in self.core.memory.take_background():  # preloaded objects load while we serve
             self.runner.submit(job)
         self.sel.register(self.runner.fileno(), READ, "jobs")

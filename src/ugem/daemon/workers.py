@@ -9,20 +9,27 @@ Rules:
   STREAM jobs (core/stream.py), which run on a daemon thread each, apart from the movers:
   one waits for a client to read its pipe (up to spill_read.STALL_S), and must neither
   hold up a spill nor the daemon's exit. They touch only their own dups of the spill
-  files and their pipe.
+  files and their pipe;
+- `call_soon(work)`: housekeeping whose outcome nobody waits for (closing an expired pooled
+  memfd, backing/recycle.py) runs on a mover too, off the request loop; `shutdown()` waits
+  for it as for jobs.
 """
 
 from __future__ import annotations
 
+import logging
 import os
 import queue
 import threading
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 
 from ..core.jobs import Job, JobKind
 from ..fd import drain, pipe
 
 __all__ = ["JobRunner"]
+
+log = logging.getLogger("ugem.daemon")
 
 
 class JobRunner:
@@ -44,6 +51,18 @@ class JobRunner:
             threading.Thread(target=self._work, args=(job,), name="ugem-stream", daemon=True).start()
         else:
             self._pool.submit(self._work, job)
+
+    def call_soon(self, work: Callable[[], None]) -> None:
+        """Run `work` on a mover thread, its outcome nobody's (housekeeping: closing an
+        expired pooled memfd, backing/recycle.py); a failure is logged."""
+        self._pool.submit(self._housekeep, work)
+
+    @staticmethod
+    def _housekeep(work: Callable[[], None]) -> None:
+        try:
+            work()
+        except Exception:
+            log.exception("background housekeeping failed")
 
     def _work(self, job: Job) -> None:
         job.run()

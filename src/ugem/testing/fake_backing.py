@@ -22,6 +22,7 @@ Rules (the parts of the memfd store's behaviour the core's policy depends on):
 from __future__ import annotations
 
 import itertools
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -91,6 +92,9 @@ class FakeBackingStore:
         return 0, 0
 
     def expire_pooled(self) -> None:
+        pass
+
+    def close_later(self, later: Callable[[Callable[[], None]], None]) -> None:
         pass
 
     def key(self, backing: FakeBacking) -> tuple[int, int]:

@@ -102,7 +102,8 @@ def decode(cls: type[Struct], payload: bytes, fds: list[OwnedFd]) -> Any:
     if cls._plain and len(payload) == size and not fds:
         return cls(*cls._codec.unpack(payload))
     if cls._tail_last and len(payload) >= size and not fds:
-        return cls(*cls._codec.unpack_from(payload), payload[size:])
+        fields: tuple[Any, ...] = (*cls._codec.unpack_from(payload), payload[size:])
+        return cls(*fields)
     if cls.TAIL is None and len(payload) > size:
         raise InvalidArgument(f"{cls.__name__}: {len(payload)} payload bytes, layout has {size}")
     fixed = payload[:size]
