@@ -10,7 +10,7 @@ import os
 import pytest
 
 from ugem import spin
-from ugem.spin import DAEMON_HOT, DAEMON_SPIN, HOT, SHARED, SPIN, BusyPoll, pinned_together
+from ugem.spin import COPY_SPIN, HOT, SHARED, SPIN, BusyPoll, pinned_together
 
 
 class FakeTime:
@@ -77,23 +77,17 @@ def test_the_window_checks_until_something_comes(fake: FakeTime) -> None:
     assert poll.hot
 
 
-def test_the_daemons_window_spans_a_client_copying_a_megabyte(fake: FakeTime) -> None:
+def test_a_copy_window_spans_a_client_copying_a_megabyte(fake: FakeTime) -> None:
     """A bulk pwrite or pread of 1 MiB keeps the client copying for ~100-250 us between the
-    daemon's reply and its XFER_DONE: the daemon's window waits that out instead of sleeping,
-    as does its hot state after a sleep that long. A client's own window is shorter."""
-    daemon = BusyPoll(lambda: None, DAEMON_SPIN, DAEMON_HOT)
-    daemon.hot = True
+    daemon's reply and its XFER_DONE: a wait given COPY_SPIN (the daemon's, while the client
+    holds an open transfer) waits that out; a plain window gives up before."""
+    poll = BusyPoll(lambda: None)
+    poll.hot = True
     calls, probe = probe_after(fake, 300)  # 300 us of checks (1 us each)
-    assert daemon.check(probe) == "reply" and calls[0] == 300
-    assert daemon.hot
-    daemon.hot = False
-    daemon.check(probe)
-    daemon.sleep(sleeper(fake, 600e-6), None)
-    assert daemon.hot
-    client = BusyPoll(lambda: None)
-    client.hot = True
+    assert poll.check(probe, COPY_SPIN) == "reply" and calls[0] == 300
+    assert poll.hot
     calls, probe = probe_after(fake, 300)
-    assert client.check(probe) is None and calls[0] <= SPIN / fake.step + 2  # gave up before 300
+    assert poll.check(probe) is None and calls[0] <= SPIN / fake.step + 2
 
 
 def test_an_empty_window_lasts_spin_and_makes_the_next_wait_cold(fake: FakeTime) -> None:

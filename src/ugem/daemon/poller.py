@@ -10,17 +10,22 @@ cost. Rules:
 - `poll` returns epoll's (fd, events) pairs; the caller looks each fd's tag up in `tags`
   as it serves them, and skips an fd that is no longer there (unregistered by an earlier one);
 - busy polling (ugem/spin.py): while requests come close together, `poll` checks for
-  events without sleeping for a moment before it sleeps in epoll; the peer it may be
-  pinned with is the process behind the first fd of the last events (`peer_of(tag)`).
+  events without sleeping for a moment before it sleeps in epoll. The peer is the client
+  behind the first fd of the last events (`client_of(tag)`): the process it may be pinned
+  with, and the window: `COPY_SPIN` while it holds an open bulk transfer (it is copying,
+  and its XFER_DONE follows), else `DAEMON_SPIN`.
 """
 
 from __future__ import annotations
 
 import select
 from collections.abc import Callable
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from ..spin import DAEMON_HOT, DAEMON_SPIN, BusyPoll
+from ..spin import COPY_SPIN, DAEMON_SPIN, BusyPoll
+
+if TYPE_CHECKING:
+    from ..core.client import Client
 
 __all__ = ["READ", "WRITE", "Poller"]
 
@@ -29,11 +34,12 @@ WRITE = select.EPOLLOUT
 
 
 class Poller:
-    def __init__(self, peer_of: Callable[[Any], int | None] = lambda tag: None) -> None:
+    def __init__(self, client_of: Callable[[Any], Client | None] = lambda tag: None) -> None:
         self._epoll = select.epoll()
         self.tags: dict[int, Any] = {}  # fd -> its tag (read-only outside this class)
         self._last_fd = -1  # the first fd of the last events
-        self._spin = BusyPoll(lambda: peer_of(self.tags.get(self._last_fd)), DAEMON_SPIN, DAEMON_HOT)
+        self._client_of = client_of  # a tag's client (core/client.py), or None
+        self._spin = BusyPoll(self._peer)
         self._check = lambda: self._epoll.poll(0)
 
     def register(self, fd: int, events: int, tag: Any) -> None:
@@ -55,10 +61,16 @@ class Poller:
         while hot)."""
         if timeout <= 0:
             return self._epoll.poll(0)
-        events = self._spin.check(self._check) or self._spin.sleep(self._epoll.poll, timeout)
+        client = self._client_of(self.tags.get(self._last_fd))
+        window = COPY_SPIN if client is not None and client.transfers else DAEMON_SPIN
+        events = self._spin.check(self._check, window) or self._spin.sleep(self._epoll.poll, timeout)
         if events:
             self._last_fd = events[0][0]
         return events
+
+    def _peer(self) -> int | None:
+        client = self._client_of(self.tags.get(self._last_fd))
+        return None if client is None else client.creds.pid
 
     def close(self) -> None:
         self._epoll.close()

@@ -97,7 +97,7 @@ class Server:
         self.service = service if service is not None else Service()
         self.gpu, self.core = open_core(config)
         self.core.hold_while_suspended = self.core.shares_may_lag = self.core.descriptions_leave = True  # (core.py)
-        self.sel = Poller(lambda tag: tag.client.creds.pid if tag.__class__ is Connection else None)
+        self.sel = Poller(lambda tag: tag.client if tag.__class__ is Connection else None)
         self.listener: Listener | None = None
         self.connections: dict[int, Connection] = {}
         self.lobby = Lobby(self.core)  # connections that have not completed HELLO
