@@ -20,7 +20,7 @@ def test_call_soon_runs_on_a_mover_and_shutdown_waits_for_it(caplog: pytest.LogC
         raise OSError(9, "bad fd")
 
     def work() -> None:
-        release.wait()
+        assert release.wait(60), "never released"
         ran.append(threading.current_thread().name)
     with caplog.at_level(logging.ERROR, logger="ugem.daemon"):
         runner.call_soon(fails)
