@@ -301,11 +301,27 @@ def _ask_direct(raw: Any, handle: int) -> s.PreadReply:
     return got
 
 
+def _read_runs(daemon: DaemonProcess, reply: s.PreadReply) -> np.ndarray:
+    """What a direct read's SPILL_RUN records name, read from the daemon's spill files as the
+    client library does (each file copied and checked, its runs read at their offsets)."""
+    from ugem.client.daemon_fds import DaemonFds
+    taker = DaemonFds((daemon.pid, os.getuid()))
+    out = np.zeros(SIZE, np.uint8)
+    try:
+        for server_fd, _, st_dev, st_ino, at, offset, n in s.SPILL_RUN.iter_unpack(reply.data):
+            fd = taker.take(server_fd, (st_dev, st_ino))
+            assert fd is not None
+            with fd:
+                assert os.preadv(fd.fd, [memoryview(out)[offset:offset + n]], at) == n
+    finally:
+        taker.close()
+    return out
+
+
 def test_a_direct_read_keeps_its_bytes_until_its_transfer_ends(daemon: DaemonProcess, kit: Any) -> None:
     """The object freed by its owners and 128 MiB of new spills after the reply: the runs still
     hold the bytes of the request until XFER_DONE; a client that ends without it gives the
     extent back all the same."""
-    from ugem.client.daemon_fds import DaemonFds
     with daemon.connect() as dev, kit.RawClient(daemon.path) as raw:
         raw.hello()
         h, expected = _sparse(dev, 22)
@@ -318,17 +334,7 @@ def test_a_direct_read_keeps_its_bytes_until_its_transfer_ends(daemon: DaemonPro
         more = [dev.create(SIZE) for _ in range(8)]
         for i, m in enumerate(more):
             dev.pwrite(m, 0, np.full(SIZE, 0xA0 + i, np.uint8))
-        taker = DaemonFds((daemon.pid, os.getuid()))
-        out = np.zeros(SIZE, np.uint8)
-        try:
-            for server_fd, _, st_dev, st_ino, at, offset, n in s.SPILL_RUN.iter_unpack(reply.data):
-                fd = taker.take(server_fd, (st_dev, st_ino))
-                assert fd is not None
-                with fd:
-                    assert os.preadv(fd.fd, [memoryview(out)[offset:offset + n]], at) == n
-        finally:
-            taker.close()
-        assert np.array_equal(out, expected)
+        assert np.array_equal(_read_runs(daemon, reply), expected)
         assert raw.call(Op.XFER_DONE, s.XferDoneReq(xfer_id=reply.xfer_id)).status == 0
         assert raw.call(Op.XFER_DONE, s.XferDoneReq(xfer_id=reply.xfer_id)).status == errno.EINVAL  # (ended once)
         for m in more:
@@ -349,7 +355,6 @@ def test_a_direct_read_of_an_object_purged_meanwhile_ends_efault(daemon: DaemonP
     """Purged (DONTNEED on a spilled object purges it at once) while a direct read is open:
     the runs still hold the bytes of the request, never zeros, but XFER_DONE fails EFAULT, as
     for every transfer of a purged object; the spill space goes back after it."""
-    from ugem.client.daemon_fds import DaemonFds
     with daemon.connect() as dev, kit.RawClient(daemon.path) as raw:
         raw.hello()
         h, expected = _sparse(dev, 24)
@@ -357,17 +362,7 @@ def test_a_direct_read_of_an_object_purged_meanwhile_ends_efault(daemon: DaemonP
         fillers = _push_out(dev, h)
         reply = _ask_direct(raw, theirs)
         assert dev.madvise(h, ugem.DONTNEED) is False and dev.info(h).madvise == "purged"
-        taker = DaemonFds((daemon.pid, os.getuid()))
-        out = np.zeros(SIZE, np.uint8)
-        try:
-            for server_fd, _, st_dev, st_ino, at, offset, n in s.SPILL_RUN.iter_unpack(reply.data):
-                fd = taker.take(server_fd, (st_dev, st_ino))
-                assert fd is not None
-                with fd:
-                    assert os.preadv(fd.fd, [memoryview(out)[offset:offset + n]], at) == n
-        finally:
-            taker.close()
-        assert np.array_equal(out, expected)
+        assert np.array_equal(_read_runs(daemon, reply), expected)
         assert raw.call(Op.XFER_DONE, s.XferDoneReq(xfer_id=reply.xfer_id)).status == errno.EFAULT
         assert raw.call(Op.GEM_CLOSE, s.CloseReq(handle=theirs)).status == 0
         for f in [h, *fillers]:
