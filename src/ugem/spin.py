@@ -23,12 +23,11 @@ Rules:
   `HOT` (a sleep's wake-up alone can take tens of microseconds here, so a peer that
   answers within a window may still be slept on for longer than `SPIN`). A window that
   ends with nothing makes the next wait cold (it sleeps at once): a slow or idle peer
-  costs at most one empty window in two waits, and none once its waits exceed `HOT`
-  (a peer whose messages come every P seconds, SPIN < P < HOT, costs at most SPIN / 2P
-  of a CPU: under half of one);
+  costs at most one empty window in two waits (a window W in two gaps longer than W:
+  under half a CPU), and none once its waits exceed `HOT`;
 - a window is at most `SPIN` seconds of checks (the daemon's: `DAEMON_SPIN`, or
-  `COPY_SPIN` on a client with an open transfer), the CPU yielded (sched_yield) between them, so that
-  whatever else is runnable on this CPU runs first;
+  `COPY_SPIN` on a client with an open transfer), the CPU yielded (sched_yield) between
+  them, so that whatever else is runnable on this CPU runs first;
 - shared CPU: a yield that took longer than `SHARED` means another thread ran on this
   CPU (perhaps the very peer we wait for): the window ends after one more check;
 - pinned together: when this thread and the peer process (`peer()`: its pid, or None)
